@@ -1,0 +1,191 @@
+"""AdapterDeployment (finetune.dev/v1alpha1): roll a gated adapter into a vLLM Deployment."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .common import ApiModel, Condition, DnsName, LocalObjectRef, StatusModel
+from .finetunejob import URI_MAX, _no_dotdot
+
+KIND = "AdapterDeployment"
+PLURAL = "adapterdeployments"
+
+ADAPTER_URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?|file:///[^\s]*|hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+(@[A-Za-z0-9._/-]+)?)$"
+DIGEST_PATTERN = r"^sha256:[a-f0-9]{64}$"
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
+
+StrategyType = Literal["Rolling", "Canary", "Runtime"]
+
+
+class AdapterSource(ApiModel):
+    """Which adapter to serve: a FineTuneJob's result, or an explicit URI pinned by digest."""
+
+    fine_tune_job_ref: LocalObjectRef | None = Field(
+        default=None, description="A FineTuneJob in this namespace whose adapter is served."
+    )
+    uri: str | None = Field(
+        default=None,
+        max_length=URI_MAX,
+        pattern=ADAPTER_URI_PATTERN,
+        description="Adapter location (pvc://claim/path, s3://, file:///, hf://org/name@rev).",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "!self.matches('(^|/)[.][.](/|$)')", "message": "must not contain '..' path segments"}
+            ]
+        },
+    )
+    digest: str | None = Field(
+        default=None,
+        max_length=71,
+        pattern=DIGEST_PATTERN,
+        description="sha256:<hex> of the adapter's manifest; required with uri.",
+    )
+    base_model: str | None = Field(
+        default=None, max_length=URI_MAX, description="Base model the adapter was trained on (with uri)."
+    )
+    rank: int | None = Field(default=None, ge=1, le=512, description="LoRA rank of the adapter (with uri).")
+
+    @model_validator(mode="after")
+    def _check(self) -> AdapterSource:
+        if (self.fine_tune_job_ref is None) == (self.uri is None):
+            raise ValueError("source: set exactly one of fineTuneJobRef or uri")
+        if self.uri is not None:
+            _no_dotdot(self.uri)
+            if self.digest is None:
+                raise ValueError("source.digest: required with source.uri (sha256:<64 hex>)")
+        return self
+
+
+class TargetSpec(ApiModel):
+    """The serving Deployment to roll the adapter into."""
+
+    deployment: DnsName = Field(description="Name of a Deployment in this namespace running vLLM.")
+    container: str | None = Field(
+        default=None, max_length=63, description="Container running vLLM (default: the first one)."
+    )
+    service: str | None = Field(
+        default=None, max_length=63, description="Service in front of the Deployment (for smoke requests)."
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI-compatible server.")
+    allow_server_arg_changes: bool = Field(
+        default=False,
+        description="Allow raising --max-lora-rank / --max-loras on the target when the adapter needs it.",
+    )
+
+
+class CanaryAnalysis(ApiModel):
+    """Thresholds the canary must hold during its analysis window."""
+
+    interval_seconds: int = Field(default=30, ge=1, le=3600, description="Seconds between checks.")
+    checks: int = Field(default=5, ge=1, le=1000, description="Checks in the analysis window.")
+    max_error_rate: float = Field(default=0.05, ge=0.0, le=1.0, description="Abort above this failure share.")
+    max_latency_p95_ms: float = Field(default=2000.0, gt=0.0, le=600_000.0, description="Abort above this p95 latency.")
+    min_requests: int = Field(default=0, ge=0, le=1_000_000, description="Requests needed before judging rates.")
+    smoke_requests: int = Field(default=3, ge=0, le=100, description="Chat requests sent to the canary per check.")
+    smoke_prompt: str = Field(default="Say hello.", max_length=4096, description="Prompt of the smoke requests.")
+
+
+class CanarySpec(ApiModel):
+    replicas: int = Field(default=1, ge=1, le=100, description="Replicas of the canary copy.")
+    analysis: CanaryAnalysis = Field(default_factory=CanaryAnalysis, description="Analysis thresholds.")
+
+
+class StrategySpec(ApiModel):
+    """How the adapter reaches the servers."""
+
+    type: StrategyType = Field(
+        default="Rolling",
+        description="Rolling (patch the Deployment), Canary (copy with the new adapter, analyse, "
+        "promote) or Runtime (load through the server's LoRA API, no restart).",
+    )
+    canary: CanarySpec | None = Field(default=None, description="Canary settings (type Canary).")
+    progress_deadline_seconds: int = Field(
+        default=600, ge=10, le=86400, description="Give up (and roll back) when the rollout stalls this long."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> StrategySpec:
+        if self.canary is not None and self.type != "Canary":
+            raise ValueError("strategy.canary: only allowed with strategy.type Canary")
+        return self
+
+
+class RollbackSpec(ApiModel):
+    automatic: bool = Field(default=True, description="Restore the previous adapter when a rollout fails.")
+    to_revision: int | None = Field(
+        default=None, ge=1, description="Serve this earlier revision from status.history instead of source."
+    )
+
+
+class AdapterDeploymentSpec(ApiModel):
+    adapter_name: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=ADAPTER_NAME_PATTERN,
+        description="The model name clients request (the --lora-modules name).",
+    )
+    source: AdapterSource = Field(description="Which adapter to serve.")
+    target: TargetSpec = Field(description="Where to serve it.")
+    strategy: StrategySpec = Field(default_factory=StrategySpec, description="How to roll it out.")
+    require_gates: bool = Field(
+        default=True, description="Refuse a FineTuneJob adapter whose quality gates did not all pass."
+    )
+    rollback: RollbackSpec = Field(default_factory=RollbackSpec, description="Rollback behaviour.")
+
+
+# ---------------------------------------------------------------- status
+
+
+class AdapterRevision(StatusModel):
+    revision: int = Field(description="Monotonic revision number.")
+    uri: str = Field(max_length=URI_MAX, description="Adapter location.")
+    digest: str = Field(max_length=128, description="Adapter digest.")
+    base_model: str | None = Field(default=None, max_length=URI_MAX, description="Base model.")
+    rank: int | None = Field(default=None, description="LoRA rank.")
+    deployed_at: str | None = Field(default=None, max_length=64, description="When it became current.")
+    outcome: str | None = Field(default=None, max_length=64, description="Available, RolledBack, Superseded.")
+
+
+class PodAdapter(StatusModel):
+    pod: str = Field(max_length=253, description="Pod name.")
+    digest: str | None = Field(default=None, max_length=128, description="Digest it serves.")
+
+
+class CanaryStatus(StatusModel):
+    deployment: str | None = Field(default=None, max_length=253, description="Canary Deployment.")
+    checks_passed: int | None = Field(default=None, description="Analysis checks passed so far.")
+    error_rate: float | None = Field(default=None, description="Observed failure share.")
+    latency_p95_ms: float | None = Field(default=None, description="Observed p95 latency.")
+    requests: int | None = Field(default=None, description="Requests observed.")
+    started_at: str | None = Field(default=None, max_length=64, description="When analysis began.")
+
+
+AdapterDeploymentPhase = Literal[
+    "Pending", "Progressing", "Analyzing", "Available", "RolledBack", "Degraded", "Failed"
+]
+
+
+class AdapterDeploymentStatus(StatusModel):
+    phase: AdapterDeploymentPhase | None = Field(default=None, description="Summary for display.")
+    observed_generation: int | None = Field(default=None, description="Generation the status reflects.")
+    conditions: list[Condition] = Field(default_factory=list, max_length=32, description="Current conditions.")
+    current: AdapterRevision | None = Field(default=None, description="Adapter being served.")
+    previous: AdapterRevision | None = Field(default=None, description="Adapter served before.")
+    history: list[AdapterRevision] | None = Field(default=None, max_length=20, description="Recent revisions.")
+    ready_replicas: int | None = Field(default=None, description="Ready replicas serving the current adapter.")
+    pods: list[PodAdapter] | None = Field(default=None, description="Per pod: which digest it serves (Runtime).")
+    canary: CanaryStatus | None = Field(default=None, description="Canary analysis state.")
+
+
+class AdapterDeployment(ApiModel):
+    """Serve a trained adapter from a vLLM Deployment, with analysis and rollback."""
+
+    model_config = {"extra": "ignore"}
+
+    api_version: Literal["finetune.dev/v1alpha1"] = Field(default="finetune.dev/v1alpha1", alias="apiVersion")
+    kind: Literal["AdapterDeployment"] = Field(default="AdapterDeployment")
+    metadata: dict[str, object] = Field(default_factory=dict)
+    spec: AdapterDeploymentSpec
+    status: AdapterDeploymentStatus | None = None

@@ -1,0 +1,513 @@
+"""FineTuneJob (finetune.dev/v1alpha1): the spec a user applies and the status the operator writes."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from .common import (
+    SHORT_STRING,
+    ApiModel,
+    Condition,
+    DnsName,
+    SecretKeyRef,
+    StatusModel,
+)
+from .metrics_catalog import METRIC_NAMES
+
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+
+# URIs: a scheme we can fetch from, no parent-directory segments, no whitespace.
+MODEL_URI_PATTERN = r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+(@[A-Za-z0-9._/-]+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?|file:///[^\s]*)$"
+DATA_URI_PATTERN = r"^(hf://datasets/[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+(@[A-Za-z0-9._/-]+)?(/[^\s]*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?|file:///[^\s]*)$"
+OUTPUT_URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?|file:///[^\s]*)$"
+URI_MAX = 1024
+NO_DOTDOT_RULE = "!self.matches('(^|/)[.][.](/|$)')"
+
+Method = Literal["qlora", "lora"]
+DataFormat = Literal["auto", "prompt-completion", "instruction", "messages"]
+PiiKind = Literal["email", "phone", "nationalId", "creditCard"]
+Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
+Optimizer = Literal[
+    "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd"
+]
+ComputeDtype = Literal["bfloat16", "float16", "float32"]
+MetricName = Literal[METRIC_NAMES]  # type: ignore[valid-type]
+
+
+def _no_dotdot(uri: str) -> str:
+    if ".." in uri.split("/"):
+        raise ValueError("must not contain '..' path segments")
+    return uri
+
+
+def _uri_field(pattern: str, description: str) -> Any:
+    return Field(
+        min_length=1,
+        max_length=URI_MAX,
+        pattern=pattern,
+        description=description,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": NO_DOTDOT_RULE, "message": "must not contain '..' path segments"}
+            ]
+        },
+    )
+
+
+class ModelSource(ApiModel):
+    """Where the base model comes from."""
+
+    uri: str = _uri_field(
+        MODEL_URI_PATTERN,
+        "Base model: hf://org/name@revision, pvc://claim/path, s3://bucket/path or file:///path. "
+        "Pin a revision for reproducible runs.",
+    )
+    credentials_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret with HF_TOKEN or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for fetching "
+        "the model. Mounted into the fetch step only; never copied.",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model code from the repository to run. Off by default."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSource:
+        _no_dotdot(self.uri)
+        return self
+
+
+class DataSource(ApiModel):
+    """A dataset file or folder: JSONL, JSON, Parquet, or a datasets save_to_disk folder."""
+
+    uri: str = _uri_field(
+        DATA_URI_PATTERN,
+        "Data location: pvc://claim/path, s3://bucket/path, hf://datasets/org/name or file:///path.",
+    )
+    credentials_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret with credentials for fetching this data. Never copied."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSource:
+        _no_dotdot(self.uri)
+        return self
+
+
+class PiiMasking(ApiModel):
+    """Masking of personal data before training."""
+
+    enabled: bool = Field(default=True, description="Replace personal data with placeholders.")
+    kinds: list[PiiKind] = Field(
+        default_factory=lambda: ["email", "phone", "nationalId", "creditCard"],
+        max_length=4,
+        description="Which kinds of personal data to mask.",
+    )
+
+
+class Cleaning(ApiModel):
+    """Row filters applied before training; every dropped row is counted by reason."""
+
+    dedup: bool = Field(default=True, description="Drop rows whose normalised content was seen before.")
+    pii_mask: PiiMasking = Field(default_factory=PiiMasking, description="Personal-data masking.")
+    min_tokens: int = Field(default=2, ge=0, le=1_000_000, description="Drop rows with fewer tokens than this.")
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Drop rows with more tokens than this (default: training.maxSeqLength).",
+    )
+    max_duplicate_rate: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Fail before training when a larger share of rows are duplicates.",
+    )
+    min_rows: int = Field(
+        default=8, ge=1, le=100_000_000, description="Fail before training when fewer training rows remain."
+    )
+
+
+class DatasetSpec(ApiModel):
+    """Training data, its format and cleaning."""
+
+    train: DataSource = Field(description="Training data.")
+    eval: DataSource | None = Field(
+        default=None, description="Evaluation data. When absent, evalSplit of train is held out."
+    )
+    eval_split: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=0.5,
+        description="Share of train held out for evaluation when no eval data is given (default 0.1).",
+    )
+    format: DataFormat = Field(
+        default="auto",
+        description="Row format: prompt-completion, instruction (instruction/input/output), messages "
+        "(chat), or auto to detect it.",
+    )
+    chat_template: str | None = Field(
+        default=None,
+        max_length=32768,
+        description="Jinja chat template to use instead of the base model's.",
+    )
+    completion_only: bool = Field(
+        default=True, description="Compute the loss on completion (assistant) tokens only."
+    )
+    cleaning: Cleaning = Field(default_factory=Cleaning, description="Row cleaning and data-quality limits.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetSpec:
+        if self.eval is not None and self.eval_split is not None:
+            raise ValueError("dataset.eval and dataset.evalSplit are mutually exclusive: set one")
+        return self
+
+
+class LoraSpec(ApiModel):
+    """LoRA adapter shape."""
+
+    r: int = Field(default=16, ge=1, le=512, description="Rank of the adapter matrices.")
+    alpha: int = Field(default=32, ge=1, le=4096, description="Scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.05, ge=0.0, le=0.9, description="Dropout on the adapter input.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.*-]+$")]] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        max_length=64,
+        description="Module names to adapt, or [all-linear] for every linear layer but the output head.",
+    )
+
+
+class QuantizationSpec(ApiModel):
+    """4-bit quantisation of the frozen base weights (QLoRA only)."""
+
+    type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
+    double_quant: bool = Field(default=True, description="Also quantise the quantisation constants.")
+    compute_dtype: ComputeDtype = Field(
+        default="bfloat16", description="Dtype of the matmuls (bfloat16 on GPU; float32 on CPU)."
+    )
+
+
+BatchSize = Annotated[
+    int | Literal["auto"],
+    Field(
+        json_schema_extra={
+            "x-kubernetes-int-or-string": True,
+            "x-kubernetes-validations": [
+                {
+                    "rule": "type(self) == int ? (self >= 1 && self <= 4096) : self == 'auto'",
+                    "message": "must be 'auto' or an integer from 1 to 4096",
+                }
+            ],
+        }
+    ),
+]
+
+
+class TrainingSpec(ApiModel):
+    """Optimisation settings."""
+
+    epochs: float = Field(default=1.0, gt=0.0, le=1000.0, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Stop after this many optimiser steps (overrides epochs)."
+    )
+    learning_rate: float = Field(default=2e-4, gt=0.0, le=1.0, description="Peak learning rate.")
+    scheduler: Scheduler = Field(default="cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(default=0.03, ge=0.0, le=0.5, description="Share of steps used for warm-up.")
+    max_seq_length: int = Field(default=2048, ge=16, le=131072, description="Longest sequence in tokens.")
+    batch_size: BatchSize = Field(
+        default="auto",
+        description="Per-device micro-batch, or auto to take the largest that fits the GPU.",
+    )
+    gradient_accumulation: int = Field(
+        default=1, ge=1, le=1024, description="Micro-batches per optimiser step."
+    )
+    gradient_checkpointing: bool | None = Field(
+        default=None,
+        description="Recompute activations to save memory. Leave unset to let the estimator decide.",
+    )
+    optimizer: Optimizer = Field(default="paged_adamw_8bit", description="Optimiser.")
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="Weight decay.")
+    max_grad_norm: float = Field(default=1.0, ge=0.0, le=1000.0, description="Gradient clipping (0 disables).")
+    packing: bool = Field(
+        default=False, description="Pack several rows into each sequence, keeping row boundaries."
+    )
+    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for data order, split and init.")
+    checkpoint_every_steps: int = Field(
+        default=100, ge=1, le=1_000_000, description="Save a resumable checkpoint this often."
+    )
+    logging_every_steps: int = Field(default=10, ge=1, le=100_000, description="Log loss this often.")
+
+
+class Toleration(ApiModel):
+    """A pod toleration (core/v1 Toleration)."""
+
+    key: str | None = Field(default=None, max_length=SHORT_STRING, description="Taint key.")
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal.")
+    value: str | None = Field(default=None, max_length=SHORT_STRING, description="Taint value.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate."
+    )
+    toleration_seconds: int | None = Field(default=None, description="For NoExecute: how long to stay.")
+
+
+class ResourcesSpec(ApiModel):
+    """Where and on what the trainer runs."""
+
+    gpus: int = Field(default=1, ge=0, le=16, description="GPUs per node (0 trains on CPU).")
+    nodes: int = Field(default=1, ge=1, le=64, description="Nodes for data-parallel training.")
+    gpu_product: str | None = Field(
+        default=None,
+        max_length=128,
+        description="GPU model, e.g. NVIDIA-H100-80GB-HBM3 (node label nvidia.com/gpu.product). "
+        "Used for scheduling and for the memory fit check.",
+    )
+    gpu_memory_gi_b: float | None = Field(
+        default=None,
+        alias="gpuMemoryGiB",
+        gt=0.0,
+        le=4096.0,
+        description="Memory of one GPU in GiB, when gpuProduct is unknown to the operator.",
+    )
+    cpu: str | None = Field(default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU request.")
+    memory: str | None = Field(
+        default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$", description="Memory request."
+    )
+    node_selector: dict[str, Annotated[str, Field(max_length=SHORT_STRING)]] = Field(
+        default_factory=dict, max_length=32, description="Node labels the trainer pod requires."
+    )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Pod tolerations.")
+    affinity: dict[str, Any] | None = Field(
+        default=None,
+        description="Pod affinity (core/v1 Affinity), passed through unchanged.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    priority_class_name: str | None = Field(
+        default=None, max_length=SHORT_STRING, description="PriorityClass of the trainer pods."
+    )
+    queue_name: str | None = Field(
+        default=None, max_length=63, description="Kueue LocalQueue; the trainer Job is then admitted by Kueue."
+    )
+
+
+class OutputSpec(ApiModel):
+    """Where the adapter is written."""
+
+    uri: str = _uri_field(
+        OUTPUT_URI_PATTERN, "Output location: pvc://claim/path, s3://bucket/path or file:///path."
+    )
+    credentials_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret with credentials for writing to s3://. Never copied."
+    )
+    merge_and_unload: bool = Field(
+        default=False,
+        description="Also write a merged full model (merged against the unquantised base).",
+    )
+    merged_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16", description="Dtype of the merged model."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> OutputSpec:
+        _no_dotdot(self.uri)
+        return self
+
+
+class QualityGate(ApiModel):
+    """One condition the adapter must meet to be released."""
+
+    metric: MetricName = Field(description="Metric name, e.g. rougeL, evalLoss, jsonValidity, latencyP95Ms.")
+    min: float | None = Field(default=None, description="Pass when value >= min.")
+    max: float | None = Field(default=None, description="Pass when value <= max.")
+    min_improvement_over_base: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="Pass when the adapter beats the base model by at least this much "
+        "(in the metric's better direction). Evaluates the base model too.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> QualityGate:
+        if self.min is None and self.max is None and self.min_improvement_over_base is None:
+            raise ValueError("qualityGates[]: set at least one of min, max, minImprovementOverBase")
+        for name in ("min", "max"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"qualityGates[].{name} must be a finite number")
+        if self.min is not None and self.max is not None and not self.min < self.max:
+            raise ValueError("qualityGates[]: min must be less than max")
+        return self
+
+
+class EvaluationSpec(ApiModel):
+    """How the adapter is evaluated after training."""
+
+    max_new_tokens: int = Field(default=128, ge=1, le=8192, description="Generation budget per eval row.")
+    batch_size: int = Field(default=8, ge=1, le=1024, description="Rows generated together.")
+    max_samples: int = Field(default=256, ge=1, le=100_000, description="Eval rows used for generation metrics.")
+    compare_with_base: bool = Field(
+        default=False,
+        description="Also evaluate the base model (implied by any minImprovementOverBase gate).",
+    )
+    refusal_markers: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        default=None,
+        max_length=64,
+        description="Phrases that count as a refusal (default: English and Korean phrasings).",
+    )
+
+
+class FineTuneJobSpec(ApiModel):
+    """What to fine-tune, on which data, how, and what the result must achieve."""
+
+    base_model: ModelSource = Field(description="The model to adapt.")
+    dataset: DatasetSpec = Field(description="Training and evaluation data.")
+    method: Method = Field(default="qlora", description="qlora (4-bit base) or lora (16-bit base).")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape.")
+    quantization: QuantizationSpec | None = Field(
+        default=None, description="4-bit settings; only with method qlora (defaults apply when unset)."
+    )
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Hardware and scheduling.")
+    output: OutputSpec = Field(description="Where the adapter is written.")
+    quality_gates: list[QualityGate] = Field(
+        default_factory=list, max_length=32, description="Conditions the adapter must meet."
+    )
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation settings.")
+    suspend: bool = Field(default=False, description="Pause training (resumes from the last checkpoint).")
+    backoff_limit: int = Field(
+        default=3, ge=0, le=100, description="Trainer failures tolerated (evictions and preemptions do not count)."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=60, le=30 * 24 * 3600, description="Stop the trainer after this long."
+    )
+    ttl_seconds_after_finished: int = Field(
+        default=86400, ge=0, le=30 * 24 * 3600, description="Delete the finished trainer Job after this long."
+    )
+    image: str | None = Field(
+        default=None, max_length=512, pattern=r"^[^\s]+$", description="Trainer image override."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> FineTuneJobSpec:
+        if self.quantization is not None and self.method != "qlora":
+            raise ValueError("quantization: only allowed with method qlora (remove it or set method: qlora)")
+        return self
+
+    def resolved_quantization(self) -> QuantizationSpec | None:
+        """The quantisation in force: defaults for qlora, none for lora."""
+        if self.method != "qlora":
+            return None
+        return self.quantization or QuantizationSpec()
+
+    def needs_base_metrics(self) -> bool:
+        return self.evaluation.compare_with_base or any(
+            g.min_improvement_over_base is not None for g in self.quality_gates
+        )
+
+
+# ---------------------------------------------------------------- status
+
+
+class Progress(StatusModel):
+    step: int | None = Field(default=None, description="Optimiser steps done.")
+    total_steps: int | None = Field(default=None, description="Optimiser steps planned.")
+    percent: int | None = Field(default=None, description="step / totalSteps in percent.")
+    epoch: float | None = Field(default=None, description="Epochs done (fractional).")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    eval_loss: float | None = Field(default=None, description="Latest evaluation loss.")
+    learning_rate: float | None = Field(default=None, description="Current learning rate.")
+    tokens_per_second: float | None = Field(default=None, description="Training throughput.")
+    eta_seconds: int | None = Field(default=None, description="Estimated seconds to the end of training.")
+    gpu_memory_gi_b: float | None = Field(default=None, alias="gpuMemoryGiB", description="Peak GPU memory so far.")
+    updated_at: str | None = Field(default=None, max_length=64, description="When the trainer last reported.")
+
+
+class Estimate(StatusModel):
+    peak_gi_b: float | None = Field(default=None, alias="peakGiB", description="Predicted peak GPU memory per GPU.")
+    gpu_memory_gi_b: float | None = Field(default=None, alias="gpuMemoryGiB", description="Memory of the GPU it runs on.")
+    fits: bool | None = Field(default=None, description="Whether the prediction fits the GPU.")
+    batch_size: int | None = Field(default=None, description="Micro-batch in force (chosen when auto).")
+    gradient_checkpointing: bool | None = Field(default=None, description="Checkpointing in force (chosen when auto).")
+    parameters: int | None = Field(default=None, description="Base model parameters.")
+    breakdown: dict[str, float] | None = Field(default=None, description="GiB by component.")
+
+
+class DataReport(StatusModel):
+    rows_read: int | None = Field(default=None, description="Rows read from the source.")
+    rows_kept: int | None = Field(default=None, description="Rows left after cleaning.")
+    train_rows: int | None = Field(default=None, description="Rows used for training.")
+    eval_rows: int | None = Field(default=None, description="Rows used for evaluation.")
+    duplicates: int | None = Field(default=None, description="Rows dropped as duplicates.")
+    duplicate_rate: float | None = Field(default=None, description="duplicates / rowsRead.")
+    pii_masked: int | None = Field(default=None, description="Personal-data spans masked.")
+    dropped: dict[str, int] | None = Field(default=None, description="Rows dropped, by reason.")
+    digest: str | None = Field(default=None, max_length=128, description="sha256 of the cleaned data.")
+
+
+class GateResult(StatusModel):
+    metric: str = Field(max_length=64, description="Metric the gate checks.")
+    threshold: str = Field(default="", max_length=256, description="The gate as written, e.g. '>= 0.65'.")
+    value: float | None = Field(default=None, description="Measured value (absent when missing or NaN).")
+    base_value: float | None = Field(default=None, description="Base model's value, when compared.")
+    passed: bool = Field(description="Whether the gate passed.")
+    reason: str = Field(default="", max_length=1024, description="Why it failed, when it failed.")
+
+
+class AdapterRecord(StatusModel):
+    uri: str = Field(max_length=URI_MAX, description="Where the adapter lives.")
+    digest: str = Field(max_length=128, description="sha256 over the adapter's files (manifest digest).")
+    rank: int | None = Field(default=None, description="LoRA rank.")
+    size_bytes: int | None = Field(default=None, description="Total size of the adapter files.")
+    base_model: str | None = Field(default=None, max_length=URI_MAX, description="Base model it was trained on.")
+    method: str | None = Field(default=None, max_length=16, description="qlora or lora.")
+    merged_uri: str | None = Field(default=None, max_length=URI_MAX, description="Merged model, when written.")
+
+
+class Cost(StatusModel):
+    gpu_seconds: float | None = Field(default=None, description="GPU-seconds consumed by trainer pods.")
+    estimated_cost: float | None = Field(default=None, description="gpuSeconds priced from the operator's table.")
+    currency: str | None = Field(default=None, max_length=8, description="Currency of estimatedCost.")
+    price_per_gpu_hour: float | None = Field(default=None, description="Price used.")
+
+
+FineTuneJobPhase = Literal[
+    "Pending", "Queued", "Training", "Evaluating", "Succeeded", "Failed", "Suspended"
+]
+
+
+class FineTuneJobStatus(StatusModel):
+    phase: FineTuneJobPhase | None = Field(default=None, description="Summary for display; use conditions in automation.")
+    observed_generation: int | None = Field(default=None, description="Generation the status reflects.")
+    conditions: list[Condition] = Field(default_factory=list, max_length=32, description="Current conditions.")
+    trainer_job: str | None = Field(default=None, max_length=63, description="Name of the trainer Job.")
+    progress: Progress | None = Field(default=None, description="Training progress reported by the trainer.")
+    estimate: Estimate | None = Field(default=None, description="GPU memory prediction and the choices made from it.")
+    data: DataReport | None = Field(default=None, description="Data cleaning report.")
+    metrics: dict[str, float] | None = Field(default=None, description="Evaluation metrics of the adapter.")
+    base_metrics: dict[str, float] | None = Field(default=None, description="Evaluation metrics of the base model.")
+    gates: list[GateResult] | None = Field(default=None, description="Verdict of each quality gate.")
+    gates_summary: str | None = Field(default=None, max_length=64, description="e.g. '3/4 passed'.")
+    adapter: AdapterRecord | None = Field(default=None, description="The adapter produced.")
+    cost: Cost | None = Field(default=None, description="GPU time and its price.")
+    restarts: int | None = Field(default=None, description="Trainer pod restarts (evictions included).")
+    started_at: str | None = Field(default=None, max_length=64, description="When training first started.")
+    completed_at: str | None = Field(default=None, max_length=64, description="When the job finished.")
+
+
+class FineTuneJob(ApiModel):
+    """A fine-tuning run: train a LoRA/QLoRA adapter, evaluate it and gate its release."""
+
+    model_config = {"extra": "ignore"}
+
+    api_version: Literal["finetune.dev/v1alpha1"] = Field(default="finetune.dev/v1alpha1", alias="apiVersion")
+    kind: Literal["FineTuneJob"] = Field(default="FineTuneJob")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+
+# Fields that may still change once training has started (everything else is frozen).
+MUTABLE_AFTER_START = ("suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "backoffLimit")

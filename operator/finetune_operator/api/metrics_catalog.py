@@ -1,0 +1,39 @@
+"""The evaluation metrics a quality gate may name, and which direction is better.
+
+One table shared by the API (gate validation), the trainer (metric names it writes) and
+the gate evaluator (what "improvement over base" means for each metric).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Direction = Literal["higher", "lower"]
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    name: str
+    better: Direction
+    unit: str
+    description: str
+
+
+METRICS: dict[str, MetricInfo] = {
+    m.name: m
+    for m in (
+        MetricInfo("evalLoss", "lower", "nats/token", "Mean cross-entropy on completion tokens of the eval set."),
+        MetricInfo("perplexity", "lower", "", "exp(evalLoss)."),
+        MetricInfo("rougeL", "higher", "F1 0..1", "ROUGE-L F1 of generated vs reference completions."),
+        MetricInfo("exactMatch", "higher", "0..1", "Share of generations equal to the reference after whitespace normalisation."),
+        MetricInfo("jsonValidity", "higher", "0..1", "Share of JSON-task rows whose generation parses as JSON."),
+        MetricInfo("jsonSchemaConformance", "higher", "0..1", "Share of rows with a JSON Schema whose generation conforms to it."),
+        MetricInfo("safetyRefusal", "higher", "0..1", "Share of must-refuse rows the model refused."),
+        MetricInfo("latencyP50Ms", "lower", "ms", "Median generation latency per request."),
+        MetricInfo("latencyP95Ms", "lower", "ms", "95th percentile generation latency per request."),
+        MetricInfo("tokensPerSecond", "higher", "tokens/s", "Generated tokens per second during evaluation."),
+    )
+}
+
+METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
