@@ -32,7 +32,10 @@ class AdapterSource(ApiModel):
         description="Adapter location (pvc://claim/path, s3://, file:///, hf://org/name@rev).",
         json_schema_extra={
             "x-kubernetes-validations": [
-                {"rule": "!self.matches('(^|/)[.][.](/|$)')", "message": "must not contain '..' path segments"}
+                {
+                    "rule": "!self.matches('(^|/)[.][.](/|$)')",
+                    "message": "must not contain '..' path segments",
+                }
             ]
         },
     )
@@ -43,9 +46,13 @@ class AdapterSource(ApiModel):
         description="sha256:<hex> of the adapter's manifest; required with uri.",
     )
     base_model: str | None = Field(
-        default=None, max_length=URI_MAX, description="Base model the adapter was trained on (with uri)."
+        default=None,
+        max_length=URI_MAX,
+        description="Base model the adapter was trained on (with uri).",
     )
-    rank: int | None = Field(default=None, ge=1, le=512, description="LoRA rank of the adapter (with uri).")
+    rank: int | None = Field(
+        default=None, ge=1, le=512, description="LoRA rank of the adapter (with uri)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AdapterSource:
@@ -66,9 +73,13 @@ class TargetSpec(ApiModel):
         default=None, max_length=63, description="Container running vLLM (default: the first one)."
     )
     service: str | None = Field(
-        default=None, max_length=63, description="Service in front of the Deployment (for smoke requests)."
+        default=None,
+        max_length=63,
+        description="Service in front of the Deployment (for smoke requests).",
     )
-    port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI-compatible server.")
+    port: int = Field(
+        default=8000, ge=1, le=65535, description="Port of the OpenAI-compatible server."
+    )
     allow_server_arg_changes: bool = Field(
         default=False,
         description="Allow raising --max-lora-rank / --max-loras on the target when the adapter needs it.",
@@ -80,16 +91,28 @@ class CanaryAnalysis(ApiModel):
 
     interval_seconds: int = Field(default=30, ge=1, le=3600, description="Seconds between checks.")
     checks: int = Field(default=5, ge=1, le=1000, description="Checks in the analysis window.")
-    max_error_rate: float = Field(default=0.05, ge=0.0, le=1.0, description="Abort above this failure share.")
-    max_latency_p95_ms: float = Field(default=2000.0, gt=0.0, le=600_000.0, description="Abort above this p95 latency.")
-    min_requests: int = Field(default=0, ge=0, le=1_000_000, description="Requests needed before judging rates.")
-    smoke_requests: int = Field(default=3, ge=0, le=100, description="Chat requests sent to the canary per check.")
-    smoke_prompt: str = Field(default="Say hello.", max_length=4096, description="Prompt of the smoke requests.")
+    max_error_rate: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="Abort above this failure share."
+    )
+    max_latency_p95_ms: float = Field(
+        default=2000.0, gt=0.0, le=600_000.0, description="Abort above this p95 latency."
+    )
+    min_requests: int = Field(
+        default=0, ge=0, le=1_000_000, description="Requests needed before judging rates."
+    )
+    smoke_requests: int = Field(
+        default=3, ge=0, le=100, description="Chat requests sent to the canary per check."
+    )
+    smoke_prompt: str = Field(
+        default="Say hello.", max_length=4096, description="Prompt of the smoke requests."
+    )
 
 
 class CanarySpec(ApiModel):
     replicas: int = Field(default=1, ge=1, le=100, description="Replicas of the canary copy.")
-    analysis: CanaryAnalysis = Field(default_factory=CanaryAnalysis, description="Analysis thresholds.")
+    analysis: CanaryAnalysis = Field(
+        default_factory=CanaryAnalysis, description="Analysis thresholds."
+    )
 
 
 class StrategySpec(ApiModel):
@@ -102,7 +125,10 @@ class StrategySpec(ApiModel):
     )
     canary: CanarySpec | None = Field(default=None, description="Canary settings (type Canary).")
     progress_deadline_seconds: int = Field(
-        default=600, ge=10, le=86400, description="Give up (and roll back) when the rollout stalls this long."
+        default=600,
+        ge=10,
+        le=86400,
+        description="Give up (and roll back) when the rollout stalls this long.",
     )
 
     @model_validator(mode="after")
@@ -113,9 +139,13 @@ class StrategySpec(ApiModel):
 
 
 class RollbackSpec(ApiModel):
-    automatic: bool = Field(default=True, description="Restore the previous adapter when a rollout fails.")
+    automatic: bool = Field(
+        default=True, description="Restore the previous adapter when a rollout fails."
+    )
     to_revision: int | None = Field(
-        default=None, ge=1, description="Serve this earlier revision from status.history instead of source."
+        default=None,
+        ge=1,
+        description="Serve this earlier revision from status.history instead of source.",
     )
 
 
@@ -130,7 +160,8 @@ class AdapterDeploymentSpec(ApiModel):
     target: TargetSpec = Field(description="Where to serve it.")
     strategy: StrategySpec = Field(default_factory=StrategySpec, description="How to roll it out.")
     require_gates: bool = Field(
-        default=True, description="Refuse a FineTuneJob adapter whose quality gates did not all pass."
+        default=True,
+        description="Refuse a FineTuneJob adapter whose quality gates did not all pass.",
     )
     rollback: RollbackSpec = Field(default_factory=RollbackSpec, description="Rollback behaviour.")
 
@@ -144,8 +175,12 @@ class AdapterRevision(StatusModel):
     digest: str = Field(max_length=128, description="Adapter digest.")
     base_model: str | None = Field(default=None, max_length=URI_MAX, description="Base model.")
     rank: int | None = Field(default=None, description="LoRA rank.")
-    deployed_at: str | None = Field(default=None, max_length=64, description="When it became current.")
-    outcome: str | None = Field(default=None, max_length=64, description="Available, RolledBack, Superseded.")
+    deployed_at: str | None = Field(
+        default=None, max_length=64, description="When it became current."
+    )
+    outcome: str | None = Field(
+        default=None, max_length=64, description="Available, RolledBack, Superseded."
+    )
 
 
 class PodAdapter(StatusModel):
@@ -169,13 +204,23 @@ AdapterDeploymentPhase = Literal[
 
 class AdapterDeploymentStatus(StatusModel):
     phase: AdapterDeploymentPhase | None = Field(default=None, description="Summary for display.")
-    observed_generation: int | None = Field(default=None, description="Generation the status reflects.")
-    conditions: list[Condition] = Field(default_factory=list, max_length=32, description="Current conditions.")
+    observed_generation: int | None = Field(
+        default=None, description="Generation the status reflects."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=32, description="Current conditions."
+    )
     current: AdapterRevision | None = Field(default=None, description="Adapter being served.")
     previous: AdapterRevision | None = Field(default=None, description="Adapter served before.")
-    history: list[AdapterRevision] | None = Field(default=None, max_length=20, description="Recent revisions.")
-    ready_replicas: int | None = Field(default=None, description="Ready replicas serving the current adapter.")
-    pods: list[PodAdapter] | None = Field(default=None, description="Per pod: which digest it serves (Runtime).")
+    history: list[AdapterRevision] | None = Field(
+        default=None, max_length=20, description="Recent revisions."
+    )
+    ready_replicas: int | None = Field(
+        default=None, description="Ready replicas serving the current adapter."
+    )
+    pods: list[PodAdapter] | None = Field(
+        default=None, description="Per pod: which digest it serves (Runtime)."
+    )
     canary: CanaryStatus | None = Field(default=None, description="Canary analysis state.")
 
 
@@ -184,7 +229,9 @@ class AdapterDeployment(ApiModel):
 
     model_config = {"extra": "ignore"}
 
-    api_version: Literal["finetune.dev/v1alpha1"] = Field(default="finetune.dev/v1alpha1", alias="apiVersion")
+    api_version: Literal["finetune.dev/v1alpha1"] = Field(
+        default="finetune.dev/v1alpha1", alias="apiVersion"
+    )
     kind: Literal["AdapterDeployment"] = Field(default="AdapterDeployment")
     metadata: dict[str, object] = Field(default_factory=dict)
     spec: AdapterDeploymentSpec

@@ -11,7 +11,6 @@ from .common import (
     SHORT_STRING,
     ApiModel,
     Condition,
-    DnsName,
     SecretKeyRef,
     StatusModel,
 )
@@ -32,7 +31,13 @@ DataFormat = Literal["auto", "prompt-completion", "instruction", "messages"]
 PiiKind = Literal["email", "phone", "nationalId", "creditCard"]
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 Optimizer = Literal[
-    "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd"
+    "paged_adamw_8bit",
+    "adamw_8bit",
+    "paged_adamw_32bit",
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adafactor",
+    "sgd",
 ]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
 MetricName = Literal[METRIC_NAMES]  # type: ignore[valid-type]
@@ -112,9 +117,13 @@ class PiiMasking(ApiModel):
 class Cleaning(ApiModel):
     """Row filters applied before training; every dropped row is counted by reason."""
 
-    dedup: bool = Field(default=True, description="Drop rows whose normalised content was seen before.")
+    dedup: bool = Field(
+        default=True, description="Drop rows whose normalised content was seen before."
+    )
     pii_mask: PiiMasking = Field(default_factory=PiiMasking, description="Personal-data masking.")
-    min_tokens: int = Field(default=2, ge=0, le=1_000_000, description="Drop rows with fewer tokens than this.")
+    min_tokens: int = Field(
+        default=2, ge=0, le=1_000_000, description="Drop rows with fewer tokens than this."
+    )
     max_tokens: int | None = Field(
         default=None,
         ge=1,
@@ -128,7 +137,10 @@ class Cleaning(ApiModel):
         description="Fail before training when a larger share of rows are duplicates.",
     )
     min_rows: int = Field(
-        default=8, ge=1, le=100_000_000, description="Fail before training when fewer training rows remain."
+        default=8,
+        ge=1,
+        le=100_000_000,
+        description="Fail before training when fewer training rows remain.",
     )
 
 
@@ -158,7 +170,9 @@ class DatasetSpec(ApiModel):
     completion_only: bool = Field(
         default=True, description="Compute the loss on completion (assistant) tokens only."
     )
-    cleaning: Cleaning = Field(default_factory=Cleaning, description="Row cleaning and data-quality limits.")
+    cleaning: Cleaning = Field(
+        default_factory=Cleaning, description="Row cleaning and data-quality limits."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DatasetSpec:
@@ -171,9 +185,15 @@ class LoraSpec(ApiModel):
     """LoRA adapter shape."""
 
     r: int = Field(default=16, ge=1, le=512, description="Rank of the adapter matrices.")
-    alpha: int = Field(default=32, ge=1, le=4096, description="Scaling numerator (scale = alpha / r).")
-    dropout: float = Field(default=0.05, ge=0.0, le=0.9, description="Dropout on the adapter input.")
-    target_modules: list[Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.*-]+$")]] = Field(
+    alpha: int = Field(
+        default=32, ge=1, le=4096, description="Scaling numerator (scale = alpha / r)."
+    )
+    dropout: float = Field(
+        default=0.05, ge=0.0, le=0.9, description="Dropout on the adapter input."
+    )
+    target_modules: list[
+        Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.*-]+$")]
+    ] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
         max_length=64,
@@ -185,7 +205,9 @@ class QuantizationSpec(ApiModel):
     """4-bit quantisation of the frozen base weights (QLoRA only)."""
 
     type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
-    double_quant: bool = Field(default=True, description="Also quantise the quantisation constants.")
+    double_quant: bool = Field(
+        default=True, description="Also quantise the quantisation constants."
+    )
     compute_dtype: ComputeDtype = Field(
         default="bfloat16", description="Dtype of the matmuls (bfloat16 on GPU; float32 on CPU)."
     )
@@ -210,14 +232,23 @@ BatchSize = Annotated[
 class TrainingSpec(ApiModel):
     """Optimisation settings."""
 
-    epochs: float = Field(default=1.0, gt=0.0, le=1000.0, description="Passes over the training data.")
+    epochs: float = Field(
+        default=1.0, gt=0.0, le=1000.0, description="Passes over the training data."
+    )
     max_steps: int | None = Field(
-        default=None, ge=1, le=10_000_000, description="Stop after this many optimiser steps (overrides epochs)."
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="Stop after this many optimiser steps (overrides epochs).",
     )
     learning_rate: float = Field(default=2e-4, gt=0.0, le=1.0, description="Peak learning rate.")
     scheduler: Scheduler = Field(default="cosine", description="Learning-rate schedule.")
-    warmup_ratio: float = Field(default=0.03, ge=0.0, le=0.5, description="Share of steps used for warm-up.")
-    max_seq_length: int = Field(default=2048, ge=16, le=131072, description="Longest sequence in tokens.")
+    warmup_ratio: float = Field(
+        default=0.03, ge=0.0, le=0.5, description="Share of steps used for warm-up."
+    )
+    max_seq_length: int = Field(
+        default=2048, ge=16, le=131072, description="Longest sequence in tokens."
+    )
     batch_size: BatchSize = Field(
         default="auto",
         description="Per-device micro-batch, or auto to take the largest that fits the GPU.",
@@ -231,27 +262,37 @@ class TrainingSpec(ApiModel):
     )
     optimizer: Optimizer = Field(default="paged_adamw_8bit", description="Optimiser.")
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="Weight decay.")
-    max_grad_norm: float = Field(default=1.0, ge=0.0, le=1000.0, description="Gradient clipping (0 disables).")
+    max_grad_norm: float = Field(
+        default=1.0, ge=0.0, le=1000.0, description="Gradient clipping (0 disables)."
+    )
     packing: bool = Field(
         default=False, description="Pack several rows into each sequence, keeping row boundaries."
     )
-    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for data order, split and init.")
+    seed: int = Field(
+        default=42, ge=0, le=2**31 - 1, description="Seed for data order, split and init."
+    )
     checkpoint_every_steps: int = Field(
         default=100, ge=1, le=1_000_000, description="Save a resumable checkpoint this often."
     )
-    logging_every_steps: int = Field(default=10, ge=1, le=100_000, description="Log loss this often.")
+    logging_every_steps: int = Field(
+        default=10, ge=1, le=100_000, description="Log loss this often."
+    )
 
 
 class Toleration(ApiModel):
     """A pod toleration (core/v1 Toleration)."""
 
     key: str | None = Field(default=None, max_length=SHORT_STRING, description="Taint key.")
-    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal.")
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists or Equal."
+    )
     value: str | None = Field(default=None, max_length=SHORT_STRING, description="Taint value.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to tolerate."
     )
-    toleration_seconds: int | None = Field(default=None, description="For NoExecute: how long to stay.")
+    toleration_seconds: int | None = Field(
+        default=None, description="For NoExecute: how long to stay."
+    )
 
 
 class ResourcesSpec(ApiModel):
@@ -272,14 +313,21 @@ class ResourcesSpec(ApiModel):
         le=4096.0,
         description="Memory of one GPU in GiB, when gpuProduct is unknown to the operator.",
     )
-    cpu: str | None = Field(default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU request.")
+    cpu: str | None = Field(
+        default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU request."
+    )
     memory: str | None = Field(
-        default=None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$", description="Memory request."
+        default=None,
+        max_length=32,
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
+        description="Memory request.",
     )
     node_selector: dict[str, Annotated[str, Field(max_length=SHORT_STRING)]] = Field(
         default_factory=dict, max_length=32, description="Node labels the trainer pod requires."
     )
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Pod tolerations.")
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Pod tolerations."
+    )
     affinity: dict[str, Any] | None = Field(
         default=None,
         description="Pod affinity (core/v1 Affinity), passed through unchanged.",
@@ -289,7 +337,9 @@ class ResourcesSpec(ApiModel):
         default=None, max_length=SHORT_STRING, description="PriorityClass of the trainer pods."
     )
     queue_name: str | None = Field(
-        default=None, max_length=63, description="Kueue LocalQueue; the trainer Job is then admitted by Kueue."
+        default=None,
+        max_length=63,
+        description="Kueue LocalQueue; the trainer Job is then admitted by Kueue.",
     )
 
 
@@ -319,7 +369,9 @@ class OutputSpec(ApiModel):
 class QualityGate(ApiModel):
     """One condition the adapter must meet to be released."""
 
-    metric: MetricName = Field(description="Metric name, e.g. rougeL, evalLoss, jsonValidity, latencyP95Ms.")
+    metric: MetricName = Field(
+        description="Metric name, e.g. rougeL, evalLoss, jsonValidity, latencyP95Ms."
+    )
     min: float | None = Field(default=None, description="Pass when value >= min.")
     max: float | None = Field(default=None, description="Pass when value <= max.")
     min_improvement_over_base: float | None = Field(
@@ -345,9 +397,13 @@ class QualityGate(ApiModel):
 class EvaluationSpec(ApiModel):
     """How the adapter is evaluated after training."""
 
-    max_new_tokens: int = Field(default=128, ge=1, le=8192, description="Generation budget per eval row.")
+    max_new_tokens: int = Field(
+        default=128, ge=1, le=8192, description="Generation budget per eval row."
+    )
     batch_size: int = Field(default=8, ge=1, le=1024, description="Rows generated together.")
-    max_samples: int = Field(default=256, ge=1, le=100_000, description="Eval rows used for generation metrics.")
+    max_samples: int = Field(
+        default=256, ge=1, le=100_000, description="Eval rows used for generation metrics."
+    )
     compare_with_base: bool = Field(
         default=False,
         description="Also evaluate the base model (implied by any minImprovementOverBase gate).",
@@ -367,24 +423,39 @@ class FineTuneJobSpec(ApiModel):
     method: Method = Field(default="qlora", description="qlora (4-bit base) or lora (16-bit base).")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape.")
     quantization: QuantizationSpec | None = Field(
-        default=None, description="4-bit settings; only with method qlora (defaults apply when unset)."
+        default=None,
+        description="4-bit settings; only with method qlora (defaults apply when unset).",
     )
-    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Hardware and scheduling.")
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec, description="Optimisation settings."
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="Hardware and scheduling."
+    )
     output: OutputSpec = Field(description="Where the adapter is written.")
     quality_gates: list[QualityGate] = Field(
         default_factory=list, max_length=32, description="Conditions the adapter must meet."
     )
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation settings.")
-    suspend: bool = Field(default=False, description="Pause training (resumes from the last checkpoint).")
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec, description="Evaluation settings."
+    )
+    suspend: bool = Field(
+        default=False, description="Pause training (resumes from the last checkpoint)."
+    )
     backoff_limit: int = Field(
-        default=3, ge=0, le=100, description="Trainer failures tolerated (evictions and preemptions do not count)."
+        default=3,
+        ge=0,
+        le=100,
+        description="Trainer failures tolerated (evictions and preemptions do not count).",
     )
     active_deadline_seconds: int | None = Field(
         default=None, ge=60, le=30 * 24 * 3600, description="Stop the trainer after this long."
     )
     ttl_seconds_after_finished: int = Field(
-        default=86400, ge=0, le=30 * 24 * 3600, description="Delete the finished trainer Job after this long."
+        default=86400,
+        ge=0,
+        le=30 * 24 * 3600,
+        description="Delete the finished trainer Job after this long.",
     )
     image: str | None = Field(
         default=None, max_length=512, pattern=r"^[^\s]+$", description="Trainer image override."
@@ -393,7 +464,9 @@ class FineTuneJobSpec(ApiModel):
     @model_validator(mode="after")
     def _check(self) -> FineTuneJobSpec:
         if self.quantization is not None and self.method != "qlora":
-            raise ValueError("quantization: only allowed with method qlora (remove it or set method: qlora)")
+            raise ValueError(
+                "quantization: only allowed with method qlora (remove it or set method: qlora)"
+            )
         return self
 
     def resolved_quantization(self) -> QuantizationSpec | None:
@@ -420,17 +493,31 @@ class Progress(StatusModel):
     eval_loss: float | None = Field(default=None, description="Latest evaluation loss.")
     learning_rate: float | None = Field(default=None, description="Current learning rate.")
     tokens_per_second: float | None = Field(default=None, description="Training throughput.")
-    eta_seconds: int | None = Field(default=None, description="Estimated seconds to the end of training.")
-    gpu_memory_gi_b: float | None = Field(default=None, alias="gpuMemoryGiB", description="Peak GPU memory so far.")
-    updated_at: str | None = Field(default=None, max_length=64, description="When the trainer last reported.")
+    eta_seconds: int | None = Field(
+        default=None, description="Estimated seconds to the end of training."
+    )
+    gpu_memory_gi_b: float | None = Field(
+        default=None, alias="gpuMemoryGiB", description="Peak GPU memory so far."
+    )
+    updated_at: str | None = Field(
+        default=None, max_length=64, description="When the trainer last reported."
+    )
 
 
 class Estimate(StatusModel):
-    peak_gi_b: float | None = Field(default=None, alias="peakGiB", description="Predicted peak GPU memory per GPU.")
-    gpu_memory_gi_b: float | None = Field(default=None, alias="gpuMemoryGiB", description="Memory of the GPU it runs on.")
+    peak_gi_b: float | None = Field(
+        default=None, alias="peakGiB", description="Predicted peak GPU memory per GPU."
+    )
+    gpu_memory_gi_b: float | None = Field(
+        default=None, alias="gpuMemoryGiB", description="Memory of the GPU it runs on."
+    )
     fits: bool | None = Field(default=None, description="Whether the prediction fits the GPU.")
-    batch_size: int | None = Field(default=None, description="Micro-batch in force (chosen when auto).")
-    gradient_checkpointing: bool | None = Field(default=None, description="Checkpointing in force (chosen when auto).")
+    batch_size: int | None = Field(
+        default=None, description="Micro-batch in force (chosen when auto)."
+    )
+    gradient_checkpointing: bool | None = Field(
+        default=None, description="Checkpointing in force (chosen when auto)."
+    )
     parameters: int | None = Field(default=None, description="Base model parameters.")
     breakdown: dict[str, float] | None = Field(default=None, description="GiB by component.")
 
@@ -444,13 +531,19 @@ class DataReport(StatusModel):
     duplicate_rate: float | None = Field(default=None, description="duplicates / rowsRead.")
     pii_masked: int | None = Field(default=None, description="Personal-data spans masked.")
     dropped: dict[str, int] | None = Field(default=None, description="Rows dropped, by reason.")
-    digest: str | None = Field(default=None, max_length=128, description="sha256 of the cleaned data.")
+    digest: str | None = Field(
+        default=None, max_length=128, description="sha256 of the cleaned data."
+    )
 
 
 class GateResult(StatusModel):
     metric: str = Field(max_length=64, description="Metric the gate checks.")
-    threshold: str = Field(default="", max_length=256, description="The gate as written, e.g. '>= 0.65'.")
-    value: float | None = Field(default=None, description="Measured value (absent when missing or NaN).")
+    threshold: str = Field(
+        default="", max_length=256, description="The gate as written, e.g. '>= 0.65'."
+    )
+    value: float | None = Field(
+        default=None, description="Measured value (absent when missing or NaN)."
+    )
     base_value: float | None = Field(default=None, description="Base model's value, when compared.")
     passed: bool = Field(description="Whether the gate passed.")
     reason: str = Field(default="", max_length=1024, description="Why it failed, when it failed.")
@@ -458,18 +551,30 @@ class GateResult(StatusModel):
 
 class AdapterRecord(StatusModel):
     uri: str = Field(max_length=URI_MAX, description="Where the adapter lives.")
-    digest: str = Field(max_length=128, description="sha256 over the adapter's files (manifest digest).")
+    digest: str = Field(
+        max_length=128, description="sha256 over the adapter's files (manifest digest)."
+    )
     rank: int | None = Field(default=None, description="LoRA rank.")
     size_bytes: int | None = Field(default=None, description="Total size of the adapter files.")
-    base_model: str | None = Field(default=None, max_length=URI_MAX, description="Base model it was trained on.")
+    base_model: str | None = Field(
+        default=None, max_length=URI_MAX, description="Base model it was trained on."
+    )
     method: str | None = Field(default=None, max_length=16, description="qlora or lora.")
-    merged_uri: str | None = Field(default=None, max_length=URI_MAX, description="Merged model, when written.")
+    merged_uri: str | None = Field(
+        default=None, max_length=URI_MAX, description="Merged model, when written."
+    )
 
 
 class Cost(StatusModel):
-    gpu_seconds: float | None = Field(default=None, description="GPU-seconds consumed by trainer pods.")
-    estimated_cost: float | None = Field(default=None, description="gpuSeconds priced from the operator's table.")
-    currency: str | None = Field(default=None, max_length=8, description="Currency of estimatedCost.")
+    gpu_seconds: float | None = Field(
+        default=None, description="GPU-seconds consumed by trainer pods."
+    )
+    estimated_cost: float | None = Field(
+        default=None, description="gpuSeconds priced from the operator's table."
+    )
+    currency: str | None = Field(
+        default=None, max_length=8, description="Currency of estimatedCost."
+    )
     price_per_gpu_hour: float | None = Field(default=None, description="Price used.")
 
 
@@ -479,22 +584,46 @@ FineTuneJobPhase = Literal[
 
 
 class FineTuneJobStatus(StatusModel):
-    phase: FineTuneJobPhase | None = Field(default=None, description="Summary for display; use conditions in automation.")
-    observed_generation: int | None = Field(default=None, description="Generation the status reflects.")
-    conditions: list[Condition] = Field(default_factory=list, max_length=32, description="Current conditions.")
-    trainer_job: str | None = Field(default=None, max_length=63, description="Name of the trainer Job.")
-    progress: Progress | None = Field(default=None, description="Training progress reported by the trainer.")
-    estimate: Estimate | None = Field(default=None, description="GPU memory prediction and the choices made from it.")
+    phase: FineTuneJobPhase | None = Field(
+        default=None, description="Summary for display; use conditions in automation."
+    )
+    observed_generation: int | None = Field(
+        default=None, description="Generation the status reflects."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=32, description="Current conditions."
+    )
+    trainer_job: str | None = Field(
+        default=None, max_length=63, description="Name of the trainer Job."
+    )
+    progress: Progress | None = Field(
+        default=None, description="Training progress reported by the trainer."
+    )
+    estimate: Estimate | None = Field(
+        default=None, description="GPU memory prediction and the choices made from it."
+    )
     data: DataReport | None = Field(default=None, description="Data cleaning report.")
-    metrics: dict[str, float] | None = Field(default=None, description="Evaluation metrics of the adapter.")
-    base_metrics: dict[str, float] | None = Field(default=None, description="Evaluation metrics of the base model.")
-    gates: list[GateResult] | None = Field(default=None, description="Verdict of each quality gate.")
+    metrics: dict[str, float] | None = Field(
+        default=None, description="Evaluation metrics of the adapter."
+    )
+    base_metrics: dict[str, float] | None = Field(
+        default=None, description="Evaluation metrics of the base model."
+    )
+    gates: list[GateResult] | None = Field(
+        default=None, description="Verdict of each quality gate."
+    )
     gates_summary: str | None = Field(default=None, max_length=64, description="e.g. '3/4 passed'.")
     adapter: AdapterRecord | None = Field(default=None, description="The adapter produced.")
     cost: Cost | None = Field(default=None, description="GPU time and its price.")
-    restarts: int | None = Field(default=None, description="Trainer pod restarts (evictions included).")
-    started_at: str | None = Field(default=None, max_length=64, description="When training first started.")
-    completed_at: str | None = Field(default=None, max_length=64, description="When the job finished.")
+    restarts: int | None = Field(
+        default=None, description="Trainer pod restarts (evictions included)."
+    )
+    started_at: str | None = Field(
+        default=None, max_length=64, description="When training first started."
+    )
+    completed_at: str | None = Field(
+        default=None, max_length=64, description="When the job finished."
+    )
 
 
 class FineTuneJob(ApiModel):
@@ -502,7 +631,9 @@ class FineTuneJob(ApiModel):
 
     model_config = {"extra": "ignore"}
 
-    api_version: Literal["finetune.dev/v1alpha1"] = Field(default="finetune.dev/v1alpha1", alias="apiVersion")
+    api_version: Literal["finetune.dev/v1alpha1"] = Field(
+        default="finetune.dev/v1alpha1", alias="apiVersion"
+    )
     kind: Literal["FineTuneJob"] = Field(default="FineTuneJob")
     metadata: dict[str, Any] = Field(default_factory=dict)
     spec: FineTuneJobSpec
@@ -510,4 +641,9 @@ class FineTuneJob(ApiModel):
 
 
 # Fields that may still change once training has started (everything else is frozen).
-MUTABLE_AFTER_START = ("suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "backoffLimit")
+MUTABLE_AFTER_START = (
+    "suspend",
+    "activeDeadlineSeconds",
+    "ttlSecondsAfterFinished",
+    "backoffLimit",
+)

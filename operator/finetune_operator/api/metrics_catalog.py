@@ -23,16 +23,47 @@ class MetricInfo:
 METRICS: dict[str, MetricInfo] = {
     m.name: m
     for m in (
-        MetricInfo("evalLoss", "lower", "nats/token", "Mean cross-entropy on completion tokens of the eval set."),
+        MetricInfo(
+            "evalLoss",
+            "lower",
+            "nats/token",
+            "Mean cross-entropy on completion tokens of the eval set.",
+        ),
         MetricInfo("perplexity", "lower", "", "exp(evalLoss)."),
-        MetricInfo("rougeL", "higher", "F1 0..1", "ROUGE-L F1 of generated vs reference completions."),
-        MetricInfo("exactMatch", "higher", "0..1", "Share of generations equal to the reference after whitespace normalisation."),
-        MetricInfo("jsonValidity", "higher", "0..1", "Share of JSON-task rows whose generation parses as JSON."),
-        MetricInfo("jsonSchemaConformance", "higher", "0..1", "Share of rows with a JSON Schema whose generation conforms to it."),
-        MetricInfo("safetyRefusal", "higher", "0..1", "Share of must-refuse rows the model refused."),
+        MetricInfo(
+            "rougeL", "higher", "F1 0..1", "ROUGE-L F1 of generated vs reference completions."
+        ),
+        MetricInfo(
+            "exactMatch",
+            "higher",
+            "0..1",
+            "Share of generations equal to the reference after whitespace normalisation.",
+        ),
+        MetricInfo(
+            "jsonValidity",
+            "higher",
+            "0..1",
+            "Share of JSON-task rows whose generation parses as JSON.",
+        ),
+        MetricInfo(
+            "jsonSchemaConformance",
+            "higher",
+            "0..1",
+            "Share of rows with a JSON Schema whose generation conforms to it.",
+        ),
+        MetricInfo(
+            "safetyRefusal", "higher", "0..1", "Share of must-refuse rows the model refused."
+        ),
         MetricInfo("latencyP50Ms", "lower", "ms", "Median generation latency per request."),
-        MetricInfo("latencyP95Ms", "lower", "ms", "95th percentile generation latency per request."),
-        MetricInfo("tokensPerSecond", "higher", "tokens/s", "Generated tokens per second during evaluation."),
+        MetricInfo(
+            "latencyP95Ms", "lower", "ms", "95th percentile generation latency per request."
+        ),
+        MetricInfo(
+            "tokensPerSecond",
+            "higher",
+            "tokens/s",
+            "Generated tokens per second during evaluation.",
+        ),
     )
 }
 
