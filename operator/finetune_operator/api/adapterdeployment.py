@@ -282,3 +282,13 @@ class AdapterDeployment(ApiModel):
     metadata: dict[str, object] = Field(default_factory=dict)
     spec: AdapterDeploymentSpec
     status: AdapterDeploymentStatus | None = None
+
+
+def validate_update(old: dict[str, object], new: dict[str, object]) -> None:
+    """Mirror of the CRD's transition rules: adapterName and target.deployment are immutable."""
+    before = AdapterDeploymentSpec.model_validate(old["spec"])
+    after = AdapterDeploymentSpec.model_validate(new["spec"])
+    if before.adapter_name != after.adapter_name:
+        raise ValueError("adapterName is immutable: create a new AdapterDeployment")
+    if before.target.deployment != after.target.deployment:
+        raise ValueError("target.deployment is immutable: create a new AdapterDeployment")

@@ -225,7 +225,7 @@ class QuantizationSpec(ApiModel):
 
 
 BatchSize = Annotated[
-    int | Literal["auto"],
+    Annotated[int, Field(ge=1, le=4096)] | Literal["auto"],
     Field(
         json_schema_extra={
             "x-kubernetes-int-or-string": True,
@@ -683,3 +683,28 @@ MUTABLE_AFTER_START = (
     "ttlSecondsAfterFinished",
     "backoffLimit",
 )
+
+
+def frozen_changes(old: FineTuneJobSpec, new: FineTuneJobSpec) -> list[str]:
+    """Spec fields (camelCase) that changed but may not once training has started."""
+    before, after = old.to_wire(), new.to_wire()
+    return sorted(
+        name
+        for name in set(before) | set(after)
+        if name not in MUTABLE_AFTER_START and before.get(name) != after.get(name)
+    )
+
+
+def validate_update(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Mirror of the CRD's transition rule: raise ValueError for a forbidden spec change."""
+    started = bool((old.get("status") or {}).get("startedAt"))
+    if not started:
+        return
+    changed = frozen_changes(
+        FineTuneJobSpec.model_validate(old["spec"]), FineTuneJobSpec.model_validate(new["spec"])
+    )
+    if changed:
+        raise ValueError(
+            f"spec is frozen once training has started (changed: {', '.join(changed)}); only "
+            f"{', '.join(MUTABLE_AFTER_START)} may change. Create a new FineTuneJob instead."
+        )
