@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from .common import ApiModel, Condition, LocalObjectRef, StatusModel, cel
-from .finetunejob import URI_MAX, _no_dotdot
+from .finetunejob import URI_MAX, URI_RULES, check_uri
 
 KIND = "AdapterDeployment"
 PLURAL = "adapterdeployments"
@@ -45,14 +45,7 @@ class AdapterSource(ApiModel):
         max_length=URI_MAX,
         pattern=ADAPTER_URI_PATTERN,
         description="Adapter location (pvc://claim/path, s3://, file:///, hf://org/name@rev).",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!self.matches('(^|/)[.][.](/|$)')",
-                    "message": "must not contain '..' path segments",
-                }
-            ]
-        },
+        json_schema_extra={"x-kubernetes-validations": URI_RULES},
     )
     digest: str | None = Field(
         default=None,
@@ -74,7 +67,7 @@ class AdapterSource(ApiModel):
         if (self.fine_tune_job_ref is None) == (self.uri is None):
             raise ValueError("source: set exactly one of fineTuneJobRef or uri")
         if self.uri is not None:
-            _no_dotdot(self.uri)
+            check_uri(self.uri)
             if self.digest is None:
                 raise ValueError("source.digest: required with source.uri (sha256:<64 hex>)")
         return self

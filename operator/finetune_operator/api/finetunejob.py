@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, JsonValue, model_validator
 
 from .common import (
     SHORT_STRING,
@@ -26,6 +27,13 @@ DATA_URI_PATTERN = r"^(hf://datasets/[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+(
 OUTPUT_URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?|file:///[^\s]*)$"
 URI_MAX = 1024
 NO_DOTDOT_RULE = "!self.matches('(^|/)[.][.](/|$)')"
+# A bucket named like an IP address would make some S3 clients talk to that host (e.g. the
+# cloud metadata endpoint); S3 itself forbids such bucket names.
+NO_IP_BUCKET_RULE = "!self.matches('^s3://[0-9]+[.][0-9]+[.][0-9]+[.][0-9]+([/:]|$)')"
+URI_RULES: list[JsonValue] = [
+    {"rule": NO_DOTDOT_RULE, "message": "must not contain '..' path segments"},
+    {"rule": NO_IP_BUCKET_RULE, "message": "s3 bucket must be a bucket name, not an IP address"},
+]
 
 Method = Literal["qlora", "lora"]
 DataFormat = Literal["auto", "prompt-completion", "instruction", "messages"]
@@ -44,9 +52,12 @@ ComputeDtype = Literal["bfloat16", "float16", "float32"]
 MetricName = Literal[METRIC_NAMES]  # type: ignore[valid-type]
 
 
-def _no_dotdot(uri: str) -> str:
+def check_uri(uri: str) -> str:
+    """Python side of URI_RULES: no parent-directory segments, no IP-address buckets."""
     if ".." in uri.split("/"):
         raise ValueError("must not contain '..' path segments")
+    if re.match(r"^s3://[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+([/:]|$)", uri):
+        raise ValueError("s3 bucket must be a bucket name, not an IP address")
     return uri
 
 
@@ -56,11 +67,7 @@ def _uri_field(pattern: str, description: str) -> Any:
         max_length=URI_MAX,
         pattern=pattern,
         description=description,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {"rule": NO_DOTDOT_RULE, "message": "must not contain '..' path segments"}
-            ]
-        },
+        json_schema_extra={"x-kubernetes-validations": URI_RULES},
     )
 
 
@@ -83,7 +90,7 @@ class ModelSource(ApiModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelSource:
-        _no_dotdot(self.uri)
+        check_uri(self.uri)
         return self
 
 
@@ -100,7 +107,7 @@ class DataSource(ApiModel):
 
     @model_validator(mode="after")
     def _check(self) -> DataSource:
-        _no_dotdot(self.uri)
+        check_uri(self.uri)
         return self
 
 
@@ -373,7 +380,7 @@ class OutputSpec(ApiModel):
 
     @model_validator(mode="after")
     def _check(self) -> OutputSpec:
-        _no_dotdot(self.uri)
+        check_uri(self.uri)
         return self
 
 
