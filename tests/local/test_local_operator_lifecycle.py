@@ -196,3 +196,43 @@ def test_label_selectors_filter_lists(
         )
     found = core.list_namespaced_config_map("default", label_selector=selector)
     assert {item.metadata.name for item in found.items} == expected
+
+
+def test_operator_reconnects_after_watch_streams_are_cut(emulator: Emulator, operator_runner: Any) -> None:
+    calls = Calls()
+    operator_runner(demo_operator(calls))
+    create(ftj("before-cut"))
+    wait_for(lambda: calls.count("create", "before-cut") == 1)
+    wait_for(lambda: emulator.open_watches > 0)
+    assert emulator.cut_watches(PLURAL) >= 1
+    create(ftj("after-cut"))
+    wait_for(lambda: get("configmaps", "default", "after-cut-config"), what="the child made after reconnecting")
+    assert calls.count("create") == 2
+
+
+def test_peered_operators_only_the_higher_priority_one_acts(emulator: Emulator, operator_runner: Any) -> None:
+    calls = Calls()
+    registry = demo_operator(calls)
+    emulator.create({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
+                     "metadata": {"name": "default", "namespace": "default"}})  # fmt: skip
+
+    def peers() -> set[str]:
+        return set((get("kopfpeerings", "default", "default") or {}).get("status") or {})
+
+    leader = operator_runner(registry, peering="default", priority=100, memo=kopf.Memo(identity="leader"))
+    wait_for(lambda: leader.identity in peers(), what="the leader's peering record")
+    follower = operator_runner(registry, peering="default", priority=10, memo=kopf.Memo(identity="follower"))
+    wait_for(lambda: follower.identity in peers(), what="the follower's peering record")
+    time.sleep(0.3)  # the follower sees the leader's record and pauses
+
+    create(ftj("peered"))
+    wait_for(lambda: get("configmaps", "default", "peered-config"))
+    time.sleep(0.5)
+    assert calls.identities("create") == {"leader"}
+
+    leader.stop()  # the leader removes its record on exit; the follower resumes
+    wait_for(lambda: leader.identity not in peers(), what="the leader's record to go")
+    create(ftj("after-failover"))
+    wait_for(lambda: get("configmaps", "default", "after-failover-config"), timeout=15)
+    assert calls.identities("create") == {"leader", "follower"}
+    assert calls.count("create", "peered") == 1

@@ -640,7 +640,10 @@ class Emulator(kmock.KubernetesScaffold):
             {
                 "name": cname,
                 "ready": False,
+                "started": False,
                 "restartCount": 0,
+                "imageID": "",
+                "containerID": f"emulated://{namespace}/{pod}/{cname}",
                 "image": next(
                     (c.get("image", "") for c in containers if c.get("name") == cname), ""
                 ),
