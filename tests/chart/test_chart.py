@@ -40,12 +40,19 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "watchNamespaces": ["team-a"],
         "image": {"digest": "sha256:" + "ab" * 32},
         "operator": {
-            "trainerImage": {
-                "repository": "registry.example/trainer",
-                "digest": "sha256:" + "cd" * 32,
+            "trainer": {
+                "image": {
+                    "repository": "registry.example/trainer",
+                    "digest": "sha256:" + "cd" * 32,
+                }
             },
             "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
-            "pricePerGpuHour": 2.5,
+            "gpuPrices": {
+                "currency": "EUR",
+                "default": 1.5,
+                "products": {"NVIDIA-H100-80GB-HBM3": 4.25},
+            },
+            "gpuMemoryOverrides": {"NVIDIA-B200": 179},
         },
         "metrics": {"serviceMonitor": {"enabled": True}},
         "dashboards": {"enabled": True},
@@ -120,8 +127,13 @@ BAD_VALUES = [
     ({"watchNamespaces": ["a", "a"]}, "watchNamespaces"),
     ({"operator": {"logLevel": "VERBOSE"}}, "logLevel"),
     ({"operator": {"logFormat": "xml"}}, "logFormat"),
-    ({"operator": {"pricePerGpuHour": -1}}, "pricePerGpuHour"),
-    ({"operator": {"currency": "dollars"}}, "currency"),
+    ({"operator": {"gpuPrices": {"default": -1}}}, "default"),
+    ({"operator": {"gpuPrices": {"currency": "dollars"}}}, "currency"),
+    ({"operator": {"gpuPrices": {"products": {"H100": "cheap"}}}}, "H100"),
+    ({"operator": {"memoryHeadroom": 0.95}}, "memoryHeadroom"),
+    ({"operator": {"progressPollSeconds": 0}}, "progressPollSeconds"),
+    ({"operator": {"gpuMemoryOverrides": {"X": 0}}}, "gpuMemoryOverrides"),
+    ({"operator": {"trainer": {"runAsUser": 0}}}, "runAsUser"),
     ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
     ({"image": {"digest": "latest"}}, "digest"),
     ({"image": {"tag": "has space"}}, "tag"),
@@ -251,22 +263,34 @@ def test_liveness_probe_hits_the_kopf_liveness_endpoint() -> None:
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
 
 
+def env_of(objects: list[dict[str, Any]]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "<from>") for e in container(objects)["env"]}
+
+
 def test_watch_scope_follows_values() -> None:
-    cluster = container(manifests())
-    assert "--all-namespaces" in cluster["args"]
-    namespaced = container(manifests(VALUE_SETS["namespaced"]))
-    assert "--all-namespaces" not in namespaced["args"]
-    assert [a for a in namespaced["args"] if a.startswith("--namespace")] == [
-        "--namespace=team-a",
-        "--namespace=team-b",
-    ]
+    assert env_of(manifests())["FINETUNE_WATCH_NAMESPACES"] == ""
+    namespaced = env_of(manifests(VALUE_SETS["namespaced"]))
+    assert namespaced["FINETUNE_WATCH_NAMESPACES"] == "team-a,team-b"
+
+
+def test_gpu_price_table_is_rendered_and_named_to_the_operator() -> None:
+    objects = manifests(VALUE_SETS["everything-on"])
+    name = env_of(objects)["FINETUNE_PRICE_TABLE_CONFIGMAP"]
+    prices = one(objects, "ConfigMap", name)
+    assert prices["metadata"]["namespace"] == NAMESPACE
+    assert prices["data"] == {
+        "currency": "EUR",
+        "default": "1.5",
+        "NVIDIA-H100-80GB-HBM3": "4.25",
+    }
+    assert json.loads(env_of(objects)["FINETUNE_GPU_MEMORY_OVERRIDES"]) == {"NVIDIA-B200": 179}
 
 
 def test_images_use_digest_when_given() -> None:
     objects = manifests(VALUE_SETS["everything-on"])
     c = container(objects)
     assert c["image"] == "ghcr.io/finetune-dev/finetune-operator@sha256:" + "ab" * 32
-    env = {e["name"]: e.get("value") for e in c["env"]}
+    env = env_of(objects)
     assert env["FINETUNE_TRAINER_IMAGE"] == "registry.example/trainer@sha256:" + "cd" * 32
     assert env["HTTPS_PROXY"] == "http://proxy:3128"
     default = container(manifests())
