@@ -261,25 +261,23 @@ def generation_metrics(
     """rougeL, exactMatch, jsonValidity, jsonSchemaConformance and safetyRefusal; a metric
     without rows to measure it on is left out."""
     metrics: dict[str, float] = {}
-    pairs = [(g, r.completion) for r, g in zip(rows, generations, strict=True) if r.completion]
-    if pairs:
-        preds = [p for p, _ in pairs]
-        refs = [r for _, r in pairs if r is not None]
-        metrics["rougeL"] = rouge_l_f1(preds, refs)
-        metrics["exactMatch"] = sum(exact_match(p, r) for p, r in zip(preds, refs)) / len(pairs)
-    json_rows = [g for r, g in zip(rows, generations) if r.task == "json"]
+    scored = list(zip(rows, generations, strict=True))
+    refs = [(g, r.completion) for r, g in scored if r.completion]
+    if refs:
+        metrics["rougeL"] = rouge_l_f1([g for g, _ in refs], [c for _, c in refs])
+        metrics["exactMatch"] = sum(exact_match(g, c) for g, c in refs) / len(refs)
+    json_rows = [g for r, g in scored if r.task == "json"]
     if json_rows:
         metrics["jsonValidity"] = sum(has_json(g) for g in json_rows) / len(json_rows)
-    schema_rows = [(g, r.json_schema) for r, g in zip(rows, generations) if r.json_schema]
+    schema_rows = [(g, r.json_schema) for r, g in scored if r.json_schema is not None]
     if schema_rows:
-        metrics["jsonSchemaConformance"] = sum(
-            conforms(g, s) for g, s in schema_rows if s is not None
-        ) / len(schema_rows)
-    refuse_rows = [g for r, g in zip(rows, generations) if r.must_refuse]
-    if refuse_rows:
-        metrics["safetyRefusal"] = sum(is_refusal(g, refusal_markers) for g in refuse_rows) / len(
-            refuse_rows
+        metrics["jsonSchemaConformance"] = sum(conforms(g, s) for g, s in schema_rows) / len(
+            schema_rows
         )
+    refuse_rows = [g for r, g in scored if r.must_refuse]
+    if refuse_rows:
+        refused = sum(is_refusal(g, refusal_markers) for g in refuse_rows)
+        metrics["safetyRefusal"] = refused / len(refuse_rows)
     return metrics
 
 
