@@ -465,7 +465,8 @@ def tokenize_example(tokenizer: Any, ex: Example, completion_only: bool) -> Toke
     while n < min(len(prompt_ids), len(ids)) and prompt_ids[n] == ids[n]:
         n += 1
     labels = [-100] * n + ids[n:] if completion_only else list(ids)
-    return TokenizedExample(ex, prompt_text, completion_text, ids, labels, len(ids) - n)
+    answer_tokens = len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"])
+    return TokenizedExample(ex, prompt_text, completion_text, ids, labels, answer_tokens)
 
 
 def percentiles(lengths: list[int]) -> dict[str, int]:
@@ -483,7 +484,8 @@ def percentiles(lengths: list[int]) -> dict[str, int]:
 def filter_by_length(
     tokenized: list[TokenizedExample], min_tokens: int, max_tokens: int, dropped: Counter[str]
 ) -> list[TokenizedExample]:
-    """Drop rows whose completion is shorter than min_tokens or whose sequence exceeds max_tokens."""
+    """Drop rows whose answer text has fewer than min_tokens tokens or whose templated
+    sequence (prompt + answer) has more than max_tokens."""
     kept = []
     for t in tokenized:
         if t.completion_tokens < min_tokens:
@@ -506,9 +508,13 @@ def split_indices(keys: list[str], eval_share: float, seed: int) -> tuple[list[i
     if len(keys) < 2:
         return list(range(len(keys))), []
     n_eval = min(len(keys) - 1, max(1, round(len(keys) * eval_share)))
-    ranked = sorted(
-        range(len(keys)), key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}:{i}".encode()).hexdigest()
-    )
+    # Repeated keys (dedup off) are told apart by occurrence number, not by position.
+    occurrence: Counter[str] = Counter()
+    ranks = []
+    for k in keys:
+        ranks.append(hashlib.sha256(f"{seed}:{k}:{occurrence[k]}".encode()).hexdigest())
+        occurrence[k] += 1
+    ranked = sorted(range(len(keys)), key=lambda i: ranks[i])
     held = set(ranked[:n_eval])
     train = [i for i in range(len(keys)) if i not in held]
     return train, sorted(held)
