@@ -138,12 +138,14 @@ async def test_pluggable_generator() -> None:
     server = ReferenceServer(ReferenceConfig(model="m"), generator=gen)
     await server.start()
     try:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
                 server.endpoint + "/v1/chat/completions",
                 json={"model": "m", "messages": [{"role": "user", "content": "q"}]},
-            ) as r:
-                answer = await r.json()
+            ) as r,
+        ):
+            answer = await r.json()
         assert answer["choices"][0]["message"]["content"] == "None:1"
     finally:
         await server.stop()

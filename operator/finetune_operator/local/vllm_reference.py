@@ -190,7 +190,7 @@ class ReferenceServer:
         await site.start()
         server = site._server
         assert server is not None
-        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
         return self.port
 
     async def stop(self) -> None:
