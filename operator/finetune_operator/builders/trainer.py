@@ -252,7 +252,7 @@ def trainer_job(
         requests["memory"] = res.memory
         limits["memory"] = res.memory
 
-    env = _common_env() + [{"name": "HF_HUB_OFFLINE", "value": "1"}]
+    env = [*_common_env(), {"name": "HF_HUB_OFFLINE", "value": "1"}]
     trainer: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
         "image": image,
@@ -322,7 +322,11 @@ def trainer_job(
     job_labels = dict(labels)
     if res.queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = res.queue_name
-    ttl = config.job_ttl_seconds if config.job_ttl_seconds is not None else spec.ttl_seconds_after_finished
+    ttl = (
+        config.job_ttl_seconds
+        if config.job_ttl_seconds is not None
+        else spec.ttl_seconds_after_finished
+    )
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.backoff_limit,
         "completions": 1,
