@@ -62,6 +62,23 @@ class PodLayout:
     fetches: list[tuple[str, str, str | None]] = field(default_factory=list)  # name, uri, secret
 
 
+def fetched_path(uri: str, dest: str) -> str:
+    """Where ``finetune_trainer.fetch`` leaves ``uri`` under ``dest`` (the same rule as there).
+
+    hf:// with a path inside the repository: that path; s3:// whose last key segment has a
+    suffix: that one file; otherwise the folder itself.
+    """
+    rest = uri.split("://", 1)[1]
+    if uri.startswith("hf://"):
+        parts = rest.split("/")
+        repo_parts = 3 if parts[0] == "datasets" else 2
+        tail = "/".join(parts[repo_parts:])
+        return f"{dest}/{tail}".rstrip("/") if tail else dest
+    key = rest.partition("/")[2].strip("/")
+    last = key.rsplit("/", 1)[-1]
+    return f"{dest}/{last}" if "." in last else dest
+
+
 def _split_pvc(uri: str) -> tuple[str, str]:
     rest = uri[len("pvc://") :]
     claim, _, path = rest.partition("/")
@@ -87,7 +104,7 @@ def pod_paths(spec: FineTuneJobSpec) -> PodLayout:
         if write:
             return OUTPUT_DIR  # s3:// output: written locally, uploaded by the trainer
         layout.fetches.append((fetch_as, uri, secret))
-        return f"{INPUTS_DIR}/{fetch_as}"
+        return fetched_path(uri, f"{INPUTS_DIR}/{fetch_as}")
 
     layout = PodLayout(paths=ResolvedPaths(base_model="", train_data="", output_dir=""))
     ref = spec.base_model.credentials_secret_ref

@@ -597,14 +597,7 @@ def _start_run(
         phase = "Pending"
     st.cond(TRAINING, "False", "Pending", f"trainer Job {job_name} created")
     status = st.finish(phase)
-    events = [
-        Event(
-            "Normal",
-            "TrainerJobCreated",
-            f"created trainer Job {job_name} for generation {obs.generation}",
-        )
-    ]
-    return Plan(status, actions=actions, events=transition_events(obs.status, status) + events)
+    return Plan(status, actions=actions, events=transition_events(obs.status, status))
 
 
 # ---------------------------------------------------------------- tracking a run
