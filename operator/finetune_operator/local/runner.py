@@ -110,6 +110,8 @@ class OperatorRun:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise RuntimeError(f"the operator {self.identity} did not stop within {timeout}s")
+            # kopf's executor for synchronous handlers outlives the event loop otherwise.
+            self.settings.execution.executor.shutdown(wait=True, cancel_futures=True)
         if self.error is not None:
             raise RuntimeError(f"the operator {self.identity} crashed") from self.error
 
