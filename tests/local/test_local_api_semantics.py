@@ -350,3 +350,16 @@ def test_unknown_objects_and_resources_answer_404(custom: Any, emulator: Emulato
         urllib.request.urlopen(f"{emulator.url}/apis/{GROUP}/{VERSION}/namespaces/default/widgets")
     assert http.value.code == 404
     time.sleep(0)
+
+
+def test_namespaces_and_events_about_an_object(emulator: Emulator, core: Any) -> None:
+    assert {n.metadata.name for n in core.list_namespace().items} == {"default", "kube-system"}
+    core.create_namespace({"metadata": {"name": "team-a"}})
+    assert core.read_namespace("team-a").metadata.name == "team-a"
+    core.create_namespaced_event("team-a", {
+        "metadata": {"generateName": "job."}, "reason": "Created", "message": "made the trainer",
+        "involvedObject": {"kind": "FineTuneJob", "name": "job", "namespace": "team-a"},
+    })  # fmt: skip
+    (event,) = emulator.events_about("team-a", "job", kind="FineTuneJob")
+    assert event["message"] == "made the trainer"
+    assert emulator.events_about("team-a", "other") == []

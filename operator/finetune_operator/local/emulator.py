@@ -19,6 +19,7 @@ import contextlib
 import copy
 import datetime
 import json
+import logging
 import random
 import threading
 import uuid
@@ -34,6 +35,8 @@ import kmock
 from . import patching
 from .resources import DEFAULT_RESOURCES, ResourceType
 from .selectors import Matcher, SelectorError, parse_field_selector, parse_label_selector
+
+logger = logging.getLogger(__name__)
 
 ObjectKey = tuple[tuple[str, str, str], str | None, str]
 Body = dict[str, Any]
@@ -173,6 +176,7 @@ class Emulator(kmock.KubernetesScaffold):
         event_log_limit: how many watch events per resource are kept for resuming
             watches; older resourceVersions get 410 Gone like a compacted etcd.
         keep_requests: how many raw requests kmock keeps for inspection.
+        namespaces: Namespace objects that exist from the start.
     """
 
     def __init__(
@@ -183,6 +187,7 @@ class Emulator(kmock.KubernetesScaffold):
         validate_schemas: bool = False,
         event_log_limit: int = 20_000,
         keep_requests: int = 2_000,
+        namespaces: Iterable[str] = ("default", "kube-system"),
     ) -> None:
         super().__init__()
         self._store_lock = threading.RLock()
@@ -203,6 +208,10 @@ class Emulator(kmock.KubernetesScaffold):
         self.loop: asyncio.AbstractEventLoop | None = None
         for rtype in resources:
             self.add_resource(rtype)
+        if ("", "v1", "namespaces") in self._types:
+            for namespace in namespaces:
+                self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace},
+                             "status": {"phase": "Active"}})  # fmt: skip
         if crd_dir is not None and validate_schemas:
             self.load_crds(crd_dir)
 
@@ -594,6 +603,18 @@ class Emulator(kmock.KubernetesScaffold):
             self.resource_type(kind), namespace, name, propagation=propagation
         )
 
+    def events_about(self, namespace: str | None, name: str, kind: str | None = None) -> list[Body]:
+        """Kubernetes Events (core/v1 and events.k8s.io/v1) whose subject is the named object."""
+        found: list[Body] = []
+        for rtype in self._types.values():
+            if rtype.plural != "events":
+                continue
+            for event in self.list_objects(rtype, namespace)[0]:
+                subject = event.get("involvedObject") or event.get("regarding") or {}
+                if subject.get("name") == name and (kind is None or subject.get("kind") == kind):
+                    found.append(event)
+        return found
+
     def set_pod_log(
         self, namespace: str, pod: str, text: str, container: str | None = None
     ) -> None:
@@ -763,6 +784,43 @@ class Emulator(kmock.KubernetesScaffold):
             self.writes.clear()
 
     # ----------------------------------------------------------------- HTTP
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        """Serve one HTTP request; every failure becomes a Kubernetes `Status` answer."""
+        await raw_request.read()
+        try:
+            request = await self._parse_request(raw_request)
+            self._requests.append(request)
+            return await self._handle(request)
+        except Exception as exc:
+            return await self._render_error(exc)
+
+    async def _parse_request(self, raw_request: aiohttp.web.BaseRequest) -> kmock.Request:
+        try:
+            return await kmock.Request._parse(raw_request, id=len(self._requests))
+        except ValueError:
+            # kmock's path parser cannot split /api/v1/namespaces[/name]; ours does (in _handle).
+            try:
+                data = await raw_request.json()
+            except ValueError:
+                data = None
+            return kmock.Request(
+                id=len(self._requests), raw_request=raw_request, url=raw_request.url,
+                method=raw_request.method, params=dict(raw_request.query),
+                headers=dict(raw_request.headers), body=await raw_request.read(),
+                text=await raw_request.text(), data=data,
+            )  # fmt: skip
+
+    async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
+        if not isinstance(exc, kmock.KubernetesError):
+            logger.exception("the embedded API server failed on a request")
+            return await super()._render_error(exc)
+        body = {
+            "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+            "code": exc.status, "reason": exc.reason or "Unknown", "message": exc.message or "",
+            "details": exc.details or {},
+        }  # fmt: skip
+        return aiohttp.web.json_response(body, status=exc.status)
 
     async def _serve_version(self, request: kmock.Request) -> Any:
         """APIResourceList of one group/version, with per-subresource verbs as the real server has."""
