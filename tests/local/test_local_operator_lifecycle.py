@@ -287,3 +287,15 @@ def test_stopping_leaves_no_threads_behind(emulator: Emulator) -> None:
         assert run.running
     assert not run.running
     assert set(threading.enumerate()) <= before
+
+
+async def test_async_runner_from_an_async_test(emulator: Emulator) -> None:
+    from finetune_operator.local import run_operator_async
+    from k8s_fixtures import async_wait_for
+
+    calls = Calls()
+    async with run_operator_async(emulator, demo_operator(calls)) as run:
+        create(ftj("job-5"))
+        await async_wait_for(lambda: get("configmaps", "default", "job-5-config"))
+        assert run.running
+    assert not run.running
