@@ -142,6 +142,13 @@ def test_stale_resource_version_conflicts(custom: Any) -> None:
         )
     assert caught.value.status == 409
 
+    unversioned = dict(created, metadata={"name": "job", "namespace": "default"})
+    with pytest.raises(ApiException) as caught:
+        custom.replace_namespaced_custom_object(
+            GROUP, VERSION, "default", PLURAL, "job", unversioned
+        )
+    assert caught.value.status == 422  # custom resources need a resourceVersion on PUT
+
     fresh = custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "job")
     replaced = custom.replace_namespaced_custom_object(
         GROUP, VERSION, "default", PLURAL, "job", dict(fresh, spec={"method": "lora"})
@@ -363,3 +370,22 @@ def test_namespaces_and_events_about_an_object(emulator: Emulator, core: Any) ->
     (event,) = emulator.events_about("team-a", "job", kind="FineTuneJob")
     assert event["message"] == "made the trainer"
     assert emulator.events_about("team-a", "other") == []
+
+
+def test_selector_watch_sees_objects_enter_and_leave_the_selection(emulator: Emulator) -> None:
+    emulator.create(ftj("moving", labels={"team": "a"}))
+    since = get_json(emulator, f"/apis/{GROUP}/{VERSION}/{PLURAL}")["metadata"]["resourceVersion"]
+
+    def relabel() -> None:
+        time.sleep(0.1)
+        emulator.merge_patch(PLURAL, "default", "moving", {"metadata": {"labels": {"team": "b"}}})
+        emulator.merge_patch(PLURAL, "default", "moving", {"metadata": {"labels": {"team": "a"}}})
+
+    mover = threading.Thread(target=relabel)
+    mover.start()
+    events = watch_lines(
+        emulator, f"/apis/{GROUP}/{VERSION}/{PLURAL}?watch=true&timeoutSeconds=0.6"
+        f"&labelSelector=team%3Da&resourceVersion={since}",
+    )  # fmt: skip
+    mover.join()
+    assert [e["type"] for e in events] == ["DELETED", "ADDED"]

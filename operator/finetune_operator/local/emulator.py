@@ -79,6 +79,18 @@ def _spec_part(body: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in ("metadata", "status", "apiVersion", "kind")}
 
 
+def _selected_event_type(
+    event_type: str, matches_now: bool, previous: Body | None, matches: Matcher
+) -> str | None:
+    """What a selector-filtered watch sees: objects entering the selection are ADDED, leaving ones DELETED."""
+    if event_type != "MODIFIED" or previous is None:
+        return event_type if matches_now else None
+    matched_before = matches(previous)
+    if matches_now:
+        return "MODIFIED" if matched_before else "ADDED"
+    return "DELETED" if matched_before else None
+
+
 @dataclass
 class Fault:
     """Answer the next `remaining` matching requests with an error instead of serving them."""
@@ -270,7 +282,9 @@ class Emulator(kmock.KubernetesScaffold):
         self._last_rv += 1
         return self._last_rv
 
-    def _publish(self, rtype: ResourceType, event_type: str, body: Body) -> None:
+    def _publish(
+        self, rtype: ResourceType, event_type: str, body: Body, previous: Body | None = None
+    ) -> None:
         rv = int(body["metadata"]["resourceVersion"])
         log = self._events.setdefault(rtype.key, [])
         log.append((rv, {"type": event_type, "object": body}))
@@ -278,17 +292,16 @@ class Emulator(kmock.KubernetesScaffold):
             dropped = len(log) - self.event_log_limit
             self._compacted_rv[rtype.key] = log[dropped - 1][0]
             del log[:dropped]
+        namespace = body["metadata"].get("namespace")
         for watcher in list(self._watchers):
-            if watcher.rtype.key != rtype.key:
+            if watcher.rtype.key != rtype.key or watcher.namespace not in (None, namespace):
                 continue
-            if (
-                watcher.namespace is not None
-                and body["metadata"].get("namespace") != watcher.namespace
-            ):
+            seen_type = _selected_event_type(
+                event_type, watcher.matches(body), previous, watcher.matches
+            )
+            if seen_type is None:
                 continue
-            if not watcher.matches(body):
-                continue
-            item = (rv, {"type": event_type, "object": body})
+            item = (rv, {"type": seen_type, "object": body})
             with contextlib.suppress(RuntimeError):  # the watcher's loop is already closed
                 watcher.loop.call_soon_threadsafe(watcher.queue.put_nowait, item)
 
@@ -296,8 +309,9 @@ class Emulator(kmock.KubernetesScaffold):
         """Stamp a new resourceVersion, save, and notify watchers."""
         body["metadata"]["resourceVersion"] = str(self._next_rv())
         key = (rtype.key, body["metadata"].get("namespace"), body["metadata"]["name"])
+        previous = self._objects.get(key)
         self._objects[key] = body
-        self._publish(rtype, event_type, body)
+        self._publish(rtype, event_type, body, previous)
         return body
 
     def _remove(self, rtype: ResourceType, key: ObjectKey) -> Body:
@@ -450,6 +464,12 @@ class Emulator(kmock.KubernetesScaffold):
             except patching.InvalidPatch as exc:
                 raise _status_error(422, "Invalid", f"the patch cannot be applied: {exc}") from exc
             requested_rv = expected_rv or (candidate.get("metadata") or {}).get("resourceVersion")
+            if verb == "update" and not requested_rv and not rtype.unconditional_update:
+                raise _status_error(
+                    422, "Invalid",
+                    f'{rtype.kind}.{rtype.group} "{name}" is invalid: metadata.resourceVersion: '
+                    "Invalid value: 0x0: must be specified for an update",
+                )  # fmt: skip
             if requested_rv and requested_rv != old["metadata"]["resourceVersion"]:
                 raise _status_error(
                     409, "Conflict",
