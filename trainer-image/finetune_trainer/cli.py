@@ -91,7 +91,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def run_data_step(config: Any) -> tuple[Any, Any]:
     """Tokenizer + cleaned data; writes data_report.json/eval.jsonl and the data line."""
-    from .data import check_usable, load_tokenizer, prepare_data, write_data_outputs
+    from .data import load_tokenizer, prepare_data, write_data_outputs
     from .errors import data_not_found
     from .progress import emit
 
@@ -111,8 +111,13 @@ def run_data_step(config: Any) -> tuple[Any, Any]:
     )
     write_data_outputs(prepared, config.paths.output_dir)
     emit({"type": "data", "report": prepared.report.to_wire()})
-    check_usable(prepared.report, spec.dataset.cleaning)
     return tokenizer, prepared
+
+
+def check_data(config: Any, prepared: Any) -> None:
+    from .data import check_usable
+
+    check_usable(prepared.report, config.spec.dataset.cleaning)
 
 
 # ------------------------------------------------------------------ commands
@@ -126,6 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         tokenizer, prepared = run_data_step(config)
         data_wire = prepared.report.to_wire()
+        check_data(config, prepared)
         result = train_and_finish(config, tokenizer, prepared, evaluate=not args.no_eval)
     except TrainerError as err:
         _fail(config, err, data_wire)
@@ -264,6 +270,7 @@ def cmd_data_report(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     try:
         _tokenizer, prepared = run_data_step(config)
+        check_data(config, prepared)
     except TrainerError as err:
         log.error("%s: %s", err.reason, err.message)
         emit({"type": "result", "ok": False, "reason": err.reason, "message": err.message})
