@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import EXIT_OK, EXIT_TRAINING, TrainerError, evaluation_failed
+from .errors import EXIT_EVALUATION, EXIT_OK, EXIT_TRAINING, TrainerError, evaluation_failed
 
 log = logging.getLogger("finetune_trainer")
 
@@ -187,15 +187,17 @@ def train_and_finish(config: Any, tokenizer: Any, prepared: Any, evaluate: bool)
                     model=outcome.model,
                     tokenizer=tokenizer,
                     adapter_dir=str(outcome.adapter_dir),
-                    eval_path=str(out / "eval.jsonl"),
-                    output_dir=str(out),
-                    device=resolve_device(config.device),
-                    with_base=config.spec.needs_base_metrics(),
+                    eval_file=str(out / "eval.jsonl"),
                 )
             except TrainerError:
                 raise
             except Exception as exc:
                 log.exception("evaluation failed")
+                reason = getattr(exc, "reason", None)
+                if isinstance(reason, str) and reason:
+                    message = str(getattr(exc, "message", exc))
+                    code = int(getattr(exc, "exit_code", EXIT_EVALUATION))
+                    raise TrainerError(reason, message, code) from exc
                 raise evaluation_failed(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
             eval_metrics, base_metrics = _split_eval_result(found)
             metrics.update(eval_metrics)
@@ -280,30 +282,13 @@ def cmd_data_report(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .config import load_config
-
-    config = load_config(args.config)
+    """Delegates to the evaluation module (``finetune_trainer.evaluate``)."""
     module = _evaluation_module()
-    if module is None:
+    if module is None or not hasattr(module, "command"):
         raise evaluation_failed(
             "the evaluation module (finetune_trainer.evaluate) is not installed in this image"
         )
-    entry = getattr(module, "cli_main", None)
-    if entry is not None:
-        return int(entry(args) or 0)
-    adapter = args.adapter or str(Path(config.paths.output_dir) / "adapter")
-    result = _call_supported(
-        module.run_evaluation,
-        config=config,
-        adapter_dir=None if args.base_only else adapter,
-        base_only=args.base_only,
-        out=args.out,
-        eval_path=str(Path(config.paths.output_dir) / "eval.jsonl"),
-        output_dir=config.paths.output_dir,
-    )
-    metrics, base = _split_eval_result(result)
-    print(json.dumps({"metrics": metrics, "baseMetrics": base}, indent=2))
-    return EXIT_OK
+    return int(module.command(args) or 0)
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -329,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="Adapter folder (default: <outputDir>/adapter).")
     p.add_argument("--base-only", action="store_true", help="Evaluate the base model only.")
     p.add_argument("--out", help="Write the metrics JSON here.")
+    p.add_argument("--eval-file", help="Eval rows JSONL (default: <outputDir>/eval.jsonl).")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("data-report", help="Run the data step only and print its report.")
     p.add_argument("--config", required=True, help="Trainer config (YAML or JSON).")
