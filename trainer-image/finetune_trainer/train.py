@@ -4,6 +4,7 @@ resumable checkpoints and progress lines, save the adapter, optionally merge it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -16,7 +17,7 @@ from finetune_operator.api.trainer_config import TrainerConfig
 
 from .checkpoints import make_checkpoint_callback, prepare_for_resume, run_fingerprint
 from .data import PreparedData
-from .errors import model_not_found, out_of_memory, training_failed
+from .errors import invalid_config, model_not_found, out_of_memory, training_failed
 from .progress import make_progress_callback
 
 log = logging.getLogger(__name__)
@@ -85,32 +86,43 @@ def resolve_batch_and_checkpointing(
 
 
 def _estimator_choice(spec: FineTuneJobSpec, model_dir: str | Path) -> tuple[int, bool] | None:
-    try:
-        from finetune_operator import estimator  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    choose = getattr(estimator, "choose_batch_and_checkpointing", None)
-    if choose is None:
-        return None
     import torch
 
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    config_path = Path(model_dir) / "config.json"
     try:
-        result = choose(spec, gpu_memory_gib=gpu_gib, model_dir=str(model_dir))
-    except TypeError:
-        try:
-            result = choose(spec, gpu_gib)
-        except Exception as exc:
-            log.warning("estimator could not choose batch/checkpointing (%s); using defaults", exc)
-            return None
-    except Exception as exc:
+        model_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("cannot read %s for the memory estimate (%s); using defaults", config_path, exc)
+        return None
+    return estimator_choice(spec, model_config, gpu_gib)
+
+
+def estimator_choice(
+    spec: FineTuneJobSpec, model_config: dict[str, Any], gpu_memory_gib: float
+) -> tuple[int, bool] | None:
+    """Batch and checkpointing from the shared VRAM estimator, or None when it is unavailable."""
+    try:
+        from finetune_operator.estimator import (  # type: ignore[attr-defined,unused-ignore]
+            ModelShape,
+            TrainingSetup,
+            choose_batch_and_checkpointing,
+        )
+    except ImportError:
+        return None
+    batch = spec.training.batch_size
+    try:
+        chosen_batch, chosen_gc, _estimate = choose_batch_and_checkpointing(
+            ModelShape.from_hf_config(model_config),
+            TrainingSetup.from_spec(spec),
+            gpu_memory_gib,
+            batch=batch if isinstance(batch, int) else None,
+            gradient_checkpointing=spec.training.gradient_checkpointing,
+        )
+    except (ValueError, TypeError) as exc:
         log.warning("estimator could not choose batch/checkpointing (%s); using defaults", exc)
         return None
-    if isinstance(result, dict):
-        return int(result["batchSize"]), bool(result["gradientCheckpointing"])
-    if isinstance(result, tuple | list):
-        return int(result[0]), bool(result[1])
-    return int(result.batch_size), bool(result.gradient_checkpointing)
+    return int(chosen_batch), bool(chosen_gc)
 
 
 def _bnb_optimizer_works(name: str) -> bool:
@@ -197,6 +209,13 @@ def load_model_for_training(
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     targets = spec.lora.target_modules
+    head = model.get_output_embeddings()
+    head_names = {n for n, m in model.named_modules() if m is head and head is not None}
+    if any(t in head_names or t == "lm_head" for t in targets):
+        raise invalid_config(
+            f"lora.targetModules {targets} include the output head, which SFT training cannot "
+            "adapt (the loss reads its weight directly): remove it, or use [all-linear]"
+        )
     lora = LoraConfig(
         r=spec.lora.r,
         lora_alpha=spec.lora.alpha,
