@@ -68,6 +68,10 @@ DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
     "안내해 드릴 수 없",
 )
 
+# Largest logits tensor one loss forward may produce (float32 after upcasting): keeps a
+# 128k-vocabulary model from needing gigabytes for a batch of long rows.
+LOSS_LOGITS_BUDGET_BYTES = 2 * 1024**3
+
 METRICS_FILE = "metrics.json"
 BASE_METRICS_FILE = "base_metrics.json"
 GENERATIONS_FILE = "eval_generations.jsonl"
@@ -85,6 +89,10 @@ class EvalRow:
     task: str | None = None
     json_schema: dict[str, Any] | None = None
     must_refuse: bool = False
+
+    @property
+    def is_json_task(self) -> bool:
+        return (self.task or "").strip().lower() == "json"
 
 
 def parse_eval_row(obj: Any, where: str) -> EvalRow:
@@ -254,7 +262,7 @@ def generation_metrics(
     if refs:
         metrics["rougeL"] = rouge_l_f1([g for g, _ in refs], [c for _, c in refs])
         metrics["exactMatch"] = sum(exact_match(g, c) for g, c in refs) / len(refs)
-    json_rows = [g for r, g in scored if r.task == "json"]
+    json_rows = [g for r, g in scored if r.is_json_task]
     if json_rows:
         metrics["jsonValidity"] = sum(has_json(g) for g in json_rows) / len(json_rows)
     schema_rows = [(g, r.json_schema) for r, g in scored if r.json_schema is not None]
@@ -339,6 +347,24 @@ def loss_example(tokenizer: Any, row: EvalRow, max_length: int) -> tuple[list[in
     return list(ids[:max_length]), list(labels[:max_length])
 
 
+def loss_batches(
+    examples: Sequence[tuple[list[int], list[int]]], batch_size: int, max_tokens: int
+) -> Iterator[list[tuple[list[int], list[int]]]]:
+    """Consecutive batches of at most ``batch_size`` rows whose padded size (rows x longest
+    row) stays within ``max_tokens``; a row longer than that goes alone."""
+    chunk: list[tuple[list[int], list[int]]] = []
+    width = 0
+    for example in examples:
+        new_width = max(width, len(example[0]))
+        if chunk and (len(chunk) >= batch_size or (len(chunk) + 1) * new_width > max_tokens):
+            yield chunk
+            chunk, new_width = [], len(example[0])
+        chunk.append(example)
+        width = new_width
+    if chunk:
+        yield chunk
+
+
 def completion_loss(
     model: Any, tokenizer: Any, rows: Sequence[EvalRow], batch_size: int, max_length: int
 ) -> float | None:
@@ -350,10 +376,11 @@ def completion_loss(
     examples = [loss_example(tokenizer, r, max_length) for r in rows if r.completion]
     if not examples:
         return None
+    vocab = int(getattr(model.config, "vocab_size", 0) or 32000)
+    max_tokens = max(1, LOSS_LOGITS_BUDGET_BYTES // (4 * vocab))
     total_loss = 0.0
     total_tokens = 0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
+    for chunk in loss_batches(examples, batch_size, max_tokens):
         width = max(len(ids) for ids, _ in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)
@@ -640,7 +667,7 @@ def run_evaluation(
         "gatesMessage": message,
         "rows": {
             "evaluated": len(rows),
-            "json": sum(r.task == "json" for r in rows),
+            "json": sum(r.is_json_task for r in rows),
             "jsonSchema": sum(r.json_schema is not None for r in rows),
             "mustRefuse": sum(r.must_refuse for r in rows),
         },
