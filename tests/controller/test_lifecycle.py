@@ -229,7 +229,7 @@ def test_operator_restart_mid_training_creates_nothing_new_and_keeps_status(
 
     add_prerequisites(emulator)
     with operator(emulator):
-        job, pod = _run_to_pod(emulator)
+        _job, pod = _run_to_pod(emulator)
         emulator.set_pod_log(
             NS,
             pod,
@@ -259,10 +259,10 @@ def test_operator_restart_mid_training_creates_nothing_new_and_keeps_status(
 
 def test_status_write_conflicts_are_retried(emulator: Emulator, operator_runner) -> None:
     add_prerequisites(emulator)
-    emulator.inject_fault(
+    conflict = emulator.inject_fault(
         "finetunejobs", 409, count=2, subresource="status", verbs=("patch",), message="conflict"
     )
-    emulator.inject_fault(
+    invalid = emulator.inject_fault(
         "finetunejobs", 422, count=1, subresource="status", verbs=("patch",), message="test failed"
     )
     start_operator(emulator, operator_runner)
