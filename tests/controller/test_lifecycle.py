@@ -18,12 +18,20 @@ from cluster import (
     wait_job,
     wait_phase,
 )
+from finetune_operator import metrics
 from finetune_operator.local import Emulator
 from ftj_samples import DATA_REPORT, channel, progress_line, result, spec
 from k8s_fixtures import wait_for
 
 
+def _sample(name: str, labels: dict[str, str]) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def test_success_with_gates_passed(emulator: Emulator, operator_runner) -> None:
+    passes_before = _sample(
+        "finetune_job_gate_results_total", {"metric": "rougeL", "result": "pass"}
+    )
     add_prerequisites(emulator)
     start_operator(emulator, operator_runner)
     emulator.create(ftj_body("bot", spec()), keep_status=False)
@@ -71,6 +79,21 @@ def test_success_with_gates_passed(emulator: Emulator, operator_runner) -> None:
         what="events",
     )
     assert len(trainer_jobs(emulator)) == 1
+    # Secret values never leave the Secret: not in status, events, ConfigMaps or Jobs.
+    everything = json.dumps(
+        [st, events(emulator, "bot"), emulator.read_all("configmaps", NS), trainer_jobs(emulator)]
+    )
+    assert "hf_secret_value" not in everything and "aGZfc2VjcmV0X3ZhbHVl" not in everything
+    wait_for(
+        lambda: (
+            _sample("finetune_jobs", {"namespace": NS, "name": "bot", "phase": "Succeeded"}) == 1
+        ),
+        what="phase gauge",
+    )
+    rouge_passes = _sample(
+        "finetune_job_gate_results_total", {"metric": "rougeL", "result": "pass"}
+    )
+    assert rouge_passes == passes_before + 1
 
 
 def _run_to_pod(

@@ -241,9 +241,9 @@ async def reconcile(
                     metrics.ftj_status_writes.labels("written").inc()
                 else:
                     metrics.ftj_status_writes.labels("skipped").inc()
+                _record_metrics(obs, p, body)
                 for event in action_events + (p.events if patch else []):
                     await kube.emit_event(body, event.type, event.reason, event.message)
-                _record_metrics(obs, p, body)
                 return p
             metrics.ftj_errors.labels("StatusConflict").inc()
             raise kopf.TemporaryError("status writes kept conflicting; retrying later", delay=2)
