@@ -33,6 +33,14 @@ def test_success_with_gates_passed(emulator: Emulator, operator_runner) -> None:
         "finetune_job_gate_results_total", {"metric": "rougeL", "result": "pass"}
     )
     add_prerequisites(emulator)
+    emulator.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "finetune-gpu-prices", "namespace": "finetune-system"},
+            "data": {"currency": "EUR", "NVIDIA-H100-80GB-HBM3": "3.60"},
+        }
+    )
     start_operator(emulator, operator_runner)
     emulator.create(ftj_body("bot", spec()), keep_status=False)
 
@@ -69,7 +77,10 @@ def test_success_with_gates_passed(emulator: Emulator, operator_runner) -> None:
     assert st["adapter"]["uri"] == "pvc://adapters/support-bot/adapter"
     assert st["adapter"]["digest"].startswith("sha256:")
     assert st["gatesSummary"] == "2/2 passed"
-    assert st["cost"]["gpuSeconds"] >= 0
+    # The pod ran from its start time until the container finished; priced per GPU-hour.
+    assert st["cost"]["gpuSeconds"] > 0
+    assert st["cost"]["currency"] == "EUR" and st["cost"]["pricePerGpuHour"] == 3.6
+    assert st["cost"]["estimatedCost"] == round(st["cost"]["gpuSeconds"] / 3600 * 3.6, 4)
     wait_condition(emulator, "bot", "GatesPassed", "True")
     wait_for(
         lambda: (
