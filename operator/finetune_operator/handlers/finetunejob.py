@@ -30,6 +30,7 @@ from ..planners.finetunejob import (
     Plan,
     PriceTable,
     is_terminal,
+    job_rejected,
     plan,
     referenced_objects,
     run_generation,
@@ -169,12 +170,21 @@ def _trainer_started(pod: Mapping[str, Any]) -> bool:
 # ---------------------------------------------------------------- act
 
 
+class ChildRejected(Exception):
+    """The API server refused a child (403 quota, 422 admission/validation)."""
+
+
 async def execute(kube: KubeClient, namespace: str, p: Plan) -> list[Event]:
     """Carry out the plan's actions; returns events for what actually changed."""
     events: list[Event] = []
     for action in p.actions:
         if action.verb == "create" and action.body is not None:
-            _, created = await kube.create(action.body)
+            try:
+                _, created = await kube.create(action.body)
+            except KubeError as exc:
+                if exc.status in (403, 422):
+                    raise ChildRejected(exc.message or str(exc)) from exc
+                raise
             if created:
                 events.append(
                     Event("Normal", f"{action.kind}Created", f"created {action.kind} {action.name}")
@@ -231,7 +241,11 @@ async def reconcile(
                     return None
                 obs = await observe(kube, config, body)
                 p = plan(obs, config)
-                action_events = await execute(kube, namespace, p)
+                try:
+                    action_events = await execute(kube, namespace, p)
+                except ChildRejected as exc:
+                    metrics.ftj_errors.labels("JobRejected").inc()
+                    p, action_events = job_rejected(obs, p, str(exc)), []
                 patch = status_patch(obs.status, p.status)
                 if patch:
                     try:

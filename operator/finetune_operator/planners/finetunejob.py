@@ -97,6 +97,7 @@ WARNING_REASONS = frozenset(
         "SpecChangeDeferred",
         "SuspendNotSupportedWithQueue",
         "PodFailed",
+        "JobRejected",
     }
 )
 
@@ -598,6 +599,22 @@ def _start_run(
     st.cond(TRAINING, "False", "Pending", f"trainer Job {job_name} created")
     status = st.finish(phase)
     return Plan(status, actions=actions, events=transition_events(obs.status, status))
+
+
+def job_rejected(obs: Observed, p: Plan, message: str) -> Plan:
+    """The API server refused to create the trainer Job (quota, admission policy...).
+
+    No run is recorded, so the next attempt creates it again; the user sees why.
+    """
+    st = _Status(p.status, obs.generation, obs.now)
+    st.data.pop("trainerJob", None)
+    text = (
+        f"the API server refused the trainer Job: {message[:1000]}. Check the namespace's "
+        "ResourceQuota and LimitRange (GPU, CPU and memory requests) and admission policies"
+    )
+    st.cond(TRAINING, "False", "JobRejected", text)
+    status = st.finish("Pending")
+    return Plan(status, events=transition_events(obs.status, status), outcome="retry", message=text)
 
 
 # ---------------------------------------------------------------- tracking a run
