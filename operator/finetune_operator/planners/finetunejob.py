@@ -1029,7 +1029,7 @@ def _finish_complete(
 
     gate_results = evaluate_gates(list(spec.quality_gates), metrics or {}, base_metrics)
     passed, summary, gate_message = summarize(gate_results)
-    st.data["gates"] = [dict(r) for r in gate_results]
+    st.data["gates"] = [{k: v for k, v in r.items() if v is not None} for r in gate_results]
     st.data["gatesSummary"] = summary
     if not adapter:
         message = "the trainer reported success but no adapter (uri and digest); check the trainer image version"
