@@ -39,7 +39,7 @@ from ..api.common import GROUP, VERSION, now_rfc3339, set_condition
 from ..builders import serving as sb
 from ..clients.adapter_store import read_local_manifest
 from ..clients.serving_kube import ServingKube, ServingKubeError
-from ..clients.vllm import VllmClient, VllmError
+from ..clients.vllm import VLLM_LATENCY_BUCKETS, VllmClient, VllmError
 from ..planners import adapterdeployment as plan
 from ..serving_config import SETTINGS
 
@@ -734,7 +734,9 @@ class Controller:
 
 def _observe(sample: plan.MetricsSample, seconds: float) -> None:
     """Add one latency observation to a window's cumulative buckets."""
-    for le in list(sample.latency_buckets) or [float("inf")]:
+    if not sample.latency_buckets:
+        sample.latency_buckets = dict.fromkeys([*VLLM_LATENCY_BUCKETS, float("inf")], 0.0)
+    for le in list(sample.latency_buckets):
         if seconds <= le:
             sample.latency_buckets[le] = sample.latency_buckets.get(le, 0.0) + 1
     sample.latency_count += 1
