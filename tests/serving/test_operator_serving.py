@@ -12,10 +12,10 @@ import pytest
 from finetune_operator import metrics_serving, vllm_args
 from finetune_operator.builders import serving as sb
 from finetune_operator.local import Emulator
+from finetune_operator.local.serving_cluster import ServingCluster
 from k8s_fixtures import wait_for
 
 from .adapters import make_adapter
-from .cluster import ServingCluster
 
 NS = "default"
 BASE = "org/tiny-base"
@@ -322,3 +322,180 @@ def test_adapter_name_taken_by_another_adapterdeployment(env: Env) -> None:
         "AdapterDeployment first already serves adapterName shared"
         in env.condition("second", "Compatible")["message"]
     )
+
+
+# ---------------------------------------------------------------------------- Canary
+
+
+def canary_strategy(**analysis: Any) -> dict:
+    settings = {
+        "intervalSeconds": 1,
+        "checks": 2,
+        "smokeRequests": 4,
+        "maxErrorRate": 0.1,
+        "maxLatencyP95Ms": 1000,
+    }
+    settings.update(analysis)
+    return {
+        "type": "Canary",
+        "canary": {"replicas": 1, "analysis": settings},
+        "progressDeadlineSeconds": 30,
+    }
+
+
+def test_canary_promoted(env: Env) -> None:
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "v2")
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1)))
+    env.wait_phase("support", "Available")
+
+    env.set_spec("support", {"source": uri_source(uri2, d2), "strategy": canary_strategy()})
+    canary = wait_for(lambda: env.api.read("deployments", NS, "support-canary"), 10)
+    owner = canary["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == (
+        "AdapterDeployment",
+        "support",
+        True,
+    )
+    assert canary["spec"]["replicas"] == 1
+    assert canary["spec"]["template"]["metadata"]["labels"] == {
+        "app": "llm",
+        sb.CANARY_LABEL: "support",
+    }
+    env.wait_phase("support", "Analyzing")
+    # While analysing, the target still serves v1.
+    assert env.modules() == {"support": uri1.removeprefix("file://")}
+    wait_for(
+        lambda: (
+            env.status("support")["phase"] == "Available"
+            and env.status("support")["current"]["digest"] == d2
+        ),
+        30,
+    )
+    st = env.status("support")
+    assert st["canary"]["checksPassed"] == 2 and st["canary"]["requests"] >= 8
+    assert st["canary"]["revision"]["outcome"] == "Promoted"
+    assert "deployment" not in st["canary"]
+    assert env.modules() == {"support": uri2.removeprefix("file://")}
+    wait_for(lambda: env.api.read("deployments", NS, "support-canary") is None, 10)
+    assert [(h["revision"], h["outcome"]) for h in st["history"]] == [
+        (1, "Superseded"),
+        (2, "Available"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fault", "analysis", "reason", "needle"),
+    [
+        ({"error_rate": 0.5}, {}, "CanaryErrorRate", "above maxErrorRate 10.0%"),
+        (
+            {"added_latency_seconds": 0.35},
+            {"maxLatencyP95Ms": 300},
+            "CanaryLatency",
+            "above maxLatencyP95Ms 300",
+        ),
+    ],
+)
+def test_canary_aborted(env: Env, fault: dict, analysis: dict, reason: str, needle: str) -> None:
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "v2")
+    env.behaviors[d2] = fault  # type: ignore[attr-defined]
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1)))
+    env.wait_phase("support", "Available")
+    before = rollbacks("support", reason)
+
+    env.set_spec(
+        "support", {"source": uri_source(uri2, d2), "strategy": canary_strategy(**analysis)}
+    )
+    st = env.wait_phase("support", "RolledBack", timeout=30)
+    degraded = env.condition("support", "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == reason
+    assert needle in degraded["message"]
+    assert st["current"]["digest"] == d1  # the target never changed
+    assert env.modules() == {"support": uri1.removeprefix("file://")}
+    assert st["canary"]["revision"]["outcome"] == "CanaryAborted"
+    assert [(h["revision"], h["outcome"]) for h in st["history"]] == [
+        (1, "Available"),
+        (2, "CanaryAborted"),
+    ]
+    wait_for(lambda: env.api.read("deployments", NS, "support-canary") is None, 10)
+    assert rollbacks("support", reason) == before + 1
+    if reason == "CanaryErrorRate":
+        assert st["canary"]["errorRate"] == pytest.approx(0.5)
+    else:
+        assert st["canary"]["latencyP95Ms"] > 300
+
+
+# ---------------------------------------------------------------------------- Runtime
+
+
+def runtime_strategy() -> dict:
+    return {"type": "Runtime", "progressDeadlineSeconds": 30}
+
+
+def test_runtime_load_reload_after_restart_and_scale_up(env: Env) -> None:
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "v2")
+    env.api.create(vllm_deployment())
+    wait_for(lambda: len(env.cluster.servers("llm")) == 2, 10)
+    template = env.deployment()["spec"]["template"]
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1), strategy=runtime_strategy()))
+    st = env.wait_phase("support", "Available")
+    assert env.served() == [{"support"}, {"support"}]
+    assert sorted(p["digest"] for p in st["pods"]) == [d1, d1]
+
+    pod = sorted(env.cluster.pods)[0]
+    env.cluster.restart_pod(pod)
+    assert env.cluster.pods[pod].server.adapters == {}
+    wait_for(
+        lambda: (
+            env.cluster.pods[pod].server.adapters.get("support") == uri1.removeprefix("file://")
+        ),
+        10,
+    )
+
+    env.api.merge_patch("deployments", NS, "llm", {"spec": {"replicas": 3}})
+    wait_for(lambda: env.served() == [{"support"}] * 3, 10)
+    wait_for(
+        lambda: (
+            sorted(p.get("digest", "") for p in env.status("support").get("pods") or []) == [d1] * 3
+        ),
+        10,
+    )
+
+    env.set_spec("support", {"source": uri_source(uri2, d2)})
+    wait_for(
+        lambda: (
+            env.status("support")["current"]["digest"] == d2
+            and env.status("support")["phase"] == "Available"
+        ),
+        10,
+    )
+    assert {s.adapters["support"] for s in env.cluster.servers("llm")} == {
+        uri2.removeprefix("file://")
+    }
+    assert env.deployment()["spec"]["template"] == template  # no restart, no template change
+
+
+def test_runtime_load_failure_rolls_back(env: Env) -> None:
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "bad", rank=8, config_rank=64)
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1), strategy=runtime_strategy()))
+    env.wait_phase("support", "Available")
+    env.set_spec("support", {"source": uri_source(uri2, d2)})
+    env.wait_phase("support", "RolledBack")
+    degraded = env.condition("support", "Degraded")
+    assert (
+        degraded["reason"] == "LoadFailed"
+        and "greater than max_lora_rank 16" in degraded["message"]
+    )
+    wait_for(
+        lambda: env.condition("support", "Available").get("reason") == "PreviousRevisionRestored",
+        10,
+    )
+    assert {s.adapters.get("support") for s in env.cluster.servers("llm")} == {
+        uri1.removeprefix("file://")
+    }

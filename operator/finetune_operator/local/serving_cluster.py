@@ -1,4 +1,4 @@
-"""Serving side of the emulated cluster: a Deployment controller and kubelet in one loop.
+"""Serving side of the emulated cluster (tests, embedded demo): Deployment controller + kubelet.
 
 The embedded API (``finetune_operator.local.Emulator``) stores objects but runs no
 controllers. ``ServingCluster`` plays the Deployment controller and the kubelet for
@@ -16,6 +16,7 @@ maps to ``<pvc_root>/<claimName>/<subPath>``; any other absolute path is used as
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -26,14 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_operator import vllm_args
-from finetune_operator.local import Emulator
-from finetune_operator.local.vllm_reference import (
+from .. import vllm_args
+from ..serving_config import ENDPOINT_ANNOTATION
+from .emulator import Emulator
+from .vllm_reference import (
     ReferenceConfig,
     ReferenceServer,
     ServerRefusedToStart,
 )
-from finetune_operator.serving_config import ENDPOINT_ANNOTATION
 
 # (deployment name, pod template) -> ReferenceConfig overrides (error_rate, added_latency_seconds...)
 Behavior = Callable[[str, dict[str, Any]], dict[str, Any]]
@@ -73,7 +74,7 @@ class ServingCluster:
         self._thread = threading.Thread(
             target=self._loop.run_forever, daemon=True, name="serving-cluster"
         )
-        self._task: asyncio.Future[None] | None = None
+        self._task: concurrent.futures.Future[None] | None = None
         self._counter = 0
         self.errors: list[BaseException] = []
 
