@@ -281,7 +281,7 @@ def test_two_adapters_on_one_deployment_keep_both_entries(env: Env) -> None:
     (ua, da), (ub, db) = make_adapter(env.root, "a"), make_adapter(env.root, "b")
     env.api.create(vllm_deployment(extra=["--max-loras", "2"]))
     # Make the first JSON patch of the Deployment lose a race (409), as under real contention.
-    env.api.inject_fault("deployments", 409, count=1)
+    fault = env.api.inject_fault("deployments", 409, count=1)
 
     def create(name: str, uri: str, digest: str) -> None:
         env.api.create(adapter_deployment(name, uri_source(uri, digest)))
@@ -295,6 +295,7 @@ def test_two_adapters_on_one_deployment_keep_both_entries(env: Env) -> None:
         t.join()
     env.wait_phase("team-a", "Available")
     env.wait_phase("team-b", "Available")
+    assert fault.remaining == 0  # one patch lost the race and was rebuilt from a fresh read
     wait_for(lambda: env.served() == [{"team-a", "team-b"}] * 2, 20)
     assert env.modules() == {
         "team-a": ua.removeprefix("file://"),
