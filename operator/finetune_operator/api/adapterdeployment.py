@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from .common import ApiModel, Condition, DnsName, LocalObjectRef, SecretKeyRef, StatusModel
-from .finetunejob import URI_MAX, _no_dotdot
+from .common import ApiModel, Condition, LocalObjectRef, SecretKeyRef, StatusModel, cel
+from .finetunejob import URI_MAX, URI_RULES, check_uri
 
 KIND = "AdapterDeployment"
 PLURAL = "adapterdeployments"
@@ -22,6 +22,21 @@ StrategyType = Literal["Rolling", "Canary", "Runtime"]
 class AdapterSource(ApiModel):
     """Which adapter to serve: a FineTuneJob's result, or an explicit URI pinned by digest."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "has(self.fineTuneJobRef) != has(self.uri)",
+                "set exactly one of fineTuneJobRef or uri",
+                ".uri",
+            ),
+            (
+                "!has(self.uri) || has(self.digest)",
+                "digest is required with uri (sha256:<64 hex>)",
+                ".digest",
+            ),
+        )
+    )
+
     fine_tune_job_ref: LocalObjectRef | None = Field(
         default=None, description="A FineTuneJob in this namespace whose adapter is served."
     )
@@ -30,14 +45,7 @@ class AdapterSource(ApiModel):
         max_length=URI_MAX,
         pattern=ADAPTER_URI_PATTERN,
         description="Adapter location (pvc://claim/path, s3://, file:///, hf://org/name@rev).",
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!self.matches('(^|/)[.][.](/|$)')",
-                    "message": "must not contain '..' path segments",
-                }
-            ]
-        },
+        json_schema_extra={"x-kubernetes-validations": URI_RULES},
     )
     digest: str | None = Field(
         default=None,
@@ -64,7 +72,7 @@ class AdapterSource(ApiModel):
         if (self.fine_tune_job_ref is None) == (self.uri is None):
             raise ValueError("source: set exactly one of fineTuneJobRef or uri")
         if self.uri is not None:
-            _no_dotdot(self.uri)
+            check_uri(self.uri)
             if self.digest is None:
                 raise ValueError("source.digest: required with source.uri (sha256:<64 hex>)")
         return self
@@ -73,7 +81,20 @@ class AdapterSource(ApiModel):
 class TargetSpec(ApiModel):
     """The serving Deployment to roll the adapter into."""
 
-    deployment: DnsName = Field(description="Name of a Deployment in this namespace running vLLM.")
+    deployment: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Name of a Deployment in this namespace running vLLM. Immutable.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self == oldSelf",
+                    "message": "target.deployment is immutable: create a new AdapterDeployment",
+                }
+            ]
+        },
+    )
     container: str | None = Field(
         default=None, max_length=63, description="Container running vLLM (default: the first one)."
     )
@@ -123,6 +144,16 @@ class CanarySpec(ApiModel):
 class StrategySpec(ApiModel):
     """How the adapter reaches the servers."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "!has(self.canary) || self.type == 'Canary'",
+                "canary settings are only allowed with type Canary",
+                ".canary",
+            ),
+        )
+    )
+
     type: StrategyType = Field(
         default="Rolling",
         description="Rolling (patch the Deployment), Canary (copy with the new adapter, analyse, "
@@ -159,7 +190,15 @@ class AdapterDeploymentSpec(ApiModel):
         min_length=1,
         max_length=128,
         pattern=ADAPTER_NAME_PATTERN,
-        description="The model name clients request (the --lora-modules name).",
+        description="The model name clients request (the --lora-modules name). Immutable.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self == oldSelf",
+                    "message": "adapterName is immutable: create a new AdapterDeployment",
+                }
+            ]
+        },
     )
     source: AdapterSource = Field(description="Which adapter to serve.")
     target: TargetSpec = Field(description="Where to serve it.")
@@ -247,3 +286,13 @@ class AdapterDeployment(ApiModel):
     metadata: dict[str, object] = Field(default_factory=dict)
     spec: AdapterDeploymentSpec
     status: AdapterDeploymentStatus | None = None
+
+
+def validate_update(old: dict[str, object], new: dict[str, object]) -> None:
+    """Mirror of the CRD's transition rules: adapterName and target.deployment are immutable."""
+    before = AdapterDeploymentSpec.model_validate(old["spec"])
+    after = AdapterDeploymentSpec.model_validate(new["spec"])
+    if before.adapter_name != after.adapter_name:
+        raise ValueError("adapterName is immutable: create a new AdapterDeployment")
+    if before.target.deployment != after.target.deployment:
+        raise ValueError("target.deployment is immutable: create a new AdapterDeployment")

@@ -19,6 +19,20 @@ NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 ConditionStatus = Literal["True", "False", "Unknown"]
 
 
+def cel(*rules: tuple[str, str, str]) -> dict[str, Any]:
+    """CEL validation rules for the CRD, written beside the model that mirrors them in Python.
+
+    Each rule is (expression, message, fieldPath). The pydantic validator of the same model
+    enforces the same constraint so `kubectl apply` and the Python API agree.
+    """
+    return {
+        "x-kubernetes-validations": [
+            {"rule": rule, "message": message, "fieldPath": field_path}
+            for rule, message, field_path in rules
+        ]
+    }
+
+
 class ApiModel(BaseModel):
     """Base of every API object: camelCase on the wire, unknown fields rejected."""
 

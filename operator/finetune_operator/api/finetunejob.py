@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, JsonValue, model_validator
 
 from .common import (
     SHORT_STRING,
@@ -13,6 +14,7 @@ from .common import (
     Condition,
     SecretKeyRef,
     StatusModel,
+    cel,
 )
 from .metrics_catalog import METRIC_NAMES
 
@@ -25,6 +27,13 @@ DATA_URI_PATTERN = r"^(hf://datasets/[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+(
 OUTPUT_URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?|file:///[^\s]*)$"
 URI_MAX = 1024
 NO_DOTDOT_RULE = "!self.matches('(^|/)[.][.](/|$)')"
+# A bucket named like an IP address would make some S3 clients talk to that host (e.g. the
+# cloud metadata endpoint); S3 itself forbids such bucket names.
+NO_IP_BUCKET_RULE = "!self.matches('^s3://[0-9]+[.][0-9]+[.][0-9]+[.][0-9]+([/:]|$)')"
+URI_RULES: list[JsonValue] = [
+    {"rule": NO_DOTDOT_RULE, "message": "must not contain '..' path segments"},
+    {"rule": NO_IP_BUCKET_RULE, "message": "s3 bucket must be a bucket name, not an IP address"},
+]
 
 Method = Literal["qlora", "lora"]
 DataFormat = Literal["auto", "prompt-completion", "instruction", "messages"]
@@ -43,9 +52,12 @@ ComputeDtype = Literal["bfloat16", "float16", "float32"]
 MetricName = Literal[METRIC_NAMES]  # type: ignore[valid-type]
 
 
-def _no_dotdot(uri: str) -> str:
+def check_uri(uri: str) -> str:
+    """Python side of URI_RULES: no parent-directory segments, no IP-address buckets."""
     if ".." in uri.split("/"):
         raise ValueError("must not contain '..' path segments")
+    if re.match(r"^s3://[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+([/:]|$)", uri):
+        raise ValueError("s3 bucket must be a bucket name, not an IP address")
     return uri
 
 
@@ -55,11 +67,7 @@ def _uri_field(pattern: str, description: str) -> Any:
         max_length=URI_MAX,
         pattern=pattern,
         description=description,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {"rule": NO_DOTDOT_RULE, "message": "must not contain '..' path segments"}
-            ]
-        },
+        json_schema_extra={"x-kubernetes-validations": URI_RULES},
     )
 
 
@@ -82,7 +90,7 @@ class ModelSource(ApiModel):
 
     @model_validator(mode="after")
     def _check(self) -> ModelSource:
-        _no_dotdot(self.uri)
+        check_uri(self.uri)
         return self
 
 
@@ -99,7 +107,7 @@ class DataSource(ApiModel):
 
     @model_validator(mode="after")
     def _check(self) -> DataSource:
-        _no_dotdot(self.uri)
+        check_uri(self.uri)
         return self
 
 
@@ -108,7 +116,7 @@ class PiiMasking(ApiModel):
 
     enabled: bool = Field(default=True, description="Replace personal data with placeholders.")
     kinds: list[PiiKind] = Field(
-        default_factory=lambda: ["email", "phone", "nationalId", "creditCard"],
+        default=["email", "phone", "nationalId", "creditCard"],
         max_length=4,
         description="Which kinds of personal data to mask.",
     )
@@ -146,6 +154,16 @@ class Cleaning(ApiModel):
 
 class DatasetSpec(ApiModel):
     """Training data, its format and cleaning."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "!(has(self.eval) && has(self.evalSplit))",
+                "dataset.eval and dataset.evalSplit are mutually exclusive: set one",
+                ".evalSplit",
+            ),
+        )
+    )
 
     train: DataSource = Field(description="Training data.")
     eval: DataSource | None = Field(
@@ -194,7 +212,7 @@ class LoraSpec(ApiModel):
     target_modules: list[
         Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.*-]+$")]
     ] = Field(
-        default_factory=lambda: ["all-linear"],
+        default=["all-linear"],
         min_length=1,
         max_length=64,
         description="Module names to adapt, or [all-linear] for every linear layer but the output head.",
@@ -214,7 +232,7 @@ class QuantizationSpec(ApiModel):
 
 
 BatchSize = Annotated[
-    int | Literal["auto"],
+    Annotated[int, Field(ge=1, le=4096)] | Literal["auto"],
     Field(
         json_schema_extra={
             "x-kubernetes-int-or-string": True,
@@ -362,12 +380,27 @@ class OutputSpec(ApiModel):
 
     @model_validator(mode="after")
     def _check(self) -> OutputSpec:
-        _no_dotdot(self.uri)
+        check_uri(self.uri)
         return self
 
 
 class QualityGate(ApiModel):
     """One condition the adapter must meet to be released."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "has(self.min) || has(self.max) || has(self.minImprovementOverBase)",
+                "set at least one of min, max, minImprovementOverBase",
+                ".metric",
+            ),
+            (
+                "!(has(self.min) && has(self.max)) || self.min < self.max",
+                "min must be less than max",
+                ".min",
+            ),
+        )
+    )
 
     metric: MetricName = Field(
         description="Metric name, e.g. rougeL, evalLoss, jsonValidity, latencyP95Ms."
@@ -417,6 +450,16 @@ class EvaluationSpec(ApiModel):
 
 class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on which data, how, and what the result must achieve."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            (
+                "!has(self.quantization) || self.method == 'qlora'",
+                "quantization: only allowed with method qlora (remove it or set method: qlora)",
+                ".quantization",
+            ),
+        )
+    )
 
     base_model: ModelSource = Field(description="The model to adapt.")
     dataset: DatasetSpec = Field(description="Training and evaluation data.")
@@ -647,3 +690,28 @@ MUTABLE_AFTER_START = (
     "ttlSecondsAfterFinished",
     "backoffLimit",
 )
+
+
+def frozen_changes(old: FineTuneJobSpec, new: FineTuneJobSpec) -> list[str]:
+    """Spec fields (camelCase) that changed but may not once training has started."""
+    before, after = old.to_wire(), new.to_wire()
+    return sorted(
+        name
+        for name in set(before) | set(after)
+        if name not in MUTABLE_AFTER_START and before.get(name) != after.get(name)
+    )
+
+
+def validate_update(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Mirror of the CRD's transition rule: raise ValueError for a forbidden spec change."""
+    started = bool((old.get("status") or {}).get("startedAt"))
+    if not started:
+        return
+    changed = frozen_changes(
+        FineTuneJobSpec.model_validate(old["spec"]), FineTuneJobSpec.model_validate(new["spec"])
+    )
+    if changed:
+        raise ValueError(
+            f"spec is frozen once training has started (changed: {', '.join(changed)}); only "
+            f"{', '.join(MUTABLE_AFTER_START)} may change. Create a new FineTuneJob instead."
+        )

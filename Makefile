@@ -1,0 +1,41 @@
+# Entry points a new user needs. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export PYTHONPATH := operator:trainer-image
+
+.PHONY: setup demo test lint typecheck unit crds docs clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: pip takes the CPU wheel; a plain range would pull a CUDA build.
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[trainer,dev,local]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m finetune_operator.validate examples/quickstart/finetunejob.yaml examples/production/*.yaml examples/serving/*.yaml
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck unit
+
+crds: setup
+	$(PY) -m finetune_operator.crdgen crds
+	$(PY) -m finetune_operator.apidoc > docs/api.md
+	$(PY) scripts/render_deploy.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
