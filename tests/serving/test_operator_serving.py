@@ -500,3 +500,39 @@ def test_runtime_load_failure_rolls_back(env: Env) -> None:
     assert {s.adapters.get("support") for s in env.cluster.servers("llm")} == {
         uri1.removeprefix("file://")
     }
+
+
+def test_rollback_to_an_earlier_revision(env: Env) -> None:
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "v2")
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1)))
+    env.wait_phase("support", "Available")
+    env.set_spec("support", {"source": uri_source(uri2, d2)})
+    wait_for(
+        lambda: (
+            env.status("support")["current"]["digest"] == d2
+            and env.status("support")["phase"] == "Available"
+        ),
+        20,
+    )
+
+    env.set_spec("support", {"rollback": {"toRevision": 1}})
+    wait_for(
+        lambda: (
+            env.status("support")["current"]["digest"] == d1
+            and env.status("support")["phase"] == "Available"
+        ),
+        20,
+    )
+    st = env.status("support")
+    assert st["current"]["revision"] == 3  # a new revision serving revision 1's adapter
+    assert env.condition("support", "SourceReady")["reason"] == "RollbackToRevision"
+    assert env.modules() == {"support": uri1.removeprefix("file://")}
+
+    env.set_spec("support", {"rollback": {"toRevision": 9}})
+    wait_for(
+        lambda: env.condition("support", "SourceReady").get("reason") == "RevisionNotFound", 10
+    )
+    assert "have: 1, 2, 3" in env.condition("support", "SourceReady")["message"]
+    assert env.status("support")["phase"] == "Available"  # revision 3 keeps serving

@@ -31,6 +31,7 @@ from .. import vllm_args
 from ..serving_config import ENDPOINT_ANNOTATION
 from .emulator import Emulator
 from .vllm_reference import (
+    Generator,
     ReferenceConfig,
     ReferenceServer,
     ServerRefusedToStart,
@@ -63,12 +64,14 @@ class ServingCluster:
         pvc_root: Path,
         behavior: Behavior | None = None,
         interval: float = 0.05,
+        generator: Generator | None = None,
     ) -> None:
         self.api = api
         self.namespace = namespace
         self.pvc_root = pvc_root
         self.behavior = behavior or (lambda _dep, _tpl: {})
         self.interval = interval
+        self.generator = generator  # answers chat requests (default: the echo generator)
         self.pods: dict[str, SimPod] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -133,7 +136,7 @@ class ServingCluster:
         assert pod.server is not None
         config = pod.server.config
         await pod.server.crash()
-        pod.server = ReferenceServer(config)
+        pod.server = ReferenceServer(config, self.generator)
         await pod.server.start()
         pod.restarts += 1
         self.api.merge_patch(
@@ -186,7 +189,7 @@ class ServingCluster:
         server: ReferenceServer | None = None
         error: str | None = None
         try:
-            server = ReferenceServer(self._server_config(name, template))
+            server = ReferenceServer(self._server_config(name, template), self.generator)
             await server.start()
         except ServerRefusedToStart as exc:
             server, error = None, str(exc)
