@@ -165,6 +165,13 @@ def test_rolling_success_then_upgrade(env: Env) -> None:
     assert st["readyReplicas"] == 2
     assert env.condition("support", "Available")["status"] == "True"
     assert metrics_serving.ADAPTER_INFO.labels(NS, "support", d1, "llm")._value.get() == 1
+    wait_for(
+        lambda: (
+            {"RolloutStarted", "RolloutComplete"}
+            <= {e.get("reason") for e in env.api.read_all("events", NS)}
+        ),
+        10,
+    )
 
     env.set_spec("support", {"source": uri_source(uri2, d2)})
     wait_for(
