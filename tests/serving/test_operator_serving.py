@@ -21,8 +21,14 @@ NS = "default"
 BASE = "org/tiny-base"
 
 
-def vllm_deployment(name: str = "llm", extra: list[str] | None = None, replicas: int = 2) -> dict:
+def vllm_deployment(
+    name: str = "llm",
+    extra: list[str] | None = None,
+    replicas: int = 2,
+    runtime_updates: bool = True,
+) -> dict:
     args = [BASE, "--enable-lora", "--port", "8000", *(extra or [])]
+    env = [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}] if runtime_updates else []
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -40,6 +46,7 @@ def vllm_deployment(name: str = "llm", extra: list[str] | None = None, replicas:
                             "image": "vllm/vllm-openai",
                             "command": ["vllm", "serve"],
                             "args": args,
+                            "env": env,
                         }
                     ]
                 },
@@ -485,6 +492,21 @@ def test_runtime_load_reload_after_restart_and_scale_up(env: Env) -> None:
         uri2.removeprefix("file://")
     }
     assert env.deployment()["spec"]["template"] == template  # no restart, no template change
+
+
+def test_runtime_needs_runtime_updates_enabled(env: Env) -> None:
+    uri, digest = make_adapter(env.root, "v1")
+    env.api.create(vllm_deployment(runtime_updates=False))
+    env.api.create(
+        adapter_deployment("support", uri_source(uri, digest), strategy=runtime_strategy())
+    )
+    wait_for(
+        lambda: env.condition("support", "Compatible").get("reason") == "RuntimeUpdatesDisabled", 10
+    )
+    assert (
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in env.condition("support", "Compatible")["message"]
+    )
+    assert env.status("support")["phase"] == "Failed"
 
 
 def test_runtime_load_failure_rolls_back(env: Env) -> None:

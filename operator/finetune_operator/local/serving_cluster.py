@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import vllm_args
+from ..planners.adapterdeployment import RUNTIME_UPDATES_ENV
 from ..serving_config import ENDPOINT_ANNOTATION
 from .emulator import Emulator
 from .vllm_reference import (
@@ -173,6 +174,11 @@ class ServingCluster:
         if container is None:
             raise ServerRefusedToStart("no vLLM container")
         config = ReferenceConfig.from_command_line(vllm_args.split_tokens(container))
+        env = {str(v.get("name")): str(v.get("value", "")) for v in container.get("env") or []}
+        config.allow_runtime_lora_updating = env.get(RUNTIME_UPDATES_ENV, "").lower() in (
+            "1",
+            "true",
+        )
         config.lora_modules = {
             name: self._local_path(pod_spec, container, path)
             for name, path in config.lora_modules.items()
