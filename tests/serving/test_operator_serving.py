@@ -142,9 +142,10 @@ def env(
     import finetune_operator.handlers.adapterdeployment as handlers
 
     with ServingCluster(emulator, NS, tmp_path / "pvc", behavior) as cluster:
-        operator_runner(handlers)
+        run = operator_runner(handlers)
         e = Env(emulator, cluster, tmp_path)
         e.behaviors = behaviors  # type: ignore[attr-defined]
+        e.operator = run  # type: ignore[attr-defined]
         yield e
 
 
@@ -565,3 +566,58 @@ def test_rollback_to_an_earlier_revision(env: Env) -> None:
     )
     assert "have: 1, 2, 3" in env.condition("support", "SourceReady")["message"]
     assert env.status("support")["phase"] == "Available"  # revision 3 keeps serving
+
+
+def test_without_automatic_rollback_the_failure_is_left_for_a_human(env: Env) -> None:
+    uri1, d1 = make_adapter(env.root, "good")
+    uri2, d2 = make_adapter(env.root, "bad", rank=8, config_rank=64)
+    env.api.create(vllm_deployment())
+    env.api.create(
+        adapter_deployment("support", uri_source(uri1, d1), rollback={"automatic": False})
+    )
+    env.wait_phase("support", "Available")
+    env.set_spec("support", {"source": uri_source(uri2, d2)})
+    st = env.wait_phase("support", "Degraded")
+    assert st["current"]["digest"] == d2 and st["current"]["outcome"] == "Failed"
+    assert "rollback.automatic is off" in env.condition("support", "Degraded")["message"]
+    assert env.modules() == {"support": uri2.removeprefix("file://")}  # left as it is
+    # The old pods keep serving (maxUnavailable 0): only the new ones fail to start.
+    assert any(
+        s.adapters.get("support") == uri1.removeprefix("file://")
+        for s in env.cluster.servers("llm")
+    )
+
+
+def test_invalid_spec_is_reported(env: Env) -> None:
+    env.api.create(adapter_deployment("broken", {}))
+    wait_for(lambda: env.condition("broken", "SourceReady").get("reason") == "InvalidSpec", 10)
+    assert (
+        "set exactly one of fineTuneJobRef or uri"
+        in env.condition("broken", "SourceReady")["message"]
+    )
+    assert env.status("broken")["phase"] == "Failed"
+
+
+def test_canary_resumes_after_an_operator_restart(env: Env, operator_runner) -> None:
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "v2")
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1)))
+    env.wait_phase("support", "Available")
+    env.set_spec("support", {"source": uri_source(uri2, d2), "strategy": canary_strategy(checks=3)})
+    env.wait_phase("support", "Analyzing")
+    first = env.operator  # type: ignore[attr-defined]
+    first.stop()
+    assert env.api.read("deployments", NS, "support-canary") is not None
+    import finetune_operator.handlers.adapterdeployment as handlers
+
+    operator_runner(handlers)
+    wait_for(
+        lambda: (
+            env.status("support")["phase"] == "Available"
+            and env.status("support")["current"]["digest"] == d2
+        ),
+        30,
+    )
+    assert env.status("support")["canary"]["checksPassed"] == 3
+    wait_for(lambda: env.api.read("deployments", NS, "support-canary") is None, 10)
