@@ -157,7 +157,19 @@ def rollbacks(adapter: str, reason: str) -> float:
 # ---------------------------------------------------------------------------- Rolling
 
 
+def rollout_count(strategy: str, outcome: str) -> float:
+    for metric in metrics_serving.ROLLOUT_DURATION.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_count") and sample.labels == {
+                "strategy": strategy,
+                "outcome": outcome,
+            }:
+                return float(sample.value)
+    return 0.0
+
+
 def test_rolling_success_then_upgrade(env: Env) -> None:
+    rollouts_before = rollout_count("Rolling", "Available")
     uri1, d1 = make_adapter(env.root, "v1")
     uri2, d2 = make_adapter(env.root, "v2")
     env.api.create(vllm_deployment())
@@ -197,6 +209,7 @@ def test_rolling_success_then_upgrade(env: Env) -> None:
         (2, "Available"),
     ]
     assert env.modules() == {"support": uri2.removeprefix("file://")}
+    assert rollout_count("Rolling", "Available") == rollouts_before + 2
     assert ("support", d1, "llm") not in {
         tuple(s.labels.values())[1:]
         for m in metrics_serving.ADAPTER_INFO.collect()
