@@ -107,13 +107,23 @@ def test_to_revision() -> None:
     assert "have: 1" in missing.message
 
 
+RUNTIME_ENV = [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}]
+
+
 def target(args: list[str], annotations: dict | None = None) -> dict:
     return {
         "metadata": {"name": "llm", "annotations": annotations or {}},
         "spec": {
             "template": {
                 "spec": {
-                    "containers": [{"name": "vllm", "command": ["vllm", "serve"], "args": args}],
+                    "containers": [
+                        {
+                            "name": "vllm",
+                            "command": ["vllm", "serve"],
+                            "args": args,
+                            "env": RUNTIME_ENV,
+                        }
+                    ],
                     "volumes": [
                         {"name": "store", "persistentVolumeClaim": {"claimName": "adapters"}}
                     ],
@@ -429,3 +439,36 @@ def test_already_rejected_until_spec_changes() -> None:
     }
     assert p.already_rejected(status, ref, 3)["revision"] == 1
     assert p.already_rejected(status, ref, 4) is None
+
+
+def test_server_errors_in_smoke_are_judged_by_the_error_rate() -> None:
+    analysis = CanaryAnalysis(checks=3, maxErrorRate=0.5)
+    window = p.MetricsSample(requests=4, errors=1)
+    smoke = [p.SmokeResult(False, 3.0, "HTTP 500: boom", 500), p.SmokeResult(True, 3.0, status=200)]
+    d = p.decide_canary(analysis, window, smoke, 0)
+    assert (d.action, d.reason) == ("continue", "Analyzing")
+    assert d.error_rate == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    ("container", "allowed"),
+    [
+        ({"env": [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}]}, True),
+        ({"env": [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "0"}]}, False),
+        ({}, False),
+        ({"envFrom": [{"configMapRef": {"name": "vllm-env"}}]}, None),
+        (
+            {
+                "env": [
+                    {
+                        "name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+                        "valueFrom": {"configMapKeyRef": {}},
+                    }
+                ]
+            },
+            None,
+        ),
+    ],
+)
+def test_runtime_updates_allowed(container, allowed) -> None:
+    assert p.runtime_updates_allowed(container) is allowed

@@ -236,6 +236,13 @@ def check_compatible(
             f"Deployment {tgt.deployment}: choose another adapterName",
         )
     runtime = spec.strategy.type == "Runtime"
+    if runtime and runtime_updates_allowed(container) is False:
+        return CompatResult(
+            False,
+            "RuntimeUpdatesDisabled",
+            f"container {cname} does not allow loading adapters at runtime: set the "
+            f"environment variable {RUNTIME_UPDATES_ENV}=True in it, or use strategy Rolling",
+        )
     allow = tgt.allow_server_arg_changes and not runtime
     how = (
         "(the Runtime strategy never restarts pods: change it in the Deployment, or use Rolling)"
@@ -295,6 +302,22 @@ def check_compatible(
     if changes.any():
         msg += " after raising: " + ", ".join(describe_changes(changes))
     return CompatResult(True, "Compatible", msg, changes)
+
+
+RUNTIME_UPDATES_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
+
+def runtime_updates_allowed(container: dict[str, Any]) -> bool | None:
+    """Whether vLLM's runtime LoRA endpoints are on, from the container's ``env``.
+
+    None when it cannot be told: the variable may come from ``envFrom`` or ``valueFrom``.
+    """
+    for var in container.get("env") or []:
+        if var.get("name") == RUNTIME_UPDATES_ENV:
+            if "value" not in var:
+                return None
+            return str(var["value"]).strip().lower() in ("1", "true", "yes")
+    return None if container.get("envFrom") else False
 
 
 def describe_changes(changes: sb.ServerArgChanges) -> list[str]:
@@ -509,6 +532,12 @@ class SmokeResult:
     ok: bool
     latency_ms: float
     error: str | None = None
+    status: int | None = None  # HTTP status; None when no answer came
+
+    @property
+    def server_error(self) -> bool:
+        """A 5xx: the server failed the request (judged by the error rate)."""
+        return self.status is not None and self.status >= 500
 
 
 @dataclass(frozen=True)
@@ -531,14 +560,16 @@ def decide_canary(
     """One analysis check: abort on a failed smoke request or a threshold breach, count
     a passing check, promote after ``analysis.checks`` passing checks.
 
-    Smoke requests go through the same server, so they are already in the window's
-    counters; their own results add the error text a counter cannot give.
+    ``window`` holds the traffic of the window, smoke requests included. A smoke request
+    answered with a 5xx counts in the error rate like any request; one that got no
+    answer or a 4xx (typically 404: the server does not know the adapter) shows the
+    adapter is not served at all, which no threshold excuses.
     """
     requests = int(window.requests)
     error_rate = window.errors / window.requests if window.requests > 0 else None
     p95_s = histogram_quantile(0.95, window.latency_buckets)
     p95_ms = None if p95_s is None else p95_s * 1000.0
-    failed = [s for s in smoke if not s.ok]
+    failed = [s for s in smoke if not s.ok and not s.server_error]
 
     def verdict(
         action: Literal["continue", "promote", "abort"], reason: str, msg: str, passed: int
