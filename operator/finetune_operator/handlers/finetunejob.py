@@ -281,19 +281,23 @@ async def on_change(name: str, namespace: str | None, memo: Any, reason: str, **
     _raise_for_outcome(await reconcile(kube, config, str(namespace), name, trigger=str(reason)))
 
 
-def _poll_interval() -> float:
-    try:
-        return load_config().progress_poll_seconds
-    except ValueError:
-        return OperatorConfig().progress_poll_seconds
+# The timer ticks often and cheaply; each object is polled at most every
+# progress_poll_seconds (from the configuration in memo, so tests can poll faster).
+TIMER_TICK_SECONDS = 1.0
+_last_poll: dict[tuple[str, str], float] = {}
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=_poll_interval(), initial_delay=_poll_interval())
+@kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_TICK_SECONDS, initial_delay=TIMER_TICK_SECONDS)
 async def track(name: str, namespace: str | None, status: kopf.Status, memo: Any, **_: Any) -> None:
     """Poll running jobs: pod states, the trainer's progress lines, cost."""
     if not status.get("trainerJob") or is_terminal(status):
         return  # nothing runs; spec changes arrive through on_change
     kube, config = runtime(memo)
+    key = (str(namespace), name)
+    now = time.monotonic()
+    if now - _last_poll.get(key, 0.0) < config.progress_poll_seconds:
+        return
+    _last_poll[key] = now
     await reconcile(kube, config, str(namespace), name, trigger="timer")
 
 
@@ -326,3 +330,4 @@ async def on_delete(name: str, namespace: str | None, memo: Any, **_: Any) -> No
                 await kube.delete(kind, namespace, child["metadata"]["name"])
     metrics.forget_ftj(namespace, name)
     _locks.pop((namespace, name), None)
+    _last_poll.pop((namespace, name), None)
