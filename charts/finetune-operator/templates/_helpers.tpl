@@ -55,38 +55,37 @@ app.kubernetes.io/part-of: finetune-operator
 
 {{/*
 The permissions the operator needs inside each namespace it serves, and nothing more.
-tests/chart/test_rbac.py derives the API calls from the operator's code and checks this list
-grants each of them and nothing broader.
+tests/chart/test_rbac.py derives the API calls from the operator's code (kopf handlers and
+every client call site) and fails when this list misses one or grants anything else.
 */}}
 {{- define "finetune-operator.namespacedRules" -}}
+# FineTuneJobs: kopf lists/watches them and patches its finalizer and progress annotations;
+# the operator reads one before each reconcile and writes only its status.
 - apiGroups: ["finetune.dev"]
-  resources: ["finetunejobs", "adapterdeployments"]
+  resources: ["finetunejobs"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["finetune.dev"]
-  resources: ["finetunejobs/status", "adapterdeployments/status"]
-  verbs: ["get", "patch"]
+  resources: ["finetunejobs/status"]
+  verbs: ["patch"]
+# Trainer Jobs and their configuration ConfigMaps: created, tracked, cleaned up.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "list", "create", "delete"]
+# Trainer pods: state, and progress/results from the trainer's log.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list"]
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]
+# Existence checks of what a job references, before anything is created; never listed.
 - apiGroups: [""]
-  resources: ["secrets", "persistentvolumeclaims", "services"]
+  resources: ["secrets", "persistentvolumeclaims"]
   verbs: ["get"]
-- apiGroups: ["apps"]
-  resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
