@@ -103,7 +103,9 @@ class ServingKube:
                 return None
             raise
 
-    async def list_objects(self, kind: str, ns: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+    async def list_objects(
+        self, kind: str, ns: str, labels: Mapping[str, str]
+    ) -> list[dict[str, Any]]:
         query = (
             {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} if labels else None
         )
