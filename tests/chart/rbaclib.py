@@ -251,7 +251,45 @@ class _Resolver:
         self.globals = vars(importlib.import_module(module_name))
         self.loops: dict[int, dict[str, set[str]]] = {}
         self.planned = planned_writes()
+        self.built_by: dict[int, dict[str, ast.expr]] = {}
         self._index_loops(tree)
+        self._index_builders(tree)
+
+    def _index_builders(self, tree: ast.Module) -> None:
+        """`body = builder(...)` inside a function: remember the builder for later calls."""
+        for func in ast.walk(tree):
+            if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            assigned: dict[str, ast.expr] = {}
+            for stmt in ast.walk(func):
+                if (
+                    isinstance(stmt, ast.Assign)
+                    and len(stmt.targets) == 1
+                    and isinstance(stmt.targets[0], ast.Name)
+                    and isinstance(stmt.value, ast.Call)
+                ):
+                    assigned[stmt.targets[0].id] = stmt.value.func
+            for inner in ast.walk(func):
+                self.built_by.setdefault(id(inner), {}).update(assigned)
+
+    def _kinds_returned_by(self, func_expr: ast.expr) -> set[str]:
+        """Kinds of the dict literals a builder function returns ({"kind": "Deployment", ...})."""
+        try:
+            builder = eval(ast.unparse(func_expr), dict(self.globals))  # noqa: S307 - own source
+            tree = ast.parse(inspect.getsource(builder).lstrip())
+        except Exception:  # noqa: BLE001 - not a resolvable builder
+            return set()
+        kinds: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Return) and isinstance(node.value, ast.Dict):
+                for key, value in zip(node.value.keys, node.value.values, strict=True):
+                    if (
+                        isinstance(key, ast.Constant)
+                        and key.value == "kind"
+                        and isinstance(value, ast.Constant)
+                    ):
+                        kinds.add(str(value.value))
+        return kinds
 
     def _index_loops(self, tree: ast.Module) -> None:
         for node in ast.walk(tree):
@@ -279,6 +317,9 @@ class _Resolver:
             value = self.globals.get(node.id)
             if isinstance(value, str):
                 return {value}
+            built = self.built_by.get(id(call), {}).get(node.id)
+            if built is not None:
+                return self._kinds_returned_by(built)
         if isinstance(node, ast.Attribute) and node.attr in {"kind", "body"}:
             # A planned action carried out: the kinds planners construct for this verb.
             return {kind for verb, kind in self.planned if verb == method}

@@ -59,13 +59,14 @@ tests/chart/test_rbac.py derives the API calls from the operator's code (kopf ha
 every client call site) and fails when this list misses one or grants anything else.
 */}}
 {{- define "finetune-operator.namespacedRules" -}}
-# FineTuneJobs: kopf lists/watches them and patches its finalizer and progress annotations;
-# the operator reads one before each reconcile and writes only its status.
+# The two kinds: kopf lists/watches them and patches its finalizer and progress annotations;
+# the operator reads one before each reconcile (an AdapterDeployment also reads the
+# FineTuneJob it serves) and writes only their status.
 - apiGroups: ["finetune.dev"]
-  resources: ["finetunejobs"]
+  resources: ["finetunejobs", "adapterdeployments"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["finetune.dev"]
-  resources: ["finetunejobs/status"]
+  resources: ["finetunejobs/status", "adapterdeployments/status"]
   verbs: ["patch"]
 # Trainer Jobs and their configuration ConfigMaps: created, tracked, cleaned up.
 - apiGroups: ["batch"]
@@ -74,13 +75,19 @@ every client call site) and fails when this list misses one or grants anything e
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "create", "delete"]
-# Trainer pods: state, and progress/results from the trainer's log.
+# Trainer pods (state, progress and results from the trainer's log) and serving pods
+# (which replicas serve which adapter).
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]
+# Serving: the target vLLM Deployment is read and patched (adapter arguments and volumes);
+# a canary copy is created next to it and deleted after promotion or abort.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "create", "patch", "delete"]
 # Existence checks of what a job references, before anything is created; never listed.
 - apiGroups: [""]
   resources: ["secrets", "persistentvolumeclaims"]
