@@ -275,9 +275,9 @@ class _Resolver:
     def _kinds_returned_by(self, func_expr: ast.expr) -> set[str]:
         """Kinds of the dict literals a builder function returns ({"kind": "Deployment", ...})."""
         try:
-            builder = eval(ast.unparse(func_expr), dict(self.globals))  # noqa: S307 - own source
+            builder = eval(ast.unparse(func_expr), dict(self.globals))  # the operator's own source
             tree = ast.parse(inspect.getsource(builder).lstrip())
-        except Exception:  # noqa: BLE001 - not a resolvable builder
+        except Exception:  # not a resolvable builder
             return set()
         kinds: set[str] = set()
         for node in ast.walk(tree):
