@@ -180,3 +180,24 @@ def test_shape_hint_forms() -> None:
         est.shape_from_hint({"family": "gpt-5"})
     with pytest.raises(ValueError):
         est.shape_from_hint([1, 2])
+
+
+def test_trainer_entry_point_reads_config_json(tmp_path) -> None:
+    from finetune_operator.api.finetunejob import FineTuneJobSpec
+    from ftj_samples import spec
+
+    (tmp_path / "config.json").write_text(
+        '{"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,'
+        ' "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": true}'
+    )
+    parsed = FineTuneJobSpec.model_validate(
+        spec(training={"batchSize": "auto", "gradientCheckpointing": None})
+    )
+    batch, _gc, estimate = est.choose_for_spec(parsed, 22.0, str(tmp_path))
+    assert estimate.parameters == est.MODEL_FAMILIES["qwen2.5-0.5b"].parameters()
+    assert batch >= 4 and estimate.fits(22.0)
+    # Without a config.json the URI's family is used; a fixed batch is kept.
+    fixed = FineTuneJobSpec.model_validate(
+        spec(training={"batchSize": 2, "gradientCheckpointing": True})
+    )
+    assert est.choose_for_spec(fixed, 79.6, str(tmp_path / "none"))[:2] == (2, True)
