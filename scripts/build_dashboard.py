@@ -31,13 +31,27 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
         12,
     ),
     (
+        "Jobs training now",
+        "stat",
+        "short",
+        [(f'sum(finetune_jobs{{{NS}, phase="Training"}})', "training")],
+        6,
+    ),
+    (
+        "Jobs queued (Kueue)",
+        "stat",
+        "short",
+        [(f'sum(finetune_jobs{{{NS}, phase="Queued"}})', "queued")],
+        6,
+    ),
+    (
         "GPU-hours consumed",
         "timeseries",
         "h",
         [
             (
-                f"sum by (namespace) (increase(finetune_gpu_hours_total{{{NS}}}[$__rate_interval]))",
-                "{{namespace}}",
+                f"sum by (namespace, gpu_product) (increase(finetune_job_gpu_hours_total{{{NS}}}[$__rate_interval]))",
+                "{{namespace}} {{gpu_product}}",
             )
         ],
         12,
@@ -48,22 +62,17 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
         "short",
         [
             (
-                f"sum by (result) (increase(finetune_gate_results_total{{{NS}}}[$__range]))",
-                "{{result}}",
+                "sum by (metric, result) (increase(finetune_job_gate_results_total[$__range]))",
+                "{{metric}} {{result}}",
             )
         ],
-        8,
+        12,
     ),
     (
-        "Errors by reason",
+        "Failures and errors by reason",
         "timeseries",
         "ops",
-        [
-            (
-                f"sum by (reason) (rate(finetune_errors_total{{{NS}}}[$__rate_interval]))",
-                "{{reason}}",
-            )
-        ],
+        [("sum by (reason) (rate(finetune_job_errors_total[$__rate_interval]))", "{{reason}}")],
         8,
     ),
     (
@@ -72,13 +81,25 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
         "s",
         [
             (
-                "histogram_quantile(0.5, sum by (le) (rate(finetune_reconcile_duration_seconds_bucket[$__rate_interval])))",
+                "histogram_quantile(0.5, sum by (le) (rate(finetune_job_reconcile_duration_seconds_bucket[$__rate_interval])))",
                 "p50",
             ),
             (
-                "histogram_quantile(0.95, sum by (le) (rate(finetune_reconcile_duration_seconds_bucket[$__rate_interval])))",
+                "histogram_quantile(0.95, sum by (le) (rate(finetune_job_reconcile_duration_seconds_bucket[$__rate_interval])))",
                 "p95",
             ),
+        ],
+        8,
+    ),
+    (
+        "Status writes",
+        "timeseries",
+        "ops",
+        [
+            (
+                "sum by (result) (rate(finetune_job_status_writes_total[$__rate_interval]))",
+                "{{result}}",
+            )
         ],
         8,
     ),
@@ -95,8 +116,8 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
         "s",
         [
             (
-                f"histogram_quantile(0.95, sum by (le) (rate(finetune_rollout_duration_seconds_bucket{{{NS}}}[$__rate_interval])))",
-                "p95",
+                "histogram_quantile(0.95, sum by (le, strategy) (rate(finetune_adapter_rollout_duration_seconds_bucket[$__rate_interval])))",
+                "p95 {{strategy}}",
             )
         ],
         6,
@@ -105,7 +126,12 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
         "Rollbacks",
         "stat",
         "short",
-        [(f"sum(increase(finetune_rollbacks_total{{{NS}}}[$__range]))", "rollbacks")],
+        [
+            (
+                f"sum by (reason) (increase(finetune_adapter_rollbacks_total{{{NS}}}[$__range]))",
+                "{{reason}}",
+            )
+        ],
         6,
     ),
 ]

@@ -1,6 +1,7 @@
 """Keep the chart's CRD copies in sync and write the plain-manifest install.
 
-1. Copies crds/*.yaml byte for byte into charts/finetune-operator/files/crds/.
+1. Copies crds/*.yaml byte for byte into charts/finetune-operator/files/crds/ and writes the
+   Grafana dashboard (scripts/build_dashboard.py) into the chart.
 2. Renders the chart with its default values (CRDs left out: they are applied from crds/)
    into deploy/finetune-operator.yaml, preceded by the operator's Namespace.
 
@@ -14,6 +15,7 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 CRDS_DIR = ROOT / "crds"
@@ -73,8 +75,26 @@ def deploy_text() -> str:
     return "---\n".join(parts)
 
 
+def _dashboard_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "build_dashboard", Path(__file__).with_name("build_dashboard.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def out_of_date() -> list[str]:
     stale: list[str] = []
+    dashboard = _dashboard_module()
+    if (
+        not dashboard.DASHBOARD_PATH.exists()
+        or dashboard.DASHBOARD_PATH.read_text() != dashboard.render()
+    ):
+        stale.append(str(dashboard.DASHBOARD_PATH.relative_to(ROOT)))
     for crd in sorted(CRDS_DIR.glob("*.yaml")):
         copy = CHART_CRDS_DIR / crd.name
         if not copy.exists() or copy.read_bytes() != crd.read_bytes():
@@ -96,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     CHART_CRDS_DIR.mkdir(parents=True, exist_ok=True)
     for crd in sorted(CRDS_DIR.glob("*.yaml")):
         shutil.copyfile(crd, CHART_CRDS_DIR / crd.name)
+    _dashboard_module().main()
     DEPLOY_PATH.parent.mkdir(parents=True, exist_ok=True)
     DEPLOY_PATH.write_text(deploy_text())
     print(f"wrote {CHART_CRDS_DIR.relative_to(ROOT)}/ and {DEPLOY_PATH.relative_to(ROOT)}")

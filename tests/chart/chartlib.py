@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from functools import cache
 from pathlib import Path
@@ -29,10 +30,19 @@ def load_script(name: str) -> Any:
 
 
 def render(values: dict[str, Any] | None = None) -> dict[str, str]:
+    return dict(_render(json.dumps(values, sort_keys=True)))
+
+
+@cache
+def _render(values_json: str) -> tuple[tuple[str, str], ...]:
+    """Rendering is pure given the chart and values; cached per values within a test run."""
     import helm_python as helm
 
     with helm.Chart.load(CHART_DIR) as chart:
-        return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        rendered = chart.render(
+            json.loads(values_json), name=RELEASE, namespace=NAMESPACE, is_install=True
+        )
+    return tuple(sorted(rendered.items()))
 
 
 def manifests(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:

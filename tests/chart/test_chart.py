@@ -46,6 +46,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                     "digest": "sha256:" + "cd" * 32,
                 }
             },
+            "verbose": True,
             "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
             "gpuPrices": {
                 "currency": "EUR",
@@ -125,8 +126,8 @@ BAD_VALUES = [
     ({"unknownKey": True}, "additional properties"),
     ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),
     ({"watchNamespaces": ["a", "a"]}, "watchNamespaces"),
-    ({"operator": {"logLevel": "VERBOSE"}}, "logLevel"),
-    ({"operator": {"logFormat": "xml"}}, "logFormat"),
+    ({"operator": {"verbose": "yes"}}, "verbose"),
+    ({"operator": {"logLevel": "DEBUG"}}, "logLevel"),
     ({"operator": {"gpuPrices": {"default": -1}}}, "default"),
     ({"operator": {"gpuPrices": {"currency": "dollars"}}}, "currency"),
     ({"operator": {"gpuPrices": {"products": {"H100": "cheap"}}}}, "H100"),
@@ -271,6 +272,34 @@ def test_watch_scope_follows_values() -> None:
     assert env_of(manifests())["FINETUNE_WATCH_NAMESPACES"] == ""
     namespaced = env_of(manifests(VALUE_SETS["namespaced"]))
     assert namespaced["FINETUNE_WATCH_NAMESPACES"] == "team-a,team-b"
+
+
+@pytest.mark.parametrize("values", sorted(VALUE_SETS))
+def test_operator_accepts_the_environment_the_chart_sets(values: str) -> None:
+    """Every FINETUNE_* variable the chart sets is one the operator reads, with a usable value."""
+    from finetune_operator.config import describe as describe_config
+    from finetune_operator.config import load_config
+
+    env = env_of(manifests(VALUE_SETS[values]))
+    chart_vars = {k: v for k, v in env.items() if k.startswith("FINETUNE_") and v != "<from>"}
+    known = {item["env"] for item in describe_config()} | serving_env_vars()
+    assert set(chart_vars) <= known, f"the operator never reads {set(chart_vars) - known}"
+    config = load_config(chart_vars)
+    assert ",".join(config.watch_namespaces) == chart_vars["FINETUNE_WATCH_NAMESPACES"]
+    assert config.price_table_configmap == f"{RELEASE}-finetune-operator-gpu-prices"
+
+
+def serving_env_vars() -> set[str]:
+    """Environment variables the AdapterDeployment controller reads (serving_config.py)."""
+    import re
+    from pathlib import Path
+
+    import finetune_operator
+
+    source = Path(finetune_operator.__file__).parent / "serving_config.py"
+    if not source.exists():
+        return set()
+    return set(re.findall(r'"(FINETUNE_[A-Z0-9_]+)"', source.read_text()))
 
 
 def test_gpu_price_table_is_rendered_and_named_to_the_operator() -> None:

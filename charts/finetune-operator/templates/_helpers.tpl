@@ -55,38 +55,44 @@ app.kubernetes.io/part-of: finetune-operator
 
 {{/*
 The permissions the operator needs inside each namespace it serves, and nothing more.
-tests/chart/test_rbac.py derives the API calls from the operator's code and checks this list
-grants each of them and nothing broader.
+tests/chart/test_rbac.py derives the API calls from the operator's code (kopf handlers and
+every client call site) and fails when this list misses one or grants anything else.
 */}}
 {{- define "finetune-operator.namespacedRules" -}}
+# The two kinds: kopf lists/watches them and patches its finalizer and progress annotations;
+# the operator reads one before each reconcile (an AdapterDeployment also reads the
+# FineTuneJob it serves) and writes only their status.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs", "adapterdeployments"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status", "adapterdeployments/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
+# Trainer Jobs and their configuration ConfigMaps: created, tracked, cleaned up.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "list", "create", "delete"]
+# Trainer pods (state, progress and results from the trainer's log) and serving pods
+# (which replicas serve which adapter).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list"]
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]
-- apiGroups: [""]
-  resources: ["secrets", "persistentvolumeclaims", "services"]
-  verbs: ["get"]
+# Serving: the target vLLM Deployment is read and patched (adapter arguments and volumes);
+# a canary copy is created next to it and deleted after promotion or abort.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "create", "patch", "delete"]
+# Existence checks of what a job references, before anything is created; never listed.
+- apiGroups: [""]
+  resources: ["secrets", "persistentvolumeclaims"]
+  verbs: ["get"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
