@@ -100,19 +100,27 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class MemoryCoefficients:
-    """Measured constants of the memory model (bytes). Calibrated on an H100, see benchmarks.md."""
+    """Constants of the memory model (bytes).
 
-    # Activations kept per token per layer without checkpointing, bf16, LoRA on all projections.
-    # Scales with hidden and intermediate size: a * hidden + b * intermediate.
+    Calibrated on an H100 80GB (Llama-3-8B shape, QLoRA r=64 on all projections, Liger
+    kernels, TRL's chunked LM head; bench/results/h100-train-2026-11-23.json) against the peak
+    of PyTorch's reserved memory: it never under-predicts those four measurements by more than
+    1% and over-predicts by at most 15%. See docs/benchmarks.md.
+    """
+
+    # Activations kept per token per layer without checkpointing (bf16, LoRA on all
+    # projections): act_per_hidden * hidden + act_per_intermediate * intermediate.
+    # Measured: 224 KB per token and layer on the 8B shape.
     act_per_hidden: float = 34.0
     act_per_intermediate: float = 6.0
-    # With checkpointing, what one recomputed layer needs on top of the saved layer inputs,
-    # as a share of one layer's activations (backward of one layer holds its graph twice).
-    recompute_layer_factor: float = 2.0
-    # CUDA context, cuBLAS workspaces, allocator slack.
-    overhead_bytes: float = 1.5 * GIB
-    # Fragmentation of the caching allocator on top of the live peak.
-    fragmentation: float = 1.08
+    # With checkpointing: the saved layer inputs (2 bytes x hidden x layers per token) plus
+    # this many layers' worth of activations alive during one layer's recompute and backward
+    # (fitted: 1.3, which also absorbs the allocator's growth at large token counts).
+    recompute_layer_factor: float = 1.3
+    # CUDA context and library handles, outside PyTorch's reserved figure.
+    overhead_bytes: float = 0.5 * GIB
+    # Allocator slack on top of the live bytes (absorbed by the fit above).
+    fragmentation: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -199,20 +207,26 @@ def plan_micro_batch(
     memory_budget_gib: float,
     optimizer: str = "paged_adamw_8bit",
     gradient_checkpointing: bool | None = None,
+    tokens_per_micro_batch: int | None = None,
     coef: MemoryCoefficients = MemoryCoefficients(),
 ) -> MicroBatchPlan:
     """Pick the packed token budget and checkpointing for a memory budget.
 
     Without checkpointing a step does a third less work, so it wins whenever at least
     ``MIN_TOKENS_WITHOUT_CHECKPOINTING`` tokens still fit; otherwise the largest budget that
-    fits with checkpointing. ``gradient_checkpointing`` forces the choice when given. Every
-    budget is at least ``max_seq_length`` so the longest row always fits one micro-batch.
+    fits with checkpointing. ``gradient_checkpointing`` forces the choice when given, and
+    ``tokens_per_micro_batch`` the budget (then only checkpointing is chosen). Every budget
+    is at least ``max_seq_length`` so the longest row always fits one micro-batch.
     """
     if memory_budget_gib <= 0:
         raise ValueError("memory_budget_gib must be positive")
     budget = memory_budget_gib * GIB
     floor = max(max_seq_length, min(TOKEN_BUDGETS))
-    sizes = sorted({max(t, floor) for t in TOKEN_BUDGETS}, reverse=True)
+    if tokens_per_micro_batch is not None:
+        floor = max(max_seq_length, tokens_per_micro_batch)
+        sizes = [floor]
+    else:
+        sizes = sorted({max(t, floor) for t in TOKEN_BUDGETS}, reverse=True)
     candidates: list[dict[str, Any]] = []
 
     def fits(tokens: int, gc: bool) -> float | None:
@@ -232,7 +246,8 @@ def plan_micro_batch(
 
     if gradient_checkpointing is not True:
         for tokens in sizes:
-            if tokens < MIN_TOKENS_WITHOUT_CHECKPOINTING and gradient_checkpointing is None:
+            too_few = tokens < MIN_TOKENS_WITHOUT_CHECKPOINTING and tokens_per_micro_batch is None
+            if too_few and gradient_checkpointing is None:
                 break
             peak = fits(tokens, False)
             if peak is not None:
@@ -523,6 +538,25 @@ def sft_overrides(plan: MicroBatchPlan | None, max_seq_length: int) -> dict[str,
     return overrides
 
 
+def frozen_params_to(model: Any, dtype_name: str) -> int:
+    """Cast frozen float32 weights (norms, embeddings, head) back to the compute dtype.
+
+    ``peft.prepare_model_for_kbit_training`` upcasts them to float32. Their values came from a
+    16-bit checkpoint, so the upcast adds no precision, but it costs memory (2 GiB on an 8B
+    model) and makes the fused kernels mix dtypes. RMSNorm still computes in float32 inside.
+    Returns the number of tensors cast.
+    """
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    cast = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype == torch.float32:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
+
+
 def apply(
     model: Any,
     *,
@@ -532,30 +566,38 @@ def apply(
     optimizer: str = "paged_adamw_8bit",
     memory_budget_gib: float | None = None,
     gradient_checkpointing: bool | None = None,
+    tokens_per_micro_batch: int | None = None,
+    compute_dtype: str = "bfloat16",
     use_liger: bool = True,
 ) -> FastPathReport:
-    """Prepare a loaded (not yet PEFT-wrapped) model for the fast path.
+    """Prepare a loaded model (PEFT-wrapped or not) for the fast path.
 
-    Switches attention to the varlen kernel when it runs here, patches fused kernels, and plans
-    the packed token budget for ``memory_budget_gib`` (default: the free memory of the current
-    GPU less 10%). Returns the plan and the SFTConfig overrides to use. Rows must already be
-    truncated to ``max_seq_length``: packing only fills micro-batches, it never cuts a row.
+    Switches attention to the varlen kernel when it runs here (checked against a reference,
+    else the model keeps its attention and packed rows are kept apart by the block-diagonal
+    mask transformers builds from ``position_ids``), patches fused kernels on CUDA, casts
+    upcast frozen weights back to ``compute_dtype``, and plans the packed token budget for
+    ``memory_budget_gib`` (default: 90% of what the current GPU has free plus what this
+    process already holds). Explicit ``gradient_checkpointing`` and ``tokens_per_micro_batch``
+    win over the planner. Returns the plan and the SFTConfig overrides to use. Rows must
+    already be cut to ``max_seq_length``: packing only fills micro-batches, it never cuts.
     """
     import torch
 
+    cuda = torch.cuda.is_available()
     ok, note = varlen_kernel_works()
     if ok:
         set_attention(model, register_varlen_attention())
         attention = ATTENTION_NAME
     else:
         attention = str(getattr(model.config, "_attn_implementation", "sdpa"))
-    kernels = apply_liger(model) if use_liger and torch.cuda.is_available() else []
+    if cuda:
+        frozen_params_to(model, compute_dtype)
+    kernels = apply_liger(model) if use_liger and cuda else []
+    if memory_budget_gib is None and cuda:
+        free, _total = torch.cuda.mem_get_info()
+        memory_budget_gib = (free + torch.cuda.memory_reserved()) * 0.9 / GIB
     plan = None
-    if torch.cuda.is_available():
-        if memory_budget_gib is None:
-            free, _total = torch.cuda.mem_get_info()
-            allocated = torch.cuda.memory_allocated()
-            memory_budget_gib = (free + allocated) * 0.9 / GIB
+    if memory_budget_gib is not None:
         plan = plan_micro_batch(
             ModelShape.from_config(model.config),
             method=method,
@@ -564,6 +606,7 @@ def apply(
             memory_budget_gib=memory_budget_gib,
             optimizer=optimizer,
             gradient_checkpointing=gradient_checkpointing,
+            tokens_per_micro_batch=tokens_per_micro_batch,
         )
     return FastPathReport(
         attention=attention,
