@@ -318,6 +318,9 @@ def run_trl_variant(
             "rowsPerSecond": round(len(lengths) / seconds, 2) if seconds else None,
             "mfu": round(flops / seconds / (args.peak_tflops * 1e12), 4) if seconds else None,
             "modelTflopsPerSecond": round(flops / seconds / 1e12, 1) if seconds else None,
+            "stepTimesS": [round(t, 4) for t in step_times],
+            "stepTokens": [sum(sum(m["lengths"]) for m in step) for step in per_step],
+            "stepPaddedTokens": [sum(m["padded"] for m in step) for step in per_step],
             "lossCurve": [
                 {
                     "step": h["step"],
@@ -516,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         "--variants", default="baseline,fast", help="comma list: baseline, fast[:TOKENS[:gc|nogc]]"
     )
     parser.add_argument("--steps", type=int, default=8, help="measured optimiser steps per variant")
-    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)

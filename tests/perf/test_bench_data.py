@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from data import length_stats, make_rows, make_text_rows, sample_lengths  # noqa: E402
+from data import length_stats, make_rows, make_text_rows, sample_lengths
 
 
 def test_rows_are_deterministic_by_seed() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from finetune_trainer import fastpath
 from finetune_trainer.fastpath import ModelShape, plan_micro_batch, predict_peak_bytes
 
@@ -47,7 +46,9 @@ def test_predicted_peak_grows_with_tokens_and_without_checkpointing() -> None:
     ("tokens", "gc", "measured_gib"),
     [(16384, True, 17.21), (8192, True, 10.95), (4096, False, 34.04), (8192, False, 62.75)],
 )
-def test_memory_model_matches_the_h100_measurements(tokens: int, gc: bool, measured_gib: float) -> None:
+def test_memory_model_matches_the_h100_measurements(
+    tokens: int, gc: bool, measured_gib: float
+) -> None:
     """bench/results/h100-train-2026-11-23.json: never under by >1%, never over by >16%."""
     predicted = predict_peak_bytes(
         LLAMA3_8B, method="qlora", lora_rank=64, tokens=tokens, gradient_checkpointing=gc
@@ -103,7 +104,12 @@ def test_planner_explains_a_budget_that_cannot_fit() -> None:
 
 def test_training_flops_by_hand() -> None:
     shape = ModelShape(
-        hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=16, vocab_size=32
+        hidden_size=8,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=16,
+        vocab_size=32,
     )
     # body per layer: 2*8*8 + 2*8*4 + 3*8*16 = 128 + 64 + 384 = 576; two layers = 1152
     assert shape.body_matmul_params == 1152
