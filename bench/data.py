@@ -136,12 +136,12 @@ _WORDS = [
 
 
 def make_text_rows(
-    n: int, seed: int = 0, shape: DataShape = DataShape(), words_per_token: float = 0.5
+    n: int, seed: int = 0, shape: DataShape = DataShape(), words_per_token: float = 0.235
 ) -> list[dict[str, str]]:
     """Text rows (prompt/completion) whose token counts follow the same lognormal profile.
 
     ``words_per_token`` converts the target token length into a word count; it depends on the
-    tokenizer (about 0.5 for the tiny byte-level BPE of ``finetune_trainer.tinymodel``).
+    tokenizer (about 0.235 for the tiny byte-level BPE of ``finetune_trainer.tinymodel``).
     """
     lengths = sample_lengths(n, seed, shape)
     rng = np.random.default_rng(seed + 1)
