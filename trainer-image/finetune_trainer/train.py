@@ -319,6 +319,47 @@ def training_arguments_summary(
     }
 
 
+# ------------------------------------------------------------------ the fast path
+
+
+def apply_fast_path(
+    config: TrainerConfig, model: Any, args: Any, device: str, optimizer: str
+) -> str | None:
+    """With packing on a GPU: varlen attention, fused kernels, a planned token budget.
+
+    See ``fastpath.py``. An explicit ``batchSize`` becomes a budget of batchSize x
+    maxSeqLength tokens per packed micro-batch; ``auto`` lets the planner pick it for the
+    GPU's free memory. Changes ``args`` (and the model's checkpointing) in place.
+    """
+    t = config.spec.training
+    if not t.packing or device != "cuda":
+        return None
+    from . import fastpath
+
+    explicit = t.batch_size if isinstance(t.batch_size, int) else None
+    report = fastpath.apply(
+        model,
+        method=config.spec.method,
+        lora_rank=config.spec.lora.r,
+        max_seq_length=t.max_seq_length,
+        optimizer=optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        tokens_per_micro_batch=explicit * t.max_seq_length if explicit else None,
+        compute_dtype=compute_dtype_name(config.spec, device),
+    )
+    for key, value in report.sft_overrides.items():
+        setattr(args, key, value)
+    args.per_device_eval_batch_size = 1
+    if not args.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    plan = report.plan or {}
+    return (
+        f"fast path: {report.attention} attention, kernels {report.kernels or 'none'}, "
+        f"{plan.get('tokens_per_micro_batch')} tokens per packed micro-batch, gradient "
+        f"checkpointing {plan.get('gradient_checkpointing')}"
+    )
+
+
 # ------------------------------------------------------------------ the step
 
 
@@ -356,6 +397,9 @@ def train_adapter(config: TrainerConfig, prepared: PreparedData, tokenizer: Any)
     model = load_model_for_training(config.spec, config.paths.base_model, device, gc)
     eval_rows = prepared.eval[:IN_TRAINING_EVAL_ROWS]
     args = build_sft_config(config, device, batch, gc, optimizer, checkpoint_dir, bool(eval_rows))
+    fast_note = apply_fast_path(config, model, args, device, optimizer)
+    if fast_note:
+        notes.append(fast_note)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -391,7 +435,9 @@ def train_adapter(config: TrainerConfig, prepared: PreparedData, tokenizer: Any)
         global_step=int(trainer.state.global_step),
         log_history=list(trainer.state.log_history),
         metrics=metrics,
-        training_arguments=training_arguments_summary(config, device, batch, gc, optimizer),
+        training_arguments=training_arguments_summary(
+            config, device, batch, bool(args.gradient_checkpointing), optimizer
+        ),
         resumed_from=str(resume) if resume else None,
         notes=notes,
     )

@@ -1,0 +1,639 @@
+"""Training throughput: plain TRL against the project's fast path, side by side on one GPU.
+
+One invocation loads one frozen base model (random weights of a real architecture, built
+from its config: nothing is downloaded), then trains LoRA adapters on it with:
+
+- ``baseline``: a plain TRL script at common defaults: QLoRA nf4 + double quant, r=64 on all
+  linear layers, batch 4, max length 2048, gradient checkpointing, paged_adamw_8bit, no
+  packing (each batch padded to its longest row), SDPA attention;
+- ``fast[:TOKENS[:gc|nogc]]``: the same TRL trainer with ``finetune_trainer.fastpath``:
+  padding-free best-fit packing into micro-batches of TOKENS tokens, varlen flash attention
+  with per-row boundaries, Liger kernels, and the planner's checkpointing choice (``fast``
+  alone lets the planner pick both for ``--memory-budget-gib``).
+
+Every variant sees the same rows (``bench/data.py``) and the same seed. It reports effective
+(non-padding) tokens/s, step time, peak GPU memory and MFU, and writes the loss curves.
+``--equivalence-steps N`` also trains N steps both ways on identical row groups (padded
+micro-batches against one packed micro-batch) and compares the losses step by step.
+
+MFU counts model FLOPs only (see ``fastpath.training_flops``): 4·N_frozen·T for the frozen
+projections (forward + input gradient), 4·N_head·T_loss for the LM head, 6·N_lora·T for the
+adapters and 6·hidden·layers·Σs² for causal attention; recomputation is not counted. The
+peak is ``--peak-tflops`` (default 800, a measured bf16 matmul on an H100 SXM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "trainer-image"))
+
+from data import length_stats, make_rows  # noqa: E402
+
+GIB = 1024**3
+
+
+def environment() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    import torch
+
+    info: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
+    for pkg in (
+        "transformers",
+        "peft",
+        "trl",
+        "bitsandbytes",
+        "accelerate",
+        "datasets",
+        "liger-kernel",
+        "triton",
+    ):
+        try:
+            info[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            info[pkg] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpuMemoryGiB"] = round(props.total_memory / GIB, 1)
+        try:
+            import subprocess
+
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, check=False,
+            ).stdout.strip()  # fmt: skip
+        except OSError:
+            info["driver"] = None
+    return info
+
+
+def load_base(model_dir: str, method: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": 0}
+    if method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+
+
+def lora_config(rank: int) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def reset_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> dict[str, float]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {
+        "peakAllocatedGiB": round(torch.cuda.max_memory_allocated() / GIB, 2),
+        "peakReservedGiB": round(torch.cuda.max_memory_reserved() / GIB, 2),
+    }
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """``baseline`` | ``fast[@BUDGET_GIB][:TOKENS[:gc|nogc]]``, e.g. ``fast@24`` or ``fast:8192:nogc``."""
+    parts = text.split(":")
+    if parts[0] == "baseline":
+        return {"name": text, "kind": "baseline"}
+    head, _, budget = parts[0].partition("@")
+    if head != "fast":
+        raise SystemExit(f"unknown variant {text!r}: use baseline or fast[@GIB][:TOKENS[:gc|nogc]]")
+    tokens = int(parts[1]) if len(parts) > 1 and parts[1] else None
+    gc_choice = {"gc": True, "nogc": False}.get(parts[2]) if len(parts) > 2 else None
+    return {
+        "name": text,
+        "kind": "fast",
+        "tokens": tokens,
+        "gc": gc_choice,
+        "budget": float(budget) if budget else None,
+    }
+
+
+class StepClock:
+    """Trainer callback: wall time of every optimiser step (device synchronised)."""
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                clock.tick()
+
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                clock.tick()
+
+        self.callback = _Callback()
+        self.stamps: list[float] = []
+
+    def tick(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+
+def make_counting_trainer() -> Any:
+    from trl import SFTTrainer
+
+    class CountingSFTTrainer(SFTTrainer):
+        """SFTTrainer that records the real (non-padding) tokens of every micro-batch."""
+
+        token_log: list[dict[str, Any]]
+
+        def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+            self.token_log.append(count_tokens(inputs))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return CountingSFTTrainer
+
+
+def count_tokens(inputs: dict[str, Any]) -> dict[str, Any]:
+    labels = inputs["labels"]
+    loss_tokens = int((labels[:, 1:] != -100).sum())
+    if "cu_seq_lens_q" in inputs:
+        lengths = inputs["cu_seq_lens_q"].diff().tolist()
+        padded = int(inputs["input_ids"].numel())
+    elif "attention_mask" in inputs:
+        lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        padded = int(inputs["input_ids"].numel())
+    else:
+        lengths = [int(inputs["input_ids"].shape[1])] * int(inputs["input_ids"].shape[0])
+        padded = int(inputs["input_ids"].numel())
+    return {"lengths": [int(x) for x in lengths], "loss_tokens": loss_tokens, "padded": padded}
+
+
+def run_trl_variant(
+    variant: dict[str, Any],
+    base: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from finetune_trainer import fastpath
+    from trl import SFTConfig
+
+    reset_memory()
+    result: dict[str, Any] = {"variant": variant["name"]}
+    config_kwargs: dict[str, Any] = {
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_checkpointing": True,
+        "max_length": args.seq_len,
+        "packing": False,
+        "completion_only_loss": True,
+    }
+    if variant["kind"] == "fast":
+        report = fastpath.apply(
+            base,
+            method=args.method,
+            lora_rank=args.rank,
+            max_seq_length=args.seq_len,
+            memory_budget_gib=variant["budget"] or args.memory_budget_gib,
+            gradient_checkpointing=variant["gc"],
+        )
+        overrides = dict(report.sft_overrides)
+        if variant["tokens"]:
+            overrides["max_length"] = variant["tokens"]
+        if variant["gc"] is not None:
+            overrides["gradient_checkpointing"] = variant["gc"]
+        config_kwargs.update(overrides)
+        result["fastpath"] = report.as_dict()
+    if not config_kwargs["gradient_checkpointing"]:
+        base.gradient_checkpointing_disable()
+    result["config"] = {k: v for k, v in config_kwargs.items()}
+    steps = args.warmup_steps + args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        sft_args = SFTConfig(
+            output_dir=tmp,
+            optim="paged_adamw_8bit",
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            max_steps=steps,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            bf16=torch.cuda.is_available(),
+            use_cpu=not torch.cuda.is_available(),
+            seed=args.seed,
+            dataset_num_proc=min(8, os.cpu_count() or 1),
+            **config_kwargs,
+        )
+        torch.manual_seed(args.seed)
+        clock = StepClock()
+        trainer_cls = make_counting_trainer()
+        trainer = trainer_cls(
+            model=base,
+            args=sft_args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=lora_config(args.rank),
+            callbacks=[clock.callback],
+        )
+        trainer.token_log = []
+        reset_memory()
+        trainer.train()
+        result.update(peak_memory())
+        peft_model = trainer.model
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        micro = trainer.token_log
+        ga = sft_args.gradient_accumulation_steps
+        del trainer
+    # per-step figures: stamps[0] is train begin, stamps[i] the end of step i
+    stamps = clock.stamps
+    step_times = [b - a for a, b in itertools.pairwise(stamps)]
+    per_step = [micro[i * ga : (i + 1) * ga] for i in range(len(step_times))]
+    measured = slice(args.warmup_steps, None)
+    times = step_times[measured]
+    batches = [m for step in per_step[measured] for m in step]
+    lengths = [s for m in batches for s in m["lengths"]]
+    real = sum(lengths)
+    padded = sum(m["padded"] for m in batches)
+    loss_tokens = sum(m["loss_tokens"] for m in batches)
+    seconds = sum(times)
+    from finetune_trainer.fastpath import ModelShape, training_flops
+
+    shape = ModelShape.from_config(base.config)
+    flops = training_flops(
+        shape, lora_rank=args.rank, sequence_lengths=lengths, loss_tokens=loss_tokens
+    )
+    result.update(
+        {
+            "measuredSteps": len(times),
+            "stepTimeS": round(seconds / max(1, len(times)), 4),
+            "tokensPerStep": round(real / max(1, len(times)), 1),
+            "effectiveTokensPerSecond": round(real / seconds, 1) if seconds else None,
+            "paddedTokensPerSecond": round(padded / seconds, 1) if seconds else None,
+            "paddingShare": round(1 - real / padded, 4) if padded else None,
+            "rowsPerSecond": round(len(lengths) / seconds, 2) if seconds else None,
+            "mfu": round(flops / seconds / (args.peak_tflops * 1e12), 4) if seconds else None,
+            "modelTflopsPerSecond": round(flops / seconds / 1e12, 1) if seconds else None,
+            "stepTimesS": [round(t, 4) for t in step_times],
+            "stepTokens": [sum(sum(m["lengths"]) for m in step) for step in per_step],
+            "stepPaddedTokens": [sum(m["padded"] for m in step) for step in per_step],
+            "lossCurve": [
+                {
+                    "step": h["step"],
+                    "loss": h["loss"],
+                    "tokensSeen": sum(sum(m["lengths"]) for s in per_step[: h["step"]] for m in s),
+                }
+                for h in history
+            ],
+        }
+    )
+    # hand the base model back without adapters
+    base_back = peft_model.unload() if hasattr(peft_model, "unload") else peft_model
+    del peft_model
+    if hasattr(base_back, "gradient_checkpointing_disable"):
+        base_back.gradient_checkpointing_disable()
+    reset_memory()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Step-aligned equivalence: the same row groups, padded micro-batches vs one packed micro-batch
+# ---------------------------------------------------------------------------------------------
+
+
+def _padded_batches(rows: list[dict[str, Any]], size: int, pad_id: int) -> list[dict[str, Any]]:
+    import torch
+
+    out = []
+    for i in range(0, len(rows), size):
+        chunk = rows[i : i + size]
+        width = max(len(r["input_ids"]) for r in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, r in enumerate(chunk):
+            n = len(r["input_ids"])
+            ids[j, :n] = torch.tensor(r["input_ids"])
+            labels[j, :n] = torch.tensor(
+                [
+                    t if m else -100
+                    for t, m in zip(r["input_ids"], r["completion_mask"], strict=True)
+                ]
+            )
+            mask[j, :n] = 1
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def _packed_batch(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    ids = [t for r in rows for t in r["input_ids"]]
+    labels = [
+        t if m else -100
+        for r in rows
+        for t, m in zip(r["input_ids"], r["completion_mask"], strict=True)
+    ]
+    pos = [p for r in rows for p in range(len(r["input_ids"]))]
+    lengths = [len(r["input_ids"]) for r in rows]
+    cu = torch.tensor([0, *list(__import__("itertools").accumulate(lengths))], dtype=torch.int32)
+    return {
+        "input_ids": torch.tensor([ids]),
+        "labels": torch.tensor([labels]),
+        "position_ids": torch.tensor([pos]),
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+    }
+
+
+def _token_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+    """Sum of next-token cross-entropy over labelled positions, never across row boundaries."""
+    import torch.nn.functional as F
+
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    inputs = {
+        k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items() if k != "labels"
+    }
+    labels = batch["labels"].to(device)
+    if "position_ids" in batch:  # a packed row: the first token of each row has no predecessor
+        labels = labels.clone()
+        labels[inputs["position_ids"] == 0] = -100
+    logits = model(**inputs, use_cache=False).logits
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return loss, int((shift_labels != -100).sum())
+
+
+def equivalence_trajectory(
+    base: Any, rows: list[dict[str, Any]], mode: str, args: argparse.Namespace, pad_id: int
+) -> list[float]:
+    import torch
+    from peft import get_peft_model
+
+    reset_memory()
+    torch.manual_seed(args.seed)
+    model = get_peft_model(base, lora_config(args.rank))
+    # checkpointing keeps the full-vocabulary logits of a 16-row group within memory
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    model.train()
+    group = args.equivalence_group
+    losses = []
+    for step in range(args.equivalence_steps):
+        chunk = rows[step * group : (step + 1) * group]
+        batches = (
+            _padded_batches(chunk, 4, pad_id) if mode == "baseline" else [_packed_batch(chunk)]
+        )
+        total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        step_loss = 0.0
+        for b in batches:
+            loss_sum, _n = _token_loss_sum(model, b)
+            (loss_sum / total).backward()
+            step_loss += float(loss_sum.detach()) / total
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+    back = model.unload()
+    back.gradient_checkpointing_disable()
+    del model, optim, params
+    reset_memory()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def print_table(results: list[dict[str, Any]], baseline: dict[str, Any] | None) -> None:
+    cols = [
+        "variant",
+        "tok/s (eff)",
+        "x base",
+        "step s",
+        "tok/step",
+        "pad %",
+        "peak GiB",
+        "MFU %",
+        "final loss",
+    ]
+    print("\n" + " | ".join(cols))
+    print("-" * 100)
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']} | ERROR {r['error'][:80]}")
+            continue
+        speed = r.get("effectiveTokensPerSecond") or 0
+        ratio = (
+            speed / baseline["effectiveTokensPerSecond"]
+            if baseline and baseline.get("effectiveTokensPerSecond")
+            else float("nan")
+        )
+        loss = r["lossCurve"][-1]["loss"] if r.get("lossCurve") else float("nan")
+        print(
+            f"{r['variant']} | {speed:,.0f} | {ratio:.2f} | {r['stepTimeS']:.3f} | {r['tokensPerStep']:,.0f} | "
+            f"{100 * (r['paddingShare'] or 0):.1f} | {r.get('peakReservedGiB', float('nan'))} | "
+            f"{100 * (r['mfu'] or 0):.1f} | {loss:.4f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model-dir", help="existing model directory (config, weights, tokenizer)")
+    parser.add_argument(
+        "--shape",
+        default="llama3-8b",
+        help="build a random model of this shape (bench/shapes.py) when --model-dir is missing",
+    )
+    parser.add_argument(
+        "--build-dir",
+        default=os.path.join(tempfile.gettempdir(), "bench-model"),
+        help="where to write the random model",
+    )
+    parser.add_argument("--method", choices=["qlora", "lora"], default="qlora")
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument(
+        "--seq-len", type=int, default=2048, help="longest row (baseline max_length)"
+    )
+    parser.add_argument(
+        "--variants", default="baseline,fast", help="comma list: baseline, fast[:TOKENS[:gc|nogc]]"
+    )
+    parser.add_argument("--steps", type=int, default=8, help="measured optimiser steps per variant")
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--memory-budget-gib",
+        type=float,
+        default=None,
+        help="fast path memory budget (default: the whole GPU)",
+    )
+    parser.add_argument("--equivalence-steps", type=int, default=0)
+    parser.add_argument(
+        "--equivalence-group", type=int, default=16, help="rows per equivalence step"
+    )
+    parser.add_argument("--peak-tflops", type=float, default=800.0)
+    parser.add_argument("--out", type=Path, default=Path("bench-train.json"))
+    args = parser.parse_args(argv)
+
+    import torch
+    from shapes import build_random_model
+    from transformers import AutoTokenizer
+
+    env = environment()
+    print(json.dumps(env), flush=True)
+    t0 = time.perf_counter()
+    model_dir = args.model_dir or str(
+        build_random_model(
+            args.shape, args.build_dir, device="cuda" if torch.cuda.is_available() else "cpu"
+        )
+    )
+    t_build = time.perf_counter() - t0
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = make_rows(args.rows, args.seed)
+    t0 = time.perf_counter()
+    base = load_base(model_dir, args.method)
+    t_load = time.perf_counter() - t0
+    print(f"model ready: build {t_build:.0f}s, load {t_load:.0f}s", flush=True)
+    out: dict[str, Any] = {
+        "environment": env,
+        "model": {
+            "shape": args.shape if not args.model_dir else model_dir,
+            "method": args.method,
+            "rank": args.rank,
+        },
+        "data": length_stats([len(r["input_ids"]) for r in rows]),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "results": [],
+    }
+    variants = [parse_variant(v) for v in args.variants.split(",") if v]
+    baseline_result = None
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1))
+
+    def run(variant: dict[str, Any]) -> None:
+        nonlocal baseline_result
+        started = time.perf_counter()
+        try:
+            res = run_trl_variant(variant, base, tokenizer, rows, args)
+        except Exception as exc:  # one failing variant must not hide the others
+            traceback.print_exc()
+            res = {"variant": variant["name"], "error": f"{type(exc).__name__}: {exc}"}
+            reset_memory()
+        res["wallS"] = round(time.perf_counter() - started, 1)
+        out["results"].append(res)
+        if variant["kind"] == "baseline" and "error" not in res:
+            baseline_result = res
+        print(json.dumps({k: v for k, v in res.items() if k != "lossCurve"}), flush=True)
+        save()
+
+    for v in [v for v in variants if v["kind"] == "baseline"]:
+        run(v)
+    if args.equivalence_steps:
+        from finetune_trainer import fastpath
+
+        eq: dict[str, Any] = {
+            "steps": args.equivalence_steps,
+            "rowsPerStep": args.equivalence_group,
+            "lr": args.lr,
+        }
+        try:
+            eq_rows = rows[::-1]  # rows the throughput runs touched least
+            eq["baseline"] = equivalence_trajectory(
+                base, eq_rows, "baseline", args, tokenizer.pad_token_id
+            )
+            report = fastpath.apply(
+                base, method=args.method, lora_rank=args.rank, max_seq_length=args.seq_len
+            )
+            eq["fastpathAttention"] = report.attention
+            eq["fastpathKernels"] = report.kernels
+            eq["fast"] = equivalence_trajectory(base, eq_rows, "fast", args, tokenizer.pad_token_id)
+            rel = [abs(f - b) / b for f, b in zip(eq["fast"], eq["baseline"], strict=True)]
+            eq["relativeDifference"] = rel
+            eq["maxRelativeDifference"] = max(rel)
+            eq["finalRelativeDifference"] = rel[-1]
+            eq["lossDrop"] = eq["baseline"][0] - eq["baseline"][-1]
+        except Exception as exc:
+            traceback.print_exc()
+            eq["error"] = f"{type(exc).__name__}: {exc}"
+            reset_memory()
+        out["equivalence"] = eq
+        print(json.dumps(eq), flush=True)
+        save()
+    for v in [v for v in variants if v["kind"] != "baseline"]:
+        run(v)
+    print_table(out["results"], baseline_result)
+    if "equivalence" in out and "maxRelativeDifference" in out["equivalence"]:
+        e = out["equivalence"]
+        print(
+            f"\nequivalence: {e['steps']} steps, loss {e['baseline'][0]:.4f} -> {e['baseline'][-1]:.4f} (baseline) / {e['fast'][-1]:.4f} (fast); max rel diff {100 * e['maxRelativeDifference']:.2f}%"
+        )
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,18 @@
+#!/bin/bash
+# Fetch the Python packages a bare GPU machine lacks (its image has torch, transformers,
+# peft, accelerate, pyarrow, xxhash) and unpack them into one folder for PYTHONPATH.
+# bitsandbytes keeps only its CUDA 13 and CPU libraries, which keeps the folder near 21 MiB.
+# Usage: bench/gpu_wheels.sh TARGET_DIR   (then on the GPU: export PYTHONPATH=TARGET_DIR)
+set -euo pipefail
+target=${1:?usage: gpu_wheels.sh TARGET_DIR}
+tmp=$(mktemp -d)
+platforms="--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
+for pkg in bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5; do
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    $platforms -d "$tmp" "$pkg"
+done
+mkdir -p "$target"
+for w in "$tmp"/*.whl; do (cd "$target" && unzip -q -o "$w"); done
+find "$target/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name '*cuda13*' ! -name '*cpu*' -delete
+rm -rf "$tmp"
+du -sh "$target"

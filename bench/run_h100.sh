@@ -1,0 +1,25 @@
+#!/bin/bash
+# The GPU benchmarks in two calls of at most ten minutes each, from the repository root.
+#   bench/run_h100.sh train   # bench_train (baseline vs fast path, equivalence) + trainer CLI
+#   bench/run_h100.sh vram    # bench_vram (10 configurations) + bench_eval when present
+# Needs the missing packages on PYTHONPATH (bench/gpu_wheels.sh) and writes to ${OUT:-out}.
+set -uo pipefail
+out=${OUT:-out}; mkdir -p "$out"
+export PYTHONPATH=${SITE:-$PWD/.gpu/site}:$PWD/trainer-image:$PWD/operator
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+case "${1:-train}" in
+  train)
+    python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b \
+      --variants "baseline,fast@24,fast" --steps 12 --warmup-steps 4 --rows 3000 \
+      --equivalence-steps 12 --out "$out/train.json" 2>&1 | tee "$out/train.log" | grep -v "it/s\]\|s/it\]"
+    python3 bench/bench_trainer_cli.py --shape llama3-8b --work-dir /tmp/cli --max-steps 15 \
+      --out "$out/trainer-cli.json" 2>&1 | tail -5
+    ;;
+  vram)
+    python3 bench/bench_vram.py --out "$out/vram.json" --models-dir /tmp/vram-models 2>&1 | tee "$out/vram.log" | tail -20
+    if [ -f bench/bench_eval.py ]; then
+      python3 bench/bench_eval.py > "$out/eval.json" 2> "$out/eval.log"; tail -c 2000 "$out/eval.json"
+    fi
+    ;;
+esac

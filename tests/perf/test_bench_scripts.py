@@ -1,0 +1,60 @@
+"""The benchmark scripts stay runnable: --help, the VRAM matrix builds valid trainer configs,
+and the stored H100 results parse into the comparison."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+import bench_vram  # noqa: E402
+
+
+@pytest.mark.parametrize("script", ["bench_train.py", "bench_vram.py", "data.py"])
+def test_help_works_without_a_gpu(script: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={
+            "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer-image'}",
+            "PATH": "/usr/bin:/bin",
+        },
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "usage" in proc.stdout
+
+
+def test_vram_matrix_spans_the_required_space(tmp_path: Path) -> None:
+    matrix = bench_vram.DEFAULT_MATRIX
+    assert len(matrix) >= 8
+    assert {c["shape"] for c in matrix} >= {
+        "qwen2.5-0.5b",
+        "qwen2.5-1.5b",
+        "qwen2.5-3b",
+        "llama3-8b",
+    }
+    assert {c["method"] for c in matrix} == {"lora", "qlora"}
+    assert {c["gc"] for c in matrix} == {True, False}
+    assert len({c["seq"] for c in matrix}) >= 2
+    for cfg in matrix:
+        config = bench_vram.trainer_config(cfg, str(tmp_path), str(tmp_path / "out"))
+        assert config.spec.training.batch_size == cfg["batch"]
+        assert config.spec.method == cfg["method"]
+
+
+def test_stored_results_are_complete() -> None:
+    train = json.loads((REPO / "bench/results/h100-train-2026-11-23.json").read_text())
+    names = [r["variant"] for r in train["results"]]
+    assert names[0] == "baseline"
+    assert all("error" not in r for r in train["results"])
+    assert train["equivalence"]["maxRelativeDifference"] <= 0.02
+    vram = json.loads((REPO / "bench/results/h100-vram-from-train-2026-11-23.json").read_text())
+    assert len(vram["results"]) == 5

@@ -1,0 +1,207 @@
+"""The fast path's pure parts (planner, FLOPs) and its attention, checked on the CPU.
+
+The attention test is the correctness contract of packing: a packed row with restarting
+position ids must give every sequence exactly the logits it gets alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from finetune_trainer import fastpath
+from finetune_trainer.fastpath import ModelShape, plan_micro_batch, predict_peak_bytes
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+LLAMA3_8B = ModelShape(
+    hidden_size=4096,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    intermediate_size=14336,
+    vocab_size=128256,
+)
+GIB = 1024**3
+
+
+def test_lora_params_of_llama3_8b_r64() -> None:
+    # r * (in + out) for q, k, v, o, gate, up, down, times 32 layers: the well-known 168M.
+    assert LLAMA3_8B.lora_params(64) == 167_772_160
+    assert LLAMA3_8B.body_matmul_params == 32 * 218_103_808
+
+
+def test_predicted_peak_grows_with_tokens_and_without_checkpointing() -> None:
+    def peak(tokens: int, gc: bool) -> float:
+        return predict_peak_bytes(
+            LLAMA3_8B, method="qlora", lora_rank=64, tokens=tokens, gradient_checkpointing=gc
+        )
+
+    assert peak(8192, True) < peak(16384, True)
+    assert peak(8192, True) < peak(8192, False)
+    assert peak(4096, False) < peak(8192, False)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "gc", "measured_gib"),
+    [(16384, True, 17.21), (8192, True, 10.95), (4096, False, 34.04), (8192, False, 62.75)],
+)
+def test_memory_model_matches_the_h100_measurements(
+    tokens: int, gc: bool, measured_gib: float
+) -> None:
+    """bench/results/h100-train-2026-11-23.json: never under by >1%, never over by >16%."""
+    predicted = predict_peak_bytes(
+        LLAMA3_8B, method="qlora", lora_rank=64, tokens=tokens, gradient_checkpointing=gc
+    )
+    reserved = (predicted - fastpath.MemoryCoefficients().overhead_bytes) / GIB
+    assert -0.01 <= reserved / measured_gib - 1 <= 0.16
+
+
+def test_planner_prefers_no_checkpointing_when_it_fits() -> None:
+    plan = plan_micro_batch(
+        LLAMA3_8B, method="qlora", lora_rank=64, max_seq_length=2048, memory_budget_gib=70
+    )
+    assert plan.gradient_checkpointing is False
+    assert plan.tokens_per_micro_batch == 8192
+    assert plan.predicted_peak_gib <= 70
+
+
+def test_planner_checkpoints_in_a_small_budget() -> None:
+    plan = plan_micro_batch(
+        LLAMA3_8B, method="qlora", lora_rank=64, max_seq_length=2048, memory_budget_gib=24
+    )
+    assert plan.gradient_checkpointing is True
+    assert plan.tokens_per_micro_batch == 16384
+    assert plan.predicted_peak_gib <= 24
+
+
+def test_planner_respects_explicit_choices() -> None:
+    plan = plan_micro_batch(
+        LLAMA3_8B,
+        method="qlora",
+        lora_rank=64,
+        max_seq_length=2048,
+        memory_budget_gib=70,
+        gradient_checkpointing=True,
+        tokens_per_micro_batch=4096,
+    )
+    assert (plan.tokens_per_micro_batch, plan.gradient_checkpointing) == (4096, True)
+
+
+def test_planner_never_goes_below_the_longest_row() -> None:
+    plan = plan_micro_batch(
+        LLAMA3_8B, method="qlora", lora_rank=64, max_seq_length=8192, memory_budget_gib=40
+    )
+    assert plan.tokens_per_micro_batch >= 8192
+
+
+def test_planner_explains_a_budget_that_cannot_fit() -> None:
+    with pytest.raises(ValueError, match=r"GiB budget: use method qlora"):
+        plan_micro_batch(
+            LLAMA3_8B, method="lora", lora_rank=64, max_seq_length=2048, memory_budget_gib=8
+        )
+
+
+def test_training_flops_by_hand() -> None:
+    shape = ModelShape(
+        hidden_size=8,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=16,
+        vocab_size=32,
+    )
+    # body per layer: 2*8*8 + 2*8*4 + 3*8*16 = 128 + 64 + 384 = 576; two layers = 1152
+    assert shape.body_matmul_params == 1152
+    flops = fastpath.training_flops(shape, lora_rank=1, sequence_lengths=[3, 5], loss_tokens=4)
+    lora = 2 * (2 * 16 + 2 * 12 + 2 * 24 + 24)  # r*(in+out) per module, two layers
+    expected = 4 * 1152 * 8 + 4 * 8 * 32 * 4 + 6 * lora * 8 + 6 * 8 * 2 * (9 + 25)
+    assert flops == pytest.approx(expected)
+
+
+def test_sft_overrides_turn_on_padding_free_packing() -> None:
+    plan = plan_micro_batch(
+        LLAMA3_8B, method="qlora", lora_rank=64, max_seq_length=2048, memory_budget_gib=24
+    )
+    over = fastpath.sft_overrides(plan, 2048)
+    assert over["packing"] and over["padding_free"] and over["packing_strategy"] == "bfd"
+    assert over["max_length"] == plan.tokens_per_micro_batch
+    assert over["per_device_train_batch_size"] == 1
+    assert over["gradient_checkpointing"] is True
+
+
+def test_cu_seqlens_from_restarting_positions() -> None:
+    import torch
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    cu, longest = fastpath.cu_seqlens_from_position_ids(pos)
+    assert cu.tolist() == [0, 3, 5, 9]
+    assert longest == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    model = LlamaForCausalLM(config).eval()
+    return model
+
+
+def test_packed_rows_get_the_logits_they_get_alone(tiny_llama) -> None:
+    import torch
+
+    model = tiny_llama
+    gen = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 97, (n,), generator=gen) for n in (7, 12, 5)]
+    fastpath.set_attention(model, "sdpa")
+    with torch.no_grad():
+        alone = [model(input_ids=r[None]).logits[0] for r in rows]
+        fastpath.set_attention(model, fastpath.register_varlen_attention())
+        packed_ids = torch.cat(rows)[None]
+        positions = torch.cat([torch.arange(len(r)) for r in rows])[None]
+        packed = model(input_ids=packed_ids, position_ids=positions).logits[0]
+        # without position ids the rows would see each other: the check must be able to fail
+        leaked = model(input_ids=packed_ids).logits[0]
+    fastpath.set_attention(model, "sdpa")
+    reference = torch.cat(alone)
+    assert torch.allclose(packed, reference, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(leaked[7:], reference[7:], atol=1e-3)
+
+
+def test_padded_batches_fall_back_to_sdpa(tiny_llama) -> None:
+    import torch
+
+    model = tiny_llama
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 97, (2, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        fastpath.set_attention(model, "sdpa")
+        want = model(input_ids=ids, attention_mask=mask).logits
+        fastpath.set_attention(model, fastpath.register_varlen_attention())
+        got = model(input_ids=ids, attention_mask=mask).logits
+    fastpath.set_attention(model, "sdpa")
+    assert torch.allclose(got[0], want[0], atol=1e-5)
+    assert torch.allclose(got[1, :6], want[1, :6], atol=1e-5)
+
+
+def test_apply_without_cuda_plans_for_a_given_budget(tiny_llama) -> None:
+    report = fastpath.apply(
+        tiny_llama, method="lora", lora_rank=8, max_seq_length=64, memory_budget_gib=1.0
+    )
+    assert report.kernels == []  # Liger needs CUDA
+    assert report.plan is not None
+    assert report.sft_overrides["packing"] is True
+    assert report.sft_overrides["max_length"] >= 64

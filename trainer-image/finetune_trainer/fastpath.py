@@ -1,0 +1,617 @@
+"""The fast training path: padding-free packing, variable-length attention, fused kernels and a
+token budget picked for the GPU's memory.
+
+The trainer calls :func:`apply` when ``spec.training.packing`` is on and a CUDA device is present.
+Everything here keeps the training maths unchanged; only how tokens are laid out and which
+kernels run differs:
+
+- packing: rows are packed best-fit-decreasing into micro-batches of ``tokens_per_micro_batch``
+  tokens, flattened into one row with ``position_ids`` that restart at every row (TRL's ``bfd``
+  packing with ``padding_free``). No padding token is computed on.
+- attention: :func:`register_varlen_attention` adds an attention implementation that gives each
+  packed row its own causal attention through PyTorch's variable-length flash kernel
+  (``torch.nn.attention.varlen``). Rows never attend to each other. Without CUDA, or for padded
+  or cached batches (evaluation, generation), it falls back to the regular SDPA path.
+- fused kernels: Liger's RMSNorm, SwiGLU and RoPE kernels when ``liger-kernel`` is installed and
+  works here (checked, not assumed). The LM head and loss already run chunked in TRL's fused head.
+- memory: :func:`plan_micro_batch` picks the token budget and whether to recompute activations
+  (gradient checkpointing) from a small, measured memory model (see ``docs/benchmarks.md``).
+
+The planner is pure (no torch import); the rest imports torch lazily.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ATTENTION_NAME = "fastpath_varlen"
+GIB = 1024**3
+
+# Token budgets the planner tries, largest first. Past ~16k tokens a micro-batch already fills
+# the H100's matrix units; larger budgets only cost memory and reduce optimiser steps.
+TOKEN_BUDGETS = (16384, 12288, 8192, 6144, 4096, 3072, 2048)
+# The planner drops checkpointing only when it can keep at least this many tokens in flight.
+MIN_TOKENS_WITHOUT_CHECKPOINTING = 8192
+
+
+# --------------------------------------------------------------------------------------------
+# Memory planning (pure)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The few numbers of a decoder-only transformer the memory model needs."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        """Read a transformers config (or any object with the same attribute names)."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = int(text.num_attention_heads)
+        return cls(
+            hidden_size=int(text.hidden_size),
+            num_layers=int(text.num_hidden_layers),
+            num_heads=heads,
+            num_kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+            intermediate_size=int(text.intermediate_size),
+            vocab_size=int(text.vocab_size),
+            tie_word_embeddings=bool(getattr(text, "tie_word_embeddings", False)),
+        )
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden_size // self.num_heads * self.num_kv_heads
+
+    @property
+    def layer_matmul_params(self) -> int:
+        """Weights of the seven projections of one decoder layer."""
+        h, kv, i = self.hidden_size, self.kv_dim, self.intermediate_size
+        return 2 * h * h + 2 * h * kv + 3 * h * i
+
+    @property
+    def body_matmul_params(self) -> int:
+        return self.num_layers * self.layer_matmul_params
+
+    @property
+    def head_params(self) -> int:
+        return self.hidden_size * self.vocab_size
+
+    def lora_params(self, rank: int) -> int:
+        """LoRA parameters with ``rank`` on all seven projections of every layer."""
+        h, kv, i = self.hidden_size, self.kv_dim, self.intermediate_size
+        shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+        return self.num_layers * sum(rank * (d_in + d_out) for d_in, d_out in shapes)
+
+
+@dataclass(frozen=True)
+class MemoryCoefficients:
+    """Constants of the memory model (bytes).
+
+    Calibrated on an H100 80GB (Llama-3-8B shape, QLoRA r=64 on all projections, Liger
+    kernels, TRL's chunked LM head; bench/results/h100-train-2026-11-23.json) against the peak
+    of PyTorch's reserved memory: it never under-predicts those four measurements by more than
+    1% and over-predicts by at most 15%. See docs/benchmarks.md.
+    """
+
+    # Activations kept per token per layer without checkpointing (bf16, LoRA on all
+    # projections): act_per_hidden * hidden + act_per_intermediate * intermediate.
+    # Measured: 224 KB per token and layer on the 8B shape.
+    act_per_hidden: float = 34.0
+    act_per_intermediate: float = 6.0
+    # With checkpointing: the saved layer inputs (2 bytes x hidden x layers per token) plus
+    # this many layers' worth of activations alive during one layer's recompute and backward
+    # (fitted: 1.3, which also absorbs the allocator's growth at large token counts).
+    recompute_layer_factor: float = 1.3
+    # CUDA context and library handles, outside PyTorch's reserved figure.
+    overhead_bytes: float = 0.5 * GIB
+    # Allocator slack on top of the live bytes (absorbed by the fit above).
+    fragmentation: float = 1.0
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    tokens_per_micro_batch: int
+    gradient_checkpointing: bool
+    predicted_peak_gib: float
+    memory_budget_gib: float
+    reason: str
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def weight_bytes(shape: ModelShape, method: str) -> float:
+    """Frozen weights: 4-bit nf4 (double quant) for QLoRA, bf16 for LoRA; embeddings stay bf16."""
+    body = shape.body_matmul_params
+    per_param = (4.0 + 0.127) / 8.0 if method == "qlora" else 2.0
+    embeddings = shape.vocab_size * shape.hidden_size * 2.0
+    head = 0.0 if shape.tie_word_embeddings else shape.head_params * 2.0
+    norms = shape.num_layers * 2 * shape.hidden_size * 2.0
+    return body * per_param + embeddings + head + norms
+
+
+def trainable_state_bytes(shape: ModelShape, lora_rank: int, optimizer: str) -> float:
+    """LoRA weights (bf16), their gradients (bf16) and the optimiser's two moments."""
+    n = shape.lora_params(lora_rank)
+    moments = 2.0 if "8bit" in optimizer else 8.0
+    # Optimisers keep an fp32 master copy only for bf16 params when not 8-bit: leave at 0 here.
+    return n * (2.0 + 2.0 + moments)
+
+
+def activation_bytes(
+    shape: ModelShape,
+    tokens: int,
+    gradient_checkpointing: bool,
+    coef: MemoryCoefficients = MemoryCoefficients(),
+) -> float:
+    """Activation memory of one micro-batch of ``tokens`` packed tokens."""
+    per_token_layer = (
+        coef.act_per_hidden * shape.hidden_size
+        + coef.act_per_intermediate * shape.intermediate_size
+    )
+    if gradient_checkpointing:
+        saved_inputs = shape.num_layers * tokens * shape.hidden_size * 2.0
+        return saved_inputs + coef.recompute_layer_factor * per_token_layer * tokens
+    return shape.num_layers * per_token_layer * tokens
+
+
+def head_bytes(shape: ModelShape, tokens: int) -> float:
+    """The chunked LM head: final hidden states, their gradient and a few fp32 logit tiles."""
+    hidden = tokens * shape.hidden_size * 2.0 * 3
+    tiles = 4 * 1024 * shape.vocab_size * 4.0
+    return hidden + tiles
+
+
+def predict_peak_bytes(
+    shape: ModelShape,
+    *,
+    method: str,
+    lora_rank: int,
+    tokens: int,
+    gradient_checkpointing: bool,
+    optimizer: str = "paged_adamw_8bit",
+    coef: MemoryCoefficients = MemoryCoefficients(),
+) -> float:
+    """Predicted peak of reserved GPU memory for one training step."""
+    live = (
+        weight_bytes(shape, method)
+        + trainable_state_bytes(shape, lora_rank, optimizer)
+        + activation_bytes(shape, tokens, gradient_checkpointing, coef)
+        + head_bytes(shape, tokens)
+    )
+    return live * coef.fragmentation + coef.overhead_bytes
+
+
+def plan_micro_batch(
+    shape: ModelShape,
+    *,
+    method: str,
+    lora_rank: int,
+    max_seq_length: int,
+    memory_budget_gib: float,
+    optimizer: str = "paged_adamw_8bit",
+    gradient_checkpointing: bool | None = None,
+    tokens_per_micro_batch: int | None = None,
+    coef: MemoryCoefficients = MemoryCoefficients(),
+) -> MicroBatchPlan:
+    """Pick the packed token budget and checkpointing for a memory budget.
+
+    Without checkpointing a step does a third less work, so it wins whenever at least
+    ``MIN_TOKENS_WITHOUT_CHECKPOINTING`` tokens still fit; otherwise the largest budget that
+    fits with checkpointing. ``gradient_checkpointing`` forces the choice when given, and
+    ``tokens_per_micro_batch`` the budget (then only checkpointing is chosen). Every budget
+    is at least ``max_seq_length`` so the longest row always fits one micro-batch.
+    """
+    if memory_budget_gib <= 0:
+        raise ValueError("memory_budget_gib must be positive")
+    budget = memory_budget_gib * GIB
+    floor = max(max_seq_length, min(TOKEN_BUDGETS))
+    if tokens_per_micro_batch is not None:
+        floor = max(max_seq_length, tokens_per_micro_batch)
+        sizes = [floor]
+    else:
+        sizes = sorted({max(t, floor) for t in TOKEN_BUDGETS}, reverse=True)
+    candidates: list[dict[str, Any]] = []
+
+    def fits(tokens: int, gc: bool) -> float | None:
+        peak = predict_peak_bytes(
+            shape,
+            method=method,
+            lora_rank=lora_rank,
+            tokens=tokens,
+            gradient_checkpointing=gc,
+            optimizer=optimizer,
+            coef=coef,
+        )
+        candidates.append(
+            {"tokens": tokens, "gradientCheckpointing": gc, "peakGiB": round(peak / GIB, 2)}
+        )
+        return peak if peak <= budget else None
+
+    if gradient_checkpointing is not True:
+        for tokens in sizes:
+            too_few = tokens < MIN_TOKENS_WITHOUT_CHECKPOINTING and tokens_per_micro_batch is None
+            if too_few and gradient_checkpointing is None:
+                break
+            peak = fits(tokens, False)
+            if peak is not None:
+                return MicroBatchPlan(
+                    tokens, False, round(peak / GIB, 2), memory_budget_gib,
+                    f"{tokens} tokens fit without checkpointing", candidates,
+                )  # fmt: skip
+    if gradient_checkpointing is not False:
+        for tokens in sizes:
+            peak = fits(tokens, True)
+            if peak is not None:
+                return MicroBatchPlan(
+                    tokens, True, round(peak / GIB, 2), memory_budget_gib,
+                    f"{tokens} tokens fit with checkpointing", candidates,
+                )  # fmt: skip
+    smallest = predict_peak_bytes(
+        shape,
+        method=method,
+        lora_rank=lora_rank,
+        tokens=floor,
+        gradient_checkpointing=gradient_checkpointing is not False,
+        optimizer=optimizer,
+        coef=coef,
+    )
+    raise ValueError(
+        f"even {floor} tokens per micro-batch need about {smallest / GIB:.1f} GiB, more than the "
+        f"{memory_budget_gib:.1f} GiB budget: use method qlora, a smaller maxSeqLength or a "
+        "larger GPU"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Model FLOPs (pure): what MFU is measured against
+# --------------------------------------------------------------------------------------------
+
+
+def training_flops(
+    shape: ModelShape,
+    *,
+    lora_rank: int,
+    sequence_lengths: list[int],
+    loss_tokens: int,
+) -> float:
+    """Model FLOPs of one LoRA training pass over the given sequences (no recomputation counted).
+
+    Frozen projections: forward 2·N·T plus the input gradient 2·N·T (no weight gradient), so
+    4·N_body·T. LM head (frozen) likewise, on the positions that carry a loss only. LoRA
+    weights: 6·N_lora·T (forward, input and weight gradients). Causal attention per sequence of
+    length s: forward 2·s²·hidden per layer (QKᵀ and AV, half the square), backward twice that.
+    """
+    tokens = sum(sequence_lengths)
+    body = 4.0 * shape.body_matmul_params * tokens
+    head = 4.0 * shape.head_params * loss_tokens
+    lora = 6.0 * shape.lora_params(lora_rank) * tokens
+    squares = sum(s * s for s in sequence_lengths)
+    attention = 3.0 * 2.0 * shape.hidden_size * shape.num_layers * squares
+    return body + head + lora + attention
+
+
+# --------------------------------------------------------------------------------------------
+# Variable-length attention (torch)
+# --------------------------------------------------------------------------------------------
+
+
+def _torch_varlen() -> Any | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _varlen_call(q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float | None) -> Any:
+    """Causal attention over packed rows with torch's varlen flash kernel (shapes: T, H, D)."""
+    fn = _torch_varlen()
+    assert fn is not None
+    params = inspect.signature(fn).parameters
+    kwargs: dict[str, Any] = {}
+    if "window_size" in params:  # torch >= 2.11 spells causal as a (-1, 0) window
+        kwargs["window_size"] = (-1, 0)
+    else:
+        kwargs["is_causal"] = True
+    if "scale" in params and scale is not None:
+        kwargs["scale"] = scale
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+    out = fn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _per_row_sdpa(q: Any, k: Any, v: Any, cu: Any, scale: float | None) -> Any:
+    """Reference implementation: one causal SDPA call per packed row (CPU and tests)."""
+    import torch
+    import torch.nn.functional as F
+
+    bounds = cu.tolist()
+    rep = q.shape[1] // k.shape[1]
+    outs = []
+    for start, end in itertools.pairwise(bounds):
+        qs = q[start:end].transpose(0, 1)
+        ks = k[start:end].transpose(0, 1).repeat_interleave(rep, dim=0)
+        vs = v[start:end].transpose(0, 1).repeat_interleave(rep, dim=0)
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
+    return torch.cat([o.transpose(0, 1) for o in outs], dim=0)
+
+
+def cu_seqlens_from_position_ids(position_ids: Any) -> tuple[Any, int]:
+    """Row boundaries of a packed batch: every position 0 starts a new row."""
+    import torch
+
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    total = torch.tensor([flat.numel()], device=flat.device)
+    cu = torch.cat([starts, total]).to(torch.int32)
+    return cu, int(cu.diff().max().item())
+
+
+def varlen_attention_forward(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
+    """transformers attention function: packed rows → varlen kernel, anything else → SDPA.
+
+    ``query`` is (batch, heads, tokens, head_dim). Packed batches come from a padding-free
+    collator without an attention mask, with ``cu_seq_lens_q``/``max_length_q`` or
+    ``position_ids``. Output is (batch, tokens, heads, head_dim) like every transformers
+    attention function.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, q_len, dim = query.shape
+    k_len = key.shape[2]
+    if attention_mask is not None or q_len != k_len or q_len == 1:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    cu = kwargs.get("cu_seq_lens_q")
+    max_len = kwargs.get("max_length_q")
+    if cu is None:
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            cu, max_len = cu_seqlens_from_position_ids(position_ids.expand(batch, -1))
+        else:  # plain unpadded rows: each batch row is one sequence
+            import torch
+
+            cu = torch.arange(0, (batch + 1) * q_len, q_len, device=query.device, dtype=torch.int32)
+            max_len = q_len
+    cu = cu.to(device=query.device, dtype=__import__("torch").int32)
+    max_len = int(max_len)
+    q = query.transpose(1, 2).reshape(batch * q_len, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * k_len, key.shape[1], dim)
+    v = value.transpose(1, 2).reshape(batch * k_len, value.shape[1], dim)
+    if q.is_cuda and _torch_varlen() is not None:
+        out = _varlen_call(q, k, v, cu, max_len, scaling)
+    else:
+        out = _per_row_sdpa(q, k, v, cu, scaling)
+    return out.reshape(batch, q_len, heads, dim), None
+
+
+def _varlen_mask(*args: Any, **kwargs: Any) -> Any:
+    """Mask builder paired with the varlen attention: none for unpadded training batches."""
+    from transformers.masking_utils import sdpa_mask
+
+    attention_mask = kwargs.get("attention_mask")
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_varlen_attention() -> str:
+    """Register the varlen attention (and its mask builder) with transformers; idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, varlen_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, _varlen_mask)
+    return ATTENTION_NAME
+
+
+def varlen_kernel_works(device: str = "cuda") -> tuple[bool, str]:
+    """Run the varlen kernel once (forward and backward) against the per-row reference."""
+    import torch
+
+    if _torch_varlen() is None:
+        return False, "torch.nn.attention.varlen is missing in this torch"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        cu = torch.tensor([0, 37, 100, 256], dtype=torch.int32, device=device)
+        q = torch.randn(256, 8, 128, device=device, dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(256, 2, 128, device=device, dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(256, 2, 128, device=device, dtype=torch.bfloat16, generator=gen)
+        q.requires_grad_(True)
+        out = _varlen_call(q, k, v, cu, 156, None)
+        out.float().sum().backward()
+        ref = _per_row_sdpa(q.detach().float(), k.float(), v.float(), cu, None)
+        err = float((out.float() - ref).norm() / ref.norm())
+        if not math.isfinite(err) or err > 2e-2:
+            return False, f"varlen kernel disagrees with the reference (relative error {err:.3g})"
+        return True, f"relative error {err:.2g} against the per-row reference"
+    except Exception as exc:  # a kernel that does not run here is a fallback, not a failure
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+def set_attention(model: Any, name: str) -> None:
+    """Switch a loaded model's attention implementation."""
+    try:
+        model.set_attn_implementation(name)
+    except Exception:
+        for config in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
+            if config is not None:
+                config._attn_implementation = name
+
+
+# --------------------------------------------------------------------------------------------
+# Fused kernels
+# --------------------------------------------------------------------------------------------
+
+
+def apply_liger(model: Any) -> list[str]:
+    """Patch RMSNorm, SwiGLU and RoPE with Liger's Triton kernels; returns what was patched.
+
+    The LM head and loss stay TRL's chunked fused head (Liger's fused linear cross-entropy
+    would replace the model's forward). Returns an empty list when Liger is unavailable.
+    """
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except Exception as exc:
+        log.info("liger-kernel unavailable: %s", exc)
+        return []
+    kwargs = {
+        "rope": True,
+        "rms_norm": True,
+        "swiglu": True,
+        "cross_entropy": False,
+        "fused_linear_cross_entropy": False,
+    }
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        _apply_liger_kernel_to_instance(model=base, **kwargs)
+    except Exception as exc:
+        log.warning("liger-kernel could not patch %s: %s", type(base).__name__, exc)
+        return []
+    return ["rms_norm", "swiglu", "rope"]
+
+
+# --------------------------------------------------------------------------------------------
+# What the trainer calls
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FastPathReport:
+    attention: str
+    attention_note: str
+    kernels: list[str]
+    plan: dict[str, Any] | None
+    sft_overrides: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sft_overrides(plan: MicroBatchPlan | None, max_seq_length: int) -> dict[str, Any]:
+    """SFTConfig keyword arguments of the fast path."""
+    tokens = plan.tokens_per_micro_batch if plan else max(max_seq_length, 8192)
+    overrides: dict[str, Any] = {
+        "packing": True,
+        "packing_strategy": "bfd",
+        "padding_free": True,
+        "max_length": tokens,
+        "per_device_train_batch_size": 1,
+    }
+    if plan is not None:
+        overrides["gradient_checkpointing"] = plan.gradient_checkpointing
+    return overrides
+
+
+def frozen_params_to(model: Any, dtype_name: str) -> int:
+    """Cast frozen float32 weights (norms, embeddings, head) back to the compute dtype.
+
+    ``peft.prepare_model_for_kbit_training`` upcasts them to float32. Their values came from a
+    16-bit checkpoint, so the upcast adds no precision, but it costs memory (2 GiB on an 8B
+    model) and makes the fused kernels mix dtypes. RMSNorm still computes in float32 inside.
+    Returns the number of tensors cast.
+    """
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    cast = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype == torch.float32:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
+
+
+def apply(
+    model: Any,
+    *,
+    method: str,
+    lora_rank: int,
+    max_seq_length: int,
+    optimizer: str = "paged_adamw_8bit",
+    memory_budget_gib: float | None = None,
+    gradient_checkpointing: bool | None = None,
+    tokens_per_micro_batch: int | None = None,
+    compute_dtype: str = "bfloat16",
+    use_liger: bool = True,
+) -> FastPathReport:
+    """Prepare a loaded model (PEFT-wrapped or not) for the fast path.
+
+    Switches attention to the varlen kernel when it runs here (checked against a reference,
+    else the model keeps its attention and packed rows are kept apart by the block-diagonal
+    mask transformers builds from ``position_ids``), patches fused kernels on CUDA, casts
+    upcast frozen weights back to ``compute_dtype``, and plans the packed token budget for
+    ``memory_budget_gib`` (default: 90% of what the current GPU has free plus what this
+    process already holds). Explicit ``gradient_checkpointing`` and ``tokens_per_micro_batch``
+    win over the planner. Returns the plan and the SFTConfig overrides to use. Rows must
+    already be cut to ``max_seq_length``: packing only fills micro-batches, it never cuts.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    ok, note = varlen_kernel_works()
+    if ok:
+        set_attention(model, register_varlen_attention())
+        attention = ATTENTION_NAME
+    else:
+        attention = str(getattr(model.config, "_attn_implementation", "sdpa"))
+    if cuda:
+        frozen_params_to(model, compute_dtype)
+    kernels = apply_liger(model) if use_liger and cuda else []
+    if memory_budget_gib is None and cuda:
+        free, _total = torch.cuda.mem_get_info()
+        memory_budget_gib = (free + torch.cuda.memory_reserved()) * 0.9 / GIB
+    plan = None
+    if memory_budget_gib is not None:
+        plan = plan_micro_batch(
+            ModelShape.from_config(model.config),
+            method=method,
+            lora_rank=lora_rank,
+            max_seq_length=max_seq_length,
+            memory_budget_gib=memory_budget_gib,
+            optimizer=optimizer,
+            gradient_checkpointing=gradient_checkpointing,
+            tokens_per_micro_batch=tokens_per_micro_batch,
+        )
+    return FastPathReport(
+        attention=attention,
+        attention_note=note,
+        kernels=kernels,
+        plan=plan.as_dict() if plan else None,
+        sft_overrides=sft_overrides(plan, max_seq_length),
+    )
