@@ -1,0 +1,73 @@
+"""The API resources the embedded API server serves (what discovery announces)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from finetune_operator.api.common import GROUP, VERSION
+
+ALL_VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
+
+
+@dataclass(frozen=True)
+class ResourceType:
+    """One served resource: where it lives in the URL space and how it behaves."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool = True
+    status_subresource: bool = False
+    extra_subresources: tuple[str, ...] = ()
+    short_names: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+    singular: str = ""
+    verbs: tuple[str, ...] = field(default=ALL_VERBS)
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.group, self.version, self.plural)
+
+    @property
+    def subresources(self) -> tuple[str, ...]:
+        return (("status",) if self.status_subresource else ()) + self.extra_subresources
+
+
+def _core(plural: str, kind: str, **kwargs: object) -> ResourceType:
+    return ResourceType("", "v1", plural, kind, **kwargs)  # type: ignore[arg-type]
+
+
+FINETUNEJOBS = ResourceType(
+    GROUP, VERSION, "finetunejobs", "FineTuneJob", status_subresource=True,
+    short_names=("ftj",), categories=("finetune",), singular="finetunejob",
+)  # fmt: skip
+ADAPTERDEPLOYMENTS = ResourceType(
+    GROUP, VERSION, "adapterdeployments", "AdapterDeployment", status_subresource=True,
+    short_names=("adep",), categories=("finetune",), singular="adapterdeployment",
+)  # fmt: skip
+
+DEFAULT_RESOURCES: tuple[ResourceType, ...] = (
+    FINETUNEJOBS,
+    ADAPTERDEPLOYMENTS,
+    _core("pods", "Pod", status_subresource=True, extra_subresources=("log",), short_names=("po",)),
+    _core("configmaps", "ConfigMap", short_names=("cm",)),
+    _core("secrets", "Secret"),
+    _core("services", "Service", status_subresource=True, short_names=("svc",)),
+    _core("events", "Event", short_names=("ev",)),
+    _core("persistentvolumeclaims", "PersistentVolumeClaim", status_subresource=True, short_names=("pvc",)),
+    _core("nodes", "Node", namespaced=False, status_subresource=True, short_names=("no",)),
+    _core("serviceaccounts", "ServiceAccount", short_names=("sa",)),
+    _core("namespaces", "Namespace", namespaced=False, status_subresource=True, short_names=("ns",)),
+    ResourceType("apps", "v1", "deployments", "Deployment", status_subresource=True,
+                 extra_subresources=("scale",), short_names=("deploy",)),
+    ResourceType("batch", "v1", "jobs", "Job", status_subresource=True),
+    ResourceType("coordination.k8s.io", "v1", "leases", "Lease"),
+    ResourceType("events.k8s.io", "v1", "events", "Event", short_names=("ev",)),
+    ResourceType("kopf.dev", "v1", "clusterkopfpeerings", "ClusterKopfPeering", namespaced=False),
+    ResourceType("kopf.dev", "v1", "kopfpeerings", "KopfPeering"),
+)  # fmt: skip
