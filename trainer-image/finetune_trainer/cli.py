@@ -1,0 +1,351 @@
+"""``finetune-trainer``: the command the trainer pod runs (and people run by hand).
+
+Subcommands: ``train``, ``evaluate``, ``data-report``, ``make-tiny-model``. Exit codes:
+0 ok, 2 bad config/usage, 3 data unusable, 4 training failed, 5 evaluation failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import EXIT_OK, EXIT_TRAINING, TrainerError, evaluation_failed
+
+log = logging.getLogger("finetune_trainer")
+
+
+def _setup(verbose: bool = False) -> None:
+    # The trainer never talks to a model hub: models and data are local paths.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _call_supported(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call ``fn`` with the keyword arguments its signature accepts."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def _evaluation_module() -> Any | None:
+    try:
+        return importlib.import_module("finetune_trainer.evaluate")
+    except ModuleNotFoundError as exc:
+        if exc.name != "finetune_trainer.evaluate":
+            raise
+        return None
+
+
+def _split_eval_result(result: Any) -> tuple[dict[str, float], dict[str, float] | None]:
+    """(metrics, baseMetrics) from whatever shape the evaluator returns."""
+    if result is None:
+        return {}, None
+    if not isinstance(result, dict):
+        result = {
+            "metrics": getattr(result, "metrics", {}),
+            "baseMetrics": getattr(result, "base_metrics", None),
+        }
+    if "metrics" in result:
+        base = result.get("baseMetrics", result.get("base_metrics"))
+        return dict(result["metrics"] or {}), (dict(base) if base else None)
+    return {k: v for k, v in result.items() if isinstance(v, int | float)}, None
+
+
+def _finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and math.isfinite(float(v))
+    }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------ data step
+
+
+def run_data_step(config: Any) -> tuple[Any, Any]:
+    """Tokenizer + cleaned data; writes data_report.json/eval.jsonl and the data line."""
+    from .data import check_usable, load_tokenizer, prepare_data, write_data_outputs
+    from .errors import data_not_found
+    from .progress import emit
+
+    spec = config.spec
+    tokenizer, template_source = load_tokenizer(config.paths.base_model, spec.dataset.chat_template)
+    eval_path = config.paths.eval_data
+    if spec.dataset.eval is not None and not eval_path:
+        raise data_not_found("dataset.eval is set but paths.evalData is empty: fetch the eval data")
+    prepared = prepare_data(
+        spec.dataset,
+        config.paths.train_data,
+        eval_path,
+        tokenizer,
+        spec.training.max_seq_length,
+        spec.training.seed,
+        template_source,
+    )
+    write_data_outputs(prepared, config.paths.output_dir)
+    emit({"type": "data", "report": prepared.report.to_wire()})
+    check_usable(prepared.report, spec.dataset.cleaning)
+    return tokenizer, prepared
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    config = load_config(args.config)
+    data_wire: dict[str, Any] | None = None
+    try:
+        tokenizer, prepared = run_data_step(config)
+        data_wire = prepared.report.to_wire()
+        result = train_and_finish(config, tokenizer, prepared, evaluate=not args.no_eval)
+    except TrainerError as err:
+        _fail(config, err, data_wire)
+        return err.exit_code
+    except Exception as exc:
+        log.exception("training failed")
+        _fail(
+            config,
+            TrainerError("TrainingFailed", f"{type(exc).__name__}: {exc}", EXIT_TRAINING),
+            data_wire,
+        )
+        return EXIT_TRAINING
+    from .progress import report_result
+
+    report_result(result, config.termination_log)
+    return EXIT_OK
+
+
+def _fail(config: Any, err: TrainerError, data: dict[str, Any] | None) -> None:
+    from .progress import report_result
+
+    log.error("%s: %s", err.reason, err.message)
+    result: dict[str, Any] = {"ok": False, "reason": err.reason, "message": err.message}
+    if data is not None:
+        result["data"] = data
+    report_result(result, config.termination_log if config is not None else None)
+
+
+def train_and_finish(config: Any, tokenizer: Any, prepared: Any, evaluate: bool) -> dict[str, Any]:
+    """Train, evaluate, write manifest/report/metrics; return the result object."""
+    from .manifest import adapter_size_bytes, build_manifest, write_manifest
+    from .report import write_report
+    from .train import merge_adapter, resolve_device, train_adapter
+
+    started = time.monotonic()
+    out = Path(config.paths.output_dir)
+    outcome = train_adapter(config, prepared, tokenizer)
+    metrics = dict(outcome.metrics)
+    if "evalLoss" in metrics and metrics["evalLoss"] < 50:
+        metrics["perplexity"] = math.exp(metrics["evalLoss"])
+    base_metrics: dict[str, float] | None = None
+    notes = list(outcome.notes)
+    if evaluate:
+        module = _evaluation_module()
+        if module is None or not hasattr(module, "run_evaluation"):
+            log.info("finetune_trainer.evaluate is not available: skipping evaluation")
+            notes.append("evaluation skipped: the evaluation module is not installed")
+        else:
+            try:
+                found = _call_supported(
+                    module.run_evaluation,
+                    config=config,
+                    model=outcome.model,
+                    tokenizer=tokenizer,
+                    adapter_dir=str(outcome.adapter_dir),
+                    eval_path=str(out / "eval.jsonl"),
+                    output_dir=str(out),
+                    device=resolve_device(config.device),
+                    with_base=config.spec.needs_base_metrics(),
+                )
+            except TrainerError:
+                raise
+            except Exception as exc:
+                log.exception("evaluation failed")
+                raise evaluation_failed(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
+            eval_metrics, base_metrics = _split_eval_result(found)
+            metrics.update(eval_metrics)
+    metrics = _finite_metrics(metrics)
+    _write_json(out / "metrics.json", metrics)
+    if base_metrics:
+        base_metrics = _finite_metrics(base_metrics)
+        _write_json(out / "base_metrics.json", base_metrics)
+
+    manifest = build_manifest(
+        outcome.adapter_dir,
+        config.spec,
+        prepared.report.digest,
+        outcome.training_arguments,
+        metrics,
+    )
+    write_manifest(outcome.adapter_dir, manifest)
+    adapter_uri = config.spec.output.uri.rstrip("/") + "/adapter"
+    adapter = {
+        "uri": adapter_uri,
+        "digest": manifest["digest"],
+        "rank": config.spec.lora.r,
+        "sizeBytes": adapter_size_bytes(outcome.adapter_dir),
+        "baseModel": config.spec.base_model.uri,
+        "method": config.spec.method,
+    }
+    if config.spec.output.merge_and_unload:
+        del outcome.model  # free the training copy before loading the full-precision base
+        merge_adapter(
+            config.paths.base_model,
+            outcome.adapter_dir,
+            out / "merged",
+            config.spec.output.merged_dtype,
+            resolve_device(config.device),
+            config.spec.base_model.trust_remote_code,
+        )
+        adapter["mergedUri"] = config.spec.output.uri.rstrip("/") + "/merged"
+    summary = {
+        "steps": outcome.global_step,
+        "resumedFrom": outcome.resumed_from,
+        "wallSeconds": round(time.monotonic() - started, 1),
+        **outcome.training_arguments,
+    }
+    write_report(
+        out,
+        config.job_name,
+        outcome.log_history,
+        prepared.report.to_wire(),
+        summary,
+        metrics,
+        adapter,
+        notes,
+    )
+    result: dict[str, Any] = {
+        "ok": True,
+        "reason": "Succeeded",
+        "message": f"trained {outcome.global_step} steps; adapter digest {manifest['digest']}",
+        "data": prepared.report.to_wire(),
+        "metrics": metrics,
+        "adapter": adapter,
+        "steps": outcome.global_step,
+    }
+    if base_metrics:
+        result["baseMetrics"] = base_metrics
+    return result
+
+
+def cmd_data_report(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .progress import emit
+
+    config = load_config(args.config)
+    try:
+        _tokenizer, prepared = run_data_step(config)
+    except TrainerError as err:
+        log.error("%s: %s", err.reason, err.message)
+        emit({"type": "result", "ok": False, "reason": err.reason, "message": err.message})
+        return err.exit_code
+    print(json.dumps(prepared.report.to_wire(), indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    config = load_config(args.config)
+    module = _evaluation_module()
+    if module is None:
+        raise evaluation_failed(
+            "the evaluation module (finetune_trainer.evaluate) is not installed in this image"
+        )
+    entry = getattr(module, "cli_main", None)
+    if entry is not None:
+        return int(entry(args) or 0)
+    adapter = args.adapter or str(Path(config.paths.output_dir) / "adapter")
+    result = _call_supported(
+        module.run_evaluation,
+        config=config,
+        adapter_dir=None if args.base_only else adapter,
+        base_only=args.base_only,
+        out=args.out,
+        eval_path=str(Path(config.paths.output_dir) / "eval.jsonl"),
+        output_dir=config.paths.output_dir,
+    )
+    metrics, base = _split_eval_result(result)
+    print(json.dumps({"metrics": metrics, "baseMetrics": base}, indent=2))
+    return EXIT_OK
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from .tinymodel import build_tiny_model
+
+    path = build_tiny_model(args.dir)
+    print(path)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune-trainer", description="Fine-tune a LoRA/QLoRA adapter from a job config."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging on stderr.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="Data, training, evaluation, manifest, result.")
+    p.add_argument("--config", required=True, help="Trainer config (YAML or JSON).")
+    p.add_argument("--no-eval", action="store_true", help="Skip the evaluation step.")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("evaluate", help="Evaluate an adapter (or the base model).")
+    p.add_argument("--config", required=True, help="Trainer config (YAML or JSON).")
+    p.add_argument("--adapter", help="Adapter folder (default: <outputDir>/adapter).")
+    p.add_argument("--base-only", action="store_true", help="Evaluate the base model only.")
+    p.add_argument("--out", help="Write the metrics JSON here.")
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("data-report", help="Run the data step only and print its report.")
+    p.add_argument("--config", required=True, help="Trainer config (YAML or JSON).")
+    p.set_defaults(func=cmd_data_report)
+    p = sub.add_parser("make-tiny-model", help="Write a tiny random model for trying things out.")
+    p.add_argument("dir", help="Folder to write the model to.")
+    p.set_defaults(func=cmd_make_tiny_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup(args.verbose)
+    try:
+        return int(args.func(args))
+    except TrainerError as err:
+        # Failures before the job's own result handling (e.g. an unreadable config).
+        log.error("%s: %s", err.reason, err.message)
+        from .progress import emit
+
+        emit({"type": "result", "ok": False, "reason": err.reason, "message": err.message})
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,648 @@
+"""The data step: load rows, detect their format, validate, clean, template, tokenize, split.
+
+Everything here runs before the model is loaded, so bad data fails in seconds with a message
+that says what to change. Only the tokenizer of the base model is needed (for the chat
+template and for token lengths).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.api.finetunejob import Cleaning, DatasetSpec
+
+from .errors import data_not_found, data_unusable, model_not_found
+from .pii import mask_text
+
+log = logging.getLogger(__name__)
+
+# Columns each format needs (the error for undetectable data lists them).
+FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # format: (required columns, optional columns)
+    "prompt-completion": (("prompt", "completion"), ()),
+    "instruction": (("instruction", "output"), ("input",)),
+    "messages": (("messages",), ()),
+}
+EXTRA_COLUMNS = ("task", "json_schema", "must_refuse")
+ROLES = {"system", "user", "assistant", "tool"}
+DEFAULT_EVAL_SPLIT = 0.1
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
+SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+# Used when neither the base model nor the spec provides a chat template.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "### {{ message['role'] | capitalize }}:\n{{ message['content'] }}\n\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+
+
+# ------------------------------------------------------------------ row model
+
+
+@dataclass
+class Example:
+    """One training example, whatever format it came in."""
+
+    prompt_messages: list[dict[str, str]]
+    completion: str
+    task: str | None = None
+    json_schema: dict[str, Any] | None = None
+    must_refuse: bool = False
+
+    def content_key(self) -> str:
+        """sha256 of the normalised content (case and whitespace folded) for dedup."""
+        parts = [f"{m['role']}:{_normalise(m['content'])}" for m in self.prompt_messages]
+        parts.append(f"assistant:{_normalise(self.completion)}")
+        return hashlib.sha256("\x1e".join(parts).encode()).hexdigest()
+
+
+@dataclass
+class TokenizedExample:
+    example: Example
+    prompt_text: str
+    completion_text: str
+    input_ids: list[int]
+    labels: list[int]
+    completion_tokens: int
+
+
+@dataclass
+class DataReport:
+    rows_read: int = 0
+    rows_kept: int = 0
+    train_rows: int = 0
+    eval_rows: int = 0
+    duplicates: int = 0
+    duplicate_rate: float = 0.0
+    pii_masked: int = 0
+    pii_by_kind: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    token_length_percentiles: dict[str, int] = field(default_factory=dict)
+    digest: str = ""
+    format: str = ""
+    eval_source: str = "split"
+    eval_rows_read: int | None = None
+    eval_dropped: dict[str, int] = field(default_factory=dict)
+    chat_template: str = "model"
+
+    def to_wire(self) -> dict[str, Any]:
+        """camelCase dict for data_report.json and the progress channel."""
+        out: dict[str, Any] = {
+            "rowsRead": self.rows_read,
+            "rowsKept": self.rows_kept,
+            "trainRows": self.train_rows,
+            "evalRows": self.eval_rows,
+            "duplicates": self.duplicates,
+            "duplicateRate": round(self.duplicate_rate, 6),
+            "piiMasked": self.pii_masked,
+            "piiByKind": dict(self.pii_by_kind),
+            "dropped": dict(self.dropped),
+            "tokenLengthPercentiles": dict(self.token_length_percentiles),
+            "digest": self.digest,
+            "format": self.format,
+            "evalSource": self.eval_source,
+            "chatTemplate": self.chat_template,
+        }
+        if self.eval_rows_read is not None:
+            out["evalRowsRead"] = self.eval_rows_read
+            out["evalDropped"] = dict(self.eval_dropped)
+        return out
+
+
+@dataclass
+class PreparedData:
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    report: DataReport
+    chat_template: str
+
+
+# ------------------------------------------------------------------ reading
+
+
+def read_records(path: str | Path) -> tuple[list[Any], int]:
+    """Rows of a JSONL/JSON/Parquet file, a folder of them, or a ``save_to_disk`` folder.
+
+    Returns the rows and the number of lines that were not valid JSON (counted as dropped).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise data_not_found(
+            f"data path {p} does not exist: check dataset uri / paths and that the volume is mounted"
+        )
+    if p.is_dir():
+        if any((p / marker).is_file() for marker in SAVE_TO_DISK_MARKERS):
+            return _read_saved_dataset(p), 0
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
+        if not files:
+            raise data_not_found(
+                f"data folder {p} has no {', '.join(DATA_SUFFIXES)} files and is not a datasets "
+                "save_to_disk folder: point the dataset at a data file or a folder of them"
+            )
+        rows: list[Any] = []
+        bad = 0
+        for f in files:
+            r, b = _read_file(f)
+            rows.extend(r)
+            bad += b
+        return rows, bad
+    return _read_file(p)
+
+
+def _read_file(p: Path) -> tuple[list[Any], int]:
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(p)
+    if suffix == ".json":
+        return _read_json(p), 0
+    if suffix == ".parquet":
+        return _read_parquet(p), 0
+    raise data_unusable(
+        f"{p}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .parquet or a "
+        "datasets save_to_disk folder"
+    )
+
+
+def _read_jsonl(p: Path) -> tuple[list[Any], int]:
+    rows: list[Any] = []
+    bad = 0
+    with p.open(encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+    if bad and not rows:
+        raise data_unusable(f"{p}: no line is valid JSON; each line must be one JSON object")
+    return rows, bad
+
+
+def _read_json(p: Path) -> list[Any]:
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise data_unusable(
+            f"{p}: not valid JSON ({exc.msg} at line {exc.lineno}); a .json file must hold a list "
+            "of row objects (use .jsonl for one object per line)"
+        ) from exc
+    if not isinstance(doc, list):
+        raise data_unusable(
+            f"{p}: expected a JSON list of row objects, found a {type(doc).__name__}; "
+            "wrap the rows in [...] or use .jsonl"
+        )
+    return doc
+
+
+def _read_parquet(p: Path) -> list[Any]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows: list[Any] = pq.read_table(p).to_pylist()
+    except Exception as exc:
+        raise data_unusable(f"{p}: cannot read Parquet: {exc}") from exc
+    return rows
+
+
+def _read_saved_dataset(p: Path) -> list[Any]:
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(p))
+    except Exception as exc:
+        raise data_unusable(f"{p}: cannot load the save_to_disk folder: {exc}") from exc
+    if isinstance(ds, DatasetDict):
+        if "train" in ds:
+            ds = ds["train"]
+        elif len(ds) == 1:
+            ds = next(iter(ds.values()))
+        else:
+            raise data_unusable(
+                f"{p}: DatasetDict with splits {sorted(ds)} and no 'train' split; save the split "
+                "to train on, or name it train"
+            )
+    assert isinstance(ds, Dataset)
+    return list(ds.to_list())
+
+
+# ------------------------------------------------------------------ formats
+
+
+def _columns(records: list[Any], sample: int = 200) -> list[str]:
+    seen: dict[str, None] = {}
+    for r in records[:sample]:
+        if isinstance(r, dict):
+            for k in r:
+                seen.setdefault(str(k), None)
+    return list(seen)
+
+
+def _format_help() -> str:
+    parts = []
+    for name, (req, opt) in FORMAT_COLUMNS.items():
+        cols = " + ".join(req) + (f" (optional: {', '.join(opt)})" if opt else "")
+        parts.append(f"{name}: {cols}")
+    return "; ".join(parts)
+
+
+def detect_format(records: list[Any], requested: str) -> str:
+    """The row format: the requested one (checked) or, for ``auto``, the one whose columns fit."""
+    columns = set(_columns(records))
+    found = ", ".join(sorted(columns)) or "(none)"
+    if requested != "auto":
+        required = FORMAT_COLUMNS[requested][0]
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise data_unusable(
+                f"format {requested} needs columns {', '.join(required)} but {', '.join(missing)} "
+                f"missing; columns found: {found}. Fix the data or set dataset.format "
+                f"(expected columns per format: {_format_help()})"
+            )
+        return requested
+    for name, (required, _opt) in FORMAT_COLUMNS.items():
+        if all(c in columns for c in required):
+            return name
+    raise data_unusable(
+        f"cannot detect the data format: columns found: {found}. Expected columns per format: "
+        f"{_format_help()}. Rename the columns or set dataset.format"
+    )
+
+
+class RowRejected(Exception):
+    """A row that cannot become an example; ``reason`` is the drop-reason key."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise RowRejected("invalidType")
+    return value
+
+
+def _message_list(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise RowRejected("invalidType" if not isinstance(value, list) else "empty")
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise RowRejected("invalidMessages")
+        out.append({"role": str(m["role"]), "content": _text(m.get("content"))})
+    return out
+
+
+def _conversation_or_text(value: Any, role: str) -> list[dict[str, str]]:
+    if isinstance(value, list):
+        return _message_list(value)
+    return [{"role": role, "content": _text(value)}]
+
+
+def row_to_example(row: Any, fmt: str) -> Example:
+    """Normalise one row of a known format; raises ``RowRejected`` with the drop reason."""
+    if not isinstance(row, dict):
+        raise RowRejected("invalidRow")
+    if fmt == "prompt-completion":
+        prompt = _conversation_or_text(row.get("prompt"), "user")
+        answer = _conversation_or_text(row.get("completion"), "assistant")
+        if answer[-1]["role"] != "assistant":
+            raise RowRejected("invalidMessages")
+        completion = answer[-1]["content"]
+    elif fmt == "instruction":
+        instruction = _text(row.get("instruction"))
+        extra = row.get("input")
+        extra_text = "" if extra is None else _text(extra)
+        user = instruction if not extra_text.strip() else f"{instruction}\n\n{extra_text}"
+        prompt = [{"role": "user", "content": user}]
+        completion = _text(row.get("output"))
+    else:
+        messages = _message_list(row.get("messages"))
+        if messages[-1]["role"] != "assistant":
+            raise RowRejected("noFinalAssistantMessage")
+        prompt, completion = messages[:-1], messages[-1]["content"]
+    if not prompt or not any(m["content"].strip() for m in prompt) or not completion.strip():
+        raise RowRejected("empty")
+    return Example(prompt, completion, *_extras(row))
+
+
+def _extras(row: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None, bool]:
+    task = row.get("task")
+    schema = row.get("json_schema", row.get("jsonSchema"))
+    if isinstance(schema, str) and schema.strip():
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise RowRejected("invalidJsonSchema") from exc
+    if schema is not None and not isinstance(schema, dict):
+        schema = None
+    refuse = row.get("must_refuse", row.get("mustRefuse", False))
+    return (str(task) if task else None), schema, bool(refuse)
+
+
+# ------------------------------------------------------------------ cleaning
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+def mask_example(example: Example, kinds: Iterable[str]) -> Counter[str]:
+    """Mask personal data in place in every message and the completion; returns counts."""
+    kinds = list(kinds)
+    total: Counter[str] = Counter()
+    for m in example.prompt_messages:
+        m["content"], c = mask_text(m["content"], kinds)
+        total.update(c)
+    example.completion, c = mask_text(example.completion, kinds)
+    total.update(c)
+    return total
+
+
+@dataclass
+class CleanResult:
+    examples: list[Example]
+    rows_read: int
+    dropped: Counter[str]
+    duplicates: int
+    pii: Counter[str]
+    keys: list[str]
+
+
+def clean_rows(
+    records: list[Any], fmt: str, cleaning: Cleaning, unparseable: int = 0
+) -> CleanResult:
+    """Validate, mask and dedup rows; every dropped row is counted by reason."""
+    dropped: Counter[str] = Counter()
+    if unparseable:
+        dropped["invalidJson"] = unparseable
+    pii: Counter[str] = Counter()
+    seen: set[str] = set()
+    kept: list[Example] = []
+    keys: list[str] = []
+    duplicates = 0
+    for row in records:
+        try:
+            ex = row_to_example(row, fmt)
+        except RowRejected as rej:
+            dropped[rej.reason] += 1
+            continue
+        if cleaning.pii_mask.enabled and cleaning.pii_mask.kinds:
+            pii.update(mask_example(ex, cleaning.pii_mask.kinds))
+        key = ex.content_key()
+        if key in seen:
+            duplicates += 1
+            if cleaning.dedup:
+                dropped["duplicate"] += 1
+                continue
+        seen.add(key)
+        kept.append(ex)
+        keys.append(key)
+    return CleanResult(kept, len(records) + unparseable, dropped, duplicates, pii, keys)
+
+
+# ------------------------------------------------------------------ templating
+
+
+def load_tokenizer(model_dir: str | Path, chat_template: str | None = None) -> tuple[Any, str]:
+    """The base model's tokenizer with the chat template in force, and where it came from."""
+    from transformers import AutoTokenizer
+
+    p = Path(model_dir)
+    if not p.is_dir():
+        raise model_not_found(
+            f"base model folder {p} not found: check baseModel.uri and that the model was fetched"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p))
+    except Exception as exc:
+        raise model_not_found(f"cannot load the tokenizer from {p}: {exc}") from exc
+    source = "model"
+    if chat_template:
+        tok.chat_template = chat_template
+        source = "spec"
+    elif not getattr(tok, "chat_template", None):
+        tok.chat_template = FALLBACK_CHAT_TEMPLATE
+        source = "fallback"
+        log.warning("the base model has no chat template; using a plain '### Role:' template")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok, source
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The templated prompt ending with the generation prompt (what the model sees at inference)."""
+    text: str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text
+
+
+def tokenize_example(tokenizer: Any, ex: Example, completion_only: bool) -> TokenizedExample:
+    """Template one example and build input_ids/labels (prompt tokens masked when asked)."""
+    prompt_text = render_prompt(tokenizer, ex.prompt_messages)
+    full: str = tokenizer.apply_chat_template(
+        [*ex.prompt_messages, {"role": "assistant", "content": ex.completion}], tokenize=False
+    )
+    completion_text = full[len(prompt_text) :] if full.startswith(prompt_text) else ex.completion
+    eos = tokenizer.eos_token or ""
+    if eos and eos not in completion_text:
+        completion_text += eos
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompt_text + completion_text, add_special_tokens=False)["input_ids"]
+    # Tokens may merge across the boundary: the completion starts where the two diverge.
+    n = 0
+    while n < min(len(prompt_ids), len(ids)) and prompt_ids[n] == ids[n]:
+        n += 1
+    labels = [-100] * n + ids[n:] if completion_only else list(ids)
+    answer_tokens = len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"])
+    return TokenizedExample(ex, prompt_text, completion_text, ids, labels, answer_tokens)
+
+
+def percentiles(lengths: list[int]) -> dict[str, int]:
+    """Nearest-rank p50/p90/p99/max of token lengths."""
+    if not lengths:
+        return {}
+    s = sorted(lengths)
+
+    def rank(q: float) -> int:
+        return s[max(0, math.ceil(q * len(s)) - 1)]
+
+    return {"p50": rank(0.5), "p90": rank(0.9), "p99": rank(0.99), "max": s[-1]}
+
+
+def filter_by_length(
+    tokenized: list[TokenizedExample], min_tokens: int, max_tokens: int, dropped: Counter[str]
+) -> list[TokenizedExample]:
+    """Drop rows whose answer text has fewer than min_tokens tokens or whose templated
+    sequence (prompt + answer) has more than max_tokens."""
+    kept = []
+    for t in tokenized:
+        if t.completion_tokens < min_tokens:
+            dropped["tooShort"] += 1
+        elif len(t.input_ids) > max_tokens:
+            dropped["tooLong"] += 1
+        else:
+            kept.append(t)
+    return kept
+
+
+# ------------------------------------------------------------------ split, digest
+
+
+def split_indices(keys: list[str], eval_share: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train/eval split: rank rows by sha256(seed, content) and hold out the first.
+
+    Depends only on the seed and each row's content, not on row order.
+    """
+    if len(keys) < 2:
+        return list(range(len(keys))), []
+    n_eval = min(len(keys) - 1, max(1, round(len(keys) * eval_share)))
+    # Repeated keys (dedup off) are told apart by occurrence number, not by position.
+    occurrence: Counter[str] = Counter()
+    ranks = []
+    for k in keys:
+        ranks.append(hashlib.sha256(f"{seed}:{k}:{occurrence[k]}".encode()).hexdigest())
+        occurrence[k] += 1
+    ranked = sorted(range(len(keys)), key=lambda i: ranks[i])
+    held = set(ranked[:n_eval])
+    train = [i for i in range(len(keys)) if i not in held]
+    return train, sorted(held)
+
+
+def data_digest(train: list[TokenizedExample], eval_: list[TokenizedExample]) -> str:
+    """sha256 over the cleaned, templated rows (train, then eval)."""
+    h = hashlib.sha256()
+    for part, rows in (("train", train), ("eval", eval_)):
+        h.update(f"#{part}\n".encode())
+        for t in rows:
+            line = json.dumps([t.prompt_text, t.completion_text], ensure_ascii=False)
+            h.update(line.encode() + b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+# ------------------------------------------------------------------ the step
+
+
+def _prepare_source(
+    path: str | Path, dataset: DatasetSpec, tokenizer: Any, max_tokens: int, fmt: str | None
+) -> tuple[list[TokenizedExample], CleanResult, str]:
+    records, unparseable = read_records(path)
+    if not records:
+        raise data_unusable(f"{path}: no rows found; the data file is empty")
+    fmt = fmt or detect_format(records, dataset.format)
+    cleaned = clean_rows(records, fmt, dataset.cleaning, unparseable)
+    tokenized = [
+        tokenize_example(tokenizer, ex, dataset.completion_only) for ex in cleaned.examples
+    ]
+    kept = filter_by_length(tokenized, dataset.cleaning.min_tokens, max_tokens, cleaned.dropped)
+    return kept, cleaned, fmt
+
+
+def prepare_data(
+    dataset: DatasetSpec,
+    train_path: str | Path,
+    eval_path: str | Path | None,
+    tokenizer: Any,
+    max_seq_length: int,
+    seed: int,
+    template_source: str = "model",
+) -> PreparedData:
+    """Run the whole data step; raises ``TrainerError`` (DataNotFound / DataUnusable)."""
+    max_tokens = min(dataset.cleaning.max_tokens or max_seq_length, max_seq_length)
+    train_all, cleaned, fmt = _prepare_source(train_path, dataset, tokenizer, max_tokens, None)
+    report = DataReport(
+        rows_read=cleaned.rows_read,
+        duplicates=cleaned.duplicates,
+        duplicate_rate=cleaned.duplicates / cleaned.rows_read if cleaned.rows_read else 0.0,
+        pii_masked=sum(cleaned.pii.values()),
+        pii_by_kind=dict(cleaned.pii),
+        format=fmt,
+        chat_template=template_source,
+    )
+    if eval_path is not None:
+        train = train_all
+        eval_kept, eval_clean, _ = _prepare_source(eval_path, dataset, tokenizer, max_tokens, None)
+        train_keys = {t.example.content_key() for t in train}
+        overlap = [t for t in eval_kept if t.example.content_key() in train_keys]
+        if overlap:
+            eval_clean.dropped["overlapsTrain"] += len(overlap)
+        eval_rows = [t for t in eval_kept if t.example.content_key() not in train_keys]
+        report.eval_source = "file"
+        report.eval_rows_read = eval_clean.rows_read
+        report.eval_dropped = dict(eval_clean.dropped)
+        report.pii_masked += sum(eval_clean.pii.values())
+        for k, v in eval_clean.pii.items():
+            report.pii_by_kind[k] = report.pii_by_kind.get(k, 0) + v
+    else:
+        share = dataset.eval_split if dataset.eval_split is not None else DEFAULT_EVAL_SPLIT
+        keys = [t.example.content_key() for t in train_all]
+        train_idx, eval_idx = split_indices(keys, share, seed)
+        train = [train_all[i] for i in train_idx]
+        eval_rows = [train_all[i] for i in eval_idx]
+    report.dropped = dict(cleaned.dropped)
+    report.rows_kept = len(train_all)
+    report.train_rows = len(train)
+    report.eval_rows = len(eval_rows)
+    report.token_length_percentiles = percentiles([len(t.input_ids) for t in train_all])
+    report.digest = data_digest(train, eval_rows)
+    return PreparedData(train, eval_rows, report, tokenizer.chat_template)
+
+
+def check_usable(report: DataReport, cleaning: Cleaning) -> None:
+    """Fail before training when the data cannot give a meaningful run."""
+    if report.duplicate_rate > cleaning.max_duplicate_rate:
+        raise data_unusable(
+            f"{report.duplicates} of {report.rows_read} rows are duplicates "
+            f"({report.duplicate_rate:.0%}), above dataset.cleaning.maxDuplicateRate "
+            f"{cleaning.max_duplicate_rate:.0%}: deduplicate the source data or raise maxDuplicateRate"
+        )
+    if report.train_rows < cleaning.min_rows:
+        why = ", ".join(f"{k}: {v}" for k, v in sorted(report.dropped.items())) or "none dropped"
+        raise data_unusable(
+            f"only {report.train_rows} training rows remain after cleaning (read {report.rows_read}; "
+            f"dropped {why}; {report.eval_rows} held out for eval), fewer than "
+            f"dataset.cleaning.minRows {cleaning.min_rows}: add data, relax the length bounds "
+            "(cleaning.minTokens/maxTokens, training.maxSeqLength) or lower minRows"
+        )
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def eval_row(t: TokenizedExample) -> dict[str, Any]:
+    """One line of eval.jsonl (the contract with the evaluator)."""
+    return {
+        "prompt": t.prompt_text,
+        "messages": t.example.prompt_messages,
+        "completion": t.example.completion,
+        "task": t.example.task,
+        "jsonSchema": t.example.json_schema,
+        "mustRefuse": t.example.must_refuse,
+    }
+
+
+def iter_jsonl(rows: Iterable[dict[str, Any]]) -> Iterator[str]:
+    for r in rows:
+        yield json.dumps(r, ensure_ascii=False) + "\n"
+
+
+def write_data_outputs(prepared: PreparedData, output_dir: str | Path) -> None:
+    """Write data_report.json and eval.jsonl under the output directory."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "data_report.json").write_text(
+        json.dumps(prepared.report.to_wire(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    with (out / "eval.jsonl").open("w", encoding="utf-8") as f:
+        f.writelines(iter_jsonl(eval_row(t) for t in prepared.eval))

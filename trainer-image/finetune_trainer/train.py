@@ -1,0 +1,423 @@
+"""Training: load the base model (4-bit for QLoRA), attach LoRA, run TRL's SFTTrainer with
+resumable checkpoints and progress lines, save the adapter, optionally merge it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.api.finetunejob import FineTuneJobSpec
+from finetune_operator.api.trainer_config import TrainerConfig
+
+from .checkpoints import make_checkpoint_callback, prepare_for_resume, run_fingerprint
+from .data import PreparedData
+from .errors import model_not_found, out_of_memory, training_failed
+from .progress import make_progress_callback
+
+log = logging.getLogger(__name__)
+
+BNB_OPTIMIZERS = {"paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"}
+# Rows of the eval set scored for evalLoss during training (the evaluator scores them all).
+IN_TRAINING_EVAL_ROWS = 256
+
+
+@dataclass
+class TrainOutcome:
+    model: Any
+    adapter_dir: Path
+    global_step: int
+    log_history: list[dict[str, Any]]
+    metrics: dict[str, float]
+    training_arguments: dict[str, Any]
+    resumed_from: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ choices (pure-ish)
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise training_failed(
+            "device: cuda was requested but no CUDA GPU is visible in the container"
+        )
+    return requested
+
+
+def default_batch_and_checkpointing(device: str) -> tuple[int, bool]:
+    """Conservative choice when no estimator is available."""
+    return (4, True) if device == "cuda" else (2, False)
+
+
+def resolve_batch_and_checkpointing(
+    spec: FineTuneJobSpec, device: str, model_dir: str | Path
+) -> tuple[int, bool, str]:
+    """Batch size and gradient checkpointing in force, and who chose them.
+
+    Explicit values win. ``auto``/unset go to the shared estimator when it is importable
+    (``finetune_operator.estimator.choose_batch_and_checkpointing``), else to a safe default.
+    """
+    batch = spec.training.batch_size
+    gc = spec.training.gradient_checkpointing
+    if batch != "auto" and gc is not None:
+        return int(batch), bool(gc), "spec"
+    default_batch, default_gc = default_batch_and_checkpointing(device)
+    chosen_batch, chosen_gc, source = default_batch, default_gc, "default"
+    if device == "cuda":
+        estimate = _estimator_choice(spec, model_dir)
+        if estimate is not None:
+            chosen_batch, chosen_gc = estimate
+            source = "estimator"
+    return (
+        int(batch) if batch != "auto" else chosen_batch,
+        bool(gc) if gc is not None else chosen_gc,
+        source,
+    )
+
+
+def _estimator_choice(spec: FineTuneJobSpec, model_dir: str | Path) -> tuple[int, bool] | None:
+    try:
+        from finetune_operator import estimator  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    choose = getattr(estimator, "choose_batch_and_checkpointing", None)
+    if choose is None:
+        return None
+    import torch
+
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    try:
+        result = choose(spec, gpu_memory_gib=gpu_gib, model_dir=str(model_dir))
+    except TypeError:
+        try:
+            result = choose(spec, gpu_gib)
+        except Exception as exc:
+            log.warning("estimator could not choose batch/checkpointing (%s); using defaults", exc)
+            return None
+    except Exception as exc:
+        log.warning("estimator could not choose batch/checkpointing (%s); using defaults", exc)
+        return None
+    if isinstance(result, dict):
+        return int(result["batchSize"]), bool(result["gradientCheckpointing"])
+    if isinstance(result, tuple | list):
+        return int(result[0]), bool(result[1])
+    return int(result.batch_size), bool(result.gradient_checkpointing)
+
+
+def _bnb_optimizer_works(name: str) -> bool:
+    """Take one real step with the bitsandbytes optimizer on a CPU tensor."""
+    try:
+        import bitsandbytes as bnb
+        import torch
+
+        cls = {
+            "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+            "adamw_8bit": bnb.optim.AdamW8bit,
+            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+        }[name]
+        p = torch.nn.Parameter(torch.zeros(4096))
+        opt = cls([p], lr=1e-3)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        return True
+    except Exception as exc:
+        log.warning("optimizer %s cannot run here: %s", name, exc)
+        return False
+
+
+def resolve_optimizer(name: str, device: str) -> tuple[str, str | None]:
+    """The optimizer to use and a note when it had to be replaced."""
+    if device == "cpu" and name in BNB_OPTIMIZERS and not _bnb_optimizer_works(name):
+        return "adamw_torch", f"optimizer {name} does not run on this CPU; used adamw_torch instead"
+    if device == "cpu" and name == "adamw_torch_fused":
+        return name, None
+    return name, None
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def compute_dtype_name(spec: FineTuneJobSpec, device: str) -> str:
+    """Matmul dtype: the spec's on GPU, float32 on CPU (no fast bf16/fp16 matmuls there)."""
+    if device == "cpu":
+        return "float32"
+    quant = spec.resolved_quantization()
+    if quant is not None:
+        return quant.compute_dtype
+    import torch
+
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+# ------------------------------------------------------------------ model
+
+
+def load_model_for_training(
+    spec: FineTuneJobSpec, model_dir: str | Path, device: str, gradient_checkpointing: bool
+) -> Any:
+    """Base model (4-bit for QLoRA, 16/32-bit for LoRA) with a fresh LoRA adapter attached."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = torch_dtype(compute_dtype_name(spec, device))
+    device_map = {"": 0} if device == "cuda" else {"": "cpu"}
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "device_map": device_map,
+        "trust_remote_code": spec.base_model.trust_remote_code,
+    }
+    quant = spec.resolved_quantization()
+    if quant is not None:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quant.type,
+            bnb_4bit_use_double_quant=quant.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except OSError as exc:
+        raise model_not_found(f"cannot load the base model from {model_dir}: {exc}") from exc
+    if quant is not None:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    targets = spec.lora.target_modules
+    lora = LoraConfig(
+        r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise training_failed(
+            f"lora.targetModules {targets} do not match the model's layers ({exc}); use "
+            "[all-linear] or names such as q_proj, v_proj"
+        ) from exc
+
+
+def to_dataset(rows: list[Any]) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]}
+    )
+
+
+def build_sft_config(
+    config: TrainerConfig,
+    device: str,
+    batch: int,
+    gradient_checkpointing: bool,
+    optimizer: str,
+    checkpoint_dir: Path,
+    has_eval: bool,
+) -> Any:
+    from trl import SFTConfig
+
+    t = config.spec.training
+    dtype = compute_dtype_name(config.spec, device)
+    return SFTConfig(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        optim=optimizer,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_every_steps,
+        save_strategy="steps",
+        save_steps=t.checkpoint_every_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=t.checkpoint_every_steps if has_eval else None,
+        bf16=device == "cuda" and dtype == "bfloat16",
+        fp16=device == "cuda" and dtype == "float16",
+        use_cpu=device == "cpu",
+        max_length=t.max_seq_length,
+        packing=t.packing,
+        packing_strategy="bfd",
+        report_to=[],
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+    )
+
+
+def training_arguments_summary(
+    config: TrainerConfig, device: str, batch: int, gc: bool, optimizer: str
+) -> dict[str, Any]:
+    """The settings that shaped the adapter (recorded in manifest.json)."""
+    t = config.spec.training
+    quant = config.spec.resolved_quantization()
+    return {
+        "device": device,
+        "epochs": t.epochs,
+        "maxSteps": t.max_steps,
+        "learningRate": t.learning_rate,
+        "scheduler": t.scheduler,
+        "warmupRatio": t.warmup_ratio,
+        "maxSeqLength": t.max_seq_length,
+        "batchSize": batch,
+        "gradientAccumulation": t.gradient_accumulation,
+        "gradientCheckpointing": gc,
+        "optimizer": optimizer,
+        "weightDecay": t.weight_decay,
+        "maxGradNorm": t.max_grad_norm,
+        "packing": t.packing,
+        "seed": t.seed,
+        "dropout": config.spec.lora.dropout,
+        "computeDtype": compute_dtype_name(config.spec, device),
+        "quantization": quant.model_dump(by_alias=True, mode="json") if quant else None,
+        "completionOnly": config.spec.dataset.completion_only,
+    }
+
+
+# ------------------------------------------------------------------ the step
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def train_adapter(config: TrainerConfig, prepared: PreparedData, tokenizer: Any) -> TrainOutcome:
+    """Train (resuming when a complete checkpoint of this run exists) and save the adapter."""
+    import torch
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    out = Path(config.paths.output_dir)
+    checkpoint_dir = out / "checkpoints"
+    device = resolve_device(config.device)
+    batch, gc, choice_source = resolve_batch_and_checkpointing(
+        config.spec, device, config.paths.base_model
+    )
+    optimizer, opt_note = resolve_optimizer(config.spec.training.optimizer, device)
+    notes = [f"device {device}; batch {batch}, gradient checkpointing {gc} ({choice_source})"]
+    if opt_note:
+        log.warning(opt_note)
+        notes.append(opt_note)
+
+    fingerprint = run_fingerprint(config.spec, prepared.report.digest)
+    resume = prepare_for_resume(checkpoint_dir, fingerprint)
+    if resume is not None:
+        log.info("resuming from %s", resume)
+        notes.append(f"resumed from {resume.name}")
+
+    torch.manual_seed(config.spec.training.seed)
+    model = load_model_for_training(config.spec, config.paths.base_model, device, gc)
+    eval_rows = prepared.eval[:IN_TRAINING_EVAL_ROWS]
+    args = build_sft_config(config, device, batch, gc, optimizer, checkpoint_dir, bool(eval_rows))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=to_dataset(prepared.train),
+        eval_dataset=to_dataset(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        callbacks=[
+            make_checkpoint_callback(fingerprint),
+            make_progress_callback(config.progress_interval_seconds),
+        ],
+    )
+    trainer.remove_callback(PrinterCallback)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        metrics: dict[str, float] = {}
+        if eval_rows:
+            ev = trainer.evaluate()
+            if "eval_loss" in ev:
+                metrics["evalLoss"] = float(ev["eval_loss"])
+    except Exception as exc:
+        if _is_oom(exc):
+            raise out_of_memory(
+                f"out of GPU memory at batch size {batch} (gradient checkpointing {gc}): set "
+                "training.batchSize lower, enable training.gradientCheckpointing, shorten "
+                "training.maxSeqLength or use method qlora"
+            ) from exc
+        raise training_failed(f"training failed: {type(exc).__name__}: {exc}") from exc
+
+    adapter_dir = save_adapter(trainer.model, tokenizer, out / "adapter")
+    return TrainOutcome(
+        model=trainer.model,
+        adapter_dir=adapter_dir,
+        global_step=int(trainer.state.global_step),
+        log_history=list(trainer.state.log_history),
+        metrics=metrics,
+        training_arguments=training_arguments_summary(config, device, batch, gc, optimizer),
+        resumed_from=str(resume) if resume else None,
+        notes=notes,
+    )
+
+
+def save_adapter(model: Any, tokenizer: Any, adapter_dir: Path) -> Path:
+    """Write adapter weights, config and tokenizer to a temp folder, then swap it in."""
+    tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    os.replace(tmp, adapter_dir)
+    return adapter_dir
+
+
+def merge_adapter(
+    base_model_dir: str | Path,
+    adapter_dir: str | Path,
+    merged_dir: str | Path,
+    dtype_name: str,
+    device: str,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Reload the unquantised base in ``dtype_name``, apply the adapter, merge and save."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device == "cpu" and dtype_name != "float32":
+        log.info("merging on CPU in float32 instead of %s", dtype_name)
+        dtype_name = "float32"
+    base = AutoModelForCausalLM.from_pretrained(
+        str(base_model_dir),
+        dtype=torch_dtype(dtype_name),
+        device_map={"": 0} if device == "cuda" else {"": "cpu"},
+        trust_remote_code=trust_remote_code,
+    )
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    target = Path(merged_dir)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(tmp))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
