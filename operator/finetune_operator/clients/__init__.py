@@ -1,0 +1,1 @@
+"""Clients: the only code that performs I/O against the Kubernetes API."""

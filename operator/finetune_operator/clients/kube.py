@@ -1,0 +1,277 @@
+"""The only code that talks to the Kubernetes API.
+
+Built on the official ``kubernetes`` client for what it does well — finding credentials
+(in-cluster ServiceAccount or kubeconfig), TLS and authentication — but sending plain dicts
+over its generic ``call_api`` instead of its typed models: builders and planners work on
+dicts, and round-tripping through the generated models would drop fields the models do not
+know (custom resources, newer Job fields). Calls are blocking, so each runs in a worker
+thread to keep kopf's event loop free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from ..api.common import GROUP, VERSION
+from ..api.finetunejob import PLURAL as FTJ_PLURAL
+
+log = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+JSON = "application/json"
+
+
+class KubeError(Exception):
+    """A failed API call, with its HTTP status and the server's message."""
+
+    def __init__(self, status: int, message: str, reason: str = "") -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        """A write lost a race (409) or a precondition failed (422 from a patch test)."""
+        return self.status in (409, 422)
+
+
+def _collection(kind: str, namespace: str) -> str:
+    paths = {
+        "Job": f"/apis/batch/v1/namespaces/{namespace}/jobs",
+        "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",
+        "Pod": f"/api/v1/namespaces/{namespace}/pods",
+        "Secret": f"/api/v1/namespaces/{namespace}/secrets",
+        "PersistentVolumeClaim": f"/api/v1/namespaces/{namespace}/persistentvolumeclaims",
+        "Event": f"/api/v1/namespaces/{namespace}/events",
+        "FineTuneJob": f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{FTJ_PLURAL}",
+    }
+    return paths[kind]
+
+
+def _path(kind: str, namespace: str, name: str, sub: str = "") -> str:
+    path = f"{_collection(kind, namespace)}/{quote(name, safe='')}"
+    return f"{path}/{sub}" if sub else path
+
+
+def matches_labels(obj: Mapping[str, Any], selector: Mapping[str, str]) -> bool:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+class KubeClient:
+    """Async facade over ``kubernetes.client.ApiClient`` speaking dicts."""
+
+    def __init__(self, api_client: Any) -> None:
+        self._api = api_client
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def from_environment(cls) -> KubeClient:
+        """In-cluster ServiceAccount when running in a pod, else the local kubeconfig."""
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        return cls(client.ApiClient())
+
+    @classmethod
+    def from_url(cls, url: str, token: str | None = None) -> KubeClient:
+        """A client for a plain HTTP(S) endpoint (tests, kubectl proxy)."""
+        from kubernetes import client
+
+        configuration = client.Configuration(host=url.rstrip("/"))
+        if token:
+            configuration.api_key = {"BearerToken": token}
+            configuration.api_key_prefix = {"BearerToken": "Bearer"}
+        return cls(client.ApiClient(configuration))
+
+    # ------------------------------------------------------------ transport
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: Mapping[str, Any] | None = None,
+        content_type: str = JSON,
+        raw: bool = False,
+    ) -> Any:
+        headers = {"Accept": "application/json, */*", "Content-Type": content_type}
+        resource = path + ("?" + urlencode(query) if query else "")
+        _method, url, hdrs, _body, _post = self._api.param_serialize(
+            method, resource, header_params=headers, auth_settings=["BearerToken"]
+        )
+        response = self._api.call_api(method, url, header_params=hdrs, body=body)
+        data = response.read()
+        status = response.status
+        if status >= 400:
+            try:
+                detail = json.loads(data)
+                message, reason = str(detail.get("message", "")), str(detail.get("reason", ""))
+            except (ValueError, AttributeError):
+                message, reason = (data or b"").decode(errors="replace")[:500], ""
+            raise KubeError(status, message, reason)
+        if raw:
+            return (data or b"").decode(errors="replace")
+        return json.loads(data) if data else {}
+
+    async def _acall(self, method: str, path: str, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(self._call, method, path, **kwargs)
+
+    # ------------------------------------------------------------ generic verbs
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = await self._acall("GET", _path(kind, namespace, name))
+            return result
+        except KubeError as exc:
+            if exc.not_found:
+                return None
+            raise
+
+    async def exists(self, kind: str, namespace: str, name: str) -> bool:
+        """Whether the object exists; never returns its content (Secrets stay unread here)."""
+        return await self.get(kind, namespace, name) is not None
+
+    async def list(
+        self, kind: str, namespace: str, labels: Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        query = (
+            {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} if labels else None
+        )
+        result = await self._acall("GET", _collection(kind, namespace), query=query)
+        items = list(result.get("items") or [])
+        # Filter here too: not every API server (or emulator) honours labelSelector.
+        return [i for i in items if matches_labels(i, labels or {})]
+
+    async def create(self, body: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Create ``body``; an existing object of that name counts as success.
+
+        Returns the object and whether this call created it.
+        """
+        meta = body["metadata"]
+        try:
+            created = await self._acall(
+                "POST", _collection(body["kind"], meta["namespace"]), body=dict(body)
+            )
+            return created, True
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+        existing = await self.get(body["kind"], meta["namespace"], meta["name"])
+        return existing or dict(body), False
+
+    async def patch(
+        self, kind: str, namespace: str, name: str, patch: Mapping[str, Any], sub: str = ""
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await self._acall(
+            "PATCH", _path(kind, namespace, name, sub), body=dict(patch), content_type=MERGE_PATCH
+        )
+        return result
+
+    async def delete(
+        self, kind: str, namespace: str, name: str, propagation: str = "Background"
+    ) -> bool:
+        """Delete; returns False when it was already gone."""
+        try:
+            await self._acall(
+                "DELETE",
+                _path(kind, namespace, name),
+                body={
+                    "kind": "DeleteOptions",
+                    "apiVersion": "v1",
+                    "propagationPolicy": propagation,
+                },
+            )
+            return True
+        except KubeError as exc:
+            if exc.not_found:
+                return False
+            raise
+
+    # ------------------------------------------------------------ specific reads and writes
+
+    async def read_log(
+        self, namespace: str, pod: str, container: str, tail_lines: int
+    ) -> str | None:
+        """The last ``tail_lines`` lines of a container's log, or None when there is none yet."""
+        try:
+            text: str = await self._acall(
+                "GET",
+                _path("Pod", namespace, pod, "log"),
+                query={"container": container, "tailLines": str(tail_lines)},
+                raw=True,
+            )
+            return text
+        except KubeError as exc:
+            if exc.status in (400, 404):  # container not started yet, or pod gone
+                return None
+            raise
+
+    async def patch_status(
+        self,
+        kind: str,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+        resource_version: str | None,
+    ) -> dict[str, Any]:
+        """Replace-by-merge the status; with ``resource_version`` a concurrent write gives 409."""
+        body: dict[str, Any] = {"status": dict(status)}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return await self.patch(kind, namespace, name, body, sub="status")
+
+    async def emit_event(
+        self,
+        involved: Mapping[str, Any],
+        type_: str,
+        reason: str,
+        message: str,
+        component: str = "finetune-operator",
+    ) -> None:
+        """Record a core/v1 Event about ``involved`` (best effort: failures are logged)."""
+        meta = involved.get("metadata") or {}
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S%f")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta.get('name')}.{stamp}", "namespace": meta.get("namespace")},
+            "involvedObject": {
+                "apiVersion": involved.get("apiVersion"),
+                "kind": involved.get("kind"),
+                "name": meta.get("name"),
+                "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type_,
+            "reason": reason[:128],
+            "message": message[:1024],
+            "source": {"component": component},
+            "reportingComponent": component,
+            "reportingInstance": component,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self._acall("POST", _collection("Event", str(meta.get("namespace"))), body=event)
+        except KubeError as exc:
+            log.warning("could not record event %s on %s: %s", reason, meta.get("name"), exc)

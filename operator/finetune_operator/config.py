@@ -1,0 +1,181 @@
+"""Operator configuration, read from environment variables in one place.
+
+Every setting has a default that works in a plain cluster, an environment variable that
+overrides it, and a help text (``finetune-operator config --help``-style listings and the
+Helm chart's values both come from ``FIELDS``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "FINETUNE_"
+
+
+def _help(text: str, env: str) -> dict[str, str]:
+    return {"help": text, "env": env}
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """Typed operator settings; build it with :func:`load_config`."""
+
+    trainer_image: str = field(
+        default="ghcr.io/finetune-dev/finetune-trainer:0.1.0",
+        metadata=_help(
+            "Trainer image used when a FineTuneJob sets no spec.image.", "FINETUNE_TRAINER_IMAGE"
+        ),
+    )
+    image_pull_policy: str = field(
+        default="IfNotPresent",
+        metadata=_help("imagePullPolicy of trainer containers.", "FINETUNE_IMAGE_PULL_POLICY"),
+    )
+    operator_namespace: str = field(
+        default="finetune-system",
+        metadata=_help(
+            "Namespace the operator runs in (holds the price table ConfigMap).",
+            "FINETUNE_OPERATOR_NAMESPACE",
+        ),
+    )
+    watch_namespaces: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "Comma-separated namespaces to watch; empty watches all namespaces.",
+            "FINETUNE_WATCH_NAMESPACES",
+        ),
+    )
+    price_table_configmap: str = field(
+        default="finetune-gpu-prices",
+        metadata=_help(
+            "ConfigMap in the operator namespace mapping gpuProduct to price per GPU-hour "
+            "(key 'currency' sets the currency, key 'default' the price for unknown products).",
+            "FINETUNE_PRICE_TABLE_CONFIGMAP",
+        ),
+    )
+    gpu_memory_overrides: Mapping[str, float] = field(
+        default_factory=dict,
+        metadata=_help(
+            'JSON object of extra GPU products and their memory in GiB, e.g. {"NVIDIA-B200": 179}.',
+            "FINETUNE_GPU_MEMORY_OVERRIDES",
+        ),
+    )
+    default_gpu_memory_gib: float = field(
+        default=0.0,
+        metadata=_help(
+            "GPU memory assumed when a job names no gpuProduct/gpuMemoryGiB (0: skip the fit "
+            "check and report Fits=Unknown).",
+            "FINETUNE_DEFAULT_GPU_MEMORY_GIB",
+        ),
+    )
+    memory_headroom: float = field(
+        default=0.1,
+        metadata=_help(
+            "Share of GPU memory kept free when deciding whether a job fits.",
+            "FINETUNE_MEMORY_HEADROOM",
+        ),
+    )
+    progress_poll_seconds: float = field(
+        default=15.0,
+        metadata=_help(
+            "How often running jobs are polled (trainer log tail, pod states).",
+            "FINETUNE_PROGRESS_POLL_SECONDS",
+        ),
+    )
+    progress_interval_seconds: float = field(
+        default=10.0,
+        metadata=_help(
+            "Least time between progress lines the trainer prints.",
+            "FINETUNE_PROGRESS_INTERVAL_SECONDS",
+        ),
+    )
+    log_tail_lines: int = field(
+        default=200,
+        metadata=_help(
+            "Trainer log lines read per poll to find progress.", "FINETUNE_LOG_TAIL_LINES"
+        ),
+    )
+    job_ttl_seconds: int | None = field(
+        default=None,
+        metadata=_help(
+            "Override ttlSecondsAfterFinished of trainer Jobs (default: the FineTuneJob's).",
+            "FINETUNE_JOB_TTL_SECONDS",
+        ),
+    )
+    run_as_user: int = field(
+        default=1000,
+        metadata=_help("UID trainer pods run as (never root).", "FINETUNE_RUN_AS_USER"),
+    )
+    metrics_port: int = field(
+        default=8080,
+        metadata=_help(
+            "Port of the Prometheus /metrics endpoint (0 disables).", "FINETUNE_METRICS_PORT"
+        ),
+    )
+    status_write_retries: int = field(
+        default=5,
+        metadata=_help(
+            "Attempts at a status write that meets a conflict (409/422).",
+            "FINETUNE_STATUS_WRITE_RETRIES",
+        ),
+    )
+
+
+def describe() -> list[dict[str, Any]]:
+    """Each setting with its environment variable, default and help text."""
+    defaults = OperatorConfig()
+    return [
+        {
+            "name": f.name,
+            "env": f.metadata["env"],
+            "default": getattr(defaults, f.name),
+            "help": f.metadata["help"],
+        }
+        for f in fields(OperatorConfig)
+    ]
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value the operator cannot use."""
+
+
+def _parse(name: str, raw: str, kind: Any) -> Any:
+    try:
+        if name == "watch_namespaces":
+            return tuple(ns.strip() for ns in raw.split(",") if ns.strip())
+        if name == "gpu_memory_overrides":
+            value = json.loads(raw) if raw.strip() else {}
+            if not isinstance(value, dict) or not all(
+                isinstance(v, int | float) and v > 0 for v in value.values()
+            ):
+                raise ValueError("expected a JSON object of product name -> GiB (> 0)")
+            return {str(k): float(v) for k, v in value.items()}
+        if name == "job_ttl_seconds":
+            return int(raw) if raw.strip() else None
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float"):
+            return float(raw)
+        return raw
+    except ValueError as exc:
+        env = ENV_PREFIX + name.upper()
+        raise ConfigError(f"{env}={raw!r}: {exc}") from exc
+
+
+def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
+    """Build the configuration from ``env`` (default: the process environment)."""
+    source = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in fields(OperatorConfig):
+        var = f.metadata["env"]
+        if var in source:
+            values[f.name] = _parse(f.name, source[var], f.type)
+    config = OperatorConfig(**values)
+    if not 0.0 <= config.memory_headroom < 0.9:
+        raise ConfigError("FINETUNE_MEMORY_HEADROOM must be in [0, 0.9)")
+    if config.progress_poll_seconds <= 0:
+        raise ConfigError("FINETUNE_PROGRESS_POLL_SECONDS must be > 0")
+    return config

@@ -1,0 +1,1 @@
+"""Thin kopf handlers; import finetune_operator.main to register them all."""

@@ -1,0 +1,328 @@
+"""kopf handlers of FineTuneJob: observe, plan (pure), act, write status.
+
+Every trigger — create, update, resume after an operator restart, the tracking timer and
+events of the trainer Jobs — runs the same level-based :func:`reconcile`, serialised per
+object. Names of children are deterministic, so a repeated create meets the existing object
+(409) and is taken as success: never two trainer Jobs for one generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from .. import metrics
+from ..api.common import GROUP, VERSION
+from ..api.finetunejob import KIND, PLURAL, FineTuneJobSpec
+from ..builders import names
+from ..builders.trainer import TRAINER_CONTAINER
+from ..clients.kube import KubeClient, KubeError
+from ..config import OperatorConfig, load_config
+from ..planners.finetunejob import (
+    Event,
+    Observed,
+    Plan,
+    PriceTable,
+    is_terminal,
+    plan,
+    referenced_objects,
+    run_generation,
+)
+
+log = logging.getLogger(__name__)
+
+# Keys of status that kopf or other writers own; never compared or overwritten here.
+FOREIGN_STATUS_KEYS = ("kopf",)
+
+_locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+
+def _lock(namespace: str, name: str) -> asyncio.Lock:
+    return _locks.setdefault((namespace, name), asyncio.Lock())
+
+
+def runtime(memo: Any) -> tuple[KubeClient, OperatorConfig]:
+    """The client and configuration prepared at startup (tests may pass their own in memo)."""
+    kube = getattr(memo, "kube", None)
+    config = getattr(memo, "config", None)
+    if kube is None or config is None:
+        raise kopf.TemporaryError("operator is still starting", delay=1)
+    return kube, config
+
+
+# ---------------------------------------------------------------- observe
+
+
+async def _missing_references(
+    kube: KubeClient, namespace: str, spec: FineTuneJobSpec
+) -> tuple[str, ...]:
+    claims, secrets = referenced_objects(spec)
+    missing: list[str] = []
+    for claim in claims:
+        if not await kube.exists("PersistentVolumeClaim", namespace, claim):
+            missing.append(
+                f"PersistentVolumeClaim {claim!r} not found in namespace {namespace}: create it "
+                "or fix the pvc:// URI"
+            )
+    for secret in secrets:
+        if not await kube.exists("Secret", namespace, secret):
+            missing.append(
+                f"Secret {secret!r} not found in namespace {namespace}: create it or fix "
+                "credentialsSecretRef"
+            )
+    return tuple(missing)
+
+
+async def _price_table(kube: KubeClient, config: OperatorConfig) -> PriceTable | None:
+    try:
+        cm = await kube.get("ConfigMap", config.operator_namespace, config.price_table_configmap)
+    except KubeError as exc:
+        log.debug("price table unreadable: %s", exc)
+        return None
+    return PriceTable.from_configmap_data((cm or {}).get("data"))
+
+
+async def observe(kube: KubeClient, config: OperatorConfig, body: Mapping[str, Any]) -> Observed:
+    """Gather the FineTuneJob's children, pod states, log tail, references and prices."""
+    meta = body.get("metadata") or {}
+    name, namespace = str(meta["name"]), str(meta["namespace"])
+    status = dict(body.get("status") or {})
+    for key in FOREIGN_STATUS_KEYS:
+        status.pop(key, None)
+    job_name = status.get("trainerJob")
+    job = configmap = None
+    pods: list[dict[str, Any]] = []
+    log_tail = None
+    gen = run_generation(job_name)
+    if job_name and gen is not None:
+        job = await kube.get("Job", namespace, job_name)
+        configmap = await kube.get("ConfigMap", namespace, names.trainer_configmap_name(name, gen))
+        pods = await kube.list(
+            "Pod",
+            namespace,
+            {names.LABEL_JOB: names.label_value(name), names.LABEL_GENERATION: str(gen)},
+        )
+        started = [p for p in pods if _trainer_started(p)]
+        if started:
+            newest = max(
+                started, key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or "")
+            )
+            log_tail = await kube.read_log(
+                namespace, newest["metadata"]["name"], TRAINER_CONTAINER, config.log_tail_lines
+            )
+
+    missing: tuple[str, ...] | None = None
+    if job_name is None or is_terminal(status):
+        try:
+            spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
+            missing = await _missing_references(kube, namespace, spec)
+        except ValidationError:
+            missing = None  # the planner reports the invalid spec
+    return Observed(
+        name=name,
+        namespace=namespace,
+        uid=str(meta.get("uid") or ""),
+        generation=int(meta.get("generation") or 1),
+        spec=body.get("spec") or {},
+        status=status,
+        annotations=dict(meta.get("annotations") or {}),
+        job=job,
+        configmap=configmap,
+        pods=tuple(pods),
+        log_tail=log_tail,
+        missing_refs=missing,
+        prices=await _price_table(kube, config),
+    )
+
+
+def _trainer_started(pod: Mapping[str, Any]) -> bool:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == TRAINER_CONTAINER:
+            state = cs.get("state") or {}
+            return "running" in state or "terminated" in state
+    return False
+
+
+# ---------------------------------------------------------------- act
+
+
+async def execute(kube: KubeClient, namespace: str, p: Plan) -> list[Event]:
+    """Carry out the plan's actions; returns events for what actually changed."""
+    events: list[Event] = []
+    for action in p.actions:
+        if action.verb == "create" and action.body is not None:
+            _, created = await kube.create(action.body)
+            if created:
+                events.append(
+                    Event("Normal", f"{action.kind}Created", f"created {action.kind} {action.name}")
+                )
+        elif action.verb == "patch" and action.body is not None:
+            await kube.patch(action.kind, namespace, action.name, action.body)
+        elif action.verb == "delete":
+            await kube.delete(action.kind, namespace, action.name)
+    return events
+
+
+def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch turning ``current`` into ``desired`` (removed keys set to null)."""
+    patch: dict[str, Any] = {}
+    for key, value in desired.items():
+        if current.get(key) != value:
+            patch[key] = value
+    for key in current:
+        if key not in desired and key not in FOREIGN_STATUS_KEYS:
+            patch[key] = None
+    return patch
+
+
+async def reconcile(
+    kube: KubeClient, config: OperatorConfig, namespace: str, name: str, trigger: str
+) -> Plan | None:
+    """Observe, plan, act and write status for one FineTuneJob; retried on write conflicts."""
+    started = time.monotonic()
+    async with _lock(namespace, name):
+        try:
+            for _attempt in range(max(1, config.status_write_retries)):
+                body = await kube.get(KIND, namespace, name)
+                if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+                    return None
+                obs = await observe(kube, config, body)
+                p = plan(obs, config)
+                action_events = await execute(kube, namespace, p)
+                patch = status_patch(obs.status, p.status)
+                if patch:
+                    try:
+                        await kube.patch_status(
+                            KIND,
+                            namespace,
+                            name,
+                            patch,
+                            (body.get("metadata") or {}).get("resourceVersion"),
+                        )
+                    except KubeError as exc:
+                        if exc.conflict:
+                            metrics.ftj_status_writes.labels("conflict").inc()
+                            log.info(
+                                "status write of %s/%s conflicted (%s); retrying",
+                                namespace,
+                                name,
+                                exc.status,
+                            )
+                            continue
+                        raise
+                    metrics.ftj_status_writes.labels("written").inc()
+                else:
+                    metrics.ftj_status_writes.labels("skipped").inc()
+                for event in action_events + (p.events if patch else []):
+                    await kube.emit_event(body, event.type, event.reason, event.message)
+                _record_metrics(obs, p, body)
+                return p
+            metrics.ftj_errors.labels("StatusConflict").inc()
+            raise kopf.TemporaryError("status writes kept conflicting; retrying later", delay=2)
+        finally:
+            metrics.ftj_reconcile_seconds.labels(trigger).observe(time.monotonic() - started)
+
+
+def _record_metrics(obs: Observed, p: Plan, body: Mapping[str, Any]) -> None:
+    metrics.set_ftj_phase(obs.namespace, obs.name, p.status.get("phase"))
+    before, after = is_terminal(obs.status), is_terminal(p.status)
+    if after and not before:
+        for gate in p.status.get("gates") or []:
+            metrics.ftj_gate_results.labels(
+                gate.get("metric", ""), "pass" if gate.get("passed") else "fail"
+            ).inc()
+        gpu_seconds = float((p.status.get("cost") or {}).get("gpuSeconds") or 0.0)
+        product = ((body.get("spec") or {}).get("resources") or {}).get("gpuProduct") or "unknown"
+        metrics.ftj_gpu_hours.labels(obs.namespace, product).inc(gpu_seconds / 3600)
+        failed = next(
+            (c for c in p.status.get("conditions") or [] if c.get("type") == "Failed"), None
+        )
+        if failed and failed.get("status") == "True":
+            metrics.ftj_errors.labels(str(failed.get("reason"))).inc()
+
+
+def _raise_for_outcome(p: Plan | None) -> None:
+    if p is None:
+        return
+    if p.outcome == "permanent":
+        raise kopf.PermanentError(p.message)
+    if p.outcome == "retry":
+        raise kopf.TemporaryError(p.message, delay=30)
+
+
+# ---------------------------------------------------------------- handlers
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    if getattr(memo, "config", None) is None:
+        memo.config = load_config()
+    if getattr(memo, "kube", None) is None:
+        memo.kube = KubeClient.from_environment()
+    # Handler progress lives in annotations so status holds only what users read.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
+    settings.persistence.finalizer = "finetune.dev/cleanup"
+    if not getattr(memo, "metrics_served", False) and memo.config.metrics_port:
+        metrics.serve(memo.config.metrics_port)
+        memo.metrics_served = True
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+async def on_change(name: str, namespace: str | None, memo: Any, reason: str, **_: Any) -> None:
+    kube, config = runtime(memo)
+    _raise_for_outcome(await reconcile(kube, config, str(namespace), name, trigger=str(reason)))
+
+
+def _poll_interval() -> float:
+    try:
+        return load_config().progress_poll_seconds
+    except ValueError:
+        return OperatorConfig().progress_poll_seconds
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=_poll_interval(), initial_delay=_poll_interval())
+async def track(name: str, namespace: str | None, status: kopf.Status, memo: Any, **_: Any) -> None:
+    """Poll running jobs: pod states, the trainer's progress lines, cost."""
+    if not status.get("trainerJob") or is_terminal(status):
+        return  # nothing runs; spec changes arrive through on_change
+    kube, config = runtime(memo)
+    await reconcile(kube, config, str(namespace), name, trigger="timer")
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={names.LABEL_MANAGED_BY: names.MANAGER})
+async def trainer_job_event(body: kopf.Body, memo: Any, type: str | None, **_: Any) -> None:
+    """A trainer Job changed: reconcile its FineTuneJob at once instead of at the next poll."""
+    meta = body.get("metadata") or {}
+    owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == KIND), None)
+    if owner is None or type is None:
+        return
+    kube, config = runtime(memo)
+    try:
+        await reconcile(
+            kube, config, str(meta.get("namespace")), str(owner["name"]), trigger="job-event"
+        )
+    except (kopf.TemporaryError, KubeError) as exc:
+        log.info("reconcile after a Job event deferred: %s", exc)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def on_delete(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
+    """Delete the trainer Job (its pods follow) and ConfigMaps; user volumes are never touched."""
+    kube, _config = runtime(memo)
+    namespace = str(namespace)
+    selector = {names.LABEL_JOB: names.label_value(name)}
+    for kind in ("Job", "ConfigMap"):
+        for child in await kube.list(kind, namespace, selector):
+            owners = (child.get("metadata") or {}).get("ownerReferences") or []
+            if any(o.get("kind") == KIND and o.get("name") == name for o in owners):
+                await kube.delete(kind, namespace, child["metadata"]["name"])
+    metrics.forget_ftj(namespace, name)
+    _locks.pop((namespace, name), None)

@@ -1,0 +1,1 @@
+"""Pure planners: observed state in, desired status and actions out."""

@@ -1,0 +1,157 @@
+"""``finetune-trainer fetch``: copy a model or dataset from hf:// or s3:// to a local folder.
+
+Runs as an init container of the trainer pod. Credentials come only from the environment
+(``HF_TOKEN``; ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``/
+``AWS_ENDPOINT_URL``), injected by Kubernetes from the referenced Secret; they are never
+printed. Exit codes follow the trainer: 0 ok, 2 bad usage, 3 source not found or unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+
+_HF = re.compile(
+    r"^hf://(?P<datasets>datasets/)?(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+)"
+    r"(@(?P<rev>[A-Za-z0-9._/-]+?))?(?P<sub>/[^@\s]*)?$"
+)
+_S3 = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/(?P<key>[^\s]*))?$")
+
+
+class FetchError(Exception):
+    def __init__(self, message: str, code: int = EXIT_NOT_FOUND) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class HfSource:
+    repo: str
+    repo_type: str  # model | dataset
+    revision: str | None
+    subpath: str | None
+
+
+@dataclass(frozen=True)
+class S3Source:
+    bucket: str
+    key: str
+
+
+def parse_uri(uri: str) -> HfSource | S3Source:
+    """Split a source URI; raises FetchError (exit 2) for anything else."""
+    if ".." in uri.split("/"):
+        raise FetchError(f"{uri}: '..' path segments are not allowed", EXIT_USAGE)
+    m = _HF.match(uri)
+    if m:
+        # For datasets the revision may be followed by a file path inside the repo.
+        rev, sub = m.group("rev"), m.group("sub")
+        if m.group("datasets") and rev and "/" in rev:
+            rev, _, rest = rev.partition("/")
+            sub = "/" + rest + (sub or "")
+        return HfSource(
+            repo=m.group("repo"),
+            repo_type="dataset" if m.group("datasets") else "model",
+            revision=rev,
+            subpath=sub.strip("/") if sub else None,
+        )
+    m = _S3.match(uri)
+    if m:
+        return S3Source(bucket=m.group("bucket"), key=(m.group("key") or "").strip("/"))
+    raise FetchError(f"{uri}: only hf:// and s3:// sources are fetched", EXIT_USAGE)
+
+
+def fetch_hf(src: HfSource, dest: Path) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = None
+    if src.subpath:
+        patterns = [src.subpath, f"{src.subpath}/*", f"{src.subpath}/**"]
+    try:
+        snapshot_download(
+            repo_id=src.repo,
+            repo_type=src.repo_type,
+            revision=src.revision,
+            local_dir=str(dest),
+            allow_patterns=patterns,
+            token=os.environ.get("HF_TOKEN") or None,
+        )
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise FetchError(
+            f"{src.repo_type} {src.repo}@{src.revision or 'main'} not found: {type(exc).__name__}"
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise FetchError(
+            f"download of {src.repo} failed: HTTP {getattr(exc.response, 'status_code', '?')}"
+        ) from exc
+    return dest / src.subpath if src.subpath else dest
+
+
+def fetch_s3(src: S3Source, dest: Path) -> Path:
+    try:
+        import boto3  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise FetchError("s3:// sources need boto3 in the trainer image", EXIT_USAGE) from exc
+    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    paginator = client.get_paginator("list_objects_v2")
+    count = 0
+    prefix = src.key
+    for page in paginator.paginate(Bucket=src.bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            if key.endswith("/"):
+                continue
+            rel = key[len(prefix) :].lstrip("/") if key != prefix else Path(key).name
+            if ".." in rel.split("/"):
+                continue
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(src.bucket, key, str(target))
+            count += 1
+    if count == 0:
+        raise FetchError(f"s3://{src.bucket}/{src.key}: no objects found")
+    # A key whose last segment has a suffix names one file (same rule as the operator's paths).
+    return dest / Path(prefix).name if "." in Path(prefix).name else dest
+
+
+def fetch(uri: str, dest: Path) -> Path:
+    """Fetch ``uri`` into ``dest``; returns the local path of what was fetched."""
+    dest.mkdir(parents=True, exist_ok=True)
+    src = parse_uri(uri)
+    if isinstance(src, HfSource):
+        return fetch_hf(src, dest)
+    return fetch_s3(src, dest)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="finetune-trainer fetch", description=__doc__)
+    parser.add_argument(
+        "--uri", required=True, help="hf://org/name@rev, hf://datasets/..., s3://bucket/key"
+    )
+    parser.add_argument("--dest", required=True, type=Path, help="local folder to fill")
+    args = parser.parse_args(argv)
+    try:
+        path = fetch(args.uri, args.dest)
+    except FetchError as exc:
+        print(f"fetch: {exc}", file=sys.stderr)
+        return exc.code
+    print(f"fetch: {args.uri} -> {path}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
