@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from .common import ApiModel, Condition, LocalObjectRef, StatusModel, cel
+from .common import ApiModel, Condition, LocalObjectRef, SecretKeyRef, StatusModel, cel
 from .finetunejob import URI_MAX, URI_RULES, check_uri
 
 KIND = "AdapterDeployment"
@@ -60,6 +60,11 @@ class AdapterSource(ApiModel):
     )
     rank: int | None = Field(
         default=None, ge=1, le=512, description="LoRA rank of the adapter (with uri)."
+    )
+    credentials_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret with HF_TOKEN or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for fetching "
+        "an s3:// or hf:// adapter. Exposed to the fetch init container only; never copied.",
     )
 
     @model_validator(mode="after")
@@ -228,6 +233,9 @@ class PodAdapter(StatusModel):
 
 
 class CanaryStatus(StatusModel):
+    revision: AdapterRevision | None = Field(
+        default=None, description="The candidate revision the canary serves."
+    )
     deployment: str | None = Field(default=None, max_length=253, description="Canary Deployment.")
     checks_passed: int | None = Field(default=None, description="Analysis checks passed so far.")
     error_rate: float | None = Field(default=None, description="Observed failure share.")
@@ -261,6 +269,9 @@ class AdapterDeploymentStatus(StatusModel):
         default=None, description="Per pod: which digest it serves (Runtime)."
     )
     canary: CanaryStatus | None = Field(default=None, description="Canary analysis state.")
+    rollout_started_at: str | None = Field(
+        default=None, max_length=64, description="When the rollout of the current revision began."
+    )
 
 
 class AdapterDeployment(ApiModel):

@@ -1,0 +1,710 @@
+"""Pure decisions for AdapterDeployments: source, compatibility, rollout, canary, runtime.
+
+Every function here takes observed state (dicts as the API returns them, samples the
+clients collected) and returns a decision; none does I/O. The handler reads, calls these,
+and writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from .. import vllm_args
+from ..api.adapterdeployment import AdapterDeploymentSpec, CanaryAnalysis
+from ..api.common import get_condition
+from ..builders import serving as sb
+
+MAX_HISTORY = 20
+
+# ------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A condition-shaped answer: ok, or the reason and what to change."""
+
+    ok: bool
+    reason: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class SourceResult(Verdict):
+    ref: sb.AdapterRef | None = None
+
+
+@dataclass(frozen=True)
+class CompatResult(Verdict):
+    changes: sb.ServerArgChanges = field(default_factory=sb.ServerArgChanges)
+
+
+# ------------------------------------------------------------------ source
+
+
+@dataclass(frozen=True)
+class LocalManifest:
+    """What the operator could read from a ``file://`` adapter (None fields: unknown)."""
+
+    digest: str | None = None
+    rank: int | None = None
+    base_model: str | None = None
+    error: str | None = None
+    missing: bool = False
+
+
+def resolve_source(
+    spec: AdapterDeploymentSpec,
+    ftj: dict[str, Any] | None,
+    local: LocalManifest | None = None,
+) -> SourceResult:
+    """Which adapter the spec asks for, or why it cannot be served yet."""
+    src = spec.source
+    name = spec.adapter_name
+    if src.fine_tune_job_ref is not None:
+        return _from_finetunejob(spec, src.fine_tune_job_ref.name, ftj)
+    assert src.uri is not None and src.digest is not None  # the model guarantees both
+    rank, base = src.rank, src.base_model
+    if local is not None:
+        if local.missing:
+            return SourceResult(
+                False,
+                "AdapterNotFound",
+                f"{src.uri}: no adapter manifest there ({local.error}); fix source.uri",
+            )
+        if local.error:
+            return SourceResult(
+                False,
+                "DigestMismatch",
+                f"{src.uri}: the files do not match the adapter's manifest ({local.error}); "
+                "the adapter was changed after it was written: re-export it",
+            )
+        if local.digest and local.digest != src.digest:
+            return SourceResult(
+                False,
+                "DigestMismatch",
+                f"source.digest is {src.digest} but the adapter at {src.uri} has digest "
+                f"{local.digest}: set source.digest to the adapter's digest (or point "
+                "source.uri at the adapter you meant)",
+            )
+        rank = rank or local.rank
+        base = base or local.base_model
+    secret = src.credentials_secret_ref.name if src.credentials_secret_ref else None
+    ref = sb.AdapterRef(name, src.uri, src.digest, base, rank, secret)
+    return SourceResult(True, "Resolved", f"{src.uri} ({src.digest})", ref)
+
+
+def _from_finetunejob(
+    spec: AdapterDeploymentSpec, ftj_name: str, ftj: dict[str, Any] | None
+) -> SourceResult:
+    if ftj is None:
+        return SourceResult(
+            False,
+            "FineTuneJobNotFound",
+            f"FineTuneJob {ftj_name} not found in this namespace: create it or fix "
+            "source.fineTuneJobRef.name",
+        )
+    status = ftj.get("status") or {}
+    phase = status.get("phase") or "Pending"
+    conditions = status.get("conditions") or []
+    if phase == "Failed":
+        succeeded = get_condition(conditions, "Succeeded") or {}
+        why = succeeded.get("message") or "see its conditions"
+        return SourceResult(False, "FineTuneJobFailed", f"FineTuneJob {ftj_name} failed: {why}")
+    if phase != "Succeeded":
+        return SourceResult(
+            False,
+            "FineTuneJobNotFinished",
+            f"FineTuneJob {ftj_name} is {phase}: the adapter is rolled out once it succeeds",
+        )
+    gates = get_condition(conditions, "GatesPassed")
+    if spec.require_gates and (gates is None or gates.get("status") != "True"):
+        detail = (gates or {}).get("message") or "no gate verdict recorded"
+        return SourceResult(
+            False,
+            "GatesFailed",
+            f"FineTuneJob {ftj_name}: quality gates not passed ({detail}); improve the "
+            "adapter or, to serve it anyway, set requireGates: false",
+        )
+    adapter = status.get("adapter") or {}
+    if not adapter.get("uri") or not adapter.get("digest"):
+        return SourceResult(
+            False, "AdapterMissing", f"FineTuneJob {ftj_name} succeeded but records no adapter"
+        )
+    secret = (((ftj.get("spec") or {}).get("output") or {}).get("credentialsSecretRef") or {}).get(
+        "name"
+    )
+    ref = sb.AdapterRef(
+        spec.adapter_name,
+        str(adapter["uri"]),
+        str(adapter["digest"]),
+        adapter.get("baseModel"),
+        adapter.get("rank"),
+        secret,
+    )
+    return SourceResult(True, "Resolved", f"FineTuneJob {ftj_name}: {ref.uri} ({ref.digest})", ref)
+
+
+def revision_ref(adapter_name: str, revision: dict[str, Any]) -> sb.AdapterRef:
+    return sb.AdapterRef(
+        adapter_name,
+        str(revision["uri"]),
+        str(revision["digest"]),
+        revision.get("baseModel"),
+        revision.get("rank"),
+    )
+
+
+def resolve_desired(
+    spec: AdapterDeploymentSpec,
+    status: dict[str, Any],
+    source: SourceResult,
+) -> SourceResult:
+    """Apply ``rollback.toRevision``: serve an earlier revision instead of the source."""
+    wanted = spec.rollback.to_revision
+    if wanted is None:
+        return source
+    history = status.get("history") or []
+    for rev in history:
+        if rev.get("revision") == wanted:
+            ref = revision_ref(spec.adapter_name, rev)
+            return SourceResult(True, "RollbackToRevision", f"revision {wanted}: {ref.uri}", ref)
+    have = ", ".join(str(r.get("revision")) for r in history) or "none"
+    return SourceResult(
+        False,
+        "RevisionNotFound",
+        f"rollback.toRevision {wanted} is not in status.history (have: {have}); "
+        "pick one of those or remove rollback.toRevision",
+    )
+
+
+# ------------------------------------------------------------------ compatibility
+
+
+def _container(deployment: dict[str, Any], name: str | None) -> dict[str, Any]:
+    pod_spec = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
+    return dict(pod_spec["containers"][sb.find_container(pod_spec, name)])
+
+
+def check_compatible(
+    spec: AdapterDeploymentSpec,
+    adep_name: str,
+    deployment: dict[str, Any] | None,
+    ref: sb.AdapterRef,
+) -> CompatResult:
+    """Whether the target server can serve ``ref``; when not, the exact flag to change.
+
+    With ``target.allowServerArgChanges`` the flags that only need raising
+    (``--enable-lora``, ``--max-lora-rank``, ``--max-loras``) come back as changes
+    instead of a refusal. The Runtime strategy never restarts pods, so it cannot
+    change flags.
+    """
+    tgt = spec.target
+    if deployment is None:
+        return CompatResult(
+            False,
+            "TargetNotFound",
+            f"Deployment {tgt.deployment} not found in this namespace: create it or fix "
+            "target.deployment",
+        )
+    try:
+        container = _container(deployment, tgt.container)
+    except ValueError as exc:
+        return CompatResult(False, "ContainerNotFound", f"{exc}: fix target.container")
+    cname = container.get("name")
+    try:
+        args = vllm_args.parse_container(container)
+    except vllm_args.ServerArgsError as exc:
+        return CompatResult(False, "ServerArgsInvalid", f"container {cname}: {exc}")
+    if not args.is_openai_server:
+        return CompatResult(
+            False,
+            "ServerNotDetected",
+            f"container {cname} does not run the vLLM OpenAI server (expected 'vllm serve "
+            "<model>' or 'python -m vllm.entrypoints.openai.api_server' in command/args): "
+            "set target.container to the vLLM container",
+        )
+    owners = ((deployment.get("metadata") or {}).get("annotations") or {}).get(
+        sb.owner_annotation(spec.adapter_name)
+    )
+    if owners and owners != adep_name:
+        return CompatResult(
+            False,
+            "AdapterNameTaken",
+            f"AdapterDeployment {owners} already serves adapterName {spec.adapter_name} on "
+            f"Deployment {tgt.deployment}: choose another adapterName",
+        )
+    runtime = spec.strategy.type == "Runtime"
+    allow = tgt.allow_server_arg_changes and not runtime
+    how = (
+        "(the Runtime strategy never restarts pods: change it in the Deployment, or use Rolling)"
+        if runtime
+        else "(or set target.allowServerArgChanges: true)"
+    )
+    enable = False
+    if not args.enable_lora:
+        if not allow:
+            return CompatResult(
+                False,
+                "LoraNotEnabled",
+                f"container {cname}: add --enable-lora to its args {how}",
+            )
+        enable = True
+    if ref.base_model:
+        same = vllm_args.same_base_model(
+            ref.base_model, [n for n in [*args.base_model_names, args.model] if n]
+        )
+        if same is False:
+            served = args.model or ", ".join(args.base_model_names)
+            return CompatResult(
+                False,
+                "BaseModelMismatch",
+                f"the adapter was trained on {ref.base_model} but container {cname} serves "
+                f"{served}: target a Deployment serving {ref.base_model}",
+            )
+    rank_setting: int | None = None
+    if ref.rank is not None and ref.rank > args.max_lora_rank:
+        try:
+            needed = vllm_args.rank_setting_for(ref.rank)
+        except vllm_args.ServerArgsError as exc:
+            return CompatResult(False, "RankTooLarge", str(exc))
+        if not allow:
+            return CompatResult(
+                False,
+                "RankTooLarge",
+                f"adapter rank {ref.rank} is above --max-lora-rank {args.max_lora_rank} of "
+                f"container {cname} (vLLM refuses to start): set --max-lora-rank {needed} "
+                f"{how}",
+            )
+        rank_setting = needed
+    others = [m.name for m in args.lora_modules if m.name != spec.adapter_name]
+    wanted = len(others) + 1
+    loras_setting: int | None = None
+    if wanted > args.max_loras:
+        if not allow:
+            return CompatResult(
+                False,
+                "TooManyAdapters",
+                f"container {cname} would serve {wanted} adapters ({', '.join([*others, spec.adapter_name])}) "
+                f"but --max-loras is {args.max_loras}: set --max-loras {wanted} {how}",
+            )
+        loras_setting = wanted
+    changes = sb.ServerArgChanges(enable, rank_setting, loras_setting)
+    msg = "server accepts the adapter"
+    if changes.any():
+        msg += " after raising: " + ", ".join(describe_changes(changes))
+    return CompatResult(True, "Compatible", msg, changes)
+
+
+def describe_changes(changes: sb.ServerArgChanges) -> list[str]:
+    out = []
+    if changes.enable_lora:
+        out.append("--enable-lora")
+    if changes.max_lora_rank is not None:
+        out.append(f"--max-lora-rank {changes.max_lora_rank}")
+    if changes.max_loras is not None:
+        out.append(f"--max-loras {changes.max_loras}")
+    return out
+
+
+def runtime_path(deployment: dict[str, Any], container: str | None, ref: sb.AdapterRef) -> Verdict:
+    """The path a running server loads ``ref`` from, without restarting its pods.
+
+    ``file://`` paths are used as they are; ``pvc://claim/dir`` needs the claim already
+    mounted in the server container. s3/hf need a fetch step, which only a restart gives.
+    """
+    if ref.uri.startswith("file://"):
+        return Verdict(True, "Path", ref.uri[len("file://") :])
+    if ref.uri.startswith("pvc://"):
+        claim, sub = sb._split_pvc(ref.uri)
+        pod_spec = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
+        vols = {
+            v.get("name"): v
+            for v in pod_spec.get("volumes") or []
+            if (v.get("persistentVolumeClaim") or {}).get("claimName") == claim
+        }
+        main = _container(deployment, container)
+        for mount in main.get("volumeMounts") or []:
+            if mount.get("name") in vols:
+                mounted = str(mount.get("subPath") or "").strip("/")
+                if mounted and not (sub == mounted or sub.startswith(mounted + "/")):
+                    continue
+                rest = sub[len(mounted) :].strip("/") if mounted else sub
+                base = str(mount["mountPath"]).rstrip("/")
+                return Verdict(True, "Path", f"{base}/{rest}" if rest else base)
+        return Verdict(
+            False,
+            "AdapterNotMounted",
+            f"the Runtime strategy loads from volumes the server already has: mount PVC "
+            f"{claim} in container {main.get('name')}, or use strategy Rolling",
+        )
+    return Verdict(
+        False,
+        "AdapterNotMounted",
+        f"{ref.uri}: the Runtime strategy cannot fetch s3:// or hf:// adapters into running "
+        "pods: use strategy Rolling or Canary (they fetch in an init container)",
+    )
+
+
+# ------------------------------------------------------------------ rollout tracking
+
+RolloutState = Literal["Complete", "InProgress", "Failed"]
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    state: RolloutState
+    reason: str
+    message: str
+    ready_replicas: int = 0
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def deployment_rollout(
+    deployment: dict[str, Any] | None,
+    adapter_name: str,
+    digest: str | None,
+    *,
+    started_at: str | None,
+    deadline_seconds: int,
+    now: datetime,
+) -> RolloutView:
+    """How far the Deployment got in serving ``digest`` (None: the adapter removed).
+
+    Complete follows ``kubectl rollout status``: the controller saw the latest template,
+    every replica is updated and available, and no old replica is left. Failed when the
+    Deployment reports ``ProgressDeadlineExceeded`` or our own deadline passes.
+    """
+    if deployment is None:
+        return RolloutView("Failed", "TargetNotFound", "the target Deployment disappeared")
+    meta = deployment.get("metadata") or {}
+    spec = deployment.get("spec") or {}
+    st = deployment.get("status") or {}
+    annotations = ((spec.get("template") or {}).get("metadata") or {}).get("annotations") or {}
+    if annotations.get(sb.digest_annotation(adapter_name)) != digest:
+        return RolloutView(
+            "InProgress", "TemplateNotUpdated", "the pod template does not carry the adapter yet"
+        )
+    desired = int(spec.get("replicas", 1))
+    ready = int(st.get("readyReplicas") or 0)
+    for cond in st.get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            return RolloutView(
+                "Failed",
+                "ProgressDeadlineExceeded",
+                f"Deployment {meta.get('name')}: {cond.get('message') or 'progress deadline exceeded'}",
+                ready,
+            )
+    observed = int(st.get("observedGeneration") or 0)
+    updated = int(st.get("updatedReplicas") or 0)
+    available = int(st.get("availableReplicas") or 0)
+    total = int(st.get("replicas") or 0)
+    if (
+        observed >= int(meta.get("generation") or 0)
+        and updated >= desired
+        and available >= desired
+        and total <= updated
+    ):
+        return RolloutView(
+            "Complete", "RolloutComplete", f"{available}/{desired} replicas available", ready
+        )
+    start = parse_time(started_at)
+    if start is not None and (now - start).total_seconds() > deadline_seconds:
+        return RolloutView(
+            "Failed",
+            "RolloutDeadlineExceeded",
+            f"only {available}/{desired} replicas available and {updated} updated after "
+            f"{deadline_seconds}s (strategy.progressDeadlineSeconds): check the serving pods' "
+            "events and logs",
+            ready,
+        )
+    return RolloutView(
+        "InProgress",
+        "RollingOut",
+        f"{updated}/{desired} updated, {available}/{desired} available",
+        ready,
+    )
+
+
+# ------------------------------------------------------------------ canary analysis
+
+
+@dataclass
+class MetricsSample:
+    """Counters read from one server's /metrics (cumulative since it started)."""
+
+    requests: float = 0.0
+    errors: float = 0.0
+    successes: float = 0.0
+    latency_buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
+    latency_count: float = 0.0
+
+
+def sample_delta(prev: MetricsSample | None, cur: MetricsSample) -> MetricsSample:
+    """The window between two samples; a counter that went down means a restart."""
+    if prev is None or cur.requests < prev.requests or cur.latency_count < prev.latency_count:
+        return cur
+    return MetricsSample(
+        requests=cur.requests - prev.requests,
+        errors=max(0.0, cur.errors - prev.errors),
+        successes=max(0.0, cur.successes - prev.successes),
+        latency_buckets={
+            le: max(0.0, n - prev.latency_buckets.get(le, 0.0))
+            for le, n in cur.latency_buckets.items()
+        },
+        latency_count=cur.latency_count - prev.latency_count,
+    )
+
+
+def sum_samples(samples: list[MetricsSample]) -> MetricsSample:
+    out = MetricsSample()
+    for s in samples:
+        out.requests += s.requests
+        out.errors += s.errors
+        out.successes += s.successes
+        out.latency_count += s.latency_count
+        for le, n in s.latency_buckets.items():
+            out.latency_buckets[le] = out.latency_buckets.get(le, 0.0) + n
+    return out
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """Quantile from cumulative buckets by linear interpolation inside the bucket.
+
+    Like Prometheus' ``histogram_quantile``: a quantile in the ``+Inf`` bucket returns
+    the largest finite bound. None when the window holds no observations.
+    """
+    if not buckets:
+        return None
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    if total <= 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for le in bounds:
+        count = buckets[le]
+        if count >= rank:
+            if le == float("inf"):
+                finite = [b for b in bounds if b != float("inf")]
+                return finite[-1] if finite else None
+            if count == below:
+                return le
+            return lower + (le - lower) * (rank - below) / (count - below)
+        lower, below = le, count
+    return bounds[-1]
+
+
+@dataclass(frozen=True)
+class SmokeResult:
+    ok: bool
+    latency_ms: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class CanaryDecision:
+    action: Literal["continue", "promote", "abort"]
+    reason: str
+    message: str
+    checks_passed: int
+    error_rate: float | None
+    latency_p95_ms: float | None
+    requests: int
+
+
+def decide_canary(
+    analysis: CanaryAnalysis,
+    window: MetricsSample,
+    smoke: list[SmokeResult],
+    checks_passed: int,
+) -> CanaryDecision:
+    """One analysis check: abort on a failed smoke request or a threshold breach, count
+    a passing check, promote after ``analysis.checks`` passing checks.
+
+    Smoke requests go through the same server, so they are already in the window's
+    counters; their own results add the error text a counter cannot give.
+    """
+    requests = int(window.requests)
+    error_rate = window.errors / window.requests if window.requests > 0 else None
+    p95_s = histogram_quantile(0.95, window.latency_buckets)
+    p95_ms = None if p95_s is None else p95_s * 1000.0
+    failed = [s for s in smoke if not s.ok]
+
+    def verdict(
+        action: Literal["continue", "promote", "abort"], reason: str, msg: str, passed: int
+    ) -> CanaryDecision:
+        return CanaryDecision(action, reason, msg, passed, error_rate, p95_ms, requests)
+
+    if failed:
+        return verdict(
+            "abort",
+            "CanarySmokeFailed",
+            f"{len(failed)}/{len(smoke)} smoke requests to the canary failed: {failed[0].error}",
+            checks_passed,
+        )
+    judged = requests > 0 and requests >= analysis.min_requests
+    if judged and error_rate is not None and error_rate > analysis.max_error_rate:
+        return verdict(
+            "abort",
+            "CanaryErrorRate",
+            f"error rate {error_rate:.1%} over {requests} requests is above "
+            f"maxErrorRate {analysis.max_error_rate:.1%}",
+            checks_passed,
+        )
+    if judged and p95_ms is not None and p95_ms > analysis.max_latency_p95_ms:
+        return verdict(
+            "abort",
+            "CanaryLatency",
+            f"p95 latency {p95_ms:.0f} ms over {requests} requests is above "
+            f"maxLatencyP95Ms {analysis.max_latency_p95_ms:.0f}",
+            checks_passed,
+        )
+    if not judged:
+        return verdict(
+            "continue",
+            "WaitingForTraffic",
+            f"{requests} requests in this window, analysis needs at least "
+            f"{max(1, analysis.min_requests)}",
+            checks_passed,
+        )
+    passed = checks_passed + 1
+    if passed >= analysis.checks:
+        return verdict(
+            "promote", "CanaryPassed", f"{passed}/{analysis.checks} checks passed", passed
+        )
+    return verdict("continue", "Analyzing", f"{passed}/{analysis.checks} checks passed", passed)
+
+
+# ------------------------------------------------------------------ runtime loading
+
+
+@dataclass(frozen=True)
+class PodView:
+    """One serving pod: readiness and what its server says it has loaded."""
+
+    name: str
+    ready: bool
+    endpoint: str | None
+    loaded: dict[str, str] | None  # adapter name -> path, from /v1/models; None: unreachable
+
+
+@dataclass(frozen=True)
+class PodAction:
+    pod: str
+    action: Literal["load", "reload", "unload"]
+
+
+@dataclass(frozen=True)
+class RuntimePlan:
+    actions: list[PodAction]
+    serving: dict[str, str | None]  # pod -> digest it serves after the actions succeed
+    ready_pods: int
+    done: bool
+
+
+def plan_runtime(
+    pods: list[PodView],
+    adapter_name: str,
+    digest: str | None,
+    recorded: dict[str, str | None],
+) -> RuntimePlan:
+    """Which Ready pods need the adapter (re)loaded or unloaded.
+
+    ``recorded`` is what the operator loaded earlier (status.pods). A pod whose server
+    no longer lists the adapter restarted (or is new): load. A pod that lists it but was
+    recorded with another digest: reload (unload, then load; vLLM refuses to load a name
+    twice). ``digest`` None removes the adapter everywhere.
+    """
+    actions: list[PodAction] = []
+    serving: dict[str, str | None] = {}
+    ready = [p for p in pods if p.ready and p.endpoint]
+    for pod in ready:
+        if pod.loaded is None:
+            serving[pod.name] = recorded.get(pod.name)
+            continue
+        listed = adapter_name in pod.loaded
+        have = recorded.get(pod.name) if listed else None
+        if digest is None:
+            if listed:
+                actions.append(PodAction(pod.name, "unload"))
+            serving[pod.name] = None
+            continue
+        if not listed:
+            actions.append(PodAction(pod.name, "load"))
+        elif have != digest:
+            actions.append(PodAction(pod.name, "reload"))
+        serving[pod.name] = digest
+    unreachable = any(p.loaded is None for p in ready)
+    return RuntimePlan(
+        actions, serving, len(ready), not actions and not unreachable and bool(ready)
+    )
+
+
+# ------------------------------------------------------------------ revision history
+
+
+def next_revision(status: dict[str, Any]) -> int:
+    numbers = [int(r.get("revision") or 0) for r in status.get("history") or []]
+    for key in ("current", "previous"):
+        if status.get(key):
+            numbers.append(int(status[key].get("revision") or 0))
+    if (status.get("canary") or {}).get("revision"):
+        numbers.append(int(status["canary"]["revision"].get("revision") or 0))
+    return max(numbers, default=0) + 1
+
+
+def new_revision(status: dict[str, Any], ref: sb.AdapterRef, now: str) -> dict[str, Any]:
+    rev: dict[str, Any] = {
+        "revision": next_revision(status),
+        "uri": ref.uri,
+        "digest": ref.digest,
+        "deployedAt": now,
+        "outcome": "Progressing",
+    }
+    if ref.base_model:
+        rev["baseModel"] = ref.base_model
+    if ref.rank is not None:
+        rev["rank"] = ref.rank
+    return rev
+
+
+def record_history(
+    history: list[dict[str, Any]] | None, rev: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """History with ``rev`` added or updated in place, newest last, at most 20 entries."""
+    out = [dict(r) for r in history or [] if r.get("revision") != rev.get("revision")]
+    out.append(dict(rev))
+    out.sort(key=lambda r: int(r.get("revision") or 0))
+    return out[-MAX_HISTORY:]
+
+
+def same_adapter(rev: dict[str, Any] | None, ref: sb.AdapterRef) -> bool:
+    return bool(rev) and rev.get("digest") == ref.digest and rev.get("uri") == ref.uri  # type: ignore[union-attr]
+
+
+def already_rejected(
+    status: dict[str, Any], ref: sb.AdapterRef, generation: int
+) -> dict[str, Any] | None:
+    """The history entry that already failed with this adapter for this generation.
+
+    A rolled-back or aborted adapter is not retried until the spec changes, so a bad
+    adapter cannot flap the serving pods.
+    """
+    if int(status.get("observedGeneration") or -1) != generation:
+        return None
+    for rev in reversed(status.get("history") or []):
+        if same_adapter(rev, ref):
+            if rev.get("outcome") in ("RolledBack", "CanaryAborted", "Failed"):
+                return rev
+            return None
+    return None

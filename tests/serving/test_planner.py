@@ -1,0 +1,431 @@
+"""Pure AdapterDeployment decisions: source, compatibility, rollout, canary, runtime, history."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from finetune_operator.api.adapterdeployment import AdapterDeploymentSpec, CanaryAnalysis
+from finetune_operator.builders import serving as sb
+from finetune_operator.planners import adapterdeployment as p
+
+DIGEST = "sha256:" + "1" * 64
+OTHER = "sha256:" + "2" * 64
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def spec(**over) -> AdapterDeploymentSpec:
+    raw = {
+        "adapterName": "support",
+        "source": {"fineTuneJobRef": {"name": "ftj"}},
+        "target": {"deployment": "llm", "container": "vllm"},
+    }
+    raw.update(over)
+    return AdapterDeploymentSpec.model_validate(raw)
+
+
+def ftj(phase="Succeeded", gates="True", gates_msg="4/4 passed", adapter=True) -> dict:
+    status: dict = {"phase": phase, "conditions": []}
+    if gates is not None:
+        status["conditions"].append({"type": "GatesPassed", "status": gates, "message": gates_msg})
+    if adapter:
+        status["adapter"] = {
+            "uri": "pvc://out/ftj/adapter",
+            "digest": DIGEST,
+            "rank": 16,
+            "baseModel": "hf://org/base",
+        }
+    return {"spec": {"output": {"credentialsSecretRef": {"name": "creds"}}}, "status": status}
+
+
+@pytest.mark.parametrize(
+    ("job", "require", "ok", "reason", "needle"),
+    [
+        (ftj(), True, True, "Resolved", "pvc://out/ftj/adapter"),
+        (None, True, False, "FineTuneJobNotFound", "source.fineTuneJobRef.name"),
+        (ftj(phase="Training"), True, False, "FineTuneJobNotFinished", "is Training"),
+        (ftj(phase="Failed"), True, False, "FineTuneJobFailed", "failed"),
+        (
+            ftj(gates="False", gates_msg="rougeL 0.41 < 0.65 (short by 0.24)"),
+            True,
+            False,
+            "GatesFailed",
+            "rougeL 0.41 < 0.65 (short by 0.24)",
+        ),
+        (ftj(gates="False"), False, True, "Resolved", ""),
+        (ftj(gates=None), True, False, "GatesFailed", "no gate verdict"),
+        (ftj(adapter=False), True, False, "AdapterMissing", "no adapter"),
+    ],
+)
+def test_source_from_finetunejob(job, require, ok, reason, needle) -> None:
+    res = p.resolve_source(spec(requireGates=require), job)
+    assert (res.ok, res.reason) == (ok, reason)
+    assert needle in res.message
+    if ok:
+        assert res.ref == sb.AdapterRef(
+            "support", "pvc://out/ftj/adapter", DIGEST, "hf://org/base", 16, "creds"
+        )
+    if reason == "GatesFailed":
+        assert "requireGates: false" in res.message
+
+
+def uri_spec(digest=DIGEST) -> AdapterDeploymentSpec:
+    return spec(source={"uri": "file:///adapters/a", "digest": digest})
+
+
+@pytest.mark.parametrize(
+    ("local", "ok", "reason"),
+    [
+        (None, True, "Resolved"),
+        (p.LocalManifest(digest=DIGEST, rank=8, base_model="hf://org/base"), True, "Resolved"),
+        (p.LocalManifest(digest=OTHER), False, "DigestMismatch"),
+        (
+            p.LocalManifest(error="adapter_model.safetensors: content differs"),
+            False,
+            "DigestMismatch",
+        ),
+        (p.LocalManifest(missing=True, error="manifest.json not found"), False, "AdapterNotFound"),
+    ],
+)
+def test_source_from_uri(local, ok, reason) -> None:
+    res = p.resolve_source(uri_spec(), None, local)
+    assert (res.ok, res.reason) == (ok, reason)
+    if local is not None and local.rank:
+        assert res.ref.rank == 8 and res.ref.base_model == "hf://org/base"
+    if reason == "DigestMismatch" and local.digest:
+        assert "set source.digest to the adapter's digest" in res.message and OTHER in res.message
+
+
+def test_to_revision() -> None:
+    status = {"history": [{"revision": 1, "uri": "pvc://a/1", "digest": OTHER}]}
+    s = spec(rollback={"toRevision": 1})
+    src = p.resolve_source(s, ftj())
+    res = p.resolve_desired(s, status, src)
+    assert res.ok and res.ref.digest == OTHER and res.ref.uri == "pvc://a/1"
+    missing = p.resolve_desired(spec(rollback={"toRevision": 5}), status, src)
+    assert (missing.ok, missing.reason) == (False, "RevisionNotFound")
+    assert "have: 1" in missing.message
+
+
+def target(args: list[str], annotations: dict | None = None) -> dict:
+    return {
+        "metadata": {"name": "llm", "annotations": annotations or {}},
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [{"name": "vllm", "command": ["vllm", "serve"], "args": args}],
+                    "volumes": [
+                        {"name": "store", "persistentVolumeClaim": {"claimName": "adapters"}}
+                    ],
+                }
+            }
+        },
+    }
+
+
+REF = sb.AdapterRef("support", "pvc://adapters/support", DIGEST, "hf://org/base", 16)
+
+
+@pytest.mark.parametrize(
+    ("args", "ref", "allow", "strategy", "ok", "reason", "needle"),
+    [
+        (["org/base", "--enable-lora"], REF, False, "Rolling", True, "Compatible", ""),
+        (["org/base"], REF, False, "Rolling", False, "LoraNotEnabled", "add --enable-lora"),
+        (["org/base"], REF, True, "Rolling", True, "Compatible", "--enable-lora"),
+        (
+            ["org/other", "--enable-lora"],
+            REF,
+            True,
+            "Rolling",
+            False,
+            "BaseModelMismatch",
+            "org/other",
+        ),
+        (
+            ["org/base", "--enable-lora"],
+            sb.AdapterRef("support", "pvc://a", DIGEST, None, 64),
+            False,
+            "Rolling",
+            False,
+            "RankTooLarge",
+            "set --max-lora-rank 64",
+        ),
+        (
+            ["org/base", "--enable-lora", "--max-lora-rank", "32"],
+            sb.AdapterRef("support", "pvc://a", DIGEST, None, 48),
+            True,
+            "Rolling",
+            True,
+            "Compatible",
+            "--max-lora-rank 64",
+        ),
+        (
+            ["org/base", "--enable-lora"],
+            sb.AdapterRef("support", "pvc://a", DIGEST, None, 64),
+            True,
+            "Runtime",
+            False,
+            "RankTooLarge",
+            "Runtime strategy never restarts",
+        ),
+        (
+            ["org/base", "--enable-lora", "--lora-modules", "other=/o"],
+            REF,
+            False,
+            "Rolling",
+            False,
+            "TooManyAdapters",
+            "set --max-loras 2",
+        ),
+        (
+            ["org/base", "--enable-lora", "--lora-modules", "support=/old"],
+            REF,
+            False,
+            "Rolling",
+            True,
+            "Compatible",
+            "",
+        ),
+    ],
+)
+def test_compatibility(args, ref, allow, strategy, ok, reason, needle) -> None:
+    s = spec(
+        target={"deployment": "llm", "container": "vllm", "allowServerArgChanges": allow},
+        strategy={"type": strategy},
+    )
+    res = p.check_compatible(s, "adep", target(args), ref)
+    assert (res.ok, res.reason) == (ok, reason), res.message
+    assert needle in res.message
+
+
+def test_compatibility_refusals_without_server() -> None:
+    s = spec()
+    assert p.check_compatible(s, "adep", None, REF).reason == "TargetNotFound"
+    not_vllm = target([])
+    not_vllm["spec"]["template"]["spec"]["containers"][0]["command"] = ["python", "app.py"]
+    res = p.check_compatible(s, "adep", not_vllm, REF)
+    assert res.reason == "ServerNotDetected" and "target.container" in res.message
+    wrong = p.check_compatible(
+        spec(target={"deployment": "llm", "container": "x"}), "adep", target([]), REF
+    )
+    assert wrong.reason == "ContainerNotFound"
+    taken = target(["org/base", "--enable-lora"], {sb.owner_annotation("support"): "someone-else"})
+    assert p.check_compatible(s, "adep", taken, REF).reason == "AdapterNameTaken"
+
+
+def test_runtime_path() -> None:
+    dep = target(["m"])
+    dep["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "store", "mountPath": "/mnt/adapters"}
+    ]
+    assert p.runtime_path(dep, "vllm", REF).message == "/mnt/adapters/support"
+    file_ref = sb.AdapterRef("support", "file:///data/a", DIGEST)
+    assert p.runtime_path(dep, "vllm", file_ref).message == "/data/a"
+    s3 = sb.AdapterRef("support", "s3://b/a", DIGEST)
+    assert not p.runtime_path(dep, "vllm", s3).ok
+    other_claim = sb.AdapterRef("support", "pvc://elsewhere/a", DIGEST)
+    res = p.runtime_path(dep, "vllm", other_claim)
+    assert not res.ok and "mount PVC elsewhere" in res.message
+
+
+def dep_status(
+    gen=2, observed=2, replicas=2, updated=2, available=2, total=2, digest=DIGEST, conditions=()
+) -> dict:
+    return {
+        "metadata": {"name": "llm", "generation": gen},
+        "spec": {
+            "replicas": replicas,
+            "template": {"metadata": {"annotations": {sb.digest_annotation("support"): digest}}},
+        },
+        "status": {
+            "observedGeneration": observed,
+            "updatedReplicas": updated,
+            "availableReplicas": available,
+            "readyReplicas": available,
+            "replicas": total,
+            "conditions": list(conditions),
+        },
+    }
+
+
+STARTED = (NOW - timedelta(seconds=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.mark.parametrize(
+    ("dep", "deadline", "state", "reason"),
+    [
+        (dep_status(), 600, "Complete", "RolloutComplete"),
+        (dep_status(observed=1), 600, "InProgress", "RollingOut"),
+        (dep_status(updated=1), 600, "InProgress", "RollingOut"),
+        (dep_status(total=3), 600, "InProgress", "RollingOut"),  # an old replica is left
+        (dep_status(digest=OTHER), 600, "InProgress", "TemplateNotUpdated"),
+        (dep_status(available=1), 10, "Failed", "RolloutDeadlineExceeded"),
+        (
+            dep_status(
+                available=1,
+                conditions=[
+                    {
+                        "type": "Progressing",
+                        "status": "False",
+                        "reason": "ProgressDeadlineExceeded",
+                        "message": "ReplicaSet llm-1 has timed out progressing.",
+                    }
+                ],
+            ),
+            600,
+            "Failed",
+            "ProgressDeadlineExceeded",
+        ),
+        (None, 600, "Failed", "TargetNotFound"),
+    ],
+)
+def test_deployment_rollout(dep, deadline, state, reason) -> None:
+    view = p.deployment_rollout(
+        dep, "support", DIGEST, started_at=STARTED, deadline_seconds=deadline, now=NOW
+    )
+    assert (view.state, view.reason) == (state, reason)
+
+
+def buckets(*pairs) -> dict[float, float]:
+    return {float(le): float(n) for le, n in pairs}
+
+
+@pytest.mark.parametrize(
+    ("bk", "q", "expected"),
+    [
+        (buckets((0.1, 50), (0.5, 90), (1.0, 100), ("inf", 100)), 0.95, 0.75),
+        (buckets((0.1, 100), ("inf", 100)), 0.95, 0.095),
+        (buckets((0.1, 0), (1.0, 0), ("inf", 10)), 0.95, 1.0),  # in +Inf: largest finite bound
+        (buckets((0.1, 0), ("inf", 0)), 0.95, None),
+    ],
+)
+def test_histogram_quantile(bk, q, expected) -> None:
+    got = p.histogram_quantile(q, bk)
+    assert got == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_sample_delta_and_restart() -> None:
+    a = p.MetricsSample(
+        requests=10, errors=1, latency_buckets=buckets((1, 10), ("inf", 10)), latency_count=10
+    )
+    b = p.MetricsSample(
+        requests=30, errors=5, latency_buckets=buckets((1, 25), ("inf", 30)), latency_count=30
+    )
+    d = p.sample_delta(a, b)
+    assert (d.requests, d.errors, d.latency_buckets[1.0], d.latency_count) == (20, 4, 15, 20)
+    restarted = p.MetricsSample(requests=3, latency_count=3)
+    assert p.sample_delta(b, restarted) is restarted
+    total = p.sum_samples([a, b])
+    assert total.requests == 40 and total.latency_buckets[float("inf")] == 40
+
+
+FAST = buckets((0.05, 10), (0.1, 10), ("inf", 10))
+SLOW = buckets((0.05, 0), (2.5, 0), (5.0, 10), ("inf", 10))
+
+
+@pytest.mark.parametrize(
+    ("window", "smoke", "passed", "action", "reason"),
+    [
+        (
+            p.MetricsSample(requests=10, latency_buckets=FAST, latency_count=10),
+            [],
+            0,
+            "continue",
+            "Analyzing",
+        ),
+        (
+            p.MetricsSample(requests=10, latency_buckets=FAST, latency_count=10),
+            [],
+            2,
+            "promote",
+            "CanaryPassed",
+        ),
+        (
+            p.MetricsSample(requests=10, errors=3, latency_buckets=FAST, latency_count=10),
+            [],
+            2,
+            "abort",
+            "CanaryErrorRate",
+        ),
+        (
+            p.MetricsSample(requests=10, latency_buckets=SLOW, latency_count=10),
+            [],
+            0,
+            "abort",
+            "CanaryLatency",
+        ),
+        (
+            p.MetricsSample(requests=2, errors=2),
+            [],
+            0,
+            "continue",
+            "WaitingForTraffic",
+        ),  # under minRequests
+        (p.MetricsSample(), [], 0, "continue", "WaitingForTraffic"),
+        (
+            p.MetricsSample(requests=10, latency_buckets=FAST, latency_count=10),
+            [
+                p.SmokeResult(True, 5.0),
+                p.SmokeResult(False, 5.0, "HTTP 404: model support not found"),
+            ],
+            0,
+            "abort",
+            "CanarySmokeFailed",
+        ),
+    ],
+)
+def test_decide_canary(window, smoke, passed, action, reason) -> None:
+    analysis = CanaryAnalysis(checks=3, maxErrorRate=0.1, maxLatencyP95Ms=1000, minRequests=5)
+    d = p.decide_canary(analysis, window, smoke, passed)
+    assert (d.action, d.reason) == (action, reason), d.message
+    if reason == "CanaryErrorRate":
+        assert "30.0%" in d.message and d.error_rate == pytest.approx(0.3)
+    if reason == "CanaryLatency":
+        assert d.latency_p95_ms == pytest.approx(4875.0)  # 2.5 s + 0.95 x (5 - 2.5) s
+    if reason == "CanarySmokeFailed":
+        assert "model support not found" in d.message
+
+
+def pod(name, ready=True, loaded=None, endpoint="http://127.0.0.1:1") -> p.PodView:
+    return p.PodView(name, ready, endpoint, loaded)
+
+
+def test_plan_runtime() -> None:
+    pods = [
+        pod("a", loaded={"support": "/p"}),  # serving the desired digest already
+        pod("b", loaded={}),  # restarted: lost the adapter
+        pod("c", loaded={"support": "/p"}),  # has the old digest
+        pod("d", ready=False, loaded={}),  # not ready: left alone
+    ]
+    plan = p.plan_runtime(pods, "support", DIGEST, {"a": DIGEST, "b": DIGEST, "c": OTHER})
+    assert plan.actions == [p.PodAction("b", "load"), p.PodAction("c", "reload")]
+    assert plan.serving == {"a": DIGEST, "b": DIGEST, "c": DIGEST}
+    assert not plan.done and plan.ready_pods == 3
+    settled = p.plan_runtime(pods[:1], "support", DIGEST, {"a": DIGEST})
+    assert settled.done and not settled.actions
+    unload = p.plan_runtime(pods[:2], "support", None, {"a": DIGEST})
+    assert unload.actions == [p.PodAction("a", "unload")]
+    unreachable = p.plan_runtime([pod("a", loaded=None)], "support", DIGEST, {"a": DIGEST})
+    assert not unreachable.done and not unreachable.actions
+
+
+def test_revisions_are_monotonic_and_bounded() -> None:
+    status: dict = {}
+    ref = sb.AdapterRef("support", "pvc://a", DIGEST)
+    history: list = []
+    for _ in range(25):
+        rev = p.new_revision(status, ref, "t")
+        history = p.record_history(history, rev)
+        status = {"history": history, "current": rev}
+    assert [r["revision"] for r in history] == list(range(6, 26))
+    assert p.next_revision(status) == 26
+
+
+def test_already_rejected_until_spec_changes() -> None:
+    ref = sb.AdapterRef("support", "pvc://a", DIGEST)
+    status = {
+        "observedGeneration": 3,
+        "history": [{"revision": 1, "uri": "pvc://a", "digest": DIGEST, "outcome": "RolledBack"}],
+    }
+    assert p.already_rejected(status, ref, 3)["revision"] == 1
+    assert p.already_rejected(status, ref, 4) is None

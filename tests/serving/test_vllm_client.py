@@ -1,0 +1,151 @@
+"""The vLLM client against the reference server (real HTTP on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+from finetune_operator.clients.vllm import VllmClient, VllmError, parse_metrics
+from finetune_operator.local.vllm_reference import (
+    ReferenceConfig,
+    ReferenceServer,
+    ServerRefusedToStart,
+)
+from finetune_operator.planners.adapterdeployment import histogram_quantile
+
+
+def make_adapter(root: Path, name: str, rank: int) -> str:
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"r": rank, "peft_type": "LORA"}))
+    return str(path)
+
+
+METRICS_TEXT = """\
+# HELP vllm:request_success_total Count of successfully processed requests.
+# TYPE vllm:request_success_total counter
+vllm:request_success_total{finished_reason="stop",model_name="m"} 90.0
+vllm:request_success_total{finished_reason="length",model_name="m"} 5.0
+# TYPE vllm:e2e_request_latency_seconds histogram
+vllm:e2e_request_latency_seconds_bucket{le="0.3",model_name="m"} 50.0
+vllm:e2e_request_latency_seconds_bucket{le="0.5",model_name="m"} 90.0
+vllm:e2e_request_latency_seconds_bucket{le="1.0",model_name="m"} 95.0
+vllm:e2e_request_latency_seconds_bucket{le="+Inf",model_name="m"} 95.0
+vllm:e2e_request_latency_seconds_count{model_name="m"} 95.0
+vllm:e2e_request_latency_seconds_sum{model_name="m"} 30.0
+# TYPE http_requests_total counter
+http_requests_total{handler="/v1/chat/completions",method="POST",status="2xx"} 95.0
+http_requests_total{handler="/v1/chat/completions",method="POST",status="5xx"} 5.0
+http_requests_total{handler="/metrics",method="GET",status="2xx"} 400.0
+"""
+
+
+def test_parse_metrics() -> None:
+    s = parse_metrics(METRICS_TEXT)
+    assert (s.requests, s.errors, s.successes, s.latency_count) == (100, 5, 95, 95)
+    # p95 rank 90.25 falls in (0.5, 1.0]: 0.5 + 0.5 * 0.25 / 5
+    assert histogram_quantile(0.95, s.latency_buckets) == pytest.approx(0.525)
+
+
+def test_parse_metrics_without_http_instrumentation() -> None:
+    text = 'vllm:request_success_total{finished_reason="stop"} 7\n'
+    assert parse_metrics(text).requests == 7
+
+
+async def test_load_smoke_unload_and_metrics(tmp_path: Path) -> None:
+    a = make_adapter(tmp_path, "a", 8)
+    server = ReferenceServer(ReferenceConfig(model="base", lora_modules={"static": a}))
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = VllmClient(session, timeout=5)
+            ep = server.endpoint
+            assert await client.loaded_adapters(ep) == {"static": a}
+            await client.load_adapter(ep, "support", a)
+            with pytest.raises(VllmError, match="already been loaded"):
+                await client.load_adapter(ep, "support", a)
+            assert set(await client.loaded_adapters(ep)) == {"static", "support"}
+            ok = await client.smoke(ep, "support", "hello there")
+            assert ok.ok and ok.latency_ms > 0
+            missing = await client.smoke(ep, "nope", "hi")
+            assert not missing.ok and "does not exist" in (missing.error or "")
+            await client.unload_adapter(ep, "support")
+            await client.unload_adapter(ep, "support")  # already gone: fine
+            assert set(await client.loaded_adapters(ep)) == {"static"}
+            m = await client.metrics(ep)
+            assert (m.requests, m.errors, m.successes) == (2, 0, 1)
+            assert sum(1 for v in m.latency_buckets.values() if v == 1) >= 1
+    finally:
+        await server.stop()
+
+
+async def test_rank_limits(tmp_path: Path) -> None:
+    big = make_adapter(tmp_path, "big", 64)
+    with pytest.raises(ServerRefusedToStart, match="greater than max_lora_rank 16"):
+        ReferenceServer(ReferenceConfig(lora_modules={"big": big})).check_startup()
+    server = ReferenceServer(ReferenceConfig())
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(VllmError, match="greater than max_lora_rank") as err:
+                await VllmClient(session).load_adapter(server.endpoint, "big", big)
+            assert err.value.status == 400
+            with pytest.raises(VllmError, match="No adapter found"):
+                await VllmClient(session).load_adapter(server.endpoint, "x", str(tmp_path / "none"))
+    finally:
+        await server.stop()
+
+
+async def test_injected_errors_latency_and_crash(tmp_path: Path) -> None:
+    server = ReferenceServer(ReferenceConfig(model="m", error_rate=0.5, added_latency_seconds=0.31))
+    await server.start()
+    ep = server.endpoint
+    async with aiohttp.ClientSession() as session:
+        client = VllmClient(session, timeout=5)
+        results = [await client.smoke(ep, "m", "x") for _ in range(4)]
+        assert [r.ok for r in results].count(False) == 2
+        m = await client.metrics(ep)
+        assert (m.requests, m.errors) == (4, 2)
+        # Two successes, both slower than the 0.3 s bucket.
+        assert m.latency_buckets[0.3] == 0 and m.latency_buckets[0.5] == 2
+        await server.crash()
+        with pytest.raises(VllmError, match="unreachable"):
+            await client.loaded_adapters(ep)
+        down = await client.smoke(ep, "m", "x")
+        assert not down.ok
+
+
+def test_config_from_command_line() -> None:
+    cfg = ReferenceConfig.from_command_line(
+        ["vllm", "serve", "org/base", "--enable-lora", "--max-lora-rank", "32",
+         "--lora-modules", "a=/x", "--served-model-name", "base"],
+        error_rate=0.1,
+    )  # fmt: skip
+    assert (cfg.base_name, cfg.max_lora_rank, cfg.lora_modules, cfg.error_rate) == (
+        "base",
+        32,
+        {"a": "/x"},
+        0.1,
+    )
+
+
+async def test_pluggable_generator() -> None:
+    async def gen(req):
+        return f"{req.adapter_name}:{len(req.messages)}"
+
+    server = ReferenceServer(ReferenceConfig(model="m"), generator=gen)
+    await server.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                server.endpoint + "/v1/chat/completions",
+                json={"model": "m", "messages": [{"role": "user", "content": "q"}]},
+            ) as r,
+        ):
+            answer = await r.json()
+        assert answer["choices"][0]["message"]["content"] == "None:1"
+    finally:
+        await server.stop()
