@@ -10,9 +10,8 @@ from typing import Any
 
 import kubernetes.client
 import pytest
-from kubernetes.client.exceptions import ApiException
-
 from finetune_operator.local import Emulator, client_configuration
+from kubernetes.client.exceptions import ApiException
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 
@@ -69,7 +68,9 @@ def test_generate_name_and_already_exists(custom: Any) -> None:
     )
     assert made["metadata"]["name"].startswith("tune-") and len(made["metadata"]["name"]) == 10
     with pytest.raises(ApiException) as caught:
-        custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, ftj(made["metadata"]["name"]))
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, "default", PLURAL, ftj(made["metadata"]["name"])
+        )
     assert caught.value.status == 409
     assert json.loads(caught.value.body)["reason"] == "AlreadyExists"
 
@@ -85,14 +86,24 @@ def test_generation_counts_spec_changes_only(custom: Any, emulator: Emulator) ->
     assert int(labelled["metadata"]["resourceVersion"]) > rv0
 
     with_status = custom.patch_namespaced_custom_object_status(
-        GROUP, VERSION, "default", PLURAL, "job", {"status": {"phase": "Running"}, "spec": {"method": "lora"}}
+        GROUP,
+        VERSION,
+        "default",
+        PLURAL,
+        "job",
+        {"status": {"phase": "Running"}, "spec": {"method": "lora"}},
     )
     assert with_status["metadata"]["generation"] == 1
     assert with_status["status"] == {"phase": "Running"}
     assert with_status["spec"] == {"method": "qlora"}  # /status writes touch status only
 
     respec = custom.patch_namespaced_custom_object(
-        GROUP, VERSION, "default", PLURAL, "job", {"spec": {"method": "lora"}, "status": {"phase": "Hacked"}}
+        GROUP,
+        VERSION,
+        "default",
+        PLURAL,
+        "job",
+        {"spec": {"method": "lora"}, "status": {"phase": "Hacked"}},
     )
     assert respec["metadata"]["generation"] == 2
     assert respec["status"] == {"phase": "Running"}  # main-resource writes ignore status
@@ -110,15 +121,24 @@ def test_generation_counts_spec_changes_only(custom: Any, emulator: Emulator) ->
 def test_stale_resource_version_conflicts(custom: Any) -> None:
     created = custom.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, ftj())
     stale = created["metadata"]["resourceVersion"]
-    custom.patch_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "job", {"spec": {"x": 1}})
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, "default", PLURAL, "job", {"spec": {"x": 1}}
+    )
 
     replacement = dict(created, spec={"method": "lora"})
     with pytest.raises(ApiException) as caught:
-        custom.replace_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "job", replacement)
+        custom.replace_namespaced_custom_object(
+            GROUP, VERSION, "default", PLURAL, "job", replacement
+        )
     assert caught.value.status == 409
     with pytest.raises(ApiException) as caught:
         custom.patch_namespaced_custom_object(
-            GROUP, VERSION, "default", PLURAL, "job", {"metadata": {"resourceVersion": stale}, "spec": {"x": 2}}
+            GROUP,
+            VERSION,
+            "default",
+            PLURAL,
+            "job",
+            {"metadata": {"resourceVersion": stale}, "spec": {"x": 2}},
         )
     assert caught.value.status == 409
 
@@ -154,17 +174,28 @@ def test_finalizers_hold_deletion_until_removed(emulator: Emulator, custom: Any)
     held = emulator.read(PLURAL, "default", "job")
     assert held is not None and held["metadata"]["deletionTimestamp"]
     assert held["metadata"]["generation"] == 2
-    custom.patch_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "job", {"metadata": {"finalizers": None}})
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, "default", PLURAL, "job", {"metadata": {"finalizers": None}}
+    )
     assert emulator.read(PLURAL, "default", "job") is None
 
 
 def owned(kind: str, name: str, owner: dict[str, Any], *more: dict[str, Any]) -> dict[str, Any]:
     refs = [
-        {"apiVersion": o["apiVersion"], "kind": o["kind"], "name": o["metadata"]["name"], "uid": o["metadata"]["uid"]}
+        {
+            "apiVersion": o["apiVersion"],
+            "kind": o["kind"],
+            "name": o["metadata"]["name"],
+            "uid": o["metadata"]["uid"],
+        }
         for o in (owner, *more)
     ]
     api_version = "batch/v1" if kind == "Job" else "v1"
-    return {"apiVersion": api_version, "kind": kind, "metadata": {"name": name, "namespace": "default", "ownerReferences": refs}}
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {"name": name, "namespace": "default", "ownerReferences": refs},
+    }
 
 
 def test_garbage_collection_follows_owner_references(emulator: Emulator) -> None:
@@ -180,7 +211,9 @@ def test_garbage_collection_follows_owner_references(emulator: Emulator) -> None
     assert emulator.read("pods", "default", pod["metadata"]["name"]) is None  # grandchild too
     survivor = emulator.read("configmaps", "default", "shared")
     assert survivor is not None  # another owner still lives: only the dangling reference goes
-    assert [ref["uid"] for ref in survivor["metadata"]["ownerReferences"]] == [other["metadata"]["uid"]]
+    assert [ref["uid"] for ref in survivor["metadata"]["ownerReferences"]] == [
+        other["metadata"]["uid"]
+    ]
     assert shared["metadata"]["uid"] == survivor["metadata"]["uid"]
 
     emulator.request_delete(PLURAL, "default", "other", propagation="Orphan")
@@ -203,7 +236,11 @@ def test_watch_resumes_from_a_resource_version_and_filters_labels(emulator: Emul
         ("MODIFIED", "before"),
     ]
     fresh = watch_lines(emulator, base)  # no resourceVersion: the current state as ADDED
-    assert sorted(e["object"]["metadata"]["name"] for e in fresh) == ["after-a", "after-b", "before"]
+    assert sorted(e["object"]["metadata"]["name"] for e in fresh) == [
+        "after-a",
+        "after-b",
+        "before",
+    ]
     assert {e["type"] for e in fresh} == {"ADDED"}
 
 
@@ -226,19 +263,24 @@ def test_watch_streams_live_events_and_expired_versions_get_410() -> None:
         for index in range(3):
             api.create(ftj(f"more-{index}"))
         expired = watch_lines(
-            api, f"/apis/{GROUP}/{VERSION}/{PLURAL}?watch=true&resourceVersion={listed['metadata']['resourceVersion']}"
+            api,
+            f"/apis/{GROUP}/{VERSION}/{PLURAL}?watch=true&resourceVersion={listed['metadata']['resourceVersion']}",
         )
         assert expired[0]["type"] == "ERROR" and expired[0]["object"]["code"] == 410
 
 
-def test_pod_logs_termination_messages_and_workload_status(emulator: Emulator, core: Any, client: Any) -> None:
+def test_pod_logs_termination_messages_and_workload_status(
+    emulator: Emulator, core: Any, client: Any
+) -> None:
     emulator.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "trainer", "namespace": "default"},
                      "spec": {"containers": [{"name": "trainer", "image": "trainer:1"}]}})  # fmt: skip
     emulator.set_pod_log("default", "trainer", "".join(f"line {i}\n" for i in range(10)))
     assert core.read_namespaced_pod_log("trainer", "default", tail_lines=2) == "line 8\nline 9\n"
     assert core.read_namespaced_pod_log("trainer", "default", container="trainer").count("\n") == 10
 
-    emulator.terminate_container("default", "trainer", exit_code=3, message='{"ok":false}', reason="Error")
+    emulator.terminate_container(
+        "default", "trainer", exit_code=3, message='{"ok":false}', reason="Error"
+    )
     pod = core.read_namespaced_pod("trainer", "default")
     assert pod.status.phase == "Failed"
     terminated = pod.status.container_statuses[0].state.terminated
@@ -273,10 +315,14 @@ def test_injected_faults_answer_then_expire(emulator: Emulator, custom: Any) -> 
     fault = emulator.inject_fault(PLURAL, 429, count=2, verbs=["patch"], retry_after_seconds=1)
     for _ in range(2):
         with pytest.raises(ApiException) as caught:
-            custom.patch_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "job", {"spec": {"x": 1}})
+            custom.patch_namespaced_custom_object(
+                GROUP, VERSION, "default", PLURAL, "job", {"spec": {"x": 1}}
+            )
         assert caught.value.status == 429
         assert caught.value.headers["Retry-After"] == "1"
-    custom.patch_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "job", {"spec": {"x": 1}})
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, "default", PLURAL, "job", {"spec": {"x": 1}}
+    )
     assert fault.served == 2 and fault.remaining == 0
     assert emulator.count("patch", PLURAL) == 3
 

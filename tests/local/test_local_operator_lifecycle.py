@@ -198,7 +198,9 @@ def test_label_selectors_filter_lists(
     assert {item.metadata.name for item in found.items} == expected
 
 
-def test_operator_reconnects_after_watch_streams_are_cut(emulator: Emulator, operator_runner: Any) -> None:
+def test_operator_reconnects_after_watch_streams_are_cut(
+    emulator: Emulator, operator_runner: Any
+) -> None:
     calls = Calls()
     operator_runner(demo_operator(calls))
     create(ftj("before-cut"))
@@ -206,11 +208,16 @@ def test_operator_reconnects_after_watch_streams_are_cut(emulator: Emulator, ope
     wait_for(lambda: emulator.open_watches > 0)
     assert emulator.cut_watches(PLURAL) >= 1
     create(ftj("after-cut"))
-    wait_for(lambda: get("configmaps", "default", "after-cut-config"), what="the child made after reconnecting")
+    wait_for(
+        lambda: get("configmaps", "default", "after-cut-config"),
+        what="the child made after reconnecting",
+    )
     assert calls.count("create") == 2
 
 
-def test_peered_operators_only_the_higher_priority_one_acts(emulator: Emulator, operator_runner: Any) -> None:
+def test_peered_operators_only_the_higher_priority_one_acts(
+    emulator: Emulator, operator_runner: Any
+) -> None:
     calls = Calls()
     registry = demo_operator(calls)
     emulator.create({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
@@ -219,9 +226,13 @@ def test_peered_operators_only_the_higher_priority_one_acts(emulator: Emulator, 
     def peers() -> set[str]:
         return set((get("kopfpeerings", "default", "default") or {}).get("status") or {})
 
-    leader = operator_runner(registry, peering="default", priority=100, memo=kopf.Memo(identity="leader"))
+    leader = operator_runner(
+        registry, peering="default", priority=100, memo=kopf.Memo(identity="leader")
+    )
     wait_for(lambda: leader.identity in peers(), what="the leader's peering record")
-    follower = operator_runner(registry, peering="default", priority=10, memo=kopf.Memo(identity="follower"))
+    follower = operator_runner(
+        registry, peering="default", priority=10, memo=kopf.Memo(identity="follower")
+    )
     wait_for(lambda: follower.identity in peers(), what="the follower's peering record")
     time.sleep(0.3)  # the follower sees the leader's record and pauses
 

@@ -449,8 +449,9 @@ class Emulator(kmock.KubernetesScaffold):
                     {"name": name, "group": rtype.group, "kind": rtype.plural},
                 )  # fmt: skip
             new = self._merge_by_subresource(rtype, old, candidate, subresource)
-            if subresource is None:
-                new = self._validate(rtype, new)
+            new = self._validate(
+                rtype, new
+            )  # status writes are validated too, like the real server
             changed = new != old
             self._record_write(verb, rtype, subresource, namespace, name, changed)
             if not changed:

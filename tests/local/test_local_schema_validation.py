@@ -1,0 +1,137 @@
+"""Schema validation of custom resources in the embedded API server (opt-in)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from finetune_operator.local import Emulator, serve
+from finetune_operator.local.schema import to_json_schema
+from k8s_fixtures import CRD_DIR
+
+CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "widgets.example.dev"},
+    "spec": {
+        "group": "example.dev",
+        "names": {"kind": "Widget", "plural": "widgets", "singular": "widget", "shortNames": ["wd"]},
+        "scope": "Namespaced",
+        "versions": [{
+            "name": "v1", "served": True, "storage": True,
+            "subresources": {"status": {}},
+            "schema": {"openAPIV3Schema": {
+                "type": "object",
+                "properties": {
+                    "apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                    "metadata": {"type": "object"},
+                    "spec": {
+                        "type": "object", "required": ["size"],
+                        "properties": {
+                            "size": {"type": "integer", "minimum": 1},
+                            "mode": {"type": "string", "enum": ["fast", "slow"], "default": "fast"},
+                            "port": {"x-kubernetes-int-or-string": True},
+                            "note": {"type": "string", "nullable": True},
+                            "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                        },
+                    },
+                    "status": {"type": "object", "properties": {"phase": {"type": "string"}}},
+                },
+            }},
+        }],
+    },
+}  # fmt: skip
+
+
+@pytest.fixture
+def widgets(tmp_path: Path) -> Emulator:
+    (tmp_path / "widgets.yaml").write_text(yaml.safe_dump(CRD))
+    return Emulator(crd_dir=tmp_path, validate_schemas=True)
+
+
+def widget(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "example.dev/v1",
+        "kind": "Widget",
+        "metadata": {"name": "w", "namespace": "default"},
+        "spec": spec,
+    }
+
+
+def test_defaults_pruning_and_dialect_conversions(widgets: Emulator) -> None:
+    made = widgets.create(
+        widget(size=2, port="http", note=None, unknown=1, extra={"free": {"form": True}})
+    )
+    assert made["spec"] == {
+        "size": 2,
+        "mode": "fast",
+        "port": "http",
+        "note": None,
+        "extra": {"free": {"form": True}},
+    }
+    assert widgets.resource_type("wd").status_subresource
+
+
+@pytest.mark.parametrize("spec, complaint", [
+    ({}, "spec: 'size' is a required property"),
+    ({"size": 0}, "spec.size: 0 is less than the minimum of 1"),
+    ({"size": 1, "mode": "warp"}, "spec.mode: 'warp' is not one of ['fast', 'slow']"),
+    ({"size": 1, "port": 1.5}, "spec.port: 1.5 is not valid under any of the given schemas"),
+])  # fmt: skip
+def test_invalid_objects_are_rejected_with_422(
+    widgets: Emulator, spec: dict[str, Any], complaint: str
+) -> None:
+    import kmock
+
+    with pytest.raises(kmock.KubernetesError) as caught:
+        widgets.create(widget(**spec))
+    assert caught.value.status == 422
+    assert complaint in (caught.value.message or "")
+
+
+def test_updates_and_status_writes_are_validated_over_http(widgets: Emulator) -> None:
+    import kubernetes.client
+    from finetune_operator.local import client_configuration
+    from kubernetes.client.exceptions import ApiException
+
+    with serve(widgets):
+        api = kubernetes.client.CustomObjectsApi(
+            kubernetes.client.ApiClient(client_configuration(str(widgets.url)))
+        )
+        api.create_namespaced_custom_object(
+            "example.dev", "v1", "default", "widgets", widget(size=1)
+        )
+        with pytest.raises(ApiException) as caught:
+            api.patch_namespaced_custom_object(
+                "example.dev", "v1", "default", "widgets", "w", {"spec": {"size": -1}}
+            )
+        assert caught.value.status == 422
+        with pytest.raises(ApiException) as caught:
+            api.patch_namespaced_custom_object_status(
+                "example.dev", "v1", "default", "widgets", "w", {"status": {"phase": 7}}
+            )
+        assert caught.value.status == 422
+        ok = api.patch_namespaced_custom_object_status(
+            "example.dev", "v1", "default", "widgets", "w", {"status": {"phase": "Ready"}}
+        )
+        assert ok["status"] == {"phase": "Ready"}
+
+
+def test_nullable_and_int_or_string_conversion() -> None:
+    converted = to_json_schema(
+        {"type": "string", "nullable": True, "x-kubernetes-validations": [{"rule": "x"}]}
+    )
+    assert converted == {"type": ["string", "null"]}
+    assert to_json_schema({"x-kubernetes-int-or-string": True}) == {
+        "anyOf": [{"type": "integer"}, {"type": "string"}]
+    }
+
+
+@pytest.mark.skipif(not any(CRD_DIR.glob("*.y*ml")), reason="crds/ has not been generated yet")
+@pytest.mark.emulator(validate_schemas=True)
+def test_the_project_crds_load_into_the_emulator(emulator: Emulator) -> None:
+    job = emulator.resource_type("ftj")
+    assert job.status_subresource and job.kind == "FineTuneJob"
+    assert emulator.resource_type("adep").status_subresource
