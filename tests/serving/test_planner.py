@@ -429,3 +429,12 @@ def test_already_rejected_until_spec_changes() -> None:
     }
     assert p.already_rejected(status, ref, 3)["revision"] == 1
     assert p.already_rejected(status, ref, 4) is None
+
+
+def test_server_errors_in_smoke_are_judged_by_the_error_rate() -> None:
+    analysis = CanaryAnalysis(checks=3, maxErrorRate=0.5)
+    window = p.MetricsSample(requests=4, errors=1)
+    smoke = [p.SmokeResult(False, 3.0, "HTTP 500: boom", 500), p.SmokeResult(True, 3.0, status=200)]
+    d = p.decide_canary(analysis, window, smoke, 0)
+    assert (d.action, d.reason) == ("continue", "Analyzing")
+    assert d.error_rate == pytest.approx(0.25)

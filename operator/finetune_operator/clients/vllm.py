@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_SECONDS = 10.0
 SMOKE_TIMEOUT_SECONDS = 60.0
 INFERENCE_HANDLERS = ("/v1/chat/completions", "/v1/completions")
+# vLLM's bucket bounds for vllm:e2e_request_latency_seconds.
+VLLM_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
 _ERROR_TEXT_MAX = 300
 
 
@@ -137,14 +142,14 @@ class VllmClient:
             return SmokeResult(False, (time.monotonic() - started) * 1000, str(exc))
         elapsed = (time.monotonic() - started) * 1000
         if status != 200:
-            return SmokeResult(False, elapsed, f"HTTP {status}: {_error_message(text)}")
+            return SmokeResult(False, elapsed, f"HTTP {status}: {_error_message(text)}", status)
         try:
             choices = json.loads(text).get("choices") or []
         except ValueError:
-            return SmokeResult(False, elapsed, "the answer is not JSON")
+            return SmokeResult(False, elapsed, "the answer is not JSON", status)
         if not choices:
-            return SmokeResult(False, elapsed, "the answer has no choices")
-        return SmokeResult(True, elapsed)
+            return SmokeResult(False, elapsed, "the answer has no choices", status)
+        return SmokeResult(True, elapsed, status=status)
 
     async def metrics(self, endpoint: str) -> MetricsSample:
         status, body = await self._request("GET", endpoint, "/metrics")

@@ -36,12 +36,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .. import vllm_args
-
-# vLLM's bucket bounds for vllm:e2e_request_latency_seconds.
-VLLM_LATENCY_BUCKETS = (
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
-)  # fmt: skip
+from ..clients.vllm import VLLM_LATENCY_BUCKETS
 
 
 class ServerRefusedToStart(RuntimeError):

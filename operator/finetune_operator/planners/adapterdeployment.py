@@ -509,6 +509,12 @@ class SmokeResult:
     ok: bool
     latency_ms: float
     error: str | None = None
+    status: int | None = None  # HTTP status; None when no answer came
+
+    @property
+    def server_error(self) -> bool:
+        """A 5xx: the server failed the request (judged by the error rate)."""
+        return self.status is not None and self.status >= 500
 
 
 @dataclass(frozen=True)
@@ -531,14 +537,16 @@ def decide_canary(
     """One analysis check: abort on a failed smoke request or a threshold breach, count
     a passing check, promote after ``analysis.checks`` passing checks.
 
-    Smoke requests go through the same server, so they are already in the window's
-    counters; their own results add the error text a counter cannot give.
+    ``window`` holds the traffic of the window, smoke requests included. A smoke request
+    answered with a 5xx counts in the error rate like any request; one that got no
+    answer or a 4xx (typically 404: the server does not know the adapter) shows the
+    adapter is not served at all, which no threshold excuses.
     """
     requests = int(window.requests)
     error_rate = window.errors / window.requests if window.requests > 0 else None
     p95_s = histogram_quantile(0.95, window.latency_buckets)
     p95_ms = None if p95_s is None else p95_s * 1000.0
-    failed = [s for s in smoke if not s.ok]
+    failed = [s for s in smoke if not s.ok and not s.server_error]
 
     def verdict(
         action: Literal["continue", "promote", "abort"], reason: str, msg: str, passed: int

@@ -1,0 +1,295 @@
+"""Serving side of the emulated cluster (tests, embedded demo): Deployment controller + kubelet.
+
+The embedded API (``finetune_operator.local.Emulator``) stores objects but runs no
+controllers. ``ServingCluster`` plays the Deployment controller and the kubelet for
+Deployments in one namespace: for each pod template it starts one real
+``ReferenceServer`` (the vLLM-compatible server) per replica, configured from the vLLM
+container's command line, writes the Pod objects (Ready or not, ``podIP`` 127.0.0.1, the
+server's URL in the ``finetune.dev/endpoint`` annotation), removes old pods once the new
+ones are Ready (maxUnavailable 0), and writes the Deployment's status like the real
+controller, including ``ProgressDeadlineExceeded`` after ``spec.progressDeadlineSeconds``.
+
+Paths of the vLLM container are translated to local folders: a mount of a PVC volume
+maps to ``<pvc_root>/<claimName>/<subPath>``; any other absolute path is used as is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import vllm_args
+from ..serving_config import ENDPOINT_ANNOTATION
+from .emulator import Emulator
+from .vllm_reference import (
+    ReferenceConfig,
+    ReferenceServer,
+    ServerRefusedToStart,
+)
+
+# (deployment name, pod template) -> ReferenceConfig overrides (error_rate, added_latency_seconds...)
+Behavior = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+
+def template_hash(template: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:8]
+
+
+@dataclass
+class SimPod:
+    name: str
+    deployment: str
+    hash: str
+    server: ReferenceServer | None
+    error: str | None = None
+    created: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+
+
+class ServingCluster:
+    def __init__(
+        self,
+        api: Emulator,
+        namespace: str,
+        pvc_root: Path,
+        behavior: Behavior | None = None,
+        interval: float = 0.05,
+    ) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.pvc_root = pvc_root
+        self.behavior = behavior or (lambda _dep, _tpl: {})
+        self.interval = interval
+        self.pods: dict[str, SimPod] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="serving-cluster"
+        )
+        self._task: concurrent.futures.Future[None] | None = None
+        self._counter = 0
+        self.errors: list[BaseException] = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> ServingCluster:
+        self._thread.start()
+        self._task = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        asyncio.run_coroutine_threadsafe(self._stop_all(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        if self.errors:
+            raise self.errors[0]
+
+    def call(self, coro: Any, timeout: float = 10.0) -> Any:
+        """Run a coroutine on the cluster's loop (where the servers live)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _stop_all(self) -> None:
+        for pod in list(self.pods.values()):
+            if pod.server is not None:
+                await pod.server.stop()
+        self.pods.clear()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._sync()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # surfaced when the block ends
+                self.errors.append(exc)
+                raise
+            await asyncio.sleep(self.interval)
+
+    # ------------------------------------------------------------ test controls
+
+    def servers(self, deployment: str) -> list[ReferenceServer]:
+        return [
+            p.server
+            for p in self.pods.values()
+            if p.deployment == deployment and p.server is not None
+        ]
+
+    def restart_pod(self, pod_name: str) -> None:
+        """The container restarts: a fresh server (static adapters only) on a new port."""
+        self.call(self._restart(pod_name))
+
+    async def _restart(self, pod_name: str) -> None:
+        pod = self.pods[pod_name]
+        assert pod.server is not None
+        config = pod.server.config
+        await pod.server.crash()
+        pod.server = ReferenceServer(config)
+        await pod.server.start()
+        pod.restarts += 1
+        self.api.merge_patch(
+            "pods", self.namespace, pod_name,
+            {"metadata": {"annotations": {ENDPOINT_ANNOTATION: pod.server.endpoint}}},
+        )  # fmt: skip
+
+    # ------------------------------------------------------------ controller
+
+    def _local_path(self, pod_spec: dict[str, Any], container: dict[str, Any], path: str) -> str:
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in pod_spec.get("volumes") or []
+            if "persistentVolumeClaim" in v
+        }
+        for mount in container.get("volumeMounts") or []:
+            base = str(mount["mountPath"]).rstrip("/")
+            if mount.get("name") in claims and (path == base or path.startswith(base + "/")):
+                local = self.pvc_root / claims[mount["name"]] / str(mount.get("subPath") or "")
+                rest = path[len(base) :].lstrip("/")
+                return str(local / rest) if rest else str(local)
+        return path
+
+    def _server_config(self, dep_name: str, template: dict[str, Any]) -> ReferenceConfig:
+        pod_spec = template.get("spec") or {}
+        container = next(
+            (
+                c
+                for c in pod_spec.get("containers") or []
+                if vllm_args.parse_container(c).is_openai_server
+            ),
+            None,
+        )
+        if container is None:
+            raise ServerRefusedToStart("no vLLM container")
+        config = ReferenceConfig.from_command_line(vllm_args.split_tokens(container))
+        config.lora_modules = {
+            name: self._local_path(pod_spec, container, path)
+            for name, path in config.lora_modules.items()
+        }
+        for key, value in self.behavior(dep_name, template).items():
+            setattr(config, key, value)
+        return config
+
+    async def _start_pod(self, dep: dict[str, Any], h: str) -> SimPod:
+        name = dep["metadata"]["name"]
+        template = dep["spec"]["template"]
+        self._counter += 1
+        pod_name = f"{name}-{h[:6]}-{self._counter}"
+        server: ReferenceServer | None = None
+        error: str | None = None
+        try:
+            server = ReferenceServer(self._server_config(name, template))
+            await server.start()
+        except ServerRefusedToStart as exc:
+            server, error = None, str(exc)
+        tpl_meta = template.get("metadata") or {}
+        annotations = dict(tpl_meta.get("annotations") or {})
+        if server is not None:
+            annotations[ENDPOINT_ANNOTATION] = server.endpoint
+        ready = server is not None
+        status: dict[str, Any] = {
+            "phase": "Running",
+            "podIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        }
+        if error:
+            status["containerStatuses"] = [
+                {"name": "vllm", "ready": False, "restartCount": 3,
+                 "state": {"waiting": {"reason": "CrashLoopBackOff", "message": error}}}
+            ]  # fmt: skip
+        self.api.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": pod_name,
+                    "namespace": self.namespace,
+                    "labels": dict(tpl_meta.get("labels") or {}),
+                    "annotations": annotations,
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "apps/v1",
+                            "kind": "Deployment",
+                            "name": name,
+                            "uid": dep["metadata"].get("uid", ""),
+                            "controller": True,
+                        }
+                    ],
+                },
+                "spec": template.get("spec") or {},
+                "status": status,
+            },
+            keep_status=True,
+        )
+        pod = SimPod(pod_name, name, h, server, error)
+        self.pods[pod_name] = pod
+        return pod
+
+    async def _remove_pod(self, pod: SimPod) -> None:
+        if pod.server is not None:
+            await pod.server.stop()
+        self.pods.pop(pod.name, None)
+        with contextlib.suppress(Exception):
+            self.api.request_delete("pods", self.namespace, pod.name)
+
+    async def _sync(self) -> None:
+        deployments = {
+            d["metadata"]["name"]: d for d in self.api.read_all("deployments", self.namespace)
+        }
+        for pod in list(self.pods.values()):
+            if pod.deployment not in deployments:
+                await self._remove_pod(pod)
+        for name, dep in deployments.items():
+            await self._sync_deployment(name, dep)
+
+    async def _sync_deployment(self, name: str, dep: dict[str, Any]) -> None:
+        spec = dep["spec"]
+        replicas = int(spec.get("replicas", 1))
+        h = template_hash(spec["template"])
+        mine = [p for p in self.pods.values() if p.deployment == name]
+        new = [p for p in mine if p.hash == h]
+        old = [p for p in mine if p.hash != h]
+        while len(new) < replicas:
+            new.append(await self._start_pod(dep, h))
+        while len(new) > replicas:
+            await self._remove_pod(new.pop())
+        new_ready = [p for p in new if p.server is not None]
+        if len(new_ready) == replicas:
+            for pod in old:  # the new ReplicaSet is fully available: scale the old one down
+                await self._remove_pod(pod)
+            old = []
+        old_ready = [p for p in old if p.server is not None]
+        available = len(new_ready) + len(old_ready)
+        conditions = []
+        deadline = spec.get("progressDeadlineSeconds")
+        stuck = [p for p in new if p.server is None]
+        if (
+            stuck
+            and deadline is not None
+            and time.monotonic() - min(p.created for p in stuck) > float(deadline)
+        ):
+            conditions.append({
+                "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                "message": f'ReplicaSet "{name}-{h[:6]}" has timed out progressing: {stuck[0].error}',
+            })  # fmt: skip
+        status = {
+            "observedGeneration": dep["metadata"].get("generation", 1),
+            "replicas": len(new) + len(old),
+            "updatedReplicas": len(new),
+            "readyReplicas": available,
+            "availableReplicas": available,
+            "unavailableReplicas": max(0, replicas - available),
+            "conditions": conditions,
+        }
+        current = dep.get("status") or {}
+        if any(current.get(k) != v for k, v in status.items()):
+            with contextlib.suppress(Exception):  # deleted meanwhile
+                self.api.patch_status("deployments", self.namespace, name, status)

@@ -1,0 +1,502 @@
+"""The real operator against the emulated API, with vLLM-compatible servers as pods."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from finetune_operator import metrics_serving, vllm_args
+from finetune_operator.builders import serving as sb
+from finetune_operator.local import Emulator
+from finetune_operator.local.serving_cluster import ServingCluster
+from k8s_fixtures import wait_for
+
+from .adapters import make_adapter
+
+NS = "default"
+BASE = "org/tiny-base"
+
+
+def vllm_deployment(name: str = "llm", extra: list[str] | None = None, replicas: int = 2) -> dict:
+    args = [BASE, "--enable-lora", "--port", "8000", *(extra or [])]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "replicas": replicas,
+            "progressDeadlineSeconds": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "vllm",
+                            "image": "vllm/vllm-openai",
+                            "command": ["vllm", "serve"],
+                            "args": args,
+                        }
+                    ]
+                },
+            },
+        },
+    }
+
+
+def adapter_deployment(
+    name: str, source: dict, *, adapter: str | None = None, target: dict | None = None, **spec: Any
+) -> dict:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "AdapterDeployment",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "adapterName": adapter or name,
+            "source": source,
+            "target": target or {"deployment": "llm", "container": "vllm"},
+            **spec,
+        },
+    }
+
+
+def uri_source(uri: str, digest: str) -> dict:
+    return {"uri": uri, "digest": digest}
+
+
+class Env:
+    def __init__(self, api: Emulator, cluster: ServingCluster, root: Path) -> None:
+        self.api, self.cluster, self.root = api, cluster, root
+
+    def status(self, name: str) -> dict:
+        obj = self.api.read("adapterdeployments", NS, name) or {}
+        return obj.get("status") or {}
+
+    def condition(self, name: str, type_: str) -> dict:
+        return next(
+            (c for c in self.status(name).get("conditions") or [] if c["type"] == type_), {}
+        )
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 20.0) -> dict:
+        wait_for(
+            lambda: self.status(name).get("phase") == phase,
+            timeout,
+            what=f"{name} phase {phase}: {self.status(name)}",
+        )
+        return self.status(name)
+
+    def deployment(self, name: str = "llm") -> dict:
+        return self.api.read("deployments", NS, name) or {}
+
+    def modules(self, name: str = "llm") -> dict[str, str]:
+        container = self.deployment(name)["spec"]["template"]["spec"]["containers"][0]
+        return {m.name: m.path for m in vllm_args.parse_container(container).lora_modules}
+
+    def set_spec(self, name: str, spec: dict) -> None:
+        self.api.merge_patch("adapterdeployments", NS, name, {"spec": spec})
+
+    def served(self, deployment: str = "llm") -> list[set[str]]:
+        """Adapters each running server of the Deployment has loaded."""
+        return [set(s.adapters) for s in self.cluster.servers(deployment)]
+
+    def chat(self, deployment: str, model: str) -> list[int]:
+        async def ask() -> list[int]:
+            codes = []
+            async with aiohttp.ClientSession() as session:
+                for server in self.cluster.servers(deployment):
+                    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+                    async with session.post(
+                        server.endpoint + "/v1/chat/completions", json=body
+                    ) as r:
+                        codes.append(r.status)
+            return codes
+
+        result: list[int] = self.cluster.call(ask())
+        return result
+
+
+@pytest.fixture
+def env(
+    emulator: Emulator, operator_runner, fast_serving_settings, tmp_path: Path
+) -> Iterator[Env]:
+    behaviors: dict[str, dict] = {}
+
+    def behavior(_dep: str, template: dict) -> dict:
+        digests = set(((template.get("metadata") or {}).get("annotations") or {}).values())
+        out: dict = {}
+        for digest in digests:
+            out.update(behaviors.get(digest, {}))
+        return out
+
+    import finetune_operator.handlers.adapterdeployment as handlers
+
+    with ServingCluster(emulator, NS, tmp_path / "pvc", behavior) as cluster:
+        operator_runner(handlers)
+        e = Env(emulator, cluster, tmp_path)
+        e.behaviors = behaviors  # type: ignore[attr-defined]
+        yield e
+
+
+def rollbacks(adapter: str, reason: str) -> float:
+    value = metrics_serving.ROLLBACKS.labels(NS, adapter, reason)._value.get()
+    return float(value)
+
+
+# ---------------------------------------------------------------------------- Rolling
+
+
+def test_rolling_success_then_upgrade(env: Env) -> None:
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "v2")
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1)))
+    st = env.wait_phase("support", "Available")
+    assert st["current"]["revision"] == 1 and st["current"]["digest"] == d1
+    assert env.modules() == {"support": uri1.removeprefix("file://")}
+    tpl = env.deployment()["spec"]["template"]
+    assert tpl["metadata"]["annotations"][sb.digest_annotation("support")] == d1
+    assert env.served() == [{"support"}, {"support"}]
+    assert env.chat("llm", "support") == [200, 200]
+    assert sorted(p["digest"] for p in st["pods"]) == [d1, d1]
+    assert st["readyReplicas"] == 2
+    assert env.condition("support", "Available")["status"] == "True"
+    assert metrics_serving.ADAPTER_INFO.labels(NS, "support", d1, "llm")._value.get() == 1
+
+    env.set_spec("support", {"source": uri_source(uri2, d2)})
+    wait_for(
+        lambda: (
+            (env.status("support").get("current") or {}).get("digest") == d2
+            and env.status("support")["phase"] == "Available"
+        ),
+        20,
+    )
+    st = env.status("support")
+    assert st["current"]["revision"] == 2
+    assert st["previous"]["revision"] == 1 and st["previous"]["outcome"] == "Superseded"
+    assert [(h["revision"], h["outcome"]) for h in st["history"]] == [
+        (1, "Superseded"),
+        (2, "Available"),
+    ]
+    assert env.modules() == {"support": uri2.removeprefix("file://")}
+    assert ("support", d1, "llm") not in {
+        tuple(s.labels.values())[1:]
+        for m in metrics_serving.ADAPTER_INFO.collect()
+        for s in m.samples
+    }
+
+
+def test_rolling_failure_rolls_back_automatically(env: Env) -> None:
+    uri1, d1 = make_adapter(env.root, "good")
+    # The manifest says rank 8 but the weights are rank 64: the server refuses to start.
+    uri2, d2 = make_adapter(env.root, "bad", rank=8, config_rank=64)
+    env.api.create(vllm_deployment())
+    env.api.create(
+        adapter_deployment(
+            "support", uri_source(uri1, d1), strategy={"progressDeadlineSeconds": 30}
+        )
+    )
+    env.wait_phase("support", "Available")
+    before = rollbacks("support", "ProgressDeadlineExceeded")
+
+    env.set_spec("support", {"source": uri_source(uri2, d2)})
+    st = env.wait_phase("support", "RolledBack")
+    degraded = env.condition("support", "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "ProgressDeadlineExceeded"
+    assert "greater than max_lora_rank 16" in degraded["message"]  # the pods' own error
+    wait_for(
+        lambda: env.condition("support", "Available").get("reason") == "PreviousRevisionRestored",
+        20,
+    )
+    st = env.status("support")
+    assert st["current"]["digest"] == d1 and st["current"]["outcome"] == "Available"
+    assert st["previous"]["digest"] == d2 and st["previous"]["outcome"] == "RolledBack"
+    assert env.modules() == {"support": uri1.removeprefix("file://")}
+    wait_for(lambda: env.served() == [{"support"}, {"support"}], 10)
+    assert rollbacks("support", "ProgressDeadlineExceeded") == before + 1
+    # Not retried while the spec stays the same.
+    assert env.status("support")["phase"] == "RolledBack"
+    assert [h["outcome"] for h in env.status("support")["history"]] == ["Available", "RolledBack"]
+
+
+def test_rank_above_server_maximum_is_refused_with_the_flag(env: Env) -> None:
+    uri, digest = make_adapter(env.root, "big", rank=64)
+    env.api.create(vllm_deployment())
+    untouched = env.deployment()["spec"]
+    env.api.create(adapter_deployment("big", uri_source(uri, digest)))
+    wait_for(lambda: env.condition("big", "Compatible").get("status") == "False", 10)
+    cond = env.condition("big", "Compatible")
+    assert cond["reason"] == "RankTooLarge"
+    assert (
+        "set --max-lora-rank 64" in cond["message"] and "allowServerArgChanges" in cond["message"]
+    )
+    assert env.status("big")["phase"] == "Failed"
+    assert env.deployment()["spec"] == untouched  # never rolled out
+
+    env.set_spec(
+        "big", {"target": {"deployment": "llm", "container": "vllm", "allowServerArgChanges": True}}
+    )
+    env.wait_phase("big", "Available")
+    container = env.deployment()["spec"]["template"]["spec"]["containers"][0]
+    assert vllm_args.parse_container(container).max_lora_rank == 64
+    assert env.served() == [{"big"}, {"big"}]
+
+
+def test_gates_not_passed_is_refused(env: Env) -> None:
+    uri, digest = make_adapter(env.root, "gated")
+    env.api.create(vllm_deployment())
+    env.api.create(
+        {
+            "apiVersion": "finetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "tune", "namespace": NS},
+            "spec": {},
+            "status": {
+                "phase": "Succeeded",
+                "conditions": [{"type": "GatesPassed", "status": "False", "reason": "GatesFailed",
+                                "message": "1/2 passed: rougeL 0.41 < 0.65 (short by 0.24)"}],
+                "adapter": {"uri": uri, "digest": digest, "rank": 8, "baseModel": "hf://org/tiny-base"},
+            },
+        },
+        keep_status=True,
+    )  # fmt: skip
+    untouched = env.deployment()["spec"]
+    env.api.create(adapter_deployment("gated", {"fineTuneJobRef": {"name": "tune"}}))
+    wait_for(lambda: env.condition("gated", "SourceReady").get("status") == "False", 10)
+    cond = env.condition("gated", "SourceReady")
+    assert cond["reason"] == "GatesFailed"
+    assert "rougeL 0.41 < 0.65" in cond["message"] and "requireGates: false" in cond["message"]
+    assert env.status("gated")["phase"] == "Failed"
+    assert env.deployment()["spec"] == untouched
+
+    env.set_spec("gated", {"requireGates": False})
+    env.wait_phase("gated", "Available")
+    assert env.modules() == {"gated": uri.removeprefix("file://")}
+
+
+def test_two_adapters_on_one_deployment_keep_both_entries(env: Env) -> None:
+    (ua, da), (ub, db) = make_adapter(env.root, "a"), make_adapter(env.root, "b")
+    env.api.create(vllm_deployment(extra=["--max-loras", "2"]))
+    # Make the first JSON patch of the Deployment lose a race (409), as under real contention.
+    fault = env.api.inject_fault("deployments", 409, count=1)
+
+    def create(name: str, uri: str, digest: str) -> None:
+        env.api.create(adapter_deployment(name, uri_source(uri, digest)))
+
+    threads = [
+        threading.Thread(target=create, args=a) for a in (("team-a", ua, da), ("team-b", ub, db))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    env.wait_phase("team-a", "Available")
+    env.wait_phase("team-b", "Available")
+    assert fault.remaining == 0  # one patch lost the race and was rebuilt from a fresh read
+    wait_for(lambda: env.served() == [{"team-a", "team-b"}] * 2, 20)
+    assert env.modules() == {
+        "team-a": ua.removeprefix("file://"),
+        "team-b": ub.removeprefix("file://"),
+    }
+    annotations = env.deployment()["metadata"]["annotations"]
+    assert annotations[sb.owner_annotation("team-a")] == "team-a"
+    assert annotations[sb.owner_annotation("team-b")] == "team-b"
+
+    # Deleting one AdapterDeployment removes only its own entry.
+    env.api.request_delete("adapterdeployments", NS, "team-a")
+    wait_for(lambda: env.modules() == {"team-b": ub.removeprefix("file://")}, 20)
+    assert sb.owner_annotation("team-a") not in env.deployment()["metadata"]["annotations"]
+    env.wait_phase("team-b", "Available")
+
+
+def test_adapter_name_taken_by_another_adapterdeployment(env: Env) -> None:
+    ua, da = make_adapter(env.root, "a")
+    env.api.create(vllm_deployment(extra=["--max-loras", "2"]))
+    env.api.create(adapter_deployment("first", uri_source(ua, da), adapter="shared"))
+    env.wait_phase("first", "Available")
+    env.api.create(adapter_deployment("second", uri_source(ua, da), adapter="shared"))
+    wait_for(lambda: env.condition("second", "Compatible").get("reason") == "AdapterNameTaken", 10)
+    assert (
+        "AdapterDeployment first already serves adapterName shared"
+        in env.condition("second", "Compatible")["message"]
+    )
+
+
+# ---------------------------------------------------------------------------- Canary
+
+
+def canary_strategy(**analysis: Any) -> dict:
+    settings = {
+        "intervalSeconds": 1,
+        "checks": 2,
+        "smokeRequests": 4,
+        "maxErrorRate": 0.1,
+        "maxLatencyP95Ms": 1000,
+    }
+    settings.update(analysis)
+    return {
+        "type": "Canary",
+        "canary": {"replicas": 1, "analysis": settings},
+        "progressDeadlineSeconds": 30,
+    }
+
+
+def test_canary_promoted(env: Env) -> None:
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "v2")
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1)))
+    env.wait_phase("support", "Available")
+
+    env.set_spec("support", {"source": uri_source(uri2, d2), "strategy": canary_strategy()})
+    canary = wait_for(lambda: env.api.read("deployments", NS, "support-canary"), 10)
+    owner = canary["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == (
+        "AdapterDeployment",
+        "support",
+        True,
+    )
+    assert canary["spec"]["replicas"] == 1
+    assert canary["spec"]["template"]["metadata"]["labels"] == {
+        "app": "llm",
+        sb.CANARY_LABEL: "support",
+    }
+    env.wait_phase("support", "Analyzing")
+    # While analysing, the target still serves v1.
+    assert env.modules() == {"support": uri1.removeprefix("file://")}
+    wait_for(
+        lambda: (
+            env.status("support")["phase"] == "Available"
+            and env.status("support")["current"]["digest"] == d2
+        ),
+        30,
+    )
+    st = env.status("support")
+    assert st["canary"]["checksPassed"] == 2 and st["canary"]["requests"] >= 8
+    assert st["canary"]["revision"]["outcome"] == "Promoted"
+    assert "deployment" not in st["canary"]
+    assert env.modules() == {"support": uri2.removeprefix("file://")}
+    wait_for(lambda: env.api.read("deployments", NS, "support-canary") is None, 10)
+    assert [(h["revision"], h["outcome"]) for h in st["history"]] == [
+        (1, "Superseded"),
+        (2, "Available"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fault", "analysis", "reason", "needle"),
+    [
+        ({"error_rate": 0.5}, {}, "CanaryErrorRate", "above maxErrorRate 10.0%"),
+        (
+            {"added_latency_seconds": 0.35},
+            {"maxLatencyP95Ms": 300},
+            "CanaryLatency",
+            "above maxLatencyP95Ms 300",
+        ),
+    ],
+)
+def test_canary_aborted(env: Env, fault: dict, analysis: dict, reason: str, needle: str) -> None:
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "v2")
+    env.behaviors[d2] = fault  # type: ignore[attr-defined]
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1)))
+    env.wait_phase("support", "Available")
+    before = rollbacks("support", reason)
+
+    env.set_spec(
+        "support", {"source": uri_source(uri2, d2), "strategy": canary_strategy(**analysis)}
+    )
+    st = env.wait_phase("support", "RolledBack", timeout=30)
+    degraded = env.condition("support", "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == reason
+    assert needle in degraded["message"]
+    assert st["current"]["digest"] == d1  # the target never changed
+    assert env.modules() == {"support": uri1.removeprefix("file://")}
+    assert st["canary"]["revision"]["outcome"] == "CanaryAborted"
+    assert [(h["revision"], h["outcome"]) for h in st["history"]] == [
+        (1, "Available"),
+        (2, "CanaryAborted"),
+    ]
+    wait_for(lambda: env.api.read("deployments", NS, "support-canary") is None, 10)
+    assert rollbacks("support", reason) == before + 1
+    if reason == "CanaryErrorRate":
+        assert st["canary"]["errorRate"] == pytest.approx(0.5)
+    else:
+        assert st["canary"]["latencyP95Ms"] > 300
+
+
+# ---------------------------------------------------------------------------- Runtime
+
+
+def runtime_strategy() -> dict:
+    return {"type": "Runtime", "progressDeadlineSeconds": 30}
+
+
+def test_runtime_load_reload_after_restart_and_scale_up(env: Env) -> None:
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "v2")
+    env.api.create(vllm_deployment())
+    wait_for(lambda: len(env.cluster.servers("llm")) == 2, 10)
+    template = env.deployment()["spec"]["template"]
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1), strategy=runtime_strategy()))
+    st = env.wait_phase("support", "Available")
+    assert env.served() == [{"support"}, {"support"}]
+    assert sorted(p["digest"] for p in st["pods"]) == [d1, d1]
+
+    pod = sorted(env.cluster.pods)[0]
+    env.cluster.restart_pod(pod)
+    assert env.cluster.pods[pod].server.adapters == {}
+    wait_for(
+        lambda: (
+            env.cluster.pods[pod].server.adapters.get("support") == uri1.removeprefix("file://")
+        ),
+        10,
+    )
+
+    env.api.merge_patch("deployments", NS, "llm", {"spec": {"replicas": 3}})
+    wait_for(lambda: env.served() == [{"support"}] * 3, 10)
+    wait_for(
+        lambda: (
+            sorted(p.get("digest", "") for p in env.status("support").get("pods") or []) == [d1] * 3
+        ),
+        10,
+    )
+
+    env.set_spec("support", {"source": uri_source(uri2, d2)})
+    wait_for(
+        lambda: (
+            env.status("support")["current"]["digest"] == d2
+            and env.status("support")["phase"] == "Available"
+        ),
+        10,
+    )
+    assert {s.adapters["support"] for s in env.cluster.servers("llm")} == {
+        uri2.removeprefix("file://")
+    }
+    assert env.deployment()["spec"]["template"] == template  # no restart, no template change
+
+
+def test_runtime_load_failure_rolls_back(env: Env) -> None:
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "bad", rank=8, config_rank=64)
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1), strategy=runtime_strategy()))
+    env.wait_phase("support", "Available")
+    env.set_spec("support", {"source": uri_source(uri2, d2)})
+    env.wait_phase("support", "RolledBack")
+    degraded = env.condition("support", "Degraded")
+    assert (
+        degraded["reason"] == "LoadFailed"
+        and "greater than max_lora_rank 16" in degraded["message"]
+    )
+    wait_for(
+        lambda: env.condition("support", "Available").get("reason") == "PreviousRevisionRestored",
+        10,
+    )
+    assert {s.adapters.get("support") for s in env.cluster.servers("llm")} == {
+        uri1.removeprefix("file://")
+    }
