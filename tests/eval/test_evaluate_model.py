@@ -102,6 +102,7 @@ def test_base_only_writes_base_metrics_and_gives_a_verdict(
     assert len(generations) == 4 and "baseGeneration" in json.loads(generations[0])
 
 
+@pytest.mark.slow
 def test_adapter_and_base_metrics_from_the_same_loaded_weights(
     config_factory: Callable[..., TrainerConfig], tiny_model_dir: Path, tiny_tokenizer: Any
 ) -> None:

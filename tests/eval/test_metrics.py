@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from finetune_trainer.errors import TrainerError
 from finetune_trainer.evaluate import (
     DEFAULT_REFUSAL_MARKERS,
     EvalRow,
-    EvaluationError,
     conforms,
     exact_match,
     extract_json,
@@ -229,5 +229,5 @@ def test_load_eval_rows_errors_say_what_to_fix(
     path = tmp_path / "eval.jsonl"
     if content is not None:
         path.write_text(content, encoding="utf-8")
-    with pytest.raises(EvaluationError, match=message):
+    with pytest.raises(TrainerError, match=message):
         load_eval_rows(path, max_samples=10)

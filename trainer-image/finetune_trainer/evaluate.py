@@ -21,15 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_operator.api.finetunejob import EvaluationSpec
-from finetune_operator.api.trainer_config import PROGRESS_PREFIX, TrainerConfig
+from finetune_operator.api.trainer_config import TrainerConfig
 from finetune_operator.gates import evaluate_gates, summarize
+
+from .errors import EXIT_OK, TrainerError, evaluation_failed, model_not_found
 
 if TYPE_CHECKING:
     import argparse
-
-EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_EVALUATION = 5
 
 # Phrases that mark a refusal (matched case-insensitively anywhere in the generation, after
 # normalising curly apostrophes and whitespace). Override with evaluation.refusalMarkers.
@@ -76,16 +74,6 @@ GENERATIONS_FILE = "eval_generations.jsonl"
 EVAL_ROWS_FILE = "eval.jsonl"
 
 
-class EvaluationError(Exception):
-    """Evaluation could not run; the message says what to change."""
-
-    def __init__(self, message: str, reason: str = "EvaluationFailed", exit_code: int = 5):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.exit_code = exit_code
-
-
 # ------------------------------------------------------------------ eval rows
 
 
@@ -103,16 +91,16 @@ def parse_eval_row(obj: Any, where: str) -> EvalRow:
     """One eval.jsonl object; accepts the camelCase keys of the contract and the snake_case
     keys of raw data rows."""
     if not isinstance(obj, dict):
-        raise EvaluationError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise evaluation_failed(f"{where}: expected a JSON object, got {type(obj).__name__}")
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt:
-        raise EvaluationError(f"{where}: missing 'prompt' (the chat-templated prompt text)")
+        raise evaluation_failed(f"{where}: missing 'prompt' (the chat-templated prompt text)")
     completion = obj.get("completion")
     if completion is not None and not isinstance(completion, str):
-        raise EvaluationError(f"{where}: 'completion' must be a string")
+        raise evaluation_failed(f"{where}: 'completion' must be a string")
     schema = obj.get("jsonSchema", obj.get("json_schema"))
     if schema is not None and not isinstance(schema, dict):
-        raise EvaluationError(f"{where}: 'jsonSchema' must be a JSON object")
+        raise evaluation_failed(f"{where}: 'jsonSchema' must be a JSON object")
     messages = obj.get("messages")
     return EvalRow(
         prompt=prompt,
@@ -129,7 +117,7 @@ def load_eval_rows(path: str | Path, max_samples: int) -> list[EvalRow]:
     by the data split, so the first rows are a fair sample)."""
     p = Path(path)
     if not p.is_file():
-        raise EvaluationError(
+        raise evaluation_failed(
             f"eval data {p} not found: run the data step first (finetune-trainer data-report) "
             "or pass --eval-file"
         )
@@ -141,12 +129,12 @@ def load_eval_rows(path: str | Path, max_samples: int) -> list[EvalRow]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise EvaluationError(f"{p}:{lineno}: not valid JSON: {exc}") from exc
+                raise evaluation_failed(f"{p}:{lineno}: not valid JSON: {exc}") from exc
             rows.append(parse_eval_row(obj, f"{p}:{lineno}"))
             if len(rows) >= max_samples:
                 break
     if not rows:
-        raise EvaluationError(f"{p} has no eval rows: add evaluation data or raise evalSplit")
+        raise evaluation_failed(f"{p} has no eval rows: add evaluation data or raise evalSplit")
     return rows
 
 
@@ -328,22 +316,27 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _completion_text(tokenizer: Any, row: EvalRow) -> str:
-    """The completion exactly as training saw it: the chat template's assistant turn after
-    the prompt when it can be rebuilt, else the completion followed by the EOS token."""
-    assert row.completion is not None
-    if row.messages and getattr(tokenizer, "chat_template", None):
-        full = tokenizer.apply_chat_template(
-            [*row.messages, {"role": "assistant", "content": row.completion}], tokenize=False
-        )
-        if isinstance(full, str) and full.startswith(row.prompt) and len(full) > len(row.prompt):
-            return full[len(row.prompt) :]
-    return row.completion + (tokenizer.eos_token or "")
-
-
 def _ids(tokenizer: Any, text: str) -> list[int]:
     # Chat-templated text already carries its special tokens.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def loss_example(tokenizer: Any, row: EvalRow, max_length: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) exactly as training built them: the data pipeline's templating
+    and completion-only masking when the row carries its messages, else prompt text plus
+    completion plus EOS. Truncated to ``max_length`` like the training sequences."""
+    assert row.completion is not None
+    if row.messages:
+        from .data import Example, tokenize_example
+
+        example = Example(prompt_messages=row.messages, completion=row.completion)
+        tokenized = tokenize_example(tokenizer, example, completion_only=True)
+        ids, labels = tokenized.input_ids, tokenized.labels
+    else:
+        prompt = _ids(tokenizer, row.prompt)
+        completion = _ids(tokenizer, row.completion + (tokenizer.eos_token or ""))
+        ids, labels = prompt + completion, [-100] * len(prompt) + completion
+    return list(ids[:max_length]), list(labels[:max_length])
 
 
 def completion_loss(
@@ -354,29 +347,22 @@ def completion_loss(
 
     device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    examples: list[tuple[list[int], list[int]]] = []
-    for row in rows:
-        if not row.completion:
-            continue
-        completion = _ids(tokenizer, _completion_text(tokenizer, row))[: max_length - 1]
-        prompt = _ids(tokenizer, row.prompt)[-(max_length - len(completion)) :]
-        examples.append((prompt, completion))
+    examples = [loss_example(tokenizer, r, max_length) for r in rows if r.completion]
     if not examples:
         return None
     total_loss = 0.0
     total_tokens = 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        width = max(len(p) + len(c) for p, c in chunk)
+        width = max(len(ids) for ids, _ in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (p, c) in enumerate(chunk):
-            seq = p + c
-            input_ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, len(p) : len(seq)] = torch.tensor(c)
-            attention[i, : len(seq)] = 1
-        # Tokens predicted: every completion token (labels shift by one inside the model).
+        for i, (ids, lab) in enumerate(chunk):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            attention[i, : len(ids)] = 1
+        # Tokens predicted: labels shift by one inside the model, the first never counts.
         n_tokens = int((labels[:, 1:] != -100).sum())
         if n_tokens == 0:
             continue
@@ -500,47 +486,37 @@ def evaluate_model(
 # ------------------------------------------------------------------ loading
 
 
-def _device(config: TrainerConfig) -> str:
-    import torch
-
-    if config.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return config.device
-
-
 def load_base(config: TrainerConfig) -> tuple[Any, Any]:
-    """The base model as training used it (4-bit for qlora) and its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    """The base model as training loaded it (4-bit for qlora, same dtypes) and the tokenizer
+    with the chat template in force."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    path = Path(config.paths.base_model)
-    if not (path / "config.json").is_file():
-        raise EvaluationError(
-            f"base model not found at {path}: check paths.baseModel", reason="ModelNotFound"
-        )
-    device = _device(config)
+    from .data import load_tokenizer
+    from .train import compute_dtype_name, resolve_device, torch_dtype
+
     spec = config.spec
-    quant = spec.resolved_quantization()
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    tokenizer, _ = load_tokenizer(config.paths.base_model, spec.dataset.chat_template)
+    device = resolve_device(config.device)
+    dtype = torch_dtype(compute_dtype_name(spec, device))
     kwargs: dict[str, Any] = {
         "dtype": dtype,
+        "device_map": {"": 0} if device == "cuda" else {"": "cpu"},
         "trust_remote_code": spec.base_model.trust_remote_code,
     }
+    quant = spec.resolved_quantization()
     if quant is not None:
-        compute = torch.float32 if device == "cpu" else getattr(torch, quant.compute_dtype)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant.type,
             bnb_4bit_use_double_quant=quant.double_quant,
-            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_compute_dtype=dtype,
         )
-        kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if quant is None:
-        model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if spec.dataset.chat_template:
-        tokenizer.chat_template = spec.dataset.chat_template
+    try:
+        model = AutoModelForCausalLM.from_pretrained(config.paths.base_model, **kwargs)
+    except OSError as exc:
+        raise model_not_found(
+            f"cannot load the base model from {config.paths.base_model}: {exc}"
+        ) from exc
     return model, tokenizer
 
 
@@ -548,7 +524,7 @@ def attach_adapter(model: Any, adapter_dir: Path) -> Any:
     from peft import PeftModel
 
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise EvaluationError(
+        raise evaluation_failed(
             f"no adapter at {adapter_dir} (adapter_config.json missing): train first or pass "
             "--adapter DIR"
         )
@@ -591,7 +567,7 @@ def run_evaluation(
     adapter_dir: str | Path | None = None,
     base_only: bool = False,
     *,
-    eval_file: str | Path | None = None,
+    eval_path: str | Path | None = None,
     out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate and write the metrics files; returns metrics, base metrics and gate verdict.
@@ -606,14 +582,14 @@ def run_evaluation(
     spec = config.spec
     evaluation = spec.evaluation
     output_dir = Path(config.paths.output_dir)
-    rows = load_eval_rows(eval_file or output_dir / EVAL_ROWS_FILE, evaluation.max_samples)
+    rows = load_eval_rows(eval_path or output_dir / EVAL_ROWS_FILE, evaluation.max_samples)
 
     if model is None:
         model, tokenizer = load_base(config)
         if not base_only:
             model = attach_adapter(model, Path(adapter_dir or output_dir / "adapter"))
     elif tokenizer is None:
-        raise EvaluationError("run_evaluation: a model was given without its tokenizer")
+        raise evaluation_failed("run_evaluation: a model was given without its tokenizer")
 
     want_base = base_only or spec.needs_base_metrics()
     max_len = spec.training.max_seq_length
@@ -695,25 +671,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_config(path: str | Path) -> TrainerConfig:
-    import yaml
-    from pydantic import ValidationError
-
-    p = Path(path)
-    if not p.is_file():
-        raise EvaluationError(
-            f"config file {p} not found: pass --config with the job's YAML/JSON file",
-            reason="InvalidConfig",
-            exit_code=EXIT_CONFIG,
-        )
-    try:
-        return TrainerConfig.model_validate(yaml.safe_load(p.read_text(encoding="utf-8")))
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise EvaluationError(
-            f"{p}: invalid trainer config: {exc}", reason="InvalidConfig", exit_code=EXIT_CONFIG
-        ) from exc
-
-
 def verdict_lines(result: Mapping[str, Any]) -> list[str]:
     """A short human-readable verdict for the terminal."""
     lines = []
@@ -730,40 +687,45 @@ def verdict_lines(result: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _emit_result(payload: Mapping[str, Any]) -> None:
-    print(PROGRESS_PREFIX + json.dumps(payload, separators=(",", ":")), flush=True)
-
-
 def command(args: argparse.Namespace) -> int:
     """Body of ``finetune-trainer evaluate``: exit 0 when evaluation ran (whatever the gates
-    say), 2 for a bad config, 5 when evaluation failed."""
+    say), 2 for a bad config, 5 when evaluation failed. Prints the verdict on stderr and one
+    ``result`` protocol line on stdout."""
+    from .config import load_config
+    from .progress import emit
+
     try:
         config = load_config(args.config)
         result = run_evaluation(
             config,
             adapter_dir=args.adapter,
             base_only=args.base_only,
-            eval_file=args.eval_file,
+            eval_path=getattr(args, "eval_file", None),
             out=args.out,
         )
-    except EvaluationError as exc:
-        print(f"evaluation failed: {exc.message}", file=sys.stderr)
-        _emit_result({"type": "result", "ok": False, "reason": exc.reason, "message": exc.message})
+    except TrainerError as exc:
+        print(f"evaluation failed: {exc.reason}: {exc.message}", file=sys.stderr)
+        emit({"type": "result", "ok": False, "reason": exc.reason, "message": exc.message})
         return exc.exit_code
     for line in verdict_lines(result):
         print(line, file=sys.stderr)
-    _emit_result(
+    emit(
         {
             "type": "result",
             "ok": True,
+            "reason": "Evaluated",
+            "message": result["gatesMessage"],
             "metrics": result["metrics"] or {},
             "baseMetrics": result["baseMetrics"],
             "gates": result["gates"],
             "gatesSummary": result["gatesSummary"],
-            "message": result["gatesMessage"],
         }
     )
     return EXIT_OK
+
+
+# ``finetune-trainer evaluate`` (cli.py) hands its parsed arguments to this entry point.
+cli_main = command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
