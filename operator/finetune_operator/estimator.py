@@ -526,7 +526,8 @@ def suggest_fixes(
         found = with_largest_batch(combo)
         if found is not None:
             add(*found)
-            return fixes
+    if fixes:
+        return fixes
     leanest = replace(lean, method="qlora", micro_batch=1)
     seq = setup.seq_length
     while seq > 256:

@@ -9,7 +9,10 @@ from typing import Any
 from finetune_operator.api.trainer_config import PROGRESS_PREFIX
 
 BASE_SPEC: dict[str, Any] = {
-    "baseModel": {"uri": "hf://meta-llama/Meta-Llama-3-8B-Instruct@main", "credentialsSecretRef": {"name": "hf-token"}},
+    "baseModel": {
+        "uri": "hf://meta-llama/Meta-Llama-3-8B-Instruct@main",
+        "credentialsSecretRef": {"name": "hf-token"},
+    },
     "dataset": {"train": {"uri": "pvc://datasets/support/train.jsonl"}},
     "method": "qlora",
     "lora": {"r": 64},
@@ -66,7 +69,9 @@ DATA_REPORT = {
 }
 
 
-def result(ok: bool = True, metrics: dict[str, float] | None = None, **extra: Any) -> dict[str, Any]:
+def result(
+    ok: bool = True, metrics: dict[str, float] | None = None, **extra: Any
+) -> dict[str, Any]:
     out: dict[str, Any] = {"type": "result", "ok": ok}
     if ok:
         out.update(
