@@ -12,6 +12,7 @@ Options for the emulator come from a marker: `@pytest.mark.emulator(validate_sch
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterator
@@ -74,6 +75,22 @@ def wait_for(
                 f"timed out after {timeout}s waiting for {what or predicate!r}; last value: {value!r}"
             )
         time.sleep(interval)
+        value = predicate()
+    return value
+
+
+async def async_wait_for(
+    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> T:
+    """`wait_for` for async tests: sleeps without blocking the test's event loop."""
+    deadline = time.monotonic() + timeout
+    value = predicate()
+    while not value:
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what or predicate!r}; last value: {value!r}"
+            )
+        await asyncio.sleep(interval)
         value = predicate()
     return value
 

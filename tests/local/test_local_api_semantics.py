@@ -142,6 +142,13 @@ def test_stale_resource_version_conflicts(custom: Any) -> None:
         )
     assert caught.value.status == 409
 
+    unversioned = dict(created, metadata={"name": "job", "namespace": "default"})
+    with pytest.raises(ApiException) as caught:
+        custom.replace_namespaced_custom_object(
+            GROUP, VERSION, "default", PLURAL, "job", unversioned
+        )
+    assert caught.value.status == 422  # custom resources need a resourceVersion on PUT
+
     fresh = custom.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "job")
     replaced = custom.replace_namespaced_custom_object(
         GROUP, VERSION, "default", PLURAL, "job", dict(fresh, spec={"method": "lora"})
@@ -350,3 +357,35 @@ def test_unknown_objects_and_resources_answer_404(custom: Any, emulator: Emulato
         urllib.request.urlopen(f"{emulator.url}/apis/{GROUP}/{VERSION}/namespaces/default/widgets")
     assert http.value.code == 404
     time.sleep(0)
+
+
+def test_namespaces_and_events_about_an_object(emulator: Emulator, core: Any) -> None:
+    assert {n.metadata.name for n in core.list_namespace().items} == {"default", "kube-system"}
+    core.create_namespace({"metadata": {"name": "team-a"}})
+    assert core.read_namespace("team-a").metadata.name == "team-a"
+    core.create_namespaced_event("team-a", {
+        "metadata": {"generateName": "job."}, "reason": "Created", "message": "made the trainer",
+        "involvedObject": {"kind": "FineTuneJob", "name": "job", "namespace": "team-a"},
+    })  # fmt: skip
+    (event,) = emulator.events_about("team-a", "job", kind="FineTuneJob")
+    assert event["message"] == "made the trainer"
+    assert emulator.events_about("team-a", "other") == []
+
+
+def test_selector_watch_sees_objects_enter_and_leave_the_selection(emulator: Emulator) -> None:
+    emulator.create(ftj("moving", labels={"team": "a"}))
+    since = get_json(emulator, f"/apis/{GROUP}/{VERSION}/{PLURAL}")["metadata"]["resourceVersion"]
+
+    def relabel() -> None:
+        time.sleep(0.1)
+        emulator.merge_patch(PLURAL, "default", "moving", {"metadata": {"labels": {"team": "b"}}})
+        emulator.merge_patch(PLURAL, "default", "moving", {"metadata": {"labels": {"team": "a"}}})
+
+    mover = threading.Thread(target=relabel)
+    mover.start()
+    events = watch_lines(
+        emulator, f"/apis/{GROUP}/{VERSION}/{PLURAL}?watch=true&timeoutSeconds=0.6"
+        f"&labelSelector=team%3Da&resourceVersion={since}",
+    )  # fmt: skip
+    mover.join()
+    assert [e["type"] for e in events] == ["DELETED", "ADDED"]

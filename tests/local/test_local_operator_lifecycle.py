@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -215,9 +216,22 @@ def test_operator_reconnects_after_watch_streams_are_cut(
     assert calls.count("create") == 2
 
 
+class ResumeLog(logging.Handler):
+    """Which operator threads (named after their identity) logged that they resume after peering."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Resuming operations"):
+            self.threads.add(record.threadName or "")
+
+
 def test_peered_operators_only_the_higher_priority_one_acts(
     emulator: Emulator, operator_runner: Any
 ) -> None:
+    """kopf starts paused when peering; the follower stays paused while the leader lives."""
     calls = Calls()
     registry = demo_operator(calls)
     emulator.create({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
@@ -226,24 +240,62 @@ def test_peered_operators_only_the_higher_priority_one_acts(
     def peers() -> set[str]:
         return set((get("kopfpeerings", "default", "default") or {}).get("status") or {})
 
-    leader = operator_runner(
-        registry, peering="default", priority=100, memo=kopf.Memo(identity="leader")
-    )
-    wait_for(lambda: leader.identity in peers(), what="the leader's peering record")
-    follower = operator_runner(
-        registry, peering="default", priority=10, memo=kopf.Memo(identity="follower")
-    )
-    wait_for(lambda: follower.identity in peers(), what="the follower's peering record")
-    time.sleep(0.3)  # the follower sees the leader's record and pauses
+    resumes = ResumeLog()
+    kopf_logger = logging.getLogger("kopf")
+    level = kopf_logger.level
+    kopf_logger.setLevel(logging.INFO)
+    kopf_logger.addHandler(resumes)
+    try:
+        leader = operator_runner(
+            registry, peering="default", priority=100, memo=kopf.Memo(identity="leader")
+        )
+        wait_for(lambda: leader.identity in peers(), what="the leader's peering record")
+        wait_for(lambda: leader.identity in resumes.threads, what="the leader to resume")
+        follower = operator_runner(
+            registry, peering="default", priority=10, memo=kopf.Memo(identity="follower")
+        )
+        wait_for(lambda: follower.identity in peers(), what="the follower's peering record")
 
-    create(ftj("peered"))
-    wait_for(lambda: get("configmaps", "default", "peered-config"))
-    time.sleep(0.5)
-    assert calls.identities("create") == {"leader"}
+        create(ftj("peered"))
+        wait_for(lambda: get("configmaps", "default", "peered-config"))
+        time.sleep(0.5)
+        assert calls.identities("create") == {"leader"}
+        assert follower.identity not in resumes.threads
 
-    leader.stop()  # the leader removes its record on exit; the follower resumes
-    wait_for(lambda: leader.identity not in peers(), what="the leader's record to go")
-    create(ftj("after-failover"))
-    wait_for(lambda: get("configmaps", "default", "after-failover-config"), timeout=15)
-    assert calls.identities("create") == {"leader", "follower"}
-    assert calls.count("create", "peered") == 1
+        leader.stop()  # the leader removes its record on exit; the follower resumes
+        wait_for(lambda: follower.identity in resumes.threads, what="the follower to resume")
+        assert leader.identity not in peers()
+        create(ftj("after-failover"))
+        wait_for(lambda: get("configmaps", "default", "after-failover-config"))
+        assert calls.identities("create") == {"leader", "follower"}
+        assert calls.count("create", "peered") == 1
+    finally:
+        kopf_logger.removeHandler(resumes)
+        kopf_logger.setLevel(level)
+
+
+def test_stopping_leaves_no_threads_behind(emulator: Emulator) -> None:
+    from finetune_operator.local import run_operator
+
+    before = set(threading.enumerate())
+    calls = Calls()
+    with run_operator(emulator, demo_operator(calls)) as run:
+        create(ftj("job-4"))
+        wait_for(
+            lambda: calls.count("create", "job-4") == 1
+        )  # a sync handler ran in kopf's executor
+        assert run.running
+    assert not run.running
+    assert set(threading.enumerate()) <= before
+
+
+async def test_async_runner_from_an_async_test(emulator: Emulator) -> None:
+    from finetune_operator.local import run_operator_async
+    from k8s_fixtures import async_wait_for
+
+    calls = Calls()
+    async with run_operator_async(emulator, demo_operator(calls)) as run:
+        create(ftj("job-5"))
+        await async_wait_for(lambda: get("configmaps", "default", "job-5-config"))
+        assert run.running
+    assert not run.running

@@ -6,7 +6,13 @@ Used by the tests, the embedded demo and the scale benchmark. Needs the `[local]
 
 from .emulator import Emulator, Fault, RunningServer, WriteRecord, serve
 from .resources import DEFAULT_RESOURCES, ResourceType
-from .runner import OperatorRun, client_configuration, run_operator, test_settings
+from .runner import (
+    OperatorRun,
+    client_configuration,
+    run_operator,
+    run_operator_async,
+    test_settings,
+)
 
 __all__ = [
     "DEFAULT_RESOURCES",
@@ -18,6 +24,7 @@ __all__ = [
     "WriteRecord",
     "client_configuration",
     "run_operator",
+    "run_operator_async",
     "serve",
     "test_settings",
 ]

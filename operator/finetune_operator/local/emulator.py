@@ -19,6 +19,7 @@ import contextlib
 import copy
 import datetime
 import json
+import logging
 import random
 import threading
 import uuid
@@ -34,6 +35,8 @@ import kmock
 from . import patching
 from .resources import DEFAULT_RESOURCES, ResourceType
 from .selectors import Matcher, SelectorError, parse_field_selector, parse_label_selector
+
+logger = logging.getLogger(__name__)
 
 ObjectKey = tuple[tuple[str, str, str], str | None, str]
 Body = dict[str, Any]
@@ -74,6 +77,18 @@ def _not_found(rtype: ResourceType, name: str) -> kmock.KubernetesError:
 def _spec_part(body: Mapping[str, Any]) -> dict[str, Any]:
     """Everything that counts towards metadata.generation (all but metadata and status)."""
     return {k: v for k, v in body.items() if k not in ("metadata", "status", "apiVersion", "kind")}
+
+
+def _selected_event_type(
+    event_type: str, matches_now: bool, previous: Body | None, matches: Matcher
+) -> str | None:
+    """What a selector-filtered watch sees: objects entering the selection are ADDED, leaving ones DELETED."""
+    if event_type != "MODIFIED" or previous is None:
+        return event_type if matches_now else None
+    matched_before = matches(previous)
+    if matches_now:
+        return "MODIFIED" if matched_before else "ADDED"
+    return "DELETED" if matched_before else None
 
 
 @dataclass
@@ -173,6 +188,7 @@ class Emulator(kmock.KubernetesScaffold):
         event_log_limit: how many watch events per resource are kept for resuming
             watches; older resourceVersions get 410 Gone like a compacted etcd.
         keep_requests: how many raw requests kmock keeps for inspection.
+        namespaces: Namespace objects that exist from the start.
     """
 
     def __init__(
@@ -183,6 +199,7 @@ class Emulator(kmock.KubernetesScaffold):
         validate_schemas: bool = False,
         event_log_limit: int = 20_000,
         keep_requests: int = 2_000,
+        namespaces: Iterable[str] = ("default", "kube-system"),
     ) -> None:
         super().__init__()
         self._store_lock = threading.RLock()
@@ -203,6 +220,10 @@ class Emulator(kmock.KubernetesScaffold):
         self.loop: asyncio.AbstractEventLoop | None = None
         for rtype in resources:
             self.add_resource(rtype)
+        if ("", "v1", "namespaces") in self._types:
+            for namespace in namespaces:
+                self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace},
+                             "status": {"phase": "Active"}})  # fmt: skip
         if crd_dir is not None and validate_schemas:
             self.load_crds(crd_dir)
 
@@ -261,7 +282,9 @@ class Emulator(kmock.KubernetesScaffold):
         self._last_rv += 1
         return self._last_rv
 
-    def _publish(self, rtype: ResourceType, event_type: str, body: Body) -> None:
+    def _publish(
+        self, rtype: ResourceType, event_type: str, body: Body, previous: Body | None = None
+    ) -> None:
         rv = int(body["metadata"]["resourceVersion"])
         log = self._events.setdefault(rtype.key, [])
         log.append((rv, {"type": event_type, "object": body}))
@@ -269,17 +292,16 @@ class Emulator(kmock.KubernetesScaffold):
             dropped = len(log) - self.event_log_limit
             self._compacted_rv[rtype.key] = log[dropped - 1][0]
             del log[:dropped]
+        namespace = body["metadata"].get("namespace")
         for watcher in list(self._watchers):
-            if watcher.rtype.key != rtype.key:
+            if watcher.rtype.key != rtype.key or watcher.namespace not in (None, namespace):
                 continue
-            if (
-                watcher.namespace is not None
-                and body["metadata"].get("namespace") != watcher.namespace
-            ):
+            seen_type = _selected_event_type(
+                event_type, watcher.matches(body), previous, watcher.matches
+            )
+            if seen_type is None:
                 continue
-            if not watcher.matches(body):
-                continue
-            item = (rv, {"type": event_type, "object": body})
+            item = (rv, {"type": seen_type, "object": body})
             with contextlib.suppress(RuntimeError):  # the watcher's loop is already closed
                 watcher.loop.call_soon_threadsafe(watcher.queue.put_nowait, item)
 
@@ -287,8 +309,9 @@ class Emulator(kmock.KubernetesScaffold):
         """Stamp a new resourceVersion, save, and notify watchers."""
         body["metadata"]["resourceVersion"] = str(self._next_rv())
         key = (rtype.key, body["metadata"].get("namespace"), body["metadata"]["name"])
+        previous = self._objects.get(key)
         self._objects[key] = body
-        self._publish(rtype, event_type, body)
+        self._publish(rtype, event_type, body, previous)
         return body
 
     def _remove(self, rtype: ResourceType, key: ObjectKey) -> Body:
@@ -441,6 +464,12 @@ class Emulator(kmock.KubernetesScaffold):
             except patching.InvalidPatch as exc:
                 raise _status_error(422, "Invalid", f"the patch cannot be applied: {exc}") from exc
             requested_rv = expected_rv or (candidate.get("metadata") or {}).get("resourceVersion")
+            if verb == "update" and not requested_rv and not rtype.unconditional_update:
+                raise _status_error(
+                    422, "Invalid",
+                    f'{rtype.kind}.{rtype.group} "{name}" is invalid: metadata.resourceVersion: '
+                    "Invalid value: 0x0: must be specified for an update",
+                )  # fmt: skip
             if requested_rv and requested_rv != old["metadata"]["resourceVersion"]:
                 raise _status_error(
                     409, "Conflict",
@@ -593,6 +622,18 @@ class Emulator(kmock.KubernetesScaffold):
         return self.delete_object(
             self.resource_type(kind), namespace, name, propagation=propagation
         )
+
+    def events_about(self, namespace: str | None, name: str, kind: str | None = None) -> list[Body]:
+        """Kubernetes Events (core/v1 and events.k8s.io/v1) whose subject is the named object."""
+        found: list[Body] = []
+        for rtype in self._types.values():
+            if rtype.plural != "events":
+                continue
+            for event in self.list_objects(rtype, namespace)[0]:
+                subject = event.get("involvedObject") or event.get("regarding") or {}
+                if subject.get("name") == name and (kind is None or subject.get("kind") == kind):
+                    found.append(event)
+        return found
 
     def set_pod_log(
         self, namespace: str, pod: str, text: str, container: str | None = None
@@ -763,6 +804,43 @@ class Emulator(kmock.KubernetesScaffold):
             self.writes.clear()
 
     # ----------------------------------------------------------------- HTTP
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        """Serve one HTTP request; every failure becomes a Kubernetes `Status` answer."""
+        await raw_request.read()
+        try:
+            request = await self._parse_request(raw_request)
+            self._requests.append(request)
+            return await self._handle(request)
+        except Exception as exc:
+            return await self._render_error(exc)
+
+    async def _parse_request(self, raw_request: aiohttp.web.BaseRequest) -> kmock.Request:
+        try:
+            return await kmock.Request._parse(raw_request, id=len(self._requests))
+        except ValueError:
+            # kmock's path parser cannot split /api/v1/namespaces[/name]; ours does (in _handle).
+            try:
+                data = await raw_request.json()
+            except ValueError:
+                data = None
+            return kmock.Request(
+                id=len(self._requests), raw_request=raw_request, url=raw_request.url,
+                method=raw_request.method, params=dict(raw_request.query),
+                headers=dict(raw_request.headers), body=await raw_request.read(),
+                text=await raw_request.text(), data=data,
+            )  # fmt: skip
+
+    async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
+        if not isinstance(exc, kmock.KubernetesError):
+            logger.exception("the embedded API server failed on a request")
+            return await super()._render_error(exc)
+        body = {
+            "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+            "code": exc.status, "reason": exc.reason or "Unknown", "message": exc.message or "",
+            "details": exc.details or {},
+        }  # fmt: skip
+        return aiohttp.web.json_response(body, status=exc.status)
 
     async def _serve_version(self, request: kmock.Request) -> Any:
         """APIResourceList of one group/version, with per-subresource verbs as the real server has."""

@@ -24,6 +24,8 @@ class ResourceType:
     categories: tuple[str, ...] = ()
     singular: str = ""
     verbs: tuple[str, ...] = field(default=ALL_VERBS)
+    # Built-in types accept a PUT without metadata.resourceVersion; custom resources do not.
+    unconditional_update: bool = True
 
     @property
     def api_version(self) -> str:
@@ -44,11 +46,11 @@ def _core(plural: str, kind: str, **kwargs: object) -> ResourceType:
 
 FINETUNEJOBS = ResourceType(
     GROUP, VERSION, "finetunejobs", "FineTuneJob", status_subresource=True,
-    short_names=("ftj",), categories=("finetune",), singular="finetunejob",
+    short_names=("ftj",), categories=("finetune",), singular="finetunejob", unconditional_update=False,
 )  # fmt: skip
 ADAPTERDEPLOYMENTS = ResourceType(
     GROUP, VERSION, "adapterdeployments", "AdapterDeployment", status_subresource=True,
-    short_names=("adep",), categories=("finetune",), singular="adapterdeployment",
+    short_names=("adep",), categories=("finetune",), singular="adapterdeployment", unconditional_update=False,
 )  # fmt: skip
 
 DEFAULT_RESOURCES: tuple[ResourceType, ...] = (
@@ -68,6 +70,7 @@ DEFAULT_RESOURCES: tuple[ResourceType, ...] = (
     ResourceType("batch", "v1", "jobs", "Job", status_subresource=True),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease"),
     ResourceType("events.k8s.io", "v1", "events", "Event", short_names=("ev",)),
-    ResourceType("kopf.dev", "v1", "clusterkopfpeerings", "ClusterKopfPeering", namespaced=False),
-    ResourceType("kopf.dev", "v1", "kopfpeerings", "KopfPeering"),
+    ResourceType("kopf.dev", "v1", "clusterkopfpeerings", "ClusterKopfPeering", namespaced=False,
+                 unconditional_update=False),
+    ResourceType("kopf.dev", "v1", "kopfpeerings", "KopfPeering", unconditional_update=False),
 )  # fmt: skip

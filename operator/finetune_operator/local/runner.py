@@ -16,7 +16,7 @@ import logging
 import threading
 import types
 import weakref
-from collections.abc import Collection, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -110,6 +110,8 @@ class OperatorRun:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise RuntimeError(f"the operator {self.identity} did not stop within {timeout}s")
+            # kopf's executor for synchronous handlers outlives the event loop otherwise.
+            self.settings.execution.executor.shutdown(wait=True, cancel_futures=True)
         if self.error is not None:
             raise RuntimeError(f"the operator {self.identity} crashed") from self.error
 
@@ -207,3 +209,18 @@ def _wait_ready(run: OperatorRun, timeout: float) -> None:
         waited += 0.05
     run._stop_flag.set()
     raise RuntimeError(f"the operator {run.identity} was not ready within {timeout}s")
+
+
+@contextlib.asynccontextmanager
+async def run_operator_async(
+    server: Emulator | RunningServer | str,
+    module_or_registry: types.ModuleType | kopf.OperatorRegistry | None = None,
+    **options: Any,
+) -> AsyncIterator[OperatorRun]:
+    """`run_operator` for async code: waiting for start and stop does not block the caller's loop."""
+    manager = run_operator(server, module_or_registry, **options)
+    run = await asyncio.to_thread(manager.__enter__)
+    try:
+        yield run
+    finally:
+        await asyncio.to_thread(manager.__exit__, None, None, None)

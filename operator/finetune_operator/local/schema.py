@@ -138,6 +138,7 @@ def load_crd_file(
                 short_names=tuple(names.get("shortNames", ())),
                 categories=tuple(names.get("categories", ())),
                 singular=names.get("singular", names["kind"].lower()),
+                unconditional_update=False,
             )
             openapi = (version.get("schema") or {}).get("openAPIV3Schema") or {
                 "type": "object",
