@@ -16,7 +16,7 @@ from finetune_operator.api.trainer_config import TrainerConfig
 
 from .checkpoints import make_checkpoint_callback, prepare_for_resume, run_fingerprint
 from .data import PreparedData
-from .errors import model_not_found, out_of_memory, training_failed
+from .errors import invalid_config, model_not_found, out_of_memory, training_failed
 from .progress import make_progress_callback
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,13 @@ def load_model_for_training(
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     targets = spec.lora.target_modules
+    head = model.get_output_embeddings()
+    head_names = {n for n, m in model.named_modules() if m is head and head is not None}
+    if any(t in head_names or t == "lm_head" for t in targets):
+        raise invalid_config(
+            f"lora.targetModules {targets} include the output head, which SFT training cannot "
+            "adapt (the loss reads its weight directly): remove it, or use [all-linear]"
+        )
     lora = LoraConfig(
         r=spec.lora.r,
         lora_alpha=spec.lora.alpha,
