@@ -115,6 +115,13 @@ class OperatorConfig:
             "Port of the Prometheus /metrics endpoint (0 disables).", "FINETUNE_METRICS_PORT"
         ),
     )
+    retry_seconds: float = field(
+        default=30.0,
+        metadata=_help(
+            "Delay before re-checking a job that waits on a missing PVC or Secret.",
+            "FINETUNE_RETRY_SECONDS",
+        ),
+    )
     status_write_retries: int = field(
         default=5,
         metadata=_help(

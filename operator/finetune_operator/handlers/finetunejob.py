@@ -40,11 +40,21 @@ log = logging.getLogger(__name__)
 # Keys of status that kopf or other writers own; never compared or overwritten here.
 FOREIGN_STATUS_KEYS = ("kopf",)
 
-_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
+class RunState:
+    """Per-operator-run state shared by all handlers (kept in kopf's memo, not globals,
+    so that locks belong to the event loop of the run that uses them)."""
 
-def _lock(namespace: str, name: str) -> asyncio.Lock:
-    return _locks.setdefault((namespace, name), asyncio.Lock())
+    def __init__(self) -> None:
+        self.locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.last_poll: dict[tuple[str, str], float] = {}
+
+    def lock(self, namespace: str, name: str) -> asyncio.Lock:
+        return self.locks.setdefault((namespace, name), asyncio.Lock())
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.locks.pop((namespace, name), None)
+        self.last_poll.pop((namespace, name), None)
 
 
 def runtime(memo: Any) -> tuple[KubeClient, OperatorConfig]:
@@ -54,6 +64,13 @@ def runtime(memo: Any) -> tuple[KubeClient, OperatorConfig]:
     if kube is None or config is None:
         raise kopf.TemporaryError("operator is still starting", delay=1)
     return kube, config
+
+
+def run_state(memo: Any) -> RunState:
+    state = getattr(memo, "ftj_state", None)
+    if state is None:
+        raise kopf.TemporaryError("operator is still starting", delay=1)
+    return state
 
 
 # ---------------------------------------------------------------- observe
@@ -170,23 +187,43 @@ async def execute(kube: KubeClient, namespace: str, p: Plan) -> list[Event]:
 
 
 def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
-    """The merge patch turning ``current`` into ``desired`` (removed keys set to null)."""
+    """The merge patch turning ``current`` status into ``desired`` ({} when equal).
+
+    Nested objects are diffed key by key with removed keys set to null (a plain merge
+    patch would keep stale keys such as an old ``evalLoss``); lists are replaced whole.
+    Keys owned by other writers are left alone.
+    """
+    current = {k: v for k, v in current.items() if k not in FOREIGN_STATUS_KEYS}
+    return merge_diff(current, desired)
+
+
+def merge_diff(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
     patch: dict[str, Any] = {}
     for key, value in desired.items():
-        if current.get(key) != value:
+        old = current.get(key)
+        if old == value:
+            continue
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            patch[key] = merge_diff(old, value)
+        else:
             patch[key] = value
     for key in current:
-        if key not in desired and key not in FOREIGN_STATUS_KEYS:
+        if key not in desired:
             patch[key] = None
     return patch
 
 
 async def reconcile(
-    kube: KubeClient, config: OperatorConfig, namespace: str, name: str, trigger: str
+    kube: KubeClient,
+    config: OperatorConfig,
+    namespace: str,
+    name: str,
+    trigger: str,
+    lock: asyncio.Lock | None = None,
 ) -> Plan | None:
     """Observe, plan, act and write status for one FineTuneJob; retried on write conflicts."""
     started = time.monotonic()
-    async with _lock(namespace, name):
+    async with lock or asyncio.Lock():
         try:
             for _attempt in range(max(1, config.status_write_retries)):
                 body = await kube.get(KIND, namespace, name)
@@ -219,9 +256,9 @@ async def reconcile(
                     metrics.ftj_status_writes.labels("written").inc()
                 else:
                     metrics.ftj_status_writes.labels("skipped").inc()
+                _record_metrics(obs, p, body)
                 for event in action_events + (p.events if patch else []):
                     await kube.emit_event(body, event.type, event.reason, event.message)
-                _record_metrics(obs, p, body)
                 return p
             metrics.ftj_errors.labels("StatusConflict").inc()
             raise kopf.TemporaryError("status writes kept conflicting; retrying later", delay=2)
@@ -247,13 +284,13 @@ def _record_metrics(obs: Observed, p: Plan, body: Mapping[str, Any]) -> None:
             metrics.ftj_errors.labels(str(failed.get("reason"))).inc()
 
 
-def _raise_for_outcome(p: Plan | None) -> None:
+def _raise_for_outcome(p: Plan | None, config: OperatorConfig) -> None:
     if p is None:
         return
     if p.outcome == "permanent":
         raise kopf.PermanentError(p.message)
     if p.outcome == "retry":
-        raise kopf.TemporaryError(p.message, delay=30)
+        raise kopf.TemporaryError(p.message, delay=config.retry_seconds)
 
 
 # ---------------------------------------------------------------- handlers
@@ -263,6 +300,7 @@ def _raise_for_outcome(p: Plan | None) -> None:
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     if getattr(memo, "config", None) is None:
         memo.config = load_config()
+    memo.ftj_state = RunState()
     if getattr(memo, "kube", None) is None:
         memo.kube = KubeClient.from_environment()
     # Handler progress lives in annotations so status holds only what users read.
@@ -278,23 +316,32 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 @kopf.on.update(GROUP, VERSION, PLURAL)
 async def on_change(name: str, namespace: str | None, memo: Any, reason: str, **_: Any) -> None:
     kube, config = runtime(memo)
-    _raise_for_outcome(await reconcile(kube, config, str(namespace), name, trigger=str(reason)))
+    lock = run_state(memo).lock(str(namespace), name)
+    _raise_for_outcome(
+        await reconcile(kube, config, str(namespace), name, trigger=str(reason), lock=lock), config
+    )
 
 
-def _poll_interval() -> float:
-    try:
-        return load_config().progress_poll_seconds
-    except ValueError:
-        return OperatorConfig().progress_poll_seconds
+# The timer ticks often and cheaply; each object is polled at most every
+# progress_poll_seconds (from the configuration in memo, so tests can poll faster).
+TIMER_TICK_SECONDS = 1.0
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=_poll_interval(), initial_delay=_poll_interval())
+@kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_TICK_SECONDS, initial_delay=TIMER_TICK_SECONDS)
 async def track(name: str, namespace: str | None, status: kopf.Status, memo: Any, **_: Any) -> None:
     """Poll running jobs: pod states, the trainer's progress lines, cost."""
     if not status.get("trainerJob") or is_terminal(status):
         return  # nothing runs; spec changes arrive through on_change
     kube, config = runtime(memo)
-    await reconcile(kube, config, str(namespace), name, trigger="timer")
+    key = (str(namespace), name)
+    now = time.monotonic()
+    state = run_state(memo)
+    if now - state.last_poll.get(key, 0.0) < config.progress_poll_seconds:
+        return
+    state.last_poll[key] = now
+    await reconcile(
+        kube, config, str(namespace), name, trigger="timer", lock=state.lock(str(namespace), name)
+    )
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={names.LABEL_MANAGED_BY: names.MANAGER})
@@ -306,9 +353,9 @@ async def trainer_job_event(body: kopf.Body, memo: Any, type: str | None, **_: A
         return
     kube, config = runtime(memo)
     try:
-        await reconcile(
-            kube, config, str(meta.get("namespace")), str(owner["name"]), trigger="job-event"
-        )
+        namespace, name = str(meta.get("namespace")), str(owner["name"])
+        lock = run_state(memo).lock(namespace, name)
+        await reconcile(kube, config, namespace, name, trigger="job-event", lock=lock)
     except (kopf.TemporaryError, KubeError) as exc:
         log.info("reconcile after a Job event deferred: %s", exc)
 
@@ -325,4 +372,4 @@ async def on_delete(name: str, namespace: str | None, memo: Any, **_: Any) -> No
             if any(o.get("kind") == KIND and o.get("name") == name for o in owners):
                 await kube.delete(kind, namespace, child["metadata"]["name"])
     metrics.forget_ftj(namespace, name)
-    _locks.pop((namespace, name), None)
+    run_state(memo).forget(namespace, name)
