@@ -292,7 +292,8 @@ class TrainingSetup:
             optimizer=spec.training.optimizer,
             compute_dtype=quant.compute_dtype if quant else "bfloat16",
             double_quant=quant.double_quant if quant else True,
-            gpus=max(1, spec.resources.gpus),
+            # DDP world size: every GPU of every node holds a full copy plus gradient buckets.
+            gpus=max(1, spec.resources.gpus) * spec.resources.nodes,
         )
 
 

@@ -109,7 +109,10 @@ def run_data_step(config: Any) -> tuple[Any, Any]:
         spec.training.seed,
         template_source,
     )
-    write_data_outputs(prepared, config.paths.output_dir)
+    from .distributed import is_main_process
+
+    if is_main_process():  # every rank prepares the same rows; one writes them
+        write_data_outputs(prepared, config.paths.output_dir)
     emit({"type": "data", "report": prepared.report.to_wire()})
     return tokenizer, prepared
 
@@ -127,6 +130,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
 
     config = load_config(args.config)
+    launched = _launch_workers(args, config)
+    if launched is not None:
+        return launched
     data_wire: dict[str, Any] | None = None
     try:
         tokenizer, prepared = run_data_step(config)
@@ -151,9 +157,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _fail(config: Any, err: TrainerError, data: dict[str, Any] | None) -> None:
+    from .distributed import note_failure
     from .progress import report_result
 
     log.error("%s: %s", err.reason, err.message)
+    note_failure(err.reason, err.message)
     result: dict[str, Any] = {"ok": False, "reason": err.reason, "message": err.message}
     if data is not None:
         result["data"] = data
@@ -169,6 +177,11 @@ def train_and_finish(config: Any, tokenizer: Any, prepared: Any, evaluate: bool)
     started = time.monotonic()
     out = Path(config.paths.output_dir)
     outcome = train_adapter(config, prepared, tokenizer)
+    from .distributed import is_main_process
+
+    if not is_main_process():
+        # Rank 0 evaluates and writes every output; the other ranks are done.
+        return {"ok": True, "reason": "Succeeded", "message": "worker finished"}
     metrics = dict(outcome.metrics)
     if "evalLoss" in metrics and metrics["evalLoss"] < 50:
         metrics["perplexity"] = math.exp(metrics["evalLoss"])
@@ -265,6 +278,37 @@ def train_and_finish(config: Any, tokenizer: Any, prepared: Any, evaluate: bool)
     return result
 
 
+def _launch_workers(args: argparse.Namespace, config: Any) -> int | None:
+    """Run as torchrun launcher when several processes are wanted; None: train here."""
+    from . import distributed
+    from .errors import invalid_config
+    from .train import resolve_device
+
+    try:
+        launch = distributed.plan_launch(
+            nproc_per_node=args.nproc_per_node,
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            master_addr=args.master_addr,
+            master_port=args.master_port,
+            requested_gpus=config.spec.resources.gpus,
+            device=resolve_device(config.device) if config.device != "cpu" else "cpu",
+            env=os.environ,
+        )
+    except ValueError as exc:
+        raise invalid_config(str(exc)) from exc
+    if launch is None:
+        return None
+
+    def report_failure(reason: str, message: str, exit_code: int) -> None:
+        _fail(config, TrainerError(reason, message, exit_code), None)
+
+    worker_argv = distributed.strip_launch_options(args.argv)
+    return distributed.run_launcher(
+        launch, worker_argv, report_failure=report_failure, training_failed_code=EXIT_TRAINING
+    )
+
+
 def cmd_data_report(args: argparse.Namespace) -> int:
     from .config import load_config
     from .progress import emit
@@ -308,6 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="Data, training, evaluation, manifest, result.")
     p.add_argument("--config", required=True, help="Trainer config (YAML or JSON).")
     p.add_argument("--no-eval", action="store_true", help="Skip the evaluation step.")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        help="Training processes on this node (one per GPU); default: the config's "
+        "resources.gpus on a CUDA device, else 1.",
+    )
+    p.add_argument("--nnodes", type=int, help="Nodes taking part (default 1).")
+    p.add_argument(
+        "--node-rank", type=int, help="This node's index (default: $JOB_COMPLETION_INDEX or 0)."
+    )
+    p.add_argument("--master-addr", help="Address of node 0 (needed with --nnodes above 1).")
+    p.add_argument("--master-port", type=int, help="Rendezvous port on node 0 (default 29500).")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("evaluate", help="Evaluate an adapter (or the base model).")
     p.add_argument("--config", required=True, help="Trainer config (YAML or JSON).")
@@ -328,16 +384,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup(args.verbose)
+    from .distributed import record_outcome
+
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
     except TrainerError as err:
         # Failures before the job's own result handling (e.g. an unreadable config).
         log.error("%s: %s", err.reason, err.message)
         from .progress import emit
 
         emit({"type": "result", "ok": False, "reason": err.reason, "message": err.message})
+        record_outcome(err.exit_code, err.reason, err.message)
         return err.exit_code
+    record_outcome(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -44,7 +44,14 @@ def progress_line(obj: dict[str, Any]) -> str:
 
 
 def emit(obj: dict[str, Any], stream: TextIO | None = None) -> None:
-    """Print one protocol line and flush so that the pod log has it at once."""
+    """Print one protocol line and flush so that the pod log has it at once.
+
+    In a data-parallel run only global rank 0 speaks (the operator reads one stream).
+    """
+    from .distributed import is_main_process
+
+    if not is_main_process():
+        return
     out = stream or sys.stdout
     out.write(progress_line(obj) + "\n")
     out.flush()
@@ -66,7 +73,9 @@ def compact_result(result: dict[str, Any], limit: int = TERMINATION_LIMIT) -> st
 
 
 def write_termination_log(path: str | None, result: dict[str, Any]) -> None:
-    if not path:
+    from .distributed import is_main_process
+
+    if not path or not is_main_process():
         return
     try:
         Path(path).write_text(compact_result(result), encoding="utf-8")

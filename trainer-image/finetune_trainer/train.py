@@ -183,8 +183,12 @@ def load_model_for_training(
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from .distributed import world
+
     dtype = torch_dtype(compute_dtype_name(spec, device))
-    device_map = {"": 0} if device == "cuda" else {"": "cpu"}
+    # Under DDP each process holds a whole copy on its own GPU (4-bit weights cannot move
+    # after loading, so they are placed on the local rank's GPU right away).
+    device_map = {"": world().local_rank} if device == "cuda" else {"": "cpu"}
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "device_map": device_map,
@@ -252,13 +256,26 @@ def build_sft_config(
 ) -> Any:
     from trl import SFTConfig
 
+    from .distributed import ddp_timeout_seconds, plan_batch, world
+
     t = config.spec.training
     dtype = compute_dtype_name(config.spec, device)
+    me = world()
+    accumulation = plan_batch(batch, t.gradient_accumulation, me.world_size).accumulation
+    ddp: dict[str, Any] = {}
+    if me.distributed:
+        ddp = {
+            # LoRA touches every adapted layer each step; searching for unused ones costs
+            # a graph walk per step and breaks with gradient checkpointing.
+            "ddp_find_unused_parameters": False,
+            "ddp_backend": "nccl" if device == "cuda" else "gloo",
+            "ddp_timeout": ddp_timeout_seconds(),
+        }
     return SFTConfig(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=batch,
         per_device_eval_batch_size=batch,
-        gradient_accumulation_steps=t.gradient_accumulation,
+        gradient_accumulation_steps=accumulation,
         gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         learning_rate=t.learning_rate,
@@ -287,6 +304,7 @@ def build_sft_config(
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
+        **ddp,
     )
 
 
@@ -294,8 +312,11 @@ def training_arguments_summary(
     config: TrainerConfig, device: str, batch: int, gc: bool, optimizer: str
 ) -> dict[str, Any]:
     """The settings that shaped the adapter (recorded in manifest.json)."""
+    from .distributed import plan_batch, world
+
     t = config.spec.training
     quant = config.spec.resolved_quantization()
+    batch_plan = plan_batch(batch, t.gradient_accumulation, world().world_size)
     return {
         "device": device,
         "epochs": t.epochs,
@@ -306,6 +327,8 @@ def training_arguments_summary(
         "maxSeqLength": t.max_seq_length,
         "batchSize": batch,
         "gradientAccumulation": t.gradient_accumulation,
+        "worldSize": batch_plan.world_size,
+        "globalBatchSize": batch_plan.global_batch,
         "gradientCheckpointing": gc,
         "optimizer": optimizer,
         "weightDecay": t.weight_decay,
@@ -387,8 +410,26 @@ def train_adapter(config: TrainerConfig, prepared: PreparedData, tokenizer: Any)
         log.warning(opt_note)
         notes.append(opt_note)
 
+    from .distributed import plan_batch, select_resume, world
+
+    me = world()
+    if me.distributed:
+        batch_plan = plan_batch(batch, config.spec.training.gradient_accumulation, me.world_size)
+        notes.append(
+            f"data-parallel over {me.world_size} processes: gradient accumulation "
+            f"{batch_plan.accumulation} per process, global batch {batch_plan.global_batch}"
+        )
+        if (batch_note := batch_plan.note()) is not None:
+            log.warning(batch_note)
+            notes.append(batch_note)
+
     fingerprint = run_fingerprint(config.spec, prepared.report.digest)
-    resume = prepare_for_resume(checkpoint_dir, fingerprint)
+    # Only rank 0 tidies the folder; the others read the same answer without writing.
+    resume = (
+        prepare_for_resume(checkpoint_dir, fingerprint)
+        if me.is_main
+        else select_resume(checkpoint_dir, fingerprint)
+    )
     if resume is not None:
         log.info("resuming from %s", resume)
         notes.append(f"resumed from {resume.name}")
@@ -428,7 +469,9 @@ def train_adapter(config: TrainerConfig, prepared: PreparedData, tokenizer: Any)
             ) from exc
         raise training_failed(f"training failed: {type(exc).__name__}: {exc}") from exc
 
-    adapter_dir = save_adapter(trainer.model, tokenizer, out / "adapter")
+    adapter_dir = out / "adapter"
+    if me.is_main:
+        adapter_dir = save_adapter(trainer.model, tokenizer, adapter_dir)
     return TrainOutcome(
         model=trainer.model,
         adapter_dir=adapter_dir,

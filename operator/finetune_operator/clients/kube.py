@@ -52,6 +52,7 @@ def _collection(kind: str, namespace: str) -> str:
         "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",
         "Pod": f"/api/v1/namespaces/{namespace}/pods",
         "Secret": f"/api/v1/namespaces/{namespace}/secrets",
+        "Service": f"/api/v1/namespaces/{namespace}/services",
         "PersistentVolumeClaim": f"/api/v1/namespaces/{namespace}/persistentvolumeclaims",
         "Event": f"/api/v1/namespaces/{namespace}/events",
         "FineTuneJob": f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{FTJ_PLURAL}",

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from .. import metrics
 from ..api.common import GROUP, VERSION
 from ..api.finetunejob import KIND, PLURAL, FineTuneJobSpec
-from ..builders import names
+from ..builders import distributed, names
 from ..builders.trainer import TRAINER_CONTAINER
 from ..clients.kube import KubeClient, KubeError
 from ..config import OperatorConfig, load_config
@@ -126,7 +126,8 @@ async def observe(kube: KubeClient, config: OperatorConfig, body: Mapping[str, A
             namespace,
             {names.LABEL_JOB: names.label_value(name), names.LABEL_GENERATION: str(gen)},
         )
-        started = [p for p in pods if _trainer_started(p)]
+        # Progress comes from global rank 0 (pod 0 of a multi-node Job).
+        started = [p for p in distributed.rank0_pods(pods) if _trainer_started(p)]
         if started:
             newest = max(
                 started, key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or "")
@@ -380,7 +381,7 @@ async def on_delete(name: str, namespace: str | None, memo: Any, **_: Any) -> No
     kube, _config = runtime(memo)
     namespace = str(namespace)
     selector = {names.LABEL_JOB: names.label_value(name)}
-    for kind in ("Job", "ConfigMap"):
+    for kind in ("Job", "Service", "ConfigMap"):
         for child in await kube.list(kind, namespace, selector):
             owners = (child.get("metadata") or {}).get("ownerReferences") or []
             if any(o.get("kind") == KIND and o.get("name") == name for o in owners):

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from .. import estimator as est
 from ..api.common import get_condition, set_condition
 from ..api.finetunejob import MUTABLE_AFTER_START, FineTuneJobSpec
-from ..builders import names
+from ..builders import distributed, names
 from ..builders.trainer import (
     GPU_PRODUCT_LABEL,
     TRAINER_CONTAINER,
@@ -173,7 +173,7 @@ class Action:
     """One write to the Kubernetes API."""
 
     verb: Literal["create", "patch", "delete"]
-    kind: Literal["ConfigMap", "Job"]
+    kind: Literal["ConfigMap", "Job", "Service"]
     name: str
     body: dict[str, Any] | None = None
 
@@ -470,13 +470,6 @@ def plan(obs: Observed, config: OperatorConfig) -> Plan:
         spec = FineTuneJobSpec.model_validate(dict(obs.spec))
     except ValidationError as exc:
         return _invalid(obs, st, "InvalidSpec", _validation_message(exc))
-    if spec.resources.nodes > 1:
-        return _invalid(
-            obs,
-            st,
-            "UnsupportedSpec",
-            "resources.nodes > 1 is not supported yet: set resources.nodes: 1",
-        )
     current_hash = spec_hash(spec)
     recorded_job = obs.status.get("trainerJob")
     run_hash = (
@@ -576,12 +569,14 @@ def _start_run(
     )
     cm = trainer_configmap(obs.name, obs.namespace, obs.generation, trainer_config, owner, hash_)
     job = trainer_job(obs.name, obs.namespace, obs.generation, spec, owner, config, hash_)
+    # Several GPUs or nodes: torchrun options, and for nodes an Indexed Job + its Service.
+    service = distributed.apply(job, spec, TRAINER_CONTAINER)
     job_name = job["metadata"]["name"]
     st.data["trainerJob"] = job_name
-    actions = [
-        Action("create", "ConfigMap", cm["metadata"]["name"], cm),
-        Action("create", "Job", job_name, job),
-    ]
+    actions = [Action("create", "ConfigMap", cm["metadata"]["name"], cm)]
+    if service is not None:
+        actions.append(Action("create", "Service", service["metadata"]["name"], service))
+    actions.append(Action("create", "Job", job_name, job))
     if spec.resources.queue_name:
         st.cond(
             ADMITTED,
@@ -780,6 +775,8 @@ def _track_run(
 
     pods = tuple(sorted(obs.pods, key=_pod_sort_key))
     newest = pods[-1] if pods else None
+    if spec.resources.nodes > 1:  # one pod per node: the failed one, else rank 0's
+        newest = distributed.status_pod(pods, TRAINER_CONTAINER)
     view = _pod_view(newest)
     channel = parse_lines(obs.log_tail)
 
@@ -806,8 +803,8 @@ def _track_run(
                 currency=obs.prices.currency,
             )
         st.data["cost"] = cost
-    if len(pods) > 1:
-        st.data["restarts"] = len(pods) - 1
+    if len(pods) > spec.resources.nodes:
+        st.data["restarts"] = len(pods) - spec.resources.nodes
     starts = [t for p in pods if (t := _parse_time((p.get("status") or {}).get("startTime")))]
     if starts and not st.data.get("startedAt"):
         st.data["startedAt"] = _rfc3339(min(starts))
