@@ -70,7 +70,15 @@ def forget_ftj(namespace: str, name: str) -> None:
 # (metrics of the AdapterDeployment controller go here)
 
 
+_serving_ports: set[int] = set()
+
+
 def serve(port: int) -> None:
-    """Serve /metrics on ``port`` (0 disables) in a background thread."""
-    if port:
+    """Serve /metrics on ``port`` (0 disables) in a background thread, once per process.
+
+    An operator restarted inside the same process (the embedded demo, tests) keeps the
+    endpoint it already has instead of failing on the bound port.
+    """
+    if port and port not in _serving_ports:
         start_http_server(port, registry=REGISTRY)
+        _serving_ports.add(port)

@@ -80,9 +80,14 @@ class KubeClient:
 
     @classmethod
     def from_environment(cls) -> KubeClient:
-        """In-cluster ServiceAccount when running in a pod, else the local kubeconfig."""
+        """The client's process-wide default when a program embedding the operator set one
+        (the embedded API of `finetune-operator demo` and the tests), else the in-cluster
+        ServiceAccount when running in a pod, else the local kubeconfig."""
         from kubernetes import client, config
 
+        # `Configuration.set_default` has no public "is it set?" query; `_default` is it.
+        if client.Configuration._default is not None:
+            return cls(client.ApiClient())
         try:
             config.load_incluster_config()
         except config.ConfigException:

@@ -121,8 +121,26 @@ def _resolve_registry(
 ) -> kopf.OperatorRegistry:
     if isinstance(module_or_registry, kopf.OperatorRegistry):
         return module_or_registry
-    # An imported operator module registered its handlers in kopf's default registry.
-    return kopf.get_default_registry()
+    if module_or_registry is None:
+        return kopf.get_default_registry()
+    return registry_of(module_or_registry)
+
+
+def registry_of(*modules: types.ModuleType) -> kopf.OperatorRegistry:
+    """A registry with only the handlers that these modules registered in kopf's default one.
+
+    Importing a handler module registers it process-wide; running one controller alone (its
+    tests fabricate the other kinds' status) needs the others' handlers left out.
+    """
+    names = {m.__name__ for m in modules}
+    default = kopf.get_default_registry()
+    registry = kopf.OperatorRegistry()
+    for part in ("_activities", "_indexing", "_watching", "_spawning", "_changing", "_webhooks"):
+        source, target = getattr(default, part), getattr(registry, part)
+        for handler in source.get_all_handlers():
+            if getattr(handler.fn, "__module__", None) in names:
+                target.append(handler)
+    return registry
 
 
 @contextlib.contextmanager
