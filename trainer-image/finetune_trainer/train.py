@@ -155,6 +155,11 @@ def resolve_optimizer(name: str, device: str) -> tuple[str, str | None]:
     return name, None
 
 
+def local_rank() -> int:
+    """This process's GPU under torchrun (0 when run directly)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def torch_dtype(name: str) -> Any:
     import torch
 
@@ -516,7 +521,7 @@ def merge_adapter(
     base = AutoModelForCausalLM.from_pretrained(
         str(base_model_dir),
         dtype=torch_dtype(dtype_name),
-        device_map={"": 0} if device == "cuda" else {"": "cpu"},
+        device_map={"": local_rank()} if device == "cuda" else {"": "cpu"},
         trust_remote_code=trust_remote_code,
     )
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
