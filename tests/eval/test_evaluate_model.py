@@ -163,3 +163,21 @@ def test_cli_rejects_bad_config_with_exit_2(tmp_path: Path) -> None:
     bad.write_text("jobName: x\nspec: {}\n")
     assert main(["--config", str(bad)]) == 2
     assert main(["--config", str(tmp_path / "absent.yaml")]) == 2
+
+
+@pytest.mark.slow
+def test_qlora_job_is_evaluated_on_the_4bit_base(
+    config_factory: Callable[..., TrainerConfig], tiny_tokenizer: Any
+) -> None:
+    import bitsandbytes as bnb
+    from finetune_trainer.evaluate import load_base
+
+    config = config_factory(method="qlora", evaluation={"maxNewTokens": 4, "maxSamples": 2})
+    out = Path(config.paths.output_dir)
+    write_jsonl(out / "eval.jsonl", ticket_eval_rows(tiny_tokenizer, 0, 2))
+    model, tokenizer = load_base(config)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 14
+    result = run_evaluation(config, model=model, tokenizer=tokenizer, base_only=True)
+    base = result["baseMetrics"]
+    assert base["evalLoss"] > 0 and base["tokensPerSecond"] > 0
+    assert json.loads((out / "base_metrics.json").read_text()) == base
