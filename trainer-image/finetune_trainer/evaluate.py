@@ -610,7 +610,7 @@ def run_evaluation(
     adapter_dir: str | Path | None = None,
     base_only: bool = False,
     *,
-    eval_path: str | Path | None = None,
+    eval_file: str | Path | None = None,
     out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate and write the metrics files; returns metrics, base metrics and gate verdict.
@@ -625,7 +625,7 @@ def run_evaluation(
     spec = config.spec
     evaluation = spec.evaluation
     output_dir = Path(config.paths.output_dir)
-    rows = load_eval_rows(eval_path or output_dir / EVAL_ROWS_FILE, evaluation.max_samples)
+    rows = load_eval_rows(eval_file or output_dir / EVAL_ROWS_FILE, evaluation.max_samples)
 
     adapter_digest: str | None = None
     if model is None:
@@ -748,7 +748,7 @@ def command(args: argparse.Namespace) -> int:
             config,
             adapter_dir=args.adapter,
             base_only=args.base_only,
-            eval_path=getattr(args, "eval_file", None),
+            eval_file=getattr(args, "eval_file", None),
             out=args.out,
         )
     except TrainerError as exc:
