@@ -153,3 +153,13 @@ def test_json_gates_fail_before_and_pass_after_fine_tuning(
     assert saved["evalLoss"] == pytest.approx(metrics["evalLoss"], rel=1e-3)
     assert saved["evalLoss"] < base["evalLoss"]
     assert "PASS jsonValidity >= 0.9" in err
+    # It evaluated the adapter the trainer recorded, digest checked against the manifest.
+    assert after["adapterDigest"] == trained["adapter"]["digest"]
+
+    # An adapter whose files changed since training is refused before any model loads.
+    config_file = out / "adapter" / "adapter_config.json"
+    config_file.write_text(config_file.read_text() + " ", encoding="utf-8")
+    code, refused, _ = _cli("evaluate", "--config", str(job))
+    assert code == 5
+    assert refused is not None and refused["reason"] == "EvaluationFailed"
+    assert "does not match its manifest.json" in refused["message"]

@@ -547,14 +547,30 @@ def load_base(config: TrainerConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def attach_adapter(model: Any, adapter_dir: Path) -> Any:
-    from peft import PeftModel
-
+def check_adapter(adapter_dir: Path) -> str | None:
+    """Fail early when the adapter is missing or its files no longer match its manifest;
+    returns the manifest digest (None for an adapter saved without one)."""
     if not (adapter_dir / "adapter_config.json").is_file():
         raise evaluation_failed(
             f"no adapter at {adapter_dir} (adapter_config.json missing): train first or pass "
             "--adapter DIR"
         )
+    if not (adapter_dir / "manifest.json").is_file():
+        return None
+    from .manifest import verify
+
+    try:
+        return verify(adapter_dir)
+    except (ValueError, OSError) as exc:
+        raise evaluation_failed(
+            f"adapter at {adapter_dir} does not match its manifest.json ({exc}): evaluate the "
+            "adapter as trained, or train again"
+        ) from exc
+
+
+def attach_adapter(model: Any, adapter_dir: Path) -> Any:
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
 
 
@@ -594,7 +610,7 @@ def run_evaluation(
     adapter_dir: str | Path | None = None,
     base_only: bool = False,
     *,
-    eval_path: str | Path | None = None,
+    eval_file: str | Path | None = None,
     out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate and write the metrics files; returns metrics, base metrics and gate verdict.
@@ -609,12 +625,16 @@ def run_evaluation(
     spec = config.spec
     evaluation = spec.evaluation
     output_dir = Path(config.paths.output_dir)
-    rows = load_eval_rows(eval_path or output_dir / EVAL_ROWS_FILE, evaluation.max_samples)
+    rows = load_eval_rows(eval_file or output_dir / EVAL_ROWS_FILE, evaluation.max_samples)
 
+    adapter_digest: str | None = None
     if model is None:
+        adapter_path = Path(adapter_dir or output_dir / "adapter")
+        if not base_only:
+            adapter_digest = check_adapter(adapter_path)
         model, tokenizer = load_base(config)
         if not base_only:
-            model = attach_adapter(model, Path(adapter_dir or output_dir / "adapter"))
+            model = attach_adapter(model, adapter_path)
     elif tokenizer is None:
         raise evaluation_failed("run_evaluation: a model was given without its tokenizer")
 
@@ -661,6 +681,7 @@ def run_evaluation(
         "metrics": metrics,
         "baseMetrics": base_metrics,
         "judged": "base" if base_only else "adapter",
+        "adapterDigest": adapter_digest,
         "gates": gates,
         "gatesPassed": passed,
         "gatesSummary": summary,
@@ -727,7 +748,7 @@ def command(args: argparse.Namespace) -> int:
             config,
             adapter_dir=args.adapter,
             base_only=args.base_only,
-            eval_path=getattr(args, "eval_file", None),
+            eval_file=getattr(args, "eval_file", None),
             out=args.out,
         )
     except TrainerError as exc:
@@ -746,6 +767,7 @@ def command(args: argparse.Namespace) -> int:
             "baseMetrics": result["baseMetrics"],
             "gates": result["gates"],
             "gatesSummary": result["gatesSummary"],
+            "adapterDigest": result["adapterDigest"],
         }
     )
     return EXIT_OK
