@@ -45,7 +45,7 @@ SPEC = {
     },
     "resources": {"gpus": 0},
     "output": {"uri": "pvc://adapters/run"},
-    "evaluation": {"maxNewTokens": 8, "maxSamples": 8},
+    "evaluation": {"maxNewTokens": 4, "maxSamples": 4},
     "qualityGates": [{"metric": "evalLoss", "max": 1000.0}],
 }
 
