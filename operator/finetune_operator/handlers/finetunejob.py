@@ -278,6 +278,11 @@ async def reconcile(
                 return p
             metrics.ftj_errors.labels("StatusConflict").inc()
             raise kopf.TemporaryError("status writes kept conflicting; retrying later", delay=2)
+        except KubeError as exc:
+            # API trouble (5xx, throttling, RBAC): count it and let kopf retry with backoff.
+            metrics.ftj_errors.labels(f"Api{exc.status}").inc()
+            delay = min(5.0, config.retry_seconds)
+            raise kopf.TemporaryError(f"Kubernetes API error: {exc}", delay=delay) from exc
         finally:
             metrics.ftj_reconcile_seconds.labels(trigger).observe(time.monotonic() - started)
 
