@@ -156,6 +156,8 @@ def make_progress_callback(interval_seconds: float, stream: TextIO | None = None
             self.reporter = reporter
 
         def _emit(self, state: Any) -> None:
+            if not state.is_world_process_zero:  # one reporter per job, not per GPU
+                return
             emit(
                 reporter.build(
                     state.global_step,
