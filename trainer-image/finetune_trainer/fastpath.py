@@ -605,16 +605,28 @@ def apply(
         memory_budget_gib = (free + torch.cuda.memory_reserved()) * 0.9 / GIB
     plan = None
     if memory_budget_gib is not None:
-        plan = plan_micro_batch(
-            ModelShape.from_config(model.config),
-            method=method,
-            lora_rank=lora_rank,
-            max_seq_length=max_seq_length,
-            memory_budget_gib=memory_budget_gib,
-            optimizer=optimizer,
-            gradient_checkpointing=gradient_checkpointing,
-            tokens_per_micro_batch=tokens_per_micro_batch,
-        )
+        shape = ModelShape.from_config(model.config)
+        common = {
+            "method": method,
+            "lora_rank": lora_rank,
+            "max_seq_length": max_seq_length,
+            "memory_budget_gib": memory_budget_gib,
+            "optimizer": optimizer,
+        }
+        try:
+            plan = plan_micro_batch(
+                shape,
+                gradient_checkpointing=gradient_checkpointing,
+                tokens_per_micro_batch=tokens_per_micro_batch,
+                **common,
+            )
+        except ValueError as exc:
+            if gradient_checkpointing is None and tokens_per_micro_batch is None:
+                raise
+            # Batch and checkpointing usually arrive resolved for padded batches of rows;
+            # packed, that choice may not fit. Let the planner choose instead.
+            log.warning("fast path: the requested batch/checkpointing do not fit (%s)", exc)
+            plan = plan_micro_batch(shape, **common)
     return FastPathReport(
         attention=attention,
         attention_note=note,
