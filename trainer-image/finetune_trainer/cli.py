@@ -19,7 +19,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import EXIT_EVALUATION, EXIT_OK, EXIT_TRAINING, TrainerError, evaluation_failed
+from .errors import (
+    EXIT_CONFIG,
+    EXIT_DATA,
+    EXIT_EVALUATION,
+    EXIT_OK,
+    EXIT_TRAINING,
+    TrainerError,
+    evaluation_failed,
+)
 
 log = logging.getLogger("finetune_trainer")
 
@@ -291,6 +299,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return int(module.command(args) or 0)
 
 
+def check_fetched_digest(path: str | Path, expected: str) -> str | None:
+    """None when the adapter at ``path`` verifies against its manifest and has digest
+    ``expected``; otherwise the reason it does not."""
+    from finetune_operator.adapter_digest import DigestMismatchError, verify_directory
+
+    try:
+        actual = verify_directory(path)
+    except (FileNotFoundError, DigestMismatchError) as exc:
+        return str(exc)
+    if actual != expected:
+        return f"adapter digest {actual} differs from the expected {expected}"
+    return None
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Fetch a model/adapter/data URI (the fetch module) and, with --digest, verify it."""
+    try:
+        module = importlib.import_module("finetune_trainer.fetch")
+    except ModuleNotFoundError:
+        log.error("the fetch module (finetune_trainer.fetch) is not installed in this image")
+        return EXIT_CONFIG
+    if not args.digest:
+        return int(module.main(["--uri", args.uri, "--dest", args.dest]))
+    try:
+        path = module.fetch(args.uri, Path(args.dest))
+    except Exception as exc:
+        log.error("fetch: %s", exc)
+        return int(getattr(exc, "code", EXIT_DATA))
+    problem = check_fetched_digest(path, args.digest)
+    if problem:
+        log.error("fetch: %s: %s", args.uri, problem)
+        return EXIT_DATA
+    print(f"fetch: {args.uri} -> {path} (digest verified)")
+    return EXIT_OK
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from .tinymodel import build_tiny_model
 
@@ -319,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data-report", help="Run the data step only and print its report.")
     p.add_argument("--config", required=True, help="Trainer config (YAML or JSON).")
     p.set_defaults(func=cmd_data_report)
+    p = sub.add_parser("fetch", help="Fetch a URI into a folder (and verify an adapter digest).")
+    p.add_argument("--uri", required=True, help="hf://..., s3://... to fetch.")
+    p.add_argument("--dest", required=True, help="Local folder to fill.")
+    p.add_argument("--digest", help="Expected adapter digest (sha256:...); checked after fetching.")
+    p.set_defaults(func=cmd_fetch)
     p = sub.add_parser("make-tiny-model", help="Write a tiny random model for trying things out.")
     p.add_argument("dir", help="Folder to write the model to.")
     p.set_defaults(func=cmd_make_tiny_model)

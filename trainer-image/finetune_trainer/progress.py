@@ -151,7 +151,7 @@ def make_progress_callback(interval_seconds: float, stream: TextIO | None = None
 
     reporter = ProgressReporter(interval_seconds)
 
-    class ProgressCallback(TrainerCallback):  # type: ignore[misc]
+    class ProgressCallback(TrainerCallback):
         def __init__(self) -> None:
             self.reporter = reporter
 
