@@ -318,6 +318,7 @@ def run_trl_variant(
             "rowsPerSecond": round(len(lengths) / seconds, 2) if seconds else None,
             "mfu": round(flops / seconds / (args.peak_tflops * 1e12), 4) if seconds else None,
             "modelTflopsPerSecond": round(flops / seconds / 1e12, 1) if seconds else None,
+            "medianStepTimeS": round(sorted(times)[len(times) // 2], 4) if times else None,
             "stepTimesS": [round(t, 4) for t in step_times],
             "stepTokens": [sum(sum(m["lengths"]) for m in step) for step in per_step],
             "stepPaddedTokens": [sum(m["padded"] for m in step) for step in per_step],

@@ -205,3 +205,19 @@ def test_apply_without_cuda_plans_for_a_given_budget(tiny_llama) -> None:
     assert report.plan is not None
     assert report.sft_overrides["packing"] is True
     assert report.sft_overrides["max_length"] >= 64
+
+
+def test_apply_replans_when_resolved_choices_do_not_fit(tiny_llama) -> None:
+    # batch x maxSeqLength resolved for padded rows can be far too many packed tokens
+    report = fastpath.apply(
+        tiny_llama,
+        method="lora",
+        lora_rank=8,
+        max_seq_length=64,
+        memory_budget_gib=0.6,
+        gradient_checkpointing=False,
+        tokens_per_micro_batch=10_000_000,
+    )
+    assert report.plan is not None
+    assert report.plan["tokens_per_micro_batch"] < 10_000_000
+    assert report.plan["predicted_peak_gib"] <= 0.6

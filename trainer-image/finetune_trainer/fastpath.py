@@ -22,6 +22,7 @@ The planner is pure (no torch import); the rest imports torch lazily.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import logging
@@ -320,11 +321,17 @@ def _torch_varlen() -> Any | None:
     return varlen_attn
 
 
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    fn = _torch_varlen()
+    return frozenset(inspect.signature(fn).parameters) if fn is not None else frozenset()
+
+
 def _varlen_call(q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float | None) -> Any:
     """Causal attention over packed rows with torch's varlen flash kernel (shapes: T, H, D)."""
     fn = _torch_varlen()
     assert fn is not None
-    params = inspect.signature(fn).parameters
+    params = _varlen_params()
     kwargs: dict[str, Any] = {}
     if "window_size" in params:  # torch >= 2.11 spells causal as a (-1, 0) window
         kwargs["window_size"] = (-1, 0)
@@ -385,8 +392,10 @@ def varlen_attention_forward(
     ``query`` is (batch, heads, tokens, head_dim). Packed batches come from a padding-free
     collator without an attention mask, with ``cu_seq_lens_q``/``max_length_q`` or
     ``position_ids``. Output is (batch, tokens, heads, head_dim) like every transformers
-    attention function.
+    attention function. Attention dropout is not applied on the packed path (the decoder
+    models this path serves train with attention dropout 0).
     """
+    import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, q_len, dim = query.shape
@@ -402,11 +411,9 @@ def varlen_attention_forward(
         if position_ids is not None:
             cu, max_len = cu_seqlens_from_position_ids(position_ids.expand(batch, -1))
         else:  # plain unpadded rows: each batch row is one sequence
-            import torch
-
             cu = torch.arange(0, (batch + 1) * q_len, q_len, device=query.device, dtype=torch.int32)
             max_len = q_len
-    cu = cu.to(device=query.device, dtype=__import__("torch").int32)
+    cu = cu.to(device=query.device, dtype=torch.int32)
     max_len = int(max_len)
     q = query.transpose(1, 2).reshape(batch * q_len, heads, dim)
     k = key.transpose(1, 2).reshape(batch * k_len, key.shape[1], dim)
@@ -598,16 +605,28 @@ def apply(
         memory_budget_gib = (free + torch.cuda.memory_reserved()) * 0.9 / GIB
     plan = None
     if memory_budget_gib is not None:
-        plan = plan_micro_batch(
-            ModelShape.from_config(model.config),
-            method=method,
-            lora_rank=lora_rank,
-            max_seq_length=max_seq_length,
-            memory_budget_gib=memory_budget_gib,
-            optimizer=optimizer,
-            gradient_checkpointing=gradient_checkpointing,
-            tokens_per_micro_batch=tokens_per_micro_batch,
-        )
+        shape = ModelShape.from_config(model.config)
+        common = {
+            "method": method,
+            "lora_rank": lora_rank,
+            "max_seq_length": max_seq_length,
+            "memory_budget_gib": memory_budget_gib,
+            "optimizer": optimizer,
+        }
+        try:
+            plan = plan_micro_batch(
+                shape,
+                gradient_checkpointing=gradient_checkpointing,
+                tokens_per_micro_batch=tokens_per_micro_batch,
+                **common,
+            )
+        except ValueError as exc:
+            if gradient_checkpointing is None and tokens_per_micro_batch is None:
+                raise
+            # Batch and checkpointing usually arrive resolved for padded batches of rows;
+            # packed, that choice may not fit. Let the planner choose instead.
+            log.warning("fast path: the requested batch/checkpointing do not fit (%s)", exc)
+            plan = plan_micro_batch(shape, **common)
     return FastPathReport(
         attention=attention,
         attention_note=note,

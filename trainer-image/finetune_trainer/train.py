@@ -377,15 +377,18 @@ def apply_fast_path(
     )
     for key, value in report.sft_overrides.items():
         setattr(args, key, value)
+    if hasattr(args, "activation_checkpointing"):  # transformers >= 5.2x reads the new name
+        args.activation_checkpointing = args.gradient_checkpointing
     args.per_device_eval_batch_size = 1
     if not args.gradient_checkpointing:
         model.gradient_checkpointing_disable()
-    plan = report.plan or {}
-    return (
+    note = (
         f"fast path: {report.attention} attention, kernels {report.kernels or 'none'}, "
-        f"{plan.get('tokens_per_micro_batch')} tokens per packed micro-batch, gradient "
-        f"checkpointing {plan.get('gradient_checkpointing')}"
+        f"{args.max_length} tokens per packed micro-batch, gradient checkpointing "
+        f"{bool(args.gradient_checkpointing)}"
     )
+    log.info(note)
+    return note
 
 
 # ------------------------------------------------------------------ the step
