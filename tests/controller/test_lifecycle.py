@@ -352,3 +352,26 @@ def test_quota_rejection_is_reported_and_retried(emulator: Emulator, operator_ru
         lambda: status(emulator, "bot").get("trainerJob") == "bot-train-g1", what="run recorded"
     )
     assert quota.remaining == 0
+
+
+def test_secret_check_forbidden_by_rbac_does_not_block(emulator: Emulator, operator_runner) -> None:
+    add_prerequisites(emulator, secrets=())
+    emulator.inject_fault(
+        "secrets", 403, count=100, subresource=None, verbs=("get",), message="forbidden"
+    )
+    start_operator(emulator, operator_runner)
+    emulator.create(ftj_body("bot", spec()), keep_status=False)
+    wait_job(emulator, "bot-train-g1")  # the kubelet will report a missing Secret if it is
+
+
+def test_api_errors_are_counted_and_retried(emulator: Emulator, operator_runner) -> None:
+    before = _sample("finetune_job_errors_total", {"reason": "Api500"})
+    add_prerequisites(emulator)
+    emulator.inject_fault(
+        "jobs", 500, count=1, subresource=None, verbs=("create",), message="etcd timeout"
+    )
+    start_operator(emulator, operator_runner)
+    emulator.create(ftj_body("bot", spec()), keep_status=False)
+    wait_job(emulator, "bot-train-g1", timeout=20)
+    assert _sample("finetune_job_errors_total", {"reason": "Api500"}) == before + 1
+    assert len(trainer_jobs(emulator)) == 1

@@ -81,19 +81,21 @@ async def _missing_references(
     kube: KubeClient, namespace: str, spec: FineTuneJobSpec
 ) -> tuple[str, ...]:
     claims, secrets = referenced_objects(spec)
+    checks = [("PersistentVolumeClaim", claim, "fix the pvc:// URI") for claim in claims] + [
+        ("Secret", secret, "fix credentialsSecretRef") for secret in secrets
+    ]
     missing: list[str] = []
-    for claim in claims:
-        if not await kube.exists("PersistentVolumeClaim", namespace, claim):
-            missing.append(
-                f"PersistentVolumeClaim {claim!r} not found in namespace {namespace}: create it "
-                "or fix the pvc:// URI"
-            )
-    for secret in secrets:
-        if not await kube.exists("Secret", namespace, secret):
-            missing.append(
-                f"Secret {secret!r} not found in namespace {namespace}: create it or fix "
-                "credentialsSecretRef"
-            )
+    for kind, ref, fix in checks:
+        try:
+            found = await kube.exists(kind, namespace, ref)
+        except KubeError as exc:
+            if exc.status != 403:
+                raise
+            # Not allowed to look (RBAC): the kubelet reports a missing object later.
+            log.info("cannot check %s %s/%s: %s", kind, namespace, ref, exc.message)
+            continue
+        if not found:
+            missing.append(f"{kind} {ref!r} not found in namespace {namespace}: create it or {fix}")
     return tuple(missing)
 
 
@@ -276,6 +278,11 @@ async def reconcile(
                 return p
             metrics.ftj_errors.labels("StatusConflict").inc()
             raise kopf.TemporaryError("status writes kept conflicting; retrying later", delay=2)
+        except KubeError as exc:
+            # API trouble (5xx, throttling, RBAC): count it and let kopf retry with backoff.
+            metrics.ftj_errors.labels(f"Api{exc.status}").inc()
+            delay = min(5.0, config.retry_seconds)
+            raise kopf.TemporaryError(f"Kubernetes API error: {exc}", delay=delay) from exc
         finally:
             metrics.ftj_reconcile_seconds.labels(trigger).observe(time.monotonic() - started)
 
