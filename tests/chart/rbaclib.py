@@ -292,12 +292,42 @@ class _Resolver:
         return kinds
 
     def _index_loops(self, tree: ast.Module) -> None:
+        """`for kind in ("Job", "ConfigMap")` and `for kind, ref in [("Secret", x), ...]`."""
+        assignments = {
+            n.targets[0].id: n.value
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Assign)
+            and len(n.targets) == 1
+            and isinstance(n.targets[0], ast.Name)
+        }
         for node in ast.walk(tree):
-            if isinstance(node, ast.For | ast.AsyncFor) and isinstance(node.target, ast.Name):
-                values = self._literal_strings(node.iter)
+            if not isinstance(node, ast.For | ast.AsyncFor):
+                continue
+            iterable = node.iter
+            if isinstance(iterable, ast.Name) and iterable.id in assignments:
+                iterable = assignments[iterable.id]
+            found: dict[str, set[str]] = {}
+            if isinstance(node.target, ast.Name):
+                values = self._literal_strings(iterable)
                 if values:
-                    for inner in ast.walk(node):
-                        self.loops.setdefault(id(inner), {})[node.target.id] = values
+                    found[node.target.id] = values
+            elif isinstance(node.target, ast.Tuple):
+                width = len(node.target.elts)
+                for position, element in enumerate(node.target.elts):
+                    if not isinstance(element, ast.Name):
+                        continue
+                    values = {
+                        str(t.elts[position].value)  # type: ignore[attr-defined]
+                        for t in ast.walk(iterable)
+                        if isinstance(t, ast.Tuple)
+                        and len(t.elts) == width
+                        and isinstance(t.elts[position], ast.Constant)
+                        and isinstance(t.elts[position].value, str)  # type: ignore[attr-defined]
+                    }
+                    if values:
+                        found[element.id] = values
+            for inner in ast.walk(node):
+                self.loops.setdefault(id(inner), {}).update(found)
 
     @staticmethod
     def _literal_strings(node: ast.AST) -> set[str]:
