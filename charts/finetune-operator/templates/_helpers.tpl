@@ -78,8 +78,12 @@ grants each of them and nothing broader.
   resources: ["pods/log"]
   verbs: ["get"]
 - apiGroups: [""]
-  resources: ["secrets", "persistentvolumeclaims", "services"]
+  resources: ["secrets", "persistentvolumeclaims"]
   verbs: ["get"]
+# Headless Services for multi-node training rendezvous (one per multi-node trainer Job).
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "create", "delete"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
