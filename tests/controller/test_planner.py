@@ -461,3 +461,60 @@ def test_spec_hash_ignores_fields_that_may_change_mid_run() -> None:
         FineTuneJobSpec.model_validate(spec(suspend=True, backoffLimit=9))
     )
     assert spec_hash(base) != spec_hash(FineTuneJobSpec.model_validate(spec(lora={"r": 8})))
+
+
+def _assert_round_trips(status: dict[str, Any]) -> None:
+    """Status the planner writes survives the API model unchanged, so the CRD (generated
+    from the same model) neither rejects nor prunes any of it."""
+    from finetune_operator.api.finetunejob import FineTuneJobStatus
+
+    assert FineTuneJobStatus.model_validate(status).to_wire() == status
+
+
+def test_every_status_shape_matches_the_api_model() -> None:
+    first, job, cm = started()
+    _assert_round_trips(first.status)
+    running = track(
+        first,
+        job,
+        cm,
+        pods=(pod("p", trainer_state={"running": {}}),),
+        log_tail="\n".join(
+            [
+                channel(
+                    {
+                        "type": "data",
+                        "report": {**DATA_REPORT, "tokenLengthPercentiles": {"p50": 10}},
+                    }
+                ),
+                progress_line(4, 10),
+            ]
+        ),
+        prices=PriceTable.from_configmap_data({"NVIDIA-H100-80GB-HBM3": "4.0"}),
+    )
+    _assert_round_trips(running.status)
+    terminated = {
+        "terminated": {"exitCode": 0, "message": json.dumps(result(baseMetrics={"rougeL": 0.1}))}
+    }
+    gated = spec(qualityGates=[{"metric": "rougeL", "minImprovementOverBase": 0.5}])
+    done = track(
+        first,
+        with_conditions(job, "Complete"),
+        cm,
+        body_spec=gated,
+        status=running.status,
+        pods=(pod("p", phase="Succeeded", trainer_state=terminated),),
+    )
+    assert done.status["phase"] == "Failed"
+    _assert_round_trips(done.status)
+    refused = plan(
+        observe(
+            spec(
+                method="lora",
+                training={"batchSize": 8, "gradientCheckpointing": False},
+                resources={"gpuProduct": "Tesla-T4"},
+            )
+        ),
+        CONFIG,
+    )
+    _assert_round_trips(refused.status)
