@@ -246,3 +246,13 @@ def test_killed_run_resumes_to_the_same_final_step(
         (out / "checkpoints" / f"checkpoint-{expected_steps}" / "trainer_state.json").read_text()
     )
     assert state["global_step"] == expected_steps
+
+
+def test_make_tiny_model_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from finetune_trainer.cli import main
+
+    assert main(["make-tiny-model", str(tmp_path / "tiny")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "tiny")
+    config = json.loads((tmp_path / "tiny" / "config.json").read_text())
+    assert config["model_type"] == "llama"
+    assert (tmp_path / "tiny" / "tokenizer.json").is_file()
