@@ -188,12 +188,10 @@ def load_model_for_training(
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from .distributed import world
-
     dtype = torch_dtype(compute_dtype_name(spec, device))
     # Under DDP each process holds a whole copy on its own GPU (4-bit weights cannot move
     # after loading, so they are placed on the local rank's GPU right away).
-    device_map = {"": world().local_rank} if device == "cuda" else {"": "cpu"}
+    device_map = {"": local_rank()} if device == "cuda" else {"": "cpu"}
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "device_map": device_map,

@@ -10,7 +10,7 @@ and port); each pod's node rank is its completion index, so global rank 0, whose
 operator reads, always runs in pod 0. One failed pod fails the Job at once
 (``backoffLimitPerIndex: 0``, ``maxFailedIndexes: 0``): the Job controller then stops the
 other pods, so no survivor waits for a dead peer. See docs/distributed.md and
-docs/decisions/0900-torchrun-indexed-job.md.
+docs/decisions/0900-torchrun-indexed-job.md and 0901.
 """
 
 from __future__ import annotations
