@@ -83,10 +83,18 @@ def play_pod(api: Any, ns: str, job: dict[str, Any]) -> None:
             "metadata": {
                 "name": name,
                 "namespace": ns,
-                "labels": {**template["metadata"].get("labels", {}), "job-name": job["metadata"]["name"]},
+                "labels": {
+                    **template["metadata"].get("labels", {}),
+                    "job-name": job["metadata"]["name"],
+                },
                 "ownerReferences": [
-                    {"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
-                     "uid": job["metadata"]["uid"], "controller": True}
+                    {
+                        "apiVersion": "batch/v1",
+                        "kind": "Job",
+                        "name": job["metadata"]["name"],
+                        "uid": job["metadata"]["uid"],
+                        "controller": True,
+                    }
                 ],
             },
             "spec": template["spec"],
@@ -111,9 +119,8 @@ def play_pod(api: Any, ns: str, job: dict[str, Any]) -> None:
 
 
 def run(jobs: int, namespaces: int, timeout: float) -> dict[str, Any]:
-    import kopf
-
     import finetune_operator.main  # noqa: F401  (registers the handlers)
+    import kopf
     from finetune_operator.clients.kube import KubeClient
     from finetune_operator.config import OperatorConfig
     from finetune_operator.local import Emulator, run_operator, serve
@@ -201,10 +208,14 @@ def run(jobs: int, namespaces: int, timeout: float) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--namespaces", type=int, default=50)
-    parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    parser.add_argument(
+        "--timeout", type=float, default=900.0, help="give up after this many seconds"
+    )
     parser.add_argument("--table", action="store_true", help="also print a readable summary")
     args = parser.parse_args(argv)
     out = run(args.jobs, args.namespaces, args.timeout)

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from .metrics import REGISTRY
+
 ADAPTER_INFO = Gauge(
     "finetune_adapter_info",
     "Adapter version served: 1 for the digest each AdapterDeployment currently serves.",
     ["namespace", "adapter", "digest", "target"],
+    registry=REGISTRY,
 )
 ROLLOUT_DURATION = Histogram(
     "finetune_adapter_rollout_duration_seconds",
     "Time from the start of an adapter rollout to its end, by strategy and outcome.",
     ["strategy", "outcome"],
     buckets=(5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+    registry=REGISTRY,
 )
 ROLLBACKS = Counter(
     "finetune_adapter_rollbacks_total",
     "Adapter rollouts rolled back or aborted, by reason.",
     ["namespace", "adapter", "reason"],
+    registry=REGISTRY,
 )
 
 _served: dict[tuple[str, str], tuple[str, str]] = {}

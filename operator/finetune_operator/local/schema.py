@@ -54,6 +54,13 @@ def to_json_schema(schema: Schema) -> Schema:
             result[combinator] = [to_json_schema(sub) for sub in schema[combinator]]
     if "not" in schema:
         result["not"] = to_json_schema(schema["not"])
+    # OpenAPI v3.0 writes exclusive bounds as booleans beside minimum/maximum; JSON Schema
+    # as the bound itself.
+    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        if isinstance(schema.get(exclusive), bool):
+            result.pop(exclusive)
+            if schema[exclusive] and bound in schema:
+                result[exclusive] = result.pop(bound)
     if schema.get("nullable"):
         if "type" in result:
             result["type"] = [result["type"], "null"]
