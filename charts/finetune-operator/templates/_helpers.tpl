@@ -86,7 +86,7 @@ every client call site) and fails when this list misses one or grants anything e
 # Headless Services for multi-node training rendezvous (one per multi-node trainer Job).
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "create", "delete"]
+  verbs: ["list", "create", "delete"]
 # Serving: the target vLLM Deployment is read and patched (adapter arguments and volumes);
 # a canary copy is created next to it and deleted after promotion or abort.
 - apiGroups: ["apps"]
