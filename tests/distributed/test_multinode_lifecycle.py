@@ -111,7 +111,9 @@ def test_two_node_job_runs_reports_rank0_progress_and_cleans_up(
     owner_uid = emulator.read("finetunejobs", NS, "bot")["metadata"]["uid"]
     assert service["metadata"]["ownerReferences"][0]["uid"] == owner_uid
     assert service["spec"]["clusterIP"] == "None"
-    assert status(emulator)["trainerJob"] == "bot-train-g1"
+    # The status is written right after the children are created: wait for it.
+    st = wait_for(lambda: status(emulator).get("trainerJob"), what="status.trainerJob")
+    assert st == "bot-train-g1"
 
     # Pod 1 is newer and silent (rank > 0); progress must come from pod 0.
     pod0 = start_indexed_pod(emulator, job, 0)
