@@ -37,18 +37,20 @@ class Coefficients:
 
     # Activations kept for backward, per token and decoder layer, without checkpointing:
     # act_per_hidden * hidden + act_per_intermediate * intermediate (bf16/fp16 compute;
-    # SDPA/flash attention, so no seq^2 term). Calibrated on Llama-3-8B, H100.
-    act_per_hidden: float = 20.0
-    act_per_intermediate: float = 9.0
+    # SDPA/flash attention, so no seq^2 term). Fitted by bench/fit_estimator.py on the
+    # padded H100 sweep of 2026-11-23 (bench/results/h100-2026-11-23/vram.json).
+    act_per_hidden: float = 24.65
+    act_per_intermediate: float = 11.09
     # Extra activation bytes per token, layer and adapted module (dropout copy, fp32 cast),
     # scaled by the module's input width.
-    act_lora_per_input: float = 1.0
-    # With checkpointing: bytes per token and layer of the saved layer input (hidden x bf16),
-    # plus the share of one layer's full activations alive while it is recomputed.
-    checkpoint_bytes_per_hidden: float = 2.0
-    checkpoint_live_layers: float = 0.2
-    # Logits + loss, bytes per token x vocab entry. Calibrated: the loss runs on shifted,
-    # completion-only slices and frees the bf16 logits early, so less than the naive 10.
+    act_lora_per_input: float = 1.24
+    # With checkpointing: bytes per token and layer of the saved layer input (a bf16 copy
+    # plus the float32 residual the measurements show), plus the share of one layer's full
+    # activations alive while it is recomputed.
+    checkpoint_bytes_per_hidden: float = 4.03
+    checkpoint_live_layers: float = 0.72
+    # Logits + loss, bytes per token x vocab entry beyond what the activation terms cover.
+    # The fit settles on its lower bound: the logits are freed before the backward peak.
     logits_bytes: float = 1.0
     # 4-bit quantisation constants, bytes per quantised parameter.
     quant_const_bytes: float = 4.0 / 64  # fp32 absmax per 64-block
@@ -59,9 +61,14 @@ class Coefficients:
     # CUDA context, cuBLAS/cuDNN workspace and the bitsandbytes dequantisation buffer (GiB).
     cuda_overhead_gib: float = 0.5
     # Allocator fragmentation and temporaries, as a share of everything else.
-    fragmentation: float = 0.03
+    fragmentation: float = 0.01
     # Data-parallel gradient buckets, bytes per adapter parameter when gpus > 1.
     ddp_bucket_bytes: float = 4.0
+    # QLoRA: the k-bit preparation casts the unquantised weights (embeddings, output head,
+    # norms) to float32, so they take 4 bytes each and the residual stream runs in float32;
+    # activations grow by this factor against LoRA in the compute dtype.
+    qlora_other_param_bytes: float = 4.0
+    qlora_activation_scale: float = 1.19
 
 
 COEFFICIENTS = Coefficients()
@@ -335,7 +342,9 @@ def estimate_memory(
     layers = shape.num_layers
 
     if setup.method == "qlora":
-        weights = shape.linear_params() * 0.5 + shape.other_params() * dtype_bytes
+        weights = shape.linear_params() * 0.5 + shape.other_params() * max(
+            dtype_bytes, coeff.qlora_other_param_bytes
+        )
         const_bytes = (
             coeff.quant_const_bytes_double if setup.double_quant else coeff.quant_const_bytes
         )
@@ -355,6 +364,8 @@ def estimate_memory(
 
     # Activations scale with dtype width relative to the bf16 calibration.
     dtype_scale = dtype_bytes / 2
+    if setup.method == "qlora":
+        dtype_scale *= coeff.qlora_activation_scale
     per_layer_token = (
         coeff.act_per_hidden * shape.hidden_size
         + coeff.act_per_intermediate * shape.intermediate_size
