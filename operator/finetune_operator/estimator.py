@@ -404,7 +404,21 @@ def estimate_memory(
 # ---------------------------------------------------------------- choices
 
 
-MAX_AUTO_BATCH = 64
+# ``batchSize: auto`` never fills the GPU: the chosen micro-batch's estimate stays under
+# (1 - AUTO_HEADROOM) of its memory, whatever smaller headroom the caller checks fits with.
+# 15% covers the largest under-prediction seen on the calibration sweep held-out points plus
+# allocator spikes the sweep's short runs may not reach (long runs, eval, checkpoint saves).
+AUTO_HEADROOM = 0.15
+# Tokens per micro-batch beyond which a larger micro-batch buys no throughput (an 8B model
+# saturates an H100 well below this; docs/benchmarks.md) but costs optimizer steps and memory.
+MAX_AUTO_TOKENS_PER_MICRO_BATCH = 16384
+MAX_AUTO_BATCH = 32
+
+
+def max_auto_batch(seq_length: int, limit: int = MAX_AUTO_BATCH) -> int:
+    """The largest micro-batch ``auto`` may pick at ``seq_length`` (a power of two, >= 1)."""
+    by_tokens = max(1, MAX_AUTO_TOKENS_PER_MICRO_BATCH // max(1, seq_length))
+    return 2 ** int(math.log2(max(1, min(limit, by_tokens))))
 
 
 def choose_batch_and_checkpointing(
@@ -420,8 +434,10 @@ def choose_batch_and_checkpointing(
     """Resolve ``auto`` batch and unset checkpointing against ``gpu_memory_gib``.
 
     ``batch``/``gradient_checkpointing`` given by the user are kept. Among the rest, the
-    largest power-of-two micro-batch that fits wins; checkpointing stays off when the chosen
-    batch fits without it, since it costs about a third more compute. When nothing fits,
+    largest power-of-two micro-batch wins whose estimate stays within ``1 - AUTO_HEADROOM``
+    of the GPU (or ``1 - headroom`` when that is stricter) and whose tokens stay within
+    ``MAX_AUTO_TOKENS_PER_MICRO_BATCH``; checkpointing stays off when the chosen batch fits
+    without it, since it costs about a third more compute. When nothing fits,
     the smallest configuration is returned with an estimate whose ``fits`` is False.
     ``setup`` may also be a ``FineTuneJobSpec``; its fixed batch/checkpointing are kept.
     """
@@ -433,13 +449,17 @@ def choose_batch_and_checkpointing(
         if gradient_checkpointing is None:
             gradient_checkpointing = spec.training.gradient_checkpointing
     gc_options = [gradient_checkpointing] if gradient_checkpointing is not None else [False, True]
-    batches = [batch] if batch is not None else _powers_of_two(max_batch)
+    if batch is None:
+        batches = _powers_of_two(max_auto_batch(setup.seq_length, max_batch))
+        margin = max(headroom, AUTO_HEADROOM)
+    else:
+        batches, margin = [batch], headroom
 
     best: tuple[int, bool, Estimate] | None = None
     for gc in gc_options:
         for b in batches:
             est = estimate_memory(shape, replace(setup, micro_batch=b, gradient_checkpointing=gc))
-            if not est.fits(gpu_memory_gib, headroom):
+            if not est.fits(gpu_memory_gib, margin):
                 break
             if best is None or b > best[0]:
                 best = (b, gc, est)
