@@ -16,20 +16,28 @@ from finetune_operator import estimator as est
 
 BASE = est.TrainingSetup(lora_rank=64, micro_batch=4, seq_length=2048, optimizer="paged_adamw_8bit")
 
-# (label, family, setup, measured peak GiB on one H100 80GB)
+# (label, family, setup, measured peak GiB on one H100 80GB): Llama-3-8B points of the padded
+# sweep bench/results/h100-2026-11-23/vram.json (bench/fit_estimator.py fits all ten).
 MEASURED: list[tuple[str, str, est.TrainingSetup, float]] = [
-    ("QLoRA + GC", "llama-3-8b", replace(BASE, method="qlora", gradient_checkpointing=True), 10.2),
+    ("QLoRA r64 + GC", "llama-3-8b", replace(BASE, method="qlora"), 16.751),
     (
-        "LoRA bf16 + GC",
+        "LoRA r16 + GC",
         "llama-3-8b",
-        replace(BASE, method="lora", gradient_checkpointing=True),
-        21.0,
+        replace(BASE, method="lora", lora_rank=16, seq_length=1024),
+        18.794,
     ),
     (
-        "QLoRA, no GC",
+        "QLoRA r16, no GC",
         "llama-3-8b",
-        replace(BASE, method="qlora", gradient_checkpointing=False),
-        69.0,
+        replace(
+            BASE,
+            method="qlora",
+            lora_rank=16,
+            micro_batch=2,
+            seq_length=1024,
+            gradient_checkpointing=False,
+        ),
+        30.11,
     ),
 ]
 

@@ -37,18 +37,20 @@ class Coefficients:
 
     # Activations kept for backward, per token and decoder layer, without checkpointing:
     # act_per_hidden * hidden + act_per_intermediate * intermediate (bf16/fp16 compute;
-    # SDPA/flash attention, so no seq^2 term). Calibrated on Llama-3-8B, H100.
-    act_per_hidden: float = 20.0
-    act_per_intermediate: float = 9.0
+    # SDPA/flash attention, so no seq^2 term). Fitted by bench/fit_estimator.py on the
+    # padded H100 sweep of 2026-11-23 (bench/results/h100-2026-11-23/vram.json).
+    act_per_hidden: float = 24.65
+    act_per_intermediate: float = 11.09
     # Extra activation bytes per token, layer and adapted module (dropout copy, fp32 cast),
     # scaled by the module's input width.
-    act_lora_per_input: float = 1.0
-    # With checkpointing: bytes per token and layer of the saved layer input (hidden x bf16),
-    # plus the share of one layer's full activations alive while it is recomputed.
-    checkpoint_bytes_per_hidden: float = 2.0
-    checkpoint_live_layers: float = 0.2
-    # Logits + loss, bytes per token x vocab entry. Calibrated: the loss runs on shifted,
-    # completion-only slices and frees the bf16 logits early, so less than the naive 10.
+    act_lora_per_input: float = 1.24
+    # With checkpointing: bytes per token and layer of the saved layer input (a bf16 copy
+    # plus the float32 residual the measurements show), plus the share of one layer's full
+    # activations alive while it is recomputed.
+    checkpoint_bytes_per_hidden: float = 4.03
+    checkpoint_live_layers: float = 0.72
+    # Logits + loss, bytes per token x vocab entry beyond what the activation terms cover.
+    # The fit settles on its lower bound: the logits are freed before the backward peak.
     logits_bytes: float = 1.0
     # 4-bit quantisation constants, bytes per quantised parameter.
     quant_const_bytes: float = 4.0 / 64  # fp32 absmax per 64-block
@@ -59,9 +61,14 @@ class Coefficients:
     # CUDA context, cuBLAS/cuDNN workspace and the bitsandbytes dequantisation buffer (GiB).
     cuda_overhead_gib: float = 0.5
     # Allocator fragmentation and temporaries, as a share of everything else.
-    fragmentation: float = 0.03
+    fragmentation: float = 0.01
     # Data-parallel gradient buckets, bytes per adapter parameter when gpus > 1.
     ddp_bucket_bytes: float = 4.0
+    # QLoRA: the k-bit preparation casts the unquantised weights (embeddings, output head,
+    # norms) to float32, so they take 4 bytes each and the residual stream runs in float32;
+    # activations grow by this factor against LoRA in the compute dtype.
+    qlora_other_param_bytes: float = 4.0
+    qlora_activation_scale: float = 1.19
 
 
 COEFFICIENTS = Coefficients()
@@ -335,7 +342,9 @@ def estimate_memory(
     layers = shape.num_layers
 
     if setup.method == "qlora":
-        weights = shape.linear_params() * 0.5 + shape.other_params() * dtype_bytes
+        weights = shape.linear_params() * 0.5 + shape.other_params() * max(
+            dtype_bytes, coeff.qlora_other_param_bytes
+        )
         const_bytes = (
             coeff.quant_const_bytes_double if setup.double_quant else coeff.quant_const_bytes
         )
@@ -355,6 +364,8 @@ def estimate_memory(
 
     # Activations scale with dtype width relative to the bf16 calibration.
     dtype_scale = dtype_bytes / 2
+    if setup.method == "qlora":
+        dtype_scale *= coeff.qlora_activation_scale
     per_layer_token = (
         coeff.act_per_hidden * shape.hidden_size
         + coeff.act_per_intermediate * shape.intermediate_size
@@ -393,7 +404,21 @@ def estimate_memory(
 # ---------------------------------------------------------------- choices
 
 
-MAX_AUTO_BATCH = 64
+# ``batchSize: auto`` never fills the GPU: the chosen micro-batch's estimate stays under
+# (1 - AUTO_HEADROOM) of its memory, whatever smaller headroom the caller checks fits with.
+# 15% covers the largest under-prediction seen on the calibration sweep held-out points plus
+# allocator spikes the sweep's short runs may not reach (long runs, eval, checkpoint saves).
+AUTO_HEADROOM = 0.15
+# Tokens per micro-batch beyond which a larger micro-batch buys no throughput (an 8B model
+# saturates an H100 well below this; docs/benchmarks.md) but costs optimizer steps and memory.
+MAX_AUTO_TOKENS_PER_MICRO_BATCH = 16384
+MAX_AUTO_BATCH = 32
+
+
+def max_auto_batch(seq_length: int, limit: int = MAX_AUTO_BATCH) -> int:
+    """The largest micro-batch ``auto`` may pick at ``seq_length`` (a power of two, >= 1)."""
+    by_tokens = max(1, MAX_AUTO_TOKENS_PER_MICRO_BATCH // max(1, seq_length))
+    return 2 ** int(math.log2(max(1, min(limit, by_tokens))))
 
 
 def choose_batch_and_checkpointing(
@@ -409,8 +434,10 @@ def choose_batch_and_checkpointing(
     """Resolve ``auto`` batch and unset checkpointing against ``gpu_memory_gib``.
 
     ``batch``/``gradient_checkpointing`` given by the user are kept. Among the rest, the
-    largest power-of-two micro-batch that fits wins; checkpointing stays off when the chosen
-    batch fits without it, since it costs about a third more compute. When nothing fits,
+    largest power-of-two micro-batch wins whose estimate stays within ``1 - AUTO_HEADROOM``
+    of the GPU (or ``1 - headroom`` when that is stricter) and whose tokens stay within
+    ``MAX_AUTO_TOKENS_PER_MICRO_BATCH``; checkpointing stays off when the chosen batch fits
+    without it, since it costs about a third more compute. When nothing fits,
     the smallest configuration is returned with an estimate whose ``fits`` is False.
     ``setup`` may also be a ``FineTuneJobSpec``; its fixed batch/checkpointing are kept.
     """
@@ -422,13 +449,17 @@ def choose_batch_and_checkpointing(
         if gradient_checkpointing is None:
             gradient_checkpointing = spec.training.gradient_checkpointing
     gc_options = [gradient_checkpointing] if gradient_checkpointing is not None else [False, True]
-    batches = [batch] if batch is not None else _powers_of_two(max_batch)
+    if batch is None:
+        batches = _powers_of_two(max_auto_batch(setup.seq_length, max_batch))
+        margin = max(headroom, AUTO_HEADROOM)
+    else:
+        batches, margin = [batch], headroom
 
     best: tuple[int, bool, Estimate] | None = None
     for gc in gc_options:
         for b in batches:
             est = estimate_memory(shape, replace(setup, micro_batch=b, gradient_checkpointing=gc))
-            if not est.fits(gpu_memory_gib, headroom):
+            if not est.fits(gpu_memory_gib, margin):
                 break
             if best is None or b > best[0]:
                 best = (b, gc, est)
