@@ -516,30 +516,18 @@ def evaluate_model(
 def load_base(config: TrainerConfig) -> tuple[Any, Any]:
     """The base model as training loaded it (4-bit for qlora, same dtypes) and the tokenizer
     with the chat template in force."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from .data import load_tokenizer
-    from .train import compute_dtype_name, resolve_device, torch_dtype
+    from .train import base_model_kwargs, resolve_device
 
     spec = config.spec
     tokenizer, _ = load_tokenizer(config.paths.base_model, spec.dataset.chat_template)
     device = resolve_device(config.device)
-    dtype = torch_dtype(compute_dtype_name(spec, device))
-    kwargs: dict[str, Any] = {
-        "dtype": dtype,
-        "device_map": {"": 0} if device == "cuda" else {"": "cpu"},
-        "trust_remote_code": spec.base_model.trust_remote_code,
-    }
-    quant = spec.resolved_quantization()
-    if quant is not None:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant.type,
-            bnb_4bit_use_double_quant=quant.double_quant,
-            bnb_4bit_compute_dtype=dtype,
-        )
     try:
-        model = AutoModelForCausalLM.from_pretrained(config.paths.base_model, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            config.paths.base_model, **base_model_kwargs(spec, device)
+        )
     except OSError as exc:
         raise model_not_found(
             f"cannot load the base model from {config.paths.base_model}: {exc}"

@@ -181,20 +181,20 @@ def compute_dtype_name(spec: FineTuneJobSpec, device: str) -> str:
 # ------------------------------------------------------------------ model
 
 
-def load_model_for_training(
-    spec: FineTuneJobSpec, model_dir: str | Path, device: str, gradient_checkpointing: bool
-) -> Any:
-    """Base model (4-bit for QLoRA, 16/32-bit for LoRA) with a fresh LoRA adapter attached."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def base_model_kwargs(spec: FineTuneJobSpec, device: str) -> dict[str, Any]:
+    """`from_pretrained` arguments for the base model: dtype, placement, 4-bit for QLoRA.
+
+    Training and evaluation load the base the same way, so metrics describe the model that
+    was trained.
+    """
+    from transformers import BitsAndBytesConfig
 
     dtype = torch_dtype(compute_dtype_name(spec, device))
     # Under DDP each process holds a whole copy on its own GPU (4-bit weights cannot move
     # after loading, so they are placed on the local rank's GPU right away).
-    device_map = {"": local_rank()} if device == "cuda" else {"": "cpu"}
     kwargs: dict[str, Any] = {
         "dtype": dtype,
-        "device_map": device_map,
+        "device_map": {"": local_rank()} if device == "cuda" else {"": "cpu"},
         "trust_remote_code": spec.base_model.trust_remote_code,
     }
     quant = spec.resolved_quantization()
@@ -205,8 +205,21 @@ def load_model_for_training(
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=dtype,
         )
+    return kwargs
+
+
+def load_model_for_training(
+    spec: FineTuneJobSpec, model_dir: str | Path, device: str, gradient_checkpointing: bool
+) -> Any:
+    """Base model (4-bit for QLoRA, 16/32-bit for LoRA) with a fresh LoRA adapter attached."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    quant = spec.resolved_quantization()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), **base_model_kwargs(spec, device)
+        )
     except OSError as exc:
         raise model_not_found(f"cannot load the base model from {model_dir}: {exc}") from exc
     if quant is not None:
