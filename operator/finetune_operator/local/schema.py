@@ -54,6 +54,13 @@ def to_json_schema(schema: Schema) -> Schema:
             result[combinator] = [to_json_schema(sub) for sub in schema[combinator]]
     if "not" in schema:
         result["not"] = to_json_schema(schema["not"])
+    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        if isinstance(schema.get(exclusive), bool):
+            # OpenAPI 3.0 marks a bound exclusive with a flag; JSON Schema 2020-12 wants the
+            # bound itself as the value of exclusiveMinimum/exclusiveMaximum.
+            flag = result.pop(exclusive)
+            if flag and bound in result:
+                result[exclusive] = result.pop(bound)
     if schema.get("nullable"):
         if "type" in result:
             result["type"] = [result["type"], "null"]
