@@ -119,10 +119,15 @@ def printer_columns(crd_file: Path) -> list[tuple[str, str]]:
     return [(c["name"], c["jsonPath"]) for c in version.get("additionalPrinterColumns") or []]
 
 
-def kubectl_table(objects: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+def kubectl_table(
+    objects: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]], resource: str = ""
+) -> str:
+    """Rows like ``kubectl get``; ``resource`` (``finetunejob.finetune.dev``) prefixes names
+    as kubectl does when one command lists several kinds."""
     rows = []
     for obj in objects:
-        row: list[Any] = [obj["metadata"]["name"]]
+        name = obj["metadata"]["name"]
+        row: list[Any] = [f"{resource}/{name}" if resource else name]
         for name, path in columns:
             value = json_path(obj, path)
             row.append(age(value) if name == "Age" else value)
@@ -176,7 +181,9 @@ def failure_message(obj: Mapping[str, Any]) -> str:
 def prepare_volume(workdir: Path) -> Path:
     """Fill the quickstart PVC folder: the tiny model and the sample data."""
     from finetune_trainer.tinymodel import build_tiny_model
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()
     claim = workdir / "pvc" / CLAIM
     model_dir = claim / MODEL_SUBDIR
     if not (model_dir / "config.json").is_file():
@@ -200,6 +207,7 @@ def _configure_fast_local_settings() -> None:
     os.environ.setdefault("FINETUNE_SERVING_POLL_SECONDS", "0.5")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _http_json(url: str, body: Mapping[str, Any] | None = None, timeout: float = 120.0) -> Any:
@@ -423,9 +431,9 @@ def _run(options: DemoOptions, workdir: Path) -> DemoResult:
         ftj_columns = printer_columns(CRD_DIR / "finetunejobs.yaml")
         adep_columns = printer_columns(CRD_DIR / "adapterdeployments.yaml")
         _say(out, "\n$ kubectl get finetune")
-        _say(out, kubectl_table([final_ftj], ftj_columns))
+        _say(out, kubectl_table([final_ftj], ftj_columns, "finetunejob.finetune.dev"))
         _say(out, "")
-        _say(out, kubectl_table([adep()], adep_columns))
+        _say(out, kubectl_table([adep()], adep_columns, "adapterdeployment.finetune.dev"))
         _say(out, "\nQuality gates:")
         gate_rows = [
             [
@@ -472,7 +480,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(DemoOptions(workdir=args.workdir, keep=args.keep, verbose=args.verbose))
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_cli(options: DemoOptions) -> int:
+    import signal
+
+    # A terminated demo still stops its trainer and server processes on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         run_demo(options)
     except DemoFailed as exc:

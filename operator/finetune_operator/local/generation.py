@@ -47,6 +47,9 @@ class _LoadedModel:
 
     def __init__(self, model_dir: str) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # a server log, not a terminal
 
         self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -59,18 +62,26 @@ class _LoadedModel:
         self.lock = threading.Lock()
 
     def _attach(self, adapter_dir: str) -> str:
+        import warnings
+
         from peft import PeftModel
 
         key = adapter_key(adapter_dir)
         if key in self.adapters:
             return key
+        # peft still calls transformers' deprecated checkpointing query while loading.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self._load_adapter(PeftModel, adapter_dir, key)
+        return key
+
+    def _load_adapter(self, peft_model: Any, adapter_dir: str, key: str) -> None:
         if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.base, adapter_dir, adapter_name=key)
+            self.peft = peft_model.from_pretrained(self.base, adapter_dir, adapter_name=key)
         else:
             self.peft.load_adapter(adapter_dir, adapter_name=key)
         self.peft.eval()
         self.adapters.add(key)
-        return key
 
     def generate(
         self, messages: list[dict[str, Any]], adapter_dir: str | None, max_tokens: int

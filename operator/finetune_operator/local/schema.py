@@ -84,6 +84,8 @@ def prune_and_default(value: Any, schema: Schema, *, root: bool = False) -> Any:
             if key in keep_meta:  # object metadata is never pruned
                 result[key] = copy.deepcopy(item)
             elif key in properties:
+                if item is None and not properties[key].get("nullable"):
+                    continue  # the API server drops nulls of non-nullable fields before defaulting
                 result[key] = prune_and_default(item, properties[key])
             elif isinstance(additional, dict):
                 result[key] = prune_and_default(item, additional)
