@@ -105,3 +105,15 @@ def test_no_manifest(tmp_path: Path) -> None:
 def test_uri_revision() -> None:
     assert split_uri_revision("hf://a/b@v1") == ("hf://a/b", "v1")
     assert split_uri_revision("pvc://claim/models/x") == ("pvc://claim/models/x", None)
+
+
+def test_fetched_adapter_digest_check(tmp_path: Path) -> None:
+    from finetune_trainer.cli import check_fetched_digest
+
+    d = _adapter(tmp_path)
+    digest = json.loads((d / "manifest.json").read_text())["digest"]
+    assert check_fetched_digest(d, digest) is None
+    other = "sha256:" + "0" * 64
+    assert "differs from the expected" in str(check_fetched_digest(d, other))
+    (d / "adapter_config.json").write_text('{"r": 8}')
+    assert "content differs" in str(check_fetched_digest(d, digest))

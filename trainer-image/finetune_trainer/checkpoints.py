@@ -115,7 +115,7 @@ def make_checkpoint_callback(fingerprint: str) -> Any:
     from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    class CheckpointMarker(TrainerCallback):  # type: ignore[misc]
+    class CheckpointMarker(TrainerCallback):
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if not state.is_world_process_zero:
                 return

@@ -19,7 +19,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import EXIT_OK, EXIT_TRAINING, TrainerError, evaluation_failed
+from .errors import (
+    EXIT_CONFIG,
+    EXIT_DATA,
+    EXIT_EVALUATION,
+    EXIT_OK,
+    EXIT_TRAINING,
+    TrainerError,
+    evaluation_failed,
+)
 
 log = logging.getLogger("finetune_trainer")
 
@@ -91,7 +99,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def run_data_step(config: Any) -> tuple[Any, Any]:
     """Tokenizer + cleaned data; writes data_report.json/eval.jsonl and the data line."""
-    from .data import check_usable, load_tokenizer, prepare_data, write_data_outputs
+    from .data import load_tokenizer, prepare_data, write_data_outputs
     from .errors import data_not_found
     from .progress import emit
 
@@ -111,8 +119,13 @@ def run_data_step(config: Any) -> tuple[Any, Any]:
     )
     write_data_outputs(prepared, config.paths.output_dir)
     emit({"type": "data", "report": prepared.report.to_wire()})
-    check_usable(prepared.report, spec.dataset.cleaning)
     return tokenizer, prepared
+
+
+def check_data(config: Any, prepared: Any) -> None:
+    from .data import check_usable
+
+    check_usable(prepared.report, config.spec.dataset.cleaning)
 
 
 # ------------------------------------------------------------------ commands
@@ -126,6 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         tokenizer, prepared = run_data_step(config)
         data_wire = prepared.report.to_wire()
+        check_data(config, prepared)
         result = train_and_finish(config, tokenizer, prepared, evaluate=not args.no_eval)
     except TrainerError as err:
         _fail(config, err, data_wire)
@@ -181,15 +195,17 @@ def train_and_finish(config: Any, tokenizer: Any, prepared: Any, evaluate: bool)
                     model=outcome.model,
                     tokenizer=tokenizer,
                     adapter_dir=str(outcome.adapter_dir),
-                    eval_path=str(out / "eval.jsonl"),
-                    output_dir=str(out),
-                    device=resolve_device(config.device),
-                    with_base=config.spec.needs_base_metrics(),
+                    eval_file=str(out / "eval.jsonl"),
                 )
             except TrainerError:
                 raise
             except Exception as exc:
                 log.exception("evaluation failed")
+                reason = getattr(exc, "reason", None)
+                if isinstance(reason, str) and reason:
+                    message = str(getattr(exc, "message", exc))
+                    code = int(getattr(exc, "exit_code", EXIT_EVALUATION))
+                    raise TrainerError(reason, message, code) from exc
                 raise evaluation_failed(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
             eval_metrics, base_metrics = _split_eval_result(found)
             metrics.update(eval_metrics)
@@ -264,6 +280,7 @@ def cmd_data_report(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     try:
         _tokenizer, prepared = run_data_step(config)
+        check_data(config, prepared)
     except TrainerError as err:
         log.error("%s: %s", err.reason, err.message)
         emit({"type": "result", "ok": False, "reason": err.reason, "message": err.message})
@@ -273,29 +290,48 @@ def cmd_data_report(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .config import load_config
-
-    config = load_config(args.config)
+    """Delegates to the evaluation module (``finetune_trainer.evaluate``)."""
     module = _evaluation_module()
-    if module is None:
+    if module is None or not hasattr(module, "command"):
         raise evaluation_failed(
             "the evaluation module (finetune_trainer.evaluate) is not installed in this image"
         )
-    entry = getattr(module, "cli_main", None)
-    if entry is not None:
-        return int(entry(args) or 0)
-    adapter = args.adapter or str(Path(config.paths.output_dir) / "adapter")
-    result = _call_supported(
-        module.run_evaluation,
-        config=config,
-        adapter_dir=None if args.base_only else adapter,
-        base_only=args.base_only,
-        out=args.out,
-        eval_path=str(Path(config.paths.output_dir) / "eval.jsonl"),
-        output_dir=config.paths.output_dir,
-    )
-    metrics, base = _split_eval_result(result)
-    print(json.dumps({"metrics": metrics, "baseMetrics": base}, indent=2))
+    return int(module.command(args) or 0)
+
+
+def check_fetched_digest(path: str | Path, expected: str) -> str | None:
+    """None when the adapter at ``path`` verifies against its manifest and has digest
+    ``expected``; otherwise the reason it does not."""
+    from finetune_operator.adapter_digest import DigestMismatchError, verify_directory
+
+    try:
+        actual = verify_directory(path)
+    except (FileNotFoundError, DigestMismatchError) as exc:
+        return str(exc)
+    if actual != expected:
+        return f"adapter digest {actual} differs from the expected {expected}"
+    return None
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Fetch a model/adapter/data URI (the fetch module) and, with --digest, verify it."""
+    try:
+        module = importlib.import_module("finetune_trainer.fetch")
+    except ModuleNotFoundError:
+        log.error("the fetch module (finetune_trainer.fetch) is not installed in this image")
+        return EXIT_CONFIG
+    if not args.digest:
+        return int(module.main(["--uri", args.uri, "--dest", args.dest]))
+    try:
+        path = module.fetch(args.uri, Path(args.dest))
+    except Exception as exc:
+        log.error("fetch: %s", exc)
+        return int(getattr(exc, "code", EXIT_DATA))
+    problem = check_fetched_digest(path, args.digest)
+    if problem:
+        log.error("fetch: %s: %s", args.uri, problem)
+        return EXIT_DATA
+    print(f"fetch: {args.uri} -> {path} (digest verified)")
     return EXIT_OK
 
 
@@ -322,10 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="Adapter folder (default: <outputDir>/adapter).")
     p.add_argument("--base-only", action="store_true", help="Evaluate the base model only.")
     p.add_argument("--out", help="Write the metrics JSON here.")
+    p.add_argument("--eval-file", help="Eval rows JSONL (default: <outputDir>/eval.jsonl).")
     p.set_defaults(func=cmd_evaluate)
     p = sub.add_parser("data-report", help="Run the data step only and print its report.")
     p.add_argument("--config", required=True, help="Trainer config (YAML or JSON).")
     p.set_defaults(func=cmd_data_report)
+    p = sub.add_parser("fetch", help="Fetch a URI into a folder (and verify an adapter digest).")
+    p.add_argument("--uri", required=True, help="hf://..., s3://... to fetch.")
+    p.add_argument("--dest", required=True, help="Local folder to fill.")
+    p.add_argument("--digest", help="Expected adapter digest (sha256:...); checked after fetching.")
+    p.set_defaults(func=cmd_fetch)
     p = sub.add_parser("make-tiny-model", help="Write a tiny random model for trying things out.")
     p.add_argument("dir", help="Folder to write the model to.")
     p.set_defaults(func=cmd_make_tiny_model)

@@ -151,11 +151,13 @@ def make_progress_callback(interval_seconds: float, stream: TextIO | None = None
 
     reporter = ProgressReporter(interval_seconds)
 
-    class ProgressCallback(TrainerCallback):  # type: ignore[misc]
+    class ProgressCallback(TrainerCallback):
         def __init__(self) -> None:
             self.reporter = reporter
 
         def _emit(self, state: Any) -> None:
+            if not state.is_world_process_zero:  # one reporter per job, not per GPU
+                return
             emit(
                 reporter.build(
                     state.global_step,

@@ -4,6 +4,7 @@ resumable checkpoints and progress lines, save the adapter, optionally merge it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -85,32 +86,43 @@ def resolve_batch_and_checkpointing(
 
 
 def _estimator_choice(spec: FineTuneJobSpec, model_dir: str | Path) -> tuple[int, bool] | None:
-    try:
-        from finetune_operator import estimator  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    choose = getattr(estimator, "choose_batch_and_checkpointing", None)
-    if choose is None:
-        return None
     import torch
 
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    config_path = Path(model_dir) / "config.json"
     try:
-        result = choose(spec, gpu_memory_gib=gpu_gib, model_dir=str(model_dir))
-    except TypeError:
-        try:
-            result = choose(spec, gpu_gib)
-        except Exception as exc:
-            log.warning("estimator could not choose batch/checkpointing (%s); using defaults", exc)
-            return None
-    except Exception as exc:
+        model_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("cannot read %s for the memory estimate (%s); using defaults", config_path, exc)
+        return None
+    return estimator_choice(spec, model_config, gpu_gib)
+
+
+def estimator_choice(
+    spec: FineTuneJobSpec, model_config: dict[str, Any], gpu_memory_gib: float
+) -> tuple[int, bool] | None:
+    """Batch and checkpointing from the shared VRAM estimator, or None when it is unavailable."""
+    try:
+        from finetune_operator.estimator import (  # type: ignore[attr-defined,unused-ignore]
+            ModelShape,
+            TrainingSetup,
+            choose_batch_and_checkpointing,
+        )
+    except ImportError:
+        return None
+    batch = spec.training.batch_size
+    try:
+        chosen_batch, chosen_gc, _estimate = choose_batch_and_checkpointing(
+            ModelShape.from_hf_config(model_config),
+            TrainingSetup.from_spec(spec),
+            gpu_memory_gib,
+            batch=batch if isinstance(batch, int) else None,
+            gradient_checkpointing=spec.training.gradient_checkpointing,
+        )
+    except (ValueError, TypeError) as exc:
         log.warning("estimator could not choose batch/checkpointing (%s); using defaults", exc)
         return None
-    if isinstance(result, dict):
-        return int(result["batchSize"]), bool(result["gradientCheckpointing"])
-    if isinstance(result, tuple | list):
-        return int(result[0]), bool(result[1])
-    return int(result.batch_size), bool(result.gradient_checkpointing)
+    return int(chosen_batch), bool(chosen_gc)
 
 
 def _bnb_optimizer_works(name: str) -> bool:
@@ -143,6 +155,11 @@ def resolve_optimizer(name: str, device: str) -> tuple[str, str | None]:
     return name, None
 
 
+def local_rank() -> int:
+    """This process's GPU under torchrun (0 when run directly)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def torch_dtype(name: str) -> Any:
     import torch
 
@@ -172,7 +189,7 @@ def load_model_for_training(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch_dtype(compute_dtype_name(spec, device))
-    device_map = {"": 0} if device == "cuda" else {"": "cpu"}
+    device_map = {"": local_rank()} if device == "cuda" else {"": "cpu"}
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "device_map": device_map,
@@ -415,7 +432,7 @@ def merge_adapter(
     base = AutoModelForCausalLM.from_pretrained(
         str(base_model_dir),
         dtype=torch_dtype(dtype_name),
-        device_map={"": 0} if device == "cuda" else {"": "cpu"},
+        device_map={"": local_rank()} if device == "cuda" else {"": "cpu"},
         trust_remote_code=trust_remote_code,
     )
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
