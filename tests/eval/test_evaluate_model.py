@@ -163,3 +163,46 @@ def test_cli_rejects_bad_config_with_exit_2(tmp_path: Path) -> None:
     bad.write_text("jobName: x\nspec: {}\n")
     assert main(["--config", str(bad)]) == 2
     assert main(["--config", str(tmp_path / "absent.yaml")]) == 2
+
+
+@pytest.mark.slow
+def test_qlora_job_is_evaluated_on_the_4bit_base(
+    config_factory: Callable[..., TrainerConfig], tiny_tokenizer: Any
+) -> None:
+    import bitsandbytes as bnb
+    from finetune_trainer.evaluate import load_base
+
+    config = config_factory(method="qlora", evaluation={"maxNewTokens": 4, "maxSamples": 2})
+    out = Path(config.paths.output_dir)
+    write_jsonl(out / "eval.jsonl", ticket_eval_rows(tiny_tokenizer, 0, 2))
+    model, tokenizer = load_base(config)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 14
+    result = run_evaluation(config, model=model, tokenizer=tokenizer, base_only=True)
+    base = result["baseMetrics"]
+    assert base["evalLoss"] > 0 and base["tokensPerSecond"] > 0
+    assert json.loads((out / "base_metrics.json").read_text()) == base
+
+
+def test_trainer_cli_delegates_evaluate_with_an_eval_file(
+    config_factory: Callable[..., TrainerConfig],
+    tiny_tokenizer: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from finetune_trainer import cli
+
+    config = config_factory(
+        gates=[{"metric": "jsonValidity", "min": 0.5}], evaluation={"maxNewTokens": 4}
+    )
+    cfg = tmp_path / "job.json"
+    cfg.write_text(json.dumps(config.model_dump(by_alias=True, mode="json")))
+    other = write_jsonl(tmp_path / "other-eval.jsonl", ticket_eval_rows(tiny_tokenizer, 500, 3))
+    target = tmp_path / "elsewhere" / "base.json"
+    args = ["evaluate", "--config", str(cfg), "--base-only", "--eval-file", str(other)]
+    assert cli.main([*args, "--out", str(target)]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1].removeprefix(PROGRESS_PREFIX))
+    assert result["ok"] is True and result["gatesSummary"] == "0/1 passed"
+    assert json.loads(target.read_text()) == result["baseMetrics"]
+    assert len((target.parent / "eval_generations.jsonl").read_text().splitlines()) == 3
+    assert "FAIL jsonValidity >= 0.5" in captured.err

@@ -231,3 +231,24 @@ def test_load_eval_rows_errors_say_what_to_fix(
         path.write_text(content, encoding="utf-8")
     with pytest.raises(TrainerError, match=message):
         load_eval_rows(path, max_samples=10)
+
+
+def test_loss_batches_respect_rows_and_token_budget() -> None:
+    from finetune_trainer.evaluate import loss_batches
+
+    def ex(n: int) -> tuple[list[int], list[int]]:
+        return [0] * n, [0] * n
+
+    sizes = [[len(e[0]) for e in b] for b in loss_batches([ex(3)] * 5, 2, 100)]
+    assert sizes == [[3, 3], [3, 3], [3]]
+    # 10 + 10 fit in 20 padded tokens; a 30-token row goes alone; then 5 + 5.
+    sizes = [
+        [len(e[0]) for e in b] for b in loss_batches([ex(10), ex(10), ex(30), ex(5), ex(5)], 8, 20)
+    ]
+    assert sizes == [[10, 10], [30], [5, 5]]
+    assert list(loss_batches([], 4, 10)) == []
+
+
+def test_json_task_marker_is_case_insensitive() -> None:
+    assert EvalRow(prompt="p", task="JSON").is_json_task
+    assert not EvalRow(prompt="p", task="summary").is_json_task

@@ -68,6 +68,10 @@ DEFAULT_REFUSAL_MARKERS: tuple[str, ...] = (
     "안내해 드릴 수 없",
 )
 
+# Largest logits tensor one loss forward may produce (float32 after upcasting): keeps a
+# 128k-vocabulary model from needing gigabytes for a batch of long rows.
+LOSS_LOGITS_BUDGET_BYTES = 2 * 1024**3
+
 METRICS_FILE = "metrics.json"
 BASE_METRICS_FILE = "base_metrics.json"
 GENERATIONS_FILE = "eval_generations.jsonl"
@@ -85,6 +89,10 @@ class EvalRow:
     task: str | None = None
     json_schema: dict[str, Any] | None = None
     must_refuse: bool = False
+
+    @property
+    def is_json_task(self) -> bool:
+        return (self.task or "").strip().lower() == "json"
 
 
 def parse_eval_row(obj: Any, where: str) -> EvalRow:
@@ -254,7 +262,7 @@ def generation_metrics(
     if refs:
         metrics["rougeL"] = rouge_l_f1([g for g, _ in refs], [c for _, c in refs])
         metrics["exactMatch"] = sum(exact_match(g, c) for g, c in refs) / len(refs)
-    json_rows = [g for r, g in scored if r.task == "json"]
+    json_rows = [g for r, g in scored if r.is_json_task]
     if json_rows:
         metrics["jsonValidity"] = sum(has_json(g) for g in json_rows) / len(json_rows)
     schema_rows = [(g, r.json_schema) for r, g in scored if r.json_schema is not None]
@@ -339,6 +347,24 @@ def loss_example(tokenizer: Any, row: EvalRow, max_length: int) -> tuple[list[in
     return list(ids[:max_length]), list(labels[:max_length])
 
 
+def loss_batches(
+    examples: Sequence[tuple[list[int], list[int]]], batch_size: int, max_tokens: int
+) -> Iterator[list[tuple[list[int], list[int]]]]:
+    """Consecutive batches of at most ``batch_size`` rows whose padded size (rows x longest
+    row) stays within ``max_tokens``; a row longer than that goes alone."""
+    chunk: list[tuple[list[int], list[int]]] = []
+    width = 0
+    for example in examples:
+        new_width = max(width, len(example[0]))
+        if chunk and (len(chunk) >= batch_size or (len(chunk) + 1) * new_width > max_tokens):
+            yield chunk
+            chunk, new_width = [], len(example[0])
+        chunk.append(example)
+        width = new_width
+    if chunk:
+        yield chunk
+
+
 def completion_loss(
     model: Any, tokenizer: Any, rows: Sequence[EvalRow], batch_size: int, max_length: int
 ) -> float | None:
@@ -350,10 +376,11 @@ def completion_loss(
     examples = [loss_example(tokenizer, r, max_length) for r in rows if r.completion]
     if not examples:
         return None
+    vocab = int(getattr(model.config, "vocab_size", 0) or 32000)
+    max_tokens = max(1, LOSS_LOGITS_BUDGET_BYTES // (4 * vocab))
     total_loss = 0.0
     total_tokens = 0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
+    for chunk in loss_batches(examples, batch_size, max_tokens):
         width = max(len(ids) for ids, _ in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)
@@ -520,14 +547,30 @@ def load_base(config: TrainerConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def attach_adapter(model: Any, adapter_dir: Path) -> Any:
-    from peft import PeftModel
-
+def check_adapter(adapter_dir: Path) -> str | None:
+    """Fail early when the adapter is missing or its files no longer match its manifest;
+    returns the manifest digest (None for an adapter saved without one)."""
     if not (adapter_dir / "adapter_config.json").is_file():
         raise evaluation_failed(
             f"no adapter at {adapter_dir} (adapter_config.json missing): train first or pass "
             "--adapter DIR"
         )
+    if not (adapter_dir / "manifest.json").is_file():
+        return None
+    from .manifest import verify
+
+    try:
+        return verify(adapter_dir)
+    except (ValueError, OSError) as exc:
+        raise evaluation_failed(
+            f"adapter at {adapter_dir} does not match its manifest.json ({exc}): evaluate the "
+            "adapter as trained, or train again"
+        ) from exc
+
+
+def attach_adapter(model: Any, adapter_dir: Path) -> Any:
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
 
 
@@ -567,7 +610,7 @@ def run_evaluation(
     adapter_dir: str | Path | None = None,
     base_only: bool = False,
     *,
-    eval_path: str | Path | None = None,
+    eval_file: str | Path | None = None,
     out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate and write the metrics files; returns metrics, base metrics and gate verdict.
@@ -582,12 +625,16 @@ def run_evaluation(
     spec = config.spec
     evaluation = spec.evaluation
     output_dir = Path(config.paths.output_dir)
-    rows = load_eval_rows(eval_path or output_dir / EVAL_ROWS_FILE, evaluation.max_samples)
+    rows = load_eval_rows(eval_file or output_dir / EVAL_ROWS_FILE, evaluation.max_samples)
 
+    adapter_digest: str | None = None
     if model is None:
+        adapter_path = Path(adapter_dir or output_dir / "adapter")
+        if not base_only:
+            adapter_digest = check_adapter(adapter_path)
         model, tokenizer = load_base(config)
         if not base_only:
-            model = attach_adapter(model, Path(adapter_dir or output_dir / "adapter"))
+            model = attach_adapter(model, adapter_path)
     elif tokenizer is None:
         raise evaluation_failed("run_evaluation: a model was given without its tokenizer")
 
@@ -634,13 +681,14 @@ def run_evaluation(
         "metrics": metrics,
         "baseMetrics": base_metrics,
         "judged": "base" if base_only else "adapter",
+        "adapterDigest": adapter_digest,
         "gates": gates,
         "gatesPassed": passed,
         "gatesSummary": summary,
         "gatesMessage": message,
         "rows": {
             "evaluated": len(rows),
-            "json": sum(r.task == "json" for r in rows),
+            "json": sum(r.is_json_task for r in rows),
             "jsonSchema": sum(r.json_schema is not None for r in rows),
             "mustRefuse": sum(r.must_refuse for r in rows),
         },
@@ -700,7 +748,7 @@ def command(args: argparse.Namespace) -> int:
             config,
             adapter_dir=args.adapter,
             base_only=args.base_only,
-            eval_path=getattr(args, "eval_file", None),
+            eval_file=getattr(args, "eval_file", None),
             out=args.out,
         )
     except TrainerError as exc:
@@ -719,6 +767,7 @@ def command(args: argparse.Namespace) -> int:
             "baseMetrics": result["baseMetrics"],
             "gates": result["gates"],
             "gatesSummary": result["gatesSummary"],
+            "adapterDigest": result["adapterDigest"],
         }
     )
     return EXIT_OK
