@@ -38,6 +38,7 @@ test: lint typecheck unit
 crds: setup
 	$(PY) -m finetune_operator.crdgen crds
 	$(PY) -m finetune_operator.apidoc > docs/api.md
+	$(PY) scripts/render_deploy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

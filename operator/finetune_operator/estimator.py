@@ -397,7 +397,7 @@ MAX_AUTO_BATCH = 64
 
 def choose_batch_and_checkpointing(
     shape: ModelShape,
-    setup: TrainingSetup,
+    setup: TrainingSetup | Any,
     gpu_memory_gib: float,
     *,
     batch: int | None = None,
@@ -411,7 +411,15 @@ def choose_batch_and_checkpointing(
     largest power-of-two micro-batch that fits wins; checkpointing stays off when the chosen
     batch fits without it, since it costs about a third more compute. When nothing fits,
     the smallest configuration is returned with an estimate whose ``fits`` is False.
+    ``setup`` may also be a ``FineTuneJobSpec``; its fixed batch/checkpointing are kept.
     """
+    if not isinstance(setup, TrainingSetup):
+        spec = setup
+        setup = TrainingSetup.from_spec(spec)
+        if batch is None and isinstance(spec.training.batch_size, int):
+            batch = spec.training.batch_size
+        if gradient_checkpointing is None:
+            gradient_checkpointing = spec.training.gradient_checkpointing
     gc_options = [gradient_checkpointing] if gradient_checkpointing is not None else [False, True]
     batches = [batch] if batch is not None else _powers_of_two(max_batch)
 
@@ -435,6 +443,32 @@ def choose_batch_and_checkpointing(
         gc,
         estimate_memory(shape, replace(setup, micro_batch=smallest, gradient_checkpointing=gc)),
     )
+
+
+def choose_for_spec(
+    spec: Any, gpu_memory_gib: float, model_dir: str | None = None, *, headroom: float = 0.1
+) -> tuple[int, bool, Estimate]:
+    """The trainer's entry point: read ``config.json`` from ``model_dir`` and choose.
+
+    Falls back to the known family of ``spec.baseModel.uri`` when there is no readable
+    config; raises ValueError when the shape cannot be found at all.
+    """
+    shape: ModelShape | None = None
+    if model_dir is not None:
+        import json
+        from pathlib import Path
+
+        config_file = Path(model_dir) / "config.json"
+        if config_file.is_file():
+            shape = ModelShape.from_hf_config(json.loads(config_file.read_text()))
+    if shape is None:
+        family = family_from_uri(spec.base_model.uri)
+        if family is None:
+            raise ValueError(
+                f"no config.json in {model_dir} and {spec.base_model.uri} is no known family"
+            )
+        shape = MODEL_FAMILIES[family]
+    return choose_batch_and_checkpointing(shape, spec, gpu_memory_gib, headroom=headroom)
 
 
 def _powers_of_two(limit: int) -> list[int]:

@@ -18,13 +18,29 @@ from cluster import (
     wait_job,
     wait_phase,
 )
+from finetune_operator import metrics
 from finetune_operator.local import Emulator
 from ftj_samples import DATA_REPORT, channel, progress_line, result, spec
 from k8s_fixtures import wait_for
 
 
+def _sample(name: str, labels: dict[str, str]) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def test_success_with_gates_passed(emulator: Emulator, operator_runner) -> None:
+    passes_before = _sample(
+        "finetune_job_gate_results_total", {"metric": "rougeL", "result": "pass"}
+    )
     add_prerequisites(emulator)
+    emulator.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "finetune-gpu-prices", "namespace": "finetune-system"},
+            "data": {"currency": "EUR", "NVIDIA-H100-80GB-HBM3": "3.60"},
+        }
+    )
     start_operator(emulator, operator_runner)
     emulator.create(ftj_body("bot", spec()), keep_status=False)
 
@@ -61,7 +77,10 @@ def test_success_with_gates_passed(emulator: Emulator, operator_runner) -> None:
     assert st["adapter"]["uri"] == "pvc://adapters/support-bot/adapter"
     assert st["adapter"]["digest"].startswith("sha256:")
     assert st["gatesSummary"] == "2/2 passed"
-    assert st["cost"]["gpuSeconds"] >= 0
+    # The pod ran from its start time until the container finished; priced per GPU-hour.
+    assert st["cost"]["gpuSeconds"] > 0
+    assert st["cost"]["currency"] == "EUR" and st["cost"]["pricePerGpuHour"] == 3.6
+    assert st["cost"]["estimatedCost"] == round(st["cost"]["gpuSeconds"] / 3600 * 3.6, 4)
     wait_condition(emulator, "bot", "GatesPassed", "True")
     wait_for(
         lambda: (
@@ -71,6 +90,21 @@ def test_success_with_gates_passed(emulator: Emulator, operator_runner) -> None:
         what="events",
     )
     assert len(trainer_jobs(emulator)) == 1
+    # Secret values never leave the Secret: not in status, events, ConfigMaps or Jobs.
+    everything = json.dumps(
+        [st, events(emulator, "bot"), emulator.read_all("configmaps", NS), trainer_jobs(emulator)]
+    )
+    assert "hf_secret_value" not in everything and "aGZfc2VjcmV0X3ZhbHVl" not in everything
+    wait_for(
+        lambda: (
+            _sample("finetune_jobs", {"namespace": NS, "name": "bot", "phase": "Succeeded"}) == 1
+        ),
+        what="phase gauge",
+    )
+    rouge_passes = _sample(
+        "finetune_job_gate_results_total", {"metric": "rougeL", "result": "pass"}
+    )
+    assert rouge_passes == passes_before + 1
 
 
 def _run_to_pod(
@@ -295,3 +329,49 @@ def test_status_write_is_skipped_when_nothing_changed(emulator: Emulator, operat
         w for w in emulator.writes if w.plural == "finetunejobs" and w.subresource == "status"
     ]
     assert status_writes == []  # ... and wrote nothing
+
+
+def test_quota_rejection_is_reported_and_retried(emulator: Emulator, operator_runner) -> None:
+    add_prerequisites(emulator)
+    quota = emulator.inject_fault(
+        "jobs",
+        403,
+        count=1,
+        subresource=None,
+        verbs=("create",),
+        message='jobs "bot-train-g1" is forbidden: exceeded quota: gpu-quota',
+    )
+    start_operator(emulator, operator_runner)
+    emulator.create(ftj_body("bot", spec()), keep_status=False)
+    rejected = wait_condition(emulator, "bot", "Training", "False", "JobRejected")
+    assert "exceeded quota: gpu-quota" in rejected["message"]
+    assert "ResourceQuota" in rejected["message"]
+    assert "trainerJob" not in status(emulator, "bot")
+    wait_job(emulator, "bot-train-g1")  # retried once the quota allows it
+    wait_for(
+        lambda: status(emulator, "bot").get("trainerJob") == "bot-train-g1", what="run recorded"
+    )
+    assert quota.remaining == 0
+
+
+def test_secret_check_forbidden_by_rbac_does_not_block(emulator: Emulator, operator_runner) -> None:
+    add_prerequisites(emulator, secrets=())
+    emulator.inject_fault(
+        "secrets", 403, count=100, subresource=None, verbs=("get",), message="forbidden"
+    )
+    start_operator(emulator, operator_runner)
+    emulator.create(ftj_body("bot", spec()), keep_status=False)
+    wait_job(emulator, "bot-train-g1")  # the kubelet will report a missing Secret if it is
+
+
+def test_api_errors_are_counted_and_retried(emulator: Emulator, operator_runner) -> None:
+    before = _sample("finetune_job_errors_total", {"reason": "Api500"})
+    add_prerequisites(emulator)
+    emulator.inject_fault(
+        "jobs", 500, count=1, subresource=None, verbs=("create",), message="etcd timeout"
+    )
+    start_operator(emulator, operator_runner)
+    emulator.create(ftj_body("bot", spec()), keep_status=False)
+    wait_job(emulator, "bot-train-g1", timeout=20)
+    assert _sample("finetune_job_errors_total", {"reason": "Api500"}) == before + 1
+    assert len(trainer_jobs(emulator)) == 1

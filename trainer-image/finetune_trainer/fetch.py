@@ -3,7 +3,7 @@
 Runs as an init container of the trainer pod. Credentials come only from the environment
 (``HF_TOKEN``; ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``/
 ``AWS_ENDPOINT_URL``), injected by Kubernetes from the referenced Secret; they are never
-printed. Exit codes follow the trainer: 0 ok, 2 bad usage, 3 source not found or unusable.
+printed. Exit codes: 0 ok, 2 bad usage, 3 source not found, 4 source unreachable (retry).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
+EXIT_UNREACHABLE = 4  # network or service trouble: worth a retry
 
 _HF = re.compile(
     r"^hf://(?P<datasets>datasets/)?(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+)"
@@ -74,6 +75,7 @@ def fetch_hf(src: HfSource, dest: Path) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
+        LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -95,8 +97,14 @@ def fetch_hf(src: HfSource, dest: Path) -> Path:
             f"{src.repo_type} {src.repo}@{src.revision or 'main'} not found: {type(exc).__name__}"
         ) from exc
     except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", "?")
+        code = EXIT_NOT_FOUND if status in (401, 403, 404) else EXIT_UNREACHABLE
+        raise FetchError(f"download of {src.repo} failed: HTTP {status}", code) from exc
+    except (LocalEntryNotFoundError, OSError) as exc:
+        # Offline mode, DNS or connection failures: nothing was found locally either.
         raise FetchError(
-            f"download of {src.repo} failed: HTTP {getattr(exc.response, 'status_code', '?')}"
+            f"cannot reach the Hugging Face Hub for {src.repo}: {type(exc).__name__}",
+            EXIT_UNREACHABLE,
         ) from exc
     return dest / src.subpath if src.subpath else dest
 

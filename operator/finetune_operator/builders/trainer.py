@@ -293,7 +293,7 @@ def trainer_job(
         trainer["envFrom"] = [{"secretRef": {"name": out_ref.name}}]
 
     node_selector = dict(res.node_selector)
-    if res.gpu_product:
+    if res.gpu_product and res.gpus > 0:
         node_selector[GPU_PRODUCT_LABEL] = res.gpu_product
     tolerations = [t.to_wire() for t in res.tolerations]
     if res.gpus > 0 and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
@@ -354,7 +354,10 @@ def trainer_job(
         "podFailurePolicy": {
             "rules": [
                 # Evictions and preemptions: the trainer resumes from its checkpoint.
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                {
+                    "action": "Ignore",
+                    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                },
                 # Bad config or unusable data: retrying cannot help.
                 {
                     "action": "FailJob",

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 JSON = "application/json"
+# Ask for metadata only: existence checks of Secrets never carry their data over the wire.
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
 
 class KubeError(Exception):
@@ -110,8 +112,9 @@ class KubeClient:
         query: Mapping[str, Any] | None = None,
         content_type: str = JSON,
         raw: bool = False,
+        accept: str = "application/json, */*",
     ) -> Any:
-        headers = {"Accept": "application/json, */*", "Content-Type": content_type}
+        headers = {"Accept": accept, "Content-Type": content_type}
         resource = path + ("?" + urlencode(query) if query else "")
         _method, url, hdrs, _body, _post = self._api.param_serialize(
             method, resource, header_params=headers, auth_settings=["BearerToken"]
@@ -145,8 +148,14 @@ class KubeClient:
             raise
 
     async def exists(self, kind: str, namespace: str, name: str) -> bool:
-        """Whether the object exists; never returns its content (Secrets stay unread here)."""
-        return await self.get(kind, namespace, name) is not None
+        """Whether the object exists, asking for its metadata only (Secret data never read)."""
+        try:
+            await self._acall("GET", _path(kind, namespace, name), accept=METADATA_ONLY)
+            return True
+        except KubeError as exc:
+            if exc.not_found:
+                return False
+            raise
 
     async def list(
         self, kind: str, namespace: str, labels: Mapping[str, str] | None = None

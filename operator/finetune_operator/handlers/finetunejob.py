@@ -30,6 +30,7 @@ from ..planners.finetunejob import (
     Plan,
     PriceTable,
     is_terminal,
+    job_rejected,
     plan,
     referenced_objects,
     run_generation,
@@ -80,19 +81,21 @@ async def _missing_references(
     kube: KubeClient, namespace: str, spec: FineTuneJobSpec
 ) -> tuple[str, ...]:
     claims, secrets = referenced_objects(spec)
+    checks = [("PersistentVolumeClaim", claim, "fix the pvc:// URI") for claim in claims] + [
+        ("Secret", secret, "fix credentialsSecretRef") for secret in secrets
+    ]
     missing: list[str] = []
-    for claim in claims:
-        if not await kube.exists("PersistentVolumeClaim", namespace, claim):
-            missing.append(
-                f"PersistentVolumeClaim {claim!r} not found in namespace {namespace}: create it "
-                "or fix the pvc:// URI"
-            )
-    for secret in secrets:
-        if not await kube.exists("Secret", namespace, secret):
-            missing.append(
-                f"Secret {secret!r} not found in namespace {namespace}: create it or fix "
-                "credentialsSecretRef"
-            )
+    for kind, ref, fix in checks:
+        try:
+            found = await kube.exists(kind, namespace, ref)
+        except KubeError as exc:
+            if exc.status != 403:
+                raise
+            # Not allowed to look (RBAC): the kubelet reports a missing object later.
+            log.info("cannot check %s %s/%s: %s", kind, namespace, ref, exc.message)
+            continue
+        if not found:
+            missing.append(f"{kind} {ref!r} not found in namespace {namespace}: create it or {fix}")
     return tuple(missing)
 
 
@@ -169,12 +172,21 @@ def _trainer_started(pod: Mapping[str, Any]) -> bool:
 # ---------------------------------------------------------------- act
 
 
+class ChildRejected(Exception):
+    """The API server refused a child (403 quota, 422 admission/validation)."""
+
+
 async def execute(kube: KubeClient, namespace: str, p: Plan) -> list[Event]:
     """Carry out the plan's actions; returns events for what actually changed."""
     events: list[Event] = []
     for action in p.actions:
         if action.verb == "create" and action.body is not None:
-            _, created = await kube.create(action.body)
+            try:
+                _, created = await kube.create(action.body)
+            except KubeError as exc:
+                if exc.status in (403, 422):
+                    raise ChildRejected(exc.message or str(exc)) from exc
+                raise
             if created:
                 events.append(
                     Event("Normal", f"{action.kind}Created", f"created {action.kind} {action.name}")
@@ -187,13 +199,28 @@ async def execute(kube: KubeClient, namespace: str, p: Plan) -> list[Event]:
 
 
 def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
-    """The merge patch turning ``current`` into ``desired`` (removed keys set to null)."""
+    """The merge patch turning ``current`` status into ``desired`` ({} when equal).
+
+    Nested objects are diffed key by key with removed keys set to null (a plain merge
+    patch would keep stale keys such as an old ``evalLoss``); lists are replaced whole.
+    Keys owned by other writers are left alone.
+    """
+    current = {k: v for k, v in current.items() if k not in FOREIGN_STATUS_KEYS}
+    return merge_diff(current, desired)
+
+
+def merge_diff(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
     patch: dict[str, Any] = {}
     for key, value in desired.items():
-        if current.get(key) != value:
+        old = current.get(key)
+        if old == value:
+            continue
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            patch[key] = merge_diff(old, value)
+        else:
             patch[key] = value
     for key in current:
-        if key not in desired and key not in FOREIGN_STATUS_KEYS:
+        if key not in desired:
             patch[key] = None
     return patch
 
@@ -216,7 +243,11 @@ async def reconcile(
                     return None
                 obs = await observe(kube, config, body)
                 p = plan(obs, config)
-                action_events = await execute(kube, namespace, p)
+                try:
+                    action_events = await execute(kube, namespace, p)
+                except ChildRejected as exc:
+                    metrics.ftj_errors.labels("JobRejected").inc()
+                    p, action_events = job_rejected(obs, p, str(exc)), []
                 patch = status_patch(obs.status, p.status)
                 if patch:
                     try:
@@ -241,12 +272,17 @@ async def reconcile(
                     metrics.ftj_status_writes.labels("written").inc()
                 else:
                     metrics.ftj_status_writes.labels("skipped").inc()
+                _record_metrics(obs, p, body)
                 for event in action_events + (p.events if patch else []):
                     await kube.emit_event(body, event.type, event.reason, event.message)
-                _record_metrics(obs, p, body)
                 return p
             metrics.ftj_errors.labels("StatusConflict").inc()
             raise kopf.TemporaryError("status writes kept conflicting; retrying later", delay=2)
+        except KubeError as exc:
+            # API trouble (5xx, throttling, RBAC): count it and let kopf retry with backoff.
+            metrics.ftj_errors.labels(f"Api{exc.status}").inc()
+            delay = min(5.0, config.retry_seconds)
+            raise kopf.TemporaryError(f"Kubernetes API error: {exc}", delay=delay) from exc
         finally:
             metrics.ftj_reconcile_seconds.labels(trigger).observe(time.monotonic() - started)
 

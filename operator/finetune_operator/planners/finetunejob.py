@@ -97,6 +97,7 @@ WARNING_REASONS = frozenset(
         "SpecChangeDeferred",
         "SuspendNotSupportedWithQueue",
         "PodFailed",
+        "JobRejected",
     }
 )
 
@@ -600,6 +601,22 @@ def _start_run(
     return Plan(status, actions=actions, events=transition_events(obs.status, status))
 
 
+def job_rejected(obs: Observed, p: Plan, message: str) -> Plan:
+    """The API server refused to create the trainer Job (quota, admission policy...).
+
+    No run is recorded, so the next attempt creates it again; the user sees why.
+    """
+    st = _Status(p.status, obs.generation, obs.now)
+    st.data.pop("trainerJob", None)
+    text = (
+        f"the API server refused the trainer Job: {message[:1000]}. Check the namespace's "
+        "ResourceQuota and LimitRange (GPU, CPU and memory requests) and admission policies"
+    )
+    st.cond(TRAINING, "False", "JobRejected", text)
+    status = st.finish("Pending")
+    return Plan(status, events=transition_events(obs.status, status), outcome="retry", message=text)
+
+
 # ---------------------------------------------------------------- tracking a run
 
 
@@ -1012,7 +1029,7 @@ def _finish_complete(
 
     gate_results = evaluate_gates(list(spec.quality_gates), metrics or {}, base_metrics)
     passed, summary, gate_message = summarize(gate_results)
-    st.data["gates"] = [dict(r) for r in gate_results]
+    st.data["gates"] = [{k: v for k, v in r.items() if v is not None} for r in gate_results]
     st.data["gatesSummary"] = summary
     if not adapter:
         message = "the trainer reported success but no adapter (uri and digest); check the trainer image version"

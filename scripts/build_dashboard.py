@@ -1,0 +1,196 @@
+"""Write the Grafana dashboard shipped by the chart (files/dashboards/finetune-operator.json).
+
+The panels are declared here, as data, so the queries stay readable and a test can check
+every metric they use is one the operator exports. Run: python scripts/build_dashboard.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DASHBOARD_PATH = (
+    Path(__file__).resolve().parents[1]
+    / "charts"
+    / "finetune-operator"
+    / "files"
+    / "dashboards"
+    / "finetune-operator.json"
+)
+NS = 'namespace=~"$namespace"'
+
+# (title, panel type, unit, [(PromQL, legend)], width)
+PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
+    (
+        "FineTuneJobs by phase",
+        "timeseries",
+        "short",
+        [(f"sum by (phase) (finetune_jobs{{{NS}}})", "{{phase}}")],
+        12,
+    ),
+    (
+        "GPU-hours consumed",
+        "timeseries",
+        "h",
+        [
+            (
+                f"sum by (namespace) (increase(finetune_gpu_hours_total{{{NS}}}[$__rate_interval]))",
+                "{{namespace}}",
+            )
+        ],
+        12,
+    ),
+    (
+        "Quality gate results",
+        "barchart",
+        "short",
+        [
+            (
+                f"sum by (result) (increase(finetune_gate_results_total{{{NS}}}[$__range]))",
+                "{{result}}",
+            )
+        ],
+        8,
+    ),
+    (
+        "Errors by reason",
+        "timeseries",
+        "ops",
+        [
+            (
+                f"sum by (reason) (rate(finetune_errors_total{{{NS}}}[$__rate_interval]))",
+                "{{reason}}",
+            )
+        ],
+        8,
+    ),
+    (
+        "Reconcile duration",
+        "timeseries",
+        "s",
+        [
+            (
+                "histogram_quantile(0.5, sum by (le) (rate(finetune_reconcile_duration_seconds_bucket[$__rate_interval])))",
+                "p50",
+            ),
+            (
+                "histogram_quantile(0.95, sum by (le) (rate(finetune_reconcile_duration_seconds_bucket[$__rate_interval])))",
+                "p95",
+            ),
+        ],
+        8,
+    ),
+    (
+        "Adapters served",
+        "table",
+        "short",
+        [(f"max by (namespace, adapter, digest, target) (finetune_adapter_info{{{NS}}})", "")],
+        12,
+    ),
+    (
+        "Rollout duration",
+        "timeseries",
+        "s",
+        [
+            (
+                f"histogram_quantile(0.95, sum by (le) (rate(finetune_rollout_duration_seconds_bucket{{{NS}}}[$__rate_interval])))",
+                "p95",
+            )
+        ],
+        6,
+    ),
+    (
+        "Rollbacks",
+        "stat",
+        "short",
+        [(f"sum(increase(finetune_rollbacks_total{{{NS}}}[$__range]))", "rollbacks")],
+        6,
+    ),
+]
+
+
+def panel(
+    index: int, x: int, y: int, spec: tuple[str, str, str, list[tuple[str, str]], int]
+) -> dict[str, Any]:
+    title, kind, unit, queries, width = spec
+    targets: list[dict[str, Any]] = []
+    for ref, (expr, legend) in zip("ABCDEFGH", queries, strict=False):
+        target: dict[str, Any] = {
+            "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "expr": expr,
+            "legendFormat": legend,
+            "refId": ref,
+        }
+        if kind == "table":
+            target.update({"format": "table", "instant": True})
+        targets.append(target)
+    return {
+        "id": index + 1,
+        "title": title,
+        "type": kind,
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "gridPos": {"h": 8, "w": width, "x": x, "y": y},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": {},
+        "targets": targets,
+    }
+
+
+def build() -> dict[str, Any]:
+    panels: list[dict[str, Any]] = []
+    x = y = 0
+    for index, spec in enumerate(PANELS):
+        width = spec[4]
+        if x + width > 24:
+            x, y = 0, y + 8
+        panels.append(panel(index, x, y, spec))
+        x += width
+    return {
+        "title": "finetune-operator",
+        "uid": "finetune-operator",
+        "tags": ["finetune", "llm"],
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": True,
+        "time": {"from": "now-24h", "to": "now"},
+        "refresh": "1m",
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Data source",
+                    "type": "datasource",
+                    "query": "prometheus",
+                },
+                {
+                    "name": "namespace",
+                    "label": "Namespace",
+                    "type": "query",
+                    "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                    "query": "label_values(finetune_jobs, namespace)",
+                    "includeAll": True,
+                    "multi": True,
+                    "allValue": ".*",
+                    "refresh": 2,
+                },
+            ]
+        },
+        "panels": panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, sort_keys=True) + "\n"
+
+
+def main() -> int:
+    DASHBOARD_PATH.parent.mkdir(parents=True, exist_ok=True)
+    DASHBOARD_PATH.write_text(render())
+    print(f"wrote {DASHBOARD_PATH}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
