@@ -74,9 +74,19 @@ def test_placement(uri: str, path: str, kind: str | None) -> None:
         assert place.init_container is None
     else:
         init = place.init_container
-        assert init["command"] == ["finetune-trainer", "fetch"]
-        assert init["args"] == ["--uri", uri, "--digest", DIGEST_A, "--dest", path]
+        assert init["command"] == ["python", "-m", "finetune_trainer.fetch"]
+        assert init["args"] == [
+            "--uri",
+            uri,
+            "--dest",
+            "/finetune/fetch/adapter",
+            "--digest",
+            DIGEST_A,
+        ]
         assert init["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+        assert init["securityContext"]["readOnlyRootFilesystem"] is True
+        # The server sees only the fetched adapter, not the fetch step's HOME.
+        assert place.mount["subPath"] == "adapter"
 
 
 def apply(dep: dict, ops: list[dict]) -> dict:

@@ -21,8 +21,14 @@ NS = "default"
 BASE = "org/tiny-base"
 
 
-def vllm_deployment(name: str = "llm", extra: list[str] | None = None, replicas: int = 2) -> dict:
+def vllm_deployment(
+    name: str = "llm",
+    extra: list[str] | None = None,
+    replicas: int = 2,
+    runtime_updates: bool = True,
+) -> dict:
     args = [BASE, "--enable-lora", "--port", "8000", *(extra or [])]
+    env = [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}] if runtime_updates else []
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -40,6 +46,7 @@ def vllm_deployment(name: str = "llm", extra: list[str] | None = None, replicas:
                             "image": "vllm/vllm-openai",
                             "command": ["vllm", "serve"],
                             "args": args,
+                            "env": env,
                         }
                     ]
                 },
@@ -135,9 +142,10 @@ def env(
     import finetune_operator.handlers.adapterdeployment as handlers
 
     with ServingCluster(emulator, NS, tmp_path / "pvc", behavior) as cluster:
-        operator_runner(handlers)
+        run = operator_runner(handlers)
         e = Env(emulator, cluster, tmp_path)
         e.behaviors = behaviors  # type: ignore[attr-defined]
+        e.operator = run  # type: ignore[attr-defined]
         yield e
 
 
@@ -149,7 +157,19 @@ def rollbacks(adapter: str, reason: str) -> float:
 # ---------------------------------------------------------------------------- Rolling
 
 
+def rollout_count(strategy: str, outcome: str) -> float:
+    for metric in metrics_serving.ROLLOUT_DURATION.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_count") and sample.labels == {
+                "strategy": strategy,
+                "outcome": outcome,
+            }:
+                return float(sample.value)
+    return 0.0
+
+
 def test_rolling_success_then_upgrade(env: Env) -> None:
+    rollouts_before = rollout_count("Rolling", "Available")
     uri1, d1 = make_adapter(env.root, "v1")
     uri2, d2 = make_adapter(env.root, "v2")
     env.api.create(vllm_deployment())
@@ -165,6 +185,13 @@ def test_rolling_success_then_upgrade(env: Env) -> None:
     assert st["readyReplicas"] == 2
     assert env.condition("support", "Available")["status"] == "True"
     assert metrics_serving.ADAPTER_INFO.labels(NS, "support", d1, "llm")._value.get() == 1
+    wait_for(
+        lambda: (
+            {"RolloutStarted", "RolloutComplete"}
+            <= {e.get("reason") for e in env.api.read_all("events", NS)}
+        ),
+        10,
+    )
 
     env.set_spec("support", {"source": uri_source(uri2, d2)})
     wait_for(
@@ -182,6 +209,7 @@ def test_rolling_success_then_upgrade(env: Env) -> None:
         (2, "Available"),
     ]
     assert env.modules() == {"support": uri2.removeprefix("file://")}
+    assert rollout_count("Rolling", "Available") == rollouts_before + 2
     assert ("support", d1, "llm") not in {
         tuple(s.labels.values())[1:]
         for m in metrics_serving.ADAPTER_INFO.collect()
@@ -480,6 +508,21 @@ def test_runtime_load_reload_after_restart_and_scale_up(env: Env) -> None:
     assert env.deployment()["spec"]["template"] == template  # no restart, no template change
 
 
+def test_runtime_needs_runtime_updates_enabled(env: Env) -> None:
+    uri, digest = make_adapter(env.root, "v1")
+    env.api.create(vllm_deployment(runtime_updates=False))
+    env.api.create(
+        adapter_deployment("support", uri_source(uri, digest), strategy=runtime_strategy())
+    )
+    wait_for(
+        lambda: env.condition("support", "Compatible").get("reason") == "RuntimeUpdatesDisabled", 10
+    )
+    assert (
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True" in env.condition("support", "Compatible")["message"]
+    )
+    assert env.status("support")["phase"] == "Failed"
+
+
 def test_runtime_load_failure_rolls_back(env: Env) -> None:
     uri1, d1 = make_adapter(env.root, "v1")
     uri2, d2 = make_adapter(env.root, "bad", rank=8, config_rank=64)
@@ -500,3 +543,94 @@ def test_runtime_load_failure_rolls_back(env: Env) -> None:
     assert {s.adapters.get("support") for s in env.cluster.servers("llm")} == {
         uri1.removeprefix("file://")
     }
+
+
+def test_rollback_to_an_earlier_revision(env: Env) -> None:
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "v2")
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1)))
+    env.wait_phase("support", "Available")
+    env.set_spec("support", {"source": uri_source(uri2, d2)})
+    wait_for(
+        lambda: (
+            env.status("support")["current"]["digest"] == d2
+            and env.status("support")["phase"] == "Available"
+        ),
+        20,
+    )
+
+    env.set_spec("support", {"rollback": {"toRevision": 1}})
+    wait_for(
+        lambda: (
+            env.status("support")["current"]["digest"] == d1
+            and env.status("support")["phase"] == "Available"
+        ),
+        20,
+    )
+    st = env.status("support")
+    assert st["current"]["revision"] == 3  # a new revision serving revision 1's adapter
+    assert env.condition("support", "SourceReady")["reason"] == "RollbackToRevision"
+    assert env.modules() == {"support": uri1.removeprefix("file://")}
+
+    env.set_spec("support", {"rollback": {"toRevision": 9}})
+    wait_for(
+        lambda: env.condition("support", "SourceReady").get("reason") == "RevisionNotFound", 10
+    )
+    assert "have: 1, 2, 3" in env.condition("support", "SourceReady")["message"]
+    assert env.status("support")["phase"] == "Available"  # revision 3 keeps serving
+
+
+def test_without_automatic_rollback_the_failure_is_left_for_a_human(env: Env) -> None:
+    uri1, d1 = make_adapter(env.root, "good")
+    uri2, d2 = make_adapter(env.root, "bad", rank=8, config_rank=64)
+    env.api.create(vllm_deployment())
+    env.api.create(
+        adapter_deployment("support", uri_source(uri1, d1), rollback={"automatic": False})
+    )
+    env.wait_phase("support", "Available")
+    env.set_spec("support", {"source": uri_source(uri2, d2)})
+    st = env.wait_phase("support", "Degraded")
+    assert st["current"]["digest"] == d2 and st["current"]["outcome"] == "Failed"
+    assert "rollback.automatic is off" in env.condition("support", "Degraded")["message"]
+    assert env.modules() == {"support": uri2.removeprefix("file://")}  # left as it is
+    # The old pods keep serving (maxUnavailable 0): only the new ones fail to start.
+    assert any(
+        s.adapters.get("support") == uri1.removeprefix("file://")
+        for s in env.cluster.servers("llm")
+    )
+
+
+def test_invalid_spec_is_reported(env: Env) -> None:
+    env.api.create(adapter_deployment("broken", {}))
+    wait_for(lambda: env.condition("broken", "SourceReady").get("reason") == "InvalidSpec", 10)
+    assert (
+        "set exactly one of fineTuneJobRef or uri"
+        in env.condition("broken", "SourceReady")["message"]
+    )
+    assert env.status("broken")["phase"] == "Failed"
+
+
+def test_canary_resumes_after_an_operator_restart(env: Env, operator_runner) -> None:
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "v2")
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1)))
+    env.wait_phase("support", "Available")
+    env.set_spec("support", {"source": uri_source(uri2, d2), "strategy": canary_strategy(checks=3)})
+    env.wait_phase("support", "Analyzing")
+    first = env.operator  # type: ignore[attr-defined]
+    first.stop()
+    assert env.api.read("deployments", NS, "support-canary") is not None
+    import finetune_operator.handlers.adapterdeployment as handlers
+
+    operator_runner(handlers)
+    wait_for(
+        lambda: (
+            env.status("support")["phase"] == "Available"
+            and env.status("support")["current"]["digest"] == d2
+        ),
+        30,
+    )
+    assert env.status("support")["canary"]["checksPassed"] == 3
+    wait_for(lambda: env.api.read("deployments", NS, "support-canary") is None, 10)

@@ -107,13 +107,23 @@ def test_to_revision() -> None:
     assert "have: 1" in missing.message
 
 
+RUNTIME_ENV = [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}]
+
+
 def target(args: list[str], annotations: dict | None = None) -> dict:
     return {
         "metadata": {"name": "llm", "annotations": annotations or {}},
         "spec": {
             "template": {
                 "spec": {
-                    "containers": [{"name": "vllm", "command": ["vllm", "serve"], "args": args}],
+                    "containers": [
+                        {
+                            "name": "vllm",
+                            "command": ["vllm", "serve"],
+                            "args": args,
+                            "env": RUNTIME_ENV,
+                        }
+                    ],
                     "volumes": [
                         {"name": "store", "persistentVolumeClaim": {"claimName": "adapters"}}
                     ],
@@ -438,3 +448,27 @@ def test_server_errors_in_smoke_are_judged_by_the_error_rate() -> None:
     d = p.decide_canary(analysis, window, smoke, 0)
     assert (d.action, d.reason) == ("continue", "Analyzing")
     assert d.error_rate == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    ("container", "allowed"),
+    [
+        ({"env": [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}]}, True),
+        ({"env": [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "0"}]}, False),
+        ({}, False),
+        ({"envFrom": [{"configMapRef": {"name": "vllm-env"}}]}, None),
+        (
+            {
+                "env": [
+                    {
+                        "name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+                        "valueFrom": {"configMapKeyRef": {}},
+                    }
+                ]
+            },
+            None,
+        ),
+    ],
+)
+def test_runtime_updates_allowed(container, allowed) -> None:
+    assert p.runtime_updates_allowed(container) is allowed

@@ -145,15 +145,32 @@ def fetch(uri: str, dest: Path) -> Path:
     return fetch_s3(src, dest)
 
 
+def check_digest(path: Path, digest: str) -> None:
+    """Verify a fetched adapter folder against its manifest and the expected digest."""
+    from .manifest import verify
+
+    try:
+        actual = verify(path)
+    except (OSError, ValueError) as exc:
+        raise FetchError(f"{path}: not a verifiable adapter: {exc}") from exc
+    if actual != digest:
+        raise FetchError(f"{path}: digest is {actual}, expected {digest}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune-trainer fetch", description=__doc__)
     parser.add_argument(
         "--uri", required=True, help="hf://org/name@rev, hf://datasets/..., s3://bucket/key"
     )
     parser.add_argument("--dest", required=True, type=Path, help="local folder to fill")
+    parser.add_argument(
+        "--digest", help="sha256:<hex>: the fetched adapter must carry this manifest digest"
+    )
     args = parser.parse_args(argv)
     try:
         path = fetch(args.uri, args.dest)
+        if args.digest:
+            check_digest(path, args.digest)
     except FetchError as exc:
         print(f"fetch: {exc}", file=sys.stderr)
         return exc.code

@@ -29,13 +29,15 @@ from typing import Any
 
 from .. import vllm_args
 from ..api.common import API_VERSION
+from .trainer import fetched_path
 
 ANNOTATION_PREFIX = "finetune.dev/"
 CANARY_LABEL = "finetune.dev/canary"
 ADEP_LABEL = "finetune.dev/adapterdeployment"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "finetune-operator"}
 ADAPTER_ROOT = "/finetune/adapters"
-FETCH_COMMAND = "finetune-trainer"
+FETCH_ROOT = "/finetune/fetch"
+FETCH_COMMAND = ["python", "-m", "finetune_trainer.fetch"]
 _SUFFIX_MAX = 40
 
 
@@ -133,8 +135,9 @@ def placement(ref: AdapterRef, fetch_image: str) -> Placement:
 
     ``pvc://claim/dir`` mounts the claim read-only with ``subPath: dir``; ``file:///dir``
     is used as is (the directory must exist in the image or on a volume already mounted);
-    ``s3://`` and ``hf://`` are fetched by ``finetune-trainer fetch`` into an emptyDir,
-    which also checks the digest before the server starts.
+    ``s3://`` and ``hf://`` are fetched by ``python -m finetune_trainer.fetch`` (the trainer
+    image) into an emptyDir; ``--digest`` makes it check the manifest before the server
+    starts.
     """
     name = ref.name
     path = mount_path(name)
@@ -150,20 +153,40 @@ def placement(ref: AdapterRef, fetch_image: str) -> Placement:
             "persistentVolumeClaim": {"claimName": claim, "readOnly": True},
         }
         return Placement(path=path, volume=volume, mount=mount)
+    # The init container sees the whole emptyDir (adapter + a writable HOME for caches);
+    # the server sees only the adapter, read-only.
     volume = {"name": volume_name(name), "emptyDir": {}}
     init: dict[str, Any] = {
         "name": init_container_name(name),
         "image": fetch_image,
-        "command": [FETCH_COMMAND, "fetch"],
-        "args": ["--uri", ref.uri, "--digest", ref.digest, "--dest", path],
-        "volumeMounts": [{"name": volume_name(name), "mountPath": path}],
-        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True},
+        "command": list(FETCH_COMMAND),
+        "args": ["--uri", ref.uri, "--dest", f"{FETCH_ROOT}/adapter", "--digest", ref.digest],
+        "env": [
+            {"name": "HOME", "value": f"{FETCH_ROOT}/home"},
+            {"name": "HF_HOME", "value": f"{FETCH_ROOT}/home/hf"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+        ],
+        "volumeMounts": [{"name": volume_name(name), "mountPath": FETCH_ROOT}],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if ref.credentials_secret:
-        # The whole Secret is exposed to the fetch step only, as environment variables.
+        # Only the Secret's name travels; the kubelet injects its values into this step only.
         init["envFrom"] = [{"secretRef": {"name": ref.credentials_secret}}]
-    mount = {"name": volume_name(name), "mountPath": path, "readOnly": True}
-    return Placement(path=path, volume=volume, mount=mount, init_container=init)
+    mount = {"name": volume_name(name), "mountPath": path, "subPath": "adapter", "readOnly": True}
+    fetched = fetched_path(ref.uri, f"{FETCH_ROOT}/adapter")
+    return Placement(
+        path=path + fetched[len(f"{FETCH_ROOT}/adapter") :],
+        volume=volume,
+        mount=mount,
+        init_container=init,
+    )
 
 
 # ------------------------------------------------------------------ pod template edits

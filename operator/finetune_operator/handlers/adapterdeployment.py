@@ -764,6 +764,8 @@ async def serve_adapter(
                 log.info("%s/%s: %s", namespace, name, exc)
             except (ServingKubeError, VllmError, aiohttp.ClientError, OSError) as exc:
                 log.warning("%s/%s: tick failed, will retry: %s", namespace, name, exc)
+            except Exception:  # keep reconciling: one bad pass must not stop the loop
+                log.exception("%s/%s: unexpected error; will retry", namespace, name)
             await stopped.wait(SETTINGS.poll_seconds)
 
 

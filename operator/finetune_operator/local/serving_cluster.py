@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import vllm_args
+from ..planners.adapterdeployment import RUNTIME_UPDATES_ENV
 from ..serving_config import ENDPOINT_ANNOTATION
 from .emulator import Emulator
 from .vllm_reference import (
+    Generator,
     ReferenceConfig,
     ReferenceServer,
     ServerRefusedToStart,
@@ -63,12 +65,14 @@ class ServingCluster:
         pvc_root: Path,
         behavior: Behavior | None = None,
         interval: float = 0.05,
+        generator: Generator | None = None,
     ) -> None:
         self.api = api
         self.namespace = namespace
         self.pvc_root = pvc_root
         self.behavior = behavior or (lambda _dep, _tpl: {})
         self.interval = interval
+        self.generator = generator  # answers chat requests (default: the echo generator)
         self.pods: dict[str, SimPod] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -133,7 +137,7 @@ class ServingCluster:
         assert pod.server is not None
         config = pod.server.config
         await pod.server.crash()
-        pod.server = ReferenceServer(config)
+        pod.server = ReferenceServer(config, self.generator)
         await pod.server.start()
         pod.restarts += 1
         self.api.merge_patch(
@@ -170,6 +174,11 @@ class ServingCluster:
         if container is None:
             raise ServerRefusedToStart("no vLLM container")
         config = ReferenceConfig.from_command_line(vllm_args.split_tokens(container))
+        env = {str(v.get("name")): str(v.get("value", "")) for v in container.get("env") or []}
+        config.allow_runtime_lora_updating = env.get(RUNTIME_UPDATES_ENV, "").lower() in (
+            "1",
+            "true",
+        )
         config.lora_modules = {
             name: self._local_path(pod_spec, container, path)
             for name, path in config.lora_modules.items()
@@ -186,7 +195,7 @@ class ServingCluster:
         server: ReferenceServer | None = None
         error: str | None = None
         try:
-            server = ReferenceServer(self._server_config(name, template))
+            server = ReferenceServer(self._server_config(name, template), self.generator)
             await server.start()
         except ServerRefusedToStart as exc:
             server, error = None, str(exc)

@@ -236,6 +236,13 @@ def check_compatible(
             f"Deployment {tgt.deployment}: choose another adapterName",
         )
     runtime = spec.strategy.type == "Runtime"
+    if runtime and runtime_updates_allowed(container) is False:
+        return CompatResult(
+            False,
+            "RuntimeUpdatesDisabled",
+            f"container {cname} does not allow loading adapters at runtime: set the "
+            f"environment variable {RUNTIME_UPDATES_ENV}=True in it, or use strategy Rolling",
+        )
     allow = tgt.allow_server_arg_changes and not runtime
     how = (
         "(the Runtime strategy never restarts pods: change it in the Deployment, or use Rolling)"
@@ -295,6 +302,22 @@ def check_compatible(
     if changes.any():
         msg += " after raising: " + ", ".join(describe_changes(changes))
     return CompatResult(True, "Compatible", msg, changes)
+
+
+RUNTIME_UPDATES_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
+
+def runtime_updates_allowed(container: dict[str, Any]) -> bool | None:
+    """Whether vLLM's runtime LoRA endpoints are on, from the container's ``env``.
+
+    None when it cannot be told: the variable may come from ``envFrom`` or ``valueFrom``.
+    """
+    for var in container.get("env") or []:
+        if var.get("name") == RUNTIME_UPDATES_ENV:
+            if "value" not in var:
+                return None
+            return str(var["value"]).strip().lower() in ("1", "true", "yes")
+    return None if container.get("envFrom") else False
 
 
 def describe_changes(changes: sb.ServerArgChanges) -> list[str]:
