@@ -85,7 +85,7 @@ def local_path(uri: str, pvcs: Mapping[str, Path], field: str) -> Path:
     scheme = uri.split("://", 1)[0]
     raise LocalRunError(
         f"{field} is {uri}: local mode reads file:// and pvc:// only; download the {scheme}:// "
-        "source first (e.g. `python -m finetune_trainer.fetch --uri ... --dest DIR`) and point "
+        "source first (`finetune-trainer fetch --uri ... --dest DIR`) and point "
         "the manifest at it"
     )
 
