@@ -247,3 +247,16 @@ def test_deleting_the_job_stops_its_process(cluster: Any) -> None:
     count = ticks.read_text().count("tick")
     time.sleep(0.5)
     assert ticks.read_text().count("tick") == count
+
+
+def test_a_deleted_pod_is_replaced_while_the_backoff_limit_allows(cluster: Any) -> None:
+    api, executor = cluster
+    submit(api, "evicted", ticks=30, backoff=1)
+    ticks = executor.pvc_path("data") / "evicted.ticks"
+    wait_for(lambda: ticks.exists() and ticks.read_text().count("tick") >= 2, timeout=60)
+    first = pods_of(api, "evicted")[0]["metadata"]["name"]
+    api.request_delete("pods", NS, first)
+    wait_for(lambda: condition(api.read("jobs", NS, "evicted"), "Complete"), timeout=60)
+    status = api.read("jobs", NS, "evicted")["status"]
+    assert status["failed"] == 1 and status["succeeded"] == 1
+    assert [p["metadata"]["name"] for p in pods_of(api, "evicted")] != [first]

@@ -330,6 +330,16 @@ class LocalExecutor:
                 )
             return
         running = state.pod is not None and not state.pod.done.is_set()
+        if (
+            running
+            and state.pod is not None
+            and state.pod.stop_reason is None
+            and self.api.read("pods", self.namespace, state.pod.name) is None
+        ):
+            # Someone deleted the pod (eviction, kubectl delete): its process ends and the
+            # Job counts a failed pod, then makes a new one while backoffLimit allows.
+            self._terminate(state.pod, "PodDeleted")
+            return
         if spec.get("suspend"):
             if running and state.pod is not None:
                 self._terminate(state.pod, "JobSuspended")
