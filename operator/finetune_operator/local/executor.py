@@ -58,11 +58,8 @@ ENTRYPOINT_MODULES = {
     "finetune-trainer": "finetune_trainer.cli",
     "finetune-operator": "finetune_operator.cli",
 }
-# Where the two packages live, so subprocesses import the same code as this process.
-PACKAGE_ROOTS = tuple(
-    str(Path(__file__).resolve().parents[level])
-    for level in (2,)  # .../operator (finetune_operator's parent)
-)
+# The folder holding finetune_operator, so subprocesses import the same code as this process.
+PACKAGE_ROOTS = (str(Path(__file__).resolve().parents[2]),)
 TERMINATION_MESSAGE_LIMIT = 4096
 FALLBACK_LOG_LINES = 80
 _NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
