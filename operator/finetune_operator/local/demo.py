@@ -312,7 +312,7 @@ def _run(options: DemoOptions, workdir: Path) -> DemoResult:
     from ..serving_config import SETTINGS, annotation_endpoint
     from .emulator import Emulator, serve
     from .executor import LocalExecutor
-    from .runner import run_operator, test_settings
+    from .runner import module_registry, run_operator, test_settings
 
     out, ns = options.out, options.namespace
     live = options.live if options.live is not None else out.isatty()
@@ -329,6 +329,7 @@ def _run(options: DemoOptions, workdir: Path) -> DemoResult:
     SETTINGS.endpoint_resolver = annotation_endpoint
     SETTINGS.poll_seconds = min(SETTINGS.poll_seconds, 0.5)
     import finetune_operator.main  # noqa: F401  (registers the handlers)
+    from finetune_operator.handlers import adapterdeployment, finetunejob
 
     config = load_config()
     memo_config = dataclasses.replace(
@@ -341,8 +342,10 @@ def _run(options: DemoOptions, workdir: Path) -> DemoResult:
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(serve(api))
         memo = kopf.Memo(config=memo_config, kube=KubeClient.from_url(server.url))
+        # Exactly the operator's handlers, whatever else this process has imported.
+        registry = module_registry(finetunejob, adapterdeployment)
         stack.enter_context(
-            run_operator(server, memo=memo, namespaces=[ns], settings=test_settings())
+            run_operator(server, registry, memo=memo, namespaces=[ns], settings=test_settings())
         )
         executor = stack.enter_context(LocalExecutor(api, workdir, namespace=ns))
 
