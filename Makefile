@@ -17,8 +17,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The whole product on this machine: embedded API, operator, trainer, vLLM reference server.
+# DEMO_ARGS="--workdir demo-output --keep" keeps the volumes, pods and adapter for a look.
 demo: setup
-	$(PY) -m finetune_operator.validate examples/quickstart/finetunejob.yaml examples/production/*.yaml examples/serving/*.yaml
+	$(PY) -m finetune_operator.validate examples/quickstart/*.yaml examples/production/*.yaml examples/serving/*.yaml
+	$(PY) -m finetune_operator.cli demo $(DEMO_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -510,11 +510,24 @@ def save_adapter(model: Any, tokenizer: Any, adapter_dir: Path) -> Path:
     tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), safe_serialization=True)
+    _sort_target_modules(tmp / "adapter_config.json")
     tokenizer.save_pretrained(str(tmp))
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
     os.replace(tmp, adapter_dir)
     return adapter_dir
+
+
+def _sort_target_modules(config_file: Path) -> None:
+    """peft keeps target_modules as a set, so its JSON order follows string hashing and
+    changes from process to process; sorted, identical weights give an identical digest."""
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    modules = config.get("target_modules")
+    if isinstance(modules, list):
+        config["target_modules"] = sorted(modules)
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def merge_adapter(

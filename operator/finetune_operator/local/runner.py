@@ -116,31 +116,36 @@ class OperatorRun:
             raise RuntimeError(f"the operator {self.identity} crashed") from self.error
 
 
+_REGISTRY_PARTS = ("_activities", "_indexing", "_watching", "_spawning", "_changing", "_webhooks")
+_module_registries: dict[tuple[str, ...], kopf.OperatorRegistry] = {}
+
+
+def module_registry(*modules: types.ModuleType) -> kopf.OperatorRegistry:
+    """A registry with only the handlers these modules registered in kopf's default registry.
+
+    Several operator modules imported into one process (a whole test suite) all register in
+    the default registry; a run for some modules must not also run the others' handlers.
+    """
+    key = tuple(sorted(m.__name__ for m in modules))
+    if key not in _module_registries:
+        source, registry = kopf.get_default_registry(), kopf.OperatorRegistry()
+        for part in _REGISTRY_PARTS:
+            for handler in getattr(source, part).get_all_handlers():
+                if getattr(handler.fn, "__module__", None) in key:
+                    getattr(registry, part).append(handler)
+        _module_registries[key] = registry
+    return _module_registries[key]
+
+
 def _resolve_registry(
     module_or_registry: types.ModuleType | kopf.OperatorRegistry | None,
 ) -> kopf.OperatorRegistry:
     if isinstance(module_or_registry, kopf.OperatorRegistry):
         return module_or_registry
-    if module_or_registry is None:
-        return kopf.get_default_registry()
-    return registry_of(module_or_registry)
-
-
-def registry_of(*modules: types.ModuleType) -> kopf.OperatorRegistry:
-    """A registry with only the handlers that these modules registered in kopf's default one.
-
-    Importing a handler module registers it process-wide; running one controller alone (its
-    tests fabricate the other kinds' status) needs the others' handlers left out.
-    """
-    names = {m.__name__ for m in modules}
-    default = kopf.get_default_registry()
-    registry = kopf.OperatorRegistry()
-    for part in ("_activities", "_indexing", "_watching", "_spawning", "_changing", "_webhooks"):
-        source, target = getattr(default, part), getattr(registry, part)
-        for handler in source.get_all_handlers():
-            if getattr(handler.fn, "__module__", None) in names:
-                target.append(handler)
-    return registry
+    if isinstance(module_or_registry, types.ModuleType):
+        return module_registry(module_or_registry)
+    # No module named: every handler imported so far (kopf's default registry).
+    return kopf.get_default_registry()
 
 
 @contextlib.contextmanager

@@ -54,12 +54,12 @@ def to_json_schema(schema: Schema) -> Schema:
             result[combinator] = [to_json_schema(sub) for sub in schema[combinator]]
     if "not" in schema:
         result["not"] = to_json_schema(schema["not"])
-    # OpenAPI v3.0 writes exclusive bounds as booleans beside minimum/maximum; JSON Schema
-    # as the bound itself.
     for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
         if isinstance(schema.get(exclusive), bool):
-            result.pop(exclusive)
-            if schema[exclusive] and bound in schema:
+            # OpenAPI 3.0 marks a bound exclusive with a flag; JSON Schema 2020-12 wants the
+            # bound itself as the value of exclusiveMinimum/exclusiveMaximum.
+            flag = result.pop(exclusive)
+            if flag and bound in result:
                 result[exclusive] = result.pop(bound)
     if schema.get("nullable"):
         if "type" in result:
@@ -84,6 +84,8 @@ def prune_and_default(value: Any, schema: Schema, *, root: bool = False) -> Any:
             if key in keep_meta:  # object metadata is never pruned
                 result[key] = copy.deepcopy(item)
             elif key in properties:
+                if item is None and not properties[key].get("nullable"):
+                    continue  # the API server drops nulls of non-nullable fields before defaulting
                 result[key] = prune_and_default(item, properties[key])
             elif isinstance(additional, dict):
                 result[key] = prune_and_default(item, additional)
