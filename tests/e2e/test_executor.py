@@ -15,6 +15,7 @@ import pytest
 from finetune_operator.local.emulator import Emulator
 from finetune_operator.local.executor import (
     LocalExecutor,
+    container_command,
     failure_policy_action,
     local_command,
     rewrite_file_text,
@@ -135,6 +136,20 @@ def test_rewrites_only_whole_path_components() -> None:
         "job.yaml", "paths:\n  outputDir: /mnt/pvc/out\nname: /tmpfoo\n", mapping
     )
     assert "outputDir: /w/pvc/out" in text and "name: /tmpfoo" in text
+
+
+def test_the_local_interpreter_is_not_rewritten_when_it_lives_under_a_mount() -> None:
+    # A checkout under /tmp while the pod mounts an emptyDir at /tmp.
+    mapping = [("/tmp", "/w/pod/tmp")]
+    container = {
+        "name": "t",
+        "command": ["finetune-trainer"],
+        "args": ["train", "--config", "/tmp/job.yaml"],
+    }
+    python = "/tmp/checkout/.venv/bin/python"
+    assert container_command(container, mapping, python) == [
+        python, "-m", "finetune_trainer.cli", "train", "--config", "/w/pod/tmp/job.yaml",
+    ]  # fmt: skip
 
 
 def test_console_scripts_of_the_images_run_from_this_interpreter() -> None:

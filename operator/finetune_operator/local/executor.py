@@ -152,6 +152,22 @@ def local_command(container: Mapping[str, Any], python: str = sys.executable) ->
     return [*command, *args]
 
 
+def container_command(
+    container: Mapping[str, Any], mapping: Sequence[tuple[str, str]], python: str = sys.executable
+) -> list[str]:
+    """The local command line with the container's own paths rewritten to local folders.
+
+    Only what the container declares is rewritten: the local interpreter may itself live
+    under a folder a volume is mounted at in the pod (a checkout under /tmp, say).
+    """
+    local = {
+        **container,
+        "command": [rewrite_path(str(c), mapping) for c in container.get("command") or []],
+        "args": [rewrite_path(str(a), mapping) for a in container.get("args") or []],
+    }
+    return local_command(local, python)
+
+
 def pod_name_for(job_name: str) -> str:
     """``<job>-<5 random chars>`` like the Job controller's generateName."""
     prefix = job_name[:57].rstrip("-.")
@@ -611,7 +627,7 @@ class LocalExecutor:
     ) -> int:
         if run.stop_reason is not None:
             return 137
-        command = [rewrite_path(part, mapping) for part in local_command(container, self.python)]
+        command = container_command(container, mapping, self.python)
         env = self.container_env(run, container, mapping)
         workdir = rewrite_path(str(container.get("workingDir") or ""), mapping) or str(
             run.directory
