@@ -45,9 +45,7 @@ def run_to_success(emulator: Emulator) -> dict:
 
 @pytest.mark.parametrize("code", [409, 422, 429, 500])
 @pytest.mark.parametrize("write", sorted(WRITES))
-def test_write_errors_converge(
-    emulator: Emulator, operator_runner, write: str, code: int
-) -> None:
+def test_write_errors_converge(emulator: Emulator, operator_runner, write: str, code: int) -> None:
     plural, sub, verbs = WRITES[write]
     if code == 409 and verbs == ("create",):
         pytest.skip("a 409 on create means AlreadyExists; the object is then adopted by name")

@@ -38,6 +38,8 @@ def assert_one_run(emulator: Emulator) -> None:
     assert [j["metadata"]["name"] for j in trainer_jobs(emulator)] == [JOB]
     assert [c["metadata"]["name"] for c in emulator.read_all("configmaps", NS)] == [CM]
     assert emulator.count("create", "jobs") <= 2  # a repeated create met the existing Job
+    # Events follow the status write: wait for them, then count.
+    wait_for(lambda: any(e["reason"] == "JobCreated" for e in events(emulator, "bot")))
     reasons = Counter(e["reason"] for e in events(emulator, "bot"))
     assert reasons["JobCreated"] == 1, reasons
     assert reasons["ConfigMapCreated"] == 1, reasons
@@ -140,7 +142,9 @@ def test_restart_after_the_result_changes_nothing(emulator: Emulator) -> None:
     assert status(emulator, "bot") == before
     assert emulator.count("create", "jobs") == 0 and emulator.count("create", "configmaps") == 0
     assert emulator.noop_status_writes == 0
-    assert [w for w in emulator.writes if w.subresource == "status" and w.plural == "finetunejobs"] == []
+    assert [
+        w for w in emulator.writes if w.subresource == "status" and w.plural == "finetunejobs"
+    ] == []
     assert len(events(emulator, "bot")) == events_before
 
 

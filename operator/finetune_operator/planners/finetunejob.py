@@ -249,9 +249,15 @@ def _job_condition(job: Mapping[str, Any] | None, type_: str) -> Mapping[str, An
     return None
 
 
-def _pod_sort_key(pod: Mapping[str, Any]) -> tuple[str, str]:
+def pod_age_key(pod: Mapping[str, Any]) -> tuple[str, bool, str]:
+    """Oldest first; a replacement pod created in the same second as the pod it replaces
+    (an eviction) sorts after it, so "the newest pod" is the one still running."""
     meta = pod.get("metadata") or {}
-    return (str(meta.get("creationTimestamp") or ""), str(meta.get("name") or ""))
+    finished = (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
+    return (str(meta.get("creationTimestamp") or ""), not finished, str(meta.get("name") or ""))
+
+
+_pod_sort_key = pod_age_key
 
 
 def _container_status(pod: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
