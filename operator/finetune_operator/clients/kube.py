@@ -80,9 +80,12 @@ class KubeClient:
 
     @classmethod
     def from_environment(cls) -> KubeClient:
-        """In-cluster ServiceAccount when running in a pod, else the local kubeconfig."""
+        """In-cluster ServiceAccount when running in a pod, else the local kubeconfig; a
+        default configuration already set in this process (the embedded API) wins."""
         from kubernetes import client, config
 
+        if client.Configuration.get_default_copy().host != client.Configuration().host:
+            return cls(client.ApiClient())
         try:
             config.load_incluster_config()
         except config.ConfigException:
