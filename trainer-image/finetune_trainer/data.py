@@ -174,25 +174,48 @@ def _read_file(p: Path) -> tuple[list[Any], int]:
     )
 
 
+def _decode_line(p: Path, raw: bytes, line_no: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise data_unusable(
+            f"{p}: line {line_no} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+            f"{exc.start + 1}); re-save the file as UTF-8"
+        ) from exc
+
+
 def _read_jsonl(p: Path) -> tuple[list[Any], int]:
     rows: list[Any] = []
-    bad = 0
-    with p.open(encoding="utf-8") as f:
-        for line in f:
+    bad_lines: list[str] = []
+    with p.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = _decode_line(p, raw, line_no)
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                bad += 1
-    if bad and not rows:
-        raise data_unusable(f"{p}: no line is valid JSON; each line must be one JSON object")
-    return rows, bad
+            except json.JSONDecodeError as exc:
+                bad_lines.append(f"line {line_no} ({exc.msg} at column {exc.colno})")
+    if bad_lines:
+        # Invalid lines are dropped and counted; say which ones so they can be fixed.
+        shown = "; ".join(bad_lines[:5]) + (
+            f"; and {len(bad_lines) - 5} more" if len(bad_lines) > 5 else ""
+        )
+        if not rows:
+            raise data_unusable(
+                f"{p}: no line is valid JSON ({shown}); each line must be one JSON object"
+            )
+        log.warning("%s: %d invalid JSON line(s) dropped: %s", p, len(bad_lines), shown)
+    return rows, len(bad_lines)
 
 
 def _read_json(p: Path) -> list[Any]:
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise data_unusable(
+            f"{p}: not valid UTF-8 (byte offset {exc.start}); re-save the file as UTF-8"
+        ) from exc
     except json.JSONDecodeError as exc:
         raise data_unusable(
             f"{p}: not valid JSON ({exc.msg} at line {exc.lineno}); a .json file must hold a list "

@@ -75,6 +75,10 @@ every client call site) and fails when this list misses one or grants anything e
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "create", "delete"]
+# Multi-node runs: the headless Service the trainer pods rendezvous through.
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["list", "create", "delete"]
 # Trainer pods (state, progress and results from the trainer's log) and serving pods
 # (which replicas serve which adapter).
 - apiGroups: [""]

@@ -32,6 +32,7 @@ from ..planners.finetunejob import (
     is_terminal,
     job_rejected,
     plan,
+    pod_age_key,
     referenced_objects,
     run_generation,
 )
@@ -131,9 +132,7 @@ async def observe(kube: KubeClient, config: OperatorConfig, body: Mapping[str, A
         # Progress comes from global rank 0 (pod 0 of a multi-node Job).
         started = [p for p in distributed.rank0_pods(pods) if _trainer_started(p)]
         if started:
-            newest = max(
-                started, key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or "")
-            )
+            newest = max(started, key=pod_age_key)
             log_tail = await kube.read_log(
                 namespace, newest["metadata"]["name"], TRAINER_CONTAINER, config.log_tail_lines
             )

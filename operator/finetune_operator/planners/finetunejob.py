@@ -249,9 +249,15 @@ def _job_condition(job: Mapping[str, Any] | None, type_: str) -> Mapping[str, An
     return None
 
 
-def _pod_sort_key(pod: Mapping[str, Any]) -> tuple[str, str]:
+def pod_age_key(pod: Mapping[str, Any]) -> tuple[str, bool, str]:
+    """Oldest first; a replacement pod created in the same second as the pod it replaces
+    (an eviction) sorts after it, so "the newest pod" is the one still running."""
     meta = pod.get("metadata") or {}
-    return (str(meta.get("creationTimestamp") or ""), str(meta.get("name") or ""))
+    finished = (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
+    return (str(meta.get("creationTimestamp") or ""), not finished, str(meta.get("name") or ""))
+
+
+_pod_sort_key = pod_age_key
 
 
 def _container_status(pod: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
@@ -302,7 +308,8 @@ class _Status:
 
 
 def transition_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
-    """One event per condition whose status or reason changed (messages carry no secrets)."""
+    """One event per condition whose status or reason changed (messages carry no secrets);
+    a condition that first appears as False only makes one when it is a warning."""
     events: list[Event] = []
     before = {c.get("type"): c for c in old.get("conditions") or []}
     for cond in new.get("conditions") or []:
@@ -316,6 +323,10 @@ def transition_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Ev
         warning = reason in WARNING_REASONS or (
             cond.get("type") == FAILED and cond.get("status") == "True"
         )
+        if prev is None and cond.get("status") == "False" and not warning:
+            # A condition first appearing as "not (yet)" repeats another event of the same
+            # step (Training=False next to JobCreated, Failed=False next to Succeeded).
+            continue
         text = f"{cond.get('type')}={cond.get('status')}"
         if cond.get("message"):
             text += f": {cond['message']}"

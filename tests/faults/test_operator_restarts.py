@@ -1,0 +1,176 @@
+"""The operator stopped at each step of a FineTuneJob's life and started again: no duplicate
+children, no lost status, no finalizer left behind."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from controller.cluster import (
+    NS,
+    add_prerequisites,
+    events,
+    ftj_body,
+    operator,
+    start_pod,
+    status,
+    trainer_jobs,
+    wait_job,
+    wait_phase,
+)
+from controller.ftj_samples import DATA_REPORT, channel, progress_line, result, spec
+from finetune_operator.local import Emulator
+from k8s_fixtures import wait_for
+
+JOB = "bot-train-g1"
+CM = "bot-trainer-g1"
+
+
+def finish_training(emulator: Emulator, pod: str) -> None:
+    emulator.terminate_container(
+        NS, pod, exit_code=0, message=json.dumps(result()), container="trainer"
+    )
+    emulator.set_job_finished(NS, JOB, succeeded=True)
+
+
+def assert_one_run(emulator: Emulator) -> None:
+    assert [j["metadata"]["name"] for j in trainer_jobs(emulator)] == [JOB]
+    assert [c["metadata"]["name"] for c in emulator.read_all("configmaps", NS)] == [CM]
+    assert emulator.count("create", "jobs") <= 2  # a repeated create met the existing Job
+    # Events follow the status write: wait for them, then count.
+    wait_for(lambda: any(e["reason"] == "JobCreated" for e in events(emulator, "bot")))
+    reasons = Counter(e["reason"] for e in events(emulator, "bot"))
+    assert reasons["JobCreated"] == 1, reasons
+    assert reasons["ConfigMapCreated"] == 1, reasons
+
+
+def test_stopped_after_preflight_before_any_child(emulator: Emulator) -> None:
+    add_prerequisites(emulator)
+    # The ConfigMap create fails: preflight ran, nothing was made yet.
+    blocked = emulator.inject_fault("configmaps", 500, count=10_000, verbs=("create",))
+    with operator(emulator):
+        emulator.create(ftj_body("bot", spec()), keep_status=False)
+        wait_for(lambda: blocked.served >= 1, what="a ConfigMap create attempt")
+    assert trainer_jobs(emulator) == [] and emulator.read_all("configmaps", NS) == []
+    blocked.remaining = 0
+    with operator(emulator):
+        wait_job(emulator, JOB)
+        wait_phase(emulator, "bot", "Pending")
+        assert_one_run(emulator)
+
+
+def test_stopped_after_configmap_before_job(emulator: Emulator) -> None:
+    add_prerequisites(emulator)
+    blocked = emulator.inject_fault("jobs", 500, count=10_000, verbs=("create",))
+    with operator(emulator):
+        emulator.create(ftj_body("bot", spec()), keep_status=False)
+        wait_for(lambda: emulator.read("configmaps", NS, CM), what="ConfigMap")
+        wait_for(lambda: blocked.served >= 1, what="a Job create attempt")
+    assert trainer_jobs(emulator) == []
+    blocked.remaining = 0
+    with operator(emulator):
+        wait_job(emulator, JOB)
+        st = wait_phase(emulator, "bot", "Pending")
+        assert st["trainerJob"] == JOB
+    assert [c["metadata"]["name"] for c in emulator.read_all("configmaps", NS)] == [CM]
+    assert [j["metadata"]["name"] for j in trainer_jobs(emulator)] == [JOB]
+
+
+def test_stopped_after_job_created_before_status_recorded(emulator: Emulator) -> None:
+    """The riskiest window: the Job exists but status does not name it yet."""
+    add_prerequisites(emulator)
+    blocked = emulator.inject_fault(
+        "finetunejobs", 500, count=10_000, subresource="status", verbs=("patch", "update")
+    )
+    with operator(emulator):
+        emulator.create(ftj_body("bot", spec()), keep_status=False)
+        wait_job(emulator, JOB)
+        wait_for(lambda: blocked.served >= 1, what="a status write attempt")
+    assert "trainerJob" not in status(emulator, "bot")
+    blocked.remaining = 0
+    with operator(emulator):
+        st = wait_for(
+            lambda: status(emulator, "bot") if status(emulator, "bot").get("trainerJob") else None,
+            what="the existing Job adopted",
+        )
+        assert st["trainerJob"] == JOB
+        job = trainer_jobs(emulator)[0]
+        pod = start_pod(emulator, job)
+        finish_training(emulator, pod)
+        wait_phase(emulator, "bot", "Succeeded")
+    assert [j["metadata"]["name"] for j in trainer_jobs(emulator)] == [JOB]
+    assert [c["metadata"]["name"] for c in emulator.read_all("configmaps", NS)] == [CM]
+
+
+def test_training_finishes_while_the_operator_is_down(emulator: Emulator) -> None:
+    add_prerequisites(emulator)
+    with operator(emulator):
+        emulator.create(ftj_body("bot", spec()), keep_status=False)
+        job = wait_job(emulator, JOB)
+        pod = start_pod(emulator, job)
+        emulator.set_pod_log(
+            NS, pod, "\n".join([channel({"type": "data", "report": DATA_REPORT}),
+                                progress_line(4, 10)]) + "\n",
+        )  # fmt: skip
+        wait_for(lambda: (status(emulator, "bot").get("progress") or {}).get("step") == 4)
+    before = status(emulator, "bot")
+    finish_training(emulator, pod)
+    with operator(emulator):
+        st = wait_phase(emulator, "bot", "Succeeded")
+    assert st["adapter"]["digest"] == "sha256:" + "a" * 64
+    assert st["startedAt"] == before["startedAt"] and st["data"] == before["data"]
+    assert_one_run(emulator)
+    assert Counter(e["reason"] for e in events(emulator, "bot"))["Succeeded"] >= 1
+
+
+def test_restart_after_the_result_changes_nothing(emulator: Emulator) -> None:
+    add_prerequisites(emulator)
+    with operator(emulator):
+        emulator.create(ftj_body("bot", spec()), keep_status=False)
+        pod = start_pod(emulator, wait_job(emulator, JOB))
+        finish_training(emulator, pod)
+        wait_phase(emulator, "bot", "Succeeded")
+        wait_for(lambda: any(e["reason"] == "Succeeded" for e in events(emulator, "bot")))
+    before = status(emulator, "bot")
+    events_before = len(events(emulator, "bot"))
+    emulator.reset_counters()
+    with operator(emulator):
+        wait_for(lambda: emulator.count("get", "finetunejobs") >= 1, what="a reconcile")
+        wait_for(lambda: emulator.count("list", "pods") >= 1 or emulator.count("get", "jobs") >= 1,
+                 timeout=5, what="the children looked at")  # fmt: skip
+    assert status(emulator, "bot") == before
+    assert emulator.count("create", "jobs") == 0 and emulator.count("create", "configmaps") == 0
+    assert emulator.noop_status_writes == 0
+    assert [
+        w for w in emulator.writes if w.subresource == "status" and w.plural == "finetunejobs"
+    ] == []
+    assert len(events(emulator, "bot")) == events_before
+
+
+@pytest.mark.parametrize("children_delete_fails", [False, True])
+def test_deletion_while_the_operator_is_down_or_failing(
+    emulator: Emulator, children_delete_fails: bool
+) -> None:
+    add_prerequisites(emulator)
+    with operator(emulator):
+        emulator.create(ftj_body("bot", spec()), keep_status=False)
+        start_pod(emulator, wait_job(emulator, JOB))
+        wait_phase(emulator, "bot", "Training")
+        if children_delete_fails:
+            blocked = emulator.inject_fault("jobs", 500, count=10_000, verbs=("delete",))
+            emulator.request_delete("finetunejobs", NS, "bot")
+            wait_for(lambda: blocked.served >= 1, what="a Job delete attempt")
+    if not children_delete_fails:
+        emulator.request_delete("finetunejobs", NS, "bot")
+    # The finalizer holds the object (and its children) until the operator cleans up.
+    held = emulator.read("finetunejobs", NS, "bot")
+    assert held is not None and held["metadata"].get("deletionTimestamp")
+    assert "finetune.dev/cleanup" in held["metadata"].get("finalizers", [])
+    if children_delete_fails:
+        blocked.remaining = 0
+    with operator(emulator):
+        wait_for(lambda: emulator.read("finetunejobs", NS, "bot") is None, what="finalizer removed")
+        wait_for(lambda: emulator.read("jobs", NS, JOB) is None, what="Job removed")
+    assert emulator.read_all("configmaps", NS) == []
+    assert emulator.read("persistentvolumeclaims", NS, "adapters") is not None
