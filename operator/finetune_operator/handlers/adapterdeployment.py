@@ -449,20 +449,26 @@ class Controller:
 
     # ---------------------------------------------------------- rollout tracking
 
-    async def _rollout_step(self, t: Tick) -> None:
+    async def _observe_rollout(self, t: Tick) -> tuple[plan.RolloutView, dict[str, Any] | None]:
+        """Where the current revision's rollout stands: its pods for Runtime, else the
+        target Deployment (returned too, for callers that list its pods)."""
         current = t.status["current"]
         deadline = t.spec.strategy.progress_deadline_seconds
         if t.spec.strategy.type == "Runtime":
-            view = await self._runtime_step(t, current, deadline)
-        else:
-            dep = await self._target(t)
-            view = plan.deployment_rollout(
-                dep, t.spec.adapter_name, current["digest"], started_at=t.status.get("rolloutStartedAt"),
-                deadline_seconds=deadline, now=datetime.now(UTC),
-            )  # fmt: skip
-            t.status["readyReplicas"] = view.ready_replicas
-            if dep is not None:
-                t.status["pods"] = await self._pods_by_annotation(t, dep)
+            return await self._runtime_step(t, current, deadline), None
+        dep = await self._target(t)
+        view = plan.deployment_rollout(
+            dep, t.spec.adapter_name, current["digest"], started_at=t.status.get("rolloutStartedAt"),
+            deadline_seconds=deadline, now=datetime.now(UTC),
+        )  # fmt: skip
+        t.status["readyReplicas"] = view.ready_replicas
+        return view, dep
+
+    async def _rollout_step(self, t: Tick) -> None:
+        current = t.status["current"]
+        view, dep = await self._observe_rollout(t)
+        if dep is not None:
+            t.status["pods"] = await self._pods_by_annotation(t, dep)
         if view.state == "InProgress":
             t.phase("Progressing")
             t.condition("Progressing", "True", view.reason, view.message)
@@ -541,16 +547,7 @@ class Controller:
 
     async def _rollback_step(self, t: Tick) -> None:
         current = t.status["current"]
-        deadline = t.spec.strategy.progress_deadline_seconds
-        if t.spec.strategy.type == "Runtime":
-            view = await self._runtime_step(t, current, deadline)
-        else:
-            dep = await self._target(t)
-            view = plan.deployment_rollout(
-                dep, t.spec.adapter_name, current["digest"], started_at=t.status.get("rolloutStartedAt"),
-                deadline_seconds=deadline, now=datetime.now(UTC),
-            )  # fmt: skip
-            t.status["readyReplicas"] = view.ready_replicas
+        view, _ = await self._observe_rollout(t)
         if view.state == "Complete":
             current["outcome"] = "Available"
             t.status["history"] = plan.record_history(t.status.get("history"), current)
