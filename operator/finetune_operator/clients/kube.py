@@ -72,6 +72,23 @@ def matches_labels(obj: Mapping[str, Any], selector: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+def api_client_from_environment() -> Any:
+    """A ``kubernetes.client.ApiClient``: the client's process-wide default when a program
+    embedding the operator set one (the embedded API of `finetune-operator demo` and the
+    tests), else the in-cluster ServiceAccount when running in a pod, else the local
+    kubeconfig."""
+    from kubernetes import client, config
+
+    # `Configuration.set_default` has no public "is it set?" query; `_default` is it.
+    if client.Configuration._default is not None:
+        return client.ApiClient()
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
 class KubeClient:
     """Async facade over ``kubernetes.client.ApiClient`` speaking dicts."""
 
@@ -82,19 +99,7 @@ class KubeClient:
 
     @classmethod
     def from_environment(cls) -> KubeClient:
-        """The client's process-wide default when a program embedding the operator set one
-        (the embedded API of `finetune-operator demo` and the tests), else the in-cluster
-        ServiceAccount when running in a pod, else the local kubeconfig."""
-        from kubernetes import client, config
-
-        # `Configuration.set_default` has no public "is it set?" query; `_default` is it.
-        if client.Configuration._default is not None:
-            return cls(client.ApiClient())
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        return cls(client.ApiClient())
+        return cls(api_client_from_environment())
 
     @classmethod
     def from_url(cls, url: str, token: str | None = None) -> KubeClient:

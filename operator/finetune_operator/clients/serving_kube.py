@@ -58,18 +58,9 @@ class ServingKube:
 
     @classmethod
     def from_environment(cls) -> ServingKube:
-        """The default configuration of the official client (set by tests), else
-        in-cluster credentials, else the local kubeconfig."""
-        from kubernetes import client, config
+        from .kube import api_client_from_environment
 
-        default = client.Configuration.get_default_copy()
-        if default.host and default.host != "http://localhost":
-            return cls(client.ApiClient(default))
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        return cls(client.ApiClient())
+        return cls(api_client_from_environment())
 
     def _call(
         self, method: str, path: str, *, body: Any = None, query: Mapping[str, str] | None = None,
