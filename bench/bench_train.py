@@ -44,6 +44,7 @@ sys.path.insert(0, str(HERE.parent / "trainer-image"))
 from data import length_stats, make_rows  # noqa: E402
 
 GIB = 1024**3
+PROFILED_STEPS = 2
 
 
 def environment() -> dict[str, Any]:
@@ -104,13 +105,13 @@ def load_base(model_dir: str, method: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
 
 
-def lora_config(rank: int) -> Any:
+def lora_config(rank: int, dropout: float = 0.05) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
         r=rank,
         lora_alpha=16,
-        lora_dropout=0.05,
+        lora_dropout=dropout,
         target_modules="all-linear",
         task_type="CAUSAL_LM",
     )
@@ -137,21 +138,35 @@ def peak_memory() -> dict[str, float]:
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """``baseline`` | ``fast[@BUDGET_GIB][:TOKENS[:gc|nogc]]``, e.g. ``fast@24`` or ``fast:8192:nogc``."""
+    """``baseline`` | ``fast[@BUDGET_GIB][:TOKENS[:gc|nogc[:KEY=VALUE...]]]``.
+
+    Examples: ``fast@24``, ``fast:8192:nogc``, ``fast:8192:nogc:ga=4:dropout=0``. Options:
+    ``ga`` (gradient accumulation steps), ``dropout`` (LoRA dropout of this variant).
+    """
     parts = text.split(":")
     if parts[0] == "baseline":
-        return {"name": text, "kind": "baseline"}
+        return {"name": text, "kind": "baseline", "ga": 1, "dropout": None}
     head, _, budget = parts[0].partition("@")
     if head != "fast":
-        raise SystemExit(f"unknown variant {text!r}: use baseline or fast[@GIB][:TOKENS[:gc|nogc]]")
+        raise SystemExit(
+            f"unknown variant {text!r}: use baseline or fast[@GIB][:TOKENS[:gc|nogc[:ga=N:dropout=P]]]"
+        )
     tokens = int(parts[1]) if len(parts) > 1 and parts[1] else None
     gc_choice = {"gc": True, "nogc": False}.get(parts[2]) if len(parts) > 2 else None
+    options: dict[str, str] = {}
+    for part in parts[3:]:
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("ga", "dropout"):
+            raise SystemExit(f"unknown option {part!r} in {text!r}: use ga=N or dropout=P")
+        options[key] = value
     return {
         "name": text,
         "kind": "fast",
         "tokens": tokens,
         "gc": gc_choice,
         "budget": float(budget) if budget else None,
+        "ga": int(options.get("ga", 1)),
+        "dropout": float(options["dropout"]) if "dropout" in options else None,
     }
 
 
@@ -181,33 +196,127 @@ class StepClock:
         self.stamps.append(time.perf_counter())
 
 
-def make_counting_trainer() -> Any:
+class StepProfiler:
+    """Trainer callback: torch.profiler over a few measured optimiser steps of one variant.
+
+    Writes the top operators by device time and by host time, and the share of the window
+    the GPU spent running kernels (what is left is launch gaps, syncs and host work).
+    """
+
+    def __init__(self, first_step: int, steps: int, out_file: Path) -> None:
+        from transformers import TrainerCallback
+
+        self.first_step, self.steps, self.out_file = first_step, steps, out_file
+        self.profile: Any = None
+        self.started = 0.0
+        me = self
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if state.global_step == me.first_step and me.profile is None:
+                    me.start()
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                if me.profile is not None and state.global_step == me.first_step + me.steps:
+                    me.stop()
+
+        self.callback = _Callback()
+
+    def start(self) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        self.profile = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        self.profile.__enter__()
+        self.started = time.perf_counter()
+
+    def stop(self) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self.started
+        self.profile.__exit__(None, None, None)
+        averages = self.profile.key_averages()
+        device_us = sum(getattr(e, "self_device_time_total", 0.0) for e in averages)
+        lines = [
+            f"window: {self.steps} optimiser steps, wall {wall:.3f} s, "
+            f"kernel time {device_us / 1e6:.3f} s ({100 * device_us / 1e6 / wall:.1f}% of wall; "
+            "overlapping streams can exceed 100%)",
+            "",
+            averages.table(
+                sort_by="self_device_time_total", row_limit=45, max_name_column_width=70
+            ),
+            averages.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70),
+        ]
+        self.out_file.parent.mkdir(parents=True, exist_ok=True)
+        self.out_file.write_text("\n".join(lines))
+        print(lines[0], flush=True)
+        self.profile = None
+
+
+class _NoProfiler:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def step_profiler(variant: dict[str, Any], args: argparse.Namespace) -> Any:
+    """A context giving a StepProfiler for this variant when ``--profile`` asks for one."""
+    import contextlib
+
+    import torch
+
+    if not args.profile or not torch.cuda.is_available():
+        return _NoProfiler()
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in variant["name"])
+    out_file = args.out.parent / f"profile-{args.method}-{safe}.txt"
+    first = args.warmup_steps + args.steps
+    return contextlib.nullcontext(StepProfiler(first, PROFILED_STEPS, out_file))
+
+
+def make_counting_trainer(fast: bool) -> Any:
     from trl import SFTTrainer
 
-    class CountingSFTTrainer(SFTTrainer):
-        """SFTTrainer that records the real (non-padding) tokens of every micro-batch."""
+    base: Any = SFTTrainer
+    if fast:
+        from finetune_trainer.fastpath import trainer_class
 
-        token_log: list[dict[str, Any]]
+        base = trainer_class()
+
+    class CountingSFTTrainer(base):  # type: ignore[misc,valid-type]
+        """SFTTrainer that records the real (non-padding) tokens of every micro-batch.
+
+        It keeps the few small tensors it needs and counts after training: reading them
+        during a step would make the host wait for the GPU and slow the run it measures.
+        """
+
+        token_log: list[Any]
 
         def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
-            self.token_log.append(count_tokens(inputs))
+            keep = ("labels", "cu_seq_lens_q", "attention_mask")
+            kept = {k: inputs[k].detach() for k in keep if k in inputs}
+            kept["shape"] = tuple(inputs["input_ids"].shape)
+            self.token_log.append(kept)
             return super().training_step(model, inputs, num_items_in_batch)
 
     return CountingSFTTrainer
 
 
-def count_tokens(inputs: dict[str, Any]) -> dict[str, Any]:
-    labels = inputs["labels"]
+def count_tokens(kept: dict[str, Any]) -> dict[str, Any]:
+    """Real tokens, row lengths, computed (padded) tokens and loss tokens of one micro-batch."""
+    labels = kept["labels"]
+    rows, width = kept["shape"]
     loss_tokens = int((labels[:, 1:] != -100).sum())
-    if "cu_seq_lens_q" in inputs:
-        lengths = inputs["cu_seq_lens_q"].diff().tolist()
-        padded = int(inputs["input_ids"].numel())
-    elif "attention_mask" in inputs:
-        lengths = inputs["attention_mask"].sum(dim=1).tolist()
-        padded = int(inputs["input_ids"].numel())
+    padded = int(rows * width)
+    if "cu_seq_lens_q" in kept:
+        lengths = kept["cu_seq_lens_q"].diff().tolist()
+    elif "attention_mask" in kept:
+        lengths = kept["attention_mask"].sum(dim=1).tolist()
     else:
-        lengths = [int(inputs["input_ids"].shape[1])] * int(inputs["input_ids"].shape[0])
-        padded = int(inputs["input_ids"].numel())
+        lengths = [int(width)] * int(rows)
     return {"lengths": [int(x) for x in lengths], "loss_tokens": loss_tokens, "padded": padded}
 
 
@@ -227,7 +336,7 @@ def run_trl_variant(
     result: dict[str, Any] = {"variant": variant["name"]}
     config_kwargs: dict[str, Any] = {
         "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": variant["ga"],
         "gradient_checkpointing": True,
         "max_length": args.seq_len,
         "packing": False,
@@ -241,6 +350,7 @@ def run_trl_variant(
             max_seq_length=args.seq_len,
             memory_budget_gib=variant["budget"] or args.memory_budget_gib,
             gradient_checkpointing=variant["gc"],
+            lora_dropout=args.lora_dropout if variant["dropout"] is None else variant["dropout"],
         )
         overrides = dict(report.sft_overrides)
         if variant["tokens"]:
@@ -252,7 +362,11 @@ def run_trl_variant(
     if not config_kwargs["gradient_checkpointing"]:
         base.gradient_checkpointing_disable()
     result["config"] = {k: v for k, v in config_kwargs.items()}
-    steps = args.warmup_steps + args.steps
+    result["config"]["lora_dropout"] = (
+        args.lora_dropout if variant["dropout"] is None else variant["dropout"]
+    )
+    # Profiled steps (--profile) come after the measured ones: the profiler slows what it sees.
+    steps = args.warmup_steps + args.steps + (PROFILED_STEPS if args.profile else 0)
     with tempfile.TemporaryDirectory() as tmp:
         sft_args = SFTConfig(
             output_dir=tmp,
@@ -271,29 +385,34 @@ def run_trl_variant(
         )
         torch.manual_seed(args.seed)
         clock = StepClock()
-        trainer_cls = make_counting_trainer()
+        trainer_cls = make_counting_trainer(variant["kind"] == "fast")
         trainer = trainer_cls(
             model=base,
             args=sft_args,
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
-            peft_config=lora_config(args.rank),
+            peft_config=lora_config(
+                args.rank, args.lora_dropout if variant["dropout"] is None else variant["dropout"]
+            ),
             callbacks=[clock.callback],
         )
         trainer.token_log = []
         reset_memory()
-        trainer.train()
+        with step_profiler(variant, args) as profiler:
+            if profiler is not None:
+                trainer.add_callback(profiler.callback)
+            trainer.train()
         result.update(peak_memory())
         peft_model = trainer.model
         history = [h for h in trainer.state.log_history if "loss" in h]
-        micro = trainer.token_log
+        micro = [count_tokens(kept) for kept in trainer.token_log]
         ga = sft_args.gradient_accumulation_steps
         del trainer
     # per-step figures: stamps[0] is train begin, stamps[i] the end of step i
     stamps = clock.stamps
     step_times = [b - a for a, b in itertools.pairwise(stamps)]
     per_step = [micro[i * ga : (i + 1) * ga] for i in range(len(step_times))]
-    measured = slice(args.warmup_steps, None)
+    measured = slice(args.warmup_steps, args.warmup_steps + args.steps)
     times = step_times[measured]
     batches = [m for step in per_step[measured] for m in step]
     lengths = [s for m in batches for s in m["lengths"]]
@@ -535,6 +654,14 @@ def main(argv: list[str] | None = None) -> int:
         "--equivalence-group", type=int, default=16, help="rows per equivalence step"
     )
     parser.add_argument("--peak-tflops", type=float, default=800.0)
+    parser.add_argument(
+        "--lora-dropout", type=float, default=0.05, help="LoRA dropout (a variant's dropout= wins)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile two measured steps of every variant (profile-*.txt next to --out)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-train.json"))
     args = parser.parse_args(argv)
 

@@ -85,6 +85,12 @@ def run_cli(config: Path, timeout: int) -> dict[str, Any]:
         "finalLoss": progress[-1].get("loss") if progress else None,
         "result": {k: result.get(k) for k in ("ok", "reason", "message")} if result else None,
         "stderrTail": proc.stderr[-1500:] if proc.returncode else "",
+        # what the trainer chose (batch, checkpointing, the fast path's token budget)
+        "choices": [
+            ln.strip()[-300:]
+            for ln in proc.stderr.splitlines()
+            if "fast path" in ln or "gradient checkpointing" in ln
+        ][:5],
     }
 
 

@@ -11,9 +11,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 case "${1:-train}" in
   train)
     python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b \
-      --variants "baseline,fast@24,fast" --steps 12 --warmup-steps 4 --rows 3000 \
+      --variants "baseline,fast@24,fast,fast:32768:gc,fast:12288:nogc:dropout=0,fast:8192:nogc,fast:32768:gc:dropout=0" --steps 8 --warmup-steps 3 --rows 3000 \
       --equivalence-steps 12 --out "$out/train.json" 2>&1 | tee "$out/train.log" | grep -v "it/s\]\|s/it\]"
-    python3 bench/bench_trainer_cli.py --shape llama3-8b --work-dir /tmp/cli --max-steps 15 \
+    python3 bench/bench_trainer_cli.py --shape llama3-8b --work-dir /tmp/cli --max-steps 30 \
       --out "$out/trainer-cli.json" 2>&1 | tail -5
     ;;
   vram)

@@ -80,4 +80,8 @@ def build_random_model(name: str, path: str | Path, device: str = "cpu", seed: i
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     del model
+    if torch.cuda.is_available():
+        # Hand the memory back: a trainer started next, in another process, plans its batch
+        # from what the GPU has free.
+        torch.cuda.empty_cache()
     return out

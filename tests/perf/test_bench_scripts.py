@@ -58,3 +58,25 @@ def test_stored_results_are_complete() -> None:
     assert train["equivalence"]["maxRelativeDifference"] <= 0.02
     vram = json.loads((REPO / "bench/results/h100-vram-from-train-2026-11-23.json").read_text())
     assert len(vram["results"]) == 5
+
+
+def test_stored_fast_path_run_is_complete_and_side_by_side() -> None:
+    """The run docs/benchmarks.md quotes: baseline and fast path in one invocation."""
+    train = json.loads((REPO / "bench/results/h100-2026-11-23/train.json").read_text())
+    results = {r["variant"]: r for r in train["results"]}
+    assert train["results"][0]["variant"] == "baseline"
+    assert all("error" not in r for r in train["results"])
+    assert {"baseline", "fast@24", "fast"} <= set(results)
+    assert results["fast@24"]["peakReservedGiB"] <= 24
+    for r in train["results"]:
+        assert r["lossCurve"] and r["measuredSteps"] == train["settings"]["steps"]
+    assert train["equivalence"]["maxRelativeDifference"] <= 0.02
+
+
+def test_variant_options_parse() -> None:
+    import bench_train
+
+    v = bench_train.parse_variant("fast@24:8192:nogc:ga=4:dropout=0")
+    assert (v["budget"], v["tokens"], v["gc"], v["ga"], v["dropout"]) == (24.0, 8192, False, 4, 0.0)
+    with pytest.raises(SystemExit, match="unknown option"):
+        bench_train.parse_variant("fast:8192:nogc:speed=11")

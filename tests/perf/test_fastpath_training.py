@@ -93,3 +93,88 @@ def test_fast_path_settings_train_with_varlen_attention(tmp_path: Path) -> None:
     assert losses and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]
     assert calls and max(calls) > 1  # several rows per packed micro-batch, kept apart
+
+
+def _tiny_packed_run(tmp_path: Path, trainer_cls: type, grad_accum: int) -> object:
+    import torch
+    from datasets import Dataset
+    from finetune_trainer.tinymodel import build_tiny_model, build_tokenizer
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    model_dir = tmp_path / "model"
+    if not model_dir.exists():
+        build_tiny_model(model_dir, initializer_range=0.3)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rows = [[5 + (i * 7 + j) % 50 for j in range(6 + (i % 7) * 5)] for i in range(48)]
+    prompt = [min(3, len(r) // 3) for r in rows]
+    dataset = Dataset.from_dict(
+        {
+            "input_ids": rows,
+            "completion_mask": [
+                [0] * p + [1] * (len(r) - p) for p, r in zip(prompt, rows, strict=True)
+            ],
+        }
+    )
+    args = SFTConfig(
+        output_dir=str(tmp_path / f"out-{trainer_cls.__name__}"),
+        max_steps=5,
+        learning_rate=5e-3,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=grad_accum,
+        max_length=96,
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        completion_only_loss=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        lr_scheduler_type="constant",
+        include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,
+        disable_tqdm=True,
+    )
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=build_tokenizer(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_fast_trainer_class_trains_exactly_like_trl(tmp_path: Path, grad_accum: int) -> None:
+    """Same loss, metrics and token counts as TRL's own SFTTrainer, without reading the GPU
+    back mid-step (on the CPU the reads are free, so only the numbers are compared here)."""
+    from finetune_trainer import fastpath
+    from trl import SFTTrainer
+
+    ours = _tiny_packed_run(tmp_path, fastpath.trainer_class(), grad_accum)
+    theirs = _tiny_packed_run(tmp_path, SFTTrainer, grad_accum)
+
+    def logged(trainer: object, key: str) -> list[float]:
+        history = trainer.state.log_history  # type: ignore[attr-defined]
+        return [h[key] for h in history if key in h and "train_loss" not in h]
+
+    assert len(logged(ours, "loss")) == 5
+    for key in ("loss", "grad_norm", "num_tokens"):
+        assert logged(ours, key) == pytest.approx(logged(theirs, key), rel=1e-5), key
+    assert ours.state.num_input_tokens_seen == theirs.state.num_input_tokens_seen  # type: ignore[attr-defined]
+    assert ours.state.num_input_tokens_seen > 0  # type: ignore[attr-defined]
+    for key in ("entropy", "mean_token_accuracy"):
+        mine, trl = logged(ours, key), logged(theirs, key)
+        assert len(mine) == len(trl) == 5
+        if grad_accum == 1:  # one micro-batch per log line: the same number
+            assert mine == pytest.approx(trl, rel=1e-5), key
+        else:  # TRL averages micro-batches, the fast path weighs them by their tokens
+            assert mine == pytest.approx(trl, rel=0.1, abs=0.02), key

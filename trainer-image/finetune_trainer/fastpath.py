@@ -35,9 +35,10 @@ log = logging.getLogger(__name__)
 ATTENTION_NAME = "fastpath_varlen"
 GIB = 1024**3
 
-# Token budgets the planner tries, largest first. Past ~16k tokens a micro-batch already fills
-# the H100's matrix units; larger budgets only cost memory and reduce optimiser steps.
-TOKEN_BUDGETS = (16384, 12288, 8192, 6144, 4096, 3072, 2048)
+# Token budgets the planner tries, largest first. Every micro-batch costs the host a fixed
+# ~0.4 s of kernel launches on an 8B model (thousands of small LoRA, norm and optimiser
+# kernels), so larger micro-batches keep the GPU busier (docs/benchmarks.md).
+TOKEN_BUDGETS = (32768, 24576, 16384, 12288, 8192, 6144, 4096, 3072, 2048)
 # The planner drops checkpointing only when it can keep at least this many tokens in flight.
 MIN_TOKENS_WITHOUT_CHECKPOINTING = 8192
 
@@ -110,10 +111,15 @@ class MemoryCoefficients:
     """
 
     # Activations kept per token per layer without checkpointing (bf16, LoRA on all
-    # projections): act_per_hidden * hidden + act_per_intermediate * intermediate.
-    # Measured: 224 KB per token and layer on the 8B shape.
-    act_per_hidden: float = 34.0
-    act_per_intermediate: float = 6.0
+    # projections, no LoRA dropout): act_per_hidden * hidden + act_per_intermediate *
+    # intermediate. Measured: 224 KB per token and layer on the 8B shape with dropout 0.05,
+    # 160 KB without.
+    act_per_hidden: float = 23.92
+    act_per_intermediate: float = 4.32
+    # LoRA dropout keeps its output (and mask) for every adapted projection's input: six
+    # hidden-wide inputs and one intermediate-wide one per layer. Bytes per input element,
+    # measured: 16 GiB more at 8,192 tokens on the 8B shape with dropout 0.05 than with 0.
+    dropout_bytes_per_input: float = 1.68
     # With checkpointing: the saved layer inputs (2 bytes x hidden x layers per token) plus
     # this many layers' worth of activations alive during one layer's recompute and backward
     # (fitted: 1.3, which also absorbs the allocator's growth at large token counts).
@@ -160,12 +166,16 @@ def activation_bytes(
     tokens: int,
     gradient_checkpointing: bool,
     coef: MemoryCoefficients = MemoryCoefficients(),
+    lora_dropout: float = 0.05,
 ) -> float:
     """Activation memory of one micro-batch of ``tokens`` packed tokens."""
     per_token_layer = (
         coef.act_per_hidden * shape.hidden_size
         + coef.act_per_intermediate * shape.intermediate_size
     )
+    if lora_dropout > 0:
+        adapted_inputs = 6 * shape.hidden_size + shape.intermediate_size
+        per_token_layer += coef.dropout_bytes_per_input * adapted_inputs
     if gradient_checkpointing:
         saved_inputs = shape.num_layers * tokens * shape.hidden_size * 2.0
         return saved_inputs + coef.recompute_layer_factor * per_token_layer * tokens
@@ -188,12 +198,13 @@ def predict_peak_bytes(
     gradient_checkpointing: bool,
     optimizer: str = "paged_adamw_8bit",
     coef: MemoryCoefficients = MemoryCoefficients(),
+    lora_dropout: float = 0.05,
 ) -> float:
     """Predicted peak of reserved GPU memory for one training step."""
     live = (
         weight_bytes(shape, method)
         + trainable_state_bytes(shape, lora_rank, optimizer)
-        + activation_bytes(shape, tokens, gradient_checkpointing, coef)
+        + activation_bytes(shape, tokens, gradient_checkpointing, coef, lora_dropout)
         + head_bytes(shape, tokens)
     )
     return live * coef.fragmentation + coef.overhead_bytes
@@ -210,6 +221,7 @@ def plan_micro_batch(
     gradient_checkpointing: bool | None = None,
     tokens_per_micro_batch: int | None = None,
     coef: MemoryCoefficients = MemoryCoefficients(),
+    lora_dropout: float = 0.05,
 ) -> MicroBatchPlan:
     """Pick the packed token budget and checkpointing for a memory budget.
 
@@ -239,6 +251,7 @@ def plan_micro_batch(
             gradient_checkpointing=gc,
             optimizer=optimizer,
             coef=coef,
+            lora_dropout=lora_dropout,
         )
         candidates.append(
             {"tokens": tokens, "gradientCheckpointing": gc, "peakGiB": round(peak / GIB, 2)}
@@ -272,6 +285,7 @@ def plan_micro_batch(
         gradient_checkpointing=gradient_checkpointing is not False,
         optimizer=optimizer,
         coef=coef,
+        lora_dropout=lora_dropout,
     )
     raise ValueError(
         f"even {floor} tokens per micro-batch need about {smallest / GIB:.1f} GiB, more than the "
@@ -539,6 +553,9 @@ def sft_overrides(plan: MicroBatchPlan | None, max_seq_length: int) -> dict[str,
         "padding_free": True,
         "max_length": tokens,
         "per_device_train_batch_size": 1,
+        # Checking every micro-batch's loss for NaN reads it back to the host each time,
+        # which stalls the GPU (see trainer_class); non-finite losses still show in the logs.
+        "logging_nan_inf_filter": False,
     }
     if plan is not None:
         overrides["gradient_checkpointing"] = plan.gradient_checkpointing
@@ -576,6 +593,7 @@ def apply(
     tokens_per_micro_batch: int | None = None,
     compute_dtype: str = "bfloat16",
     use_liger: bool = True,
+    lora_dropout: float = 0.05,
 ) -> FastPathReport:
     """Prepare a loaded model (PEFT-wrapped or not) for the fast path.
 
@@ -612,6 +630,7 @@ def apply(
             "max_seq_length": max_seq_length,
             "memory_budget_gib": memory_budget_gib,
             "optimizer": optimizer,
+            "lora_dropout": lora_dropout,
         }
         try:
             plan = plan_micro_batch(
@@ -634,3 +653,108 @@ def apply(
         plan=plan.as_dict() if plan else None,
         sft_overrides=sft_overrides(plan, max_seq_length),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer class: no host-device synchronisation inside a step
+# --------------------------------------------------------------------------------------------
+
+
+def trainer_class() -> type:
+    """TRL's SFTTrainer, changed so that a training micro-batch never waits for the GPU.
+
+    TRL's loss step reads entropy, token accuracy and the token count back to the host after
+    every forward pass (``.item()`` and ``if tensor > 0``), and transformers does the same to
+    count tokens seen. Each read stalls the host until the GPU has drained its queue; the GPU
+    then idles while the host issues the next few thousand small kernels of the backward pass.
+    On an 8B model at 8k tokens per micro-batch the GPU was busy only ~60% of a step.
+
+    Here the loss is the same (sum of per-token negative log-likelihoods over the label
+    tokens, divided by the token count), the metrics are summed on the GPU and turned into
+    numbers only when a log line is written, and the packed batches (no padding) are counted
+    from their shape. Anything unusual (a custom loss, label smoothing, DFT loss, MoE
+    auxiliary loss, sequence parallelism, evaluation) takes TRL's own path unchanged.
+    """
+    import torch
+    from trl import SFTTrainer
+
+    class FastPathSFTTrainer(SFTTrainer):  # type: ignore[misc]
+        _device_metrics: Any = None
+
+        def _plain_loss(self) -> bool:
+            config = getattr(self.accelerator, "parallelism_config", None)
+            return (
+                self.model.training
+                and self.compute_loss_func is None
+                and self.label_smoother is None
+                and getattr(self.args, "loss_type", "nll") == "nll"
+                and not getattr(self, "aux_loss_enabled", False)
+                and not (config is not None and getattr(config, "sp_enabled", False))
+            )
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            if return_outputs or not self._plain_loss():
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)
+            label_mask = outputs.label_mask
+            count = label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = (-outputs.log_probs).sum() / torch.as_tensor(count).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            with torch.no_grad():
+                sums = torch.stack(
+                    [
+                        label_mask.sum().float(),
+                        outputs.entropy.detach().float().sum(),
+                        outputs.is_top1.sum().float(),
+                    ]
+                )
+            previous = self._device_metrics
+            self._device_metrics = sums if previous is None else previous + sums
+            self._count_batch_tokens(inputs)
+            return loss
+
+        def _count_batch_tokens(self, inputs: dict[str, Any]) -> None:
+            # Packed padding-free micro-batches hold only real tokens: their shape is the count.
+            if "attention_mask" in inputs or self.accelerator.num_processes > 1:
+                tokens = self.accelerator.gather_for_metrics(
+                    torch.as_tensor(
+                        inputs["attention_mask"].sum()
+                        if "attention_mask" in inputs
+                        else inputs["input_ids"].numel(),
+                        device=inputs["input_ids"].device,
+                    )
+                )
+                count = int(tokens.sum().item())
+            else:
+                count = int(inputs["input_ids"].numel())
+            self._total_train_tokens += count // self._tp_size
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+
+        def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+            padded = "attention_mask" in inputs or "position_ids" not in inputs
+            if padded or self.accelerator.num_processes > 1:
+                super()._track_num_input_tokens(inputs)
+                return
+            if self.args.include_num_input_tokens_seen not in ("no", False):
+                self.state.num_input_tokens_seen += int(inputs["input_ids"].numel())
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            sums = self._device_metrics
+            if sums is not None and self.model.training:
+                self._device_metrics = None
+                total = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0).tolist()
+                valid, entropy, correct = total
+                metrics = self._metrics["train"]
+                metrics["entropy"] = [entropy / valid if valid > 0 else 0.0]
+                metrics["mean_token_accuracy"] = [correct / valid if valid > 0 else 0.0]
+            super().log(logs, start_time)
+
+    return FastPathSFTTrainer

@@ -385,6 +385,7 @@ def apply_fast_path(
         gradient_checkpointing=t.gradient_checkpointing,
         tokens_per_micro_batch=explicit * t.max_seq_length if explicit else None,
         compute_dtype=compute_dtype_name(config.spec, device),
+        lora_dropout=config.spec.lora.dropout,
     )
     for key, value in report.sft_overrides.items():
         setattr(args, key, value)
@@ -460,7 +461,12 @@ def train_adapter(config: TrainerConfig, prepared: PreparedData, tokenizer: Any)
     fast_note = apply_fast_path(config, model, args, device, optimizer)
     if fast_note:
         notes.append(fast_note)
-    trainer = SFTTrainer(
+    trainer_cls = SFTTrainer
+    if fast_note:
+        from .fastpath import trainer_class
+
+        trainer_cls = trainer_class()
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=to_dataset(prepared.train),
