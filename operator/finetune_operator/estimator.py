@@ -199,6 +199,26 @@ class ModelShape:
     def parameters(self) -> int:
         return self.linear_params() + self.other_params()
 
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        """From a loaded transformers config object (the trainer has one in hand)."""
+        return cls.from_hf_config(config.to_dict())
+
+    @property
+    def body_matmul_params(self) -> int:
+        """Weights of the decoder layers' projections (what LoRA adapts and QLoRA quantises)."""
+        return self.linear_params()
+
+    @property
+    def head_params(self) -> int:
+        """Weights of the output head (counted even when tied: it is still computed)."""
+        return self.hidden_size * self.vocab_size
+
+    def lora_params(self, rank: int) -> int:
+        """LoRA parameters with ``rank`` on all seven projections of every layer."""
+        per_layer = sum(rank * (d_in + d_out) for d_in, d_out in self.linear_shapes().values())
+        return self.num_layers * per_layer
+
 
 # Known model families, for when the operator cannot read config.json (hf:// is fetched by
 # the trainer pod, not by the operator). Keys are matched against the model URI's name.

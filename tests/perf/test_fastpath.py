@@ -9,8 +9,13 @@ from __future__ import annotations
 import os
 
 import pytest
+from finetune_operator.estimator import ModelShape
+from finetune_operator.packed_memory import (
+    MemoryCoefficients,
+    plan_micro_batch,
+    predict_peak_bytes,
+)
 from finetune_trainer import fastpath
-from finetune_trainer.fastpath import ModelShape, plan_micro_batch, predict_peak_bytes
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -19,6 +24,7 @@ LLAMA3_8B = ModelShape(
     num_layers=32,
     num_heads=32,
     num_kv_heads=8,
+    head_dim=128,
     intermediate_size=14336,
     vocab_size=128256,
 )
@@ -70,7 +76,7 @@ def test_memory_model_matches_the_h100_measurements(
         gradient_checkpointing=gc,
         lora_dropout=dropout,
     )
-    reserved = (predicted - fastpath.MemoryCoefficients().overhead_bytes) / GIB
+    reserved = (predicted - MemoryCoefficients().overhead_bytes) / GIB
     assert -0.01 <= reserved / measured_gib - 1 <= 0.16
 
 
@@ -146,6 +152,7 @@ def test_training_flops_by_hand() -> None:
         num_layers=2,
         num_heads=2,
         num_kv_heads=1,
+        head_dim=4,
         intermediate_size=16,
         vocab_size=32,
     )

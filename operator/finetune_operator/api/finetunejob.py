@@ -561,6 +561,13 @@ class Estimate(StatusModel):
     gradient_checkpointing: bool | None = Field(
         default=None, description="Checkpointing in force (chosen when auto)."
     )
+    tokens_per_micro_batch: int | None = Field(
+        default=None,
+        description=(
+            "With packing: tokens per packed micro-batch the trainer is expected to use on "
+            "this GPU (it plans again from the memory it finds free)."
+        ),
+    )
     parameters: int | None = Field(default=None, description="Base model parameters.")
     breakdown: dict[str, float] | None = Field(default=None, description="GiB by component.")
 

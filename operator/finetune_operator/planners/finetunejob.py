@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from .. import estimator as est
+from .. import packed_memory as packed
 from ..api.common import get_condition, set_condition
 from ..api.finetunejob import MUTABLE_AFTER_START, FineTuneJobSpec
 from ..builders import distributed, names
@@ -403,6 +404,8 @@ def check_fit(
             "GPUMemoryUnknown",
             f"cannot check the fit: {why}; set resources.gpuMemoryGiB (or a known gpuProduct)",
         )
+    if spec.training.packing:
+        return check_packed_fit(spec, shape, source, gpu_gib, product, config)
     setup = est.TrainingSetup.from_spec(spec)
     batch, gc, estimate = est.choose_batch_and_checkpointing(
         shape,
@@ -446,6 +449,87 @@ def check_fit(
         f"{product} ({gpu_gib:.1f} GiB less {config.memory_headroom:.0%} headroom). To fit: {advice}",
         batch,
         gc,
+        record,
+    )
+
+
+def check_packed_fit(
+    spec: FineTuneJobSpec,
+    shape: est.ModelShape,
+    source: str,
+    gpu_gib: float,
+    product: str,
+    config: OperatorConfig,
+) -> FitResult:
+    """The fit of a packed run: memory depends on tokens per micro-batch, not rows.
+
+    ``auto`` batch and unset checkpointing stay unresolved in the trainer's configuration:
+    on the node the trainer plans again from the memory it finds free (same model, see
+    ``packed_memory``). An explicit batch means batchSize x maxSeqLength tokens; when that
+    or an explicit checkpointing choice does not fit, the trainer replaces it with the
+    planner's, and so does this check.
+    """
+    t = spec.training
+    user_batch = t.batch_size if isinstance(t.batch_size, int) else None
+    usable = gpu_gib * (1 - config.memory_headroom)
+    common: dict[str, Any] = {
+        "method": spec.method,
+        "lora_rank": spec.lora.r,
+        "max_seq_length": t.max_seq_length,
+        "memory_budget_gib": usable,
+        "optimizer": t.optimizer,
+        "lora_dropout": spec.lora.dropout,
+    }
+    note = ""
+    try:
+        plan = packed.plan_micro_batch(
+            shape,
+            gradient_checkpointing=t.gradient_checkpointing,
+            tokens_per_micro_batch=user_batch * t.max_seq_length if user_batch else None,
+            **common,
+        )
+    except ValueError as exc:
+        try:
+            plan = packed.plan_micro_batch(shape, **common)
+        except ValueError:
+            return FitResult(
+                "False",
+                "InsufficientGPUMemory",
+                f"{exc} ({product}: {gpu_gib:.1f} GiB less {config.memory_headroom:.0%} "
+                "headroom; with packing the memory depends on maxSeqLength, not batchSize; "
+                "lora.dropout 0 also saves memory)",
+                user_batch,
+                t.gradient_checkpointing,
+            )
+        note = "; the requested batchSize/gradientCheckpointing do not fit and will be replaced"
+    breakdown = packed.peak_breakdown_bytes(
+        shape,
+        method=spec.method,
+        lora_rank=spec.lora.r,
+        tokens=plan.tokens_per_micro_batch,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        optimizer=t.optimizer,
+        lora_dropout=spec.lora.dropout,
+    )
+    record = {
+        "peakGiB": plan.predicted_peak_gib,
+        "gpuMemoryGiB": round(gpu_gib, 2),
+        "fits": True,
+        "batchSize": user_batch,
+        "gradientCheckpointing": plan.gradient_checkpointing,
+        "tokensPerMicroBatch": plan.tokens_per_micro_batch,
+        "parameters": shape.parameters(),
+        "breakdown": {k: round(v / packed.GIB, 2) for k, v in breakdown.items()},
+    }
+    return FitResult(
+        "True",
+        "Fits",
+        f"predicted peak {plan.predicted_peak_gib:.1f} GiB per GPU of {usable:.1f} GiB usable on "
+        f"{product} with packing ({plan.tokens_per_micro_batch} tokens per micro-batch, "
+        f"gradientCheckpointing {str(plan.gradient_checkpointing).lower()}; shape from "
+        f"{source}){note}",
+        user_batch if not note else None,
+        t.gradient_checkpointing if not note else None,
         record,
     )
 

@@ -1,0 +1,253 @@
+"""Peak GPU memory of packed (padding-free) LoRA/QLoRA training, and the token budget to use.
+
+The packed counterpart of :mod:`finetune_operator.estimator`, which models padded batches of
+rows. With packing a micro-batch is a number of tokens, not rows, and the memory depends on
+tokens only. Both the operator (the fit check of a FineTuneJob with ``training.packing``)
+and the trainer's fast path (``finetune_trainer.fastpath``, which plans from the memory the
+GPU really has free) use this module, so what status promises is what the trainer does.
+
+Calibrated on an H100 (docs/benchmarks.md, "VRAM estimator accuracy"). Pure: no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .estimator import ModelShape
+
+GIB = 1024**3
+
+# Token budgets the planner tries, largest first. Every micro-batch costs the host a fixed
+# ~0.4 s of kernel launches on an 8B model (thousands of small LoRA, norm and optimiser
+# kernels), so larger micro-batches keep the GPU busier (docs/benchmarks.md).
+TOKEN_BUDGETS = (32768, 24576, 16384, 12288, 8192, 6144, 4096, 3072, 2048)
+# The planner drops checkpointing only when it can keep at least this many tokens in flight.
+MIN_TOKENS_WITHOUT_CHECKPOINTING = 8192
+
+
+# --------------------------------------------------------------------------------------------
+# Memory planning (pure)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryCoefficients:
+    """Constants of the memory model (bytes).
+
+    Calibrated on an H100 80GB (Llama-3-8B shape, QLoRA r=64 on all projections, Liger
+    kernels, TRL's chunked LM head; bench/results/h100-train-2026-11-23.json) against the peak
+    of PyTorch's reserved memory: it never under-predicts those four measurements by more than
+    1% and over-predicts by at most 15%. See docs/benchmarks.md.
+    """
+
+    # Activations kept per token per layer without checkpointing (bf16, LoRA on all
+    # projections, no LoRA dropout): act_per_hidden * hidden + act_per_intermediate *
+    # intermediate. Measured: 224 KB per token and layer on the 8B shape with dropout 0.05,
+    # 160 KB without.
+    act_per_hidden: float = 23.92
+    act_per_intermediate: float = 4.32
+    # LoRA dropout keeps its output (and mask) for every adapted projection's input: six
+    # hidden-wide inputs and one intermediate-wide one per layer. Bytes per input element,
+    # measured: 16 GiB more at 8,192 tokens on the 8B shape with dropout 0.05 than with 0.
+    dropout_bytes_per_input: float = 1.68
+    # With checkpointing: the saved layer inputs (2 bytes x hidden x layers per token) plus
+    # this many layers' worth of activations alive during one layer's recompute and backward
+    # (fitted: 1.3, which also absorbs the allocator's growth at large token counts).
+    recompute_layer_factor: float = 1.3
+    # CUDA context and library handles, outside PyTorch's reserved figure.
+    overhead_bytes: float = 0.5 * GIB
+    # Allocator slack on top of the live bytes (absorbed by the fit above).
+    fragmentation: float = 1.0
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    tokens_per_micro_batch: int
+    gradient_checkpointing: bool
+    predicted_peak_gib: float
+    memory_budget_gib: float
+    reason: str
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def weight_bytes(shape: ModelShape, method: str) -> float:
+    """Frozen weights: 4-bit nf4 (double quant) for QLoRA, bf16 for LoRA; embeddings stay bf16."""
+    body = shape.body_matmul_params
+    per_param = (4.0 + 0.127) / 8.0 if method == "qlora" else 2.0
+    embeddings = shape.vocab_size * shape.hidden_size * 2.0
+    head = 0.0 if shape.tie_embeddings else shape.head_params * 2.0
+    norms = shape.num_layers * 2 * shape.hidden_size * 2.0
+    return body * per_param + embeddings + head + norms
+
+
+def trainable_state_bytes(shape: ModelShape, lora_rank: int, optimizer: str) -> float:
+    """LoRA weights (bf16), their gradients (bf16) and the optimiser's two moments."""
+    n = shape.lora_params(lora_rank)
+    moments = 2.0 if "8bit" in optimizer else 8.0
+    # Optimisers keep an fp32 master copy only for bf16 params when not 8-bit: leave at 0 here.
+    return n * (2.0 + 2.0 + moments)
+
+
+def activation_bytes(
+    shape: ModelShape,
+    tokens: int,
+    gradient_checkpointing: bool,
+    coef: MemoryCoefficients = MemoryCoefficients(),
+    lora_dropout: float = 0.05,
+) -> float:
+    """Activation memory of one micro-batch of ``tokens`` packed tokens."""
+    per_token_layer = (
+        coef.act_per_hidden * shape.hidden_size
+        + coef.act_per_intermediate * shape.intermediate_size
+    )
+    if lora_dropout > 0:
+        adapted_inputs = 6 * shape.hidden_size + shape.intermediate_size
+        per_token_layer += coef.dropout_bytes_per_input * adapted_inputs
+    if gradient_checkpointing:
+        saved_inputs = shape.num_layers * tokens * shape.hidden_size * 2.0
+        return saved_inputs + coef.recompute_layer_factor * per_token_layer * tokens
+    return shape.num_layers * per_token_layer * tokens
+
+
+def head_bytes(shape: ModelShape, tokens: int) -> float:
+    """The chunked LM head: final hidden states, their gradient and a few fp32 logit tiles."""
+    hidden = tokens * shape.hidden_size * 2.0 * 3
+    tiles = 4 * 1024 * shape.vocab_size * 4.0
+    return hidden + tiles
+
+
+def peak_breakdown_bytes(
+    shape: ModelShape,
+    *,
+    method: str,
+    lora_rank: int,
+    tokens: int,
+    gradient_checkpointing: bool,
+    optimizer: str = "paged_adamw_8bit",
+    coef: MemoryCoefficients = MemoryCoefficients(),
+    lora_dropout: float = 0.05,
+) -> dict[str, float]:
+    """The parts of the predicted peak (bytes); they add up to :func:`predict_peak_bytes`."""
+    live = {
+        "weights": weight_bytes(shape, method),
+        "adapterAndOptimizer": trainable_state_bytes(shape, lora_rank, optimizer),
+        "activations": activation_bytes(shape, tokens, gradient_checkpointing, coef, lora_dropout),
+        "outputHead": head_bytes(shape, tokens),
+    }
+    parts = {k: v * coef.fragmentation for k, v in live.items()}
+    parts["overhead"] = coef.overhead_bytes
+    return parts
+
+
+def predict_peak_bytes(
+    shape: ModelShape,
+    *,
+    method: str,
+    lora_rank: int,
+    tokens: int,
+    gradient_checkpointing: bool,
+    optimizer: str = "paged_adamw_8bit",
+    coef: MemoryCoefficients = MemoryCoefficients(),
+    lora_dropout: float = 0.05,
+) -> float:
+    """Predicted peak of reserved GPU memory for one training step."""
+    return sum(
+        peak_breakdown_bytes(
+            shape,
+            method=method,
+            lora_rank=lora_rank,
+            tokens=tokens,
+            gradient_checkpointing=gradient_checkpointing,
+            optimizer=optimizer,
+            coef=coef,
+            lora_dropout=lora_dropout,
+        ).values()
+    )
+
+
+def plan_micro_batch(
+    shape: ModelShape,
+    *,
+    method: str,
+    lora_rank: int,
+    max_seq_length: int,
+    memory_budget_gib: float,
+    optimizer: str = "paged_adamw_8bit",
+    gradient_checkpointing: bool | None = None,
+    tokens_per_micro_batch: int | None = None,
+    coef: MemoryCoefficients = MemoryCoefficients(),
+    lora_dropout: float = 0.05,
+) -> MicroBatchPlan:
+    """Pick the packed token budget and checkpointing for a memory budget.
+
+    Without checkpointing a step does a third less work, so it wins whenever at least
+    ``MIN_TOKENS_WITHOUT_CHECKPOINTING`` tokens still fit; otherwise the largest budget that
+    fits with checkpointing. ``gradient_checkpointing`` forces the choice when given, and
+    ``tokens_per_micro_batch`` the budget (then only checkpointing is chosen). Every budget
+    is at least ``max_seq_length`` so the longest row always fits one micro-batch.
+    """
+    if memory_budget_gib <= 0:
+        raise ValueError("memory_budget_gib must be positive")
+    budget = memory_budget_gib * GIB
+    floor = max(max_seq_length, min(TOKEN_BUDGETS))
+    if tokens_per_micro_batch is not None:
+        floor = max(max_seq_length, tokens_per_micro_batch)
+        sizes = [floor]
+    else:
+        sizes = sorted({max(t, floor) for t in TOKEN_BUDGETS}, reverse=True)
+    candidates: list[dict[str, Any]] = []
+
+    def fits(tokens: int, gc: bool) -> float | None:
+        peak = predict_peak_bytes(
+            shape,
+            method=method,
+            lora_rank=lora_rank,
+            tokens=tokens,
+            gradient_checkpointing=gc,
+            optimizer=optimizer,
+            coef=coef,
+            lora_dropout=lora_dropout,
+        )
+        candidates.append(
+            {"tokens": tokens, "gradientCheckpointing": gc, "peakGiB": round(peak / GIB, 2)}
+        )
+        return peak if peak <= budget else None
+
+    if gradient_checkpointing is not True:
+        for tokens in sizes:
+            too_few = tokens < MIN_TOKENS_WITHOUT_CHECKPOINTING and tokens_per_micro_batch is None
+            if too_few and gradient_checkpointing is None:
+                break
+            peak = fits(tokens, False)
+            if peak is not None:
+                return MicroBatchPlan(
+                    tokens, False, round(peak / GIB, 2), memory_budget_gib,
+                    f"{tokens} tokens fit without checkpointing", candidates,
+                )  # fmt: skip
+    if gradient_checkpointing is not False:
+        for tokens in sizes:
+            peak = fits(tokens, True)
+            if peak is not None:
+                return MicroBatchPlan(
+                    tokens, True, round(peak / GIB, 2), memory_budget_gib,
+                    f"{tokens} tokens fit with checkpointing", candidates,
+                )  # fmt: skip
+    smallest = predict_peak_bytes(
+        shape,
+        method=method,
+        lora_rank=lora_rank,
+        tokens=floor,
+        gradient_checkpointing=gradient_checkpointing is not False,
+        optimizer=optimizer,
+        coef=coef,
+        lora_dropout=lora_dropout,
+    )
+    raise ValueError(
+        f"even {floor} tokens per micro-batch need about {smallest / GIB:.1f} GiB, more than the "
+        f"{memory_budget_gib:.1f} GiB budget: use method qlora, a smaller maxSeqLength or a "
+        "larger GPU"
+    )
