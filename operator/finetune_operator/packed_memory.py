@@ -143,30 +143,10 @@ def peak_breakdown_bytes(
     return parts
 
 
-def predict_peak_bytes(
-    shape: ModelShape,
-    *,
-    method: str,
-    lora_rank: int,
-    tokens: int,
-    gradient_checkpointing: bool,
-    optimizer: str = "paged_adamw_8bit",
-    coef: MemoryCoefficients = MemoryCoefficients(),
-    lora_dropout: float = 0.05,
-) -> float:
-    """Predicted peak of reserved GPU memory for one training step."""
-    return sum(
-        peak_breakdown_bytes(
-            shape,
-            method=method,
-            lora_rank=lora_rank,
-            tokens=tokens,
-            gradient_checkpointing=gradient_checkpointing,
-            optimizer=optimizer,
-            coef=coef,
-            lora_dropout=lora_dropout,
-        ).values()
-    )
+def predict_peak_bytes(shape: ModelShape, **settings: Any) -> float:
+    """Predicted peak of reserved GPU memory for one training step (keyword arguments as
+    :func:`peak_breakdown_bytes`)."""
+    return sum(peak_breakdown_bytes(shape, **settings).values())
 
 
 def plan_micro_batch(
