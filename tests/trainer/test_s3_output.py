@@ -5,6 +5,8 @@ the fetch step downloads it back and the digest verifies; failures end in a clea
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import shutil
 import subprocess
@@ -201,6 +203,12 @@ def test_cli_uploads_adapter_and_report_and_fetch_verifies_them(
     assert set(keys) == expected  # no checkpoints, no copy of the eval rows
     for rel in local_adapter:
         assert keys[f"runs/support/{rel}"] == (out / rel).stat().st_size
+    # The service holds the SHA256 the trainer sent (it checked the body against it).
+    head = aws_env.client().head_object(
+        Bucket=BUCKET, Key="runs/support/adapter/adapter_model.safetensors", ChecksumMode="ENABLED"
+    )
+    weights = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert head["ChecksumSHA256"] == base64.b64encode(hashlib.sha256(weights).digest()).decode()
     report = aws_env.client().get_object(Bucket=BUCKET, Key="runs/support/report.md")
     assert f"s3://{BUCKET}/runs/support/adapter" in report["Body"].read().decode()
 
@@ -208,8 +216,11 @@ def test_cli_uploads_adapter_and_report_and_fetch_verifies_them(
     fetched = fetch(result["adapter"]["uri"], tmp_path / "fetched")
     assert verify(fetched) == digest
     init = subprocess.run(
-        [sys.executable, "-m", "finetune_trainer.fetch", "--uri", result["adapter"]["uri"]]
-        + ["--dest", str(tmp_path / "init"), "--digest", digest],
+        [
+            *(sys.executable, "-m", "finetune_trainer.fetch"),
+            *("--uri", result["adapter"]["uri"], "--dest", str(tmp_path / "init")),
+            *("--digest", digest),
+        ],
         cwd=REPO,
         env=_isolated_env(aws_env.env()),
         capture_output=True,
@@ -234,9 +245,7 @@ def test_rerun_uploads_again_without_retraining_and_drops_stale_objects(
     client = aws_env.client()
     # An earlier attempt left an extra file, and a file of the adapter is damaged.
     client.put_object(Bucket=BUCKET, Key="runs/support/adapter/stale.bin", Body=b"old")
-    client.put_object(
-        Bucket=BUCKET, Key="runs/support/adapter/adapter_config.json", Body=b"{}"
-    )
+    client.put_object(Bucket=BUCKET, Key="runs/support/adapter/adapter_config.json", Body=b"{}")
 
     # A restart with the output folder kept: the final checkpoint is resumed (no steps
     # trained) and the upload runs again.
@@ -260,9 +269,10 @@ def test_rerun_uploads_again_without_retraining_and_drops_stale_objects(
     assert second["adapter"]["digest"] == first["adapter"]["digest"]
     keys = _keys(aws_env, "runs/support/adapter/")
     assert "runs/support/adapter/stale.bin" not in keys
-    assert keys["runs/support/adapter/adapter_config.json"] == (
-        out / "adapter" / "adapter_config.json"
-    ).stat().st_size
+    assert (
+        keys["runs/support/adapter/adapter_config.json"]
+        == (out / "adapter" / "adapter_config.json").stat().st_size
+    )
 
 
 # ------------------------------------------------------------------ failures
@@ -292,7 +302,9 @@ def test_rejected_credentials_fail_the_cli_run_without_printing_them(
 
 
 @pytest.fixture(scope="module")
-def finished_output(trained: tuple[Any, Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def finished_output(
+    trained: tuple[Any, Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """A copy of a finished run's output folder, to upload again in-process."""
     proc, out, _cfg = trained
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -375,9 +387,7 @@ def test_upload_checks_what_landed(aws_env: S3Server, finished_output: Path) -> 
     weights = next(p for p in planned if p.key.endswith("adapter_model.safetensors"))
     body = bytearray(weights.local.read_bytes())
     body[-1] ^= 0xFF
-    client.put_object(
-        Bucket=BUCKET, Key=weights.key, Body=bytes(body), ChecksumAlgorithm="SHA256"
-    )
+    client.put_object(Bucket=BUCKET, Key=weights.key, Body=bytes(body), ChecksumAlgorithm="SHA256")
     client.put_object(Bucket=BUCKET, Key="runs/checked/adapter/extra.txt", Body=b"x")
     problems = check_landed(client, location, planned)
     assert any("adapter_model.safetensors: stored SHA256 differs" in p for p in problems)
