@@ -434,3 +434,32 @@ def test_fetch_downloads_files_and_folders_and_reports_failures(
     with pytest.raises(FetchError) as offline:
         fetch(f"s3://{BUCKET}/data/train.jsonl", tmp_path / "z")
     assert offline.value.code == EXIT_UNREACHABLE
+
+
+def test_multipart_objects_are_checked_against_their_part_checksums(
+    aws_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from finetune_operator.adapter_digest import digest_of_files, hash_directory
+    from finetune_trainer import upload
+    from finetune_trainer.s3 import make_client, parse_s3_uri
+
+    monkeypatch.setattr(upload, "PART_BYTES", 5 * 1024 * 1024)  # S3's smallest part size
+    adapter = tmp_path / "out" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(os.urandom(11 * 1024 * 1024))
+    files = hash_directory(adapter)
+    (adapter / "manifest.json").write_text(
+        json.dumps({"files": files, "digest": digest_of_files(files)})
+    )
+    upload.upload_output(f"s3://{BUCKET}/runs/multipart", tmp_path / "out", None)
+
+    key = "runs/multipart/adapter/adapter_model.safetensors"
+    head = aws_env.client().head_object(Bucket=BUCKET, Key=key, ChecksumMode="ENABLED")
+    stored = head["ChecksumSHA256"].split("-")[0]
+    whole, composite = upload.expected_checksums(adapter / "adapter_model.safetensors", 11 << 20)
+    assert stored in (whole, composite) and whole != composite
+    location = parse_s3_uri(f"s3://{BUCKET}/runs/multipart")
+    planned = upload.plan_upload(tmp_path / "out", location)
+    assert upload.check_landed(make_client(), location, planned) == []

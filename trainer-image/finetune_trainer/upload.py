@@ -80,7 +80,7 @@ def part_size(size: int) -> int:
     return int(ChunksizeAdjuster().adjust_chunksize(PART_BYTES, size))
 
 
-def expected_checksums(path: Path, size: int) -> set[str]:
+def expected_checksums(path: Path, size: int) -> tuple[str, str | None]:
     """Base64 SHA256 values S3 may store for ``path``: of the whole body, and, when it goes
     in parts, the checksum of the part checksums (what S3 keeps for multipart uploads)."""
     whole = hashlib.sha256()
@@ -91,10 +91,8 @@ def expected_checksums(path: Path, size: int) -> set[str]:
         while block := f.read(step):
             whole.update(block)
             parts.append(hashlib.sha256(block).digest())
-    found = {base64.b64encode(whole.digest()).decode()}
-    if multipart:
-        found.add(base64.b64encode(hashlib.sha256(b"".join(parts)).digest()).decode())
-    return found
+    composite = base64.b64encode(hashlib.sha256(b"".join(parts)).digest()).decode()
+    return base64.b64encode(whole.digest()).decode(), composite if multipart else None
 
 
 def _list_keys(client: Any, bucket: str, prefix: str) -> dict[str, int]:
