@@ -139,7 +139,7 @@ def _result(stdout: str) -> dict[str, Any]:
     return result
 
 
-def _train(tmp: Path, model: Path, uri: str, env: dict[str, str], name: str) -> Any:
+def _train(tmp: Path, model: Path, uri: str, env: dict[str, str], name: str, *flags: str) -> Any:
     train = write_jsonl(tmp / "train.jsonl", json_task_rows(16))
     out = tmp / name
     cfg = make_config(
@@ -150,8 +150,9 @@ def _train(tmp: Path, model: Path, uri: str, env: dict[str, str], name: str) -> 
         output={"uri": uri, "credentialsSecretRef": {"name": "s3-out"}},
     )
     path = write_config(tmp / f"{name}.json", cfg)
+    command = [sys.executable, "-m", "finetune_trainer.cli", *flags, "train"]
     proc = subprocess.run(
-        [sys.executable, "-m", "finetune_trainer.cli", "train", "--config", str(path), "--no-eval"],
+        [*command, "--config", str(path), "--no-eval"],
         cwd=REPO,
         env=_isolated_env(env),
         capture_output=True,
@@ -288,6 +289,7 @@ def test_rejected_credentials_fail_the_cli_run_without_printing_them(
         f"s3://{BUCKET}/runs/bad-secret",
         s3.env(AWS_SECRET_ACCESS_KEY="WRONG-SECRET"),
         "out",
+        "--verbose",  # debug logging on: the S3 client's own debug lines must still stay off
     )
     assert proc.returncode == 2, proc.stderr[-3000:]  # not retried: the Secret needs fixing
     result = _result(proc.stdout)
@@ -389,7 +391,9 @@ def test_upload_checks_what_landed(aws_env: S3Server, finished_output: Path) -> 
     body[-1] ^= 0xFF
     client.put_object(Bucket=BUCKET, Key=weights.key, Body=bytes(body), ChecksumAlgorithm="SHA256")
     client.put_object(Bucket=BUCKET, Key="runs/checked/adapter/extra.txt", Body=b"x")
+    client.delete_object(Bucket=BUCKET, Key="runs/checked/report.md")
     problems = check_landed(client, location, planned)
+    assert any("report.md: missing after the upload" in p for p in problems)
     assert any("adapter_model.safetensors: stored SHA256 differs" in p for p in problems)
     assert any("extra.txt: not part of this upload" in p for p in problems)
 

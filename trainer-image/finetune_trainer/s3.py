@@ -160,6 +160,12 @@ def describe(exc: BaseException, what: str, location: S3Location, secret: str | 
             f"s3:DeleteObject on {location.uri}/*",
             permanent=True,
         )
+    if code in ("PermanentRedirect", "IllegalLocationConstraintException"):
+        return S3Problem(
+            f"{what} {location.uri} failed: the bucket is in another region ({code}); set "
+            f"AWS_REGION in {holder} to the bucket's region",
+            permanent=True,
+        )
     if kind in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
         return S3Problem(
             f"{what} {location.uri} failed: incomplete S3 credentials ({kind}); {holder} needs "

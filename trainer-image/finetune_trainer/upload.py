@@ -26,7 +26,7 @@ from typing import Any
 from finetune_operator.adapter_digest import MANIFEST_NAME
 
 from .errors import EXIT_CONFIG, EXIT_TRAINING, EXIT_UPLOAD, TrainerError
-from .s3 import S3Location, S3Problem, describe, make_client, parse_s3_uri
+from .s3 import S3Location, S3Problem, describe, error_code, make_client, parse_s3_uri
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,13 @@ def check_landed(client: Any, location: S3Location, planned: list[PlannedObject]
     for key in sorted(k for k in present if k not in wanted):
         problems.append(f"s3://{location.bucket}/{key}: not part of this upload")
     for obj in planned:
-        head = client.head_object(Bucket=location.bucket, Key=obj.key, ChecksumMode="ENABLED")
+        try:
+            head = client.head_object(Bucket=location.bucket, Key=obj.key, ChecksumMode="ENABLED")
+        except Exception as exc:
+            if error_code(exc) not in ("404", "NoSuchKey"):
+                raise
+            problems.append(f"s3://{location.bucket}/{obj.key}: missing after the upload")
+            continue
         size = int(head.get("ContentLength", -1))
         if size != obj.size:
             problems.append(f"s3://{location.bucket}/{obj.key}: {size} bytes, sent {obj.size}")
