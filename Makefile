@@ -7,12 +7,14 @@ export PYTHONPATH := operator:trainer-image
 
 .PHONY: setup demo test lint typecheck unit crds docs clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml tests/requirements-s3.txt trainer-image/requirements-s3.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: pip takes the CPU wheel; a plain range would pull a CUDA build.
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[trainer,dev,local]"
+	# boto3 and the S3 test server: apart, without dependency resolution (see the file).
+	$(PY) -m pip install --quiet --no-deps -r tests/requirements-s3.txt
 	touch $@
 
 setup: $(VENV)/.installed

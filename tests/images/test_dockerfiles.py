@@ -97,6 +97,11 @@ def is_pinned(image: str) -> bool:
     return "/" not in tag and tag != "latest" and re.match(r"^\d+\.\d+\.\d+", tag) is not None
 
 
+# The one requirements file an image may install (with --no-deps, pinned): the S3 client,
+# which pip cannot resolve together with kubernetes (see the file).
+S3_REQUIREMENTS = "trainer-image/requirements-s3.txt"
+
+
 def pip_install_targets(instructions: list[Instruction]) -> list[list[str]]:
     """The positional arguments of every `pip install` in RUN instructions."""
     targets: list[list[str]] = []
@@ -108,6 +113,12 @@ def pip_install_targets(instructions: list[Instruction]) -> list[list[str]]:
             for i, word in enumerate(words):
                 if word.endswith("pip") and words[i + 1 : i + 2] == ["install"]:
                     args = words[i + 2 :]
+                    if "-r" in args and args[args.index("-r") + 1 : args.index("-r") + 2] == [
+                        S3_REQUIREMENTS
+                    ]:
+                        assert "--no-deps" in args, args
+                        targets.append(["-r", S3_REQUIREMENTS])
+                        continue
                     assert not any(a in {"-r", "--requirement", "--no-deps"} for a in args), args
                     targets.append([a for a in args if not a.startswith("-")])
     return targets
@@ -194,7 +205,7 @@ def test_operator_image_installs_exactly_the_base_dependencies(
 
 
 def test_trainer_image_installs_exactly_the_trainer_extra(trainer_file: list[Instruction]) -> None:
-    assert pip_install_targets(trainer_file) == [[".[trainer]"]]
+    assert pip_install_targets(trainer_file) == [[".[trainer]"], ["-r", S3_REQUIREMENTS]]
     trainer_extra = pyproject()["project"]["optional-dependencies"]["trainer"]
     assert ML_PACKAGES - {"accelerate", "datasets"} <= {requirement_name(r) for r in trainer_extra}
 
@@ -206,6 +217,26 @@ def test_dependencies_are_pinned() -> None:
         assert "==" in req or "<" in req, f"{req}: pin or bound the trainer dependency"
     for req in project["dependencies"]:
         assert "==" in req or "<" in req, f"{req}: pin or bound the operator dependency"
+
+
+def test_s3_client_is_pinned_copied_and_importable_by_the_trainer() -> None:
+    lines = [
+        line.strip()
+        for line in (ROOT / S3_REQUIREMENTS).read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert {requirement_name(r) for r in lines} >= {"boto3", "botocore", "s3transfer"}
+    assert all("==" in r for r in lines), lines
+    copied = [
+        ins.value.split()[0]
+        for ins in parse_dockerfile(TRAINER_DOCKERFILE.read_text())
+        if ins.keyword == "COPY"
+    ]
+    assert S3_REQUIREMENTS in copied
+    assert f"!{S3_REQUIREMENTS}" in (ROOT / ".dockerignore").read_text().splitlines()
+    # The same pins reach the test environment (make setup) as the image.
+    tests_file = (ROOT / "tests" / "requirements-s3.txt").read_text()
+    assert "-r ../trainer-image/requirements-s3.txt" in tests_file
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,9 @@
 """``finetune-trainer``: the command the trainer pod runs (and people run by hand).
 
 Subcommands: ``train``, ``evaluate``, ``data-report``, ``make-tiny-model``. Exit codes:
-0 ok, 2 bad config/usage, 3 data unusable, 4 training failed, 5 evaluation failed.
+0 ok, 2 bad config/usage (also an s3:// output that refuses the upload: missing bucket,
+rejected credentials, access denied), 3 data unusable, 4 training failed, 5 evaluation
+failed, 6 upload failed in a way a retry may fix (network, throttling, server errors).
 """
 
 from __future__ import annotations
@@ -272,10 +274,13 @@ def train_and_finish(config: Any, tokenizer: Any, prepared: Any, evaluate: bool)
         adapter,
         notes,
     )
+    message = f"trained {outcome.global_step} steps; adapter digest {manifest['digest']}"
+    if config.spec.output.uri.startswith("s3://"):
+        message += f"; uploaded to {upload_run(config, outcome.adapter_dir, manifest['digest'])}"
     result: dict[str, Any] = {
         "ok": True,
         "reason": "Succeeded",
-        "message": f"trained {outcome.global_step} steps; adapter digest {manifest['digest']}",
+        "message": message,
         "data": prepared.report.to_wire(),
         "metrics": metrics,
         "adapter": adapter,
@@ -284,6 +289,19 @@ def train_and_finish(config: Any, tokenizer: Any, prepared: Any, evaluate: bool)
     if base_metrics:
         result["baseMetrics"] = base_metrics
     return result
+
+
+def upload_run(config: Any, adapter_dir: Path, digest: str) -> str:
+    """Send the run to its s3:// output (the local adapter must still match its manifest)."""
+    from .errors import training_failed
+    from .manifest import verify
+    from .upload import upload_output
+
+    if verify(adapter_dir) != digest:
+        raise training_failed(f"{adapter_dir} changed after its manifest was written")
+    ref = config.spec.output.credentials_secret_ref
+    sent = upload_output(config.spec.output.uri, config.paths.output_dir, ref.name if ref else None)
+    return str(sent["uri"])
 
 
 def _launch_workers(args: argparse.Namespace, config: Any) -> int | None:

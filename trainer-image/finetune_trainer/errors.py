@@ -8,6 +8,7 @@ EXIT_CONFIG = 2
 EXIT_DATA = 3
 EXIT_TRAINING = 4
 EXIT_EVALUATION = 5
+EXIT_UPLOAD = 6  # the s3:// upload failed in a way a later attempt may get past
 
 
 class TrainerError(Exception):

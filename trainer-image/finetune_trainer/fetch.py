@@ -110,26 +110,35 @@ def fetch_hf(src: HfSource, dest: Path) -> Path:
 
 
 def fetch_s3(src: S3Source, dest: Path) -> Path:
-    try:
-        import boto3  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise FetchError("s3:// sources need boto3 in the trainer image", EXIT_USAGE) from exc
-    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-    paginator = client.get_paginator("list_objects_v2")
-    count = 0
+    from .s3 import S3Location, describe, make_client
+
+    location = S3Location(src.bucket, src.key)
     prefix = src.key
-    for page in paginator.paginate(Bucket=src.bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            key = obj["Key"]
-            if key.endswith("/"):
-                continue
-            rel = key[len(prefix) :].lstrip("/") if key != prefix else Path(key).name
-            if ".." in rel.split("/"):
-                continue
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(src.bucket, key, str(target))
-            count += 1
+    try:
+        client = make_client()
+        count = 0
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=src.bucket, Prefix=prefix
+        ):
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                # "a/adapter" names that object or the folder a/adapter/, not a/adapter-old/.
+                if key.endswith("/") or not (
+                    not prefix or key == prefix or key.startswith(prefix + "/")
+                ):
+                    continue
+                rel = key[len(prefix) :].lstrip("/") if key != prefix else Path(key).name
+                if ".." in rel.split("/"):
+                    continue
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(src.bucket, key, str(target))
+                count += 1
+    except Exception as exc:
+        problem = describe(exc, "download from", location, None)
+        raise FetchError(
+            problem.message, EXIT_NOT_FOUND if problem.permanent else EXIT_UNREACHABLE
+        ) from None
     if count == 0:
         raise FetchError(f"s3://{src.bucket}/{src.key}: no objects found")
     # A key whose last segment has a suffix names one file (same rule as the operator's paths).

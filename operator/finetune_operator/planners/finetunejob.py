@@ -90,6 +90,7 @@ WARNING_REASONS = frozenset(
         "InvalidConfig",
         "TrainingFailed",
         "EvaluationFailed",
+        "UploadFailed",
         "GatesFailed",
         "DeadlineExceeded",
         "BackoffLimitExceeded",
@@ -110,6 +111,7 @@ TRAINER_REASON_ADVICE = {
     "InvalidConfig": "fix the spec field named above",
     "TrainingFailed": "read the trainer log (kubectl logs job/{job})",
     "EvaluationFailed": "read the trainer log (kubectl logs job/{job}); evaluation settings may be too large",
+    "UploadFailed": "check spec.output.uri (the bucket must exist) and the keys of spec.output.credentialsSecretRef (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for non-AWS services)",
     "OutOfMemory": "use a smaller training.batchSize, method: qlora, training.gradientCheckpointing: true, or a shorter training.maxSeqLength",
 }
 
