@@ -9,9 +9,10 @@ object. Names of children are deterministic, so a repeated create meets the exis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import kopf
@@ -29,6 +30,7 @@ from ..planners.finetunejob import (
     Observed,
     Plan,
     PriceTable,
+    is_settled,
     is_terminal,
     job_rejected,
     plan,
@@ -41,22 +43,48 @@ log = logging.getLogger(__name__)
 
 # Keys of status that kopf or other writers own; never compared or overwritten here.
 FOREIGN_STATUS_KEYS = ("kopf",)
+# Children whose creation makes an event: the trainer Job is what users look at next
+# (`kubectl logs job/...`); its ConfigMap and Service are details (decision 1201).
+EVENT_CHILD_KINDS = ("Job",)
+
+
+# How long a read of the price table is reused: it changes rarely, and re-reading it on every
+# reconcile was one request per poll of every running job.
+PRICE_TABLE_TTL_SECONDS = 60.0
 
 
 class RunState:
     """Per-operator-run state shared by all handlers (kept in kopf's memo, not globals,
-    so that locks belong to the event loop of the run that uses them)."""
+    so that locks belong to the event loop of the run that uses them).
+
+    Holds only what is in flight: a job's lock exists while a reconcile of it runs or waits,
+    so memory does not grow with the number of jobs ever seen.
+    """
 
     def __init__(self) -> None:
-        self.locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self.last_poll: dict[tuple[str, str], float] = {}
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        self.prices: tuple[float, PriceTable | None] | None = None  # (monotonic read time, table)
 
-    def lock(self, namespace: str, name: str) -> asyncio.Lock:
-        return self.locks.setdefault((namespace, name), asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def serialised(self, namespace: str, name: str) -> AsyncIterator[None]:
+        """One reconcile of an object at a time (create/update, poll and Job events race)."""
+        key = (namespace, name)
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
-    def forget(self, namespace: str, name: str) -> None:
-        self.locks.pop((namespace, name), None)
-        self.last_poll.pop((namespace, name), None)
+    @property
+    def tracked_objects(self) -> int:
+        """Objects with a reconcile running or waiting (for tests and the scale benchmark)."""
+        return len(self._locks)
 
 
 def runtime(memo: Any) -> tuple[KubeClient, OperatorConfig]:
@@ -100,28 +128,48 @@ async def _missing_references(
     return tuple(missing)
 
 
-async def _price_table(kube: KubeClient, config: OperatorConfig) -> PriceTable | None:
+async def _price_table(
+    kube: KubeClient, config: OperatorConfig, state: RunState | None
+) -> PriceTable | None:
+    now = time.monotonic()
+    if state is not None and state.prices is not None:
+        read_at, table = state.prices
+        if now - read_at < PRICE_TABLE_TTL_SECONDS:
+            return table
     try:
         cm = await kube.get("ConfigMap", config.operator_namespace, config.price_table_configmap)
     except KubeError as exc:
         log.debug("price table unreadable: %s", exc)
         return None
-    return PriceTable.from_configmap_data((cm or {}).get("data"))
+    table = PriceTable.from_configmap_data((cm or {}).get("data"))
+    if state is not None:
+        state.prices = (now, table)
+    return table
 
 
-async def observe(kube: KubeClient, config: OperatorConfig, body: Mapping[str, Any]) -> Observed:
-    """Gather the FineTuneJob's children, pod states, log tail, references and prices."""
+async def observe(
+    kube: KubeClient,
+    config: OperatorConfig,
+    body: Mapping[str, Any],
+    state: RunState | None = None,
+) -> Observed:
+    """Gather the FineTuneJob's children, pod states, log tail, references and prices.
+
+    A settled job (finished, spec unchanged since) needs none of them: its status stays.
+    """
     meta = body.get("metadata") or {}
     name, namespace = str(meta["name"]), str(meta["namespace"])
+    generation = int(meta.get("generation") or 1)
     status = dict(body.get("status") or {})
     for key in FOREIGN_STATUS_KEYS:
         status.pop(key, None)
+    settled = is_settled(status, generation)
     job_name = status.get("trainerJob")
     job = configmap = None
     pods: list[dict[str, Any]] = []
     log_tail = None
     gen = run_generation(job_name)
-    if job_name and gen is not None:
+    if job_name and gen is not None and not settled:
         job = await kube.get("Job", namespace, job_name)
         configmap = await kube.get("ConfigMap", namespace, names.trainer_configmap_name(name, gen))
         pods = await kube.list(
@@ -138,7 +186,7 @@ async def observe(kube: KubeClient, config: OperatorConfig, body: Mapping[str, A
             )
 
     missing: tuple[str, ...] | None = None
-    if job_name is None or is_terminal(status):
+    if job_name is None or (is_terminal(status) and not settled):
         try:
             spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
             missing = await _missing_references(kube, namespace, spec)
@@ -148,7 +196,7 @@ async def observe(kube: KubeClient, config: OperatorConfig, body: Mapping[str, A
         name=name,
         namespace=namespace,
         uid=str(meta.get("uid") or ""),
-        generation=int(meta.get("generation") or 1),
+        generation=generation,
         spec=body.get("spec") or {},
         status=status,
         annotations=dict(meta.get("annotations") or {}),
@@ -157,7 +205,7 @@ async def observe(kube: KubeClient, config: OperatorConfig, body: Mapping[str, A
         pods=tuple(pods),
         log_tail=log_tail,
         missing_refs=missing,
-        prices=await _price_table(kube, config),
+        prices=None if settled else await _price_table(kube, config, state),
     )
 
 
@@ -187,7 +235,7 @@ async def execute(kube: KubeClient, namespace: str, p: Plan) -> list[Event]:
                 if exc.status in (403, 422):
                     raise ChildRejected(exc.message or str(exc)) from exc
                 raise
-            if created:
+            if created and action.kind in EVENT_CHILD_KINDS:
                 events.append(
                     Event("Normal", f"{action.kind}Created", f"created {action.kind} {action.name}")
                 )
@@ -231,17 +279,18 @@ async def reconcile(
     namespace: str,
     name: str,
     trigger: str,
-    lock: asyncio.Lock | None = None,
+    state: RunState | None = None,
 ) -> Plan | None:
     """Observe, plan, act and write status for one FineTuneJob; retried on write conflicts."""
     started = time.monotonic()
-    async with lock or asyncio.Lock():
+    serialised = state.serialised(namespace, name) if state else contextlib.nullcontext()
+    async with serialised:
         try:
             for _attempt in range(max(1, config.status_write_retries)):
                 body = await kube.get(KIND, namespace, name)
                 if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
                     return None
-                obs = await observe(kube, config, body)
+                obs = await observe(kube, config, body, state)
                 p = plan(obs, config)
                 try:
                     action_events = await execute(kube, namespace, p)
@@ -337,32 +386,44 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 @kopf.on.update(GROUP, VERSION, PLURAL)
 async def on_change(name: str, namespace: str | None, memo: Any, reason: str, **_: Any) -> None:
     kube, config = runtime(memo)
-    lock = run_state(memo).lock(str(namespace), name)
-    _raise_for_outcome(
-        await reconcile(kube, config, str(namespace), name, trigger=str(reason), lock=lock), config
-    )
-
-
-# The timer ticks often and cheaply; each object is polled at most every
-# progress_poll_seconds (from the configuration in memo, so tests can poll faster).
-TIMER_TICK_SECONDS = 1.0
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_TICK_SECONDS, initial_delay=TIMER_TICK_SECONDS)
-async def track(name: str, namespace: str | None, status: kopf.Status, memo: Any, **_: Any) -> None:
-    """Poll running jobs: pod states, the trainer's progress lines, cost."""
-    if not status.get("trainerJob") or is_terminal(status):
-        return  # nothing runs; spec changes arrive through on_change
-    kube, config = runtime(memo)
-    key = (str(namespace), name)
-    now = time.monotonic()
     state = run_state(memo)
-    if now - state.last_poll.get(key, 0.0) < config.progress_poll_seconds:
-        return
-    state.last_poll[key] = now
-    await reconcile(
-        kube, config, str(namespace), name, trigger="timer", lock=state.lock(str(namespace), name)
+    _raise_for_outcome(
+        await reconcile(kube, config, str(namespace), name, trigger=str(reason), state=state),
+        config,
     )
+
+
+def _is_running(status: Mapping[str, Any] | None, **_: Any) -> bool:
+    """A run exists and has no verdict yet: the only state worth polling."""
+    status = status or {}
+    return bool(status.get("trainerJob")) and not is_terminal(status)
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, when=_is_running, cancellation_timeout=5.0)
+async def poll_running(
+    name: str, namespace: str | None, stopped: kopf.DaemonStopped, memo: Any, **_: Any
+) -> None:
+    """Poll a running job every progress_poll_seconds: pod states, progress lines, cost.
+
+    kopf starts this task when a run starts and stops it when the filter no longer holds
+    (the job finished, failed or was deleted), so finished and idle jobs cost nothing.
+    Completion and failure are seen at once through :func:`trainer_job_event`.
+    """
+    kube, config = runtime(memo)
+    state = run_state(memo)
+    namespace = str(namespace)
+    while not stopped:
+        # kopf cancels this task when the filter stops matching; the sleep is where it waits.
+        await asyncio.sleep(config.progress_poll_seconds)
+        if stopped:
+            break
+        try:
+            # A cancellation must not cut a reconcile between its status write and events.
+            await asyncio.shield(
+                reconcile(kube, config, namespace, name, trigger="poll", state=state)
+            )
+        except (kopf.TemporaryError, KubeError) as exc:
+            log.info("poll of %s/%s deferred: %s", namespace, name, exc)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={names.LABEL_MANAGED_BY: names.MANAGER})
@@ -375,8 +436,8 @@ async def trainer_job_event(body: kopf.Body, memo: Any, type: str | None, **_: A
     kube, config = runtime(memo)
     try:
         namespace, name = str(meta.get("namespace")), str(owner["name"])
-        lock = run_state(memo).lock(namespace, name)
-        await reconcile(kube, config, namespace, name, trigger="job-event", lock=lock)
+        state = run_state(memo)
+        await reconcile(kube, config, namespace, name, trigger="job-event", state=state)
     except (kopf.TemporaryError, KubeError) as exc:
         log.info("reconcile after a Job event deferred: %s", exc)
 
@@ -393,4 +454,3 @@ async def on_delete(name: str, namespace: str | None, memo: Any, **_: Any) -> No
             if any(o.get("kind") == KIND and o.get("name") == name for o in owners):
                 await kube.delete(kind, namespace, child["metadata"]["name"])
     metrics.forget_ftj(namespace, name)
-    run_state(memo).forget(namespace, name)
