@@ -144,9 +144,7 @@ def start_pod(api: Any, ns: str, job: dict[str, Any]) -> str:
 
 def finish_pod(api: Any, ns: str, pod: str, job_name: str) -> None:
     """The trainer exits 0 with its result; the Job controller marks the Job Complete."""
-    api.terminate_container(
-        ns, pod, exit_code=0, message=json.dumps(RESULT), container="trainer"
-    )
+    api.terminate_container(ns, pod, exit_code=0, message=json.dumps(RESULT), container="trainer")
     api.set_job_finished(ns, job_name, succeeded=True)
 
 
@@ -173,7 +171,9 @@ def _kubeconfig(url: str, folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def operator_process(url: str, poll_seconds: float, folder: Path) -> Iterator[int]:
+def operator_process(
+    url: str, poll_seconds: float, folder: Path, log_path: Path | None = None
+) -> Iterator[int]:
     """``finetune-operator run -A`` as its own process; yields its pid once it watches."""
     env = dict(
         os.environ,
@@ -182,8 +182,7 @@ def operator_process(url: str, poll_seconds: float, folder: Path) -> Iterator[in
         FINETUNE_METRICS_PORT="0",
         FINETUNE_PROGRESS_POLL_SECONDS=str(poll_seconds),
     )
-    log_path = folder / "operator.log"
-    with open(log_path, "w") as log:
+    with open(log_path or folder / "operator.log", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "finetune_operator.cli", "run", "--all-namespaces"],
             env=env,
@@ -238,7 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             figures["operatorCpuSeconds"] = round(proc_cpu_seconds(pid) - cpu_before, 1)
             figures["operatorRssIdleMiB"] = round(rss_idle, 1)
             figures["operatorPeakRssMiB"] = round(proc_status_mib(pid, "VmHWM"), 1)
-            log_path = Path(tmp) / "operator.log"
+            log_path = Path(args.operator_log or Path(tmp) / "operator.log")
             if log_path.exists():
                 figures["operatorLogLinesPerJob"] = round(
                     len(log_path.read_text().splitlines()) / args.jobs, 1
@@ -252,7 +251,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 @contextlib.contextmanager
 def _operator(args: argparse.Namespace, url: str, folder: Path) -> Iterator[int]:
     if not args.single_process:
-        with operator_process(url, args.poll_seconds, folder) as pid:
+        log_path = Path(args.operator_log) if args.operator_log else None
+        with operator_process(url, args.poll_seconds, folder, log_path) as pid:
             yield pid
         return
     import finetune_operator.main  # noqa: F401  (registers the handlers)
@@ -323,11 +323,18 @@ def drive(api: Any, names: list[str], args: argparse.Namespace, pid: int) -> dic
                 rss_all_live = proc_status_mib(pid, "VmRSS")
         time.sleep(0.02)
     elapsed = time.monotonic() - t0
+    # Events follow the status write that the driver saw: let the last ones land.
+    settle_until, last_count = time.monotonic() + 10, -1
+    while time.monotonic() < settle_until and api.count() != last_count:
+        last_count = api.count()
+        time.sleep(1.0)
     to_job = [job_seen[k] - created[k] for k in job_seen]
     last_job = max(job_seen.values(), default=t0) - t0
     writes = sum(api.count(verb=v) for v in WRITE_VERBS)
     events = api.count(verb="create", resource="events")
-    status_writes = sum(api.count(verb=v, resource="finetunejobs/status") for v in ("patch", "update"))
+    status_writes = sum(
+        api.count(verb=v, resource="finetunejobs/status") for v in ("patch", "update")
+    )
     succeeded = sum(
         1 for k in done
         if ((api.read("finetunejobs", *k) or {}).get("status") or {}).get("phase") == "Succeeded"
@@ -355,8 +362,14 @@ def drive(api: Any, names: list[str], args: argparse.Namespace, pid: int) -> dic
         "eventsPerJob": round(events / jobs, 2),
         "statusWritesPerJob": round(status_writes / jobs, 2),
         "noopStatusWrites": api.noop_status_writes,
+        "requestsPerJobByVerbAndResource": {
+            f"{verb} {res}": round(n / jobs, 2)
+            for (verb, res), n in sorted(api.request_counts.items(), key=lambda kv: -kv[1])
+        },
         "operatorRssAllLiveMiB": round(rss_all_live, 1),
-        "benchProcessMaxRssMiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "benchProcessMaxRssMiB": round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+        ),
     }
 
 
@@ -392,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="sys.setswitchinterval for this process (0: keep Python's 5 ms default)",
     )
+    parser.add_argument("--operator-log", default=None, help="keep the operator's log here")
     parser.add_argument("--table", action="store_true", help="also print a readable summary")
     args = parser.parse_args(argv)
     if args.switch_interval > 0:

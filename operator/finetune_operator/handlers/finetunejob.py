@@ -286,6 +286,9 @@ async def reconcile(
     serialised = state.serialised(namespace, name) if state else contextlib.nullcontext()
     async with serialised:
         try:
+            # Events of children created by an attempt whose status write then failed: the
+            # next attempt adopts those children (409), so their events would be lost.
+            created: list[Event] = []
             for _attempt in range(max(1, config.status_write_retries)):
                 body = await kube.get(KIND, namespace, name)
                 if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
@@ -297,16 +300,14 @@ async def reconcile(
                 except ChildRejected as exc:
                     metrics.ftj_errors.labels("JobRejected").inc()
                     p, action_events = job_rejected(obs, p, str(exc)), []
+                created += action_events
                 patch = status_patch(obs.status, p.status)
                 if patch:
                     try:
-                        await kube.patch_status(
-                            KIND,
-                            namespace,
-                            name,
-                            patch,
-                            (body.get("metadata") or {}).get("resourceVersion"),
-                        )
+                        # No resourceVersion precondition: this operator is the only status
+                        # writer and serialises reconciles per object, while kopf's own
+                        # metadata patches change the resourceVersion (decision 1202).
+                        await kube.patch_status(KIND, namespace, name, patch, None)
                     except KubeError as exc:
                         if exc.conflict:
                             metrics.ftj_status_writes.labels("conflict").inc()
@@ -322,7 +323,7 @@ async def reconcile(
                 else:
                     metrics.ftj_status_writes.labels("skipped").inc()
                 _record_metrics(obs, p, body)
-                for event in action_events + (p.events if patch else []):
+                for event in created + (p.events if patch else []):
                     await kube.emit_event(body, event.type, event.reason, event.message)
                 return p
             metrics.ftj_errors.labels("StatusConflict").inc()
@@ -393,13 +394,40 @@ async def on_change(name: str, namespace: str | None, memo: Any, reason: str, **
     )
 
 
+# How often a sleeping poller looks whether kopf asked it to stop. kopf waits
+# DAEMON_STOP_BACKOFF_SECONDS for it to return by itself before it cancels it.
+STOP_CHECK_SECONDS = 0.5
+DAEMON_STOP_BACKOFF_SECONDS = 3.0
+
+
+async def _sleep_unless_stopped(stopped: kopf.DaemonStopped, seconds: float) -> None:
+    """Sleep, returning early (within STOP_CHECK_SECONDS) once the daemon is stopped.
+
+    Plain sleeps rather than ``stopped.wait()``: that helper's inner waiting task fails
+    with TimeoutError when the operator exits while it waits, which kopf reports as a crash.
+    """
+    deadline = time.monotonic() + seconds
+    while not stopped:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        await asyncio.sleep(min(left, STOP_CHECK_SECONDS))
+
+
 def _is_running(status: Mapping[str, Any] | None, **_: Any) -> bool:
     """A run exists and has no verdict yet: the only state worth polling."""
     status = status or {}
     return bool(status.get("trainerJob")) and not is_terminal(status)
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, when=_is_running, cancellation_timeout=5.0)
+@kopf.daemon(
+    GROUP,
+    VERSION,
+    PLURAL,
+    when=_is_running,
+    cancellation_backoff=DAEMON_STOP_BACKOFF_SECONDS,
+    cancellation_timeout=5.0,
+)
 async def poll_running(
     name: str, namespace: str | None, stopped: kopf.DaemonStopped, memo: Any, **_: Any
 ) -> None:
@@ -413,12 +441,12 @@ async def poll_running(
     state = run_state(memo)
     namespace = str(namespace)
     while not stopped:
-        # kopf cancels this task when the filter stops matching; the sleep is where it waits.
-        await asyncio.sleep(config.progress_poll_seconds)
+        await _sleep_unless_stopped(stopped, config.progress_poll_seconds)
         if stopped:
             break
         try:
-            # A cancellation must not cut a reconcile between its status write and events.
+            # Should a cancellation come, it must not cut a reconcile between its status
+            # write and its events.
             await asyncio.shield(
                 reconcile(kube, config, namespace, name, trigger="poll", state=state)
             )
