@@ -62,6 +62,9 @@ EVENT_CHILD_KINDS = ("Job",)
 # How long a read of the price table is reused: it changes rarely, and re-reading it on every
 # reconcile was one request per poll of every running job.
 PRICE_TABLE_TTL_SECONDS = 60.0
+# Polls of running jobs in flight at once. When the API is slow, polls stretch (progress
+# shows later) instead of delaying the first reconcile of new jobs (decision 1200).
+POLL_CONCURRENCY = 4
 
 
 class RunState:
@@ -75,6 +78,8 @@ class RunState:
     def __init__(self) -> None:
         self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
         self.prices: tuple[float, PriceTable | None] | None = None  # (monotonic read time, table)
+        # Polls take turns so that new jobs and Job events are not queued behind them.
+        self.poll_slots = asyncio.Semaphore(POLL_CONCURRENCY)
 
     @contextlib.asynccontextmanager
     async def serialised(self, namespace: str, name: str) -> AsyncIterator[None]:
@@ -182,7 +187,12 @@ async def observe(
     gen = run_generation(job_name)
     if job_name and gen is not None and not settled:
         job = await kube.get("Job", namespace, job_name)
-        configmap = await kube.get("ConfigMap", namespace, names.trainer_configmap_name(name, gen))
+        job_annotations = ((job or {}).get("metadata") or {}).get("annotations") or {}
+        if names.ANNOTATION_SPEC_HASH not in job_annotations:
+            # The run's spec hash is on the Job; the ConfigMap is read only without it.
+            configmap = await kube.get(
+                "ConfigMap", namespace, names.trainer_configmap_name(name, gen)
+            )
         pods = await kube.list(
             "Pod",
             namespace,
@@ -459,9 +469,10 @@ async def poll_running(
         try:
             # Should a cancellation come, it must not cut a reconcile between its status
             # write and its events.
-            await asyncio.shield(
-                reconcile(kube, config, namespace, name, trigger="poll", state=state)
-            )
+            async with state.poll_slots:
+                await asyncio.shield(
+                    reconcile(kube, config, namespace, name, trigger="poll", state=state)
+                )
         except (kopf.TemporaryError, KubeError) as exc:
             log.info("poll of %s/%s deferred: %s", namespace, name, exc)
 
