@@ -203,3 +203,36 @@ def test_running_cost_is_refreshed_every_few_minutes_not_every_poll() -> None:
         CONFIG,
     )
     assert p3.status["cost"]["gpuSeconds"] == 10.0 + COST_REFRESH_SECONDS
+
+
+def test_per_job_locks_exist_only_while_a_reconcile_is_in_flight() -> None:
+    import asyncio
+
+    from finetune_operator.handlers.finetunejob import RunState
+
+    async def scenario() -> tuple[int, int, list[str]]:
+        state = RunState()
+        order: list[str] = []
+        gate = asyncio.Event()
+
+        async def work(tag: str) -> None:
+            async with state.serialised("ns", "bot"):
+                order.append(f"{tag}-in")
+                await gate.wait()
+                order.append(f"{tag}-out")
+
+        first = asyncio.create_task(work("a"))
+        second = asyncio.create_task(work("b"))
+        await asyncio.sleep(0)
+        in_flight = state.tracked_objects
+        gate.set()
+        await asyncio.gather(first, second)
+        for i in range(1000):  # many jobs reconciled once each
+            async with state.serialised("ns", f"job-{i}"):
+                pass
+        return in_flight, state.tracked_objects, order
+
+    in_flight, after, order = asyncio.run(scenario())
+    assert in_flight == 1
+    assert after == 0  # nothing kept per job once its reconciles are done
+    assert order == ["a-in", "a-out", "b-in", "b-out"]  # serialised, never interleaved

@@ -1,6 +1,6 @@
 """kopf handlers of FineTuneJob: observe, plan (pure), act, write status.
 
-Every trigger — create, update, resume after an operator restart, the tracking timer and
+Every trigger — create, update, resume after an operator restart, the poller of a running job and
 events of the trainer Jobs — runs the same level-based :func:`reconcile`, serialised per
 object. Names of children are deterministic, so a repeated create meets the existing object
 (409) and is taken as success: never two trainer Jobs for one generation.
