@@ -26,11 +26,12 @@ def test_bench_scale_small_run_with_the_operator_in_its_own_process() -> None:
     assert figures["mode"] == "operator-process"
     assert figures["trainerJobsCreated"] == 12 and figures["succeeded"] == 12
     assert figures["noopStatusWrites"] == 0
-    # Pending, Training, Succeeded; polls in between write nothing new.
-    assert figures["statusWritesPerJob"] <= 3
+    # Pending, Training, Succeeded (sometimes the moment between the container's exit and
+    # the Job's completion is seen too); polls in between write nothing new.
+    assert figures["statusWritesPerJob"] <= 4
     # JobCreated, Running, Succeeded (decision 1201).
     assert figures["eventsPerJob"] <= 3
-    # ConfigMap, Job, kopf's finalizer and annotation, 3 status writes, 3 events.
-    assert figures["operatorWritesPerJob"] <= 10
+    # ConfigMap, Job, kopf's finalizer and annotation, 3-4 status writes, 3 events.
+    assert figures["operatorWritesPerJob"] <= 11
     # The operator process was found and measured (its own figures, not this process's).
     assert figures["operatorPeakRssMiB"] > 20 and figures["operatorCpuSeconds"] > 0
