@@ -1,17 +1,23 @@
 """Scale benchmark: many FineTuneJobs across many namespaces against the embedded API.
 
-Runs the real operator (kopf, cluster-wide) against the emulated API server in this process,
-creates N FineTuneJobs spread over M namespaces, plays the cluster for each trainer Job (pod
-runs, trainer reports its result through the termination message) and reports:
+Runs the real operator (kopf, cluster-wide) against the emulated API server, creates N
+FineTuneJobs spread over M namespaces at a given arrival rate, plays the cluster for each
+trainer Job (its pod runs for ``--train-seconds``, then exits 0 with the trainer's result)
+and reports:
 
 - time from FineTuneJob creation until its trainer Job exists and status names it (p50/p99),
-- time from creation to Succeeded,
-- operator requests and writes per job lifecycle (HTTP requests the operator made),
+  and the throughput at which trainer Jobs appeared,
+- operator requests and writes per job lifecycle (HTTP requests the API server answered),
 - status writes that changed nothing,
-- peak RSS of this process (operator + embedded API + the objects it stores) and the growth
-  from before the operator started.
+- the operator process's own peak RSS (VmHWM) and CPU seconds.
 
-    python bench/bench_scale.py --jobs 1000 --namespaces 50
+By default the operator runs as its own process (``finetune-operator run``, pointed at the
+emulated API through a kubeconfig), as it would in a cluster; this process holds the API
+server and the driver. ``--single-process`` runs all three in one interpreter instead (the
+figures then include the API server and every object it stores).
+
+    python bench/bench_scale.py --jobs 1000 --namespaces 50 --rate 10 --train-seconds 120
+    python bench/bench_scale.py --jobs 1000 --namespaces 50 --rate 0     # all at once
 
 Prints one JSON object; `--table` adds a human-readable summary.
 """
@@ -19,17 +25,23 @@ Prints one JSON object; `--table` adds a human-readable summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
 
 SPEC: dict[str, Any] = {
     "baseModel": {"uri": "pvc://models/llama-3-8b"},
@@ -54,13 +66,11 @@ RESULT = {
         "method": "qlora",
     },
 }
+WRITE_VERBS = ("create", "update", "patch", "delete")
 
 
-def rss_mib() -> float:
-    """Current resident set size of this process in MiB (Linux)."""
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -71,8 +81,28 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-def play_pod(api: Any, ns: str, job: dict[str, Any]) -> None:
-    """Job controller + kubelet: the trainer pod runs and exits 0 with its result."""
+# ---------------------------------------------------------------- measuring a process
+
+
+def proc_status_mib(pid: int | str, field: str) -> float:
+    """A memory figure (VmRSS, VmHWM) of a process from /proc, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def proc_cpu_seconds(pid: int | str) -> float:
+    """User + system CPU seconds a process used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------- playing the cluster
+
+
+def start_pod(api: Any, ns: str, job: dict[str, Any]) -> str:
+    """Job controller + kubelet: the trainer pod of ``job`` starts running."""
     template = job["spec"]["template"]
     name = f"{job['metadata']['name']}-x1"
     container = template["spec"]["containers"][0]["name"]
@@ -101,33 +131,96 @@ def play_pod(api: Any, ns: str, job: dict[str, Any]) -> None:
         },
         keep_status=False,
     )
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = _now()
     api.patch_status(
         "pods", ns, name,
-        {
-            "phase": "Succeeded",
-            "startTime": now,
-            "conditions": [{"type": "PodScheduled", "status": "True"}],
-            "containerStatuses": [
-                {"name": container, "ready": False, "restartCount": 0,
-                 "state": {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": now,
-                                          "finishedAt": now, "message": json.dumps(RESULT)}}}
-            ],
-        },
+        {"phase": "Running", "startTime": now,
+         "conditions": [{"type": "PodScheduled", "status": "True"}],
+         "containerStatuses": [{"name": container, "ready": True, "restartCount": 0,
+                                "state": {"running": {"startedAt": now}}}]},
     )  # fmt: skip
-    api.set_job_finished(ns, job["metadata"]["name"], succeeded=True)
+    return name
 
 
-def run(jobs: int, namespaces: int, timeout: float) -> dict[str, Any]:
-    import finetune_operator.main  # noqa: F401  (registers the handlers)
-    import kopf
-    from finetune_operator.clients.kube import KubeClient
-    from finetune_operator.config import OperatorConfig
-    from finetune_operator.local import Emulator, run_operator, serve
+def finish_pod(api: Any, ns: str, pod: str, job_name: str) -> None:
+    """The trainer exits 0 with its result; the Job controller marks the Job Complete."""
+    api.terminate_container(ns, pod, exit_code=0, message=json.dumps(RESULT), container="trainer")
+    api.set_job_finished(ns, job_name, succeeded=True)
+
+
+# ---------------------------------------------------------------- running the operator
+
+
+def _kubeconfig(url: str, folder: Path) -> Path:
+    path = folder / "kubeconfig"
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "emulated", "cluster": {"server": url}}],
+                "users": [{"name": "bench", "user": {"token": "bench"}}],
+                "contexts": [
+                    {"name": "emulated", "context": {"cluster": "emulated", "user": "bench"}}
+                ],
+                "current-context": "emulated",
+            }
+        )
+    )
+    return path
+
+
+@contextlib.contextmanager
+def operator_process(
+    url: str, poll_seconds: float, folder: Path, log_path: Path | None = None
+) -> Iterator[int]:
+    """``finetune-operator run -A`` as its own process; yields its pid once it watches."""
+    env = dict(
+        os.environ,
+        KUBECONFIG=str(_kubeconfig(url, folder)),
+        PYTHONPATH=f"{REPO / 'operator'}:{REPO / 'trainer-image'}",
+        FINETUNE_METRICS_PORT="0",
+        FINETUNE_PROGRESS_POLL_SECONDS=str(poll_seconds),
+    )
+    with open(log_path or folder / "operator.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "finetune_operator.cli", "run", "--all-namespaces"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_watching(api: Any, timeout: float = 60.0) -> None:
+    """Until the operator opened its watches (FineTuneJobs and Jobs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if api.count(verb="watch", resource="finetunejobs") and api.count(
+            verb="watch", resource="jobs"
+        ):
+            return
+        time.sleep(0.1)
+    raise RuntimeError("the operator did not start watching in time")
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from finetune_operator.local import Emulator, serve
 
     api = Emulator()
-    names = [f"team-{i:02d}" for i in range(namespaces)]
-    with serve(api):
+    names = [f"team-{i:02d}" for i in range(args.namespaces)]
+    with serve(api) as server, tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         for ns in names:
             api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
             for claim in ("models", "datasets", "adapters"):
@@ -135,84 +228,153 @@ def run(jobs: int, namespaces: int, timeout: float) -> dict[str, Any]:
                     {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
                      "metadata": {"name": claim, "namespace": ns}, "spec": {}}
                 )  # fmt: skip
-        config = OperatorConfig(metrics_port=0, progress_poll_seconds=2.0)
-        memo = kopf.Memo(config=config, kube=KubeClient.from_url(str(api.url)))
-        rss_before = rss_mib()
         api.reset_counters()
-        with run_operator(api, memo=memo, clusterwide=True, startup_timeout=60, stop_timeout=60):
-            created: dict[tuple[str, str], float] = {}
-            job_seen: dict[tuple[str, str], float] = {}
-            done: dict[tuple[str, str], float] = {}
-            played: set[tuple[str, str]] = set()
-            peak = rss_mib()
-            t0 = time.monotonic()
-            for i in range(jobs):
-                ns = names[i % namespaces]
-                name = f"job-{i:04d}"
-                api.create(
-                    {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
-                     "metadata": {"name": name, "namespace": ns}, "spec": SPEC},
-                    keep_status=False,
-                )  # fmt: skip
-                created[(ns, name)] = time.monotonic()
-            deadline = time.monotonic() + timeout
-            seen_writes = 0
-            while len(done) < jobs and time.monotonic() < deadline:
-                now = time.monotonic()
-                # Follow the write log instead of re-reading every object each round: the
-                # driver must not eat the CPU the operator is being measured on.
-                fresh = api.writes[seen_writes:]
-                seen_writes += len(fresh)
-                for w in fresh:
-                    if w.plural != "finetunejobs" or w.subresource != "status":
-                        continue
-                    key = (w.namespace or "", w.name)
-                    if key not in created or key in done:
-                        continue
-                    st = (api.read("finetunejobs", *key) or {}).get("status") or {}
-                    if st.get("trainerJob") and key not in played:
-                        # The Job is created before the status naming it is written.
-                        job = api.read("jobs", key[0], st["trainerJob"])
-                        if job is not None:
-                            job_seen[key] = now
-                            played.add(key)
-                            play_pod(api, key[0], job)
-                    if st.get("phase") in ("Succeeded", "Failed"):
-                        done[key] = now
-                peak = max(peak, rss_mib())
-                time.sleep(0.05)
-            elapsed = time.monotonic() - t0
-            to_job = [job_seen[k] - created[k] for k in job_seen]
-            to_done = [done[k] - created[k] for k in done]
-            operator_requests = api.count()
-            writes = sum(api.count(verb=v) for v in ("create", "update", "patch", "delete"))
-            status_writes = sum(api.count(verb=v, resource=r) for v in ("patch", "update")
-                                for r in ("finetunejobs/status",))  # fmt: skip
-            noop_status = api.noop_status_writes
-            succeeded = sum(
-                1 for k in done
-                if ((api.read("finetunejobs", *k) or {}).get("status") or {}).get("phase") == "Succeeded"
+        with _operator(args, server.url, Path(tmp)) as pid:
+            _wait_watching(api)
+            cpu_before = proc_cpu_seconds(pid)
+            own_cpu_before = proc_cpu_seconds("self")
+            rss_idle = proc_status_mib(pid, "VmRSS")
+            figures = drive(api, names, args, pid)
+            figures["operatorCpuSeconds"] = round(proc_cpu_seconds(pid) - cpu_before, 1)
+            # This process: the API server and the driver (the operator too if single-process).
+            figures["apiServerAndDriverCpuSeconds"] = round(
+                proc_cpu_seconds("self") - own_cpu_before, 1
+            )
+            figures["operatorRssIdleMiB"] = round(rss_idle, 1)
+            figures["operatorPeakRssMiB"] = round(proc_status_mib(pid, "VmHWM"), 1)
+            log_path = Path(args.operator_log or Path(tmp) / "operator.log")
+            if log_path.exists():
+                figures["operatorLogLinesPerJob"] = round(
+                    len(log_path.read_text().splitlines()) / args.jobs, 1
+                )
+    figures["operatorCpuCoresAverage"] = round(
+        figures["operatorCpuSeconds"] / figures["wallSeconds"], 2
+    )
+    return figures
+
+
+@contextlib.contextmanager
+def _operator(args: argparse.Namespace, url: str, folder: Path) -> Iterator[int]:
+    if not args.single_process:
+        log_path = Path(args.operator_log) if args.operator_log else None
+        with operator_process(url, args.poll_seconds, folder, log_path) as pid:
+            yield pid
+        return
+    import finetune_operator.main  # noqa: F401  (registers the handlers)
+    import kopf
+    from finetune_operator.clients.kube import KubeClient
+    from finetune_operator.config import OperatorConfig
+    from finetune_operator.local import run_operator
+
+    config = OperatorConfig(metrics_port=0, progress_poll_seconds=args.poll_seconds)
+    memo = kopf.Memo(config=config, kube=KubeClient.from_url(url))
+    with run_operator(url, memo=memo, clusterwide=True, startup_timeout=60, stop_timeout=60):
+        yield os.getpid()
+
+
+def drive(api: Any, names: list[str], args: argparse.Namespace, pid: int) -> dict[str, Any]:
+    """Create the jobs at the arrival rate, play their pods, follow their status."""
+    jobs = args.jobs
+    interval = 1.0 / args.rate if args.rate > 0 else 0.0
+    created: dict[tuple[str, str], float] = {}
+    job_seen: dict[tuple[str, str], float] = {}
+    running: dict[tuple[str, str], tuple[float, str, str]] = {}  # key -> (ends at, pod, job)
+    done: dict[tuple[str, str], float] = {}
+    live_peak = 0
+    rss_all_live = float("nan")
+    seen_writes = 0
+    t0 = time.monotonic()
+    deadline = t0 + args.timeout
+    while len(done) < jobs and time.monotonic() < deadline:
+        now = time.monotonic()
+        # Arrivals due by now (all at once when the rate is 0).
+        while len(created) < jobs and (interval == 0 or t0 + len(created) * interval <= now):
+            i = len(created)
+            ns, name = names[i % len(names)], f"job-{i:04d}"
+            api.create(
+                {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+                 "metadata": {"name": name, "namespace": ns}, "spec": SPEC},
+                keep_status=False,
             )  # fmt: skip
+            created[(ns, name)] = time.monotonic()
+        # Follow the write log instead of re-reading every object each round: the driver
+        # must not eat the CPU the operator is being measured on.
+        fresh = api.writes[seen_writes:]
+        seen_writes += len(fresh)
+        for w in fresh:
+            if w.plural != "finetunejobs" or w.subresource != "status":
+                continue
+            key = (w.namespace or "", w.name)
+            if key not in created or key in done:
+                continue
+            st = (api.read("finetunejobs", *key) or {}).get("status") or {}
+            if st.get("trainerJob") and key not in job_seen:
+                # The Job is created before the status naming it is written.
+                job = api.read("jobs", key[0], st["trainerJob"])
+                if job is not None:
+                    job_seen[key] = now
+                    pod = start_pod(api, key[0], job)
+                    running[key] = (now + args.train_seconds, pod, st["trainerJob"])
+            if st.get("phase") in ("Succeeded", "Failed"):
+                done[key] = now
+        for key, (ends, pod, job_name) in list(running.items()):
+            if ends <= now:
+                finish_pod(api, key[0], pod, job_name)
+                del running[key]
+        live = len(created) - len(done)
+        if live >= live_peak:
+            live_peak = live
+            if live == jobs:
+                rss_all_live = proc_status_mib(pid, "VmRSS")
+        time.sleep(0.02)
+    elapsed = time.monotonic() - t0
+    # Events follow the status write that the driver saw: let the last ones land.
+    settle_until, last_count = time.monotonic() + 10, -1
+    while time.monotonic() < settle_until and api.count() != last_count:
+        last_count = api.count()
+        time.sleep(1.0)
+    to_job = [job_seen[k] - created[k] for k in job_seen]
+    last_job = max(job_seen.values(), default=t0) - t0
+    writes = sum(api.count(verb=v) for v in WRITE_VERBS)
+    events = api.count(verb="create", resource="events")
+    status_writes = sum(
+        api.count(verb=v, resource="finetunejobs/status") for v in ("patch", "update")
+    )
+    succeeded = sum(
+        1 for k in done
+        if ((api.read("finetunejobs", *k) or {}).get("status") or {}).get("phase") == "Succeeded"
+    )  # fmt: skip
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "switchIntervalSeconds": sys.getswitchinterval(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "mode": "single-process" if args.single_process else "operator-process",
+        "switchIntervalSeconds": sys.getswitchinterval(),
         "jobs": jobs,
-        "namespaces": namespaces,
+        "namespaces": len(names),
+        "ratePerSecond": args.rate,
+        "trainSeconds": args.train_seconds,
+        "pollSeconds": args.poll_seconds,
         "trainerJobsCreated": len(job_seen),
         "succeeded": succeeded,
         "wallSeconds": round(elapsed, 1),
         "createToJobP50s": round(statistics.median(to_job), 3) if to_job else None,
         "createToJobP99s": round(percentile(to_job, 99), 3) if to_job else None,
-        "createToSucceededP50s": round(statistics.median(to_done), 3) if to_done else None,
-        "createToSucceededP99s": round(percentile(to_done, 99), 3) if to_done else None,
-        "operatorRequestsPerJob": round(operator_requests / jobs, 2),
+        "createToJobMaxS": round(max(to_job), 3) if to_job else None,
+        "jobsPerSecondToLastJob": round(len(job_seen) / last_job, 1) if last_job > 0 else None,
+        "liveJobsPeak": live_peak,
+        "operatorRequestsPerJob": round(api.count() / jobs, 2),
         "operatorWritesPerJob": round(writes / jobs, 2),
+        "eventsPerJob": round(events / jobs, 2),
         "statusWritesPerJob": round(status_writes / jobs, 2),
-        "noopStatusWrites": noop_status,
-        "rssBeforeOperatorMiB": round(rss_before, 1),
-        "rssPeakMiB": round(peak, 1),
-        "maxRssMiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "noopStatusWrites": api.noop_status_writes,
+        "requestsPerJobByVerbAndResource": {
+            f"{verb} {res}": round(n / jobs, 2)
+            for (verb, res), n in sorted(api.request_counts.items(), key=lambda kv: -kv[1])
+        },
+        "operatorRssAllLiveMiB": round(rss_all_live, 1),
+        "benchProcessMaxRssMiB": round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+        ),
     }
 
 
@@ -223,28 +385,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--namespaces", type=int, default=50)
     parser.add_argument(
+        "--rate", type=float, default=10.0, help="FineTuneJobs created per second (0: all at once)"
+    )
+    parser.add_argument(
+        "--train-seconds", type=float, default=0.0, help="how long each trainer pod runs"
+    )
+    parser.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=15.0,
+        help="FINETUNE_PROGRESS_POLL_SECONDS of the operator (its default: 15)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=900.0, help="give up after this many seconds"
     )
-    parser.add_argument("--table", action="store_true", help="also print a readable summary")
+    parser.add_argument(
+        "--single-process",
+        action="store_true",
+        help="run the operator in this process too (figures include the API server)",
+    )
     parser.add_argument(
         "--switch-interval",
         type=float,
-        default=0.0005,
+        default=0.0,
         help="sys.setswitchinterval for this process (0: keep Python's 5 ms default)",
     )
+    parser.add_argument("--operator-log", default=None, help="keep the operator's log here")
+    parser.add_argument("--table", action="store_true", help="also print a readable summary")
     args = parser.parse_args(argv)
-    # The operator, the API server and this driver share one interpreter here (never in a
-    # cluster). With Python's 5 ms GIL switch interval every request hop between their
-    # threads can wait for a switch, which measured the harness rather than the operator.
     if args.switch_interval > 0:
         sys.setswitchinterval(args.switch_interval)
-    out = run(args.jobs, args.namespaces, args.timeout)
+    out = run(args)
     print(json.dumps(out))
     if args.table:
         for key, value in out.items():
-            print(f"{key:>24}: {value}")
+            print(f"{key:>28}: {value}")
     return 0 if out["succeeded"] == args.jobs else 1
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "operator"))
     sys.exit(main())

@@ -122,5 +122,5 @@ def test_two_replicas_make_one_job(emulator: Emulator, operator_runner, peering:
     reasons = Counter(e["reason"] for e in events(emulator, "bot"))
     if peering:
         # Only one replica acted: every event once.
-        assert reasons["JobCreated"] == 1 and reasons["ConfigMapCreated"] == 1, reasons
+        assert reasons["JobCreated"] == 1 and reasons["Succeeded"] == 1, reasons
         assert all(n <= 2 for n in reasons.values()), reasons

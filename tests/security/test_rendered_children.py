@@ -105,7 +105,12 @@ def test_children_of_many_specs_are_hardened_and_hold_no_credentials(
                 out = (SPECS[job["metadata"]["labels"][LABEL_JOB]]["output"]
                        .get("credentialsSecretRef") or {}).get("name")  # fmt: skip
                 assert _references(container) <= ({out} if out else set()), (where, container)
-    wait_for(lambda: len(emulator.read_all("events", NS)) >= 2 * len(SPECS), what="events")
+    wait_for(
+        lambda: (
+            sum(e["reason"] == "JobCreated" for e in emulator.read_all("events", NS)) >= len(SPECS)
+        ),
+        what="events",
+    )
     scanned = json.dumps(
         {
             "objects": [o for o in emulator.objects() if o.get("kind") != "Secret"],

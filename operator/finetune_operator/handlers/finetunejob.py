@@ -1,6 +1,6 @@
 """kopf handlers of FineTuneJob: observe, plan (pure), act, write status.
 
-Every trigger — create, update, resume after an operator restart, the tracking timer and
+Every trigger — create, update, resume after an operator restart, the poller of a running job and
 events of the trainer Jobs — runs the same level-based :func:`reconcile`, serialised per
 object. Names of children are deterministic, so a repeated create meets the existing object
 (409) and is taken as success: never two trainer Jobs for one generation.
@@ -9,9 +9,10 @@ object. Names of children are deterministic, so a repeated create meets the exis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import kopf
@@ -29,6 +30,7 @@ from ..planners.finetunejob import (
     Observed,
     Plan,
     PriceTable,
+    is_settled,
     is_terminal,
     job_rejected,
     plan,
@@ -39,24 +41,66 @@ from ..planners.finetunejob import (
 
 log = logging.getLogger(__name__)
 
+
+class _QuietPollerStops(logging.Filter):
+    """kopf warns each time it cancels a daemon; for a poller of a job that just finished
+    that is the normal end (one warning per job at scale), so it is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Daemon 'poll_running' is cancelled")
+
+
+logging.getLogger("kopf.objects").addFilter(_QuietPollerStops())
+
 # Keys of status that kopf or other writers own; never compared or overwritten here.
 FOREIGN_STATUS_KEYS = ("kopf",)
+# Children whose creation makes an event: the trainer Job is what users look at next
+# (`kubectl logs job/...`); its ConfigMap and Service are details (decision 1201).
+EVENT_CHILD_KINDS = ("Job",)
+
+
+# How long a read of the price table is reused: it changes rarely, and re-reading it on every
+# reconcile was one request per poll of every running job.
+PRICE_TABLE_TTL_SECONDS = 60.0
+# Polls of running jobs in flight at once. When the API is slow, polls stretch (progress
+# shows later) instead of delaying the first reconcile of new jobs (decision 1200).
+POLL_CONCURRENCY = 4
 
 
 class RunState:
     """Per-operator-run state shared by all handlers (kept in kopf's memo, not globals,
-    so that locks belong to the event loop of the run that uses them)."""
+    so that locks belong to the event loop of the run that uses them).
+
+    Holds only what is in flight: a job's lock exists while a reconcile of it runs or waits,
+    so memory does not grow with the number of jobs ever seen.
+    """
 
     def __init__(self) -> None:
-        self.locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self.last_poll: dict[tuple[str, str], float] = {}
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        self.prices: tuple[float, PriceTable | None] | None = None  # (monotonic read time, table)
+        # Polls take turns so that new jobs and Job events are not queued behind them.
+        self.poll_slots = asyncio.Semaphore(POLL_CONCURRENCY)
 
-    def lock(self, namespace: str, name: str) -> asyncio.Lock:
-        return self.locks.setdefault((namespace, name), asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def serialised(self, namespace: str, name: str) -> AsyncIterator[None]:
+        """One reconcile of an object at a time (create/update, poll and Job events race)."""
+        key = (namespace, name)
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
-    def forget(self, namespace: str, name: str) -> None:
-        self.locks.pop((namespace, name), None)
-        self.last_poll.pop((namespace, name), None)
+    @property
+    def tracked_objects(self) -> int:
+        """Objects with a reconcile running or waiting (for tests and the scale benchmark)."""
+        return len(self._locks)
 
 
 def runtime(memo: Any) -> tuple[KubeClient, OperatorConfig]:
@@ -100,30 +144,55 @@ async def _missing_references(
     return tuple(missing)
 
 
-async def _price_table(kube: KubeClient, config: OperatorConfig) -> PriceTable | None:
+async def _price_table(
+    kube: KubeClient, config: OperatorConfig, state: RunState | None
+) -> PriceTable | None:
+    now = time.monotonic()
+    if state is not None and state.prices is not None:
+        read_at, table = state.prices
+        if now - read_at < PRICE_TABLE_TTL_SECONDS:
+            return table
     try:
         cm = await kube.get("ConfigMap", config.operator_namespace, config.price_table_configmap)
     except KubeError as exc:
         log.debug("price table unreadable: %s", exc)
         return None
-    return PriceTable.from_configmap_data((cm or {}).get("data"))
+    table = PriceTable.from_configmap_data((cm or {}).get("data"))
+    if state is not None:
+        state.prices = (now, table)
+    return table
 
 
-async def observe(kube: KubeClient, config: OperatorConfig, body: Mapping[str, Any]) -> Observed:
-    """Gather the FineTuneJob's children, pod states, log tail, references and prices."""
+async def observe(
+    kube: KubeClient,
+    config: OperatorConfig,
+    body: Mapping[str, Any],
+    state: RunState | None = None,
+) -> Observed:
+    """Gather the FineTuneJob's children, pod states, log tail, references and prices.
+
+    A settled job (finished, spec unchanged since) needs none of them: its status stays.
+    """
     meta = body.get("metadata") or {}
     name, namespace = str(meta["name"]), str(meta["namespace"])
+    generation = int(meta.get("generation") or 1)
     status = dict(body.get("status") or {})
     for key in FOREIGN_STATUS_KEYS:
         status.pop(key, None)
+    settled = is_settled(status, generation)
     job_name = status.get("trainerJob")
     job = configmap = None
     pods: list[dict[str, Any]] = []
     log_tail = None
     gen = run_generation(job_name)
-    if job_name and gen is not None:
+    if job_name and gen is not None and not settled:
         job = await kube.get("Job", namespace, job_name)
-        configmap = await kube.get("ConfigMap", namespace, names.trainer_configmap_name(name, gen))
+        job_annotations = ((job or {}).get("metadata") or {}).get("annotations") or {}
+        if names.ANNOTATION_SPEC_HASH not in job_annotations:
+            # The run's spec hash is on the Job; the ConfigMap is read only without it.
+            configmap = await kube.get(
+                "ConfigMap", namespace, names.trainer_configmap_name(name, gen)
+            )
         pods = await kube.list(
             "Pod",
             namespace,
@@ -138,7 +207,7 @@ async def observe(kube: KubeClient, config: OperatorConfig, body: Mapping[str, A
             )
 
     missing: tuple[str, ...] | None = None
-    if job_name is None or is_terminal(status):
+    if job_name is None or (is_terminal(status) and not settled):
         try:
             spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
             missing = await _missing_references(kube, namespace, spec)
@@ -148,7 +217,7 @@ async def observe(kube: KubeClient, config: OperatorConfig, body: Mapping[str, A
         name=name,
         namespace=namespace,
         uid=str(meta.get("uid") or ""),
-        generation=int(meta.get("generation") or 1),
+        generation=generation,
         spec=body.get("spec") or {},
         status=status,
         annotations=dict(meta.get("annotations") or {}),
@@ -157,7 +226,7 @@ async def observe(kube: KubeClient, config: OperatorConfig, body: Mapping[str, A
         pods=tuple(pods),
         log_tail=log_tail,
         missing_refs=missing,
-        prices=await _price_table(kube, config),
+        prices=None if settled else await _price_table(kube, config, state),
     )
 
 
@@ -187,7 +256,7 @@ async def execute(kube: KubeClient, namespace: str, p: Plan) -> list[Event]:
                 if exc.status in (403, 422):
                     raise ChildRejected(exc.message or str(exc)) from exc
                 raise
-            if created:
+            if created and action.kind in EVENT_CHILD_KINDS:
                 events.append(
                     Event("Normal", f"{action.kind}Created", f"created {action.kind} {action.name}")
                 )
@@ -231,33 +300,35 @@ async def reconcile(
     namespace: str,
     name: str,
     trigger: str,
-    lock: asyncio.Lock | None = None,
+    state: RunState | None = None,
 ) -> Plan | None:
     """Observe, plan, act and write status for one FineTuneJob; retried on write conflicts."""
     started = time.monotonic()
-    async with lock or asyncio.Lock():
+    serialised = state.serialised(namespace, name) if state else contextlib.nullcontext()
+    async with serialised:
         try:
+            # Events of children created by an attempt whose status write then failed: the
+            # next attempt adopts those children (409), so their events would be lost.
+            created: list[Event] = []
             for _attempt in range(max(1, config.status_write_retries)):
                 body = await kube.get(KIND, namespace, name)
                 if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
                     return None
-                obs = await observe(kube, config, body)
+                obs = await observe(kube, config, body, state)
                 p = plan(obs, config)
                 try:
                     action_events = await execute(kube, namespace, p)
                 except ChildRejected as exc:
                     metrics.ftj_errors.labels("JobRejected").inc()
                     p, action_events = job_rejected(obs, p, str(exc)), []
+                created += action_events
                 patch = status_patch(obs.status, p.status)
                 if patch:
                     try:
-                        await kube.patch_status(
-                            KIND,
-                            namespace,
-                            name,
-                            patch,
-                            (body.get("metadata") or {}).get("resourceVersion"),
-                        )
+                        # No resourceVersion precondition: this operator is the only status
+                        # writer and serialises reconciles per object, while kopf's own
+                        # metadata patches change the resourceVersion (decision 1202).
+                        await kube.patch_status(KIND, namespace, name, patch, None)
                     except KubeError as exc:
                         if exc.conflict:
                             metrics.ftj_status_writes.labels("conflict").inc()
@@ -273,7 +344,7 @@ async def reconcile(
                 else:
                     metrics.ftj_status_writes.labels("skipped").inc()
                 _record_metrics(obs, p, body)
-                for event in action_events + (p.events if patch else []):
+                for event in created + (p.events if patch else []):
                     await kube.emit_event(body, event.type, event.reason, event.message)
                 return p
             metrics.ftj_errors.labels("StatusConflict").inc()
@@ -327,6 +398,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # Handler progress lives in annotations so status holds only what users read.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
     settings.persistence.finalizer = "finetune.dev/cleanup"
+    # Pollers of finished jobs return by themselves within this time (see poll_running).
+    settings.background.instant_exit_timeout = 2 * STOP_CHECK_SECONDS
     if not getattr(memo, "metrics_served", False) and memo.config.metrics_port:
         metrics.serve(memo.config.metrics_port)
         memo.metrics_served = True
@@ -337,32 +410,71 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 @kopf.on.update(GROUP, VERSION, PLURAL)
 async def on_change(name: str, namespace: str | None, memo: Any, reason: str, **_: Any) -> None:
     kube, config = runtime(memo)
-    lock = run_state(memo).lock(str(namespace), name)
-    _raise_for_outcome(
-        await reconcile(kube, config, str(namespace), name, trigger=str(reason), lock=lock), config
-    )
-
-
-# The timer ticks often and cheaply; each object is polled at most every
-# progress_poll_seconds (from the configuration in memo, so tests can poll faster).
-TIMER_TICK_SECONDS = 1.0
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_TICK_SECONDS, initial_delay=TIMER_TICK_SECONDS)
-async def track(name: str, namespace: str | None, status: kopf.Status, memo: Any, **_: Any) -> None:
-    """Poll running jobs: pod states, the trainer's progress lines, cost."""
-    if not status.get("trainerJob") or is_terminal(status):
-        return  # nothing runs; spec changes arrive through on_change
-    kube, config = runtime(memo)
-    key = (str(namespace), name)
-    now = time.monotonic()
     state = run_state(memo)
-    if now - state.last_poll.get(key, 0.0) < config.progress_poll_seconds:
-        return
-    state.last_poll[key] = now
-    await reconcile(
-        kube, config, str(namespace), name, trigger="timer", lock=state.lock(str(namespace), name)
+    _raise_for_outcome(
+        await reconcile(kube, config, str(namespace), name, trigger=str(reason), state=state),
+        config,
     )
+
+
+# How often a sleeping poller looks whether kopf asked it to stop. kopf waits up to
+# twice that for it to return by itself (settings.background.instant_exit_timeout) before it
+# cancels it; a graceful return needs no further handling cycle (no extra patch).
+STOP_CHECK_SECONDS = 0.5
+
+
+async def _sleep_unless_stopped(stopped: kopf.DaemonStopped, seconds: float) -> None:
+    """Sleep, returning early (within STOP_CHECK_SECONDS) once the daemon is stopped.
+
+    Plain sleeps rather than ``stopped.wait()``: that helper's inner waiting task fails
+    with TimeoutError when the operator exits while it waits, which kopf reports as a crash.
+    """
+    deadline = time.monotonic() + seconds
+    while not stopped:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        await asyncio.sleep(min(left, STOP_CHECK_SECONDS))
+
+
+def _is_running(status: Mapping[str, Any] | None, **_: Any) -> bool:
+    """A run exists and has no verdict yet: the only state worth polling."""
+    status = status or {}
+    return bool(status.get("trainerJob")) and not is_terminal(status)
+
+
+@kopf.daemon(
+    GROUP,
+    VERSION,
+    PLURAL,
+    when=_is_running,
+    cancellation_timeout=5.0,
+)
+async def poll_running(
+    name: str, namespace: str | None, stopped: kopf.DaemonStopped, memo: Any, **_: Any
+) -> None:
+    """Poll a running job every progress_poll_seconds: pod states, progress lines, cost.
+
+    kopf starts this task when a run starts and stops it when the filter no longer holds
+    (the job finished, failed or was deleted), so finished and idle jobs cost nothing.
+    Completion and failure are seen at once through :func:`trainer_job_event`.
+    """
+    kube, config = runtime(memo)
+    state = run_state(memo)
+    namespace = str(namespace)
+    while not stopped:
+        await _sleep_unless_stopped(stopped, config.progress_poll_seconds)
+        if stopped:
+            break
+        try:
+            # Should a cancellation come, it must not cut a reconcile between its status
+            # write and its events.
+            async with state.poll_slots:
+                await asyncio.shield(
+                    reconcile(kube, config, namespace, name, trigger="poll", state=state)
+                )
+        except (kopf.TemporaryError, KubeError) as exc:
+            log.info("poll of %s/%s deferred: %s", namespace, name, exc)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={names.LABEL_MANAGED_BY: names.MANAGER})
@@ -375,8 +487,8 @@ async def trainer_job_event(body: kopf.Body, memo: Any, type: str | None, **_: A
     kube, config = runtime(memo)
     try:
         namespace, name = str(meta.get("namespace")), str(owner["name"])
-        lock = run_state(memo).lock(namespace, name)
-        await reconcile(kube, config, namespace, name, trigger="job-event", lock=lock)
+        state = run_state(memo)
+        await reconcile(kube, config, namespace, name, trigger="job-event", state=state)
     except (kopf.TemporaryError, KubeError) as exc:
         log.info("reconcile after a Job event deferred: %s", exc)
 
@@ -393,4 +505,3 @@ async def on_delete(name: str, namespace: str | None, memo: Any, **_: Any) -> No
             if any(o.get("kind") == KIND and o.get("name") == name for o in owners):
                 await kube.delete(kind, namespace, child["metadata"]["name"])
     metrics.forget_ftj(namespace, name)
-    run_state(memo).forget(namespace, name)

@@ -72,6 +72,10 @@ RUN_FIELDS = (
     "completedAt",
 )
 
+# While a run goes on, status.cost is refreshed once this much wall time (per GPU) has
+# passed since the recorded figure; it is exact once the run ends.
+COST_REFRESH_SECONDS = 300.0
+
 # Condition reasons that warrant a Warning event when they appear.
 WARNING_REASONS = frozenset(
     {
@@ -219,6 +223,19 @@ def is_terminal(status: Mapping[str, Any]) -> bool:
     return _cond_true(status, SUCCEEDED) or _cond_true(status, FAILED)
 
 
+def is_settled(status: Mapping[str, Any], generation: int) -> bool:
+    """A finished run whose verdict already reflects the current spec: reconciling it again
+    can change nothing, so nothing needs to be observed.
+
+    Not settled while a spec change waits for the run to end (Validated reason
+    ``SpecChangeDeferred``): that change starts a new run once this one finished.
+    """
+    if not is_terminal(status) or status.get("observedGeneration") != generation:
+        return False
+    validated = get_condition(list(status.get("conditions") or []), VALIDATED) or {}
+    return validated.get("reason") != "SpecChangeDeferred"
+
+
 def _cond_true(status: Mapping[str, Any], type_: str) -> bool:
     cond = get_condition(list(status.get("conditions") or []), type_)
     return cond is not None and cond.get("status") == "True"
@@ -310,30 +327,42 @@ class _Status:
         return {k: v for k, v in self.data.items() if v is not None}
 
 
+# Normal condition changes that make an event: the milestones a user waits for. Every other
+# Normal change (Validated, Fits, a first Admitted=NoQueue, Evaluated, GatesPassed...) is in
+# status only; a Warning always makes one. See decision 1201.
+MILESTONES = frozenset(
+    {
+        (ADMITTED, "True", "Admitted"),  # Kueue admitted the queued Job
+        (TRAINING, "True", "Running"),  # the trainer pod started
+        (SUCCEEDED, "True", "Succeeded"),  # the verdict, gates passed, adapter recorded
+    }
+)
+
+
 def transition_events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
-    """One event per condition whose status or reason changed (messages carry no secrets);
-    a condition that first appears as False only makes one when it is a warning."""
+    """Events for the condition changes a user acts on or waits for (messages carry no
+    secrets): a Warning for each failure or problem that appears or changes, a Normal event
+    for each milestone reached. Conditions list everything else."""
     events: list[Event] = []
     before = {c.get("type"): c for c in old.get("conditions") or []}
     for cond in new.get("conditions") or []:
         prev = before.get(cond.get("type"))
-        if prev and (prev.get("status"), prev.get("reason")) == (
-            cond.get("status"),
-            cond.get("reason"),
-        ):
+        key = (cond.get("type"), cond.get("status"), cond.get("reason"))
+        if prev and (prev.get("status"), prev.get("reason")) == key[1:]:
             continue
         reason = str(cond.get("reason") or cond.get("type"))
         warning = reason in WARNING_REASONS or (
             cond.get("type") == FAILED and cond.get("status") == "True"
         )
-        if prev is None and cond.get("status") == "False" and not warning:
-            # A condition first appearing as "not (yet)" repeats another event of the same
-            # step (Training=False next to JobCreated, Failed=False next to Succeeded).
+        if not warning and key not in MILESTONES:
             continue
         text = f"{cond.get('type')}={cond.get('status')}"
         if cond.get("message"):
             text += f": {cond['message']}"
-        events.append(Event("Warning" if warning else "Normal", reason, text[:1024]))
+        event = Event("Warning" if warning else "Normal", reason, text[:1024])
+        # One failure often sets several conditions to the same reason (GatesPassed,
+        # Succeeded and Failed for GatesFailed): one event, the last (Failed's) message.
+        events = [e for e in events if e.reason != reason] + [event]
     return events
 
 
@@ -886,11 +915,20 @@ def _track_run(
         st.data["data"] = data_status(data_line.get("report"))
 
     # Cost, restarts, start time.
-    gpu_seconds = max(
-        _gpu_seconds(pods, spec.resources.gpus, obs.now),
-        float((obs.status.get("cost") or {}).get("gpuSeconds") or 0.0),
-    )
-    if gpu_seconds > 0 or pods:
+    recorded_cost = obs.status.get("cost") or {}
+    recorded_seconds = float(recorded_cost.get("gpuSeconds") or 0.0)
+    gpu_seconds = max(_gpu_seconds(pods, spec.resources.gpus, obs.now), recorded_seconds)
+    refresh = COST_REFRESH_SECONDS * max(1, spec.resources.gpus * spec.resources.nodes)
+    if (
+        recorded_cost
+        and not finished
+        and view.terminated is None
+        and gpu_seconds - recorded_seconds < refresh
+    ):
+        # While the run goes on, the running cost is rewritten every few minutes, not at
+        # every poll: one status write per poll for a growing number helps nobody.
+        st.data["cost"] = dict(recorded_cost)
+    elif gpu_seconds > 0 or pods:
         cost: dict[str, Any] = {"gpuSeconds": round(gpu_seconds, 1)}
         price = obs.prices.price(spec.resources.gpu_product) if obs.prices else None
         if price is not None and obs.prices is not None:
