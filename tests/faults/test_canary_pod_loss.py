@@ -57,6 +57,8 @@ def test_canary_pod_restart_mid_analysis_is_not_a_failure(env: Env) -> None:
     )
     canary_pods = [n for n, p in env.cluster.pods.items() if p.deployment == "support-canary"]
     assert canary_pods
+    # Keep the pod object: after promotion the canary Deployment and its pods go away.
+    restarted = env.cluster.pods[canary_pods[0]]
     env.cluster.restart_pod(canary_pods[0])
     wait_for(
         lambda: (
@@ -69,7 +71,7 @@ def test_canary_pod_restart_mid_analysis_is_not_a_failure(env: Env) -> None:
     st = env.status("support")
     assert st["canary"]["revision"]["outcome"] == "Promoted"
     assert st["canary"]["checksPassed"] == 3
-    assert env.cluster.pods[canary_pods[0]].restarts == 1
+    assert restarted.restarts == 1
     assert env.modules() == {"support": uri2.removeprefix("file://")}
     assert not any(
         c["type"] == "Degraded" and c["status"] == "True" for c in st.get("conditions") or []
