@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 from finetune_operator.api.trainer_config import PROGRESS_PREFIX
-from trainer.conftest import json_task_rows, make_config, tiny_model, write_config  # noqa: F401
+from trainer.conftest import tiny_model  # noqa: F401  (fixture)
+from trainer.trainer_samples import json_task_rows, make_config, write_config
 
 SECRET = "hf_TOPSECRET_badinput_4242"
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+from finetune_operator.api.trainer_config import PROGRESS_PREFIX
+from trainer_samples import (
     REPO,
     json_task_rows,
     make_config,
@@ -20,7 +21,6 @@ from conftest import (
     write_config,
     write_jsonl,
 )
-from finetune_operator.api.trainer_config import PROGRESS_PREFIX
 
 pytestmark = pytest.mark.slow
 

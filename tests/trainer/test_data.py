@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import json_task_rows, write_jsonl
 from finetune_operator.api.finetunejob import DatasetSpec
 from finetune_trainer.data import (
     check_usable,
@@ -17,6 +16,7 @@ from finetune_trainer.data import (
     write_data_outputs,
 )
 from finetune_trainer.errors import TrainerError
+from trainer_samples import json_task_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, json_task_rows, make_config, subprocess_env, write_config, write_jsonl
 from finetune_operator.api.trainer_config import PROGRESS_PREFIX
+from trainer_samples import (
+    REPO,
+    json_task_rows,
+    make_config,
+    subprocess_env,
+    write_config,
+    write_jsonl,
+)
 
 BUCKET = "models"
 REGION = "us-east-1"

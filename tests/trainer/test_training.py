@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import json_task_rows, make_config, write_jsonl
 from finetune_operator.api.trainer_config import TrainerConfig
+from trainer_samples import json_task_rows, make_config, write_jsonl
 
 pytestmark = pytest.mark.slow
 
