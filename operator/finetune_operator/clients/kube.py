@@ -18,12 +18,14 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from ..api.adapterdeployment import PLURAL as AD_PLURAL
 from ..api.common import GROUP, VERSION
 from ..api.finetunejob import PLURAL as FTJ_PLURAL
 
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 JSON = "application/json"
 # Ask for metadata only: existence checks of Secrets never carry their data over the wire.
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
@@ -48,9 +50,11 @@ class KubeError(Exception):
         return self.status in (409, 422)
 
 
-def _collection(kind: str, namespace: str) -> str:
+def collection_path(kind: str, namespace: str) -> str:
+    """The API path of a namespaced collection of ``kind``."""
     paths = {
         "Job": f"/apis/batch/v1/namespaces/{namespace}/jobs",
+        "Deployment": f"/apis/apps/v1/namespaces/{namespace}/deployments",
         "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",
         "Pod": f"/api/v1/namespaces/{namespace}/pods",
         "Secret": f"/api/v1/namespaces/{namespace}/secrets",
@@ -58,12 +62,14 @@ def _collection(kind: str, namespace: str) -> str:
         "PersistentVolumeClaim": f"/api/v1/namespaces/{namespace}/persistentvolumeclaims",
         "Event": f"/api/v1/namespaces/{namespace}/events",
         "FineTuneJob": f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{FTJ_PLURAL}",
+        "AdapterDeployment": f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{AD_PLURAL}",
     }
     return paths[kind]
 
 
-def _path(kind: str, namespace: str, name: str, sub: str = "") -> str:
-    path = f"{_collection(kind, namespace)}/{quote(name, safe='')}"
+def object_path(kind: str, namespace: str, name: str, sub: str = "") -> str:
+    """The API path of one object (or its ``sub``resource: status, log)."""
+    path = f"{collection_path(kind, namespace)}/{quote(name, safe='')}"
     return f"{path}/{sub}" if sub else path
 
 
@@ -147,11 +153,15 @@ class KubeClient:
     async def _acall(self, method: str, path: str, **kwargs: Any) -> Any:
         return await asyncio.to_thread(self._call, method, path, **kwargs)
 
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One API request (keyword arguments as ``_call``); for verbs not offered below."""
+        return await self._acall(method, path, **kwargs)
+
     # ------------------------------------------------------------ generic verbs
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            result: dict[str, Any] = await self._acall("GET", _path(kind, namespace, name))
+            result: dict[str, Any] = await self._acall("GET", object_path(kind, namespace, name))
             return result
         except KubeError as exc:
             if exc.not_found:
@@ -161,7 +171,7 @@ class KubeClient:
     async def exists(self, kind: str, namespace: str, name: str) -> bool:
         """Whether the object exists, asking for its metadata only (Secret data never read)."""
         try:
-            await self._acall("GET", _path(kind, namespace, name), accept=METADATA_ONLY)
+            await self._acall("GET", object_path(kind, namespace, name), accept=METADATA_ONLY)
             return True
         except KubeError as exc:
             if exc.not_found:
@@ -174,7 +184,7 @@ class KubeClient:
         query = (
             {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} if labels else None
         )
-        result = await self._acall("GET", _collection(kind, namespace), query=query)
+        result = await self._acall("GET", collection_path(kind, namespace), query=query)
         items = list(result.get("items") or [])
         # Filter here too: not every API server (or emulator) honours labelSelector.
         return [i for i in items if matches_labels(i, labels or {})]
@@ -187,7 +197,7 @@ class KubeClient:
         meta = body["metadata"]
         try:
             created = await self._acall(
-                "POST", _collection(body["kind"], meta["namespace"]), body=dict(body)
+                "POST", collection_path(body["kind"], meta["namespace"]), body=dict(body)
             )
             return created, True
         except KubeError as exc:
@@ -200,7 +210,10 @@ class KubeClient:
         self, kind: str, namespace: str, name: str, patch: Mapping[str, Any], sub: str = ""
     ) -> dict[str, Any]:
         result: dict[str, Any] = await self._acall(
-            "PATCH", _path(kind, namespace, name, sub), body=dict(patch), content_type=MERGE_PATCH
+            "PATCH",
+            object_path(kind, namespace, name, sub),
+            body=dict(patch),
+            content_type=MERGE_PATCH,
         )
         return result
 
@@ -211,7 +224,7 @@ class KubeClient:
         try:
             await self._acall(
                 "DELETE",
-                _path(kind, namespace, name),
+                object_path(kind, namespace, name),
                 body={
                     "kind": "DeleteOptions",
                     "apiVersion": "v1",
@@ -233,7 +246,7 @@ class KubeClient:
         try:
             text: str = await self._acall(
                 "GET",
-                _path("Pod", namespace, pod, "log"),
+                object_path("Pod", namespace, pod, "log"),
                 query={"container": container, "tailLines": str(tail_lines)},
                 raw=True,
             )
@@ -292,6 +305,8 @@ class KubeClient:
             "count": 1,
         }
         try:
-            await self._acall("POST", _collection("Event", str(meta.get("namespace"))), body=event)
+            await self._acall(
+                "POST", collection_path("Event", str(meta.get("namespace"))), body=event
+            )
         except KubeError as exc:
             log.warning("could not record event %s on %s: %s", reason, meta.get("name"), exc)
