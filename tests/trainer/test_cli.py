@@ -256,3 +256,23 @@ def test_make_tiny_model_command(tmp_path: Path, capsys: pytest.CaptureFixture[s
     config = json.loads((tmp_path / "tiny" / "config.json").read_text())
     assert config["model_type"] == "llama"
     assert (tmp_path / "tiny" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("preset", [None, "expandable_segments:False"])
+def test_cli_asks_for_expandable_allocator_segments_unless_told_otherwise(
+    preset: str | None,
+) -> None:
+    """Set before torch loads, in the trainer's own process (a user's setting wins)."""
+    env = subprocess_env()
+    env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    if preset:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = preset
+    code = (
+        "import os, sys; from finetune_trainer import cli; cli._setup(); "
+        "assert 'torch' not in sys.modules; print(os.environ['PYTORCH_CUDA_ALLOC_CONF'])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (preset or "expandable_segments:True")
