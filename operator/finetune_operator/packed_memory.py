@@ -231,3 +231,31 @@ def plan_micro_batch(
         f"{memory_budget_gib:.1f} GiB budget: use method qlora, a smaller maxSeqLength or a "
         "larger GPU"
     )
+
+
+def plan_or_replace(
+    shape: ModelShape,
+    *,
+    gradient_checkpointing: bool | None = None,
+    tokens_per_micro_batch: int | None = None,
+    **settings: Any,
+) -> tuple[MicroBatchPlan, str | None]:
+    """Plan with the requested budget and checkpointing; when they do not fit, the planner's
+    own choice. Both the operator's fit check and the trainer's fast path follow this rule
+    (a batch resolved for padded rows may not fit once packed).
+
+    Returns the plan and, when the request was replaced, why it did not fit. Raises
+    ValueError when no budget fits at all. ``settings`` as :func:`plan_micro_batch`.
+    """
+    try:
+        plan = plan_micro_batch(
+            shape,
+            gradient_checkpointing=gradient_checkpointing,
+            tokens_per_micro_batch=tokens_per_micro_batch,
+            **settings,
+        )
+        return plan, None
+    except ValueError as exc:
+        if gradient_checkpointing is None and tokens_per_micro_batch is None:
+            raise
+        return plan_micro_batch(shape, **settings), str(exc)

@@ -35,7 +35,7 @@ from finetune_operator.estimator import ModelShape
 from finetune_operator.packed_memory import (
     GIB,
     MicroBatchPlan,
-    plan_micro_batch,
+    plan_or_replace,
 )
 
 log = logging.getLogger(__name__)
@@ -380,20 +380,14 @@ def apply(
             "optimizer": optimizer,
             "lora_dropout": lora_dropout,
         }
-        try:
-            plan = plan_micro_batch(
-                shape,
-                gradient_checkpointing=gradient_checkpointing,
-                tokens_per_micro_batch=tokens_per_micro_batch,
-                **common,
-            )
-        except ValueError as exc:
-            if gradient_checkpointing is None and tokens_per_micro_batch is None:
-                raise
-            # Batch and checkpointing usually arrive resolved for padded batches of rows;
-            # packed, that choice may not fit. Let the planner choose instead.
-            log.warning("fast path: the requested batch/checkpointing do not fit (%s)", exc)
-            plan = plan_micro_batch(shape, **common)
+        plan, replaced = plan_or_replace(
+            shape,
+            gradient_checkpointing=gradient_checkpointing,
+            tokens_per_micro_batch=tokens_per_micro_batch,
+            **common,
+        )
+        if replaced:
+            log.warning("fast path: the requested batch/checkpointing do not fit (%s)", replaced)
     return FastPathReport(
         attention=attention,
         attention_note=note,

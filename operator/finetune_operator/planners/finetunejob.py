@@ -436,7 +436,7 @@ def check_fit(
             f"cannot check the fit: {why}; set resources.gpuMemoryGiB (or a known gpuProduct)",
         )
     if spec.training.packing:
-        return check_packed_fit(spec, shape, source, gpu_gib, product, config)
+        return check_packed_fit(spec, shape, source, gpu_gib, product, config, user_batch, user_gc)
     setup = est.TrainingSetup.from_spec(spec)
     batch, gc, estimate = est.choose_batch_and_checkpointing(
         shape,
@@ -491,6 +491,8 @@ def check_packed_fit(
     gpu_gib: float,
     product: str,
     config: OperatorConfig,
+    user_batch: int | None,
+    user_gc: bool | None,
 ) -> FitResult:
     """The fit of a packed run: memory depends on tokens per micro-batch, not rows.
 
@@ -501,46 +503,38 @@ def check_packed_fit(
     planner's, and so does this check.
     """
     t = spec.training
-    user_batch = t.batch_size if isinstance(t.batch_size, int) else None
     usable = gpu_gib * (1 - config.memory_headroom)
-    common: dict[str, Any] = {
+    run: dict[str, Any] = {
         "method": spec.method,
         "lora_rank": spec.lora.r,
-        "max_seq_length": t.max_seq_length,
-        "memory_budget_gib": usable,
         "optimizer": t.optimizer,
         "lora_dropout": spec.lora.dropout,
     }
-    note = ""
     try:
-        plan = packed.plan_micro_batch(
+        plan, replaced = packed.plan_or_replace(
             shape,
-            gradient_checkpointing=t.gradient_checkpointing,
+            gradient_checkpointing=user_gc,
             tokens_per_micro_batch=user_batch * t.max_seq_length if user_batch else None,
-            **common,
+            max_seq_length=t.max_seq_length,
+            memory_budget_gib=usable,
+            **run,
         )
     except ValueError as exc:
-        try:
-            plan = packed.plan_micro_batch(shape, **common)
-        except ValueError:
-            return FitResult(
-                "False",
-                "InsufficientGPUMemory",
-                f"{exc} ({product}: {gpu_gib:.1f} GiB less {config.memory_headroom:.0%} "
-                "headroom; with packing the memory depends on maxSeqLength, not batchSize; "
-                "lora.dropout 0 also saves memory)",
-                user_batch,
-                t.gradient_checkpointing,
-            )
-        note = "; the requested batchSize/gradientCheckpointing do not fit and will be replaced"
+        return FitResult(
+            "False",
+            "InsufficientGPUMemory",
+            f"{exc} ({product}: {gpu_gib:.1f} GiB less {config.memory_headroom:.0%} "
+            "headroom; with packing the memory depends on maxSeqLength, not batchSize; "
+            "lora.dropout 0 also saves memory)",
+            user_batch,
+            user_gc,
+        )
+    note = "; the requested batchSize/gradientCheckpointing do not fit and will be replaced"
     breakdown = packed.peak_breakdown_bytes(
         shape,
-        method=spec.method,
-        lora_rank=spec.lora.r,
         tokens=plan.tokens_per_micro_batch,
         gradient_checkpointing=plan.gradient_checkpointing,
-        optimizer=t.optimizer,
-        lora_dropout=spec.lora.dropout,
+        **run,
     )
     record = {
         "peakGiB": plan.predicted_peak_gib,
@@ -558,9 +552,9 @@ def check_packed_fit(
         f"predicted peak {plan.predicted_peak_gib:.1f} GiB per GPU of {usable:.1f} GiB usable on "
         f"{product} with packing ({plan.tokens_per_micro_batch} tokens per micro-batch, "
         f"gradientCheckpointing {str(plan.gradient_checkpointing).lower()}; shape from "
-        f"{source}){note}",
-        user_batch if not note else None,
-        t.gradient_checkpointing if not note else None,
+        f"{source}){note if replaced else ''}",
+        None if replaced else user_batch,
+        None if replaced else user_gc,
         record,
     )
 
