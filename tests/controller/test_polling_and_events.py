@@ -66,7 +66,8 @@ def test_running_job_is_polled_at_the_configured_interval(
     assert FAST.progress_poll_seconds == 0.2
 
 
-def test_finished_job_is_never_polled(emulator: Emulator, operator_runner: Any) -> None:
+def _run_to_success(emulator: Emulator, operator_runner: Any) -> None:
+    """One FineTuneJob through a real operator: training, then Succeeded and its event."""
     add_prerequisites(emulator)
     start_operator(emulator, operator_runner)
     emulator.create(ftj_body("bot", spec()), keep_status=False)
@@ -78,6 +79,10 @@ def test_finished_job_is_never_polled(emulator: Emulator, operator_runner: Any) 
     emulator.set_job_finished(NS, JOB, succeeded=True)
     wait_phase(emulator, "bot", "Succeeded")
     wait_for(lambda: any(e["reason"] == "Succeeded" for e in events(emulator, "bot")))
+
+
+def test_finished_job_is_never_polled(emulator: Emulator, operator_runner: Any) -> None:
+    _run_to_success(emulator, operator_runner)
     # Let a poll that was already under way end, then watch for ten poll intervals.
     time.sleep(0.5)
     polls, reads, writes = _reconciles("poll"), _reads_of_children(emulator), len(emulator.writes)
@@ -91,17 +96,7 @@ def test_finished_job_is_never_polled(emulator: Emulator, operator_runner: Any) 
 def test_lifecycle_events_are_milestones_within_budget(
     emulator: Emulator, operator_runner: Any
 ) -> None:
-    add_prerequisites(emulator)
-    start_operator(emulator, operator_runner)
-    emulator.create(ftj_body("bot", spec()), keep_status=False)
-    pod_name = start_pod(emulator, wait_job(emulator, JOB))
-    wait_phase(emulator, "bot", "Training")
-    emulator.terminate_container(
-        NS, pod_name, exit_code=0, message=json.dumps(result()), container="trainer"
-    )
-    emulator.set_job_finished(NS, JOB, succeeded=True)
-    wait_phase(emulator, "bot", "Succeeded")
-    wait_for(lambda: any(e["reason"] == "Succeeded" for e in events(emulator, "bot")))
+    _run_to_success(emulator, operator_runner)
     reasons = [e["reason"] for e in events(emulator, "bot")]
     assert sorted(reasons) == ["JobCreated", "Running", "Succeeded"], reasons
     operator_writes = sum(
