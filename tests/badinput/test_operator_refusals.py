@@ -27,7 +27,13 @@ from finetune_operator.local import Emulator
 from k8s_fixtures import wait_for
 from serving.adapters import make_adapter
 from serving.conftest import fast_serving_settings  # noqa: F401  (fixture)
-from serving.test_operator_serving import Env, adapter_deployment, uri_source, vllm_deployment
+from serving.test_operator_serving import (
+    Env,
+    adapter_deployment,
+    env_with_every_handler,
+    uri_source,
+    vllm_deployment,
+)
 
 SECRET_VALUE = "hf_canary_V4LUE_must_never_leak_7781"
 
@@ -133,16 +139,7 @@ def env(
     fast_serving_settings: None,  # noqa: F811
     tmp_path: Path,
 ) -> Iterator[Env]:
-    import finetune_operator.main  # noqa: F401  (every handler, as in the operator pod)
-    import kopf
-    from controller.cluster import FAST
-    from finetune_operator.clients.kube import KubeClient
-    from finetune_operator.local.serving_cluster import ServingCluster
-
-    with ServingCluster(emulator, NS, tmp_path / "pvc", lambda _d, _t: {}) as cluster:
-        memo = kopf.Memo(config=FAST, kube=KubeClient.from_url(str(emulator.url)))
-        operator_runner(memo=memo, namespaces=[NS])
-        yield Env(emulator, cluster, tmp_path)
+    yield from env_with_every_handler(emulator, operator_runner, tmp_path)
 
 
 def _refused(env: Env, name: str) -> dict[str, Any]:

@@ -15,10 +15,10 @@ from k8s_fixtures import wait_for
 from serving.adapters import make_adapter
 from serving.conftest import fast_serving_settings  # noqa: F401  (fixture)
 from serving.test_operator_serving import (
-    NS,
     Env,
     adapter_deployment,
     canary_strategy,
+    env_with_every_handler,
     uri_source,
     vllm_deployment,
 )
@@ -31,16 +31,7 @@ def env(
     fast_serving_settings: None,  # noqa: F811
     tmp_path: Path,
 ) -> Iterator[Env]:
-    import finetune_operator.main  # noqa: F401  (every handler, as in the operator pod)
-    import kopf
-    from controller.cluster import FAST
-    from finetune_operator.clients.kube import KubeClient
-    from finetune_operator.local.serving_cluster import ServingCluster
-
-    with ServingCluster(emulator, NS, tmp_path / "pvc", lambda _d, _t: {}) as cluster:
-        memo = kopf.Memo(config=FAST, kube=KubeClient.from_url(str(emulator.url)))
-        operator_runner(memo=memo, namespaces=[NS])
-        yield Env(emulator, cluster, tmp_path)
+    yield from env_with_every_handler(emulator, operator_runner, tmp_path)
 
 
 def test_canary_pod_restart_mid_analysis_is_not_a_failure(env: Env) -> None:

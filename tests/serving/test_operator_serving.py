@@ -149,6 +149,22 @@ def env(
         yield e
 
 
+def env_with_every_handler(
+    emulator: Emulator, operator_runner: Any, tmp_path: Path
+) -> Iterator[Env]:
+    """An Env whose operator registers every handler, as in the operator pod, with the
+    controller tests' fast configuration (for fixtures of other test folders)."""
+    import finetune_operator.main  # noqa: F401  (every handler)
+    import kopf
+    from controller.cluster import FAST
+    from finetune_operator.clients.kube import KubeClient
+
+    with ServingCluster(emulator, NS, tmp_path / "pvc", lambda _d, _t: {}) as cluster:
+        memo = kopf.Memo(config=FAST, kube=KubeClient.from_url(str(emulator.url)))
+        operator_runner(memo=memo, namespaces=[NS])
+        yield Env(emulator, cluster, tmp_path)
+
+
 def rollbacks(adapter: str, reason: str) -> float:
     value = metrics_serving.ROLLBACKS.labels(NS, adapter, reason)._value.get()
     return float(value)
