@@ -8,7 +8,7 @@ Two sources:
   call site `<something named kube>.<method>(kind, ...)` in the package is found with `ast`,
   the kind is resolved (a literal, a constant, a `for kind in (...)` loop, or a dataclass field
   typed `kind: Literal[...]`), and the real client method is run once per kind against a
-  recording transport that stands in for the network, so the HTTP method and path come from
+  recording API server on a local port, so the HTTP method and path come from
   the client's own code. Paths are then turned into RBAC (apiGroup, resource, verb) triples.
 
 A call site whose kind cannot be resolved is reported, never guessed.
@@ -20,13 +20,15 @@ import ast
 import asyncio
 import importlib
 import inspect
-import json
 import re
 import typing
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from aiohttp import web
+from kubernetes.client import ApiClient, Configuration
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = ROOT / "operator" / "finetune_operator"
@@ -36,6 +38,8 @@ CLIENT_CLASSES = {
     "finetune_operator.clients.kube": "KubeClient",
     "finetune_operator.clients.serving_kube": "ServingKube",
 }
+# Client methods that send no API request (closing the connection pool).
+NOT_API_CALLS = {"close"}
 KOPF_CHANGE_HANDLERS = {"create", "update", "delete", "resume", "field"}
 KOPF_WATCHING = KOPF_CHANGE_HANDLERS | {"event", "timer", "daemon", "index"}
 
@@ -90,30 +94,32 @@ def permission_of(http_method: str, path: str, query: str = "") -> Permission:
 # ---------------------------------------------------------------- recording transport
 
 
-class _Response:
-    status = 200
-
-    def __init__(self, payload: bytes) -> None:
-        self._payload = payload
-
-    def read(self) -> bytes:
-        return self._payload
-
-
-class RecordingApiClient:
-    """Stands in for `kubernetes.client.ApiClient`: records requests, answers 200."""
+class RecordingApiServer:
+    """Stands in for the API server: records each request's method and path, answers 200
+    (an empty list; an empty body for pod logs)."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str]] = []
 
-    def param_serialize(self, method: str, resource_path: str, **_: Any) -> tuple[Any, ...]:
-        return method, resource_path, {}, None, None
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append((request.method, request.path_qs))
+        if request.path.endswith("/log"):
+            return web.Response(body=b"")
+        return web.json_response({"items": [], "metadata": {}})
 
-    def call_api(self, method: str, url: str, **_: Any) -> _Response:
-        self.requests.append((method, url))
-        if "/log" in url.split("?")[0]:
-            return _Response(b"")
-        return _Response(json.dumps({"items": [], "metadata": {}}).encode())
+    async def run(self, call: Callable[[str], Awaitable[Any]]) -> None:
+        """Serve on a free local port while ``call(url)`` runs."""
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            await call(f"http://127.0.0.1:{port}")
+        finally:
+            await runner.cleanup()
 
 
 def _argument_for(parameter: str, kind: str, keywords: dict[str, Any]) -> Any:
@@ -147,29 +153,32 @@ def _argument_for(parameter: str, kind: str, keywords: dict[str, Any]) -> Any:
 def requests_of(
     module_name: str, method: str, kind: str, keywords: dict[str, Any]
 ) -> list[tuple[str, str]]:
-    """Run one client method for one kind against the recording transport."""
+    """Run one client method for one kind against the recording API server."""
     module = importlib.import_module(module_name)
     client_class = getattr(module, CLIENT_CLASSES[module_name])
-    transport = RecordingApiClient()
-    client = client_class(transport)
-    bound = getattr(client, method)
-    arguments = {}
-    for name, parameter in inspect.signature(bound).parameters.items():
-        if parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
-            continue
+    server = RecordingApiServer()
+
+    async def call(url: str) -> None:
+        client = client_class(ApiClient(Configuration(host=url)))
+        bound = getattr(client, method)
+        arguments = {}
+        for name, parameter in inspect.signature(bound).parameters.items():
+            if parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
+                continue
+            try:
+                arguments[name] = _argument_for(name, kind, keywords)
+            except KeyError:
+                if parameter.default is inspect.Parameter.empty:
+                    raise
         try:
-            arguments[name] = _argument_for(name, kind, keywords)
-        except KeyError:
-            if parameter.default is inspect.Parameter.empty:
-                raise
-    result = bound(**arguments)
-    if inspect.isawaitable(result):
-        asyncio.run(_await(result))
-    return transport.requests
+            result = bound(**arguments)
+            if inspect.isawaitable(result):
+                await result
+        finally:
+            await client.close()
 
-
-async def _await(awaitable: Any) -> Any:
-    return await awaitable
+    asyncio.run(server.run(call))
+    return server.requests
 
 
 def client_methods() -> dict[str, set[str]]:
@@ -184,7 +193,7 @@ def client_methods() -> dict[str, set[str]]:
         result[module_name] = {
             name
             for name, member in inspect.getmembers(cls, inspect.iscoroutinefunction)
-            if not name.startswith("_")
+            if not name.startswith("_") and name not in NOT_API_CALLS
         }
     return result
 

@@ -17,6 +17,7 @@ from cluster import (
     ftj_body,
     start_operator,
     start_pod,
+    trainer_jobs,
     wait_job,
     wait_phase,
 )
@@ -231,3 +232,43 @@ def test_per_job_locks_exist_only_while_a_reconcile_is_in_flight() -> None:
     assert in_flight == 1
     assert after == 0  # nothing kept per job once its reconciles are done
     assert order == ["a-in", "a-out", "b-in", "b-out"]  # serialised, never interleaved
+
+
+def test_job_start_asks_only_what_it_does_not_know(
+    emulator: Emulator, operator_runner: Any
+) -> None:
+    """References seen a moment ago are not asked for again, and the trainer Job the
+    operator just created does not trigger a reconcile of its own (decision 1205)."""
+    add_prerequisites(emulator)
+    start_operator(emulator, operator_runner)
+    job_events = _reconciles("job-event")
+    emulator.create(ftj_body("bot", spec()), keep_status=False)
+    wait_job(emulator, JOB)
+    reference_reads = emulator.count("get", "persistentvolumeclaims") + emulator.count(
+        "get", "secrets"
+    )
+    assert reference_reads >= 2  # the claims were checked for the first job
+
+    emulator.create(ftj_body("bot2", spec()), keep_status=False)
+    second = wait_job(emulator, "bot2-train-g1")
+    wait_phase(emulator, "bot2", "Pending")
+    time.sleep(0.5)  # the Jobs' ADDED events have arrived by now
+    assert (
+        emulator.count("get", "persistentvolumeclaims") + emulator.count("get", "secrets")
+        == reference_reads
+    )
+    assert _reconciles("job-event") == job_events
+
+    # A change of the Job (here: it failed) still reconciles at once.
+    emulator.set_job_finished(NS, second["metadata"]["name"], succeeded=False)
+    wait_for(lambda: _reconciles("job-event") > job_events, timeout=5, what="a Job event")
+
+
+def test_missing_reference_is_asked_for_again(emulator: Emulator, operator_runner: Any) -> None:
+    add_prerequisites(emulator, pvcs=("datasets",))
+    start_operator(emulator, operator_runner)
+    emulator.create(ftj_body("bot", spec()), keep_status=False)
+    wait_phase(emulator, "bot", "Pending")
+    assert not trainer_jobs(emulator)
+    add_prerequisites(emulator, pvcs=("adapters",), secrets=())
+    wait_job(emulator, JOB)

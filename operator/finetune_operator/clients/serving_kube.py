@@ -34,6 +34,9 @@ class ServingKube:
     def from_environment(cls) -> ServingKube:
         return cls(api_client_from_environment())
 
+    async def close(self) -> None:
+        await self._kube.close()
+
     async def get(self, kind: str, ns: str, name: str) -> dict[str, Any] | None:
         return await self._kube.get(kind, ns, name)
 

@@ -752,22 +752,36 @@ async def serve_adapter(
 ) -> None:
     """The reconcile loop of one AdapterDeployment."""
     assert namespace is not None  # AdapterDeployment is namespaced
+    kube = _kube()
     async with aiohttp.ClientSession() as session:
-        controller = Controller(_kube(), VllmClient(session, SETTINGS.http_timeout_seconds))
-        while not stopped:
-            try:
-                await controller.tick(namespace, name)
-            except kopf.TemporaryError as exc:
-                log.info("%s/%s: %s", namespace, name, exc)
-            except (ServingKubeError, VllmError, aiohttp.ClientError, OSError) as exc:
-                log.warning("%s/%s: tick failed, will retry: %s", namespace, name, exc)
-            except Exception:  # keep reconciling: one bad pass must not stop the loop
-                log.exception("%s/%s: unexpected error; will retry", namespace, name)
-            await stopped.wait(SETTINGS.poll_seconds)
+        controller = Controller(kube, VllmClient(session, SETTINGS.http_timeout_seconds))
+        try:
+            await _serve_until_stopped(controller, namespace, name, stopped)
+        finally:
+            await kube.close()
+
+
+async def _serve_until_stopped(
+    controller: Controller, namespace: str, name: str, stopped: kopf.DaemonStopped
+) -> None:
+    while not stopped:
+        try:
+            await controller.tick(namespace, name)
+        except kopf.TemporaryError as exc:
+            log.info("%s/%s: %s", namespace, name, exc)
+        except (ServingKubeError, VllmError, aiohttp.ClientError, OSError) as exc:
+            log.warning("%s/%s: tick failed, will retry: %s", namespace, name, exc)
+        except Exception:  # keep reconciling: one bad pass must not stop the loop
+            log.exception("%s/%s: unexpected error; will retry", namespace, name)
+        await stopped.wait(SETTINGS.poll_seconds)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="remove-adapter")
 async def remove_adapter(body: kopf.Body, **_: Any) -> None:
+    kube = _kube()
     async with aiohttp.ClientSession() as session:
-        controller = Controller(_kube(), VllmClient(session, SETTINGS.http_timeout_seconds))
-        await controller.remove(dict(body))
+        controller = Controller(kube, VllmClient(session, SETTINGS.http_timeout_seconds))
+        try:
+            await controller.remove(dict(body))
+        finally:
+            await kube.close()

@@ -62,6 +62,10 @@ EVENT_CHILD_KINDS = ("Job",)
 # How long a read of the price table is reused: it changes rarely, and re-reading it on every
 # reconcile was one request per poll of every running job.
 PRICE_TABLE_TTL_SECONDS = 60.0
+# How long a PersistentVolumeClaim or Secret seen to exist is taken to still exist: the jobs of
+# a team reference the same few claims, and asking again for every new job was a third of the
+# requests of a job's start. A missing one is asked for again each time (decision 1205).
+REFERENCE_SEEN_TTL_SECONDS = 30.0
 # Polls of running jobs in flight at once. When the API is slow, polls stretch (progress
 # shows later) instead of delaying the first reconcile of new jobs (decision 1200).
 POLL_CONCURRENCY = 4
@@ -78,6 +82,8 @@ class RunState:
     def __init__(self) -> None:
         self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
         self.prices: tuple[float, PriceTable | None] | None = None  # (monotonic read time, table)
+        # (kind, namespace, name) -> monotonic time it was last seen to exist.
+        self.references_seen: dict[tuple[str, str, str], float] = {}
         # Polls take turns so that new jobs and Job events are not queued behind them.
         self.poll_slots = asyncio.Semaphore(POLL_CONCURRENCY)
 
@@ -96,6 +102,19 @@ class RunState:
                 del self._locks[key]
             else:
                 self._locks[key] = (lock, users - 1)
+
+    def recently_seen(self, kind: str, namespace: str, name: str) -> bool:
+        seen = self.references_seen.get((kind, namespace, name))
+        return seen is not None and time.monotonic() - seen < REFERENCE_SEEN_TTL_SECONDS
+
+    def saw(self, kind: str, namespace: str, name: str) -> None:
+        now = time.monotonic()
+        if len(self.references_seen) > 4096:  # bounded: drop what has expired
+            self.references_seen = {
+                k: t for k, t in self.references_seen.items()
+                if now - t < REFERENCE_SEEN_TTL_SECONDS
+            }  # fmt: skip
+        self.references_seen[(kind, namespace, name)] = now
 
     @property
     def tracked_objects(self) -> int:
@@ -123,7 +142,7 @@ def run_state(memo: Any) -> RunState:
 
 
 async def _missing_references(
-    kube: KubeClient, namespace: str, spec: FineTuneJobSpec
+    kube: KubeClient, namespace: str, spec: FineTuneJobSpec, state: RunState | None = None
 ) -> tuple[str, ...]:
     claims, secrets = referenced_objects(spec)
     checks = [("PersistentVolumeClaim", claim, "fix the pvc:// URI") for claim in claims] + [
@@ -131,6 +150,8 @@ async def _missing_references(
     ]
     missing: list[str] = []
     for kind, ref, fix in checks:
+        if state is not None and state.recently_seen(kind, namespace, ref):
+            continue
         try:
             found = await kube.exists(kind, namespace, ref)
         except KubeError as exc:
@@ -141,6 +162,8 @@ async def _missing_references(
             continue
         if not found:
             missing.append(f"{kind} {ref!r} not found in namespace {namespace}: create it or {fix}")
+        elif state is not None:
+            state.saw(kind, namespace, ref)
     return tuple(missing)
 
 
@@ -210,7 +233,7 @@ async def observe(
     if job_name is None or (is_terminal(status) and not settled):
         try:
             spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
-            missing = await _missing_references(kube, namespace, spec)
+            missing = await _missing_references(kube, namespace, spec, state)
         except ValidationError:
             missing = None  # the planner reports the invalid spec
     return Observed(
@@ -405,6 +428,23 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         memo.metrics_served = True
 
 
+# How long the operator, when it stops, lets reconciles under way finish their writes.
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+@kopf.on.cleanup()
+async def release_client(memo: kopf.Memo, **_: Any) -> None:
+    """Close the API client's connections when the operator stops, once the reconciles
+    still under way (a poll is shielded from cancellation) have written their status."""
+    state = getattr(memo, "ftj_state", None)
+    deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+    while state is not None and state.tracked_objects and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    kube = getattr(memo, "kube", None)
+    if isinstance(kube, KubeClient):
+        await kube.close()
+
+
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
@@ -482,7 +522,9 @@ async def trainer_job_event(body: kopf.Body, memo: Any, type: str | None, **_: A
     """A trainer Job changed: reconcile its FineTuneJob at once instead of at the next poll."""
     meta = body.get("metadata") or {}
     owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == KIND), None)
-    if owner is None or type is None:
+    # None: the initial listing (resume reconciles those jobs); ADDED: the reconcile that made
+    # the Job writes its status next, and a new Job has nothing to report yet.
+    if owner is None or type in (None, "ADDED"):
         return
     kube, config = runtime(memo)
     try:
