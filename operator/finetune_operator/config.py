@@ -85,6 +85,14 @@ class OperatorConfig:
             "FINETUNE_PROGRESS_POLL_SECONDS",
         ),
     )
+    progress_polls_per_second: float = field(
+        default=20.0,
+        metadata=_help(
+            "Most polls of running jobs per second, all jobs together: with more running jobs "
+            "than progressPollSeconds times this, each job is polled less often.",
+            "FINETUNE_PROGRESS_POLLS_PER_SECOND",
+        ),
+    )
     progress_interval_seconds: float = field(
         default=10.0,
         metadata=_help(
@@ -185,4 +193,6 @@ def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
         raise ConfigError("FINETUNE_MEMORY_HEADROOM must be in [0, 0.9)")
     if config.progress_poll_seconds <= 0:
         raise ConfigError("FINETUNE_PROGRESS_POLL_SECONDS must be > 0")
+    if config.progress_polls_per_second <= 0:
+        raise ConfigError("FINETUNE_PROGRESS_POLLS_PER_SECOND must be > 0")
     return config

@@ -133,6 +133,7 @@ BAD_VALUES = [
     ({"operator": {"gpuPrices": {"products": {"H100": "cheap"}}}}, "H100"),
     ({"operator": {"memoryHeadroom": 0.95}}, "memoryHeadroom"),
     ({"operator": {"progressPollSeconds": 0}}, "progressPollSeconds"),
+    ({"operator": {"progressPollsPerSecond": 0}}, "progressPollsPerSecond"),
     ({"operator": {"gpuMemoryOverrides": {"X": 0}}}, "gpuMemoryOverrides"),
     ({"operator": {"trainer": {"runAsUser": 0}}}, "runAsUser"),
     ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -22,6 +23,7 @@ from cluster import (
     wait_phase,
 )
 from finetune_operator import metrics
+from finetune_operator.handlers.finetunejob import poll_interval
 from finetune_operator.local import Emulator
 from finetune_operator.planners.finetunejob import (
     COST_REFRESH_SECONDS,
@@ -65,6 +67,28 @@ def test_running_job_is_polled_at_the_configured_interval(
     # FAST polls every 0.2 s: in 2 s about 10 polls (fewer on a loaded machine, never 0).
     wait_for(lambda: _reconciles("poll") >= before + 3, timeout=5, what="three polls")
     assert FAST.progress_poll_seconds == 0.2
+
+
+def test_polls_of_many_running_jobs_share_a_budget(
+    emulator: Emulator, operator_runner: Any
+) -> None:
+    """Three running jobs with a budget of 2 polls/s: each is polled every 1.5 s, not every
+    0.2 s (without the budget: about 15 polls a second in all)."""
+    add_prerequisites(emulator)
+    config = replace(FAST, progress_polls_per_second=2.0)
+    start_operator(emulator, operator_runner, config)
+    for name in ("a", "b", "c"):
+        emulator.create(ftj_body(name, spec()), keep_status=False)
+    for name in ("a", "b", "c"):
+        start_pod(emulator, wait_job(emulator, f"{name}-train-g1"))
+        wait_phase(emulator, name, "Training")
+    assert poll_interval(config, 3) == 1.5 and poll_interval(FAST, 3) == 0.2
+    time.sleep(1.0)  # the pollers have all started and slept once
+    before = _reconciles("poll")
+    time.sleep(3.0)
+    polls = _reconciles("poll") - before
+    # 3 jobs x 3 s / 1.5 s = 6 (a poll may straddle the window's edges); 45 without a budget.
+    assert 1 <= polls <= 9, polls
 
 
 def _run_to_success(emulator: Emulator, operator_runner: Any) -> None:

@@ -86,6 +86,7 @@ class RunState:
         self.references_seen: dict[tuple[str, str, str], float] = {}
         # Polls take turns so that new jobs and Job events are not queued behind them.
         self.poll_slots = asyncio.Semaphore(POLL_CONCURRENCY)
+        self.running_pollers = 0  # running jobs being polled (sets their interval)
 
     @contextlib.asynccontextmanager
     async def serialised(self, namespace: str, name: str) -> AsyncIterator[None]:
@@ -477,6 +478,13 @@ async def _sleep_unless_stopped(stopped: kopf.DaemonStopped, seconds: float) -> 
         await asyncio.sleep(min(left, STOP_CHECK_SECONDS))
 
 
+def poll_interval(config: OperatorConfig, running_jobs: int) -> float:
+    """Seconds between two polls of one running job: the configured interval, stretched so
+    that all running jobs together are polled at most progress_polls_per_second times a
+    second (the API server's load stays bounded however many jobs run; decision 1206)."""
+    return max(config.progress_poll_seconds, running_jobs / config.progress_polls_per_second)
+
+
 def _is_running(status: Mapping[str, Any] | None, **_: Any) -> bool:
     """A run exists and has no verdict yet: the only state worth polling."""
     status = status or {}
@@ -493,7 +501,7 @@ def _is_running(status: Mapping[str, Any] | None, **_: Any) -> bool:
 async def poll_running(
     name: str, namespace: str | None, stopped: kopf.DaemonStopped, memo: Any, **_: Any
 ) -> None:
-    """Poll a running job every progress_poll_seconds: pod states, progress lines, cost.
+    """Poll a running job every :func:`poll_interval`: pod states, progress lines, cost.
 
     kopf starts this task when a run starts and stops it when the filter no longer holds
     (the job finished, failed or was deleted), so finished and idle jobs cost nothing.
@@ -502,19 +510,23 @@ async def poll_running(
     kube, config = runtime(memo)
     state = run_state(memo)
     namespace = str(namespace)
-    while not stopped:
-        await _sleep_unless_stopped(stopped, config.progress_poll_seconds)
-        if stopped:
-            break
-        try:
-            # Should a cancellation come, it must not cut a reconcile between its status
-            # write and its events.
-            async with state.poll_slots:
-                await asyncio.shield(
-                    reconcile(kube, config, namespace, name, trigger="poll", state=state)
-                )
-        except (kopf.TemporaryError, KubeError) as exc:
-            log.info("poll of %s/%s deferred: %s", namespace, name, exc)
+    state.running_pollers += 1
+    try:
+        while not stopped:
+            await _sleep_unless_stopped(stopped, poll_interval(config, state.running_pollers))
+            if stopped:
+                break
+            try:
+                # Should a cancellation come, it must not cut a reconcile between its status
+                # write and its events.
+                async with state.poll_slots:
+                    await asyncio.shield(
+                        reconcile(kube, config, namespace, name, trigger="poll", state=state)
+                    )
+            except (kopf.TemporaryError, KubeError) as exc:
+                log.info("poll of %s/%s deferred: %s", namespace, name, exc)
+    finally:
+        state.running_pollers -= 1
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={names.LABEL_MANAGED_BY: names.MANAGER})
