@@ -172,7 +172,11 @@ def _kubeconfig(url: str, folder: Path) -> Path:
 
 @contextlib.contextmanager
 def operator_process(
-    url: str, poll_seconds: float, folder: Path, log_path: Path | None = None
+    url: str,
+    poll_seconds: float,
+    folder: Path,
+    log_path: Path | None = None,
+    polls_per_second: float = 20.0,
 ) -> Iterator[int]:
     """``finetune-operator run -A`` as its own process; yields its pid once it watches."""
     env = dict(
@@ -181,6 +185,7 @@ def operator_process(
         PYTHONPATH=f"{REPO / 'operator'}:{REPO / 'trainer-image'}",
         FINETUNE_METRICS_PORT="0",
         FINETUNE_PROGRESS_POLL_SECONDS=str(poll_seconds),
+        FINETUNE_PROGRESS_POLLS_PER_SECOND=str(polls_per_second),
     )
     with open(log_path or folder / "operator.log", "w") as log:
         proc = subprocess.Popen(
@@ -257,7 +262,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _operator(args: argparse.Namespace, url: str, folder: Path) -> Iterator[int]:
     if not args.single_process:
         log_path = Path(args.operator_log) if args.operator_log else None
-        with operator_process(url, args.poll_seconds, folder, log_path) as pid:
+        with operator_process(
+            url, args.poll_seconds, folder, log_path, args.polls_per_second
+        ) as pid:
             yield pid
         return
     import finetune_operator.main  # noqa: F401  (registers the handlers)
@@ -266,7 +273,11 @@ def _operator(args: argparse.Namespace, url: str, folder: Path) -> Iterator[int]
     from finetune_operator.config import OperatorConfig
     from finetune_operator.local import run_operator
 
-    config = OperatorConfig(metrics_port=0, progress_poll_seconds=args.poll_seconds)
+    config = OperatorConfig(
+        metrics_port=0,
+        progress_poll_seconds=args.poll_seconds,
+        progress_polls_per_second=args.polls_per_second,
+    )
     memo = kopf.Memo(config=config, kube=KubeClient.from_url(url))
     with run_operator(url, memo=memo, clusterwide=True, startup_timeout=60, stop_timeout=60):
         yield os.getpid()
@@ -354,6 +365,7 @@ def drive(api: Any, names: list[str], args: argparse.Namespace, pid: int) -> dic
         "ratePerSecond": args.rate,
         "trainSeconds": args.train_seconds,
         "pollSeconds": args.poll_seconds,
+        "pollsPerSecondBudget": args.polls_per_second,
         "trainerJobsCreated": len(job_seen),
         "succeeded": succeeded,
         "wallSeconds": round(elapsed, 1),
@@ -395,6 +407,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=15.0,
         help="FINETUNE_PROGRESS_POLL_SECONDS of the operator (its default: 15)",
+    )
+    parser.add_argument(
+        "--polls-per-second",
+        type=float,
+        default=20.0,
+        help="FINETUNE_PROGRESS_POLLS_PER_SECOND of the operator (its default: 20)",
     )
     parser.add_argument(
         "--timeout", type=float, default=900.0, help="give up after this many seconds"
