@@ -402,7 +402,9 @@ def restore_latest(
         folders = _remote_folders(client, location)
     except Exception as exc:
         problem = describe(exc, "list checkpoints in", location, secret)
-        log.warning("cannot look for remote checkpoints (starting from scratch): %s", problem)
+        log.warning(
+            "cannot look for remote checkpoints (starting from scratch): %s", problem.message
+        )
         return None
     for step in sorted(folders, reverse=True):
         where = f"s3://{location.bucket}/{checkpoint_prefix(location, step)}"
@@ -419,13 +421,13 @@ def restore_latest(
                 continue
             _download_verified(client, location, step, marker, download)
         except Exception as exc:
-            problem = (
+            reason = (
                 f"did not verify: {exc}"
                 if isinstance(exc, CheckpointDidNotVerify)
                 else describe(exc, "download from", location, secret).message
             )
             log.warning(
-                "remote checkpoint %s is not resumed (%s); trying an older one", where, problem
+                "remote checkpoint %s is not resumed (%s); trying an older one", where, reason
             )
             shutil.rmtree(download, ignore_errors=True)
             continue

@@ -507,6 +507,8 @@ def train_adapter(config: TrainerConfig, prepared: PreparedData, tokenizer: Any)
             if "eval_loss" in ev:
                 metrics["evalLoss"] = float(ev["eval_loss"])
     except Exception as exc:
+        if sync is not None:
+            sync.close()  # let the last checkpoint land: the next pod resumes from it
         if _is_oom(exc):
             raise out_of_memory(
                 f"out of GPU memory at batch size {batch} (gradient checkpointing {gc}): set "
