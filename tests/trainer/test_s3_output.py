@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,10 @@ def s3() -> Iterator[S3Server]:
         )
     finally:
         settings.INITIAL_NO_AUTH_ACTION_COUNT = previous
+        # moto keeps its accounts in this process: empty them for the next module's server.
+        urllib.request.urlopen(
+            urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30
+        ).close()
         server.stop()
 
 

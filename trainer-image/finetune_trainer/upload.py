@@ -5,6 +5,7 @@ Layout under ``spec.output.uri`` (``s3://bucket/prefix``)::
     prefix/adapter/...        adapter weights, config, tokenizer and manifest.json
     prefix/merged/...         the merged model (only with output.mergeAndUnload)
     prefix/report.md, loss_curve.svg, metrics.json, base_metrics.json, data_report.json
+    prefix/checkpoints/...    not this upload's: remote_checkpoints.py (uses the helpers here)
 
 Every object is sent with ``ChecksumAlgorithm=SHA256``, so the S3 service itself rejects a
 corrupted body; afterwards each key's size and stored SHA256 are compared with the local
