@@ -212,6 +212,47 @@ def test_final_upload_leaves_the_checkpoints_prefix_alone(
     assert sorted(_remote_steps(aws_env, "ckpt/final")) == [5]
 
 
+def test_removal_plan_keeps_other_runs_and_drops_interrupted_uploads() -> None:
+    from finetune_trainer.remote_checkpoints import group_by_checkpoint, plan_removals
+
+    root = "p/checkpoints/"
+    keys = {
+        f"{root}checkpoint-{step}/{name}": 1
+        for step, names in {
+            2: ["a", "checkpoint_complete.json"],
+            4: ["a", "checkpoint_complete.json"],
+            5: ["a"],  # upload cut off before its marker
+            6: ["a", "checkpoint_complete.json"],
+            8: ["a", "checkpoint_complete.json"],
+            9: ["a"],
+        }.items()
+        for name in names
+    }
+    keys["p/checkpoints/notes.txt"] = 1
+    keys["p/checkpoints/checkpoint-x/a"] = 1
+    keys["p/adapter/checkpoint-3/a"] = 1
+    folders = group_by_checkpoint(keys, root)
+    assert sorted(folders) == [2, 4, 5, 6, 8, 9]
+    fingerprints: dict[int, str | None] = {2: FP, 4: FP, 6: OTHER_FP, 8: FP}
+    assert plan_removals(folders, fingerprints, FP, 2, 8) == [2, 5]
+    assert plan_removals(folders, fingerprints, FP, 0, None) == [2, 4, 5, 8, 9]
+
+
+def test_a_newer_checkpoint_supersedes_one_still_waiting(aws_env: S3Server, tmp_path: Path) -> None:
+    uri = f"s3://{BUCKET}/ckpt/burst"
+    sync = _sync(uri, tmp_path)
+    for step in (1, 2, 3, 4):  # saved faster than they can be sent
+        sync.submit(_fake_checkpoint(tmp_path / "local", step), step)
+    sync.wait()
+    assert sync.uploaded[-1] == 4 and sync.uploaded == sorted(sync.uploaded)
+    assert sync.failed == []
+    remote = _remote_steps(aws_env, "ckpt/burst")
+    assert 4 in remote and len(remote) <= 2
+    assert all("checkpoint_complete.json" in names for names in remote.values())
+    sync.close()
+    assert not (tmp_path / "staging").exists()
+
+
 # ------------------------------------------------------------------ the real trainer CLI
 
 
