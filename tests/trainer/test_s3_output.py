@@ -212,6 +212,7 @@ def _assert_no_secret(s3: S3Server, *texts: str) -> None:
             s3.key_id,
             s3.denied_secret,
             s3.denied_key_id,
+            s3.no_checkpoints_key_id,
             s3.no_checkpoints_secret,
             "WRONG-SECRET",
         ):
