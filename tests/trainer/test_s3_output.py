@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,20 @@ ALLOW_S3 = json.dumps(
     }
 )
 
+DENY_CHECKPOINT_WRITES = json.dumps(
+    {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+            {
+                "Effect": "Deny",
+                "Action": "s3:PutObject",
+                "Resource": f"arn:aws:s3:::{BUCKET}/*/checkpoints/*",
+            },
+        ],
+    }
+)
+
 
 @dataclass(frozen=True)
 class S3Server:
@@ -44,6 +59,8 @@ class S3Server:
     secret: str
     denied_key_id: str  # a valid user without any S3 permission
     denied_secret: str
+    no_checkpoints_key_id: str  # may do anything but write under */checkpoints/
+    no_checkpoints_secret: str
 
     def env(self, **overrides: str) -> dict[str, str]:
         """Variables as a Secret's envFrom gives them to the trainer."""
@@ -105,6 +122,11 @@ def s3() -> Iterator[S3Server]:
     iam.put_user_policy(UserName="writer", PolicyName="s3", PolicyDocument=ALLOW_S3)
     iam.create_user(UserName="nobody")
     nobody = iam.create_access_key(UserName="nobody")["AccessKey"]
+    iam.create_user(UserName="no-checkpoints")
+    no_checkpoints = iam.create_access_key(UserName="no-checkpoints")["AccessKey"]
+    iam.put_user_policy(
+        UserName="no-checkpoints", PolicyName="s3", PolicyDocument=DENY_CHECKPOINT_WRITES
+    )
     boto3.client("s3", **admin).create_bucket(Bucket=BUCKET)
     # From here on every request must be signed by a known key with a permitting policy.
     previous = settings.INITIAL_NO_AUTH_ACTION_COUNT
@@ -116,9 +138,15 @@ def s3() -> Iterator[S3Server]:
             writer["SecretAccessKey"],
             nobody["AccessKeyId"],
             nobody["SecretAccessKey"],
+            no_checkpoints["AccessKeyId"],
+            no_checkpoints["SecretAccessKey"],
         )
     finally:
         settings.INITIAL_NO_AUTH_ACTION_COUNT = previous
+        # moto keeps its accounts in this process: empty them for the next module's server.
+        urllib.request.urlopen(
+            urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30
+        ).close()
         server.stop()
 
 
@@ -146,14 +174,22 @@ def _result(stdout: str) -> dict[str, Any]:
     return result
 
 
-def _train(tmp: Path, model: Path, uri: str, env: dict[str, str], name: str, *flags: str) -> Any:
+def _train(
+    tmp: Path,
+    model: Path,
+    uri: str,
+    env: dict[str, str],
+    name: str,
+    *flags: str,
+    training: dict[str, Any] | None = None,
+) -> Any:
     train = write_jsonl(tmp / "train.jsonl", json_task_rows(16))
     out = tmp / name
     cfg = make_config(
         model,
         train,
         out,
-        training={"maxSteps": 3, "checkpointEverySteps": 3},
+        training=training or {"maxSteps": 3, "checkpointEverySteps": 3},
         output={"uri": uri, "credentialsSecretRef": {"name": "s3-out"}},
     )
     path = write_config(tmp / f"{name}.json", cfg)
@@ -171,7 +207,15 @@ def _train(tmp: Path, model: Path, uri: str, env: dict[str, str], name: str, *fl
 
 def _assert_no_secret(s3: S3Server, *texts: str) -> None:
     for text in texts:
-        for value in (s3.secret, s3.key_id, s3.denied_secret, s3.denied_key_id, "WRONG-SECRET"):
+        for value in (
+            s3.secret,
+            s3.key_id,
+            s3.denied_secret,
+            s3.denied_key_id,
+            s3.no_checkpoints_key_id,
+            s3.no_checkpoints_secret,
+            "WRONG-SECRET",
+        ):
             assert value not in text
 
 

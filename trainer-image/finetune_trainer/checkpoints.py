@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +111,11 @@ def prepare_for_resume(checkpoint_dir: str | Path, fingerprint: str) -> Path | N
     return resume
 
 
-def make_checkpoint_callback(fingerprint: str) -> Any:
-    """A ``TrainerCallback`` that marks each checkpoint complete after transformers saved it."""
+def make_checkpoint_callback(
+    fingerprint: str, on_complete: Callable[[Path, int], None] | None = None
+) -> Any:
+    """A ``TrainerCallback`` that marks each checkpoint complete after transformers saved it,
+    then hands it to ``on_complete`` (the s3:// checkpoint upload)."""
     from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -122,5 +126,7 @@ def make_checkpoint_callback(fingerprint: str) -> Any:
             path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if path.is_dir():
                 write_marker(path, fingerprint, state.global_step)
+                if on_complete is not None:
+                    on_complete(path, state.global_step)
 
     return CheckpointMarker()

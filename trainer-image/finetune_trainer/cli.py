@@ -185,15 +185,27 @@ def _fail(config: Any, err: TrainerError, data: dict[str, Any] | None) -> None:
 
 def train_and_finish(config: Any, tokenizer: Any, prepared: Any, evaluate: bool) -> dict[str, Any]:
     """Train, evaluate, write manifest/report/metrics; return the result object."""
-    from .manifest import adapter_size_bytes, build_manifest, write_manifest
-    from .report import write_report
-    from .train import merge_adapter, resolve_device, train_adapter
+    from .train import train_adapter
 
     started = time.monotonic()
-    out = Path(config.paths.output_dir)
     outcome = train_adapter(config, prepared, tokenizer)
-    from .distributed import is_main_process
+    try:
+        return _finish(config, tokenizer, prepared, outcome, evaluate, started)
+    finally:
+        if outcome.checkpoint_sync is not None:
+            outcome.checkpoint_sync.close()  # a failed run still lets its last checkpoint land
 
+
+def _finish(
+    config: Any, tokenizer: Any, prepared: Any, outcome: Any, evaluate: bool, started: float
+) -> dict[str, Any]:
+    """Evaluate, write manifest/report/metrics, upload; return the result object."""
+    from .distributed import is_main_process
+    from .manifest import adapter_size_bytes, build_manifest, write_manifest
+    from .report import write_report
+    from .train import merge_adapter, resolve_device
+
+    out = Path(config.paths.output_dir)
     if not is_main_process():
         # Rank 0 evaluates and writes every output; the other ranks are done.
         return {"ok": True, "reason": "Succeeded", "message": "worker finished"}
@@ -281,7 +293,10 @@ def train_and_finish(config: Any, tokenizer: Any, prepared: Any, evaluate: bool)
     )
     message = f"trained {outcome.global_step} steps; adapter digest {manifest['digest']}"
     if config.spec.output.uri.startswith("s3://"):
-        message += f"; uploaded to {upload_run(config, outcome.adapter_dir, manifest['digest'])}"
+        uploaded = upload_run(
+            config, outcome.adapter_dir, manifest["digest"], outcome.checkpoint_sync
+        )
+        message += f"; uploaded to {uploaded}"
     result: dict[str, Any] = {
         "ok": True,
         "reason": "Succeeded",
@@ -296,16 +311,24 @@ def train_and_finish(config: Any, tokenizer: Any, prepared: Any, evaluate: bool)
     return result
 
 
-def upload_run(config: Any, adapter_dir: Path, digest: str) -> str:
-    """Send the run to its s3:// output (the local adapter must still match its manifest)."""
+def upload_run(config: Any, adapter_dir: Path, digest: str, checkpoint_sync: Any = None) -> str:
+    """Send the run to its s3:// output (the local adapter must still match its manifest).
+
+    A checkpoint upload still running is waited for first; once the final upload verified,
+    the run's remote checkpoints are removed (docs/decisions/1400-checkpoints-synced-to-s3.md).
+    """
     from .errors import training_failed
     from .manifest import verify
     from .upload import upload_output
 
     if verify(adapter_dir) != digest:
         raise training_failed(f"{adapter_dir} changed after its manifest was written")
+    if checkpoint_sync is not None:
+        checkpoint_sync.wait()
     ref = config.spec.output.credentials_secret_ref
     sent = upload_output(config.spec.output.uri, config.paths.output_dir, ref.name if ref else None)
+    if checkpoint_sync is not None:
+        checkpoint_sync.remove_after_success()
     return str(sent["uri"])
 
 

@@ -129,6 +129,15 @@ def _http_status(exc: BaseException) -> int | None:
     return int(status) if isinstance(status, int) else None
 
 
+def _service_error(exc: BaseException) -> BaseException:
+    """The S3 error behind a wrapper: boto3's upload_file re-raises a ClientError as
+    S3UploadFailedError, which carries no error code of its own."""
+    inner = exc.__cause__ or exc.__context__
+    if error_code(exc) is None and inner is not None and error_code(inner) is not None:
+        return inner
+    return exc
+
+
 def describe(exc: BaseException, what: str, location: S3Location, secret: str | None) -> S3Problem:
     """Turn a boto3/botocore exception into a user-facing ``S3Problem``.
 
@@ -137,6 +146,7 @@ def describe(exc: BaseException, what: str, location: S3Location, secret: str | 
     """
     if isinstance(exc, S3Problem):
         return exc
+    exc = _service_error(exc)
     holder = f"Secret {secret}" if secret else "the credentials in use"
     code = error_code(exc)
     status = _http_status(exc)

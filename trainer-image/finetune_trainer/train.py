@@ -37,6 +37,8 @@ class TrainOutcome:
     training_arguments: dict[str, Any]
     resumed_from: str | None
     notes: list[str] = field(default_factory=list)
+    # Uploads checkpoints of an s3:// output (rank 0); the final upload waits for it.
+    checkpoint_sync: Any = None
 
 
 # ------------------------------------------------------------------ choices (pure-ish)
@@ -450,9 +452,28 @@ def train_adapter(config: TrainerConfig, prepared: PreparedData, tokenizer: Any)
         if me.is_main
         else select_resume(checkpoint_dir, fingerprint)
     )
+    remote = config.spec.output.uri.startswith("s3://")
+    if remote and me.distributed:
+        notes.append(
+            "checkpoints stay in the pod's scratch folder: s3:// checkpoint sync covers "
+            "single-process runs"
+        )
+    elif remote and resume is None:
+        from .remote_checkpoints import restore_latest
+
+        resume = restore_latest(
+            config.spec.output.uri, checkpoint_dir, fingerprint, _secret_name(config)
+        )
     if resume is not None:
         log.info("resuming from %s", resume)
         notes.append(f"resumed from {resume.name}")
+    sync = None
+    if remote and not me.distributed:
+        from .remote_checkpoints import CheckpointSync
+
+        sync = CheckpointSync(
+            config.spec.output.uri, fingerprint, out / "checkpoint-upload", _secret_name(config)
+        )
 
     torch.manual_seed(config.spec.training.seed)
     model = load_model_for_training(config.spec, config.paths.base_model, device, gc)
@@ -473,7 +494,7 @@ def train_adapter(config: TrainerConfig, prepared: PreparedData, tokenizer: Any)
         eval_dataset=to_dataset(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         callbacks=[
-            make_checkpoint_callback(fingerprint),
+            make_checkpoint_callback(fingerprint, sync.submit if sync else None),
             make_progress_callback(config.progress_interval_seconds),
         ],
     )
@@ -486,6 +507,8 @@ def train_adapter(config: TrainerConfig, prepared: PreparedData, tokenizer: Any)
             if "eval_loss" in ev:
                 metrics["evalLoss"] = float(ev["eval_loss"])
     except Exception as exc:
+        if sync is not None:
+            sync.close()  # let the last checkpoint land: the next pod resumes from it
         if _is_oom(exc):
             raise out_of_memory(
                 f"out of GPU memory at batch size {batch} (gradient checkpointing {gc}): set "
@@ -508,7 +531,13 @@ def train_adapter(config: TrainerConfig, prepared: PreparedData, tokenizer: Any)
         ),
         resumed_from=str(resume) if resume else None,
         notes=notes,
+        checkpoint_sync=sync,
     )
+
+
+def _secret_name(config: TrainerConfig) -> str | None:
+    ref = config.spec.output.credentials_secret_ref
+    return ref.name if ref else None
 
 
 def save_adapter(model: Any, tokenizer: Any, adapter_dir: Path) -> Path:

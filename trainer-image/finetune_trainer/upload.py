@@ -5,6 +5,7 @@ Layout under ``spec.output.uri`` (``s3://bucket/prefix``)::
     prefix/adapter/...        adapter weights, config, tokenizer and manifest.json
     prefix/merged/...         the merged model (only with output.mergeAndUnload)
     prefix/report.md, loss_curve.svg, metrics.json, base_metrics.json, data_report.json
+    prefix/checkpoints/...    not this upload's: remote_checkpoints.py (uses the helpers here)
 
 Every object is sent with ``ChecksumAlgorithm=SHA256``, so the S3 service itself rejects a
 corrupted body; afterwards each key's size and stored SHA256 are compared with the local
@@ -95,7 +96,12 @@ def expected_checksums(path: Path, size: int) -> tuple[str, str | None]:
     return base64.b64encode(whole.digest()).decode(), composite if multipart else None
 
 
-def _list_keys(client: Any, bucket: str, prefix: str) -> dict[str, int]:
+def stored_checksum_matches(stored: str, path: Path, size: int) -> bool:
+    """Whether S3's stored SHA256 (whole body, or ``<composite>-<parts>``) fits ``path``."""
+    return stored.split("-")[0] in expected_checksums(path, size)
+
+
+def list_keys(client: Any, bucket: str, prefix: str) -> dict[str, int]:
     keys: dict[str, int] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
@@ -107,13 +113,21 @@ def _owned_prefixes(location: S3Location) -> list[str]:
     return [location.child(folder) + "/" for folder in OWNED_FOLDERS]
 
 
-def _send(client: Any, location: S3Location, planned: list[PlannedObject]) -> None:
+def send_objects(
+    client: Any, location: S3Location, planned: list[PlannedObject], level: int = logging.INFO
+) -> None:
+    """Upload each planned file in order, with a SHA256 the service checks the body against."""
     from boto3.s3.transfer import TransferConfig  # type: ignore[import-not-found]
 
     transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES)
     for obj in planned:
-        log.info(
-            "uploading %s -> s3://%s/%s (%d bytes)", obj.local, location.bucket, obj.key, obj.size
+        log.log(
+            level,
+            "uploading %s -> s3://%s/%s (%d bytes)",
+            obj.local,
+            location.bucket,
+            obj.key,
+            obj.size,
         )
         client.upload_file(
             str(obj.local),
@@ -124,7 +138,8 @@ def _send(client: Any, location: S3Location, planned: list[PlannedObject]) -> No
         )
 
 
-def _remove_stale(client: Any, location: S3Location, stale: list[str]) -> None:
+def delete_keys(client: Any, location: S3Location, stale: list[str]) -> None:
+    """Delete ``stale`` keys in batches; raises ``S3Problem`` when the service refuses any."""
     for start in range(0, len(stale), 1000):
         batch = stale[start : start + 1000]
         answer = client.delete_objects(
@@ -143,12 +158,21 @@ def _remove_stale(client: Any, location: S3Location, stale: list[str]) -> None:
         log.info("removed %d stale object(s) of an earlier attempt", len(batch))
 
 
-def check_landed(client: Any, location: S3Location, planned: list[PlannedObject]) -> list[str]:
-    """Problems with what the bucket now holds (empty when every object is as sent)."""
+def check_landed(
+    client: Any,
+    location: S3Location,
+    planned: list[PlannedObject],
+    owned_prefixes: list[str] | None = None,
+) -> list[str]:
+    """Problems with what the bucket now holds (empty when every object is as sent).
+
+    Keys under ``owned_prefixes`` (default: adapter/ and merged/) that were not sent count
+    as problems too.
+    """
     problems: list[str] = []
     present: dict[str, int] = {}
-    for prefix in _owned_prefixes(location):
-        present.update(_list_keys(client, location.bucket, prefix))
+    for prefix in owned_prefixes if owned_prefixes is not None else _owned_prefixes(location):
+        present.update(list_keys(client, location.bucket, prefix))
     wanted = {obj.key for obj in planned}
     for key in sorted(k for k in present if k not in wanted):
         problems.append(f"s3://{location.bucket}/{key}: not part of this upload")
@@ -167,7 +191,7 @@ def check_landed(client: Any, location: S3Location, planned: list[PlannedObject]
         stored = head.get("ChecksumSHA256")
         if stored is None:
             continue  # a service that keeps no checksums: the size check is all there is
-        if str(stored).split("-")[0] not in expected_checksums(obj.local, obj.size):
+        if not stored_checksum_matches(str(stored), obj.local, obj.size):
             problems.append(
                 f"s3://{location.bucket}/{obj.key}: stored SHA256 differs from the file"
             )
@@ -190,11 +214,11 @@ def upload_output(output_uri: str, output_dir: str | Path, secret: str | None) -
         client = make_client()
         before: dict[str, int] = {}
         for prefix in _owned_prefixes(location):
-            before.update(_list_keys(client, location.bucket, prefix))
-        _send(client, location, planned)
+            before.update(list_keys(client, location.bucket, prefix))
+        send_objects(client, location, planned)
         stale = sorted(set(before) - {obj.key for obj in planned})
         if stale:
-            _remove_stale(client, location, stale)
+            delete_keys(client, location, stale)
         problems = check_landed(client, location, planned)
     except Exception as exc:
         problem = describe(exc, "upload to", location, secret)
