@@ -93,6 +93,15 @@ class OperatorConfig:
             "FINETUNE_PROGRESS_POLLS_PER_SECOND",
         ),
     )
+    unobserved_reconcile_seconds: float = field(
+        default=60.0,
+        metadata=_help(
+            "A FineTuneJob whose current spec no reconcile has observed after this many "
+            "seconds without changes is reconciled anyway (a lost race with another "
+            "operator instance over the finalizer would otherwise strand it).",
+            "FINETUNE_UNOBSERVED_RECONCILE_SECONDS",
+        ),
+    )
     progress_interval_seconds: float = field(
         default=10.0,
         metadata=_help(
@@ -195,4 +204,6 @@ def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
         raise ConfigError("FINETUNE_PROGRESS_POLL_SECONDS must be > 0")
     if config.progress_polls_per_second <= 0:
         raise ConfigError("FINETUNE_PROGRESS_POLLS_PER_SECOND must be > 0")
+    if config.unobserved_reconcile_seconds <= 0:
+        raise ConfigError("FINETUNE_UNOBSERVED_RECONCILE_SECONDS must be > 0")
     return config

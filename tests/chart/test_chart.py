@@ -134,6 +134,7 @@ BAD_VALUES = [
     ({"operator": {"memoryHeadroom": 0.95}}, "memoryHeadroom"),
     ({"operator": {"progressPollSeconds": 0}}, "progressPollSeconds"),
     ({"operator": {"progressPollsPerSecond": 0}}, "progressPollsPerSecond"),
+    ({"operator": {"unobservedReconcileSeconds": 0}}, "unobservedReconcileSeconds"),
     ({"operator": {"gpuMemoryOverrides": {"X": 0}}}, "gpuMemoryOverrides"),
     ({"operator": {"trainer": {"runAsUser": 0}}}, "runAsUser"),
     ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),

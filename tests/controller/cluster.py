@@ -19,6 +19,7 @@ FAST = OperatorConfig(
     operator_namespace="finetune-system",
     status_write_retries=5,
     retry_seconds=0.5,
+    unobserved_reconcile_seconds=3.0,
 )
 
 

@@ -27,6 +27,7 @@ def test_environment_overrides_are_typed() -> None:
             "FINETUNE_GPU_MEMORY_OVERRIDES": '{"NVIDIA-B200": 179}',
             "FINETUNE_PROGRESS_POLL_SECONDS": "2.5",
             "FINETUNE_PROGRESS_POLLS_PER_SECOND": "50",
+            "FINETUNE_UNOBSERVED_RECONCILE_SECONDS": "90",
             "FINETUNE_METRICS_PORT": "9090",
             "FINETUNE_JOB_TTL_SECONDS": "600",
         }
@@ -36,6 +37,7 @@ def test_environment_overrides_are_typed() -> None:
     assert config.gpu_memory_overrides == {"NVIDIA-B200": 179.0}
     assert config.progress_poll_seconds == 2.5
     assert config.progress_polls_per_second == 50.0
+    assert config.unobserved_reconcile_seconds == 90.0
     assert config.metrics_port == 9090
     assert config.job_ttl_seconds == 600
 
@@ -48,6 +50,7 @@ def test_environment_overrides_are_typed() -> None:
         ({"FINETUNE_MEMORY_HEADROOM": "0.95"}, "FINETUNE_MEMORY_HEADROOM"),
         ({"FINETUNE_PROGRESS_POLL_SECONDS": "0"}, "FINETUNE_PROGRESS_POLL_SECONDS"),
         ({"FINETUNE_PROGRESS_POLLS_PER_SECOND": "0"}, "FINETUNE_PROGRESS_POLLS_PER_SECOND"),
+        ({"FINETUNE_UNOBSERVED_RECONCILE_SECONDS": "-1"}, "FINETUNE_UNOBSERVED_RECONCILE_SECONDS"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:

@@ -529,6 +529,46 @@ async def poll_running(
         state.running_pollers -= 1
 
 
+def _spec_unobserved(meta: Mapping[str, Any], status: Mapping[str, Any] | None, **_: Any) -> bool:
+    """No reconcile has written status for the object's current spec generation yet."""
+    return (status or {}).get("observedGeneration") != meta.get("generation")
+
+
+def _unobserved_delay(memo: Any, **_: Any) -> float:
+    return float(runtime(memo)[1].unobserved_reconcile_seconds)
+
+
+# Between two tries of the safety net below, should a try not get through (API errors).
+UNOBSERVED_RETRY_SECONDS = 30.0
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    id="reconcile-unobserved",
+    when=_spec_unobserved,
+    initial_delay=_unobserved_delay,
+    interval=UNOBSERVED_RETRY_SECONDS,
+)
+async def reconcile_unobserved(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
+    """Reconcile a job that kopf's handlers left unobserved (decision 1207).
+
+    When two operator instances add the finalizer at once, the loser's retry turns into a
+    no-op and kopf then waits for a further change of the object before it runs the create
+    handler; nothing else may ever change it. kopf stops this timer as soon as a reconcile
+    has written ``observedGeneration``, which on the normal path is long before it fires.
+    """
+    kube, config = runtime(memo)
+    log.info("%s/%s: no reconcile has observed its spec yet; reconciling now", namespace, name)
+    try:
+        await reconcile(
+            kube, config, str(namespace), name, trigger="unobserved", state=run_state(memo)
+        )
+    except (kopf.TemporaryError, KubeError) as exc:
+        log.info("reconcile of unobserved %s/%s deferred: %s", namespace, name, exc)
+
+
 @kopf.on.event("batch", "v1", "jobs", labels={names.LABEL_MANAGED_BY: names.MANAGER})
 async def trainer_job_event(body: kopf.Body, memo: Any, type: str | None, **_: Any) -> None:
     """A trainer Job changed: reconcile its FineTuneJob at once instead of at the next poll."""
