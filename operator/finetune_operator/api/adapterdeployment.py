@@ -242,6 +242,14 @@ class CanaryStatus(StatusModel):
     latency_p95_ms: float | None = Field(default=None, description="Observed p95 latency.")
     requests: int | None = Field(default=None, description="Requests observed.")
     started_at: str | None = Field(default=None, max_length=64, description="When analysis began.")
+    unavailable_since: str | None = Field(
+        default=None,
+        max_length=64,
+        description=(
+            "When the canary lost its ready pods during analysis; analysis pauses, and the "
+            "canary is aborted unless it recovers within progressDeadlineSeconds."
+        ),
+    )
 
 
 AdapterDeploymentPhase = Literal[

@@ -341,20 +341,50 @@ class Controller:
             )
             return
         dep = await self.kube.get("Deployment", t.namespace, canary["deployment"])
+        deadline = t.spec.strategy.progress_deadline_seconds
+        # A canary that was serving and lost its pods mid-analysis (node failure, eviction)
+        # gets the progress deadline again from that moment, not from when it started.
+        lost_since = canary.get("unavailableSince")
+        was_serving = lost_since is not None or t.status.get("phase") == "Analyzing"
+        now = datetime.now(UTC)
+        started_at = (lost_since or now_rfc3339()) if was_serving else canary.get("startedAt")
         view = plan.deployment_rollout(
-            dep, t.spec.adapter_name, rev["digest"], started_at=canary.get("startedAt"),
-            deadline_seconds=t.spec.strategy.progress_deadline_seconds, now=datetime.now(UTC),
+            dep, t.spec.adapter_name, rev["digest"], started_at=started_at,
+            deadline_seconds=deadline, now=now,
         )  # fmt: skip
+        if view.state == "Failed" and was_serving:
+            await self._abort_canary(
+                t, "CanaryUnavailable",
+                f"the canary lost its ready pods during analysis and did not recover within "
+                f"{deadline}s (strategy.progressDeadlineSeconds): {view.message}",
+            )  # fmt: skip
+            return
         if view.state == "Failed":
             await self._abort_canary(
                 t, view.reason, f"the canary did not become ready: {view.message}"
             )
+            return
+        if view.state == "InProgress" and was_serving:
+            if lost_since is None:
+                canary["unavailableSince"] = started_at
+                t.event(
+                    "CanaryUnavailable",
+                    f"the canary lost its ready pods ({view.message}); analysis pauses for up "
+                    f"to {deadline}s",
+                    warning=True,
+                )
+            t.condition(
+                "Progressing", "True", "CanaryUnavailable",
+                f"analysis paused since {started_at}: {view.message}",
+            )  # fmt: skip
             return
         if view.state == "InProgress":
             t.phase("Progressing")
             t.condition("Progressing", "True", "CanaryStarting", view.message)
             return
         assert dep is not None
+        if canary.pop("unavailableSince", None) is not None:
+            t.condition("Progressing", "True", "Analyzing", "the canary is ready again")
         t.phase("Analyzing")
         analysis = (
             t.spec.strategy.canary.analysis if t.spec.strategy.canary else None

@@ -55,6 +55,7 @@ class SimPod:
     error: str | None = None
     created: float = field(default_factory=time.monotonic)
     restarts: int = 0
+    pending: bool = False  # scheduled nowhere yet (no node): not Ready, not a failed start
 
 
 class ServingCluster:
@@ -81,6 +82,7 @@ class ServingCluster:
         self._task: concurrent.futures.Future[None] | None = None
         self._counter = 0
         self.errors: list[BaseException] = []
+        self._held: set[str] = set()  # Deployments whose new pods stay Pending
 
     # ------------------------------------------------------------ lifecycle
 
@@ -145,6 +147,20 @@ class ServingCluster:
             {"metadata": {"annotations": {ENDPOINT_ANNOTATION: pod.server.endpoint}}},
         )  # fmt: skip
 
+    def lose_pod(self, pod_name: str) -> None:
+        """The pod is gone (its node failed, or it was evicted); the Deployment replaces it."""
+        self.call(self._remove_pod(self.pods[pod_name]))
+
+    def hold_new_pods(self, deployment: str) -> None:
+        """Pods the Deployment creates from now on stay Pending (no node has room)."""
+        self._held.add(deployment)
+
+    def release_pods(self, deployment: str) -> None:
+        """Room again: Pending pods of the Deployment are replaced by pods that start."""
+        self._held.discard(deployment)
+        for pod in [p for p in self.pods.values() if p.deployment == deployment and p.pending]:
+            self.call(self._remove_pod(pod))
+
     # ------------------------------------------------------------ controller
 
     def _local_path(self, pod_spec: dict[str, Any], container: dict[str, Any], path: str) -> str:
@@ -194,21 +210,24 @@ class ServingCluster:
         pod_name = f"{name}-{h[:6]}-{self._counter}"
         server: ReferenceServer | None = None
         error: str | None = None
-        try:
-            server = ReferenceServer(self._server_config(name, template), self.generator)
-            await server.start()
-        except ServerRefusedToStart as exc:
-            server, error = None, str(exc)
+        pending = name in self._held
+        if not pending:
+            try:
+                server = ReferenceServer(self._server_config(name, template), self.generator)
+                await server.start()
+            except ServerRefusedToStart as exc:
+                server, error = None, str(exc)
         tpl_meta = template.get("metadata") or {}
         annotations = dict(tpl_meta.get("annotations") or {})
         if server is not None:
             annotations[ENDPOINT_ANNOTATION] = server.endpoint
         ready = server is not None
         status: dict[str, Any] = {
-            "phase": "Running",
-            "podIP": "127.0.0.1",
+            "phase": "Pending" if pending else "Running",
             "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
         }
+        if not pending:
+            status["podIP"] = "127.0.0.1"
         if error:
             status["containerStatuses"] = [
                 {"name": "vllm", "ready": False, "restartCount": 3,
@@ -238,7 +257,7 @@ class ServingCluster:
             },
             keep_status=True,
         )
-        pod = SimPod(pod_name, name, h, server, error)
+        pod = SimPod(pod_name, name, h, server, error, pending=pending)
         self.pods[pod_name] = pod
         return pod
 
@@ -279,7 +298,10 @@ class ServingCluster:
         available = len(new_ready) + len(old_ready)
         conditions = []
         deadline = spec.get("progressDeadlineSeconds")
-        stuck = [p for p in new if p.server is None]
+        # A pod that failed to start counts against the progress deadline; one waiting for a
+        # node does not (as after a completed rollout, where a lost pod's replacement does not
+        # flip the Deployment's Progressing condition).
+        stuck = [p for p in new if p.server is None and not p.pending]
         if (
             stuck
             and deadline is not None
