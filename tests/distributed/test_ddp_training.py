@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,12 @@ def config(model: Path, train: Path, out: Path, **training: Any) -> dict[str, An
     }
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def train(cfg: dict[str, Any], path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     path.write_text(json.dumps(cfg), encoding="utf-8")
     env = dict(os.environ)
@@ -77,8 +84,10 @@ def train(cfg: dict[str, Any], path: Path, *extra: str) -> subprocess.CompletedP
         OMP_NUM_THREADS="1",
     )
     cmd = [sys.executable, "-m", "finetune_trainer.cli", "train", "--config", str(path)]
+    # A free port rather than torchrun's 29500: another run on the machine may hold that one.
+    port = ["--master-port", str(free_port())] if "--master-port" not in extra else []
     return subprocess.run(
-        [*cmd, "--nproc-per-node", "2", *extra],
+        [*cmd, "--nproc-per-node", "2", *port, *extra],
         env=env,
         capture_output=True,
         text=True,

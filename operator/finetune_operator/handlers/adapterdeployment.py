@@ -352,7 +352,7 @@ class Controller:
             dep, t.spec.adapter_name, rev["digest"], started_at=started_at,
             deadline_seconds=deadline, now=now,
         )  # fmt: skip
-        if view.state == "Failed" and was_serving:
+        if view.state == "Failed" and was_serving and dep is not None:
             await self._abort_canary(
                 t, "CanaryUnavailable",
                 f"the canary lost its ready pods during analysis and did not recover within "
