@@ -18,11 +18,11 @@ from controller.cluster import (
     wait_phase,
 )
 from controller.ftj_samples import result, spec
+from finetune_operator.builders import names
 from finetune_operator.local import Emulator
 from k8s_fixtures import wait_for
 
 JOB = "bot-train-g1"
-FINALIZER = "finetune.dev/cleanup"
 
 # (plural, subresource, verbs): every kind of write a FineTuneJob lifecycle makes.
 WRITES = {
@@ -147,5 +147,5 @@ def test_a_finalizer_race_lost_to_another_instance_does_not_strand_the_job(
     emulator.create(ftj_body("bot", spec()), keep_status=False)
     wait_for(lambda: fault.served == 1, what="the finalizer patch refused")
     # What the other instance's winning patch left behind.
-    emulator.merge_patch("finetunejobs", NS, "bot", {"metadata": {"finalizers": [FINALIZER]}})
+    emulator.merge_patch("finetunejobs", NS, "bot", {"metadata": {"finalizers": [names.FINALIZER]}})
     started_once_and_succeeds(emulator)

@@ -12,6 +12,8 @@ LABEL_JOB = "finetune.dev/finetunejob"
 LABEL_GENERATION = "finetune.dev/generation"
 ANNOTATION_SPEC_HASH = "finetune.dev/spec-hash"
 MANAGER = "finetune-operator"
+# The finalizer kopf puts on the operator's objects (settings.persistence.finalizer).
+FINALIZER = "finetune.dev/cleanup"
 
 
 def child_name(owner: str, suffix: str, limit: int = MAX_NAME) -> str:

@@ -421,7 +421,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         memo.kube = KubeClient.from_environment()
     # Handler progress lives in annotations so status holds only what users read.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
-    settings.persistence.finalizer = "finetune.dev/cleanup"
+    settings.persistence.finalizer = names.FINALIZER
     # Pollers of finished jobs return by themselves within this time (see poll_running).
     settings.background.instant_exit_timeout = 2 * STOP_CHECK_SECONDS
     if not getattr(memo, "metrics_served", False) and memo.config.metrics_port:
