@@ -714,16 +714,16 @@ class Controller:
         for action in runtime.actions:
             ep = endpoints[action.pod]
             try:
-                if action.action in ("reload", "unload"):
+                if action.action == "unload":
                     await self.vllm.unload_adapter(ep, name)
                 if action.action in ("load", "reload"):
                     assert path is not None
-                    await self.vllm.load_adapter(ep, name, path)
+                    # A reload swaps the adapter in place where vLLM can (load_inplace).
+                    await self.vllm.load_adapter(ep, name, path, replace=action.action == "reload")
                     t.event("AdapterLoaded", f"pod {action.pod}: loaded {name} ({digest})")
             except VllmError as exc:
                 serving[action.pod] = None
-                permanent = exc.status is not None and 400 <= exc.status < 500
-                if permanent or not permanent_only:
+                if exc.permanent or not permanent_only:
                     errors.append(f"pod {action.pod}: {exc.message}")
                 log.info("pod %s: %s %s failed: %s", action.pod, action.action, name, exc)
         t.status["pods"] = [

@@ -16,6 +16,7 @@ maps to ``<pvc_root>/<claimName>/<subPath>``; any other absolute path is used as
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import hashlib
@@ -28,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import vllm_args
-from ..planners.adapterdeployment import RUNTIME_UPDATES_ENV
 from ..serving_config import ENDPOINT_ANNOTATION
 from .emulator import Emulator
 from .vllm_reference import (
+    Generation,
     Generator,
     ReferenceConfig,
     ReferenceServer,
@@ -67,8 +68,10 @@ class ServingCluster:
         behavior: Behavior | None = None,
         interval: float = 0.05,
         generator: Generator | None = None,
+        generation: Generation = "0.11",
     ) -> None:
         self.api = api
+        self.generation = generation  # which vLLM generation the servers imitate
         self.namespace = namespace
         self.pvc_root = pvc_root
         self.behavior = behavior or (lambda _dep, _tpl: {})
@@ -177,6 +180,29 @@ class ServingCluster:
                 return str(local / rest) if rest else str(local)
         return path
 
+    def _container_env(self, container: dict[str, Any]) -> dict[str, str]:
+        """The container's environment as the kubelet gives it (values and Secret keys)."""
+        env: dict[str, str] = {}
+        for var in container.get("env") or []:
+            name = str(var.get("name"))
+            if "value" in var:
+                env[name] = str(var.get("value") or "")
+                continue
+            ref = (var.get("valueFrom") or {}).get("secretKeyRef") or {}
+            secret = self.api.read("secrets", self.namespace, str(ref.get("name"))) if ref else None
+            if secret is None:
+                if ref and not ref.get("optional"):
+                    raise ServerRefusedToStart(
+                        f'secret "{ref.get("name")}" not found (env {name})'
+                    )  # the kubelet's CreateContainerConfigError
+                continue
+            raw = (secret.get("data") or {}).get(str(ref.get("key")))
+            if raw is not None:
+                env[name] = base64.b64decode(raw).decode()
+            elif (secret.get("stringData") or {}).get(str(ref.get("key"))) is not None:
+                env[name] = str(secret["stringData"][str(ref.get("key"))])
+        return env
+
     def _server_config(self, dep_name: str, template: dict[str, Any]) -> ReferenceConfig:
         pod_spec = template.get("spec") or {}
         container = next(
@@ -189,11 +215,10 @@ class ServingCluster:
         )
         if container is None:
             raise ServerRefusedToStart("no vLLM container")
-        config = ReferenceConfig.from_command_line(vllm_args.split_tokens(container))
-        env = {str(v.get("name")): str(v.get("value", "")) for v in container.get("env") or []}
-        config.allow_runtime_lora_updating = env.get(RUNTIME_UPDATES_ENV, "").lower() in (
-            "1",
-            "true",
+        config = ReferenceConfig.from_command_line(
+            vllm_args.split_tokens(container),
+            self._container_env(container),
+            generation=self.generation,
         )
         config.lora_modules = {
             name: self._local_path(pod_spec, container, path)
