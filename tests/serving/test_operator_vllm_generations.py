@@ -1,0 +1,109 @@
+"""Serving scenarios where vLLM generations answer differently, run against both.
+
+The operator runs for real; the pods are reference servers imitating vLLM 0.11 ("0.11") or
+vLLM 0.20-0.34 ("0.34").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from finetune_operator.local import Emulator
+from finetune_operator.local.serving_cluster import ServingCluster
+from finetune_operator.local.vllm_reference import GENERATIONS
+from k8s_fixtures import wait_for
+
+from .adapters import make_adapter
+from .test_operator_serving import (
+    NS,
+    Env,
+    adapter_deployment,
+    canary_strategy,
+    runtime_strategy,
+    uri_source,
+    vllm_deployment,
+)
+
+
+@pytest.fixture(params=GENERATIONS)
+def env(
+    request: pytest.FixtureRequest,
+    emulator: Emulator,
+    operator_runner: Any,
+    fast_serving_settings: None,
+    tmp_path: Path,
+) -> Iterator[Env]:
+    overrides: dict[str, Any] = {}
+    import finetune_operator.handlers.adapterdeployment as handlers
+
+    with ServingCluster(
+        emulator, NS, tmp_path / "pvc", lambda _d, _t: dict(overrides), generation=request.param
+    ) as cluster:
+        operator_runner(handlers)
+        e = Env(emulator, cluster, tmp_path)
+        e.overrides = overrides  # type: ignore[attr-defined]
+        e.generation = request.param  # type: ignore[attr-defined]
+        yield e
+
+
+def test_runtime_rank_above_maximum_fails_at_once_with_vllms_reason(env: Env) -> None:
+    # vLLM 0.11 refuses this load with 400, vLLM 0.20+ with 500: both are final, and the
+    # rollback starts without waiting for the 30 s progress deadline.
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "bad", rank=8, config_rank=64)
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1), strategy=runtime_strategy()))
+    env.wait_phase("support", "Available")
+    env.set_spec("support", {"source": uri_source(uri2, d2)})
+    env.wait_phase("support", "RolledBack", timeout=15)
+    degraded = env.condition("support", "Degraded")
+    assert degraded["reason"] == "LoadFailed"
+    assert "LoRA rank 64 is greater than max_lora_rank 16." in degraded["message"]
+    assert "Call to add_lora" not in degraded["message"]
+
+
+def test_runtime_upgrade_swaps_the_adapter_in_place_where_vllm_can(env: Env) -> None:
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "v2")
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1), strategy=runtime_strategy()))
+    env.wait_phase("support", "Available")
+    env.set_spec("support", {"source": uri_source(uri2, d2)})
+    wait_for(
+        lambda: (
+            env.status("support")["current"]["digest"] == d2
+            and env.status("support")["phase"] == "Available"
+        ),
+        15,
+    )
+    servers = env.cluster.servers("llm")
+    assert {s.adapters["support"] for s in servers} == {uri2.removeprefix("file://")}
+    unloads = [
+        r for s in servers for r in s.requests_seen if r == "POST /v1/unload_lora_adapter"
+    ]
+    if env.generation == "0.11":  # type: ignore[attr-defined]
+        assert len(unloads) == len(servers)  # no load_inplace: unload, then load
+    else:
+        assert unloads == []  # load_inplace: the adapter is served throughout
+
+
+def test_canary_of_a_model_without_chat_template_is_promoted(env: Env) -> None:
+    env.overrides["chat_template"] = False  # type: ignore[attr-defined]
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "v2")
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1)))
+    env.wait_phase("support", "Available")
+    env.set_spec("support", {"source": uri_source(uri2, d2), "strategy": canary_strategy()})
+    wait_for(
+        lambda: (
+            env.status("support")["phase"] == "Available"
+            and env.status("support")["current"]["digest"] == d2
+        ),
+        30,
+        what=f"promotion: {env.status('support')}",
+    )
+    assert env.status("support")["canary"]["revision"]["outcome"] == "Promoted"
