@@ -81,9 +81,7 @@ def test_runtime_upgrade_swaps_the_adapter_in_place_where_vllm_can(env: Env) -> 
     )
     servers = env.cluster.servers("llm")
     assert {s.adapters["support"] for s in servers} == {uri2.removeprefix("file://")}
-    unloads = [
-        r for s in servers for r in s.requests_seen if r == "POST /v1/unload_lora_adapter"
-    ]
+    unloads = [r for s in servers for r in s.requests_seen if r == "POST /v1/unload_lora_adapter"]
     if env.generation == "0.11":  # type: ignore[attr-defined]
         assert len(unloads) == len(servers)  # no load_inplace: unload, then load
     else:
