@@ -6,6 +6,7 @@ vLLM 0.20-0.34 ("0.34").
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from finetune_operator.local.serving_cluster import ServingCluster
 from finetune_operator.local.vllm_reference import GENERATIONS
 from k8s_fixtures import wait_for
 
-from .adapters import make_adapter
+from .adapters import make_adapter, write_manifest
 from .test_operator_serving import (
     NS,
     Env,
@@ -105,3 +106,27 @@ def test_canary_of_a_model_without_chat_template_is_promoted(env: Env) -> None:
         what=f"promotion: {env.status('support')}",
     )
     assert env.status("support")["canary"]["revision"]["outcome"] == "Promoted"
+
+
+def test_runtime_upgrade_from_the_same_path_gets_a_new_adapter_id(env: Env) -> None:
+    # New weights written over the old folder: an in-place load would keep vLLM's
+    # prefix-cache blocks of the old weights, so the operator unloads and loads instead.
+    uri, d1 = make_adapter(env.root, "v")
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri, d1), strategy=runtime_strategy()))
+    env.wait_phase("support", "Available")
+    ids = [s.adapter_ids["support"] for s in env.cluster.servers("llm")]
+    folder = Path(uri.removeprefix("file://"))
+    (folder / "adapter_model.safetensors").write_bytes(os.urandom(256))
+    d2 = write_manifest(folder, "hf://org/tiny-base", 8)
+    env.set_spec("support", {"source": uri_source(uri, d2)})
+    wait_for(
+        lambda: (
+            env.status("support")["current"]["digest"] == d2
+            and env.status("support")["phase"] == "Available"
+        ),
+        15,
+    )
+    servers = env.cluster.servers("llm")
+    assert [s.adapter_ids["support"] for s in servers] != ids
+    assert all("POST /v1/unload_lora_adapter" in s.requests_seen for s in servers)

@@ -710,16 +710,20 @@ class Controller:
         recorded = {p["pod"]: p.get("digest") for p in t.status.get("pods") or []}
         runtime = plan.plan_runtime(views, name, digest, recorded)
         serving = dict(runtime.serving)
+        loaded_paths = {v.name: (v.loaded or {}).get(name) for v in views}
         errors: list[str] = []
         for action in runtime.actions:
             ep = endpoints[action.pod]
             try:
-                if action.action == "unload":
+                # A reload from a new path swaps the weights in place where vLLM can
+                # (load_inplace); from the same path vLLM would keep prefix-cache blocks of
+                # the old weights, so that one unloads first (a new adapter id).
+                in_place = action.action == "reload" and loaded_paths.get(action.pod) != path
+                if action.action == "unload" or (action.action == "reload" and not in_place):
                     await self.vllm.unload_adapter(ep, name)
                 if action.action in ("load", "reload"):
                     assert path is not None
-                    # A reload swaps the adapter in place where vLLM can (load_inplace).
-                    await self.vllm.load_adapter(ep, name, path, replace=action.action == "reload")
+                    await self.vllm.load_adapter(ep, name, path, replace=in_place)
                     t.event("AdapterLoaded", f"pod {action.pod}: loaded {name} ({digest})")
             except VllmError as exc:
                 serving[action.pod] = None

@@ -375,7 +375,7 @@ class ReferenceServer:
 
     async def crash(self) -> None:
         """Stop answering at once, losing every runtime-loaded adapter (like a dead process)."""
-        self.adapters = {}
+        self.adapters, self.adapter_ids = {}, {}
         await self.stop()
 
     @property
@@ -437,7 +437,8 @@ class ReferenceServer:
         return web.json_response(body, status=status)
 
     def _register(self, name: str, path: str) -> None:
-        if name not in self.adapter_ids:
+        """Record a loaded adapter; a name still loaded (in-place load) keeps its id."""
+        if name not in self.adapters:
             self._next_lora_id += 1
             self.adapter_ids[name] = self._next_lora_id
         self.adapters[name] = path
@@ -531,6 +532,7 @@ class ReferenceServer:
         if name not in self.adapters:
             return self._error(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
         del self.adapters[name]
+        del self.adapter_ids[name]
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     def _should_fail(self) -> bool:
