@@ -6,6 +6,7 @@ vLLM 0.20-0.34 ("0.34").
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,3 +131,27 @@ def test_runtime_upgrade_from_the_same_path_gets_a_new_adapter_id(env: Env) -> N
     servers = env.cluster.servers("llm")
     assert [s.adapter_ids["support"] for s in servers] != ids
     assert all("POST /v1/unload_lora_adapter" in s.requests_seen for s in servers)
+
+
+def test_serving_cluster_gives_servers_the_api_key_of_a_secret(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    key = "sk-from-secret-51c0"
+    emulator.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "vllm-key", "namespace": NS},
+            "data": {"key": base64.b64encode(key.encode()).decode()},
+        }
+    )
+    dep = vllm_deployment()
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    container["env"].append(
+        {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "vllm-key", "key": "key"}}}
+    )
+    with ServingCluster(emulator, NS, tmp_path / "pvc", generation="0.34") as cluster:
+        emulator.create(dep)
+        wait_for(lambda: len(cluster.servers("llm")) == 2, 10)
+        assert [s.config.api_keys for s in cluster.servers("llm")] == [[key], [key]]
+        assert all(s.config.allow_runtime_lora_updating for s in cluster.servers("llm"))

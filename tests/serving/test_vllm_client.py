@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 import pytest
 from finetune_operator.clients.vllm import VllmClient, VllmError, parse_metrics
 from finetune_operator.local.vllm_reference import (
+    GENERATIONS,
     ReferenceConfig,
     ReferenceServer,
     ServerRefusedToStart,
@@ -54,9 +56,16 @@ def test_parse_metrics_without_http_instrumentation() -> None:
     assert parse_metrics(text).requests == 7
 
 
-async def test_load_smoke_unload_and_metrics(tmp_path: Path) -> None:
+@pytest.fixture(params=GENERATIONS)
+def generation(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def test_load_smoke_unload_and_metrics(tmp_path: Path, generation: str) -> None:
     a = make_adapter(tmp_path, "a", 8)
-    server = ReferenceServer(ReferenceConfig(model="base", lora_modules={"static": a}))
+    server = ReferenceServer(
+        ReferenceConfig(model="base", lora_modules={"static": a}, generation=generation)  # type: ignore[arg-type]
+    )
     await server.start()
     try:
         async with aiohttp.ClientSession() as session:
@@ -81,25 +90,34 @@ async def test_load_smoke_unload_and_metrics(tmp_path: Path) -> None:
         await server.stop()
 
 
-async def test_rank_limits(tmp_path: Path) -> None:
+async def test_rank_limits(tmp_path: Path, generation: str) -> None:
     big = make_adapter(tmp_path, "big", 64)
+    config = ReferenceConfig(generation=generation)  # type: ignore[arg-type]
     with pytest.raises(ServerRefusedToStart, match="greater than max_lora_rank 16"):
-        ReferenceServer(ReferenceConfig(lora_modules={"big": big})).check_startup()
-    server = ReferenceServer(ReferenceConfig())
+        ReferenceServer(replace(config, lora_modules={"big": big})).check_startup()
+    server = ReferenceServer(config)
     await server.start()
     try:
         async with aiohttp.ClientSession() as session:
             with pytest.raises(VllmError, match="greater than max_lora_rank") as err:
                 await VllmClient(session).load_adapter(server.endpoint, "big", big)
-            assert err.value.status == 400
+            # vLLM 0.11 refuses with 400, vLLM 0.20+ with 500.
+            assert err.value.status == (400 if generation == "0.11" else 500)
             with pytest.raises(VllmError, match="No adapter found"):
                 await VllmClient(session).load_adapter(server.endpoint, "x", str(tmp_path / "none"))
     finally:
         await server.stop()
 
 
-async def test_injected_errors_latency_and_crash(tmp_path: Path) -> None:
-    server = ReferenceServer(ReferenceConfig(model="m", error_rate=0.5, added_latency_seconds=0.31))
+async def test_injected_errors_latency_and_crash(tmp_path: Path, generation: str) -> None:
+    server = ReferenceServer(
+        ReferenceConfig(
+            model="m",
+            error_rate=0.5,
+            added_latency_seconds=0.31,
+            generation=generation,  # type: ignore[arg-type]
+        )
+    )
     await server.start()
     ep = server.endpoint
     async with aiohttp.ClientSession() as session:
