@@ -13,6 +13,7 @@ from controller.cluster import (
     add_prerequisites,
     events,
     ftj_body,
+    operator,
     start_operator,
     status,
     trainer_jobs,
@@ -114,3 +115,22 @@ def test_namespace_gpus_are_counted_across_jobs_applied_together(
     wait_phase(emulator, running[0], "Failed")
     emulator.merge_patch("finetunejobs", NS, refused, {"spec": {"backoffLimit": 2}})
     wait_job(emulator, f"{refused}-train-g2")
+
+
+def test_a_new_policy_rechecks_refused_jobs_when_the_operator_restarts(
+    emulator: Emulator,
+) -> None:
+    """The chart puts the policy into the operator's environment: a new policy is a new
+    operator pod, which checks every job that has not started again."""
+    add_prerequisites(emulator)
+    with operator(emulator, CONFIG):
+        emulator.create(ftj_body("big", spec(resources={"gpus": 8})), keep_status=False)
+        wait_condition(emulator, "big", "Failed", "True", "PolicyViolation")
+    assert trainer_jobs(emulator) == []
+    relaxed = dataclasses.replace(
+        CONFIG, policy=dataclasses.replace(POLICY, max_gpus_per_namespace=8)
+    )
+    with operator(emulator, relaxed):
+        wait_job(emulator, "big-train-g1")
+        wait_condition(emulator, "big", "Validated", "True", "Valid")
+    assert "Failed" not in {c["type"] for c in status(emulator, "big")["conditions"]}
