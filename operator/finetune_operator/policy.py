@@ -95,8 +95,8 @@ def _setting(help_text: str, env: str, value: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Policy:
-    """The platform's rules for FineTuneJobs; the defaults allow what the operator always did,
-    except that every container now gets requests."""
+    """The platform's rules for FineTuneJobs. The defaults refuse nothing; the resource
+    defaults are never empty, so every trainer pod container has requests."""
 
     allowed_images: tuple[str, ...] = field(
         default=(),
