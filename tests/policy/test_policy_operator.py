@@ -36,6 +36,19 @@ POLICY = load_policy(
 CONFIG = dataclasses.replace(FAST, policy=POLICY)
 
 
+def quiet_version(emulator: Emulator, name: str, quiet: float = 0.5) -> str:
+    """The object's resourceVersion once it has not changed for ``quiet`` seconds."""
+    deadline = time.monotonic() + 10
+    version = emulator.read("finetunejobs", NS, name)["metadata"]["resourceVersion"]
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = emulator.read("finetunejobs", NS, name)["metadata"]["resourceVersion"]
+        if now == version:
+            return str(version)
+        version = now
+    raise AssertionError(f"{name} kept changing")
+
+
 def test_a_job_outside_the_policy_gets_policy_violation_and_no_children(
     emulator: Emulator, operator_runner
 ) -> None:
@@ -55,9 +68,9 @@ def test_a_job_outside_the_policy_gets_policy_violation_and_no_children(
     wait_for(lambda: any(e["reason"] == "PolicyViolation" for e in events(emulator, "bad")))
     wait_job(emulator, "good-train-g1")
 
-    # Terminal: no retry loop writes or reads it again while nothing changes (the operator
-    # retries temporary errors every 0.5 s here).
-    version = emulator.read("finetunejobs", NS, "bad")["metadata"]["resourceVersion"]
+    # Terminal: once kopf has recorded the outcome, no retry loop writes it again while
+    # nothing changes (the operator retries temporary errors every 0.5 s here).
+    version = quiet_version(emulator, "bad")
     time.sleep(2.0)
     assert emulator.read("finetunejobs", NS, "bad")["metadata"]["resourceVersion"] == version
     assert [j["metadata"]["name"] for j in trainer_jobs(emulator)] == ["good-train-g1"]

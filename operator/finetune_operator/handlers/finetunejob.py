@@ -607,6 +607,7 @@ async def on_delete(name: str, namespace: str | None, memo: Any, **_: Any) -> No
     """Delete the trainer Job (its pods follow) and ConfigMaps; user volumes are never touched."""
     kube, _config = runtime(memo)
     namespace = str(namespace)
+    run_state(memo).gpus.release(namespace, name)  # its GPUs are free for the namespace
     selector = {names.LABEL_JOB: names.label_value(name)}
     for kind in ("Job", "Service", "ConfigMap"):
         for child in await kube.list(kind, namespace, selector):
