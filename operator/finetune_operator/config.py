@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .policy import Policy, describe_policy, load_policy
+
 ENV_PREFIX = "FINETUNE_"
 
 
@@ -146,6 +148,8 @@ class OperatorConfig:
             "FINETUNE_STATUS_WRITE_RETRIES",
         ),
     )
+    # The platform policy has its own FINETUNE_POLICY_* variables (policy.py).
+    policy: Policy = field(default_factory=Policy, metadata={"group": "policy"})
 
 
 def describe() -> list[dict[str, Any]]:
@@ -159,7 +163,8 @@ def describe() -> list[dict[str, Any]]:
             "help": f.metadata["help"],
         }
         for f in fields(OperatorConfig)
-    ]
+        if "env" in f.metadata
+    ] + describe_policy()
 
 
 class ConfigError(ValueError):
@@ -194,10 +199,19 @@ def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
     source = os.environ if env is None else env
     values: dict[str, Any] = {}
     for f in fields(OperatorConfig):
-        var = f.metadata["env"]
-        if var in source:
+        var = f.metadata.get("env")
+        if var is not None and var in source:
             values[f.name] = _parse(f.name, source[var], f.type)
+    try:
+        values["policy"] = load_policy(source)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     config = OperatorConfig(**values)
+    if not config.policy.image_allowed(config.trainer_image):
+        raise ConfigError(
+            f"FINETUNE_TRAINER_IMAGE={config.trainer_image!r} matches none of "
+            "FINETUNE_POLICY_ALLOWED_IMAGES: jobs without spec.image could not run"
+        )
     if not 0.0 <= config.memory_headroom < 0.9:
         raise ConfigError("FINETUNE_MEMORY_HEADROOM must be in [0, 0.9)")
     if config.progress_poll_seconds <= 0:

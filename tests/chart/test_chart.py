@@ -65,6 +65,24 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "priorityClassName": "system-cluster-critical",
     },
+    "policy": {
+        "operator": {
+            "policy": {
+                "allowedImages": ["ghcr.io/finetune-dev/*"],
+                "maxGpusPerJob": 8,
+                "maxGpusPerNamespace": 16,
+                "allowedPriorityClasses": ["training"],
+                "defaultPriorityClass": "training",
+                "requiredNodeSelector": {"pool": "training"},
+                "forbiddenNodeSelectorKeys": ["kubernetes.io/hostname"],
+                "requiredTolerations": [{"key": "pool", "operator": "Exists"}],
+                "forbiddenTolerations": [{"key": "dedicated", "value": "serving"}],
+                "trainer": {"defaultCpu": "2", "defaultMemory": "16Gi", "maxMemory": "256Gi"},
+                "initContainers": {"memoryLimit": "2Gi"},
+                "allowFileUris": False,
+            }
+        }
+    },
     "no-metrics-no-crds-no-aggregation": {
         "metrics": {"enabled": False},
         "crds": {"install": False},

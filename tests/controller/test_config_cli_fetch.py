@@ -59,14 +59,24 @@ def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None
 
 
 def test_every_setting_has_help_and_a_variable() -> None:
+    from dataclasses import fields
+
+    from finetune_operator.policy import Policy
+
     items = describe()
-    assert len(items) == len(OperatorConfig.__dataclass_fields__)
+    # Every setting but the policy group, plus each policy setting.
+    assert len(items) == len(OperatorConfig.__dataclass_fields__) - 1 + len(fields(Policy))
     assert all(i["help"] and i["env"].startswith("FINETUNE_") for i in items)
+    assert len({i["env"] for i in items}) == len(items)
 
 
 def test_cli_lists_configuration(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["config"]) == 0
-    assert "FINETUNE_TRAINER_IMAGE" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FINETUNE_TRAINER_IMAGE" in out
+    for var in ("FINETUNE_POLICY_ALLOWED_IMAGES", "FINETUNE_POLICY_MAX_GPUS_PER_NAMESPACE"):
+        assert var in out
+    assert "operator.policy.trainer.defaultMemory" in out  # names the chart value
 
 
 def test_cli_run_rejects_bad_configuration(

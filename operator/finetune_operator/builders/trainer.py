@@ -16,6 +16,7 @@ from ..api.common import API_VERSION
 from ..api.finetunejob import KIND, FineTuneJobSpec
 from ..api.trainer_config import ResolvedPaths, TrainerConfig
 from ..config import OperatorConfig
+from ..policy import init_resources, trainer_resources
 from .names import (
     ANNOTATION_SPEC_HASH,
     child_labels,
@@ -226,12 +227,12 @@ def _common_env() -> list[dict[str, Any]]:
 
 
 def _fetch_container(
-    name: str, uri: str, secret: str | None, image: str, pull_policy: str
+    name: str, uri: str, secret: str | None, image: str, config: OperatorConfig
 ) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": f"fetch-{name}",
         "image": image,
-        "imagePullPolicy": pull_policy,
+        "imagePullPolicy": config.image_pull_policy,
         "command": ["python", "-m", "finetune_trainer.fetch"],
         "args": ["--uri", uri, "--dest", f"{INPUTS_DIR}/{name}"],
         "env": _common_env(),
@@ -241,6 +242,8 @@ def _fetch_container(
         ],
         "securityContext": _container_security(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        # Requests from the platform policy: no container of a trainer pod is BestEffort.
+        "resources": init_resources(config.policy),
     }
     if secret:
         # Only the name of the Secret travels; the kubelet injects its values.
@@ -263,16 +266,15 @@ def trainer_job(
     labels = child_labels(name, generation)
     res = spec.resources
 
+    # CPU and memory: the job's own, else the platform policy's defaults (never none).
+    resources = trainer_resources(spec, config.policy)
     limits: dict[str, Any] = {}
     requests: dict[str, Any] = {}
     if res.gpus > 0:
         limits[GPU_RESOURCE] = res.gpus
         requests[GPU_RESOURCE] = res.gpus
-    if res.cpu:
-        requests["cpu"] = res.cpu
-    if res.memory:
-        requests["memory"] = res.memory
-        limits["memory"] = res.memory
+    requests.update(resources["requests"])
+    limits.update(resources["limits"])
 
     env = [*_common_env(), {"name": "HF_HUB_OFFLINE", "value": "1"}]
     trainer: dict[str, Any] = {
@@ -317,7 +319,7 @@ def trainer_job(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "initContainers": [
-            _fetch_container(fname, uri, secret, image, config.image_pull_policy)
+            _fetch_container(fname, uri, secret, image, config)
             for fname, uri, secret in layout.fetches
         ],
         "containers": [trainer],

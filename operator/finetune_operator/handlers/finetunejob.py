@@ -38,6 +38,8 @@ from ..planners.finetunejob import (
     referenced_objects,
     run_generation,
 )
+from ..policy import NamespaceUsage
+from .gpu_usage import GpuLedger
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class RunState:
         # Polls take turns so that new jobs and Job events are not queued behind them.
         self.poll_slots = asyncio.Semaphore(POLL_CONCURRENCY)
         self.running_pollers = 0  # running jobs being polled (sets their interval)
+        self.gpus = GpuLedger()  # GPUs of each namespace's runs (platform policy)
 
     @contextlib.asynccontextmanager
     async def serialised(self, namespace: str, name: str) -> AsyncIterator[None]:
@@ -237,6 +240,7 @@ async def observe(
             missing = await _missing_references(kube, namespace, spec, state)
         except ValidationError:
             missing = None  # the planner reports the invalid spec
+    prices = None if settled else await _price_table(kube, config, state)
     return Observed(
         name=name,
         namespace=namespace,
@@ -250,7 +254,9 @@ async def observe(
         pods=tuple(pods),
         log_tail=log_tail,
         missing_refs=missing,
-        prices=None if settled else await _price_table(kube, config, state),
+        prices=prices,
+        # Read after the last await: the plan that may start a run follows in the same step.
+        namespace_usage=state.gpus.usage(namespace, name) if state else NamespaceUsage(),
     )
 
 
@@ -340,10 +346,16 @@ async def reconcile(
                     return None
                 obs = await observe(kube, config, body, state)
                 p = plan(obs, config)
+                if state is not None and any(
+                    a.kind == "Job" and a.verb == "create" for a in p.actions
+                ):
+                    state.gpus.reserve(namespace, name, obs.spec)  # before any other reconcile runs
                 try:
                     action_events = await execute(kube, namespace, p)
                 except ChildRejected as exc:
                     metrics.ftj_errors.labels("JobRejected").inc()
+                    if state is not None:
+                        state.gpus.release(namespace, name)
                     p, action_events = job_rejected(obs, p, str(exc)), []
                 created += action_events
                 patch = status_patch(obs.status, p.status)
@@ -413,10 +425,13 @@ def _raise_for_outcome(p: Plan | None, config: OperatorConfig) -> None:
 
 
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def configure(
+    settings: kopf.OperatorSettings, memo: kopf.Memo, ftj_gpus_in_use: Any = None, **_: Any
+) -> None:
     if getattr(memo, "config", None) is None:
         memo.config = load_config()
     memo.ftj_state = RunState()
+    memo.ftj_state.gpus.index = ftj_gpus_in_use  # kopf's index, kept up to date by kopf
     if getattr(memo, "kube", None) is None:
         memo.kube = KubeClient.from_environment()
     # Handler progress lives in annotations so status holds only what users read.
@@ -592,6 +607,7 @@ async def on_delete(name: str, namespace: str | None, memo: Any, **_: Any) -> No
     """Delete the trainer Job (its pods follow) and ConfigMaps; user volumes are never touched."""
     kube, _config = runtime(memo)
     namespace = str(namespace)
+    run_state(memo).gpus.release(namespace, name)  # its GPUs are free for the namespace
     selector = {names.LABEL_JOB: names.label_value(name)}
     for kind in ("Job", "Service", "ConfigMap"):
         for child in await kube.list(kind, namespace, selector):

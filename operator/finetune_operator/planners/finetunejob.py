@@ -33,6 +33,7 @@ from ..builders.trainer import (
 )
 from ..config import OperatorConfig
 from ..gates import evaluate_gates, summarize
+from ..policy import NamespaceUsage, apply_defaults, refusal_message
 from .progress import (
     data_status,
     last_of,
@@ -104,6 +105,7 @@ WARNING_REASONS = frozenset(
         "SuspendNotSupportedWithQueue",
         "PodFailed",
         "JobRejected",
+        "PolicyViolation",
     }
 )
 
@@ -173,6 +175,8 @@ class Observed:
     missing_refs: tuple[str, ...] | None = None  # None: not checked (not needed)
     prices: PriceTable | None = None
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # GPUs held by the namespace's other unfinished runs (for the platform policy).
+    namespace_usage: NamespaceUsage = field(default_factory=NamespaceUsage)
 
 
 @dataclass(frozen=True)
@@ -645,6 +649,10 @@ def _start_run(
     st.drop(ADMITTED, TRAINING, EVALUATED, GATES_PASSED, SUCCEEDED, FAILED)
     st.cond(VALIDATED, "True", "Valid", "spec is valid")
 
+    refusal = refusal_message(spec, obs.namespace_usage, config.policy, config.trainer_image)
+    if refusal:
+        return _invalid(obs, st, "PolicyViolation", refusal)
+
     if obs.missing_refs:
         message = "; ".join(obs.missing_refs)
         st.cond(VALIDATED, "False", "ReferenceNotFound", message)
@@ -688,7 +696,9 @@ def _start_run(
         config=config,
     )
     cm = trainer_configmap(obs.name, obs.namespace, obs.generation, trainer_config, owner, hash_)
-    job = trainer_job(obs.name, obs.namespace, obs.generation, spec, owner, config, hash_)
+    # The pods get what the platform requires (node selector, tolerations, PriorityClass).
+    pod_spec = apply_defaults(spec, config.policy)
+    job = trainer_job(obs.name, obs.namespace, obs.generation, pod_spec, owner, config, hash_)
     # Several GPUs or nodes: torchrun options, and for nodes an Indexed Job + its Service.
     service = distributed.apply(job, spec, TRAINER_CONTAINER)
     job_name = job["metadata"]["name"]
