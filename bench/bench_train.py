@@ -398,6 +398,10 @@ def run_trl_variant(
         )
         trainer.token_log = []
         reset_memory()
+        if torch.cuda.is_available():
+            # Frozen weights plus the adapter, before any activation or optimiser state: the
+            # fixed part of the peak, which the memory model's weight terms must match.
+            result["allocatedBeforeTrainGiB"] = round(torch.cuda.memory_allocated() / GIB, 2)
         with step_profiler(variant, args) as profiler:
             if profiler is not None:
                 trainer.add_callback(profiler.callback)

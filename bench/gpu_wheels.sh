@@ -7,7 +7,10 @@ set -euo pipefail
 target=${1:?usage: gpu_wheels.sh TARGET_DIR}
 tmp=$(mktemp -d)
 platforms="--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
-for pkg in bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5; do
+# pydantic and its three companions: the trainer's configuration and result models need them and
+# the GPU image has none of them.
+for pkg in bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5 \
+    pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     $platforms -d "$tmp" "$pkg"
 done

@@ -13,6 +13,18 @@ SHAPES: dict[str, dict[str, Any]] = {
         "vocab_size": 128256, "rope_theta": 500000.0, "max_position_embeddings": 8192,
         "tie_word_embeddings": False,
     },
+    "qwen2.5-7b": {
+        "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
+        "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+        "vocab_size": 152064, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+        "tie_word_embeddings": False,
+    },
+    "mistral-7b": {
+        "model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "vocab_size": 32768, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+        "tie_word_embeddings": False,
+    },
     "llama3.2-3b": {
         "model_type": "llama", "hidden_size": 3072, "intermediate_size": 8192,
         "num_hidden_layers": 28, "num_attention_heads": 24, "num_key_value_heads": 8,
