@@ -192,13 +192,20 @@ def placement(ref: AdapterRef, fetch_image: str) -> Placement:
 # ------------------------------------------------------------------ pod template edits
 
 
-def find_container(pod_spec: dict[str, Any], container: str | None) -> int:
-    """Index of the named container (default: the first)."""
+def find_container(
+    pod_spec: dict[str, Any],
+    container: str | None,
+    image_patterns: tuple[str, ...] | None = None,
+) -> int:
+    """Index of the named container (default: the one running vLLM, else the first)."""
     containers = pod_spec.get("containers") or []
     if not containers:
         raise ValueError("the Deployment's pod template has no containers")
     if container is None:
-        return 0
+        from ..vllm_server import find_vllm_container
+
+        found, _ = find_vllm_container(pod_spec, None, image_patterns)
+        return found or 0
     for i, c in enumerate(containers):
         if c.get("name") == container:
             return i
