@@ -728,7 +728,9 @@ def parse_located(
     out.shell_env = dict(loc.env)
     model_flag = _last(occ, "model")
     positional = positionals[0] if loc.serve and positionals else None
-    if loc.serve and model_flag is not None and version is not None and version < (0, 20):
+    # (Not for the image's entry point: older images ran api_server, which takes --model.)
+    explicit_serve = loc.serve and loc.form != "image entrypoint"
+    if explicit_serve and model_flag is not None and version is not None and version < (0, 20):
         problems.append(
             "vllm serve before 0.20 refuses --model: give the model as vllm serve MODEL"
         )
