@@ -580,3 +580,41 @@ def test_edit_with_config_keeps_the_files_adapters() -> None:
     server = vs.inspect(dep, configmaps=cms)
     assert [m.name for m in server.lora_modules] == ["a", "b"]
     assert server.max_loras == 2 and server.max_cpu_loras == 2 and not server.problems
+
+
+# ------------------------------------------------------------------ compatibility check
+
+
+def test_compatibility_reads_the_config_file_or_refuses() -> None:
+    from finetune_operator.builders import serving as sb
+    from finetune_operator.planners import adapterdeployment as p
+
+    spec = p.AdapterDeploymentSpec.model_validate(
+        {
+            "adapterName": "support",
+            "source": {"fineTuneJobRef": {"name": "f"}},
+            "target": {"deployment": "llm"},
+        }
+    )
+    ref = sb.AdapterRef("support", "pvc://out/a", "sha256:" + "1" * 64, "hf://org/m", 32)
+    dep = deployment(
+        {
+            "name": "vllm",
+            "command": ["vllm", "serve", "org/m", "--config", "/etc/vllm/cfg.yaml"],
+            "volumeMounts": MOUNT,
+        },
+        volumes=[CFG],
+    )
+    unread = p.check_compatible(spec, "adep", dep, ref)
+    assert unread.reason == "ServerConfigUnreadable" and "vllm-config" in unread.message
+    cms = {"vllm-config": {"cfg.yaml": "enable-lora: true\nmax-lora-rank: 32\n"}}
+    assert p.check_compatible(spec, "adep", dep, ref, configmaps=cms).ok
+    low = {"vllm-config": {"cfg.yaml": "enable-lora: true\n"}}
+    assert p.check_compatible(spec, "adep", dep, ref, configmaps=low).reason == "RankTooLarge"
+    bad = deployment(
+        {
+            "name": "vllm",
+            "command": ["vllm", "serve", "org/m", "--enable-lora", "--lora-modules", "x"],
+        }
+    )
+    assert p.check_compatible(spec, "adep", bad, ref).reason == "ServerArgsInvalid"

@@ -228,9 +228,13 @@ def check_compatible(
             f"{args.problems[0]}: set target.container to the vLLM container "
             "(docs/adapterdeployment.md lists the forms the operator reads)",
         )
-    blocking = _blocking_problem(args)
-    if blocking is not None:
-        return CompatResult(False, blocking[0], f"container {cname}: {blocking[1]}")
+    invalid = _problem(args, "--lora-modules: ")
+    if invalid is not None:
+        return CompatResult(False, "ServerArgsInvalid", f"container {cname}: {invalid}")
+    # The --config file may set any LoRA flag: without it nothing can be judged or edited.
+    unread = _problem(args, "--config ") if args.config_file else None
+    if unread is not None:
+        return CompatResult(False, "ServerConfigUnreadable", f"container {cname}: {unread}")
     owners = ((deployment.get("metadata") or {}).get("annotations") or {}).get(
         sb.owner_annotation(spec.adapter_name)
     )
@@ -313,14 +317,8 @@ def check_compatible(
 RUNTIME_UPDATES_ENV = vllm_server.RUNTIME_UPDATES_ENV
 
 
-def _blocking_problem(server: vllm_server.ServerModel) -> tuple[str, str] | None:
-    """A server problem that stops the operator from reading or editing the server safely."""
-    for problem in server.problems:
-        if problem.startswith("--lora-modules: "):
-            return "ServerArgsInvalid", problem
-        if server.config_file and problem.startswith(f"--config {server.config_file}"):
-            return "ServerConfigUnreadable", problem
-    return None
+def _problem(server: vllm_server.ServerModel, prefix: str) -> str | None:
+    return next((q for q in server.problems if q.startswith(prefix)), None)
 
 
 def runtime_updates_allowed(
