@@ -986,13 +986,13 @@ def _set_dest(
     if values is not None:
         new = [_Item(_WRITE[dest], None), *(_Item(v, None) for v in values)]
     kept = [it for k, it in enumerate(items) if k not in drop]
-    candidates: list[list[_Item]] = []
+    candidates: list[tuple[list[_Item], Word | None]] = []
     if anchor is not None:
         at = len([k for k in range(anchor) if k not in drop])
-        candidates.append(kept[:at] + new + kept[at:])
-    candidates.append(kept + new)
-    for cand in candidates:
-        out = _render(container, loc, cand)
+        candidates.append((kept[:at] + new + kept[at:], loc.argv[anchor] if new else None))
+    candidates.append((kept + new, None))
+    for cand, in_place_of in candidates:
+        out = _render(container, loc, cand, in_place_of)
         if _same_except(container, out, ctx, dest):
             return out
     raise ServerArgsError(
@@ -1026,9 +1026,14 @@ def _same_except(
     )
 
 
-def _render(container: Mapping[str, Any], loc: Located, items: Sequence[_Item]) -> dict[str, Any]:
+def _render(
+    container: Mapping[str, Any],
+    loc: Located,
+    items: Sequence[_Item],
+    in_place_of: Word | None = None,
+) -> dict[str, Any]:
     if loc.script is not None:
-        return _render_script(container, loc, items)
+        return _render_script(container, loc, items, in_place_of)
     return _render_exec(container, loc, items)
 
 
@@ -1065,35 +1070,63 @@ def _render_exec(
 
 
 def _render_script(
-    container: Mapping[str, Any], loc: Located, items: Sequence[_Item]
+    container: Mapping[str, Any],
+    loc: Located,
+    items: Sequence[_Item],
+    in_place_of: Word | None = None,
 ) -> dict[str, Any]:
+    """Apply the edit as text edits: drop removed words, insert new ones (shell-quoted).
+
+    Every other character of the script (redirections between words, line continuations,
+    quoting of untouched words) stays as written.
+    """
     script = loc.script
     assert script is not None and loc.end is not None
     for it in items:
         if it.word is None and "\n" in it.value:
             raise ServerArgsError("cannot write a value with a line break into a shell script")
     text = script.value
-    first = loc.argv[0].span[0] if loc.argv and loc.argv[0].span else loc.end
-    pieces: list[str] = []
-    prev: Word | None = None
+    kept = {id(it.word) for it in items if it.word is not None}
+    edits: list[tuple[int, int, str]] = []
+    if in_place_of is not None and in_place_of.span is not None:
+        # The new flag takes the place of the removed occurrence it replaces.
+        words = " ".join(shlex.quote(it.value) for it in items if it.word is None)
+        edits.append((in_place_of.span[0], in_place_of.span[1], words))
+        items = [it for it in items if it.word is not None]
+    for w in loc.argv:
+        if w is in_place_of:
+            continue
+        if id(w) not in kept and w.span is not None:
+            begin = w.span[0]
+            while begin > 0 and text[begin - 1] in " \t":
+                begin -= 1  # the blanks before the word go with it
+            edits.append((begin, w.span[1], ""))
+    position = loc.argv[0].span[0] if loc.argv and loc.argv[0].span else loc.end
+    pending: list[str] = []
+    leading = True  # new words before any kept word go in front of the first argv word
+
+    def flush() -> None:
+        if not pending:
+            return
+        words = " ".join(shlex.quote(v) for v in pending)
+        edits.append((position, position, f"{words} " if leading else f" {words}"))
+        pending.clear()
+
     for it in items:
-        w = it.word
-        if w is not None and w.span is not None and prev is not None and prev.span is not None:
-            if loc.argv.index(w) == loc.argv.index(prev) + 1:
-                pieces.append(text[prev.span[1] : w.span[0]])  # the original separator
-            else:
-                pieces.append(" ")
-        elif pieces:
-            pieces.append(" ")
-        if w is not None and w.span is not None:
-            pieces.append(text[w.span[0] : w.span[1]])
-        else:
-            pieces.append(shlex.quote(it.value))
-        prev = w
-    body = "".join(pieces)
-    if not loc.argv:
-        body = " " + body if body else ""
-    new_text = text[:first] + body + text[loc.end :]
+        if it.word is None:
+            pending.append(it.value)
+            continue
+        flush()
+        assert it.word.span is not None
+        position, leading = it.word.span[1], False
+    if not any(it.word is not None for it in items) and loc.argv:
+        position, leading = loc.argv[-1].span[1] if loc.argv[-1].span else loc.end, False
+    elif not loc.argv:
+        leading = False
+    flush()
+    new_text = text
+    for begin, end, repl in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
+        new_text = new_text[:begin] + repl + new_text[end:]
     out = dict(container)
     lst = list(out[script.origin])
     lst[script.index] = new_text

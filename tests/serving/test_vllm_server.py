@@ -618,3 +618,11 @@ def test_compatibility_reads_the_config_file_or_refuses() -> None:
         }
     )
     assert p.check_compatible(spec, "adep", bad, ref).reason == "ServerArgsInvalid"
+
+
+def test_shell_edit_keeps_redirections_and_continuations() -> None:
+    script = "vllm serve m > /log \\\n  --lora-modules a=/a b=/b \\\n  --port 8001"
+    out = va.remove_lora_module({"command": ["sh", "-c", script]}, "a")
+    assert out["command"][2] == "vllm serve m > /log \\\n  --lora-modules b=/b \\\n  --port 8001"
+    parsed = va.parse_container(out)
+    assert (parsed.model, parsed.port, [m.name for m in parsed.lora_modules]) == ("m", 8001, ["b"])
