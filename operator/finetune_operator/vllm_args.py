@@ -562,7 +562,7 @@ def _config_args(text: str, version: Version | None) -> list[str]:
         if isinstance(value, bool):
             if value:
                 out.append(flag)
-            elif newer and resolve_option(f"--no-{normalize_flag(flag)[2:]}"):
+            elif newer and f"--no-{key}" in _ALL_OPTIONS:  # exact, as vLLM looks it up
                 # After 0.20, false writes --no-KEY when that option exists; before, nothing.
                 out.append(f"--no-{key}")
         elif isinstance(value, list):
@@ -657,7 +657,8 @@ def _scan(stream: _Stream, problems: list[str]) -> tuple[list[Occurrence], list[
             problems.append(
                 f"{raw}: not an option of vLLM 0.8.5 to 0.34 (vLLM refuses unknown flags)"
             )
-        arity = _arity(option)
+        # A short option with its value attached (-O3, -tp2) takes nothing more.
+        arity = _arity(option) if option or name.startswith("--") else "0"
         values: list[str] = []
         if inline is not None:
             if arity == "0":
@@ -734,6 +735,11 @@ def parse_located(
         problems.append(
             "vllm serve before 0.20 refuses --model: give the model as vllm serve MODEL"
         )
+    if explicit_serve and _model_not_first(loc, version):
+        problems.append(
+            "vllm serve needs the model as its first argument when --served-model-name is "
+            "given: vLLM 0.20 and later refuse to start (vllm serve MODEL --served-model-name ...)"
+        )
     extra = positionals[1:] if loc.serve else positionals
     if extra:
         problems.append(f"unrecognized arguments {' '.join(extra)}: vLLM refuses to start")
@@ -764,6 +770,24 @@ def parse_located(
     _check_lora_settings(out, version, problems)
     out.problems = problems
     return out
+
+
+_SERVED_NAME = re.compile(r"^--served[-_]model[-_]name(=.+|$)")
+_MODEL_FLAG = re.compile(r"^--model(=.+|$)")
+
+
+def _model_not_first(loc: Located, version: Version | None) -> bool:
+    """FlexibleArgumentParser (0.20+): `vllm serve --flag ... --served-model-name` raises."""
+    if version is not None and version < (0, 20):
+        return False
+    values = [w.value for w in loc.argv]
+    return (
+        bool(values)
+        and values[0].startswith("-")
+        and not any(_MODEL_FLAG.match(v) for v in values)
+        and "--config" not in values
+        and any(_SERVED_NAME.match(v) for v in values)
+    )
 
 
 def _enable_lora(occ: Sequence[Occurrence], version: Version | None, problems: list[str]) -> bool:

@@ -168,11 +168,17 @@ BASE = ["vllm", "serve", "org/m"]
         (["--served-model-name", "a", "b"], "served_model_names", ("a", "b")),
         # A value-less flag does not take the model: --enforce-eager is a BooleanOptionalAction.
         (["--enforce-eager"], "model", "org/m"),
+        # FlexibleArgumentParser: -O3 carries its own value.
+        (["-O3", "--port", "8002"], "port", 8002),
     ],
 )
 def test_spellings(args: list[str], field: str, value: object) -> None:
     server = inspect({"command": [*BASE, *args]})
     assert getattr(server, field) == value, server
+
+
+def test_positional_model_after_o3() -> None:
+    assert inspect({"command": ["vllm", "serve", "-O3", "org/m"]}).model == "org/m"
 
 
 def test_positional_model_after_a_boolean_flag() -> None:
@@ -414,6 +420,11 @@ def test_config_file_through_subpath_and_items() -> None:
             "depends on the shell environment",
         ),
         ({"command": [*BASE, "--uds", "/tmp/s"]}, "Unix socket"),
+        # 0.20+ argparse_utils.py: --served-model-name without the model first raises.
+        (
+            {"command": ["vllm", "serve", "--enable-lora", "org/m", "--served-model-name", "x"]},
+            "needs the model as its first argument",
+        ),
         # 0.11 argparse (utils/__init__.py): `vllm serve --model` raises.
         (
             {"image": "vllm/vllm-openai:v0.11.0", "command": ["vllm", "serve", "--model", "m"]},
