@@ -637,3 +637,18 @@ def test_shell_edit_keeps_redirections_and_continuations() -> None:
     assert out["command"][2] == "vllm serve m > /log \\\n  --lora-modules b=/b \\\n  --port 8001"
     parsed = va.parse_container(out)
     assert (parsed.model, parsed.port, [m.name for m in parsed.lora_modules]) == ("m", 8001, ["b"])
+
+
+def test_rollout_patch_edits_the_vllm_container_behind_a_sidecar() -> None:
+    from finetune_operator.builders import serving as sb
+
+    dep = deployment(
+        {"name": "proxy", "image": "envoy:1", "args": ["--config", "/etc/envoy.yaml"]},
+        {"name": "vllm", "image": "vllm/vllm-openai:v0.11.0", "args": ["org/m", "--enable-lora"]},
+    )
+    dep["metadata"]["resourceVersion"] = "7"
+    ref = sb.AdapterRef("support", "pvc://out/support", "sha256:" + "1" * 64)
+    ops = sb.rollout_patch(dep, None, "support", ref, owner="adep", fetch_image="f:1")
+    assert {"op": "test", "path": "/spec/template/spec/containers/1/name", "value": "vllm"} in ops
+    args = next(op["value"] for op in ops if op["path"] == "/spec/template/spec/containers/1/args")
+    assert args[:2] == ["org/m", "--enable-lora"] and args[2] == "--lora-modules"
