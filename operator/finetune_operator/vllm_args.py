@@ -433,10 +433,12 @@ def parse_lora_module(value: str) -> LoraModule:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ServerArgsError(
-            f"--lora-modules: entry {value!r} is not name=path or JSON ({exc})"
+            f"--lora-modules: entry {clip(value)!r} is not name=path or JSON ({exc.msg})"
         ) from exc
     if not isinstance(obj, dict) or "name" not in obj or "path" not in obj:
-        raise ServerArgsError(f"--lora-modules: JSON entry {value!r} needs 'name' and 'path' keys")
+        raise ServerArgsError(
+            f"--lora-modules: JSON entry {clip(value)!r} needs 'name' and 'path' keys"
+        )
     base = obj.get("base_model_name")
     return LoraModule(str(obj["name"]), str(obj["path"]), str(base) if base else None, True)
 
@@ -548,13 +550,29 @@ class _Stream:
     words: list[Word | None]  # None: the value came from the --config file
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader without aliases: a few aliases can expand into gigabytes of flags."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise ServerArgsError(
+                "the file uses YAML aliases (*name), which the operator does not expand"
+            )
+        return super().compose_node(parent, index)
+
+
+def clip(text: str, limit: int = 120) -> str:
+    """A tenant's value, bounded for messages."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _config_args(text: str, version: Version | None) -> list[str]:
     """A --config YAML file as vLLM's load_config_file turns it into flags."""
-    data = yaml.safe_load(text)
+    data = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader: plain data only
     if data is None:
         return []
     if not isinstance(data, dict):
-        raise ServerArgsError("the --config file must hold a YAML mapping of flag: value")
+        raise ServerArgsError("not a YAML mapping of flag: value; vLLM refuses to start")
     out: list[str] = []
     newer = version is None or version > (0, 20)
     for key, value in data.items():
@@ -620,8 +638,12 @@ def _stream(
         return _Stream(rest_v, rest_w), path
     try:
         extra = _config_args(text, version)
-    except (yaml.YAMLError, ServerArgsError) as exc:
-        problems.append(f"--config {path}: not a YAML mapping ({exc}); vLLM refuses to start")
+    except yaml.YAMLError as exc:
+        why = clip(str(exc).splitlines()[0] if str(exc) else "invalid YAML")
+        problems.append(f"--config {path}: not valid YAML ({why}); vLLM refuses to start")
+        return _Stream(rest_v, rest_w), path
+    except ServerArgsError as exc:
+        problems.append(f"--config {path}: {exc}")
         return _Stream(rest_v, rest_w), path
     # vLLM splices the file's flags in after the subcommand and its MODEL, before the rest.
     head = 1 if serve and rest_v and not rest_v[0].startswith("-") else 0
@@ -655,14 +677,14 @@ def _scan(stream: _Stream, problems: list[str]) -> tuple[list[Occurrence], list[
         option = resolve_option(name)
         if option is None and name.startswith("--"):
             problems.append(
-                f"{raw}: not an option of vLLM 0.8.5 to 0.34 (vLLM refuses unknown flags)"
+                f"{clip(name)}: not an option of vLLM 0.8.5 to 0.34 (vLLM refuses unknown flags)"
             )
         # A short option with its value attached (-O3, -tp2) takes nothing more.
         arity = _arity(option) if option or name.startswith("--") else "0"
         values: list[str] = []
         if inline is not None:
             if arity == "0":
-                problems.append(f"{raw}: {name} takes no value; vLLM refuses to start")
+                problems.append(f"{name}=...: {name} takes no value; vLLM refuses to start")
             values.append(inline)
         elif arity in ("1", "?"):
             if i < n and not _looks_like_flag(vals[i]):
@@ -742,7 +764,8 @@ def parse_located(
         )
     extra = positionals[1:] if loc.serve else positionals
     if extra:
-        problems.append(f"unrecognized arguments {' '.join(extra)}: vLLM refuses to start")
+        shown = " ".join(clip(e, 40) for e in extra[:3]) + (" ..." if len(extra) > 3 else "")
+        problems.append(f"unrecognized arguments {shown}: vLLM refuses to start")
     out.model = positional or (model_flag.values[0] if model_flag and model_flag.values else None)
     served = _last(occ, "served_model_name")
     out.served_model_names = list(served.values) if served else []

@@ -350,6 +350,15 @@ def test_config_file_bool_false() -> None:
         (["--config", "/etc/vllm/cfg.json"], "", None, MOUNT, "only .yaml/.yml"),
         (["--config=/etc/vllm/cfg.yaml"], "", None, MOUNT, "two words"),
         (["--config", "/etc/vllm/cfg.yaml"], "[1, 2]", None, MOUNT, "not a YAML mapping"),
+        (["--config", "/etc/vllm/cfg.yaml"], "a: [1\n", None, MOUNT, "not valid YAML"),
+        # Aliases could expand a small ConfigMap into gigabytes: not read.
+        (
+            ["--config", "/etc/vllm/cfg.yaml"],
+            "x: &a [1, 2]\nlora-modules: *a\n",
+            None,
+            MOUNT,
+            "aliases",
+        ),
     ],
 )
 def test_config_file_problems(args, text, volumes, mounts, needle) -> None:
@@ -652,3 +661,11 @@ def test_rollout_patch_edits_the_vllm_container_behind_a_sidecar() -> None:
     assert {"op": "test", "path": "/spec/template/spec/containers/1/name", "value": "vllm"} in ops
     args = next(op["value"] for op in ops if op["path"] == "/spec/template/spec/containers/1/args")
     assert args[:2] == ["org/m", "--enable-lora"] and args[2] == "--lora-modules"
+
+
+def test_problems_never_echo_a_value_that_may_be_a_key() -> None:
+    server = inspect({"command": [*BASE, "--api-keyy=s3cr3t-value", "--enable-lora=s3cr3t-value"]})
+    assert len(server.problems) == 2
+    assert "s3cr3t" not in str(server.problems)
+    long = inspect({"command": [*BASE, "--lora-modules", "x" * 5000]})
+    assert all(len(p) < 400 for p in long.problems)
