@@ -762,7 +762,13 @@ def parse_located(
             "vllm serve needs the model as its first argument when --served-model-name is "
             "given: vLLM 0.20 and later refuse to start (vllm serve MODEL --served-model-name ...)"
         )
-    extra = positionals[1:] if loc.serve else positionals
+    if positionals and not loc.serve:
+        # make_arg_parser accepts a model_tag, but only `vllm serve` uses it.
+        problems.append(
+            f"{loc.form} ignores the positional model {clip(positionals[0], 60)}: give it "
+            "with --model"
+        )
+    extra = positionals[1:]
     if extra:
         shown = " ".join(clip(e, 40) for e in extra[:3]) + (" ..." if len(extra) > 3 else "")
         problems.append(f"unrecognized arguments {shown}: vLLM refuses to start")

@@ -424,6 +424,11 @@ def test_config_file_through_subpath_and_items() -> None:
         ),
         ({"command": [*BASE, "--enable-lorra"]}, "not an option"),
         ({"command": [*BASE, "extra"]}, "unrecognized arguments extra"),
+        # Only cli/serve.py reads model_tag; api_server.py takes the model from --model.
+        (
+            {"command": ["python3", "-m", "vllm.entrypoints.openai.api_server", "org/m"]},
+            "ignores the positional model org/m",
+        ),
         (
             {"command": ["sh", "-c", "vllm serve m --max-loras $N"]},
             "depends on the shell environment",
