@@ -200,12 +200,23 @@ def split_tokens(container: Mapping[str, Any]) -> list[str]:
     return [w.value for w in _tagged(container)]
 
 
+_WRAPPERS = frozenset({"env", "tini", "dumb-init", "--", "nohup"})
+
+
 def _shell_script(words: Sequence[Word]) -> Word | None:
-    """The script of ``sh -c SCRIPT`` (any shell option group holding ``c``)."""
-    if not words or _basename(words[0].value) not in SHELLS:
+    """The script of ``sh -c SCRIPT`` (any shell option group holding ``c``).
+
+    Init wrappers in front (``tini --``, ``env VAR=x``, ``dumb-init``) are skipped.
+    """
+    k = 0
+    while k < len(words) and (
+        _basename(words[k].value) in _WRAPPERS or _ASSIGN.match(words[k].value)
+    ):
+        k += 1
+    if k >= len(words) or _basename(words[k].value) not in SHELLS:
         return None
     seen_c = False
-    for w in words[1:]:
+    for w in words[k + 1 :]:
         if not seen_c and w.value.startswith("-") and not w.value.startswith("--"):
             seen_c = "c" in w.value[1:]
             continue

@@ -87,6 +87,11 @@ def inspect(container: dict, **kw) -> vs.ServerModel:
             "python -m vllm.entrypoints.openai.api_server in sh -c",
             "org/m",
         ),
+        (
+            {"command": ["tini", "--", "/bin/bash", "-c", "vllm serve org/m"]},
+            "vllm serve in sh -c",
+            "org/m",
+        ),
     ],
 )
 def test_forms(container: dict, form: str, model: str) -> None:
