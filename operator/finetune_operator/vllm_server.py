@@ -79,7 +79,10 @@ def env_value(
         if var.get("name") != name:
             continue
         if "valueFrom" not in var:
-            return EnvValue("set", str(var.get("value") or ""), {"from": "env", "name": name})
+            value = str(var.get("value") or "")
+            if "$(" in value:  # the kubelet expands $(OTHER_VAR): not read here
+                return EnvValue("unknown", None, {"from": "env", "name": name})
+            return EnvValue("set", value, {"from": "env", "name": name})
         ref = var.get("valueFrom") or {}
         if "secretKeyRef" in ref:
             sec = ref["secretKeyRef"] or {}

@@ -246,6 +246,9 @@ def test_runtime_lora_updating_sources() -> None:
         "env": [{"name": name, "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
     }
     assert inspect(secret).runtime_lora_updating is None
+    # The kubelet expands $(VAR) in values: unknown to the check.
+    ref = {"command": BASE, "env": [{"name": name, "value": "$(ON)"}]}
+    assert inspect(ref).runtime_lora_updating is None
     # env beats envFrom; the last env entry of a name wins (kubelet).
     both = {**from_cm, "env": [{"name": name, "value": "true"}, {"name": name, "value": "0"}]}
     assert inspect(both, configmaps={"env": {name: "true"}}).runtime_lora_updating is False
