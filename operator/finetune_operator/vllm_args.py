@@ -971,11 +971,10 @@ def server_argv(
 
 @dataclass(frozen=True)
 class _Item:
-    """A word of the edited argv: an original word (possibly given a new value) or a new one."""
+    """A word of the edited argv: an original word (``word``) or a new one (``word`` None)."""
 
     value: str
     word: Word | None
-    changed: bool = False
 
 
 @dataclass(frozen=True)

@@ -303,7 +303,8 @@ def _config_reader(
         if data is None:
             return None, (
                 f"--config {path} is in ConfigMap {where.configmap}, which the operator "
-                "cannot find: create it (or fix the volume)"
+                "could not read (it does not exist, or the operator may not get it): create "
+                "it, or fix the volume"
             )
         if where.key not in data:
             return None, f"--config {path}: ConfigMap {where.configmap} has no key {where.key}"

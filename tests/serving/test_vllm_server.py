@@ -346,7 +346,7 @@ def test_config_file_bool_false() -> None:
 @pytest.mark.parametrize(
     ("args", "text", "volumes", "mounts", "needle"),
     [
-        (["--config", "/etc/vllm/cfg.yaml"], None, None, MOUNT, "cannot find"),
+        (["--config", "/etc/vllm/cfg.yaml"], None, None, MOUNT, "could not read"),
         (["--config", "/opt/cfg.yaml"], "", None, MOUNT, "not in a ConfigMap volume"),
         (
             ["--config", "/etc/vllm/cfg.yaml"],
