@@ -43,7 +43,10 @@ DEFAULT_MAX_LORAS = 1
 DEFAULT_PORT = 8000
 # The values vLLM accepts for --max-lora-rank (0.20 and later; 0.11 and older lack 1).
 ALLOWED_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-ALLOWED_MAX_LORA_RANKS_BEFORE_0_20 = (8, 16, 32, 64, 128, 256, 320, 512)
+ALLOWED_MAX_LORA_RANKS_UP_TO_0_11 = (8, 16, 32, 64, 128, 256, 320, 512)
+# Version rules: a behaviour read from an older wheel applies up to that version; any later
+# or unknown version (no version in the image tag) gets the newest behaviour read.
+OLD = (0, 11)
 
 OPENAI_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 CLI_MAIN_MODULE = "vllm.entrypoints.cli.main"
@@ -601,7 +604,7 @@ def _config_args(text: str, version: Version | None) -> list[str]:
                 # which vLLM's --lora-modules parser refuses.
                 out.extend(str(v) for v in value)
         elif isinstance(value, dict):
-            json_dicts = version is None or version >= (0, 20)
+            json_dicts = version is None or version > OLD
             out.extend([flag, json.dumps(value) if json_dicts else str(value)])
         else:
             out.extend([flag, str(value)])
@@ -764,9 +767,9 @@ def parse_located(
     positional = positionals[0] if loc.serve and positionals else None
     # (Not for the image's entry point: older images ran api_server, which takes --model.)
     explicit_serve = loc.serve and loc.form != "image entrypoint"
-    if explicit_serve and model_flag is not None and version is not None and version < (0, 20):
+    if explicit_serve and model_flag is not None and version is not None and version <= OLD:
         problems.append(
-            "vllm serve before 0.20 refuses --model: give the model as vllm serve MODEL"
+            "vllm serve of vLLM 0.11 and older refuses --model: give the model as vllm serve MODEL"
         )
     if explicit_serve and _model_not_first(loc, version):
         problems.append(
@@ -818,7 +821,7 @@ _MODEL_FLAG = re.compile(r"^--model(=.+|$)")
 
 def _model_not_first(loc: Located, version: Version | None) -> bool:
     """FlexibleArgumentParser (0.20+): `vllm serve --flag ... --served-model-name` raises."""
-    if version is not None and version < (0, 20):
+    if version is not None and version <= OLD:
         return False
     values = [w.value for w in loc.argv]
     return (
@@ -900,8 +903,8 @@ def _api_keys(out: ServerArgs, hit: Occurrence | None) -> None:
 
 
 def allowed_ranks(version: Version | None) -> tuple[int, ...]:
-    if version is not None and version < (0, 20):
-        return ALLOWED_MAX_LORA_RANKS_BEFORE_0_20
+    if version is not None and version <= OLD:
+        return ALLOWED_MAX_LORA_RANKS_UP_TO_0_11
     return ALLOWED_MAX_LORA_RANKS
 
 

@@ -460,7 +460,7 @@ def _api_server_count(args: ServerArgs, version: Version | None) -> int:
         return 1  # python -m ...api_server runs one server
     if args.api_server_count is not None:
         return args.api_server_count
-    if version is not None and version < (0, 20):
+    if version is not None and version <= vllm_args.OLD:
         return 1  # --api-server-count defaulted to 1
     if args.headless:
         return 0
