@@ -173,9 +173,6 @@ def _basename(token: str) -> str:
     return token.rsplit("/", 1)[-1]
 
 
-_PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
-
-
 def _entry(values: Sequence[str]) -> tuple[int, bool, str] | None:
     """(index where vLLM's argv starts, serve semantics, form) or None."""
     for i, tok in enumerate(values):
