@@ -1042,7 +1042,10 @@ def _set_dest(
     for o in occ:
         if _DEST.get(o.option) != dest or o.from_config:
             continue
-        idxs = [_argv_index(stream, loc, p) for p in o.positions]
+        # Only command-line words are removed (a --config flag may take CLI values).
+        idxs = [_argv_index(stream, loc, p) for p in o.positions if stream.words[p] is not None]
+        if not idxs:
+            continue
         drop.update(idxs)
         anchor = idxs[0]
     new: list[_Item] = []
