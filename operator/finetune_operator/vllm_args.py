@@ -1059,12 +1059,32 @@ def _set_dest(
     candidates.append((kept + new, None))
     for cand, in_place_of in candidates:
         out = _render(container, loc, cand, in_place_of)
-        if _same_except(container, out, ctx, dest):
+        if _same_except(container, out, ctx, dest) and _written(out, ctx, dest, values):
             return out
     raise ServerArgsError(
         f"cannot write {_WRITE[dest]} into this command line without changing how vLLM "
         "reads its other arguments: edit it by hand"
     )
+
+
+def _written(
+    container: Mapping[str, Any], ctx: EditContext, dest: str, values: Sequence[str] | None
+) -> bool:
+    """vLLM reads the edited command line with ``dest`` set to ``values``."""
+    try:
+        after = _parse(container, ctx)
+    except ServerArgsError:
+        return False
+    if dest == "lora_modules":
+        want = [parse_lora_module(v) for v in values or () if v]
+        got = after.lora_modules
+        return [(m.name, m.path, m.base_model_name) for m in got] == [
+            (m.name, m.path, m.base_model_name) for m in want
+        ]
+    if dest == "enable_lora":
+        return after.enable_lora
+    assert values is not None
+    return bool(getattr(after, dest) == int(values[0]))
 
 
 _COMPARED = (

@@ -682,3 +682,69 @@ def test_problems_never_echo_a_value_that_may_be_a_key() -> None:
     assert "s3cr3t" not in str(server.problems)
     long = inspect({"command": [*BASE, "--lora-modules", "x" * 5000]})
     assert all(len(p) < 400 for p in long.problems)
+
+
+WORDS = [
+    "--enable-lora", "--no-enable-lora", "--disable-lora", "--enable_lora", "--enable-lora=1",
+    "--max-loras", "--max_loras=2", "3", "0", "-1", "--max-cpu-loras", "--max-lora-rank", "64",
+    "--lora-modules", "--lora_modules=a=/a", "a=/a", "b=/b", '{"name":"c","path":"/c"}',
+    "--port", "8000", "m", "--served-model-name", "n", "--api-key", "k", "--config",
+    "/etc/v/c.yaml", "-O3", "--enforce-eager", "-dp", "2", "--model", "$X", "=", "-",
+    "--max-lora-r", "32",
+]  # fmt: skip
+SHELL = ["&&", "|", ";", "exec", "2>&1", ">", "/log", "\\\n", "A=1"]
+
+
+def _random_container(rng) -> dict:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(0, 10))]
+    kind = rng.randrange(4)
+    if kind == 0:
+        return {"command": ["vllm", "serve", *words]}
+    if kind == 1:
+        return {"image": "vllm/vllm-openai:v0.34.0", "args": words}
+    if kind == 2:
+        return {"command": ["python3", "-m", "vllm.entrypoints.openai.api_server"], "args": words}
+    bits = [rng.choice([rng.choice(WORDS), rng.choice(SHELL)]) for _ in range(rng.randint(0, 12))]
+    return {"command": ["sh", "-c", "vllm serve " + " ".join(bits)]}
+
+
+def _edits(ctx: va.EditContext) -> list:
+    """Each edit with what vLLM must read afterwards."""
+    return [
+        (lambda c: va.set_lora_module(c, va.LoraModule("new", "/n"), ctx), lambda p: p.module("new")),
+        (lambda c: va.remove_lora_module(c, "a", ctx), lambda p: p.module("a") is None),
+        (lambda c: va.ensure_enable_lora(c, ctx), lambda p: p.enable_lora),
+        (lambda c: va.set_max_loras(c, 4, ctx), lambda p: p.max_loras == 4 and p.effective_max_cpu_loras >= 4),
+        (lambda c: va.set_max_lora_rank(c, 64, ctx), lambda p: p.max_lora_rank == 64),
+    ]  # fmt: skip
+
+
+def test_edits_do_what_they_say_or_refuse_on_random_command_lines() -> None:
+    import random
+
+    rng = random.Random(7)
+    done = 0
+    for _ in range(300):
+        container = {
+            "name": "v",
+            **_random_container(rng),
+            "volumeMounts": [{"name": "c", "mountPath": "/etc/v"}],
+        }
+        dep = deployment(container, volumes=[{"name": "c", "configMap": {"name": "cm"}}])
+        cms = {
+            "cm": {
+                "c.yaml": rng.choice(
+                    ["enable-lora: true\nlora-modules: [z=/z]\n", "max-cpu-loras: 2\n", ""]
+                )
+            }
+        }
+        ctx = vs.edit_context(dep, configmaps=cms)
+        edits = _edits(ctx)
+        for edit, holds in edits:
+            try:
+                out = edit(container)
+            except va.ServerArgsError:
+                continue  # refused with a reason: allowed
+            assert holds(va.parse_container(out, read_config=ctx.read_config)), (container, out)
+            done += 1
+    assert done > 1000  # most random command lines are edited, not refused
