@@ -473,7 +473,6 @@ _DASHED = re.compile(r"(?<=--)[^.]*")
 
 # The flags the operator reads, with every option string vLLM maps to them.
 ENABLE_LORA_ON = frozenset({"--enable-lora"})
-ENABLE_LORA_OFF = frozenset({"--no-enable-lora", "--disable-lora"})
 _DEST = {
     "--enable-lora": "enable_lora",
     "--no-enable-lora": "enable_lora",
