@@ -292,6 +292,11 @@ def test_runtime_lora_updating_sources() -> None:
             {"command": [*BASE, "--api-key", "k"], "env": [{"name": "VLLM_API_KEY", "value": "x"}]},
             {"from": "args"},
         ),
+        # [""] is truthy for `args.api_key or [...]`, then the empty key is dropped: no key.
+        (
+            {"command": [*BASE, "--api-key", ""], "env": [{"name": "VLLM_API_KEY", "value": "x"}]},
+            None,
+        ),
     ],
 )
 def test_api_key_source(container: dict, described: dict | None) -> None:
