@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import yaml
 
-from . import vllm_flags
+from . import shell_words, vllm_flags
 
 # vLLM's defaults when the flags are absent (vllm/config/lora.py, FrontendArgs).
 DEFAULT_MAX_LORA_RANK = 16
@@ -210,7 +210,7 @@ def _shell_script(words: Sequence[Word]) -> Word | None:
     """
     k = 0
     while k < len(words) and (
-        _basename(words[k].value) in _WRAPPERS or _ASSIGN.match(words[k].value)
+        _basename(words[k].value) in _WRAPPERS or shell_words.ASSIGN.match(words[k].value)
     ):
         k += 1
     if k >= len(words) or _basename(words[k].value) not in SHELLS:
@@ -271,135 +271,28 @@ def locate(
 # ------------------------------------------------------------------ shell scripts
 
 
-@dataclass(frozen=True)
-class _Tok:
-    op: str | None  # operator text, or None for a word
-    value: str
-    start: int
-    end: int
-    dynamic: bool = False
-
-
-_OPS = ("&&", "||", ";;", ">>", ">&", "<&", "<<", ";", "&", "|", "(", ")", "<", ">", "\n")
-_ASSIGN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
-
-
-def _lex(script: str) -> list[_Tok]:
-    """Split a POSIX shell script into words (with their unquoted values) and operators."""
-    toks: list[_Tok] = []
-    i, n = 0, len(script)
-    while i < n:
-        c = script[i]
-        if c in " \t\r":
-            i += 1
-            continue
-        if script.startswith("\\\n", i):
-            i += 2
-            continue
-        if c == "#":
-            while i < n and script[i] != "\n":
-                i += 1
-            continue
-        op = next((o for o in _OPS if script.startswith(o, i)), None)
-        if op is not None:
-            if op == "<<":
-                raise ServerArgsError("here-documents in the shell script are not supported")
-            toks.append(_Tok(op, op, i, i + len(op)))
-            i += len(op)
-            continue
-        toks.append(_word(script, i))
-        i = toks[-1].end
-    return toks
-
-
-def _word(s: str, i: int) -> _Tok:
-    start, buf, dynamic, n = i, [], False, len(s)
-    while i < n and s[i] not in " \t\r\n;&|()<>":
-        c = s[i]
-        if c == "'":
-            j = s.find("'", i + 1)
-            if j < 0:
-                raise ServerArgsError("unterminated ' in the shell script")
-            buf.append(s[i + 1 : j])
-            i = j + 1
-        elif c == '"':
-            i += 1
-            while i < n and s[i] != '"':
-                if s[i] == "\\" and i + 1 < n and s[i + 1] in '$`"\\\n':
-                    if s[i + 1] != "\n":
-                        buf.append(s[i + 1])
-                    i += 2
-                    continue
-                if s[i] in "$`":
-                    dynamic = True
-                buf.append(s[i])
-                i += 1
-            if i >= n:
-                raise ServerArgsError('unterminated " in the shell script')
-            i += 1
-        elif c == "\\":
-            if i + 1 < n and s[i + 1] != "\n":
-                buf.append(s[i + 1])
-            i += 2
-        elif c == "$" and s.startswith("$(", i):
-            depth, j = 0, i + 1
-            while j < n:
-                depth += {"(": 1, ")": -1}.get(s[j], 0)
-                j += 1
-                if depth == 0:
-                    break
-            buf.append(s[i:j])
-            dynamic, i = True, j
-        else:
-            if c in "$`*?[" or (c == "~" and i == start):
-                dynamic = True
-            buf.append(c)
-            i += 1
-    return _Tok(None, "".join(buf), start, i, dynamic)
-
-
-def _commands(toks: Sequence[_Tok]) -> list[list[_Tok]]:
-    """Simple commands: words between control operators, redirections dropped."""
-    out: list[list[_Tok]] = [[]]
-    skip_next = False
-    for k, tok in enumerate(toks):
-        if tok.op is None:
-            if skip_next:
-                skip_next = False
-                continue
-            nxt = toks[k + 1] if k + 1 < len(toks) else None
-            redirect = nxt is not None and nxt.op in ("<", ">", ">>", ">&", "<&")
-            if tok.value.isdigit() and redirect and nxt is not None and nxt.start == tok.end:
-                continue  # `2>&1`: a file descriptor number
-            out[-1].append(tok)
-        elif tok.op in ("<", ">", ">>", ">&", "<&"):
-            skip_next = True
-        else:
-            out.append([])
-    return [c for c in out if c]
-
-
 def _locate_in_script(script: Word) -> Located | None:
     try:
-        toks = _lex(script.value)
-    except ServerArgsError as exc:
+        toks = shell_words.lex(script.value)
+    except shell_words.ShellSyntaxError as exc:
         return Located("sh -c", (), True, script, problems=(f"shell script: {exc}",))
     exported: dict[str, str | None] = {}
     found: list[Located] = []
-    for cmd in _commands(toks):
+    for cmd in shell_words.commands(toks):
         env = dict(exported)
         k = 0
         while k < len(cmd) and (
-            _ASSIGN.match(cmd[k].value) or cmd[k].value in ("exec", "env", "nohup", "command")
+            shell_words.ASSIGN.match(cmd[k].value)
+            or cmd[k].value in ("exec", "env", "nohup", "command")
         ):
-            if _ASSIGN.match(cmd[k].value):
+            if shell_words.ASSIGN.match(cmd[k].value):
                 name, value = cmd[k].value.split("=", 1)
                 env[name] = None if cmd[k].dynamic else value
             k += 1
         rest = cmd[k:]
         if rest and rest[0].value == "export":
             for tok in rest[1:]:
-                if _ASSIGN.match(tok.value):
+                if shell_words.ASSIGN.match(tok.value):
                     name, value = tok.value.split("=", 1)
                     exported[name] = None if tok.dynamic else value
             continue
