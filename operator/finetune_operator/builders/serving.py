@@ -29,6 +29,7 @@ from typing import Any
 
 from .. import vllm_args
 from ..api.common import API_VERSION
+from ..vllm_server import find_vllm_container
 from .trainer import fetched_path
 
 ANNOTATION_PREFIX = "finetune.dev/"
@@ -202,8 +203,6 @@ def find_container(
     if not containers:
         raise ValueError("the Deployment's pod template has no containers")
     if container is None:
-        from ..vllm_server import find_vllm_container
-
         found, _ = find_vllm_container(pod_spec, None, image_patterns)
         return found or 0
     for i, c in enumerate(containers):
