@@ -1,4 +1,4 @@
-"""``finetune-operator``: run the operator (more subcommands are added as subparsers)."""
+"""``finetune-operator``: run the operator, inspect vLLM servers, run the demo or a local job."""
 
 from __future__ import annotations
 
@@ -38,6 +38,30 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
     sub.add_parser("config", help="list the environment variables the operator reads")
+
+    inspect = sub.add_parser(
+        "inspect-server",
+        help="print what the operator reads from vLLM Deployments (one JSON line each)",
+        description=(
+            "Read Deployment manifests (multi-document YAML; ConfigMaps in the same files "
+            "feed --config and env) and print, per Deployment, one JSON line with what the "
+            "operator and vLLM will believe about its vLLM server. Exit status: 0 when every "
+            "Deployment runs vLLM without problems, 1 when one has problems or runs no vLLM "
+            "server, 2 when a file cannot be read."
+        ),
+    )
+    inspect.add_argument("files", nargs="+", metavar="FILE", help="manifest file ('-': stdin)")
+    inspect.add_argument(
+        "--container", default=None, help="read this container (default: the one running vLLM)"
+    )
+    inspect.add_argument(
+        "--image-pattern",
+        action="append",
+        default=None,
+        metavar="PATTERN",
+        help="fnmatch pattern of vLLM images whose entry point runs the server (repeatable; "
+        "default: FINETUNE_VLLM_IMAGE_PATTERNS)",
+    )
 
     demo = sub.add_parser(
         "demo", help="run the quickstart end to end on this machine (no cluster needed)"
@@ -99,12 +123,27 @@ def _config() -> int:
     return 0
 
 
+def _inspect_server(args: argparse.Namespace) -> int:
+    from .inspect_server import run
+
+    patterns = args.image_pattern
+    if patterns is None:
+        try:
+            patterns = list(load_config().vllm_image_patterns)
+        except ConfigError as exc:
+            print(f"finetune-operator: {exc}", file=sys.stderr)
+            return 2
+    return run(args.files, container=args.container, image_patterns=patterns)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
     if args.command == "config":
         return _config()
+    if args.command == "inspect-server":
+        return _inspect_server(args)
     if args.command == "demo":
         from pathlib import Path
 

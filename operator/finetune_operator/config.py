@@ -141,6 +141,14 @@ class OperatorConfig:
             "FINETUNE_RETRY_SECONDS",
         ),
     )
+    vllm_image_patterns: tuple[str, ...] = field(
+        default=("vllm/vllm-openai*", "docker.io/vllm/vllm-openai*", "*/vllm/vllm-openai*"),
+        metadata=_help(
+            "Comma-separated fnmatch patterns of images whose own entry point runs the vLLM "
+            "server: a container of such an image that sets only args is read as vllm serve.",
+            "FINETUNE_VLLM_IMAGE_PATTERNS",
+        ),
+    )
     status_write_retries: int = field(
         default=5,
         metadata=_help(
@@ -173,7 +181,7 @@ class ConfigError(ValueError):
 
 def _parse(name: str, raw: str, kind: Any) -> Any:
     try:
-        if name == "watch_namespaces":
+        if name in ("watch_namespaces", "vllm_image_patterns"):
             return tuple(ns.strip() for ns in raw.split(",") if ns.strip())
         if name == "gpu_memory_overrides":
             value = json.loads(raw) if raw.strip() else {}

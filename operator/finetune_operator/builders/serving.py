@@ -29,6 +29,7 @@ from typing import Any
 
 from .. import vllm_args
 from ..api.common import API_VERSION
+from ..vllm_server import find_vllm_container
 from .trainer import fetched_path
 
 ANNOTATION_PREFIX = "finetune.dev/"
@@ -192,13 +193,18 @@ def placement(ref: AdapterRef, fetch_image: str) -> Placement:
 # ------------------------------------------------------------------ pod template edits
 
 
-def find_container(pod_spec: dict[str, Any], container: str | None) -> int:
-    """Index of the named container (default: the first)."""
+def find_container(
+    pod_spec: dict[str, Any],
+    container: str | None,
+    image_patterns: tuple[str, ...] | None = None,
+) -> int:
+    """Index of the named container (default: the one running vLLM, else the first)."""
     containers = pod_spec.get("containers") or []
     if not containers:
         raise ValueError("the Deployment's pod template has no containers")
     if container is None:
-        return 0
+        found, _ = find_vllm_container(pod_spec, None, image_patterns)
+        return found or 0
     for i, c in enumerate(containers):
         if c.get("name") == container:
             return i
@@ -222,14 +228,19 @@ def _replace_named(items: list[dict[str, Any]], name: str, new: dict[str, Any] |
     return out
 
 
-def apply_server_changes(container: dict[str, Any], changes: ServerArgChanges) -> dict[str, Any]:
+def apply_server_changes(
+    container: dict[str, Any],
+    changes: ServerArgChanges,
+    edit: vllm_args.EditContext | None = None,
+) -> dict[str, Any]:
+    """Raise the flags in ``changes`` (``edit``: image patterns and the --config reader)."""
     out = container
     if changes.enable_lora:
-        out = vllm_args.ensure_enable_lora(out)
+        out = vllm_args.ensure_enable_lora(out, edit)
     if changes.max_lora_rank is not None:
-        out = vllm_args.set_max_lora_rank(out, changes.max_lora_rank)
+        out = vllm_args.set_max_lora_rank(out, changes.max_lora_rank, edit)
     if changes.max_loras is not None:
-        out = vllm_args.set_max_loras(out, changes.max_loras)
+        out = vllm_args.set_max_loras(out, changes.max_loras, edit)
     return out
 
 
@@ -241,19 +252,23 @@ def with_adapter(
     *,
     fetch_image: str,
     changes: ServerArgChanges | None = None,
+    edit: vllm_args.EditContext | None = None,
 ) -> dict[str, Any]:
     """The pod template serving ``ref`` under ``adapter_name`` (or none, when ``ref`` is None).
 
-    Only entries owned by ``adapter_name`` change; the input is not modified.
+    Only entries owned by ``adapter_name`` change; the input is not modified. ``edit``
+    (:func:`finetune_operator.vllm_server.edit_context`) lets the command-line edits see
+    the vLLM image patterns and the server's --config file.
     """
     tpl = copy.deepcopy(template)
     spec = tpl.setdefault("spec", {})
-    idx = find_container(spec, container)
+    patterns = edit.image_patterns if edit else None
+    idx = find_container(spec, container, tuple(patterns) if patterns else None)
     main = spec["containers"][idx]
     vol = volume_name(adapter_name)
     annotations = dict((tpl.get("metadata") or {}).get("annotations") or {})
     if ref is None:
-        main = vllm_args.remove_lora_module(main, adapter_name)
+        main = vllm_args.remove_lora_module(main, adapter_name, edit)
         place = None
         annotations.pop(digest_annotation(adapter_name), None)
     else:
@@ -261,10 +276,10 @@ def with_adapter(
         module = vllm_args.LoraModule(
             adapter_name, place.path, base_model_name=None, json_form=False
         )
-        main = vllm_args.set_lora_module(main, module)
+        main = vllm_args.set_lora_module(main, module, edit)
         annotations[digest_annotation(adapter_name)] = ref.digest
     if changes is not None:
-        main = apply_server_changes(main, changes)
+        main = apply_server_changes(main, changes, edit)
     mounts = _replace_named(
         list(main.get("volumeMounts") or []), vol, place.mount if place else None
     )
@@ -300,6 +315,7 @@ def rollout_patch(
     owner: str,
     fetch_image: str,
     changes: ServerArgChanges | None = None,
+    edit: vllm_args.EditContext | None = None,
 ) -> list[dict[str, Any]]:
     """JSON patch that serves ``ref`` (or removes the adapter) on a Deployment.
 
@@ -313,11 +329,12 @@ def rollout_patch(
         raise ValueError("the Deployment has no metadata.resourceVersion to guard the patch")
     template = (deployment.get("spec") or {}).get("template") or {}
     new_tpl = with_adapter(
-        template, container, adapter_name, ref, fetch_image=fetch_image, changes=changes
+        template, container, adapter_name, ref, fetch_image=fetch_image, changes=changes, edit=edit
     )
     old_spec = template.get("spec") or {}
     new_spec = new_tpl["spec"]
-    idx = find_container(old_spec, container)
+    patterns = edit.image_patterns if edit else None
+    idx = find_container(old_spec, container, tuple(patterns) if patterns else None)
     ops: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/resourceVersion", "value": rv}]
     base = f"/spec/template/spec/containers/{idx}"
     old_main = old_spec["containers"][idx]
@@ -392,6 +409,7 @@ def canary_deployment(
     replicas: int,
     fetch_image: str,
     changes: ServerArgChanges | None = None,
+    edit: vllm_args.EditContext | None = None,
 ) -> dict[str, Any]:
     """A copy of ``target`` that serves ``ref``, for canary analysis.
 
@@ -409,6 +427,7 @@ def canary_deployment(
         ref,
         fetch_image=fetch_image,
         changes=changes,
+        edit=edit,
     )
     tpl_meta = template.setdefault("metadata", {})
     tpl_meta["labels"] = {**(tpl_meta.get("labels") or {}), CANARY_LABEL: adep_name}

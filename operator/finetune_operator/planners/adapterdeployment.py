@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from .. import vllm_args
+from .. import vllm_args, vllm_server
 from ..api.adapterdeployment import AdapterDeploymentSpec, CanaryAnalysis
 from ..api.common import get_condition
 from ..builders import serving as sb
@@ -192,6 +192,9 @@ def check_compatible(
     adep_name: str,
     deployment: dict[str, Any] | None,
     ref: sb.AdapterRef,
+    *,
+    configmaps: vllm_server.ConfigMaps | None = None,
+    image_patterns: tuple[str, ...] | None = None,
 ) -> CompatResult:
     """Whether the target server can serve ``ref``; when not, the exact flag to change.
 
@@ -209,22 +212,29 @@ def check_compatible(
             "target.deployment",
         )
     try:
-        container = _container(deployment, tgt.container)
+        args = vllm_server.inspect(
+            deployment,
+            container=tgt.container,
+            configmaps=configmaps,
+            image_patterns=image_patterns,
+        )
     except ValueError as exc:
         return CompatResult(False, "ContainerNotFound", f"{exc}: fix target.container")
-    cname = container.get("name")
-    try:
-        args = vllm_args.parse_container(container)
-    except vllm_args.ServerArgsError as exc:
-        return CompatResult(False, "ServerArgsInvalid", f"container {cname}: {exc}")
-    if not args.is_openai_server:
+    cname = args.container
+    if not args.vllm:
         return CompatResult(
             False,
             "ServerNotDetected",
-            f"container {cname} does not run the vLLM OpenAI server (expected 'vllm serve "
-            "<model>' or 'python -m vllm.entrypoints.openai.api_server' in command/args): "
-            "set target.container to the vLLM container",
+            f"{args.problems[0]}: set target.container to the vLLM container "
+            "(docs/adapterdeployment.md lists the forms the operator reads)",
         )
+    invalid = _problem(args, "--lora-modules: ")
+    if invalid is not None:
+        return CompatResult(False, "ServerArgsInvalid", f"container {cname}: {invalid}")
+    # The --config file may set any LoRA flag: without it nothing can be judged or edited.
+    unread = _problem(args, "--config ") if args.config_file else None
+    if unread is not None:
+        return CompatResult(False, "ServerConfigUnreadable", f"container {cname}: {unread}")
     owners = ((deployment.get("metadata") or {}).get("annotations") or {}).get(
         sb.owner_annotation(spec.adapter_name)
     )
@@ -236,7 +246,7 @@ def check_compatible(
             f"Deployment {tgt.deployment}: choose another adapterName",
         )
     runtime = spec.strategy.type == "Runtime"
-    if runtime and runtime_updates_allowed(container) is False:
+    if runtime and args.runtime_lora_updating is False:
         return CompatResult(
             False,
             "RuntimeUpdatesDisabled",
@@ -273,7 +283,7 @@ def check_compatible(
     rank_setting: int | None = None
     if ref.rank is not None and ref.rank > args.max_lora_rank:
         try:
-            needed = vllm_args.rank_setting_for(ref.rank)
+            needed = vllm_args.rank_setting_for(ref.rank, args.version)
         except vllm_args.ServerArgsError as exc:
             return CompatResult(False, "RankTooLarge", str(exc))
         if not allow:
@@ -304,20 +314,22 @@ def check_compatible(
     return CompatResult(True, "Compatible", msg, changes)
 
 
-RUNTIME_UPDATES_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+RUNTIME_UPDATES_ENV = vllm_server.RUNTIME_UPDATES_ENV
 
 
-def runtime_updates_allowed(container: dict[str, Any]) -> bool | None:
-    """Whether vLLM's runtime LoRA endpoints are on, from the container's ``env``.
+def _problem(server: vllm_server.ServerModel, prefix: str) -> str | None:
+    return next((q for q in server.problems if q.startswith(prefix)), None)
 
-    None when it cannot be told: the variable may come from ``envFrom`` or ``valueFrom``.
+
+def runtime_updates_allowed(
+    container: dict[str, Any], configmaps: vllm_server.ConfigMaps | None = None
+) -> bool | None:
+    """Whether vLLM's runtime LoRA endpoints are on, read as vLLM's envs.py reads them.
+
+    Only ``1`` or ``true`` (any case, surrounding blanks ignored) count as on. None when it
+    cannot be told: the variable comes from a Secret or a ConfigMap the operator lacks.
     """
-    for var in container.get("env") or []:
-        if var.get("name") == RUNTIME_UPDATES_ENV:
-            if "value" not in var:
-                return None
-            return str(var["value"]).strip().lower() in ("1", "true", "yes")
-    return None if container.get("envFrom") else False
+    return vllm_server.runtime_lora_updating(container, configmaps)
 
 
 def describe_changes(changes: sb.ServerArgChanges) -> list[str]:
