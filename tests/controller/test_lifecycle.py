@@ -333,29 +333,6 @@ def test_status_write_is_skipped_when_nothing_changed(emulator: Emulator, operat
     assert status_writes == []  # ... and wrote nothing
 
 
-def test_quota_rejection_is_reported_and_retried(emulator: Emulator, operator_runner) -> None:
-    add_prerequisites(emulator)
-    quota = emulator.inject_fault(
-        "jobs",
-        403,
-        count=1,
-        subresource=None,
-        verbs=("create",),
-        message='jobs "bot-train-g1" is forbidden: exceeded quota: gpu-quota',
-    )
-    start_operator(emulator, operator_runner)
-    emulator.create(ftj_body("bot", spec()), keep_status=False)
-    rejected = wait_condition(emulator, "bot", "Training", "False", "JobRejected")
-    assert "exceeded quota: gpu-quota" in rejected["message"]
-    assert "ResourceQuota" in rejected["message"]
-    assert "trainerJob" not in status(emulator, "bot")
-    wait_job(emulator, "bot-train-g1")  # retried once the quota allows it
-    wait_for(
-        lambda: status(emulator, "bot").get("trainerJob") == "bot-train-g1", what="run recorded"
-    )
-    assert quota.remaining == 0
-
-
 def test_secret_check_forbidden_by_rbac_does_not_block(emulator: Emulator, operator_runner) -> None:
     add_prerequisites(emulator, secrets=())
     emulator.inject_fault(

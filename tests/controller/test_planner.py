@@ -525,3 +525,18 @@ def test_every_status_shape_matches_the_api_model() -> None:
         CONFIG,
     )
     _assert_round_trips(refused.status)
+
+
+def test_a_job_going_away_reports_nothing_and_creates_nothing() -> None:
+    """Deleting the namespace removes the trainer Job and the referenced PVCs and Secrets in
+    no particular order: while the FineTuneJob or its namespace goes, that is no failure."""
+    first, _job, _cm = started()
+    vanished = plan(observe(status=first.status, job=None, going_away=True), CONFIG)
+    assert vanished.status == first.status and vanished.actions == [] and vanished.events == []
+    fresh = plan(observe(missing_refs=("PersistentVolumeClaim 'datasets' not found",),
+                         going_away=True), CONFIG)  # fmt: skip
+    assert fresh.actions == [] and fresh.events == [] and fresh.status == {}
+    # The same observation without the deletion is a failure with a warning.
+    lost = plan(observe(status=first.status, job=None), CONFIG)
+    assert cond(lost, "Failed")["reason"] == "TrainerJobMissing"
+    assert [e.type for e in lost.events] == ["Warning"]

@@ -65,8 +65,9 @@ class KubeError(Exception):
 
 
 def collection_path(kind: str, namespace: str) -> str:
-    """The API path of a namespaced collection of ``kind``."""
+    """The API path of a namespaced collection of ``kind`` (or of Namespaces themselves)."""
     paths = {
+        "Namespace": "/api/v1/namespaces",
         "Job": f"/apis/batch/v1/namespaces/{namespace}/jobs",
         "Deployment": f"/apis/apps/v1/namespaces/{namespace}/deployments",
         "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",

@@ -104,8 +104,22 @@ WARNING_REASONS = frozenset(
         "SuspendNotSupportedWithQueue",
         "PodFailed",
         "JobRejected",
+        "QuotaExceeded",
+        "AdmissionDenied",
+        "ChildInvalid",
+        "ChildForbidden",
+        "ChildNameTaken",
+        "TrainerOutputInvalid",
     }
 )
+
+# Reasons of a run the API server refused to start (a child was not accepted). The verdict
+# holds for the spec generation it was given to: only a spec change tries again.
+REFUSAL_REASONS = frozenset(
+    {"QuotaExceeded", "AdmissionDenied", "ChildInvalid", "ChildForbidden", "ChildNameTaken"}
+)
+# How much of the API server's answer a condition quotes.
+SERVER_MESSAGE_LIMIT = 1000
 
 # What to do about each failure the trainer reports (its message says the specifics).
 TRAINER_REASON_ADVICE = {
@@ -172,6 +186,9 @@ class Observed:
     log_tail: str | None = None
     missing_refs: tuple[str, ...] | None = None  # None: not checked (not needed)
     prices: PriceTable | None = None
+    # The FineTuneJob or its namespace is being deleted: what is missing now is being
+    # removed on purpose, not lost (decision 1620).
+    going_away: bool = False
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -585,6 +602,10 @@ def referenced_objects(spec: FineTuneJobSpec) -> tuple[list[str], list[str]]:
 
 def plan(obs: Observed, config: OperatorConfig) -> Plan:
     """The desired status and actions for one observation."""
+    if obs.going_away:
+        # Children, references and the namespace disappear on purpose: nothing to report,
+        # nothing to create (a status write or an event would only race the deletion).
+        return Plan(dict(obs.status))
     st = _Status(obs.status, obs.generation, obs.now)
     try:
         spec = FineTuneJobSpec.model_validate(dict(obs.spec))
@@ -604,6 +625,8 @@ def plan(obs: Observed, config: OperatorConfig) -> Plan:
             .get(names.ANNOTATION_SPEC_HASH, run_hash)
         )
 
+    if recorded_job is None and refused_for(obs.status, obs.generation):
+        return Plan(dict(obs.status))  # refused for this spec: only a spec change tries again
     new_run_needed = recorded_job is None or (
         is_terminal(obs.status) and run_hash is not None and run_hash != current_hash
     )
@@ -716,20 +739,126 @@ def _start_run(
     return Plan(status, actions=actions, events=transition_events(obs.status, status))
 
 
-def job_rejected(obs: Observed, p: Plan, message: str) -> Plan:
-    """The API server refused to create the trainer Job (quota, admission policy...).
+def refused_for(status: Mapping[str, Any], generation: int) -> bool:
+    """Whether the API server refused to start a run of this spec generation."""
+    failed = get_condition(list(status.get("conditions") or []), FAILED) or {}
+    return (
+        failed.get("status") == "True"
+        and failed.get("reason") in REFUSAL_REASONS
+        and failed.get("observedGeneration") == generation
+    )
 
-    No run is recorded, so the next attempt creates it again; the user sees why.
+
+@dataclass(frozen=True)
+class Refusal:
+    """The API server's answer to the create of a child it did not accept."""
+
+    kind: str
+    name: str
+    code: int
+    reason: str = ""  # the Status reason (Forbidden, Invalid, ...)
+    message: str = ""
+
+
+def _quoted(message: str) -> str:
+    text = " ".join(message.split())
+    if len(text) > SERVER_MESSAGE_LIMIT:
+        text = text[:SERVER_MESSAGE_LIMIT] + "..."
+    return text
+
+
+def classify_refusal(refusal: Refusal) -> tuple[str, str, bool]:
+    """(condition reason, advice, whether the verdict is final) for a refused child.
+
+    The advice follows the cause the server names: quota advice only for an exhausted
+    ResourceQuota, field advice for an invalid object, policy advice for an admission
+    webhook or policy. Only a refusal of the operator itself (RBAC) is retried: fixing it is
+    the platform team's job and needs no change of the FineTuneJob.
     """
+    text = refusal.message.lower()
+    if "exceeded quota" in text:
+        return (
+            "QuotaExceeded",
+            "the namespace's ResourceQuota is used up: delete finished FineTuneJobs or trainer "
+            "Jobs, or ask the platform team for more; then change the spec (or delete and "
+            "re-apply the FineTuneJob) to try again",
+            True,
+        )
+    if "admission webhook" in text or "denied request" in text or "denied the request" in text:
+        return (
+            "AdmissionDenied",
+            "an admission webhook or policy of the cluster refused it: change what the message "
+            "names (ask the platform team which policy applies); then change the spec to try again",
+            True,
+        )
+    if refusal.code in (400, 413, 422):
+        return (
+            "ChildInvalid",
+            "a field copied from the spec is not valid for Kubernetes: fix the spec field the "
+            "message names (resources.nodeSelector, tolerations, affinity, priorityClassName, "
+            "queueName, gpuProduct...); the change starts a new run",
+            True,
+        )
+    if refusal.code == 403 and "cannot create resource" in text:
+        return (
+            "JobRejected",
+            "the operator's ServiceAccount may not create it: grant the chart's RBAC in this "
+            "namespace (docs/install.md); the operator retries by itself",
+            False,
+        )
+    if refusal.code == 409:
+        return (
+            "ChildNameTaken",
+            f"a {refusal.kind} of that name exists and was not made by the operator: delete or "
+            "rename it, or rename the FineTuneJob",
+            True,
+        )
+    return (
+        "ChildForbidden",
+        "the API server forbids it (a LimitRange or an admission plugin): change the spec's "
+        "resources so they fit what the message names, or ask the platform team; then change "
+        "the spec to try again",
+        True,
+    )
+
+
+def child_refused(obs: Observed, p: Plan, refusal: Refusal) -> Plan:
+    """The API server refused a child of a new run (quota, webhook, LimitRange, invalid).
+
+    What the run had created before the refusal is deleted. A final refusal is a Failed
+    verdict for this spec generation (no retry loop); an RBAC refusal of the operator stays
+    Pending and is retried.
+    """
+    reason, advice, final = classify_refusal(refusal)
     st = _Status(p.status, obs.generation, obs.now)
     st.data.pop("trainerJob", None)
+    code = f"{refusal.code} {refusal.reason}".strip()
     text = (
-        f"the API server refused the trainer Job: {message[:1000]}. Check the namespace's "
-        "ResourceQuota and LimitRange (GPU, CPU and memory requests) and admission policies"
+        f"the API server refused the trainer {refusal.kind} {refusal.name} ({code}): "
+        f"{_quoted(refusal.message)}. To fix: {advice}"
     )
-    st.cond(TRAINING, "False", "JobRejected", text)
+    st.cond(TRAINING, "False", reason, text)
+    made = [
+        (a.kind, a.name)
+        for a in p.actions
+        if a.verb == "create" and (a.kind, a.name) != (refusal.kind, refusal.name)
+    ]
+    actions = [Action("delete", "ConfigMap", n) for k, n in made if k == "ConfigMap"]
+    actions += [Action("delete", "Service", n) for k, n in made if k == "Service"]
+    if final:
+        st.drop(ADMITTED)
+        st.cond(SUCCEEDED, "False", reason, "")
+        st.cond(FAILED, "True", reason, text)
+        status = st.finish("Failed")
+        return Plan(status, actions=actions, events=transition_events(obs.status, status))
     status = st.finish("Pending")
-    return Plan(status, events=transition_events(obs.status, status), outcome="retry", message=text)
+    return Plan(
+        status,
+        actions=actions,
+        events=transition_events(obs.status, status),
+        outcome="retry",
+        message=text,
+    )
 
 
 # ---------------------------------------------------------------- tracking a run
