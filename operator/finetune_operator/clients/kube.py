@@ -27,6 +27,7 @@ import aiohttp
 from ..api.adapterdeployment import PLURAL as AD_PLURAL
 from ..api.common import GROUP, VERSION
 from ..api.finetunejob import PLURAL as FTJ_PLURAL
+from ..builders.names import EVENT_SOURCE
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +371,7 @@ class KubeClient:
         type_: str,
         reason: str,
         message: str,
-        component: str = "finetune-operator",
+        component: str = EVENT_SOURCE,
     ) -> None:
         """Record a core/v1 Event about ``involved`` (best effort: failures are logged)."""
         meta = involved.get("metadata") or {}

@@ -443,7 +443,18 @@ async def reconcile(
                         # metadata patches change the resourceVersion (decision 1202).
                         await kube.patch_status(KIND, namespace, name, patch, None)
                     except KubeError as exc:
-                        if exc.conflict:
+                        if exc.status == 422:
+                            # The server found the status invalid: writing it again cannot
+                            # help, so it is not retried as a conflict (kopf backs off).
+                            metrics.ftj_status_writes.labels("invalid").inc()
+                            log.error(
+                                "status of %s/%s refused as invalid: %s",
+                                namespace,
+                                name,
+                                exc.message[:500],
+                            )
+                            raise
+                        if exc.status == 409:
                             metrics.ftj_status_writes.labels("conflict").inc()
                             log.info(
                                 "status write of %s/%s conflicted (%s); retrying",
@@ -511,6 +522,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # Handler progress lives in annotations so status holds only what users read.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
     settings.persistence.finalizer = names.FINALIZER
+    # Events kopf posts (kopf.info/warn of the AdapterDeployment controller) carry the same
+    # source as the FineTuneJob controller's own: one name in `kubectl describe`.
+    settings.posting.reporting_component = names.EVENT_SOURCE
+    settings.posting.reporting_instance = names.EVENT_SOURCE
     # Pollers of finished jobs return by themselves within this time (see poll_running).
     settings.background.instant_exit_timeout = 2 * STOP_CHECK_SECONDS
     if not getattr(memo, "metrics_served", False) and memo.config.metrics_port:

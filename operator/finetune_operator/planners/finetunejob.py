@@ -22,6 +22,7 @@ from .. import estimator as est
 from .. import packed_memory as packed
 from ..api.common import get_condition, set_condition
 from ..api.finetunejob import MUTABLE_AFTER_START, FineTuneJobSpec
+from ..api.trainer_output import AdapterOutput, DataLine, ProgressLine, TrainerResult
 from ..builders import distributed, names
 from ..builders.trainer import (
     GPU_PRODUCT_LABEL,
@@ -34,6 +35,7 @@ from ..builders.trainer import (
 from ..config import OperatorConfig
 from ..gates import evaluate_gates, summarize
 from .progress import (
+    TrainerOutputError,
     data_status,
     last_of,
     numeric_metrics,
@@ -130,7 +132,6 @@ TRAINER_REASON_ADVICE = {
     "TrainingFailed": "read the trainer log (kubectl logs job/{job})",
     "EvaluationFailed": "read the trainer log (kubectl logs job/{job}); evaluation settings may be too large",
     "UploadFailed": "check spec.output.uri (the bucket must exist) and the keys of spec.output.credentialsSecretRef (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for non-AWS services)",
-    "OutOfMemory": "use a smaller training.batchSize, method: qlora, training.gradientCheckpointing: true, or a shorter training.maxSeqLength",
 }
 
 
@@ -942,20 +943,21 @@ def _local_to_uri(path: str, spec: FineTuneJobSpec) -> str:
     return path
 
 
-def _adapter_record(adapter: Any, spec: FineTuneJobSpec) -> dict[str, Any] | None:
-    if not isinstance(adapter, dict) or not adapter.get("uri") or not adapter.get("digest"):
+def _adapter_record(adapter: AdapterOutput | None, spec: FineTuneJobSpec) -> dict[str, Any] | None:
+    if adapter is None:
         return None
     record: dict[str, Any] = {
-        "uri": _local_to_uri(str(adapter["uri"]), spec),
-        "digest": str(adapter["digest"]),
-        "baseModel": str(adapter.get("baseModel") or spec.base_model.uri),
-        "method": str(adapter.get("method") or spec.method),
+        "uri": _local_to_uri(adapter.uri, spec),
+        "digest": adapter.digest,
+        "baseModel": adapter.base_model or spec.base_model.uri,
+        "method": adapter.method or spec.method,
     }
-    for key in ("rank", "sizeBytes"):
-        if isinstance(adapter.get(key), int):
-            record[key] = adapter[key]
-    if adapter.get("mergedUri"):
-        record["mergedUri"] = _local_to_uri(str(adapter["mergedUri"]), spec)
+    if adapter.rank is not None:
+        record["rank"] = adapter.rank
+    if adapter.size_bytes is not None:
+        record["sizeBytes"] = adapter.size_bytes
+    if adapter.merged_uri:
+        record["mergedUri"] = _local_to_uri(adapter.merged_uri, spec)
     return record
 
 
@@ -1027,15 +1029,21 @@ def _track_run(
     if spec.resources.nodes > 1:  # one pod per node: the failed one, else rank 0's
         newest = distributed.status_pod(pods, TRAINER_CONTAINER)
     view = _pod_view(newest)
-    channel = parse_lines(obs.log_tail)
+    try:
+        channel = parse_lines(obs.log_tail)
+        result = None
+        if view.terminated is not None or finished:
+            result = parse_result((view.terminated or {}).get("message"), obs.log_tail)
+    except TrainerOutputError as exc:
+        return _output_invalid(obs, st, spec, job_name, job, finished, exc, actions, events, config)
 
     # Progress and data report (kept from earlier polls when the tail no longer has them).
-    line = last_of(channel, "progress")
+    line = last_of(channel, ProgressLine)
     if line is not None:
         st.data["progress"] = progress_status(line)
-    data_line = last_of(channel, "data")
-    if data_line is not None and data_status(data_line.get("report")):
-        st.data["data"] = data_status(data_line.get("report"))
+    data_line = last_of(channel, DataLine)
+    if data_line is not None and data_status(data_line.report):
+        st.data["data"] = data_status(data_line.report)
 
     # Cost, restarts, start time.
     recorded_cost = obs.status.get("cost") or {}
@@ -1051,6 +1059,8 @@ def _track_run(
         # While the run goes on, the running cost is rewritten every few minutes, not at
         # every poll: one status write per poll for a growing number helps nobody.
         st.data["cost"] = dict(recorded_cost)
+    elif spec.resources.gpus == 0:
+        pass  # a CPU-only run uses no GPU time: no cost to report
     elif gpu_seconds > 0 or pods:
         cost: dict[str, Any] = {"gpuSeconds": round(gpu_seconds, 1)}
         price = obs.prices.price(spec.resources.gpu_product) if obs.prices else None
@@ -1096,11 +1106,8 @@ def _track_run(
     else:
         st.cond(ADMITTED, "True", "NoQueue", "no queueName: the Job starts at once")
 
-    result = None
-    if view.terminated is not None or finished:
-        result = parse_result((view.terminated or {}).get("message"), obs.log_tail)
-    if result is not None and data_status(result.get("data")):
-        st.data["data"] = data_status(result.get("data"))
+    if result is not None and data_status(result.data):
+        st.data["data"] = data_status(result.data)
 
     complete = _job_condition(job, "Complete")
     failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
@@ -1108,7 +1115,8 @@ def _track_run(
     if complete:
         return _finish_complete(obs, st, spec, job_name, job, result, actions, events)
     if failed:
-        reason, message = _failure_reason(spec, job_name, failed, view, result)
+        estimate = st.data.get("estimate")
+        reason, message = _failure_reason(spec, job_name, failed, view, result, estimate)
         return _finish_failed(obs, st, job, reason, message, actions, events)
 
     # Still running or waiting.
@@ -1183,24 +1191,91 @@ def _track_run(
     return Plan(status, actions=actions, events=transition_events(obs.status, status) + events)
 
 
+def _output_invalid(
+    obs: Observed,
+    st: _Status,
+    spec: FineTuneJobSpec,
+    job_name: str,
+    job: Mapping[str, Any],
+    finished: bool,
+    exc: TrainerOutputError,
+    actions: list[Action],
+    events: list[Event],
+    config: OperatorConfig,
+) -> Plan:
+    """The trainer wrote something the operator cannot accept: the run ends here.
+
+    A trainer that breaks the contract cannot be tracked (its progress and result mean
+    nothing), so a Job still running is stopped rather than left to hold its GPUs.
+    """
+    image = spec.image or config.trainer_image
+    message = (
+        f"the trainer's output is not valid: {exc}. The trainer image {image} must write the "
+        "progress channel of this operator version (docs/trainer.md); use the operator's "
+        "trainer image or fix the image named in spec.image"
+    )
+    if not finished:
+        actions.append(Action("delete", "Job", job_name))
+        message += f". Trainer Job {job_name} was stopped"
+    return _finish_failed(obs, st, job, "TrainerOutputInvalid", message, actions, events)
+
+
+def memory_advice(spec: FineTuneJobSpec, estimate: Mapping[str, Any] | None, *, host: bool) -> str:
+    """What to change after running out of memory, given what the run already used.
+
+    Only changes that are still open are offered: no ``method: qlora`` for a QLoRA run, no
+    checkpointing when it was on, no smaller batch below 1 (the estimate holds what an
+    ``auto`` batch and an unset checkpointing resolved to).
+    """
+    t, res = spec.training, spec.resources
+    estimate = estimate or {}
+    batch = t.batch_size if isinstance(t.batch_size, int) else estimate.get("batchSize")
+    checkpointing = t.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = estimate.get("gradientCheckpointing")
+    options: list[str] = []
+    if host:
+        now = f" (now {res.memory})" if res.memory else " (unset: the node's default)"
+        options.append(f"raise resources.memory{now}")
+    if host and res.gpus > 0:
+        # Training state lives on the GPU: batch or checkpointing barely change host memory,
+        # which goes to loading the model and preparing the data.
+        return options[0]
+    if isinstance(batch, int) and batch > 1:
+        options.append(f"a smaller training.batchSize (now {batch})")
+    elif batch is None:
+        options.append("a smaller training.batchSize")
+    if checkpointing is not True:
+        options.append("training.gradientCheckpointing: true")
+    if spec.method != "qlora":
+        options.append("method: qlora")
+    options.append(f"a shorter training.maxSeqLength (now {t.max_seq_length})")
+    if not host and len(options) == 1:
+        options.append("a GPU with more memory (resources.gpuProduct)")
+    return "; or ".join(options)
+
+
 def _failure_reason(
     spec: FineTuneJobSpec,
     job_name: str,
     failed: Mapping[str, Any],
     view: _PodView,
-    result: Mapping[str, Any] | None,
+    result: TrainerResult | None,
+    estimate: Mapping[str, Any] | None = None,
 ) -> tuple[str, str]:
-    if result is not None and result.get("ok") is False:
-        reason = str(result.get("reason") or "TrainingFailed")
-        message = str(result.get("message") or "")
+    if result is not None and result.ok is False:
+        reason = result.reason or "TrainingFailed"
+        message = result.message or ""
         advice = TRAINER_REASON_ADVICE.get(reason, "").format(job=job_name)
+        if reason == "OutOfMemory":
+            advice = memory_advice(spec, estimate, host=False)
         return reason, f"{message}. To fix: {advice}" if advice and message else (message or advice)
     term = view.terminated or {}
     if term.get("reason") == "OOMKilled":
         return (
             "OOMKilled",
-            "the trainer ran out of host memory (OOMKilled). Raise resources.memory, or lower "
-            "memory use: smaller training.batchSize, method: qlora, training.gradientCheckpointing: true",
+            "the trainer ran out of host memory (OOMKilled). To fix: "
+            + memory_advice(spec, estimate, host=True),
         )
     job_reason = str(failed.get("reason") or "")
     if job_reason == "DeadlineExceeded":
@@ -1253,7 +1328,7 @@ def _finish_complete(
     spec: FineTuneJobSpec,
     job_name: str,
     job: Mapping[str, Any],
-    result: Mapping[str, Any] | None,
+    result: TrainerResult | None,
     actions: list[Action],
     events: list[Event],
 ) -> Plan:
@@ -1264,13 +1339,14 @@ def _finish_complete(
             "line); check the trainer image version"
         )
         return _finish_failed(obs, st, job, "ResultMissing", message, actions, events)
-    if result.get("ok") is False:
-        reason, message = _failure_reason(spec, job_name, {}, _PodView(), result)
+    if result.ok is False:
+        estimate = st.data.get("estimate")
+        reason, message = _failure_reason(spec, job_name, {}, _PodView(), result, estimate)
         return _finish_failed(obs, st, job, reason, message, actions, events)
 
     st.cond(TRAINING, "False", "Completed", "training finished")
-    metrics = numeric_metrics(result.get("metrics"))
-    base_metrics = numeric_metrics(result.get("baseMetrics"))
+    metrics = numeric_metrics(result.metrics)
+    base_metrics = numeric_metrics(result.base_metrics)
     if metrics:
         st.data["metrics"] = metrics
         st.cond(EVALUATED, "True", "Evaluated", f"{len(metrics)} metrics measured")
@@ -1278,7 +1354,7 @@ def _finish_complete(
         st.cond(EVALUATED, "False", "NoMetrics", "the trainer reported no metrics")
     if base_metrics:
         st.data["baseMetrics"] = base_metrics
-    adapter = _adapter_record(result.get("adapter"), spec)
+    adapter = _adapter_record(result.adapter, spec)
     if adapter:
         st.data["adapter"] = adapter
 
