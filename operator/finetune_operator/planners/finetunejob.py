@@ -398,10 +398,20 @@ class FitResult:
 
 
 def model_shape(
-    spec: FineTuneJobSpec, annotations: Mapping[str, str]
+    spec: FineTuneJobSpec,
+    annotations: Mapping[str, str],
+    model_config: tuple[Mapping[str, Any], str] | None = None,
 ) -> tuple[est.ModelShape | None, str]:
-    """The base model's shape from the annotation hint or the known families, with its source."""
+    """The base model's shape from the annotation hint, the model's own ``config.json``
+    (``(parsed, where)``, when the caller can read it: local mode) or the known families,
+    with its source."""
     raw = annotations.get(MODEL_SHAPE_ANNOTATION)
+    if not raw and model_config is not None:
+        parsed, where = model_config
+        try:
+            return est.ModelShape.from_hf_config(dict(parsed)), f"config.json in {where}"
+        except (TypeError, ValueError, KeyError) as exc:
+            return None, f"config.json in {where} is not usable: {exc}"
     if raw:
         try:
             return est.shape_from_hint(
@@ -416,7 +426,10 @@ def model_shape(
 
 
 def check_fit(
-    spec: FineTuneJobSpec, annotations: Mapping[str, str], config: OperatorConfig
+    spec: FineTuneJobSpec,
+    annotations: Mapping[str, str],
+    config: OperatorConfig,
+    model_config: tuple[Mapping[str, Any], str] | None = None,
 ) -> FitResult:
     """Whether the run fits the GPU; resolves ``auto`` batch and unset checkpointing."""
     res = spec.resources
@@ -426,7 +439,7 @@ def check_fit(
         return FitResult(
             "Unknown", "NoGPU", "resources.gpus is 0: training runs on CPU; no GPU memory check"
         )
-    shape, source = model_shape(spec, annotations)
+    shape, source = model_shape(spec, annotations, model_config)
     if shape is None:
         return FitResult(
             "Unknown",
