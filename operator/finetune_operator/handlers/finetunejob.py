@@ -309,12 +309,12 @@ async def _create(kube: KubeClient, namespace: str, action: Action) -> bool:
             raise ChildRejected(Refusal(kind, name, 409, "AlreadyExists", message))
         log.info("%s %s/%s belongs to a deleted FineTuneJob; replacing it", kind, namespace, name)
         await kube.delete(action.kind, namespace, action.name)
-        existing, created = await kube.create(action.body)
+        _, created = await kube.create(action.body)
     except KubeError as exc:
         if exc.status in REFUSED_CREATE:
             raise ChildRejected(Refusal(kind, name, exc.status, exc.reason, exc.message)) from exc
         raise
-    if not created and _controller_uid(existing) != owner:
+    if not created:  # the stale one still exists (its deletion is under way)
         raise kopf.TemporaryError(f"the stale {kind} {name} is still being deleted", delay=1)
     return created
 
