@@ -49,7 +49,7 @@ ftj_errors = Counter(
 )
 ftj_status_writes = Counter(
     "finetune_job_status_writes_total",
-    "Status writes of FineTuneJobs, by result (written, skipped as unchanged, conflict).",
+    "Status writes of FineTuneJobs, by result (written, skipped as unchanged, conflict, invalid).",
     ["result"],
     registry=REGISTRY,
 )

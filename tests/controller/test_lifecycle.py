@@ -150,8 +150,11 @@ def test_oom_killed_trainer_says_what_to_change(emulator: Emulator, operator_run
     emulator.terminate_container(NS, pod, exit_code=137, reason="OOMKilled", container="trainer")
     emulator.set_job_finished(NS, "bot-train-g1", succeeded=False)
     failed = wait_condition(emulator, "bot", "Failed", "True", "OOMKilled")
+    # Host memory of a GPU job goes to loading the model and the data: the batch, the method
+    # and checkpointing (this job already uses qlora and checkpointing) are no advice here.
+    assert "raise resources.memory" in failed["message"]
     for advice in ("batchSize", "qlora", "gradientCheckpointing"):
-        assert advice in failed["message"]
+        assert advice not in failed["message"]
     wait_for(
         lambda: any(
             e["type"] == "Warning" and e["reason"] == "OOMKilled" for e in events(emulator, "bot")
@@ -331,29 +334,6 @@ def test_status_write_is_skipped_when_nothing_changed(emulator: Emulator, operat
         w for w in emulator.writes if w.plural == "finetunejobs" and w.subresource == "status"
     ]
     assert status_writes == []  # ... and wrote nothing
-
-
-def test_quota_rejection_is_reported_and_retried(emulator: Emulator, operator_runner) -> None:
-    add_prerequisites(emulator)
-    quota = emulator.inject_fault(
-        "jobs",
-        403,
-        count=1,
-        subresource=None,
-        verbs=("create",),
-        message='jobs "bot-train-g1" is forbidden: exceeded quota: gpu-quota',
-    )
-    start_operator(emulator, operator_runner)
-    emulator.create(ftj_body("bot", spec()), keep_status=False)
-    rejected = wait_condition(emulator, "bot", "Training", "False", "JobRejected")
-    assert "exceeded quota: gpu-quota" in rejected["message"]
-    assert "ResourceQuota" in rejected["message"]
-    assert "trainerJob" not in status(emulator, "bot")
-    wait_job(emulator, "bot-train-g1")  # retried once the quota allows it
-    wait_for(
-        lambda: status(emulator, "bot").get("trainerJob") == "bot-train-g1", what="run recorded"
-    )
-    assert quota.remaining == 0
 
 
 def test_secret_check_forbidden_by_rbac_does_not_block(emulator: Emulator, operator_runner) -> None:

@@ -295,7 +295,7 @@ def test_result_is_read_from_the_log_when_the_message_is_log_text() -> None:
         ]
     )
     parsed = parse_result(logs, None)
-    assert parsed is not None and parsed["reason"] == "OutOfMemory"
+    assert parsed is not None and parsed.reason == "OutOfMemory"
     assert parse_result("", logs) == parsed
     assert parse_result("not json", "no channel lines") is None
 
@@ -445,21 +445,11 @@ def test_complete_job_without_result_is_a_failure_with_advice() -> None:
     assert cond(p, "Failed")["reason"] == "ResultMissing"
 
 
-def test_progress_fields_are_sanitised() -> None:
-    line = parse_lines(
-        channel(
-            {
-                "type": "progress",
-                "step": 3,
-                "totalSteps": 0,
-                "loss": float("nan"),
-                "etaSeconds": 12.7,
-                "bogus": 1,
-            }
-        )
-    )[0]
-    out = progress_status(line)
-    assert out == {"step": 3, "totalSteps": 0, "etaSeconds": 12}
+def test_progress_fields_unknown_to_the_operator_are_ignored() -> None:
+    (line,) = parse_lines(
+        channel({"type": "progress", "step": 3, "totalSteps": 0, "loss": None, "bogus": [1]})
+    )
+    assert progress_status(line) == {"step": 3, "totalSteps": 0}  # no percent of 0 steps
 
 
 def test_spec_hash_ignores_fields_that_may_change_mid_run() -> None:
@@ -525,3 +515,86 @@ def test_every_status_shape_matches_the_api_model() -> None:
         CONFIG,
     )
     _assert_round_trips(refused.status)
+
+
+def test_a_job_going_away_reports_nothing_and_creates_nothing() -> None:
+    """Deleting the namespace removes the trainer Job and the referenced PVCs and Secrets in
+    no particular order: while the FineTuneJob or its namespace goes, that is no failure."""
+    first, _job, _cm = started()
+    vanished = plan(observe(status=first.status, job=None, going_away=True), CONFIG)
+    assert vanished.status == first.status and vanished.actions == [] and vanished.events == []
+    fresh = plan(observe(missing_refs=("PersistentVolumeClaim 'datasets' not found",),
+                         going_away=True), CONFIG)  # fmt: skip
+    assert fresh.actions == [] and fresh.events == [] and fresh.status == {}
+    # The same observation without the deletion is a failure with a warning.
+    lost = plan(observe(status=first.status, job=None), CONFIG)
+    assert cond(lost, "Failed")["reason"] == "TrainerJobMissing"
+    assert [e.type for e in lost.events] == ["Warning"]
+
+
+# ---------------------------------------------------------------- cost and memory advice
+
+
+CPU_ONLY = {"gpus": 0, "gpuProduct": None}
+
+
+def test_a_cpu_only_run_reports_no_gpu_time() -> None:
+    first, job, cm = started(spec(resources=CPU_ONLY))
+    running = track(
+        first, job, cm, spec(resources=CPU_ONLY), pods=(pod("p", trainer_state={"running": {}}),)
+    )
+    assert "cost" not in running.status
+    assert cond(running, "Training")["reason"] == "Running"
+
+
+def _oom(body_spec: dict[str, Any], *, host: bool, **kwargs: Any) -> str:
+    first, job, cm = started(body_spec, **kwargs)
+    if host:
+        state = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+        done = with_conditions(job, "Failed", reason="BackoffLimitExceeded")
+        p = track(first, done, cm, body_spec, pods=(pod("p", phase="Failed", trainer_state=state),))
+    else:
+        message = json.dumps(result(ok=False, reason="OutOfMemory", message="CUDA out of memory"))
+        state = {"terminated": {"exitCode": 4, "reason": "Error", "message": message}}
+        done = with_conditions(job, "Failed", reason="BackoffLimitExceeded")
+        p = track(first, done, cm, body_spec, pods=(pod("p", phase="Failed", trainer_state=state),))
+    return str(cond(p, "Failed")["message"])
+
+
+def test_gpu_out_of_memory_advice_offers_only_what_the_run_does_not_use() -> None:
+    tight = spec(training={"maxSeqLength": 2048, "batchSize": 1, "gradientCheckpointing": True})
+    advice = _oom(tight, host=False)  # qlora, batch 1, checkpointing on
+    assert "method: qlora" not in advice and "gradientCheckpointing" not in advice
+    assert "batchSize" not in advice
+    assert "maxSeqLength (now 2048)" in advice and "resources.gpuProduct" in advice
+
+    loose = spec(
+        method="lora",
+        training={"maxSeqLength": 512, "batchSize": 2, "gradientCheckpointing": False},
+    )
+    advice = _oom(loose, host=False)
+    for offered in ("batchSize (now 2)", "gradientCheckpointing: true", "method: qlora"):
+        assert offered in advice
+
+
+def test_out_of_memory_advice_of_an_auto_batch_names_the_batch_chosen() -> None:
+    auto = spec(training={"maxSeqLength": 2048, "batchSize": "auto", "gradientCheckpointing": None})
+    first, _job, _cm = started(auto)
+    chosen = first.status["estimate"]
+    advice = _oom(auto, host=False)
+    if chosen["batchSize"] > 1:
+        assert f"batchSize (now {chosen['batchSize']})" in advice
+    assert ("gradientCheckpointing" in advice) is (chosen["gradientCheckpointing"] is not True)
+    assert "method: qlora" not in advice
+
+
+def test_host_memory_advice_depends_on_where_training_runs() -> None:
+    gpu = _oom(spec(resources={"memory": "32Gi"}), host=True)
+    assert (
+        gpu
+        == "the trainer ran out of host memory (OOMKilled). To fix: raise resources.memory (now 32Gi)"
+    )
+    cpu = _oom(spec(method="lora", resources={**CPU_ONLY, "memory": "16Gi"},
+                    training={"batchSize": 4, "gradientCheckpointing": False}), host=True)  # fmt: skip
+    for offered in ("resources.memory (now 16Gi)", "batchSize (now 4)", "gradientCheckpointing"):
+        assert offered in cpu

@@ -57,10 +57,10 @@ def test_compact_result_stays_under_the_limit() -> None:
         "ok": True,
         "reason": "Succeeded",
         "message": "m",
-        "data": {"dropped": {f"reason{i}": i for i in range(300)}},
+        "data": {"dropped": {f"reason-number-{i}": i for i in range(250)}},
         "baseMetrics": {f"m{i}": 0.1 for i in range(200)},
         "metrics": {"rougeL": 0.7},
-        "adapter": {"digest": "sha256:" + "a" * 64},
+        "adapter": {"uri": "/out/adapter", "digest": "sha256:" + "a" * 64},
     }
     text = compact_result(big)
     assert len(text.encode()) < TERMINATION_LIMIT

@@ -1,7 +1,9 @@
 """The progress channel: ``@@finetune {json}`` lines on stdout and the termination message.
 
 The operator tails the pod log for progress lines and reads the final result from the
-container's termination message (see docs/decisions/0100-progress-channel.md).
+container's termination message (see docs/decisions/0100-progress-channel.md). Every object
+is checked against the models the operator reads it with
+(:mod:`finetune_operator.api.trainer_output`) before it is written.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from finetune_operator.api.trainer_config import PROGRESS_PREFIX
+from finetune_operator.api.trainer_output import (
+    MAX_MESSAGE_CHARS,
+    PROGRESS_PREFIX,
+    TERMINATION_LIMIT,
+    validate_object,
+)
 
 log = logging.getLogger(__name__)
 
-# Kubernetes truncates termination messages at 4096 bytes.
-TERMINATION_LIMIT = 4096
+__all__ = ["TERMINATION_LIMIT", "ProgressReporter", "compact_result", "emit", "progress_line"]
 
 
 def now_rfc3339() -> str:
@@ -38,9 +44,21 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def checked(obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` as the operator will accept it: non-finite numbers as absent, an overlong
+    message shortened; raises ``TrainerOutputError`` for anything else the shared model
+    refuses (a bug here, better found than shipped to the operator)."""
+    out = _finite(dict(obj))
+    if isinstance(out.get("message"), str) and len(out["message"]) > MAX_MESSAGE_CHARS:
+        out["message"] = out["message"][: MAX_MESSAGE_CHARS - 3] + "..."
+    if out.get("type") in ("progress", "data", "result"):
+        validate_object(out, f"{out['type']} line")
+    return out
+
+
 def progress_line(obj: dict[str, Any]) -> str:
     """One protocol line (no newline)."""
-    return PROGRESS_PREFIX + json.dumps(_finite(obj), separators=(",", ":"), ensure_ascii=False)
+    return PROGRESS_PREFIX + json.dumps(checked(obj), separators=(",", ":"), ensure_ascii=False)
 
 
 def emit(obj: dict[str, Any], stream: TextIO | None = None) -> None:
@@ -59,7 +77,9 @@ def emit(obj: dict[str, Any], stream: TextIO | None = None) -> None:
 
 def compact_result(result: dict[str, Any], limit: int = TERMINATION_LIMIT) -> str:
     """The result as compact JSON under ``limit`` bytes, dropping detail in a fixed order."""
-    obj = _finite(dict(result))
+    obj = checked({"type": "result", **result})
+    if "type" not in result:
+        obj.pop("type")
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
     for key in ("baseMetrics", "data", "metrics"):
         if len(text.encode()) < limit:

@@ -68,6 +68,11 @@ every client call site) and fails when this list misses one or grants anything e
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status", "adapterdeployments/status"]
   verbs: ["patch"]
+# Its own namespace (a Role may grant this): a job whose namespace is being deleted is not
+# reported as failed when its children go first.
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["get"]
 # Trainer Jobs and their configuration ConfigMaps: created, tracked, cleaned up.
 - apiGroups: ["batch"]
   resources: ["jobs"]

@@ -13,9 +13,9 @@ from pydantic import Field
 
 from .common import ApiModel
 from .finetunejob import FineTuneJobSpec
+from .trainer_output import PROGRESS_PREFIX
 
-# Lines the trainer prints on stdout for the operator to read (progress, final result).
-PROGRESS_PREFIX = "@@finetune "
+__all__ = ["PROGRESS_PREFIX", "ResolvedPaths", "TrainerConfig"]
 
 
 class ResolvedPaths(ApiModel):

@@ -14,6 +14,9 @@ ANNOTATION_SPEC_HASH = "finetune.dev/spec-hash"
 MANAGER = "finetune-operator"
 # The finalizer kopf puts on the operator's objects (settings.persistence.finalizer).
 FINALIZER = "finetune.dev/cleanup"
+# The source (component) of every Event the operator records, for both kinds: its own
+# events and those kopf posts (settings.posting.reporting_component).
+EVENT_SOURCE = "finetune-operator"
 
 
 def child_name(owner: str, suffix: str, limit: int = MAX_NAME) -> str:

@@ -27,6 +27,7 @@ import aiohttp
 from ..api.adapterdeployment import PLURAL as AD_PLURAL
 from ..api.common import GROUP, VERSION
 from ..api.finetunejob import PLURAL as FTJ_PLURAL
+from ..builders.names import EVENT_SOURCE
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,9 @@ class KubeError(Exception):
 
 
 def collection_path(kind: str, namespace: str) -> str:
-    """The API path of a namespaced collection of ``kind``."""
+    """The API path of a namespaced collection of ``kind`` (or of Namespaces themselves)."""
     paths = {
+        "Namespace": "/api/v1/namespaces",
         "Job": f"/apis/batch/v1/namespaces/{namespace}/jobs",
         "Deployment": f"/apis/apps/v1/namespaces/{namespace}/deployments",
         "ConfigMap": f"/api/v1/namespaces/{namespace}/configmaps",
@@ -369,7 +371,7 @@ class KubeClient:
         type_: str,
         reason: str,
         message: str,
-        component: str = "finetune-operator",
+        component: str = EVENT_SOURCE,
     ) -> None:
         """Record a core/v1 Event about ``involved`` (best effort: failures are logged)."""
         meta = involved.get("metadata") or {}

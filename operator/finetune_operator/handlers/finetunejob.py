@@ -26,13 +26,15 @@ from ..builders.trainer import TRAINER_CONTAINER
 from ..clients.kube import KubeClient, KubeError
 from ..config import OperatorConfig, load_config
 from ..planners.finetunejob import (
+    Action,
     Event,
     Observed,
     Plan,
     PriceTable,
+    Refusal,
+    child_refused,
     is_settled,
     is_terminal,
-    job_rejected,
     plan,
     pod_age_key,
     referenced_objects,
@@ -234,7 +236,7 @@ async def observe(
             )
 
     missing: tuple[str, ...] | None = None
-    if job_name is None or (is_terminal(status) and not settled):
+    if not settled and (job_name is None or is_terminal(status)):
         try:
             spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
             missing = await _missing_references(kube, namespace, spec, state)
@@ -272,7 +274,55 @@ def _trainer_started(pod: Mapping[str, Any]) -> bool:
 
 
 class ChildRejected(Exception):
-    """The API server refused a child (403 quota, 422 admission/validation)."""
+    """The API server refused a child (quota, admission webhook, LimitRange, invalid)."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(f"{refusal.kind} {refusal.name}: {refusal.code} {refusal.message}")
+        self.refusal = refusal
+
+
+# HTTP statuses of a create the API server will refuse again as long as the spec is the same.
+REFUSED_CREATE = (400, 403, 413, 422)
+
+
+def _controller_uid(obj: Mapping[str, Any]) -> str | None:
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("uid") or "")
+    return None
+
+
+def _made_by_operator(obj: Mapping[str, Any]) -> bool:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return labels.get(names.LABEL_MANAGED_BY) == names.MANAGER
+
+
+async def _create(kube: KubeClient, namespace: str, action: Action) -> bool:
+    """Create a child, or adopt the one of that name if it belongs to this FineTuneJob.
+
+    A child owned by another uid was left by a deleted FineTuneJob of the same name (the
+    garbage collector had not reached it yet): adopting it would hand the new job an old run
+    that the collector then removes. It is deleted and a fresh one made (decision 1621).
+    """
+    assert action.body is not None
+    kind, name, owner = action.kind, action.name, _controller_uid(action.body)
+    try:
+        existing, created = await kube.create(action.body)
+        if created or _controller_uid(existing) == owner:
+            return created
+        if not _made_by_operator(existing):
+            message = f"{kind} {name!r} already exists and was not made by finetune-operator"
+            raise ChildRejected(Refusal(kind, name, 409, "AlreadyExists", message))
+        log.info("%s %s/%s belongs to a deleted FineTuneJob; replacing it", kind, namespace, name)
+        await kube.delete(action.kind, namespace, action.name)
+        _, created = await kube.create(action.body)
+    except KubeError as exc:
+        if exc.status in REFUSED_CREATE:
+            raise ChildRejected(Refusal(kind, name, exc.status, exc.reason, exc.message)) from exc
+        raise
+    if not created:  # the stale one still exists (its deletion is under way)
+        raise kopf.TemporaryError(f"the stale {kind} {name} is still being deleted", delay=1)
+    return created
 
 
 async def execute(kube: KubeClient, namespace: str, p: Plan) -> list[Event]:
@@ -280,12 +330,7 @@ async def execute(kube: KubeClient, namespace: str, p: Plan) -> list[Event]:
     events: list[Event] = []
     for action in p.actions:
         if action.verb == "create" and action.body is not None:
-            try:
-                _, created = await kube.create(action.body)
-            except KubeError as exc:
-                if exc.status in (403, 422):
-                    raise ChildRejected(exc.message or str(exc)) from exc
-                raise
+            created = await _create(kube, namespace, action)
             if created and action.kind in EVENT_CHILD_KINDS:
                 events.append(
                     Event("Normal", f"{action.kind}Created", f"created {action.kind} {action.name}")
@@ -295,6 +340,60 @@ async def execute(kube: KubeClient, namespace: str, p: Plan) -> list[Event]:
         elif action.verb == "delete":
             await kube.delete(action.kind, namespace, action.name)
     return events
+
+
+async def going_away(kube: KubeClient, namespace: str, name: str) -> bool:
+    """Whether the FineTuneJob or its namespace is being deleted right now."""
+    body = await kube.get(KIND, namespace, name)
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        return True
+    try:
+        ns = await kube.get("Namespace", "", namespace)
+    except KubeError as exc:
+        if exc.status != 403:
+            raise
+        return False  # not allowed to look (an older RBAC): cannot tell, go on as before
+    if ns is None:
+        return True
+    terminating = (ns.get("status") or {}).get("phase") == "Terminating"
+    return terminating or bool((ns.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def _reports_trouble(p: Plan) -> bool:
+    return any(event.type == "Warning" for event in p.events)
+
+
+async def _plan_and_act(
+    kube: KubeClient,
+    config: OperatorConfig,
+    namespace: str,
+    obs: Observed,
+    state: RunState | None = None,
+) -> tuple[Plan, list[Event]] | None:
+    """Plan and carry out one observation; None when the object turned out to be going away.
+
+    Bad news (a Warning: a missing trainer Job, a missing reference, a refused child) is
+    checked against a deletion under way first: deleting a namespace removes children and
+    references in no particular order, and that is not a failure (decision 1620).
+    """
+    p = plan(obs, config)
+    if _reports_trouble(p) and await going_away(kube, namespace, obs.name):
+        return None
+    if state is not None and any(a.kind == "Job" and a.verb == "create" for a in p.actions):
+        state.gpus.reserve(namespace, obs.name, obs.spec)  # before any other reconcile runs
+    try:
+        return p, await execute(kube, namespace, p)
+    except ChildRejected as exc:
+        if state is not None:
+            state.gpus.release(namespace, obs.name)
+        refused = child_refused(obs, p, exc.refusal)
+        cleanup = Plan(refused.status, actions=refused.actions)
+        await execute(kube, namespace, cleanup)  # what this run created goes with it
+        if await going_away(kube, namespace, obs.name):
+            return None
+        if refused.outcome == "retry":  # a final refusal is counted with its verdict
+            metrics.ftj_errors.labels("JobRejected").inc()
+        return refused, []
 
 
 def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
@@ -345,18 +444,10 @@ async def reconcile(
                 if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
                     return None
                 obs = await observe(kube, config, body, state)
-                p = plan(obs, config)
-                if state is not None and any(
-                    a.kind == "Job" and a.verb == "create" for a in p.actions
-                ):
-                    state.gpus.reserve(namespace, name, obs.spec)  # before any other reconcile runs
-                try:
-                    action_events = await execute(kube, namespace, p)
-                except ChildRejected as exc:
-                    metrics.ftj_errors.labels("JobRejected").inc()
-                    if state is not None:
-                        state.gpus.release(namespace, name)
-                    p, action_events = job_rejected(obs, p, str(exc)), []
+                acted = await _plan_and_act(kube, config, namespace, obs, state)
+                if acted is None:
+                    return None
+                p, action_events = acted
                 created += action_events
                 patch = status_patch(obs.status, p.status)
                 if patch:
@@ -366,7 +457,18 @@ async def reconcile(
                         # metadata patches change the resourceVersion (decision 1202).
                         await kube.patch_status(KIND, namespace, name, patch, None)
                     except KubeError as exc:
-                        if exc.conflict:
+                        if exc.status == 422:
+                            # The server found the status invalid: writing it again cannot
+                            # help, so it is not retried as a conflict (kopf backs off).
+                            metrics.ftj_status_writes.labels("invalid").inc()
+                            log.error(
+                                "status of %s/%s refused as invalid: %s",
+                                namespace,
+                                name,
+                                exc.message[:500],
+                            )
+                            raise
+                        if exc.status == 409:
                             metrics.ftj_status_writes.labels("conflict").inc()
                             log.info(
                                 "status write of %s/%s conflicted (%s); retrying",
@@ -437,6 +539,10 @@ async def configure(
     # Handler progress lives in annotations so status holds only what users read.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
     settings.persistence.finalizer = names.FINALIZER
+    # Events kopf posts (kopf.info/warn of the AdapterDeployment controller) carry the same
+    # source as the FineTuneJob controller's own: one name in `kubectl describe`.
+    settings.posting.reporting_component = names.EVENT_SOURCE
+    settings.posting.reporting_instance = names.EVENT_SOURCE
     # Pollers of finished jobs return by themselves within this time (see poll_running).
     settings.background.instant_exit_timeout = 2 * STOP_CHECK_SECONDS
     if not getattr(memo, "metrics_served", False) and memo.config.metrics_port:
@@ -609,9 +715,12 @@ async def on_delete(name: str, namespace: str | None, memo: Any, **_: Any) -> No
     namespace = str(namespace)
     run_state(memo).gpus.release(namespace, name)  # its GPUs are free for the namespace
     selector = {names.LABEL_JOB: names.label_value(name)}
-    for kind in ("Job", "Service", "ConfigMap"):
-        for child in await kube.list(kind, namespace, selector):
-            owners = (child.get("metadata") or {}).get("ownerReferences") or []
-            if any(o.get("kind") == KIND and o.get("name") == name for o in owners):
-                await kube.delete(kind, namespace, child["metadata"]["name"])
+    # After any reconcile in flight: one that read the object just before its deletion may
+    # still be creating children, which this listing must see (fast create/delete).
+    async with run_state(memo).serialised(namespace, name):
+        for kind in ("Job", "Service", "ConfigMap"):
+            for child in await kube.list(kind, namespace, selector):
+                owners = (child.get("metadata") or {}).get("ownerReferences") or []
+                if any(o.get("kind") == KIND and o.get("name") == name for o in owners):
+                    await kube.delete(kind, namespace, child["metadata"]["name"])
     metrics.forget_ftj(namespace, name)

@@ -162,6 +162,49 @@ def last_result(output: str) -> dict[str, Any] | None:
 # ---------------------------------------------------------------- I/O
 
 
+def read_model_config(model_dir: Path) -> tuple[dict[str, Any], str] | None:
+    """The base model's ``config.json`` from its local folder, for the preflight's shape."""
+    config_file = model_dir / "config.json"
+    try:
+        parsed = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return (parsed, str(model_dir)) if isinstance(parsed, dict) else None
+
+
+def choose_device(
+    spec: FineTuneJobSpec, device: str, gpu_gib: float | None
+) -> tuple[FineTuneJobSpec, str, str | None]:
+    """(spec to run, device, warning) on this machine.
+
+    A job that asks for GPUs runs on the CPU when none is visible and no device was forced,
+    with a warning, as one process (``resources.gpus: 0``). QLoRA cannot: its 4-bit base
+    weights need a CUDA GPU, so the user is told what to do instead.
+    """
+    wants_gpu = spec.resources.gpus > 0
+    if gpu_gib is not None or device == "cpu" or (device == "auto" and not wants_gpu):
+        if device == "cpu" and wants_gpu:
+            return _on_cpu(spec), "cpu", None
+        return spec, device, None
+    if device == "cuda" or spec.method == "qlora":
+        why = "--device cuda" if device == "cuda" else "method: qlora (4-bit weights need CUDA)"
+        raise LocalRunError(
+            f"no CUDA GPU is visible on this machine, and {why}. Run it where a GPU is, or "
+            "train on the CPU: set method: lora and run with --device cpu (small models only)"
+        )
+    warning = (
+        f"warning: the job asks for resources.gpus: {spec.resources.gpus} but no CUDA GPU is "
+        "visible here: training on the CPU, as one process (slow; pass --device cuda to fail "
+        "instead, --device cpu to silence this)"
+    )
+    return _on_cpu(spec), "cpu", warning
+
+
+def _on_cpu(spec: FineTuneJobSpec) -> FineTuneJobSpec:
+    resources = spec.resources.model_copy(update={"gpus": 0, "nodes": 1})
+    return spec.model_copy(update={"resources": resources})
+
+
 def local_gpu_memory_gib() -> float | None:
     try:
         import torch
@@ -233,7 +276,11 @@ def run_local(
     gpu = local_gpu_memory_gib()
     if gpu is not None:
         config = dataclasses.replace(config, default_gpu_memory_gib=gpu)
-    fit = check_fit(spec, annotations, config)
+    spec, device, warning = choose_device(spec, device, gpu)
+    if warning:
+        out.write(warning + "\n")
+    model_config = read_model_config(Path(paths.base_model))
+    fit = check_fit(spec, annotations, config, model_config)
     out.write(f"preflight: Fits={fit.status} ({fit.reason}): {fit.message}\n")
     if fit.status == "False":
         raise LocalRunError(f"the job does not fit this machine's GPU: {fit.message}")

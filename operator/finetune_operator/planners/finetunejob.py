@@ -22,6 +22,7 @@ from .. import estimator as est
 from .. import packed_memory as packed
 from ..api.common import get_condition, set_condition
 from ..api.finetunejob import MUTABLE_AFTER_START, FineTuneJobSpec
+from ..api.trainer_output import AdapterOutput, DataLine, ProgressLine, TrainerResult
 from ..builders import distributed, names
 from ..builders.trainer import (
     GPU_PRODUCT_LABEL,
@@ -35,6 +36,7 @@ from ..config import OperatorConfig
 from ..gates import evaluate_gates, summarize
 from ..policy import NamespaceUsage, apply_defaults, refusal_message
 from .progress import (
+    TrainerOutputError,
     data_status,
     last_of,
     numeric_metrics,
@@ -106,8 +108,22 @@ WARNING_REASONS = frozenset(
         "PodFailed",
         "JobRejected",
         "PolicyViolation",
+        "QuotaExceeded",
+        "AdmissionDenied",
+        "ChildInvalid",
+        "ChildForbidden",
+        "ChildNameTaken",
+        "TrainerOutputInvalid",
     }
 )
+
+# Reasons of a run the API server refused to start (a child was not accepted). The verdict
+# holds for the spec generation it was given to: only a spec change tries again.
+REFUSAL_REASONS = frozenset(
+    {"QuotaExceeded", "AdmissionDenied", "ChildInvalid", "ChildForbidden", "ChildNameTaken"}
+)
+# How much of the API server's answer a condition quotes.
+SERVER_MESSAGE_LIMIT = 1000
 
 # What to do about each failure the trainer reports (its message says the specifics).
 TRAINER_REASON_ADVICE = {
@@ -118,7 +134,6 @@ TRAINER_REASON_ADVICE = {
     "TrainingFailed": "read the trainer log (kubectl logs job/{job})",
     "EvaluationFailed": "read the trainer log (kubectl logs job/{job}); evaluation settings may be too large",
     "UploadFailed": "check spec.output.uri (the bucket must exist) and the keys of spec.output.credentialsSecretRef (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for non-AWS services)",
-    "OutOfMemory": "use a smaller training.batchSize, method: qlora, training.gradientCheckpointing: true, or a shorter training.maxSeqLength",
 }
 
 
@@ -174,6 +189,9 @@ class Observed:
     log_tail: str | None = None
     missing_refs: tuple[str, ...] | None = None  # None: not checked (not needed)
     prices: PriceTable | None = None
+    # The FineTuneJob or its namespace is being deleted: what is missing now is being
+    # removed on purpose, not lost (decision 1620).
+    going_away: bool = False
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
     # GPUs held by the namespace's other unfinished runs (for the platform policy).
     namespace_usage: NamespaceUsage = field(default_factory=NamespaceUsage)
@@ -384,10 +402,20 @@ class FitResult:
 
 
 def model_shape(
-    spec: FineTuneJobSpec, annotations: Mapping[str, str]
+    spec: FineTuneJobSpec,
+    annotations: Mapping[str, str],
+    model_config: tuple[Mapping[str, Any], str] | None = None,
 ) -> tuple[est.ModelShape | None, str]:
-    """The base model's shape from the annotation hint or the known families, with its source."""
+    """The base model's shape from the annotation hint, the model's own ``config.json``
+    (``(parsed, where)``, when the caller can read it: local mode) or the known families,
+    with its source."""
     raw = annotations.get(MODEL_SHAPE_ANNOTATION)
+    if not raw and model_config is not None:
+        parsed, where = model_config
+        try:
+            return est.ModelShape.from_hf_config(dict(parsed)), f"config.json in {where}"
+        except (TypeError, ValueError, KeyError) as exc:
+            return None, f"config.json in {where} is not usable: {exc}"
     if raw:
         try:
             return est.shape_from_hint(
@@ -402,7 +430,10 @@ def model_shape(
 
 
 def check_fit(
-    spec: FineTuneJobSpec, annotations: Mapping[str, str], config: OperatorConfig
+    spec: FineTuneJobSpec,
+    annotations: Mapping[str, str],
+    config: OperatorConfig,
+    model_config: tuple[Mapping[str, Any], str] | None = None,
 ) -> FitResult:
     """Whether the run fits the GPU; resolves ``auto`` batch and unset checkpointing."""
     res = spec.resources
@@ -412,7 +443,7 @@ def check_fit(
         return FitResult(
             "Unknown", "NoGPU", "resources.gpus is 0: training runs on CPU; no GPU memory check"
         )
-    shape, source = model_shape(spec, annotations)
+    shape, source = model_shape(spec, annotations, model_config)
     if shape is None:
         return FitResult(
             "Unknown",
@@ -589,6 +620,10 @@ def referenced_objects(spec: FineTuneJobSpec) -> tuple[list[str], list[str]]:
 
 def plan(obs: Observed, config: OperatorConfig) -> Plan:
     """The desired status and actions for one observation."""
+    if obs.going_away:
+        # Children, references and the namespace disappear on purpose: nothing to report,
+        # nothing to create (a status write or an event would only race the deletion).
+        return Plan(dict(obs.status))
     st = _Status(obs.status, obs.generation, obs.now)
     try:
         spec = FineTuneJobSpec.model_validate(dict(obs.spec))
@@ -608,6 +643,8 @@ def plan(obs: Observed, config: OperatorConfig) -> Plan:
             .get(names.ANNOTATION_SPEC_HASH, run_hash)
         )
 
+    if recorded_job is None and refused_for(obs.status, obs.generation):
+        return Plan(dict(obs.status))  # refused for this spec: only a spec change tries again
     new_run_needed = recorded_job is None or (
         is_terminal(obs.status) and run_hash is not None and run_hash != current_hash
     )
@@ -726,20 +763,126 @@ def _start_run(
     return Plan(status, actions=actions, events=transition_events(obs.status, status))
 
 
-def job_rejected(obs: Observed, p: Plan, message: str) -> Plan:
-    """The API server refused to create the trainer Job (quota, admission policy...).
+def refused_for(status: Mapping[str, Any], generation: int) -> bool:
+    """Whether the API server refused to start a run of this spec generation."""
+    failed = get_condition(list(status.get("conditions") or []), FAILED) or {}
+    return (
+        failed.get("status") == "True"
+        and failed.get("reason") in REFUSAL_REASONS
+        and failed.get("observedGeneration") == generation
+    )
 
-    No run is recorded, so the next attempt creates it again; the user sees why.
+
+@dataclass(frozen=True)
+class Refusal:
+    """The API server's answer to the create of a child it did not accept."""
+
+    kind: str
+    name: str
+    code: int
+    reason: str = ""  # the Status reason (Forbidden, Invalid, ...)
+    message: str = ""
+
+
+def _quoted(message: str) -> str:
+    text = " ".join(message.split())
+    if len(text) > SERVER_MESSAGE_LIMIT:
+        text = text[:SERVER_MESSAGE_LIMIT] + "..."
+    return text
+
+
+def classify_refusal(refusal: Refusal) -> tuple[str, str, bool]:
+    """(condition reason, advice, whether the verdict is final) for a refused child.
+
+    The advice follows the cause the server names: quota advice only for an exhausted
+    ResourceQuota, field advice for an invalid object, policy advice for an admission
+    webhook or policy. Only a refusal of the operator itself (RBAC) is retried: fixing it is
+    the platform team's job and needs no change of the FineTuneJob.
     """
+    text = refusal.message.lower()
+    if "exceeded quota" in text:
+        return (
+            "QuotaExceeded",
+            "the namespace's ResourceQuota is used up: delete finished FineTuneJobs or trainer "
+            "Jobs, or ask the platform team for more; then change the spec (or delete and "
+            "re-apply the FineTuneJob) to try again",
+            True,
+        )
+    if "admission webhook" in text or "denied request" in text or "denied the request" in text:
+        return (
+            "AdmissionDenied",
+            "an admission webhook or policy of the cluster refused it: change what the message "
+            "names (ask the platform team which policy applies); then change the spec to try again",
+            True,
+        )
+    if refusal.code in (400, 413, 422):
+        return (
+            "ChildInvalid",
+            "a field copied from the spec is not valid for Kubernetes: fix the spec field the "
+            "message names (resources.nodeSelector, tolerations, affinity, priorityClassName, "
+            "queueName, gpuProduct...); the change starts a new run",
+            True,
+        )
+    if refusal.code == 403 and "cannot create resource" in text:
+        return (
+            "JobRejected",
+            "the operator's ServiceAccount may not create it: grant the chart's RBAC in this "
+            "namespace (docs/install.md); the operator retries by itself",
+            False,
+        )
+    if refusal.code == 409:
+        return (
+            "ChildNameTaken",
+            f"a {refusal.kind} of that name exists and was not made by the operator: delete or "
+            "rename it, or rename the FineTuneJob",
+            True,
+        )
+    return (
+        "ChildForbidden",
+        "the API server forbids it (a LimitRange or an admission plugin): change the spec's "
+        "resources so they fit what the message names, or ask the platform team; then change "
+        "the spec to try again",
+        True,
+    )
+
+
+def child_refused(obs: Observed, p: Plan, refusal: Refusal) -> Plan:
+    """The API server refused a child of a new run (quota, webhook, LimitRange, invalid).
+
+    What the run had created before the refusal is deleted. A final refusal is a Failed
+    verdict for this spec generation (no retry loop); an RBAC refusal of the operator stays
+    Pending and is retried.
+    """
+    reason, advice, final = classify_refusal(refusal)
     st = _Status(p.status, obs.generation, obs.now)
     st.data.pop("trainerJob", None)
+    code = f"{refusal.code} {refusal.reason}".strip()
     text = (
-        f"the API server refused the trainer Job: {message[:1000]}. Check the namespace's "
-        "ResourceQuota and LimitRange (GPU, CPU and memory requests) and admission policies"
+        f"the API server refused the trainer {refusal.kind} {refusal.name} ({code}): "
+        f"{_quoted(refusal.message)}. To fix: {advice}"
     )
-    st.cond(TRAINING, "False", "JobRejected", text)
+    st.cond(TRAINING, "False", reason, text)
+    made = [
+        (a.kind, a.name)
+        for a in p.actions
+        if a.verb == "create" and (a.kind, a.name) != (refusal.kind, refusal.name)
+    ]
+    actions = [Action("delete", "ConfigMap", n) for k, n in made if k == "ConfigMap"]
+    actions += [Action("delete", "Service", n) for k, n in made if k == "Service"]
+    if final:
+        st.drop(ADMITTED)
+        st.cond(SUCCEEDED, "False", reason, "")
+        st.cond(FAILED, "True", reason, text)
+        status = st.finish("Failed")
+        return Plan(status, actions=actions, events=transition_events(obs.status, status))
     status = st.finish("Pending")
-    return Plan(status, events=transition_events(obs.status, status), outcome="retry", message=text)
+    return Plan(
+        status,
+        actions=actions,
+        events=transition_events(obs.status, status),
+        outcome="retry",
+        message=text,
+    )
 
 
 # ---------------------------------------------------------------- tracking a run
@@ -823,20 +966,21 @@ def _local_to_uri(path: str, spec: FineTuneJobSpec) -> str:
     return path
 
 
-def _adapter_record(adapter: Any, spec: FineTuneJobSpec) -> dict[str, Any] | None:
-    if not isinstance(adapter, dict) or not adapter.get("uri") or not adapter.get("digest"):
+def _adapter_record(adapter: AdapterOutput | None, spec: FineTuneJobSpec) -> dict[str, Any] | None:
+    if adapter is None:
         return None
     record: dict[str, Any] = {
-        "uri": _local_to_uri(str(adapter["uri"]), spec),
-        "digest": str(adapter["digest"]),
-        "baseModel": str(adapter.get("baseModel") or spec.base_model.uri),
-        "method": str(adapter.get("method") or spec.method),
+        "uri": _local_to_uri(adapter.uri, spec),
+        "digest": adapter.digest,
+        "baseModel": adapter.base_model or spec.base_model.uri,
+        "method": adapter.method or spec.method,
     }
-    for key in ("rank", "sizeBytes"):
-        if isinstance(adapter.get(key), int):
-            record[key] = adapter[key]
-    if adapter.get("mergedUri"):
-        record["mergedUri"] = _local_to_uri(str(adapter["mergedUri"]), spec)
+    if adapter.rank is not None:
+        record["rank"] = adapter.rank
+    if adapter.size_bytes is not None:
+        record["sizeBytes"] = adapter.size_bytes
+    if adapter.merged_uri:
+        record["mergedUri"] = _local_to_uri(adapter.merged_uri, spec)
     return record
 
 
@@ -908,15 +1052,21 @@ def _track_run(
     if spec.resources.nodes > 1:  # one pod per node: the failed one, else rank 0's
         newest = distributed.status_pod(pods, TRAINER_CONTAINER)
     view = _pod_view(newest)
-    channel = parse_lines(obs.log_tail)
+    try:
+        channel = parse_lines(obs.log_tail)
+        result = None
+        if view.terminated is not None or finished:
+            result = parse_result((view.terminated or {}).get("message"), obs.log_tail)
+    except TrainerOutputError as exc:
+        return _output_invalid(obs, st, spec, job_name, job, finished, exc, actions, events, config)
 
     # Progress and data report (kept from earlier polls when the tail no longer has them).
-    line = last_of(channel, "progress")
+    line = last_of(channel, ProgressLine)
     if line is not None:
         st.data["progress"] = progress_status(line)
-    data_line = last_of(channel, "data")
-    if data_line is not None and data_status(data_line.get("report")):
-        st.data["data"] = data_status(data_line.get("report"))
+    data_line = last_of(channel, DataLine)
+    if data_line is not None and data_status(data_line.report):
+        st.data["data"] = data_status(data_line.report)
 
     # Cost, restarts, start time.
     recorded_cost = obs.status.get("cost") or {}
@@ -932,6 +1082,8 @@ def _track_run(
         # While the run goes on, the running cost is rewritten every few minutes, not at
         # every poll: one status write per poll for a growing number helps nobody.
         st.data["cost"] = dict(recorded_cost)
+    elif spec.resources.gpus == 0:
+        pass  # a CPU-only run uses no GPU time: no cost to report
     elif gpu_seconds > 0 or pods:
         cost: dict[str, Any] = {"gpuSeconds": round(gpu_seconds, 1)}
         price = obs.prices.price(spec.resources.gpu_product) if obs.prices else None
@@ -977,11 +1129,8 @@ def _track_run(
     else:
         st.cond(ADMITTED, "True", "NoQueue", "no queueName: the Job starts at once")
 
-    result = None
-    if view.terminated is not None or finished:
-        result = parse_result((view.terminated or {}).get("message"), obs.log_tail)
-    if result is not None and data_status(result.get("data")):
-        st.data["data"] = data_status(result.get("data"))
+    if result is not None and data_status(result.data):
+        st.data["data"] = data_status(result.data)
 
     complete = _job_condition(job, "Complete")
     failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
@@ -989,7 +1138,8 @@ def _track_run(
     if complete:
         return _finish_complete(obs, st, spec, job_name, job, result, actions, events)
     if failed:
-        reason, message = _failure_reason(spec, job_name, failed, view, result)
+        estimate = st.data.get("estimate")
+        reason, message = _failure_reason(spec, job_name, failed, view, result, estimate)
         return _finish_failed(obs, st, job, reason, message, actions, events)
 
     # Still running or waiting.
@@ -1064,24 +1214,91 @@ def _track_run(
     return Plan(status, actions=actions, events=transition_events(obs.status, status) + events)
 
 
+def _output_invalid(
+    obs: Observed,
+    st: _Status,
+    spec: FineTuneJobSpec,
+    job_name: str,
+    job: Mapping[str, Any],
+    finished: bool,
+    exc: TrainerOutputError,
+    actions: list[Action],
+    events: list[Event],
+    config: OperatorConfig,
+) -> Plan:
+    """The trainer wrote something the operator cannot accept: the run ends here.
+
+    A trainer that breaks the contract cannot be tracked (its progress and result mean
+    nothing), so a Job still running is stopped rather than left to hold its GPUs.
+    """
+    image = spec.image or config.trainer_image
+    message = (
+        f"the trainer's output is not valid: {exc}. The trainer image {image} must write the "
+        "progress channel of this operator version (docs/trainer.md); use the operator's "
+        "trainer image or fix the image named in spec.image"
+    )
+    if not finished:
+        actions.append(Action("delete", "Job", job_name))
+        message += f". Trainer Job {job_name} was stopped"
+    return _finish_failed(obs, st, job, "TrainerOutputInvalid", message, actions, events)
+
+
+def memory_advice(spec: FineTuneJobSpec, estimate: Mapping[str, Any] | None, *, host: bool) -> str:
+    """What to change after running out of memory, given what the run already used.
+
+    Only changes that are still open are offered: no ``method: qlora`` for a QLoRA run, no
+    checkpointing when it was on, no smaller batch below 1 (the estimate holds what an
+    ``auto`` batch and an unset checkpointing resolved to).
+    """
+    t, res = spec.training, spec.resources
+    estimate = estimate or {}
+    batch = t.batch_size if isinstance(t.batch_size, int) else estimate.get("batchSize")
+    checkpointing = t.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = estimate.get("gradientCheckpointing")
+    options: list[str] = []
+    if host:
+        now = f" (now {res.memory})" if res.memory else " (unset: the node's default)"
+        options.append(f"raise resources.memory{now}")
+    if host and res.gpus > 0:
+        # Training state lives on the GPU: batch or checkpointing barely change host memory,
+        # which goes to loading the model and preparing the data.
+        return options[0]
+    if isinstance(batch, int) and batch > 1:
+        options.append(f"a smaller training.batchSize (now {batch})")
+    elif batch is None:
+        options.append("a smaller training.batchSize")
+    if checkpointing is not True:
+        options.append("training.gradientCheckpointing: true")
+    if spec.method != "qlora":
+        options.append("method: qlora")
+    options.append(f"a shorter training.maxSeqLength (now {t.max_seq_length})")
+    if not host and len(options) == 1:
+        options.append("a GPU with more memory (resources.gpuProduct)")
+    return "; or ".join(options)
+
+
 def _failure_reason(
     spec: FineTuneJobSpec,
     job_name: str,
     failed: Mapping[str, Any],
     view: _PodView,
-    result: Mapping[str, Any] | None,
+    result: TrainerResult | None,
+    estimate: Mapping[str, Any] | None = None,
 ) -> tuple[str, str]:
-    if result is not None and result.get("ok") is False:
-        reason = str(result.get("reason") or "TrainingFailed")
-        message = str(result.get("message") or "")
+    if result is not None and result.ok is False:
+        reason = result.reason or "TrainingFailed"
+        message = result.message or ""
         advice = TRAINER_REASON_ADVICE.get(reason, "").format(job=job_name)
+        if reason == "OutOfMemory":
+            advice = memory_advice(spec, estimate, host=False)
         return reason, f"{message}. To fix: {advice}" if advice and message else (message or advice)
     term = view.terminated or {}
     if term.get("reason") == "OOMKilled":
         return (
             "OOMKilled",
-            "the trainer ran out of host memory (OOMKilled). Raise resources.memory, or lower "
-            "memory use: smaller training.batchSize, method: qlora, training.gradientCheckpointing: true",
+            "the trainer ran out of host memory (OOMKilled). To fix: "
+            + memory_advice(spec, estimate, host=True),
         )
     job_reason = str(failed.get("reason") or "")
     if job_reason == "DeadlineExceeded":
@@ -1134,7 +1351,7 @@ def _finish_complete(
     spec: FineTuneJobSpec,
     job_name: str,
     job: Mapping[str, Any],
-    result: Mapping[str, Any] | None,
+    result: TrainerResult | None,
     actions: list[Action],
     events: list[Event],
 ) -> Plan:
@@ -1145,13 +1362,14 @@ def _finish_complete(
             "line); check the trainer image version"
         )
         return _finish_failed(obs, st, job, "ResultMissing", message, actions, events)
-    if result.get("ok") is False:
-        reason, message = _failure_reason(spec, job_name, {}, _PodView(), result)
+    if result.ok is False:
+        estimate = st.data.get("estimate")
+        reason, message = _failure_reason(spec, job_name, {}, _PodView(), result, estimate)
         return _finish_failed(obs, st, job, reason, message, actions, events)
 
     st.cond(TRAINING, "False", "Completed", "training finished")
-    metrics = numeric_metrics(result.get("metrics"))
-    base_metrics = numeric_metrics(result.get("baseMetrics"))
+    metrics = numeric_metrics(result.metrics)
+    base_metrics = numeric_metrics(result.base_metrics)
     if metrics:
         st.data["metrics"] = metrics
         st.cond(EVALUATED, "True", "Evaluated", f"{len(metrics)} metrics measured")
@@ -1159,7 +1377,7 @@ def _finish_complete(
         st.cond(EVALUATED, "False", "NoMetrics", "the trainer reported no metrics")
     if base_metrics:
         st.data["baseMetrics"] = base_metrics
-    adapter = _adapter_record(result.get("adapter"), spec)
+    adapter = _adapter_record(result.adapter, spec)
     if adapter:
         st.data["adapter"] = adapter
 

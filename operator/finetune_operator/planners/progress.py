@@ -1,130 +1,113 @@
-"""Read the trainer's progress channel: ``@@finetune {json}`` lines and the termination message."""
+"""Read the trainer's progress channel: ``@@finetune {json}`` lines and the termination message.
+
+Everything here is tenant input (the trainer image is ``spec.image``): objects are parsed
+with bounded size and depth and checked by the models both sides share
+(:mod:`finetune_operator.api.trainer_output`); anything malformed raises
+:class:`TrainerOutputError` naming the field, which the planner turns into a verdict.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Any, TypeVar
 
-from ..api.trainer_config import PROGRESS_PREFIX
+from ..api.trainer_output import (
+    PROGRESS_PREFIX,
+    ChannelObject,
+    DataLine,
+    DataReport,
+    ProgressLine,
+    TrainerOutputError,
+    TrainerResult,
+    read_object,
+    validate_object,
+)
+
+__all__ = [
+    "TrainerOutputError",
+    "data_status",
+    "last_of",
+    "numeric_metrics",
+    "parse_lines",
+    "parse_result",
+    "progress_status",
+]
 
 _MARK = PROGRESS_PREFIX.strip()
+T = TypeVar("T", ProgressLine, DataLine, TrainerResult)
+_KNOWN_TYPES = ("progress", "data", "result")
 
 
-def parse_lines(text: str | None) -> list[dict[str, Any]]:
-    """Every well-formed channel object in ``text``, in order (other lines are ignored)."""
-    found: list[dict[str, Any]] = []
+def _channel_object(payload: str, source: str) -> ChannelObject | None:
+    obj = read_object(payload, source)
+    if obj is None or obj.get("type") not in _KNOWN_TYPES:
+        return None  # not JSON, or a line type of a newer trainer: not for this operator
+    return validate_object(obj, f"{obj['type']} line")
+
+
+def parse_lines(text: str | None) -> list[ChannelObject]:
+    """Every channel object in ``text``, in order (lines without the mark are ignored).
+
+    Raises :class:`TrainerOutputError` for a channel line that is too large, too deep or
+    has a field of the wrong type or out of bounds.
+    """
+    found: list[ChannelObject] = []
     for line in (text or "").splitlines():
         at = line.find(_MARK)
         if at < 0:
             continue
-        payload = line[at + len(_MARK) :].strip()
-        try:
-            obj = json.loads(payload)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("type"), str):
-            found.append(obj)
+        parsed = _channel_object(line[at + len(_MARK) :].strip(), "progress channel line")
+        if parsed is not None:
+            found.append(parsed)
     return found
 
 
-def last_of(objects: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
+def last_of(objects: list[ChannelObject], kind: type[T]) -> T | None:
     for obj in reversed(objects):
-        if obj.get("type") == kind:
+        if isinstance(obj, kind):
             return obj
     return None
 
 
-def parse_result(termination_message: str | None, log_tail: str | None) -> dict[str, Any] | None:
+def parse_result(termination_message: str | None, log_tail: str | None) -> TrainerResult | None:
     """The trainer's final result: the termination message, else the last result line.
 
     With ``FallbackToLogsOnError`` the message may be the log's last lines instead of the
     compact JSON, so both forms are accepted.
     """
     message = (termination_message or "").strip()
+    if message.startswith("{"):
+        obj = read_object(message, "termination message")
+        if obj is not None and "ok" in obj:
+            obj.setdefault("type", "result")
+            parsed = validate_object(obj, "termination message")
+            if isinstance(parsed, TrainerResult):
+                return parsed
+            raise TrainerOutputError("termination message", "type", "must be result")
     if message:
-        try:
-            obj = json.loads(message)
-            if isinstance(obj, dict) and "ok" in obj:
-                obj.setdefault("type", "result")
-                return obj
-        except ValueError:
-            pass
-        found = last_of(parse_lines(message), "result")
+        found = last_of(parse_lines(message), TrainerResult)
         if found is not None:
             return found
-    return last_of(parse_lines(log_tail), "result")
+    return last_of(parse_lines(log_tail), TrainerResult)
 
 
-_PROGRESS_FIELDS = (
-    "step",
-    "totalSteps",
-    "epoch",
-    "loss",
-    "evalLoss",
-    "learningRate",
-    "tokensPerSecond",
-    "etaSeconds",
-    "gpuMemoryGiB",
-    "updatedAt",
-)
-
-
-def _finite_number(value: Any) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and value == value
-        and abs(value) != float("inf")
-    )
-
-
-def progress_status(line: dict[str, Any]) -> dict[str, Any]:
-    """A progress line as ``status.progress`` (unknown or non-finite fields dropped)."""
-    out: dict[str, Any] = {}
-    for key in _PROGRESS_FIELDS:
-        value = line.get(key)
-        if key == "updatedAt":
-            if isinstance(value, str):
-                out[key] = value[:64]
-        elif _finite_number(value):
-            out[key] = value
-    if "etaSeconds" in out:
-        out["etaSeconds"] = int(out["etaSeconds"])
-    for key in ("step", "totalSteps"):
-        if key in out:
-            out[key] = int(out[key])
-    step, total = out.get("step"), out.get("totalSteps")
-    if isinstance(step, int) and isinstance(total, int) and total > 0:
+def progress_status(line: ProgressLine) -> dict[str, Any]:
+    """A progress line as ``status.progress``."""
+    out = line.to_wire()
+    out.pop("type", None)
+    step, total = line.step, line.total_steps
+    if step is not None and total:
         out["percent"] = max(0, min(100, int(100 * step / total)))
     return out
 
 
-_DATA_FIELDS = (
-    "rowsRead",
-    "rowsKept",
-    "trainRows",
-    "evalRows",
-    "duplicates",
-    "duplicateRate",
-    "piiMasked",
-    "dropped",
-    "digest",
-)
-
-
-def data_status(report: dict[str, Any] | None) -> dict[str, Any] | None:
+def data_status(report: DataReport | None) -> dict[str, Any] | None:
     """A data report (from a ``data`` line or the result) as ``status.data``."""
-    if not isinstance(report, dict):
+    if report is None:
         return None
-    out = {k: report[k] for k in _DATA_FIELDS if k in report and report[k] is not None}
-    if isinstance(out.get("dropped"), dict):
-        out["dropped"] = {str(k): int(v) for k, v in out["dropped"].items() if isinstance(v, int)}
-    return out or None
+    return report.to_wire() or None
 
 
-def numeric_metrics(metrics: Any) -> dict[str, float] | None:
-    """Finite numeric metrics only; anything else is left out rather than invented."""
-    if not isinstance(metrics, dict):
-        return None
-    out = {str(k): float(v) for k, v in metrics.items() if _finite_number(v)}
+def numeric_metrics(metrics: dict[str, float | None] | None) -> dict[str, float] | None:
+    """Measured metrics only (a metric reported as null was not finite)."""
+    out = {k: float(v) for k, v in (metrics or {}).items() if v is not None}
     return out or None
