@@ -12,6 +12,7 @@ namespace (``see_namespace``): a series born at its first increment already read
 from __future__ import annotations
 
 import contextlib
+from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -100,6 +101,28 @@ ftj_status_writes = Counter(
     ["namespace", "result"],
     registry=REGISTRY,
 )
+
+ftj_last_success = Gauge(
+    "finetune_job_last_success_timestamp_seconds",
+    "Completion time (Unix seconds) of the newest succeeded FineTuneJob, from its status.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+_last_success: dict[str, float] = {}
+
+
+def record_success(namespace: str, completed_at: str | None) -> None:
+    """Keep the newest completion time of a succeeded job; read from status on every
+    reconcile, so a restarted operator restores it when it resumes the jobs."""
+    if not completed_at:
+        return
+    try:
+        when = datetime.fromisoformat(completed_at.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return
+    if when > _last_success.get(namespace, float("-inf")):
+        _last_success[namespace] = when
+        ftj_last_success.labels(namespace).set(when)
 
 
 _seen_namespaces: set[str] = set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 
 from cluster import (
     NS,
@@ -107,6 +108,10 @@ def test_success_with_gates_passed(emulator: Emulator, operator_runner) -> None:
         "finetune_job_gate_results_total", {"namespace": NS, "metric": "rougeL", "result": "pass"}
     )
     assert rouge_passes == passes_before + 1
+    # The "no fresh adapter" alert reads the newest success per namespace, from status.
+    completed = datetime.fromisoformat(st["completedAt"].replace("Z", "+00:00")).timestamp()
+    last_success = _sample("finetune_job_last_success_timestamp_seconds", {"namespace": NS})
+    assert last_success >= completed
 
 
 def _run_to_pod(

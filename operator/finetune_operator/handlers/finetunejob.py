@@ -387,6 +387,8 @@ async def reconcile(
 
 def _record_metrics(obs: Observed, p: Plan, body: Mapping[str, Any]) -> None:
     metrics.set_ftj_phase(obs.namespace, obs.name, p.status.get("phase"))
+    if p.status.get("phase") == "Succeeded":
+        metrics.record_success(obs.namespace, p.status.get("completedAt"))
     before, after = is_terminal(obs.status), is_terminal(p.status)
     product = ((body.get("spec") or {}).get("resources") or {}).get("gpuProduct") or "unknown"
     metrics.see_gpu_product(obs.namespace, product)
