@@ -39,6 +39,24 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("config", help="list the environment variables the operator reads")
 
+    cleanup = sub.add_parser(
+        "cleanup",
+        help="remove the operator's finalizer from FineTuneJobs and AdapterDeployments "
+        "once the operator is uninstalled (docs/install.md, Uninstall)",
+    )
+    cleanup.add_argument(
+        "--namespace", "-n", action="append", default=[], help="only this namespace (repeatable)"
+    )
+    cleanup.add_argument(
+        "--all",
+        action="store_true",
+        help="also from objects not being deleted (before deleting the CRDs)",
+    )
+    cleanup.add_argument("--dry-run", action="store_true", help="only list what would change")
+    cleanup.add_argument(
+        "--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube)"
+    )
+
     demo = sub.add_parser(
         "demo", help="run the quickstart end to end on this machine (no cluster needed)"
     )
@@ -99,12 +117,43 @@ def _config() -> int:
     return 0
 
 
+def _cleanup(args: argparse.Namespace) -> int:
+    from .cleanup import release_finalizers
+    from .clients.kube import KubeClient, KubeError, api_client_from_environment
+
+    if args.kubeconfig:
+        from kubernetes import config as kube_config
+
+        kube = KubeClient(kube_config.new_client_from_config(config_file=args.kubeconfig))
+    else:
+        kube = KubeClient(api_client_from_environment())
+
+    async def release() -> int:
+        try:
+            released = await release_finalizers(
+                kube, args.namespace, include_live=args.all, dry_run=args.dry_run
+            )
+        except KubeError as exc:
+            print(f"finetune-operator cleanup: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await kube.close()
+        for item in released:
+            print(item.line(args.dry_run))
+        print(f"{len(released)} object(s) {'to release' if args.dry_run else 'released'}")
+        return 0
+
+    return asyncio.run(release())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
     if args.command == "config":
         return _config()
+    if args.command == "cleanup":
+        return _cleanup(args)
     if args.command == "demo":
         from pathlib import Path
 
