@@ -7,8 +7,12 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .config import ConfigError, describe, load_config
+
+if TYPE_CHECKING:
+    import kopf
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -84,6 +88,27 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Characters of kopf's namespace patterns (globs, negation, lists): not an exact name.
+NAMESPACE_PATTERN_CHARS = frozenset("*?[]!,")
+
+
+def operator_settings(namespaces: Sequence[str]) -> kopf.OperatorSettings:
+    """kopf settings of the operator process for the namespaces it watches (empty: all).
+
+    Limited to exact namespace names, the operator has no cluster-wide access (the chart
+    grants Roles only), so kopf's scanning must be off: it would list and watch namespaces and
+    CRDs cluster-wide and retry each refusal for about a minute before it handled anything
+    (decision 1701). Patterns need the namespace list: kopf keeps scanning for them.
+    """
+    import kopf
+
+    settings = kopf.OperatorSettings()
+    settings.scanning.disabled = bool(namespaces) and not any(
+        NAMESPACE_PATTERN_CHARS & set(namespace) for namespace in namespaces
+    )
+    return settings
+
+
 def _run(args: argparse.Namespace) -> int:
     import kopf
 
@@ -101,6 +126,7 @@ def _run(args: argparse.Namespace) -> int:
         kopf.operator(
             clusterwide=not namespaces,
             namespaces=namespaces,
+            settings=operator_settings(namespaces),
             priority=0,
             peering_name=args.peering,
             standalone=args.standalone or args.peering is None,
