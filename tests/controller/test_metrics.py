@@ -105,7 +105,7 @@ def test_first_failure_of_a_namespace_is_scraped_at_zero_before_it_happens(
     for reason in every_reason:
         assert key("finetune_job_errors_total", namespace=NS, reason=reason) in before, reason
     gpu = key("finetune_job_gpu_seconds_total", namespace=NS, gpu_product="NVIDIA-H100-80GB-HBM3")
-    assert before[gpu] == 0
+    assert gpu in before  # at 0 unless an earlier job in this process counted its time
     for trigger in metrics.FTJ_TRIGGERS:
         count = key("finetune_job_reconcile_duration_seconds_count", namespace=NS, trigger=trigger)
         assert count in before, trigger
@@ -116,4 +116,4 @@ def test_first_failure_of_a_namespace_is_scraped_at_zero_before_it_happens(
     after = scrape()
     oom = key("finetune_job_errors_total", namespace=NS, reason="OOMKilled")
     assert after[oom] == before[oom] + 1
-    assert after[gpu] > 0  # GPU-seconds, not hours: a short run still counts whole seconds
+    assert after[gpu] > before[gpu]
