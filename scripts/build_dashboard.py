@@ -50,7 +50,7 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
         "h",
         [
             (
-                f"sum by (namespace, gpu_product) (increase(finetune_job_gpu_hours_total{{{NS}}}[$__rate_interval]))",
+                f"sum by (namespace, gpu_product) (increase(finetune_job_gpu_seconds_total{{{NS}}}[$__rate_interval])) / 3600",
                 "{{namespace}} {{gpu_product}}",
             )
         ],
@@ -62,7 +62,7 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
         "short",
         [
             (
-                "sum by (metric, result) (increase(finetune_job_gate_results_total[$__range]))",
+                f"sum by (metric, result) (increase(finetune_job_gate_results_total{{{NS}}}[$__range]))",
                 "{{metric}} {{result}}",
             )
         ],
@@ -72,7 +72,12 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
         "Failures and errors by reason",
         "timeseries",
         "ops",
-        [("sum by (reason) (rate(finetune_job_errors_total[$__rate_interval]))", "{{reason}}")],
+        [
+            (
+                f"sum by (reason) (rate(finetune_job_errors_total{{{NS}}}[$__rate_interval]))",
+                "{{reason}}",
+            )
+        ],
         8,
     ),
     (
@@ -81,11 +86,11 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
         "s",
         [
             (
-                "histogram_quantile(0.5, sum by (le) (rate(finetune_job_reconcile_duration_seconds_bucket[$__rate_interval])))",
+                f"histogram_quantile(0.5, sum by (le) (rate(finetune_job_reconcile_duration_seconds_bucket{{{NS}}}[$__rate_interval])))",
                 "p50",
             ),
             (
-                "histogram_quantile(0.95, sum by (le) (rate(finetune_job_reconcile_duration_seconds_bucket[$__rate_interval])))",
+                f"histogram_quantile(0.95, sum by (le) (rate(finetune_job_reconcile_duration_seconds_bucket{{{NS}}}[$__rate_interval])))",
                 "p95",
             ),
         ],
@@ -97,7 +102,7 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
         "ops",
         [
             (
-                "sum by (result) (rate(finetune_job_status_writes_total[$__rate_interval]))",
+                f"sum by (result) (rate(finetune_job_status_writes_total{{{NS}}}[$__rate_interval]))",
                 "{{result}}",
             )
         ],
@@ -116,7 +121,7 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
         "s",
         [
             (
-                "histogram_quantile(0.95, sum by (le, strategy) (rate(finetune_adapter_rollout_duration_seconds_bucket[$__rate_interval])))",
+                f"histogram_quantile(0.95, sum by (le, strategy) (rate(finetune_adapter_rollout_duration_seconds_bucket{{{NS}}}[$__rate_interval])))",
                 "p95 {{strategy}}",
             )
         ],
@@ -195,7 +200,8 @@ def build() -> dict[str, Any]:
                     "label": "Namespace",
                     "type": "query",
                     "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                    "query": "label_values(finetune_jobs, namespace)",
+                    # Every namespace the operator has seen a FineTuneJob in (decision 1700).
+                    "query": "label_values(finetune_job_reconcile_duration_seconds_count, namespace)",
                     "includeAll": True,
                     "multi": True,
                     "allValue": ".*",

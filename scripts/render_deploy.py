@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 CRDS_DIR = ROOT / "crds"
 CHART_DIR = ROOT / "charts" / "finetune-operator"
@@ -62,8 +64,27 @@ def render_manifest(
     ]
 
 
+# Helm's install order (pkg/release/util/kind_sorter.go): what an object refers to is applied
+# before it, so `kubectl apply -f` never creates the Deployment before its ServiceAccount.
+INSTALL_ORDER = (
+    "Namespace", "NetworkPolicy", "ResourceQuota", "LimitRange", "PodSecurityPolicy",
+    "PodDisruptionBudget", "ServiceAccount", "Secret", "SecretList", "ConfigMap",
+    "StorageClass", "PersistentVolume", "PersistentVolumeClaim", "CustomResourceDefinition",
+    "ClusterRole", "ClusterRoleList", "ClusterRoleBinding", "ClusterRoleBindingList", "Role",
+    "RoleList", "RoleBinding", "RoleBindingList", "Service", "DaemonSet", "Pod",
+    "ReplicationController", "ReplicaSet", "Deployment", "HorizontalPodAutoscaler",
+    "StatefulSet", "Job", "CronJob", "IngressClass", "Ingress", "APIService",
+)  # fmt: skip
+
+
+def install_rank(body: str) -> int:
+    """Position of a manifest's kind in INSTALL_ORDER; other kinds (CRD instances) last."""
+    kind = (yaml.safe_load(body) or {}).get("kind")
+    return INSTALL_ORDER.index(kind) if kind in INSTALL_ORDER else len(INSTALL_ORDER)
+
+
 def deploy_text() -> str:
-    parts = [HEADER + "---\n" + NAMESPACE_DOC]
+    documents: list[tuple[int, str]] = []
     for path, text in render_manifest(DEPLOY_VALUES):
         source = path.split("/", 1)[1]
         for doc in text.split("\n---"):
@@ -71,7 +92,11 @@ def deploy_text() -> str:
             if body.strip() and any(
                 not line.lstrip().startswith("#") for line in body.splitlines()
             ):
-                parts.append(f"# Source: {source}\n{body}\n")
+                documents.append((install_rank(body), f"# Source: {source}\n{body}\n"))
+    # sorted() is stable: objects of one kind keep the chart's template order.
+    parts = [HEADER + "---\n" + NAMESPACE_DOC] + [
+        doc for _rank, doc in sorted(documents, key=lambda d: d[0])
+    ]
     return "---\n".join(parts)
 
 

@@ -7,8 +7,12 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .config import ConfigError, describe, load_config
+
+if TYPE_CHECKING:
+    import kopf
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -62,6 +66,23 @@ def _build_parser() -> argparse.ArgumentParser:
         help="fnmatch pattern of vLLM images whose entry point runs the server (repeatable; "
         "default: FINETUNE_VLLM_IMAGE_PATTERNS)",
     )
+    cleanup = sub.add_parser(
+        "cleanup",
+        help="remove the operator's finalizer from FineTuneJobs and AdapterDeployments "
+        "once the operator is uninstalled (docs/install.md, Uninstall)",
+    )
+    cleanup.add_argument(
+        "--namespace", "-n", action="append", default=[], help="only this namespace (repeatable)"
+    )
+    cleanup.add_argument(
+        "--all",
+        action="store_true",
+        help="also from objects not being deleted (before deleting the CRDs)",
+    )
+    cleanup.add_argument("--dry-run", action="store_true", help="only list what would change")
+    cleanup.add_argument(
+        "--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube)"
+    )
 
     demo = sub.add_parser(
         "demo", help="run the quickstart end to end on this machine (no cluster needed)"
@@ -90,6 +111,27 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Characters of kopf's namespace patterns (globs, negation, lists): not an exact name.
+NAMESPACE_PATTERN_CHARS = frozenset("*?[]!,")
+
+
+def operator_settings(namespaces: Sequence[str]) -> kopf.OperatorSettings:
+    """kopf settings of the operator process for the namespaces it watches (empty: all).
+
+    Limited to exact namespace names, the operator has no cluster-wide access (the chart
+    grants Roles only), so kopf's scanning must be off: it would list and watch namespaces and
+    CRDs cluster-wide and retry each refusal for about a minute before it handled anything
+    (decision 1701). Patterns need the namespace list: kopf keeps scanning for them.
+    """
+    import kopf
+
+    settings = kopf.OperatorSettings()
+    settings.scanning.disabled = bool(namespaces) and not any(
+        NAMESPACE_PATTERN_CHARS & set(namespace) for namespace in namespaces
+    )
+    return settings
+
+
 def _run(args: argparse.Namespace) -> int:
     import kopf
 
@@ -107,6 +149,7 @@ def _run(args: argparse.Namespace) -> int:
         kopf.operator(
             clusterwide=not namespaces,
             namespaces=namespaces,
+            settings=operator_settings(namespaces),
             priority=0,
             peering_name=args.peering,
             standalone=args.standalone or args.peering is None,
@@ -136,6 +179,35 @@ def _inspect_server(args: argparse.Namespace) -> int:
     return run(args.files, container=args.container, image_patterns=patterns)
 
 
+def _cleanup(args: argparse.Namespace) -> int:
+    from .cleanup import release_finalizers
+    from .clients.kube import KubeClient, KubeError, api_client_from_environment
+
+    if args.kubeconfig:
+        from kubernetes import config as kube_config
+
+        kube = KubeClient(kube_config.new_client_from_config(config_file=args.kubeconfig))
+    else:
+        kube = KubeClient(api_client_from_environment())
+
+    async def release() -> int:
+        try:
+            released = await release_finalizers(
+                kube, args.namespace, include_live=args.all, dry_run=args.dry_run
+            )
+        except KubeError as exc:
+            print(f"finetune-operator cleanup: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await kube.close()
+        for item in released:
+            print(item.line(args.dry_run))
+        print(f"{len(released)} object(s) {'to release' if args.dry_run else 'released'}")
+        return 0
+
+    return asyncio.run(release())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "run":
@@ -144,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config()
     if args.command == "inspect-server":
         return _inspect_server(args)
+    if args.command == "cleanup":
+        return _cleanup(args)
     if args.command == "demo":
         from pathlib import Path
 

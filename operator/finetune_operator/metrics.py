@@ -1,20 +1,74 @@
 """Prometheus metrics of the operator, in one registry served on /metrics.
 
 Each controller owns a section below; add new metrics to your section so names and labels
-stay consistent (prefix ``finetune_``, snake_case, base units).
+stay consistent (prefix ``finetune_``, snake_case, base units, a ``namespace`` label wherever
+the event belongs to one tenant).
+
+Labelled series are created at 0 for every known label value as soon as the operator sees a
+namespace (``see_namespace``): a series born at its first increment already reads 1, and
+``increase()``/``rate()`` cannot count that first event (decision 1700).
 """
 
 from __future__ import annotations
 
 import contextlib
+from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .api.metrics_catalog import METRIC_NAMES
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 # ---------------------------------------------------------------- FineTuneJob controller
 
 FTJ_PHASES = ("Pending", "Queued", "Training", "Evaluating", "Succeeded", "Failed", "Suspended")
+# What starts a reconcile: kopf's causes, the progress poll, the unobserved-spec timer and
+# events of the trainer Job.
+FTJ_TRIGGERS = ("resume", "create", "update", "poll", "unobserved", "job-event")
+# Reasons of Failed=True (docs/troubleshooting.md lists each; a test keeps both in step).
+FTJ_FAILURE_REASONS = (
+    "InvalidSpec",
+    "UnsupportedSpec",
+    "InsufficientGPUMemory",
+    "DataNotFound",
+    "DataUnusable",
+    "ModelNotFound",
+    "InvalidConfig",
+    "OutOfMemory",
+    "OOMKilled",
+    "UploadFailed",
+    "TrainingFailed",
+    "EvaluationFailed",
+    "DeadlineExceeded",
+    "BackoffLimitExceeded",
+    "PodFailed",
+    "ResultMissing",
+    "TrainerJobMissing",
+    "GatesFailed",
+    "PolicyViolation",
+    "QuotaExceeded",
+    "AdmissionDenied",
+    "ChildInvalid",
+    "ChildForbidden",
+    "ChildNameTaken",
+    "TrainerOutputInvalid",
+)
+# Reconcile errors counted next to the failures: the API refused the trainer Job, status
+# writes kept conflicting, or the API answered an error (Api<status>; the usual ones here).
+FTJ_RECONCILE_ERRORS = (
+    "JobRejected",
+    "StatusConflict",
+    "Api403",
+    "Api404",
+    "Api409",
+    "Api422",
+    "Api429",
+    "Api500",
+    "Api503",
+)
+FTJ_STATUS_WRITE_RESULTS = ("written", "skipped", "conflict")
+GATE_RESULTS = ("pass", "fail")
 
 ftj_phase = Gauge(
     "finetune_jobs",
@@ -25,34 +79,81 @@ ftj_phase = Gauge(
 ftj_reconcile_seconds = Histogram(
     "finetune_job_reconcile_duration_seconds",
     "Time to observe, plan and act on one FineTuneJob.",
-    ["trigger"],
+    ["namespace", "trigger"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )
 ftj_gate_results = Counter(
     "finetune_job_gate_results_total",
     "Quality gate verdicts of finished FineTuneJobs, by metric.",
-    ["metric", "result"],
+    ["namespace", "metric", "result"],
     registry=REGISTRY,
 )
-ftj_gpu_hours = Counter(
-    "finetune_job_gpu_hours_total",
-    "GPU-hours consumed by trainer pods, counted when a FineTuneJob finishes.",
+# Base unit seconds (finetune_job_gpu_hours_total before; docs/install.md, upgrade notes).
+ftj_gpu_seconds = Counter(
+    "finetune_job_gpu_seconds_total",
+    "GPU-seconds consumed by trainer pods, counted when a FineTuneJob finishes.",
     ["namespace", "gpu_product"],
     registry=REGISTRY,
 )
 ftj_errors = Counter(
     "finetune_job_errors_total",
     "FineTuneJob failures and reconcile errors, by reason.",
-    ["reason"],
+    ["namespace", "reason"],
     registry=REGISTRY,
 )
 ftj_status_writes = Counter(
     "finetune_job_status_writes_total",
     "Status writes of FineTuneJobs, by result (written, skipped as unchanged, conflict, invalid).",
-    ["result"],
+    ["namespace", "result"],
     registry=REGISTRY,
 )
+
+ftj_last_success = Gauge(
+    "finetune_job_last_success_timestamp_seconds",
+    "Completion time (Unix seconds) of the newest succeeded FineTuneJob, from its status.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+_last_success: dict[str, float] = {}
+
+
+def record_success(namespace: str, completed_at: str | None) -> None:
+    """Keep the newest completion time of a succeeded job; read from status on every
+    reconcile, so a restarted operator restores it when it resumes the jobs."""
+    if not completed_at:
+        return
+    try:
+        when = datetime.fromisoformat(completed_at.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return
+    if when > _last_success.get(namespace, float("-inf")):
+        _last_success[namespace] = when
+        ftj_last_success.labels(namespace).set(when)
+
+
+_seen_namespaces: set[str] = set()
+
+
+def see_namespace(namespace: str) -> None:
+    """Create every known labelled series of ``namespace`` at 0, once per process."""
+    if namespace in _seen_namespaces:
+        return
+    _seen_namespaces.add(namespace)
+    for trigger in FTJ_TRIGGERS:
+        ftj_reconcile_seconds.labels(namespace, trigger)
+    for metric in METRIC_NAMES:
+        for result in GATE_RESULTS:
+            ftj_gate_results.labels(namespace, metric, result)
+    for reason in FTJ_FAILURE_REASONS + FTJ_RECONCILE_ERRORS:
+        ftj_errors.labels(namespace, reason)
+    for result in FTJ_STATUS_WRITE_RESULTS:
+        ftj_status_writes.labels(namespace, result)
+
+
+def see_gpu_product(namespace: str, gpu_product: str) -> None:
+    """Create a job's GPU-seconds series at 0 while it runs, before its usage is counted."""
+    ftj_gpu_seconds.labels(namespace, gpu_product)
 
 
 def set_ftj_phase(namespace: str, name: str, phase: str | None) -> None:

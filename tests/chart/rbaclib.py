@@ -33,7 +33,8 @@ from kubernetes.client import ApiClient, Configuration
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = ROOT / "operator" / "finetune_operator"
 # Code that runs only in tests or on a workstation, never in the operator pod.
-NOT_IN_THE_POD = {"local", "clients"}
+# `cleanup.py`: a command an administrator runs with their own credentials after uninstalling.
+NOT_IN_THE_POD = {"local", "clients", "cleanup.py"}
 CLIENT_CLASSES = {
     "finetune_operator.clients.kube": "KubeClient",
     "finetune_operator.clients.serving_kube": "ServingKube",

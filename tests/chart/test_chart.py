@@ -34,6 +34,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "monitoring": {
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
         "dashboards": {"enabled": True, "namespace": "monitoring"},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
     },
     "pdb": {"podDisruptionBudget": {"enabled": True, "maxUnavailable": 0}},
     "everything-on": {
@@ -57,6 +58,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
         "metrics": {"serviceMonitor": {"enabled": True}},
         "dashboards": {"enabled": True},
+        "prometheusRule": {
+            "enabled": True,
+            "scrapeJob": "finetune-operator",
+            "jobFailures": {"count": 5, "window": "6h"},
+            "noRecentSuccess": {"hours": 0, "namespaces": "team-a"},
+        },
         "argocd": {"healthChecks": {"enabled": True}},
         "podDisruptionBudget": {"enabled": True},
         "crds": {"annotations": {"argocd.argoproj.io/sync-wave": "-1"}},
@@ -91,7 +98,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
 }
 
 # Kinds from other projects' CRDs: the validator has no schema for them; checked by hand below.
-FOREIGN_KINDS = {"ServiceMonitor"}
+FOREIGN_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
 @pytest.fixture(scope="module", params=sorted(VALUE_SETS))

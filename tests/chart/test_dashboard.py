@@ -72,3 +72,12 @@ def test_every_label_a_query_uses_exists_on_its_metric(expr: str) -> None:
         assert any(label in exported.get(m, set()) for m in metrics), (
             f"{expr}: label {label!r} is not a label of {sorted(metrics)}"
         )
+
+
+def test_every_panel_follows_the_namespace_filter() -> None:
+    dashboard: dict[str, Any] = load_script("build_dashboard").build()
+    for p in dashboard["panels"]:
+        for target in p["targets"]:
+            assert 'namespace=~"$namespace"' in target["expr"], (
+                f"panel {p['title']!r} ignores the namespace filter: {target['expr']}"
+            )

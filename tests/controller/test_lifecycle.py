@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 
 from cluster import (
     NS,
@@ -30,7 +31,7 @@ def _sample(name: str, labels: dict[str, str]) -> float:
 
 def test_success_with_gates_passed(emulator: Emulator, operator_runner) -> None:
     passes_before = _sample(
-        "finetune_job_gate_results_total", {"metric": "rougeL", "result": "pass"}
+        "finetune_job_gate_results_total", {"namespace": NS, "metric": "rougeL", "result": "pass"}
     )
     add_prerequisites(emulator)
     emulator.create(
@@ -104,9 +105,13 @@ def test_success_with_gates_passed(emulator: Emulator, operator_runner) -> None:
         what="phase gauge",
     )
     rouge_passes = _sample(
-        "finetune_job_gate_results_total", {"metric": "rougeL", "result": "pass"}
+        "finetune_job_gate_results_total", {"namespace": NS, "metric": "rougeL", "result": "pass"}
     )
     assert rouge_passes == passes_before + 1
+    # The "no fresh adapter" alert reads the newest success per namespace, from status.
+    completed = datetime.fromisoformat(st["completedAt"].replace("Z", "+00:00")).timestamp()
+    last_success = _sample("finetune_job_last_success_timestamp_seconds", {"namespace": NS})
+    assert last_success >= completed
 
 
 def _run_to_pod(
@@ -347,7 +352,7 @@ def test_secret_check_forbidden_by_rbac_does_not_block(emulator: Emulator, opera
 
 
 def test_api_errors_are_counted_and_retried(emulator: Emulator, operator_runner) -> None:
-    before = _sample("finetune_job_errors_total", {"reason": "Api500"})
+    before = _sample("finetune_job_errors_total", {"namespace": NS, "reason": "Api500"})
     add_prerequisites(emulator)
     emulator.inject_fault(
         "jobs", 500, count=1, subresource=None, verbs=("create",), message="etcd timeout"
@@ -355,5 +360,5 @@ def test_api_errors_are_counted_and_retried(emulator: Emulator, operator_runner)
     start_operator(emulator, operator_runner)
     emulator.create(ftj_body("bot", spec()), keep_status=False)
     wait_job(emulator, "bot-train-g1", timeout=20)
-    assert _sample("finetune_job_errors_total", {"reason": "Api500"}) == before + 1
+    assert _sample("finetune_job_errors_total", {"namespace": NS, "reason": "Api500"}) == before + 1
     assert len(trainer_jobs(emulator)) == 1

@@ -40,7 +40,7 @@ JOB = "bot-train-g1"
 
 def _reconciles(trigger: str) -> float:
     sample = metrics.REGISTRY.get_sample_value(
-        "finetune_job_reconcile_duration_seconds_count", {"trigger": trigger}
+        "finetune_job_reconcile_duration_seconds_count", {"namespace": NS, "trigger": trigger}
     )
     return sample or 0.0
 

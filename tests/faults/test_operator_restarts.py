@@ -31,7 +31,7 @@ CM = "bot-trainer-g1"
 def _reconciles(trigger: str) -> float:
     return (
         metrics.REGISTRY.get_sample_value(
-            "finetune_job_reconcile_duration_seconds_count", {"trigger": trigger}
+            "finetune_job_reconcile_duration_seconds_count", {"namespace": NS, "trigger": trigger}
         )
         or 0.0
     )

@@ -177,6 +177,7 @@ def rollout_count(strategy: str, outcome: str) -> float:
     for metric in metrics_serving.ROLLOUT_DURATION.collect():
         for sample in metric.samples:
             if sample.name.endswith("_count") and sample.labels == {
+                "namespace": NS,
                 "strategy": strategy,
                 "outcome": outcome,
             }:

@@ -163,6 +163,7 @@ class Controller:
             await self._write(t, before)
             return
         t = Tick(body, spec, copy.deepcopy(before))
+        metrics_serving.see(namespace, spec.adapter_name, spec.strategy.type)
         current = t.status.get("current") or {}
         canary = t.status.get("canary") or {}
         if current.get("outcome") == "Progressing":
@@ -470,7 +471,9 @@ class Controller:
         metrics_serving.ROLLBACKS.labels(t.namespace, t.spec.adapter_name, reason).inc()
         started = _elapsed(canary.get("startedAt"))
         if started is not None:
-            metrics_serving.ROLLOUT_DURATION.labels("Canary", "Aborted").observe(started)
+            metrics_serving.ROLLOUT_DURATION.labels(t.namespace, "Canary", "Aborted").observe(
+                started
+            )
         msg = f"revision {rev['revision']} not promoted: {message}"
         t.phase("RolledBack")
         t.condition("Progressing", "False", reason, msg)
@@ -522,9 +525,9 @@ class Controller:
         )
         started = _elapsed(t.status.get("rolloutStartedAt"))
         if started is not None:
-            metrics_serving.ROLLOUT_DURATION.labels(t.spec.strategy.type, "Available").observe(
-                started
-            )
+            metrics_serving.ROLLOUT_DURATION.labels(
+                t.namespace, t.spec.strategy.type, "Available"
+            ).observe(started)
         t.event("RolloutComplete", msg)
 
     async def _rollback(self, t: Tick, failed: dict[str, Any], view: plan.RolloutView) -> None:
@@ -540,7 +543,9 @@ class Controller:
             t.condition("Degraded", "True", view.reason, msg)
             t.event(view.reason, msg, warning=True)
             if started is not None:
-                metrics_serving.ROLLOUT_DURATION.labels(strategy, "Failed").observe(started)
+                metrics_serving.ROLLOUT_DURATION.labels(t.namespace, strategy, "Failed").observe(
+                    started
+                )
             return
         failed["outcome"] = "RolledBack"
         t.status["history"] = plan.record_history(t.status.get("history"), failed)
@@ -570,7 +575,9 @@ class Controller:
         )
         metrics_serving.ROLLBACKS.labels(t.namespace, t.spec.adapter_name, view.reason).inc()
         if started is not None:
-            metrics_serving.ROLLOUT_DURATION.labels(strategy, "RolledBack").observe(started)
+            metrics_serving.ROLLOUT_DURATION.labels(t.namespace, strategy, "RolledBack").observe(
+                started
+            )
         t.event("RolledBack", msg, warning=True)
         if strategy == "Runtime" and not previous:
             await self._runtime_apply(t, None, None)

@@ -392,7 +392,7 @@ async def _plan_and_act(
         if await going_away(kube, namespace, obs.name):
             return None
         if refused.outcome == "retry":  # a final refusal is counted with its verdict
-            metrics.ftj_errors.labels("JobRejected").inc()
+            metrics.ftj_errors.labels(namespace, "JobRejected").inc()
         return refused, []
 
 
@@ -433,6 +433,7 @@ async def reconcile(
 ) -> Plan | None:
     """Observe, plan, act and write status for one FineTuneJob; retried on write conflicts."""
     started = time.monotonic()
+    metrics.see_namespace(namespace)
     serialised = state.serialised(namespace, name) if state else contextlib.nullcontext()
     async with serialised:
         try:
@@ -460,7 +461,7 @@ async def reconcile(
                         if exc.status == 422:
                             # The server found the status invalid: writing it again cannot
                             # help, so it is not retried as a conflict (kopf backs off).
-                            metrics.ftj_status_writes.labels("invalid").inc()
+                            metrics.ftj_status_writes.labels(namespace, "invalid").inc()
                             log.error(
                                 "status of %s/%s refused as invalid: %s",
                                 namespace,
@@ -469,7 +470,7 @@ async def reconcile(
                             )
                             raise
                         if exc.status == 409:
-                            metrics.ftj_status_writes.labels("conflict").inc()
+                            metrics.ftj_status_writes.labels(namespace, "conflict").inc()
                             log.info(
                                 "status write of %s/%s conflicted (%s); retrying",
                                 namespace,
@@ -478,40 +479,45 @@ async def reconcile(
                             )
                             continue
                         raise
-                    metrics.ftj_status_writes.labels("written").inc()
+                    metrics.ftj_status_writes.labels(namespace, "written").inc()
                 else:
-                    metrics.ftj_status_writes.labels("skipped").inc()
+                    metrics.ftj_status_writes.labels(namespace, "skipped").inc()
                 _record_metrics(obs, p, body)
                 for event in created + (p.events if patch else []):
                     await kube.emit_event(body, event.type, event.reason, event.message)
                 return p
-            metrics.ftj_errors.labels("StatusConflict").inc()
+            metrics.ftj_errors.labels(namespace, "StatusConflict").inc()
             raise kopf.TemporaryError("status writes kept conflicting; retrying later", delay=2)
         except KubeError as exc:
             # API trouble (5xx, throttling, RBAC): count it and let kopf retry with backoff.
-            metrics.ftj_errors.labels(f"Api{exc.status}").inc()
+            metrics.ftj_errors.labels(namespace, f"Api{exc.status}").inc()
             delay = min(5.0, config.retry_seconds)
             raise kopf.TemporaryError(f"Kubernetes API error: {exc}", delay=delay) from exc
         finally:
-            metrics.ftj_reconcile_seconds.labels(trigger).observe(time.monotonic() - started)
+            metrics.ftj_reconcile_seconds.labels(namespace, trigger).observe(
+                time.monotonic() - started
+            )
 
 
 def _record_metrics(obs: Observed, p: Plan, body: Mapping[str, Any]) -> None:
     metrics.set_ftj_phase(obs.namespace, obs.name, p.status.get("phase"))
+    if p.status.get("phase") == "Succeeded":
+        metrics.record_success(obs.namespace, p.status.get("completedAt"))
     before, after = is_terminal(obs.status), is_terminal(p.status)
+    product = ((body.get("spec") or {}).get("resources") or {}).get("gpuProduct") or "unknown"
+    metrics.see_gpu_product(obs.namespace, product)
     if after and not before:
         for gate in p.status.get("gates") or []:
             metrics.ftj_gate_results.labels(
-                gate.get("metric", ""), "pass" if gate.get("passed") else "fail"
+                obs.namespace, gate.get("metric", ""), "pass" if gate.get("passed") else "fail"
             ).inc()
         gpu_seconds = float((p.status.get("cost") or {}).get("gpuSeconds") or 0.0)
-        product = ((body.get("spec") or {}).get("resources") or {}).get("gpuProduct") or "unknown"
-        metrics.ftj_gpu_hours.labels(obs.namespace, product).inc(gpu_seconds / 3600)
+        metrics.ftj_gpu_seconds.labels(obs.namespace, product).inc(gpu_seconds)
         failed = next(
             (c for c in p.status.get("conditions") or [] if c.get("type") == "Failed"), None
         )
         if failed and failed.get("status") == "True":
-            metrics.ftj_errors.labels(str(failed.get("reason"))).inc()
+            metrics.ftj_errors.labels(obs.namespace, str(failed.get("reason"))).inc()
 
 
 def _raise_for_outcome(p: Plan | None, config: OperatorConfig) -> None:
@@ -545,6 +551,10 @@ async def configure(
     settings.posting.reporting_instance = names.EVENT_SOURCE
     # Pollers of finished jobs return by themselves within this time (see poll_running).
     settings.background.instant_exit_timeout = 2 * STOP_CHECK_SECONDS
+    # Watched namespaces are known at start: their series exist before any event (decision 1700).
+    for namespace in memo.config.watch_namespaces:
+        if not any(c in namespace for c in "*?["):
+            metrics.see_namespace(namespace)
     if not getattr(memo, "metrics_served", False) and memo.config.metrics_port:
         metrics.serve(memo.config.metrics_port)
         memo.metrics_served = True

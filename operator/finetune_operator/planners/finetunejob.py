@@ -344,9 +344,22 @@ class _Status:
     def finish(self, phase: str) -> dict[str, Any]:
         self.data["phase"] = phase
         self.data["observedGeneration"] = self.generation
+        for c in self.data["conditions"]:
+            if not str(c.get("message") or "").strip():
+                c["message"] = _default_message(c)
         order = {t: i for i, t in enumerate(CONDITION_TYPES)}
         self.data["conditions"].sort(key=lambda c: order.get(c.get("type"), len(order)))
         return {k: v for k, v in self.data.items() if v is not None}
+
+
+def _default_message(c: Mapping[str, Any]) -> str:
+    """A message for a condition set without one: every condition says what it means."""
+    type_, status, reason = c.get("type"), c.get("status"), c.get("reason")
+    if type_ == SUCCEEDED and status == "False":
+        return f"the run failed ({reason}); the Failed condition says what to change"
+    if type_ == FAILED and status == "False":
+        return "the run succeeded"
+    return f"{type_} is {status} ({reason})"
 
 
 # Normal condition changes that make an event: the milestones a user waits for. Every other
@@ -1292,6 +1305,12 @@ def _failure_reason(
         advice = TRAINER_REASON_ADVICE.get(reason, "").format(job=job_name)
         if reason == "OutOfMemory":
             advice = memory_advice(spec, estimate, host=False)
+        if not message and not advice:
+            # A reason this operator does not know, without detail: the log has it.
+            return reason, (
+                f"the trainer failed with {reason} and gave no detail; "
+                f"read its log: kubectl logs job/{job_name}"
+            )
         return reason, f"{message}. To fix: {advice}" if advice and message else (message or advice)
     term = view.terminated or {}
     if term.get("reason") == "OOMKilled":
