@@ -397,8 +397,39 @@ _JSON_TYPES = {
 
 def _schema_message(error: Any) -> str:
     """The API server's wording for a type error, with the usual fix for a quoted value."""
+    if error.validator == "pattern" and isinstance(error.instance, str):
+        message = f"Invalid value: {_short(error.instance)}: should match {error.validator_value!r}"
+        int_or_string = {"type": "integer"} in (error.schema.get("anyOf") or [])
+        if int_or_string and re.fullmatch(r"[-+]?[0-9]+", error.instance.strip()):
+            message += f" or be an integer (write {error.instance!r} without quotes)"
+        return message
+    bound, instance = error.validator_value, error.instance
+    size_messages = {
+        "maxItems": lambda: f"Too many: {len(instance)}: must have at most {bound} items",
+        "maxProperties": lambda: f"Too many: {len(instance)}: must have at most {bound} entries",
+        "maxLength": lambda: (
+            f"Too long: {len(instance)} characters: may not be longer than {bound}"
+        ),
+        "minItems": lambda: f"Required value: must have at least {bound} items",
+        "minLength": lambda: (
+            f"Invalid value: {_quote(instance)}: must be at least {bound} characters"
+        ),
+        "enum": lambda: (
+            f"Unsupported value: {_short(instance)}: supported values: "
+            + ", ".join(_quote(v) for v in bound)
+        ),
+        "minimum": lambda: (
+            f"Invalid value: {_short(instance)}: should be greater than or equal to {bound}"
+        ),
+        "maximum": lambda: (
+            f"Invalid value: {_short(instance)}: should be less than or equal to {bound}"
+        ),
+    }
+    if error.validator in size_messages:
+        return size_messages[error.validator]()
     if error.validator != "type":
-        return str(error.message)
+        text = str(error.message)
+        return text if len(text) <= 300 else text[:297] + "..."
     wanted = error.validator_value
     got = _JSON_TYPES.get(type(error.instance), "null")
     message = f'Invalid value: "{got}": must be of type {wanted}'
@@ -412,6 +443,12 @@ def _schema_message(error: Any) -> str:
         if looks_like.get(str(wanted)):
             message += f" (write {error.instance!r} without quotes)"
     return message
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A value for a message, cut short: a tenant's megabyte must not flood the output."""
+    text = _quote(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _json_path(parts: Iterable[Any]) -> str:
