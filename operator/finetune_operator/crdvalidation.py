@@ -435,12 +435,11 @@ def _schema_message(error: Any) -> str:
     message = f'Invalid value: "{got}": must be of type {wanted}'
     if isinstance(error.instance, str):
         text = error.instance.strip()
-        looks_like = {
-            "integer": bool(re.fullmatch(r"[-+]?[0-9]+", text)),
-            "number": bool(_GO_FLOAT.fullmatch(text)),
-            "boolean": text in ("true", "false"),
-        }
-        if looks_like.get(str(wanted)):
+        if wanted == "boolean" and text in _GO_BOOL:
+            message += " (write true or false without quotes)"
+        elif (wanted == "integer" and re.fullmatch(r"[-+]?[0-9]+", text)) or (
+            wanted == "number" and _GO_FLOAT.fullmatch(text)
+        ):
             message += f" (write {error.instance!r} without quotes)"
     return message
 

@@ -30,6 +30,9 @@ from .crdvalidation import (
     served_versions,
 )
 
+# Problems listed per object: a hostile manifest can hold thousands.
+MAX_PROBLEMS = 20
+
 
 @dataclass
 class Verdict:
@@ -171,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             if verdict.problems:
                 failed = True
                 print(f"{path}: {verdict.name}{what}: INVALID")
-                for line in verdict.problems:
+                for line in verdict.problems[:MAX_PROBLEMS]:
                     print(f"  - {line}")
+                if len(verdict.problems) > MAX_PROBLEMS:
+                    print(f"  ... and {len(verdict.problems) - MAX_PROBLEMS} more")
             else:
                 print(f"{path}: {verdict.name}{what}: valid")
     return 1 if failed else 0
