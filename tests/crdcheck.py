@@ -31,8 +31,6 @@ def openapi_schema(crd: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate(manifest: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
-    """All errors an API server would report for creating (or updating from ``old``)."""
+    """All errors `kubectl apply` would meet creating ``manifest`` (or updating ``old``)."""
     (served,) = served_versions(load_crd(manifest.get("kind", "")))
-    if old is None:
-        return served.errors(manifest, strict=True)
-    return served.errors(served.main_resource_write(old, manifest), old, strict=True)
+    return served.apply_errors(manifest, old)

@@ -631,30 +631,38 @@ class ServedVersion:
         )
         return [f"{_json_path(error.absolute_path)}: {_schema_message(error)}" for error in errors]
 
-    def main_resource_write(self, old: Body, new: Body) -> Body:
-        """What the server validates when ``new`` replaces ``old`` through the main resource:
-        with a status subresource the stored status stays, whatever ``new`` says."""
+    def apply_errors(self, new: Body, old: Body | None = None) -> list[str]:
+        """What `kubectl apply` of ``new`` meets (a create, or an update of ``old``): strict
+        field validation of the object as sent, then the checks of the object the server
+        writes through the main resource."""
+        problems = self.type_meta_errors(new)
+        if problems:
+            return problems
+        problems = [
+            f'{field}: Invalid value: unknown field "{field}"'
+            for field in unknown_fields(new, self.openapi, root=True)
+        ]
+        return problems + self.errors(self.main_resource_write(new, old), old)
+
+    def main_resource_write(self, new: Body, old: Body | None = None) -> Body:
+        """What the server validates when ``new`` is written through the main resource (a
+        create, or an update of ``old``): with a status subresource the status of ``new`` is
+        ignored; a create has none, an update keeps the stored one."""
         if not self.status_subresource:
             return new
         body = {k: v for k, v in new.items() if k != "status"}
-        if "status" in old:
+        if old is not None and "status" in old:
             body["status"] = copy.deepcopy(old["status"])
         return body
 
-    def errors(self, body: Body, old: Body | None = None, *, strict: bool = False) -> list[str]:
-        """Everything the API server refuses in a create (or an update from ``old``).
-
-        ``body`` is what the client sends; ``old`` the stored object. With ``strict`` unknown
-        fields are errors (`kubectl apply`'s field validation); otherwise they are pruned.
+    def errors(self, body: Body, old: Body | None = None) -> list[str]:
+        """Everything the API server refuses in a write of ``body`` (``old``: the stored
+        object of an update). Unknown fields are pruned, as for a non-strict client; see
+        `apply_errors` for what `kubectl apply` meets.
         """
         problems = self.type_meta_errors(body)
         if problems:
             return problems
-        if strict:
-            problems += [
-                f'{field}: Invalid value: unknown field "{field}"'
-                for field in unknown_fields(body, self.openapi, root=True)
-            ]
         problems += [f"{where}: Invalid value: not a JSON number" for where in _non_finite(body)]
         stored_old = self.default(old) if old is not None else None
         candidate = self.default(body)

@@ -99,9 +99,7 @@ def check_object(
             f'no matches for kind "{kind}" in version "{api_version}": '
             f"this version serves {', '.join(sorted(f'{a} {k}' for a, k in crds))}"
         ]
-    if old is None:
-        return served.errors(obj, strict=True)
-    return served.errors(served.main_resource_write(old, obj), old, strict=True)
+    return served.apply_errors(obj, old)
 
 
 def check_text(

@@ -105,6 +105,17 @@ def test_unknown_fields_are_refused_as_with_kubectl_apply(
     assert code == 1 and "metadata.nme" in out
 
 
+def test_status_in_a_manifest_is_ignored_as_the_status_subresource_ignores_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = manifest() + "status:\n  phase: 7\n"
+    code, out = run(capsys, write(tmp_path, text))
+    assert code == 0, out
+    # strict field validation still sees the object as sent
+    code, out = run(capsys, write(tmp_path, manifest() + "status:\n  bogus: true\n"))
+    assert code == 1 and 'unknown field "status.bogus"' in out
+
+
 # ---------------------------------------------------------------- metadata
 
 

@@ -35,7 +35,7 @@ def make_validator(served: ServedVersion) -> Validator:
     """Every problem of a write (``old`` is the stored object on updates), as `path: message`."""
 
     def validate(body: Body, old: Body | None = None) -> list[str]:
-        return served.errors(body, old, strict=False)
+        return served.errors(body, old)
 
     return validate
 
