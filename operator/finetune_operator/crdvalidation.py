@@ -14,8 +14,8 @@ steps in the server's order:
 5. every `x-kubernetes-validations` CEL rule, transition rules (those naming `oldSelf`) only
    on an update and only where the old object has the value.
 
-Needs `jsonschema` and `common-expression-language` (the `validate` extra); the import
-error says so.
+Needs `jsonschema` and `common-expression-language` (the `validate` extra); a missing one
+raises `MissingDependency` saying how to install it.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ Schema = dict[str, Any]
 Body = dict[str, Any]
 
 INSTALL_HINT = (
-    "offline validation needs jsonschema and common-expression-language: "
-    "pip install 'finetune-operator[validate]'"
+    "offline validation needs jsonschema and common-expression-language, the validate extra: "
+    "pip install '.[validate]' in a checkout of the operator (make setup installs it in .venv)"
 )
 
 

@@ -349,3 +349,52 @@ def test_batch_size_is_published_as_int_or_string_with_bounds_and_pattern() -> N
     assert "type" not in node and "x-kubernetes-validations" not in node
     assert (node["minimum"], node["maximum"], node["pattern"]) == (1, 4096, "^auto$")
     assert "integer" in node["description"] and "auto" in node["description"]
+
+
+# ---------------------------------------------------------------- the rules themselves
+
+
+def _rules(node: dict[str, Any]) -> list[str]:
+    found = [r["rule"] for r in node.get("x-kubernetes-validations", [])]
+    for sub in (node.get("properties") or {}).values():
+        found += _rules(sub)
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            found += _rules(node[key])
+    return found
+
+
+# Standard CEL only: no Kubernetes extension library, which offline evaluators do not have.
+STANDARD_CEL = {
+    "_&&_", "_||_", "!_", "_==_", "_!=_", "_<_", "_<=_", "_>_", "_>=_", "_?_:_", "@in",
+    "@not_strictly_false", "_[_]", "matches", "size", "type", "has", "all", "exists",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["FineTuneJob", "AdapterDeployment"])
+def test_every_cel_rule_compiles_and_uses_standard_cel_only(kind: str) -> None:
+    import cel
+
+    rules = _rules(openapi_schema(load_crd(kind)))
+    assert rules
+    for rule in rules:
+        used = set(cel.compile(rule).functions())
+        assert used <= STANDARD_CEL, (rule, used - STANDARD_CEL)
+
+
+def test_a_missing_cel_package_is_named_with_the_install_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune_operator import crdvalidation
+
+    def missing() -> None:
+        raise crdvalidation.MissingDependency(crdvalidation.INSTALL_HINT)
+
+    crdvalidation._program.cache_clear()
+    monkeypatch.setattr(crdvalidation, "_import_cel", missing)
+    try:
+        assert cli.main([write(tmp_path, manifest())]) == 2
+    finally:
+        crdvalidation._program.cache_clear()
+    err = capsys.readouterr().err
+    assert "the validate extra" in err and "pip install '.[validate]'" in err
