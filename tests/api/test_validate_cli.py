@@ -8,6 +8,8 @@ they are (no coercion), the CEL rules, metadata rules, strict field validation, 
 from __future__ import annotations
 
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -398,3 +400,49 @@ def test_a_missing_cel_package_is_named_with_the_install_command(
         crdvalidation._program.cache_clear()
     err = capsys.readouterr().err
     assert "the validate extra" in err and "pip install '.[validate]'" in err
+
+
+# The API server's static limits on CEL (apiextensions validation): per rule, its estimated
+# cost times the most places it can run; and for all rules of a CRD together.
+PER_RULE_LIMIT = 10_000_000
+PER_CRD_LIMIT = 100_000_000
+MATCHES = re.compile(r"([A-Za-z_][\w.]*(?:\[\d+\])?)\.matches\('([^']*)'\)")
+
+
+def _matches_cost(rule: str, node: dict[str, Any]) -> int:
+    """cel-go's estimate for the `matches` calls of a rule: ceil(0.1 * string size) *
+    ceil(0.25 * regex size), once per map key for `self.all(k, ...)`."""
+    total = 0
+    for target, regex in MATCHES.findall(rule):
+        runs = 1
+        if target == "self":
+            size = node["maxLength"]
+        elif target == "k":  # a key of a label map: a qualified name
+            size, runs = 317, node["maxProperties"]
+        else:  # self.<list>[0]
+            field = target.split(".")[1].split("[")[0]
+            size = node["properties"][field]["items"]["maxLength"]
+        total += runs * math.ceil(0.1 * size) * math.ceil(0.25 * len(regex))
+    return total
+
+
+def _rule_costs(node: dict[str, Any], cardinality: int = 1) -> list[tuple[str, int]]:
+    costs = [
+        (r["rule"], cardinality * (_matches_cost(r["rule"], node) + 100))
+        for r in node.get("x-kubernetes-validations", [])
+    ]
+    for sub in (node.get("properties") or {}).values():
+        costs += _rule_costs(sub, cardinality)
+    if isinstance(node.get("items"), dict):
+        costs += _rule_costs(node["items"], cardinality * node["maxItems"])
+    if isinstance(node.get("additionalProperties"), dict):
+        costs += _rule_costs(node["additionalProperties"], cardinality * node["maxProperties"])
+    return costs
+
+
+@pytest.mark.parametrize("kind", ["FineTuneJob", "AdapterDeployment"])
+def test_cel_rules_stay_far_inside_the_api_servers_cost_limits(kind: str) -> None:
+    costs = _rule_costs(openapi_schema(load_crd(kind))["properties"]["spec"])
+    worst_rule, worst = max(costs, key=lambda c: c[1])
+    assert worst < PER_RULE_LIMIT / 10, worst_rule
+    assert sum(cost for _, cost in costs) < PER_CRD_LIMIT / 10
