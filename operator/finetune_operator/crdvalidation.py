@@ -444,6 +444,17 @@ def _schema_message(error: Any) -> str:
     return message
 
 
+def _schema_problem(error: Any) -> str:
+    """One schema violation as `path: message`; a missing field is named in the path."""
+    path = _json_path(error.absolute_path)
+    if error.validator == "required":
+        missing = re.match(r"'(.+)' is a required property", str(error.message))
+        if missing:
+            where = missing.group(1) if path == "<root>" else f"{path}.{missing.group(1)}"
+            return f"{where}: Required value"
+    return f"{path}: {_schema_message(error)}"
+
+
 def _short(value: Any, limit: int = 80) -> str:
     """A value for a message, cut short: a tenant's megabyte must not flood the output."""
     text = _quote(value) if isinstance(value, str) else str(value)
@@ -629,7 +640,7 @@ class ServedVersion:
         errors = sorted(
             self._checker.iter_errors(body), key=lambda e: [str(p) for p in e.absolute_path]
         )
-        return [f"{_json_path(error.absolute_path)}: {_schema_message(error)}" for error in errors]
+        return [_schema_problem(error) for error in errors]
 
     def apply_errors(self, new: Body, old: Body | None = None) -> list[str]:
         """What `kubectl apply` of ``new`` meets (a create, or an update of ``old``): strict
@@ -642,6 +653,12 @@ class ServedVersion:
             f'{field}: Invalid value: unknown field "{field}"'
             for field in unknown_fields(new, self.openapi, root=True)
         ]
+        meta = new.get("metadata")
+        if isinstance(meta, dict) and not meta.get("name") and meta.get("generateName"):
+            problems.append(
+                "metadata.name: Required value: kubectl apply needs a name "
+                "(generateName works with kubectl create only)"
+            )
         return problems + self.errors(self.main_resource_write(new, old), old)
 
     def main_resource_write(self, new: Body, old: Body | None = None) -> Body:

@@ -159,16 +159,25 @@ def test_metadata_follows_the_api_servers_rules(
     assert code == 1 and complaint in out, out
 
 
-def test_generate_name_namespace_labels_and_annotations_that_follow_the_rules_pass(
+def test_namespace_labels_and_annotations_that_follow_the_rules_pass(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     meta = (
-        "  generateName: bot-\n  namespace: team-a\n"
+        "  name: bot\n  namespace: team-a\n"
         "  labels: {app.kubernetes.io/name: bot, empty: ''}\n"
         "  annotations: {Example.com/Note: 'any text: even spaces'}\n"
     )
     text = manifest().replace("  name: bot\n", meta)
     assert run(capsys, write(tmp_path, text))[0] == 0
+
+
+def test_generate_name_alone_is_refused_as_kubectl_apply_refuses_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = run(
+        capsys, write(tmp_path, manifest().replace("  name: bot", "  generateName: bot-"))
+    )
+    assert code == 1 and "kubectl apply needs a name" in out
 
 
 # ---------------------------------------------------------------- fields copied into the Job

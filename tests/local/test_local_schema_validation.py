@@ -76,7 +76,7 @@ def test_defaults_pruning_and_dialect_conversions(widgets: Emulator) -> None:
 
 
 @pytest.mark.parametrize("spec, complaint", [
-    ({}, "spec: 'size' is a required property"),
+    ({}, "spec.size: Required value"),
     ({"size": 0}, "spec.size: Invalid value: 0: should be greater than or equal to 1"),
     ({"size": 1, "mode": "warp"}, 'spec.mode: Unsupported value: "warp": supported values: "fast", "slow"'),
     ({"size": 1, "port": 1.5}, "spec.port: 1.5 is not valid under any of the given schemas"),
