@@ -121,9 +121,30 @@ def _construct_go_plain(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
     return text
 
 
+def _construct_json_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[str, Any]:
+    # keys become strings as they are read, so `yes:` and `1:` stay two keys ("true", "1")
+    loader.flatten_mapping(node)
+    return {
+        _json_key(loader.construct_object(key, deep=True)): loader.construct_object(
+            value, deep=True
+        )
+        for key, value in node.value
+    }
+
+
+KubeYamlLoader.add_constructor("tag:yaml.org,2002:map", _construct_json_mapping)
 KubeYamlLoader.add_implicit_resolver("tag:yaml.org,2002:merge", re.compile(r"<<\Z"), ["<"])
 KubeYamlLoader.add_implicit_resolver(_TAG, re.compile(r".*", re.DOTALL), None)
 KubeYamlLoader.add_constructor(_TAG, _construct_go_plain)
+
+
+def _json_key(key: Any) -> str:
+    """A mapping key as kubectl turns YAML into JSON: `yes:` is the key "true", `1:` is "1"."""
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if key is None:
+        return "null"
+    return key if isinstance(key, str) else repr(key)
 
 
 def load_documents(text: str) -> list[Any]:

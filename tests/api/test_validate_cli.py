@@ -89,6 +89,8 @@ def test_auto_batch_size_is_the_only_word_accepted(
         ("suspend: y", True),  # YAML 1.1 boolean, as kubectl reads it
         ("suspend: 'y'", False),
         ("training: {learningRate: .nan}", False),  # not representable in JSON
+        ("resources: {nodeSelector: {yes: a, 1: b}}", True),  # keys "true" and "1"
+        ("resources: {nodeSelector: {pool: yes}}", False),  # the value is a boolean
     ],
 )
 def test_plain_yaml_scalars_are_typed_as_kubectl_types_them(
