@@ -457,3 +457,14 @@ def test_cel_rules_stay_far_inside_the_api_servers_cost_limits(kind: str) -> Non
     worst_rule, worst = max(costs, key=lambda c: c[1])
     assert worst < PER_RULE_LIMIT / 10, worst_rule
     assert sum(cost for _, cost in costs) < PER_CRD_LIMIT / 10
+
+
+@pytest.mark.parametrize(
+    "good", [c[3] for c in CHILD_FIELDS if "affinity" in c[3]], ids=lambda g: g[:60]
+)
+def test_an_affinity_reaches_the_pod_as_written(good: str) -> None:
+    """The operator's model gives back exactly what was applied: the Pod gets the user's
+    affinity, and a stored job's spec hash does not change when the operator is upgraded."""
+    written = body(good)["spec"]["resources"]["affinity"]
+    spec = FineTuneJobSpec.model_validate(body(good)["spec"])
+    assert spec.to_wire()["resources"]["affinity"] == written

@@ -205,13 +205,13 @@ class NodeSelectorRequirement(ApiModel):
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"] = Field(
         description="In, NotIn, Exists, DoesNotExist, Gt or Lt."
     )
-    values: list[LabelValue] = Field(
-        default_factory=list, max_length=8, description="Values for In/NotIn (Gt/Lt: one integer)."
+    values: list[LabelValue] | None = Field(
+        default=None, max_length=8, description="Values for In/NotIn (Gt/Lt: one integer)."
     )
 
     @model_validator(mode="after")
     def _check(self) -> NodeSelectorRequirement:
-        _check_set_operator(self.operator, self.values)
+        _check_set_operator(self.operator, self.values or [])
         return self
 
 
@@ -228,11 +228,11 @@ class NodeFieldRequirement(ApiModel):
 class NodeSelectorTerm(ApiModel):
     """Requirements ANDed together (core/v1 NodeSelectorTerm)."""
 
-    match_expressions: list[NodeSelectorRequirement] = Field(
-        default_factory=list, max_length=4, description="Node label requirements."
+    match_expressions: list[NodeSelectorRequirement] | None = Field(
+        default=None, max_length=4, description="Node label requirements."
     )
-    match_fields: list[NodeFieldRequirement] = Field(
-        default_factory=list, max_length=1, description="Node field requirements."
+    match_fields: list[NodeFieldRequirement] | None = Field(
+        default=None, max_length=1, description="Node field requirements."
     )
 
 
@@ -255,8 +255,8 @@ class NodeAffinity(ApiModel):
     required_during_scheduling_ignored_during_execution: NodeSelector | None = Field(
         default=None, description="Nodes the pod must run on."
     )
-    preferred_during_scheduling_ignored_during_execution: list[PreferredSchedulingTerm] = Field(
-        default_factory=list, max_length=4, description="Nodes the pod prefers."
+    preferred_during_scheduling_ignored_during_execution: list[PreferredSchedulingTerm] | None = (
+        Field(default=None, max_length=4, description="Nodes the pod prefers.")
     )
 
 
@@ -269,27 +269,29 @@ class LabelSelectorRequirement(ApiModel):
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
         description="In, NotIn, Exists or DoesNotExist."
     )
-    values: list[LabelValue] = Field(
-        default_factory=list, max_length=8, description="Values for In and NotIn."
+    values: list[LabelValue] | None = Field(
+        default=None, max_length=8, description="Values for In and NotIn."
     )
 
     @model_validator(mode="after")
     def _check(self) -> LabelSelectorRequirement:
-        _check_set_operator(self.operator, self.values)
+        _check_set_operator(self.operator, self.values or [])
         return self
 
 
 class LabelSelector(ApiModel):
     """A label selector (meta/v1 LabelSelector)."""
 
-    match_labels: Annotated[dict[str, LabelValue], AfterValidator(check_label_map)] = Field(
-        default_factory=dict,
-        max_length=8,
+    match_labels: (
+        Annotated[dict[str, LabelValue], Field(max_length=8), AfterValidator(check_label_map)]
+        | None
+    ) = Field(
+        default=None,
         description="Labels that must all match.",
         json_schema_extra=label_map_rules(),
     )
-    match_expressions: list[LabelSelectorRequirement] = Field(
-        default_factory=list, max_length=4, description="Requirements that must all match."
+    match_expressions: list[LabelSelectorRequirement] | None = Field(
+        default=None, max_length=4, description="Requirements that must all match."
     )
 
 
@@ -300,8 +302,8 @@ class PodAffinityTerm(ApiModel):
     namespace_selector: LabelSelector | None = Field(
         default=None, description="Namespaces to look in (default: the job's namespace)."
     )
-    namespaces: list[DnsLabel] = Field(
-        default_factory=list, max_length=8, description="Namespaces to look in."
+    namespaces: list[DnsLabel] | None = Field(
+        default=None, max_length=8, description="Namespaces to look in."
     )
     topology_key: LabelKey = Field(description="Node label defining the topology domain.")
 
@@ -314,11 +316,11 @@ class WeightedPodAffinityTerm(ApiModel):
 class PodAffinity(ApiModel):
     """Pod affinity or anti-affinity (core/v1 PodAffinity, PodAntiAffinity)."""
 
-    required_during_scheduling_ignored_during_execution: list[PodAffinityTerm] = Field(
-        default_factory=list, max_length=4, description="Terms that must hold."
+    required_during_scheduling_ignored_during_execution: list[PodAffinityTerm] | None = Field(
+        default=None, max_length=4, description="Terms that must hold."
     )
-    preferred_during_scheduling_ignored_during_execution: list[WeightedPodAffinityTerm] = Field(
-        default_factory=list, max_length=4, description="Terms preferred, by weight."
+    preferred_during_scheduling_ignored_during_execution: list[WeightedPodAffinityTerm] | None = (
+        Field(default=None, max_length=4, description="Terms preferred, by weight.")
     )
 
 
