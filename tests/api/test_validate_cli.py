@@ -468,3 +468,11 @@ def test_an_affinity_reaches_the_pod_as_written(good: str) -> None:
     written = body(good)["spec"]["resources"]["affinity"]
     spec = FineTuneJobSpec.model_validate(body(good)["spec"])
     assert spec.to_wire()["resources"]["affinity"] == written
+
+
+@pytest.mark.parametrize("path", sorted(CRD_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_each_crd_fits_kubectl_applys_last_applied_annotation(path: Path) -> None:
+    """Client-side `kubectl apply -f crds/` keeps the whole CRD in one annotation, and all
+    annotations of an object together may hold 262144 bytes."""
+    crd = yaml.safe_load(path.read_text())
+    assert len(json.dumps(crd, separators=(",", ":"))) < 200_000
