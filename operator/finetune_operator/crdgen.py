@@ -21,7 +21,9 @@ from .api import finetunejob as ftj
 from .api.common import GROUP, VERSION
 
 CATEGORY = "finetune"
-DROP_KEYS = {"title", "additionalProperties", "$defs", "discriminator"}
+# propertyNames: map keys are checked by CEL rules beside it (a structural schema has no
+# propertyNames).
+DROP_KEYS = {"title", "additionalProperties", "$defs", "discriminator", "propertyNames"}
 
 
 class SchemaError(ValueError):
@@ -60,6 +62,10 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
             node = merged
         else:
             raise SchemaError(f"union types cannot be structural: {node}")
+    if "patternProperties" in node:
+        # a map with constrained keys: the values' schema stays, the keys' rule is CEL
+        (values,) = node.pop("patternProperties").values()
+        node["additionalProperties"] = values
     if "const" in node:
         node["enum"] = [node.pop("const")]
     for key in ("exclusiveMinimum", "exclusiveMaximum"):

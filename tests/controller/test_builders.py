@@ -294,3 +294,16 @@ def test_secrets_reach_the_pod_only_by_name_and_only_in_fetch_steps() -> None:
         "bot", "ns", 1, parsed, batch_size=4, gradient_checkpointing=True, config=CONFIG
     )
     assert _secret_refs(trainer_configmap("bot", "ns", 1, tc, OWNER, "h")) == []
+
+
+def test_long_claim_names_sharing_a_prefix_get_distinct_valid_volume_names() -> None:
+    stem = "team-a-shared-datasets-for-the-support-assistant-fine-tuning"
+    job = build(
+        baseModel={"uri": f"pvc://{stem}-models/llama"},
+        dataset={"train": {"uri": f"pvc://{stem}-data/train.jsonl"}},
+        output={"uri": f"pvc://{stem}-out/adapter"},
+    )
+    volumes = [v["name"] for v in pod_spec(job)["volumes"] if "persistentVolumeClaim" in v]
+    assert len(volumes) == 3 and len(set(volumes)) == 3
+    assert all(len(v) <= 63 and v[-1].isalnum() for v in volumes)
+    kubernetes_validate.validate(job, "1.33.0", strict=True)

@@ -6,10 +6,9 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, JsonValue, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, JsonValue, model_validator
 
 from .common import (
-    SHORT_STRING,
     ApiModel,
     Condition,
     SecretKeyRef,
@@ -17,6 +16,18 @@ from .common import (
     cel,
 )
 from .metrics_catalog import METRIC_NAMES
+from .scheduling import (
+    DNS_SUBDOMAIN_MAX,
+    DNS_SUBDOMAIN_PATTERN,
+    LABEL_VALUE_MAX,
+    NONEMPTY_LABEL_VALUE_PATTERN,
+    Affinity,
+    LabelKey,
+    LabelValue,
+    Toleration,
+    check_label_map,
+    label_map_rules,
+)
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
@@ -231,17 +242,16 @@ class QuantizationSpec(ApiModel):
     )
 
 
+# An int-or-string in the CRD (`kubectl explain` and clients see both types); the bounds
+# apply to integers and the pattern to strings, as the API server applies them.
 BatchSize = Annotated[
     Annotated[int, Field(ge=1, le=4096)] | Literal["auto"],
     Field(
         json_schema_extra={
             "x-kubernetes-int-or-string": True,
-            "x-kubernetes-validations": [
-                {
-                    "rule": "type(self) == int ? (self >= 1 && self <= 4096) : self == 'auto'",
-                    "message": "must be 'auto' or an integer from 1 to 4096",
-                }
-            ],
+            "minimum": 1,
+            "maximum": 4096,
+            "pattern": "^auto$",
         }
     ),
 ]
@@ -269,7 +279,8 @@ class TrainingSpec(ApiModel):
     )
     batch_size: BatchSize = Field(
         default="auto",
-        description="Per-device micro-batch, or auto to take the largest that fits the GPU.",
+        description="Per-device micro-batch: an integer from 1 to 4096, or the string auto to "
+        "take the largest that fits the GPU (int-or-string).",
     )
     gradient_accumulation: int = Field(
         default=1, ge=1, le=1024, description="Micro-batches per optimiser step."
@@ -297,22 +308,6 @@ class TrainingSpec(ApiModel):
     )
 
 
-class Toleration(ApiModel):
-    """A pod toleration (core/v1 Toleration)."""
-
-    key: str | None = Field(default=None, max_length=SHORT_STRING, description="Taint key.")
-    operator: Literal["Exists", "Equal"] | None = Field(
-        default=None, description="Exists or Equal."
-    )
-    value: str | None = Field(default=None, max_length=SHORT_STRING, description="Taint value.")
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
-        default=None, description="Taint effect to tolerate."
-    )
-    toleration_seconds: int | None = Field(
-        default=None, description="For NoExecute: how long to stay."
-    )
-
-
 class ResourcesSpec(ApiModel):
     """Where and on what the trainer runs."""
 
@@ -320,9 +315,10 @@ class ResourcesSpec(ApiModel):
     nodes: int = Field(default=1, ge=1, le=64, description="Nodes for data-parallel training.")
     gpu_product: str | None = Field(
         default=None,
-        max_length=128,
-        description="GPU model, e.g. NVIDIA-H100-80GB-HBM3 (node label nvidia.com/gpu.product). "
-        "Used for scheduling and for the memory fit check.",
+        max_length=LABEL_VALUE_MAX,
+        pattern=NONEMPTY_LABEL_VALUE_PATTERN,
+        description="GPU model, e.g. NVIDIA-H100-80GB-HBM3 (node label nvidia.com/gpu.product, "
+        "so a label value). Used for scheduling and for the memory fit check.",
     )
     gpu_memory_gi_b: float | None = Field(
         default=None,
@@ -340,24 +336,31 @@ class ResourcesSpec(ApiModel):
         pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$",
         description="Memory request.",
     )
-    node_selector: dict[str, Annotated[str, Field(max_length=SHORT_STRING)]] = Field(
-        default_factory=dict, max_length=32, description="Node labels the trainer pod requires."
+    node_selector: Annotated[dict[LabelKey, LabelValue], AfterValidator(check_label_map)] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Node labels the trainer pod requires (label keys and label values).",
+        json_schema_extra=label_map_rules(),
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=32, description="Pod tolerations."
     )
-    affinity: dict[str, Any] | None = Field(
+    affinity: Affinity | None = Field(
         default=None,
-        description="Pod affinity (core/v1 Affinity), passed through unchanged.",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        description="Pod affinity (core/v1 Affinity) of the trainer pods, with bounded lists.",
     )
     priority_class_name: str | None = Field(
-        default=None, max_length=SHORT_STRING, description="PriorityClass of the trainer pods."
+        default=None,
+        max_length=DNS_SUBDOMAIN_MAX,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="PriorityClass of the trainer pods (a DNS subdomain).",
     )
     queue_name: str | None = Field(
         default=None,
-        max_length=63,
-        description="Kueue LocalQueue; the trainer Job is then admitted by Kueue.",
+        max_length=LABEL_VALUE_MAX,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="Kueue LocalQueue; the trainer Job is then admitted by Kueue. It becomes the "
+        "kueue.x-k8s.io/queue-name label, so at most 63 characters.",
     )
 
 

@@ -7,6 +7,7 @@ environment. Secret values never enter the ConfigMap: the trainer sees local pat
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,8 +91,13 @@ def _split_pvc(uri: str) -> tuple[str, str]:
 
 
 def _volume_name(claim: str) -> str:
-    # Volume names are DNS labels; claim names are too, so a short prefix keeps them valid.
-    return f"pvc-{claim}"[:63].rstrip("-")
+    # Volume names are DNS labels (at most 63 characters): a longer claim name is cut and given
+    # a stable hash, so two long claims sharing a prefix still get distinct volumes.
+    name = f"pvc-{claim}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(claim.encode()).hexdigest()[:8]
+    return f"{name[:54].rstrip('-')}-{digest}"
 
 
 def pod_paths(spec: FineTuneJobSpec) -> PodLayout:
@@ -339,7 +345,7 @@ def trainer_job(
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
     if res.affinity:
-        pod_spec["affinity"] = res.affinity
+        pod_spec["affinity"] = res.affinity.to_wire()
     if res.priority_class_name:
         pod_spec["priorityClassName"] = res.priority_class_name
 

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 ObjectKey = tuple[tuple[str, str, str], str | None, str]
 Body = dict[str, Any]
-Validator = Callable[[Body], list[str]]
+Validator = Callable[[Body, Body | None], list[str]]
 
 _NAME_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 _SERVER_MANAGED_METADATA = (
@@ -364,13 +364,10 @@ class Emulator(kmock.KubernetesScaffold):
                 updated["metadata"]["ownerReferences"] = kept
                 self._store(self._types[key[0]], updated, "MODIFIED")
 
-    def _validate(self, rtype: ResourceType, body: Body) -> Body:
-        defaulter = self._defaulters.get(rtype.key)
-        if defaulter is not None:
-            body = defaulter(body)
+    def _validate(self, rtype: ResourceType, body: Body, old: Body | None = None) -> Body:
         validator = self._validators.get(rtype.key)
         if validator is not None:
-            problems = validator(body)
+            problems = validator(body, old)
             if problems:
                 name = body.get("metadata", {}).get("name", "")
                 raise _status_error(
@@ -379,6 +376,9 @@ class Emulator(kmock.KubernetesScaffold):
                     {"name": name, "group": rtype.group, "kind": rtype.kind,
                      "causes": [{"reason": "FieldValueInvalid", "message": p} for p in problems]},
                 )  # fmt: skip
+        defaulter = self._defaulters.get(rtype.key)
+        if defaulter is not None:
+            body = defaulter(body)
         return body
 
     # ----------------------------------------------------------------- verbs (thread-safe)
@@ -478,9 +478,8 @@ class Emulator(kmock.KubernetesScaffold):
                     {"name": name, "group": rtype.group, "kind": rtype.plural},
                 )  # fmt: skip
             new = self._merge_by_subresource(rtype, old, candidate, subresource)
-            new = self._validate(
-                rtype, new
-            )  # status writes are validated too, like the real server
+            # status writes are validated too, like the real server
+            new = self._validate(rtype, new, old)
             changed = new != old
             self._record_write(verb, rtype, subresource, namespace, name, changed)
             if not changed:
