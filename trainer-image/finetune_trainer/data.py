@@ -7,6 +7,7 @@ template and for token lengths).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -250,8 +251,7 @@ def _read_file(p: Path, line_limit: int | None = None) -> tuple[list[Any], Count
 
 def _decode_line(p: Path, raw: bytes, line_no: int) -> str:
     try:
-        # A byte order mark some editors write at the start of a file is not part of the row.
-        return raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise data_unusable(
             f"{p}: line {line_no} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
@@ -328,6 +328,8 @@ def _read_jsonl(p: Path, line_limit: int | None = None) -> tuple[list[Any], Coun
             if raw is None:
                 dropped["tooLarge"] += 1
                 continue
+            if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]  # some editors start a UTF-8 file with one
             if not raw.strip():
                 continue
             try:
