@@ -172,6 +172,15 @@ def test_a_fifo_in_a_data_folder_is_refused(tmp_path: Path) -> None:
     assert "b.jsonl is a FIFO" in err.message
 
 
+def test_a_fifo_in_a_save_to_disk_folder_is_refused(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    saved = tmp_path / "saved"
+    Dataset.from_list(json_task_rows(10)).save_to_disk(str(saved))
+    os.mkfifo(saved / "extra.arrow")
+    assert "extra.arrow is a FIFO" in _refusal(saved).message
+
+
 def test_a_device_behind_a_data_name_is_refused(tmp_path: Path) -> None:
     link = tmp_path / "train.jsonl"
     link.symlink_to("/dev/null")
