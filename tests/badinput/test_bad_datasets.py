@@ -4,6 +4,9 @@ a non-zero exit and a result that names what to fix, never a traceback."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +14,7 @@ from typing import Any
 import pytest
 from finetune_operator.api.trainer_config import PROGRESS_PREFIX
 from trainer.conftest import tiny_model  # noqa: F401  (fixture)
-from trainer.trainer_samples import json_task_rows, make_config, write_config
+from trainer.trainer_samples import REPO, json_task_rows, make_config, subprocess_env, write_config
 
 SECRET = "hf_TOPSECRET_badinput_4242"
 
@@ -71,6 +74,39 @@ def huge_row(p: Path) -> Path:
     return p
 
 
+def giant_line(p: Path) -> Path:
+    with p.open("wb") as f:
+        f.write(lines(good_rows(2)).encode())
+        f.write(b'{"prompt": "' + b"x" * 3_000_000 + b'", "completion": "ok"}\n')
+    return p
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def deeply_nested(p: Path) -> Path:
+    deep = '{"prompt": ' + nested(50_000) + ', "completion": "x"}\n'
+    p.write_text(lines(good_rows(10)) + deep * 20, encoding="utf-8")
+    return p
+
+
+def mixed_formats(p: Path) -> Path:
+    rows: list[Any] = good_rows(10)
+    rows += [
+        {
+            "messages": [
+                {"role": "user", "content": f"hi {i}"},
+                {"role": "assistant", "content": "yo"},
+            ]
+        }
+        for i in range(12)
+    ]
+    rows += [{"instruction": f"say {i}", "output": f"{i} said"} for i in range(10)]
+    p.write_text(lines(rows), encoding="utf-8")
+    return p
+
+
 def odd_unicode_only(p: Path) -> Path:
     rows = [{"prompt": "\u200f\u200b\u2067\u2069", "completion": "\u200b\ufeff"} for _ in range(20)]
     p.write_text(lines(rows), encoding="utf-8")
@@ -104,6 +140,19 @@ CASES: dict[str, tuple[Callable[[Path], Path], int, str, tuple[str, ...]]] = {
     "wrong-columns": (wrong_columns, 3, "DataUnusable", ("question", "prompt", "completion")),
     "non-utf8": (non_utf8, 3, "DataUnusable", ("line 5", "UTF-8", "0xe9")),
     "huge-row": (huge_row, 3, "DataUnusable", ("tooLong: 1", "maxSeqLength")),
+    "giant-line": (giant_line, 3, "DataUnusable", ("tooLarge: 1", "maxSeqLength")),
+    "deeply-nested": (
+        deeply_nested,
+        3,
+        "DataUnusable",
+        ("20 of 30 train rows were dropped", "tooDeep: 20", "maxDroppedShare"),
+    ),
+    "mixed-formats": (
+        mixed_formats,
+        3,
+        "DataUnusable",
+        ("otherFormat: 20", "prompt-completion: 10", "instruction: 10", "maxDroppedShare"),
+    ),
     "invisible-characters-only": (odd_unicode_only, 3, "DataUnusable", ("duplicates",)),
     "directory-without-data": (empty_directory, 3, "DataNotFound", ("train-dir", ".jsonl")),
     "missing-file": (missing, 3, "DataNotFound", ("does-not-exist.jsonl",)),
@@ -207,3 +256,65 @@ def test_odd_unicode_rows_are_kept_intact(
     assert code == 0 and result == {}, output[-2000:]
     report = json.loads((out / "data_report.json").read_text())
     assert report["rowsKept"] == 30 and report["dropped"] == {}
+
+
+def test_a_byte_order_mark_keeps_every_row(
+    tmp_path: Path,
+    tiny_model: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    train = tmp_path / "train.jsonl"
+    train.write_text(lines(good_rows(24)), encoding="utf-8-sig")  # as some editors save
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "job.json", make_config(tiny_model, train, out))
+    code, result, output = run_data_report(cfg, capsys)
+    assert code == 0 and result == {}, output[-2000:]
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["rowsRead"] == 24 and report["rowsKept"] == 24 and report["dropped"] == {}
+
+
+def fifo(p: Path) -> Path:
+    os.mkfifo(p)
+    return p
+
+
+SUBPROCESS_CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
+    "deeply-nested": (deeply_nested, ("tooDeep: 20",)),
+    "fifo": (fifo, ("train.jsonl is a FIFO (named pipe), not a regular file",)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SUBPROCESS_CASES))
+def test_the_trainer_command_exits_with_the_data_error(
+    case: str,
+    tmp_path: Path,
+    tiny_model: Path,  # noqa: F811
+) -> None:
+    """The real command in its own process: exit 3, the reason on stdout and in the
+    termination message, no traceback, no hang."""
+    build, words = SUBPROCESS_CASES[case]
+    train = build(tmp_path / "train.jsonl")
+    out = tmp_path / "out"
+    out.mkdir()  # where the termination message goes (in a pod: /dev/termination-log)
+    cfg = write_config(tmp_path / "job.json", make_config(tiny_model, train, out))
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune_trainer.cli", "train", "--config", str(cfg)],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    results = [
+        json.loads(line[len(PROGRESS_PREFIX) :])
+        for line in proc.stdout.splitlines()
+        if line.startswith(PROGRESS_PREFIX) and '"result"' in line
+    ]
+    assert results and results[-1]["reason"] == "DataUnusable" and results[-1]["ok"] is False
+    for word in words:
+        assert word in results[-1]["message"], (word, results[-1]["message"])
+    termination = json.loads((out / "termination-log").read_text())
+    assert termination["reason"] == "DataUnusable"
+    assert not (out / "checkpoints").exists() and not (out / "adapter").exists()

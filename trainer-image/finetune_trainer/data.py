@@ -7,16 +7,19 @@ template and for token lengths).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
 import math
+import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from finetune_operator.api.finetunejob import Cleaning, DatasetSpec
 
@@ -37,6 +40,17 @@ ROLES = {"system", "user", "assistant", "tool"}
 DEFAULT_EVAL_SPLIT = 0.1
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
 SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+# Size and shape bounds, checked before a row is templated or tokenized (decision 1610).
+# No tokenizer in use packs anywhere near this many characters (or JSON bytes) into one
+# token, so text longer than maxTokens times this cannot fit and is dropped untokenized.
+MAX_BYTES_PER_TOKEN = 64
+# A JSONL line may also carry columns that are never tokenized (ids, metadata).
+LINE_ALLOWANCE_BYTES = 1 << 20
+# Rows are a few levels deep (row -> messages -> message; a JSON schema a few more).
+MAX_JSON_DEPTH = 64
+# Drop reasons that have their own limit and do not count towards maxDroppedShare.
+SHARE_EXEMPT_REASONS = frozenset({"duplicate", "overlapsTrain"})
 
 # Used when neither the base model nor the spec provides a chat template.
 FALLBACK_CHAT_TEMPLATE = (
@@ -95,6 +109,7 @@ class DataReport:
     eval_rows_read: int | None = None
     eval_dropped: dict[str, int] = field(default_factory=dict)
     chat_template: str = "model"
+    warnings: list[str] = field(default_factory=list)
 
     def to_wire(self) -> dict[str, Any]:
         """camelCase dict for data_report.json and the progress channel."""
@@ -117,6 +132,8 @@ class DataReport:
         if self.eval_rows_read is not None:
             out["evalRowsRead"] = self.eval_rows_read
             out["evalDropped"] = dict(self.eval_dropped)
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
         return out
 
 
@@ -131,10 +148,16 @@ class PreparedData:
 # ------------------------------------------------------------------ reading
 
 
-def read_records(path: str | Path) -> tuple[list[Any], int]:
+def max_line_bytes(max_tokens: int) -> int:
+    """The longest JSONL line read in full; longer lines are skipped and counted ``tooLarge``."""
+    return max_tokens * MAX_BYTES_PER_TOKEN + LINE_ALLOWANCE_BYTES
+
+
+def read_records(path: str | Path, line_limit: int | None = None) -> tuple[list[Any], Counter[str]]:
     """Rows of a JSONL/JSON/Parquet file, a folder of them, or a ``save_to_disk`` folder.
 
-    Returns the rows and the number of lines that were not valid JSON (counted as dropped).
+    Returns the rows and the lines dropped while reading, by reason (``invalidJson``,
+    ``tooLarge``: a line above ``line_limit`` bytes, ``tooDeep``: nested above MAX_JSON_DEPTH).
     """
     p = Path(path)
     if not p.exists():
@@ -143,31 +166,83 @@ def read_records(path: str | Path) -> tuple[list[Any], int]:
         )
     if p.is_dir():
         if any((p / marker).is_file() for marker in SAVE_TO_DISK_MARKERS):
-            return _read_saved_dataset(p), 0
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
+            _refuse_special_files(p)
+            return _read_saved_dataset(p), Counter()
+        # Not is_file(): a FIFO or device named *.jsonl must be refused, not skipped.
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in DATA_SUFFIXES)
+        files = [f for f in files if not f.is_dir()]
         if not files:
             raise data_not_found(
                 f"data folder {p} has no {', '.join(DATA_SUFFIXES)} files and is not a datasets "
                 "save_to_disk folder: point the dataset at a data file or a folder of them"
             )
         rows: list[Any] = []
-        bad = 0
+        dropped: Counter[str] = Counter()
         for f in files:
-            r, b = _read_file(f)
+            r, d = _read_file(f, line_limit)
             rows.extend(r)
-            bad += b
-        return rows, bad
-    return _read_file(p)
+            dropped.update(d)
+        return rows, dropped
+    return _read_file(p, line_limit)
 
 
-def _read_file(p: Path) -> tuple[list[Any], int]:
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _not_regular(p: Path, mode: int) -> Exception:
+    return data_unusable(
+        f"{p} is {_file_kind(mode)}, not a regular file: data files must be regular files "
+        "(copy the data into a file instead of streaming it through a pipe or device)"
+    )
+
+
+def open_regular(p: Path) -> BinaryIO:
+    """Open ``p`` for reading only if it is a regular file.
+
+    Opened non-blocking, so a FIFO is refused at once instead of waiting for a writer; the
+    check is on the open descriptor, so the path cannot be swapped between check and read.
+    """
+    try:
+        mode = p.stat().st_mode
+        if not stat.S_ISREG(mode):  # a socket cannot even be opened: name what it is
+            raise _not_regular(p, mode)
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise data_unusable(f"{p}: cannot open the data file: {exc.strerror}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(p, mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _refuse_special_files(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        mode = f.stat().st_mode if f.exists() else 0
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise _not_regular(f, mode)
+
+
+def _read_file(p: Path, line_limit: int | None = None) -> tuple[list[Any], Counter[str]]:
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        return _read_jsonl(p)
+        return _read_jsonl(p, line_limit)
     if suffix == ".json":
-        return _read_json(p), 0
+        return _read_json(p)
     if suffix == ".parquet":
-        return _read_parquet(p), 0
+        return _read_parquet(p), Counter()
     raise data_unusable(
         f"{p}: unsupported file type {suffix or '(none)'}; use .jsonl, .json, .parquet or a "
         "datasets save_to_disk folder"
@@ -184,34 +259,123 @@ def _decode_line(p: Path, raw: bytes, line_no: int) -> str:
         ) from exc
 
 
-def _read_jsonl(p: Path) -> tuple[list[Any], int]:
+def bounded_lines(f: BinaryIO, limit: int | None) -> Iterator[bytes | None]:
+    """Each line of ``f``; ``None`` for a line longer than ``limit`` bytes, which is skipped
+    in 1 MiB pieces and never held whole."""
+    while True:
+        raw = f.readline(-1 if limit is None else limit + 1)
+        if not raw:
+            return
+        if limit is None or len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw
+            continue
+        while (piece := f.readline(1 << 20)) and not piece.endswith(b"\n"):
+            pass
+        yield None
+
+
+_STRING_OR_BRACKET = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+
+
+def nesting_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether the JSON text nests arrays/objects deeper than ``limit`` (strings skipped).
+
+    A line with no more than ``limit`` brackets cannot, so most lines cost one count.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    depth = 0
+    for m in _STRING_OR_BRACKET.finditer(raw):
+        c = raw[m.start()]
+        if c in b"[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif c in b"]}":
+            depth -= 1
+    return False
+
+
+def value_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether a parsed value nests lists/dicts deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict | list):
+            if depth > limit:
+                return True
+            children = v.values() if isinstance(v, dict) else v
+            stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+def _parse_line(raw: bytes, p: Path, line_no: int) -> Any:
+    """One JSONL line as a value; raises RowRejected (tooDeep) or ValueError (invalid JSON)."""
+    if nesting_exceeds(raw, MAX_JSON_DEPTH):
+        raise RowRejected("tooDeep")
+    try:
+        return json.loads(_decode_line(p, raw, line_no))
+    except RecursionError as exc:  # not reached after the check above; never let it escape
+        raise RowRejected("tooDeep") from exc
+
+
+def _read_jsonl(p: Path, line_limit: int | None = None) -> tuple[list[Any], Counter[str]]:
     rows: list[Any] = []
     bad_lines: list[str] = []
-    with p.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            line = _decode_line(p, raw, line_no)
-            if not line.strip():
+    dropped: Counter[str] = Counter()
+    with open_regular(p) as f:
+        for line_no, raw in enumerate(bounded_lines(f, line_limit), start=1):
+            if raw is None:
+                dropped["tooLarge"] += 1
+                continue
+            if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]  # some editors start a UTF-8 file with one
+            if not raw.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append(_parse_line(raw, p, line_no))
+            except RowRejected as rej:
+                dropped[rej.reason] += 1
             except json.JSONDecodeError as exc:
                 bad_lines.append(f"line {line_no} ({exc.msg} at column {exc.colno})")
+    _log_dropped_lines(p, dropped, line_limit)
     if bad_lines:
         # Invalid lines are dropped and counted; say which ones so they can be fixed.
         shown = "; ".join(bad_lines[:5]) + (
             f"; and {len(bad_lines) - 5} more" if len(bad_lines) > 5 else ""
         )
-        if not rows:
+        if not rows and not dropped:
             raise data_unusable(
                 f"{p}: no line is valid JSON ({shown}); each line must be one JSON object"
             )
         log.warning("%s: %d invalid JSON line(s) dropped: %s", p, len(bad_lines), shown)
-    return rows, len(bad_lines)
+        dropped["invalidJson"] = len(bad_lines)
+    return rows, dropped
 
 
-def _read_json(p: Path) -> list[Any]:
+def _log_dropped_lines(p: Path, dropped: Counter[str], line_limit: int | None) -> None:
+    if dropped["tooLarge"]:
+        log.warning(
+            "%s: %d line(s) longer than %d bytes dropped unread (tooLarge): such a row cannot "
+            "fit training.maxSeqLength",
+            p,
+            dropped["tooLarge"],
+            line_limit,
+        )
+    if dropped["tooDeep"]:
+        log.warning(
+            "%s: %d line(s) nested deeper than %d levels dropped (tooDeep)",
+            p,
+            dropped["tooDeep"],
+            MAX_JSON_DEPTH,
+        )
+
+
+def _read_json(p: Path) -> tuple[list[Any], Counter[str]]:
+    with open_regular(p) as f:
+        raw = f.read()
     try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
+        doc = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise data_unusable(
             f"{p}: not valid UTF-8 (byte offset {exc.start}); re-save the file as UTF-8"
@@ -221,21 +385,32 @@ def _read_json(p: Path) -> list[Any]:
             f"{p}: not valid JSON ({exc.msg} at line {exc.lineno}); a .json file must hold a list "
             "of row objects (use .jsonl for one object per line)"
         ) from exc
+    except RecursionError as exc:
+        raise data_unusable(
+            f"{p}: JSON nested too deeply to read; rows are objects a few levels deep "
+            f"(at most {MAX_JSON_DEPTH})"
+        ) from exc
     if not isinstance(doc, list):
         raise data_unusable(
             f"{p}: expected a JSON list of row objects, found a {type(doc).__name__}; "
             "wrap the rows in [...] or use .jsonl"
         )
-    return doc
+    rows = [r for r in doc if not value_too_deep(r)]
+    dropped: Counter[str] = Counter()
+    if len(rows) < len(doc):
+        dropped["tooDeep"] = len(doc) - len(rows)
+        _log_dropped_lines(p, dropped, None)
+    return rows, dropped
 
 
 def _read_parquet(p: Path) -> list[Any]:
     import pyarrow.parquet as pq
 
-    try:
-        rows: list[Any] = pq.read_table(p).to_pylist()
-    except Exception as exc:
-        raise data_unusable(f"{p}: cannot read Parquet: {exc}") from exc
+    with open_regular(p) as f:
+        try:
+            rows: list[Any] = pq.read_table(f).to_pylist()
+        except Exception as exc:
+            raise data_unusable(f"{p}: cannot read Parquet: {exc}") from exc
     return rows
 
 
@@ -294,21 +469,41 @@ def detect_format(records: list[Any], requested: str) -> str:
                 f"(expected columns per format: {_format_help()})"
             )
         return requested
-    for name, (required, _opt) in FORMAT_COLUMNS.items():
-        if all(c in columns for c in required):
-            return name
+    # The format most rows fit (the first listed on a tie); rows of another format are
+    # dropped as otherFormat and reported, not silently lost to a type check.
+    fits = format_counts(records)
+    best = max(FORMAT_COLUMNS, key=lambda name: fits[name])
+    if fits[best]:
+        return best
     raise data_unusable(
         f"cannot detect the data format: columns found: {found}. Expected columns per format: "
         f"{_format_help()}. Rename the columns or set dataset.format"
     )
 
 
+def fitting_formats(row: dict[str, Any]) -> list[str]:
+    """The formats whose required columns the row has."""
+    return [
+        name for name, (required, _opt) in FORMAT_COLUMNS.items() if all(c in row for c in required)
+    ]
+
+
+def format_counts(records: list[Any]) -> Counter[str]:
+    """How many rows have the required columns of each format."""
+    fits: Counter[str] = Counter()
+    for r in records:
+        if isinstance(r, dict):
+            fits.update(fitting_formats(r))
+    return fits
+
+
 class RowRejected(Exception):
     """A row that cannot become an example; ``reason`` is the drop-reason key."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.detail = detail
 
 
 def _text(value: Any) -> str:
@@ -338,6 +533,10 @@ def row_to_example(row: Any, fmt: str) -> Example:
     """Normalise one row of a known format; raises ``RowRejected`` with the drop reason."""
     if not isinstance(row, dict):
         raise RowRejected("invalidRow")
+    if any(c not in row for c in FORMAT_COLUMNS[fmt][0]):
+        others = fitting_formats(row)
+        if others:
+            raise RowRejected("otherFormat", others[0])
     if fmt == "prompt-completion":
         prompt = _conversation_or_text(row.get("prompt"), "user")
         answer = _conversation_or_text(row.get("completion"), "assistant")
@@ -365,9 +564,11 @@ def _extras(row: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None, boo
     task = row.get("task")
     schema = row.get("json_schema", row.get("jsonSchema"))
     if isinstance(schema, str) and schema.strip():
+        if nesting_exceeds(schema.encode(), MAX_JSON_DEPTH):
+            raise RowRejected("tooDeep")
         try:
             schema = json.loads(schema)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise RowRejected("invalidJsonSchema") from exc
     if schema is not None and not isinstance(schema, dict):
         schema = None
@@ -394,6 +595,11 @@ def mask_example(example: Example, kinds: Iterable[str]) -> Counter[str]:
     return total
 
 
+def example_chars(ex: Example) -> int:
+    """Characters of text the example puts through the chat template."""
+    return sum(len(m["content"]) for m in ex.prompt_messages) + len(ex.completion)
+
+
 @dataclass
 class CleanResult:
     examples: list[Example]
@@ -402,15 +608,25 @@ class CleanResult:
     duplicates: int
     pii: Counter[str]
     keys: list[str]
+    # otherFormat rows by the format they fit instead
+    other_formats: Counter[str] = field(default_factory=Counter)
 
 
 def clean_rows(
-    records: list[Any], fmt: str, cleaning: Cleaning, unparseable: int = 0
+    records: list[Any],
+    fmt: str,
+    cleaning: Cleaning,
+    read_dropped: Counter[str] | None = None,
+    max_chars: int | None = None,
 ) -> CleanResult:
-    """Validate, mask and dedup rows; every dropped row is counted by reason."""
-    dropped: Counter[str] = Counter()
-    if unparseable:
-        dropped["invalidJson"] = unparseable
+    """Validate, size-check, mask and dedup rows; every dropped row is counted by reason.
+
+    ``read_dropped``: lines the reader already dropped (counted as read). A row with more
+    than ``max_chars`` characters of text is dropped as ``tooLong`` before it is masked,
+    templated or tokenized.
+    """
+    dropped: Counter[str] = Counter(read_dropped or {})
+    other_formats: Counter[str] = Counter()
     pii: Counter[str] = Counter()
     seen: set[str] = set()
     kept: list[Example] = []
@@ -421,6 +637,11 @@ def clean_rows(
             ex = row_to_example(row, fmt)
         except RowRejected as rej:
             dropped[rej.reason] += 1
+            if rej.reason == "otherFormat":
+                other_formats[rej.detail] += 1
+            continue
+        if max_chars is not None and example_chars(ex) > max_chars:
+            dropped["tooLong"] += 1
             continue
         if cleaning.pii_mask.enabled and cleaning.pii_mask.kinds:
             pii.update(mask_example(ex, cleaning.pii_mask.kinds))
@@ -433,7 +654,8 @@ def clean_rows(
         seen.add(key)
         kept.append(ex)
         keys.append(key)
-    return CleanResult(kept, len(records) + unparseable, dropped, duplicates, pii, keys)
+    rows_read = len(records) + sum((read_dropped or Counter()).values())
+    return CleanResult(kept, rows_read, dropped, duplicates, pii, keys, other_formats)
 
 
 # ------------------------------------------------------------------ templating
@@ -471,8 +693,24 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return text
 
 
-def tokenize_example(tokenizer: Any, ex: Example, completion_only: bool) -> TokenizedExample:
-    """Template one example and build input_ids/labels (prompt tokens masked when asked)."""
+def _token_ids(tokenizer: Any, text: str, limit: int | None) -> list[int]:
+    if limit is None:
+        ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(text, add_special_tokens=False, truncation=True, max_length=limit)[
+            "input_ids"
+        ]
+    return ids
+
+
+def tokenize_example(
+    tokenizer: Any, ex: Example, completion_only: bool, limit: int | None = None
+) -> TokenizedExample:
+    """Template one example and build input_ids/labels (prompt tokens masked when asked).
+
+    With ``limit``, no token list grows past ``limit`` tokens: pass one more than the
+    longest sequence kept, so a truncated row is still recognised as too long.
+    """
     prompt_text = render_prompt(tokenizer, ex.prompt_messages)
     full: str = tokenizer.apply_chat_template(
         [*ex.prompt_messages, {"role": "assistant", "content": ex.completion}], tokenize=False
@@ -481,14 +719,14 @@ def tokenize_example(tokenizer: Any, ex: Example, completion_only: bool) -> Toke
     eos = tokenizer.eos_token or ""
     if eos and eos not in completion_text:
         completion_text += eos
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(prompt_text + completion_text, add_special_tokens=False)["input_ids"]
+    prompt_ids = _token_ids(tokenizer, prompt_text, limit)
+    ids = _token_ids(tokenizer, prompt_text + completion_text, limit)
     # Tokens may merge across the boundary: the completion starts where the two diverge.
     n = 0
     while n < min(len(prompt_ids), len(ids)) and prompt_ids[n] == ids[n]:
         n += 1
     labels = [-100] * n + ids[n:] if completion_only else list(ids)
-    answer_tokens = len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"])
+    answer_tokens = len(_token_ids(tokenizer, ex.completion, limit))
     return TokenizedExample(ex, prompt_text, completion_text, ids, labels, answer_tokens)
 
 
@@ -560,13 +798,25 @@ def data_digest(train: list[TokenizedExample], eval_: list[TokenizedExample]) ->
 def _prepare_source(
     path: str | Path, dataset: DatasetSpec, tokenizer: Any, max_tokens: int, fmt: str | None
 ) -> tuple[list[TokenizedExample], CleanResult, str]:
-    records, unparseable = read_records(path)
+    records, read_dropped = read_records(path, max_line_bytes(max_tokens))
     if not records:
+        if read_dropped:
+            why = ", ".join(f"{k}: {v}" for k, v in sorted(read_dropped.items()))
+            raise data_unusable(
+                f"{path}: no usable row (dropped {why}): a line must be one JSON object, at "
+                f"most {MAX_JSON_DEPTH} levels deep and short enough to fit "
+                "training.maxSeqLength"
+            )
         raise data_unusable(f"{path}: no rows found; the data file is empty")
     fmt = fmt or detect_format(records, dataset.format)
-    cleaned = clean_rows(records, fmt, dataset.cleaning, unparseable)
+    cleaned = clean_rows(
+        records, fmt, dataset.cleaning, read_dropped, max_tokens * MAX_BYTES_PER_TOKEN
+    )
+    del records  # the examples hold what is needed
+    # Tokens past this many cannot change a row's fate (kept, tooShort or tooLong).
+    limit = max(max_tokens, dataset.cleaning.min_tokens) + 1
     tokenized = [
-        tokenize_example(tokenizer, ex, dataset.completion_only) for ex in cleaned.examples
+        tokenize_example(tokenizer, ex, dataset.completion_only, limit) for ex in cleaned.examples
     ]
     kept = filter_by_length(tokenized, dataset.cleaning.min_tokens, max_tokens, cleaned.dropped)
     return kept, cleaned, fmt
@@ -582,6 +832,38 @@ def prepare_data(
     template_source: str = "model",
 ) -> PreparedData:
     """Run the whole data step; raises ``TrainerError`` (DataNotFound / DataUnusable)."""
+    try:
+        return _prepare(
+            dataset, train_path, eval_path, tokenizer, max_seq_length, seed, template_source
+        )
+    except RecursionError as exc:  # rows are depth-checked; a data file must never crash the run
+        raise data_unusable(
+            f"the data is nested too deeply to process: keep rows at most {MAX_JSON_DEPTH} "
+            "levels deep"
+        ) from exc
+
+
+def _format_warning(label: str, cleaned: CleanResult, fmt: str) -> str | None:
+    n = cleaned.dropped.get("otherFormat", 0)
+    if not n:
+        return None
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(cleaned.other_formats.items()))
+    return (
+        f"{label}: {n} of {cleaned.rows_read} rows are in another format than the data's "
+        f"{fmt} ({kinds}) and were dropped (otherFormat): convert them to {fmt} or train on "
+        "them in a separate job"
+    )
+
+
+def _prepare(
+    dataset: DatasetSpec,
+    train_path: str | Path,
+    eval_path: str | Path | None,
+    tokenizer: Any,
+    max_seq_length: int,
+    seed: int,
+    template_source: str,
+) -> PreparedData:
     max_tokens = min(dataset.cleaning.max_tokens or max_seq_length, max_seq_length)
     train_all, cleaned, fmt = _prepare_source(train_path, dataset, tokenizer, max_tokens, None)
     report = DataReport(
@@ -593,9 +875,15 @@ def prepare_data(
         format=fmt,
         chat_template=template_source,
     )
+    report.warnings = [w for w in [_format_warning("train", cleaned, fmt)] if w]
     if eval_path is not None:
         train = train_all
-        eval_kept, eval_clean, _ = _prepare_source(eval_path, dataset, tokenizer, max_tokens, None)
+        eval_kept, eval_clean, eval_fmt = _prepare_source(
+            eval_path, dataset, tokenizer, max_tokens, None
+        )
+        warning = _format_warning("eval", eval_clean, eval_fmt)
+        if warning:
+            report.warnings.append(warning)
         train_keys = {t.example.content_key() for t in train}
         overlap = [t for t in eval_kept if t.example.content_key() in train_keys]
         if overlap:
@@ -619,6 +907,8 @@ def prepare_data(
     report.eval_rows = len(eval_rows)
     report.token_length_percentiles = percentiles([len(t.input_ids) for t in train_all])
     report.digest = data_digest(train, eval_rows)
+    for warning in report.warnings:
+        log.warning("%s", warning)
     return PreparedData(train, eval_rows, report, tokenizer.chat_template)
 
 
@@ -638,6 +928,31 @@ def check_usable(report: DataReport, cleaning: Cleaning) -> None:
             f"dataset.cleaning.minRows {cleaning.min_rows}: add data, relax the length bounds "
             "(cleaning.minTokens/maxTokens, training.maxSeqLength) or lower minRows"
         )
+    _check_dropped_share("train", report.dropped, report.rows_read, report, cleaning)
+    if report.eval_rows_read is not None:
+        _check_dropped_share("eval", report.eval_dropped, report.eval_rows_read, report, cleaning)
+
+
+def _check_dropped_share(
+    source: str, dropped: dict[str, int], rows_read: int, report: DataReport, cleaning: Cleaning
+) -> None:
+    """Fail when more than maxDroppedShare of the rows read were dropped (duplicates and
+    eval rows seen in train have their own handling and do not count)."""
+    counted = {k: v for k, v in dropped.items() if k not in SHARE_EXEMPT_REASONS and v}
+    n = sum(counted.values())
+    if not rows_read or n / rows_read <= cleaning.max_dropped_share:
+        return
+    why = ", ".join(f"{k}: {v}" for k, v in sorted(counted.items()))
+    mixed = [w for w in report.warnings if w.startswith(f"{source}: ")]
+    if "otherFormat" in counted and mixed:
+        advice = mixed[0].split(": ", 1)[1]
+    else:
+        advice = "fix the rows (the trainer log names invalid lines; docs/trainer.md explains each reason)"
+    raise data_unusable(
+        f"{n} of {rows_read} {source} rows were dropped ({n / rows_read:.0%}; {why}), above "
+        f"dataset.cleaning.maxDroppedShare {cleaning.max_dropped_share:.0%}. {advice}; or raise "
+        "maxDroppedShare to train on the rest"
+    )
 
 
 # ------------------------------------------------------------------ outputs

@@ -161,6 +161,14 @@ class Cleaning(ApiModel):
         le=100_000_000,
         description="Fail before training when fewer training rows remain.",
     )
+    max_dropped_share: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Fail before training when a larger share of the rows read is dropped "
+        "(invalid, another format, too long or short, too large, too deep; duplicates have "
+        "maxDuplicateRate).",
+    )
 
 
 class DatasetSpec(ApiModel):
