@@ -17,10 +17,15 @@ from typing import Any
 from .api.adapterdeployment import PLURAL as AD_PLURAL
 from .api.common import GROUP, VERSION
 from .api.finetunejob import PLURAL as FTJ_PLURAL
+from .api.finetuneschedule import PLURAL as FTS_PLURAL
 from .builders.names import FINALIZER
 from .clients.kube import JSON_PATCH, KubeClient, KubeError, collection_path, object_path
 
-KINDS = (("FineTuneJob", FTJ_PLURAL), ("AdapterDeployment", AD_PLURAL))
+KINDS = (
+    ("FineTuneJob", FTJ_PLURAL),
+    ("AdapterDeployment", AD_PLURAL),
+    ("FineTuneSchedule", FTS_PLURAL),
+)
 # A concurrent change of the finalizer list (another controller) makes the patch's test fail;
 # read again and retry this many times.
 PATCH_ATTEMPTS = 5

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from .api import adapterdeployment as ad
 from .api import finetunejob as ftj
+from .api import finetuneschedule as fts
 from .api.common import GROUP, VERSION
 
 CATEGORY = "finetune"
@@ -185,6 +186,20 @@ def adapterdeployment_crd() -> dict[str, Any]:
     return _crd(ad.PLURAL, ad.KIND, "adep", root, columns)
 
 
+def finetuneschedule_crd() -> dict[str, Any]:
+    spec = structural_schema(fts.FineTuneScheduleSpec)
+    status = structural_schema(fts.FineTuneScheduleStatus)
+    root = _root(spec, status, fts.FineTuneSchedule.__doc__ or "")
+    columns = [
+        ("Schedule", "string", ".spec.schedule", "Cron schedule."),
+        ("Suspend", "boolean", ".spec.suspend", "Whether new runs are suspended."),
+        ("Last Run", "date", ".status.lastScheduleTime", "Slot of the last run started."),
+        ("Last Outcome", "string", ".status.lastOutcome", "Outcome of the newest finished run."),
+        ("Champion", "string", ".status.champion.job", "FineTuneJob of the champion adapter."),
+    ]
+    return _crd(fts.PLURAL, fts.KIND, fts.SHORT_NAME, root, columns)
+
+
 def _crd(
     plural: str,
     kind: str,
@@ -235,6 +250,8 @@ def render_all() -> dict[str, str]:
         + yaml.safe_dump(finetunejob_crd(), sort_keys=False, width=100),
         f"{ad.PLURAL}.yaml": header
         + yaml.safe_dump(adapterdeployment_crd(), sort_keys=False, width=100),
+        f"{fts.PLURAL}.yaml": header
+        + yaml.safe_dump(finetuneschedule_crd(), sort_keys=False, width=100),
     }
 
 

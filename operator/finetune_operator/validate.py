@@ -1,4 +1,4 @@
-"""Check FineTuneJob / AdapterDeployment manifests offline, before `kubectl apply`.
+"""Check FineTuneJob / AdapterDeployment / FineTuneSchedule manifests offline, before `kubectl apply`.
 
 Uses the same pydantic models the CRDs are generated from, so an error here is the error the
 API server (or the operator) would give, with the field to change.
@@ -15,8 +15,13 @@ from pydantic import ValidationError
 
 from .api.adapterdeployment import AdapterDeployment
 from .api.finetunejob import FineTuneJob
+from .api.finetuneschedule import FineTuneSchedule
 
-MODELS: dict[str, Any] = {"FineTuneJob": FineTuneJob, "AdapterDeployment": AdapterDeployment}
+MODELS: dict[str, Any] = {
+    "FineTuneJob": FineTuneJob,
+    "AdapterDeployment": AdapterDeployment,
+    "FineTuneSchedule": FineTuneSchedule,
+}
 
 
 def explain(error: ValidationError) -> list[str]:

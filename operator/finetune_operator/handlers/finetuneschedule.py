@@ -1,0 +1,285 @@
+"""kopf handlers of FineTuneSchedule: observe, plan (pure), act, write status.
+
+Every trigger — create, update, resume after an operator restart, the schedule's clock and
+status changes of the FineTuneJobs it owns — runs the same level-based :func:`reconcile`,
+serialised per schedule. A run's name comes from its slot, so a repeated create meets the run
+already made (409) and is taken as success: never two runs for one slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from .. import metrics
+from ..api.common import GROUP, VERSION
+from ..api.finetunejob import KIND as FTJ_KIND
+from ..api.finetunejob import PLURAL as FTJ_PLURAL
+from ..api.finetuneschedule import KIND, PLURAL
+from ..builders import names
+from ..clients.kube import KubeClient, KubeError
+from ..config import OperatorConfig
+from ..planners.finetuneschedule import (
+    LABEL_SCHEDULE,
+    Observed,
+    Plan,
+    RunAction,
+    parse_time,
+    plan,
+    run_outcome,
+)
+from .finetunejob import FOREIGN_STATUS_KEYS, runtime, status_patch
+
+log = logging.getLogger(__name__)
+
+# How often a sleeping clock looks whether its schedule is due or kopf asked it to stop. It
+# reads only memory: the API is asked once per due time, not per check.
+CLOCK_TICK_SECONDS = 0.5
+# After a failed reconcile (API errors), the clock tries again after this long.
+CLOCK_RETRY_SECONDS = 5.0
+
+
+class ScheduleState:
+    """Per-operator-run state of the schedule controller (in kopf's memo)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        # (namespace, name) -> monotonic time the schedule is next due.
+        self.due: dict[tuple[str, str], float] = {}
+
+    @contextlib.asynccontextmanager
+    async def serialised(self, namespace: str, name: str) -> AsyncIterator[None]:
+        key = (namespace, name)
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+def schedule_state(memo: Any) -> ScheduleState:
+    state = getattr(memo, "ftsched_state", None)
+    if state is None:
+        state = ScheduleState()
+        memo.ftsched_state = state
+    return state
+
+
+class RunNameTaken(Exception):
+    """A FineTuneJob of the run's name exists and belongs to something else."""
+
+
+# ---------------------------------------------------------------- observe
+
+
+def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") == KIND and ref.get("controller") and ref.get("uid") == uid:
+            return True
+    return False
+
+
+async def observe(kube: KubeClient, body: Mapping[str, Any], now: datetime) -> Observed:
+    meta = body.get("metadata") or {}
+    name, namespace, uid = str(meta["name"]), str(meta["namespace"]), str(meta.get("uid") or "")
+    runs = await kube.list(FTJ_KIND, namespace, {LABEL_SCHEDULE: names.label_value(name)})
+    status = dict(body.get("status") or {})
+    for key in FOREIGN_STATUS_KEYS:
+        status.pop(key, None)
+    return Observed(
+        name=name,
+        namespace=namespace,
+        uid=uid,
+        generation=int(meta.get("generation") or 1),
+        created=parse_time(meta.get("creationTimestamp")) or now,
+        spec=body.get("spec") or {},
+        status=status,
+        runs=tuple(r for r in runs if owned_by(r, uid)),
+        now=now,
+    )
+
+
+# ---------------------------------------------------------------- act
+
+
+async def execute(kube: KubeClient, namespace: str, owner_uid: str, p: Plan) -> None:
+    for action in p.actions:
+        if action.verb == "delete":
+            await kube.delete(FTJ_KIND, namespace, action.name)
+        elif action.body is not None:
+            await _create(kube, namespace, owner_uid, action)
+
+
+async def _create(kube: KubeClient, namespace: str, owner_uid: str, action: RunAction) -> None:
+    """Create the run, or meet the one of that name this schedule already made."""
+    assert action.body is not None
+    existing, created = await kube.create(action.body)
+    if not created and not owned_by(existing, owner_uid):
+        raise RunNameTaken(
+            f"FineTuneJob {namespace}/{action.name} exists and is not a run of this schedule: "
+            "rename or delete it"
+        )
+
+
+# ---------------------------------------------------------------- reconcile
+
+
+async def reconcile(
+    kube: KubeClient,
+    config: OperatorConfig,
+    namespace: str,
+    name: str,
+    trigger: str,
+    state: ScheduleState,
+    now: datetime | None = None,
+) -> Plan | None:
+    """Observe, plan, act and write status for one schedule; retried on write conflicts."""
+    metrics.see_schedule_namespace(namespace)
+    async with state.serialised(namespace, name):
+        try:
+            for _attempt in range(max(1, config.status_write_retries)):
+                body = await kube.get(KIND, namespace, name)
+                if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+                    state.due.pop((namespace, name), None)
+                    return None
+                obs = await observe(kube, body, now or datetime.now(UTC))
+                p = plan(obs)
+                await execute(kube, namespace, obs.uid, p)
+                patch = status_patch(obs.status, p.status)
+                if patch:
+                    try:
+                        await kube.patch_status(KIND, namespace, name, patch, None)
+                    except KubeError as exc:
+                        if exc.status == 409:
+                            continue
+                        raise
+                    for event in p.events:
+                        await kube.emit_event(body, event.type, event.reason, event.message)
+                    _record_metrics(obs, p)
+                _remember_due(state, namespace, name, p)
+                log.debug("%s/%s reconciled (%s)", namespace, name, trigger)
+                return p
+            raise kopf.TemporaryError("status writes kept conflicting; retrying later", delay=2)
+        except RunNameTaken as exc:
+            raise kopf.TemporaryError(str(exc), delay=max(30.0, config.retry_seconds)) from exc
+        except KubeError as exc:
+            delay = min(5.0, config.retry_seconds)
+            raise kopf.TemporaryError(f"Kubernetes API error: {exc}", delay=delay) from exc
+
+
+def _remember_due(state: ScheduleState, namespace: str, name: str, p: Plan) -> None:
+    if p.wake_after is None:
+        state.due.pop((namespace, name), None)
+    else:
+        state.due[(namespace, name)] = time.monotonic() + p.wake_after
+
+
+def _record_metrics(obs: Observed, p: Plan) -> None:
+    for record in p.finished:
+        metrics.fts_runs.labels(obs.namespace, record["trigger"], record["outcome"]).inc()
+    before = {r.get("name"): r for r in obs.status.get("runs") or []}
+    for record in p.status.get("runs") or []:
+        comparison = record.get("comparison")
+        if comparison and not (before.get(record["name"]) or {}).get("comparison"):
+            metrics.fts_promotions.labels(obs.namespace, comparison["decision"]).inc()
+    last = parse_time(p.status.get("lastSuccessfulTime"))
+    if last is not None:
+        metrics.fts_last_success.labels(obs.namespace, obs.name).set(last.timestamp())
+
+
+def _raise_for_outcome(p: Plan | None) -> None:
+    if p is not None and p.outcome == "permanent":
+        raise kopf.PermanentError(p.message)
+
+
+# ---------------------------------------------------------------- handlers
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+async def on_change(name: str, namespace: str | None, memo: Any, reason: str, **_: Any) -> None:
+    kube, config = runtime(memo)
+    state = schedule_state(memo)
+    _raise_for_outcome(await reconcile(kube, config, str(namespace), name, str(reason), state))
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
+async def schedule_clock(
+    name: str, namespace: str | None, stopped: kopf.DaemonStopped, memo: Any, **_: Any
+) -> None:
+    """Reconcile the schedule when its next time comes (the plan says when).
+
+    Sleeps on a deadline in memory that every reconcile of the schedule moves, so an edited
+    schedule or a finished run takes effect without waiting for the old deadline.
+    """
+    kube, config = runtime(memo)
+    state = schedule_state(memo)
+    key = (str(namespace), name)
+    while not stopped:
+        due = state.due.get(key)
+        now = time.monotonic()
+        if due is not None and now >= due:
+            try:
+                await asyncio.shield(
+                    reconcile(kube, config, key[0], name, trigger="clock", state=state)
+                )
+            except (kopf.TemporaryError, kopf.PermanentError, KubeError) as exc:
+                log.info("scheduled reconcile of %s/%s deferred: %s", key[0], name, exc)
+                state.due[key] = time.monotonic() + CLOCK_RETRY_SECONDS
+            continue
+        wait = CLOCK_TICK_SECONDS if due is None else min(CLOCK_TICK_SECONDS, due - now)
+        await asyncio.sleep(max(0.01, wait))
+
+
+@kopf.on.event(GROUP, VERSION, FTJ_PLURAL, labels={LABEL_SCHEDULE: kopf.PRESENT})
+async def run_event(body: kopf.Body, memo: Any, type: str | None, **_: Any) -> None:
+    """A run changed (its status, or it was deleted): reconcile its schedule at once."""
+    meta = body.get("metadata") or {}
+    owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == KIND), None)
+    if owner is None or type in (None, "ADDED"):
+        return
+    # Progress of a running run changes nothing here: only its end or its deletion does.
+    if (
+        type != "DELETED"
+        and run_outcome(body)[0] == "Running"
+        and not meta.get("deletionTimestamp")
+    ):
+        return
+    kube, config = runtime(memo)
+    try:
+        await reconcile(
+            kube, config, str(meta.get("namespace")), str(owner["name"]), "run-event",
+            schedule_state(memo),
+        )  # fmt: skip
+    except (kopf.TemporaryError, KubeError) as exc:
+        log.info("reconcile after a run's change deferred: %s", exc)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def on_delete(name: str, namespace: str | None, uid: str | None, memo: Any, **_: Any) -> None:
+    """Delete the schedule's runs (the garbage collector would too; this is at once). Their
+    adapters in storage are never touched."""
+    kube, _config = runtime(memo)
+    namespace = str(namespace)
+    state = schedule_state(memo)
+    async with state.serialised(namespace, name):
+        state.due.pop((namespace, name), None)
+        runs = await kube.list(FTJ_KIND, namespace, {LABEL_SCHEDULE: names.label_value(name)})
+        for run in runs:
+            if owned_by(run, str(uid or "")):
+                await kube.delete(FTJ_KIND, namespace, run["metadata"]["name"])
+    metrics.forget_schedule(namespace, name)
