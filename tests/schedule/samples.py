@@ -47,6 +47,8 @@ def observed(
     status: dict[str, Any] | None = None,
     runs: tuple[dict[str, Any], ...] = (),
     generation: int = 1,
+    probes: tuple[dict[str, Any], ...] = (),
+    probe_pods: tuple[dict[str, Any], ...] = (),
 ) -> Observed:
     return Observed(
         name="weekly",
@@ -58,6 +60,9 @@ def observed(
         status=status or {},
         runs=runs,
         now=now,
+        probes=probes,
+        probe_pods=probe_pods,
+        trainer_image="ghcr.io/finetune-dev/trainer:test",
     )
 
 

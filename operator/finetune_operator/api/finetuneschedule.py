@@ -59,8 +59,16 @@ class JobTemplate(ApiModel):
 
 
 class DataChangeTrigger(ApiModel):
-    """Run when the training data changed since the last run."""
+    """Run when the training data changed since the last run. A small probe Job in the
+    namespace fingerprints the data sources from their metadata (file sizes and modification
+    times, S3 ETags) at every check; the operator itself never reads the data."""
 
+    check_interval_seconds: int = Field(
+        default=900,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="How often the data is checked for a change (seconds).",
+    )
     min_interval_seconds: int = Field(
         default=3600,
         ge=60,
@@ -86,9 +94,8 @@ class TriggerSpec(ApiModel):
     on_schedule: bool = Field(default=True, description="Run at every scheduled time.")
     on_data_change: DataChangeTrigger | None = Field(
         default=None,
-        description="Also (or only) run when the training data changed. The data is compared "
-        "at each scheduled time; with onSchedule false a scheduled time with unchanged data "
-        "starts no run.",
+        description="Also (or, with onSchedule false, only) run when the training data "
+        "changed since the last run.",
     )
 
     @model_validator(mode="after")
@@ -256,6 +263,11 @@ class RunRecord(StatusModel):
     data_digest: str | None = Field(
         default=None, max_length=128, description="Digest of the cleaned data it trained on."
     )
+    source_digest: str | None = Field(
+        default=None,
+        max_length=128,
+        description="Fingerprint of the data sources when it started (onDataChange).",
+    )
     completed_at: str | None = Field(default=None, max_length=64, description="When it ended.")
     gates: list[GateSummary] | None = Field(default=None, description="Quality gate verdicts.")
     metrics: dict[str, float] | None = Field(default=None, description="Its evaluation metrics.")
@@ -273,6 +285,17 @@ class Champion(StatusModel):
         default=None, max_length=128, description="Digest of the data it was trained on."
     )
     since: str = Field(max_length=64, description="When it became the champion.")
+
+
+class DataCheck(StatusModel):
+    slot: str = Field(max_length=64, description="The check this result belongs to (RFC 3339).")
+    checked_at: str | None = Field(default=None, max_length=64, description="When it finished.")
+    source_digest: str | None = Field(
+        default=None, max_length=128, description="Fingerprint of the data sources."
+    )
+    error: str | None = Field(
+        default=None, max_length=1024, description="Why the data could not be checked."
+    )
 
 
 class FineTuneScheduleStatus(StatusModel):
@@ -306,6 +329,9 @@ class FineTuneScheduleStatus(StatusModel):
     )
     champion: Champion | None = Field(
         default=None, description="The adapter AdapterDeployments following this schedule serve."
+    )
+    data_check: DataCheck | None = Field(
+        default=None, description="The latest check of the training data (onDataChange)."
     )
 
 

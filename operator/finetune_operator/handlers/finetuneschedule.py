@@ -92,10 +92,23 @@ def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return False
 
 
-async def observe(kube: KubeClient, body: Mapping[str, Any], now: datetime) -> Observed:
+async def observe(
+    kube: KubeClient, config: OperatorConfig, body: Mapping[str, Any], now: datetime
+) -> Observed:
     meta = body.get("metadata") or {}
     name, namespace, uid = str(meta["name"]), str(meta["namespace"]), str(meta.get("uid") or "")
-    runs = await kube.list(FTJ_KIND, namespace, {LABEL_SCHEDULE: names.label_value(name)})
+    selector = {LABEL_SCHEDULE: names.label_value(name)}
+    runs = await kube.list(FTJ_KIND, namespace, selector)
+    probes: list[dict[str, Any]] = []
+    probe_pods: list[dict[str, Any]] = []
+    spec = body.get("spec") or {}
+    # Probe Jobs exist only with trigger.onDataChange (and are removed once it is unset).
+    if (spec.get("trigger") or {}).get("onDataChange") is not None or (
+        (body.get("status") or {}).get("dataCheck") is not None
+    ):
+        probes = [j for j in await kube.list("Job", namespace, selector) if owned_by(j, uid)]
+        if probes:
+            probe_pods = await kube.list("Pod", namespace, selector)
     status = dict(body.get("status") or {})
     for key in FOREIGN_STATUS_KEYS:
         status.pop(key, None)
@@ -109,6 +122,10 @@ async def observe(kube: KubeClient, body: Mapping[str, Any], now: datetime) -> O
         status=status,
         runs=tuple(r for r in runs if owned_by(r, uid)),
         now=now,
+        probes=tuple(probes),
+        probe_pods=tuple(probe_pods),
+        trainer_image=config.trainer_image,
+        pull_policy=config.image_pull_policy,
     )
 
 
@@ -118,7 +135,7 @@ async def observe(kube: KubeClient, body: Mapping[str, Any], now: datetime) -> O
 async def execute(kube: KubeClient, namespace: str, owner_uid: str, p: Plan) -> None:
     for action in p.actions:
         if action.verb == "delete":
-            await kube.delete(FTJ_KIND, namespace, action.name)
+            await kube.delete(action.kind, namespace, action.name)
         elif action.body is not None:
             await _create(kube, namespace, owner_uid, action)
 
@@ -129,8 +146,8 @@ async def _create(kube: KubeClient, namespace: str, owner_uid: str, action: RunA
     existing, created = await kube.create(action.body)
     if not created and not owned_by(existing, owner_uid):
         raise RunNameTaken(
-            f"FineTuneJob {namespace}/{action.name} exists and is not a run of this schedule: "
-            "rename or delete it"
+            f"{action.kind} {namespace}/{action.name} exists and was not made for this "
+            "schedule: rename or delete it"
         )
 
 
@@ -155,7 +172,7 @@ async def reconcile(
                 if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
                     state.due.pop((namespace, name), None)
                     return None
-                obs = await observe(kube, body, now or datetime.now(UTC))
+                obs = await observe(kube, config, body, now or datetime.now(UTC))
                 p = plan(obs)
                 await execute(kube, namespace, obs.uid, p)
                 patch = status_patch(obs.status, p.status)
@@ -267,6 +284,26 @@ async def run_event(body: kopf.Body, memo: Any, type: str | None, **_: Any) -> N
         )  # fmt: skip
     except (kopf.TemporaryError, KubeError) as exc:
         log.info("reconcile after a run's change deferred: %s", exc)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_SCHEDULE: kopf.PRESENT})
+async def probe_event(body: kopf.Body, memo: Any, type: str | None, **_: Any) -> None:
+    """A data probe finished: reconcile its schedule at once to read the result."""
+    meta = body.get("metadata") or {}
+    owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == KIND), None)
+    conditions = (body.get("status") or {}).get("conditions") or []
+    ended = any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+                for c in conditions)  # fmt: skip
+    if owner is None or type in (None, "ADDED", "DELETED") or not ended:
+        return
+    kube, config = runtime(memo)
+    try:
+        await reconcile(
+            kube, config, str(meta.get("namespace")), str(owner["name"]), "probe-event",
+            schedule_state(memo),
+        )  # fmt: skip
+    except (kopf.TemporaryError, KubeError) as exc:
+        log.info("reconcile after a data probe deferred: %s", exc)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

@@ -22,11 +22,15 @@ from ..api.common import API_VERSION, set_condition
 from ..api.finetuneschedule import KIND, RUN_RECORDS_MAX, FineTuneScheduleSpec
 from ..api.metrics_catalog import METRICS
 from ..builders import names
+from ..builders.data_probe import LABEL_PROBE, probe_job, probe_result
 
 # Labels and annotations on each run.
 LABEL_SCHEDULE = "finetune.dev/schedule"
 ANNOTATION_SCHEDULED_TIME = "finetune.dev/scheduled-time"
 ANNOTATION_TRIGGER = "finetune.dev/trigger"
+ANNOTATION_SOURCE_DIGEST = "finetune.dev/source-digest"
+# While a data probe runs, the schedule is looked at again this often (a Job event comes first).
+PROBE_WAIT_SECONDS = 10.0
 
 # Condition types, in the order they appear in status.
 READY = "Ready"
@@ -36,7 +40,7 @@ PROMOTION_BLOCKED = "PromotionBlocked"
 CONDITION_TYPES = (READY, SUSPENDED, LAST_RUN_FAILED, PROMOTION_BLOCKED)
 
 # Reasons that make a Warning event when they appear.
-WARNING_REASONS = frozenset({"InvalidSpec", "MissedSchedule", "RunDeleted"})
+WARNING_REASONS = frozenset({"InvalidSpec", "MissedSchedule", "RunDeleted", "DataCheckFailed"})
 # Longest sleep between two looks at a schedule whose next time is far away: a clock jump or
 # a lost watch event is caught up within this time.
 MAX_WAKE_SECONDS = 3600.0
@@ -60,6 +64,12 @@ class Observed:
     # The FineTuneJobs this schedule owns (controller ownerReference with its uid).
     runs: tuple[Mapping[str, Any], ...] = ()
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # With trigger.onDataChange: the schedule's probe Jobs and their pods, and the image and
+    # pull policy the probe runs with (the trainer's).
+    probes: tuple[Mapping[str, Any], ...] = ()
+    probe_pods: tuple[Mapping[str, Any], ...] = ()
+    trainer_image: str = ""
+    pull_policy: str = "IfNotPresent"
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ class RunAction:
     verb: Literal["create", "delete"]
     name: str
     body: dict[str, Any] | None = None
-    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    kind: Literal["FineTuneJob", "Job"] = "FineTuneJob"
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,8 @@ def observe_run(ftj: Mapping[str, Any]) -> dict[str, Any]:
     digest = (status.get("data") or {}).get("digest")
     if digest:
         record["dataDigest"] = digest
+    if annotations.get(ANNOTATION_SOURCE_DIGEST):
+        record["sourceDigest"] = annotations[ANNOTATION_SOURCE_DIGEST]
     if outcome in FINISHED:
         record["completedAt"] = status.get("completedAt") or None
         gates = [
@@ -317,8 +329,23 @@ def champion_from(record: Mapping[str, Any], since: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- the run to create
 
 
+def owner_reference(obs: Observed) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": obs.name,
+        "uid": obs.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
 def run_body(
-    obs: Observed, spec: Mapping[str, Any], slot: datetime, trigger: str
+    obs: Observed,
+    spec: Mapping[str, Any],
+    slot: datetime,
+    trigger: str,
+    source_digest: str | None = None,
 ) -> dict[str, Any]:
     """The FineTuneJob of one slot, owned by the schedule, writing to a folder of its own."""
     name = run_name(obs.name, slot)
@@ -338,6 +365,8 @@ def run_body(
         ANNOTATION_SCHEDULED_TIME: rfc3339(slot),
         ANNOTATION_TRIGGER: trigger,
     }
+    if source_digest:
+        annotations[ANNOTATION_SOURCE_DIGEST] = source_digest
     return {
         "apiVersion": API_VERSION,
         "kind": "FineTuneJob",
@@ -346,16 +375,7 @@ def run_body(
             "namespace": obs.namespace,
             "labels": labels,
             "annotations": annotations,
-            "ownerReferences": [
-                {
-                    "apiVersion": API_VERSION,
-                    "kind": KIND,
-                    "name": obs.name,
-                    "uid": obs.uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "ownerReferences": [owner_reference(obs)],
         },
         "spec": ftj_spec,
     }
@@ -484,78 +504,179 @@ def plan(obs: Observed) -> Plan:
                                 f"{record['name']} is the champion: {comparison['message']}"))  # fmt: skip
 
     active = [r["name"] for r in records if r["outcome"] == "Running" and r["name"] in seen]
-    sched = cron.parse(spec_model.schedule)
-    tz = cron.zone(spec_model.time_zone)
-    last = parse_time(obs.status.get("lastScheduleTime")) or obs.created
-    slot, upcoming = _due_slot(obs, sched, tz, last)
-    ready_reason, ready_message = "Scheduled", "runs start at the scheduled times"
-    new_run: dict[str, Any] | None = None
     if spec_model.suspend:
         st.cond(SUSPENDED, "True", "Suspended", "spec.suspend is true: no new runs start")
-        slot = None
     else:
-        st.cond(SUSPENDED, "False", "Active", "runs start at the scheduled times")
-    if slot is not None:
-        name = run_name(obs.name, slot)
-        deadline = spec_model.starting_deadline_seconds
-        late = (obs.now - slot).total_seconds()
-        if name in seen:
-            st.data["lastScheduleTime"] = rfc3339(slot)  # made before a lost status write
-        elif deadline is not None and late > deadline:
-            ready_reason = "MissedSchedule"
-            ready_message = (
-                f"the run of {rfc3339(slot)} was missed by {int(late)}s, more than "
-                f"startingDeadlineSeconds ({deadline}); the next run is at the next scheduled time"
-            )
-        elif active and spec_model.concurrency_policy == "Forbid":
-            ready_reason = "WaitingForActiveRun"
-            ready_message = (
-                f"the run of {rfc3339(slot)} waits for {', '.join(active)} to finish "
-                "(concurrencyPolicy Forbid)"
-            )
-        else:
-            if active:  # Replace
-                actions += [RunAction("delete", n) for n in active]
-                for n in active:
-                    events.append(Event("Normal", "RunReplaced", f"deleted {n} for a new run"))
-                for r in records:
-                    if r["name"] in active:
-                        r.update(outcome="Failed", reason="Replaced",
-                                 completedAt=rfc3339(obs.now))  # fmt: skip
-                active = []
-            new_run = run_body(obs, obs.spec, slot, "Schedule")
-            actions.append(RunAction("create", name, new_run))
-            st.data["lastScheduleTime"] = rfc3339(slot)
-            records.append({"name": name, "scheduledTime": rfc3339(slot),
-                            "trigger": "Schedule", "outcome": "Running"})  # fmt: skip
-            active.append(name)
-            events.append(Event("Normal", "RunStarted", f"started {name} for {rfc3339(slot)}"))
-    st.cond(READY, "True", ready_reason, ready_message)
-    if ready_reason == "MissedSchedule" and not _same_reason(obs.status, READY, ready_reason):
-        events.append(Event("Warning", "MissedSchedule", ready_message))
-
+        st.cond(SUSPENDED, "False", "Active", "new runs start when they are due")
+    step = _Step(obs, spec_model, st, records, seen, active, actions, events)
+    upcoming = _scheduled_run(step)
+    probe_wake = _data_change_run(step)
     _set_run_conditions(st, records)
     newest_first = list(reversed(records))
     st.data["runs"] = _bounded(newest_first, champion)
-    st.data["active"] = active
+    st.data["active"] = step.active
     st.data["champion"] = champion
-    st.data["nextScheduleTime"] = (
-        None if spec_model.suspend or upcoming is None else rfc3339(upcoming)
-    )
+    st.data["nextScheduleTime"] = None if upcoming is None else rfc3339(upcoming)
     done = [r for r in newest_first if r["outcome"] in FINISHED]
     st.data["lastOutcome"] = done[0]["outcome"] if done else None
     ok = [r for r in done if r["outcome"] == "Succeeded" and r.get("completedAt")]
     st.data["lastSuccessfulTime"] = max((str(r["completedAt"]) for r in ok), default=None) or (
         obs.status.get("lastSuccessfulTime")
     )
-    wake = None if upcoming is None else max(1.0, (upcoming - obs.now).total_seconds())
+    waits = [MAX_WAKE_SECONDS]
+    if upcoming is not None:
+        waits.append(max(1.0, (upcoming - obs.now).total_seconds()))
+    if probe_wake is not None:
+        waits.append(probe_wake)
     return Plan(
         st.finish(),
         actions=actions,
         events=events,
-        wake_after=None if spec_model.suspend else min(wake or MAX_WAKE_SECONDS, MAX_WAKE_SECONDS),
+        wake_after=None if spec_model.suspend else min(waits),
         finished=finished,
     )
+
+
+@dataclass
+class _Step:
+    """What the two triggers (schedule, data change) read and add to."""
+
+    obs: Observed
+    spec: FineTuneScheduleSpec
+    st: _Status
+    records: list[dict[str, Any]]
+    seen: Mapping[str, Any]
+    active: list[str]
+    actions: list[RunAction]
+    events: list[Event]
+    started: str | None = None
+
+    def start(self, slot: datetime, trigger: str, source_digest: str | None) -> str:
+        name = run_name(self.obs.name, slot)
+        body = run_body(self.obs, self.obs.spec, slot, trigger, source_digest)
+        self.actions.append(RunAction("create", name, body))
+        record = {"name": name, "scheduledTime": rfc3339(slot), "trigger": trigger,
+                  "outcome": "Running"}  # fmt: skip
+        if source_digest:
+            record["sourceDigest"] = source_digest
+        self.records.append(record)
+        self.active.append(name)
+        self.started = name
+        self.events.append(
+            Event("Normal", "RunStarted", f"started {name} ({trigger}) for {rfc3339(slot)}")
+        )
+        return name
+
+
+def _scheduled_run(step: _Step) -> datetime | None:
+    """Start the run of the latest scheduled time not run yet, CronJob-like; returns the next
+    scheduled time (None: suspended, or the schedule does not start runs)."""
+    obs, spec, st = step.obs, step.spec, step.st
+    sched = cron.parse(spec.schedule)
+    tz = cron.zone(spec.time_zone)
+    last = parse_time(obs.status.get("lastScheduleTime")) or obs.created
+    slot, upcoming = _due_slot(obs, sched, tz, last)
+    reason, message = "Scheduled", "runs start at the scheduled times"
+    if not spec.trigger.on_schedule:
+        reason, message = "WaitingForDataChange", "runs start when the training data changes"
+        slot = upcoming = None
+    if spec.suspend:
+        slot = upcoming = None
+    if slot is not None:
+        name = run_name(obs.name, slot)
+        deadline = spec.starting_deadline_seconds
+        late = (obs.now - slot).total_seconds()
+        if name in step.seen:
+            st.data["lastScheduleTime"] = rfc3339(slot)  # made before a lost status write
+        elif deadline is not None and late > deadline:
+            reason = "MissedSchedule"
+            message = (
+                f"the run of {rfc3339(slot)} was missed by {int(late)}s, more than "
+                f"startingDeadlineSeconds ({deadline}); the next run is at the next scheduled time"
+            )
+        elif step.active and spec.concurrency_policy == "Forbid":
+            reason = "WaitingForActiveRun"
+            message = (
+                f"the run of {rfc3339(slot)} waits for {', '.join(step.active)} to finish "
+                "(concurrencyPolicy Forbid)"
+            )
+        else:
+            _replace_active(step)
+            check = obs.status.get("dataCheck") or {}
+            step.start(slot, "Schedule", check.get("sourceDigest"))
+            st.data["lastScheduleTime"] = rfc3339(slot)
+    st.cond(READY, "True", reason, message)
+    if reason == "MissedSchedule" and not _same_reason(obs.status, READY, reason):
+        step.events.append(Event("Warning", "MissedSchedule", message))
+    return upcoming
+
+
+def _replace_active(step: _Step) -> None:
+    """concurrencyPolicy Replace: delete the active runs before the new one starts."""
+    for name in step.active:
+        step.actions.append(RunAction("delete", name))
+        step.events.append(Event("Normal", "RunReplaced", f"deleted {name} for a new run"))
+        for r in step.records:
+            if r["name"] == name:
+                r.update(outcome="Failed", reason="Replaced", completedAt=rfc3339(step.obs.now))
+    step.active.clear()
+
+
+def _data_change_run(step: _Step) -> float | None:
+    """trigger.onDataChange: probe the data once per check interval and start a run when its
+    fingerprint differs from the last run's; returns seconds until the next look."""
+    obs, spec, st = step.obs, step.spec, step.st
+    trigger = spec.trigger.on_data_change
+    probes = {str(j["metadata"]["name"]): j for j in obs.probes}
+    if trigger is None or spec.suspend:
+        step.actions += [RunAction("delete", n, kind="Job") for n in sorted(probes)]
+        if trigger is None:
+            st.data["dataCheck"] = None
+        return None
+    interval = trigger.check_interval_seconds
+    epoch = int(obs.now.timestamp())
+    slot = datetime.fromtimestamp(epoch - epoch % interval, UTC)
+    probe_name = names.child_name(obs.name, f"probe-{int(slot.timestamp()) // 60}")
+    step.actions += [RunAction("delete", n, kind="Job") for n in sorted(probes) if n != probe_name]
+    check = dict(obs.status.get("dataCheck") or {})
+    wake = float(interval - epoch % interval)
+    if check.get("slot") != rfc3339(slot):
+        job = probes.get(probe_name)
+        if job is None:
+            body = probe_job(probe_name, obs.namespace, names.label_value(obs.name),
+                             owner_reference(obs), obs.spec.get("jobTemplate", {}).get("spec") or {},
+                             spec.job_template.spec.image or obs.trainer_image, obs.pull_policy)  # fmt: skip
+            step.actions.append(RunAction("create", probe_name, body, kind="Job"))
+            return PROBE_WAIT_SECONDS
+        pods = [p for p in obs.probe_pods
+                if ((p.get("metadata") or {}).get("labels") or {}).get(LABEL_PROBE) == probe_name]  # fmt: skip
+        found = probe_result(job, pods)
+        if found is None:
+            return PROBE_WAIT_SECONDS
+        check = {"slot": rfc3339(slot), "checkedAt": rfc3339(obs.now), **found}
+        if "sourceDigest" not in found and "digest" in found:
+            check["sourceDigest"] = check.pop("digest")
+        if check.get("error"):
+            step.events.append(Event("Warning", "DataCheckFailed", str(check["error"])))
+        step.actions.append(RunAction("delete", probe_name, kind="Job"))
+    st.data["dataCheck"] = check or None
+    digest = check.get("sourceDigest")
+    if digest and step.started is None and not step.active:
+        _start_if_changed(step, slot, str(digest), trigger.min_interval_seconds)
+    return wake
+
+
+def _start_if_changed(step: _Step, slot: datetime, digest: str, min_interval: int) -> None:
+    runs = sorted(step.records, key=lambda r: str(r.get("scheduledTime")))
+    known = [r for r in runs if r.get("sourceDigest")]
+    if known and known[-1]["sourceDigest"] == digest:
+        return
+    last_start = parse_time(runs[-1].get("scheduledTime")) if runs else None
+    if last_start is not None and (step.obs.now - last_start).total_seconds() < min_interval:
+        return
+    if run_name(step.obs.name, slot) in step.seen:
+        return  # this check's run exists (made before a lost status write)
+    step.start(slot, "DataChange", digest)
 
 
 def _same_reason(status: Mapping[str, Any], type_: str, reason: str) -> bool:
