@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from controller.cluster import NS, add_prerequisites, operator, start_operator, start_pod, wait_job
 from controller.ftj_samples import result
+from finetune_operator import metrics
 from finetune_operator.local import Emulator
 from finetune_operator.planners.finetuneschedule import run_name
+from finetune_trainer.fingerprint import main as fingerprint_main
 from k8s_fixtures import wait_for
 from samples import sched_spec
 
@@ -54,9 +57,16 @@ def finish_run(emulator: Emulator, metrics: dict[str, float] | None = None) -> N
     emulator.set_job_finished(NS, job_name, succeeded=True)
 
 
+def sample(metric: str, **labels: str) -> float:
+    value = metrics.REGISTRY.get_sample_value(metric, {"namespace": NS, **labels})
+    return float(value or 0.0)
+
+
 def test_one_run_for_the_slot_then_it_becomes_the_champion(
     emulator: Emulator, operator_runner: Any
 ) -> None:
+    runs_before = sample("finetune_schedule_runs_total", trigger="Schedule", outcome="Succeeded")
+    promoted_before = sample("finetune_schedule_promotion_decisions_total", decision="Promoted")
     add_prerequisites(emulator)
     sched = schedule(emulator)
     start_operator(emulator, operator_runner)
@@ -81,6 +91,17 @@ def test_one_run_for_the_slot_then_it_becomes_the_champion(
     assert runs(emulator) == [RUN]
     reasons = {e.get("reason") for e in emulator.events_about(NS, "weekly")}
     assert {"RunStarted", "ChampionPromoted"} <= reasons
+    # Metrics: the run by outcome, the decision, and when the last success was.
+    assert sample("finetune_schedule_runs_total", trigger="Schedule", outcome="Succeeded") == (
+        runs_before + 1
+    )
+    assert sample("finetune_schedule_promotion_decisions_total", decision="Promoted") == (
+        promoted_before + 1
+    )
+    assert sample("finetune_schedule_runs_total", trigger="DataChange", outcome="Failed") == 0.0
+    completed = datetime.fromisoformat(st["lastSuccessfulTime"].replace("Z", "+00:00"))
+    last = sample("finetune_schedule_last_success_timestamp_seconds", name="weekly")
+    assert last == completed.timestamp()
 
 
 def test_restarts_and_api_errors_never_make_a_second_run(
@@ -138,3 +159,48 @@ def test_deleting_the_schedule_deletes_its_runs(emulator: Emulator, operator_run
         timeout=20,
         what="schedule gone",
     )
+
+
+def test_a_data_probe_result_starts_a_data_change_run(
+    emulator: Emulator, operator_runner: Any, tmp_path: Path
+) -> None:
+    """The operator starts the probe Job; the probe (run here for real on a folder standing in
+    for the claim) reports a fingerprint; the operator starts a DataChange run with it."""
+    add_prerequisites(emulator)
+    trigger = {"onSchedule": False, "onDataChange": {"checkIntervalSeconds": 3600}}
+    schedule(emulator, trigger=trigger)
+    start_operator(emulator, operator_runner)
+    probe = wait_for(
+        lambda: next(iter(emulator.read_all("jobs", NS)), None), timeout=20, what="probe Job"
+    )
+    name = probe["metadata"]["name"]
+    assert name.startswith("weekly-probe-")
+    # The kubelet's part: the pod runs the fingerprint command on the mounted claim.
+    data = tmp_path / "datasets" / "support" / "train.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    log = tmp_path / "termination-log"
+    args = probe["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert (
+        fingerprint_main([*args[:2], "--pvc-root", str(tmp_path), "--termination-log", str(log)])
+        == 0
+    )
+    pod = f"{name}-p"
+    template = probe["spec"]["template"]
+    emulator.create(
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": pod, "namespace": NS, "labels": template["metadata"]["labels"]},
+         "spec": template["spec"]},
+        keep_status=False,
+    )  # fmt: skip
+    emulator.terminate_container(NS, pod, exit_code=0, message=log.read_text())
+    emulator.set_job_finished(NS, name, succeeded=True)
+    ftj = wait_for(
+        lambda: next(iter(emulator.read_all("finetunejobs", NS)), None), timeout=20, what="the run"
+    )
+    annotations = ftj["metadata"]["annotations"]
+    assert annotations["finetune.dev/trigger"] == "DataChange"
+    st = wait_for(lambda: sched_status(emulator).get("dataCheck"), what="dataCheck")
+    assert annotations["finetune.dev/source-digest"] == st["sourceDigest"]
+    wait_for(lambda: emulator.read("jobs", NS, name) is None, what="the probe removed")
+    assert len(emulator.read_all("finetunejobs", NS)) == 1
