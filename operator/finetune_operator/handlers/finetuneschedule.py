@@ -69,6 +69,11 @@ class ScheduleState:
             else:
                 self._locks[key] = (lock, users - 1)
 
+    @property
+    def in_flight(self) -> int:
+        """Schedules with a reconcile running or waiting."""
+        return len(self._locks)
+
 
 def schedule_state(memo: Any) -> ScheduleState:
     state = getattr(memo, "ftsched_state", None)
@@ -223,6 +228,19 @@ def _raise_for_outcome(p: Plan | None) -> None:
 
 
 # ---------------------------------------------------------------- handlers
+
+# How long the operator, when it stops, lets schedule reconciles under way finish their writes.
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+
+@kopf.on.cleanup()
+async def finish_reconciles(memo: kopf.Memo, **_: Any) -> None:
+    """Let reconciles under way (a clock's is shielded from cancellation) write their status
+    before the API client's connections are closed."""
+    state = getattr(memo, "ftsched_state", None)
+    deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+    while state is not None and state.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
