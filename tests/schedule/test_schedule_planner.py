@@ -346,3 +346,30 @@ def test_an_unknown_time_zone_is_refused() -> None:
     p = plan(observed(MON_7, spec=sched_spec(timeZone="Europe/Atlantis")))
     assert cond(p, "Ready")["reason"] == "InvalidSpec"
     assert "IANA time zone" in cond(p, "Ready")["message"]
+
+
+def test_edited_run_annotations_never_reach_status_malformed() -> None:
+    hostile = run(MON_7, "Succeeded")
+    hostile["metadata"]["annotations"].update(
+        {
+            "finetune.dev/trigger": "Whatever" * 50,
+            "finetune.dev/scheduled-time": "not a time",
+            "finetune.dev/source-digest": "sha256:" + "x" * 500,
+        }
+    )
+    hostile["metadata"]["creationTimestamp"] = "2026-12-07T01:00:02Z"
+    hostile["status"]["metrics"] = {"rougeL": float("inf"), "evalLoss": 0.9}
+    p = plan(observed(MON_7 + timedelta(hours=5), runs=(hostile,)))
+    record = p.status["runs"][0]
+    assert record["trigger"] == "Schedule"
+    assert record["scheduledTime"] == "2026-12-07T01:00:02Z"
+    assert "sourceDigest" not in record
+    assert record["metrics"] == {"evalLoss": 0.9}
+
+
+def test_a_run_already_being_deleted_is_not_deleted_again() -> None:
+    old = run(MON_7 - timedelta(days=7), "Failed", deleting=True)
+    newer = run(MON_7, "Failed")
+    status = {"lastScheduleTime": "2026-12-07T01:00:00Z"}
+    p = plan(observed(MON_7 + timedelta(hours=5), status=status, runs=(old, newer)))
+    assert deletes(p) == []

@@ -10,6 +10,8 @@ instead of making a second one.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -45,6 +47,8 @@ WARNING_REASONS = frozenset({"InvalidSpec", "MissedSchedule", "RunDeleted", "Dat
 # a lost watch event is caught up within this time.
 MAX_WAKE_SECONDS = 3600.0
 FINISHED = ("Succeeded", "Failed")
+RUN_TRIGGERS = ("Schedule", "DataChange")
+DIGEST = re.compile(r"sha256:[0-9a-f]{1,64}")
 
 
 # ---------------------------------------------------------------- inputs and outputs
@@ -148,9 +152,9 @@ def _finite_metrics(raw: Any) -> dict[str, float] | None:
     if not isinstance(raw, Mapping):
         return None
     out = {
-        str(k): float(v)
+        str(k)[:64]: float(v)
         for k, v in raw.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and v == v
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
     }
     return out or None
 
@@ -175,12 +179,16 @@ def observe_run(ftj: Mapping[str, Any]) -> dict[str, Any]:
     outcome, reason = run_outcome(ftj)
     if outcome == "Running" and meta.get("deletionTimestamp"):
         outcome, reason = "Failed", "RunDeleted"
+    # Annotations of a run can be edited by anyone who may edit the run: only well-formed
+    # values reach status (a malformed one would make the whole status write invalid).
+    slot = parse_time(annotations.get(ANNOTATION_SCHEDULED_TIME)) or parse_time(
+        meta.get("creationTimestamp")
+    )
+    trigger = annotations.get(ANNOTATION_TRIGGER)
     record: dict[str, Any] = {
         "name": meta.get("name"),
-        "scheduledTime": annotations.get(ANNOTATION_SCHEDULED_TIME)
-        or meta.get("creationTimestamp")
-        or "",
-        "trigger": annotations.get(ANNOTATION_TRIGGER) or "Schedule",
+        "scheduledTime": rfc3339(slot) if slot else "",
+        "trigger": trigger if trigger in RUN_TRIGGERS else "Schedule",
         "outcome": outcome,
     }
     if reason:
@@ -188,8 +196,9 @@ def observe_run(ftj: Mapping[str, Any]) -> dict[str, Any]:
     digest = (status.get("data") or {}).get("digest")
     if digest:
         record["dataDigest"] = digest
-    if annotations.get(ANNOTATION_SOURCE_DIGEST):
-        record["sourceDigest"] = annotations[ANNOTATION_SOURCE_DIGEST]
+    source = str(annotations.get(ANNOTATION_SOURCE_DIGEST) or "")
+    if DIGEST.fullmatch(source):
+        record["sourceDigest"] = source
     if outcome in FINISHED:
         record["completedAt"] = status.get("completedAt") or None
         gates = [
@@ -444,7 +453,7 @@ def _decide_finished(
 
 def _prune(
     spec: Mapping[str, Any], records: list[dict[str, Any]], seen: Mapping[str, Any],
-    champion: Mapping[str, Any] | None,
+    champion: Mapping[str, Any] | None, deleting: set[str],
 ) -> list[RunAction]:  # fmt: skip
     """Delete finished runs beyond the history limits, oldest first; never the champion's."""
     limits = {
@@ -454,7 +463,10 @@ def _prune(
     keep = (champion or {}).get("job")
     actions: list[RunAction] = []
     for outcome, limit in limits.items():
-        finished = [r for r in reversed(records) if r["outcome"] == outcome and r["name"] in seen]
+        finished = [
+            r for r in reversed(records)
+            if r["outcome"] == outcome and r["name"] in seen and r["name"] not in deleting
+        ]  # fmt: skip
         for record in finished[limit:]:
             if record["name"] != keep:
                 actions.append(RunAction("delete", record["name"]))
@@ -493,7 +505,12 @@ def plan(obs: Observed) -> Plan:
     records = _merge_records(obs, seen)
     before = {str(r.get("name")): r for r in obs.status.get("runs") or []}
     champion, decided = _decide_finished(spec, records, obs.status.get("champion"), obs.now)
-    actions = _prune(spec, records, seen, champion)
+    deleting = {
+        str(r["metadata"]["name"])
+        for r in obs.runs
+        if (r.get("metadata") or {}).get("deletionTimestamp")
+    }
+    actions = _prune(spec, records, seen, champion, deleting)
     events: list[Event] = []
     finished = [r for r in records if r["outcome"] in FINISHED
                 and (before.get(r["name"]) or {}).get("outcome") not in FINISHED]  # fmt: skip
