@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from controller.cluster import NS, add_prerequisites, operator, start_operator, start_pod, wait_job
 from controller.ftj_samples import result
 from finetune_operator import metrics
@@ -62,6 +63,9 @@ def sample(metric: str, **labels: str) -> float:
     return float(value or 0.0)
 
 
+# The API's schema checks (CRD openAPIV3Schema) apply to every write: the status the operator
+# writes must fit it.
+@pytest.mark.emulator(validate_schemas=True)
 def test_one_run_for_the_slot_then_it_becomes_the_champion(
     emulator: Emulator, operator_runner: Any
 ) -> None:
@@ -161,6 +165,7 @@ def test_deleting_the_schedule_deletes_its_runs(emulator: Emulator, operator_run
     )
 
 
+@pytest.mark.emulator(validate_schemas=True)
 def test_a_data_probe_result_starts_a_data_change_run(
     emulator: Emulator, operator_runner: Any, tmp_path: Path
 ) -> None:
