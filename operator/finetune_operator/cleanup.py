@@ -1,8 +1,8 @@
 """``finetune-operator cleanup``: take the operator's finalizer off its objects when no
 operator is left to do it.
 
-Every FineTuneJob and AdapterDeployment carries the finalizer ``finetune.dev/cleanup`` while
-the operator handles it. Once the operator is uninstalled nothing removes it, so deleting such
+Every FineTuneJob, AdapterDeployment and FineTuneSchedule carries the finalizer
+``finetune.dev/cleanup`` while the operator handles it. Once the operator is uninstalled nothing removes it, so deleting such
 an object (or its CRD, which deletes them all) waits forever. This command removes only that
 finalizer (others stay), by default only from objects already being deleted; their trainer
 Jobs, ConfigMaps and canary Deployments are owned by them and go with them.
