@@ -229,6 +229,16 @@ def _raise_for_outcome(p: Plan | None) -> None:
 
 # ---------------------------------------------------------------- handlers
 
+
+@kopf.on.startup()
+async def schedule_metrics(memo: kopf.Memo, **_: Any) -> None:
+    """Watched namespaces are known at start: their schedule series exist before any event."""
+    config = getattr(memo, "config", None)
+    for namespace in getattr(config, "watch_namespaces", ()) or ():
+        if not any(c in namespace for c in "*?[!,"):
+            metrics.see_schedule_namespace(namespace)
+
+
 # How long the operator, when it stops, lets schedule reconciles under way finish their writes.
 SHUTDOWN_GRACE_SECONDS = 5.0
 
