@@ -49,6 +49,7 @@ def observed(
     generation: int = 1,
     probes: tuple[dict[str, Any], ...] = (),
     probe_pods: tuple[dict[str, Any], ...] = (),
+    followers: tuple[dict[str, Any], ...] = (),
 ) -> Observed:
     return Observed(
         name="weekly",
@@ -62,6 +63,7 @@ def observed(
         now=now,
         probes=probes,
         probe_pods=probe_pods,
+        followers=followers,
         trainer_image="ghcr.io/finetune-dev/trainer:test",
     )
 

@@ -373,3 +373,53 @@ def test_a_run_already_being_deleted_is_not_deleted_again() -> None:
     status = {"lastScheduleTime": "2026-12-07T01:00:00Z"}
     p = plan(observed(MON_7 + timedelta(hours=5), status=status, runs=(old, newer)))
     assert deletes(p) == []
+
+
+# ---------------------------------------------------------------- serving rejected the champion
+
+
+def follower(name: str, history: list[dict[str, Any]], degraded: str = "") -> dict[str, Any]:
+    status: dict[str, Any] = {"history": history}
+    if degraded:
+        status["conditions"] = [
+            {"type": "Degraded", "status": "True", "reason": "RolledBack", "message": degraded}
+        ]
+    return {"metadata": {"name": name},
+            "spec": {"source": {"fineTuneScheduleRef": {"name": "weekly"}}}, "status": status}  # fmt: skip
+
+
+def test_a_champion_rolled_back_by_a_follower_is_marked_and_reported() -> None:
+    champion = champion_with({"rougeL": 0.9, "evalLoss": 0.1})
+    status = {"lastScheduleTime": "2026-12-07T01:00:00Z", "champion": champion}
+    serving = follower(
+        "support",
+        [{"revision": 3, "digest": "sha256:old", "outcome": "RolledBack"}],
+        degraded="canary error rate 0.2 > 0.05",
+    )
+    p = plan(observed(MON_7 + timedelta(hours=1), status=status, runs=(run(MON_7),),
+                      followers=(serving,)))  # fmt: skip
+    assert p.status["champion"]["rolledBack"] == {
+        "adapterDeployment": "support",
+        "reason": "RolledBack",
+    }
+    rolled = cond(p, "PromotionRolledBack")
+    assert rolled["status"] == "True" and rolled["reason"] == "RolledBack"
+    assert "support" in rolled["message"] and "canary error rate 0.2" in rolled["message"]
+    # The next successful run replaces it even though it does not beat its metrics.
+    after_run = plan(observed(MON_7 + timedelta(hours=5), spec=sched_spec(promotion=BEAT),
+                              status=p.status, runs=(run(MON_7, "Succeeded"),),
+                              followers=(serving,)))  # fmt: skip
+    comparison = after_run.status["runs"][0]["comparison"]
+    assert comparison["decision"] == "Promoted" and comparison["reason"] == "ChampionRolledBack"
+    assert after_run.status["champion"]["job"] == run_name("weekly", MON_7)
+    assert "rolledBack" not in after_run.status["champion"]
+    assert cond(after_run, "PromotionRolledBack")["status"] == "False"
+
+
+def test_a_rollback_of_another_adapter_does_not_mark_the_champion() -> None:
+    status = {"champion": champion_with({"rougeL": 0.5})}
+    serving = follower("support", [{"revision": 1, "digest": "sha256:other", "outcome": "RolledBack"},
+                                   {"revision": 2, "digest": "sha256:old", "outcome": "Available"}])  # fmt: skip
+    p = plan(observed(datetime(2026, 12, 3, tzinfo=UTC), status=status, followers=(serving,)))
+    assert "rolledBack" not in p.status["champion"]
+    assert cond(p, "PromotionRolledBack")["reason"] == "NotRolledBack"

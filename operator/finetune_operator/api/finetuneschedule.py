@@ -277,6 +277,11 @@ class RunRecord(StatusModel):
     )
 
 
+class RolledBack(StatusModel):
+    adapter_deployment: str = Field(max_length=253, description="The AdapterDeployment.")
+    reason: str = Field(max_length=64, description="RolledBack, CanaryAborted or Failed.")
+
+
 class Champion(StatusModel):
     job: str = Field(max_length=253, description="The FineTuneJob that produced it.")
     adapter: AdapterRef = Field(description="The adapter to serve.")
@@ -285,6 +290,11 @@ class Champion(StatusModel):
         default=None, max_length=128, description="Digest of the data it was trained on."
     )
     since: str = Field(max_length=64, description="When it became the champion.")
+    rolled_back: RolledBack | None = Field(
+        default=None,
+        description="Set once an AdapterDeployment following the schedule rolled this adapter "
+        "back: it is not offered again, and the next successful run replaces it.",
+    )
 
 
 class DataCheck(StatusModel):
@@ -305,7 +315,7 @@ class FineTuneScheduleStatus(StatusModel):
     conditions: list[Condition] = Field(
         default_factory=list,
         max_length=16,
-        description="Ready, Suspended, LastRunFailed, PromotionBlocked.",
+        description="Ready, Suspended, LastRunFailed, PromotionBlocked, PromotionRolledBack.",
     )
     last_schedule_time: str | None = Field(
         default=None, max_length=64, description="Slot of the last run started."

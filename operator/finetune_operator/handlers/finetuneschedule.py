@@ -19,6 +19,8 @@ from typing import Any
 import kopf
 
 from .. import metrics
+from ..api.adapterdeployment import KIND as AD_KIND
+from ..api.adapterdeployment import PLURAL as AD_PLURAL
 from ..api.common import GROUP, VERSION
 from ..api.finetunejob import KIND as FTJ_KIND
 from ..api.finetunejob import PLURAL as FTJ_PLURAL
@@ -90,6 +92,13 @@ class RunNameTaken(Exception):
 # ---------------------------------------------------------------- observe
 
 
+def follows(ad: Mapping[str, Any]) -> str | None:
+    """The schedule an AdapterDeployment follows (spec.source.fineTuneScheduleRef), if any."""
+    ref = ((ad.get("spec") or {}).get("source") or {}).get("fineTuneScheduleRef") or {}
+    name = ref.get("name") if isinstance(ref, Mapping) else None
+    return str(name) if name else None
+
+
 def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
         if ref.get("kind") == KIND and ref.get("controller") and ref.get("uid") == uid:
@@ -117,6 +126,7 @@ async def observe(
     status = dict(body.get("status") or {})
     for key in FOREIGN_STATUS_KEYS:
         status.pop(key, None)
+    followers = [ad for ad in await kube.list(AD_KIND, namespace) if follows(ad) == name]
     return Observed(
         name=name,
         namespace=namespace,
@@ -127,6 +137,7 @@ async def observe(
         status=status,
         runs=tuple(r for r in runs if owned_by(r, uid)),
         now=now,
+        followers=tuple(followers),
         probes=tuple(probes),
         probe_pods=tuple(probe_pods),
         trainer_image=config.trainer_image,
@@ -332,6 +343,28 @@ async def probe_event(body: kopf.Body, memo: Any, type: str | None, **_: Any) ->
         )  # fmt: skip
     except (kopf.TemporaryError, KubeError) as exc:
         log.info("reconcile after a data probe deferred: %s", exc)
+
+
+def _follows_a_schedule(spec: Mapping[str, Any] | None, **_: Any) -> bool:
+    return follows({"spec": spec or {}}) is not None
+
+
+@kopf.on.event(GROUP, VERSION, AD_PLURAL, when=_follows_a_schedule)
+async def follower_event(body: kopf.Body, memo: Any, type: str | None, **_: Any) -> None:
+    """An AdapterDeployment following a schedule changed (it may have rolled the champion
+    back): reconcile the schedule."""
+    schedule = follows(body)
+    if schedule is None or type is None:
+        return
+    kube, config = runtime(memo)
+    meta = body.get("metadata") or {}
+    try:
+        await reconcile(
+            kube, config, str(meta.get("namespace")), schedule, "follower-event",
+            schedule_state(memo),
+        )  # fmt: skip
+    except (kopf.TemporaryError, KubeError) as exc:
+        log.info("reconcile after an AdapterDeployment's change deferred: %s", exc)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

@@ -39,7 +39,10 @@ READY = "Ready"
 SUSPENDED = "Suspended"
 LAST_RUN_FAILED = "LastRunFailed"
 PROMOTION_BLOCKED = "PromotionBlocked"
-CONDITION_TYPES = (READY, SUSPENDED, LAST_RUN_FAILED, PROMOTION_BLOCKED)
+PROMOTION_ROLLED_BACK = "PromotionRolledBack"
+CONDITION_TYPES = (READY, SUSPENDED, LAST_RUN_FAILED, PROMOTION_BLOCKED, PROMOTION_ROLLED_BACK)
+# Outcomes of an AdapterDeployment revision (status.history[].outcome) that reject an adapter.
+REJECTED_OUTCOMES = ("RolledBack", "CanaryAborted", "Failed")
 
 # Reasons that make a Warning event when they appear.
 WARNING_REASONS = frozenset({"InvalidSpec", "MissedSchedule", "RunDeleted", "DataCheckFailed"})
@@ -70,6 +73,8 @@ class Observed:
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
     # With trigger.onDataChange: the schedule's probe Jobs and their pods, and the image and
     # pull policy the probe runs with (the trainer's).
+    # AdapterDeployments that follow this schedule (spec.source.fineTuneScheduleRef).
+    followers: tuple[Mapping[str, Any], ...] = ()
     probes: tuple[Mapping[str, Any], ...] = ()
     probe_pods: tuple[Mapping[str, Any], ...] = ()
     trainer_image: str = ""
@@ -268,6 +273,13 @@ def decide_promotion(
             "decision": "Promoted",
             "reason": "FirstChampion",
             "message": "no champion yet: the first successful run becomes the champion",
+        }
+    if champion.get("rolledBack"):
+        return out | {
+            "decision": "Promoted",
+            "reason": "ChampionRolledBack",
+            "message": "the champion was rolled back in serving: it cannot block a run whose "
+            "gates passed",
         }
     return out | _compare_with_champion(promotion, record, champion)
 
@@ -504,7 +516,8 @@ def plan(obs: Observed) -> Plan:
     seen = {str(r["metadata"]["name"]): observe_run(r) for r in obs.runs}
     records = _merge_records(obs, seen)
     before = {str(r.get("name")): r for r in obs.status.get("runs") or []}
-    champion, decided = _decide_finished(spec, records, obs.status.get("champion"), obs.now)
+    champion = _mark_rolled_back(obs.status.get("champion"), obs.followers)
+    champion, decided = _decide_finished(spec, records, champion, obs.now)
     deleting = {
         str(r["metadata"]["name"])
         for r in obs.runs
@@ -529,6 +542,7 @@ def plan(obs: Observed) -> Plan:
     upcoming = _scheduled_run(step)
     probe_wake = _data_change_run(step)
     _set_run_conditions(st, records)
+    _set_rolled_back_condition(st, champion, obs.followers)
     newest_first = list(reversed(records))
     st.data["runs"] = _bounded(newest_first, champion)
     st.data["active"] = step.active
@@ -694,6 +708,60 @@ def _start_if_changed(step: _Step, slot: datetime, digest: str, min_interval: in
     if run_name(step.obs.name, slot) in step.seen:
         return  # this check's run exists (made before a lost status write)
     step.start(slot, "DataChange", digest)
+
+
+def rejected_by(
+    champion: Mapping[str, Any] | None, followers: tuple[Mapping[str, Any], ...]
+) -> dict[str, Any] | None:
+    """The first follower (by name) that rolled back or aborted the champion's adapter."""
+    digest = ((champion or {}).get("adapter") or {}).get("digest")
+    if not digest:
+        return None
+    for ad in sorted(followers, key=lambda a: str((a.get("metadata") or {}).get("name"))):
+        status = ad.get("status") or {}
+        for rev in reversed(status.get("history") or []):
+            if rev.get("digest") == digest and rev.get("outcome") in REJECTED_OUTCOMES:
+                degraded = _condition(status, "Degraded") or {}
+                return {
+                    "adapterDeployment": str((ad.get("metadata") or {}).get("name"))[:253],
+                    "reason": str(rev["outcome"]),
+                    "message": str(degraded.get("message") or "")[:512],
+                }
+    return None
+
+
+def _mark_rolled_back(
+    champion: Mapping[str, Any] | None, followers: tuple[Mapping[str, Any], ...]
+) -> dict[str, Any] | None:
+    """The champion, marked once an AdapterDeployment following the schedule rejected it.
+
+    The mark stays: the adapter is not offered again, and the next successful run replaces it.
+    """
+    if not champion:
+        return None
+    out = dict(champion)
+    if not out.get("rolledBack"):
+        found = rejected_by(champion, followers)
+        if found:
+            out["rolledBack"] = {k: v for k, v in found.items() if k != "message"}
+    return out
+
+
+def _set_rolled_back_condition(
+    st: _Status, champion: Mapping[str, Any] | None, followers: tuple[Mapping[str, Any], ...]
+) -> None:
+    mark = (champion or {}).get("rolledBack")
+    if mark:
+        found = rejected_by(champion, followers) or {}
+        detail = f": {found['message']}" if found.get("message") else ""
+        st.cond(PROMOTION_ROLLED_BACK, "True", str(mark.get("reason") or "RolledBack"),
+                f"AdapterDeployment {mark.get('adapterDeployment')} rejected the champion "
+                f"{(champion or {}).get('job')} ({mark.get('reason')}){detail}; it is not offered "
+                "again, the next successful run replaces it")  # fmt: skip
+    else:
+        st.cond(PROMOTION_ROLLED_BACK, "False", "NotRolledBack",
+                f"{len(followers)} AdapterDeployment(s) follow this schedule; none rejected "
+                "the champion")  # fmt: skip
 
 
 def _same_reason(status: Mapping[str, Any], type_: str, reason: str) -> bool:
