@@ -149,3 +149,14 @@ def test_with_both_triggers_a_scheduled_run_records_the_known_fingerprint() -> N
     body = next(a.body for a in p.actions if a.name == runs[0])
     assert body is not None
     assert body["metadata"]["annotations"]["finetune.dev/source-digest"] == "sha256:known"
+
+
+def test_the_probe_runs_the_operators_trainer_image_not_the_templates_override() -> None:
+    spec = data_spec()
+    spec["jobTemplate"]["spec"]["image"] = "registry.example/team/custom-trainer:old"
+    p = plan(observed(NOW, spec=spec))
+    body = p.actions[0].body
+    assert body is not None
+    assert body["spec"]["template"]["spec"]["containers"][0]["image"] == (
+        "ghcr.io/finetune-dev/trainer:test"
+    )

@@ -106,6 +106,18 @@ def owned_by(obj: Mapping[str, Any], uid: str) -> bool:
     return False
 
 
+async def _adapter_deployments(kube: KubeClient, namespace: str) -> list[dict[str, Any]]:
+    """The namespace's AdapterDeployments; none when they cannot be listed (their CRD is not
+    installed, or RBAC of an older chart): a schedule works without followers."""
+    try:
+        return await kube.list(AD_KIND, namespace)
+    except KubeError as exc:
+        if exc.status not in (403, 404):
+            raise
+        log.info("cannot list AdapterDeployments in %s: %s", namespace, exc.message[:200])
+        return []
+
+
 async def observe(
     kube: KubeClient, config: OperatorConfig, body: Mapping[str, Any], now: datetime
 ) -> Observed:
@@ -126,7 +138,7 @@ async def observe(
     status = dict(body.get("status") or {})
     for key in FOREIGN_STATUS_KEYS:
         status.pop(key, None)
-    followers = [ad for ad in await kube.list(AD_KIND, namespace) if follows(ad) == name]
+    followers = [ad for ad in await _adapter_deployments(kube, namespace) if follows(ad) == name]
     return Observed(
         name=name,
         namespace=namespace,

@@ -674,9 +674,11 @@ def _data_change_run(step: _Step) -> float | None:
     if check.get("slot") != rfc3339(slot):
         job = probes.get(probe_name)
         if job is None:
+            # Always the operator's own trainer image: a template's image override is the
+            # tenant's choice for training, and may predate the fingerprint command.
             body = probe_job(probe_name, obs.namespace, names.label_value(obs.name),
                              owner_reference(obs), obs.spec.get("jobTemplate", {}).get("spec") or {},
-                             spec.job_template.spec.image or obs.trainer_image, obs.pull_policy)  # fmt: skip
+                             obs.trainer_image, obs.pull_policy)  # fmt: skip
             step.actions.append(RunAction("create", probe_name, body, kind="Job"))
             return PROBE_WAIT_SECONDS
         pods = [p for p in obs.probe_pods
