@@ -4,6 +4,7 @@ restarts and API errors, the run's result promoted, suspend and deletion."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,27 @@ def test_a_data_probe_result_starts_a_data_change_run(
     assert annotations["finetune.dev/source-digest"] == st["sourceDigest"]
     wait_for(lambda: emulator.read("jobs", NS, name) is None, what="the probe removed")
     assert len(emulator.read_all("finetunejobs", NS)) == 1
+
+
+def test_the_clock_reconciles_when_the_schedule_is_due_without_any_event(
+    emulator: Emulator, operator_runner: Any
+) -> None:
+    """Between its times a schedule costs no request; when its time comes, the clock alone
+    reconciles it (here the due time is brought forward instead of waiting a year)."""
+    add_prerequisites(emulator)
+    sched = schedule(emulator)
+    emulator.patch_status(
+        "finetuneschedules", NS, "weekly", {"lastScheduleTime": "2026-01-01T00:00:00Z"}
+    )
+    run = start_operator(emulator, operator_runner)
+    wait_for(lambda: sched_status(emulator).get("observedGeneration") == 1, what="reconciled")
+    state = run.memo.ftsched_state
+    due = wait_for(lambda: state.due.get((NS, "weekly")), what="a due time")
+    assert due - time.monotonic() > 600  # the next time is far away: the clock sleeps
+    # The last run's record goes missing from status (a status-only change: no handler runs).
+    emulator.patch_status("finetuneschedules", NS, "weekly", {"lastScheduleTime": LAST})
+    time.sleep(1.5)
+    assert runs(emulator) == []
+    state.due[(NS, "weekly")] = time.monotonic()
+    wait_for(lambda: runs(emulator) == [RUN], timeout=10, what="the clock's reconcile")
+    assert sched["metadata"]["uid"]

@@ -78,10 +78,11 @@ class ScheduleState:
 
 
 def schedule_state(memo: Any) -> ScheduleState:
+    """The state made at startup in the operator's memo (kopf gives each object a shallow
+    copy of it, so state made later would not be shared between objects' handlers)."""
     state = getattr(memo, "ftsched_state", None)
     if state is None:
-        state = ScheduleState()
-        memo.ftsched_state = state
+        raise kopf.TemporaryError("operator is still starting", delay=1)
     return state
 
 
@@ -254,8 +255,10 @@ def _raise_for_outcome(p: Plan | None) -> None:
 
 
 @kopf.on.startup()
-async def schedule_metrics(memo: kopf.Memo, **_: Any) -> None:
-    """Watched namespaces are known at start: their schedule series exist before any event."""
+async def start_schedules(memo: kopf.Memo, **_: Any) -> None:
+    """The controller's shared state; the series of watched namespaces (known at start) exist
+    before any event."""
+    memo.ftsched_state = ScheduleState()
     config = getattr(memo, "config", None)
     for namespace in getattr(config, "watch_namespaces", ()) or ():
         if not any(c in namespace for c in "*?[!,"):
