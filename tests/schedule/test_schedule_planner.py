@@ -423,3 +423,24 @@ def test_a_rollback_of_another_adapter_does_not_mark_the_champion() -> None:
     p = plan(observed(datetime(2026, 12, 3, tzinfo=UTC), status=status, followers=(serving,)))
     assert "rolledBack" not in p.status["champion"]
     assert cond(p, "PromotionRolledBack")["reason"] == "NotRolledBack"
+
+
+def test_old_runs_that_fell_off_a_full_history_are_not_decided_again() -> None:
+    """With a large history limit more FineTuneJobs exist than status.runs lists: the oldest
+    ones, decided long ago, must not be promoted (or counted) again."""
+    slots = [MON_7 + timedelta(days=7 * i) for i in range(25)]
+    runs = tuple(run(s, "Succeeded", digest=f"sha256:{i:02d}") for i, s in enumerate(slots))
+    spec = sched_spec(successfulRunsHistoryLimit=100)
+    first = plan(observed(slots[-1] + timedelta(hours=5), spec=spec, runs=runs,
+                          status={"lastScheduleTime": rfc(slots[-1])}))  # fmt: skip
+    assert len(first.status["runs"]) == 20
+    assert first.status["champion"]["job"] == run_name("weekly", slots[-1])
+    again = plan(observed(slots[-1] + timedelta(hours=6), spec=spec, runs=runs,
+                          status=first.status))  # fmt: skip
+    assert again.status["champion"]["job"] == run_name("weekly", slots[-1])
+    assert again.status["runs"] == first.status["runs"]
+    assert again.finished == [] and again.events == []
+
+
+def rfc(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -445,15 +445,31 @@ def _merge_records(obs: Observed, seen: dict[str, dict[str, Any]]) -> list[dict[
     return sorted(records.values(), key=lambda r: (str(r.get("scheduledTime")), r["name"]))
 
 
+def _fallen_off(status: Mapping[str, Any], records: list[dict[str, Any]]) -> set[str]:
+    """Runs whose records fell off a full status.runs (their FineTuneJobs are still kept by a
+    large history limit): decided and counted long ago, they are not decided again."""
+    old = status.get("runs") or []
+    if len(old) < RUN_RECORDS_MAX:
+        return set()
+    names = {str(r.get("name")) for r in old}
+    oldest = min(str(r.get("scheduledTime")) for r in old)
+    return {
+        r["name"] for r in records
+        if r["name"] not in names and str(r.get("scheduledTime")) < oldest
+    }  # fmt: skip
+
+
 def _decide_finished(
     spec: Mapping[str, Any], records: list[dict[str, Any]], champion: dict[str, Any] | None,
-    now: datetime,
+    now: datetime, fallen: set[str],
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:  # fmt: skip
     """Promotion decisions for finished runs that have none yet, oldest first."""
     decided: list[dict[str, Any]] = []
     promotion = spec.get("promotion") or {}
     for record in records:
         if record.get("outcome") not in FINISHED or "comparison" in record:
+            continue
+        if record["name"] in fallen:
             continue
         comparison = decide_promotion(promotion, record, champion)
         record["comparison"] = comparison
@@ -516,8 +532,9 @@ def plan(obs: Observed) -> Plan:
     seen = {str(r["metadata"]["name"]): observe_run(r) for r in obs.runs}
     records = _merge_records(obs, seen)
     before = {str(r.get("name")): r for r in obs.status.get("runs") or []}
+    fallen = _fallen_off(obs.status, records)
     champion = _mark_rolled_back(obs.status.get("champion"), obs.followers)
-    champion, decided = _decide_finished(spec, records, champion, obs.now)
+    champion, decided = _decide_finished(spec, records, champion, obs.now, fallen)
     deleting = {
         str(r["metadata"]["name"])
         for r in obs.runs
@@ -525,7 +542,7 @@ def plan(obs: Observed) -> Plan:
     }
     actions = _prune(spec, records, seen, champion, deleting)
     events: list[Event] = []
-    finished = [r for r in records if r["outcome"] in FINISHED
+    finished = [r for r in records if r["outcome"] in FINISHED and r["name"] not in fallen
                 and (before.get(r["name"]) or {}).get("outcome") not in FINISHED]  # fmt: skip
     for record in decided:
         comparison = record["comparison"]
@@ -544,7 +561,7 @@ def plan(obs: Observed) -> Plan:
     _set_run_conditions(st, records)
     _set_rolled_back_condition(st, champion, obs.followers)
     newest_first = list(reversed(records))
-    st.data["runs"] = _bounded(newest_first, champion)
+    st.data["runs"] = _bounded([r for r in newest_first if r["name"] not in fallen], champion)
     st.data["active"] = step.active
     st.data["champion"] = champion
     st.data["nextScheduleTime"] = None if upcoming is None else rfc3339(upcoming)
