@@ -139,6 +139,34 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
         ],
         6,
     ),
+    (
+        "Schedules: days since the last successful run",
+        "bargauge",
+        "d",
+        [
+            (
+                f"(time() - max by (namespace, name) (finetune_schedule_last_success_timestamp_seconds{{{NS}}})) / 86400",
+                "{{namespace}}/{{name}}",
+            )
+        ],
+        12,
+    ),
+    (
+        "Schedule runs and promotion decisions",
+        "timeseries",
+        "short",
+        [
+            (
+                f"sum by (trigger, outcome) (increase(finetune_schedule_runs_total{{{NS}}}[$__rate_interval]))",
+                "runs {{trigger}} {{outcome}}",
+            ),
+            (
+                f"sum by (decision) (increase(finetune_schedule_promotion_decisions_total{{{NS}}}[$__rate_interval]))",
+                "{{decision}}",
+            ),
+        ],
+        12,
+    ),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Render docs/api.md (every field of both kinds) from the generated CRD schemas."""
+"""Render docs/api.md (every field of every kind) from the generated CRD schemas."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def _rules(node: dict[str, Any], prefix: str) -> list[str]:
 
 def render() -> str:
     text = HEADER
-    for crd in (crdgen.finetunejob_crd(), crdgen.adapterdeployment_crd()):
+    for crd in crdgen.all_crds():
         names = crd["spec"]["names"]
         schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
         text += (

@@ -1,8 +1,8 @@
 """``finetune-operator cleanup``: take the operator's finalizer off its objects when no
 operator is left to do it.
 
-Every FineTuneJob and AdapterDeployment carries the finalizer ``finetune.dev/cleanup`` while
-the operator handles it. Once the operator is uninstalled nothing removes it, so deleting such
+Every FineTuneJob, AdapterDeployment and FineTuneSchedule carries the finalizer
+``finetune.dev/cleanup`` while the operator handles it. Once the operator is uninstalled nothing removes it, so deleting such
 an object (or its CRD, which deletes them all) waits forever. This command removes only that
 finalizer (others stay), by default only from objects already being deleted; their trainer
 Jobs, ConfigMaps and canary Deployments are owned by them and go with them.
@@ -17,10 +17,15 @@ from typing import Any
 from .api.adapterdeployment import PLURAL as AD_PLURAL
 from .api.common import GROUP, VERSION
 from .api.finetunejob import PLURAL as FTJ_PLURAL
+from .api.finetuneschedule import PLURAL as FTS_PLURAL
 from .builders.names import FINALIZER
 from .clients.kube import JSON_PATCH, KubeClient, KubeError, collection_path, object_path
 
-KINDS = (("FineTuneJob", FTJ_PLURAL), ("AdapterDeployment", AD_PLURAL))
+KINDS = (
+    ("FineTuneJob", FTJ_PLURAL),
+    ("AdapterDeployment", AD_PLURAL),
+    ("FineTuneSchedule", FTS_PLURAL),
+)
 # A concurrent change of the finalizer list (another controller) makes the patch's test fail;
 # read again and retry this many times.
 PATCH_ATTEMPTS = 5

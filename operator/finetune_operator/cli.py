@@ -68,8 +68,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     cleanup = sub.add_parser(
         "cleanup",
-        help="remove the operator's finalizer from FineTuneJobs and AdapterDeployments "
-        "once the operator is uninstalled (docs/install.md, Uninstall)",
+        help="remove the operator's finalizer from FineTuneJobs, AdapterDeployments and "
+        "FineTuneSchedules once the operator is uninstalled (docs/install.md, Uninstall)",
     )
     cleanup.add_argument(
         "--namespace", "-n", action="append", default=[], help="only this namespace (repeatable)"

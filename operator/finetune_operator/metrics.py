@@ -167,6 +167,52 @@ def forget_ftj(namespace: str, name: str) -> None:
             ftj_phase.remove(namespace, name, candidate)
 
 
+# ---------------------------------------------------------------- FineTuneSchedule controller
+
+FTS_TRIGGERS = ("Schedule", "DataChange")
+FTS_OUTCOMES = ("Succeeded", "Failed")
+FTS_DECISIONS = ("Promoted", "Kept", "NotEligible")
+
+fts_runs = Counter(
+    "finetune_schedule_runs_total",
+    "Finished runs (FineTuneJobs) of FineTuneSchedules, by trigger and outcome.",
+    ["namespace", "trigger", "outcome"],
+    registry=REGISTRY,
+)
+fts_promotions = Counter(
+    "finetune_schedule_promotion_decisions_total",
+    "Promotion decisions about finished runs: Promoted (new champion), Kept (the champion "
+    "stays) or NotEligible (the run failed).",
+    ["namespace", "decision"],
+    registry=REGISTRY,
+)
+fts_last_success = Gauge(
+    "finetune_schedule_last_success_timestamp_seconds",
+    "Completion time (Unix seconds) of a schedule's newest successful run, from its status "
+    "(time() minus it: seconds since the last fresh adapter).",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
+_fts_seen_namespaces: set[str] = set()
+
+
+def see_schedule_namespace(namespace: str) -> None:
+    """Create the FineTuneSchedule series of ``namespace`` at 0, once per process."""
+    if namespace in _fts_seen_namespaces:
+        return
+    _fts_seen_namespaces.add(namespace)
+    for trigger in FTS_TRIGGERS:
+        for outcome in FTS_OUTCOMES:
+            fts_runs.labels(namespace, trigger, outcome)
+    for decision in FTS_DECISIONS:
+        fts_promotions.labels(namespace, decision)
+
+
+def forget_schedule(namespace: str, name: str) -> None:
+    with contextlib.suppress(KeyError):
+        fts_last_success.remove(namespace, name)
+
+
 # ---------------------------------------------------------------- AdapterDeployment controller
 # (metrics of the AdapterDeployment controller go here)
 

@@ -1,4 +1,4 @@
-"""Check FineTuneJob / AdapterDeployment manifests offline, as the API server would.
+"""Check FineTuneJob / AdapterDeployment / FineTuneSchedule manifests offline, as the API server would.
 
     python -m finetune_operator.validate [--crds DIR] [--old LIVE.yaml] FILE...
 
@@ -49,7 +49,7 @@ def builtin_crds() -> dict[tuple[str, str], ServedVersion]:
     from . import crdgen
 
     served: dict[tuple[str, str], ServedVersion] = {}
-    for crd in (crdgen.finetunejob_crd(), crdgen.adapterdeployment_crd()):
+    for crd in crdgen.all_crds():
         for version in served_versions(crd):
             served[(version.api_version, version.kind)] = version
     return served

@@ -11,11 +11,16 @@ from crdcheck import CRD_DIR, ROOT, load_crd, openapi_schema, validate
 from finetune_operator import crdgen
 from finetune_operator.api import adapterdeployment as ad
 from finetune_operator.api import finetunejob as ftj
+from finetune_operator.api import finetuneschedule as fts
 from pydantic import ValidationError
 
 INVALID = sorted((Path(__file__).parent / "invalid").glob("*.yaml"))
 EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
-MODELS = {"FineTuneJob": ftj.FineTuneJob, "AdapterDeployment": ad.AdapterDeployment}
+MODELS = {
+    "FineTuneJob": ftj.FineTuneJob,
+    "AdapterDeployment": ad.AdapterDeployment,
+    "FineTuneSchedule": fts.FineTuneSchedule,
+}
 UPDATES = {"FineTuneJob": ftj.validate_update, "AdapterDeployment": ad.validate_update}
 
 

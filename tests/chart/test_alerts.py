@@ -17,7 +17,11 @@ TESTS = Path(__file__).with_name("prometheus") / "alerts-test.yaml"
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
 # Values the unit tests are written for: one hour, so a test can wait it out.
 TEST_VALUES: dict[str, Any] = {
-    "prometheusRule": {"enabled": True, "noRecentSuccess": {"hours": 1, "namespaces": ".+"}}
+    "prometheusRule": {
+        "enabled": True,
+        "noRecentSuccess": {"hours": 1, "namespaces": ".+"},
+        "scheduleStale": {"hours": 1},
+    }
 }
 
 

@@ -218,3 +218,67 @@ def test_every_phase_of_the_api_is_mapped() -> None:
     for phase in get_args(AdapterDeploymentPhase):
         status, _ = run_health("adapterdeployment.lua", adep(phase))
         assert status != "Unknown", phase
+
+
+def ftsched(
+    conditions: list[dict[str, Any]] | None,
+    *,
+    suspend: bool = False,
+    generation: int = 1,
+    observed: int = 1,
+    **status: Any,
+) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneSchedule",
+        "metadata": {"name": "weekly", "namespace": "team-a", "generation": generation},
+        "spec": {"schedule": "0 2 * * MON", "suspend": suspend},
+    }
+    if conditions is not None:
+        obj["status"] = {"conditions": conditions, "observedGeneration": observed, **status}
+    return obj
+
+
+def sched_cond(type_: str, status: str, reason: str, message: str = "") -> dict[str, Any]:
+    return {"type": type_, "status": status, "reason": reason, "message": message}
+
+
+READY = sched_cond("Ready", "True", "Scheduled")
+NOT_FAILED = sched_cond("LastRunFailed", "False", "Succeeded")
+CHAMPION = {"job": "weekly-29943000", "adapter": {"uri": "pvc://a/x", "digest": "sha256:ab"}}
+
+
+@pytest.mark.parametrize(
+    ("obj", "want_status", "want_message"),
+    [
+        (ftsched(None), "Progressing", "Waiting for the operator to accept the schedule"),
+        (ftsched([READY], generation=2), "Progressing", "observe generation 2"),
+        (ftsched([READY, NOT_FAILED], champion=CHAMPION), "Healthy", "champion weekly-29943000"),
+        (ftsched([READY]), "Healthy", "no champion yet"),
+        (
+            ftsched([READY], active=["weekly-29953080"], champion=CHAMPION),
+            "Healthy",
+            "champion weekly-29943000, running weekly-29953080",
+        ),
+        (ftsched([READY], suspend=True, champion=CHAMPION), "Suspended", "Suspended, champion"),
+        (
+            ftsched([sched_cond("Ready", "False", "InvalidSpec", "hour: 25 is out of range")]),
+            "Degraded",
+            "InvalidSpec: hour: 25 is out of range",
+        ),
+        (
+            ftsched([READY, sched_cond("LastRunFailed", "True", "GatesFailed", "weekly-1 failed")]),
+            "Degraded",
+            "Last run failed (GatesFailed): weekly-1 failed",
+        ),
+        (
+            ftsched([sched_cond("Ready", "True", "MissedSchedule", "missed by 7200s")]),
+            "Healthy",
+            "no champion yet; missed by 7200s",
+        ),
+    ],
+)
+def test_finetuneschedule_health(obj: dict[str, Any], want_status: str, want_message: str) -> None:
+    status, message = run_health("finetuneschedule.lua", obj)
+    assert status == want_status
+    assert want_message in message

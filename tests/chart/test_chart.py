@@ -219,7 +219,15 @@ def test_schema_closes_every_object() -> None:
 def test_chart_crd_copies_are_byte_identical_to_the_generated_crds() -> None:
     generated = sorted(p.name for p in CRDS_DIR.glob("*.yaml"))
     copies = sorted(p.name for p in (CHART_DIR / "files" / "crds").glob("*.yaml"))
-    assert generated == copies == ["adapterdeployments.yaml", "finetunejobs.yaml"]
+    assert (
+        generated
+        == copies
+        == [
+            "adapterdeployments.yaml",
+            "finetunejobs.yaml",
+            "finetuneschedules.yaml",
+        ]
+    )
     for name in generated:
         assert (CHART_DIR / "files" / "crds" / name).read_bytes() == (
             CRDS_DIR / name
@@ -247,7 +255,7 @@ def test_rendered_crds_equal_the_generated_ones_plus_labels() -> None:
 def test_crd_toggles() -> None:
     assert not by_kind(manifests({"crds": {"install": False}}), "CustomResourceDefinition")
     unkept = by_kind(manifests({"crds": {"keep": False}}), "CustomResourceDefinition")
-    assert len(unkept) == 2
+    assert len(unkept) == 3
     assert all("helm.sh/resource-policy" not in c["metadata"]["annotations"] for c in unkept)
     waved = by_kind(
         manifests({"crds": {"annotations": {"argocd.argoproj.io/sync-wave": "-1"}}}),

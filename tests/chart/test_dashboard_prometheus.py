@@ -60,6 +60,7 @@ def first_sight() -> None:
         metrics.set_ftj_phase(ns, "waiting", "Queued")
         metrics_serving.see(ns, "support", "Canary")
         metrics_serving.set_served(ns, "support", "sha256:" + "a" * 64, "llm")
+        metrics.see_schedule_namespace(ns)
 
 
 def first_events(now: float) -> None:
@@ -72,6 +73,9 @@ def first_events(now: float) -> None:
     metrics_serving.ROLLOUT_DURATION.labels(NS, "Canary", "RolledBack").observe(240)
     metrics_serving.ROLLBACKS.labels(NS, "support", "CanaryErrorRate").inc()
     metrics.ftj_errors.labels(OTHER, "DataNotFound").inc()
+    metrics.fts_runs.labels(NS, "Schedule", "Succeeded").inc()
+    metrics.fts_promotions.labels(NS, "Promoted").inc()
+    metrics.fts_last_success.labels(NS, "weekly").set(now)
 
 
 def openmetrics(timeline: list[tuple[float, dict[Any, float]]]) -> str:

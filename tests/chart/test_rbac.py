@@ -166,7 +166,7 @@ def test_tenant_roles_aggregate_into_view_edit_admin(cluster_objects: list[dict[
         aggregate + "edit",
         aggregate + "admin",
     }
-    kinds = {"finetunejobs", "adapterdeployments"}
+    kinds = {"finetunejobs", "adapterdeployments", "finetuneschedules"}
     assert granted(view["rules"]) == {
         ("finetune.dev", r, v) for r in kinds for v in ("get", "list", "watch")
     }

@@ -63,11 +63,16 @@ every client call site) and fails when this list misses one or grants anything e
 # the operator reads one before each reconcile (an AdapterDeployment also reads the
 # FineTuneJob it serves) and writes only their status.
 - apiGroups: ["finetune.dev"]
-  resources: ["finetunejobs", "adapterdeployments"]
+  resources: ["finetunejobs", "adapterdeployments", "finetuneschedules"]
   verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["finetune.dev"]
-  resources: ["finetunejobs/status", "adapterdeployments/status"]
+  resources: ["finetunejobs/status", "adapterdeployments/status", "finetuneschedules/status"]
   verbs: ["patch"]
+# A FineTuneSchedule creates its runs (FineTuneJobs), deletes those beyond its history limits,
+# and deletes them all when it is deleted.
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunejobs"]
+  verbs: ["create", "delete"]
 # Its own namespace (a Role may grant this): a job whose namespace is being deleted is not
 # reported as failed when its children go first.
 - apiGroups: [""]

@@ -27,6 +27,7 @@ import aiohttp
 from ..api.adapterdeployment import PLURAL as AD_PLURAL
 from ..api.common import GROUP, VERSION
 from ..api.finetunejob import PLURAL as FTJ_PLURAL
+from ..api.finetuneschedule import PLURAL as FTS_PLURAL
 from ..builders.names import EVENT_SOURCE
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def collection_path(kind: str, namespace: str) -> str:
         "Event": f"/api/v1/namespaces/{namespace}/events",
         "FineTuneJob": f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{FTJ_PLURAL}",
         "AdapterDeployment": f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{AD_PLURAL}",
+        "FineTuneSchedule": f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{FTS_PLURAL}",
     }
     return paths[kind]
 

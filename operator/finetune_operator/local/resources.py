@@ -52,10 +52,15 @@ ADAPTERDEPLOYMENTS = ResourceType(
     GROUP, VERSION, "adapterdeployments", "AdapterDeployment", status_subresource=True,
     short_names=("adep",), categories=("finetune",), singular="adapterdeployment", unconditional_update=False,
 )  # fmt: skip
+FINETUNESCHEDULES = ResourceType(
+    GROUP, VERSION, "finetuneschedules", "FineTuneSchedule", status_subresource=True,
+    short_names=("ftsched",), categories=("finetune",), singular="finetuneschedule", unconditional_update=False,
+)  # fmt: skip
 
 DEFAULT_RESOURCES: tuple[ResourceType, ...] = (
     FINETUNEJOBS,
     ADAPTERDEPLOYMENTS,
+    FINETUNESCHEDULES,
     _core("pods", "Pod", status_subresource=True, extra_subresources=("log",), short_names=("po",)),
     _core("configmaps", "ConfigMap", short_names=("cm",)),
     _core("secrets", "Secret"),
