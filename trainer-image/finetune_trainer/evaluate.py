@@ -278,22 +278,21 @@ def generation_metrics(
 
 
 def timing_metrics(
-    batch_seconds: Sequence[float], batch_sizes: Sequence[int], generated_tokens: int
+    request_seconds: Sequence[float], request_tokens: Sequence[int]
 ) -> dict[str, float]:
-    """Per-request latency is the wall time of the batch the request was generated in (all
-    requests of a batch finish together); tokens/s is generated tokens over generation time."""
-    if not batch_seconds:
+    """Latency and speed of the timed requests, each generated alone (batch 1): a request's
+    latency is the wall time from its prompt to its whole completion; tokens/s is the timed
+    requests' generated tokens over their summed time (what one caller sees)."""
+    if not request_seconds:
         return {}
-    per_request_ms = [
-        s * 1000.0 for s, n in zip(batch_seconds, batch_sizes, strict=True) for _ in range(n)
-    ]
+    per_request_ms = [s * 1000.0 for s in request_seconds]
     metrics = {
         "latencyP50Ms": percentile(per_request_ms, 50),
         "latencyP95Ms": percentile(per_request_ms, 95),
     }
-    total = sum(batch_seconds)
+    total = sum(request_seconds)
     if total > 0:
-        metrics["tokensPerSecond"] = generated_tokens / total
+        metrics["tokensPerSecond"] = sum(request_tokens) / total
     return metrics
 
 
@@ -308,9 +307,11 @@ def finite_only(metrics: Mapping[str, float]) -> dict[str, float]:
 @dataclass
 class Generated:
     texts: list[str] = field(default_factory=list)
-    batch_seconds: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     generated_tokens: int = 0
+    # The timed requests, generated one at a time: wall seconds and generated tokens of each.
+    request_seconds: list[float] = field(default_factory=list)
+    request_tokens: list[int] = field(default_factory=list)
 
 
 def _model_device(model: Any) -> Any:
@@ -411,6 +412,14 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _completion_length(seq: Sequence[int], eos_ids: Sequence[int]) -> int:
+    """Generated tokens up to and including the first end token."""
+    for j, tok in enumerate(seq):
+        if tok in eos_ids:
+            return j + 1
+    return len(seq)
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -419,26 +428,31 @@ def generate(
     batch_size: int,
     max_new_tokens: int,
     max_prompt_tokens: int,
+    timed_requests: int = 0,
 ) -> Generated:
-    """Greedy generation in batches, prompts left-padded; long prompts keep their end."""
+    """Greedy generation, prompts left-padded; long prompts keep their end.
+
+    The first ``timed_requests`` rows are generated one at a time (batch 1) and each is
+    timed from its prompt to its whole completion, after one untimed warm-up request; the
+    other rows go in batches of ``batch_size`` and are not timed."""
     import torch
     from transformers import GenerationConfig
 
     device = _model_device(model)
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad_id,
-        eos_token_id=eos_ids,
-        use_cache=True,
-    )
-    result = Generated()
-    prompts = [_ids(tokenizer, r.prompt)[-max_prompt_tokens:] for r in rows]
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
+
+    def config(new_tokens: int) -> Any:
+        return GenerationConfig(
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pad_id,
+            eos_token_id=eos_ids,
+            use_cache=True,
+        )
+
+    def run(chunk: list[list[int]], gen_config: Any) -> tuple[float, list[list[int]]]:
         width = max(len(p) for p in chunk)
         input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -452,16 +466,34 @@ def generate(
             input_ids=input_ids, attention_mask=attention, generation_config=gen_config
         )
         _sync(device)
-        result.batch_seconds.append(time.perf_counter() - began)
-        result.batch_sizes.append(len(chunk))
-        for seq in out[:, width:].tolist():
-            count = len(seq)
-            for j, tok in enumerate(seq):
-                if tok in eos_ids:
-                    count = j + 1
-                    break
+        return time.perf_counter() - began, out[:, width:].tolist()
+
+    def keep(seqs: list[list[int]]) -> list[int]:
+        counts = []
+        for seq in seqs:
+            count = _completion_length(seq, eos_ids)
             result.generated_tokens += count
             result.texts.append(tokenizer.decode(seq[:count], skip_special_tokens=True).strip())
+            counts.append(count)
+        return counts
+
+    result = Generated()
+    prompts = [_ids(tokenizer, r.prompt)[-max_prompt_tokens:] for r in rows]
+    timed = max(0, min(timed_requests, len(prompts)))
+    full = config(max_new_tokens)
+    if timed:
+        # Warm-up: the first call pays for kernel selection and cache allocation.
+        run(prompts[:1], config(min(4, max_new_tokens)))
+    for prompt in prompts[:timed]:
+        seconds, seqs = run([prompt], full)
+        result.batch_sizes.append(1)
+        result.request_seconds.append(seconds)
+        result.request_tokens.extend(keep(seqs))
+    for start in range(timed, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        _, seqs = run(chunk, full)
+        result.batch_sizes.append(len(chunk))
+        keep(seqs)
     return result
 
 
@@ -501,12 +533,11 @@ def evaluate_model(
             batch_size=evaluation.batch_size,
             max_new_tokens=evaluation.max_new_tokens,
             max_prompt_tokens=max(1, max_seq_length - evaluation.max_new_tokens),
+            timed_requests=evaluation.latency_requests,
         )
     markers = evaluation.refusal_markers or DEFAULT_REFUSAL_MARKERS
     metrics.update(generation_metrics(rows, generated.texts, markers))
-    metrics.update(
-        timing_metrics(generated.batch_seconds, generated.batch_sizes, generated.generated_tokens)
-    )
+    metrics.update(timing_metrics(generated.request_seconds, generated.request_tokens))
     return finite_only(metrics), generated.texts
 
 

@@ -437,6 +437,15 @@ class EvaluationSpec(ApiModel):
     max_samples: int = Field(
         default=256, ge=1, le=100_000, description="Eval rows used for generation metrics."
     )
+    latency_requests: int = Field(
+        default=16,
+        ge=0,
+        le=256,
+        description=(
+            "Eval rows generated one at a time (batch 1) and timed for latencyP50Ms, "
+            "latencyP95Ms and tokensPerSecond; 0 skips the timing."
+        ),
+    )
     compare_with_base: bool = Field(
         default=False,
         description="Also evaluate the base model (implied by any minImprovementOverBase gate).",
