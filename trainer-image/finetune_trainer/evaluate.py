@@ -420,6 +420,59 @@ def _completion_length(seq: Sequence[int], eos_ids: Sequence[int]) -> int:
     return len(seq)
 
 
+@dataclass
+class _Generator:
+    """Greedy ``generate`` calls on left-padded prompts, timed on the device."""
+
+    model: Any
+    tokenizer: Any
+    eos_ids: list[int]
+    pad_id: int
+
+    def config(self, new_tokens: int) -> Any:
+        from transformers import GenerationConfig
+
+        return GenerationConfig(
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids,
+            use_cache=True,
+        )
+
+    def run(self, chunk: Sequence[list[int]], gen_config: Any) -> tuple[float, list[list[int]]]:
+        """(wall seconds, new tokens of each prompt)."""
+        import torch
+
+        device = _model_device(self.model)
+        width = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            input_ids[i, width - len(p) :] = torch.tensor(p)
+            attention[i, width - len(p) :] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        _sync(device)
+        began = time.perf_counter()
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=attention, generation_config=gen_config
+        )
+        _sync(device)
+        return time.perf_counter() - began, out[:, width:].tolist()
+
+    def keep(self, result: Generated, seqs: list[list[int]]) -> list[int]:
+        """Decode each completion into ``result``; returns their token counts."""
+        counts = []
+        for seq in seqs:
+            count = _completion_length(seq, self.eos_ids)
+            result.generated_tokens += count
+            text = self.tokenizer.decode(seq[:count], skip_special_tokens=True)
+            result.texts.append(text.strip())
+            counts.append(count)
+        return counts
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -435,65 +488,26 @@ def generate(
     The first ``timed_requests`` rows are generated one at a time (batch 1) and each is
     timed from its prompt to its whole completion, after one untimed warm-up request; the
     other rows go in batches of ``batch_size`` and are not timed."""
-    import torch
-    from transformers import GenerationConfig
-
-    device = _model_device(model)
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-
-    def config(new_tokens: int) -> Any:
-        return GenerationConfig(
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=pad_id,
-            eos_token_id=eos_ids,
-            use_cache=True,
-        )
-
-    def run(chunk: list[list[int]], gen_config: Any) -> tuple[float, list[list[int]]]:
-        width = max(len(p) for p in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            input_ids[i, width - len(p) :] = torch.tensor(p)
-            attention[i, width - len(p) :] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        _sync(device)
-        began = time.perf_counter()
-        out = model.generate(
-            input_ids=input_ids, attention_mask=attention, generation_config=gen_config
-        )
-        _sync(device)
-        return time.perf_counter() - began, out[:, width:].tolist()
-
-    def keep(seqs: list[list[int]]) -> list[int]:
-        counts = []
-        for seq in seqs:
-            count = _completion_length(seq, eos_ids)
-            result.generated_tokens += count
-            result.texts.append(tokenizer.decode(seq[:count], skip_special_tokens=True).strip())
-            counts.append(count)
-        return counts
-
+    gen = _Generator(model, tokenizer, eos_ids, pad_id)
+    full = gen.config(max_new_tokens)
     result = Generated()
     prompts = [_ids(tokenizer, r.prompt)[-max_prompt_tokens:] for r in rows]
     timed = max(0, min(timed_requests, len(prompts)))
-    full = config(max_new_tokens)
     if timed:
         # Warm-up: the first call pays for kernel selection and cache allocation.
-        run(prompts[:1], config(min(4, max_new_tokens)))
+        gen.run(prompts[:1], gen.config(min(4, max_new_tokens)))
     for prompt in prompts[:timed]:
-        seconds, seqs = run([prompt], full)
+        seconds, seqs = gen.run([prompt], full)
         result.batch_sizes.append(1)
         result.request_seconds.append(seconds)
-        result.request_tokens.extend(keep(seqs))
+        result.request_tokens.extend(gen.keep(result, seqs))
     for start in range(timed, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        _, seqs = run(chunk, full)
+        _, seqs = gen.run(chunk, full)
         result.batch_sizes.append(len(chunk))
-        keep(seqs)
+        gen.keep(result, seqs)
     return result
 
 
