@@ -457,6 +457,12 @@ class EvaluationSpec(ApiModel):
     )
 
 
+LATENCY_GATE_MESSAGE = (
+    "evaluation.latencyRequests: 0 times no request, so a gate on latencyP50Ms, latencyP95Ms "
+    "or tokensPerSecond could never pass (raise latencyRequests or remove the gate)"
+)
+
+
 class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on which data, how, and what the result must achieve."""
 
@@ -466,6 +472,14 @@ class FineTuneJobSpec(ApiModel):
                 "!has(self.quantization) || self.method == 'qlora'",
                 "quantization: only allowed with method qlora (remove it or set method: qlora)",
                 ".quantization",
+            ),
+            (
+                "!has(self.evaluation) || !has(self.evaluation.latencyRequests)"
+                " || self.evaluation.latencyRequests > 0 || !has(self.qualityGates)"
+                " || !self.qualityGates.exists(g, g.metric in"
+                " ['latencyP50Ms', 'latencyP95Ms', 'tokensPerSecond'])",
+                LATENCY_GATE_MESSAGE,
+                ".evaluation.latencyRequests",
             ),
         )
     )
@@ -519,6 +533,11 @@ class FineTuneJobSpec(ApiModel):
             raise ValueError(
                 "quantization: only allowed with method qlora (remove it or set method: qlora)"
             )
+        timed = {"latencyP50Ms", "latencyP95Ms", "tokensPerSecond"}
+        if self.evaluation.latency_requests == 0 and any(
+            g.metric in timed for g in self.quality_gates
+        ):
+            raise ValueError(LATENCY_GATE_MESSAGE)
         return self
 
     def resolved_quantization(self) -> QuantizationSpec | None:
