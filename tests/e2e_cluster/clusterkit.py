@@ -209,7 +209,9 @@ class Kube:
         from kubernetes import client, config
 
         configuration = client.Configuration()
-        config.load_kube_config(config_file=path, client_configuration=configuration)
+        # A list of files (KUBECONFIG=a:b) is merged by the loader when given no single file.
+        single = path if os.pathsep not in path else None
+        config.load_kube_config(config_file=single, client_configuration=configuration)
         return cls(configuration)
 
     def call(
@@ -446,7 +448,10 @@ class Cluster:
             pods = wait_until(
                 lambda: self._new_pods(name),
                 timeout=timeout,
-                what=f"the Job controller to create a pod for Job {name}",
+                what=(
+                    f"the Job controller to create a pod for Job {name} (if none comes, the "
+                    "Job's events say why: admission or quota may refuse its pod)"
+                ),
             )
             pod = pods[-1]
             if pod["spec"].get("nodeName"):
