@@ -14,6 +14,9 @@ import yaml
 from chart.chartlib import NAMESPACE, manifests
 from clusterkit import (
     INSTALL_ORDER,
+    Environment,
+    Kube,
+    Target,
     TargetError,
     finished_job_status,
     install_objects,
@@ -155,3 +158,44 @@ def test_pod_and_status_writes_are_valid_kubernetes_objects() -> None:
             ["SuccessCriteriaMet", "Complete"] if succeeded else ["FailureTarget", "Failed"]
         )
     assert job_finished(job) is None
+
+
+def test_kubeconfig_client_reaches_the_server_it_names(tmp_path: Path) -> None:
+    from finetune_operator.local import Emulator, serve
+
+    api = Emulator()
+    with serve(api):
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "c", "cluster": {"server": str(api.url).rstrip("/")}}],
+                    "users": [{"name": "u", "user": {"token": "tester"}}],
+                    "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                    "current-context": "x",
+                }
+            )
+        )
+        kube = Kube.from_kubeconfig(str(kubeconfig))
+        names = {n["metadata"]["name"] for n in kube.list("namespaces", None)}
+        assert "default" in names
+        assert kube.get("pods", "default", "absent") is None
+
+
+def test_operator_credentials_are_the_service_account_token() -> None:
+    kube = Kube.from_url("https://api.example:6443")
+    env = Environment(target=Target(kubeconfig="/k"), kube=kube, installed=[], operator_token="t0k")
+    login = env.operator_login("ns-1")
+    assert login is not None
+    assert (login.server, login.scheme, login.token) == (
+        "https://api.example:6443",
+        "Bearer",
+        "t0k",
+    )
+    assert login.ca_path is None and login.insecure is False  # the system's CAs
+    client = env.operator_kube()
+    assert client._auth_headers() == {"authorization": "Bearer t0k"}
+    embedded = Environment(target=Target(), kube=Kube.from_url("http://127.0.0.1:1"), installed=[])
+    assert embedded.operator_login("ns") is None  # the runner's anonymous login
