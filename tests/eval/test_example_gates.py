@@ -19,7 +19,7 @@ EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
 # Evaluator speed measured by bench/bench_eval.py, by (model shape, method, GPU product).
 MEASURED = {
     ("llama3-8b", "qlora", "NVIDIA-H100-80GB-HBM3"): (
-        ROOT / "bench" / "results" / "h100-2026-11-23" / "eval.json"
+        ROOT / "bench" / "results" / "h100-2026-12-07" / "eval-batch1.json"
     ),
 }
 # Which shape an example's base model has (random weights of that shape were measured).

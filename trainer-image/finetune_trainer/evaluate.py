@@ -486,8 +486,8 @@ def generate(
     """Greedy generation, prompts left-padded; long prompts keep their end.
 
     The first ``timed_requests`` rows are generated one at a time (batch 1) and each is
-    timed from its prompt to its whole completion, after one untimed warm-up request; the
-    other rows go in batches of ``batch_size`` and are not timed."""
+    timed from its prompt to its whole completion, after one untimed full-length warm-up
+    request; the other rows go in batches of ``batch_size`` and are not timed."""
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     gen = _Generator(model, tokenizer, eos_ids, pad_id)
@@ -496,8 +496,9 @@ def generate(
     prompts = [_ids(tokenizer, r.prompt)[-max_prompt_tokens:] for r in rows]
     timed = max(0, min(timed_requests, len(prompts)))
     if timed:
-        # Warm-up: the first call pays for kernel selection and cache allocation.
-        gen.run(prompts[:1], gen.config(min(4, max_new_tokens)))
+        # Warm-up at full length: the first answer pays for kernel selection and for growing
+        # the cache allocator (a 4-token warm-up left the first timed request 1.8x slower).
+        gen.run(prompts[:1], full)
     for prompt in prompts[:timed]:
         seconds, seqs = gen.run([prompt], full)
         result.batch_sizes.append(1)
