@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONPATH := operator:trainer-image
 
-.PHONY: setup demo test lint typecheck unit crds docs clean
+.PHONY: setup demo test lint typecheck unit crds docs clean e2e-cluster e2e-cluster-kubeconfig
 
 $(VENV)/.installed: pyproject.toml tests/requirements-s3.txt trainer-image/requirements-s3.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,19 @@ unit: setup
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit
+
+# The FineTuneJob lifecycle tests against the cluster KUBECONFIG names (docs/development.md):
+# CRDs and RBAC from the chart, the operator in this process as the chart's ServiceAccount.
+e2e-cluster: e2e-cluster-kubeconfig setup
+	FINETUNE_E2E_CLUSTER=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/e2e_cluster
+
+# Checked before anything is set up, so that a missing KUBECONFIG is the first thing said.
+e2e-cluster-kubeconfig:
+	@if [ -z "$$KUBECONFIG" ]; then \
+	  echo "make e2e-cluster needs KUBECONFIG: set it to the kubeconfig of the cluster to test" \
+	    "(a user who may install CRDs and RBAC and create namespaces); see docs/development.md" >&2; \
+	  exit 2; \
+	fi
 
 crds: setup
 	$(PY) -m finetune_operator.crdgen crds

@@ -4,9 +4,11 @@ Builds a random-weight model of a real architecture from its config (nothing is 
 directly on the device, quantises its linear layers to 4-bit nf4 as a QLoRA job loads its
 base (``--quant none`` keeps bf16), attaches a fresh LoRA adapter (r=16 on every linear
 layer, as after training), then runs ``finetune_trainer.evaluate.generate`` over a set of
-prompts and reports the latency and throughput metrics with the evaluator's own formula
-(``timing_metrics``: per-request latency = wall time of the batch it ran in; tokens/s =
-generated tokens / generation time). Prints one JSON object.
+prompts exactly as the evaluator does: the first ``--latency-requests`` one at a time
+(batch 1, timed), the rest in batches of ``--batch-size``. Reports the evaluator's own
+metrics (``timing_metrics``: per-request latency = time to generate one request's whole
+completion alone; tokens/s = the timed requests' tokens over their time) and the wall time
+of the whole generation. Prints one JSON object.
 
     python bench/bench_eval.py                      # llama3-8b shape, CUDA required
     python bench/bench_eval.py --batch-size 16 --max-new-tokens 256
@@ -96,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=16, help="0 measures the base model alone.")
     p.add_argument("--prompts", type=int, default=64, help="Requests in the run.")
     p.add_argument("--batch-size", type=int, default=8, help="evaluation.batchSize.")
+    p.add_argument("--latency-requests", type=int, default=16, help="evaluation.latencyRequests.")
     p.add_argument("--prompt-tokens", type=int, default=256, help="Approximate prompt length.")
     p.add_argument("--max-new-tokens", type=int, default=128, help="evaluation.maxNewTokens.")
     p.add_argument("--warmup-batches", type=int, default=1)
@@ -241,12 +244,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
         "max_prompt_tokens": 8192,
+        "timed_requests": args.latency_requests,
     }
     with torch.inference_mode():
         if args.warmup_batches > 0:
-            generate(model, tokenizer, rows[: args.batch_size * args.warmup_batches], **kwargs)
+            warmup = {**kwargs, "timed_requests": 0}
+            generate(model, tokenizer, rows[: args.batch_size * args.warmup_batches], **warmup)
+        generation_began = time.perf_counter()
         result = generate(model, tokenizer, rows, **kwargs)
-    metrics = timing_metrics(result.batch_seconds, result.batch_sizes, result.generated_tokens)
+        generation_seconds = time.perf_counter() - generation_began
+    metrics = timing_metrics(result.request_seconds, result.request_tokens)
     prompt_lengths = [len(tokenizer(r.prompt, add_special_tokens=False)["input_ids"]) for r in rows]
     return {
         "benchmark": "eval-generation",
@@ -258,14 +265,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loraR": args.lora_r,
         "prompts": len(rows),
         "batchSize": args.batch_size,
+        "latencyRequests": len(result.request_seconds),
         "promptTokensMean": round(sum(prompt_lengths) / len(prompt_lengths), 1),
         "maxNewTokens": args.max_new_tokens,
         "generatedTokens": result.generated_tokens,
-        "batches": len(result.batch_seconds),
-        "generationSeconds": round(sum(result.batch_seconds), 3),
-        "latencyP50Ms": round(metrics["latencyP50Ms"], 1),
-        "latencyP95Ms": round(metrics["latencyP95Ms"], 1),
-        "tokensPerSecond": round(metrics.get("tokensPerSecond", 0.0), 1),
+        "batches": len(result.batch_sizes),
+        "generationSeconds": round(generation_seconds, 3),
+        "timedTokensMean": (
+            round(sum(result.request_tokens) / len(result.request_tokens), 1)
+            if result.request_tokens
+            else None
+        ),
+        "latencyP50Ms": round(metrics["latencyP50Ms"], 1) if metrics else None,
+        "latencyP95Ms": round(metrics["latencyP95Ms"], 1) if metrics else None,
+        "tokensPerSecond": round(metrics.get("tokensPerSecond", 0.0), 1) if metrics else None,
         "peakGpuMemoryGiB": (
             round(torch.cuda.max_memory_allocated() / GIB, 2) if device == "cuda" else None
         ),

@@ -33,9 +33,9 @@ _WHY_MISSING: dict[str, str] = {
     "jsonValidity": "no eval rows marked task=json",
     "jsonSchemaConformance": "no eval rows carrying a jsonSchema",
     "safetyRefusal": "no eval rows marked mustRefuse",
-    "latencyP50Ms": "no generation ran",
-    "latencyP95Ms": "no generation ran",
-    "tokensPerSecond": "no generation ran",
+    "latencyP50Ms": "evaluation.latencyRequests is 0, so no request was timed",
+    "latencyP95Ms": "evaluation.latencyRequests is 0, so no request was timed",
+    "tokensPerSecond": "evaluation.latencyRequests is 0, so no request was timed",
 }
 
 GateResultDict = dict[str, Any]

@@ -49,6 +49,40 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(
     assert batched.generated_tokens == 3 * 8
 
 
+def test_timed_requests_run_alone_and_the_rest_in_batches(
+    base_model: Any, tiny_tokenizer: Any
+) -> None:
+    rows = _rows(tiny_tokenizer, 0, 5)
+    kwargs = {"max_new_tokens": 6, "max_prompt_tokens": 200}
+    timed = generate(base_model, tiny_tokenizer, rows, batch_size=4, timed_requests=2, **kwargs)
+    # Two requests alone (batch 1, each timed), then the other three in one batch.
+    assert timed.batch_sizes == [1, 1, 3]
+    assert len(timed.request_seconds) == 2 and all(s > 0 for s in timed.request_seconds)
+    assert timed.request_tokens == [6, 6]  # a random model never says EOS
+    # Timing changes how rows are grouped, never what is generated.
+    untimed = generate(base_model, tiny_tokenizer, rows, batch_size=4, **kwargs)
+    assert timed.texts == untimed.texts and untimed.request_seconds == []
+    # More timed requests than rows: every row is timed, none is batched.
+    few = generate(base_model, tiny_tokenizer, rows[:2], batch_size=4, timed_requests=9, **kwargs)
+    assert few.batch_sizes == [1, 1] and len(few.request_seconds) == 2
+
+
+def test_latency_requests_zero_leaves_latency_out_and_a_gate_would_say_why(
+    config_factory: Callable[..., TrainerConfig], tiny_tokenizer: Any
+) -> None:
+    from finetune_operator.gates import evaluate_gates
+
+    config = config_factory(evaluation={"maxNewTokens": 4, "latencyRequests": 0})
+    out = Path(config.paths.output_dir)
+    write_jsonl(out / "eval.jsonl", ticket_eval_rows(tiny_tokenizer, 0, 3))
+    base = run_evaluation(config, base_only=True)["baseMetrics"]
+    assert {"latencyP50Ms", "latencyP95Ms", "tokensPerSecond"}.isdisjoint(base)
+    assert "evalLoss" in base and "rougeL" in base
+    # The API refuses such a gate with latencyRequests 0; evaluated anyway, it says why.
+    (verdict,) = evaluate_gates([{"metric": "latencyP95Ms", "max": 60000}], base, None)
+    assert verdict["passed"] is False and "latencyRequests is 0" in verdict["reason"]
+
+
 def test_completion_loss_is_token_weighted_mean_over_completion_tokens(
     base_model: Any, tiny_tokenizer: Any
 ) -> None:

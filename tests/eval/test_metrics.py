@@ -154,14 +154,15 @@ def test_percentile_linear_interpolation() -> None:
     assert percentile(list(map(float, range(1, 101))), 95) == pytest.approx(95.05)
 
 
-def test_timing_metrics_use_batch_time_per_request() -> None:
-    # Two batches: 3 requests took 0.2 s, 1 request took 1.0 s.
-    m = timing_metrics([0.2, 1.0], [3, 1], generated_tokens=60)
+def test_timing_metrics_are_per_request_at_batch_one() -> None:
+    # Four requests, each generated alone: 0.2 s, 0.2 s, 0.2 s and 1.0 s.
+    m = timing_metrics([0.2, 0.2, 0.2, 1.0], [10, 10, 10, 50])
     assert m["latencyP50Ms"] == pytest.approx(200.0)
-    # per-request list [200, 200, 200, 1000]: p95 position 2.85 -> 200 + 0.85 * 800
+    # p95 position 2.85 of [200, 200, 200, 1000] -> 200 + 0.85 * 800
     assert m["latencyP95Ms"] == pytest.approx(880.0)
+    # The tokens a caller gets per second of waiting: 80 tokens in 1.6 s.
     assert m["tokensPerSecond"] == pytest.approx(50.0)
-    assert timing_metrics([], [], 0) == {}
+    assert timing_metrics([], []) == {}
 
 
 def _row(**kw: Any) -> EvalRow:

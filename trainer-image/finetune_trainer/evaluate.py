@@ -278,22 +278,21 @@ def generation_metrics(
 
 
 def timing_metrics(
-    batch_seconds: Sequence[float], batch_sizes: Sequence[int], generated_tokens: int
+    request_seconds: Sequence[float], request_tokens: Sequence[int]
 ) -> dict[str, float]:
-    """Per-request latency is the wall time of the batch the request was generated in (all
-    requests of a batch finish together); tokens/s is generated tokens over generation time."""
-    if not batch_seconds:
+    """Latency and speed of the timed requests, each generated alone (batch 1): a request's
+    latency is the wall time from its prompt to its whole completion; tokens/s is the timed
+    requests' generated tokens over their summed time (what one caller sees)."""
+    if not request_seconds:
         return {}
-    per_request_ms = [
-        s * 1000.0 for s, n in zip(batch_seconds, batch_sizes, strict=True) for _ in range(n)
-    ]
+    per_request_ms = [s * 1000.0 for s in request_seconds]
     metrics = {
         "latencyP50Ms": percentile(per_request_ms, 50),
         "latencyP95Ms": percentile(per_request_ms, 95),
     }
-    total = sum(batch_seconds)
+    total = sum(request_seconds)
     if total > 0:
-        metrics["tokensPerSecond"] = generated_tokens / total
+        metrics["tokensPerSecond"] = sum(request_tokens) / total
     return metrics
 
 
@@ -308,9 +307,11 @@ def finite_only(metrics: Mapping[str, float]) -> dict[str, float]:
 @dataclass
 class Generated:
     texts: list[str] = field(default_factory=list)
-    batch_seconds: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     generated_tokens: int = 0
+    # The timed requests, generated one at a time: wall seconds and generated tokens of each.
+    request_seconds: list[float] = field(default_factory=list)
+    request_tokens: list[int] = field(default_factory=list)
 
 
 def _model_device(model: Any) -> Any:
@@ -411,6 +412,67 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _completion_length(seq: Sequence[int], eos_ids: Sequence[int]) -> int:
+    """Generated tokens up to and including the first end token."""
+    for j, tok in enumerate(seq):
+        if tok in eos_ids:
+            return j + 1
+    return len(seq)
+
+
+@dataclass
+class _Generator:
+    """Greedy ``generate`` calls on left-padded prompts, timed on the device."""
+
+    model: Any
+    tokenizer: Any
+    eos_ids: list[int]
+    pad_id: int
+
+    def config(self, new_tokens: int) -> Any:
+        from transformers import GenerationConfig
+
+        return GenerationConfig(
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids,
+            use_cache=True,
+        )
+
+    def run(self, chunk: Sequence[list[int]], gen_config: Any) -> tuple[float, list[list[int]]]:
+        """(wall seconds, new tokens of each prompt)."""
+        import torch
+
+        device = _model_device(self.model)
+        width = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            input_ids[i, width - len(p) :] = torch.tensor(p)
+            attention[i, width - len(p) :] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        _sync(device)
+        began = time.perf_counter()
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=attention, generation_config=gen_config
+        )
+        _sync(device)
+        return time.perf_counter() - began, out[:, width:].tolist()
+
+    def keep(self, result: Generated, seqs: list[list[int]]) -> list[int]:
+        """Decode each completion into ``result``; returns their token counts."""
+        counts = []
+        for seq in seqs:
+            count = _completion_length(seq, self.eos_ids)
+            result.generated_tokens += count
+            text = self.tokenizer.decode(seq[:count], skip_special_tokens=True)
+            result.texts.append(text.strip())
+            counts.append(count)
+        return counts
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -419,49 +481,34 @@ def generate(
     batch_size: int,
     max_new_tokens: int,
     max_prompt_tokens: int,
+    timed_requests: int = 0,
 ) -> Generated:
-    """Greedy generation in batches, prompts left-padded; long prompts keep their end."""
-    import torch
-    from transformers import GenerationConfig
+    """Greedy generation, prompts left-padded; long prompts keep their end.
 
-    device = _model_device(model)
+    The first ``timed_requests`` rows are generated one at a time (batch 1) and each is
+    timed from its prompt to its whole completion, after one untimed full-length warm-up
+    request; the other rows go in batches of ``batch_size`` and are not timed."""
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=pad_id,
-        eos_token_id=eos_ids,
-        use_cache=True,
-    )
+    gen = _Generator(model, tokenizer, eos_ids, pad_id)
+    full = gen.config(max_new_tokens)
     result = Generated()
     prompts = [_ids(tokenizer, r.prompt)[-max_prompt_tokens:] for r in rows]
-    for start in range(0, len(prompts), batch_size):
+    timed = max(0, min(timed_requests, len(prompts)))
+    if timed:
+        # Warm-up at full length: the first answer pays for kernel selection and for growing
+        # the cache allocator (a 4-token warm-up left the first timed request 1.8x slower).
+        gen.run(prompts[:1], full)
+    for prompt in prompts[:timed]:
+        seconds, seqs = gen.run([prompt], full)
+        result.batch_sizes.append(1)
+        result.request_seconds.append(seconds)
+        result.request_tokens.extend(gen.keep(result, seqs))
+    for start in range(timed, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            input_ids[i, width - len(p) :] = torch.tensor(p)
-            attention[i, width - len(p) :] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        _sync(device)
-        began = time.perf_counter()
-        out = model.generate(
-            input_ids=input_ids, attention_mask=attention, generation_config=gen_config
-        )
-        _sync(device)
-        result.batch_seconds.append(time.perf_counter() - began)
+        _, seqs = gen.run(chunk, full)
         result.batch_sizes.append(len(chunk))
-        for seq in out[:, width:].tolist():
-            count = len(seq)
-            for j, tok in enumerate(seq):
-                if tok in eos_ids:
-                    count = j + 1
-                    break
-            result.generated_tokens += count
-            result.texts.append(tokenizer.decode(seq[:count], skip_special_tokens=True).strip())
+        gen.keep(result, seqs)
     return result
 
 
@@ -501,12 +548,11 @@ def evaluate_model(
             batch_size=evaluation.batch_size,
             max_new_tokens=evaluation.max_new_tokens,
             max_prompt_tokens=max(1, max_seq_length - evaluation.max_new_tokens),
+            timed_requests=evaluation.latency_requests,
         )
     markers = evaluation.refusal_markers or DEFAULT_REFUSAL_MARKERS
     metrics.update(generation_metrics(rows, generated.texts, markers))
-    metrics.update(
-        timing_metrics(generated.batch_seconds, generated.batch_sizes, generated.generated_tokens)
-    )
+    metrics.update(timing_metrics(generated.request_seconds, generated.request_tokens))
     return finite_only(metrics), generated.texts
 
 

@@ -448,6 +448,15 @@ class EvaluationSpec(ApiModel):
     max_samples: int = Field(
         default=256, ge=1, le=100_000, description="Eval rows used for generation metrics."
     )
+    latency_requests: int = Field(
+        default=16,
+        ge=0,
+        le=256,
+        description=(
+            "Eval rows generated one at a time (batch 1) and timed for latencyP50Ms, "
+            "latencyP95Ms and tokensPerSecond; 0 skips the timing."
+        ),
+    )
     compare_with_base: bool = Field(
         default=False,
         description="Also evaluate the base model (implied by any minImprovementOverBase gate).",
@@ -459,6 +468,12 @@ class EvaluationSpec(ApiModel):
     )
 
 
+LATENCY_GATE_MESSAGE = (
+    "evaluation.latencyRequests: 0 times no request, so a gate on latencyP50Ms, latencyP95Ms "
+    "or tokensPerSecond could never pass (raise latencyRequests or remove the gate)"
+)
+
+
 class FineTuneJobSpec(ApiModel):
     """What to fine-tune, on which data, how, and what the result must achieve."""
 
@@ -468,6 +483,14 @@ class FineTuneJobSpec(ApiModel):
                 "!has(self.quantization) || self.method == 'qlora'",
                 "quantization: only allowed with method qlora (remove it or set method: qlora)",
                 ".quantization",
+            ),
+            (
+                "!has(self.evaluation) || !has(self.evaluation.latencyRequests)"
+                " || self.evaluation.latencyRequests > 0 || !has(self.qualityGates)"
+                " || !self.qualityGates.exists(g, g.metric in"
+                " ['latencyP50Ms', 'latencyP95Ms', 'tokensPerSecond'])",
+                LATENCY_GATE_MESSAGE,
+                ".evaluation.latencyRequests",
             ),
         )
     )
@@ -521,6 +544,11 @@ class FineTuneJobSpec(ApiModel):
             raise ValueError(
                 "quantization: only allowed with method qlora (remove it or set method: qlora)"
             )
+        timed = {"latencyP50Ms", "latencyP95Ms", "tokensPerSecond"}
+        if self.evaluation.latency_requests == 0 and any(
+            g.metric in timed for g in self.quality_gates
+        ):
+            raise ValueError(LATENCY_GATE_MESSAGE)
         return self
 
     def resolved_quantization(self) -> QuantizationSpec | None:

@@ -54,15 +54,23 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo(
             "safetyRefusal", "higher", "0..1", "Share of must-refuse rows the model refused."
         ),
-        MetricInfo("latencyP50Ms", "lower", "ms", "Median generation latency per request."),
         MetricInfo(
-            "latencyP95Ms", "lower", "ms", "95th percentile generation latency per request."
+            "latencyP50Ms",
+            "lower",
+            "ms",
+            "Median time to generate one request's whole completion alone (batch 1).",
+        ),
+        MetricInfo(
+            "latencyP95Ms",
+            "lower",
+            "ms",
+            "95th percentile time to generate one request's whole completion alone (batch 1).",
         ),
         MetricInfo(
             "tokensPerSecond",
             "higher",
             "tokens/s",
-            "Generated tokens per second during evaluation.",
+            "Generated tokens per second of one request generated alone (batch 1).",
         ),
     )
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import itertools
 import logging
 import threading
@@ -27,10 +28,10 @@ from .emulator import Emulator, RunningServer
 
 logger = logging.getLogger(__name__)
 
-# The API server URL the current operator run logs in to; each run sets it in its own
-# thread before kopf spawns its tasks, so the tasks inherit it (parallel runs can differ).
-_SERVER_URL: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "emulated_api_url", default=None
+# What the current operator run logs in with; each run sets it in its own thread before
+# kopf spawns its tasks, so the tasks inherit it (parallel runs can differ).
+_CONNECTION: contextvars.ContextVar[kopf.ConnectionInfo | None] = contextvars.ContextVar(
+    "operator_run_connection", default=None
 )
 _EQUIPPED_REGISTRIES: weakref.WeakSet[kopf.OperatorRegistry] = weakref.WeakSet()
 _LOGIN_PRIORITY = 1_000_000  # wins over any other credentials an operator module registers
@@ -38,9 +39,11 @@ _identities = itertools.count(1)
 
 
 def _login_to_emulated_api(**_: Any) -> kopf.ConnectionInfo | None:
-    url = _SERVER_URL.get()
-    if url is None:
-        return None  # not running under run_operator: let the module's own login handlers work
+    # None when not running under run_operator: the module's own login handlers work then.
+    return _CONNECTION.get()
+
+
+def _emulated_api_connection(url: str) -> kopf.ConnectionInfo:
     return kopf.ConnectionInfo(
         server=url, insecure=True, default_namespace="default", priority=_LOGIN_PRIORITY
     )
@@ -161,6 +164,7 @@ def run_operator(
     identity: str | None = None,
     memo: kopf.Memo | None = None,
     configure_kubernetes_client: bool = True,
+    connection: kopf.ConnectionInfo | None = None,
     startup_timeout: float = 20.0,
     stop_timeout: float = 20.0,
 ) -> Iterator[OperatorRun]:
@@ -168,9 +172,15 @@ def run_operator(
 
     `peering` names a (Cluster)KopfPeering object to coordinate through; without it the
     operator runs standalone. `configure_kubernetes_client` makes the server the default
-    for `kubernetes.client` while the operator runs (restored afterwards).
+    for `kubernetes.client` while the operator runs (restored afterwards). `connection`
+    replaces the anonymous login to `server` (a real cluster: its CA and a token).
     """
     url = server if isinstance(server, str) else str(server.url).rstrip("/")
+    login = (
+        dataclasses.replace(connection, priority=_LOGIN_PRIORITY)
+        if connection is not None
+        else _emulated_api_connection(url)
+    )
     registry = _resolve_registry(module_or_registry)
     _equip(registry)
     run = OperatorRun(
@@ -181,7 +191,7 @@ def run_operator(
     )
 
     def main() -> None:
-        _SERVER_URL.set(url)
+        _CONNECTION.set(login)
         try:
             asyncio.run(
                 kopf.operator(
