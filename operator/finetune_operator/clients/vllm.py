@@ -67,10 +67,14 @@ class VllmClient:
     """Calls one server at a time; ``endpoint`` is ``http://host:port``."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, timeout: float = DEFAULT_TIMEOUT_SECONDS
+        self,
+        session: aiohttp.ClientSession,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        api_key: str | None = None,
     ) -> None:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
 
     async def _request(
         self,
@@ -84,7 +88,11 @@ class VllmClient:
         url = endpoint.rstrip("/") + path
         try:
             async with self._session.request(
-                method, url, json=json_body, timeout=timeout or self._timeout
+                method,
+                url,
+                json=json_body,
+                timeout=timeout or self._timeout,
+                headers=self._headers,
             ) as resp:
                 return resp.status, await resp.text()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
