@@ -648,10 +648,7 @@ def _complete(d: _Draft, current: AdapterRevision, view: rules.RolloutView) -> N
     current.outcome = Outcome.AVAILABLE
     d.history(current)
     _drop_canary(d)
-    msg = (
-        f"revision {current.revision} ({current.digest[:19]}…) serves as "
-        f"{d.spec.adapter_name}: {view.message}"
-    )
+    msg = _serves(d, current, view.message)
     d.phase(Phase.AVAILABLE)
     d.condition(ConditionType.AVAILABLE, "True", Reason.ROLLOUT_COMPLETE, msg)
     d.condition(ConditionType.PROGRESSING, "False", Reason.ROLLOUT_COMPLETE, msg)
@@ -776,10 +773,19 @@ def _steady(d: _Draft) -> None:
             "the target has no available replicas",
         )  # fmt: skip
     else:
+        # Worded as when the rollout completed, so a settled object needs no new write.
+        desired = int((target.get("spec") or {}).get("replicas", 1))
         d.condition(
             ConditionType.AVAILABLE, "True", Reason.ROLLOUT_COMPLETE,
-            f"{available} replica(s) available",
+            _serves(d, current, f"{available}/{desired} replicas available"),
         )  # fmt: skip
+
+
+def _serves(d: _Draft, current: AdapterRevision, detail: str) -> str:
+    return (
+        f"revision {current.revision} ({current.digest[:19]}…) serves as "
+        f"{d.spec.adapter_name}: {detail}"
+    )
 
 
 def _pods_by_annotation(d: _Draft) -> list[PodAdapter]:
