@@ -21,6 +21,7 @@ from finetune_operator.planners.adapterdeployment_plan import (
     Next,
     Observed,
     PatchTarget,
+    Plan,
     PodCall,
     PodInfo,
     Served,
@@ -340,3 +341,24 @@ def test_an_invalid_spec_is_reported_once() -> None:
     p = plan(obs, at(0))
     assert p.status.phase == "Failed" and p.actions == () and p.next == Next.IDLE
     assert plan(replace(obs, status=p.status), at(99)).status == p.status
+
+
+# ------------------------------------------------------------------ when to look again
+
+
+def test_a_plans_outcome_becomes_a_wait_in_one_place() -> None:
+    from finetune_operator.config import OperatorConfig
+    from finetune_operator.handlers.adapterdeployment import (
+        MAX_IMMEDIATE_PASSES,
+        backoff,
+        wait_after,
+    )
+
+    config = OperatorConfig(serving_poll_seconds=5.0, serving_max_backoff_seconds=60.0)
+    status = AdapterDeploymentStatus()
+    assert wait_after(Plan(status, next=Next.IDLE), config, 0) is None  # until something changes
+    assert wait_after(Plan(status, next=Next.NOW), config, 0) == 0.0
+    assert wait_after(Plan(status, next=Next.NOW), config, MAX_IMMEDIATE_PASSES) == 5.0
+    assert wait_after(Plan(status, next=Next.POLL), config, 0) == 5.0
+    assert wait_after(Plan(status, next=Next.POLL, check_in=1.5), config, 0) == 1.5
+    assert [backoff(config, n) for n in range(1, 6)] == [5.0, 10.0, 20.0, 40.0, 60.0]

@@ -93,7 +93,6 @@ class ServingState:
         self.memories: dict[tuple[str, str], Memory] = {}
         self.session: aiohttp.ClientSession | None = None
         self.clock = clock
-        self.passes = 0  # reconcile passes run (tests and the benchmark)
 
     def memory(self, namespace: str, name: str) -> Memory:
         return self.memories.setdefault((namespace, name), Memory())
@@ -527,7 +526,7 @@ async def _analysis_window(
 ) -> ad.AnalysisWindow | None:
     """One canary check's observations: metric deltas per pod and the smoke requests."""
     assert obs.spec is not None
-    analysis = ad._analysis(obs.spec)
+    analysis = ad.analysis_of(obs.spec)
     live = {p.name: p.endpoint for p in obs.canary_pods if p.ready and p.endpoint}
     if not live:
         return None
@@ -733,7 +732,6 @@ async def reconcile(
     memory = state.memory(str(body["metadata"]["namespace"]), str(body["metadata"]["name"]))
     body = fresher(body, memory.written)
     await caught_up(caches, str(body["metadata"]["namespace"]), memory)
-    state.passes += 1
     now = state.clock()
     obs = _base_observation(body, config, caches, memory)
     vllm: VllmClient | None = None

@@ -286,14 +286,6 @@ def plan(obs: Observed, now: datetime) -> Plan:
     return d.build()
 
 
-def in_flight(status: AdapterDeploymentStatus) -> bool:
-    """A rollout, rollback or canary is under way (the poll interval applies)."""
-    current, canary = status.current, status.canary
-    if current is not None and current.outcome in (Outcome.PROGRESSING, Outcome.ROLLING_BACK):
-        return True
-    return bool(canary and canary.revision and canary.revision.outcome == Outcome.CANARY)
-
-
 # ------------------------------------------------------------------ what to observe
 
 
@@ -329,7 +321,7 @@ def canary_check_due(obs: Observed, now: datetime) -> bool:
     return _seconds_to_check(obs, now) <= 0
 
 
-def _analysis(spec: AdapterDeploymentSpec) -> CanaryAnalysis:
+def analysis_of(spec: AdapterDeploymentSpec) -> CanaryAnalysis:
     return (spec.strategy.canary.analysis if spec.strategy.canary else None) or CanaryAnalysis()
 
 
@@ -337,7 +329,7 @@ def _seconds_to_check(obs: Observed, now: datetime) -> float:
     assert obs.spec is not None
     if obs.last_check is None:
         return 0.0
-    interval = _analysis(obs.spec).interval_seconds
+    interval = analysis_of(obs.spec).interval_seconds
     return interval - (now - obs.last_check).total_seconds()
 
 
@@ -520,7 +512,7 @@ def _canary_step(d: _Draft) -> None:
         d.check_in = max(0.0, _seconds_to_check(d.obs, d.now))
         return
     d.check_ran = True
-    d.check_in = float(_analysis(d.spec).interval_seconds)
+    d.check_in = float(analysis_of(d.spec).interval_seconds)
     _judge_window(d, canary, rev, window)
 
 
@@ -548,7 +540,7 @@ def _judge_window(
     d: _Draft, canary: CanaryStatus, rev: AdapterRevision, window: AnalysisWindow
 ) -> None:
     decision = rules.decide_canary(
-        _analysis(d.spec), smoke_window(window), list(window.smoke), canary.checks_passed or 0
+        analysis_of(d.spec), smoke_window(window), list(window.smoke), canary.checks_passed or 0
     )
     canary.checks_passed = decision.checks_passed
     canary.requests = (canary.requests or 0) + decision.requests
