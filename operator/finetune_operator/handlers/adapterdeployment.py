@@ -93,6 +93,7 @@ class ServingState:
         self.memories: dict[tuple[str, str], Memory] = {}
         self.session: aiohttp.ClientSession | None = None
         self.clock = clock
+        self.stopping = False  # set at cleanup: no new HTTP session after the last is closed
 
     def memory(self, namespace: str, name: str) -> Memory:
         return self.memories.setdefault((namespace, name), Memory())
@@ -104,6 +105,8 @@ class ServingState:
                 memory.wake.set()
 
     def http(self) -> aiohttp.ClientSession:
+        if self.stopping:
+            raise Unfinished("the operator is stopping")
         if self.session is None or self.session.closed:
             self.session = aiohttp.ClientSession()
         return self.session
@@ -133,8 +136,10 @@ async def configure_serving(settings: kopf.OperatorSettings, memo: kopf.Memo, **
 @kopf.on.cleanup()
 async def release_serving(memo: kopf.Memo, **_: Any) -> None:
     state = getattr(memo, "serving", None)
-    if state is not None and state.session is not None:
-        await state.session.close()
+    if state is not None:
+        state.stopping = True
+        if state.session is not None:
+            await state.session.close()
     kube = getattr(memo, "kube", None)
     # The FineTuneJob controller closes the shared client when it runs in this operator.
     if getattr(memo, "ftj_state", None) is None and isinstance(kube, KubeClient):
