@@ -261,3 +261,56 @@ def env(emulator: Emulator, operator_runner: Any, tmp_path: Path) -> Iterator[En
     with ServingCluster(emulator, NS, tmp_path / "pvc", lambda _d, _t: {}) as cluster:
         start_serving_operator(operator_runner)
         yield Env(emulator, cluster, tmp_path)
+
+
+# ------------------------------------------------------------------ changes, not polls
+
+
+def test_changes_are_acted_on_through_watch_events_alone(
+    emulator: Emulator, operator_runner: Any, tmp_path: Path
+) -> None:
+    """With a poll interval of an hour, a FineTuneJob that succeeds starts the rollout, the
+    rollout completes as the Deployment reports progress, and a Runtime pod that restarted
+    gets its adapter back: each is a watch event, not a poll."""
+    from controller.cluster import FAST
+
+    config = dataclasses.replace(FAST, serving_poll_seconds=3600, serving_max_backoff_seconds=3600)
+    with ServingCluster(emulator, NS, tmp_path / "pvc", lambda _d, _t: {}) as cluster:
+        operator_runner(handlers, memo=kopf.Memo(config=config))
+        env = Env(emulator, cluster, tmp_path)
+        uri, digest = make_adapter(tmp_path, "v1")
+        emulator.create(vllm_deployment())
+        emulator.create(vllm_deployment("llm-rt"))
+        emulator.create(
+            {
+                "apiVersion": "finetune.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": "tune", "namespace": NS},
+                "spec": {},
+                "status": {"phase": "Training", "conditions": []},
+            },
+            keep_status=True,
+        )
+        emulator.create(adapter_deployment("support", {"fineTuneJobRef": {"name": "tune"}}))
+        env.wait_phase("support", "Pending")
+        emulator.patch_status(
+            "finetunejobs", NS, "tune",
+            {
+                "phase": "Succeeded",
+                "conditions": [{"type": "GatesPassed", "status": "True", "reason": "GatesPassed"}],
+                "adapter": {"uri": uri, "digest": digest, "rank": 8},
+            },
+        )  # fmt: skip
+        env.wait_phase("support", "Available", timeout=15)
+
+        emulator.create(
+            adapter_deployment(
+                "runtime", uri_source(uri, digest), adapter="rt",
+                target={"deployment": "llm-rt", "container": "vllm"},
+                strategy={"type": "Runtime", "progressDeadlineSeconds": 30},
+            )
+        )  # fmt: skip
+        env.wait_phase("runtime", "Available", timeout=15)
+        restarted = sorted(n for n, p in cluster.pods.items() if p.deployment == "llm-rt")[0]
+        cluster.restart_pod(restarted)
+        wait_for(lambda: "rt" in cluster.pods[restarted].server.adapters, 10)
