@@ -131,6 +131,9 @@ async def configure_serving(settings: kopf.OperatorSettings, memo: kopf.Memo, **
         memo.serving = ServingState()
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
     settings.persistence.finalizer = names.FINALIZER
+    # Sleeping tasks notice a stop within STOP_CHECK_SECONDS and return by themselves.
+    if settings.background.instant_exit_timeout is None:
+        settings.background.instant_exit_timeout = 2 * STOP_CHECK_SECONDS
 
 
 @kopf.on.cleanup()
@@ -420,16 +423,12 @@ def _base_observation(
     except ValidationError as exc:
         return ad.Observed(spec=None, spec_error=str(exc), **common)
     ftj_ref = spec.source.fine_tune_job_ref
-    local = None
-    if config.local_mode and spec.source.uri and rules.is_local(spec.source.uri):
-        local = read_local_manifest(spec.source.uri)  # local mode only: the operator's own disk
     port, local_mode = spec.target.port, config.local_mode
     canary_name = sb.canary_name(name)
     target_pods = caches.pods.get((namespace, spec.target.deployment)) or ()
     obs = ad.Observed(
         spec=spec,
         ftj=_one(caches.sources, (namespace, ftj_ref.name)) if ftj_ref else None,
-        local=local,
         target=_one(caches.deployments, (namespace, spec.target.deployment)),
         canary=_one(caches.deployments, (namespace, canary_name)),
         pods=_pod_infos(target_pods, port, local_mode),
@@ -739,6 +738,10 @@ async def reconcile(
     await caught_up(caches, str(body["metadata"]["namespace"]), memory)
     now = state.clock()
     obs = _base_observation(body, config, caches, memory)
+    uri = obs.spec.source.uri if obs.spec is not None else None
+    if config.local_mode and uri and rules.is_local(uri):
+        # Local mode only: the adapter is a folder on the operator's own disk (hashed).
+        obs = replace(obs, local=await asyncio.to_thread(read_local_manifest, uri))
     vllm: VllmClient | None = None
 
     async def client() -> VllmClient:
