@@ -43,6 +43,9 @@ from .vllm_reference import (
 Behavior = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
+POD_TEMPLATE_HASH = "pod-template-hash"
+
+
 def template_hash(template: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -265,14 +268,16 @@ class ServingCluster:
                 "metadata": {
                     "name": pod_name,
                     "namespace": self.namespace,
-                    "labels": dict(tpl_meta.get("labels") or {}),
+                    "labels": {**(tpl_meta.get("labels") or {}), POD_TEMPLATE_HASH: h[:10]},
                     "annotations": annotations,
+                    # As the Deployment controller does: the pod belongs to the ReplicaSet
+                    # of its template, named after the Deployment and the template's hash.
                     "ownerReferences": [
                         {
                             "apiVersion": "apps/v1",
-                            "kind": "Deployment",
-                            "name": name,
-                            "uid": dep["metadata"].get("uid", ""),
+                            "kind": "ReplicaSet",
+                            "name": f"{name}-{h[:10]}",
+                            "uid": f"{dep['metadata'].get('uid', '')}-{h[:10]}",
                             "controller": True,
                         }
                     ],
