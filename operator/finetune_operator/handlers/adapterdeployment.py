@@ -29,7 +29,7 @@ import aiohttp
 import kopf
 from pydantic import ValidationError
 
-from .. import metrics_serving, vllm_args
+from .. import metrics_serving, vllm_args, vllm_server
 from ..api.adapterdeployment import PLURAL, AdapterDeploymentSpec, AdapterDeploymentStatus
 from ..api.common import GROUP, VERSION
 from ..builders import names
@@ -417,6 +417,7 @@ def _base_observation(
         "body": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": dict(meta)},
         "local_mode": config.local_mode,
         "fetch_image": config.trainer_image,
+        "image_patterns": config.vllm_image_patterns,
     }
     try:
         spec = AdapterDeploymentSpec.model_validate(body.get("spec") or {})
@@ -508,6 +509,32 @@ async def read_api_key(
         return None
 
 
+async def read_configmaps(
+    kube: ServingKube, obs: ad.Observed
+) -> dict[str, Mapping[str, str]] | None:
+    """The ConfigMaps the target's vLLM container takes settings from (its ``--config``
+    file, ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``, ``VLLM_API_KEY``); None when it takes none.
+
+    One the operator may not read or that does not exist is left out: the server model
+    then says what it could not tell (``ServerConfigUnreadable`` for a --config file).
+    """
+    if obs.spec is None or obs.target is None:
+        return None
+    names = vllm_server.configmaps_needed(obs.target, obs.spec.target.container, obs.image_patterns)
+    found: dict[str, Mapping[str, str]] = {}
+    for name in names:
+        try:
+            cm = await kube.get("ConfigMap", obs.namespace, name)
+        except KubeError as exc:
+            if exc.status != 403:
+                raise
+            log.info("%s: ConfigMap %s not readable by the operator (403)", obs.namespace, name)
+            continue
+        if cm is not None:
+            found[name] = {str(k): str(v) for k, v in (cm.get("data") or {}).items()}
+    return found if names else None
+
+
 async def _loaded(
     vllm: VllmClient, pods: Iterable[ad.PodInfo]
 ) -> dict[str, Mapping[str, str] | None]:
@@ -580,6 +607,7 @@ async def patch_target(
         ops = sb.rollout_patch(
             dep, obs.spec.target.container, obs.spec.adapter_name, action.ref,
             owner=obs.name, fetch_image=fetch_image, changes=action.changes,
+            edit=ad.edit_context(obs, dep),
         )  # fmt: skip
         if not sb.patch_changes_anything(ops):
             return None
@@ -745,6 +773,9 @@ async def reconcile(
     if config.local_mode and uri and rules.is_local(uri):
         # Local mode only: the adapter is a folder on the operator's own disk (hashed).
         obs = replace(obs, local=await asyncio.to_thread(read_local_manifest, uri))
+    configmaps = await read_configmaps(kube, obs)
+    if configmaps is not None:
+        obs = replace(obs, configmaps=configmaps)
     vllm: VllmClient | None = None
 
     async def client() -> VllmClient:
@@ -868,6 +899,10 @@ async def remove_adapter(
     spec = obs.spec
     if spec is None:
         return
+    try:
+        obs = replace(obs, configmaps=await read_configmaps(kube, obs) or {})
+    except KubeError as exc:
+        raise kopf.TemporaryError(f"removing the adapter: {exc}", delay=5) from exc
     key = await read_api_key(kube, obs.namespace, obs.target, spec.target.container)
     vllm = VllmClient(state.http(), config.serving_http_timeout_seconds, api_key=key)
     if spec.strategy.type == "Runtime":

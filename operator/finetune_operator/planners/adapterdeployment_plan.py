@@ -28,6 +28,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
+from .. import vllm_args, vllm_server
 from ..api.adapterdeployment import (
     AdapterDeploymentSpec,
     AdapterDeploymentStatus,
@@ -109,6 +110,11 @@ class Observed:
     last_check: datetime | None = None  # when the last canary check ran (this process)
     local_mode: bool = False
     fetch_image: str = ""
+    # The target's vLLM server is read as vLLM reads it: the ConfigMaps its container takes
+    # settings from (name -> data; those the operator could read) and the images whose
+    # entry point runs the server.
+    configmaps: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    image_patterns: tuple[str, ...] | None = None
 
     def ready_pods(self) -> tuple[PodInfo, ...]:
         return tuple(p for p in self.pods if p.ready)
@@ -354,6 +360,30 @@ def _target(d: _Draft) -> dict[str, Any] | None:
     return dict(d.obs.target) if d.obs.target is not None else None
 
 
+def _compat(d: _Draft, ref: sb.AdapterRef) -> rules.CompatResult:
+    return rules.check_compatible(
+        d.spec, d.obs.name, _target(d), ref,
+        configmaps=_configmaps(d.obs), image_patterns=d.obs.image_patterns,
+    )  # fmt: skip
+
+
+def _configmaps(obs: Observed) -> dict[str, dict[str, str]]:
+    return {name: dict(data) for name, data in obs.configmaps.items()}
+
+
+def edit_context(obs: Observed, deployment: Mapping[str, Any]) -> vllm_args.EditContext:
+    """How the builders edit ``deployment``'s vLLM command line (its --config file read
+    from the observed ConfigMaps); a container that cannot be found gets the defaults (the
+    compatibility check has refused it already)."""
+    assert obs.spec is not None
+    try:
+        return vllm_server.edit_context(
+            deployment, obs.spec.target.container, _configmaps(obs), obs.image_patterns
+        )
+    except ValueError:
+        return vllm_args.EditContext(image_patterns=obs.image_patterns)
+
+
 # ------------------------------------------------------------------ idle: start a rollout
 
 
@@ -371,7 +401,7 @@ def _idle_step(d: _Draft) -> None:
     if rules.same_adapter(current, ref) or rules.already_rejected(d.status, ref, d.obs.generation):
         _steady(d)
         return
-    compat = rules.check_compatible(d.spec, d.obs.name, target, ref)
+    compat = _compat(d, ref)
     if compat.ok and d.spec.strategy.type == "Runtime" and target is not None:
         where = rules.runtime_path(target, d.spec.target.container, ref)
         if not where.ok:
@@ -428,6 +458,7 @@ def _start_canary(
     body = sb.canary_deployment(
         target, dict(d.obs.body), d.spec.target.container, ref,
         replicas=replicas, fetch_image=d.obs.fetch_image, changes=changes,
+        edit=edit_context(d.obs, target),
     )  # fmt: skip
     name = str(body["metadata"]["name"])
     if d.obs.canary is not None:
@@ -560,7 +591,7 @@ def _judge_window(
         return
     # Promote: the target gets the adapter through the same guarded patch as Rolling.
     ref = rules.revision_ref(d.spec.adapter_name, rev)
-    compat = rules.check_compatible(d.spec, d.obs.name, _target(d), ref)
+    compat = _compat(d, ref)
     d.actions.append(PatchTarget(ref, compat.changes if compat.ok else None))
     canary.revision = rev.model_copy(update={"outcome": Outcome.PROMOTED})
     _make_current(
