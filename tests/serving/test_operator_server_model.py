@@ -16,6 +16,7 @@ from .test_operator_serving import (
     NS,
     Env,
     adapter_deployment,
+    runtime_strategy,
     start_serving_operator,
     uri_source,
     vllm_deployment,
@@ -77,3 +78,18 @@ def test_a_config_file_whose_configmap_is_missing_is_refused(env: Env) -> None:
     compatible = env.condition("support", "Compatible")
     assert compatible["reason"] == "ServerConfigUnreadable", compatible
     assert "not-there" in compatible["message"]
+
+
+def test_runtime_is_refused_on_data_parallel_vllm_020(env: Env) -> None:
+    uri, digest = make_adapter(env.root, "v1")
+    dep = vllm_deployment(extra=["--data-parallel-size", "2"])
+    _container(dep)["image"] = "vllm/vllm-openai:v0.20.0"
+    env.api.create(dep)
+    env.api.create(
+        adapter_deployment("support", uri_source(uri, digest), strategy=runtime_strategy())
+    )
+    env.wait_phase("support", "Failed")
+    compatible = env.condition("support", "Compatible")
+    assert compatible["reason"] == "RuntimeUpdatesDisabled", compatible
+    assert "2 API-server processes" in compatible["message"]
+    assert "strategy Rolling" in compatible["message"]

@@ -247,6 +247,38 @@ def test_compatibility_refusals_without_server() -> None:
     assert p.check_compatible(s, "adep", taken, REF).reason == "AdapterNameTaken"
 
 
+@pytest.mark.parametrize(
+    ("image", "args", "refused"),
+    [
+        # vLLM 0.20+: --api-server-count defaults to the data-parallel size.
+        ("vllm/vllm-openai:v0.20.0", ["--data-parallel-size", "2"], True),
+        ("vllm/vllm-openai:v0.34.0", ["--api-server-count", "3"], True),
+        # vLLM 0.11: one API server unless --api-server-count says otherwise.
+        ("vllm/vllm-openai:v0.11.0", ["--data-parallel-size", "2"], False),
+        ("vllm/vllm-openai:v0.11.0", ["--api-server-count", "2"], True),
+        (
+            "vllm/vllm-openai:v0.20.0",
+            ["--data-parallel-size", "2", "--api-server-count", "1"],
+            False,
+        ),
+    ],
+)
+def test_runtime_is_refused_where_vllm_runs_several_api_servers(
+    image: str, args: list[str], refused: bool
+) -> None:
+    dep = target(["org/base", "--enable-lora", *args])
+    dep["spec"]["template"]["spec"]["containers"][0]["image"] = image
+    runtime = p.check_compatible(spec(strategy={"type": "Runtime"}), "adep", dep, REF)
+    if refused:
+        assert runtime.reason == "RuntimeUpdatesDisabled"
+        assert "API-server processes" in runtime.message
+        assert "use strategy Rolling" in runtime.message
+    else:
+        assert runtime.ok, runtime.message
+    # Rolling puts the adapter on the command line: the runtime check does not apply.
+    assert p.check_compatible(spec(), "adep", dep, REF).ok
+
+
 def test_runtime_path() -> None:
     dep = target(["m"])
     dep["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = [

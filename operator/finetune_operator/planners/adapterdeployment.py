@@ -254,6 +254,17 @@ def check_compatible(
             f"Deployment {tgt.deployment}: choose another adapterName",
         )
     runtime = spec.strategy.type == "Runtime"
+    if runtime and args.api_server_count > 1:
+        # vLLM refuses to start with runtime updating on and several API-server processes
+        # (vllm/entrypoints/cli/serve.py): there is no running server to load into.
+        return CompatResult(
+            False,
+            Reason.RUNTIME_UPDATES_DISABLED,
+            f"container {cname} runs {args.api_server_count} API-server processes "
+            "(--api-server-count, or --data-parallel-size above 1 on vLLM 0.20 and later) and "
+            f"vLLM does not start with {RUNTIME_UPDATES_ENV} on in that case: use strategy "
+            "Rolling, or run one API server (--api-server-count 1)",
+        )
     if runtime and args.runtime_lora_updating is False:
         return CompatResult(
             False,
