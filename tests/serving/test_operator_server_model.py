@@ -3,6 +3,8 @@ the container takes settings from, its API key, and what vLLM refuses."""
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from .test_operator_serving import (
     NS,
     Env,
     adapter_deployment,
+    canary_strategy,
     runtime_strategy,
     start_serving_operator,
     uri_source,
@@ -93,3 +96,66 @@ def test_runtime_is_refused_on_data_parallel_vllm_020(env: Env) -> None:
     assert compatible["reason"] == "RuntimeUpdatesDisabled", compatible
     assert "2 API-server processes" in compatible["message"]
     assert "strategy Rolling" in compatible["message"]
+
+
+def _secret(name: str, data: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": NS},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
+
+
+def _nowhere_but_the_pods(env: Env, key: str) -> None:
+    events = env.api.read_all("events", NS)
+    assert key not in json.dumps(env.status("support")) + json.dumps(events)
+
+
+@pytest.mark.parametrize(
+    "env_source",
+    [
+        {"valueFrom": {"secretKeyRef": {"name": "vllm-key", "key": "token"}}},
+        "envFrom",
+    ],
+    ids=["secretKeyRef", "envFrom"],
+)
+def test_the_key_of_a_secret_reaches_the_pods_in_a_runtime_load(
+    env: Env, env_source: dict[str, Any] | str
+) -> None:
+    key = "sk-secret-7d21"
+    uri, digest = make_adapter(env.root, "v1")
+    dep = vllm_deployment()
+    if env_source == "envFrom":
+        env.api.create(_secret("vllm-key", {"VLLM_API_KEY": key}))
+        _container(dep)["envFrom"] = [{"secretRef": {"name": "vllm-key"}}]
+    else:
+        assert isinstance(env_source, dict)
+        env.api.create(_secret("vllm-key", {"token": key}))
+        _container(dep)["env"].append({"name": "VLLM_API_KEY", **env_source})
+    env.api.create(dep)
+    env.api.create(
+        adapter_deployment("support", uri_source(uri, digest), strategy=runtime_strategy())
+    )
+    env.wait_phase("support", "Available")
+    assert [s.config.api_keys for s in env.cluster.servers("llm")] == [[key], [key]]
+    assert env.served() == [{"support"}, {"support"}]
+    _nowhere_but_the_pods(env, key)
+
+
+def test_the_key_of_a_configmap_reaches_the_canary_pods(env: Env) -> None:
+    key = "sk-configmap-93aa"
+    uri, digest = make_adapter(env.root, "v1")
+    env.api.create(configmap("vllm-settings", {"apiKey": key}))
+    dep = vllm_deployment()
+    ref = {"configMapKeyRef": {"name": "vllm-settings", "key": "apiKey"}}
+    _container(dep)["env"].append({"name": "VLLM_API_KEY", "valueFrom": ref})
+    env.api.create(dep)
+    env.api.create(
+        adapter_deployment("support", uri_source(uri, digest), strategy=canary_strategy())
+    )
+    env.wait_phase("support", "Available", timeout=30)
+    canary = env.status("support")["history"][-1]
+    assert canary["outcome"] == "Available", canary
+    assert all(s.config.api_keys == [key] for s in env.cluster.servers("llm"))
+    _nowhere_but_the_pods(env, key)

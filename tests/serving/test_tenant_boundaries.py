@@ -18,12 +18,15 @@ import aiohttp
 import kopf
 import pytest
 from aiohttp import web
+from finetune_operator import vllm_server
+from finetune_operator.api.adapterdeployment import AdapterDeploymentSpec, AdapterDeploymentStatus
 from finetune_operator.clients.kube import KubeClient
 from finetune_operator.clients.serving_kube import ServingKube
 from finetune_operator.clients.vllm import VllmClient
 from finetune_operator.handlers import adapterdeployment as handlers
 from finetune_operator.local import Emulator
 from finetune_operator.local.serving_cluster import ServingCluster
+from finetune_operator.planners import adapterdeployment_plan as ad
 from finetune_operator.serving_config import ENDPOINT_ANNOTATION
 from k8s_fixtures import wait_for
 
@@ -134,21 +137,32 @@ def keyed_deployment(env_var: dict[str, Any] | None = None, args: list[str] = ()
 
 
 @pytest.mark.parametrize(
-    ("env_var", "args", "source"),
+    ("env_var", "args", "key"),
     [
-        (None, ["--api-key", "k1"], handlers.ApiKeySource(value="k1")),
-        (None, ["--api-key=k2"], handlers.ApiKeySource(value="k2")),
-        ({"name": "VLLM_API_KEY", "value": "k3"}, [], handlers.ApiKeySource(value="k3")),
+        (None, ["--api-key", "k1"], "k1"),
+        (None, ["--api-key=k2"], "k2"),
+        ({"name": "VLLM_API_KEY", "value": "k3"}, [], "k3"),
         (
             {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "s", "key": "token"}}},
             [],
-            handlers.ApiKeySource(secret=("s", "token")),
+            "k4",
         ),
-        (None, [], handlers.ApiKeySource()),
+        (None, [], None),
     ],
 )
-def test_where_the_servers_api_key_comes_from(env_var, args, source) -> None:
-    assert handlers.api_key_source(keyed_deployment(env_var, args), "vllm") == source
+def test_where_the_servers_api_key_comes_from(env_var, args, key) -> None:
+    source = vllm_server.inspect(keyed_deployment(env_var, args), container="vllm").api_key
+    assert vllm_server.resolve_api_key(source, {"s": {"token": "k4"}}) == key
+    assert key is None or key not in repr(source)
+
+
+def observed(dep: dict[str, Any]) -> ad.Observed:
+    body = adapter_deployment("support", uri_source("pvc://adapters/a", "sha256:" + "1" * 64))
+    return ad.Observed(
+        name="support", namespace=NS, uid="u", generation=1,
+        spec=AdapterDeploymentSpec.model_validate(body["spec"]),
+        status=AdapterDeploymentStatus(), target=dep,
+    )  # fmt: skip
 
 
 def test_the_key_is_read_from_the_secret_and_sent_as_a_bearer_token(emulator: Emulator) -> None:
@@ -185,10 +199,10 @@ def test_the_key_is_read_from_the_secret_and_sent_as_a_bearer_token(emulator: Em
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         try:
-            key = await handlers.read_api_key(kube, NS, dep, "vllm")
+            key = await handlers.read_api_key(kube, observed(dep))
             assert key == secret_value
             async with aiohttp.ClientSession() as session:
-                client = VllmClient(session, 5.0, api_key=key)
+                client = VllmClient(session, 5.0).with_api_key(key)
                 return await client.loaded_adapters(f"http://127.0.0.1:{port}")
         finally:
             await runner.cleanup()

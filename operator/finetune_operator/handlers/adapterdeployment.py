@@ -29,7 +29,7 @@ import aiohttp
 import kopf
 from pydantic import ValidationError
 
-from .. import metrics_serving, vllm_args, vllm_server
+from .. import metrics_serving, vllm_server
 from ..api.adapterdeployment import PLURAL, AdapterDeploymentSpec, AdapterDeploymentStatus
 from ..api.common import GROUP, VERSION
 from ..builders import names
@@ -52,8 +52,6 @@ MAX_IMMEDIATE_PASSES = 20
 # How often a sleeping task checks whether kopf asked it to stop (no request involved).
 STOP_CHECK_SECONDS = 0.5
 FOREIGN_STATUS_KEYS = ("kopf",)
-API_KEY_ENV = "VLLM_API_KEY"
-API_KEY_FLAG = "--api-key"
 POD_TEMPLATE_HASH = "pod-template-hash"
 
 Marker = tuple[str, int, str | None]
@@ -103,6 +101,10 @@ class ServingState:
             memory = self.memories.get(key)
             if memory is not None:
                 memory.wake.set()
+
+    def client(self, config: OperatorConfig) -> VllmClient:
+        """A vLLM client on the shared session, without a key (see with_api_key)."""
+        return VllmClient(self.http(), config.serving_http_timeout_seconds)
 
     def http(self) -> aiohttp.ClientSession:
         if self.stopping:
@@ -452,61 +454,46 @@ def _with_errors(obs: ad.Observed, memory: Memory, digest: str) -> ad.Observed:
     return replace(obs, load_errors=errors)
 
 
-@dataclass(frozen=True)
-class ApiKeySource:
-    value: str | None = None
-    secret: tuple[str, str] | None = None  # (Secret name, key)
-
-
-def api_key_source(deployment: Mapping[str, Any] | None, container: str | None) -> ApiKeySource:
-    """Where the vLLM container's API key comes from: ``--api-key`` or ``VLLM_API_KEY``
-    (a value, or a Secret key). vLLM's flag wins over its environment variable."""
-    if deployment is None:
-        return ApiKeySource()
-    pod_spec = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
+async def read_api_key(kube: ServingKube, obs: ad.Observed) -> str | None:
+    """The key the target's vLLM server expects as a Bearer token, found where the vLLM
+    container takes it (vllm_server's model: ``--api-key``, ``VLLM_API_KEY`` as a value,
+    from a ConfigMap or from a Secret, whose data is read here). Never logged, never in
+    status or events; None when the server has no key or the operator cannot tell it."""
+    if obs.spec is None or obs.target is None:
+        return None
     try:
-        main = pod_spec["containers"][sb.find_container(pod_spec, container)]
-    except (ValueError, KeyError, IndexError):
-        return ApiKeySource()
-    tokens = vllm_args.split_tokens(main)
-    for i, token in enumerate(tokens):
-        if token == API_KEY_FLAG and i + 1 < len(tokens):
-            return ApiKeySource(value=tokens[i + 1])
-        if token.startswith(API_KEY_FLAG + "="):
-            return ApiKeySource(value=token.split("=", 1)[1])
-    for var in main.get("env") or []:
-        if var.get("name") != API_KEY_ENV:
-            continue
-        if "value" in var:
-            return ApiKeySource(value=str(var["value"]) or None)
-        ref = (var.get("valueFrom") or {}).get("secretKeyRef") or {}
-        if ref.get("name") and ref.get("key"):
-            return ApiKeySource(secret=(str(ref["name"]), str(ref["key"])))
-    return ApiKeySource()
+        server = vllm_server.inspect(
+            obs.target,
+            container=obs.spec.target.container,
+            configmaps=dict(obs.configmaps),
+            image_patterns=obs.image_patterns,
+        )
+    except ValueError:
+        return None
+    source = server.api_key
+    secrets: dict[str, dict[str, str]] = {}
+    from_secret = source is not None and source.kind in ("secret", "envFrom")
+    if source is not None and from_secret and source.literal is None and source.name:
+        secrets[source.name] = await _secret_data(kube, obs.namespace, source.name)
+    return vllm_server.resolve_api_key(source, secrets)
 
 
-async def read_api_key(
-    kube: ServingKube, namespace: str, deployment: Mapping[str, Any] | None, container: str | None
-) -> str | None:
-    """The key to send as a Bearer token (never logged, never in status or events)."""
-    source = api_key_source(deployment, container)
-    if source.secret is None:
-        return source.value
-    name, key = source.secret
+async def _secret_data(kube: ServingKube, namespace: str, name: str) -> dict[str, str]:
+    """A Secret's decoded data ({} when it is missing or unreadable)."""
     try:
         secret = await kube.get("Secret", namespace, name)
     except KubeError as exc:
         log.info(
             "%s: Secret %s with the server's API key unreadable (%s)", namespace, name, exc.status
         )
-        return None
-    raw = ((secret or {}).get("data") or {}).get(key)
-    if not raw:
-        return None
-    try:
-        return base64.b64decode(str(raw)).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        return None
+        return {}
+    data: dict[str, str] = {}
+    for key, raw in ((secret or {}).get("data") or {}).items():
+        try:
+            data[str(key)] = base64.b64decode(str(raw)).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            continue
+    return data
 
 
 async def read_configmaps(
@@ -782,8 +769,8 @@ async def reconcile(
         nonlocal vllm
         if vllm is None:
             assert obs.spec is not None
-            key = await read_api_key(kube, obs.namespace, obs.target, obs.spec.target.container)
-            vllm = VllmClient(state.http(), config.serving_http_timeout_seconds, api_key=key)
+            key = await read_api_key(kube, obs)
+            vllm = state.client(config).with_api_key(key)
         return vllm
 
     if ad.needs_pod_listing(obs):
@@ -903,8 +890,7 @@ async def remove_adapter(
         obs = replace(obs, configmaps=await read_configmaps(kube, obs) or {})
     except KubeError as exc:
         raise kopf.TemporaryError(f"removing the adapter: {exc}", delay=5) from exc
-    key = await read_api_key(kube, obs.namespace, obs.target, spec.target.container)
-    vllm = VllmClient(state.http(), config.serving_http_timeout_seconds, api_key=key)
+    vllm = state.client(config).with_api_key(await read_api_key(kube, obs))
     if spec.strategy.type == "Runtime":
         obs = replace(obs, loaded=await _loaded(vllm, obs.pods))
     try:

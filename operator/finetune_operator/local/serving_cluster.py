@@ -46,6 +46,19 @@ Behavior = Callable[[str, dict[str, Any]], dict[str, Any]]
 POD_TEMPLATE_HASH = "pod-template-hash"
 
 
+def _keys(obj: dict[str, Any]) -> list[str]:
+    return [*(obj.get("data") or {}), *(obj.get("stringData") or {})]
+
+
+def _data_value(obj: dict[str, Any], key: str, secret: bool) -> str | None:
+    """A Secret's (base64 ``data``, or ``stringData``) or a ConfigMap's value of ``key``."""
+    raw = (obj.get("data") or {}).get(key)
+    if raw is not None:
+        return base64.b64decode(raw).decode() if secret else str(raw)
+    plain = (obj.get("stringData") or {}).get(key)
+    return None if plain is None else str(plain)
+
+
 def template_hash(template: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -184,26 +197,45 @@ class ServingCluster:
         return path
 
     def _container_env(self, container: dict[str, Any]) -> dict[str, str]:
-        """The container's environment as the kubelet gives it (values and Secret keys)."""
+        """The container's environment as the kubelet gives it: ``envFrom`` first, then
+        ``env`` (values, Secret and ConfigMap keys), the last entry of a name winning."""
         env: dict[str, str] = {}
+        for src in container.get("envFrom") or []:
+            for kind, ref_key in (("secrets", "secretRef"), ("configmaps", "configMapRef")):
+                ref = src.get(ref_key)
+                if ref is None:
+                    continue
+                obj = self.api.read(kind, self.namespace, str(ref.get("name")))
+                if obj is None:
+                    if not ref.get("optional"):
+                        raise ServerRefusedToStart(f'{kind[:-1]} "{ref.get("name")}" not found')
+                    continue
+                prefix = str(src.get("prefix") or "")
+                for key in _keys(obj):
+                    value = _data_value(obj, key, kind == "secrets")
+                    if value is not None:
+                        env[prefix + key] = value
         for var in container.get("env") or []:
             name = str(var.get("name"))
             if "value" in var:
                 env[name] = str(var.get("value") or "")
                 continue
-            ref = (var.get("valueFrom") or {}).get("secretKeyRef") or {}
-            secret = self.api.read("secrets", self.namespace, str(ref.get("name"))) if ref else None
-            if secret is None:
+            value_from = var.get("valueFrom") or {}
+            kind, ref = (
+                ("secrets", value_from["secretKeyRef"])
+                if "secretKeyRef" in value_from
+                else ("configmaps", value_from.get("configMapKeyRef") or {})
+            )
+            obj = self.api.read(kind, self.namespace, str(ref.get("name"))) if ref else None
+            if obj is None:
                 if ref and not ref.get("optional"):
                     raise ServerRefusedToStart(
-                        f'secret "{ref.get("name")}" not found (env {name})'
+                        f'{kind[:-1]} "{ref.get("name")}" not found (env {name})'
                     )  # the kubelet's CreateContainerConfigError
                 continue
-            raw = (secret.get("data") or {}).get(str(ref.get("key")))
-            if raw is not None:
-                env[name] = base64.b64decode(raw).decode()
-            elif (secret.get("stringData") or {}).get(str(ref.get("key"))) is not None:
-                env[name] = str(secret["stringData"][str(ref.get("key"))])
+            value = _data_value(obj, str(ref.get("key")), kind == "secrets")
+            if value is not None:
+                env[name] = value
         return env
 
     def _server_config(self, dep_name: str, template: dict[str, Any]) -> ReferenceConfig:
