@@ -159,3 +159,32 @@ def test_the_key_of_a_configmap_reaches_the_canary_pods(env: Env) -> None:
     assert canary["outcome"] == "Available", canary
     assert all(s.config.api_keys == [key] for s in env.cluster.servers("llm"))
     _nowhere_but_the_pods(env, key)
+
+
+def test_a_server_refusing_the_key_is_an_auth_problem_not_an_adapter_fault(env: Env) -> None:
+    # The servers want a key the Deployment does not show (e.g. baked into the image).
+    env.overrides["api_keys"] = ["sk-only-the-image-knows"]  # type: ignore[attr-defined]
+    uri, digest = make_adapter(env.root, "v1")
+    env.api.create(vllm_deployment())
+    env.api.create(
+        adapter_deployment("support", uri_source(uri, digest), strategy=runtime_strategy())
+    )
+    env.wait_phase("support", "RolledBack", timeout=10)  # at once, not after the 30 s deadline
+    degraded = env.condition("support", "Degraded")
+    assert degraded["reason"] == "Unauthorized", degraded
+    assert "API key" in degraded["message"] and "adapter was not tried" in degraded["message"]
+    assert "sk-only-the-image-knows" not in json.dumps(env.status("support"))
+    assert env.served() == [set(), set()]
+
+
+def test_a_canary_whose_pods_refuse_the_key_is_aborted_as_an_auth_problem(env: Env) -> None:
+    env.overrides["api_keys"] = ["sk-only-the-image-knows"]  # type: ignore[attr-defined]
+    uri, digest = make_adapter(env.root, "v1")
+    env.api.create(vllm_deployment())
+    env.api.create(
+        adapter_deployment("support", uri_source(uri, digest), strategy=canary_strategy())
+    )
+    env.wait_phase("support", "RolledBack", timeout=20)
+    degraded = env.condition("support", "Degraded")
+    assert degraded["reason"] == "Unauthorized", degraded
+    assert "canary pods refused" in degraded["message"]

@@ -324,6 +324,20 @@ def test_a_pod_refusing_the_adapter_rolls_the_runtime_rollout_back() -> None:
     assert degraded.reason == "LoadFailed" and "greater than max_lora_rank 16" in degraded.message
 
 
+def test_a_pod_refusing_the_api_key_fails_the_load_as_an_auth_problem() -> None:
+    obs = observed(runtime_spec())
+    _, obs = run(obs, at(0))
+    refused = {"llm-abc-1": "Unauthorized"}
+    p, _ = run(
+        replace(obs, loaded={"llm-abc-0": {}, "llm-abc-1": None}, auth_errors=refused), at(1)
+    )
+    assert p.status.phase == "RolledBack"
+    degraded = next(c for c in p.status.conditions if c.type == "Degraded")
+    assert degraded.reason == "Unauthorized" and "llm-abc-1" in degraded.message
+    assert "adapter was not tried" in degraded.message
+    assert all(a.pod != "llm-abc-1" for a in p.actions if isinstance(a, PodCall))
+
+
 # ------------------------------------------------------------------ refusals
 
 

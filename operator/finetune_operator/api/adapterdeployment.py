@@ -289,6 +289,7 @@ class Reason(StrEnum):
     ROLLOUT_DEADLINE_EXCEEDED = "RolloutDeadlineExceeded"
     PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
     LOAD_FAILED = "LoadFailed"
+    UNAUTHORIZED = "Unauthorized"
     RELOAD_FAILED = "ReloadFailed"
     CANARY_STARTED = "CanaryStarted"
     CANARY_STARTING = "CanaryStarting"

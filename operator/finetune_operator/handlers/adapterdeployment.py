@@ -37,7 +37,7 @@ from ..builders import serving as sb
 from ..clients.adapter_store import read_local_manifest
 from ..clients.kube import KubeClient, KubeError
 from ..clients.serving_kube import ServingKube
-from ..clients.vllm import VllmClient, VllmError
+from ..clients.vllm import VllmClient, VllmError, VllmErrorKind
 from ..config import OperatorConfig, load_config
 from ..planners import adapterdeployment as rules
 from ..planners import adapterdeployment_plan as ad
@@ -74,7 +74,8 @@ class Memory:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     written: dict[str, Any] | None = None  # the object as our last status write returned it
     verified: dict[str, Marker] = field(default_factory=dict)  # pod -> marker when confirmed
-    load_errors: dict[str, tuple[Marker, str, str]] = field(default_factory=dict)
+    # pod -> (marker, digest, vLLM's reason, whether the key was refused) of a final refusal
+    load_errors: dict[str, tuple[Marker, str, str, bool]] = field(default_factory=dict)
     last_check: datetime | None = None
     samples: dict[str, rules.MetricsSample] = field(default_factory=dict)
     failures: int = 0
@@ -448,10 +449,15 @@ def _with_errors(obs: ad.Observed, memory: Memory, digest: str) -> ad.Observed:
     markers = {p.name: p.marker for p in obs.pods}
     errors = {
         pod: message
-        for pod, (marker, failed_digest, message) in memory.load_errors.items()
-        if markers.get(pod) == marker and failed_digest == digest
+        for pod, (marker, failed_digest, message, unauthorized) in memory.load_errors.items()
+        if markers.get(pod) == marker and failed_digest == digest and not unauthorized
     }
-    return replace(obs, load_errors=errors)
+    refused = {
+        pod: message
+        for pod, (marker, failed_digest, message, unauthorized) in memory.load_errors.items()
+        if markers.get(pod) == marker and failed_digest == digest and unauthorized
+    }
+    return replace(obs, load_errors=errors, auth_errors=refused)
 
 
 async def read_api_key(kube: ServingKube, obs: ad.Observed) -> str | None:
@@ -522,21 +528,23 @@ async def read_configmaps(
     return found if names else None
 
 
-async def _loaded(
-    vllm: VllmClient, pods: Iterable[ad.PodInfo]
-) -> dict[str, Mapping[str, str] | None]:
-    """What each ready pod's server lists (None: it did not answer)."""
+async def _loaded(vllm: VllmClient, obs: ad.Observed) -> ad.Observed:
+    """What each ready pod's server lists (None: it did not answer); pods that refused the
+    operator's API key go to ``auth_errors``."""
+    refused: dict[str, str] = {}
 
     async def ask(pod: ad.PodInfo) -> tuple[str, Mapping[str, str] | None]:
         assert pod.endpoint is not None
         try:
             return pod.name, await vllm.loaded_adapters(pod.endpoint)
         except VllmError as exc:
-            log.info("pod %s: %s", pod.name, exc.message[:200])
+            log.info("pod %s: %s", pod.name, exc.message)
+            if exc.kind is VllmErrorKind.UNAUTHORIZED:
+                refused[pod.name] = exc.message
             return pod.name, None
 
-    answers = await asyncio.gather(*(ask(p) for p in pods if p.ready and p.endpoint))
-    return dict(answers)
+    answers = await asyncio.gather(*(ask(p) for p in obs.pods if p.ready and p.endpoint))
+    return replace(obs, loaded=dict(answers), auth_errors={**obs.auth_errors, **refused})
 
 
 async def _analysis_window(
@@ -571,7 +579,8 @@ async def _analysis_window(
             memory.samples[pod] = await vllm.metrics(endpoint)
         except VllmError:
             memory.samples.pop(pod, None)
-    return ad.AnalysisWindow(tuple(parts), tuple(smoke))
+    unauthorized = any(s.kind is VllmErrorKind.UNAUTHORIZED for s in smoke)
+    return ad.AnalysisWindow(tuple(parts), tuple(smoke), unauthorized)
 
 
 # ------------------------------------------------------------------ act
@@ -625,9 +634,11 @@ async def pod_call(
             )
     except VllmError as exc:
         log.info("pod %s: %s %s failed: %s", call.pod, call.call, call.adapter, exc.message)
+        # Transient (no answer, 5xx without a known reason): tried again until the deadline.
         if exc.permanent and call.digest:
             marker = next((p.marker for p in obs.pods if p.name == call.pod), ("", 0, None))
-            memory.load_errors[call.pod] = (marker, call.digest, exc.message)
+            unauthorized = exc.kind is VllmErrorKind.UNAUTHORIZED
+            memory.load_errors[call.pod] = (marker, call.digest, exc.message, unauthorized)
 
 
 async def execute(
@@ -774,7 +785,7 @@ async def reconcile(
         return vllm
 
     if ad.needs_pod_listing(obs):
-        obs = replace(obs, loaded=await _loaded(await client(), obs.pods))
+        obs = await _loaded(await client(), obs)
     if ad.canary_check_due(obs, now):
         window = await _analysis_window(await client(), obs, memory)
         if window is not None:
@@ -892,7 +903,7 @@ async def remove_adapter(
         raise kopf.TemporaryError(f"removing the adapter: {exc}", delay=5) from exc
     vllm = state.client(config).with_api_key(await read_api_key(kube, obs))
     if spec.strategy.type == "Runtime":
-        obs = replace(obs, loaded=await _loaded(vllm, obs.pods))
+        obs = await _loaded(vllm, obs)
     try:
         await execute(kube, vllm, config, obs, ad.removal(obs), memory, _poster(body))
     except (KubeError, Unfinished) as exc:

@@ -51,6 +51,12 @@ LATENCY_BUCKETS = (
     120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
 )  # fmt: skip
 MESSAGE_MAX = 1000
+UNAUTHORIZED_ADVICE = (
+    "refused the operator's request for its API key (401/403), so the adapter was not "
+    "tried: the server expects a key the operator did not send or that does not match. "
+    "Give the vLLM container its key through --api-key or VLLM_API_KEY (a value, a Secret "
+    "or a ConfigMap the operator can read), then change the spec to roll out again"
+)
 
 
 def rfc3339(now: datetime) -> str:
@@ -83,6 +89,7 @@ class AnalysisWindow:
 
     samples: tuple[rules.MetricsSample, ...] = ()
     smoke: tuple[rules.SmokeResult, ...] = ()
+    unauthorized: bool = False  # a smoke request was refused for its API key (401/403)
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,9 @@ class Observed:
     # while a runtime load is under way or a pod changed since it was last confirmed.
     loaded: Mapping[str, Mapping[str, str] | None] | None = None
     load_errors: Mapping[str, str] = field(default_factory=dict)  # pod -> permanent failure
+    # Pods that refused the operator's API key (401/403) when loading or listing adapters:
+    # a problem of the key, not of the adapter, reported as such.
+    auth_errors: Mapping[str, str] = field(default_factory=dict)
     verified: Mapping[str, tuple[str, int, str | None]] = field(default_factory=dict)
     window: AnalysisWindow | None = None  # a canary check that was due
     last_check: datetime | None = None  # when the last canary check ran (this process)
@@ -548,6 +558,9 @@ def _canary_step(d: _Draft) -> None:
         return
     d.check_ran = True
     d.check_in = float(analysis_of(d.spec).interval_seconds)
+    if window.unauthorized:
+        _abort_canary(d, Reason.UNAUTHORIZED, f"the canary pods {UNAUTHORIZED_ADVICE}")
+        return
     _judge_window(d, canary, rev, window)
 
 
@@ -778,7 +791,9 @@ def _steady(d: _Draft) -> None:
         where = rules.runtime_path(target, d.spec.target.container, ref)
         if where.ok and d.obs.loaded is not None:
             errors = _runtime_calls(d, current.digest, where.message)
-            if errors:
+            if d.obs.auth_errors:
+                d.condition(ConditionType.DEGRADED, "True", Reason.UNAUTHORIZED, _auth_message(d))
+            elif errors:
                 d.condition(ConditionType.DEGRADED, "True", Reason.RELOAD_FAILED, "; ".join(errors))
         return
     d.status.pods = _pods_by_annotation(d)
@@ -842,6 +857,8 @@ def _runtime_view(d: _Draft, rev: AdapterRevision) -> rules.RolloutView:
         return rules.RolloutView("InProgress", Reason.LOADING, "asking the serving pods")
     errors = _runtime_calls(d, rev.digest, where.message, permanent_only=True)
     serving = d.status.ready_replicas or 0
+    if d.obs.auth_errors:
+        return rules.RolloutView("Failed", Reason.UNAUTHORIZED, _auth_message(d), serving)
     if errors:
         return rules.RolloutView("Failed", Reason.LOAD_FAILED, "; ".join(errors), serving)
     ready_pods = len(d.status.pods or [])
@@ -862,6 +879,11 @@ def _runtime_view(d: _Draft, rev: AdapterRevision) -> rules.RolloutView:
     return rules.RolloutView(
         "InProgress", Reason.LOADING, f"{serving}/{ready_pods} ready pods serve it", serving
     )
+
+
+def _auth_message(d: _Draft) -> str:
+    pods = ", ".join(sorted(d.obs.auth_errors))
+    return f"pod(s) {pods} {UNAUTHORIZED_ADVICE}"
 
 
 def _as_dict(loaded: Mapping[str, str] | None) -> dict[str, str] | None:
@@ -888,6 +910,8 @@ def _runtime_calls(
     for pod, message in sorted(d.obs.load_errors.items()):
         serving[pod] = None
         errors.append(f"pod {pod}: {message}")
+    for pod in d.obs.auth_errors:
+        serving[pod] = None
     loaded_paths = {v.name: (v.loaded or {}).get(name) for v in views}
     calls = [
         PodCall(
@@ -900,7 +924,8 @@ def _runtime_calls(
             in_place=act.action == "reload" and loaded_paths.get(act.pod) != path,
         )
         for act in runtime.actions
-        if act.pod not in d.obs.load_errors  # failed for good last pass: reported, not retried
+        # failed for good last pass: reported, not retried
+        if act.pod not in d.obs.load_errors and act.pod not in d.obs.auth_errors
     ]
     d.actions.extend(calls)
     if calls:
