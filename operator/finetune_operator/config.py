@@ -145,7 +145,8 @@ class OperatorConfig:
         default=("vllm/vllm-openai*", "docker.io/vllm/vllm-openai*", "*/vllm/vllm-openai*"),
         metadata=_help(
             "Comma-separated fnmatch patterns of images whose own entry point runs the vLLM "
-            "server: a container of such an image that sets only args is read as vllm serve.",
+            "server: a container of such an image that sets only args is read as vllm serve "
+            "(chart value operator.serving.vllmImagePatterns).",
             "FINETUNE_VLLM_IMAGE_PATTERNS",
         ),
     )
