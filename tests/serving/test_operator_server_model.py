@@ -188,3 +188,21 @@ def test_a_canary_whose_pods_refuse_the_key_is_aborted_as_an_auth_problem(env: E
     degraded = env.condition("support", "Degraded")
     assert degraded["reason"] == "Unauthorized", degraded
     assert "canary pods refused" in degraded["message"]
+
+
+@pytest.mark.parametrize("form", ["image entry point", "sh -c"])
+def test_servers_in_other_forms_start_and_serve_the_adapter(env: Env, form: str) -> None:
+    uri, digest = make_adapter(env.root, "v1")
+    dep = vllm_deployment()
+    container = _container(dep)
+    if form == "image entry point":  # the vLLM image runs the server itself: args only
+        container["image"] = "vllm/vllm-openai:v0.11.0"
+        del container["command"]
+    else:
+        words = " ".join(container.pop("args"))
+        container["command"] = ["/bin/sh", "-c"]
+        container["args"] = [f"exec vllm serve {words}"]
+    env.api.create(dep)
+    env.api.create(adapter_deployment("support", uri_source(uri, digest)))
+    env.wait_phase("support", "Available")
+    assert env.served() == [{"support"}, {"support"}]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import vllm_args
+from .. import vllm_args, vllm_server
 from ..serving_config import ENDPOINT_ANNOTATION
 from .emulator import Emulator
 from .vllm_reference import (
@@ -44,6 +44,7 @@ Behavior = Callable[[str, dict[str, Any]], dict[str, Any]]
 
 
 POD_TEMPLATE_HASH = "pod-template-hash"
+API_SERVER_COMMAND = ["python", "-m", "vllm.entrypoints.openai.api_server"]
 
 
 def _keys(obj: dict[str, Any]) -> list[str]:
@@ -57,6 +58,15 @@ def _data_value(obj: dict[str, Any], key: str, secret: bool) -> str | None:
         return base64.b64decode(raw).decode() if secret else str(raw)
     plain = (obj.get("stringData") or {}).get(key)
     return None if plain is None else str(plain)
+
+
+def _server_command(container: dict[str, Any]) -> list[str]:
+    """The server's command line as vLLM runs it, whatever the form (``sh -c``, the vLLM
+    image's own entry point given args only): vLLM's argv behind its entry point."""
+    located = vllm_args.locate(container)
+    assert located is not None
+    entry = ["vllm", "serve"] if located.serve else API_SERVER_COMMAND
+    return [*entry, *vllm_args.server_argv(container)]
 
 
 def template_hash(template: dict[str, Any]) -> str:
@@ -240,20 +250,12 @@ class ServingCluster:
 
     def _server_config(self, dep_name: str, template: dict[str, Any]) -> ReferenceConfig:
         pod_spec = template.get("spec") or {}
-        container = next(
-            (
-                c
-                for c in pod_spec.get("containers") or []
-                if vllm_args.parse_container(c).is_openai_server
-            ),
-            None,
-        )
-        if container is None:
+        index, _ = vllm_server.find_vllm_container(pod_spec)
+        if index is None:
             raise ServerRefusedToStart("no vLLM container")
+        container = pod_spec["containers"][index]
         config = ReferenceConfig.from_command_line(
-            vllm_args.split_tokens(container),
-            self._container_env(container),
-            generation=self.generation,
+            _server_command(container), self._container_env(container), generation=self.generation
         )
         config.lora_modules = {
             name: self._local_path(pod_spec, container, path)
