@@ -206,3 +206,18 @@ def test_servers_in_other_forms_start_and_serve_the_adapter(env: Env, form: str)
     env.api.create(adapter_deployment("support", uri_source(uri, digest)))
     env.wait_phase("support", "Available")
     assert env.served() == [{"support"}, {"support"}]
+
+
+def test_a_canary_whose_engine_never_runs_the_adapter_is_not_promoted(env: Env) -> None:
+    # Its answers name the adapter, but vLLM's scheduler never ran it (the base model did).
+    env.overrides["schedule_adapters"] = False  # type: ignore[attr-defined]
+    uri, digest = make_adapter(env.root, "v1")
+    env.api.create(vllm_deployment())
+    env.api.create(
+        adapter_deployment("support", uri_source(uri, digest), strategy=canary_strategy())
+    )
+    env.wait_phase("support", "RolledBack", timeout=20)
+    degraded = env.condition("support", "Degraded")
+    assert degraded["reason"] == "CanarySmokeFailed", degraded
+    assert "never scheduled that adapter" in degraded["message"]
+    assert "support" not in env.modules()  # the target was never touched

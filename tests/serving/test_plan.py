@@ -11,6 +11,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from finetune_operator.api.adapterdeployment import AdapterDeploymentSpec, AdapterDeploymentStatus
 from finetune_operator.builders import serving as sb
 from finetune_operator.planners import adapterdeployment as rules
@@ -263,6 +264,25 @@ def test_a_failing_smoke_request_aborts_the_canary_and_leaves_the_target_alone()
     assert p.status.phase == "RolledBack" and p.status.canary.revision.outcome == "CanaryAborted"
     assert not any(isinstance(a, PatchTarget) for a in p.actions)
     assert p.next == Next.IDLE  # failed for good: only a change wakes it
+
+
+@pytest.mark.parametrize(
+    ("scheduled", "aborted"),
+    [(False, True), (True, False), (None, False)],  # None: the server exports no such metric
+)
+def test_a_canary_whose_engine_never_ran_the_adapter_is_aborted(
+    scheduled: bool | None, aborted: bool
+) -> None:
+    obs = started_canary()
+    _, obs = run(obs, at(5))
+    window = replace(healthy_window(), adapter_scheduled=scheduled)
+    p, _ = run(replace(obs, window=window), at(5))
+    assert (p.status.phase == "RolledBack") is aborted
+    if aborted:
+        degraded = next(c for c in p.status.conditions if c.type == "Degraded")
+        assert degraded.reason == "CanarySmokeFailed"
+        assert "never scheduled that adapter" in degraded.message
+        assert p.actions == (DeleteDeployment("support-canary"),)
 
 
 def test_a_canary_pod_lost_mid_analysis_gets_the_deadline_from_the_loss() -> None:

@@ -37,7 +37,13 @@ from ..builders import serving as sb
 from ..clients.adapter_store import read_local_manifest
 from ..clients.kube import KubeClient, KubeError
 from ..clients.serving_kube import ServingKube
-from ..clients.vllm import VllmClient, VllmError, VllmErrorKind
+from ..clients.vllm import (
+    VllmClient,
+    VllmError,
+    VllmErrorKind,
+    parse_lora_requests_info,
+    parse_metrics,
+)
 from ..config import OperatorConfig, load_config
 from ..planners import adapterdeployment as rules
 from ..planners import adapterdeployment_plan as ad
@@ -572,15 +578,22 @@ async def _analysis_window(
             for i in range(analysis.smoke_requests)
         )
     )
-    # The window closes after the smoke requests so they count in the next sample's base.
+    # The window closes after the smoke requests so they count in the next sample's base;
+    # the same page says whether the engine scheduled the adapter (no extra request).
+    scheduled: bool | None = None
     for pod, endpoint in live.items():
         assert endpoint is not None
         try:
-            memory.samples[pod] = await vllm.metrics(endpoint)
+            text = await vllm.metrics_text(endpoint)
         except VllmError:
             memory.samples.pop(pod, None)
+            continue
+        memory.samples[pod] = parse_metrics(text)
+        info = parse_lora_requests_info(text)
+        if info.max_lora is not None:  # the server exports vllm:lora_requests_info
+            scheduled = bool(scheduled) or obs.spec.adapter_name in info.seen
     unauthorized = any(s.kind is VllmErrorKind.UNAUTHORIZED for s in smoke)
-    return ad.AnalysisWindow(tuple(parts), tuple(smoke), unauthorized)
+    return ad.AnalysisWindow(tuple(parts), tuple(smoke), unauthorized, scheduled)
 
 
 # ------------------------------------------------------------------ act

@@ -90,6 +90,9 @@ class AnalysisWindow:
     samples: tuple[rules.MetricsSample, ...] = ()
     smoke: tuple[rules.SmokeResult, ...] = ()
     unauthorized: bool = False  # a smoke request was refused for its API key (401/403)
+    # Whether vLLM's engine on the canary pods has scheduled the adapter since they started
+    # (vllm:lora_requests_info, read after the smoke requests); None: not exported.
+    adapter_scheduled: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -560,6 +563,16 @@ def _canary_step(d: _Draft) -> None:
     d.check_in = float(analysis_of(d.spec).interval_seconds)
     if window.unauthorized:
         _abort_canary(d, Reason.UNAUTHORIZED, f"the canary pods {UNAUTHORIZED_ADVICE}")
+        return
+    answered = sum(1 for s in window.smoke if s.ok)
+    if answered and window.adapter_scheduled is False:
+        _abort_canary(
+            d, Reason.CANARY_SMOKE_FAILED,
+            f"{answered} smoke request(s) were answered as {d.spec.adapter_name}, but vLLM's "
+            "engine on the canary pods never scheduled that adapter (vllm:lora_requests_info): "
+            "the answers did not come from it. Check what sits between the operator and the "
+            "server (a proxy rewriting model names) and the server's LoRA settings",
+        )  # fmt: skip
         return
     _judge_window(d, canary, rev, window)
 
