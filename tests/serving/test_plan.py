@@ -333,6 +333,29 @@ def test_runtime_asks_the_pods_only_while_loading_or_when_a_pod_changed() -> Non
     assert needs_pod_listing(restarted)
 
 
+@pytest.mark.parametrize(
+    ("uri", "in_place"),
+    [
+        ("pvc://adapters/v2", True),  # a new path: vLLM swaps the weights (load_inplace)
+        ("pvc://adapters/support", False),  # the same path: unload first (prefix cache)
+    ],
+)
+def test_a_runtime_upgrade_reloads_in_place_only_from_a_new_path(uri: str, in_place: bool) -> None:
+    obs = observed(runtime_spec())
+    _, obs = run(obs, at(0))
+    _, obs = run(replace(obs, loaded={"llm-abc-0": {}, "llm-abc-1": {}}), at(1))
+    listed = {"support": "/adapters/support"}
+    p, obs = run(replace(obs, loaded={"llm-abc-0": listed, "llm-abc-1": listed}), at(2))
+    assert p.status.phase == "Available"
+    upgraded = replace(obs, spec=runtime_spec(uri, D2), generation=2, loaded=None)
+    _, obs = run(upgraded, at(3))
+    p, _ = run(replace(obs, loaded={"llm-abc-0": listed, "llm-abc-1": listed}), at(4))
+    calls = [a for a in p.actions if isinstance(a, PodCall)]
+    assert [(c.call, c.path, c.in_place) for c in calls] == [
+        ("reload", "/" + uri.removeprefix("pvc://"), in_place)
+    ] * 2
+
+
 def test_a_pod_refusing_the_adapter_rolls_the_runtime_rollout_back() -> None:
     obs = observed(runtime_spec())
     _, obs = run(obs, at(0))
