@@ -162,7 +162,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _config() -> int:
     for item in describe():
-        print(f"{item['env']}  (default: {item['default']!r})\n    {item['help']}")
+        default = item["default"]
+        if isinstance(default, tuple):  # lists are written comma-separated, as in the variable
+            default = ",".join(default)
+        print(f"{item['env']}  (default: {default!r})\n    {item['help']}")
     return 0
 
 

@@ -145,7 +145,8 @@ class OperatorConfig:
         default=("vllm/vllm-openai*", "docker.io/vllm/vllm-openai*", "*/vllm/vllm-openai*"),
         metadata=_help(
             "Comma-separated fnmatch patterns of images whose own entry point runs the vLLM "
-            "server: a container of such an image that sets only args is read as vllm serve.",
+            "server: a container of such an image that sets only args is read as vllm serve "
+            "(chart value operator.serving.vllmImagePatterns).",
             "FINETUNE_VLLM_IMAGE_PATTERNS",
         ),
     )
@@ -154,6 +155,40 @@ class OperatorConfig:
         metadata=_help(
             "Attempts at a status write that meets a conflict (409/422).",
             "FINETUNE_STATUS_WRITE_RETRIES",
+        ),
+    )
+    serving_poll_seconds: float = field(
+        default=5.0,
+        metadata=_help(
+            "While an AdapterDeployment's rollout, canary analysis or runtime load is under "
+            "way, how often it is looked at again between events (idle and failed ones are "
+            "looked at only when something they depend on changes).",
+            "FINETUNE_SERVING_POLL_SECONDS",
+        ),
+    )
+    serving_http_timeout_seconds: float = field(
+        default=10.0,
+        metadata=_help(
+            "Timeout of the operator's calls to serving pods (smoke requests: 60 s).",
+            "FINETUNE_SERVING_HTTP_TIMEOUT_SECONDS",
+        ),
+    )
+    serving_max_backoff_seconds: float = field(
+        default=300.0,
+        metadata=_help(
+            "Longest wait before an AdapterDeployment whose reconcile failed (API errors, "
+            "unreachable serving pods) is tried again; the wait doubles from "
+            "servingPollSeconds with each failure in a row.",
+            "FINETUNE_SERVING_MAX_BACKOFF_SECONDS",
+        ),
+    )
+    local_mode: bool = field(
+        default=False,
+        metadata=_help(
+            "Local/test mode only (the embedded demo): serving pods are reached at the URL in "
+            "their finetune.dev/endpoint annotation and file:// adapters are read from the "
+            "operator's own disk. Never set it in a cluster.",
+            "FINETUNE_LOCAL_MODE",
         ),
     )
     # The platform policy has its own FINETUNE_POLICY_* variables (policy.py).
@@ -192,6 +227,12 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
             return {str(k): float(v) for k, v in value.items()}
         if name == "job_ttl_seconds":
             return int(raw) if raw.strip() else None
+        if kind in (bool, "bool"):
+            if raw.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.strip().lower() in ("", "0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
         if kind in (int, "int"):
             return int(raw)
         if kind in (float, "float"):
@@ -226,6 +267,13 @@ def load_config(env: Mapping[str, str] | None = None) -> OperatorConfig:
         raise ConfigError("FINETUNE_PROGRESS_POLL_SECONDS must be > 0")
     if config.progress_polls_per_second <= 0:
         raise ConfigError("FINETUNE_PROGRESS_POLLS_PER_SECOND must be > 0")
+    for name in ("serving_poll_seconds", "serving_http_timeout_seconds"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()} must be > 0")
+    if config.serving_max_backoff_seconds < config.serving_poll_seconds:
+        raise ConfigError(
+            "FINETUNE_SERVING_MAX_BACKOFF_SECONDS must be >= FINETUNE_SERVING_POLL_SECONDS"
+        )
     if config.unobserved_reconcile_seconds <= 0:
         raise ConfigError("FINETUNE_UNOBSERVED_RECONCILE_SECONDS must be > 0")
     return config

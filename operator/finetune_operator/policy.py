@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .api.finetunejob import FineTuneJobSpec, Toleration
+from .api.scheduling import Affinity, NodeSelectorTerm
 
 # The node label a job's resources.gpuProduct becomes (builders.trainer.GPU_PRODUCT_LABEL;
 # not imported from there: the builders depend on this module).
@@ -553,25 +554,21 @@ def _check_priority_class(spec: FineTuneJobSpec, policy: Policy) -> list[Violati
     ]
 
 
-def _affinity_keys(affinity: Any) -> Iterator[str]:
+def _affinity_keys(affinity: Affinity | None) -> Iterator[str]:
     """Node label keys (and node fields) a node affinity selects on."""
-    node = affinity.get("nodeAffinity") if isinstance(affinity, Mapping) else None
-    if not isinstance(node, Mapping):
+    node = affinity.node_affinity if affinity is not None else None
+    if node is None:
         return
-    terms: list[Any] = []
-    required = node.get("requiredDuringSchedulingIgnoredDuringExecution")
-    if isinstance(required, Mapping) and isinstance(required.get("nodeSelectorTerms"), list):
-        terms += required["nodeSelectorTerms"]
-    preferred = node.get("preferredDuringSchedulingIgnoredDuringExecution")
-    if isinstance(preferred, list):
-        terms += [p.get("preference") for p in preferred if isinstance(p, Mapping)]
+    terms: list[NodeSelectorTerm] = []
+    if node.required_during_scheduling_ignored_during_execution is not None:
+        terms += node.required_during_scheduling_ignored_during_execution.node_selector_terms
+    for preferred in node.preferred_during_scheduling_ignored_during_execution or []:
+        terms.append(preferred.preference)
     for term in terms:
-        if not isinstance(term, Mapping):
-            continue
-        for part in ("matchExpressions", "matchFields"):
-            for expr in term.get(part) or []:
-                if isinstance(expr, Mapping) and isinstance(expr.get("key"), str):
-                    yield expr["key"]
+        for expr in term.match_expressions or []:
+            yield expr.key
+        for field_expr in term.match_fields or []:
+            yield field_expr.key
 
 
 def _check_node_selection(spec: FineTuneJobSpec, policy: Policy) -> list[Violation]:

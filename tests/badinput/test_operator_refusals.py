@@ -26,7 +26,6 @@ from controller.ftj_samples import spec
 from finetune_operator.local import Emulator
 from k8s_fixtures import wait_for
 from serving.adapters import make_adapter
-from serving.conftest import fast_serving_settings  # noqa: F401  (fixture)
 from serving.test_operator_serving import (
     Env,
     adapter_deployment,
@@ -136,7 +135,6 @@ def test_secret_values_stay_in_secrets(
 def env(
     emulator: Emulator,
     operator_runner: Any,
-    fast_serving_settings: None,  # noqa: F811
     tmp_path: Path,
 ) -> Iterator[Env]:
     yield from env_with_every_handler(emulator, operator_runner, tmp_path)

@@ -436,3 +436,16 @@ def test_deploy_manifest_objects_are_valid() -> None:
     assert {"Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"} <= set(kinds)
     for obj in objects:
         kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_vllm_image_patterns_reach_the_operator() -> None:
+    from finetune_operator.config import OperatorConfig, load_config
+
+    default = env_of(manifests())["FINETUNE_VLLM_IMAGE_PATTERNS"]
+    assert load_config({"FINETUNE_VLLM_IMAGE_PATTERNS": default}).vllm_image_patterns == (
+        OperatorConfig().vllm_image_patterns
+    )
+    own = ["registry.example.com/serving/vllm*", "vllm/vllm-openai*"]
+    values = {"operator": {"serving": {"vllmImagePatterns": own}}}
+    rendered = env_of(manifests(values))["FINETUNE_VLLM_IMAGE_PATTERNS"]
+    assert load_config({"FINETUNE_VLLM_IMAGE_PATTERNS": rendered}).vllm_image_patterns == tuple(own)

@@ -74,10 +74,12 @@ def all_reasons() -> set[str]:
     reasons: set[str] = set()
     for planner in sorted(PLANNERS.glob("*.py")):
         reasons |= reasons_in(planner) - INTERNAL_VERDICTS
+    from finetune_operator.api.adapterdeployment import Reason
     from finetune_operator.planners import finetunejob
 
     reasons |= set(finetunejob.WARNING_REASONS) | set(finetunejob.TRAINER_REASON_ADVICE)
-    return reasons
+    # The AdapterDeployment controller lists every reason it writes as one enum.
+    return reasons | {reason.value for reason in Reason}
 
 
 def test_reason_scan_finds_the_planners_reasons() -> None:

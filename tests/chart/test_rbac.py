@@ -118,6 +118,27 @@ def test_price_table_read_is_covered_in_cluster_mode(derived: Derived) -> None:
     assert ("", "configmaps", "get") in derived.permissions
 
 
+def test_serving_servers_configmaps_and_keys_are_read_with_get_only(
+    derived: Derived, namespaced_objects: list[dict[str, Any]]
+) -> None:
+    """The AdapterDeployment controller reads the ConfigMaps and the key Secret of a vLLM
+    container by name: `get` in each watched namespace covers it, never list or watch."""
+    for resource in ("configmaps", "secrets"):
+        sites = derived.permissions[("", resource, "get")]
+        assert any(
+            site.startswith("finetune_operator.handlers.adapterdeployment:") for site in sites
+        )
+    role = next(
+        r for r in by_kind(namespaced_objects, "Role")
+        if r["metadata"]["namespace"] == "team-a" and r["metadata"]["name"] == FULLNAME
+    )  # fmt: skip
+    have = granted(role["rules"])
+    assert ("", "configmaps", "get") in have and ("", "secrets", "get") in have
+    assert (
+        not {("", "secrets", "list"), ("", "secrets", "watch"), ("", "configmaps", "watch")} & have
+    )
+
+
 def test_mismatch_detects_a_missing_and_an_extra_rule(
     derived: Derived, cluster_objects: list[dict[str, Any]]
 ) -> None:

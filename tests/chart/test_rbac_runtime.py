@@ -25,7 +25,6 @@ from finetune_operator.local import Emulator
 from k8s_fixtures import emulator, operator_runner, wait_for  # noqa: F401  (fixtures)
 from rbaclib import granted, permission_of
 from serving.adapters import make_adapter
-from serving.conftest import fast_serving_settings  # noqa: F401  (fixture)
 from serving.test_operator_serving import (
     Env,
     adapter_deployment,
@@ -93,7 +92,6 @@ def assert_allowed(needed: set[tuple[str, str, str]]) -> None:
 def env(
     emulator: Emulator,  # noqa: F811
     operator_runner: Any,  # noqa: F811
-    fast_serving_settings: None,  # noqa: F811
     tmp_path: Path,
 ) -> Iterator[Env]:
     """The whole operator (both controllers, as in the pod) next to an emulated vLLM fleet."""

@@ -20,6 +20,11 @@ FAST = OperatorConfig(
     status_write_retries=5,
     retry_seconds=0.5,
     unobserved_reconcile_seconds=3.0,
+    # AdapterDeployments: "pods" are local servers reached through their endpoint
+    # annotation, adapters are local folders, in-flight rollouts are looked at often.
+    serving_poll_seconds=0.1,
+    serving_http_timeout_seconds=5.0,
+    local_mode=True,
 )
 
 

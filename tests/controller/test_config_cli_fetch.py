@@ -77,6 +77,8 @@ def test_cli_lists_configuration(capsys: pytest.CaptureFixture[str]) -> None:
     for var in ("FINETUNE_POLICY_ALLOWED_IMAGES", "FINETUNE_POLICY_MAX_GPUS_PER_NAMESPACE"):
         assert var in out
     assert "operator.policy.trainer.defaultMemory" in out  # names the chart value
+    patterns = "FINETUNE_VLLM_IMAGE_PATTERNS  (default: 'vllm/vllm-openai*,docker.io/vllm/"
+    assert patterns in out and "operator.serving.vllmImagePatterns" in out
 
 
 def test_cli_run_rejects_bad_configuration(

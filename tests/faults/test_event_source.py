@@ -16,7 +16,6 @@ from finetune_operator.builders.names import EVENT_SOURCE
 from finetune_operator.local import Emulator
 from k8s_fixtures import wait_for
 from serving.adapters import make_adapter
-from serving.conftest import fast_serving_settings  # noqa: F401  (fixture)
 from serving.test_operator_serving import (
     NS,
     Env,
@@ -31,7 +30,6 @@ from serving.test_operator_serving import (
 def env(
     emulator: Emulator,
     operator_runner: Any,
-    fast_serving_settings: None,  # noqa: F811
     tmp_path: Path,
 ) -> Iterator[Env]:
     yield from env_with_every_handler(emulator, operator_runner, tmp_path)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import kopf
 import pytest
 from finetune_operator import metrics_serving, vllm_args
 from finetune_operator.builders import serving as sb
@@ -126,10 +127,16 @@ class Env:
         return result
 
 
+def start_serving_operator(operator_runner: Any) -> Any:
+    """The AdapterDeployment controller alone, with the tests' fast local configuration."""
+    import finetune_operator.handlers.adapterdeployment as handlers
+    from controller.cluster import FAST
+
+    return operator_runner(handlers, memo=kopf.Memo(config=FAST))
+
+
 @pytest.fixture
-def env(
-    emulator: Emulator, operator_runner, fast_serving_settings, tmp_path: Path
-) -> Iterator[Env]:
+def env(emulator: Emulator, operator_runner, tmp_path: Path) -> Iterator[Env]:
     behaviors: dict[str, dict] = {}
 
     def behavior(_dep: str, template: dict) -> dict:
@@ -139,10 +146,8 @@ def env(
             out.update(behaviors.get(digest, {}))
         return out
 
-    import finetune_operator.handlers.adapterdeployment as handlers
-
     with ServingCluster(emulator, NS, tmp_path / "pvc", behavior) as cluster:
-        run = operator_runner(handlers)
+        run = start_serving_operator(operator_runner)
         e = Env(emulator, cluster, tmp_path)
         e.behaviors = behaviors  # type: ignore[attr-defined]
         e.operator = run  # type: ignore[attr-defined]
@@ -255,6 +260,7 @@ def test_rolling_failure_rolls_back_automatically(env: Env) -> None:
     wait_for(
         lambda: env.condition("support", "Available").get("reason") == "PreviousRevisionRestored",
         20,
+        what=f"the previous revision restored: {env.status('support')}",
     )
     st = env.status("support")
     assert st["current"]["digest"] == d1 and st["current"]["outcome"] == "Available"
@@ -639,9 +645,7 @@ def test_canary_resumes_after_an_operator_restart(env: Env, operator_runner) -> 
     first = env.operator  # type: ignore[attr-defined]
     first.stop()
     assert env.api.read("deployments", NS, "support-canary") is not None
-    import finetune_operator.handlers.adapterdeployment as handlers
-
-    operator_runner(handlers)
+    start_serving_operator(operator_runner)
     wait_for(
         lambda: (
             env.status("support")["phase"] == "Available"

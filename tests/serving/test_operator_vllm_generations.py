@@ -25,6 +25,7 @@ from .test_operator_serving import (
     adapter_deployment,
     canary_strategy,
     runtime_strategy,
+    start_serving_operator,
     uri_source,
     vllm_deployment,
 )
@@ -35,16 +36,13 @@ def env(
     request: pytest.FixtureRequest,
     emulator: Emulator,
     operator_runner: Any,
-    fast_serving_settings: None,
     tmp_path: Path,
 ) -> Iterator[Env]:
     overrides: dict[str, Any] = {}
-    import finetune_operator.handlers.adapterdeployment as handlers
-
     with ServingCluster(
         emulator, NS, tmp_path / "pvc", lambda _d, _t: dict(overrides), generation=request.param
     ) as cluster:
-        operator_runner(handlers)
+        start_serving_operator(operator_runner)
         e = Env(emulator, cluster, tmp_path)
         e.overrides = overrides  # type: ignore[attr-defined]
         e.generation = request.param  # type: ignore[attr-defined]

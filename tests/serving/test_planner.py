@@ -5,7 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from finetune_operator.api.adapterdeployment import AdapterDeploymentSpec, CanaryAnalysis
+from finetune_operator.api.adapterdeployment import (
+    AdapterDeploymentSpec,
+    AdapterDeploymentStatus,
+    CanaryAnalysis,
+)
 from finetune_operator.builders import serving as sb
 from finetune_operator.planners import adapterdeployment as p
 
@@ -88,7 +92,7 @@ def uri_spec(digest=DIGEST) -> AdapterDeploymentSpec:
     ],
 )
 def test_source_from_uri(local, ok, reason) -> None:
-    res = p.resolve_source(uri_spec(), None, local)
+    res = p.resolve_source(uri_spec(), None, local, local_mode=True)
     assert (res.ok, res.reason) == (ok, reason)
     if local is not None and local.rank:
         assert res.ref.rank == 8 and res.ref.base_model == "hf://org/base"
@@ -96,8 +100,28 @@ def test_source_from_uri(local, ok, reason) -> None:
         assert "set source.digest to the adapter's digest" in res.message and OTHER in res.message
 
 
+def test_file_adapters_are_refused_outside_local_mode_whatever_the_path_holds() -> None:
+    """The answer never depends on the operator's own filesystem: no probing through it."""
+    answers = {
+        (res.ok, res.reason, res.message)
+        for local in (None, p.LocalManifest(missing=True, error="x"), p.LocalManifest(digest=OTHER))
+        for res in [p.resolve_source(uri_spec(), None, local)]
+    }
+    assert len(answers) == 1
+    ok, reason, message = answers.pop()
+    assert (ok, reason) == (False, "LocalAdapterRefused")
+    assert "pvc://" in message and "/adapters/a" not in message
+    from_job = ftj()
+    from_job["status"]["adapter"]["uri"] = "file:///etc"
+    res = p.resolve_source(spec(), from_job)
+    assert (res.ok, res.reason) == (False, "LocalAdapterRefused")
+    assert p.resolve_source(spec(), from_job, local_mode=True).ok
+
+
 def test_to_revision() -> None:
-    status = {"history": [{"revision": 1, "uri": "pvc://a/1", "digest": OTHER}]}
+    status = AdapterDeploymentStatus.model_validate(
+        {"history": [{"revision": 1, "uri": "pvc://a/1", "digest": OTHER}]}
+    )
     s = spec(rollback={"toRevision": 1})
     src = p.resolve_source(s, ftj())
     res = p.resolve_desired(s, status, src)
@@ -221,6 +245,38 @@ def test_compatibility_refusals_without_server() -> None:
     assert wrong.reason == "ContainerNotFound"
     taken = target(["org/base", "--enable-lora"], {sb.owner_annotation("support"): "someone-else"})
     assert p.check_compatible(s, "adep", taken, REF).reason == "AdapterNameTaken"
+
+
+@pytest.mark.parametrize(
+    ("image", "args", "refused"),
+    [
+        # vLLM 0.20+: --api-server-count defaults to the data-parallel size.
+        ("vllm/vllm-openai:v0.20.0", ["--data-parallel-size", "2"], True),
+        ("vllm/vllm-openai:v0.34.0", ["--api-server-count", "3"], True),
+        # vLLM 0.11: one API server unless --api-server-count says otherwise.
+        ("vllm/vllm-openai:v0.11.0", ["--data-parallel-size", "2"], False),
+        ("vllm/vllm-openai:v0.11.0", ["--api-server-count", "2"], True),
+        (
+            "vllm/vllm-openai:v0.20.0",
+            ["--data-parallel-size", "2", "--api-server-count", "1"],
+            False,
+        ),
+    ],
+)
+def test_runtime_is_refused_where_vllm_runs_several_api_servers(
+    image: str, args: list[str], refused: bool
+) -> None:
+    dep = target(["org/base", "--enable-lora", *args])
+    dep["spec"]["template"]["spec"]["containers"][0]["image"] = image
+    runtime = p.check_compatible(spec(strategy={"type": "Runtime"}), "adep", dep, REF)
+    if refused:
+        assert runtime.reason == "RuntimeUpdatesDisabled"
+        assert "API-server processes" in runtime.message
+        assert "use strategy Rolling" in runtime.message
+    else:
+        assert runtime.ok, runtime.message
+    # Rolling puts the adapter on the command line: the runtime check does not apply.
+    assert p.check_compatible(spec(), "adep", dep, REF).ok
 
 
 def test_runtime_path() -> None:
@@ -420,24 +476,29 @@ def test_plan_runtime() -> None:
 
 
 def test_revisions_are_monotonic_and_bounded() -> None:
-    status: dict = {}
+    status = AdapterDeploymentStatus()
     ref = sb.AdapterRef("support", "pvc://a", DIGEST)
     history: list = []
     for _ in range(25):
         rev = p.new_revision(status, ref, "t")
         history = p.record_history(history, rev)
-        status = {"history": history, "current": rev}
-    assert [r["revision"] for r in history] == list(range(6, 26))
+        status = AdapterDeploymentStatus(history=history, current=rev)
+    assert [r.revision for r in history] == list(range(6, 26))
     assert p.next_revision(status) == 26
 
 
 def test_already_rejected_until_spec_changes() -> None:
     ref = sb.AdapterRef("support", "pvc://a", DIGEST)
-    status = {
-        "observedGeneration": 3,
-        "history": [{"revision": 1, "uri": "pvc://a", "digest": DIGEST, "outcome": "RolledBack"}],
-    }
-    assert p.already_rejected(status, ref, 3)["revision"] == 1
+    status = AdapterDeploymentStatus.model_validate(
+        {
+            "observedGeneration": 3,
+            "history": [
+                {"revision": 1, "uri": "pvc://a", "digest": DIGEST, "outcome": "RolledBack"}
+            ],
+        }
+    )
+    rejected = p.already_rejected(status, ref, 3)
+    assert rejected is not None and rejected.revision == 1
     assert p.already_rejected(status, ref, 4) is None
 
 

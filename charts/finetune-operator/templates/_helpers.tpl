@@ -59,12 +59,15 @@ tests/chart/test_rbac.py derives the API calls from the operator's code (kopf ha
 every client call site) and fails when this list misses one or grants anything else.
 */}}
 {{- define "finetune-operator.namespacedRules" -}}
-# The two kinds: kopf lists/watches them and patches its finalizer and progress annotations;
-# the operator reads one before each reconcile (an AdapterDeployment also reads the
-# FineTuneJob it serves) and writes only their status.
+# The three kinds: kopf lists/watches them and patches its finalizer and progress annotations;
+# the operator reads a FineTuneJob before each of its reconciles (AdapterDeployments work
+# from the watch alone) and writes only their status.
 - apiGroups: ["finetune.dev"]
-  resources: ["finetunejobs", "adapterdeployments", "finetuneschedules"]
+  resources: ["finetunejobs", "finetuneschedules"]
   verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["finetune.dev"]
+  resources: ["adapterdeployments"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status", "adapterdeployments/status", "finetuneschedules/status"]
   verbs: ["patch"]
@@ -90,10 +93,10 @@ every client call site) and fails when this list misses one or grants anything e
   resources: ["services"]
   verbs: ["list", "create", "delete"]
 # Trainer pods (state, progress and results from the trainer's log) and serving pods
-# (which replicas serve which adapter).
+# (which replicas serve which adapter; watched, so an idle AdapterDeployment costs no request).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]
@@ -101,12 +104,15 @@ every client call site) and fails when this list misses one or grants anything e
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["list", "create", "delete"]
-# Serving: the target vLLM Deployment is read and patched (adapter arguments and volumes);
-# a canary copy is created next to it and deleted after promotion or abort.
+# Serving: the target vLLM Deployment is watched (AdapterDeployments react to its changes),
+# read and patched (adapter arguments and volumes); a canary copy is created next to it and
+# deleted after promotion or abort.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Existence checks of what a job references, before anything is created; never listed.
+# An AdapterDeployment also reads the Secret holding the API key of a vLLM server started
+# with VLLM_API_KEY from a secretKeyRef (sent to that server only, never logged or stored).
 - apiGroups: [""]
   resources: ["secrets", "persistentvolumeclaims"]
   verbs: ["get"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
@@ -213,6 +214,104 @@ class AdapterDeploymentSpec(ApiModel):
 # ---------------------------------------------------------------- status
 
 
+class ConditionType(StrEnum):
+    """Conditions of an AdapterDeployment, in the order they appear in status."""
+
+    SOURCE_READY = "SourceReady"
+    COMPATIBLE = "Compatible"
+    PROGRESSING = "Progressing"
+    AVAILABLE = "Available"
+    DEGRADED = "Degraded"
+
+
+class Phase(StrEnum):
+    """status.phase: a one-word summary for display (conditions carry the detail)."""
+
+    PENDING = "Pending"
+    PROGRESSING = "Progressing"
+    ANALYZING = "Analyzing"
+    AVAILABLE = "Available"
+    ROLLED_BACK = "RolledBack"
+    DEGRADED = "Degraded"
+    FAILED = "Failed"
+
+
+class Outcome(StrEnum):
+    """What became of one revision (status.current/previous/history/canary.revision)."""
+
+    PROGRESSING = "Progressing"
+    CANARY = "Canary"
+    PROMOTED = "Promoted"
+    AVAILABLE = "Available"
+    SUPERSEDED = "Superseded"
+    ROLLING_BACK = "RollingBack"
+    ROLLED_BACK = "RolledBack"
+    CANARY_ABORTED = "CanaryAborted"
+    FAILED = "Failed"
+
+
+class Reason(StrEnum):
+    """Every condition reason the AdapterDeployment controller writes (docs/troubleshooting.md)."""
+
+    # SourceReady
+    RESOLVED = "Resolved"
+    ROLLBACK_TO_REVISION = "RollbackToRevision"
+    REVISION_NOT_FOUND = "RevisionNotFound"
+    INVALID_SPEC = "InvalidSpec"
+    FINETUNEJOB_NOT_FOUND = "FineTuneJobNotFound"
+    FINETUNEJOB_NOT_FINISHED = "FineTuneJobNotFinished"
+    FINETUNEJOB_FAILED = "FineTuneJobFailed"
+    GATES_FAILED = "GatesFailed"
+    ADAPTER_MISSING = "AdapterMissing"
+    ADAPTER_NOT_FOUND = "AdapterNotFound"
+    DIGEST_MISMATCH = "DigestMismatch"
+    LOCAL_ADAPTER_REFUSED = "LocalAdapterRefused"
+    # Compatible
+    COMPATIBLE = "Compatible"
+    TARGET_NOT_FOUND = "TargetNotFound"
+    CONTAINER_NOT_FOUND = "ContainerNotFound"
+    SERVER_ARGS_INVALID = "ServerArgsInvalid"
+    SERVER_NOT_DETECTED = "ServerNotDetected"
+    SERVER_CONFIG_UNREADABLE = "ServerConfigUnreadable"
+    ADAPTER_NAME_TAKEN = "AdapterNameTaken"
+    RUNTIME_UPDATES_DISABLED = "RuntimeUpdatesDisabled"
+    LORA_NOT_ENABLED = "LoraNotEnabled"
+    BASE_MODEL_MISMATCH = "BaseModelMismatch"
+    RANK_TOO_LARGE = "RankTooLarge"
+    TOO_MANY_ADAPTERS = "TooManyAdapters"
+    ADAPTER_NOT_MOUNTED = "AdapterNotMounted"
+    # Progressing / Available / Degraded
+    ROLLOUT_STARTED = "RolloutStarted"
+    TEMPLATE_NOT_UPDATED = "TemplateNotUpdated"
+    ROLLING_OUT = "RollingOut"
+    LOADING = "Loading"
+    ROLLOUT_COMPLETE = "RolloutComplete"
+    ROLLOUT_DEADLINE_EXCEEDED = "RolloutDeadlineExceeded"
+    PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
+    LOAD_FAILED = "LoadFailed"
+    UNAUTHORIZED = "Unauthorized"
+    RELOAD_FAILED = "ReloadFailed"
+    CANARY_STARTED = "CanaryStarted"
+    CANARY_STARTING = "CanaryStarting"
+    CANARY_UNAVAILABLE = "CanaryUnavailable"
+    ANALYZING = "Analyzing"
+    WAITING_FOR_TRAFFIC = "WaitingForTraffic"
+    CANARY_PASSED = "CanaryPassed"
+    CANARY_PROMOTED = "CanaryPromoted"
+    CANARY_SMOKE_FAILED = "CanarySmokeFailed"
+    CANARY_ERROR_RATE = "CanaryErrorRate"
+    CANARY_LATENCY = "CanaryLatency"
+    SUPERSEDED = "Superseded"
+    ROLLING_BACK = "RollingBack"
+    ROLLED_BACK = "RolledBack"
+    ROLLBACK_FAILED = "RollbackFailed"
+    PREVIOUS_REVISION_RESTORED = "PreviousRevisionRestored"
+    NO_ADAPTER_SERVED = "NoAdapterServed"
+    ADAPTER_REMOVED_FROM_TARGET = "AdapterRemovedFromTarget"
+    NO_REPLICAS_AVAILABLE = "NoReplicasAvailable"
+    AS_EXPECTED = "AsExpected"
+
+
 class AdapterRevision(StatusModel):
     revision: int = Field(description="Monotonic revision number.")
     uri: str = Field(max_length=URI_MAX, description="Adapter location.")
@@ -222,8 +321,10 @@ class AdapterRevision(StatusModel):
     deployed_at: str | None = Field(
         default=None, max_length=64, description="When it became current."
     )
-    outcome: str | None = Field(
-        default=None, max_length=64, description="Available, RolledBack, Superseded."
+    outcome: Outcome | None = Field(
+        default=None,
+        description="Progressing, Canary, Promoted, Available, Superseded, RollingBack, "
+        "RolledBack, CanaryAborted or Failed.",
     )
 
 
@@ -252,13 +353,12 @@ class CanaryStatus(StatusModel):
     )
 
 
-AdapterDeploymentPhase = Literal[
-    "Pending", "Progressing", "Analyzing", "Available", "RolledBack", "Degraded", "Failed"
-]
+# Kept for readers of the old name: the phases as a type.
+AdapterDeploymentPhase = Phase
 
 
 class AdapterDeploymentStatus(StatusModel):
-    phase: AdapterDeploymentPhase | None = Field(default=None, description="Summary for display.")
+    phase: Phase | None = Field(default=None, description="Summary for display.")
     observed_generation: int | None = Field(
         default=None, description="Generation the status reflects."
     )
@@ -274,7 +374,7 @@ class AdapterDeploymentStatus(StatusModel):
         default=None, description="Ready replicas serving the current adapter."
     )
     pods: list[PodAdapter] | None = Field(
-        default=None, description="Per pod: which digest it serves (Runtime)."
+        default=None, description="Per pod: which digest it serves."
     )
     canary: CanaryStatus | None = Field(default=None, description="Canary analysis state.")
     rollout_started_at: str | None = Field(

@@ -27,8 +27,11 @@ ServingKubeError = KubeError
 
 
 class ServingKube:
-    def __init__(self, api_client: Any) -> None:
-        self._kube = KubeClient(api_client)
+    """The serving controller's verbs over the operator's one client (or a new client of a
+    ``kubernetes.client.ApiClient``)."""
+
+    def __init__(self, client: KubeClient | Any) -> None:
+        self._kube = client if isinstance(client, KubeClient) else KubeClient(client)
 
     @classmethod
     def from_environment(cls) -> ServingKube:

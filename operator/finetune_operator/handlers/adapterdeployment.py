@@ -1,31 +1,27 @@
-"""kopf handlers of AdapterDeployment: observe, decide (pure planners), act, write status.
+"""kopf wiring of the AdapterDeployment controller: observe, plan (pure), act, write status.
 
-One daemon per AdapterDeployment runs :meth:`Controller.tick` every
-``FINETUNE_SERVING_POLL_SECONDS``. A tick is level-based: it reads the object, the
-FineTuneJob, the target Deployment and its pods, and moves the rollout one step. What
-a rollout is doing lives in status (``current.outcome``, ``canary``), so an operator
-restart resumes where it left off; only the previous metrics sample of a canary window
-lives in memory (after a restart the next window starts from the pods' totals).
-
-Steps by state:
-- idle: resolve the source, check compatibility, start a rollout (Rolling: patch the
-  target; Canary: create the canary Deployment; Runtime: load into pods);
-- ``canary.revision.outcome == Canary``: wait for the canary pods, then one analysis
-  check per ``intervalSeconds``: promote (patch the target) or abort (delete the canary);
-- ``current.outcome == Progressing``: track the target rollout (or runtime loads) to
-  Available, or roll back to ``previous`` when it fails;
-- ``current.outcome == RollingBack``: track the restore;
-- steady: report which pods serve which digest; Runtime re-loads the adapter into pods
-  that restarted or were added.
+Each AdapterDeployment has one small task (a kopf daemon) that sleeps until something it
+depends on changes. kopf watches keep four in-memory caches (indexes): the
+AdapterDeployments' references, Deployments, their pods and FineTuneJobs. A change of the
+object, of its FineTuneJob, of the target or canary Deployment or of one of their pods
+wakes the task; it then observes from the caches (no API reads), runs the pure
+:func:`~finetune_operator.planners.adapterdeployment_plan.plan`, carries out the actions
+and writes status as one diff (nothing when nothing changed). Serving pods are called
+only while a rollout, a canary analysis or a runtime load is under way; only then does
+the task also wake on a timer (``servingPollSeconds``). An idle or failed
+AdapterDeployment costs no request at all (decision 1520).
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
+import base64
+import binascii
+import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -33,45 +29,310 @@ import aiohttp
 import kopf
 from pydantic import ValidationError
 
-from .. import metrics_serving
-from ..api.adapterdeployment import PLURAL, AdapterDeploymentSpec, CanaryAnalysis
-from ..api.common import GROUP, VERSION, now_rfc3339, set_condition
+from .. import metrics_serving, vllm_server
+from ..api.adapterdeployment import PLURAL, AdapterDeploymentSpec, AdapterDeploymentStatus
+from ..api.common import GROUP, VERSION
+from ..builders import names
 from ..builders import serving as sb
 from ..clients.adapter_store import read_local_manifest
-from ..clients.serving_kube import ServingKube, ServingKubeError
-from ..clients.vllm import VLLM_LATENCY_BUCKETS, VllmClient, VllmError
-from ..planners import adapterdeployment as plan
-from ..serving_config import SETTINGS
+from ..clients.kube import KubeClient, KubeError
+from ..clients.serving_kube import ServingKube
+from ..clients.vllm import (
+    VllmClient,
+    VllmError,
+    VllmErrorKind,
+    parse_lora_requests_info,
+    parse_metrics,
+)
+from ..config import OperatorConfig, load_config
+from ..planners import adapterdeployment as rules
+from ..planners import adapterdeployment_plan as ad
+from ..serving_config import annotation_endpoint, pod_ip_endpoint
 
 log = logging.getLogger(__name__)
 
+KIND = "AdapterDeployment"
 MAX_PATCH_ATTEMPTS = 8
+# Passes in a row that ask to look again at once, before the poll interval applies anyway.
+MAX_IMMEDIATE_PASSES = 20
+# How often a sleeping task checks whether kopf asked it to stop (no request involved).
+STOP_CHECK_SECONDS = 0.5
+FOREIGN_STATUS_KEYS = ("kopf",)
+POD_TEMPLATE_HASH = "pod-template-hash"
+
+Marker = tuple[str, int, str | None]
+Clock = Callable[[], datetime]
 
 
-# ------------------------------------------------------------------ helpers
+def utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
-def merge_patch_diff(old: Any, new: Any) -> Any:
-    """The JSON merge patch turning ``old`` into ``new`` (removed keys become null)."""
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return new
-    diff: dict[str, Any] = {}
-    for key in old.keys() - new.keys():
-        diff[key] = None
-    for key, value in new.items():
-        if key not in old:
-            diff[key] = value
-        elif old[key] != value:
-            diff[key] = merge_patch_diff(old[key], value)
-    return diff
+# ------------------------------------------------------------------ state in kopf's memo
 
 
-def _elapsed(since: str | None) -> float | None:
-    start = plan.parse_time(since)
-    return None if start is None else (datetime.now(UTC) - start).total_seconds()
+@dataclass
+class Memory:
+    """What one AdapterDeployment's task keeps between passes (lost on restart, by design:
+    after a restart the next canary window starts from the pods' totals, and Runtime pods
+    are asked once what they serve)."""
+
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    written: dict[str, Any] | None = None  # the object as our last status write returned it
+    verified: dict[str, Marker] = field(default_factory=dict)  # pod -> marker when confirmed
+    # pod -> (marker, digest, vLLM's reason, whether the key was refused) of a final refusal
+    load_errors: dict[str, tuple[Marker, str, str, bool]] = field(default_factory=dict)
+    last_check: datetime | None = None
+    samples: dict[str, rules.MetricsSample] = field(default_factory=dict)
+    failures: int = 0
+    # Deployments this task just wrote: name -> resourceVersion of the write (None: deleted).
+    # The next pass waits until the watch caches caught up, so it never plans from a
+    # Deployment as it was before its own write.
+    expected: dict[str, str | None] = field(default_factory=dict)
 
 
-def _pod_ready(pod: dict[str, Any]) -> bool:
+class ServingState:
+    """The controller's per-run state (memo.serving): memories, one HTTP session, the clock."""
+
+    def __init__(self, clock: Clock = utc_now) -> None:
+        self.memories: dict[tuple[str, str], Memory] = {}
+        self.session: aiohttp.ClientSession | None = None
+        self.clock = clock
+        self.stopping = False  # set at cleanup: no new HTTP session after the last is closed
+
+    def memory(self, namespace: str, name: str) -> Memory:
+        return self.memories.setdefault((namespace, name), Memory())
+
+    def wake(self, keys: Iterable[tuple[str, str]]) -> None:
+        for key in keys:
+            memory = self.memories.get(key)
+            if memory is not None:
+                memory.wake.set()
+
+    def client(self, config: OperatorConfig) -> VllmClient:
+        """A vLLM client on the shared session, without a key (see with_api_key)."""
+        return VllmClient(self.http(), config.serving_http_timeout_seconds)
+
+    def http(self) -> aiohttp.ClientSession:
+        if self.stopping:
+            raise Unfinished("the operator is stopping")
+        if self.session is None or self.session.closed:
+            self.session = aiohttp.ClientSession()
+        return self.session
+
+
+def runtime(memo: Any) -> tuple[KubeClient, OperatorConfig, ServingState]:
+    kube = getattr(memo, "kube", None)
+    config = getattr(memo, "config", None)
+    state = getattr(memo, "serving", None)
+    if kube is None or config is None or state is None:
+        raise kopf.TemporaryError("operator is still starting", delay=1)
+    return kube, config, state
+
+
+@kopf.on.startup()
+async def configure_serving(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    if getattr(memo, "config", None) is None:
+        memo.config = load_config()
+    if getattr(memo, "kube", None) is None:
+        memo.kube = KubeClient.from_environment()
+    if getattr(memo, "serving", None) is None:
+        memo.serving = ServingState()
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
+    settings.persistence.finalizer = names.FINALIZER
+    # Sleeping tasks notice a stop within STOP_CHECK_SECONDS and return by themselves.
+    if settings.background.instant_exit_timeout is None:
+        settings.background.instant_exit_timeout = 2 * STOP_CHECK_SECONDS
+
+
+@kopf.on.cleanup()
+async def release_serving(memo: kopf.Memo, **_: Any) -> None:
+    state = getattr(memo, "serving", None)
+    if state is not None:
+        state.stopping = True
+        if state.session is not None:
+            await state.session.close()
+    kube = getattr(memo, "kube", None)
+    # The FineTuneJob controller closes the shared client when it runs in this operator.
+    if getattr(memo, "ftj_state", None) is None and isinstance(kube, KubeClient):
+        await kube.close()
+
+
+# ------------------------------------------------------------------ caches (kopf indexes)
+
+
+def _slim_deployment(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    return {
+        "metadata": {
+            k: meta[k]
+            for k in (
+                "name",
+                "namespace",
+                "uid",
+                "generation",
+                "resourceVersion",
+                "annotations",
+                "labels",
+            )
+            if k in meta
+        },
+        "spec": dict(body.get("spec") or {}),
+        "status": dict(body.get("status") or {}),
+    }
+
+
+def owning_deployment(pod: Mapping[str, Any]) -> str | None:
+    """The Deployment whose ReplicaSet controls the pod (``<deployment>-<pod-template-hash>``)."""
+    meta = pod.get("metadata") or {}
+    template_hash = (meta.get("labels") or {}).get(POD_TEMPLATE_HASH)
+    for owner in meta.get("ownerReferences") or []:
+        if owner.get("controller") and owner.get("kind") == "ReplicaSet" and template_hash:
+            name = str(owner.get("name") or "")
+            if name.endswith(f"-{template_hash}"):
+                return name[: -len(template_hash) - 1]
+    return None
+
+
+def _slim_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    return {
+        "metadata": {
+            k: meta[k]
+            for k in ("name", "uid", "annotations", "labels", "deletionTimestamp")
+            if k in meta
+        },
+        "spec": {"hostNetwork": bool((pod.get("spec") or {}).get("hostNetwork"))},
+        "status": {
+            k: status[k]
+            for k in ("phase", "conditions", "podIP", "containerStatuses")
+            if k in status
+        },
+    }
+
+
+@kopf.index("apps", "v1", "deployments")
+def serving_deployments(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, name): _slim_deployment(body)}
+
+
+@kopf.index("", "v1", "pods")
+def serving_pods(namespace: str | None, body: kopf.Body, **_: Any) -> Any:
+    deployment = owning_deployment(body)
+    return {(namespace, deployment): _slim_pod(body)} if deployment else None
+
+
+@kopf.index(GROUP, VERSION, "finetunejobs")
+def serving_sources(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    output = ((body.get("spec") or {}).get("output")) or {}
+    return {
+        (namespace, name): {
+            "spec": {"output": {"credentialsSecretRef": output.get("credentialsSecretRef")}},
+            "status": dict(body.get("status") or {}),
+        }
+    }
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def serving_refs(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> Any:
+    """Which Deployments and FineTuneJobs each AdapterDeployment depends on."""
+    refs: dict[tuple[str, str | None, str], str] = {
+        ("Deployment", namespace, sb.canary_name(name)): name
+    }
+    target = (spec.get("target") or {}).get("deployment")
+    if target:
+        refs[("Deployment", namespace, str(target))] = name
+    ftj = ((spec.get("source") or {}).get("fineTuneJobRef") or {}).get("name")
+    if ftj:
+        refs[("FineTuneJob", namespace, str(ftj))] = name
+    return refs
+
+
+def _caches(kwargs: Mapping[str, Any]) -> Caches:
+    return Caches(kwargs["serving_deployments"], kwargs["serving_pods"], kwargs["serving_sources"])
+
+
+def _one(index: Any, key: Any) -> dict[str, Any] | None:
+    store = index.get(key) if index is not None else None
+    for value in store or ():
+        return dict(value)
+    return None
+
+
+def _dependents(refs: Any, kind: str, namespace: str | None, name: str) -> list[tuple[str, str]]:
+    return [(str(namespace), str(ad_name)) for ad_name in refs.get((kind, namespace, name)) or ()]
+
+
+# Async (in the operator's loop), not threads: they set asyncio events of the tasks.
+@kopf.on.event("apps", "v1", "deployments")
+async def deployment_changed(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
+    state = getattr(memo, "serving", None)
+    if state is not None:
+        state.wake(_dependents(kwargs["serving_refs"], "Deployment", namespace, name))
+
+
+@kopf.on.event("", "v1", "pods")
+async def pod_changed(namespace: str | None, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    state = getattr(memo, "serving", None)
+    deployment = owning_deployment(body)
+    if state is not None and deployment:
+        state.wake(_dependents(kwargs["serving_refs"], "Deployment", namespace, deployment))
+
+
+@kopf.on.event(GROUP, VERSION, "finetunejobs")
+async def source_changed(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
+    state = getattr(memo, "serving", None)
+    if state is not None:
+        state.wake(_dependents(kwargs["serving_refs"], "FineTuneJob", namespace, name))
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def adapterdeployment_changed(
+    namespace: str | None, name: str, body: kopf.Body, memo: Any, **_: Any
+) -> None:
+    """Wake the task, except for the echo of its own status write."""
+    state = getattr(memo, "serving", None)
+    if state is None:
+        return
+    memory = state.memories.get((str(namespace), name))
+    if memory is None:
+        return
+    written = memory.written
+    own_echo = written is not None and _rv(written) == _rv(body)
+    if not own_echo:
+        memory.wake.set()
+
+
+# ------------------------------------------------------------------ observe
+
+
+@dataclass(frozen=True)
+class Caches:
+    deployments: Any
+    pods: Any
+    sources: Any
+
+
+def _rv(body: Mapping[str, Any] | None) -> str:
+    return str(((body or {}).get("metadata") or {}).get("resourceVersion") or "")
+
+
+def fresher(live: Mapping[str, Any], written: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The newer of the watched object and the one our last status write returned.
+
+    Right after a write the watch may not have delivered it yet; planning from the older
+    copy would repeat what that pass did.
+    """
+    if written is None:
+        return live
+    try:
+        return written if int(_rv(written)) > int(_rv(live)) else live
+    except ValueError:
+        return live
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> bool:
     st = pod.get("status") or {}
     if st.get("phase") != "Running" or (pod.get("metadata") or {}).get("deletionTimestamp"):
         return False
@@ -80,749 +341,585 @@ def _pod_ready(pod: dict[str, Any]) -> bool:
     )
 
 
-@dataclass
-class _Memory:
-    """Per-object state that need not survive a restart."""
+def pod_endpoint(pod: Mapping[str, Any], port: int, local_mode: bool) -> str | None:
+    """Where the operator may reach a pod's server: its own pod IP on target.port.
 
-    last_check: float = 0.0
-    samples: dict[str, plan.MetricsSample] = field(default_factory=dict)
+    Pods on the host network are never called (their IP is the node's, where other
+    services listen); the endpoint annotation is honoured only in local mode.
+    """
+    if local_mode:
+        return annotation_endpoint(dict(pod), port)
+    if (pod.get("spec") or {}).get("hostNetwork"):
+        return None
+    return pod_ip_endpoint(dict(pod), port)
 
 
-_MEMORY: dict[str, _Memory] = {}
-
-
-@dataclass
-class Tick:
-    """One pass over one AdapterDeployment: what was read and the status being built."""
-
-    body: dict[str, Any]
-    spec: AdapterDeploymentSpec
-    status: dict[str, Any]
-    unreachable: bool = False  # a Ready pod did not answer during this tick
-
-    @property
-    def name(self) -> str:
-        return str(self.body["metadata"]["name"])
-
-    @property
-    def namespace(self) -> str:
-        return str(self.body["metadata"]["namespace"])
-
-    @property
-    def uid(self) -> str:
-        return str(self.body["metadata"].get("uid") or f"{self.namespace}/{self.name}")
-
-    @property
-    def generation(self) -> int:
-        return int(self.body["metadata"].get("generation") or 0)
-
-    def condition(self, type_: str, status: str, reason: str, message: str = "") -> None:
-        self.status["conditions"] = set_condition(
-            self.status.get("conditions"),
-            type_,
-            status,  # type: ignore[arg-type]
-            reason,
-            message,
-            generation=self.generation,
+def _pod_infos(
+    pods: Iterable[Mapping[str, Any]], port: int, local_mode: bool
+) -> tuple[ad.PodInfo, ...]:
+    out = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        restarts = sum(
+            int(cs.get("restartCount") or 0)
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []
         )
+        ready = _pod_ready(pod)
+        out.append(
+            ad.PodInfo(
+                name=str(meta.get("name")),
+                uid=str(meta.get("uid") or ""),
+                ready=ready,
+                endpoint=pod_endpoint(pod, port, local_mode) if ready else None,
+                annotations=dict(meta.get("annotations") or {}),
+                restarts=restarts,
+            )
+        )
+    return tuple(sorted(out, key=lambda p: p.name))
 
-    def phase(self, phase: str) -> None:
-        self.status["phase"] = phase
 
-    def event(self, reason: str, message: str, warning: bool = False) -> None:
+# How long a pass waits for the watch caches to show the task's own writes.
+CACHE_CATCH_UP_SECONDS = 5.0
+
+
+def _newer_or_same(seen: str, wanted: str) -> bool:
+    try:
+        return int(seen) >= int(wanted)
+    except ValueError:
+        return seen == wanted
+
+
+async def caught_up(caches: Caches, namespace: str, memory: Memory) -> None:
+    """Wait until the Deployments this task wrote look as its writes left them."""
+    deadline = time.monotonic() + CACHE_CATCH_UP_SECONDS
+    while memory.expected and time.monotonic() < deadline:
+        for name, wanted in list(memory.expected.items()):
+            cached = _one(caches.deployments, (namespace, name))
+            if (wanted is None and cached is None) or (
+                wanted is not None and cached is not None and _newer_or_same(_rv(cached), wanted)
+            ):
+                del memory.expected[name]
+        if memory.expected:
+            await asyncio.sleep(0.02)
+    memory.expected.clear()
+
+
+def _base_observation(
+    body: Mapping[str, Any], config: OperatorConfig, caches: Caches, memory: Memory
+) -> ad.Observed:
+    meta = body.get("metadata") or {}
+    name, namespace = str(meta["name"]), str(meta["namespace"])
+    raw_status = {
+        k: v for k, v in (body.get("status") or {}).items() if k not in FOREIGN_STATUS_KEYS
+    }
+    try:
+        status = AdapterDeploymentStatus.model_validate(raw_status)
+    except ValidationError:
+        log.warning("%s/%s: status unreadable; starting from an empty one", namespace, name)
+        status = AdapterDeploymentStatus()
+    common: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "uid": str(meta.get("uid") or ""),
+        "generation": int(meta.get("generation") or 0),
+        "status": status,
+        "body": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": dict(meta)},
+        "local_mode": config.local_mode,
+        "fetch_image": config.trainer_image,
+        "image_patterns": config.vllm_image_patterns,
+    }
+    try:
+        spec = AdapterDeploymentSpec.model_validate(body.get("spec") or {})
+    except ValidationError as exc:
+        return ad.Observed(spec=None, spec_error=str(exc), **common)
+    ftj_ref = spec.source.fine_tune_job_ref
+    port, local_mode = spec.target.port, config.local_mode
+    canary_name = sb.canary_name(name)
+    target_pods = caches.pods.get((namespace, spec.target.deployment)) or ()
+    obs = ad.Observed(
+        spec=spec,
+        ftj=_one(caches.sources, (namespace, ftj_ref.name)) if ftj_ref else None,
+        target=_one(caches.deployments, (namespace, spec.target.deployment)),
+        canary=_one(caches.deployments, (namespace, canary_name)),
+        pods=_pod_infos(target_pods, port, local_mode),
+        canary_pods=_pod_infos(caches.pods.get((namespace, canary_name)) or (), port, local_mode),
+        verified=dict(memory.verified),
+        last_check=memory.last_check,
+        **common,
+    )
+    return obs if status.current is None else _with_errors(obs, memory, status.current.digest)
+
+
+def _with_errors(obs: ad.Observed, memory: Memory, digest: str) -> ad.Observed:
+    """Permanent load failures of this digest into pods that did not change since."""
+    markers = {p.name: p.marker for p in obs.pods}
+    errors = {
+        pod: message
+        for pod, (marker, failed_digest, message, unauthorized) in memory.load_errors.items()
+        if markers.get(pod) == marker and failed_digest == digest and not unauthorized
+    }
+    refused = {
+        pod: message
+        for pod, (marker, failed_digest, message, unauthorized) in memory.load_errors.items()
+        if markers.get(pod) == marker and failed_digest == digest and unauthorized
+    }
+    return replace(obs, load_errors=errors, auth_errors=refused)
+
+
+async def read_api_key(kube: ServingKube, obs: ad.Observed) -> str | None:
+    """The key the target's vLLM server expects as a Bearer token, found where the vLLM
+    container takes it (vllm_server's model: ``--api-key``, ``VLLM_API_KEY`` as a value,
+    from a ConfigMap or from a Secret, whose data is read here). Never logged, never in
+    status or events; None when the server has no key or the operator cannot tell it."""
+    if obs.spec is None or obs.target is None:
+        return None
+    try:
+        server = vllm_server.inspect(
+            obs.target,
+            container=obs.spec.target.container,
+            configmaps=dict(obs.configmaps),
+            image_patterns=obs.image_patterns,
+        )
+    except ValueError:
+        return None
+    source = server.api_key
+    secrets: dict[str, dict[str, str]] = {}
+    from_secret = source is not None and source.kind in ("secret", "envFrom")
+    if source is not None and from_secret and source.literal is None and source.name:
+        secrets[source.name] = await _secret_data(kube, obs.namespace, source.name)
+    return vllm_server.resolve_api_key(source, secrets)
+
+
+async def _secret_data(kube: ServingKube, namespace: str, name: str) -> dict[str, str]:
+    """A Secret's decoded data ({} when it is missing or unreadable)."""
+    try:
+        secret = await kube.get("Secret", namespace, name)
+    except KubeError as exc:
+        log.info(
+            "%s: Secret %s with the server's API key unreadable (%s)", namespace, name, exc.status
+        )
+        return {}
+    data: dict[str, str] = {}
+    for key, raw in ((secret or {}).get("data") or {}).items():
         try:
-            if warning:
-                kopf.warn(cast(Any, self.body), reason=reason, message=message)
+            data[str(key)] = base64.b64decode(str(raw)).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            continue
+    return data
+
+
+async def read_configmaps(
+    kube: ServingKube, obs: ad.Observed
+) -> dict[str, Mapping[str, str]] | None:
+    """The ConfigMaps the target's vLLM container takes settings from (its ``--config``
+    file, ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``, ``VLLM_API_KEY``); None when it takes none.
+
+    One the operator may not read or that does not exist is left out: the server model
+    then says what it could not tell (``ServerConfigUnreadable`` for a --config file).
+    """
+    if obs.spec is None or obs.target is None:
+        return None
+    names = vllm_server.configmaps_needed(obs.target, obs.spec.target.container, obs.image_patterns)
+    found: dict[str, Mapping[str, str]] = {}
+    for name in names:
+        try:
+            cm = await kube.get("ConfigMap", obs.namespace, name)
+        except KubeError as exc:
+            if exc.status != 403:
+                raise
+            log.info("%s: ConfigMap %s not readable by the operator (403)", obs.namespace, name)
+            continue
+        if cm is not None:
+            found[name] = {str(k): str(v) for k, v in (cm.get("data") or {}).items()}
+    return found if names else None
+
+
+async def _loaded(vllm: VllmClient, obs: ad.Observed) -> ad.Observed:
+    """What each ready pod's server lists (None: it did not answer); pods that refused the
+    operator's API key go to ``auth_errors``."""
+    refused: dict[str, str] = {}
+
+    async def ask(pod: ad.PodInfo) -> tuple[str, Mapping[str, str] | None]:
+        assert pod.endpoint is not None
+        try:
+            return pod.name, await vllm.loaded_adapters(pod.endpoint)
+        except VllmError as exc:
+            log.info("pod %s: %s", pod.name, exc.message)
+            if exc.kind is VllmErrorKind.UNAUTHORIZED:
+                refused[pod.name] = exc.message
+            return pod.name, None
+
+    answers = await asyncio.gather(*(ask(p) for p in obs.pods if p.ready and p.endpoint))
+    return replace(obs, loaded=dict(answers), auth_errors={**obs.auth_errors, **refused})
+
+
+async def _analysis_window(
+    vllm: VllmClient, obs: ad.Observed, memory: Memory
+) -> ad.AnalysisWindow | None:
+    """One canary check's observations: metric deltas per pod and the smoke requests."""
+    assert obs.spec is not None
+    analysis = ad.analysis_of(obs.spec)
+    live = {p.name: p.endpoint for p in obs.canary_pods if p.ready and p.endpoint}
+    if not live:
+        return None
+    parts = []
+    for pod, endpoint in live.items():
+        assert endpoint is not None
+        try:
+            sample = await vllm.metrics(endpoint)
+        except VllmError as exc:
+            log.info("canary metrics from %s failed: %s", pod, exc.message[:200])
+            continue
+        parts.append(rules.sample_delta(memory.samples.get(pod), sample))
+    endpoints = [e for e in live.values() if e]
+    smoke = await asyncio.gather(
+        *(
+            vllm.smoke(endpoints[i % len(endpoints)], obs.spec.adapter_name, analysis.smoke_prompt)
+            for i in range(analysis.smoke_requests)
+        )
+    )
+    # The window closes after the smoke requests so they count in the next sample's base;
+    # the same page says whether the engine scheduled the adapter (no extra request).
+    scheduled: bool | None = None
+    for pod, endpoint in live.items():
+        assert endpoint is not None
+        try:
+            text = await vllm.metrics_text(endpoint)
+        except VllmError:
+            memory.samples.pop(pod, None)
+            continue
+        memory.samples[pod] = parse_metrics(text)
+        info = parse_lora_requests_info(text)
+        if info.max_lora is not None:  # the server exports vllm:lora_requests_info
+            scheduled = bool(scheduled) or obs.spec.adapter_name in info.seen
+    unauthorized = any(s.kind is VllmErrorKind.UNAUTHORIZED for s in smoke)
+    return ad.AnalysisWindow(tuple(parts), tuple(smoke), unauthorized, scheduled)
+
+
+# ------------------------------------------------------------------ act
+
+
+class Unfinished(Exception):
+    """A pass could not finish (the target kept changing, a call failed): try again later."""
+
+
+async def patch_target(
+    kube: ServingKube, obs: ad.Observed, action: ad.PatchTarget, fetch_image: str
+) -> str | None:
+    """Apply this adapter's entries to the target; on a lost race re-read and retry."""
+    assert obs.spec is not None
+    name = obs.spec.target.deployment
+    for attempt in range(MAX_PATCH_ATTEMPTS):
+        dep = await kube.get("Deployment", obs.namespace, name)
+        if dep is None:
+            raise Unfinished(f"Deployment {name} not found")
+        ops = sb.rollout_patch(
+            dep, obs.spec.target.container, obs.spec.adapter_name, action.ref,
+            owner=obs.name, fetch_image=fetch_image, changes=action.changes,
+            edit=ad.edit_context(obs, dep),
+        )  # fmt: skip
+        if not sb.patch_changes_anything(ops):
+            return None
+        try:
+            written = await kube.json_patch("Deployment", obs.namespace, name, ops)
+            return _rv(written)
+        except KubeError as exc:
+            if not exc.conflict:
+                raise
+            log.info("Deployment %s changed under us (attempt %d); retrying", name, attempt + 1)
+            await asyncio.sleep(0.05 * (attempt + 1))
+    raise Unfinished(f"Deployment {name} kept changing")
+
+
+async def pod_call(
+    vllm: VllmClient, obs: ad.Observed, call: ad.PodCall, memory: Memory, post: Callable[..., None]
+) -> None:
+    """One runtime LoRA call; a final refusal is remembered for the next pass to report
+    (a transient failure is not: the pod is asked again until the deadline)."""
+    try:
+        if call.call == "unload" or (call.call == "reload" and not call.in_place):
+            await vllm.unload_adapter(call.endpoint, call.adapter)
+        if call.call in ("load", "reload"):
+            assert call.path is not None
+            await vllm.load_adapter(call.endpoint, call.adapter, call.path, replace=call.in_place)
+            post(
+                "Normal", "AdapterLoaded", f"pod {call.pod}: loaded {call.adapter} ({call.digest})"
+            )
+    except VllmError as exc:
+        log.info("pod %s: %s %s failed: %s", call.pod, call.call, call.adapter, exc.message)
+        # Transient (no answer, 5xx without a known reason): tried again until the deadline.
+        if exc.permanent and call.digest:
+            marker = next((p.marker for p in obs.pods if p.name == call.pod), ("", 0, None))
+            unauthorized = exc.kind is VllmErrorKind.UNAUTHORIZED
+            memory.load_errors[call.pod] = (marker, call.digest, exc.message, unauthorized)
+
+
+async def execute(
+    kube: ServingKube,
+    vllm: VllmClient,
+    config: OperatorConfig,
+    obs: ad.Observed,
+    actions: Iterable[ad.Action],
+    memory: Memory,
+    post: Callable[..., None],
+) -> None:
+    for action in actions:
+        if isinstance(action, ad.PatchTarget):
+            assert obs.spec is not None
+            written = await patch_target(kube, obs, action, config.trainer_image)
+            if written:
+                memory.expected[obs.spec.target.deployment] = written
+        elif isinstance(action, ad.CreateCanary):
+            created = await _create_canary(kube, obs.namespace, action)
+            memory.expected[str(action.body["metadata"]["name"])] = _rv(created)
+            memory.samples.clear()
+            memory.last_check = None
+        elif isinstance(action, ad.DeleteDeployment):
+            if await kube.delete("Deployment", obs.namespace, action.name):
+                memory.expected[action.name] = None
+        else:
+            await pod_call(vllm, obs, action, memory, post)
+
+
+async def _create_canary(
+    kube: ServingKube, namespace: str, action: ad.CreateCanary
+) -> dict[str, Any]:
+    name = str(action.body["metadata"]["name"])
+    try:
+        return await kube.create(action.body)
+    except KubeError as exc:
+        if exc.status != 409:
+            raise
+        await kube.delete("Deployment", namespace, name)  # a stale canary the cache missed
+        raise Unfinished(f"an old canary Deployment {name} was in the way") from exc
+
+
+def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch turning ``current`` into ``desired`` ({} when equal); keys owned by
+    other writers are left alone, removed keys become null, lists are replaced whole."""
+    current = {k: v for k, v in current.items() if k not in FOREIGN_STATUS_KEYS}
+    patch: dict[str, Any] = {}
+    for key, value in desired.items():
+        old = current.get(key)
+        if old == value:
+            continue
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            patch[key] = status_patch(old, value)
+        else:
+            patch[key] = value
+    for key in current:
+        if key not in desired:
+            patch[key] = None
+    return patch
+
+
+def _record(obs: ad.Observed, records: Iterable[ad.Record]) -> None:
+    assert obs.spec is not None
+    spec = obs.spec
+    # Every series of this object exists at 0 from its first pass (increase() sees the first).
+    metrics_serving.see(obs.namespace, spec.adapter_name, spec.strategy.type)
+    for record in records:
+        if isinstance(record, ad.Served):
+            metrics_serving.set_served(
+                obs.namespace, spec.adapter_name, record.digest, spec.target.deployment
+            )
+        elif isinstance(record, ad.RolloutEnded):
+            metrics_serving.ROLLOUT_DURATION.labels(
+                obs.namespace, record.strategy, record.outcome
+            ).observe(record.seconds)
+        else:
+            metrics_serving.ROLLBACKS.labels(obs.namespace, spec.adapter_name, record.reason).inc()
+
+
+def _poster(body: Mapping[str, Any]) -> Callable[..., None]:
+    def post(type_: str, reason: str, message: str) -> None:
+        try:
+            if type_ == "Warning":
+                kopf.warn(cast(Any, body), reason=reason, message=message)
             else:
-                kopf.info(cast(Any, self.body), reason=reason, message=message)
+                kopf.info(cast(Any, body), reason=reason, message=message)
         except Exception:  # events are best effort (no operator context in some tests)
             log.debug("event %s not posted", reason)
 
+    return post
 
-# ------------------------------------------------------------------ controller
 
-
-class Controller:
-    def __init__(self, kube: ServingKube, vllm: VllmClient) -> None:
-        self.kube = kube
-        self.vllm = vllm
-
-    # ---------------------------------------------------------- entry
-
-    async def tick(self, namespace: str, name: str) -> None:
-        body = await self.kube.get("AdapterDeployment", namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return
-        before = copy.deepcopy(body.get("status") or {})
-        try:
-            spec = AdapterDeploymentSpec.model_validate(body.get("spec") or {})
-        except ValidationError as exc:
-            t = Tick(body, None, copy.deepcopy(before))  # type: ignore[arg-type]
-            t.condition("SourceReady", "False", "InvalidSpec", f"spec is invalid: {exc}")
-            t.phase("Failed")
-            await self._write(t, before)
-            return
-        t = Tick(body, spec, copy.deepcopy(before))
-        metrics_serving.see(namespace, spec.adapter_name, spec.strategy.type)
-        current = t.status.get("current") or {}
-        canary = t.status.get("canary") or {}
-        if current.get("outcome") == "Progressing":
-            await self._rollout_step(t)
-        elif current.get("outcome") == "RollingBack":
-            await self._rollback_step(t)
-        elif (canary.get("revision") or {}).get("outcome") == "Canary":
-            await self._canary_step(t)
+def _mark_verified(obs: ad.Observed, p: ad.Plan, memory: Memory) -> None:
+    """Remember which Runtime pods were seen serving the current revision."""
+    if obs.loaded is None or obs.spec is None:
+        return
+    current = p.status.current
+    called = {a.pod for a in p.actions if isinstance(a, ad.PodCall)}
+    recorded = {pod.pod: pod.digest for pod in p.status.pods or []}
+    for pod in obs.pods:
+        listed = obs.spec.adapter_name in (obs.loaded.get(pod.name) or {})
+        if (
+            current is not None
+            and listed
+            and pod.name not in called
+            and recorded.get(pod.name) == current.digest
+        ):
+            memory.verified[pod.name] = pod.marker
         else:
-            await self._idle_step(t)
-        t.status["observedGeneration"] = t.generation
-        await self._write(t, before)
+            memory.verified.pop(pod.name, None)
+    present = {pod.name for pod in obs.pods}
+    for gone in set(memory.verified) - present:
+        del memory.verified[gone]
 
-    async def _write(self, t: Tick, before: dict[str, Any]) -> None:
-        diff = merge_patch_diff(before, t.status)
-        if diff:
-            await self.kube.patch_status("AdapterDeployment", t.namespace, t.name, diff)
 
-    # ---------------------------------------------------------- reading
+async def reconcile(
+    kube: ServingKube,
+    config: OperatorConfig,
+    state: ServingState,
+    body: Mapping[str, Any],
+    caches: Caches,
+) -> ad.Plan:
+    """One pass: observe, plan, act, write status."""
+    memory = state.memory(str(body["metadata"]["namespace"]), str(body["metadata"]["name"]))
+    body = fresher(body, memory.written)
+    await caught_up(caches, str(body["metadata"]["namespace"]), memory)
+    now = state.clock()
+    obs = _base_observation(body, config, caches, memory)
+    uri = obs.spec.source.uri if obs.spec is not None else None
+    if config.local_mode and uri and rules.is_local(uri):
+        # Local mode only: the adapter is a folder on the operator's own disk (hashed).
+        obs = replace(obs, local=await asyncio.to_thread(read_local_manifest, uri))
+    configmaps = await read_configmaps(kube, obs)
+    if configmaps is not None:
+        obs = replace(obs, configmaps=configmaps)
+    vllm: VllmClient | None = None
 
-    async def _source(self, t: Tick) -> plan.SourceResult:
-        ref = t.spec.source.fine_tune_job_ref
-        ftj = await self.kube.get("FineTuneJob", t.namespace, ref.name) if ref else None
-        local = None
-        if t.spec.source.uri:
-            local = await asyncio.to_thread(read_local_manifest, t.spec.source.uri)
-        src = plan.resolve_source(t.spec, ftj, local)
-        src = plan.resolve_desired(t.spec, t.status, src)
-        t.condition("SourceReady", "True" if src.ok else "False", src.reason, src.message)
-        return src
+    async def client() -> VllmClient:
+        nonlocal vllm
+        if vllm is None:
+            assert obs.spec is not None
+            key = await read_api_key(kube, obs)
+            vllm = state.client(config).with_api_key(key)
+        return vllm
 
-    async def _target(self, t: Tick) -> dict[str, Any] | None:
-        return await self.kube.get("Deployment", t.namespace, t.spec.target.deployment)
+    if ad.needs_pod_listing(obs):
+        obs = await _loaded(await client(), obs)
+    if ad.canary_check_due(obs, now):
+        window = await _analysis_window(await client(), obs, memory)
+        if window is not None:
+            memory.last_check = now
+            obs = ad.with_window(obs, window)
+    p = ad.plan(obs, now)
+    post = _poster(body)
+    if p.actions:
+        await execute(kube, await client(), config, obs, p.actions, memory, post)
+    if obs.spec is not None and obs.spec.strategy.type == "Runtime":
+        _mark_verified(obs, p, memory)
+    if obs.spec is not None:
+        _record(obs, p.records)
+    desired = p.status.to_wire()
+    patch = status_patch(body.get("status") or {}, desired)
+    if patch:
+        memory.written = await kube.patch_status(KIND, obs.namespace, obs.name, patch)
+    for event in p.events:
+        post(event.type, event.reason, event.message)
+    return p
 
-    def _endpoint(self, pod: dict[str, Any], port: int) -> str | None:
-        return SETTINGS.endpoint_resolver(pod, port)
 
-    async def _pods(
-        self, t: Tick, deployment: dict[str, Any], canary: bool
-    ) -> list[dict[str, Any]]:
-        selector = dict(
-            ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
-        )
-        pods = await self.kube.list_objects("Pod", t.namespace, selector)
-        if not canary:
-            pods = [
-                p
-                for p in pods
-                if sb.CANARY_LABEL not in ((p.get("metadata") or {}).get("labels") or {})
-            ]
-        return sorted(pods, key=lambda p: str(p["metadata"]["name"]))
+def wait_after(p: ad.Plan, config: OperatorConfig, immediate_passes: int) -> float | None:
+    """How long the task sleeps after a pass unless woken (None: until woken). The one
+    place where a plan's outcome becomes timing."""
+    if p.next == ad.Next.NOW and immediate_passes < MAX_IMMEDIATE_PASSES:
+        return 0.0
+    if p.next == ad.Next.IDLE:
+        return None
+    poll = config.serving_poll_seconds
+    return poll if p.check_in is None else max(0.0, min(poll, p.check_in))
 
-    # ---------------------------------------------------------- patching the target
 
-    async def _patch_target(
-        self, t: Tick, ref: sb.AdapterRef | None, changes: sb.ServerArgChanges | None = None
-    ) -> None:
-        """Apply this adapter's entries to the target; on a lost race re-read and retry."""
-        name = t.spec.target.deployment
-        for attempt in range(MAX_PATCH_ATTEMPTS):
-            dep = await self.kube.get("Deployment", t.namespace, name)
-            if dep is None:
-                raise kopf.TemporaryError(f"Deployment {name} not found", delay=5)
-            ops = sb.rollout_patch(
-                dep, t.spec.target.container, t.spec.adapter_name, ref,
-                owner=t.name, fetch_image=SETTINGS.fetch_image, changes=changes,
-            )  # fmt: skip
-            if not sb.patch_changes_anything(ops):
-                return
-            try:
-                await self.kube.json_patch("Deployment", t.namespace, name, ops)
-                return
-            except ServingKubeError as exc:
-                if not exc.conflict:
-                    raise
-                log.info("Deployment %s changed under us (attempt %d); retrying", name, attempt + 1)
-                await asyncio.sleep(0.05 * (attempt + 1))
-        raise kopf.TemporaryError(f"Deployment {name} kept changing; will retry", delay=2)
+def backoff(config: OperatorConfig, failures: int) -> float:
+    """After ``failures`` failed passes in a row: the poll interval, doubling, capped."""
+    seconds = config.serving_poll_seconds * 2 ** min(failures - 1, 30)
+    return float(min(config.serving_max_backoff_seconds, seconds))
 
-    # ---------------------------------------------------------- idle: start a rollout
 
-    async def _idle_step(self, t: Tick) -> None:
-        src = await self._source(t)
-        current = t.status.get("current")
-        target = await self._target(t)
-        if not src.ok or src.ref is None:
-            if not current:
-                t.phase("Pending" if src.reason == "FineTuneJobNotFinished" else "Failed")
-            await self._steady(t, target)
+async def _sleep(memory: Memory, stopped: kopf.DaemonStopped, seconds: float | None) -> None:
+    """Until woken, stopped, or ``seconds`` passed (None: no time limit)."""
+    deadline = None if seconds is None else time.monotonic() + seconds
+    while not stopped and not memory.wake.is_set():
+        left = STOP_CHECK_SECONDS if deadline is None else deadline - time.monotonic()
+        if left <= 0:
             return
-        ref = src.ref
-        if current and plan.same_adapter(current, ref):
-            await self._steady(t, target)
-            return
-        if plan.already_rejected(t.status, ref, t.generation):
-            await self._steady(t, target)
-            return
-        compat = plan.check_compatible(t.spec, t.name, target, ref)
-        if compat.ok and t.spec.strategy.type == "Runtime" and target is not None:
-            where = plan.runtime_path(target, t.spec.target.container, ref)
-            if not where.ok:
-                compat = plan.CompatResult(False, where.reason, where.message)
-        t.condition("Compatible", "True" if compat.ok else "False", compat.reason, compat.message)
-        if not compat.ok or target is None:
-            if not current or current.get("outcome") != "Available":
-                t.phase("Failed")
-            await self._steady(t, target)
-            return
-        rev = plan.new_revision(t.status, ref, now_rfc3339())
-        strategy = t.spec.strategy.type
-        if strategy == "Canary":
-            await self._start_canary(t, target, ref, rev, compat.changes)
-            return
-        if strategy == "Rolling":
-            await self._patch_target(t, ref, compat.changes)
-        self._make_current(t, rev)
-        t.phase("Progressing")
-        how = (
-            "loading into the serving pods"
-            if strategy == "Runtime"
-            else f"rolling out to Deployment {t.spec.target.deployment}"
-        )
-        msg = f"revision {rev['revision']} ({ref.digest[:19]}…): {how}"
-        t.condition("Progressing", "True", "RolloutStarted", msg)
-        t.event("RolloutStarted", msg)
-        if strategy == "Runtime":
-            await self._rollout_step(t)
-
-    def _make_current(self, t: Tick, rev: dict[str, Any]) -> None:
-        old = t.status.get("current")
-        if old:
-            old = {**old, "outcome": "Superseded"} if old.get("outcome") == "Available" else old
-            t.status["previous"] = old
-            t.status["history"] = plan.record_history(t.status.get("history"), old)
-        t.status["current"] = rev
-        t.status["history"] = plan.record_history(t.status.get("history"), rev)
-        t.status["rolloutStartedAt"] = rev["deployedAt"]
-
-    # ---------------------------------------------------------- canary
-
-    async def _start_canary(
-        self, t: Tick, target: dict[str, Any], ref: sb.AdapterRef, rev: dict[str, Any],
-        changes: sb.ServerArgChanges,
-    ) -> None:  # fmt: skip
-        canary_spec = t.spec.strategy.canary
-        replicas = canary_spec.replicas if canary_spec else 1
-        body = sb.canary_deployment(
-            target, t.body, t.spec.target.container, ref,
-            replicas=replicas, fetch_image=SETTINGS.fetch_image, changes=changes,
-        )  # fmt: skip
-        name = body["metadata"]["name"]
-        if await self.kube.get("Deployment", t.namespace, name) is not None:
-            await self.kube.delete("Deployment", t.namespace, name)  # a stale canary
-        await self.kube.create(body)
-        rev = {**rev, "outcome": "Canary"}
-        t.status["canary"] = {
-            "revision": rev,
-            "deployment": name,
-            "checksPassed": 0,
-            "startedAt": rev["deployedAt"],
-        }
-        t.status["history"] = plan.record_history(t.status.get("history"), rev)
-        _MEMORY[t.uid] = _Memory()
-        t.phase("Progressing")
-        msg = f"revision {rev['revision']}: canary Deployment {name} with {replicas} replica(s)"
-        t.condition("Progressing", "True", "CanaryStarted", msg)
-        t.event("CanaryStarted", msg)
-
-    async def _canary_step(self, t: Tick) -> None:
-        canary = t.status["canary"]
-        rev = canary["revision"]
-        src = await self._source(t)
-        if src.ok and src.ref is not None and not plan.same_adapter(rev, src.ref):
-            await self._abort_canary(
-                t, "Superseded", "the spec asks for another adapter now", rollback=False
-            )
-            return
-        dep = await self.kube.get("Deployment", t.namespace, canary["deployment"])
-        deadline = t.spec.strategy.progress_deadline_seconds
-        # A canary that was serving and lost its pods mid-analysis (node failure, eviction)
-        # gets the progress deadline again from that moment, not from when it started.
-        lost_since = canary.get("unavailableSince")
-        was_serving = lost_since is not None or t.status.get("phase") == "Analyzing"
-        now = datetime.now(UTC)
-        started_at = (lost_since or now_rfc3339()) if was_serving else canary.get("startedAt")
-        view = plan.deployment_rollout(
-            dep, t.spec.adapter_name, rev["digest"], started_at=started_at,
-            deadline_seconds=deadline, now=now,
-        )  # fmt: skip
-        if view.state == "Failed" and was_serving and dep is not None:
-            await self._abort_canary(
-                t, "CanaryUnavailable",
-                f"the canary lost its ready pods during analysis and did not recover within "
-                f"{deadline}s (strategy.progressDeadlineSeconds): {view.message}",
-            )  # fmt: skip
-            return
-        if view.state == "Failed":
-            await self._abort_canary(
-                t, view.reason, f"the canary did not become ready: {view.message}"
-            )
-            return
-        if view.state == "InProgress" and was_serving:
-            if lost_since is None:
-                canary["unavailableSince"] = started_at
-                t.event(
-                    "CanaryUnavailable",
-                    f"the canary lost its ready pods ({view.message}); analysis pauses for up "
-                    f"to {deadline}s",
-                    warning=True,
-                )
-            t.condition(
-                "Progressing", "True", "CanaryUnavailable",
-                f"analysis paused since {started_at}: {view.message}",
-            )  # fmt: skip
-            return
-        if view.state == "InProgress":
-            t.phase("Progressing")
-            t.condition("Progressing", "True", "CanaryStarting", view.message)
-            return
-        assert dep is not None
-        if canary.pop("unavailableSince", None) is not None:
-            t.condition("Progressing", "True", "Analyzing", "the canary is ready again")
-        t.phase("Analyzing")
-        analysis = (
-            t.spec.strategy.canary.analysis if t.spec.strategy.canary else None
-        ) or CanaryAnalysis()
-        mem = _MEMORY.setdefault(t.uid, _Memory())
-        if mem.last_check and time.monotonic() - mem.last_check < analysis.interval_seconds:
-            return
-        mem.last_check = time.monotonic()
-        pods = [p for p in await self._pods(t, dep, canary=True) if _pod_ready(p)]
-        endpoints = {p["metadata"]["name"]: self._endpoint(p, t.spec.target.port) for p in pods}
-        live = {pod: ep for pod, ep in endpoints.items() if ep}
-        if not live:
-            return
-        window_parts = []
-        for pod, ep in live.items():
-            try:
-                sample = await self.vllm.metrics(ep)
-            except VllmError as exc:
-                log.info("canary metrics from %s failed: %s", pod, exc)
-                continue
-            window_parts.append(plan.sample_delta(mem.samples.get(pod), sample))
-        eps = list(live.values())
-        smoke = await asyncio.gather(
-            *(
-                self.vllm.smoke(eps[i % len(eps)], t.spec.adapter_name, analysis.smoke_prompt)
-                for i in range(analysis.smoke_requests)
-            )
-        )
-        # The window closes after the smoke requests so they count in the next sample's base.
-        for pod, ep in live.items():
-            try:
-                mem.samples[pod] = await self.vllm.metrics(ep)
-            except VllmError:
-                mem.samples.pop(pod, None)
-        window = plan.sum_samples(window_parts)
-        # Smoke requests are judged by their own results; add them to the window's counts.
-        window.requests += len(smoke)
-        window.errors += sum(1 for s in smoke if not s.ok)
-        for s in smoke:
-            if s.ok:
-                _observe(window, s.latency_ms / 1000.0)
-        decision = plan.decide_canary(
-            analysis, window, list(smoke), int(canary.get("checksPassed") or 0)
-        )
-        canary["checksPassed"] = decision.checks_passed
-        canary["requests"] = int(canary.get("requests") or 0) + decision.requests
-        if decision.error_rate is not None:
-            canary["errorRate"] = round(decision.error_rate, 4)
-        if decision.latency_p95_ms is not None:
-            canary["latencyP95Ms"] = round(decision.latency_p95_ms, 1)
-        if decision.action == "abort":
-            await self._abort_canary(t, decision.reason, decision.message)
-            return
-        if decision.action == "continue":
-            t.condition("Progressing", "True", decision.reason, decision.message)
-            return
-        # Promote: the target gets the adapter through the same guarded patch as Rolling.
-        ref = plan.revision_ref(t.spec.adapter_name, rev)
-        target = await self._target(t)
-        compat = plan.check_compatible(t.spec, t.name, target, ref)
-        await self._patch_target(t, ref, compat.changes if compat.ok else None)
-        canary["revision"] = {**rev, "outcome": "Promoted"}
-        self._make_current(t, {**rev, "outcome": "Progressing", "deployedAt": now_rfc3339()})
-        t.phase("Progressing")
-        t.condition("Progressing", "True", "CanaryPromoted", decision.message)
-        t.event("CanaryPromoted", f"revision {rev['revision']}: {decision.message}")
-
-    async def _abort_canary(
-        self, t: Tick, reason: str, message: str, rollback: bool = True
-    ) -> None:
-        canary = t.status["canary"]
-        rev = canary["revision"]
-        if canary.get("deployment"):
-            await self.kube.delete("Deployment", t.namespace, canary["deployment"])
-        canary.pop("deployment", None)
-        outcome = "CanaryAborted" if rollback else "Superseded"
-        canary["revision"] = {**rev, "outcome": outcome}
-        t.status["history"] = plan.record_history(t.status.get("history"), canary["revision"])
-        _MEMORY.pop(t.uid, None)
-        if not rollback:
-            t.condition("Progressing", "False", reason, message)
-            return
-        metrics_serving.ROLLBACKS.labels(t.namespace, t.spec.adapter_name, reason).inc()
-        started = _elapsed(canary.get("startedAt"))
-        if started is not None:
-            metrics_serving.ROLLOUT_DURATION.labels(t.namespace, "Canary", "Aborted").observe(
-                started
-            )
-        msg = f"revision {rev['revision']} not promoted: {message}"
-        t.phase("RolledBack")
-        t.condition("Progressing", "False", reason, msg)
-        t.condition("Degraded", "True", reason, msg)
-        t.event(reason, msg, warning=True)
-
-    # ---------------------------------------------------------- rollout tracking
-
-    async def _observe_rollout(self, t: Tick) -> tuple[plan.RolloutView, dict[str, Any] | None]:
-        """Where the current revision's rollout stands: its pods for Runtime, else the
-        target Deployment (returned too, for callers that list its pods)."""
-        current = t.status["current"]
-        deadline = t.spec.strategy.progress_deadline_seconds
-        if t.spec.strategy.type == "Runtime":
-            return await self._runtime_step(t, current, deadline), None
-        dep = await self._target(t)
-        view = plan.deployment_rollout(
-            dep, t.spec.adapter_name, current["digest"], started_at=t.status.get("rolloutStartedAt"),
-            deadline_seconds=deadline, now=datetime.now(UTC),
-        )  # fmt: skip
-        t.status["readyReplicas"] = view.ready_replicas
-        return view, dep
-
-    async def _rollout_step(self, t: Tick) -> None:
-        current = t.status["current"]
-        view, dep = await self._observe_rollout(t)
-        if dep is not None:
-            t.status["pods"] = await self._pods_by_annotation(t, dep)
-        if view.state == "InProgress":
-            t.phase("Progressing")
-            t.condition("Progressing", "True", view.reason, view.message)
-            return
-        if view.state == "Complete":
-            await self._complete(t, current, view)
-            return
-        await self._rollback(t, current, view)
-
-    async def _complete(self, t: Tick, current: dict[str, Any], view: plan.RolloutView) -> None:
-        current["outcome"] = "Available"
-        t.status["history"] = plan.record_history(t.status.get("history"), current)
-        await self._drop_canary(t)
-        msg = f"revision {current['revision']} ({current['digest'][:19]}…) serves as {t.spec.adapter_name}: {view.message}"
-        t.phase("Available")
-        t.condition("Available", "True", "RolloutComplete", msg)
-        t.condition("Progressing", "False", "RolloutComplete", msg)
-        t.condition("Degraded", "False", "AsExpected", "")
-        metrics_serving.set_served(
-            t.namespace, t.spec.adapter_name, current["digest"], t.spec.target.deployment
-        )
-        started = _elapsed(t.status.get("rolloutStartedAt"))
-        if started is not None:
-            metrics_serving.ROLLOUT_DURATION.labels(
-                t.namespace, t.spec.strategy.type, "Available"
-            ).observe(started)
-        t.event("RolloutComplete", msg)
-
-    async def _rollback(self, t: Tick, failed: dict[str, Any], view: plan.RolloutView) -> None:
-        strategy = t.spec.strategy.type
-        started = _elapsed(t.status.get("rolloutStartedAt"))
-        await self._drop_canary(t)
-        if not t.spec.rollback.automatic:
-            failed["outcome"] = "Failed"
-            t.status["history"] = plan.record_history(t.status.get("history"), failed)
-            msg = f"revision {failed['revision']} failed: {view.message} (rollback.automatic is off: fix the servers or set another adapter)"
-            t.phase("Degraded")
-            t.condition("Progressing", "False", view.reason, msg)
-            t.condition("Degraded", "True", view.reason, msg)
-            t.event(view.reason, msg, warning=True)
-            if started is not None:
-                metrics_serving.ROLLOUT_DURATION.labels(t.namespace, strategy, "Failed").observe(
-                    started
-                )
-            return
-        failed["outcome"] = "RolledBack"
-        t.status["history"] = plan.record_history(t.status.get("history"), failed)
-        previous = t.status.get("previous")
-        prev_ref = plan.revision_ref(t.spec.adapter_name, previous) if previous else None
-        if strategy != "Runtime":
-            await self._patch_target(t, prev_ref)
-        t.status["previous"] = failed
-        t.status["rolloutStartedAt"] = now_rfc3339()
-        if previous:
-            t.status["current"] = {**previous, "outcome": "RollingBack"}
-            restored = f"restoring revision {previous['revision']}"
-        else:
-            t.status.pop("current", None)
-            restored = "no earlier revision: the adapter is removed from the servers"
-            t.condition("Available", "False", "NoAdapterServed", restored)
-        msg = (
-            f"revision {failed['revision']} rolled back ({view.reason}: {view.message}); {restored}"
-        )
-        t.phase("RolledBack")
-        t.condition("Degraded", "True", view.reason, msg)
-        t.condition(
-            "Progressing",
-            "True" if previous else "False",
-            "RollingBack" if previous else "RolledBack",
-            msg,
-        )
-        metrics_serving.ROLLBACKS.labels(t.namespace, t.spec.adapter_name, view.reason).inc()
-        if started is not None:
-            metrics_serving.ROLLOUT_DURATION.labels(t.namespace, strategy, "RolledBack").observe(
-                started
-            )
-        t.event("RolledBack", msg, warning=True)
-        if strategy == "Runtime" and not previous:
-            await self._runtime_apply(t, None, None)
-
-    async def _rollback_step(self, t: Tick) -> None:
-        current = t.status["current"]
-        view, _ = await self._observe_rollout(t)
-        if view.state == "Complete":
-            current["outcome"] = "Available"
-            t.status["history"] = plan.record_history(t.status.get("history"), current)
-            msg = f"revision {current['revision']} restored: {view.message}"
-            t.condition("Available", "True", "PreviousRevisionRestored", msg)
-            t.condition("Progressing", "False", "RolledBack", msg)
-            metrics_serving.set_served(
-                t.namespace, t.spec.adapter_name, current["digest"], t.spec.target.deployment
-            )
-        elif view.state == "Failed":
-            current["outcome"] = "Failed"
-            msg = f"restoring revision {current['revision']} failed too: {view.message}; fix the serving Deployment"
-            t.phase("Degraded")
-            t.condition("Degraded", "True", "RollbackFailed", msg)
-            t.condition("Progressing", "False", "RollbackFailed", msg)
-            t.condition("Available", "False", "RollbackFailed", msg)
-
-    async def _drop_canary(self, t: Tick) -> None:
-        canary = t.status.get("canary")
-        if canary and canary.get("deployment"):
-            await self.kube.delete("Deployment", t.namespace, canary["deployment"])
-            canary.pop("deployment", None)
-
-    # ---------------------------------------------------------- steady state
-
-    async def _steady(self, t: Tick, target: dict[str, Any] | None) -> None:
-        current = t.status.get("current")
-        if not current or current.get("outcome") != "Available" or target is None:
-            return
-        if t.spec.strategy.type == "Runtime":
-            ref = plan.revision_ref(t.spec.adapter_name, current)
-            where = plan.runtime_path(target, t.spec.target.container, ref)
-            if where.ok:
-                errors = await self._runtime_apply(t, current["digest"], where.message)
-                if errors:
-                    t.condition("Degraded", "True", "ReloadFailed", "; ".join(errors)[:1000])
-            return
-        t.status["pods"] = await self._pods_by_annotation(t, target)
-        available = int((target.get("status") or {}).get("availableReplicas") or 0)
-        t.status["readyReplicas"] = sum(
-            1 for p in t.status["pods"] if p.get("digest") == current["digest"]
-        )
-        annotations = ((target["spec"].get("template") or {}).get("metadata") or {}).get(
-            "annotations"
-        ) or {}
-        if annotations.get(sb.digest_annotation(t.spec.adapter_name)) != current["digest"]:
-            t.condition(
-                "Available", "False", "AdapterRemovedFromTarget",
-                f"Deployment {t.spec.target.deployment} no longer carries revision {current['revision']} "
-                "(was its pod template replaced, e.g. by a GitOps sync?); change the AdapterDeployment's "
-                "spec to roll it out again",
-            )  # fmt: skip
-        elif available == 0:
-            t.condition(
-                "Available", "False", "NoReplicasAvailable", "the target has no available replicas"
-            )
-        else:
-            t.condition("Available", "True", "RolloutComplete", f"{available} replica(s) available")
-
-    async def _pods_by_annotation(self, t: Tick, dep: dict[str, Any]) -> list[dict[str, Any]]:
-        """Which ready pod serves which digest: pods carry their template's annotations."""
-        key = sb.digest_annotation(t.spec.adapter_name)
-        out = []
-        for pod in await self._pods(t, dep, canary=False):
-            if _pod_ready(pod):
-                digest = ((pod["metadata"].get("annotations")) or {}).get(key)
-                out.append(
-                    {"pod": pod["metadata"]["name"], **({"digest": digest} if digest else {})}
-                )
-        return out
-
-    # ---------------------------------------------------------- runtime loading
-
-    async def _runtime_step(self, t: Tick, rev: dict[str, Any], deadline: int) -> plan.RolloutView:
-        target = await self._target(t)
-        if target is None:
-            return plan.RolloutView(
-                "Failed", "TargetNotFound", f"Deployment {t.spec.target.deployment} not found"
-            )
-        ref = plan.revision_ref(t.spec.adapter_name, rev)
-        where = plan.runtime_path(target, t.spec.target.container, ref)
-        if not where.ok:
-            return plan.RolloutView("Failed", where.reason, where.message)
-        errors = await self._runtime_apply(t, rev["digest"], where.message, permanent_only=True)
-        if errors:
-            return plan.RolloutView(
-                "Failed", "LoadFailed", "; ".join(errors)[:1000], t.status.get("readyReplicas") or 0
-            )
-        serving = t.status.get("readyReplicas") or 0
-        ready_pods = len([p for p in t.status.get("pods") or []])
-        if ready_pods and serving == ready_pods and not t.unreachable:
-            return plan.RolloutView(
-                "Complete",
-                "RolloutComplete",
-                f"{serving}/{ready_pods} ready pods serve it",
-                serving,
-            )
-        elapsed = _elapsed(t.status.get("rolloutStartedAt"))
-        if elapsed is not None and elapsed > deadline:
-            return plan.RolloutView(
-                "Failed", "RolloutDeadlineExceeded",
-                f"only {serving}/{ready_pods} ready pods serve it after {deadline}s", serving,
-            )  # fmt: skip
-        return plan.RolloutView(
-            "InProgress", "Loading", f"{serving}/{ready_pods} ready pods serve it", serving
-        )
-
-    async def _runtime_apply(
-        self, t: Tick, digest: str | None, path: str | None, permanent_only: bool = False
-    ) -> list[str]:
-        """Bring every Ready pod to ``digest`` (None: unload). Returns errors worth failing for."""
-        target = await self._target(t)
-        if target is None:
-            return []
-        name = t.spec.adapter_name
-        pods = [p for p in await self._pods(t, target, canary=False) if _pod_ready(p)]
-        views: list[plan.PodView] = []
-        endpoints: dict[str, str] = {}
-        for pod in pods:
-            pod_name = pod["metadata"]["name"]
-            ep = self._endpoint(pod, t.spec.target.port)
-            loaded: dict[str, str] | None = None
-            if ep:
-                endpoints[pod_name] = ep
-                try:
-                    loaded = await self.vllm.loaded_adapters(ep)
-                except VllmError as exc:
-                    log.info("pod %s: %s", pod_name, exc)
-            views.append(plan.PodView(pod_name, True, ep, loaded))
-        recorded = {p["pod"]: p.get("digest") for p in t.status.get("pods") or []}
-        runtime = plan.plan_runtime(views, name, digest, recorded)
-        serving = dict(runtime.serving)
-        loaded_paths = {v.name: (v.loaded or {}).get(name) for v in views}
-        errors: list[str] = []
-        for action in runtime.actions:
-            ep = endpoints[action.pod]
-            try:
-                # A reload from a new path swaps the weights in place where vLLM can
-                # (load_inplace); from the same path vLLM would keep prefix-cache blocks of
-                # the old weights, so that one unloads first (a new adapter id).
-                in_place = action.action == "reload" and loaded_paths.get(action.pod) != path
-                if action.action == "unload" or (action.action == "reload" and not in_place):
-                    await self.vllm.unload_adapter(ep, name)
-                if action.action in ("load", "reload"):
-                    assert path is not None
-                    await self.vllm.load_adapter(ep, name, path, replace=in_place)
-                    t.event("AdapterLoaded", f"pod {action.pod}: loaded {name} ({digest})")
-            except VllmError as exc:
-                serving[action.pod] = None
-                if exc.permanent or not permanent_only:
-                    errors.append(f"pod {action.pod}: {exc.message}")
-                log.info("pod %s: %s %s failed: %s", action.pod, action.action, name, exc)
-        t.status["pods"] = [
-            {"pod": p, **({"digest": d} if d else {})} for p, d in sorted(serving.items())
-        ]
-        t.status["readyReplicas"] = sum(1 for d in serving.values() if d and d == digest)
-        t.unreachable = any(v.loaded is None for v in views)
-        return errors
-
-    # ---------------------------------------------------------- deletion
-
-    async def remove(self, body: dict[str, Any]) -> None:
-        """Take the adapter out of the target (its entries only) and drop the canary."""
-        try:
-            spec = AdapterDeploymentSpec.model_validate(body.get("spec") or {})
-        except ValidationError:
-            return
-        t = Tick(body, spec, copy.deepcopy(dict(body.get("status") or {})))
-        await self._drop_canary(t)
-        canary_name = sb.canary_name(t.name)
-        await self.kube.delete("Deployment", t.namespace, canary_name)
-        target = await self._target(t)
-        if target is None:
-            return
-        if spec.strategy.type == "Runtime":
-            await self._runtime_apply(t, None, None)
-        else:
-            owner = ((target["metadata"].get("annotations")) or {}).get(
-                sb.owner_annotation(spec.adapter_name)
-            )
-            if owner == t.name:
-                await self._patch_target(t, None)
-        metrics_serving.set_served(t.namespace, spec.adapter_name, None, spec.target.deployment)
-
-
-def _observe(sample: plan.MetricsSample, seconds: float) -> None:
-    """Add one latency observation to a window's cumulative buckets."""
-    if not sample.latency_buckets:
-        sample.latency_buckets = dict.fromkeys([*VLLM_LATENCY_BUCKETS, float("inf")], 0.0)
-    for le in list(sample.latency_buckets):
-        if seconds <= le:
-            sample.latency_buckets[le] = sample.latency_buckets.get(le, 0.0) + 1
-    sample.latency_count += 1
-
-
-# ------------------------------------------------------------------ kopf wiring
-
-
-def _kube() -> ServingKube:
-    return ServingKube.from_environment()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(memory.wake.wait(), min(left, STOP_CHECK_SECONDS))
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, id="serve-adapter", cancellation_timeout=5.0)
 async def serve_adapter(
-    namespace: str | None, name: str, stopped: kopf.DaemonStopped, **_: Any
+    namespace: str | None,
+    name: str,
+    body: kopf.Body,
+    stopped: kopf.DaemonStopped,
+    memo: Any,
+    **kwargs: Any,
 ) -> None:
-    """The reconcile loop of one AdapterDeployment."""
-    assert namespace is not None  # AdapterDeployment is namespaced
-    kube = _kube()
-    async with aiohttp.ClientSession() as session:
-        controller = Controller(kube, VllmClient(session, SETTINGS.http_timeout_seconds))
-        try:
-            await _serve_until_stopped(controller, namespace, name, stopped)
-        finally:
-            await kube.close()
-
-
-async def _serve_until_stopped(
-    controller: Controller, namespace: str, name: str, stopped: kopf.DaemonStopped
-) -> None:
-    while not stopped:
-        try:
-            await controller.tick(namespace, name)
-        except kopf.TemporaryError as exc:
-            log.info("%s/%s: %s", namespace, name, exc)
-        except (ServingKubeError, VllmError, aiohttp.ClientError, OSError) as exc:
-            log.warning("%s/%s: tick failed, will retry: %s", namespace, name, exc)
-        except Exception:  # keep reconciling: one bad pass must not stop the loop
-            log.exception("%s/%s: unexpected error; will retry", namespace, name)
-        await stopped.wait(SETTINGS.poll_seconds)
+    """The task of one AdapterDeployment: a pass whenever something it depends on changed."""
+    kube_client, config, state = runtime(memo)
+    kube = ServingKube(kube_client)
+    caches = _caches(kwargs)
+    memory = state.memory(str(namespace), name)
+    immediate = 0
+    delay: float | None = 0.0
+    try:
+        while not stopped:
+            await _sleep(memory, stopped, delay)
+            if stopped:
+                break
+            memory.wake.clear()
+            if body.get("metadata", {}).get("deletionTimestamp"):
+                break
+            try:
+                p = await reconcile(kube, config, state, body, caches)
+            except (KubeError, VllmError, Unfinished, aiohttp.ClientError, OSError) as exc:
+                memory.failures += 1
+                delay = backoff(config, memory.failures)
+                log.warning(
+                    "%s/%s: pass failed, next try in %.0fs: %s", namespace, name, delay, exc
+                )
+                continue
+            except Exception:  # keep the task alive: one bad pass must not stop it for good
+                memory.failures += 1
+                delay = backoff(config, memory.failures)
+                log.exception("%s/%s: unexpected error; next try in %.0fs", namespace, name, delay)
+                continue
+            memory.failures = 0
+            immediate = immediate + 1 if p.next == ad.Next.NOW else 0
+            delay = wait_after(p, config, immediate)
+    finally:
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            state.memories.pop((str(namespace), name), None)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="remove-adapter")
-async def remove_adapter(body: kopf.Body, **_: Any) -> None:
-    kube = _kube()
-    async with aiohttp.ClientSession() as session:
-        controller = Controller(kube, VllmClient(session, SETTINGS.http_timeout_seconds))
-        try:
-            await controller.remove(dict(body))
-        finally:
-            await kube.close()
+async def remove_adapter(
+    body: kopf.Body,
+    memo: Any,
+    **kwargs: Any,
+) -> None:
+    """Take the adapter out of the target (its entries only) and drop the canary."""
+    kube_client, config, state = runtime(memo)
+    kube = ServingKube(kube_client)
+    caches = _caches(kwargs)
+    memory = Memory()
+    obs = _base_observation(body, config, caches, memory)
+    spec = obs.spec
+    if spec is None:
+        return
+    try:
+        obs = replace(obs, configmaps=await read_configmaps(kube, obs) or {})
+    except KubeError as exc:
+        raise kopf.TemporaryError(f"removing the adapter: {exc}", delay=5) from exc
+    vllm = state.client(config).with_api_key(await read_api_key(kube, obs))
+    if spec.strategy.type == "Runtime":
+        obs = await _loaded(vllm, obs)
+    try:
+        await execute(kube, vllm, config, obs, ad.removal(obs), memory, _poster(body))
+    except (KubeError, Unfinished) as exc:
+        raise kopf.TemporaryError(f"removing the adapter: {exc}", delay=5) from exc
+    metrics_serving.set_served(obs.namespace, spec.adapter_name, None, spec.target.deployment)
+    state.memories.pop((obs.namespace, obs.name), None)

@@ -204,7 +204,6 @@ def load_manifests(path: Path, namespace: str) -> list[dict[str, Any]]:
 def _configure_fast_local_settings() -> None:
     """Quick polling for a demo; must run before the operator's modules are imported."""
     os.environ.setdefault("FINETUNE_PROGRESS_POLL_SECONDS", "1")
-    os.environ.setdefault("FINETUNE_SERVING_POLL_SECONDS", "0.5")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -309,7 +308,7 @@ def _run(options: DemoOptions, workdir: Path) -> DemoResult:
     from ..adapter_digest import verify_directory
     from ..clients.kube import KubeClient
     from ..config import load_config
-    from ..serving_config import SETTINGS, annotation_endpoint
+    from ..serving_config import annotation_endpoint
     from .emulator import Emulator, serve
     from .executor import LocalExecutor
     from .runner import module_registry, run_operator, test_settings
@@ -324,10 +323,6 @@ def _run(options: DemoOptions, workdir: Path) -> DemoResult:
 
     _say(out, "==> starting the embedded Kubernetes API, the operator and the local executor")
     api = Emulator(crd_dir=CRD_DIR, validate_schemas=True)
-    # The serving pods are local servers on their own ports: reach them through the
-    # endpoint annotation the executor writes (the documented local hook).
-    SETTINGS.endpoint_resolver = annotation_endpoint
-    SETTINGS.poll_seconds = min(SETTINGS.poll_seconds, 0.5)
     import finetune_operator.main  # noqa: F401  (registers the handlers)
     from finetune_operator.handlers import adapterdeployment, finetunejob
 
@@ -338,6 +333,10 @@ def _run(options: DemoOptions, workdir: Path) -> DemoResult:
         progress_interval_seconds=1.0,
         metrics_port=0,
         operator_namespace=ns,
+        # The serving pods are local servers on their own ports, reached through the
+        # endpoint annotation the executor writes, and the adapter is a local folder.
+        local_mode=True,
+        serving_poll_seconds=min(config.serving_poll_seconds, 0.5),
     )
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(serve(api))

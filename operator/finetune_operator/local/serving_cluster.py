@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import vllm_args
+from .. import vllm_args, vllm_server
 from ..serving_config import ENDPOINT_ANNOTATION
 from .emulator import Emulator
 from .vllm_reference import (
@@ -41,6 +41,32 @@ from .vllm_reference import (
 
 # (deployment name, pod template) -> ReferenceConfig overrides (error_rate, added_latency_seconds...)
 Behavior = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+
+POD_TEMPLATE_HASH = "pod-template-hash"
+API_SERVER_COMMAND = ["python", "-m", "vllm.entrypoints.openai.api_server"]
+
+
+def _keys(obj: dict[str, Any]) -> list[str]:
+    return [*(obj.get("data") or {}), *(obj.get("stringData") or {})]
+
+
+def _data_value(obj: dict[str, Any], key: str, secret: bool) -> str | None:
+    """A Secret's (base64 ``data``, or ``stringData``) or a ConfigMap's value of ``key``."""
+    raw = (obj.get("data") or {}).get(key)
+    if raw is not None:
+        return base64.b64decode(raw).decode() if secret else str(raw)
+    plain = (obj.get("stringData") or {}).get(key)
+    return None if plain is None else str(plain)
+
+
+def _server_command(container: dict[str, Any]) -> list[str]:
+    """The server's command line as vLLM runs it, whatever the form (``sh -c``, the vLLM
+    image's own entry point given args only): vLLM's argv behind its entry point."""
+    located = vllm_args.locate(container)
+    assert located is not None
+    entry = ["vllm", "serve"] if located.serve else API_SERVER_COMMAND
+    return [*entry, *vllm_args.server_argv(container)]
 
 
 def template_hash(template: dict[str, Any]) -> str:
@@ -181,44 +207,55 @@ class ServingCluster:
         return path
 
     def _container_env(self, container: dict[str, Any]) -> dict[str, str]:
-        """The container's environment as the kubelet gives it (values and Secret keys)."""
+        """The container's environment as the kubelet gives it: ``envFrom`` first, then
+        ``env`` (values, Secret and ConfigMap keys), the last entry of a name winning."""
         env: dict[str, str] = {}
+        for src in container.get("envFrom") or []:
+            for kind, ref_key in (("secrets", "secretRef"), ("configmaps", "configMapRef")):
+                ref = src.get(ref_key)
+                if ref is None:
+                    continue
+                obj = self.api.read(kind, self.namespace, str(ref.get("name")))
+                if obj is None:
+                    if not ref.get("optional"):
+                        raise ServerRefusedToStart(f'{kind[:-1]} "{ref.get("name")}" not found')
+                    continue
+                prefix = str(src.get("prefix") or "")
+                for key in _keys(obj):
+                    value = _data_value(obj, key, kind == "secrets")
+                    if value is not None:
+                        env[prefix + key] = value
         for var in container.get("env") or []:
             name = str(var.get("name"))
             if "value" in var:
                 env[name] = str(var.get("value") or "")
                 continue
-            ref = (var.get("valueFrom") or {}).get("secretKeyRef") or {}
-            secret = self.api.read("secrets", self.namespace, str(ref.get("name"))) if ref else None
-            if secret is None:
+            value_from = var.get("valueFrom") or {}
+            kind, ref = (
+                ("secrets", value_from["secretKeyRef"])
+                if "secretKeyRef" in value_from
+                else ("configmaps", value_from.get("configMapKeyRef") or {})
+            )
+            obj = self.api.read(kind, self.namespace, str(ref.get("name"))) if ref else None
+            if obj is None:
                 if ref and not ref.get("optional"):
                     raise ServerRefusedToStart(
-                        f'secret "{ref.get("name")}" not found (env {name})'
+                        f'{kind[:-1]} "{ref.get("name")}" not found (env {name})'
                     )  # the kubelet's CreateContainerConfigError
                 continue
-            raw = (secret.get("data") or {}).get(str(ref.get("key")))
-            if raw is not None:
-                env[name] = base64.b64decode(raw).decode()
-            elif (secret.get("stringData") or {}).get(str(ref.get("key"))) is not None:
-                env[name] = str(secret["stringData"][str(ref.get("key"))])
+            value = _data_value(obj, str(ref.get("key")), kind == "secrets")
+            if value is not None:
+                env[name] = value
         return env
 
     def _server_config(self, dep_name: str, template: dict[str, Any]) -> ReferenceConfig:
         pod_spec = template.get("spec") or {}
-        container = next(
-            (
-                c
-                for c in pod_spec.get("containers") or []
-                if vllm_args.parse_container(c).is_openai_server
-            ),
-            None,
-        )
-        if container is None:
+        index, _ = vllm_server.find_vllm_container(pod_spec)
+        if index is None:
             raise ServerRefusedToStart("no vLLM container")
+        container = pod_spec["containers"][index]
         config = ReferenceConfig.from_command_line(
-            vllm_args.split_tokens(container),
-            self._container_env(container),
-            generation=self.generation,
+            _server_command(container), self._container_env(container), generation=self.generation
         )
         config.lora_modules = {
             name: self._local_path(pod_spec, container, path)
@@ -265,14 +302,16 @@ class ServingCluster:
                 "metadata": {
                     "name": pod_name,
                     "namespace": self.namespace,
-                    "labels": dict(tpl_meta.get("labels") or {}),
+                    "labels": {**(tpl_meta.get("labels") or {}), POD_TEMPLATE_HASH: h[:10]},
                     "annotations": annotations,
+                    # As the Deployment controller does: the pod belongs to the ReplicaSet
+                    # of its template, named after the Deployment and the template's hash.
                     "ownerReferences": [
                         {
                             "apiVersion": "apps/v1",
-                            "kind": "Deployment",
-                            "name": name,
-                            "uid": dep["metadata"].get("uid", ""),
+                            "kind": "ReplicaSet",
+                            "name": f"{name}-{h[:10]}",
+                            "uid": f"{dep['metadata'].get('uid', '')}-{h[:10]}",
                             "controller": True,
                         }
                     ],

@@ -138,6 +138,9 @@ class ReferenceConfig:
     generation: Generation = "0.11"
     api_keys: list[str] = field(default_factory=list)
     chat_template: bool = True  # whether the model's tokenizer has one (or --chat-template)
+    # False imitates a server that names the adapter in its answers but runs the base model
+    # (the engine never schedules the adapter): what the canary's confirmation must catch.
+    schedule_adapters: bool = True
     data_parallel_size: int = 1
     api_server_count: int | None = None  # None: vLLM's default for the generation
 
@@ -586,8 +589,9 @@ class ReferenceServer:
             return self._error(400, message, "BadRequestError")
         base = self.config.base_name
         self._running.labels(base, "0").inc()
-        if adapter_name:
-            self._running_adapters[adapter_name] = self._running_adapters.get(adapter_name, 0) + 1
+        scheduled = adapter_name if self.config.schedule_adapters else None
+        if scheduled:
+            self._running_adapters[scheduled] = self._running_adapters.get(scheduled, 0) + 1
         self._lora_step()
         try:
             if self.config.added_latency_seconds:
@@ -606,8 +610,8 @@ class ReferenceServer:
             text = await result if inspect.isawaitable(result) else result
         finally:
             self._running.labels(base, "0").dec()
-            if adapter_name:
-                self._running_adapters[adapter_name] -= 1
+            if scheduled:
+                self._running_adapters[scheduled] -= 1
             self._lora_step()
         self._success.labels(base, "0", "stop").inc()
         self._latency.labels(base, "0").observe(time.monotonic() - started)

@@ -1,8 +1,8 @@
 """Pure decisions for AdapterDeployments: source, compatibility, rollout, canary, runtime.
 
-Every function here takes observed state (dicts as the API returns them, samples the
-clients collected) and returns a decision; none does I/O. The handler reads, calls these,
-and writes.
+Every function here takes observed state (dicts as the API returns them, typed status,
+samples the clients collected) and returns a decision; none does I/O.
+:mod:`.adapterdeployment_plan` strings them into one reconcile decision.
 """
 
 from __future__ import annotations
@@ -12,7 +12,14 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from .. import vllm_args, vllm_server
-from ..api.adapterdeployment import AdapterDeploymentSpec, CanaryAnalysis
+from ..api.adapterdeployment import (
+    AdapterDeploymentSpec,
+    AdapterDeploymentStatus,
+    AdapterRevision,
+    CanaryAnalysis,
+    Outcome,
+    Reason,
+)
 from ..api.common import get_condition
 from ..builders import serving as sb
 
@@ -54,36 +61,51 @@ class LocalManifest:
     missing: bool = False
 
 
+LOCAL_SCHEME = "file://"
+
+
 def resolve_source(
     spec: AdapterDeploymentSpec,
     ftj: dict[str, Any] | None,
     local: LocalManifest | None = None,
+    *,
+    local_mode: bool = False,
 ) -> SourceResult:
-    """Which adapter the spec asks for, or why it cannot be served yet."""
+    """Which adapter the spec asks for, or why it cannot be served yet.
+
+    ``file://`` adapters name a path on the operator's own disk; outside local mode they
+    are refused before anything looks at that path, so a tenant cannot probe the
+    operator's filesystem through the answers.
+    """
     src = spec.source
     name = spec.adapter_name
     if src.fine_tune_job_ref is not None:
-        return _from_finetunejob(spec, src.fine_tune_job_ref.name, ftj)
+        result = _from_finetunejob(spec, src.fine_tune_job_ref.name, ftj)
+        if result.ref is not None and not local_mode and is_local(result.ref.uri):
+            return local_refused(f"FineTuneJob {src.fine_tune_job_ref.name} records a")
+        return result
     assert src.uri is not None and src.digest is not None  # the model guarantees both
+    if not local_mode and is_local(src.uri):
+        return local_refused("source.uri is a")
     rank, base = src.rank, src.base_model
     if local is not None:
         if local.missing:
             return SourceResult(
                 False,
-                "AdapterNotFound",
+                Reason.ADAPTER_NOT_FOUND,
                 f"{src.uri}: no adapter manifest there ({local.error}); fix source.uri",
             )
         if local.error:
             return SourceResult(
                 False,
-                "DigestMismatch",
+                Reason.DIGEST_MISMATCH,
                 f"{src.uri}: the files do not match the adapter's manifest ({local.error}); "
                 "the adapter was changed after it was written: re-export it",
             )
         if local.digest and local.digest != src.digest:
             return SourceResult(
                 False,
-                "DigestMismatch",
+                Reason.DIGEST_MISMATCH,
                 f"source.digest is {src.digest} but the adapter at {src.uri} has digest "
                 f"{local.digest}: set source.digest to the adapter's digest (or point "
                 "source.uri at the adapter you meant)",
@@ -92,7 +114,20 @@ def resolve_source(
         base = base or local.base_model
     secret = src.credentials_secret_ref.name if src.credentials_secret_ref else None
     ref = sb.AdapterRef(name, src.uri, src.digest, base, rank, secret)
-    return SourceResult(True, "Resolved", f"{src.uri} ({src.digest})", ref)
+    return SourceResult(True, Reason.RESOLVED, f"{src.uri} ({src.digest})", ref)
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith(LOCAL_SCHEME)
+
+
+def local_refused(what: str) -> SourceResult:
+    return SourceResult(
+        False,
+        Reason.LOCAL_ADAPTER_REFUSED,
+        f"{what} file:// adapter, which only the operator's local mode serves: store the "
+        "adapter on a PVC (pvc://), in S3 (s3://) or on the Hugging Face Hub (hf://)",
+    )
 
 
 def _from_finetunejob(
@@ -101,7 +136,7 @@ def _from_finetunejob(
     if ftj is None:
         return SourceResult(
             False,
-            "FineTuneJobNotFound",
+            Reason.FINETUNEJOB_NOT_FOUND,
             f"FineTuneJob {ftj_name} not found in this namespace: create it or fix "
             "source.fineTuneJobRef.name",
         )
@@ -111,11 +146,13 @@ def _from_finetunejob(
     if phase == "Failed":
         succeeded = get_condition(conditions, "Succeeded") or {}
         why = succeeded.get("message") or "see its conditions"
-        return SourceResult(False, "FineTuneJobFailed", f"FineTuneJob {ftj_name} failed: {why}")
+        return SourceResult(
+            False, Reason.FINETUNEJOB_FAILED, f"FineTuneJob {ftj_name} failed: {why}"
+        )
     if phase != "Succeeded":
         return SourceResult(
             False,
-            "FineTuneJobNotFinished",
+            Reason.FINETUNEJOB_NOT_FINISHED,
             f"FineTuneJob {ftj_name} is {phase}: the adapter is rolled out once it succeeds",
         )
     gates = get_condition(conditions, "GatesPassed")
@@ -123,14 +160,16 @@ def _from_finetunejob(
         detail = (gates or {}).get("message") or "no gate verdict recorded"
         return SourceResult(
             False,
-            "GatesFailed",
+            Reason.GATES_FAILED,
             f"FineTuneJob {ftj_name}: quality gates not passed ({detail}); improve the "
             "adapter or, to serve it anyway, set requireGates: false",
         )
     adapter = status.get("adapter") or {}
     if not adapter.get("uri") or not adapter.get("digest"):
         return SourceResult(
-            False, "AdapterMissing", f"FineTuneJob {ftj_name} succeeded but records no adapter"
+            False,
+            Reason.ADAPTER_MISSING,
+            f"FineTuneJob {ftj_name} succeeded but records no adapter",
         )
     secret = (((ftj.get("spec") or {}).get("output") or {}).get("credentialsSecretRef") or {}).get(
         "name"
@@ -143,39 +182,8 @@ def _from_finetunejob(
         adapter.get("rank"),
         secret,
     )
-    return SourceResult(True, "Resolved", f"FineTuneJob {ftj_name}: {ref.uri} ({ref.digest})", ref)
-
-
-def revision_ref(adapter_name: str, revision: dict[str, Any]) -> sb.AdapterRef:
-    return sb.AdapterRef(
-        adapter_name,
-        str(revision["uri"]),
-        str(revision["digest"]),
-        revision.get("baseModel"),
-        revision.get("rank"),
-    )
-
-
-def resolve_desired(
-    spec: AdapterDeploymentSpec,
-    status: dict[str, Any],
-    source: SourceResult,
-) -> SourceResult:
-    """Apply ``rollback.toRevision``: serve an earlier revision instead of the source."""
-    wanted = spec.rollback.to_revision
-    if wanted is None:
-        return source
-    history = status.get("history") or []
-    for rev in history:
-        if rev.get("revision") == wanted:
-            ref = revision_ref(spec.adapter_name, rev)
-            return SourceResult(True, "RollbackToRevision", f"revision {wanted}: {ref.uri}", ref)
-    have = ", ".join(str(r.get("revision")) for r in history) or "none"
     return SourceResult(
-        False,
-        "RevisionNotFound",
-        f"rollback.toRevision {wanted} is not in status.history (have: {have}); "
-        "pick one of those or remove rollback.toRevision",
+        True, Reason.RESOLVED, f"FineTuneJob {ftj_name}: {ref.uri} ({ref.digest})", ref
     )
 
 
@@ -207,7 +215,7 @@ def check_compatible(
     if deployment is None:
         return CompatResult(
             False,
-            "TargetNotFound",
+            Reason.TARGET_NOT_FOUND,
             f"Deployment {tgt.deployment} not found in this namespace: create it or fix "
             "target.deployment",
         )
@@ -219,37 +227,48 @@ def check_compatible(
             image_patterns=image_patterns,
         )
     except ValueError as exc:
-        return CompatResult(False, "ContainerNotFound", f"{exc}: fix target.container")
+        return CompatResult(False, Reason.CONTAINER_NOT_FOUND, f"{exc}: fix target.container")
     cname = args.container
     if not args.vllm:
         return CompatResult(
             False,
-            "ServerNotDetected",
+            Reason.SERVER_NOT_DETECTED,
             f"{args.problems[0]}: set target.container to the vLLM container "
             "(docs/adapterdeployment.md lists the forms the operator reads)",
         )
     invalid = _problem(args, "--lora-modules: ")
     if invalid is not None:
-        return CompatResult(False, "ServerArgsInvalid", f"container {cname}: {invalid}")
+        return CompatResult(False, Reason.SERVER_ARGS_INVALID, f"container {cname}: {invalid}")
     # The --config file may set any LoRA flag: without it nothing can be judged or edited.
     unread = _problem(args, "--config ") if args.config_file else None
     if unread is not None:
-        return CompatResult(False, "ServerConfigUnreadable", f"container {cname}: {unread}")
+        return CompatResult(False, Reason.SERVER_CONFIG_UNREADABLE, f"container {cname}: {unread}")
     owners = ((deployment.get("metadata") or {}).get("annotations") or {}).get(
         sb.owner_annotation(spec.adapter_name)
     )
     if owners and owners != adep_name:
         return CompatResult(
             False,
-            "AdapterNameTaken",
+            Reason.ADAPTER_NAME_TAKEN,
             f"AdapterDeployment {owners} already serves adapterName {spec.adapter_name} on "
             f"Deployment {tgt.deployment}: choose another adapterName",
         )
     runtime = spec.strategy.type == "Runtime"
+    if runtime and args.api_server_count > 1:
+        # vLLM refuses to start with runtime updating on and several API-server processes
+        # (vllm/entrypoints/cli/serve.py): there is no running server to load into.
+        return CompatResult(
+            False,
+            Reason.RUNTIME_UPDATES_DISABLED,
+            f"container {cname} runs {args.api_server_count} API-server processes "
+            "(--api-server-count, or --data-parallel-size above 1 on vLLM 0.20 and later) and "
+            f"vLLM does not start with {RUNTIME_UPDATES_ENV} on in that case: use strategy "
+            "Rolling, or run one API server (--api-server-count 1)",
+        )
     if runtime and args.runtime_lora_updating is False:
         return CompatResult(
             False,
-            "RuntimeUpdatesDisabled",
+            Reason.RUNTIME_UPDATES_DISABLED,
             f"container {cname} does not allow loading adapters at runtime: set the "
             f"environment variable {RUNTIME_UPDATES_ENV}=True in it, or use strategy Rolling",
         )
@@ -264,7 +283,7 @@ def check_compatible(
         if not allow:
             return CompatResult(
                 False,
-                "LoraNotEnabled",
+                Reason.LORA_NOT_ENABLED,
                 f"container {cname}: add --enable-lora to its args {how}",
             )
         enable = True
@@ -276,7 +295,7 @@ def check_compatible(
             served = args.model or ", ".join(args.base_model_names)
             return CompatResult(
                 False,
-                "BaseModelMismatch",
+                Reason.BASE_MODEL_MISMATCH,
                 f"the adapter was trained on {ref.base_model} but container {cname} serves "
                 f"{served}: target a Deployment serving {ref.base_model}",
             )
@@ -285,11 +304,11 @@ def check_compatible(
         try:
             needed = vllm_args.rank_setting_for(ref.rank, args.version)
         except vllm_args.ServerArgsError as exc:
-            return CompatResult(False, "RankTooLarge", str(exc))
+            return CompatResult(False, Reason.RANK_TOO_LARGE, str(exc))
         if not allow:
             return CompatResult(
                 False,
-                "RankTooLarge",
+                Reason.RANK_TOO_LARGE,
                 f"adapter rank {ref.rank} is above --max-lora-rank {args.max_lora_rank} of "
                 f"container {cname} (vLLM refuses to start): set --max-lora-rank {needed} "
                 f"{how}",
@@ -302,7 +321,7 @@ def check_compatible(
         if not allow:
             return CompatResult(
                 False,
-                "TooManyAdapters",
+                Reason.TOO_MANY_ADAPTERS,
                 f"container {cname} would serve {wanted} adapters ({', '.join([*others, spec.adapter_name])}) "
                 f"but --max-loras is {args.max_loras}: set --max-loras {wanted} {how}",
             )
@@ -311,7 +330,7 @@ def check_compatible(
     msg = "server accepts the adapter"
     if changes.any():
         msg += " after raising: " + ", ".join(describe_changes(changes))
-    return CompatResult(True, "Compatible", msg, changes)
+    return CompatResult(True, Reason.COMPATIBLE, msg, changes)
 
 
 RUNTIME_UPDATES_ENV = vllm_server.RUNTIME_UPDATES_ENV
@@ -350,7 +369,7 @@ def runtime_path(deployment: dict[str, Any], container: str | None, ref: sb.Adap
     mounted in the server container. s3/hf need a fetch step, which only a restart gives.
     """
     if ref.uri.startswith("file://"):
-        return Verdict(True, "Path", ref.uri[len("file://") :])
+        return Verdict(True, Reason.RESOLVED, ref.uri[len("file://") :])
     if ref.uri.startswith("pvc://"):
         claim, sub = sb._split_pvc(ref.uri)
         pod_spec = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
@@ -367,16 +386,16 @@ def runtime_path(deployment: dict[str, Any], container: str | None, ref: sb.Adap
                     continue
                 rest = sub[len(mounted) :].strip("/") if mounted else sub
                 base = str(mount["mountPath"]).rstrip("/")
-                return Verdict(True, "Path", f"{base}/{rest}" if rest else base)
+                return Verdict(True, Reason.RESOLVED, f"{base}/{rest}" if rest else base)
         return Verdict(
             False,
-            "AdapterNotMounted",
+            Reason.ADAPTER_NOT_MOUNTED,
             f"the Runtime strategy loads from volumes the server already has: mount PVC "
             f"{claim} in container {main.get('name')}, or use strategy Rolling",
         )
     return Verdict(
         False,
-        "AdapterNotMounted",
+        Reason.ADAPTER_NOT_MOUNTED,
         f"{ref.uri}: the Runtime strategy cannot fetch s3:// or hf:// adapters into running "
         "pods: use strategy Rolling or Canary (they fetch in an init container)",
     )
@@ -420,26 +439,36 @@ def deployment_rollout(
     Deployment reports ``ProgressDeadlineExceeded`` or our own deadline passes.
     """
     if deployment is None:
-        return RolloutView("Failed", "TargetNotFound", "the target Deployment disappeared")
+        return RolloutView("Failed", Reason.TARGET_NOT_FOUND, "the target Deployment disappeared")
     meta = deployment.get("metadata") or {}
     spec = deployment.get("spec") or {}
     st = deployment.get("status") or {}
     annotations = ((spec.get("template") or {}).get("metadata") or {}).get("annotations") or {}
     if annotations.get(sb.digest_annotation(adapter_name)) != digest:
         return RolloutView(
-            "InProgress", "TemplateNotUpdated", "the pod template does not carry the adapter yet"
+            "InProgress",
+            Reason.TEMPLATE_NOT_UPDATED,
+            "the pod template does not carry the adapter yet",
         )
     desired = int(spec.get("replicas", 1))
     ready = int(st.get("readyReplicas") or 0)
+    observed = int(st.get("observedGeneration") or 0)
+    if observed < int(meta.get("generation") or 0):
+        # The status still describes the previous template (its conditions included).
+        return _unless_overdue(
+            RolloutView(
+                "InProgress", Reason.ROLLING_OUT, "the Deployment controller has not seen the change yet", ready
+            ),
+            started_at, deadline_seconds, now,
+        )  # fmt: skip
     for cond in st.get("conditions") or []:
         if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
             return RolloutView(
                 "Failed",
-                "ProgressDeadlineExceeded",
+                Reason.PROGRESS_DEADLINE_EXCEEDED,
                 f"Deployment {meta.get('name')}: {cond.get('message') or 'progress deadline exceeded'}",
                 ready,
             )
-    observed = int(st.get("observedGeneration") or 0)
     updated = int(st.get("updatedReplicas") or 0)
     available = int(st.get("availableReplicas") or 0)
     total = int(st.get("replicas") or 0)
@@ -450,13 +479,13 @@ def deployment_rollout(
         and total <= updated
     ):
         return RolloutView(
-            "Complete", "RolloutComplete", f"{available}/{desired} replicas available", ready
+            "Complete", Reason.ROLLOUT_COMPLETE, f"{available}/{desired} replicas available", ready
         )
     start = parse_time(started_at)
     if start is not None and (now - start).total_seconds() > deadline_seconds:
         return RolloutView(
             "Failed",
-            "RolloutDeadlineExceeded",
+            Reason.ROLLOUT_DEADLINE_EXCEEDED,
             f"only {available}/{desired} replicas available and {updated} updated after "
             f"{deadline_seconds}s (strategy.progressDeadlineSeconds): check the serving pods' "
             "events and logs",
@@ -464,10 +493,23 @@ def deployment_rollout(
         )
     return RolloutView(
         "InProgress",
-        "RollingOut",
+        Reason.ROLLING_OUT,
         f"{updated}/{desired} updated, {available}/{desired} available",
         ready,
     )
+
+
+def _unless_overdue(
+    view: RolloutView, started_at: str | None, deadline_seconds: int, now: datetime
+) -> RolloutView:
+    start = parse_time(started_at)
+    if start is not None and (now - start).total_seconds() > deadline_seconds:
+        return RolloutView(
+            "Failed", Reason.ROLLOUT_DEADLINE_EXCEEDED,
+            f"{view.message} after {deadline_seconds}s (strategy.progressDeadlineSeconds)",
+            view.ready_replicas,
+        )  # fmt: skip
+    return view
 
 
 # ------------------------------------------------------------------ canary analysis
@@ -591,7 +633,7 @@ def decide_canary(
     if failed:
         return verdict(
             "abort",
-            "CanarySmokeFailed",
+            Reason.CANARY_SMOKE_FAILED,
             f"{len(failed)}/{len(smoke)} smoke requests to the canary failed: {failed[0].error}",
             checks_passed,
         )
@@ -599,7 +641,7 @@ def decide_canary(
     if judged and error_rate is not None and error_rate > analysis.max_error_rate:
         return verdict(
             "abort",
-            "CanaryErrorRate",
+            Reason.CANARY_ERROR_RATE,
             f"error rate {error_rate:.1%} over {requests} requests is above "
             f"maxErrorRate {analysis.max_error_rate:.1%}",
             checks_passed,
@@ -607,7 +649,7 @@ def decide_canary(
     if judged and p95_ms is not None and p95_ms > analysis.max_latency_p95_ms:
         return verdict(
             "abort",
-            "CanaryLatency",
+            Reason.CANARY_LATENCY,
             f"p95 latency {p95_ms:.0f} ms over {requests} requests is above "
             f"maxLatencyP95Ms {analysis.max_latency_p95_ms:.0f}",
             checks_passed,
@@ -615,7 +657,7 @@ def decide_canary(
     if not judged:
         return verdict(
             "continue",
-            "WaitingForTraffic",
+            Reason.WAITING_FOR_TRAFFIC,
             f"{requests} requests in this window, analysis needs at least "
             f"{max(1, analysis.min_requests)}",
             checks_passed,
@@ -623,9 +665,11 @@ def decide_canary(
     passed = checks_passed + 1
     if passed >= analysis.checks:
         return verdict(
-            "promote", "CanaryPassed", f"{passed}/{analysis.checks} checks passed", passed
+            "promote", Reason.CANARY_PASSED, f"{passed}/{analysis.checks} checks passed", passed
         )
-    return verdict("continue", "Analyzing", f"{passed}/{analysis.checks} checks passed", passed)
+    return verdict(
+        "continue", Reason.ANALYZING, f"{passed}/{analysis.checks} checks passed", passed
+    )
 
 
 # ------------------------------------------------------------------ runtime loading
@@ -696,58 +740,86 @@ def plan_runtime(
 # ------------------------------------------------------------------ revision history
 
 
-def next_revision(status: dict[str, Any]) -> int:
-    numbers = [int(r.get("revision") or 0) for r in status.get("history") or []]
-    for key in ("current", "previous"):
-        if status.get(key):
-            numbers.append(int(status[key].get("revision") or 0))
-    if (status.get("canary") or {}).get("revision"):
-        numbers.append(int(status["canary"]["revision"].get("revision") or 0))
+def revision_ref(adapter_name: str, revision: AdapterRevision) -> sb.AdapterRef:
+    return sb.AdapterRef(
+        adapter_name, revision.uri, revision.digest, revision.base_model, revision.rank
+    )
+
+
+def resolve_desired(
+    spec: AdapterDeploymentSpec,
+    status: AdapterDeploymentStatus,
+    source: SourceResult,
+) -> SourceResult:
+    """Apply ``rollback.toRevision``: serve an earlier revision instead of the source."""
+    wanted = spec.rollback.to_revision
+    if wanted is None:
+        return source
+    history = status.history or []
+    for rev in history:
+        if rev.revision == wanted:
+            ref = revision_ref(spec.adapter_name, rev)
+            return SourceResult(
+                True, Reason.ROLLBACK_TO_REVISION, f"revision {wanted}: {ref.uri}", ref
+            )
+    have = ", ".join(str(r.revision) for r in history) or "none"
+    return SourceResult(
+        False,
+        Reason.REVISION_NOT_FOUND,
+        f"rollback.toRevision {wanted} is not in status.history (have: {have}); "
+        "pick one of those or remove rollback.toRevision",
+    )
+
+
+def next_revision(status: AdapterDeploymentStatus) -> int:
+    numbers = [r.revision for r in status.history or []]
+    canary = status.canary.revision if status.canary else None
+    for rev in (status.current, status.previous, canary):
+        if rev is not None:
+            numbers.append(rev.revision)
     return max(numbers, default=0) + 1
 
 
-def new_revision(status: dict[str, Any], ref: sb.AdapterRef, now: str) -> dict[str, Any]:
-    rev: dict[str, Any] = {
-        "revision": next_revision(status),
-        "uri": ref.uri,
-        "digest": ref.digest,
-        "deployedAt": now,
-        "outcome": "Progressing",
-    }
-    if ref.base_model:
-        rev["baseModel"] = ref.base_model
-    if ref.rank is not None:
-        rev["rank"] = ref.rank
-    return rev
+def new_revision(status: AdapterDeploymentStatus, ref: sb.AdapterRef, now: str) -> AdapterRevision:
+    return AdapterRevision(
+        revision=next_revision(status),
+        uri=ref.uri,
+        digest=ref.digest,
+        base_model=ref.base_model or None,
+        rank=ref.rank,
+        deployed_at=now,
+        outcome=Outcome.PROGRESSING,
+    )
 
 
 def record_history(
-    history: list[dict[str, Any]] | None, rev: dict[str, Any]
-) -> list[dict[str, Any]]:
+    history: list[AdapterRevision] | None, rev: AdapterRevision
+) -> list[AdapterRevision]:
     """History with ``rev`` added or updated in place, newest last, at most 20 entries."""
-    out = [dict(r) for r in history or [] if r.get("revision") != rev.get("revision")]
-    out.append(dict(rev))
-    out.sort(key=lambda r: int(r.get("revision") or 0))
+    out = [r.model_copy() for r in history or [] if r.revision != rev.revision]
+    out.append(rev.model_copy())
+    out.sort(key=lambda r: r.revision)
     return out[-MAX_HISTORY:]
 
 
-def same_adapter(rev: dict[str, Any] | None, ref: sb.AdapterRef) -> bool:
-    return bool(rev) and rev.get("digest") == ref.digest and rev.get("uri") == ref.uri  # type: ignore[union-attr]
+def same_adapter(rev: AdapterRevision | None, ref: sb.AdapterRef) -> bool:
+    return rev is not None and rev.digest == ref.digest and rev.uri == ref.uri
+
+
+REJECTED = (Outcome.ROLLED_BACK, Outcome.CANARY_ABORTED, Outcome.FAILED)
 
 
 def already_rejected(
-    status: dict[str, Any], ref: sb.AdapterRef, generation: int
-) -> dict[str, Any] | None:
+    status: AdapterDeploymentStatus, ref: sb.AdapterRef, generation: int
+) -> AdapterRevision | None:
     """The history entry that already failed with this adapter for this generation.
 
     A rolled-back or aborted adapter is not retried until the spec changes, so a bad
     adapter cannot flap the serving pods.
     """
-    if int(status.get("observedGeneration") or -1) != generation:
+    if (status.observed_generation or -1) != generation:
         return None
-    for rev in reversed(status.get("history") or []):
+    for rev in reversed(status.history or []):
         if same_adapter(rev, ref):
-            if rev.get("outcome") in ("RolledBack", "CanaryAborted", "Failed"):
-                return rev
-            return None
+            return rev if rev.outcome in REJECTED else None
     return None

@@ -1,0 +1,421 @@
+"""What one reconcile of an AdapterDeployment decides, as a specification on a fake clock.
+
+Each test builds what the operator observed (from its watch caches and, where a step needs
+them, the serving pods' answers), calls ``plan(observed, now)`` and reads the decision: the
+actions, the status, the events and when to look again. No test waits for real time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from finetune_operator.api.adapterdeployment import AdapterDeploymentSpec, AdapterDeploymentStatus
+from finetune_operator.builders import serving as sb
+from finetune_operator.planners import adapterdeployment as rules
+from finetune_operator.planners.adapterdeployment_plan import (
+    AnalysisWindow,
+    CreateCanary,
+    DeleteDeployment,
+    Next,
+    Observed,
+    PatchTarget,
+    Plan,
+    PodCall,
+    PodInfo,
+    Served,
+    canary_check_due,
+    needs_pod_listing,
+    plan,
+)
+
+D1 = "sha256:" + "1" * 64
+D2 = "sha256:" + "2" * 64
+URI1, URI2 = "pvc://adapters/v1", "pvc://adapters/v2"
+T0 = datetime(2026, 12, 7, 12, 0, 0, tzinfo=UTC)
+RUNTIME_ENV = [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "1"}]
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def spec(uri: str = URI1, digest: str = D1, **over: Any) -> AdapterDeploymentSpec:
+    raw: dict[str, Any] = {
+        "adapterName": "support",
+        "source": {"uri": uri, "digest": digest},
+        "target": {"deployment": "llm", "container": "vllm"},
+    }
+    raw.update(over)
+    return AdapterDeploymentSpec.model_validate(raw)
+
+
+def deployment(
+    name: str = "llm",
+    digest: str | None = None,
+    *,
+    generation: int = 1,
+    observed: int | None = None,
+    ready: int = 2,
+    updated: int = 2,
+    conditions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    annotations = {sb.digest_annotation("support"): digest} if digest else {}
+    return {
+        "metadata": {"name": name, "generation": generation},
+        "spec": {
+            "replicas": 2,
+            "template": {
+                "metadata": {"annotations": annotations},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "vllm",
+                            "command": ["vllm", "serve"],
+                            "args": ["org/base", "--enable-lora"],
+                            "env": RUNTIME_ENV,
+                            "volumeMounts": [{"name": "a", "mountPath": "/adapters"}],
+                        }
+                    ],
+                    "volumes": [{"name": "a", "persistentVolumeClaim": {"claimName": "adapters"}}],
+                },
+            },
+        },
+        "status": {
+            "observedGeneration": generation if observed is None else observed,
+            "replicas": updated,
+            "updatedReplicas": updated,
+            "readyReplicas": ready,
+            "availableReplicas": ready,
+            "conditions": conditions or [],
+        },
+    }
+
+
+def pods(digest: str | None, n: int = 2, prefix: str = "llm-abc") -> tuple[PodInfo, ...]:
+    annotations = {sb.digest_annotation("support"): digest} if digest else {}
+    return tuple(
+        PodInfo(f"{prefix}-{i}", f"uid-{i}", True, f"http://10.0.0.{i}:8000", annotations)
+        for i in range(n)
+    )
+
+
+def observed(
+    s: AdapterDeploymentSpec, status: dict[str, Any] | None = None, **over: Any
+) -> Observed:
+    base = Observed(
+        name="support",
+        namespace="team",
+        uid="uid",
+        generation=over.pop("generation", 1),
+        spec=s,
+        status=AdapterDeploymentStatus.model_validate(status or {}),
+        body={"metadata": {"name": "support", "namespace": "team", "uid": "uid"}},
+        target=deployment(),
+        pods=pods(None),
+        fetch_image="trainer:1",
+    )
+    return replace(base, **over)
+
+
+def run(obs: Observed, now: datetime) -> tuple[Any, Observed]:
+    """Plan, then observe the status it wrote (as the next pass would)."""
+    p = plan(obs, now)
+    return p, replace(obs, status=p.status)
+
+
+# ------------------------------------------------------------------ Rolling
+
+
+def test_a_rolling_rollout_patches_the_target_once_and_completes_when_every_replica_serves() -> (
+    None
+):
+    obs = observed(spec())
+    p, obs = run(obs, at(0))
+    assert [(type(a), a.ref) for a in p.actions] == [
+        (PatchTarget, sb.AdapterRef("support", URI1, D1))
+    ]
+    assert p.status.phase == "Progressing" and p.status.current.outcome == "Progressing"
+    assert [e.reason for e in p.events] == ["RolloutStarted"]
+    assert p.next == Next.NOW  # the next pass follows the rollout
+
+    # The watch shows the patched template, pods still the old ones: keep polling.
+    obs = replace(obs, target=deployment(digest=D1, generation=2, observed=2, ready=2, updated=1))
+    p, obs = run(obs, at(5))
+    assert p.actions == () and p.next == Next.POLL and p.status.phase == "Progressing"
+
+    obs = replace(obs, target=deployment(digest=D1, generation=2), pods=pods(D1))
+    p, obs = run(obs, at(9))
+    assert p.status.phase == "Available" and p.status.current.outcome == "Available"
+    assert p.status.ready_replicas == 2 and [x.digest for x in p.status.pods] == [D1, D1]
+    assert Served(D1) in p.records and p.next == Next.IDLE
+
+
+def test_an_available_adapterdeployment_plans_nothing_and_keeps_its_status() -> None:
+    obs = observed(spec())
+    for now, target, ps in [
+        (at(0), deployment(), pods(None)),
+        (at(1), deployment(digest=D1, generation=2), pods(D1)),
+    ]:
+        _, obs = run(replace(obs, target=target, pods=ps), now)
+    settled = obs.status
+    for later in (at(60), at(3600)):
+        p = plan(obs, later)
+        assert p.actions == () and p.events == () and p.next == Next.IDLE
+        assert p.status == settled  # nothing to write
+
+
+def test_a_status_older_than_the_template_is_not_read_as_a_failure() -> None:
+    """Right after the patch, the Deployment's status may still carry the old template's
+    ProgressDeadlineExceeded: it counts only once the controller observed the new spec."""
+    obs = observed(spec())
+    _, obs = run(obs, at(0))
+    stale = deployment(
+        digest=D1, generation=3, observed=2,
+        conditions=[{"type": "Progressing", "reason": "ProgressDeadlineExceeded"}],
+    )  # fmt: skip
+    p, _ = run(replace(obs, target=stale), at(1))
+    assert p.status.phase == "Progressing" and p.next == Next.POLL
+
+
+def test_a_stalled_rollout_is_rolled_back_after_the_progress_deadline_and_not_before() -> None:
+    obs = observed(spec(strategy={"progressDeadlineSeconds": 60}))
+    _, obs = run(replace(obs, target=deployment(digest=D1, generation=2), pods=pods(D1)), at(0))
+    _, obs = run(obs, at(1))  # revision 1 available
+    obs = replace(obs, spec=spec(URI2, D2, strategy={"progressDeadlineSeconds": 60}), generation=2)
+    _, obs = run(obs, at(100))  # revision 2 starts
+    stuck = deployment(digest=D2, generation=3, ready=2, updated=1)
+    p, obs = run(replace(obs, target=stuck), at(159))
+    assert p.status.phase == "Progressing"
+    p, obs = run(obs, at(161))
+    assert p.status.phase == "RolledBack"
+    assert p.actions == (PatchTarget(sb.AdapterRef("support", URI1, D1, None, None)),)
+    degraded = next(c for c in p.status.conditions if c.type == "Degraded")
+    assert degraded.reason == "RolloutDeadlineExceeded" and "after 60s" in degraded.message
+    assert [(h.revision, h.outcome) for h in p.status.history] == [
+        (1, "Superseded"), (2, "RolledBack"),
+    ]  # fmt: skip
+    # The same adapter is not tried again until the spec changes.
+    restored = deployment(digest=D1, generation=4)
+    _, obs = run(replace(obs, target=restored, pods=pods(D1)), at(170))
+    p, _ = run(obs, at(171))
+    assert p.actions == () and p.status.current.digest == D1
+
+
+# ------------------------------------------------------------------ Canary
+
+
+def canary_spec(**analysis: Any) -> AdapterDeploymentSpec:
+    settings = {"intervalSeconds": 30, "checks": 2, "smokeRequests": 2, **analysis}
+    return spec(
+        URI2, D2,
+        strategy={"type": "Canary", "canary": {"analysis": settings}, "progressDeadlineSeconds": 60},
+    )  # fmt: skip
+
+
+def healthy_window() -> AnalysisWindow:
+    fast = {0.3: 10.0, float("inf"): 10.0}
+    sample = rules.MetricsSample(requests=10, latency_buckets=fast, latency_count=10)
+    return AnalysisWindow((sample,), (rules.SmokeResult(True, 50.0), rules.SmokeResult(True, 60.0)))
+
+
+def started_canary() -> Observed:
+    obs = observed(canary_spec())
+    p, obs = run(obs, at(0))
+    assert isinstance(p.actions[0], CreateCanary)
+    canary = deployment("support-canary", D2)
+    canary["spec"]["replicas"] = 1
+    canary["status"].update(updatedReplicas=1, availableReplicas=1, readyReplicas=1, replicas=1)
+    return replace(obs, canary=canary, canary_pods=pods(D2, 1, "support-canary-x"))
+
+
+def test_a_canary_is_checked_once_per_interval_and_promoted_after_enough_checks() -> None:
+    obs = started_canary()
+    assert obs.status.phase == "Progressing" and obs.status.canary.checks_passed == 0
+    p, obs = run(obs, at(5))
+    assert p.status.phase == "Analyzing" and p.next == Next.NOW
+    assert canary_check_due(obs, at(5))  # the first check is due at once
+
+    p, obs = run(replace(obs, window=healthy_window()), at(5))
+    assert p.check_ran and p.status.canary.checks_passed == 1 and p.check_in == 30
+    obs = replace(obs, window=None, last_check=at(5))
+    assert not canary_check_due(obs, at(20))
+    p, obs = run(obs, at(20))
+    assert p.actions == () and p.check_in == 15  # nothing to judge yet: the next check in 15 s
+
+    assert canary_check_due(obs, at(35))
+    p, obs = run(replace(obs, window=healthy_window()), at(35))
+    assert p.status.canary.revision.outcome == "Promoted"
+    assert [(type(a), a.ref) for a in p.actions] == [
+        (PatchTarget, sb.AdapterRef("support", URI2, D2))
+    ]
+    assert p.status.current.digest == D2 and p.status.current.outcome == "Progressing"
+    assert [e.reason for e in p.events] == ["CanaryPromoted"]
+
+
+def test_a_failing_smoke_request_aborts_the_canary_and_leaves_the_target_alone() -> None:
+    obs = started_canary()
+    _, obs = run(obs, at(5))
+    window = AnalysisWindow((), (rules.SmokeResult(False, 5.0, "HTTP 404: no such model", 404),))
+    p, _ = run(replace(obs, window=window), at(5))
+    assert p.actions == (DeleteDeployment("support-canary"),)
+    assert p.status.phase == "RolledBack" and p.status.canary.revision.outcome == "CanaryAborted"
+    assert not any(isinstance(a, PatchTarget) for a in p.actions)
+    assert p.next == Next.IDLE  # failed for good: only a change wakes it
+
+
+@pytest.mark.parametrize(
+    ("scheduled", "aborted"),
+    [(False, True), (True, False), (None, False)],  # None: the server exports no such metric
+)
+def test_a_canary_whose_engine_never_ran_the_adapter_is_aborted(
+    scheduled: bool | None, aborted: bool
+) -> None:
+    obs = started_canary()
+    _, obs = run(obs, at(5))
+    window = replace(healthy_window(), adapter_scheduled=scheduled)
+    p, _ = run(replace(obs, window=window), at(5))
+    assert (p.status.phase == "RolledBack") is aborted
+    if aborted:
+        degraded = next(c for c in p.status.conditions if c.type == "Degraded")
+        assert degraded.reason == "CanarySmokeFailed"
+        assert "never scheduled that adapter" in degraded.message
+        assert p.actions == (DeleteDeployment("support-canary"),)
+
+
+def test_a_canary_pod_lost_mid_analysis_gets_the_deadline_from_the_loss() -> None:
+    obs = started_canary()
+    _, obs = run(obs, at(5))
+    _, obs = run(replace(obs, window=healthy_window()), at(5))
+    lost = replace(
+        obs, window=None, canary_pods=(), canary=deployment("support-canary", D2, ready=0)
+    )
+    p, obs = run(lost, at(100))  # long after the canary's own deadline
+    assert p.status.canary.unavailable_since == "2026-12-07T12:01:40Z"
+    assert [e.reason for e in p.events] == ["CanaryUnavailable"]
+    p, obs = run(obs, at(150))
+    assert p.status.phase == "Analyzing" and p.actions == ()
+    p, _ = run(obs, at(161))
+    assert p.status.canary.revision.outcome == "CanaryAborted"
+    assert (
+        next(c for c in p.status.conditions if c.type == "Degraded").reason == "CanaryUnavailable"
+    )
+
+
+# ------------------------------------------------------------------ Runtime
+
+
+def runtime_spec(uri: str = "pvc://adapters/support", digest: str = D1) -> AdapterDeploymentSpec:
+    return spec(uri, digest, strategy={"type": "Runtime", "progressDeadlineSeconds": 60})
+
+
+def test_runtime_asks_the_pods_only_while_loading_or_when_a_pod_changed() -> None:
+    obs = observed(runtime_spec())
+    assert not needs_pod_listing(obs)  # nothing served yet: nothing to ask
+    p, obs = run(obs, at(0))
+    assert p.next == Next.NOW and needs_pod_listing(obs)  # loading: ask the pods
+    p, obs = run(replace(obs, loaded={"llm-abc-0": {}, "llm-abc-1": {}}), at(1))
+    assert p.actions == (
+        PodCall("llm-abc-0", "http://10.0.0.0:8000", "load", "support", "/adapters/support", D1),
+        PodCall("llm-abc-1", "http://10.0.0.1:8000", "load", "support", "/adapters/support", D1),
+    )
+    assert p.status.phase == "Progressing"  # not complete before the pods confirm
+    listed = {"support": "/adapters/support"}
+    p, obs = run(replace(obs, loaded={"llm-abc-0": listed, "llm-abc-1": listed}), at(2))
+    assert p.status.phase == "Available" and p.actions == () and p.next == Next.IDLE
+
+    verified = {pod.name: pod.marker for pod in obs.pods}
+    idle = replace(obs, loaded=None, verified=verified)
+    assert not needs_pod_listing(idle)  # an idle Runtime AdapterDeployment asks nothing
+    restarted = replace(idle, pods=(replace(obs.pods[0], restarts=1), obs.pods[1]))
+    assert needs_pod_listing(restarted)
+
+
+@pytest.mark.parametrize(
+    ("uri", "in_place"),
+    [
+        ("pvc://adapters/v2", True),  # a new path: vLLM swaps the weights (load_inplace)
+        ("pvc://adapters/support", False),  # the same path: unload first (prefix cache)
+    ],
+)
+def test_a_runtime_upgrade_reloads_in_place_only_from_a_new_path(uri: str, in_place: bool) -> None:
+    obs = observed(runtime_spec())
+    _, obs = run(obs, at(0))
+    _, obs = run(replace(obs, loaded={"llm-abc-0": {}, "llm-abc-1": {}}), at(1))
+    listed = {"support": "/adapters/support"}
+    p, obs = run(replace(obs, loaded={"llm-abc-0": listed, "llm-abc-1": listed}), at(2))
+    assert p.status.phase == "Available"
+    upgraded = replace(obs, spec=runtime_spec(uri, D2), generation=2, loaded=None)
+    _, obs = run(upgraded, at(3))
+    p, _ = run(replace(obs, loaded={"llm-abc-0": listed, "llm-abc-1": listed}), at(4))
+    calls = [a for a in p.actions if isinstance(a, PodCall)]
+    assert [(c.call, c.path, c.in_place) for c in calls] == [
+        ("reload", "/" + uri.removeprefix("pvc://"), in_place)
+    ] * 2
+
+
+def test_a_pod_refusing_the_adapter_rolls_the_runtime_rollout_back() -> None:
+    obs = observed(runtime_spec())
+    _, obs = run(obs, at(0))
+    _, obs = run(replace(obs, loaded={"llm-abc-0": {}, "llm-abc-1": {}}), at(1))
+    refused = {"llm-abc-0": "LoRA rank 64 is greater than max_lora_rank 16."}
+    p, _ = run(replace(obs, loaded={"llm-abc-0": {}, "llm-abc-1": {}}, load_errors=refused), at(2))
+    assert p.status.phase == "RolledBack"
+    degraded = next(c for c in p.status.conditions if c.type == "Degraded")
+    assert degraded.reason == "LoadFailed" and "greater than max_lora_rank 16" in degraded.message
+
+
+def test_a_pod_refusing_the_api_key_fails_the_load_as_an_auth_problem() -> None:
+    obs = observed(runtime_spec())
+    _, obs = run(obs, at(0))
+    refused = {"llm-abc-1": "Unauthorized"}
+    p, _ = run(
+        replace(obs, loaded={"llm-abc-0": {}, "llm-abc-1": None}, auth_errors=refused), at(1)
+    )
+    assert p.status.phase == "RolledBack"
+    degraded = next(c for c in p.status.conditions if c.type == "Degraded")
+    assert degraded.reason == "Unauthorized" and "llm-abc-1" in degraded.message
+    assert "adapter was not tried" in degraded.message
+    assert all(a.pod != "llm-abc-1" for a in p.actions if isinstance(a, PodCall))
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def test_a_file_adapter_is_refused_outside_local_mode_and_nothing_is_touched() -> None:
+    obs = observed(spec("file:///etc/passwd-dir", D1))
+    p = plan(obs, at(0))
+    assert p.actions == () and p.status.phase == "Failed" and p.next == Next.IDLE
+    source = next(c for c in p.status.conditions if c.type == "SourceReady")
+    assert source.reason == "LocalAdapterRefused" and "/etc" not in source.message
+    assert plan(replace(obs, local_mode=True), at(0)).actions  # local mode serves it
+
+
+def test_an_invalid_spec_is_reported_once() -> None:
+    obs = replace(observed(spec()), spec=None, spec_error="source: set exactly one")
+    p = plan(obs, at(0))
+    assert p.status.phase == "Failed" and p.actions == () and p.next == Next.IDLE
+    assert plan(replace(obs, status=p.status), at(99)).status == p.status
+
+
+# ------------------------------------------------------------------ when to look again
+
+
+def test_a_plans_outcome_becomes_a_wait_in_one_place() -> None:
+    from finetune_operator.config import OperatorConfig
+    from finetune_operator.handlers.adapterdeployment import (
+        MAX_IMMEDIATE_PASSES,
+        backoff,
+        wait_after,
+    )
+
+    config = OperatorConfig(serving_poll_seconds=5.0, serving_max_backoff_seconds=60.0)
+    status = AdapterDeploymentStatus()
+    assert wait_after(Plan(status, next=Next.IDLE), config, 0) is None  # until something changes
+    assert wait_after(Plan(status, next=Next.NOW), config, 0) == 0.0
+    assert wait_after(Plan(status, next=Next.NOW), config, MAX_IMMEDIATE_PASSES) == 5.0
+    assert wait_after(Plan(status, next=Next.POLL), config, 0) == 5.0
+    assert wait_after(Plan(status, next=Next.POLL, check_in=1.5), config, 0) == 1.5
+    assert [backoff(config, n) for n in range(1, 6)] == [5.0, 10.0, 20.0, 40.0, 60.0]
