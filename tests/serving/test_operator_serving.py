@@ -14,6 +14,7 @@ from finetune_operator import metrics_serving, vllm_args
 from finetune_operator.builders import serving as sb
 from finetune_operator.local import Emulator
 from finetune_operator.local.serving_cluster import ServingCluster
+from finetune_operator.local.vllm_reference import GENERATIONS
 from k8s_fixtures import wait_for
 
 from .adapters import make_adapter
@@ -135,8 +136,11 @@ def start_serving_operator(operator_runner: Any) -> Any:
     return operator_runner(handlers, memo=kopf.Memo(config=FAST))
 
 
-@pytest.fixture
-def env(emulator: Emulator, operator_runner, tmp_path: Path) -> Iterator[Env]:
+@pytest.fixture(params=GENERATIONS)
+def env(
+    request: pytest.FixtureRequest, emulator: Emulator, operator_runner, tmp_path: Path
+) -> Iterator[Env]:
+    """The serving scenarios run against both vLLM generations the reference server imitates."""
     behaviors: dict[str, dict] = {}
 
     def behavior(_dep: str, template: dict) -> dict:
@@ -146,7 +150,9 @@ def env(emulator: Emulator, operator_runner, tmp_path: Path) -> Iterator[Env]:
             out.update(behaviors.get(digest, {}))
         return out
 
-    with ServingCluster(emulator, NS, tmp_path / "pvc", behavior) as cluster:
+    with ServingCluster(
+        emulator, NS, tmp_path / "pvc", behavior, generation=request.param
+    ) as cluster:
         run = start_serving_operator(operator_runner)
         e = Env(emulator, cluster, tmp_path)
         e.behaviors = behaviors  # type: ignore[attr-defined]
