@@ -419,3 +419,23 @@ def test_a_plans_outcome_becomes_a_wait_in_one_place() -> None:
     assert wait_after(Plan(status, next=Next.POLL), config, 0) == 5.0
     assert wait_after(Plan(status, next=Next.POLL, check_in=1.5), config, 0) == 1.5
     assert [backoff(config, n) for n in range(1, 6)] == [5.0, 10.0, 20.0, 40.0, 60.0]
+
+
+# ------------------------------------------------------------------ Every condition says why
+
+
+@pytest.fixture(autouse=True)
+def every_condition_has_a_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every scenario in this file also checks that each condition its plans write carries a
+    message: a bare reason tells the user neither what happened nor what to change."""
+    import sys
+
+    from finetune_operator.planners import adapterdeployment_plan
+
+    def checked(obs: Observed, now: datetime) -> Any:
+        p = adapterdeployment_plan.plan(obs, now)
+        for condition in p.status.conditions:
+            assert condition.message.strip(), f"{condition.type}/{condition.reason} has no message"
+        return p
+
+    monkeypatch.setattr(sys.modules[__name__], "plan", checked)

@@ -249,7 +249,7 @@ class _Draft:
         return self.obs.spec
 
     def condition(
-        self, type_: ConditionType, status: ConditionStatus, reason: str, message: str = ""
+        self, type_: ConditionType, status: ConditionStatus, reason: str, message: str
     ) -> None:
         wire = [c.to_wire() for c in self.status.conditions]
         updated = set_condition(
@@ -705,7 +705,12 @@ def _complete(d: _Draft, current: AdapterRevision, view: rules.RolloutView) -> N
     d.phase(Phase.AVAILABLE)
     d.condition(ConditionType.AVAILABLE, "True", Reason.ROLLOUT_COMPLETE, msg)
     d.condition(ConditionType.PROGRESSING, "False", Reason.ROLLOUT_COMPLETE, msg)
-    d.condition(ConditionType.DEGRADED, "False", Reason.AS_EXPECTED, "")
+    d.condition(
+        ConditionType.DEGRADED,
+        "False",
+        Reason.AS_EXPECTED,
+        f"revision {current.revision} rolled out without a failure; nothing to do",
+    )
     d.records.append(Served(current.digest))
     started = d.elapsed(d.status.rollout_started_at)
     if started is not None:
