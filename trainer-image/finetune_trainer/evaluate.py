@@ -200,7 +200,7 @@ def conforms(text: str, schema: Mapping[str, Any]) -> bool:
     if value is _NO_JSON:
         return False
     validator_cls = jsonschema.validators.validator_for(schema)
-    return validator_cls(schema).is_valid(value)
+    return bool(validator_cls(schema).is_valid(value))
 
 
 def _normalise_for_refusal(text: str) -> str:

@@ -29,7 +29,10 @@ import itertools
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trl import SFTTrainer
 
 from finetune_operator.estimator import ModelShape
 from finetune_operator.packed_memory import (
@@ -167,7 +170,7 @@ def varlen_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     cu = kwargs.get("cu_seq_lens_q")
-    max_len = kwargs.get("max_length_q")
+    max_len: int | None = kwargs.get("max_length_q")
     if cu is None:
         position_ids = kwargs.get("position_ids")
         if position_ids is not None:
@@ -176,6 +179,7 @@ def varlen_attention_forward(
             cu = torch.arange(0, (batch + 1) * q_len, q_len, device=query.device, dtype=torch.int32)
             max_len = q_len
     cu = cu.to(device=query.device, dtype=torch.int32)
+    assert max_len is not None, "cu_seq_lens_q comes with max_length_q"
     max_len = int(max_len)
     q = query.transpose(1, 2).reshape(batch * q_len, heads, dim)
     k = key.transpose(1, 2).reshape(batch * k_len, key.shape[1], dim)
@@ -402,7 +406,7 @@ def apply(
 # --------------------------------------------------------------------------------------------
 
 
-def trainer_class() -> type:
+def trainer_class() -> type[SFTTrainer]:
     """TRL's SFTTrainer, changed so that a training micro-batch never waits for the GPU.
 
     TRL's loss step reads entropy, token accuracy and the token count back to the host after
@@ -420,13 +424,16 @@ def trainer_class() -> type:
     import torch
     from trl import SFTTrainer
 
-    class FastPathSFTTrainer(SFTTrainer):  # type: ignore[misc]
+    class FastPathSFTTrainer(SFTTrainer):
         _device_metrics: Any = None
+
+        def _model_training(self) -> bool:
+            return self.model is not None and self.model.training
 
         def _plain_loss(self) -> bool:
             config = getattr(self.accelerator, "parallelism_config", None)
             return (
-                self.model.training
+                self._model_training()
                 and self.compute_loss_func is None
                 and self.label_smoother is None
                 and getattr(self.args, "loss_type", "nll") == "nll"
@@ -442,7 +449,10 @@ def trainer_class() -> type:
             num_items_in_batch: Any = None,
         ) -> Any:
             if return_outputs or not self._plain_loss():
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                # TRL leaves this method unannotated.
+                return super().compute_loss(  # type: ignore[no-untyped-call]
+                    model, inputs, return_outputs, num_items_in_batch
+                )
             inputs["use_cache"] = False
             outputs = model(**inputs, fused_lm_head=True)
             label_mask = outputs.label_mask
@@ -483,14 +493,14 @@ def trainer_class() -> type:
         def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
             padded = "attention_mask" in inputs or "position_ids" not in inputs
             if padded or self.accelerator.num_processes > 1:
-                super()._track_num_input_tokens(inputs)
+                super()._track_num_input_tokens(inputs)  # type: ignore[no-untyped-call]
                 return
             if self.args.include_num_input_tokens_seen not in ("no", False):
                 self.state.num_input_tokens_seen += int(inputs["input_ids"].numel())
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             sums = self._device_metrics
-            if sums is not None and self.model.training:
+            if sums is not None and self._model_training():
                 self._device_metrics = None
                 total = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0).tolist()
                 valid, entropy, correct = total

@@ -48,7 +48,7 @@ def checked(obj: dict[str, Any]) -> dict[str, Any]:
     """``obj`` as the operator will accept it: non-finite numbers as absent, an overlong
     message shortened; raises ``TrainerOutputError`` for anything else the shared model
     refuses (a bug here, better found than shipped to the operator)."""
-    out = _finite(dict(obj))
+    out: dict[str, Any] = _finite(dict(obj))
     if isinstance(out.get("message"), str) and len(out["message"]) > MAX_MESSAGE_CHARS:
         out["message"] = out["message"][: MAX_MESSAGE_CHARS - 3] + "..."
     if out.get("type") in ("progress", "data", "result"):

@@ -87,8 +87,8 @@ def make_client() -> Any:
     Raises ``S3Problem`` when boto3 is missing or no credentials can be found.
     """
     try:
-        import boto3  # type: ignore[import-not-found]
-        from botocore.config import Config  # type: ignore[import-not-found]
+        import boto3
+        from botocore.config import Config
     except ImportError as exc:
         raise S3Problem(
             "boto3 is not installed in this image: use the project's trainer image "

@@ -76,7 +76,7 @@ def plan_upload(output_dir: Path, location: S3Location) -> list[PlannedObject]:
 
 def part_size(size: int) -> int:
     """The part size s3transfer uses for ``size`` bytes with our PART_BYTES (<= 10000 parts)."""
-    from s3transfer.utils import ChunksizeAdjuster  # type: ignore[import-not-found]
+    from s3transfer.utils import ChunksizeAdjuster
 
     return int(ChunksizeAdjuster().adjust_chunksize(PART_BYTES, size))
 
@@ -117,7 +117,7 @@ def send_objects(
     client: Any, location: S3Location, planned: list[PlannedObject], level: int = logging.INFO
 ) -> None:
     """Upload each planned file in order, with a SHA256 the service checks the body against."""
-    from boto3.s3.transfer import TransferConfig  # type: ignore[import-not-found]
+    from boto3.s3.transfer import TransferConfig
 
     transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES)
     for obj in planned:
