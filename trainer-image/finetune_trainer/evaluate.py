@@ -18,16 +18,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from finetune_operator.api.finetunejob import EvaluationSpec
 from finetune_operator.api.trainer_config import TrainerConfig
-from finetune_operator.gates import evaluate_gates, summarize
+from finetune_operator.gates import GateResultDict, evaluate_gates, summarize
 
 from .errors import EXIT_OK, TrainerError, evaluation_failed, model_not_found
 
 if TYPE_CHECKING:
     import argparse
+
+    import torch
+    from transformers import GenerationConfig
 
 # Phrases that mark a refusal (matched case-insensitively anywhere in the generation, after
 # normalising curly apostrophes and whitespace). Override with evaluation.refusalMarkers.
@@ -314,11 +317,12 @@ class Generated:
     request_tokens: list[int] = field(default_factory=list)
 
 
-def _model_device(model: Any) -> Any:
-    return next(model.parameters()).device
+def _model_device(model: Any) -> torch.device:
+    device: torch.device = next(model.parameters()).device
+    return device
 
 
-def _sync(device: Any) -> None:
+def _sync(device: torch.device) -> None:
     import torch
 
     if device.type == "cuda":
@@ -429,7 +433,7 @@ class _Generator:
     eos_ids: list[int]
     pad_id: int
 
-    def config(self, new_tokens: int) -> Any:
+    def config(self, new_tokens: int) -> GenerationConfig:
         from transformers import GenerationConfig
 
         return GenerationConfig(
@@ -441,7 +445,9 @@ class _Generator:
             use_cache=True,
         )
 
-    def run(self, chunk: Sequence[list[int]], gen_config: Any) -> tuple[float, list[list[int]]]:
+    def run(
+        self, chunk: Sequence[list[int]], gen_config: GenerationConfig
+    ) -> tuple[float, list[list[int]]]:
         """(wall seconds, new tokens of each prompt)."""
         import torch
 
@@ -637,6 +643,28 @@ def _write_generations(
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+class EvaluatedRows(TypedDict):
+    evaluated: int
+    json: int
+    jsonSchema: int
+    mustRefuse: int
+
+
+# What ``run_evaluation`` returns; keys in the wire spelling of the result line.
+class EvaluationResult(TypedDict):
+    metrics: dict[str, float] | None
+    baseMetrics: dict[str, float] | None
+    judged: str
+    adapterDigest: str | None
+    gates: list[GateResultDict]
+    gatesPassed: bool
+    gatesSummary: str
+    gatesMessage: str
+    rows: EvaluatedRows
+    files: dict[str, str]
+    notes: list[str]
+
+
 def run_evaluation(
     config: TrainerConfig,
     model: Any = None,
@@ -646,7 +674,7 @@ def run_evaluation(
     *,
     eval_file: str | Path | None = None,
     out: str | Path | None = None,
-) -> dict[str, Any]:
+) -> EvaluationResult:
     """Evaluate and write the metrics files; returns metrics, base metrics and gate verdict.
 
     - ``model``/``tokenizer`` given (right after training): the model is used as is; when it
@@ -753,7 +781,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def verdict_lines(result: Mapping[str, Any]) -> list[str]:
+def verdict_lines(result: EvaluationResult) -> list[str]:
     """A short human-readable verdict for the terminal."""
     lines = []
     for name, values in (("adapter", result.get("metrics")), ("base", result.get("baseMetrics"))):
@@ -805,10 +833,6 @@ def command(args: argparse.Namespace) -> int:
         }
     )
     return EXIT_OK
-
-
-# ``finetune-trainer evaluate`` (cli.py) hands its parsed arguments to this entry point.
-cli_main = command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
