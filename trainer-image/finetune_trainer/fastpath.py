@@ -28,10 +28,13 @@ import inspect
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
     from trl import SFTTrainer
 
 from finetune_operator.estimator import ModelShape
@@ -78,7 +81,9 @@ def training_flops(
 # --------------------------------------------------------------------------------------------
 
 
-def _torch_varlen() -> Any | None:
+# torch's varlen kernel is looked up, and its keyword arguments read from its signature,
+# because benchmark machines run other torch versions than the image's pin.
+def _torch_varlen() -> Callable[..., Tensor | tuple[Tensor, Tensor]] | None:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -92,7 +97,9 @@ def _varlen_params() -> frozenset[str]:
     return frozenset(inspect.signature(fn).parameters) if fn is not None else frozenset()
 
 
-def _varlen_call(q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float | None) -> Any:
+def _varlen_call(
+    q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float | None
+) -> Tensor:
     """Causal attention over packed rows with torch's varlen flash kernel (shapes: T, H, D)."""
     fn = _torch_varlen()
     assert fn is not None
@@ -115,7 +122,7 @@ def _varlen_call(q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float | N
     return out[0] if isinstance(out, tuple) else out
 
 
-def _per_row_sdpa(q: Any, k: Any, v: Any, cu: Any, scale: float | None) -> Any:
+def _per_row_sdpa(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float | None) -> Tensor:
     """Reference implementation: one causal SDPA call per packed row (CPU and tests)."""
     import torch
     import torch.nn.functional as F
@@ -131,7 +138,7 @@ def _per_row_sdpa(q: Any, k: Any, v: Any, cu: Any, scale: float | None) -> Any:
     return torch.cat([o.transpose(0, 1) for o in outs], dim=0)
 
 
-def cu_seqlens_from_position_ids(position_ids: Any) -> tuple[Any, int]:
+def cu_seqlens_from_position_ids(position_ids: Tensor) -> tuple[Tensor, int]:
     """Row boundaries of a packed batch: every position 0 starts a new row."""
     import torch
 
@@ -143,15 +150,15 @@ def cu_seqlens_from_position_ids(position_ids: Any) -> tuple[Any, int]:
 
 
 def varlen_attention_forward(
-    module: Any,
-    query: Any,
-    key: Any,
-    value: Any,
-    attention_mask: Any,
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs: Any,
-) -> tuple[Any, None]:
+) -> tuple[Tensor, None]:
     """transformers attention function: packed rows → varlen kernel, anything else → SDPA.
 
     ``query`` is (batch, heads, tokens, head_dim). Packed batches come from a padding-free
@@ -314,7 +321,7 @@ def sft_overrides(plan: MicroBatchPlan | None, max_seq_length: int) -> dict[str,
     return overrides
 
 
-def frozen_params_to(model: Any, dtype_name: str) -> int:
+def frozen_params_to(model: torch.nn.Module, dtype_name: str) -> int:
     """Cast frozen float32 weights (norms, embeddings, head) back to the compute dtype.
 
     ``peft.prepare_model_for_kbit_training`` upcasts them to float32. Their values came from a
@@ -425,7 +432,7 @@ def trainer_class() -> type[SFTTrainer]:
     from trl import SFTTrainer
 
     class FastPathSFTTrainer(SFTTrainer):
-        _device_metrics: Any = None
+        _device_metrics: Tensor | None = None
 
         def _model_training(self) -> bool:
             return self.model is not None and self.model.training
