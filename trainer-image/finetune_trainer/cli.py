@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_operator.api.trainer_config import TrainerConfig
+from finetune_operator.api.trainer_output import AdapterOutput
 
 from .errors import (
     EXIT_DATA,
@@ -31,6 +32,8 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from .data import PreparedData
     from .remote_checkpoints import CheckpointSync
     from .train import TrainOutcome
@@ -76,8 +79,7 @@ def _write_json(path: Path, obj: Any) -> None:
 # ------------------------------------------------------------------ data step
 
 
-# The tokenizer is a transformers tokenizer (untyped here: it comes from AutoTokenizer).
-def run_data_step(config: TrainerConfig) -> tuple[Any, PreparedData]:
+def run_data_step(config: TrainerConfig) -> tuple[PreTrainedTokenizerBase, PreparedData]:
     """Tokenizer + cleaned data; writes data_report.json/eval.jsonl and the data line."""
     from .data import load_tokenizer, prepare_data, write_data_outputs
     from .errors import data_not_found
@@ -157,7 +159,10 @@ def _fail(config: TrainerConfig | None, err: TrainerError, data: dict[str, Any] 
 
 
 def train_and_finish(
-    config: TrainerConfig, tokenizer: Any, prepared: PreparedData, evaluate: bool
+    config: TrainerConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    prepared: PreparedData,
+    evaluate: bool,
 ) -> dict[str, Any]:
     """Train, evaluate, write manifest/report/metrics; return the result object."""
     from .train import train_adapter
@@ -173,7 +178,7 @@ def train_and_finish(
 
 def _finish(
     config: TrainerConfig,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prepared: PreparedData,
     outcome: TrainOutcome,
     evaluate: bool,
@@ -231,14 +236,14 @@ def _finish(
     )
     write_manifest(outcome.adapter_dir, manifest)
     adapter_uri = config.spec.output.uri.rstrip("/") + "/adapter"
-    adapter = {
-        "uri": adapter_uri,
-        "digest": manifest["digest"],
-        "rank": config.spec.lora.r,
-        "sizeBytes": adapter_size_bytes(outcome.adapter_dir),
-        "baseModel": config.spec.base_model.uri,
-        "method": config.spec.method,
-    }
+    adapter = AdapterOutput(
+        uri=adapter_uri,
+        digest=manifest["digest"],
+        rank=config.spec.lora.r,
+        size_bytes=adapter_size_bytes(outcome.adapter_dir),
+        base_model=config.spec.base_model.uri,
+        method=config.spec.method,
+    )
     if config.spec.output.merge_and_unload:
         del outcome.model  # free the training copy before loading the full-precision base
         merge_adapter(
@@ -249,7 +254,7 @@ def _finish(
             resolve_device(config.device),
             config.spec.base_model.trust_remote_code,
         )
-        adapter["mergedUri"] = config.spec.output.uri.rstrip("/") + "/merged"
+        adapter.merged_uri = config.spec.output.uri.rstrip("/") + "/merged"
     summary = {
         "steps": outcome.global_step,
         "resumedFrom": outcome.resumed_from,
@@ -263,7 +268,7 @@ def _finish(
         prepared.report.to_wire(),
         summary,
         metrics,
-        adapter,
+        adapter.to_wire(),
         notes,
     )
     message = f"trained {outcome.global_step} steps; adapter digest {manifest['digest']}"
@@ -272,13 +277,15 @@ def _finish(
             config, outcome.adapter_dir, manifest["digest"], outcome.checkpoint_sync
         )
         message += f"; uploaded to {uploaded}"
+    # The wire object: TrainerResult's fields plus what only people read (the full data
+    # report, steps); the operator ignores those.
     result: dict[str, Any] = {
         "ok": True,
         "reason": "Succeeded",
         "message": message,
         "data": prepared.report.to_wire(),
         "metrics": metrics,
-        "adapter": adapter,
+        "adapter": adapter.to_wire(),
         "steps": outcome.global_step,
     }
     if base_metrics:

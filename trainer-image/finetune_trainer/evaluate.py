@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from finetune_operator.api.finetunejob import EvaluationSpec
 from finetune_operator.api.trainer_config import TrainerConfig
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import argparse
 
     import torch
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 # Phrases that mark a refusal (matched case-insensitively anywhere in the generation, after
 # normalising curly apostrophes and whitespace). Override with evaluation.refusalMarkers.
@@ -329,12 +329,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     # Chat-templated text already carries its special tokens.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def loss_example(tokenizer: Any, row: EvalRow, max_length: int) -> tuple[list[int], list[int]]:
+def loss_example(
+    tokenizer: PreTrainedTokenizerBase, row: EvalRow, max_length: int
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels) exactly as training built them: the data pipeline's templating
     and completion-only masking when the row carries its messages, else prompt text plus
     completion plus EOS. Truncated to ``max_length`` like the training sequences."""
@@ -371,7 +373,11 @@ def loss_batches(
 
 
 def completion_loss(
-    model: Any, tokenizer: Any, rows: Sequence[EvalRow], batch_size: int, max_length: int
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[EvalRow],
+    batch_size: int,
+    max_length: int,
 ) -> float | None:
     """Token-weighted mean cross-entropy over completion tokens (prompt tokens masked)."""
     import torch
@@ -408,7 +414,7 @@ def completion_loss(
     return total_loss / total_tokens if total_tokens else None
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -429,7 +435,7 @@ class _Generator:
     """Greedy ``generate`` calls on left-padded prompts, timed on the device."""
 
     model: Any
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     eos_ids: list[int]
     pad_id: int
 
@@ -473,7 +479,8 @@ class _Generator:
         for seq in seqs:
             count = _completion_length(seq, self.eos_ids)
             result.generated_tokens += count
-            text = self.tokenizer.decode(seq[:count], skip_special_tokens=True)
+            # One sequence decodes to one string.
+            text = cast(str, self.tokenizer.decode(seq[:count], skip_special_tokens=True))
             result.texts.append(text.strip())
             counts.append(count)
         return counts
@@ -481,7 +488,7 @@ class _Generator:
 
 def generate(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     rows: Sequence[EvalRow],
     *,
     batch_size: int,
@@ -535,7 +542,7 @@ def _inference(model: Any) -> Iterator[None]:
 
 def evaluate_model(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     rows: Sequence[EvalRow],
     evaluation: EvaluationSpec,
     max_seq_length: int,
@@ -565,7 +572,7 @@ def evaluate_model(
 # ------------------------------------------------------------------ loading
 
 
-def load_base(config: TrainerConfig) -> tuple[Any, Any]:
+def load_base(config: TrainerConfig) -> tuple[Any, PreTrainedTokenizerBase]:
     """The base model as training loaded it (4-bit for qlora, same dtypes) and the tokenizer
     with the chat template in force."""
     from transformers import AutoModelForCausalLM
@@ -668,7 +675,7 @@ class EvaluationResult(TypedDict):
 def run_evaluation(
     config: TrainerConfig,
     model: Any = None,
-    tokenizer: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     adapter_dir: str | Path | None = None,
     base_only: bool = False,
     *,

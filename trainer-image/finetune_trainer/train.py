@@ -22,6 +22,7 @@ from .progress import make_progress_callback
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedTokenizerBase
     from trl import SFTConfig
 
     from .remote_checkpoints import CheckpointSync
@@ -418,7 +419,9 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def train_adapter(config: TrainerConfig, prepared: PreparedData, tokenizer: Any) -> TrainOutcome:
+def train_adapter(
+    config: TrainerConfig, prepared: PreparedData, tokenizer: PreTrainedTokenizerBase
+) -> TrainOutcome:
     """Train (resuming when a complete checkpoint of this run exists) and save the adapter."""
     import torch
     from transformers.trainer_callback import PrinterCallback
@@ -544,7 +547,7 @@ def _secret_name(config: TrainerConfig) -> str | None:
     return ref.name if ref else None
 
 
-def save_adapter(model: Any, tokenizer: Any, adapter_dir: Path) -> Path:
+def save_adapter(model: Any, tokenizer: PreTrainedTokenizerBase, adapter_dir: Path) -> Path:
     """Write adapter weights, config and tokenizer to a temp folder, then swap it in."""
     tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
