@@ -72,7 +72,7 @@ def _finite_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
     }
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

@@ -98,7 +98,7 @@ class EvalRow:
         return (self.task or "").strip().lower() == "json"
 
 
-def parse_eval_row(obj: Any, where: str) -> EvalRow:
+def parse_eval_row(obj: object, where: str) -> EvalRow:
     """One eval.jsonl object; accepts the camelCase keys of the contract and the snake_case
     keys of raw data rows."""
     if not isinstance(obj, dict):
@@ -165,7 +165,7 @@ _FENCE = re.compile(r"```[A-Za-z0-9_-]*\s*\n?(.*?)```", re.DOTALL)
 _NO_JSON = object()
 
 
-def extract_json(text: str) -> Any:
+def extract_json(text: str) -> object:
     """The JSON value in a generation, or ``_NO_JSON``.
 
     Tried in order: the whole text (trimmed); the body of the first Markdown code fence;
@@ -572,6 +572,8 @@ def evaluate_model(
 # ------------------------------------------------------------------ loading
 
 
+# Models are Any in the trainer: a transformers model or the peft wrapper that forwards
+# attribute access to it, and neither type declares what the trainer calls on them.
 def load_base(config: TrainerConfig) -> tuple[Any, PreTrainedTokenizerBase]:
     """The base model as training loaded it (4-bit for qlora, same dtypes) and the tokenizer
     with the chat template in force."""

@@ -96,10 +96,10 @@ def _fmt(v: object) -> str:
 
 def report_markdown(
     job_name: str,
-    data: dict[str, Any],
-    train_summary: dict[str, Any],
-    metrics: dict[str, Any],
-    adapter: dict[str, Any],
+    data: Mapping[str, object],
+    train_summary: Mapping[str, object],
+    metrics: Mapping[str, float],
+    adapter: Mapping[str, object],
     notes: list[str],
 ) -> str:
     lines = [f"# Fine-tuning report: {job_name}", ""]
@@ -117,10 +117,10 @@ def write_report(
     output_dir: str | Path,
     job_name: str,
     log_history: list[dict[str, Any]],
-    data: dict[str, Any],
-    train_summary: dict[str, Any],
-    metrics: dict[str, Any],
-    adapter: dict[str, Any],
+    data: Mapping[str, object],
+    train_summary: Mapping[str, object],
+    metrics: Mapping[str, float],
+    adapter: Mapping[str, object],
     notes: list[str],
 ) -> None:
     out = Path(output_dir)
