@@ -17,9 +17,12 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_operator.api.finetunejob import FineTuneJobSpec
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +116,18 @@ def prepare_for_resume(checkpoint_dir: str | Path, fingerprint: str) -> Path | N
 
 def make_checkpoint_callback(
     fingerprint: str, on_complete: Callable[[Path, int], None] | None = None
-) -> Any:
+) -> TrainerCallback:
     """A ``TrainerCallback`` that marks each checkpoint complete after transformers saved it,
     then hands it to ``on_complete`` (the s3:// checkpoint upload)."""
     from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     class CheckpointMarker(TrainerCallback):
-        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if not state.is_world_process_zero:
+        def on_save(
+            self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+        ) -> None:
+            # TrainingArguments always fills output_dir; its type still allows None.
+            if not state.is_world_process_zero or args.output_dir is None:
                 return
             path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if path.is_dir():

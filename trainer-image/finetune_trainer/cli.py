@@ -9,20 +9,20 @@ failed, 6 upload failed in a way a retry may fix (network, throttling, server er
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from finetune_operator.api.trainer_config import TrainerConfig
+from finetune_operator.api.trainer_output import AdapterOutput
 
 from .errors import (
-    EXIT_CONFIG,
     EXIT_DATA,
     EXIT_EVALUATION,
     EXIT_OK,
@@ -30,6 +30,13 @@ from .errors import (
     TrainerError,
     evaluation_failed,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .data import PreparedData
+    from .remote_checkpoints import CheckpointSync
+    from .train import TrainOutcome
 
 log = logging.getLogger("finetune_trainer")
 
@@ -49,7 +56,7 @@ def _setup(verbose: bool = False) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
+    try:  # the operator image ships this package without the ML stack
         from datasets.utils.logging import disable_progress_bar
 
         disable_progress_bar()
@@ -57,39 +64,7 @@ def _setup(verbose: bool = False) -> None:
         pass
 
 
-def _call_supported(fn: Callable[..., Any], **kwargs: Any) -> Any:
-    """Call ``fn`` with the keyword arguments its signature accepts."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(**kwargs)
-    return fn(**{k: v for k, v in kwargs.items() if k in params})
-
-
-def _evaluation_module() -> Any | None:
-    try:
-        return importlib.import_module("finetune_trainer.evaluate")
-    except ModuleNotFoundError as exc:
-        if exc.name != "finetune_trainer.evaluate":
-            raise
-        return None
-
-
-def _split_eval_result(result: Any) -> tuple[dict[str, float], dict[str, float] | None]:
-    """(metrics, baseMetrics) from whatever shape the evaluator returns."""
-    if result is None:
-        return {}, None
-    if not isinstance(result, dict):
-        result = {
-            "metrics": getattr(result, "metrics", {}),
-            "baseMetrics": getattr(result, "base_metrics", None),
-        }
-    if "metrics" in result:
-        base = result.get("baseMetrics", result.get("base_metrics"))
-        return dict(result["metrics"] or {}), (dict(base) if base else None)
-    return {k: v for k, v in result.items() if isinstance(v, int | float)}, None
-
-
-def _finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+def _finite_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
     return {
         k: float(v)
         for k, v in metrics.items()
@@ -97,14 +72,14 @@ def _finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # ------------------------------------------------------------------ data step
 
 
-def run_data_step(config: Any) -> tuple[Any, Any]:
+def run_data_step(config: TrainerConfig) -> tuple[PreTrainedTokenizerBase, PreparedData]:
     """Tokenizer + cleaned data; writes data_report.json/eval.jsonl and the data line."""
     from .data import load_tokenizer, prepare_data, write_data_outputs
     from .errors import data_not_found
@@ -132,7 +107,7 @@ def run_data_step(config: Any) -> tuple[Any, Any]:
     return tokenizer, prepared
 
 
-def check_data(config: Any, prepared: Any) -> None:
+def check_data(config: TrainerConfig, prepared: PreparedData) -> None:
     from .data import check_usable
 
     check_usable(prepared.report, config.spec.dataset.cleaning)
@@ -171,7 +146,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _fail(config: Any, err: TrainerError, data: dict[str, Any] | None) -> None:
+def _fail(config: TrainerConfig | None, err: TrainerError, data: dict[str, Any] | None) -> None:
     from .distributed import note_failure
     from .progress import report_result
 
@@ -183,7 +158,12 @@ def _fail(config: Any, err: TrainerError, data: dict[str, Any] | None) -> None:
     report_result(result, config.termination_log if config is not None else None)
 
 
-def train_and_finish(config: Any, tokenizer: Any, prepared: Any, evaluate: bool) -> dict[str, Any]:
+def train_and_finish(
+    config: TrainerConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    prepared: PreparedData,
+    evaluate: bool,
+) -> dict[str, Any]:
     """Train, evaluate, write manifest/report/metrics; return the result object."""
     from .train import train_adapter
 
@@ -197,10 +177,16 @@ def train_and_finish(config: Any, tokenizer: Any, prepared: Any, evaluate: bool)
 
 
 def _finish(
-    config: Any, tokenizer: Any, prepared: Any, outcome: Any, evaluate: bool, started: float
+    config: TrainerConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    prepared: PreparedData,
+    outcome: TrainOutcome,
+    evaluate: bool,
+    started: float,
 ) -> dict[str, Any]:
     """Evaluate, write manifest/report/metrics, upload; return the result object."""
     from .distributed import is_main_process
+    from .evaluate import run_evaluation
     from .manifest import adapter_size_bytes, build_manifest, write_manifest
     from .report import write_report
     from .train import merge_adapter, resolve_device
@@ -215,32 +201,26 @@ def _finish(
     base_metrics: dict[str, float] | None = None
     notes = list(outcome.notes)
     if evaluate:
-        module = _evaluation_module()
-        if module is None or not hasattr(module, "run_evaluation"):
-            log.info("finetune_trainer.evaluate is not available: skipping evaluation")
-            notes.append("evaluation skipped: the evaluation module is not installed")
-        else:
-            try:
-                found = _call_supported(
-                    module.run_evaluation,
-                    config=config,
-                    model=outcome.model,
-                    tokenizer=tokenizer,
-                    adapter_dir=str(outcome.adapter_dir),
-                    eval_file=str(out / "eval.jsonl"),
-                )
-            except TrainerError:
-                raise
-            except Exception as exc:
-                log.exception("evaluation failed")
-                reason = getattr(exc, "reason", None)
-                if isinstance(reason, str) and reason:
-                    message = str(getattr(exc, "message", exc))
-                    code = int(getattr(exc, "exit_code", EXIT_EVALUATION))
-                    raise TrainerError(reason, message, code) from exc
-                raise evaluation_failed(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
-            eval_metrics, base_metrics = _split_eval_result(found)
-            metrics.update(eval_metrics)
+        try:
+            found = run_evaluation(
+                config=config,
+                model=outcome.model,
+                tokenizer=tokenizer,
+                adapter_dir=str(outcome.adapter_dir),
+                eval_file=str(out / "eval.jsonl"),
+            )
+        except TrainerError:
+            raise
+        except Exception as exc:
+            log.exception("evaluation failed")
+            reason = getattr(exc, "reason", None)
+            if isinstance(reason, str) and reason:
+                message = str(getattr(exc, "message", exc))
+                code = int(getattr(exc, "exit_code", EXIT_EVALUATION))
+                raise TrainerError(reason, message, code) from exc
+            raise evaluation_failed(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
+        metrics.update(found["metrics"] or {})
+        base_metrics = dict(found["baseMetrics"]) if found["baseMetrics"] else None
     metrics = _finite_metrics(metrics)
     _write_json(out / "metrics.json", metrics)
     if base_metrics:
@@ -256,14 +236,14 @@ def _finish(
     )
     write_manifest(outcome.adapter_dir, manifest)
     adapter_uri = config.spec.output.uri.rstrip("/") + "/adapter"
-    adapter = {
-        "uri": adapter_uri,
-        "digest": manifest["digest"],
-        "rank": config.spec.lora.r,
-        "sizeBytes": adapter_size_bytes(outcome.adapter_dir),
-        "baseModel": config.spec.base_model.uri,
-        "method": config.spec.method,
-    }
+    adapter = AdapterOutput(
+        uri=adapter_uri,
+        digest=manifest["digest"],
+        rank=config.spec.lora.r,
+        size_bytes=adapter_size_bytes(outcome.adapter_dir),
+        base_model=config.spec.base_model.uri,
+        method=config.spec.method,
+    )
     if config.spec.output.merge_and_unload:
         del outcome.model  # free the training copy before loading the full-precision base
         merge_adapter(
@@ -274,7 +254,7 @@ def _finish(
             resolve_device(config.device),
             config.spec.base_model.trust_remote_code,
         )
-        adapter["mergedUri"] = config.spec.output.uri.rstrip("/") + "/merged"
+        adapter.merged_uri = config.spec.output.uri.rstrip("/") + "/merged"
     summary = {
         "steps": outcome.global_step,
         "resumedFrom": outcome.resumed_from,
@@ -288,7 +268,7 @@ def _finish(
         prepared.report.to_wire(),
         summary,
         metrics,
-        adapter,
+        adapter.to_wire(),
         notes,
     )
     message = f"trained {outcome.global_step} steps; adapter digest {manifest['digest']}"
@@ -297,13 +277,15 @@ def _finish(
             config, outcome.adapter_dir, manifest["digest"], outcome.checkpoint_sync
         )
         message += f"; uploaded to {uploaded}"
+    # The wire object: TrainerResult's fields plus what only people read (the full data
+    # report, steps); the operator ignores those.
     result: dict[str, Any] = {
         "ok": True,
         "reason": "Succeeded",
         "message": message,
         "data": prepared.report.to_wire(),
         "metrics": metrics,
-        "adapter": adapter,
+        "adapter": adapter.to_wire(),
         "steps": outcome.global_step,
     }
     if base_metrics:
@@ -311,7 +293,12 @@ def _finish(
     return result
 
 
-def upload_run(config: Any, adapter_dir: Path, digest: str, checkpoint_sync: Any = None) -> str:
+def upload_run(
+    config: TrainerConfig,
+    adapter_dir: Path,
+    digest: str,
+    checkpoint_sync: CheckpointSync | None = None,
+) -> str:
     """Send the run to its s3:// output (the local adapter must still match its manifest).
 
     A checkpoint upload still running is waited for first; once the final upload verified,
@@ -332,7 +319,7 @@ def upload_run(config: Any, adapter_dir: Path, digest: str, checkpoint_sync: Any
     return str(sent["uri"])
 
 
-def _launch_workers(args: argparse.Namespace, config: Any) -> int | None:
+def _launch_workers(args: argparse.Namespace, config: TrainerConfig) -> int | None:
     """Run as torchrun launcher when several processes are wanted; None: train here."""
     from . import distributed
     from .errors import invalid_config
@@ -381,12 +368,9 @@ def cmd_data_report(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Delegates to the evaluation module (``finetune_trainer.evaluate``)."""
-    module = _evaluation_module()
-    if module is None or not hasattr(module, "command"):
-        raise evaluation_failed(
-            "the evaluation module (finetune_trainer.evaluate) is not installed in this image"
-        )
-    return int(module.command(args) or 0)
+    from .evaluate import command
+
+    return command(args)
 
 
 def check_fetched_digest(path: str | Path, expected: str) -> str | None:
@@ -405,15 +389,12 @@ def check_fetched_digest(path: str | Path, expected: str) -> str | None:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     """Fetch a model/adapter/data URI (the fetch module) and, with --digest, verify it."""
-    try:
-        module = importlib.import_module("finetune_trainer.fetch")
-    except ModuleNotFoundError:
-        log.error("the fetch module (finetune_trainer.fetch) is not installed in this image")
-        return EXIT_CONFIG
+    from . import fetch
+
     if not args.digest:
-        return int(module.main(["--uri", args.uri, "--dest", args.dest]))
+        return fetch.main(["--uri", args.uri, "--dest", args.dest])
     try:
-        path = module.fetch(args.uri, Path(args.dest))
+        path = fetch.fetch(args.uri, Path(args.dest))
     except Exception as exc:
         log.error("fetch: %s", exc)
         return int(getattr(exc, "code", EXIT_DATA))

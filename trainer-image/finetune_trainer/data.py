@@ -19,7 +19,10 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 from finetune_operator.api.finetunejob import Cleaning, DatasetSpec
 
@@ -35,7 +38,6 @@ FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "instruction": (("instruction", "output"), ("input",)),
     "messages": (("messages",), ()),
 }
-EXTRA_COLUMNS = ("task", "json_schema", "must_refuse")
 ROLES = {"system", "user", "assistant", "tool"}
 DEFAULT_EVAL_SPLIT = 0.1
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
@@ -153,7 +155,9 @@ def max_line_bytes(max_tokens: int) -> int:
     return max_tokens * MAX_BYTES_PER_TOKEN + LINE_ALLOWANCE_BYTES
 
 
-def read_records(path: str | Path, line_limit: int | None = None) -> tuple[list[Any], Counter[str]]:
+def read_records(
+    path: str | Path, line_limit: int | None = None
+) -> tuple[list[object], Counter[str]]:
     """Rows of a JSONL/JSON/Parquet file, a folder of them, or a ``save_to_disk`` folder.
 
     Returns the rows and the lines dropped while reading, by reason (``invalidJson``,
@@ -176,7 +180,7 @@ def read_records(path: str | Path, line_limit: int | None = None) -> tuple[list[
                 f"data folder {p} has no {', '.join(DATA_SUFFIXES)} files and is not a datasets "
                 "save_to_disk folder: point the dataset at a data file or a folder of them"
             )
-        rows: list[Any] = []
+        rows: list[object] = []
         dropped: Counter[str] = Counter()
         for f in files:
             r, d = _read_file(f, line_limit)
@@ -235,7 +239,7 @@ def _refuse_special_files(folder: Path) -> None:
             raise _not_regular(f, mode)
 
 
-def _read_file(p: Path, line_limit: int | None = None) -> tuple[list[Any], Counter[str]]:
+def _read_file(p: Path, line_limit: int | None = None) -> tuple[list[object], Counter[str]]:
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return _read_jsonl(p, line_limit)
@@ -296,7 +300,7 @@ def nesting_exceeds(raw: bytes, limit: int) -> bool:
     return False
 
 
-def value_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+def value_too_deep(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
     """Whether a parsed value nests lists/dicts deeper than ``limit`` (iterative: no recursion)."""
     stack = [(value, 1)]
     while stack:
@@ -309,7 +313,7 @@ def value_too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
-def _parse_line(raw: bytes, p: Path, line_no: int) -> Any:
+def _parse_line(raw: bytes, p: Path, line_no: int) -> object:
     """One JSONL line as a value; raises RowRejected (tooDeep) or ValueError (invalid JSON)."""
     if nesting_exceeds(raw, MAX_JSON_DEPTH):
         raise RowRejected("tooDeep")
@@ -319,8 +323,8 @@ def _parse_line(raw: bytes, p: Path, line_no: int) -> Any:
         raise RowRejected("tooDeep") from exc
 
 
-def _read_jsonl(p: Path, line_limit: int | None = None) -> tuple[list[Any], Counter[str]]:
-    rows: list[Any] = []
+def _read_jsonl(p: Path, line_limit: int | None = None) -> tuple[list[object], Counter[str]]:
+    rows: list[object] = []
     bad_lines: list[str] = []
     dropped: Counter[str] = Counter()
     with open_regular(p) as f:
@@ -371,7 +375,7 @@ def _log_dropped_lines(p: Path, dropped: Counter[str], line_limit: int | None) -
         )
 
 
-def _read_json(p: Path) -> tuple[list[Any], Counter[str]]:
+def _read_json(p: Path) -> tuple[list[object], Counter[str]]:
     with open_regular(p) as f:
         raw = f.read()
     try:
@@ -403,18 +407,18 @@ def _read_json(p: Path) -> tuple[list[Any], Counter[str]]:
     return rows, dropped
 
 
-def _read_parquet(p: Path) -> list[Any]:
+def _read_parquet(p: Path) -> list[object]:
     import pyarrow.parquet as pq
 
     with open_regular(p) as f:
         try:
-            rows: list[Any] = pq.read_table(f).to_pylist()
+            rows: list[object] = pq.read_table(f).to_pylist()
         except Exception as exc:
             raise data_unusable(f"{p}: cannot read Parquet: {exc}") from exc
     return rows
 
 
-def _read_saved_dataset(p: Path) -> list[Any]:
+def _read_saved_dataset(p: Path) -> list[object]:
     from datasets import Dataset, DatasetDict, load_from_disk
 
     try:
@@ -438,7 +442,7 @@ def _read_saved_dataset(p: Path) -> list[Any]:
 # ------------------------------------------------------------------ formats
 
 
-def _columns(records: list[Any], sample: int = 200) -> list[str]:
+def _columns(records: list[object], sample: int = 200) -> list[str]:
     seen: dict[str, None] = {}
     for r in records[:sample]:
         if isinstance(r, dict):
@@ -455,7 +459,7 @@ def _format_help() -> str:
     return "; ".join(parts)
 
 
-def detect_format(records: list[Any], requested: str) -> str:
+def detect_format(records: list[object], requested: str) -> str:
     """The row format: the requested one (checked) or, for ``auto``, the one whose columns fit."""
     columns = set(_columns(records))
     found = ", ".join(sorted(columns)) or "(none)"
@@ -481,14 +485,14 @@ def detect_format(records: list[Any], requested: str) -> str:
     )
 
 
-def fitting_formats(row: dict[str, Any]) -> list[str]:
+def fitting_formats(row: dict[str, object]) -> list[str]:
     """The formats whose required columns the row has."""
     return [
         name for name, (required, _opt) in FORMAT_COLUMNS.items() if all(c in row for c in required)
     ]
 
 
-def format_counts(records: list[Any]) -> Counter[str]:
+def format_counts(records: list[object]) -> Counter[str]:
     """How many rows have the required columns of each format."""
     fits: Counter[str] = Counter()
     for r in records:
@@ -506,13 +510,13 @@ class RowRejected(Exception):
         self.detail = detail
 
 
-def _text(value: Any) -> str:
+def _text(value: object) -> str:
     if not isinstance(value, str):
         raise RowRejected("invalidType")
     return value
 
 
-def _message_list(value: Any) -> list[dict[str, str]]:
+def _message_list(value: object) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise RowRejected("invalidType" if not isinstance(value, list) else "empty")
     out = []
@@ -523,13 +527,13 @@ def _message_list(value: Any) -> list[dict[str, str]]:
     return out
 
 
-def _conversation_or_text(value: Any, role: str) -> list[dict[str, str]]:
+def _conversation_or_text(value: object, role: str) -> list[dict[str, str]]:
     if isinstance(value, list):
         return _message_list(value)
     return [{"role": role, "content": _text(value)}]
 
 
-def row_to_example(row: Any, fmt: str) -> Example:
+def row_to_example(row: object, fmt: str) -> Example:
     """Normalise one row of a known format; raises ``RowRejected`` with the drop reason."""
     if not isinstance(row, dict):
         raise RowRejected("invalidRow")
@@ -560,7 +564,7 @@ def row_to_example(row: Any, fmt: str) -> Example:
     return Example(prompt, completion, *_extras(row))
 
 
-def _extras(row: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None, bool]:
+def _extras(row: dict[str, object]) -> tuple[str | None, dict[str, Any] | None, bool]:
     task = row.get("task")
     schema = row.get("json_schema", row.get("jsonSchema"))
     if isinstance(schema, str) and schema.strip():
@@ -613,7 +617,7 @@ class CleanResult:
 
 
 def clean_rows(
-    records: list[Any],
+    records: list[object],
     fmt: str,
     cleaning: Cleaning,
     read_dropped: Counter[str] | None = None,
@@ -661,7 +665,9 @@ def clean_rows(
 # ------------------------------------------------------------------ templating
 
 
-def load_tokenizer(model_dir: str | Path, chat_template: str | None = None) -> tuple[Any, str]:
+def load_tokenizer(
+    model_dir: str | Path, chat_template: str | None = None
+) -> tuple[PreTrainedTokenizerBase, str]:
     """The base model's tokenizer with the chat template in force, and where it came from."""
     from transformers import AutoTokenizer
 
@@ -687,13 +693,15 @@ def load_tokenizer(model_dir: str | Path, chat_template: str | None = None) -> t
     return tok, source
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
     """The templated prompt ending with the generation prompt (what the model sees at inference)."""
-    text: str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text
+    # With tokenize=False the template gives text.
+    return cast(
+        str, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    )
 
 
-def _token_ids(tokenizer: Any, text: str, limit: int | None) -> list[int]:
+def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str, limit: int | None) -> list[int]:
     if limit is None:
         ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
@@ -704,7 +712,7 @@ def _token_ids(tokenizer: Any, text: str, limit: int | None) -> list[int]:
 
 
 def tokenize_example(
-    tokenizer: Any, ex: Example, completion_only: bool, limit: int | None = None
+    tokenizer: PreTrainedTokenizerBase, ex: Example, completion_only: bool, limit: int | None = None
 ) -> TokenizedExample:
     """Template one example and build input_ids/labels (prompt tokens masked when asked).
 
@@ -712,8 +720,11 @@ def tokenize_example(
     longest sequence kept, so a truncated row is still recognised as too long.
     """
     prompt_text = render_prompt(tokenizer, ex.prompt_messages)
-    full: str = tokenizer.apply_chat_template(
-        [*ex.prompt_messages, {"role": "assistant", "content": ex.completion}], tokenize=False
+    full = cast(
+        str,
+        tokenizer.apply_chat_template(
+            [*ex.prompt_messages, {"role": "assistant", "content": ex.completion}], tokenize=False
+        ),
     )
     completion_text = full[len(prompt_text) :] if full.startswith(prompt_text) else ex.completion
     eos = tokenizer.eos_token or ""
@@ -796,7 +807,11 @@ def data_digest(train: list[TokenizedExample], eval_: list[TokenizedExample]) ->
 
 
 def _prepare_source(
-    path: str | Path, dataset: DatasetSpec, tokenizer: Any, max_tokens: int, fmt: str | None
+    path: str | Path,
+    dataset: DatasetSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    max_tokens: int,
+    fmt: str | None,
 ) -> tuple[list[TokenizedExample], CleanResult, str]:
     records, read_dropped = read_records(path, max_line_bytes(max_tokens))
     if not records:
@@ -826,7 +841,7 @@ def prepare_data(
     dataset: DatasetSpec,
     train_path: str | Path,
     eval_path: str | Path | None,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     max_seq_length: int,
     seed: int,
     template_source: str = "model",
@@ -859,7 +874,7 @@ def _prepare(
     dataset: DatasetSpec,
     train_path: str | Path,
     eval_path: str | Path | None,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     max_seq_length: int,
     seed: int,
     template_source: str,

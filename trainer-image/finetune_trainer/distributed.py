@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +255,7 @@ def wait_for_address(
     host: str,
     timeout: float,
     *,
-    resolve: Callable[[str], Any] = socket.gethostbyname,
+    resolve: Callable[[str], object] = socket.gethostbyname,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:

@@ -18,16 +18,19 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from finetune_operator.api.finetunejob import EvaluationSpec
 from finetune_operator.api.trainer_config import TrainerConfig
-from finetune_operator.gates import evaluate_gates, summarize
+from finetune_operator.gates import GateResultDict, evaluate_gates, summarize
 
 from .errors import EXIT_OK, TrainerError, evaluation_failed, model_not_found
 
 if TYPE_CHECKING:
     import argparse
+
+    import torch
+    from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 # Phrases that mark a refusal (matched case-insensitively anywhere in the generation, after
 # normalising curly apostrophes and whitespace). Override with evaluation.refusalMarkers.
@@ -95,7 +98,7 @@ class EvalRow:
         return (self.task or "").strip().lower() == "json"
 
 
-def parse_eval_row(obj: Any, where: str) -> EvalRow:
+def parse_eval_row(obj: object, where: str) -> EvalRow:
     """One eval.jsonl object; accepts the camelCase keys of the contract and the snake_case
     keys of raw data rows."""
     if not isinstance(obj, dict):
@@ -162,7 +165,7 @@ _FENCE = re.compile(r"```[A-Za-z0-9_-]*\s*\n?(.*?)```", re.DOTALL)
 _NO_JSON = object()
 
 
-def extract_json(text: str) -> Any:
+def extract_json(text: str) -> object:
     """The JSON value in a generation, or ``_NO_JSON``.
 
     Tried in order: the whole text (trimmed); the body of the first Markdown code fence;
@@ -200,7 +203,7 @@ def conforms(text: str, schema: Mapping[str, Any]) -> bool:
     if value is _NO_JSON:
         return False
     validator_cls = jsonschema.validators.validator_for(schema)
-    return validator_cls(schema).is_valid(value)
+    return bool(validator_cls(schema).is_valid(value))
 
 
 def _normalise_for_refusal(text: str) -> str:
@@ -314,23 +317,26 @@ class Generated:
     request_tokens: list[int] = field(default_factory=list)
 
 
-def _model_device(model: Any) -> Any:
-    return next(model.parameters()).device
+def _model_device(model: Any) -> torch.device:
+    device: torch.device = next(model.parameters()).device
+    return device
 
 
-def _sync(device: Any) -> None:
+def _sync(device: torch.device) -> None:
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     # Chat-templated text already carries its special tokens.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def loss_example(tokenizer: Any, row: EvalRow, max_length: int) -> tuple[list[int], list[int]]:
+def loss_example(
+    tokenizer: PreTrainedTokenizerBase, row: EvalRow, max_length: int
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels) exactly as training built them: the data pipeline's templating
     and completion-only masking when the row carries its messages, else prompt text plus
     completion plus EOS. Truncated to ``max_length`` like the training sequences."""
@@ -367,7 +373,11 @@ def loss_batches(
 
 
 def completion_loss(
-    model: Any, tokenizer: Any, rows: Sequence[EvalRow], batch_size: int, max_length: int
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[EvalRow],
+    batch_size: int,
+    max_length: int,
 ) -> float | None:
     """Token-weighted mean cross-entropy over completion tokens (prompt tokens masked)."""
     import torch
@@ -404,7 +414,7 @@ def completion_loss(
     return total_loss / total_tokens if total_tokens else None
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def _eos_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -425,11 +435,11 @@ class _Generator:
     """Greedy ``generate`` calls on left-padded prompts, timed on the device."""
 
     model: Any
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     eos_ids: list[int]
     pad_id: int
 
-    def config(self, new_tokens: int) -> Any:
+    def config(self, new_tokens: int) -> GenerationConfig:
         from transformers import GenerationConfig
 
         return GenerationConfig(
@@ -441,7 +451,9 @@ class _Generator:
             use_cache=True,
         )
 
-    def run(self, chunk: Sequence[list[int]], gen_config: Any) -> tuple[float, list[list[int]]]:
+    def run(
+        self, chunk: Sequence[list[int]], gen_config: GenerationConfig
+    ) -> tuple[float, list[list[int]]]:
         """(wall seconds, new tokens of each prompt)."""
         import torch
 
@@ -467,7 +479,8 @@ class _Generator:
         for seq in seqs:
             count = _completion_length(seq, self.eos_ids)
             result.generated_tokens += count
-            text = self.tokenizer.decode(seq[:count], skip_special_tokens=True)
+            # One sequence decodes to one string.
+            text = cast(str, self.tokenizer.decode(seq[:count], skip_special_tokens=True))
             result.texts.append(text.strip())
             counts.append(count)
         return counts
@@ -475,7 +488,7 @@ class _Generator:
 
 def generate(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     rows: Sequence[EvalRow],
     *,
     batch_size: int,
@@ -529,7 +542,7 @@ def _inference(model: Any) -> Iterator[None]:
 
 def evaluate_model(
     model: Any,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     rows: Sequence[EvalRow],
     evaluation: EvaluationSpec,
     max_seq_length: int,
@@ -559,7 +572,9 @@ def evaluate_model(
 # ------------------------------------------------------------------ loading
 
 
-def load_base(config: TrainerConfig) -> tuple[Any, Any]:
+# Models are Any in the trainer: a transformers model or the peft wrapper that forwards
+# attribute access to it, and neither type declares what the trainer calls on them.
+def load_base(config: TrainerConfig) -> tuple[Any, PreTrainedTokenizerBase]:
     """The base model as training loaded it (4-bit for qlora, same dtypes) and the tokenizer
     with the chat template in force."""
     from transformers import AutoModelForCausalLM
@@ -637,16 +652,38 @@ def _write_generations(
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+class EvaluatedRows(TypedDict):
+    evaluated: int
+    json: int
+    jsonSchema: int
+    mustRefuse: int
+
+
+# What ``run_evaluation`` returns; keys in the wire spelling of the result line.
+class EvaluationResult(TypedDict):
+    metrics: dict[str, float] | None
+    baseMetrics: dict[str, float] | None
+    judged: str
+    adapterDigest: str | None
+    gates: list[GateResultDict]
+    gatesPassed: bool
+    gatesSummary: str
+    gatesMessage: str
+    rows: EvaluatedRows
+    files: dict[str, str]
+    notes: list[str]
+
+
 def run_evaluation(
     config: TrainerConfig,
     model: Any = None,
-    tokenizer: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     adapter_dir: str | Path | None = None,
     base_only: bool = False,
     *,
     eval_file: str | Path | None = None,
     out: str | Path | None = None,
-) -> dict[str, Any]:
+) -> EvaluationResult:
     """Evaluate and write the metrics files; returns metrics, base metrics and gate verdict.
 
     - ``model``/``tokenizer`` given (right after training): the model is used as is; when it
@@ -753,7 +790,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def verdict_lines(result: Mapping[str, Any]) -> list[str]:
+def verdict_lines(result: EvaluationResult) -> list[str]:
     """A short human-readable verdict for the terminal."""
     lines = []
     for name, values in (("adapter", result.get("metrics")), ("base", result.get("baseMetrics"))):
@@ -805,10 +842,6 @@ def command(args: argparse.Namespace) -> int:
         }
     )
     return EXIT_OK
-
-
-# ``finetune-trainer evaluate`` (cli.py) hands its parsed arguments to this entry point.
-cli_main = command
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,8 +28,14 @@ import inspect
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+    from trl import SFTTrainer
 
 from finetune_operator.estimator import ModelShape
 from finetune_operator.packed_memory import (
@@ -75,7 +81,9 @@ def training_flops(
 # --------------------------------------------------------------------------------------------
 
 
-def _torch_varlen() -> Any | None:
+# torch's varlen kernel is looked up, and its keyword arguments read from its signature,
+# because benchmark machines run other torch versions than the image's pin.
+def _torch_varlen() -> Callable[..., Tensor | tuple[Tensor, Tensor]] | None:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -89,7 +97,9 @@ def _varlen_params() -> frozenset[str]:
     return frozenset(inspect.signature(fn).parameters) if fn is not None else frozenset()
 
 
-def _varlen_call(q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float | None) -> Any:
+def _varlen_call(
+    q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int, scale: float | None
+) -> Tensor:
     """Causal attention over packed rows with torch's varlen flash kernel (shapes: T, H, D)."""
     fn = _torch_varlen()
     assert fn is not None
@@ -112,7 +122,7 @@ def _varlen_call(q: Any, k: Any, v: Any, cu: Any, max_len: int, scale: float | N
     return out[0] if isinstance(out, tuple) else out
 
 
-def _per_row_sdpa(q: Any, k: Any, v: Any, cu: Any, scale: float | None) -> Any:
+def _per_row_sdpa(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, scale: float | None) -> Tensor:
     """Reference implementation: one causal SDPA call per packed row (CPU and tests)."""
     import torch
     import torch.nn.functional as F
@@ -128,7 +138,7 @@ def _per_row_sdpa(q: Any, k: Any, v: Any, cu: Any, scale: float | None) -> Any:
     return torch.cat([o.transpose(0, 1) for o in outs], dim=0)
 
 
-def cu_seqlens_from_position_ids(position_ids: Any) -> tuple[Any, int]:
+def cu_seqlens_from_position_ids(position_ids: Tensor) -> tuple[Tensor, int]:
     """Row boundaries of a packed batch: every position 0 starts a new row."""
     import torch
 
@@ -140,15 +150,15 @@ def cu_seqlens_from_position_ids(position_ids: Any) -> tuple[Any, int]:
 
 
 def varlen_attention_forward(
-    module: Any,
-    query: Any,
-    key: Any,
-    value: Any,
-    attention_mask: Any,
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs: Any,
-) -> tuple[Any, None]:
+) -> tuple[Tensor, None]:
     """transformers attention function: packed rows → varlen kernel, anything else → SDPA.
 
     ``query`` is (batch, heads, tokens, head_dim). Packed batches come from a padding-free
@@ -167,7 +177,7 @@ def varlen_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     cu = kwargs.get("cu_seq_lens_q")
-    max_len = kwargs.get("max_length_q")
+    max_len: int | None = kwargs.get("max_length_q")
     if cu is None:
         position_ids = kwargs.get("position_ids")
         if position_ids is not None:
@@ -176,6 +186,7 @@ def varlen_attention_forward(
             cu = torch.arange(0, (batch + 1) * q_len, q_len, device=query.device, dtype=torch.int32)
             max_len = q_len
     cu = cu.to(device=query.device, dtype=torch.int32)
+    assert max_len is not None, "cu_seq_lens_q comes with max_length_q"
     max_len = int(max_len)
     q = query.transpose(1, 2).reshape(batch * q_len, heads, dim)
     k = key.transpose(1, 2).reshape(batch * k_len, key.shape[1], dim)
@@ -310,7 +321,7 @@ def sft_overrides(plan: MicroBatchPlan | None, max_seq_length: int) -> dict[str,
     return overrides
 
 
-def frozen_params_to(model: Any, dtype_name: str) -> int:
+def frozen_params_to(model: torch.nn.Module, dtype_name: str) -> int:
     """Cast frozen float32 weights (norms, embeddings, head) back to the compute dtype.
 
     ``peft.prepare_model_for_kbit_training`` upcasts them to float32. Their values came from a
@@ -402,7 +413,7 @@ def apply(
 # --------------------------------------------------------------------------------------------
 
 
-def trainer_class() -> type:
+def trainer_class() -> type[SFTTrainer]:
     """TRL's SFTTrainer, changed so that a training micro-batch never waits for the GPU.
 
     TRL's loss step reads entropy, token accuracy and the token count back to the host after
@@ -420,13 +431,16 @@ def trainer_class() -> type:
     import torch
     from trl import SFTTrainer
 
-    class FastPathSFTTrainer(SFTTrainer):  # type: ignore[misc]
-        _device_metrics: Any = None
+    class FastPathSFTTrainer(SFTTrainer):
+        _device_metrics: Tensor | None = None
+
+        def _model_training(self) -> bool:
+            return self.model is not None and self.model.training
 
         def _plain_loss(self) -> bool:
             config = getattr(self.accelerator, "parallelism_config", None)
             return (
-                self.model.training
+                self._model_training()
                 and self.compute_loss_func is None
                 and self.label_smoother is None
                 and getattr(self.args, "loss_type", "nll") == "nll"
@@ -442,7 +456,10 @@ def trainer_class() -> type:
             num_items_in_batch: Any = None,
         ) -> Any:
             if return_outputs or not self._plain_loss():
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                # TRL leaves this method unannotated.
+                return super().compute_loss(  # type: ignore[no-untyped-call]
+                    model, inputs, return_outputs, num_items_in_batch
+                )
             inputs["use_cache"] = False
             outputs = model(**inputs, fused_lm_head=True)
             label_mask = outputs.label_mask
@@ -483,14 +500,14 @@ def trainer_class() -> type:
         def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
             padded = "attention_mask" in inputs or "position_ids" not in inputs
             if padded or self.accelerator.num_processes > 1:
-                super()._track_num_input_tokens(inputs)
+                super()._track_num_input_tokens(inputs)  # type: ignore[no-untyped-call]
                 return
             if self.args.include_num_input_tokens_seen not in ("no", False):
                 self.state.num_input_tokens_seen += int(inputs["input_ids"].numel())
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             sums = self._device_metrics
-            if sums is not None and self.model.training:
+            if sums is not None and self._model_training():
                 self._device_metrics = None
                 total = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0).tolist()
                 valid, entropy, correct = total

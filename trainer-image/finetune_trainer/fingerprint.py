@@ -20,7 +20,10 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .s3 import S3Client
 
 TERMINATION_LOG = "/dev/termination-log"
 # A listing larger than this is refused: a prefix that names a whole bucket is a mistake.
@@ -56,7 +59,7 @@ def local_entries(path: Path) -> Iterator[Entry]:
     yield from sorted(found)
 
 
-def s3_entries(uri: str, client: Any) -> Iterator[Entry]:
+def s3_entries(uri: str, client: S3Client) -> Iterator[Entry]:
     """Each object under an ``s3://bucket/prefix`` (a listing: nothing is downloaded)."""
     bucket, _, prefix = uri[len("s3://") :].partition("/")
     paginator = client.get_paginator("list_objects_v2")
@@ -74,7 +77,7 @@ def s3_entries(uri: str, client: Any) -> Iterator[Entry]:
     yield from sorted(found)
 
 
-def _default_s3_client() -> Any:
+def _default_s3_client() -> S3Client:
     from .s3 import S3Problem, make_client
 
     try:
@@ -84,7 +87,7 @@ def _default_s3_client() -> Any:
 
 
 def fingerprint(
-    uri: str, pvc_root: str = "/mnt/pvc", s3_client: Callable[[], Any] = _default_s3_client
+    uri: str, pvc_root: str = "/mnt/pvc", s3_client: Callable[[], S3Client] = _default_s3_client
 ) -> dict[str, Any]:
     """The fingerprint of one data source (see the module docstring)."""
     if uri.startswith("hf://"):

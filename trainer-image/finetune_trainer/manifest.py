@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from finetune_operator.adapter_digest import (
     MANIFEST_NAME,
@@ -17,6 +17,7 @@ from finetune_operator.adapter_digest import (
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 
 __all__ = [
+    "AdapterManifest",
     "DigestMismatchError",
     "adapter_size_bytes",
     "build_manifest",
@@ -26,6 +27,27 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+
+
+class ManifestBaseModel(TypedDict):
+    uri: str
+    revision: str | None
+
+
+class AdapterManifest(TypedDict):
+    """``manifest.json``, keys as written."""
+
+    schemaVersion: int
+    baseModel: ManifestBaseModel
+    method: str
+    rank: int
+    alpha: int
+    targetModules: list[str]
+    datasetDigest: str
+    trainingArguments: dict[str, Any]
+    metrics: dict[str, float]
+    files: dict[str, str]
+    digest: str
 
 
 def split_uri_revision(uri: str) -> tuple[str, str | None]:
@@ -42,7 +64,7 @@ def build_manifest(
     dataset_digest: str,
     training_arguments: dict[str, Any],
     metrics: dict[str, float],
-) -> dict[str, Any]:
+) -> AdapterManifest:
     """The manifest for the files currently in ``adapter_dir`` (pure apart from hashing)."""
     files = hash_directory(adapter_dir)
     uri, revision = split_uri_revision(spec.base_model.uri)
@@ -61,7 +83,7 @@ def build_manifest(
     }
 
 
-def write_manifest(adapter_dir: str | Path, manifest: dict[str, Any]) -> Path:
+def write_manifest(adapter_dir: str | Path, manifest: AdapterManifest) -> Path:
     path = Path(adapter_dir) / MANIFEST_NAME
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -13,9 +13,10 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from finetune_operator.api.trainer_output import (
     MAX_MESSAGE_CHARS,
@@ -23,6 +24,9 @@ from finetune_operator.api.trainer_output import (
     TERMINATION_LIMIT,
     validate_object,
 )
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ def checked(obj: dict[str, Any]) -> dict[str, Any]:
     """``obj`` as the operator will accept it: non-finite numbers as absent, an overlong
     message shortened; raises ``TrainerOutputError`` for anything else the shared model
     refuses (a bug here, better found than shipped to the operator)."""
-    out = _finite(dict(obj))
+    out: dict[str, Any] = _finite(dict(obj))
     if isinstance(out.get("message"), str) and len(out["message"]) > MAX_MESSAGE_CHARS:
         out["message"] = out["message"][: MAX_MESSAGE_CHARS - 3] + "..."
     if out.get("type") in ("progress", "data", "result"):
@@ -122,7 +126,9 @@ def gpu_memory_gib() -> float | None:
 class ProgressReporter:
     """Builds throttled progress objects from trainer state (kept apart from transformers)."""
 
-    def __init__(self, interval_seconds: float, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self, interval_seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.interval = interval_seconds
         self.clock = clock
         self.start_time: float | None = None
@@ -138,7 +144,7 @@ class ProgressReporter:
         self.start_step = step
         self.start_tokens = tokens
 
-    def observe_logs(self, logs: dict[str, Any]) -> None:
+    def observe_logs(self, logs: dict[str, float]) -> None:
         if "loss" in logs:
             self.last_loss = float(logs["loss"])
         if "eval_loss" in logs:
@@ -174,7 +180,9 @@ class ProgressReporter:
         }
 
 
-def make_progress_callback(interval_seconds: float, stream: TextIO | None = None) -> Any:
+def make_progress_callback(
+    interval_seconds: float, stream: TextIO | None = None
+) -> TrainerCallback:
     """A transformers ``TrainerCallback`` that prints throttled progress lines."""
     from transformers import TrainerCallback
 
@@ -184,7 +192,7 @@ def make_progress_callback(interval_seconds: float, stream: TextIO | None = None
         def __init__(self) -> None:
             self.reporter = reporter
 
-        def _emit(self, state: Any) -> None:
+        def _emit(self, state: TrainerState) -> None:
             if not state.is_world_process_zero:  # one reporter per job, not per GPU
                 return
             emit(
@@ -198,19 +206,32 @@ def make_progress_callback(interval_seconds: float, stream: TextIO | None = None
                 stream,
             )
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        def on_train_begin(
+            self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+        ) -> None:
             reporter.begin(state.global_step, int(getattr(state, "num_input_tokens_seen", 0) or 0))
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        def on_log(
+            self,
+            args: TrainingArguments,
+            state: TrainerState,
+            control: TrainerControl,
+            logs: dict[str, float] | None = None,
+            **kw: Any,
+        ) -> None:
             reporter.observe_logs(logs or {})
             if "eval_loss" in (logs or {}) and reporter.due():
                 self._emit(state)
 
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        def on_step_end(
+            self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+        ) -> None:
             if reporter.due():
                 self._emit(state)
 
-        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        def on_train_end(
+            self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+        ) -> None:
             self._emit(state)
 
     return ProgressCallback()

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import MARKER, STATE_FILE, checkpoint_step
-from .s3 import S3Location, describe, error_code, make_client, parse_s3_uri
+from .s3 import S3Client, S3Location, describe, error_code, make_client, parse_s3_uri
 from .upload import PlannedObject, check_landed, delete_keys, list_keys, send_objects
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def stage(checkpoint: Path, staging_root: Path) -> Path:
 # ------------------------------------------------------------------ remote reads
 
 
-def _read_marker(client: Any, location: S3Location, step: int) -> dict[str, Any] | None:
+def _read_marker(client: S3Client, location: S3Location, step: int) -> dict[str, Any] | None:
     key = checkpoint_prefix(location, step) + MARKER
     body = client.get_object(Bucket=location.bucket, Key=key, ChecksumMode="ENABLED")["Body"]
     try:
@@ -151,7 +151,7 @@ def _read_marker(client: Any, location: S3Location, step: int) -> dict[str, Any]
 
 
 def _fingerprints(
-    client: Any, location: S3Location, folders: dict[int, dict[str, int]]
+    client: S3Client, location: S3Location, folders: dict[int, dict[str, int]]
 ) -> dict[int, str | None]:
     """The fingerprint in each complete remote checkpoint's marker (None: unreadable)."""
     found: dict[int, str | None] = {}
@@ -162,13 +162,13 @@ def _fingerprints(
     return found
 
 
-def _remote_folders(client: Any, location: S3Location) -> dict[int, dict[str, int]]:
+def _remote_folders(client: S3Client, location: S3Location) -> dict[int, dict[str, int]]:
     root = checkpoints_prefix(location)
     return group_by_checkpoint(list_keys(client, location.bucket, root), root)
 
 
 def remove_checkpoints(
-    client: Any, location: S3Location, folders: dict[int, dict[str, int]], steps: list[int]
+    client: S3Client, location: S3Location, folders: dict[int, dict[str, int]], steps: list[int]
 ) -> None:
     """Delete whole remote checkpoints, each one's marker first (never a marked half)."""
     for step in steps:
@@ -186,7 +186,7 @@ def remove_checkpoints(
 
 
 def upload_checkpoint(
-    client: Any, location: S3Location, staged: Path, fingerprint: str, step: int
+    client: S3Client, location: S3Location, staged: Path, fingerprint: str, step: int
 ) -> int:
     """Send one checkpoint folder, verify it, then its marker; returns the bytes sent."""
     prefix = checkpoint_prefix(location, step)
@@ -215,7 +215,7 @@ def upload_checkpoint(
     return sum(obj.size for obj in planned) + len(body)
 
 
-def prune_remote(client: Any, location: S3Location, fingerprint: str, newest: int) -> None:
+def prune_remote(client: S3Client, location: S3Location, fingerprint: str, newest: int) -> None:
     """Keep this run's newest KEEP_REMOTE remote checkpoints; drop interrupted uploads below
     ``newest``. Other runs' checkpoints stay."""
     folders = _remote_folders(client, location)
@@ -237,7 +237,7 @@ class CheckpointSync:
         self.secret = secret
         self.uploaded: list[int] = []
         self.failed: list[int] = []
-        self._client: Any = None
+        self._client: S3Client | None = None
         self._pending: tuple[int, Path] | None = None
         self._busy = False
         self._closed = False
@@ -357,7 +357,7 @@ class CheckpointSync:
 
 
 def _download_verified(
-    client: Any, location: S3Location, step: int, marker: dict[str, Any], target: Path
+    client: S3Client, location: S3Location, step: int, marker: dict[str, Any], target: Path
 ) -> None:
     """Download the files the marker lists into ``target`` and check each size and sha256."""
     files = marker.get("files")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,10 @@ def loss_points(
     return train, evals
 
 
-def _polyline(points: list[tuple[int, float]], sx: Any, sy: Any, color: str) -> str:
+Scale = Callable[[float], float]
+
+
+def _polyline(points: list[tuple[int, float]], sx: Scale, sy: Scale, color: str) -> str:
     coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
     dots = "".join(
         f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{color}"/>' for x, y in points
@@ -76,13 +80,13 @@ def loss_curve_svg(
     return head + bg + label + axes + ticks + legend + lines + "</svg>\n"
 
 
-def _table(rows: dict[str, Any]) -> list[str]:
+def _table(rows: Mapping[str, object]) -> list[str]:
     out = ["| name | value |", "|---|---|"]
     out += [f"| {k} | {_fmt(v)} |" for k, v in rows.items()]
     return out
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
     if isinstance(v, dict):
@@ -92,10 +96,10 @@ def _fmt(v: Any) -> str:
 
 def report_markdown(
     job_name: str,
-    data: dict[str, Any],
-    train_summary: dict[str, Any],
-    metrics: dict[str, Any],
-    adapter: dict[str, Any],
+    data: Mapping[str, object],
+    train_summary: Mapping[str, object],
+    metrics: Mapping[str, float],
+    adapter: Mapping[str, object],
     notes: list[str],
 ) -> str:
     lines = [f"# Fine-tuning report: {job_name}", ""]
@@ -113,10 +117,10 @@ def write_report(
     output_dir: str | Path,
     job_name: str,
     log_history: list[dict[str, Any]],
-    data: dict[str, Any],
-    train_summary: dict[str, Any],
-    metrics: dict[str, Any],
-    adapter: dict[str, Any],
+    data: Mapping[str, object],
+    train_summary: Mapping[str, object],
+    metrics: Mapping[str, float],
+    adapter: Mapping[str, object],
     notes: list[str],
 ) -> None:
     out = Path(output_dir)

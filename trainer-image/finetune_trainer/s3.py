@@ -12,7 +12,11 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
+
+# A boto3 S3 client. boto3 has no types (and is installed apart, decision 1301), so the
+# client is untyped wherever the trainer passes it around.
+S3Client: TypeAlias = Any
 
 # The secret-bearing variables a Secret may inject; their values never reach a message.
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -81,14 +85,14 @@ def scrub(text: str, env: dict[str, str] | None = None) -> str:
     return text
 
 
-def make_client() -> Any:
+def make_client() -> S3Client:
     """An S3 client on ``AWS_ENDPOINT_URL`` (if set) with bounded retries and timeouts.
 
     Raises ``S3Problem`` when boto3 is missing or no credentials can be found.
     """
     try:
-        import boto3  # type: ignore[import-not-found]
-        from botocore.config import Config  # type: ignore[import-not-found]
+        import boto3
+        from botocore.config import Config
     except ImportError as exc:
         raise S3Problem(
             "boto3 is not installed in this image: use the project's trainer image "

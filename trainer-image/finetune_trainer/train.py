@@ -10,15 +10,22 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.api.trainer_config import TrainerConfig
 
 from .checkpoints import make_checkpoint_callback, prepare_for_resume, run_fingerprint
-from .data import PreparedData
+from .data import PreparedData, TokenizedExample
 from .errors import invalid_config, model_not_found, out_of_memory, training_failed
 from .progress import make_progress_callback
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+    from trl import SFTConfig
+
+    from .remote_checkpoints import CheckpointSync
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +36,7 @@ IN_TRAINING_EVAL_ROWS = 256
 
 @dataclass
 class TrainOutcome:
-    model: Any
+    model: Any  # the peft model (transformers/peft models are not typed precisely enough)
     adapter_dir: Path
     global_step: int
     log_history: list[dict[str, Any]]
@@ -38,7 +45,7 @@ class TrainOutcome:
     resumed_from: str | None
     notes: list[str] = field(default_factory=list)
     # Uploads checkpoints of an s3:// output (rank 0); the final upload waits for it.
-    checkpoint_sync: Any = None
+    checkpoint_sync: CheckpointSync | None = None
 
 
 # ------------------------------------------------------------------ choices (pure-ish)
@@ -103,15 +110,13 @@ def _estimator_choice(spec: FineTuneJobSpec, model_dir: str | Path) -> tuple[int
 def estimator_choice(
     spec: FineTuneJobSpec, model_config: dict[str, Any], gpu_memory_gib: float
 ) -> tuple[int, bool] | None:
-    """Batch and checkpointing from the shared VRAM estimator, or None when it is unavailable."""
-    try:
-        from finetune_operator.estimator import (  # type: ignore[attr-defined,unused-ignore]
-            ModelShape,
-            TrainingSetup,
-            choose_batch_and_checkpointing,
-        )
-    except ImportError:
-        return None
+    """Batch and checkpointing from the shared VRAM estimator, or None when it cannot choose."""
+    from finetune_operator.estimator import (
+        ModelShape,
+        TrainingSetup,
+        choose_batch_and_checkpointing,
+    )
+
     batch = spec.training.batch_size
     try:
         chosen_batch, chosen_gc, _estimate = choose_batch_and_checkpointing(
@@ -162,7 +167,7 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def torch_dtype(name: str) -> Any:
+def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
@@ -255,7 +260,7 @@ def load_model_for_training(
         ) from exc
 
 
-def to_dataset(rows: list[Any]) -> Any:
+def to_dataset(rows: list[TokenizedExample]) -> Any:  # a datasets.Dataset (untyped)
     from datasets import Dataset
 
     return Dataset.from_dict(
@@ -271,7 +276,7 @@ def build_sft_config(
     optimizer: str,
     checkpoint_dir: Path,
     has_eval: bool,
-) -> Any:
+) -> SFTConfig:
     from trl import SFTConfig
 
     from .distributed import ddp_timeout_seconds, plan_batch, world
@@ -364,7 +369,7 @@ def training_arguments_summary(
 
 
 def apply_fast_path(
-    config: TrainerConfig, model: Any, args: Any, device: str, optimizer: str
+    config: TrainerConfig, model: Any, args: SFTConfig, device: str, optimizer: str
 ) -> str | None:
     """With packing on a GPU: varlen attention, fused kernels, a planned token budget.
 
@@ -414,7 +419,9 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def train_adapter(config: TrainerConfig, prepared: PreparedData, tokenizer: Any) -> TrainOutcome:
+def train_adapter(
+    config: TrainerConfig, prepared: PreparedData, tokenizer: PreTrainedTokenizerBase
+) -> TrainOutcome:
     """Train (resuming when a complete checkpoint of this run exists) and save the adapter."""
     import torch
     from transformers.trainer_callback import PrinterCallback
@@ -540,7 +547,7 @@ def _secret_name(config: TrainerConfig) -> str | None:
     return ref.name if ref else None
 
 
-def save_adapter(model: Any, tokenizer: Any, adapter_dir: Path) -> Path:
+def save_adapter(model: Any, tokenizer: PreTrainedTokenizerBase, adapter_dir: Path) -> Path:
     """Write adapter weights, config and tokenizer to a temp folder, then swap it in."""
     tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -27,7 +27,15 @@ from typing import Any
 from finetune_operator.adapter_digest import MANIFEST_NAME
 
 from .errors import EXIT_CONFIG, EXIT_TRAINING, EXIT_UPLOAD, TrainerError
-from .s3 import S3Location, S3Problem, describe, error_code, make_client, parse_s3_uri
+from .s3 import (
+    S3Client,
+    S3Location,
+    S3Problem,
+    describe,
+    error_code,
+    make_client,
+    parse_s3_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +84,7 @@ def plan_upload(output_dir: Path, location: S3Location) -> list[PlannedObject]:
 
 def part_size(size: int) -> int:
     """The part size s3transfer uses for ``size`` bytes with our PART_BYTES (<= 10000 parts)."""
-    from s3transfer.utils import ChunksizeAdjuster  # type: ignore[import-not-found]
+    from s3transfer.utils import ChunksizeAdjuster
 
     return int(ChunksizeAdjuster().adjust_chunksize(PART_BYTES, size))
 
@@ -101,7 +109,7 @@ def stored_checksum_matches(stored: str, path: Path, size: int) -> bool:
     return stored.split("-")[0] in expected_checksums(path, size)
 
 
-def list_keys(client: Any, bucket: str, prefix: str) -> dict[str, int]:
+def list_keys(client: S3Client, bucket: str, prefix: str) -> dict[str, int]:
     keys: dict[str, int] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
@@ -114,10 +122,10 @@ def _owned_prefixes(location: S3Location) -> list[str]:
 
 
 def send_objects(
-    client: Any, location: S3Location, planned: list[PlannedObject], level: int = logging.INFO
+    client: S3Client, location: S3Location, planned: list[PlannedObject], level: int = logging.INFO
 ) -> None:
     """Upload each planned file in order, with a SHA256 the service checks the body against."""
-    from boto3.s3.transfer import TransferConfig  # type: ignore[import-not-found]
+    from boto3.s3.transfer import TransferConfig
 
     transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES)
     for obj in planned:
@@ -138,7 +146,7 @@ def send_objects(
         )
 
 
-def delete_keys(client: Any, location: S3Location, stale: list[str]) -> None:
+def delete_keys(client: S3Client, location: S3Location, stale: list[str]) -> None:
     """Delete ``stale`` keys in batches; raises ``S3Problem`` when the service refuses any."""
     for start in range(0, len(stale), 1000):
         batch = stale[start : start + 1000]
@@ -159,7 +167,7 @@ def delete_keys(client: Any, location: S3Location, stale: list[str]) -> None:
 
 
 def check_landed(
-    client: Any,
+    client: S3Client,
     location: S3Location,
     planned: list[PlannedObject],
     owned_prefixes: list[str] | None = None,
