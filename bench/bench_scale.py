@@ -177,12 +177,17 @@ def operator_process(
     folder: Path,
     log_path: Path | None = None,
     polls_per_second: float = 20.0,
+    operator_source: Path | None = None,
 ) -> Iterator[int]:
-    """``finetune-operator run -A`` as its own process; yields its pid once it watches."""
+    """``finetune-operator run -A`` as its own process; yields its pid once it watches.
+
+    ``operator_source``: the folder holding the ``finetune_operator`` package to run (another
+    version's, to compare); this tree's by default.
+    """
     env = dict(
         os.environ,
         KUBECONFIG=str(_kubeconfig(url, folder)),
-        PYTHONPATH=f"{REPO / 'operator'}:{REPO / 'trainer-image'}",
+        PYTHONPATH=f"{operator_source or REPO / 'operator'}:{REPO / 'trainer-image'}",
         FINETUNE_METRICS_PORT="0",
         FINETUNE_PROGRESS_POLL_SECONDS=str(poll_seconds),
         FINETUNE_PROGRESS_POLLS_PER_SECOND=str(polls_per_second),

@@ -85,10 +85,11 @@ every client call site) and fails when this list misses one or grants anything e
   resources: ["services"]
   verbs: ["list", "create", "delete"]
 # Trainer pods (state, progress and results from the trainer's log) and serving pods
-# (which replicas serve which adapter).
+# (which replicas serve which adapter). Trainer pods are watched, selected by the operator's
+# managed-by label, so that pending and finished jobs cost no request (decision 1650).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]

@@ -205,7 +205,9 @@ class Emulator(kmock.KubernetesScaffold):
         self._store_lock = threading.RLock()
         self._types: dict[tuple[str, str, str], ResourceType] = {}
         self._objects: dict[ObjectKey, Body] = {}
-        self._events: dict[tuple[str, str, str], list[tuple[int, Body]]] = {}
+        # Per resource: (resourceVersion, event, the object before that change) — the
+        # previous version lets a resumed selector watch see objects enter and leave.
+        self._events: dict[tuple[str, str, str], list[tuple[int, Body, Body | None]]] = {}
         self._compacted_rv: dict[tuple[str, str, str], int] = {}
         self._watchers: list[_Watcher] = []
         self._last_rv = 1000
@@ -287,7 +289,7 @@ class Emulator(kmock.KubernetesScaffold):
     ) -> None:
         rv = int(body["metadata"]["resourceVersion"])
         log = self._events.setdefault(rtype.key, [])
-        log.append((rv, {"type": event_type, "object": body}))
+        log.append((rv, {"type": event_type, "object": body}, previous))
         if len(log) > self.event_log_limit:
             dropped = len(log) - self.event_log_limit
             self._compacted_rv[rtype.key] = log[dropped - 1][0]
@@ -1057,13 +1059,18 @@ class Emulator(kmock.KubernetesScaffold):
                 since = int(since_text)
                 if since < self._compacted_rv.get(rtype.key, 0):
                     gone = True
-                for rv, event in self._events.get(rtype.key, []):
+                for rv, event, previous in self._events.get(rtype.key, []):
                     obj = event["object"]
                     in_namespace = (
                         namespace is None or obj["metadata"].get("namespace") == namespace
                     )
-                    if rv > since and in_namespace and matches(obj):
-                        initial.append(event)
+                    if rv <= since or not in_namespace:
+                        continue
+                    # As a live watch would have seen it: entering the selection is ADDED,
+                    # leaving it DELETED (a label change on a resumed watch included).
+                    seen = _selected_event_type(event["type"], matches(obj), previous, matches)
+                    if seen is not None:
+                        initial.append({"type": seen, "object": obj})
             else:
                 for (key, ns, _name), obj in self._objects.items():
                     if key == rtype.key and (namespace is None or ns == namespace) and matches(obj):

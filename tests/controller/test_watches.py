@@ -1,0 +1,193 @@
+"""Trainer Jobs and pods are tracked through watches, not polls (decision 1650): the real
+operator against the embedded API, counting the requests the API server receives."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from typing import Any
+
+from cluster import (
+    FAST,
+    NS,
+    add_prerequisites,
+    condition,
+    ftj_body,
+    start_operator,
+    start_pod,
+    status,
+    wait_condition,
+    wait_job,
+    wait_phase,
+)
+from finetune_operator import metrics
+from finetune_operator.local import Emulator
+from ftj_samples import progress_line, result, spec
+from k8s_fixtures import wait_for
+
+JOB = "bot-train-g1"
+# Polls of running jobs are due every 0.2 s here (FAST): ten intervals and more.
+IDLE_SECONDS = 3.0
+
+
+def requests_but_watches(emulator: Emulator) -> dict[tuple[str, str], int]:
+    """Requests the operator sent, by (verb, resource), leaving out its watch streams."""
+    return {key: n for key, n in emulator.request_counts.items() if key[0] != "watch" and n}
+
+
+def reconciles_after(trigger: str) -> float:
+    sample = metrics.REGISTRY.get_sample_value(
+        "finetune_job_reconcile_duration_seconds_count", {"namespace": NS, "trigger": trigger}
+    )
+    return sample or 0.0
+
+
+def unschedulable(emulator: Emulator, pod_name: str) -> None:
+    """The scheduler finds no node for the pod."""
+    emulator.patch_status(
+        "pods",
+        NS,
+        pod_name,
+        {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+                }
+            ],
+        },
+    )
+
+
+def test_a_pending_job_costs_no_request_while_nothing_changes(
+    emulator: Emulator, operator_runner: Any
+) -> None:
+    add_prerequisites(emulator)
+    start_operator(emulator, operator_runner)
+    emulator.create(ftj_body("bot", spec()), keep_status=False)
+    pod_name = start_pod(emulator, wait_job(emulator, JOB), running=False)
+    unschedulable(emulator, pod_name)
+    # The scheduler's verdict reaches status through the pod's watch event (no poll).
+    wait_condition(emulator, "bot", "Training", "False", reason="Unschedulable")
+    time.sleep(0.5)  # the status write's own watch event has come back
+    emulator.reset_counters()
+    time.sleep(IDLE_SECONDS)
+    assert requests_but_watches(emulator) == {}
+    assert status(emulator, "bot")["phase"] == "Pending"
+
+
+def test_a_running_job_costs_only_its_log_read_and_its_progress_arrives(
+    emulator: Emulator, operator_runner: Any
+) -> None:
+    add_prerequisites(emulator)
+    start_operator(emulator, operator_runner)
+    emulator.create(ftj_body("bot", spec()), keep_status=False)
+    pod_name = start_pod(emulator, wait_job(emulator, JOB))
+    wait_phase(emulator, "bot", "Training")
+    emulator.set_pod_log(NS, pod_name, progress_line(10, 100) + "\n")
+    wait_for(
+        lambda: (status(emulator, "bot").get("progress") or {}).get("step") == 10,
+        timeout=10,
+        what="progress of step 10",
+    )
+    time.sleep(0.5)
+    emulator.reset_counters()
+    time.sleep(IDLE_SECONDS)
+    counts = requests_but_watches(emulator)
+    assert set(counts) == {("get", "pods/log")}, counts  # no GET of the job, Job or pods
+    assert counts[("get", "pods/log")] >= 3  # polled all along (every 0.2 s here)
+    # New progress still arrives, written once.
+    emulator.reset_counters()
+    emulator.append_pod_log(NS, pod_name, progress_line(20, 100) + "\n")
+    wait_for(
+        lambda: (status(emulator, "bot").get("progress") or {}).get("step") == 20,
+        timeout=10,
+        what="progress of step 20",
+    )
+    time.sleep(0.5)
+    assert emulator.count("patch", "finetunejobs/status") == 1
+    assert emulator.count("get", "finetunejobs") == 0
+
+
+def test_a_finished_trainer_job_is_seen_through_its_watch_without_polls(
+    emulator: Emulator, operator_runner: Any
+) -> None:
+    """Polls an hour apart: the verdict can only come from the Job's and pod's events."""
+    add_prerequisites(emulator)
+    start_operator(emulator, operator_runner, replace(FAST, progress_poll_seconds=3600.0))
+    emulator.create(ftj_body("bot", spec()), keep_status=False)
+    pod_name = start_pod(emulator, wait_job(emulator, JOB))
+    wait_phase(emulator, "bot", "Training")  # from the pod's event: no poll has run
+    time.sleep(0.5)
+    emulator.reset_counters()
+    emulator.terminate_container(
+        NS, pod_name, exit_code=0, message=json.dumps(result()), container="trainer"
+    )
+    emulator.set_job_finished(NS, JOB, succeeded=True)
+    wait_phase(emulator, "bot", "Succeeded", timeout=10)
+    # The FineTuneJob and its Job came from the watches; the pods are listed once, when the
+    # Job shows it finished (their last change may travel behind the Job's).
+    assert emulator.count("get", "finetunejobs") == 0
+    assert emulator.count("get", "jobs") == 0
+    assert emulator.count("list", "pods") == 1
+    # Between the trainer's exit and the Job's completion nothing is written: the pod's
+    # event waits for the Job's (no "Restarting" moment).
+    assert emulator.count("patch", "finetunejobs/status") == 1
+
+
+def test_a_finished_job_costs_no_request(emulator: Emulator, operator_runner: Any) -> None:
+    add_prerequisites(emulator)
+    start_operator(emulator, operator_runner)
+    emulator.create(ftj_body("bot", spec()), keep_status=False)
+    pod_name = start_pod(emulator, wait_job(emulator, JOB))
+    wait_phase(emulator, "bot", "Training")
+    emulator.terminate_container(
+        NS, pod_name, exit_code=0, message=json.dumps(result()), container="trainer"
+    )
+    emulator.set_job_finished(NS, JOB, succeeded=True)
+    wait_phase(emulator, "bot", "Succeeded")
+    time.sleep(0.5)
+    emulator.reset_counters()
+    # The Job controller and the kubelet still touch a finished Job and pod now and then:
+    # each change is a watch event, and the reconcile it starts finds the job settled.
+    reconciles = reconciles_after("job-event")
+    emulator.merge_patch("pods", NS, pod_name, {"metadata": {"labels": {"touched": "1"}}})
+    emulator.merge_patch("jobs", NS, JOB, {"metadata": {"annotations": {"touched": "1"}}})
+    wait_for(lambda: reconciles_after("job-event") > reconciles, timeout=5, what="a Job event")
+    time.sleep(IDLE_SECONDS)
+    assert requests_but_watches(emulator) == {}  # (the test's patches bypass HTTP)
+    assert condition(emulator, "bot", "Succeeded")["status"] == "True"  # type: ignore[index]
+
+
+def test_a_recreated_job_never_takes_the_old_runs_children_from_the_watch(
+    emulator: Emulator, operator_runner: Any
+) -> None:
+    """Delete a job and re-create it at once: the watch still holds the old trainer Job of
+    the same name; the new job's status never reflects it (it is owned by the old uid)."""
+    add_prerequisites(emulator)
+    start_operator(emulator, operator_runner)
+    emulator.create(ftj_body("bot", spec()), keep_status=False)
+    old_job = wait_job(emulator, JOB)
+    pod_name = start_pod(emulator, old_job)
+    wait_phase(emulator, "bot", "Training")
+    emulator.set_job_finished(NS, JOB, succeeded=True)  # the old run completes as it goes
+    emulator.request_delete("finetunejobs", NS, "bot")
+    wait_for(lambda: emulator.read("finetunejobs", NS, "bot") is None, what="old job gone")
+    emulator.create(ftj_body("bot", spec()), keep_status=False)
+    new_job = wait_for(
+        lambda: (
+            (job := emulator.read("jobs", NS, JOB))
+            and job["metadata"]["uid"] != old_job["metadata"]["uid"]
+            and job
+        ),
+        what="a fresh trainer Job",
+    )
+    assert pod_name  # the old pod is gone with its Job
+    start_pod(emulator, new_job, suffix="b", running=False)
+    wait_phase(emulator, "bot", "Pending")
+    time.sleep(1.0)
+    assert status(emulator, "bot")["phase"] == "Pending"  # not Succeeded from the old Job
