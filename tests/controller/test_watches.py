@@ -191,3 +191,44 @@ def test_a_recreated_job_never_takes_the_old_runs_children_from_the_watch(
     wait_phase(emulator, "bot", "Pending")
     time.sleep(1.0)
     assert status(emulator, "bot")["phase"] == "Pending"  # not Succeeded from the old Job
+
+
+def test_a_trainer_pod_lost_in_a_watch_gap_is_asked_for(
+    emulator: Emulator, operator_runner: Any
+) -> None:
+    """The watch never says the pod went (its deletion fell into a gap): the poll finds no
+    log for it, asks the server, and the job's status stops claiming a running trainer."""
+    add_prerequisites(emulator)
+    start_operator(emulator, operator_runner)
+    emulator.create(ftj_body("bot", spec()), keep_status=False)
+    pod_name = start_pod(emulator, wait_job(emulator, JOB))
+    wait_condition(emulator, "bot", "Training", "True", reason="Running")
+    time.sleep(0.5)
+    emulator.reset_counters()
+    assert emulator.remove_unseen("pods", NS, pod_name)
+    wait_for(lambda: emulator.count("list", "pods") >= 1, timeout=5, what="a listing of pods")
+    wait_for(
+        lambda: (condition(emulator, "bot", "Training") or {}).get("reason") != "Running",
+        timeout=5,
+        what="the Training condition to drop the lost trainer",
+    )
+
+
+def test_the_api_server_sends_only_the_operators_own_jobs_and_pods(
+    emulator: Emulator, operator_runner: Any
+) -> None:
+    """The selector goes to the server (not filtered after the fact): a cluster's other pods
+    never travel to the operator, on the initial listing or on the watch."""
+    add_prerequisites(emulator)
+    start_operator(emulator, operator_runner)
+    emulator.create(ftj_body("bot", spec()), keep_status=False)
+    wait_job(emulator, JOB)
+    selectors: dict[str, set[str]] = {"jobs": set(), "pods": set()}
+    for request in list(emulator):
+        resource = request.url.path.rsplit("/", 1)[-1]
+        if resource in selectors and request.method.value == "GET":
+            selectors[resource].add(str(request.params.get("labelSelector")))
+    assert selectors == {
+        "jobs": {"app.kubernetes.io/managed-by=finetune-operator"},
+        "pods": {"app.kubernetes.io/managed-by=finetune-operator"},
+    }

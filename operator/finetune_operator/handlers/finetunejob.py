@@ -209,8 +209,9 @@ async def _children(
     job_name: str,
     gen: int,
     watched: WatchedObjects | None,
-) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """The trainer Job and its pods: from the watches when the Job is there, else asked for.
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]], bool]:
+    """The trainer Job and its pods, and whether they came from the watches: they do when the
+    watch has the Job, else they are asked for.
 
     A Job that the watch shows finished is the moment the run's verdict is decided, and its
     pods' last changes (the trainer's exit, its result) travel on another watch stream that
@@ -218,7 +219,7 @@ async def _children(
     """
     job = watched.job(namespace, name, uid, job_name) if watched is not None else None
     if job is not None and watched is not None and not _job_finished(job):
-        return job, watched.job_pods(namespace, name, job)
+        return job, watched.job_pods(namespace, name, job), True
     if job is None:
         job = await kube.get("Job", namespace, job_name)
     pods = await kube.list(
@@ -226,7 +227,23 @@ async def _children(
         namespace,
         {names.LABEL_JOB: names.label_value(name), names.LABEL_GENERATION: str(gen)},
     )
-    return job, pods
+    return job, pods, False
+
+
+async def _newest_log(
+    kube: KubeClient, config: OperatorConfig, namespace: str, pods: list[dict[str, Any]]
+) -> tuple[bool, str | None]:
+    """Whether a rank-0 trainer has started, and the newest such pod's log tail (None when
+    the server has no log for it: not started after all, or the pod is gone)."""
+    # Progress comes from global rank 0 (pod 0 of a multi-node Job).
+    started = [p for p in distributed.rank0_pods(pods) if _trainer_started(p)]
+    if not started:
+        return False, None
+    newest = max(started, key=pod_age_key)
+    log_tail = await kube.read_log(
+        namespace, newest["metadata"]["name"], TRAINER_CONTAINER, config.log_tail_lines
+    )
+    return True, log_tail
 
 
 def _job_finished(job: Mapping[str, Any]) -> bool:
@@ -265,19 +282,20 @@ async def observe(
     if job_name and gen is not None and not settled:
         watched = state.watched if (state is not None and from_watch) else None
         uid = str(meta.get("uid") or "")
-        job, pods = await _children(kube, namespace, name, uid, str(job_name), gen, watched)
+        job, pods, watched_ones = await _children(
+            kube, namespace, name, uid, str(job_name), gen, watched
+        )
+        started, log_tail = await _newest_log(kube, config, namespace, pods)
+        if started and log_tail is None and watched_ones:
+            # The watch shows a trainer the server has no log of: the pod went while the
+            # watch was cut off (a watch resumed after a gap does not replay deletions).
+            job, pods, _ = await _children(kube, namespace, name, uid, str(job_name), gen, None)
+            _, log_tail = await _newest_log(kube, config, namespace, pods)
         job_annotations = ((job or {}).get("metadata") or {}).get("annotations") or {}
         if names.ANNOTATION_SPEC_HASH not in job_annotations:
             # The run's spec hash is on the Job; the ConfigMap is read only without it.
             configmap = await kube.get(
                 "ConfigMap", namespace, names.trainer_configmap_name(name, gen)
-            )
-        # Progress comes from global rank 0 (pod 0 of a multi-node Job).
-        started = [p for p in distributed.rank0_pods(pods) if _trainer_started(p)]
-        if started:
-            newest = max(started, key=pod_age_key)
-            log_tail = await kube.read_log(
-                namespace, newest["metadata"]["name"], TRAINER_CONTAINER, config.log_tail_lines
             )
 
     missing: tuple[str, ...] | None = None

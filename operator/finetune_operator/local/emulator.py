@@ -778,6 +778,15 @@ class Emulator(kmock.KubernetesScaffold):
                 watcher.loop.call_soon_threadsafe(watcher.queue.put_nowait, None)
         return len(cut)
 
+    def remove_unseen(self, kind: str, namespace: str | None, name: str) -> bool:
+        """Remove an object without any watch event, as a deletion would look to a client
+        whose watch was cut off and resumed after the server's history of it was compacted
+        (a relist then simply no longer shows it). False when there was no such object."""
+        rtype = self.resource_type(kind)
+        with self._store_lock:
+            key = (rtype.key, namespace if rtype.namespaced else None, name)
+            return self._objects.pop(key, None) is not None
+
     @property
     def open_watches(self) -> int:
         with self._store_lock:
