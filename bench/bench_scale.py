@@ -267,8 +267,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _operator(args: argparse.Namespace, url: str, folder: Path) -> Iterator[int]:
     if not args.single_process:
         log_path = Path(args.operator_log) if args.operator_log else None
+        source = Path(args.operator_source) if args.operator_source else None
         with operator_process(
-            url, args.poll_seconds, folder, log_path, args.polls_per_second
+            url, args.poll_seconds, folder, log_path, args.polls_per_second, source
         ) as pid:
             yield pid
         return
@@ -434,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         help="sys.setswitchinterval for this process (0: keep Python's 5 ms default)",
     )
     parser.add_argument("--operator-log", default=None, help="keep the operator's log here")
+    parser.add_argument(
+        "--operator-source",
+        default=None,
+        help="folder holding the finetune_operator package to run (another version's)",
+    )
     parser.add_argument("--table", action="store_true", help="also print a readable summary")
     args = parser.parse_args(argv)
     if args.switch_interval > 0:

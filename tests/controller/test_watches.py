@@ -8,6 +8,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from cluster import (
     FAST,
     NS,
@@ -22,9 +23,11 @@ from cluster import (
     wait_phase,
 )
 from finetune_operator import metrics
+from finetune_operator.handlers.trainer_watch import job_snapshot, pod_snapshot
 from finetune_operator.local import Emulator
-from ftj_samples import progress_line, result, spec
+from ftj_samples import pod, progress_line, result, spec
 from k8s_fixtures import wait_for
+from test_planner import started, track, with_conditions
 
 JOB = "bot-train-g1"
 # Polls of running jobs are due every 0.2 s here (FAST): ten intervals and more.
@@ -232,3 +235,50 @@ def test_the_api_server_sends_only_the_operators_own_jobs_and_pods(
         "jobs": {"app.kubernetes.io/managed-by=finetune-operator"},
         "pods": {"app.kubernetes.io/managed-by=finetune-operator"},
     }
+
+
+# ---------------------------------------------------------------- what the indexes keep
+
+
+def _as_server_has_it(job: dict[str, Any], pod_body: dict[str, Any]) -> dict[str, Any]:
+    """A pod as the Job controller makes it: the template's spec, placed on a node."""
+    spec_ = {**job["spec"]["template"]["spec"], "nodeName": "gpu-node-1"}
+    return {**pod_body, "spec": spec_, "metadata": {**pod_body["metadata"], "managedFields": []}}
+
+
+@pytest.mark.parametrize(
+    "job_conditions, pod_phase, trainer_state, pod_conditions",
+    [
+        ((), "Running", {"running": {}}, None),
+        ((), "Pending", None, [{"type": "PodScheduled", "status": "False",
+                                "reason": "Unschedulable", "message": "0/3 nodes"}]),
+        ((), "Pending", {"waiting": {"reason": "ImagePullBackOff", "message": "back-off"}}, None),
+        (("Failed",), "Failed", {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}, None),
+        (("Complete",), "Succeeded",
+         {"terminated": {"exitCode": 0, "message": json.dumps(result())}}, None),
+    ],
+)  # fmt: skip
+def test_a_plan_from_the_indexes_equals_one_from_the_server(
+    job_conditions: tuple[str, ...],
+    pod_phase: str,
+    trainer_state: dict[str, Any] | None,
+    pod_conditions: list[dict[str, Any]] | None,
+) -> None:
+    """The indexes keep Jobs without their pod template and pods without their spec: the
+    planner must decide exactly as it does on the full objects the server returns."""
+    first, job, cm = started()
+    job = with_conditions(job, *job_conditions) if job_conditions else job
+    sample = pod("p", phase=pod_phase, trainer_state=trainer_state, conditions=pod_conditions)
+    full_pod = _as_server_has_it(job, sample)
+    from_server = track(first, job, cm, pods=(full_pod,), log_tail=progress_line(3, 10))
+    from_index = track(
+        first,
+        job_snapshot(job),
+        cm,
+        pods=(pod_snapshot(full_pod),),
+        log_tail=progress_line(3, 10),
+    )
+    assert from_index == from_server
+    assert "template" not in job_snapshot(job)["spec"]
+    assert pod_snapshot(full_pod)["spec"] == {"nodeName": "gpu-node-1"}
+    assert "managedFields" not in pod_snapshot(full_pod)["metadata"]

@@ -3,8 +3,9 @@
 Every trigger — create, update, resume after an operator restart, the poller of a running job and
 events of the trainer Jobs and pods — runs the same level-based :func:`reconcile`, serialised per
 object. Triggers that come from the watches (Job and Pod events, polls) read the FineTuneJob and
-its children from the watches' indexes where those are provably fresh (decision 1650). Names of children are deterministic, so a repeated create meets the existing object
-(409) and is taken as success: never two trainer Jobs for one generation.
+its children from the watches' indexes where those are provably fresh (decision 1650). Names of
+children are deterministic, so a repeated create meets the existing object (409) and is taken as
+success: never two trainer Jobs for one generation.
 """
 
 from __future__ import annotations

@@ -56,6 +56,22 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def job_snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A trainer Job without its pod template: the planner reads the Job's own settings and
+    status, never the template it was built from (the pods show what runs)."""
+    raw = snapshot(body)
+    raw["spec"] = {k: v for k, v in dict(raw.get("spec") or {}).items() if k != "template"}
+    return raw
+
+
+def pod_snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A trainer pod's metadata and status: the planner reads no pod spec but the node."""
+    raw = snapshot(body)
+    node = dict(raw.get("spec") or {}).get("nodeName")
+    raw["spec"] = {"nodeName": node} if node else {}
+    return raw
+
+
 def owner_key(namespace: str | None, labels: Mapping[str, Any]) -> Key | None:
     job = labels.get(names.LABEL_JOB)
     return (str(namespace), str(job)) if job else None
@@ -75,7 +91,7 @@ def ftj_trainer_jobs(
 ) -> dict[Key, dict[str, Any]] | None:
     """(namespace, FineTuneJob label) -> its trainer Jobs as last seen."""
     key = owner_key(namespace, labels)
-    return {key: snapshot(body)} if key else None
+    return {key: job_snapshot(body)} if key else None
 
 
 @kopf.index("", "v1", "pods", labels=CHILD_LABELS)
@@ -84,7 +100,7 @@ def ftj_trainer_pods(
 ) -> dict[Key, dict[str, Any]] | None:
     """(namespace, FineTuneJob label) -> its trainer pods as last seen."""
     key = owner_key(namespace, labels)
-    return {key: snapshot(body)} if key else None
+    return {key: pod_snapshot(body)} if key else None
 
 
 def controller_uid(obj: Mapping[str, Any]) -> str | None:
