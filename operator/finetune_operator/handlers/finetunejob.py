@@ -841,11 +841,15 @@ async def trainer_pod_event(body: kopf.Body, memo: Any, type: str | None, **_: A
     """
     if type in (None, "ADDED") or (type != "DELETED" and trainer_ended(body)):
         return
-    name = run_state(memo).watched.owner_of_pod(body)
+    state = run_state(memo)
+    name = state.watched.owner_of_pod(body)
     if name is None:  # its Job is not known yet: the Job's own events reconcile
         return
     namespace = str((body.get("metadata") or {}).get("namespace"))
-    await _reconcile_after_event(memo, namespace, name, "pod-event")
+    # They take turns with the polls they replace, so that a burst of pod changes does not
+    # queue the first reconcile of new jobs behind it (decision 1200).
+    async with state.poll_slots:
+        await _reconcile_after_event(memo, namespace, name, "pod-event")
 
 
 async def _reconcile_after_event(memo: Any, namespace: str, name: str, trigger: str) -> None:
