@@ -144,7 +144,7 @@ def test_a_finished_trainer_job_is_seen_through_its_watch_without_polls(
 
 def test_a_finished_job_costs_no_request(emulator: Emulator, operator_runner: Any) -> None:
     add_prerequisites(emulator)
-    start_operator(emulator, operator_runner)
+    run = start_operator(emulator, operator_runner)
     emulator.create(ftj_body("bot", spec()), keep_status=False)
     pod_name = start_pod(emulator, wait_job(emulator, JOB))
     wait_phase(emulator, "bot", "Training")
@@ -163,6 +163,17 @@ def test_a_finished_job_costs_no_request(emulator: Emulator, operator_runner: An
     wait_for(lambda: reconciles_after("job-event") > reconciles, timeout=5, what="a Job event")
     time.sleep(IDLE_SECONDS)
     assert requests_but_watches(emulator) == {}  # (the test's patches bypass HTTP)
+    # Finished jobs pile up: the operator keeps only a short form of each in memory.
+    kept = run.memo.ftj_state.watched.seen_ftj(NS, "bot")
+    assert (
+        kept is not None
+        and "spec" not in kept
+        and set(kept["status"])
+        <= {
+            "phase",
+            "observedGeneration",
+        }
+    )
     assert condition(emulator, "bot", "Succeeded")["status"] == "True"  # type: ignore[index]
 
 

@@ -47,6 +47,7 @@ from .gpu_usage import GpuLedger
 from .trainer_watch import (
     CHILD_LABELS,
     CHILD_SELECTOR,
+    SETTLED,
     WatchedObjects,
     ftj_owner_name,
     trainer_ended,
@@ -512,6 +513,8 @@ async def reconcile(
             for attempt in range(max(1, config.status_write_retries)):
                 body = await _read_ftj(kube, namespace, name, state, from_watch and attempt == 0)
                 if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+                    return None
+                if body.get(SETTLED):  # finished for its current spec: nothing can change
                     return None
                 obs = await observe(kube, config, body, state, from_watch)
                 acted = await _plan_and_act(kube, config, namespace, obs, state)

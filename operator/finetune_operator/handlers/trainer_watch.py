@@ -30,6 +30,7 @@ from ..api.common import GROUP, VERSION
 from ..api.finetunejob import PLURAL
 from ..builders import distributed, names
 from ..builders.trainer import TRAINER_CONTAINER
+from ..planners.finetunejob import is_settled
 
 FTJ_INDEX = "ftj_watched"
 JOB_INDEX = "ftj_trainer_jobs"
@@ -77,12 +78,31 @@ def owner_key(namespace: str | None, labels: Mapping[str, Any]) -> Key | None:
     return (str(namespace), str(job)) if job else None
 
 
+# Marks the short form kept of a settled FineTuneJob (finished for its current spec).
+SETTLED = "finetune.dev/settled"
+
+
+def settled_stub(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What is kept of a settled FineTuneJob: enough to know it is settled and which version
+    that is, not its spec and results (finished jobs pile up; their memory should not)."""
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    if not is_settled(status, int(meta.get("generation") or 1)):
+        return None
+    kept = ("name", "namespace", "uid", "resourceVersion", "generation", "deletionTimestamp")
+    return {
+        SETTLED: True,
+        "metadata": {k: meta[k] for k in kept if k in meta},
+        "status": {k: status[k] for k in ("phase", "observedGeneration") if k in status},
+    }
+
+
 @kopf.index(GROUP, VERSION, PLURAL)
 def ftj_watched(
     name: str, namespace: str | None, body: kopf.Body, **_: Any
 ) -> dict[tuple[str, str], dict[str, Any]]:
-    """(namespace, name) -> the FineTuneJob as last seen."""
-    return {(str(namespace), name): snapshot(body)}
+    """(namespace, name) -> the FineTuneJob as last seen (a settled one in short)."""
+    return {(str(namespace), name): settled_stub(body) or snapshot(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS)
