@@ -177,12 +177,17 @@ def operator_process(
     folder: Path,
     log_path: Path | None = None,
     polls_per_second: float = 20.0,
+    operator_source: Path | None = None,
 ) -> Iterator[int]:
-    """``finetune-operator run -A`` as its own process; yields its pid once it watches."""
+    """``finetune-operator run -A`` as its own process; yields its pid once it watches.
+
+    ``operator_source``: the folder holding the ``finetune_operator`` package to run (another
+    version's, to compare); this tree's by default.
+    """
     env = dict(
         os.environ,
         KUBECONFIG=str(_kubeconfig(url, folder)),
-        PYTHONPATH=f"{REPO / 'operator'}:{REPO / 'trainer-image'}",
+        PYTHONPATH=f"{operator_source or REPO / 'operator'}:{REPO / 'trainer-image'}",
         FINETUNE_METRICS_PORT="0",
         FINETUNE_PROGRESS_POLL_SECONDS=str(poll_seconds),
         FINETUNE_PROGRESS_POLLS_PER_SECOND=str(polls_per_second),
@@ -262,8 +267,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _operator(args: argparse.Namespace, url: str, folder: Path) -> Iterator[int]:
     if not args.single_process:
         log_path = Path(args.operator_log) if args.operator_log else None
+        source = Path(args.operator_source) if args.operator_source else None
         with operator_process(
-            url, args.poll_seconds, folder, log_path, args.polls_per_second
+            url, args.poll_seconds, folder, log_path, args.polls_per_second, source
         ) as pid:
             yield pid
         return
@@ -429,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         help="sys.setswitchinterval for this process (0: keep Python's 5 ms default)",
     )
     parser.add_argument("--operator-log", default=None, help="keep the operator's log here")
+    parser.add_argument(
+        "--operator-source",
+        default=None,
+        help="folder holding the finetune_operator package to run (another version's)",
+    )
     parser.add_argument("--table", action="store_true", help="also print a readable summary")
     args = parser.parse_args(argv)
     if args.switch_interval > 0:

@@ -83,7 +83,8 @@ class OperatorConfig:
     progress_poll_seconds: float = field(
         default=15.0,
         metadata=_help(
-            "How often running jobs are polled (trainer log tail, pod states).",
+            "How often the log tail of a running trainer is read for progress (pod and Job "
+            "states come from watches).",
             "FINETUNE_PROGRESS_POLL_SECONDS",
         ),
     )

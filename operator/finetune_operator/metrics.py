@@ -24,8 +24,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 FTJ_PHASES = ("Pending", "Queued", "Training", "Evaluating", "Succeeded", "Failed", "Suspended")
 # What starts a reconcile: kopf's causes, the progress poll, the unobserved-spec timer and
-# events of the trainer Job.
-FTJ_TRIGGERS = ("resume", "create", "update", "poll", "unobserved", "job-event")
+# events of the trainer Job and its pods.
+FTJ_TRIGGERS = ("resume", "create", "update", "poll", "unobserved", "job-event", "pod-event")
 # Reasons of Failed=True (docs/troubleshooting.md lists each; a test keeps both in step).
 FTJ_FAILURE_REASONS = (
     "InvalidSpec",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -389,3 +390,55 @@ def test_selector_watch_sees_objects_enter_and_leave_the_selection(emulator: Emu
     )  # fmt: skip
     mover.join()
     assert [e["type"] for e in events] == ["DELETED", "ADDED"]
+
+
+def test_resumed_selector_watch_sees_objects_leave_and_enter_the_selection(
+    emulator: Emulator,
+) -> None:
+    """A watch resumed from a resourceVersion (as kopf reconnects) replays the changes it
+    missed as a live watch would have shown them: relabelled out is DELETED, back in ADDED."""
+    emulator.create(ftj("moving", labels={"team": "a"}))
+    listing = get_json(emulator, f"/apis/{GROUP}/{VERSION}/namespaces/default/{PLURAL}")
+    since = listing["metadata"]["resourceVersion"]
+    emulator.merge_patch(PLURAL, "default", "moving", {"metadata": {"labels": {"team": "b"}}})
+    emulator.merge_patch(PLURAL, "default", "moving", {"spec": {"x": 1}})  # outside: unseen
+    emulator.merge_patch(PLURAL, "default", "moving", {"metadata": {"labels": {"team": "a"}}})
+    events = watch_lines(
+        emulator, f"/apis/{GROUP}/{VERSION}/namespaces/default/{PLURAL}?watch=true"
+        f"&timeoutSeconds=0.2&labelSelector=team%3Da&resourceVersion={since}",
+    )  # fmt: skip
+    assert [e["type"] for e in events] == ["DELETED", "ADDED"]
+    assert events[1]["object"]["spec"]["x"] == 1
+
+
+def pod_body(name: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": labels},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+    }
+
+
+def test_prefixed_label_keys_select_pods_on_list_and_watch(emulator: Emulator) -> None:
+    """What the operator's watches send: `app.kubernetes.io/managed-by=finetune-operator`,
+    a prefixed key, on the cluster-wide and the namespaced pod collections."""
+    managed = {"app.kubernetes.io/managed-by": "finetune-operator", "finetune.dev/generation": "1"}
+    emulator.create(pod_body("trainer", managed))
+    emulator.create(pod_body("vllm", {"app.kubernetes.io/managed-by": "helm"}))
+    emulator.create(pod_body("bare", {}))
+    selector = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dfinetune-operator"
+    for path in ("/api/v1/pods", "/api/v1/namespaces/default/pods"):
+        listing = get_json(emulator, f"{path}?{selector}")
+        assert [p["metadata"]["name"] for p in listing["items"]] == ["trainer"]
+        events = watch_lines(emulator, f"{path}?watch=true&timeoutSeconds=0.2&{selector}")
+        assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
+            ("ADDED", "trainer")
+        ]
+    both = "labelSelector=app.kubernetes.io%2Fmanaged-by%20in%20(finetune-operator%2Chelm)"
+    names = {p["metadata"]["name"] for p in get_json(emulator, f"/api/v1/pods?{both}")["items"]}
+    assert names == {"trainer", "vllm"}
+    bad = urllib.request.Request(f"{emulator.url}/api/v1/pods?labelSelector=a%20%3D%3D%3D%20b")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(bad, timeout=5)
+    assert refused.value.code == 400

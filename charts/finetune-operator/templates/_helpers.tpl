@@ -94,6 +94,8 @@ every client call site) and fails when this list misses one or grants anything e
   verbs: ["list", "create", "delete"]
 # Trainer pods (state, progress and results from the trainer's log) and serving pods
 # (which replicas serve which adapter; watched, so an idle AdapterDeployment costs no request).
+# Trainer pods come through the same watch, and trainer Jobs through one selected by the
+# operator's managed-by label, so that pending and finished jobs cost no request (decision 1650).
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]

@@ -1,9 +1,11 @@
 """kopf handlers of FineTuneJob: observe, plan (pure), act, write status.
 
 Every trigger — create, update, resume after an operator restart, the poller of a running job and
-events of the trainer Jobs — runs the same level-based :func:`reconcile`, serialised per
-object. Names of children are deterministic, so a repeated create meets the existing object
-(409) and is taken as success: never two trainer Jobs for one generation.
+events of the trainer Jobs and pods — runs the same level-based :func:`reconcile`, serialised per
+object. Triggers that come from the watches (Job and Pod events, polls) read the FineTuneJob and
+its children from the watches' indexes where those are provably fresh (decision 1650). Names of
+children are deterministic, so a repeated create meets the existing object (409) and is taken as
+success: never two trainer Jobs for one generation.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ from ..planners.finetunejob import (
 )
 from ..policy import NamespaceUsage
 from .gpu_usage import GpuLedger
+from .trainer_watch import (
+    CHILD_LABELS,
+    CHILD_SELECTOR,
+    SETTLED,
+    WatchedObjects,
+    ftj_owner_name,
+    trainer_ended,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +102,7 @@ class RunState:
         self.poll_slots = asyncio.Semaphore(POLL_CONCURRENCY)
         self.running_pollers = 0  # running jobs being polled (sets their interval)
         self.gpus = GpuLedger()  # GPUs of each namespace's runs (platform policy)
+        self.watched = WatchedObjects()  # FineTuneJobs, trainer Jobs and pods as watched
 
     @contextlib.asynccontextmanager
     async def serialised(self, namespace: str, name: str) -> AsyncIterator[None]:
@@ -192,15 +203,71 @@ async def _price_table(
     return table
 
 
+async def _children(
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    uid: str,
+    job_name: str,
+    gen: int,
+    watched: WatchedObjects | None,
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]], bool]:
+    """The trainer Job and its pods, and whether they came from the watches: they do when the
+    watch has the Job, else they are asked for.
+
+    A Job that the watch shows finished is the moment the run's verdict is decided, and its
+    pods' last changes (the trainer's exit, its result) travel on another watch stream that
+    may lag: those pods are listed from the server, once per run.
+    """
+    job = watched.job(namespace, name, uid, job_name) if watched is not None else None
+    if job is not None and watched is not None and not _job_finished(job):
+        return job, watched.job_pods(namespace, name, job), True
+    if job is None:
+        job = await kube.get("Job", namespace, job_name)
+    pods = await kube.list(
+        "Pod",
+        namespace,
+        {names.LABEL_JOB: names.label_value(name), names.LABEL_GENERATION: str(gen)},
+    )
+    return job, pods, False
+
+
+async def _newest_log(
+    kube: KubeClient, config: OperatorConfig, namespace: str, pods: list[dict[str, Any]]
+) -> tuple[bool, str | None]:
+    """Whether a rank-0 trainer has started, and the newest such pod's log tail (None when
+    the server has no log for it: not started after all, or the pod is gone)."""
+    # Progress comes from global rank 0 (pod 0 of a multi-node Job).
+    started = [p for p in distributed.rank0_pods(pods) if _trainer_started(p)]
+    if not started:
+        return False, None
+    newest = max(started, key=pod_age_key)
+    log_tail = await kube.read_log(
+        namespace, newest["metadata"]["name"], TRAINER_CONTAINER, config.log_tail_lines
+    )
+    return True, log_tail
+
+
+def _job_finished(job: Mapping[str, Any]) -> bool:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") in ("Complete", "Failed", "FailureTarget") and (
+            cond.get("status") == "True"
+        ):
+            return True
+    return False
+
+
 async def observe(
     kube: KubeClient,
     config: OperatorConfig,
     body: Mapping[str, Any],
     state: RunState | None = None,
+    from_watch: bool = False,
 ) -> Observed:
     """Gather the FineTuneJob's children, pod states, log tail, references and prices.
 
     A settled job (finished, spec unchanged since) needs none of them: its status stays.
+    With ``from_watch`` the trainer Job and its pods come from the watches' indexes.
     """
     meta = body.get("metadata") or {}
     name, namespace = str(meta["name"]), str(meta["namespace"])
@@ -215,24 +282,22 @@ async def observe(
     log_tail = None
     gen = run_generation(job_name)
     if job_name and gen is not None and not settled:
-        job = await kube.get("Job", namespace, job_name)
+        watched = state.watched if (state is not None and from_watch) else None
+        uid = str(meta.get("uid") or "")
+        job, pods, watched_ones = await _children(
+            kube, namespace, name, uid, str(job_name), gen, watched
+        )
+        started, log_tail = await _newest_log(kube, config, namespace, pods)
+        if started and log_tail is None and watched_ones:
+            # The watch shows a trainer the server has no log of: the pod went while the
+            # watch was cut off (a watch resumed after a gap does not replay deletions).
+            job, pods, _ = await _children(kube, namespace, name, uid, str(job_name), gen, None)
+            _, log_tail = await _newest_log(kube, config, namespace, pods)
         job_annotations = ((job or {}).get("metadata") or {}).get("annotations") or {}
         if names.ANNOTATION_SPEC_HASH not in job_annotations:
             # The run's spec hash is on the Job; the ConfigMap is read only without it.
             configmap = await kube.get(
                 "ConfigMap", namespace, names.trainer_configmap_name(name, gen)
-            )
-        pods = await kube.list(
-            "Pod",
-            namespace,
-            {names.LABEL_JOB: names.label_value(name), names.LABEL_GENERATION: str(gen)},
-        )
-        # Progress comes from global rank 0 (pod 0 of a multi-node Job).
-        started = [p for p in distributed.rank0_pods(pods) if _trainer_started(p)]
-        if started:
-            newest = max(started, key=pod_age_key)
-            log_tail = await kube.read_log(
-                namespace, newest["metadata"]["name"], TRAINER_CONTAINER, config.log_tail_lines
             )
 
     missing: tuple[str, ...] | None = None
@@ -430,8 +495,13 @@ async def reconcile(
     name: str,
     trigger: str,
     state: RunState | None = None,
+    from_watch: bool = False,
 ) -> Plan | None:
-    """Observe, plan, act and write status for one FineTuneJob; retried on write conflicts."""
+    """Observe, plan, act and write status for one FineTuneJob; retried on write conflicts.
+
+    ``from_watch``: triggered by a watch (a Job or Pod event, the poll of a running job): the
+    FineTuneJob and its children are taken from the watches' indexes where they are fresh.
+    """
     started = time.monotonic()
     metrics.see_namespace(namespace)
     serialised = state.serialised(namespace, name) if state else contextlib.nullcontext()
@@ -440,11 +510,13 @@ async def reconcile(
             # Events of children created by an attempt whose status write then failed: the
             # next attempt adopts those children (409), so their events would be lost.
             created: list[Event] = []
-            for _attempt in range(max(1, config.status_write_retries)):
-                body = await kube.get(KIND, namespace, name)
+            for attempt in range(max(1, config.status_write_retries)):
+                body = await _read_ftj(kube, namespace, name, state, from_watch and attempt == 0)
                 if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
                     return None
-                obs = await observe(kube, config, body, state)
+                if body.get(SETTLED):  # finished for its current spec: nothing can change
+                    return None
+                obs = await observe(kube, config, body, state, from_watch)
                 acted = await _plan_and_act(kube, config, namespace, obs, state)
                 if acted is None:
                     return None
@@ -456,7 +528,7 @@ async def reconcile(
                         # No resourceVersion precondition: this operator is the only status
                         # writer and serialises reconciles per object, while kopf's own
                         # metadata patches change the resourceVersion (decision 1202).
-                        await kube.patch_status(KIND, namespace, name, patch, None)
+                        written = await kube.patch_status(KIND, namespace, name, patch, None)
                     except KubeError as exc:
                         if exc.status == 422:
                             # The server found the status invalid: writing it again cannot
@@ -480,6 +552,8 @@ async def reconcile(
                             continue
                         raise
                     metrics.ftj_status_writes.labels(namespace, "written").inc()
+                    if state is not None:
+                        state.watched.remember(written)
                 else:
                     metrics.ftj_status_writes.labels(namespace, "skipped").inc()
                 _record_metrics(obs, p, body)
@@ -497,6 +571,21 @@ async def reconcile(
             metrics.ftj_reconcile_seconds.labels(namespace, trigger).observe(
                 time.monotonic() - started
             )
+
+
+async def _read_ftj(
+    kube: KubeClient, namespace: str, name: str, state: RunState | None, from_watch: bool
+) -> dict[str, Any] | None:
+    """The FineTuneJob: from the watch when it shows the version this operator last read or
+    wrote, else from the server (which is then the version remembered)."""
+    if state is not None and from_watch:
+        body = state.watched.fresh_ftj(namespace, name)
+        if body is not None:
+            return body
+    body = await kube.get(KIND, namespace, name)
+    if state is not None:
+        state.watched.remember(body)
+    return body
 
 
 def _record_metrics(obs: Observed, p: Plan, body: Mapping[str, Any]) -> None:
@@ -534,12 +623,24 @@ def _raise_for_outcome(p: Plan | None, config: OperatorConfig) -> None:
 
 @kopf.on.startup()
 async def configure(
-    settings: kopf.OperatorSettings, memo: kopf.Memo, ftj_gpus_in_use: Any = None, **_: Any
+    settings: kopf.OperatorSettings,
+    memo: kopf.Memo,
+    ftj_gpus_in_use: Any = None,
+    ftj_watched: Any = None,
+    ftj_trainer_jobs: Any = None,
+    ftj_trainer_pods: Any = None,
+    **_: Any,
 ) -> None:
     if getattr(memo, "config", None) is None:
         memo.config = load_config()
     memo.ftj_state = RunState()
     memo.ftj_state.gpus.index = ftj_gpus_in_use  # kopf's index, kept up to date by kopf
+    watched = memo.ftj_state.watched  # kopf's indexes too (decision 1650)
+    watched.ftjs, watched.jobs, watched.pods = ftj_watched, ftj_trainer_jobs, ftj_trainer_pods
+    # The API server sends only the operator's own Jobs. Pods stay unselected: kopf keeps one
+    # watch per resource, and the AdapterDeployment controller needs the serving pods, which
+    # carry no label of ours (decision 1520); the trainer-pod index filters on the label.
+    settings.watching.label_selectors["batch", "v1", "jobs"] = CHILD_SELECTOR
     if getattr(memo, "kube", None) is None:
         memo.kube = KubeClient.from_environment()
     # Handler progress lives in annotations so status holds only what users read.
@@ -632,32 +733,50 @@ def _is_running(status: Mapping[str, Any] | None, **_: Any) -> bool:
 async def poll_running(
     name: str, namespace: str | None, stopped: kopf.DaemonStopped, memo: Any, **_: Any
 ) -> None:
-    """Poll a running job every :func:`poll_interval`: pod states, progress lines, cost.
+    """Read a running trainer's progress every :func:`poll_interval`: its log tail, and cost.
 
     kopf starts this task when a run starts and stops it when the filter no longer holds
-    (the job finished, failed or was deleted), so finished and idle jobs cost nothing.
-    Completion and failure are seen at once through :func:`trainer_job_event`.
+    (the job finished, failed or was deleted), so finished jobs cost nothing. Pod states,
+    completion and failure come from the watches (:func:`trainer_job_event`,
+    :func:`trainer_pod_event`); the poll only reads the log, the one thing no watch
+    delivers, and only while the trainer container runs: a pending job costs no request
+    (decision 1650).
     """
     kube, config = runtime(memo)
     state = run_state(memo)
     namespace = str(namespace)
-    state.running_pollers += 1
+    polling = False
     try:
         while not stopped:
             await _sleep_unless_stopped(stopped, poll_interval(config, state.running_pollers))
             if stopped:
                 break
+            running = state.watched.trainer_is_running(namespace, name)
+            if running != polling:  # the budget counts only jobs whose trainer runs
+                state.running_pollers += 1 if running else -1
+                polling = running
+            if not running:
+                continue
             try:
                 # Should a cancellation come, it must not cut a reconcile between its status
                 # write and its events.
                 async with state.poll_slots:
                     await asyncio.shield(
-                        reconcile(kube, config, namespace, name, trigger="poll", state=state)
+                        reconcile(
+                            kube,
+                            config,
+                            namespace,
+                            name,
+                            trigger="poll",
+                            state=state,
+                            from_watch=True,
+                        )
                     )
             except (kopf.TemporaryError, KubeError) as exc:
                 log.info("poll of %s/%s deferred: %s", namespace, name, exc)
     finally:
-        state.running_pollers -= 1
+        if polling:
+            state.running_pollers -= 1
 
 
 def _spec_unobserved(meta: Mapping[str, Any], status: Mapping[str, Any] | None, **_: Any) -> bool:
@@ -700,22 +819,52 @@ async def reconcile_unobserved(name: str, namespace: str | None, memo: Any, **_:
         log.info("reconcile of unobserved %s/%s deferred: %s", namespace, name, exc)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={names.LABEL_MANAGED_BY: names.MANAGER})
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
 async def trainer_job_event(body: kopf.Body, memo: Any, type: str | None, **_: Any) -> None:
-    """A trainer Job changed: reconcile its FineTuneJob at once instead of at the next poll."""
-    meta = body.get("metadata") or {}
-    owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == KIND), None)
+    """A trainer Job changed: reconcile its FineTuneJob at once (nothing polls for it)."""
+    name = ftj_owner_name(body)
     # None: the initial listing (resume reconciles those jobs); ADDED: the reconcile that made
     # the Job writes its status next, and a new Job has nothing to report yet.
-    if owner is None or type in (None, "ADDED"):
+    if name is None or type in (None, "ADDED"):
         return
+    await _reconcile_after_event(
+        memo, str((body.get("metadata") or {}).get("namespace")), name, "job-event"
+    )
+
+
+@kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
+async def trainer_pod_event(body: kopf.Body, memo: Any, type: str | None, **_: Any) -> None:
+    """A trainer pod changed or went: reconcile its FineTuneJob at once.
+
+    Scheduling, image pulls and the trainer's start show here; no poll asks for them
+    (decision 1650). Not reconciled: the initial listing (None; the resume handler covers
+    those jobs), a new pod (ADDED: nothing to report before the scheduler or the kubelet
+    changes it), and a pod whose trainer container has ended: the Job controller records
+    that exit in the Job's status next (a Job event), and the run's verdict waits for the
+    Job, so a reconcile now would only show a moment in between as a state of its own.
+    """
+    if type in (None, "ADDED") or (type != "DELETED" and trainer_ended(body)):
+        return
+    state = run_state(memo)
+    name = state.watched.owner_of_pod(body)
+    if name is None:  # its Job is not known yet: the Job's own events reconcile
+        return
+    namespace = str((body.get("metadata") or {}).get("namespace"))
+    # They take turns with the polls they replace, so that a burst of pod changes does not
+    # queue the first reconcile of new jobs behind it (decision 1200).
+    async with state.poll_slots:
+        await _reconcile_after_event(memo, namespace, name, "pod-event")
+
+
+async def _reconcile_after_event(memo: Any, namespace: str, name: str, trigger: str) -> None:
     kube, config = runtime(memo)
     try:
-        namespace, name = str(meta.get("namespace")), str(owner["name"])
         state = run_state(memo)
-        await reconcile(kube, config, namespace, name, trigger="job-event", state=state)
+        await reconcile(
+            kube, config, namespace, name, trigger=trigger, state=state, from_watch=True
+        )
     except (kopf.TemporaryError, KubeError) as exc:
-        log.info("reconcile after a Job event deferred: %s", exc)
+        log.info("reconcile of %s/%s after a %s deferred: %s", namespace, name, trigger, exc)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
@@ -724,6 +873,7 @@ async def on_delete(name: str, namespace: str | None, memo: Any, **_: Any) -> No
     kube, _config = runtime(memo)
     namespace = str(namespace)
     run_state(memo).gpus.release(namespace, name)  # its GPUs are free for the namespace
+    run_state(memo).watched.forget(namespace, name)
     selector = {names.LABEL_JOB: names.label_value(name)}
     # After any reconcile in flight: one that read the object just before its deletion may
     # still be creating children, which this listing must see (fast create/delete).

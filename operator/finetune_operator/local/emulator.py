@@ -205,7 +205,9 @@ class Emulator(kmock.KubernetesScaffold):
         self._store_lock = threading.RLock()
         self._types: dict[tuple[str, str, str], ResourceType] = {}
         self._objects: dict[ObjectKey, Body] = {}
-        self._events: dict[tuple[str, str, str], list[tuple[int, Body]]] = {}
+        # Per resource: (resourceVersion, event, the object before that change) — the
+        # previous version lets a resumed selector watch see objects enter and leave.
+        self._events: dict[tuple[str, str, str], list[tuple[int, Body, Body | None]]] = {}
         self._compacted_rv: dict[tuple[str, str, str], int] = {}
         self._watchers: list[_Watcher] = []
         self._last_rv = 1000
@@ -287,7 +289,7 @@ class Emulator(kmock.KubernetesScaffold):
     ) -> None:
         rv = int(body["metadata"]["resourceVersion"])
         log = self._events.setdefault(rtype.key, [])
-        log.append((rv, {"type": event_type, "object": body}))
+        log.append((rv, {"type": event_type, "object": body}, previous))
         if len(log) > self.event_log_limit:
             dropped = len(log) - self.event_log_limit
             self._compacted_rv[rtype.key] = log[dropped - 1][0]
@@ -775,6 +777,15 @@ class Emulator(kmock.KubernetesScaffold):
                 watcher.loop.call_soon_threadsafe(watcher.queue.put_nowait, None)
         return len(cut)
 
+    def remove_unseen(self, kind: str, namespace: str | None, name: str) -> bool:
+        """Remove an object without any watch event, as a deletion would look to a client
+        whose watch was cut off and resumed after the server's history of it was compacted
+        (a relist then simply no longer shows it). False when there was no such object."""
+        rtype = self.resource_type(kind)
+        with self._store_lock:
+            key = (rtype.key, namespace if rtype.namespaced else None, name)
+            return self._objects.pop(key, None) is not None
+
     @property
     def open_watches(self) -> int:
         with self._store_lock:
@@ -1056,13 +1067,18 @@ class Emulator(kmock.KubernetesScaffold):
                 since = int(since_text)
                 if since < self._compacted_rv.get(rtype.key, 0):
                     gone = True
-                for rv, event in self._events.get(rtype.key, []):
+                for rv, event, previous in self._events.get(rtype.key, []):
                     obj = event["object"]
                     in_namespace = (
                         namespace is None or obj["metadata"].get("namespace") == namespace
                     )
-                    if rv > since and in_namespace and matches(obj):
-                        initial.append(event)
+                    if rv <= since or not in_namespace:
+                        continue
+                    # As a live watch would have seen it: entering the selection is ADDED,
+                    # leaving it DELETED (a label change on a resumed watch included).
+                    seen = _selected_event_type(event["type"], matches(obj), previous, matches)
+                    if seen is not None:
+                        initial.append({"type": seen, "object": obj})
             else:
                 for (key, ns, _name), obj in self._objects.items():
                     if key == rtype.key and (namespace is None or ns == namespace) and matches(obj):
