@@ -24,6 +24,7 @@ from .test_operator_serving import (
     Env,
     adapter_deployment,
     canary_strategy,
+    rollbacks,
     runtime_strategy,
     start_serving_operator,
     uri_source,
@@ -117,6 +118,7 @@ def test_a_slow_canary_is_aborted_and_a_fast_one_promoted_by_generation_speed(en
     # Only the smoke requests reach the canary: "[support] Say hello." is three tokens, two
     # of them decoded, at 0.05 s each on the slow canary: at most 20 tokens/s.
     strategy = canary_strategy(minTokensPerSecondPerRequest=50)
+    before = rollbacks("support", "CanarySlowGeneration")
     env.overrides["decode_seconds_per_token"] = 0.05  # type: ignore[attr-defined]
     env.set_spec("support", {"source": uri_source(uri2, d2), "strategy": strategy})
     st = env.wait_phase("support", "RolledBack", timeout=30)
@@ -132,6 +134,7 @@ def test_a_slow_canary_is_aborted_and_a_fast_one_promoted_by_generation_speed(en
         (2, "CanaryAborted"),
     ]
     wait_for(lambda: env.api.read("deployments", NS, "support-canary") is None, 10)
+    assert rollbacks("support", "CanarySlowGeneration") == before + 1
 
     env.overrides.clear()  # type: ignore[attr-defined]
     env.set_spec("support", {"source": uri_source(uri3, d3), "strategy": strategy})
