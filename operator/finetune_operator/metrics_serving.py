@@ -40,6 +40,7 @@ ROLLOUT_OUTCOMES: dict[str, tuple[str, ...]] = {
 ROLLBACK_REASONS = (
     "CanaryErrorRate",
     "CanaryLatency",
+    "CanarySlowGeneration",
     "CanarySmokeFailed",
     "CanaryUnavailable",
     "ProgressDeadlineExceeded",

@@ -24,6 +24,7 @@ from .test_operator_serving import (
     Env,
     adapter_deployment,
     canary_strategy,
+    rollbacks,
     runtime_strategy,
     start_serving_operator,
     uri_source,
@@ -105,6 +106,50 @@ def test_canary_of_a_model_without_chat_template_is_promoted(env: Env) -> None:
         what=f"promotion: {env.status('support')}",
     )
     assert env.status("support")["canary"]["revision"]["outcome"] == "Promoted"
+
+
+def test_a_slow_canary_is_aborted_and_a_fast_one_promoted_by_generation_speed(env: Env) -> None:
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "v2")
+    uri3, d3 = make_adapter(env.root, "v3")
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1)))
+    env.wait_phase("support", "Available")
+    # Only the smoke requests reach the canary: "[support] Say hello." is three tokens, two
+    # of them decoded, at 0.05 s each on the slow canary: at most 20 tokens/s.
+    strategy = canary_strategy(minTokensPerSecondPerRequest=50)
+    before = rollbacks("support", "CanarySlowGeneration")
+    env.overrides["decode_seconds_per_token"] = 0.05  # type: ignore[attr-defined]
+    env.set_spec("support", {"source": uri_source(uri2, d2), "strategy": strategy})
+    st = env.wait_phase("support", "RolledBack", timeout=30)
+    degraded = env.condition("support", "Degraded")
+    assert degraded["reason"] == "CanarySlowGeneration", degraded
+    assert "below minTokensPerSecondPerRequest 50" in degraded["message"]
+    assert st["canary"]["tokensPerSecondPerRequest"] <= 20.0
+    assert st["current"]["digest"] == d1 and env.modules() == {
+        "support": uri1.removeprefix("file://")
+    }
+    assert [(h["revision"], h["outcome"]) for h in st["history"]] == [
+        (1, "Available"),
+        (2, "CanaryAborted"),
+    ]
+    wait_for(lambda: env.api.read("deployments", NS, "support-canary") is None, 10)
+    assert rollbacks("support", "CanarySlowGeneration") == before + 1
+
+    env.overrides.clear()  # type: ignore[attr-defined]
+    env.set_spec("support", {"source": uri_source(uri3, d3), "strategy": strategy})
+    wait_for(
+        lambda: (
+            env.status("support")["phase"] == "Available"
+            and env.status("support")["current"]["digest"] == d3
+        ),
+        30,
+        what=f"promotion: {env.status('support')}",
+    )
+    st = env.status("support")
+    assert st["canary"]["revision"]["outcome"] == "Promoted"
+    assert st["canary"]["tokensPerSecondPerRequest"] > 50
+    assert env.modules() == {"support": uri3.removeprefix("file://")}
 
 
 def test_runtime_upgrade_from_the_same_path_gets_a_new_adapter_id(env: Env) -> None:

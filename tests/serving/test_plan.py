@@ -221,8 +221,8 @@ def healthy_window() -> AnalysisWindow:
     return AnalysisWindow((sample,), (rules.SmokeResult(True, 50.0), rules.SmokeResult(True, 60.0)))
 
 
-def started_canary() -> Observed:
-    obs = observed(canary_spec())
+def started_canary(**analysis: Any) -> Observed:
+    obs = observed(canary_spec(**analysis))
     p, obs = run(obs, at(0))
     assert isinstance(p.actions[0], CreateCanary)
     canary = deployment("support-canary", D2)
@@ -253,6 +253,74 @@ def test_a_canary_is_checked_once_per_interval_and_promoted_after_enough_checks(
     ]
     assert p.status.current.digest == D2 and p.status.current.outcome == "Progressing"
     assert [e.reason for e in p.events] == ["CanaryPromoted"]
+
+
+def generating_window(tokens: float, seconds: float, requests: int = 10) -> AnalysisWindow:
+    """A healthy window whose ``requests`` answers decoded ``tokens`` in ``seconds``."""
+    window = healthy_window()
+    sample = replace(
+        window.samples[0],
+        requests=requests,
+        generation_tokens=tokens + requests,  # each request's first token comes from prefill
+        generation_requests=requests,
+        decode_seconds=seconds,
+    )
+    return replace(window, samples=(sample,))
+
+
+def test_a_canary_generating_below_the_minimum_is_aborted_with_both_speeds() -> None:
+    obs = started_canary(minTokensPerSecondPerRequest=25)
+    _, obs = run(obs, at(5))
+    p, _ = run(replace(obs, window=generating_window(200, 10.0)), at(5))  # 20 tokens/s
+    assert p.actions == (DeleteDeployment("support-canary"),)
+    assert p.status.phase == "RolledBack" and p.status.canary.revision.outcome == "CanaryAborted"
+    assert p.status.canary.tokens_per_second_per_request == 20.0
+    degraded = next(c for c in p.status.conditions if c.type == "Degraded")
+    assert degraded.reason == "CanarySlowGeneration"
+    assert "20.0 tokens/s per request" in degraded.message
+    assert "below minTokensPerSecondPerRequest 25" in degraded.message
+    assert "lower the minimum" in degraded.message
+    assert [e.reason for e in p.events] == ["CanarySlowGeneration"]
+
+
+def test_a_canary_generating_above_the_minimum_is_promoted() -> None:
+    obs = started_canary(minTokensPerSecondPerRequest=15)
+    _, obs = run(obs, at(5))
+    p, obs = run(replace(obs, window=generating_window(200, 10.0)), at(5))
+    assert (
+        p.status.canary.checks_passed == 1 and p.status.canary.tokens_per_second_per_request == 20
+    )
+    p, _ = run(replace(obs, window=generating_window(300, 10.0), last_check=at(5)), at(35))
+    assert p.status.canary.revision.outcome == "Promoted"
+    assert p.status.canary.tokens_per_second_per_request == 30.0
+
+
+@pytest.mark.parametrize(
+    ("window", "minimum", "outcome"),
+    [
+        # Enough requests, none with a second token: the speed is not judged yet.
+        (healthy_window(), 25, "WaitingForTraffic"),
+        (generating_window(0, 0.0), 25, "WaitingForTraffic"),
+        # Slow, but 1 + 2 smoke requests are below minRequests: nothing is judged yet.
+        (generating_window(5, 5.0, requests=1), 25, "WaitingForTraffic"),
+        # Unset: the speed (1 token/s here) is never judged.
+        (generating_window(10, 10.0), None, "Analyzing"),
+    ],
+    ids=["no-decode-tokens", "one-token-answers", "too-few-requests", "unset"],
+)
+def test_a_canary_without_speed_data_is_not_judged_on_speed(
+    window: AnalysisWindow, minimum: float | None, outcome: str
+) -> None:
+    analysis: dict[str, Any] = {"minRequests": 5}
+    if minimum is not None:
+        analysis["minTokensPerSecondPerRequest"] = minimum
+    obs = started_canary(**analysis)
+    _, obs = run(obs, at(5))
+    p, _ = run(replace(obs, window=window), at(5))
+    assert p.status.phase == "Analyzing" and p.actions == ()
+    progressing = next(c for c in p.status.conditions if c.type == "Progressing")
+    assert progressing.reason == outcome, progressing.message
+    assert p.status.canary.checks_passed == (1 if outcome == "Analyzing" else 0)
 
 
 def test_a_failing_smoke_request_aborts_the_canary_and_leaves_the_target_alone() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -533,3 +534,38 @@ def test_server_errors_in_smoke_are_judged_by_the_error_rate() -> None:
 )
 def test_runtime_updates_allowed(container, allowed) -> None:
     assert p.runtime_updates_allowed(container) is allowed
+
+
+def test_generation_speed_over_a_window_and_a_restart() -> None:
+    before = p.MetricsSample(generation_tokens=100, generation_requests=10, decode_seconds=4.5)
+    now = p.MetricsSample(generation_tokens=150, generation_requests=15, decode_seconds=6.5)
+    window = p.sample_delta(before, now)
+    # 50 tokens in 5 requests, 45 of them decoded in 2 s.
+    assert window.decode_tokens == 45 and window.tokens_per_second_per_request == 22.5
+    restarted = p.MetricsSample(generation_tokens=12, generation_requests=2, decode_seconds=1.0)
+    assert p.sample_delta(now, restarted) == restarted  # the counters went down: a new server
+    # The smoke requests' generation, seen only by the server, joins the window.
+    smoke = p.MetricsSample(generation_tokens=32, generation_requests=2, decode_seconds=3.0)
+    joined = p.with_generation_of(window, smoke)
+    assert (joined.decode_tokens, joined.decode_seconds) == (75, 5.0)
+    assert (
+        p.MetricsSample(generation_tokens=3, generation_requests=1).tokens_per_second_per_request
+        == math.inf
+    )
+
+
+@pytest.mark.parametrize(
+    ("decoded", "action", "reason"),
+    [(80.0, "continue", "Analyzing"), (40.0, "abort", "CanarySlowGeneration")],
+)
+def test_decide_canary_judges_generation_speed(decoded: float, action: str, reason: str) -> None:
+    analysis = CanaryAnalysis(checks=3, minTokensPerSecondPerRequest=50)
+    window = p.MetricsSample(
+        requests=10, generation_tokens=decoded + 10, generation_requests=10, decode_seconds=1.0
+    )
+    d = p.decide_canary(analysis, window, [], 0)
+    assert (d.action, d.reason, d.tokens_per_second) == (action, reason, decoded)
+    if action == "abort":
+        assert (
+            "40.0 tokens/s per request (40 tokens decoded in 1.0 s over 10 requests)" in d.message
+        )

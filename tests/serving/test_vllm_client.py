@@ -16,6 +16,7 @@ from finetune_operator.local.vllm_reference import (
     ServerRefusedToStart,
 )
 from finetune_operator.planners.adapterdeployment import histogram_quantile
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def make_adapter(root: Path, name: str, rank: int) -> str:
@@ -54,6 +55,74 @@ def test_parse_metrics() -> None:
 def test_parse_metrics_without_http_instrumentation() -> None:
     text = 'vllm:request_success_total{finished_reason="stop"} 7\n'
     assert parse_metrics(text).requests == 7
+
+
+def generation_histograms(labels: str) -> str:
+    """Two finished requests (8 and 1 generated tokens, 0.35 s of decoding in all) as the
+    three exports of vLLM's per-request histograms write them with ``labels``."""
+    return f"""\
+# TYPE vllm:request_generation_tokens histogram
+vllm:request_generation_tokens_bucket{{{labels},le="1.0"}} 1.0
+vllm:request_generation_tokens_bucket{{{labels},le="10.0"}} 2.0
+vllm:request_generation_tokens_bucket{{{labels},le="+Inf"}} 2.0
+vllm:request_generation_tokens_count{{{labels}}} 2.0
+vllm:request_generation_tokens_sum{{{labels}}} 9.0
+# TYPE vllm:request_decode_time_seconds histogram
+vllm:request_decode_time_seconds_bucket{{{labels},le="0.3"}} 1.0
+vllm:request_decode_time_seconds_bucket{{{labels},le="0.5"}} 2.0
+vllm:request_decode_time_seconds_bucket{{{labels},le="+Inf"}} 2.0
+vllm:request_decode_time_seconds_count{{{labels}}} 2.0
+vllm:request_decode_time_seconds_sum{{{labels}}} 0.35
+"""
+
+
+# vllm/engine/metrics.py (0.8.5, engine V0): labels model_name only, and the per-iteration
+# vllm:time_per_output_token_seconds, which is not per request and must not be read.
+GENERATION_0_8_5 = (
+    generation_histograms('model_name="m"')
+    + """\
+# TYPE vllm:time_per_output_token_seconds histogram
+vllm:time_per_output_token_seconds_bucket{model_name="m",le="0.01"} 0.0
+vllm:time_per_output_token_seconds_bucket{model_name="m",le="+Inf"} 7.0
+vllm:time_per_output_token_seconds_count{model_name="m"} 7.0
+vllm:time_per_output_token_seconds_sum{model_name="m"} 70.0
+"""
+)
+# vllm/v1/metrics/loggers.py (0.11 to 0.34): per engine, plus the per-request time per
+# output token (0 for the one-token request); two engines of one server add up.
+GENERATION_V1 = (
+    generation_histograms('engine="0",model_name="m"')
+    + generation_histograms('engine="1",model_name="m"')
+    + """\
+# TYPE vllm:request_time_per_output_token_seconds histogram
+vllm:request_time_per_output_token_seconds_bucket{engine="0",model_name="m",le="0.01"} 1.0
+vllm:request_time_per_output_token_seconds_bucket{engine="0",model_name="m",le="+Inf"} 2.0
+vllm:request_time_per_output_token_seconds_count{engine="0",model_name="m"} 2.0
+vllm:request_time_per_output_token_seconds_sum{engine="0",model_name="m"} 0.05
+"""
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "servers"), [(GENERATION_0_8_5, 1), (GENERATION_V1, 2)], ids=["0.8.5", "0.11-0.34"]
+)
+def test_parse_generation_speed_per_vllm_generation(text: str, servers: int) -> None:
+    s = parse_metrics(text)
+    assert (s.generation_tokens, s.generation_requests) == (9 * servers, 2 * servers)
+    assert s.decode_seconds == pytest.approx(0.35 * servers)
+    # 7 tokens after the first token of each request, in 0.35 s: 20 tokens/s.
+    assert s.decode_tokens == 7 * servers
+    assert s.tokens_per_second_per_request == pytest.approx(20.0)
+
+
+def test_parse_generation_speed_without_the_metrics() -> None:
+    s = parse_metrics(METRICS_TEXT)
+    assert s.decode_tokens == 0 and s.tokens_per_second_per_request is None
+
+
+def test_parse_metrics_ignores_negative_values() -> None:
+    text = GENERATION_0_8_5.replace('_sum{model_name="m"} 0.35', '_sum{model_name="m"} -1')
+    assert parse_metrics(text).decode_seconds == 0.0
 
 
 @pytest.fixture(params=GENERATIONS)
@@ -167,3 +236,34 @@ async def test_pluggable_generator() -> None:
         assert answer["choices"][0]["message"]["content"] == "None:1"
     finally:
         await server.stop()
+
+
+async def test_slow_generation_is_exported_as_vllm_does(generation: str) -> None:
+    server = ReferenceServer(
+        ReferenceConfig(model="m", decode_seconds_per_token=0.02, generation=generation)  # type: ignore[arg-type]
+    )
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = VllmClient(session, timeout=5)
+            assert (await client.smoke(server.endpoint, "m", "one two three")).ok  # 4 tokens
+            assert (await client.smoke(server.endpoint, "m", "x", max_tokens=1)).ok  # 1 token
+            text = await client.metrics_text(server.endpoint)
+    finally:
+        await server.stop()
+    m = parse_metrics(text)
+    assert (m.generation_tokens, m.generation_requests, m.decode_tokens) == (5, 2, 3)
+    # Three decode steps of at least 0.02 s each: at most 50 tokens/s.
+    assert m.decode_seconds >= 0.06
+    speed = m.tokens_per_second_per_request
+    assert speed is not None and speed <= 50.0
+    # Time per output token as vLLM records it: the one-token answer counts 0.
+    tpot = [
+        s
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name.startswith("vllm:request_time_per_output_token_seconds")
+    ]
+    buckets = {s.labels.get("le"): s.value for s in tpot if s.name.endswith("_bucket")}
+    assert buckets["0.01"] == 1 and buckets["+Inf"] == 2
+    assert {s.labels["model_name"] for s in tpot} == {"m"}

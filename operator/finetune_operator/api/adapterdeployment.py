@@ -127,6 +127,15 @@ class CanaryAnalysis(ApiModel):
     min_requests: int = Field(
         default=0, ge=0, le=1_000_000, description="Requests needed before judging rates."
     )
+    min_tokens_per_second_per_request: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=100_000.0,
+        description="Abort below this generation speed one request sees while decoding: "
+        "generated tokens after the first over decode time, from vLLM's "
+        "vllm:request_decode_time_seconds and vllm:request_generation_tokens. Unset: not "
+        "judged.",
+    )
     smoke_requests: int = Field(
         default=3, ge=0, le=100, description="Chat requests sent to the canary per check."
     )
@@ -301,6 +310,7 @@ class Reason(StrEnum):
     CANARY_SMOKE_FAILED = "CanarySmokeFailed"
     CANARY_ERROR_RATE = "CanaryErrorRate"
     CANARY_LATENCY = "CanaryLatency"
+    CANARY_SLOW_GENERATION = "CanarySlowGeneration"
     SUPERSEDED = "Superseded"
     ROLLING_BACK = "RollingBack"
     ROLLED_BACK = "RolledBack"
@@ -341,6 +351,9 @@ class CanaryStatus(StatusModel):
     checks_passed: int | None = Field(default=None, description="Analysis checks passed so far.")
     error_rate: float | None = Field(default=None, description="Observed failure share.")
     latency_p95_ms: float | None = Field(default=None, description="Observed p95 latency.")
+    tokens_per_second_per_request: float | None = Field(
+        default=None, description="Observed generation tokens/s per request while decoding."
+    )
     requests: int | None = Field(default=None, description="Requests observed.")
     started_at: str | None = Field(default=None, max_length=64, description="When analysis began.")
     unavailable_since: str | None = Field(

@@ -49,6 +49,11 @@ VLLM_LATENCY_BUCKETS = (
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
     120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
 )  # fmt: skip
+# vLLM's bucket bounds for vllm:request_time_per_output_token_seconds (0.11 to 0.34).
+VLLM_TPOT_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
 # What a serving pod's reason may take in a condition, event or log line.
 REASON_MAX_CHARS = 120
 # Bodies are read up to these sizes: enough for vLLM's answers, not for a flood.
@@ -478,13 +483,19 @@ def parse_metrics(text: str) -> MetricsSample:
       Servers without it fall back to ``vllm:request_success_total`` as the request count.
     - successes: ``vllm:request_success_total`` summed over ``finished_reason``.
     - latency: ``vllm:e2e_request_latency_seconds`` buckets, summed over label sets.
+    - generation speed: ``vllm:request_generation_tokens`` (sum and count) and
+      ``vllm:request_decode_time_seconds`` (sum), summed over label sets. Every generation
+      from 0.8.5 to 0.34 observes both once per finished request with these names
+      (vllm/engine/metrics.py, vllm/v1/metrics/loggers.py); the per-token histograms
+      (``vllm:time_per_output_token_seconds``, gone after 0.11, and
+      ``vllm:request_time_per_output_token_seconds``, from 0.11) are not needed.
     """
     sample = MetricsSample()
     http_seen = False
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             name, labels, value = s.name, s.labels, float(s.value)
-            if math.isnan(value):
+            if math.isnan(value) or value < 0:  # no counter or histogram of vLLM goes below 0
                 continue
             if name == "http_requests_total" and labels.get("handler") in INFERENCE_HANDLERS:
                 http_seen = True
@@ -498,6 +509,12 @@ def parse_metrics(text: str) -> MetricsSample:
                 sample.latency_buckets[le] = sample.latency_buckets.get(le, 0.0) + value
             elif name == "vllm:e2e_request_latency_seconds_count":
                 sample.latency_count += value
+            elif name == "vllm:request_generation_tokens_sum":
+                sample.generation_tokens += value
+            elif name == "vllm:request_generation_tokens_count":
+                sample.generation_requests += value
+            elif name == "vllm:request_decode_time_seconds_sum":
+                sample.decode_seconds += value
     if not http_seen:
         sample.requests = sample.successes
     return sample

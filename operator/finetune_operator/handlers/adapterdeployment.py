@@ -562,7 +562,8 @@ async def _analysis_window(
     live = {p.name: p.endpoint for p in obs.canary_pods if p.ready and p.endpoint}
     if not live:
         return None
-    parts = []
+    parts: dict[str, rules.MetricsSample] = {}
+    before_smoke: dict[str, rules.MetricsSample] = {}
     for pod, endpoint in live.items():
         assert endpoint is not None
         try:
@@ -570,7 +571,8 @@ async def _analysis_window(
         except VllmError as exc:
             log.info("canary metrics from %s failed: %s", pod, exc.message[:200])
             continue
-        parts.append(rules.sample_delta(memory.samples.get(pod), sample))
+        before_smoke[pod] = sample
+        parts[pod] = rules.sample_delta(memory.samples.get(pod), sample)
     endpoints = [e for e in live.values() if e]
     smoke = await asyncio.gather(
         *(
@@ -589,11 +591,15 @@ async def _analysis_window(
             memory.samples.pop(pod, None)
             continue
         memory.samples[pod] = parse_metrics(text)
+        if pod in parts:
+            # The smoke answers' generation is known only from the server's side.
+            during = rules.sample_delta(before_smoke[pod], memory.samples[pod])
+            parts[pod] = rules.with_generation_of(parts[pod], during)
         info = parse_lora_requests_info(text)
         if info.max_lora is not None:  # the server exports vllm:lora_requests_info
             scheduled = bool(scheduled) or obs.spec.adapter_name in info.seen
     unauthorized = any(s.kind is VllmErrorKind.UNAUTHORIZED for s in smoke)
-    return ad.AnalysisWindow(tuple(parts), tuple(smoke), unauthorized, scheduled)
+    return ad.AnalysisWindow(tuple(parts.values()), tuple(smoke), unauthorized, scheduled)
 
 
 # ------------------------------------------------------------------ act

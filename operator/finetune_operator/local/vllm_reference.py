@@ -16,6 +16,9 @@ Each behaviour below names the vLLM file it imitates. Routes:
   model or an adapter name; the answer's ``model`` is the adapter that served it;
 - ``GET /metrics``: ``vllm:request_success_total``, ``vllm:e2e_request_latency_seconds``
   (vLLM's buckets), ``vllm:num_requests_running``, ``vllm:lora_requests_info``,
+  ``vllm:request_generation_tokens``, ``vllm:request_decode_time_seconds`` and
+  ``vllm:request_time_per_output_token_seconds`` (one observation per finished request,
+  as vllm/v1/metrics/loggers.py records FinishedRequestStats in 0.11 and 0.34),
   ``http_requests_total{handler,method,status}``;
 - ``GET /health``.
 
@@ -24,8 +27,8 @@ With an API key (``--api-key`` or ``VLLM_API_KEY``) every ``/v1`` route needs
 
 Startup follows vLLM: ``--lora-modules`` adapters are checked when the server starts
 (rank above ``--max-lora-rank`` stops it), and so are the process layouts vLLM refuses.
-Failures can be injected: a share of requests answered with HTTP 500, added latency, a
-crash. Generation is pluggable: by default the answer is a deterministic echo; pass a
+Failures can be injected: a share of requests answered with HTTP 500, added latency, slow
+generation (``decode_seconds_per_token``), a crash. Generation is pluggable: by default the answer is a deterministic echo; pass a
 ``generator`` (sync or async callable taking a :class:`GenerationRequest`) to answer
 with a real model.
 """
@@ -48,7 +51,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .. import vllm_args
-from ..clients.vllm import VLLM_LATENCY_BUCKETS
+from ..clients.vllm import VLLM_LATENCY_BUCKETS, VLLM_TPOT_BUCKETS
+
+# build_1_2_5_buckets(max_model_len) in vLLM; the reference model's length is 4096.
+GENERATION_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 
 Generation = Literal["0.11", "0.34"]
 GENERATIONS: tuple[Generation, ...] = ("0.11", "0.34")
@@ -135,6 +141,8 @@ class ReferenceConfig:
     allow_runtime_lora_updating: bool = True
     error_rate: float = 0.0
     added_latency_seconds: float = 0.0
+    # Time each generated token after the first takes (the decode phase): slow generation.
+    decode_seconds_per_token: float = 0.0
     generation: Generation = "0.11"
     api_keys: list[str] = field(default_factory=list)
     chat_template: bool = True  # whether the model's tokenizer has one (or --chat-template)
@@ -287,6 +295,30 @@ class ReferenceServer:
             "Histogram of e2e request latency in seconds.",
             labels,
             buckets=VLLM_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        # vllm/v1/metrics/loggers.py: per finished request, its generated tokens, its decode
+        # time (first to last new token) and that time per token after the first (0 for a
+        # one-token answer). Token buckets: build_1_2_5_buckets(max_model_len).
+        self._generation_tokens = Histogram(
+            "vllm:request_generation_tokens",
+            "Number of generation tokens processed.",
+            labels,
+            buckets=GENERATION_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self._decode_time = Histogram(
+            "vllm:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            labels,
+            buckets=VLLM_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._time_per_output_token = Histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            labels,
+            buckets=VLLM_TPOT_BUCKETS,
             registry=self.registry,
         )
         self._running = Gauge(
@@ -551,6 +583,23 @@ class ReferenceServer:
         running = ",".join(n for n, c in self._running_adapters.items() if c > 0)
         self._lora_info.labels(str(self.config.max_loras), "", running).set_to_current_time()
 
+    async def _decode(self, tokens: int) -> float:
+        """The decode phase: the first token came with prefill, each later one takes
+        ``decode_seconds_per_token``. Returns the time from first to last token."""
+        first_token = time.monotonic()
+        if tokens > 1 and self.config.decode_seconds_per_token > 0:
+            await asyncio.sleep((tokens - 1) * self.config.decode_seconds_per_token)
+        return time.monotonic() - first_token
+
+    def _observe_generation(self, tokens: int, decode_seconds: float) -> None:
+        """vllm/v1/metrics/stats.py update_from_finished_request: time per output token is
+        decode time over tokens after the first, 0 for a one-token answer."""
+        base = self.config.base_name
+        self._generation_tokens.labels(base, "0").observe(tokens)
+        self._decode_time.labels(base, "0").observe(decode_seconds)
+        per_token = decode_seconds / (tokens - 1) if tokens > 1 else 0.0
+        self._time_per_output_token.labels(base, "0").observe(per_token)
+
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
         return await self._generate(
@@ -608,6 +657,8 @@ class ReferenceServer:
             )
             result = self.generator(req)
             text = await result if inspect.isawaitable(result) else result
+            tokens = len(str(text).split())
+            decode_seconds = await self._decode(tokens)
         finally:
             self._running.labels(base, "0").dec()
             if scheduled:
@@ -615,9 +666,10 @@ class ReferenceServer:
             self._lora_step()
         self._success.labels(base, "0", "stop").inc()
         self._latency.labels(base, "0").observe(time.monotonic() - started)
+        self._observe_generation(tokens, decode_seconds)
         self._count(handler, "POST", 200)
         # The answer's model is the adapter that served it (OpenAIServingModels.model_name).
-        usage = {"prompt_tokens": 0, "completion_tokens": len(str(text).split())}
+        usage = {"prompt_tokens": 0, "completion_tokens": tokens}
         if chat:
             choice: dict[str, Any] = {
                 "index": 0,

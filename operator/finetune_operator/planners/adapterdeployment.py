@@ -7,7 +7,8 @@ samples the clients collected) and returns a decision; none does I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -524,11 +525,38 @@ class MetricsSample:
     successes: float = 0.0
     latency_buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
     latency_count: float = 0.0
+    # Finished requests' generation: vllm:request_generation_tokens (_sum, _count) and
+    # vllm:request_decode_time_seconds (_sum), observed together per finished request.
+    generation_tokens: float = 0.0
+    generation_requests: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def decode_tokens(self) -> float:
+        """Tokens generated while decoding: each request's first token comes from prefill."""
+        return max(0.0, self.generation_tokens - self.generation_requests)
+
+    @property
+    def tokens_per_second_per_request(self) -> float | None:
+        """Decode tokens over decode time: the speed a request's stream sees, weighted by
+        tokens. None without decode tokens; infinite when their time measured zero."""
+        tokens = self.decode_tokens
+        if tokens <= 0:
+            return None
+        return tokens / self.decode_seconds if self.decode_seconds > 0 else math.inf
+
+
+def _restarted(prev: MetricsSample, cur: MetricsSample) -> bool:
+    return (
+        cur.requests < prev.requests
+        or cur.latency_count < prev.latency_count
+        or cur.generation_requests < prev.generation_requests
+    )
 
 
 def sample_delta(prev: MetricsSample | None, cur: MetricsSample) -> MetricsSample:
     """The window between two samples; a counter that went down means a restart."""
-    if prev is None or cur.requests < prev.requests or cur.latency_count < prev.latency_count:
+    if prev is None or _restarted(prev, cur):
         return cur
     return MetricsSample(
         requests=cur.requests - prev.requests,
@@ -539,6 +567,20 @@ def sample_delta(prev: MetricsSample | None, cur: MetricsSample) -> MetricsSampl
             for le, n in cur.latency_buckets.items()
         },
         latency_count=cur.latency_count - prev.latency_count,
+        generation_tokens=max(0.0, cur.generation_tokens - prev.generation_tokens),
+        generation_requests=cur.generation_requests - prev.generation_requests,
+        decode_seconds=max(0.0, cur.decode_seconds - prev.decode_seconds),
+    )
+
+
+def with_generation_of(window: MetricsSample, during: MetricsSample) -> MetricsSample:
+    """``window`` with the generation counted in ``during`` added (the smoke requests: the
+    client sees their answers, only the server their decode time)."""
+    return replace(
+        window,
+        generation_tokens=window.generation_tokens + during.generation_tokens,
+        generation_requests=window.generation_requests + during.generation_requests,
+        decode_seconds=window.decode_seconds + during.decode_seconds,
     )
 
 
@@ -549,6 +591,9 @@ def sum_samples(samples: list[MetricsSample]) -> MetricsSample:
         out.errors += s.errors
         out.successes += s.successes
         out.latency_count += s.latency_count
+        out.generation_tokens += s.generation_tokens
+        out.generation_requests += s.generation_requests
+        out.decode_seconds += s.decode_seconds
         for le, n in s.latency_buckets.items():
             out.latency_buckets[le] = out.latency_buckets.get(le, 0.0) + n
     return out
@@ -603,6 +648,7 @@ class CanaryDecision:
     error_rate: float | None
     latency_p95_ms: float | None
     requests: int
+    tokens_per_second: float | None = None  # per request while decoding; None: no data
 
 
 def decide_canary(
@@ -625,10 +671,12 @@ def decide_canary(
     p95_ms = None if p95_s is None else p95_s * 1000.0
     failed = [s for s in smoke if not s.ok and not s.server_error]
 
+    speed = window.tokens_per_second_per_request
+
     def verdict(
         action: Literal["continue", "promote", "abort"], reason: str, msg: str, passed: int
     ) -> CanaryDecision:
-        return CanaryDecision(action, reason, msg, passed, error_rate, p95_ms, requests)
+        return CanaryDecision(action, reason, msg, passed, error_rate, p95_ms, requests, speed)
 
     if failed:
         return verdict(
@@ -654,12 +702,30 @@ def decide_canary(
             f"maxLatencyP95Ms {analysis.max_latency_p95_ms:.0f}",
             checks_passed,
         )
+    minimum = analysis.min_tokens_per_second_per_request
+    if judged and minimum is not None and speed is not None and speed < minimum:
+        return verdict(
+            "abort", Reason.CANARY_SLOW_GENERATION, slow_generation_message(window, minimum),
+            checks_passed,
+        )  # fmt: skip
     if not judged:
         return verdict(
             "continue",
             Reason.WAITING_FOR_TRAFFIC,
             f"{requests} requests in this window, analysis needs at least "
             f"{max(1, analysis.min_requests)}",
+            checks_passed,
+        )
+    if minimum is not None and speed is None:
+        # Only answers of one token (or a server without the metrics): nothing to judge
+        # the speed on, so this check neither passes nor fails.
+        return verdict(
+            "continue",
+            Reason.WAITING_FOR_TRAFFIC,
+            f"{requests} requests in this window but none generated more than one token "
+            "(vllm:request_generation_tokens, vllm:request_decode_time_seconds); "
+            "minTokensPerSecondPerRequest needs longer answers, e.g. a smokePrompt that "
+            "asks for a sentence",
             checks_passed,
         )
     passed = checks_passed + 1
@@ -669,6 +735,19 @@ def decide_canary(
         )
     return verdict(
         "continue", Reason.ANALYZING, f"{passed}/{analysis.checks} checks passed", passed
+    )
+
+
+def slow_generation_message(window: MetricsSample, minimum: float) -> str:
+    """Measured against required speed, and what to change."""
+    speed = window.tokens_per_second_per_request or 0.0
+    return (
+        f"generation speed {speed:.1f} tokens/s per request ({window.decode_tokens:.0f} "
+        f"tokens decoded in {window.decode_seconds:.1f} s over "
+        f"{window.generation_requests:.0f} requests) is below minTokensPerSecondPerRequest "
+        f"{minimum:g}: serve the adapter on faster GPUs or with less load per replica "
+        "(--max-num-seqs, more replicas), use a lower LoRA rank or --max-lora-rank, or "
+        "lower the minimum"
     )
 
 

@@ -609,6 +609,8 @@ def _judge_window(
         canary.error_rate = round(decision.error_rate, 4)
     if decision.latency_p95_ms is not None:
         canary.latency_p95_ms = round(decision.latency_p95_ms, 1)
+    if decision.tokens_per_second is not None and math.isfinite(decision.tokens_per_second):
+        canary.tokens_per_second_per_request = round(decision.tokens_per_second, 1)
     if decision.action == "abort":
         _abort_canary(d, decision.reason, decision.message)
         return
