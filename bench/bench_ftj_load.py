@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=60.0, help="seconds counted at rest")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds before counting")
     parser.add_argument(
-        "--poll-seconds", type=float, default=15.0, help="FINETUNE_PROGRESS_POLL_SECONDS"
+        "--poll-seconds", type=float, default=30.0, help="FINETUNE_PROGRESS_POLL_SECONDS"
     )
     parser.add_argument(
         "--polls-per-second", type=float, default=20.0, help="FINETUNE_PROGRESS_POLLS_PER_SECOND"

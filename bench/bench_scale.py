@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         "--poll-seconds",
         type=float,
         default=15.0,
-        help="FINETUNE_PROGRESS_POLL_SECONDS of the operator (its default: 15)",
+        help="FINETUNE_PROGRESS_POLL_SECONDS of the operator (its default: 30)",
     )
     parser.add_argument(
         "--polls-per-second",

@@ -81,7 +81,7 @@ class OperatorConfig:
         ),
     )
     progress_poll_seconds: float = field(
-        default=15.0,
+        default=30.0,
         metadata=_help(
             "How often the log tail of a running trainer is read for progress (pod and Job "
             "states come from watches).",
