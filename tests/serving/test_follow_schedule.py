@@ -262,3 +262,26 @@ def test_a_champion_another_follower_rejected_is_not_rolled_out() -> None:
     p = plan(following(follower(), marked), at(0))
     assert p.actions == () and p.status.phase == "Pending"
     assert "rejected by AdapterDeployment eu" in condition(p, "SourceReady").message
+
+
+def test_a_marked_champion_stays_out_after_a_spec_edit() -> None:
+    """A spec edit makes a rejected adapter eligible again for other sources; a champion the
+    schedule marked rejected stays out whatever the follower's spec says."""
+    obs = aborted_canary_of(following(canary_follower(), schedule(D1)), D1, 0)
+    marked = schedule(D1, rolled_back={"adapterDeployment": "support", "reason": "CanaryAborted"})
+    p, _ = run(replace(obs, schedule=marked, generation=2), at(60))
+    assert p.actions == () and condition(p, "SourceReady").reason == "ChampionRolledBack"
+
+
+def test_a_new_champion_during_a_canary_supersedes_it() -> None:
+    obs = following(canary_follower(), schedule(D1))
+    p, obs = run(obs, at(0))
+    assert [type(a) for a in p.actions] == [CreateCanary]
+    obs = replace(obs, canary=deployment("support-canary", D1))
+    obs = replace(obs, schedule=schedule(D2, "pvc://adapters/weekly/run-2"))
+    p, obs = run(obs, at(10))
+    assert p.actions == (DeleteDeployment("support-canary"),)
+    assert p.status.canary.revision.outcome == "Superseded" and p.next == Next.NOW
+    p, _ = run(replace(obs, canary=None), at(11))
+    assert [type(a) for a in p.actions] == [CreateCanary]
+    assert p.status.canary.revision.digest == D2
