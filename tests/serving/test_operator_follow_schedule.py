@@ -140,9 +140,9 @@ def test_a_follower_rolls_out_each_champion_and_never_retries_a_rejected_one(env
         what=f"PromotionRolledBack: {schedule_condition(env, 'PromotionRolledBack')}",
     )
     assert rolled_back["reason"] == "CanaryAborted"
-    assert (
-        "AdapterDeployment support rejected the champion weekly-run-3" in (rolled_back["message"])
-    )
+    message = rolled_back["message"]
+    assert "AdapterDeployment support rejected the champion weekly-run-3" in message
+    assert "revision 3 not promoted" in message  # the follower's Degraded message: why
     champion = (env.api.read("finetuneschedules", NS, "weekly") or {})["status"]["champion"]
     assert champion["rolledBack"] == {"adapterDeployment": "support", "reason": "CanaryAborted"}
     # The follower waits for the next champion; the rejected one is not tried again.
