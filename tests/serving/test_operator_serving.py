@@ -634,7 +634,7 @@ def test_invalid_spec_is_reported(env: Env) -> None:
     env.api.create(adapter_deployment("broken", {}))
     wait_for(lambda: env.condition("broken", "SourceReady").get("reason") == "InvalidSpec", 10)
     assert (
-        "set exactly one of fineTuneJobRef or uri"
+        "set exactly one of fineTuneJobRef, uri or fineTuneScheduleRef"
         in env.condition("broken", "SourceReady")["message"]
     )
     assert env.status("broken")["phase"] == "Failed"

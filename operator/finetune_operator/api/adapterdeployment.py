@@ -17,17 +17,21 @@ ADAPTER_URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[a-
 DIGEST_PATTERN = r"^sha256:[a-f0-9]{64}$"
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
 
+SOURCE_KINDS_MESSAGE = "set exactly one of fineTuneJobRef, uri or fineTuneScheduleRef"
+
 StrategyType = Literal["Rolling", "Canary", "Runtime"]
 
 
 class AdapterSource(ApiModel):
-    """Which adapter to serve: a FineTuneJob's result, or an explicit URI pinned by digest."""
+    """Which adapter to serve: a FineTuneJob's result, an explicit URI pinned by digest, or
+    whatever champion a FineTuneSchedule names."""
 
     model_config = ConfigDict(
         json_schema_extra=cel(
             (
-                "has(self.fineTuneJobRef) != has(self.uri)",
-                "set exactly one of fineTuneJobRef or uri",
+                "has(self.fineTuneJobRef) ? !has(self.uri) && !has(self.fineTuneScheduleRef)"
+                " : has(self.uri) != has(self.fineTuneScheduleRef)",
+                SOURCE_KINDS_MESSAGE,
                 ".uri",
             ),
             (
@@ -40,6 +44,11 @@ class AdapterSource(ApiModel):
 
     fine_tune_job_ref: LocalObjectRef | None = Field(
         default=None, description="A FineTuneJob in this namespace whose adapter is served."
+    )
+    fine_tune_schedule_ref: LocalObjectRef | None = Field(
+        default=None,
+        description="A FineTuneSchedule in this namespace: its status.champion is served, and "
+        "each new champion is rolled out with this AdapterDeployment's strategy.",
     )
     uri: str | None = Field(
         default=None,
@@ -70,8 +79,9 @@ class AdapterSource(ApiModel):
 
     @model_validator(mode="after")
     def _check(self) -> AdapterSource:
-        if (self.fine_tune_job_ref is None) == (self.uri is None):
-            raise ValueError("source: set exactly one of fineTuneJobRef or uri")
+        kinds = (self.fine_tune_job_ref, self.uri, self.fine_tune_schedule_ref)
+        if sum(kind is not None for kind in kinds) != 1:
+            raise ValueError(f"source: {SOURCE_KINDS_MESSAGE}")
         if self.uri is not None:
             check_uri(self.uri)
             if self.digest is None:
@@ -270,6 +280,10 @@ class Reason(StrEnum):
     FINETUNEJOB_NOT_FOUND = "FineTuneJobNotFound"
     FINETUNEJOB_NOT_FINISHED = "FineTuneJobNotFinished"
     FINETUNEJOB_FAILED = "FineTuneJobFailed"
+    FINETUNESCHEDULE_NOT_FOUND = "FineTuneScheduleNotFound"
+    NO_CHAMPION = "NoChampion"
+    CHAMPION_ROLLED_BACK = "ChampionRolledBack"
+    CHAMPION_INVALID = "ChampionInvalid"
     GATES_FAILED = "GatesFailed"
     ADAPTER_MISSING = "AdapterMissing"
     ADAPTER_NOT_FOUND = "AdapterNotFound"

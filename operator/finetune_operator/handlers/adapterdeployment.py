@@ -1,9 +1,10 @@
 """kopf wiring of the AdapterDeployment controller: observe, plan (pure), act, write status.
 
 Each AdapterDeployment has one small task (a kopf daemon) that sleeps until something it
-depends on changes. kopf watches keep four in-memory caches (indexes): the
-AdapterDeployments' references, Deployments, their pods and FineTuneJobs. A change of the
-object, of its FineTuneJob, of the target or canary Deployment or of one of their pods
+depends on changes. kopf watches keep five in-memory caches (indexes): the
+AdapterDeployments' references, Deployments, their pods, FineTuneJobs and the champions of
+FineTuneSchedules. A change of the object, of its FineTuneJob, of its schedule's champion,
+of the target or canary Deployment or of one of their pods
 wakes the task; it then observes from the caches (no API reads), runs the pure
 :func:`~finetune_operator.planners.adapterdeployment_plan.plan`, carries out the actions
 and writes status as one diff (nothing when nothing changed). Serving pods are called
@@ -32,6 +33,7 @@ from pydantic import ValidationError
 from .. import metrics_serving, vllm_server
 from ..api.adapterdeployment import PLURAL, AdapterDeploymentSpec, AdapterDeploymentStatus
 from ..api.common import GROUP, VERSION
+from ..api.finetuneschedule import PLURAL as SCHEDULE_PLURAL
 from ..builders import names
 from ..builders import serving as sb
 from ..clients.adapter_store import read_local_manifest
@@ -96,6 +98,8 @@ class ServingState:
 
     def __init__(self, clock: Clock = utc_now) -> None:
         self.memories: dict[tuple[str, str], Memory] = {}
+        # What followers read of each FineTuneSchedule, as last seen: only a change wakes them.
+        self.schedules: dict[tuple[str, str], dict[str, Any]] = {}
         self.session: aiohttp.ClientSession | None = None
         self.clock = clock
         self.stopping = False  # set at cleanup: no new HTTP session after the last is closed
@@ -234,9 +238,30 @@ def serving_sources(namespace: str | None, name: str, body: kopf.Body, **_: Any)
     }
 
 
+def _slim_schedule(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What a follower reads of a FineTuneSchedule: its champion and the credentials its
+    runs write adapters with (the champion is fetched with them)."""
+    template = ((body.get("spec") or {}).get("jobTemplate")) or {}
+    output = ((template.get("spec") or {}).get("output")) or {}
+    return {
+        "spec": {
+            "jobTemplate": {
+                "spec": {"output": {"credentialsSecretRef": output.get("credentialsSecretRef")}}
+            }
+        },
+        "status": {"champion": (body.get("status") or {}).get("champion")},
+    }
+
+
+@kopf.index(GROUP, VERSION, SCHEDULE_PLURAL)
+def serving_schedules(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, name): _slim_schedule(body)}
+
+
 @kopf.index(GROUP, VERSION, PLURAL)
 def serving_refs(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> Any:
-    """Which Deployments and FineTuneJobs each AdapterDeployment depends on."""
+    """Which Deployments, FineTuneJobs and FineTuneSchedules each AdapterDeployment depends
+    on."""
     refs: dict[tuple[str, str | None, str], str] = {
         ("Deployment", namespace, sb.canary_name(name)): name
     }
@@ -246,11 +271,19 @@ def serving_refs(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) ->
     ftj = ((spec.get("source") or {}).get("fineTuneJobRef") or {}).get("name")
     if ftj:
         refs[("FineTuneJob", namespace, str(ftj))] = name
+    schedule = ((spec.get("source") or {}).get("fineTuneScheduleRef") or {}).get("name")
+    if schedule:
+        refs[("FineTuneSchedule", namespace, str(schedule))] = name
     return refs
 
 
 def _caches(kwargs: Mapping[str, Any]) -> Caches:
-    return Caches(kwargs["serving_deployments"], kwargs["serving_pods"], kwargs["serving_sources"])
+    return Caches(
+        kwargs["serving_deployments"],
+        kwargs["serving_pods"],
+        kwargs["serving_sources"],
+        kwargs["serving_schedules"],
+    )
 
 
 def _one(index: Any, key: Any) -> dict[str, Any] | None:
@@ -287,6 +320,26 @@ async def source_changed(namespace: str | None, name: str, memo: Any, **kwargs: 
         state.wake(_dependents(kwargs["serving_refs"], "FineTuneJob", namespace, name))
 
 
+@kopf.on.event(GROUP, VERSION, SCHEDULE_PLURAL)
+async def schedule_changed(
+    namespace: str | None, name: str, body: kopf.Body, type: str | None, memo: Any, **kwargs: Any
+) -> None:
+    """Wake the schedule's followers when what they read of it changed: its champion (or
+    the credentials) — not at each of its runs' status updates."""
+    state = getattr(memo, "serving", None)
+    if state is None:
+        return
+    key = (str(namespace), name)
+    seen = None if type == "DELETED" else _slim_schedule(body)
+    if key in state.schedules and state.schedules[key] == seen:
+        return
+    if seen is None:
+        state.schedules.pop(key, None)
+    else:
+        state.schedules[key] = seen
+    state.wake(_dependents(kwargs["serving_refs"], "FineTuneSchedule", namespace, name))
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def adapterdeployment_changed(
     namespace: str | None, name: str, body: kopf.Body, memo: Any, **_: Any
@@ -312,6 +365,7 @@ class Caches:
     deployments: Any
     pods: Any
     sources: Any
+    schedules: Any
 
 
 def _rv(body: Mapping[str, Any] | None) -> str:
@@ -433,12 +487,14 @@ def _base_observation(
     except ValidationError as exc:
         return ad.Observed(spec=None, spec_error=str(exc), **common)
     ftj_ref = spec.source.fine_tune_job_ref
+    schedule_ref = spec.source.fine_tune_schedule_ref
     port, local_mode = spec.target.port, config.local_mode
     canary_name = sb.canary_name(name)
     target_pods = caches.pods.get((namespace, spec.target.deployment)) or ()
     obs = ad.Observed(
         spec=spec,
         ftj=_one(caches.sources, (namespace, ftj_ref.name)) if ftj_ref else None,
+        schedule=_one(caches.schedules, (namespace, schedule_ref.name)) if schedule_ref else None,
         target=_one(caches.deployments, (namespace, spec.target.deployment)),
         canary=_one(caches.deployments, (namespace, canary_name)),
         pods=_pod_infos(target_pods, port, local_mode),

@@ -8,12 +8,15 @@ samples the clients collected) and returns a decision; none does I/O.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from .. import vllm_args, vllm_server
 from ..api.adapterdeployment import (
+    ADAPTER_URI_PATTERN,
+    DIGEST_PATTERN,
     AdapterDeploymentSpec,
     AdapterDeploymentStatus,
     AdapterRevision,
@@ -22,6 +25,7 @@ from ..api.adapterdeployment import (
     Reason,
 )
 from ..api.common import get_condition
+from ..api.finetunejob import URI_MAX, check_uri
 from ..builders import serving as sb
 
 MAX_HISTORY = 20
@@ -71,10 +75,12 @@ def resolve_source(
     local: LocalManifest | None = None,
     *,
     local_mode: bool = False,
+    schedule: dict[str, Any] | None = None,
 ) -> SourceResult:
     """Which adapter the spec asks for, or why it cannot be served yet.
 
-    ``file://`` adapters name a path on the operator's own disk; outside local mode they
+    ``ftj`` and ``schedule`` are the FineTuneJob and the FineTuneSchedule the source names
+    (None: not found). ``file://`` adapters name a path on the operator's own disk; outside local mode they
     are refused before anything looks at that path, so a tenant cannot probe the
     operator's filesystem through the answers.
     """
@@ -84,6 +90,11 @@ def resolve_source(
         result = _from_finetunejob(spec, src.fine_tune_job_ref.name, ftj)
         if result.ref is not None and not local_mode and is_local(result.ref.uri):
             return local_refused(f"FineTuneJob {src.fine_tune_job_ref.name} records a")
+        return result
+    if src.fine_tune_schedule_ref is not None:
+        result = _from_schedule(name, src.fine_tune_schedule_ref.name, schedule)
+        if result.ref is not None and not local_mode and is_local(result.ref.uri):
+            return local_refused(f"FineTuneSchedule {src.fine_tune_schedule_ref.name} names a")
         return result
     assert src.uri is not None and src.digest is not None  # the model guarantees both
     if not local_mode and is_local(src.uri):
@@ -186,6 +197,87 @@ def _from_finetunejob(
     return SourceResult(
         True, Reason.RESOLVED, f"FineTuneJob {ftj_name}: {ref.uri} ({ref.digest})", ref
     )
+
+
+def _from_schedule(
+    adapter_name: str, sched_name: str, schedule: dict[str, Any] | None
+) -> SourceResult:
+    """The champion a FineTuneSchedule names in its status, or what is awaited.
+
+    A schedule or champion that does not exist yet is a wait, not a failure: schedules
+    are often created with their followers, and the first run takes a while. A champion
+    that a follower rolled back is not offered again (decision 1804).
+    """
+    if schedule is None:
+        return SourceResult(
+            False,
+            Reason.FINETUNESCHEDULE_NOT_FOUND,
+            f"waiting for FineTuneSchedule {sched_name} in this namespace: create it (or fix "
+            "source.fineTuneScheduleRef.name)",
+        )
+    champion = (schedule.get("status") or {}).get("champion") or {}
+    if not isinstance(champion, dict) or not champion:
+        return SourceResult(
+            False,
+            Reason.NO_CHAMPION,
+            f"waiting for FineTuneSchedule {sched_name} to promote a champion: its first "
+            "successful run becomes the champion and is rolled out then",
+        )
+    job = str(champion.get("job") or "?")[:253]
+    adapter = champion.get("adapter") or {}
+    uri, digest = adapter.get("uri"), adapter.get("digest")
+    problem = _champion_problem(uri, digest)
+    if problem is not None:
+        return SourceResult(
+            False,
+            Reason.CHAMPION_INVALID,
+            f"FineTuneSchedule {sched_name}: champion {job} {problem}; waiting for a champion "
+            "with a valid adapter",
+        )
+    rejected = champion.get("rolledBack") or {}
+    if isinstance(rejected, dict) and rejected:
+        return SourceResult(
+            False,
+            Reason.CHAMPION_ROLLED_BACK,
+            f"FineTuneSchedule {sched_name}: champion {job} ({str(digest)[:19]}…) was rejected "
+            f"by AdapterDeployment {str(rejected.get('adapterDeployment'))[:253]} "
+            f"({str(rejected.get('reason'))[:64]}); waiting for the schedule's next successful "
+            "run to replace it",
+        )
+    template = (schedule.get("spec") or {}).get("jobTemplate") or {}
+    output = (template.get("spec") or {}).get("output") or {}
+    secret = (output.get("credentialsSecretRef") or {}).get("name")
+    rank = adapter.get("rank")
+    ref = sb.AdapterRef(
+        adapter_name,
+        str(uri),
+        str(digest),
+        str(adapter["baseModel"]) if adapter.get("baseModel") else None,
+        rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
+        str(secret) if secret else None,
+    )
+    return SourceResult(
+        True,
+        Reason.RESOLVED,
+        f"FineTuneSchedule {sched_name}: champion {job}, {ref.uri} ({ref.digest})",
+        ref,
+    )
+
+
+def _champion_problem(uri: Any, digest: Any) -> str | None:
+    """Why a champion's adapter cannot be served (status is written by whoever may write
+    it, so it is checked as a spec's source.uri and source.digest would be), or None."""
+    if not isinstance(uri, str) or not isinstance(digest, str) or not uri or not digest:
+        return "records no adapter (uri and digest)"
+    if len(uri) > URI_MAX or not re.fullmatch(ADAPTER_URI_PATTERN, uri):
+        return "records an adapter location the operator does not serve"
+    try:
+        check_uri(uri)
+    except ValueError as exc:
+        return f"records an unusable adapter location ({exc})"
+    if not re.fullmatch(DIGEST_PATTERN, digest):
+        return "records a digest that is not sha256:<64 hex>"
+    return None
 
 
 # ------------------------------------------------------------------ compatibility

@@ -106,6 +106,7 @@ class Observed:
     spec_error: str = ""
     body: Mapping[str, Any] = field(default_factory=dict)  # metadata for owner references
     ftj: Mapping[str, Any] | None = None
+    schedule: Mapping[str, Any] | None = None  # the FineTuneSchedule followed (its champion)
     local: rules.LocalManifest | None = None
     target: Mapping[str, Any] | None = None
     canary: Mapping[str, Any] | None = None  # the canary Deployment
@@ -363,6 +364,7 @@ def _source(d: _Draft) -> rules.SourceResult:
     src = rules.resolve_source(
         d.spec, dict(d.obs.ftj) if d.obs.ftj is not None else None, d.obs.local,
         local_mode=d.obs.local_mode,
+        schedule=dict(d.obs.schedule) if d.obs.schedule is not None else None,
     )  # fmt: skip
     src = rules.resolve_desired(d.spec, d.status, src)
     d.condition(ConditionType.SOURCE_READY, "True" if src.ok else "False", src.reason, src.message)
@@ -405,9 +407,8 @@ def _idle_step(d: _Draft) -> None:
     current = d.status.current
     target = _target(d)
     if not src.ok or src.ref is None:
-        if current is None:
-            waiting = src.reason == Reason.FINETUNEJOB_NOT_FINISHED
-            d.phase(Phase.PENDING if waiting else Phase.FAILED)
+        if current is None and not _keeps_phase(d, src):
+            d.phase(Phase.PENDING if src.reason in WAITING_REASONS else Phase.FAILED)
         _steady(d)
         return
     ref = src.ref
@@ -445,6 +446,24 @@ def _idle_step(d: _Draft) -> None:
     d.condition(ConditionType.PROGRESSING, "True", Reason.ROLLOUT_STARTED, msg)
     d.event(Reason.ROLLOUT_STARTED, msg)
     d.again()  # the next pass follows the rollout (Runtime: asks the pods)
+
+
+# Source reasons that wait for something to happen elsewhere (Pending, not Failed).
+WAITING_REASONS = frozenset(
+    {
+        Reason.FINETUNEJOB_NOT_FINISHED,
+        Reason.FINETUNESCHEDULE_NOT_FOUND,
+        Reason.NO_CHAMPION,
+        Reason.CHAMPION_ROLLED_BACK,
+        Reason.CHAMPION_INVALID,
+    }
+)
+
+
+def _keeps_phase(d: _Draft, src: rules.SourceResult) -> bool:
+    """A champion that this object rolled back stays shown as RolledBack while the schedule
+    waits for its next run, rather than turning into a wait."""
+    return src.reason == Reason.CHAMPION_ROLLED_BACK and d.status.phase == Phase.ROLLED_BACK
 
 
 def _make_current(d: _Draft, rev: AdapterRevision) -> None:
