@@ -94,11 +94,21 @@ def test_one_run_for_the_slot_then_it_becomes_the_champion(
     assert st["runs"][0]["outcome"] == "Succeeded" and st["active"] == []
     assert st["lastOutcome"] == "Succeeded"
     assert runs(emulator) == [RUN]
-    reasons = {e.get("reason") for e in emulator.events_about(NS, "weekly")}
-    assert {"RunStarted", "ChampionPromoted"} <= reasons
+    # Events and metrics follow the status write that shows the champion: wait for them.
+    wait_for(
+        lambda: (
+            {"RunStarted", "ChampionPromoted"}
+            <= {e.get("reason") for e in emulator.events_about(NS, "weekly")}
+        ),
+        what="the run and promotion events",
+    )
     # Metrics: the run by outcome, the decision, and when the last success was.
-    assert sample("finetune_schedule_runs_total", trigger="Schedule", outcome="Succeeded") == (
-        runs_before + 1
+    wait_for(
+        lambda: (
+            sample("finetune_schedule_runs_total", trigger="Schedule", outcome="Succeeded")
+            == runs_before + 1
+        ),
+        what="the run counted",
     )
     assert sample("finetune_schedule_promotion_decisions_total", decision="Promoted") == (
         promoted_before + 1
