@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from finetune_operator.handlers.finetunejob import status_patch
+from finetune_operator.api.status_patch import status_patch
 
 
 def test_equal_status_gives_no_patch() -> None:

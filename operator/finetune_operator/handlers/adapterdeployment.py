@@ -34,6 +34,7 @@ from .. import metrics_serving, vllm_server
 from ..api.adapterdeployment import PLURAL, AdapterDeploymentSpec, AdapterDeploymentStatus
 from ..api.common import GROUP, VERSION
 from ..api.finetuneschedule import PLURAL as SCHEDULE_PLURAL
+from ..api.status_patch import FOREIGN_STATUS_KEYS, status_patch
 from ..builders import names
 from ..builders import serving as sb
 from ..clients.adapter_store import read_local_manifest
@@ -59,7 +60,6 @@ MAX_PATCH_ATTEMPTS = 8
 MAX_IMMEDIATE_PASSES = 20
 # How often a sleeping task checks whether kopf asked it to stop (no request involved).
 STOP_CHECK_SECONDS = 0.5
-FOREIGN_STATUS_KEYS = ("kopf",)
 POD_TEMPLATE_HASH = "pod-template-hash"
 
 Marker = tuple[str, int, str | None]
@@ -754,25 +754,6 @@ async def _create_canary(
             raise
         await kube.delete("Deployment", namespace, name)  # a stale canary the cache missed
         raise Unfinished(f"an old canary Deployment {name} was in the way") from exc
-
-
-def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
-    """The merge patch turning ``current`` into ``desired`` ({} when equal); keys owned by
-    other writers are left alone, removed keys become null, lists are replaced whole."""
-    current = {k: v for k, v in current.items() if k not in FOREIGN_STATUS_KEYS}
-    patch: dict[str, Any] = {}
-    for key, value in desired.items():
-        old = current.get(key)
-        if old == value:
-            continue
-        if isinstance(old, Mapping) and isinstance(value, Mapping):
-            patch[key] = status_patch(old, value)
-        else:
-            patch[key] = value
-    for key in current:
-        if key not in desired:
-            patch[key] = None
-    return patch
 
 
 def _record(obs: ad.Observed, records: Iterable[ad.Record]) -> None:

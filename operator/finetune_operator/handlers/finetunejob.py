@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import kopf
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 from .. import metrics
 from ..api.common import GROUP, VERSION
 from ..api.finetunejob import KIND, PLURAL, FineTuneJobSpec
+from ..api.status_patch import FOREIGN_STATUS_KEYS, status_patch
 from ..builders import distributed, names
 from ..builders.trainer import TRAINER_CONTAINER
 from ..clients.kube import KubeClient, KubeError
@@ -44,6 +46,7 @@ from ..planners.finetunejob import (
 )
 from ..policy import NamespaceUsage
 from .gpu_usage import GpuLedger
+from .object_locks import ObjectLocks
 from .trainer_watch import (
     CHILD_LABELS,
     CHILD_SELECTOR,
@@ -66,8 +69,6 @@ class _QuietPollerStops(logging.Filter):
 
 logging.getLogger("kopf.objects").addFilter(_QuietPollerStops())
 
-# Keys of status that kopf or other writers own; never compared or overwritten here.
-FOREIGN_STATUS_KEYS = ("kopf",)
 # Children whose creation makes an event: the trainer Job is what users look at next
 # (`kubectl logs job/...`); its ConfigMap and Service are details (decision 1201).
 EVENT_CHILD_KINDS = ("Job",)
@@ -94,7 +95,7 @@ class RunState:
     """
 
     def __init__(self) -> None:
-        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        self._locks = ObjectLocks()
         self.prices: tuple[float, PriceTable | None] | None = None  # (monotonic read time, table)
         # (kind, namespace, name) -> monotonic time it was last seen to exist.
         self.references_seen: dict[tuple[str, str, str], float] = {}
@@ -104,21 +105,9 @@ class RunState:
         self.gpus = GpuLedger()  # GPUs of each namespace's runs (platform policy)
         self.watched = WatchedObjects()  # FineTuneJobs, trainer Jobs and pods as watched
 
-    @contextlib.asynccontextmanager
-    async def serialised(self, namespace: str, name: str) -> AsyncIterator[None]:
+    def serialised(self, namespace: str, name: str) -> AbstractAsyncContextManager[None]:
         """One reconcile of an object at a time (create/update, poll and Job events race)."""
-        key = (namespace, name)
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users <= 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+        return self._locks.held(namespace, name)
 
     def recently_seen(self, kind: str, namespace: str, name: str) -> bool:
         seen = self.references_seen.get((kind, namespace, name))
@@ -459,33 +448,6 @@ async def _plan_and_act(
         if refused.outcome == "retry":  # a final refusal is counted with its verdict
             metrics.ftj_errors.labels(namespace, "JobRejected").inc()
         return refused, []
-
-
-def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
-    """The merge patch turning ``current`` status into ``desired`` ({} when equal).
-
-    Nested objects are diffed key by key with removed keys set to null (a plain merge
-    patch would keep stale keys such as an old ``evalLoss``); lists are replaced whole.
-    Keys owned by other writers are left alone.
-    """
-    current = {k: v for k, v in current.items() if k not in FOREIGN_STATUS_KEYS}
-    return merge_diff(current, desired)
-
-
-def merge_diff(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
-    patch: dict[str, Any] = {}
-    for key, value in desired.items():
-        old = current.get(key)
-        if old == value:
-            continue
-        if isinstance(old, Mapping) and isinstance(value, Mapping):
-            patch[key] = merge_diff(old, value)
-        else:
-            patch[key] = value
-    for key in current:
-        if key not in desired:
-            patch[key] = None
-    return patch
 
 
 async def reconcile(

@@ -9,10 +9,10 @@ already made (409) and is taken as success: never two runs for one slot.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +25,7 @@ from ..api.common import GROUP, VERSION
 from ..api.finetunejob import KIND as FTJ_KIND
 from ..api.finetunejob import PLURAL as FTJ_PLURAL
 from ..api.finetuneschedule import KIND, PLURAL
+from ..api.status_patch import FOREIGN_STATUS_KEYS, status_patch
 from ..builders import names
 from ..clients.kube import KubeClient, KubeError
 from ..config import OperatorConfig
@@ -37,7 +38,8 @@ from ..planners.finetuneschedule import (
     plan,
     run_outcome,
 )
-from .finetunejob import FOREIGN_STATUS_KEYS, runtime, status_patch
+from .finetunejob import runtime
+from .object_locks import ObjectLocks
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +54,12 @@ class ScheduleState:
     """Per-operator-run state of the schedule controller (in kopf's memo)."""
 
     def __init__(self) -> None:
-        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        self._locks = ObjectLocks()
         # (namespace, name) -> monotonic time the schedule is next due.
         self.due: dict[tuple[str, str], float] = {}
 
-    @contextlib.asynccontextmanager
-    async def serialised(self, namespace: str, name: str) -> AsyncIterator[None]:
-        key = (namespace, name)
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users <= 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+    def serialised(self, namespace: str, name: str) -> AbstractAsyncContextManager[None]:
+        return self._locks.held(namespace, name)
 
     @property
     def in_flight(self) -> int:
