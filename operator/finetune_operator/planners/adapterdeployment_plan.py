@@ -44,6 +44,7 @@ from ..api.adapterdeployment import (
 from ..api.common import Condition, ConditionStatus, set_condition
 from ..builders import serving as sb
 from . import adapterdeployment as rules
+from .events import Event
 
 # vLLM's bucket bounds for vllm:e2e_request_latency_seconds (smoke latencies join them).
 LATENCY_BUCKETS = (
@@ -178,13 +179,6 @@ class PodCall:
 
 
 Action = PatchTarget | CreateCanary | DeleteDeployment | PodCall
-
-
-@dataclass(frozen=True)
-class Event:
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from ..builders.trainer import (
 from ..config import OperatorConfig
 from ..gates import evaluate_gates, summarize
 from ..policy import NamespaceUsage, apply_defaults, refusal_message
+from .events import Event
 from .progress import (
     TrainerOutputError,
     data_status,
@@ -205,13 +206,6 @@ class Action:
     kind: Literal["ConfigMap", "Job", "Service"]
     name: str
     body: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class Event:
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
 
 
 @dataclass

@@ -25,6 +25,7 @@ from ..api.finetuneschedule import KIND, RUN_RECORDS_MAX, FineTuneScheduleSpec
 from ..api.metrics_catalog import METRICS
 from ..builders import names
 from ..builders.data_probe import LABEL_PROBE, probe_job, probe_result
+from .events import Event
 
 # Labels and annotations on each run.
 LABEL_SCHEDULE = "finetune.dev/schedule"
@@ -89,13 +90,6 @@ class RunAction:
     name: str
     body: dict[str, Any] | None = None
     kind: Literal["FineTuneJob", "Job"] = "FineTuneJob"
-
-
-@dataclass(frozen=True)
-class Event:
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
 
 
 @dataclass
