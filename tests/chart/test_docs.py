@@ -43,10 +43,14 @@ def parameters_by_callee(tree: ast.Module) -> dict[str, list[str]]:
     return params
 
 
-def reasons_in(path: Path) -> set[str]:
-    """Literal arguments given to a parameter named `reason` anywhere in the module."""
+def reasons_in(path: Path, shared: dict[str, list[str]] | None = None) -> set[str]:
+    """Literal arguments given to a parameter named `reason` anywhere in the module.
+
+    ``shared``: parameters of types the module imports from another planner module (the
+    Event of planners/events.py), so that positional reasons given to them count too.
+    """
     tree = ast.parse(path.read_text())
-    params = parameters_by_callee(tree)
+    params = {**(shared or {}), **parameters_by_callee(tree)}
     found: set[str] = set()
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
@@ -72,8 +76,9 @@ INTERNAL_VERDICTS = {"Path"}  # adapterdeployment: where a Runtime-loaded adapte
 
 def all_reasons() -> set[str]:
     reasons: set[str] = set()
+    shared = parameters_by_callee(ast.parse((PLANNERS / "events.py").read_text()))
     for planner in sorted(PLANNERS.glob("*.py")):
-        reasons |= reasons_in(planner) - INTERNAL_VERDICTS
+        reasons |= reasons_in(planner, shared) - INTERNAL_VERDICTS
     from finetune_operator.api.adapterdeployment import Reason
     from finetune_operator.planners import finetunejob
 
@@ -87,6 +92,8 @@ def test_reason_scan_finds_the_planners_reasons() -> None:
     assert {"InsufficientGPUMemory", "Unschedulable", "GatesFailed"} <= reasons
     if (PLANNERS / "adapterdeployment.py").exists():
         assert {"DigestMismatch", "CanaryErrorRate"} <= reasons
+    # Reasons only given positionally to the shared Event type (planners/events.py).
+    assert {"RunStarted", "ChampionPromoted", "MissedSchedule"} <= reasons
 
 
 @pytest.mark.parametrize("reason", sorted(all_reasons()))
