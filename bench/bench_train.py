@@ -667,6 +667,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="profile two measured steps of every variant (profile-*.txt next to --out)",
     )
+    parser.add_argument(
+        "--drop-build",
+        action="store_true",
+        help="delete the built random model once loaded (several shapes on one small disk)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-train.json"))
     args = parser.parse_args(argv)
 
@@ -688,6 +693,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     base = load_base(model_dir, args.method)
     t_load = time.perf_counter() - t0
+    if args.drop_build and not args.model_dir:
+        import shutil
+
+        shutil.rmtree(model_dir, ignore_errors=True)
     print(f"model ready: build {t_build:.0f}s, load {t_load:.0f}s", flush=True)
     out: dict[str, Any] = {
         "environment": env,

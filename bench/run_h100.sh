@@ -2,6 +2,8 @@
 # The GPU benchmarks in two calls of at most ten minutes each, from the repository root.
 #   bench/run_h100.sh train   # bench_train (baseline vs fast path, equivalence) + trainer CLI
 #   bench/run_h100.sh vram    # bench_vram (10 configurations) + bench_eval when present
+#   bench/run_h100.sh memory  # packed-path peak memory of four model families, in parallel
+#                             # processes (memory only: the step times disturb each other)
 # Needs the missing packages on PYTHONPATH (bench/gpu_wheels.sh) and writes to ${OUT:-out}.
 set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"
@@ -15,6 +17,18 @@ case "${1:-train}" in
       --equivalence-steps 12 --out "$out/train.json" 2>&1 | tee "$out/train.log" | grep -v "it/s\]\|s/it\]"
     python3 bench/bench_trainer_cli.py --shape llama3-8b --work-dir /tmp/cli --max-steps 30 \
       --out "$out/trainer-cli.json" 2>&1 | tail -5
+    ;;
+  memory)
+    sweep() {  # shape variants
+      python3 bench/bench_train.py --shape "$1" --build-dir "/tmp/m-$1" --drop-build \
+        --memory-budget-gib 60 --variants "$2" --steps 2 --warmup-steps 1 --rows 1200 \
+        --out "$out/memory-$1.json" > "$out/memory-$1.log" 2>&1
+    }
+    sweep llama3-8b "fast:2048:gc,fast:4096:gc,fast:8192:gc,fast:16384:gc,fast:8192:gc:dropout=0,fast:16384:gc:dropout=0,fast:4096:nogc" &
+    sweep qwen2.5-7b "fast:4096:gc,fast:16384:gc,fast:4096:nogc" &
+    (sweep mistral-7b "fast:4096:gc,fast:16384:gc"; sweep gemma-7b "fast:4096:gc,fast:16384:gc,fast:4096:nogc") &
+    wait
+    grep -h '"variant"' "$out"/memory-*.log | cut -c1-400
     ;;
   vram)
     python3 bench/bench_vram.py --out "$out/vram.json" --models-dir /tmp/vram-models 2>&1 | tee "$out/vram.log" | tail -20

@@ -49,6 +49,13 @@ SHAPES: dict[str, dict[str, Any]] = {
         "vocab_size": 151936, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
         "tie_word_embeddings": True,
     },
+    # A large vocabulary (256k) with wide attention heads (head_dim 256, 16 heads on 3,072).
+    "gemma-7b": {
+        "model_type": "gemma", "hidden_size": 3072, "intermediate_size": 24576,
+        "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "head_dim": 256, "vocab_size": 256000, "max_position_embeddings": 8192,
+        "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+    },
     "tiny": {
         "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
