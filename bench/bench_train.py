@@ -57,6 +57,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "allocatorConf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     }
     for pkg in (
         "transformers",
@@ -674,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("bench-train.json"))
     args = parser.parse_args(argv)
+    # As the trainer does before torch is imported (finetune_trainer.cli): the memory model is
+    # calibrated for expandable allocator segments, so the harness measures with them too.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
     import torch
     from shapes import build_random_model
