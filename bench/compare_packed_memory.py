@@ -1,0 +1,114 @@
+"""Compare the packed memory model with measured fast-path peaks.
+
+Reads result files of ``bench/bench_train.py`` (one or more; every fast-path variant in them)
+and prints, per run, the measured peak (PyTorch's peak reserved memory plus the CUDA context
+the model counts as ``overhead_bytes``), the peak ``finetune_operator.packed_memory``
+predicts for the same shape, tokens, checkpointing, offload and dropout, and the error. The
+memory-model tests hold the same points (``tests/perf/test_fastpath.py``).
+
+    PYTHONPATH=operator:trainer-image python bench/compare_packed_memory.py \\
+        bench/results/h100-2026-12-07/memory-*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+GIB = 1024**3
+
+
+def measured_points(paths: list[Path]) -> list[dict[str, Any]]:
+    """One row per successful fast-path variant: shape, settings and measured peak."""
+    points = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        model = data["model"]
+        for result in data["results"]:
+            if "error" in result or "fastpath" not in result or "peakReservedGiB" not in result:
+                continue
+            config = result["config"]
+            points.append(
+                {
+                    "file": path.name,
+                    "variant": result["variant"],
+                    "shape": model["shape"],
+                    "method": model["method"],
+                    "rank": model["rank"],
+                    "tokens": config["max_length"],
+                    "gc": bool(config["gradient_checkpointing"]),
+                    "dropout": float(config.get("lora_dropout", 0.05)),
+                    "offload": bool(result["fastpath"].get("activationOffload", False)),
+                    "reservedGiB": result["peakReservedGiB"],
+                    "allocatedGiB": result.get("peakAllocatedGiB"),
+                    "beforeTrainGiB": result.get("allocatedBeforeTrainGiB"),
+                }
+            )
+    return points
+
+
+def predicted_gib(point: dict[str, Any]) -> tuple[float, dict[str, float]]:
+    import inspect
+
+    from finetune_operator.estimator import ModelShape
+    from finetune_operator.packed_memory import peak_breakdown_bytes
+    from shapes import make_config
+
+    shape = ModelShape.from_config(make_config(point["shape"]))
+    settings: dict[str, Any] = {
+        "method": point["method"],
+        "lora_rank": point["rank"],
+        "tokens": point["tokens"],
+        "gradient_checkpointing": point["gc"],
+        "lora_dropout": point["dropout"],
+    }
+    if "activation_offload" in inspect.signature(peak_breakdown_bytes).parameters:
+        settings["activation_offload"] = point["offload"]
+    parts = peak_breakdown_bytes(shape, **settings)
+    return sum(parts.values()) / GIB, {k: round(v / GIB, 2) for k, v in parts.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", type=Path)
+    parser.add_argument(
+        "--context-gib", type=float, default=0.5, help="CUDA context outside reserved memory"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON line per run")
+    args = parser.parse_args(argv)
+    rows = []
+    for point in measured_points(args.results):
+        predicted, parts = predicted_gib(point)
+        measured = point["reservedGiB"] + args.context_gib
+        point.update(
+            predictedGiB=round(predicted, 2),
+            measuredGiB=round(measured, 2),
+            error=round(predicted / measured - 1, 4),
+            parts=parts,
+        )
+        rows.append(point)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print("| shape | tokens | ckpt | offload | dropout | measured GiB | predicted GiB | error |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['shape']} | {r['tokens']:,} | {'on' if r['gc'] else 'off'} | "
+            f"{'on' if r['offload'] else 'off'} | {r['dropout']} | {r['measuredGiB']:.2f} | "
+            f"{r['predictedGiB']:.2f} | {100 * r['error']:+.1f}% |"
+        )
+    if rows:
+        worst = max(rows, key=lambda r: abs(r["error"]))
+        print(f"\nworst: {worst['variant']} ({worst['shape']}) {100 * worst['error']:+.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
