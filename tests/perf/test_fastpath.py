@@ -7,6 +7,7 @@ position ids must give every sequence exactly the logits it gets alone.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 from finetune_operator.estimator import ModelShape
@@ -296,3 +297,68 @@ def test_apply_replans_when_resolved_choices_do_not_fit(tiny_llama) -> None:
     assert report.plan is not None
     assert report.plan["tokens_per_micro_batch"] < 10_000_000
     assert report.plan["predicted_peak_gib"] <= 0.6
+
+
+def _plan_8b(budget: float, **settings: object) -> object:
+    return plan_micro_batch(
+        LLAMA3_8B, method="qlora", lora_rank=64, max_seq_length=2048, memory_budget_gib=budget,
+        **settings,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_offload_leaves_only_the_layers_in_flight_on_the_gpu() -> None:
+    from finetune_operator.packed_memory import OFFLOAD_LAYERS_IN_FLIGHT, offloaded_bytes
+
+    def peak(offload: bool) -> float:
+        return predict_peak_bytes(
+            LLAMA3_8B, method="qlora", lora_rank=64, tokens=16384,
+            gradient_checkpointing=True, activation_offload=offload,
+        )  # fmt: skip
+
+    saved_per_layer = 16384 * 4096 * 2
+    moved = (LLAMA3_8B.num_layers - OFFLOAD_LAYERS_IN_FLIGHT) * saved_per_layer
+    assert peak(False) - peak(True) == pytest.approx(moved)
+    assert offloaded_bytes(LLAMA3_8B, 16384) == 4 * GIB  # 32 layers x 16,384 x 4,096 x 2
+
+
+@pytest.mark.parametrize(
+    ("budget", "dropout", "tokens", "offload"),
+    [
+        (12, 0.05, 8192, True),  # plain checkpointing reaches only 4,096 tokens
+        (16, 0.0, 24576, True),  # 12,288 without offload: twice the tokens with it
+        (16, 0.05, 12288, False),  # offload would reach 16,384 only: not worth its copies
+        (24, 0.05, 24576, False),  # a good size without offload
+        (70, 0.05, 8192, False),  # no checkpointing at all
+    ],
+)
+def test_planner_offloads_only_when_it_buys_a_much_larger_batch(
+    budget: float, dropout: float, tokens: int, offload: bool
+) -> None:
+    plan: Any = _plan_8b(budget, lora_dropout=dropout)
+    assert (plan.tokens_per_micro_batch, plan.activation_offload) == (tokens, offload)
+    assert plan.predicted_peak_gib <= budget
+    assert plan.offload_host_bytes == (32 * tokens * 4096 * 2 if offload else 0)
+    if offload:
+        assert plan.gradient_checkpointing and "activation offload" in plan.reason
+
+
+def test_offload_must_fit_the_containers_host_memory() -> None:
+    # 8,192 offloaded tokens pin 2 GiB: half of a 4 GiB container, not of a 3 GiB one
+    plan: Any = _plan_8b(12, host_memory_gib=4)
+    assert (plan.tokens_per_micro_batch, plan.activation_offload) == (8192, True)
+    plan = _plan_8b(12, host_memory_gib=3)
+    assert plan.activation_offload is False and plan.tokens_per_micro_batch < 8192
+
+
+def test_offload_can_be_forced_or_refused() -> None:
+    plan: Any = _plan_8b(24, activation_offload=True, tokens_per_micro_batch=16384)
+    assert (plan.tokens_per_micro_batch, plan.activation_offload) == (16384, True)
+    plan = _plan_8b(12, activation_offload=False)
+    assert plan.activation_offload is False
+    with pytest.raises(ValueError, match="needs checkpointing"):
+        _plan_8b(24, activation_offload=True, gradient_checkpointing=False)
+
+
+def test_an_explicit_batch_too_large_for_checkpointing_alone_is_offloaded() -> None:
+    plan: Any = _plan_8b(12, tokens_per_micro_batch=8192)
+    assert (plan.tokens_per_micro_batch, plan.activation_offload) == (8192, True)
