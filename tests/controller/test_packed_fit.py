@@ -102,3 +102,21 @@ def test_unpacked_runs_keep_the_row_estimator() -> None:
     p, training = planned(spec(training={"batchSize": "auto", "gradientCheckpointing": None}))
     assert "tokensPerMicroBatch" not in p.status["estimate"]
     assert training is not None and isinstance(training["batchSize"], int)
+
+
+@pytest.mark.parametrize(("memory", "offload"), [("16Gi", True), ("3Gi", False)])
+def test_small_gpu_offloads_checkpointed_inputs_within_the_trainers_memory(
+    memory: str, offload: bool
+) -> None:
+    body = packed_spec()
+    # 13 GB less 10% headroom: plain checkpointing reaches only 4,096 tokens
+    body["resources"] = {"gpus": 1, "gpuMemoryGiB": 13, "memory": memory}
+    p, training = planned(body)
+    record = p.status["estimate"]
+    assert fits(p)["status"] == "True"
+    assert record["activationOffload"] is offload
+    assert ("activation offload to 2.0 GiB of host memory" in fits(p)["message"]) is offload
+    # offload pins 32 layers x tokens x 4,096 x 2 bytes: half of the 3 GiB request is too little
+    assert record["tokensPerMicroBatch"] == (8192 if offload else 4096)
+    assert sum(record["breakdown"].values()) == pytest.approx(record["peakGiB"], abs=0.05)
+    assert training is not None and training["batchSize"] == "auto"
