@@ -226,6 +226,9 @@ class ActivationOffloader:
             # Allocated on the compute stream, which uses it; the side stream writes it.
             out = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)
             if self._stream is not None:
+                # The block may have been freed by kernels still queued on the compute
+                # stream: write it only after them (the copy then overlaps what comes next).
+                self._stream.wait_stream(torch.cuda.current_stream(saved.device))
                 with torch.cuda.stream(self._stream):
                     out.copy_(host, non_blocking=True)
                     done = torch.cuda.Event()
