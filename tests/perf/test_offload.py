@@ -215,3 +215,66 @@ def test_host_memory_prefers_the_limit_then_the_request_then_the_host(
     assert host_memory_bytes((limit,), meminfo) == 500000
     limit.write_text("max")
     assert host_memory_bytes((limit,), meminfo) == 500000
+
+
+def _sft_run(tmp_path: Path, offloader: ActivationOffloader | None) -> list[float]:
+    """Five packed, checkpointed TRL steps on the tiny model; the logged losses."""
+    import torch
+    from datasets import Dataset
+    from finetune_trainer.tinymodel import build_tiny_model, build_tokenizer
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    model_dir = tmp_path / "model"
+    if not model_dir.exists():
+        build_tiny_model(model_dir, initializer_range=0.3)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if offloader is not None:
+        install(model, offloader)  # before the Trainer, as the fast path does
+    rows = [[5 + (i * 7 + j) % 50 for j in range(6 + (i % 7) * 5)] for i in range(48)]
+    dataset = Dataset.from_dict(
+        {"input_ids": rows, "completion_mask": [[0] * 3 + [1] * (len(r) - 3) for r in rows]}
+    )
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=5,
+        learning_rate=5e-3,
+        per_device_train_batch_size=1,
+        max_length=96,
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        completion_only_loss=True,
+        gradient_checkpointing=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+    )
+    trainer = fastpath.trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=build_tokenizer(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
+    )
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.slow
+def test_a_trl_run_keeps_the_offload_it_was_given_and_trains_the_same(tmp_path: Path) -> None:
+    # the Trainer enables checkpointing again when training starts: offload must survive it
+    offloader = ActivationOffloader(min_bytes=0)
+    offloaded = _sft_run(tmp_path, offloader)
+    plain = _sft_run(tmp_path, None)
+    stats = offloader.stats()
+    assert stats.offloaded == stats.restored == 5 * 2  # five micro-batches, two layers
+    assert stats.in_use == 0
+    assert len(offloaded) == 5 and offloaded == pytest.approx(plain, rel=1e-6)
