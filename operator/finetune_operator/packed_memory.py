@@ -311,10 +311,17 @@ def plan_micro_batch(
         lora_dropout=lora_dropout,
         activation_offload=bool(may_offload and host_fits(floor)),
     )
+    hint = ""
+    if may_offload and not host_fits(floor) and fits(floor, True, offload=True) is not None:
+        needed = offloaded_bytes(shape, floor) / OFFLOAD_HOST_SHARE / GIB
+        hint = (
+            f"; or at least {needed:.1f} GiB of container memory (resources.memory) for "
+            "activation offload"
+        )
     raise ValueError(
         f"even {floor} tokens per micro-batch need about {smallest / GIB:.1f} GiB, more than the "
         f"{memory_budget_gib:.1f} GiB budget: use method qlora, a smaller maxSeqLength or a "
-        "larger GPU"
+        f"larger GPU{hint}"
     )
 
 
