@@ -141,3 +141,15 @@ def test_small_gpu_offloads_checkpointed_inputs_within_the_trainers_memory() -> 
             or smaller["tokensPerMicroBatch"] < record["tokensPerMicroBatch"]
         )
         assert training is not None and training["batchSize"] == "auto"
+
+
+def test_offload_host_memory_is_shared_by_the_pods_training_processes() -> None:
+    from finetune_operator.api.finetunejob import FineTuneJobSpec
+    from finetune_operator.planners.finetunejob import trainer_memory_gib
+
+    one = FineTuneJobSpec.model_validate(spec(resources={"gpus": 1, "memory": "32Gi"}))
+    four = FineTuneJobSpec.model_validate(spec(resources={"gpus": 4, "memory": "32Gi"}))
+    default = FineTuneJobSpec.model_validate(spec(resources={"gpus": 1}))
+    assert trainer_memory_gib(one, CONFIG) == 32
+    assert trainer_memory_gib(four, CONFIG) == 8
+    assert trainer_memory_gib(default, CONFIG) == 4  # the platform's default request, 4Gi

@@ -278,3 +278,14 @@ def test_a_trl_run_keeps_the_offload_it_was_given_and_trains_the_same(tmp_path: 
     assert stats.offloaded == stats.restored == 5 * 2  # five micro-batches, two layers
     assert stats.in_use == 0
     assert len(offloaded) == 5 and offloaded == pytest.approx(plain, rel=1e-6)
+
+
+def test_each_training_process_plans_with_its_share_of_the_container(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FINETUNE_HOST_MEMORY_BYTES", str(32 * 1024**3))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    whole = fastpath._host_memory_gib()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert whole is not None and whole <= 32
+    assert fastpath._host_memory_gib() == pytest.approx(whole / 4)

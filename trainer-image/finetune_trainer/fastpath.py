@@ -418,10 +418,15 @@ def apply(
 
 
 def _host_memory_gib() -> float | None:
+    """This process's share of the container's memory (torchrun starts one per GPU)."""
+    import os
+
     from .offload import host_memory_bytes
 
     memory = host_memory_bytes()
-    return memory / GIB if memory is not None else None
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    processes = int(local) if local.isdigit() and int(local) > 0 else 1
+    return memory / processes / GIB if memory is not None else None
 
 
 def _install_offload(model: Any, plan: MicroBatchPlan) -> dict[str, Any] | None:

@@ -616,10 +616,11 @@ def check_packed_fit(
 
 
 def trainer_memory_gib(spec: FineTuneJobSpec, config: OperatorConfig) -> float:
-    """The trainer container's memory request (its limit too when the job sets one): what
-    activation offload may pin a share of. The trainer reads the same figure."""
+    """Each training process's part of the trainer container's memory request (its limit
+    too when the job sets one; one process per GPU): what activation offload may pin a share
+    of. The trainer reads the same figure."""
     memory = trainer_resources(spec, config.policy)["requests"]["memory"]
-    return float(quantity(memory)) / packed.GIB
+    return float(quantity(memory)) / max(1, spec.resources.gpus) / packed.GIB
 
 
 def referenced_objects(spec: FineTuneJobSpec) -> tuple[list[str], list[str]]:
