@@ -130,7 +130,8 @@ class ActivationOffloader:
         self.device_type = device_type
         self.min_bytes = min_bytes
         self.pinned = device_type == "cuda"
-        self._stream: Any = torch.cuda.Stream() if self.pinned else None
+        # Made on first use, on the device of the first input (one GPU per process).
+        self._stream: Any = None
         self._free: list[_Buffer] = []
         self._buffers: list[_Buffer] = []
         self._last: weakref.ReferenceType[_Saved] | None = None
@@ -202,6 +203,8 @@ class ActivationOffloader:
         previous = self._last() if self._last is not None else None
         saved = _Saved(self, self._acquire(x.numel() * x.element_size()), x, previous)
         host = saved.host_view()
+        if self.pinned and self._stream is None:
+            self._stream = torch.cuda.Stream(device=x.device)
         with torch.no_grad():
             if self._stream is not None:
                 # Wait only for the kernel that produced x; the copy then overlaps compute.
