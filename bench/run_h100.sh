@@ -37,7 +37,7 @@ case "${1:-train}" in
     # LoRA dropout 0 everywhere: Unsloth's fast path needs it, so the comparison is like for like.
     python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --lora-dropout 0 \
       --variants "unsloth:8192,unsloth:16384,fast@8,fast@10,fast@16,fast@24,fast:16384:gc,fast:16384:gc:offload" \
-      --steps 5 --warmup-steps 2 --rows 1500 --unsloth-timeout 200 \
+      --steps 5 --warmup-steps 2 --rows 1500 --unsloth-timeout 180 \
       --unsloth-site "${UNSLOTH_SITE:-$PWD/.gpu/unsloth}" --out "$out/speed.json" 2>&1 \
       | tee "$out/speed.log" | grep -v "it/s\]\|s/it\]"
     ;;
