@@ -139,35 +139,50 @@ def peak_memory() -> dict[str, float]:
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """``baseline`` | ``fast[@BUDGET_GIB][:TOKENS[:gc|nogc[:KEY=VALUE...]]]``.
+    """``baseline`` | ``fast[@BUDGET_GIB][:TOKENS[:gc|nogc[:OPTION...]]]`` | ``unsloth[:TOKENS]``.
 
-    Examples: ``fast@24``, ``fast:8192:nogc``, ``fast:8192:nogc:ga=4:dropout=0``. Options:
-    ``ga`` (gradient accumulation steps), ``dropout`` (LoRA dropout of this variant).
+    Examples: ``fast@24``, ``fast:8192:nogc``, ``fast:8192:nogc:ga=4:dropout=0``,
+    ``fast:16384:gc:offload``, ``unsloth:16384``. Options: ``ga`` (gradient accumulation
+    steps), ``dropout`` (LoRA dropout of this variant), ``offload`` (checkpointed layer
+    inputs in host memory). ``unsloth`` trains with Unsloth in a child process (see
+    ``unsloth_command``); TOKENS defaults to 8192.
     """
     parts = text.split(":")
     if parts[0] == "baseline":
         return {"name": text, "kind": "baseline", "ga": 1, "dropout": None}
+    if parts[0] == "unsloth":
+        if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+            raise SystemExit(f"unknown variant {text!r}: use unsloth[:TOKENS]")
+        tokens = int(parts[1]) if len(parts) == 2 else 8192
+        return {"name": text, "kind": "unsloth", "tokens": tokens, "ga": 1, "dropout": 0.0}
     head, _, budget = parts[0].partition("@")
     if head != "fast":
         raise SystemExit(
-            f"unknown variant {text!r}: use baseline or fast[@GIB][:TOKENS[:gc|nogc[:ga=N:dropout=P]]]"
+            f"unknown variant {text!r}: use baseline, unsloth[:TOKENS] or "
+            "fast[@GIB][:TOKENS[:gc|nogc[:ga=N:dropout=P:offload]]]"
         )
     tokens = int(parts[1]) if len(parts) > 1 and parts[1] else None
     gc_choice = {"gc": True, "nogc": False}.get(parts[2]) if len(parts) > 2 else None
     options: dict[str, str] = {}
     for part in parts[3:]:
         key, sep, value = part.partition("=")
+        if part == "offload":
+            options["offload"] = "1"
+            continue
         if not sep or key not in ("ga", "dropout"):
-            raise SystemExit(f"unknown option {part!r} in {text!r}: use ga=N or dropout=P")
+            raise SystemExit(f"unknown option {part!r} in {text!r}: use ga=N, dropout=P or offload")
         options[key] = value
+    if "offload" in options and gc_choice is False:
+        raise SystemExit(f"{text!r}: offload keeps checkpointed inputs, it needs gc")
     return {
         "name": text,
         "kind": "fast",
         "tokens": tokens,
-        "gc": gc_choice,
+        "gc": True if "offload" in options else gc_choice,
         "budget": float(budget) if budget else None,
         "ga": int(options.get("ga", 1)),
         "dropout": float(options["dropout"]) if "dropout" in options else None,
+        "offload": True if "offload" in options else None,
     }
 
 
@@ -321,6 +336,61 @@ def count_tokens(kept: dict[str, Any]) -> dict[str, Any]:
     return {"lengths": [int(x) for x in lengths], "loss_tokens": loss_tokens, "padded": padded}
 
 
+def step_metrics(
+    stamps: list[float],
+    micro: list[dict[str, Any]],
+    ga: int,
+    history: list[dict[str, Any]],
+    shape: Any,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Throughput figures of one variant from its step clock and counted micro-batches (the
+    same for every variant, in this process or in a child process)."""
+    result: dict[str, Any] = {}
+    # per-step figures: stamps[0] is train begin, stamps[i] the end of step i
+    step_times = [b - a for a, b in itertools.pairwise(stamps)]
+    per_step = [micro[i * ga : (i + 1) * ga] for i in range(len(step_times))]
+    measured = slice(args.warmup_steps, args.warmup_steps + args.steps)
+    times = step_times[measured]
+    batches = [m for step in per_step[measured] for m in step]
+    lengths = [s for m in batches for s in m["lengths"]]
+    real = sum(lengths)
+    padded = sum(m["padded"] for m in batches)
+    loss_tokens = sum(m["loss_tokens"] for m in batches)
+    seconds = sum(times)
+    from finetune_trainer.fastpath import training_flops
+
+    flops = training_flops(
+        shape, lora_rank=args.rank, sequence_lengths=lengths, loss_tokens=loss_tokens
+    )
+    result.update(
+        {
+            "measuredSteps": len(times),
+            "stepTimeS": round(seconds / max(1, len(times)), 4),
+            "tokensPerStep": round(real / max(1, len(times)), 1),
+            "effectiveTokensPerSecond": round(real / seconds, 1) if seconds else None,
+            "paddedTokensPerSecond": round(padded / seconds, 1) if seconds else None,
+            "paddingShare": round(1 - real / padded, 4) if padded else None,
+            "rowsPerSecond": round(len(lengths) / seconds, 2) if seconds else None,
+            "mfu": round(flops / seconds / (args.peak_tflops * 1e12), 4) if seconds else None,
+            "modelTflopsPerSecond": round(flops / seconds / 1e12, 1) if seconds else None,
+            "medianStepTimeS": round(sorted(times)[len(times) // 2], 4) if times else None,
+            "stepTimesS": [round(t, 4) for t in step_times],
+            "stepTokens": [sum(sum(m["lengths"]) for m in step) for step in per_step],
+            "stepPaddedTokens": [sum(m["padded"] for m in step) for step in per_step],
+            "lossCurve": [
+                {
+                    "step": h["step"],
+                    "loss": h["loss"],
+                    "tokensSeen": sum(sum(m["lengths"]) for s in per_step[: h["step"]] for m in s),
+                }
+                for h in history
+            ],
+        }
+    )
+    return result
+
+
 def run_trl_variant(
     variant: dict[str, Any],
     base: Any,
@@ -330,10 +400,12 @@ def run_trl_variant(
 ) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from finetune_trainer import fastpath
+    from finetune_operator.estimator import ModelShape
+    from finetune_trainer import fastpath, offload
     from trl import SFTConfig
 
     reset_memory()
+    offload.uninstall(base)  # a variant that failed may have left it on
     result: dict[str, Any] = {"variant": variant["name"]}
     config_kwargs: dict[str, Any] = {
         "per_device_train_batch_size": 4,
@@ -352,6 +424,9 @@ def run_trl_variant(
             memory_budget_gib=variant["budget"] or args.memory_budget_gib,
             gradient_checkpointing=variant["gc"],
             lora_dropout=args.lora_dropout if variant["dropout"] is None else variant["dropout"],
+            # an offloaded variant is planned (and its host buffers sized) for its tokens
+            tokens_per_micro_batch=variant["tokens"] if variant.get("offload") else None,
+            activation_offload=variant.get("offload"),
         )
         overrides = dict(report.sft_overrides)
         if variant["tokens"]:
@@ -408,54 +483,17 @@ def run_trl_variant(
                 trainer.add_callback(profiler.callback)
             trainer.train()
         result.update(peak_memory())
+        offloader = offload.installed(base)
+        if offloader is not None:
+            result["activationOffload"] = offloader.stats().as_dict()
+            offload.uninstall(base)
         peft_model = trainer.model
         history = [h for h in trainer.state.log_history if "loss" in h]
         micro = [count_tokens(kept) for kept in trainer.token_log]
         ga = sft_args.gradient_accumulation_steps
         del trainer
-    # per-step figures: stamps[0] is train begin, stamps[i] the end of step i
-    stamps = clock.stamps
-    step_times = [b - a for a, b in itertools.pairwise(stamps)]
-    per_step = [micro[i * ga : (i + 1) * ga] for i in range(len(step_times))]
-    measured = slice(args.warmup_steps, args.warmup_steps + args.steps)
-    times = step_times[measured]
-    batches = [m for step in per_step[measured] for m in step]
-    lengths = [s for m in batches for s in m["lengths"]]
-    real = sum(lengths)
-    padded = sum(m["padded"] for m in batches)
-    loss_tokens = sum(m["loss_tokens"] for m in batches)
-    seconds = sum(times)
-    from finetune_operator.estimator import ModelShape
-    from finetune_trainer.fastpath import training_flops
-
-    shape = ModelShape.from_config(base.config)
-    flops = training_flops(
-        shape, lora_rank=args.rank, sequence_lengths=lengths, loss_tokens=loss_tokens
-    )
     result.update(
-        {
-            "measuredSteps": len(times),
-            "stepTimeS": round(seconds / max(1, len(times)), 4),
-            "tokensPerStep": round(real / max(1, len(times)), 1),
-            "effectiveTokensPerSecond": round(real / seconds, 1) if seconds else None,
-            "paddedTokensPerSecond": round(padded / seconds, 1) if seconds else None,
-            "paddingShare": round(1 - real / padded, 4) if padded else None,
-            "rowsPerSecond": round(len(lengths) / seconds, 2) if seconds else None,
-            "mfu": round(flops / seconds / (args.peak_tflops * 1e12), 4) if seconds else None,
-            "modelTflopsPerSecond": round(flops / seconds / 1e12, 1) if seconds else None,
-            "medianStepTimeS": round(sorted(times)[len(times) // 2], 4) if times else None,
-            "stepTimesS": [round(t, 4) for t in step_times],
-            "stepTokens": [sum(sum(m["lengths"]) for m in step) for step in per_step],
-            "stepPaddedTokens": [sum(m["padded"] for m in step) for step in per_step],
-            "lossCurve": [
-                {
-                    "step": h["step"],
-                    "loss": h["loss"],
-                    "tokensSeen": sum(sum(m["lengths"]) for s in per_step[: h["step"]] for m in s),
-                }
-                for h in history
-            ],
-        }
+        step_metrics(clock.stamps, micro, ga, history, ModelShape.from_config(base.config), args)
     )
     # hand the base model back without adapters
     base_back = peft_model.unload() if hasattr(peft_model, "unload") else peft_model
@@ -463,6 +501,64 @@ def run_trl_variant(
     if hasattr(base_back, "gradient_checkpointing_disable"):
         base_back.gradient_checkpointing_disable()
     reset_memory()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Unsloth, in a child process (it patches transformers, TRL and PEFT when imported)
+# ---------------------------------------------------------------------------------------------
+
+
+def unsloth_command(
+    variant: dict[str, Any], args: argparse.Namespace, model_dir: str, out_file: Path
+) -> tuple[list[str], dict[str, str]]:
+    """Command line and environment of one ``unsloth[:TOKENS]`` variant (bench_unsloth.py).
+
+    Unsloth's own TRL and datasets (``gpu_wheels.sh --unsloth``) come first on the path;
+    nothing is fetched and no usage statistics are sent.
+    """
+    command = [
+        sys.executable,
+        str(HERE / "bench_unsloth.py"),
+        "--model-dir", model_dir,
+        "--name", variant["name"],
+        "--tokens", str(variant["tokens"]),
+        "--method", args.method,
+        "--rank", str(args.rank),
+        "--steps", str(args.steps),
+        "--warmup-steps", str(args.warmup_steps),
+        "--rows", str(args.rows),
+        "--seed", str(args.seed),
+        "--lr", str(args.lr),
+        "--peak-tflops", str(args.peak_tflops),
+        "--out", str(out_file),
+    ]  # fmt: skip
+    env = dict(os.environ)
+    inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(args.unsloth_site).resolve()), *inherited])
+    env.update({"HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1", "PYTHONUNBUFFERED": "1"})
+    return command, env
+
+
+def run_unsloth_variant(
+    variant: dict[str, Any], args: argparse.Namespace, model_dir: str
+) -> dict[str, Any]:
+    import subprocess
+
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in variant["name"])
+    log_file = args.out.parent / f"{safe}.log"
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = Path(tmp) / "result.json"
+        command, env = unsloth_command(variant, args, model_dir, out_file)
+        done = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=args.unsloth_timeout
+        )
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text(done.stdout + done.stderr)
+        if done.returncode != 0 or not out_file.exists():
+            tail = (done.stderr or done.stdout)[-600:]
+            return {"variant": variant["name"], "error": f"exit {done.returncode}: {tail}"}
+        result: dict[str, Any] = json.loads(out_file.read_text())
     return result
 
 
@@ -673,6 +769,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="delete the built random model once loaded (several shapes on one small disk)",
     )
+    parser.add_argument(
+        "--unsloth-site",
+        default=os.environ.get("UNSLOTH_SITE", str(HERE.parent / ".gpu" / "unsloth")),
+        help="unpacked Unsloth wheels for unsloth variants (gpu_wheels.sh --unsloth DIR)",
+    )
+    parser.add_argument(
+        "--unsloth-timeout", type=float, default=300.0, help="seconds per unsloth variant"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-train.json"))
     args = parser.parse_args(argv)
     # As the trainer does before torch is imported (finetune_trainer.cli): the memory model is
@@ -694,6 +798,18 @@ def main(argv: list[str] | None = None) -> int:
     t_build = time.perf_counter() - t0
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = make_rows(args.rows, args.seed)
+    variants = [parse_variant(v) for v in args.variants.split(",") if v]
+    out: dict[str, Any] = {"environment": env, "results": []}
+    # Unsloth runs in child processes, before this one takes any GPU memory.
+    for variant in [v for v in variants if v["kind"] == "unsloth"]:
+        started = time.perf_counter()
+        try:
+            res = run_unsloth_variant(variant, args, str(model_dir))
+        except Exception as exc:
+            res = {"variant": variant["name"], "error": f"{type(exc).__name__}: {exc}"}
+        res["wallS"] = round(time.perf_counter() - started, 1)
+        out["results"].append(res)
+        print(json.dumps({k: v for k, v in res.items() if k != "lossCurve"}), flush=True)
     t0 = time.perf_counter()
     base = load_base(model_dir, args.method)
     t_load = time.perf_counter() - t0
@@ -702,8 +818,7 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(model_dir, ignore_errors=True)
     print(f"model ready: build {t_build:.0f}s, load {t_load:.0f}s", flush=True)
-    out: dict[str, Any] = {
-        "environment": env,
+    out |= {
         "model": {
             "shape": args.shape if not args.model_dir else model_dir,
             "method": args.method,
@@ -711,9 +826,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "data": length_stats([len(r["input_ids"]) for r in rows]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "results": [],
     }
-    variants = [parse_variant(v) for v in args.variants.split(",") if v]
     baseline_result = None
 
     def save() -> None:
@@ -769,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
         out["equivalence"] = eq
         print(json.dumps(eq), flush=True)
         save()
-    for v in [v for v in variants if v["kind"] != "baseline"]:
+    for v in [v for v in variants if v["kind"] == "fast"]:
         run(v)
     print_table(out["results"], baseline_result)
     if "equivalence" in out and "maxRelativeDifference" in out["equivalence"]:

@@ -4,7 +4,10 @@
 #   bench/run_h100.sh vram    # bench_vram (10 configurations) + bench_eval when present
 #   bench/run_h100.sh memory  # packed-path peak memory of four model families, in parallel
 #                             # processes (memory only: the step times disturb each other)
-# Needs the missing packages on PYTHONPATH (bench/gpu_wheels.sh) and writes to ${OUT:-out}.
+#   bench/run_h100.sh speed   # small budgets: the planner at 8/10/16/24 GiB, activation
+#                             # offload, and Unsloth in child processes (about 8 minutes)
+# Needs the missing packages on PYTHONPATH (bench/gpu_wheels.sh) and writes to ${OUT:-out};
+# speed also needs Unsloth's (bench/gpu_wheels.sh --unsloth .gpu/unsloth, or UNSLOTH_SITE).
 set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"
 export PYTHONPATH=${SITE:-$PWD/.gpu/site}:$PWD/trainer-image:$PWD/operator
@@ -29,6 +32,14 @@ case "${1:-train}" in
     (sweep mistral-7b "fast:4096:gc,fast:16384:gc"; sweep gemma-7b "fast:4096:gc,fast:16384:gc,fast:4096:nogc") &
     wait
     grep -h '"variant"' "$out"/memory-*.log | cut -c1-400
+    ;;
+  speed)
+    # LoRA dropout 0 everywhere: Unsloth's fast path needs it, so the comparison is like for like.
+    python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --lora-dropout 0 \
+      --variants "unsloth:8192,unsloth:16384,fast@8,fast@10,fast@16,fast@24,fast:16384:gc,fast:16384:gc:offload" \
+      --steps 5 --warmup-steps 2 --rows 1500 --unsloth-timeout 180 \
+      --unsloth-site "${UNSLOTH_SITE:-$PWD/.gpu/unsloth}" --out "$out/speed.json" 2>&1 \
+      | tee "$out/speed.log" | grep -v "it/s\]\|s/it\]"
     ;;
   vram)
     python3 bench/bench_vram.py --out "$out/vram.json" --models-dir /tmp/vram-models 2>&1 | tee "$out/vram.log" | tail -20

@@ -25,6 +25,20 @@ TOKEN_BUDGETS = (32768, 24576, 16384, 12288, 8192, 6144, 4096, 3072, 2048)
 # The planner drops checkpointing only when it can keep at least this many tokens in flight.
 MIN_TOKENS_WITHOUT_CHECKPOINTING = 8192
 
+# Activation offload (checkpointed runs only): the saved layer inputs wait in pinned host
+# memory; on the GPU only the inputs of the layers being copied or recomputed remain.
+OFFLOAD_LAYERS_IN_FLIGHT = 2
+# Offload is considered only while plain checkpointing reaches fewer tokens than this: past
+# it a larger micro-batch gains little (8,192 -> 16,384 tokens: +3% on the 8B shape).
+OFFLOAD_BELOW_TOKENS = 16384
+# ... and chosen only when it fits at least this many times plain checkpointing's tokens:
+# the copies overlap compute but still cost some speed. To be measured on an H100
+# (bench/run_h100.sh speed: fast:16384:gc:offload against fast:8192:gc and fast:16384:gc).
+OFFLOAD_MIN_TOKEN_GAIN = 2.0
+# Pinned host memory the offloaded inputs may take: this share of the trainer container's
+# memory limit (its request when there is no limit); the rest loads the model and the data.
+OFFLOAD_HOST_SHARE = 0.5
+
 
 # --------------------------------------------------------------------------------------------
 # Memory planning (pure)
@@ -69,6 +83,9 @@ class MicroBatchPlan:
     memory_budget_gib: float
     reason: str
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    # Checkpointed layer inputs kept in pinned host memory (offload_host_bytes of them).
+    activation_offload: bool = False
+    offload_host_bytes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,8 +115,10 @@ def activation_bytes(
     gradient_checkpointing: bool,
     coef: MemoryCoefficients = MemoryCoefficients(),
     lora_dropout: float = 0.05,
+    activation_offload: bool = False,
 ) -> float:
-    """Activation memory of one micro-batch of ``tokens`` packed tokens."""
+    """Activation memory of one micro-batch of ``tokens`` packed tokens (on the GPU: with
+    ``activation_offload`` the saved layer inputs but a few in flight are in host memory)."""
     per_token_layer = (
         coef.act_per_hidden * shape.hidden_size
         + coef.act_per_intermediate * shape.intermediate_size
@@ -108,9 +127,25 @@ def activation_bytes(
         adapted_inputs = 6 * shape.hidden_size + shape.intermediate_size
         per_token_layer += coef.dropout_bytes_per_input * adapted_inputs
     if gradient_checkpointing:
-        saved_inputs = shape.num_layers * tokens * shape.hidden_size * 2.0
+        saved_layers = shape.num_layers
+        if activation_offload:
+            saved_layers = min(shape.num_layers, OFFLOAD_LAYERS_IN_FLIGHT)
+        saved_inputs = saved_layers * tokens * shape.hidden_size * 2.0
         return saved_inputs + coef.recompute_layer_factor * per_token_layer * tokens
     return shape.num_layers * per_token_layer * tokens
+
+
+def offloaded_bytes(shape: ModelShape, tokens: int) -> int:
+    """Pinned host memory of an offloaded micro-batch: every layer's 16-bit input."""
+    return shape.num_layers * tokens * shape.hidden_size * 2
+
+
+def offload_host_budget_bytes(container_memory_bytes: float | None) -> float | None:
+    """The host memory offload may pin in a container of this much memory (None: unknown,
+    no limit)."""
+    if container_memory_bytes is None:
+        return None
+    return OFFLOAD_HOST_SHARE * container_memory_bytes
 
 
 def head_bytes(shape: ModelShape, tokens: int) -> float:
@@ -130,12 +165,16 @@ def peak_breakdown_bytes(
     optimizer: str = "paged_adamw_8bit",
     coef: MemoryCoefficients = MemoryCoefficients(),
     lora_dropout: float = 0.05,
+    activation_offload: bool = False,
 ) -> dict[str, float]:
     """The parts of the predicted peak (bytes); they add up to :func:`predict_peak_bytes`."""
+    activations = activation_bytes(
+        shape, tokens, gradient_checkpointing, coef, lora_dropout, activation_offload
+    )
     live = {
         "weights": weight_bytes(shape, method),
         "adapterAndOptimizer": trainable_state_bytes(shape, lora_rank, optimizer),
-        "activations": activation_bytes(shape, tokens, gradient_checkpointing, coef, lora_dropout),
+        "activations": activations,
         "outputHead": head_bytes(shape, tokens),
     }
     parts = {k: v * coef.fragmentation for k, v in live.items()}
@@ -161,17 +200,25 @@ def plan_micro_batch(
     tokens_per_micro_batch: int | None = None,
     coef: MemoryCoefficients = MemoryCoefficients(),
     lora_dropout: float = 0.05,
+    activation_offload: bool | None = None,
+    host_memory_gib: float | None = None,
 ) -> MicroBatchPlan:
-    """Pick the packed token budget and checkpointing for a memory budget.
+    """Pick the packed token budget, checkpointing and activation offload for a memory budget.
 
     Without checkpointing a step does a third less work, so it wins whenever at least
     ``MIN_TOKENS_WITHOUT_CHECKPOINTING`` tokens still fit; otherwise the largest budget that
-    fits with checkpointing. ``gradient_checkpointing`` forces the choice when given, and
-    ``tokens_per_micro_batch`` the budget (then only checkpointing is chosen). Every budget
+    fits with checkpointing. When that stays below ``OFFLOAD_BELOW_TOKENS`` (or nothing
+    fits), checkpointing with the saved inputs offloaded to host memory is taken if it fits
+    at least ``OFFLOAD_MIN_TOKEN_GAIN`` times the tokens, and its pinned inputs fit
+    ``OFFLOAD_HOST_SHARE`` of ``host_memory_gib`` (the container's memory; None: unknown).
+    ``gradient_checkpointing`` and ``activation_offload`` force their choice when given
+    (offload needs checkpointing), and ``tokens_per_micro_batch`` the budget. Every budget
     is at least ``max_seq_length`` so the longest row always fits one micro-batch.
     """
     if memory_budget_gib <= 0:
         raise ValueError("memory_budget_gib must be positive")
+    if activation_offload and gradient_checkpointing is False:
+        raise ValueError("activation offload keeps checkpointed inputs: it needs checkpointing")
     budget = memory_budget_gib * GIB
     floor = max(max_seq_length, min(TOKEN_BUDGETS))
     if tokens_per_micro_batch is not None:
@@ -180,8 +227,11 @@ def plan_micro_batch(
     else:
         sizes = sorted({max(t, floor) for t in TOKEN_BUDGETS}, reverse=True)
     candidates: list[dict[str, Any]] = []
+    host_budget = offload_host_budget_bytes(
+        host_memory_gib * GIB if host_memory_gib is not None else None
+    )
 
-    def fits(tokens: int, gc: bool) -> float | None:
+    def fits(tokens: int, gc: bool, offload: bool = False) -> float | None:
         peak = predict_peak_bytes(
             shape,
             method=method,
@@ -191,13 +241,29 @@ def plan_micro_batch(
             optimizer=optimizer,
             coef=coef,
             lora_dropout=lora_dropout,
+            activation_offload=offload,
         )
-        candidates.append(
-            {"tokens": tokens, "gradientCheckpointing": gc, "peakGiB": round(peak / GIB, 2)}
-        )
+        candidate: dict[str, Any] = {
+            "tokens": tokens, "gradientCheckpointing": gc, "peakGiB": round(peak / GIB, 2)
+        }  # fmt: skip
+        if offload:
+            candidate["activationOffload"] = True
+        candidates.append(candidate)
         return peak if peak <= budget else None
 
-    if gradient_checkpointing is not True:
+    def offloaded(tokens: int, peak: float) -> MicroBatchPlan:
+        host = offloaded_bytes(shape, tokens)
+        return MicroBatchPlan(
+            tokens, True, round(peak / GIB, 2), memory_budget_gib,
+            f"{tokens} tokens fit with checkpointing and activation offload "
+            f"({host / GIB:.1f} GiB of host memory)",
+            candidates, activation_offload=True, offload_host_bytes=host,
+        )  # fmt: skip
+
+    def host_fits(tokens: int) -> bool:
+        return host_budget is None or offloaded_bytes(shape, tokens) <= host_budget
+
+    if gradient_checkpointing is not True and not activation_offload:
         for tokens in sizes:
             too_few = tokens < MIN_TOKENS_WITHOUT_CHECKPOINTING and tokens_per_micro_batch is None
             if too_few and gradient_checkpointing is None:
@@ -208,14 +274,32 @@ def plan_micro_batch(
                     tokens, False, round(peak / GIB, 2), memory_budget_gib,
                     f"{tokens} tokens fit without checkpointing", candidates,
                 )  # fmt: skip
-    if gradient_checkpointing is not False:
+    best: tuple[int, float] | None = None
+    if gradient_checkpointing is not False and not activation_offload:
         for tokens in sizes:
             peak = fits(tokens, True)
             if peak is not None:
-                return MicroBatchPlan(
-                    tokens, True, round(peak / GIB, 2), memory_budget_gib,
-                    f"{tokens} tokens fit with checkpointing", candidates,
-                )  # fmt: skip
+                best = (tokens, peak)
+                break
+    may_offload = activation_offload is not False and gradient_checkpointing is not False
+    if may_offload and (activation_offload or best is None or best[0] < OFFLOAD_BELOW_TOKENS):
+        for tokens in sizes:
+            if best is not None and tokens <= best[0]:
+                break
+            if not host_fits(tokens):
+                continue
+            peak = fits(tokens, True, offload=True)
+            if peak is None:
+                continue
+            if activation_offload or best is None or tokens >= OFFLOAD_MIN_TOKEN_GAIN * best[0]:
+                return offloaded(tokens, peak)
+            break
+    if best is not None:
+        tokens, peak = best
+        return MicroBatchPlan(
+            tokens, True, round(peak / GIB, 2), memory_budget_gib,
+            f"{tokens} tokens fit with checkpointing", candidates,
+        )  # fmt: skip
     smallest = predict_peak_bytes(
         shape,
         method=method,
@@ -225,11 +309,19 @@ def plan_micro_batch(
         optimizer=optimizer,
         coef=coef,
         lora_dropout=lora_dropout,
+        activation_offload=bool(may_offload and host_fits(floor)),
     )
+    hint = ""
+    if may_offload and not host_fits(floor) and fits(floor, True, offload=True) is not None:
+        needed = offloaded_bytes(shape, floor) / OFFLOAD_HOST_SHARE / GIB
+        hint = (
+            f"; or at least {needed:.1f} GiB of container memory (resources.memory) for "
+            "activation offload"
+        )
     raise ValueError(
         f"even {floor} tokens per micro-batch need about {smallest / GIB:.1f} GiB, more than the "
         f"{memory_budget_gib:.1f} GiB budget: use method qlora, a smaller maxSeqLength or a "
-        "larger GPU"
+        f"larger GPU{hint}"
     )
 
 
@@ -238,10 +330,11 @@ def plan_or_replace(
     *,
     gradient_checkpointing: bool | None = None,
     tokens_per_micro_batch: int | None = None,
+    activation_offload: bool | None = None,
     **settings: Any,
 ) -> tuple[MicroBatchPlan, str | None]:
-    """Plan with the requested budget and checkpointing; when they do not fit, the planner's
-    own choice. Both the operator's fit check and the trainer's fast path follow this rule
+    """Plan with the requested budget, checkpointing and offload; when they do not fit, the
+    planner's own choice. Both the operator's fit check and the trainer's fast path follow this rule
     (a batch resolved for padded rows may not fit once packed).
 
     Returns the plan and, when the request was replaced, why it did not fit. Raises
@@ -252,10 +345,12 @@ def plan_or_replace(
             shape,
             gradient_checkpointing=gradient_checkpointing,
             tokens_per_micro_batch=tokens_per_micro_batch,
+            activation_offload=activation_offload,
             **settings,
         )
         return plan, None
     except ValueError as exc:
-        if gradient_checkpointing is None and tokens_per_micro_batch is None:
+        requested = (gradient_checkpointing, tokens_per_micro_batch, activation_offload)
+        if requested == (None, None, None):
             raise
         return plan_micro_batch(shape, **settings), str(exc)

@@ -307,3 +307,12 @@ def test_long_claim_names_sharing_a_prefix_get_distinct_valid_volume_names() -> 
     assert len(volumes) == 3 and len(set(volumes)) == 3
     assert all(len(v) <= 63 and v[-1].isalnum() for v in volumes)
     kubernetes_validate.validate(job, "1.33.0", strict=True)
+
+
+def test_trainer_learns_its_memory_request_for_activation_offload() -> None:
+    job = build(resources={"gpus": 1, "memory": "24Gi"})
+    kubernetes_validate.validate(job, "1.33.0", strict=True)
+    env = {e["name"]: e for e in trainer(job)["env"]}
+    ref = env["FINETUNE_HOST_MEMORY_BYTES"]["valueFrom"]["resourceFieldRef"]
+    assert ref == {"containerName": trainer(job)["name"], "resource": "requests.memory"}
+    assert trainer(job)["resources"]["requests"]["memory"] == "24Gi"

@@ -102,3 +102,54 @@ def test_unpacked_runs_keep_the_row_estimator() -> None:
     p, training = planned(spec(training={"batchSize": "auto", "gradientCheckpointing": None}))
     assert "tokensPerMicroBatch" not in p.status["estimate"]
     assert training is not None and isinstance(training["batchSize"], int)
+
+
+def _small_gpu(memory: str, gpu_gib: float) -> tuple[Plan, dict[str, Any] | None]:
+    body = packed_spec()
+    body["resources"] = {"gpus": 1, "gpuMemoryGiB": gpu_gib, "memory": memory}
+    return planned(body)
+
+
+def test_small_gpu_offloads_checkpointed_inputs_within_the_trainers_memory() -> None:
+    offloading = [
+        (g / 2, p)
+        for g in range(16, 60)
+        if (p := _small_gpu("64Gi", g / 2)[0]).status.get("estimate", {}).get("activationOffload")
+    ]
+    assert offloading  # small GPUs with plenty of host memory offload
+    for gpu_gib, p in offloading:
+        record = p.status["estimate"]
+        pinned = 32 * record["tokensPerMicroBatch"] * 4096 * 2 / packed.GIB
+        assert fits(p)["status"] == "True"
+        assert f"activation offload to {pinned:.1f} GiB of host memory" in fits(p)["message"]
+        assert sum(record["breakdown"].values()) == pytest.approx(record["peakGiB"], abs=0.05)
+        # the same planner the trainer runs, with the trainer container's memory request
+        same = packed.plan_micro_batch(
+            LLAMA3_8B, method="qlora", lora_rank=64, max_seq_length=2048,
+            memory_budget_gib=gpu_gib * (1 - CONFIG.memory_headroom), host_memory_gib=64,
+        )  # fmt: skip
+        assert same.activation_offload and same.predicted_peak_gib == record["peakGiB"]
+        # a request of less than twice the pinned inputs: not those tokens with offload, or,
+        # where checkpointing alone cannot fit, a refusal that names the memory to request
+        small, training = _small_gpu(f"{int(2 * pinned * 1024) - 1}Mi", gpu_gib)
+        if fits(small)["status"] == "False":
+            assert "resources.memory" in fits(small)["message"] and training is None
+            continue
+        smaller = small.status["estimate"]
+        assert (
+            not smaller["activationOffload"]
+            or smaller["tokensPerMicroBatch"] < record["tokensPerMicroBatch"]
+        )
+        assert training is not None and training["batchSize"] == "auto"
+
+
+def test_offload_host_memory_is_shared_by_the_pods_training_processes() -> None:
+    from finetune_operator.api.finetunejob import FineTuneJobSpec
+    from finetune_operator.planners.finetunejob import trainer_memory_gib
+
+    one = FineTuneJobSpec.model_validate(spec(resources={"gpus": 1, "memory": "32Gi"}))
+    four = FineTuneJobSpec.model_validate(spec(resources={"gpus": 4, "memory": "32Gi"}))
+    default = FineTuneJobSpec.model_validate(spec(resources={"gpus": 1}))
+    assert trainer_memory_gib(one, CONFIG) == 32
+    assert trainer_memory_gib(four, CONFIG) == 8
+    assert trainer_memory_gib(default, CONFIG) == 4  # the platform's default request, 4Gi

@@ -16,7 +16,9 @@ sys.path.insert(0, str(REPO / "bench"))
 import bench_vram  # noqa: E402
 
 
-@pytest.mark.parametrize("script", ["bench_train.py", "bench_vram.py", "data.py"])
+@pytest.mark.parametrize(
+    "script", ["bench_train.py", "bench_unsloth.py", "bench_vram.py", "data.py"]
+)
 def test_help_works_without_a_gpu(script: str) -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / script), "--help"],
@@ -80,3 +82,75 @@ def test_variant_options_parse() -> None:
     assert (v["budget"], v["tokens"], v["gc"], v["ga"], v["dropout"]) == (24.0, 8192, False, 4, 0.0)
     with pytest.raises(SystemExit, match="unknown option"):
         bench_train.parse_variant("fast:8192:nogc:speed=11")
+
+
+def test_offload_and_unsloth_variants_parse() -> None:
+    import bench_train
+
+    v = bench_train.parse_variant("fast:16384:gc:offload")
+    assert (v["tokens"], v["gc"], v["offload"]) == (16384, True, True)
+    assert bench_train.parse_variant("fast:16384:gc")["offload"] is None
+    with pytest.raises(SystemExit, match="needs gc"):
+        bench_train.parse_variant("fast:16384:nogc:offload")
+    u = bench_train.parse_variant("unsloth:16384")
+    assert (u["kind"], u["tokens"], u["dropout"]) == ("unsloth", 16384, 0.0)
+    assert bench_train.parse_variant("unsloth")["tokens"] == 8192
+    with pytest.raises(SystemExit, match="unsloth"):
+        bench_train.parse_variant("unsloth:many")
+
+
+def test_unsloth_child_gets_its_site_first_and_the_runs_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+
+    import bench_train
+    import bench_unsloth
+
+    monkeypatch.setenv("PYTHONPATH", "/base/site:/repo/operator")
+    monkeypatch.delenv("UNSLOTH_DISABLE_STATISTICS", raising=False)
+    args = argparse.Namespace(
+        method="qlora", rank=64, steps=5, warmup_steps=2, rows=900, seed=3, lr=2e-4,
+        peak_tflops=800.0, unsloth_site=str(tmp_path / "unsloth"),
+    )  # fmt: skip
+    variant = bench_train.parse_variant("unsloth:16384")
+    command, env = bench_train.unsloth_command(variant, args, "/tmp/m8b", tmp_path / "r.json")
+    assert command[1].endswith("bench/bench_unsloth.py") and Path(command[1]).exists()
+    assert env["PYTHONPATH"].split(":") == [
+        str(tmp_path / "unsloth"),
+        "/base/site",
+        "/repo/operator",
+    ]
+    assert env["HF_HUB_OFFLINE"] == "1" and env["UNSLOTH_DISABLE_STATISTICS"] == "1"
+    # the child reads back exactly what the parent meant
+    child = bench_unsloth.parse_args(command[2:])
+    assert (child.model_dir, child.name, child.tokens, child.method) == (
+        "/tmp/m8b", "unsloth:16384", 16384, "qlora"
+    )  # fmt: skip
+    assert (child.rank, child.steps, child.warmup_steps, child.rows, child.seed) == (
+        64,
+        5,
+        2,
+        900,
+        3,
+    )
+    assert (child.lr, child.out) == (2e-4, tmp_path / "r.json")
+
+
+def test_step_metrics_count_only_the_measured_steps() -> None:
+    import argparse
+
+    import bench_train
+    from finetune_operator.estimator import ModelShape
+
+    shape = ModelShape(
+        hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        intermediate_size=128, vocab_size=100,
+    )  # fmt: skip
+    args = argparse.Namespace(warmup_steps=1, steps=2, rank=8, peak_tflops=1.0)
+    micro = [{"lengths": [100, 50], "loss_tokens": 90, "padded": 150}] * 3
+    history = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    m = bench_train.step_metrics([0.0, 5.0, 6.0, 8.0], micro, 1, history, shape, args)
+    assert m["measuredSteps"] == 2 and m["stepTimeS"] == 1.5  # the 5 s warm-up step is left out
+    assert m["effectiveTokensPerSecond"] == 100.0  # 300 tokens in 3 s
+    assert [p["tokensSeen"] for p in m["lossCurve"]] == [150, 300, 450]

@@ -7,6 +7,7 @@ position ids must give every sequence exactly the logits it gets alone.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 from finetune_operator.estimator import ModelShape
@@ -296,3 +297,110 @@ def test_apply_replans_when_resolved_choices_do_not_fit(tiny_llama) -> None:
     assert report.plan is not None
     assert report.plan["tokens_per_micro_batch"] < 10_000_000
     assert report.plan["predicted_peak_gib"] <= 0.6
+
+
+def _plan_8b(budget: float, **settings: object) -> object:
+    return plan_micro_batch(
+        LLAMA3_8B, method="qlora", lora_rank=64, max_seq_length=2048, memory_budget_gib=budget,
+        **settings,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_offload_leaves_only_the_layers_in_flight_on_the_gpu() -> None:
+    from finetune_operator.packed_memory import OFFLOAD_LAYERS_IN_FLIGHT, offloaded_bytes
+
+    def peak(offload: bool) -> float:
+        return predict_peak_bytes(
+            LLAMA3_8B, method="qlora", lora_rank=64, tokens=16384,
+            gradient_checkpointing=True, activation_offload=offload,
+        )  # fmt: skip
+
+    saved_per_layer = 16384 * 4096 * 2
+    moved = (LLAMA3_8B.num_layers - OFFLOAD_LAYERS_IN_FLIGHT) * saved_per_layer
+    assert peak(False) - peak(True) == pytest.approx(moved)
+    assert offloaded_bytes(LLAMA3_8B, 16384) == 4 * GIB  # 32 layers x 16,384 x 4,096 x 2
+
+
+def _offloaded_budgets(dropout: float) -> list[tuple[float, Any, Any]]:
+    """(budget, plan, plan without offload) for budgets from 8 to 30 GiB, where any fits."""
+    out = []
+    for tenths in range(80, 300, 5):
+        try:
+            plan = _plan_8b(tenths / 10, lora_dropout=dropout)
+        except ValueError:
+            continue
+        try:
+            plain = _plan_8b(tenths / 10, lora_dropout=dropout, activation_offload=False)
+        except ValueError:
+            plain = None
+        out.append((tenths / 10, plan, plain))
+    return out
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.0])
+def test_planner_offloads_only_when_it_buys_a_much_larger_batch(dropout: float) -> None:
+    from finetune_operator.packed_memory import OFFLOAD_BELOW_TOKENS, OFFLOAD_MIN_TOKEN_GAIN
+
+    offloading = []
+    for budget, plan, plain in _offloaded_budgets(dropout):
+        assert plan.predicted_peak_gib <= budget
+        if not plan.activation_offload:
+            assert plain is not None and plan.offload_host_bytes == 0
+            chosen = (plan.tokens_per_micro_batch, plan.gradient_checkpointing)
+            assert chosen == (plain.tokens_per_micro_batch, plain.gradient_checkpointing)
+            continue
+        offloading.append(budget)
+        assert plan.gradient_checkpointing and "activation offload" in plan.reason
+        assert plan.offload_host_bytes == 32 * plan.tokens_per_micro_batch * 4096 * 2
+        if plain is not None:  # checkpointing alone fits, but at most half the tokens
+            assert plain.gradient_checkpointing
+            assert plain.tokens_per_micro_batch < OFFLOAD_BELOW_TOKENS
+            assert (
+                plan.tokens_per_micro_batch >= OFFLOAD_MIN_TOKEN_GAIN * plain.tokens_per_micro_batch
+            )
+    # small budgets offload, a 24 GB card and up never does
+    assert offloading and max(offloading) < 24
+
+
+def _first_offloading_budget() -> tuple[float, Any]:
+    """The smallest budget where offload wins over checkpointing alone, which also fits."""
+    budgets = _offloaded_budgets(0.05)
+    return next((b, p) for b, p, plain in budgets if p.activation_offload and plain is not None)
+
+
+def test_offload_must_fit_the_containers_host_memory() -> None:
+    budget, plan = _first_offloading_budget()
+    pinned = plan.offload_host_bytes / GIB
+    # half of the container's memory may be pinned
+    roomy: Any = _plan_8b(budget, host_memory_gib=2 * pinned)
+    assert (roomy.tokens_per_micro_batch, roomy.activation_offload) == (
+        plan.tokens_per_micro_batch,
+        True,
+    )
+    tight: Any = _plan_8b(budget, host_memory_gib=2 * pinned - 0.01)
+    assert tight.tokens_per_micro_batch < plan.tokens_per_micro_batch
+    assert tight.offload_host_bytes <= (2 * pinned - 0.01) / 2 * GIB
+
+
+def test_offload_can_be_forced_or_refused() -> None:
+    plan: Any = _plan_8b(24, activation_offload=True, tokens_per_micro_batch=16384)
+    assert (plan.tokens_per_micro_batch, plan.activation_offload) == (16384, True)
+    budget, _ = _first_offloading_budget()
+    plan = _plan_8b(budget + 2, activation_offload=False)
+    assert plan.activation_offload is False
+    with pytest.raises(ValueError, match="needs checkpointing"):
+        _plan_8b(24, activation_offload=True, gradient_checkpointing=False)
+
+
+def test_an_explicit_batch_too_large_for_checkpointing_alone_is_offloaded() -> None:
+    budget, offloaded = _first_offloading_budget()
+    tokens = offloaded.tokens_per_micro_batch
+    plan: Any = _plan_8b(budget, tokens_per_micro_batch=tokens)
+    assert (plan.tokens_per_micro_batch, plan.activation_offload) == (tokens, True)
+
+
+def test_a_budget_only_offload_fits_names_the_host_memory_it_needs() -> None:
+    budget, plan, _ = next(b for b in _offloaded_budgets(0.05) if b[2] is None)
+    assert plan.activation_offload
+    with pytest.raises(ValueError, match=r"GiB of container memory \(resources.memory\)"):
+        _plan_8b(budget, host_memory_gib=0.1)

@@ -298,6 +298,8 @@ class FastPathReport:
     kernels: list[str]
     plan: dict[str, Any] | None
     sft_overrides: dict[str, Any]
+    # Checkpointed layer inputs in host memory (offload.py): layers wrapped, host GiB planned.
+    activation_offload: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -353,6 +355,7 @@ def apply(
     compute_dtype: str = "bfloat16",
     use_liger: bool = True,
     lora_dropout: float = 0.05,
+    activation_offload: bool | None = None,
 ) -> FastPathReport:
     """Prepare a loaded model (PEFT-wrapped or not) for the fast path.
 
@@ -362,8 +365,11 @@ def apply(
     upcast frozen weights back to ``compute_dtype``, and plans the packed token budget for
     ``memory_budget_gib`` (default: 90% of what the current GPU has free plus what this
     process already holds). Explicit ``gradient_checkpointing`` and ``tokens_per_micro_batch``
-    win over the planner. Returns the plan and the SFTConfig overrides to use. Rows must
-    already be cut to ``max_seq_length``: packing only fills micro-batches, it never cuts.
+    win over the planner, and so does ``activation_offload`` (else the planner offloads the
+    checkpointed layer inputs to host memory when that buys a much larger budget and fits
+    the container's memory; see ``offload.py``). Returns the plan and the SFTConfig
+    overrides to use. Rows must already be cut to ``max_seq_length``: packing only fills
+    micro-batches, it never cuts.
     """
     import torch
 
@@ -390,11 +396,13 @@ def apply(
             "memory_budget_gib": memory_budget_gib,
             "optimizer": optimizer,
             "lora_dropout": lora_dropout,
+            "host_memory_gib": _host_memory_gib(),
         }
         plan, replaced = plan_or_replace(
             shape,
             gradient_checkpointing=gradient_checkpointing,
             tokens_per_micro_batch=tokens_per_micro_batch,
+            activation_offload=activation_offload,
             **common,
         )
         if replaced:
@@ -405,7 +413,34 @@ def apply(
         kernels=kernels,
         plan=plan.as_dict() if plan else None,
         sft_overrides=sft_overrides(plan, max_seq_length),
+        activation_offload=_install_offload(model, plan) if plan else None,
     )
+
+
+def _host_memory_gib() -> float | None:
+    """This process's share of the container's memory (torchrun starts one per GPU)."""
+    import os
+
+    from .offload import host_memory_bytes
+
+    memory = host_memory_bytes()
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    processes = int(local) if local.isdigit() and int(local) > 0 else 1
+    return memory / processes / GIB if memory is not None else None
+
+
+def _install_offload(model: Any, plan: MicroBatchPlan) -> dict[str, Any] | None:
+    """Offload the checkpointed layer inputs to host memory when the plan says so."""
+    if not plan.activation_offload:
+        return None
+    from .offload import ActivationOffloader, install, installed
+
+    offloader = installed(model) or ActivationOffloader()
+    shape = ModelShape.from_config(model.config)
+    per_layer = plan.offload_host_bytes // max(1, shape.num_layers)
+    offloader.reserve(shape.num_layers, per_layer)  # pinned once, before the first step
+    install(model, offloader)
+    return {"hostGiB": round(plan.offload_host_bytes / GIB, 2), "pinned": offloader.pinned}
 
 
 # --------------------------------------------------------------------------------------------

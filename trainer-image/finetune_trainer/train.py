@@ -406,6 +406,8 @@ def apply_fast_path(
         f"{args.max_length} tokens per packed micro-batch, gradient checkpointing "
         f"{bool(args.gradient_checkpointing)}"
     )
+    if report.activation_offload:
+        note += f", activation offload to host memory ({report.activation_offload['hostGiB']} GiB)"
     log.info(note)
     return note
 

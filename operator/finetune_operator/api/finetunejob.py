@@ -607,6 +607,14 @@ class Estimate(StatusModel):
             "this GPU (it plans again from the memory it finds free)."
         ),
     )
+    activation_offload: bool | None = Field(
+        default=None,
+        description=(
+            "With packing: whether the checkpointed layer inputs are expected to wait in host "
+            "memory (chosen when that allows a much larger micro-batch and fits the trainer's "
+            "memory request)."
+        ),
+    )
     parameters: int | None = Field(default=None, description="Base model parameters.")
     breakdown: dict[str, float] | None = Field(default=None, description="GiB by component.")
 

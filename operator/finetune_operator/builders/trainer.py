@@ -282,7 +282,20 @@ def trainer_job(
     requests.update(resources["requests"])
     limits.update(resources["limits"])
 
-    env = [*_common_env(), {"name": "HF_HUB_OFFLINE", "value": "1"}]
+    env = [
+        *_common_env(),
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        # The host memory the fit check planned activation offload with (packed_memory).
+        {
+            "name": "FINETUNE_HOST_MEMORY_BYTES",
+            "valueFrom": {
+                "resourceFieldRef": {
+                    "containerName": TRAINER_CONTAINER,
+                    "resource": "requests.memory",
+                }
+            },
+        },
+    ]
     trainer: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
         "image": image,

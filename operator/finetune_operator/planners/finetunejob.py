@@ -34,7 +34,13 @@ from ..builders.trainer import (
 )
 from ..config import OperatorConfig
 from ..gates import evaluate_gates, summarize
-from ..policy import NamespaceUsage, apply_defaults, refusal_message
+from ..policy import (
+    NamespaceUsage,
+    apply_defaults,
+    quantity,
+    refusal_message,
+    trainer_resources,
+)
 from .events import Event
 from .progress import (
     TrainerOutputError,
@@ -559,6 +565,7 @@ def check_packed_fit(
             tokens_per_micro_batch=user_batch * t.max_seq_length if user_batch else None,
             max_seq_length=t.max_seq_length,
             memory_budget_gib=usable,
+            host_memory_gib=trainer_memory_gib(spec, config),
             **run,
         )
     except ValueError as exc:
@@ -576,7 +583,13 @@ def check_packed_fit(
         shape,
         tokens=plan.tokens_per_micro_batch,
         gradient_checkpointing=plan.gradient_checkpointing,
+        activation_offload=plan.activation_offload,
         **run,
+    )
+    offload = (
+        f", activation offload to {plan.offload_host_bytes / packed.GIB:.1f} GiB of host memory"
+        if plan.activation_offload
+        else ""
     )
     record = {
         "peakGiB": plan.predicted_peak_gib,
@@ -585,6 +598,7 @@ def check_packed_fit(
         "batchSize": user_batch,
         "gradientCheckpointing": plan.gradient_checkpointing,
         "tokensPerMicroBatch": plan.tokens_per_micro_batch,
+        "activationOffload": plan.activation_offload,
         "parameters": shape.parameters(),
         "breakdown": {k: round(v / packed.GIB, 2) for k, v in breakdown.items()},
     }
@@ -593,12 +607,20 @@ def check_packed_fit(
         "Fits",
         f"predicted peak {plan.predicted_peak_gib:.1f} GiB per GPU of {usable:.1f} GiB usable on "
         f"{product} with packing ({plan.tokens_per_micro_batch} tokens per micro-batch, "
-        f"gradientCheckpointing {str(plan.gradient_checkpointing).lower()}; shape from "
+        f"gradientCheckpointing {str(plan.gradient_checkpointing).lower()}{offload}; shape from "
         f"{source}){note if replaced else ''}",
         None if replaced else user_batch,
         None if replaced else user_gc,
         record,
     )
+
+
+def trainer_memory_gib(spec: FineTuneJobSpec, config: OperatorConfig) -> float:
+    """Each training process's part of the trainer container's memory request (its limit
+    too when the job sets one; one process per GPU): what activation offload may pin a share
+    of. The trainer reads the same figure."""
+    memory = trainer_resources(spec, config.policy)["requests"]["memory"]
+    return float(quantity(memory)) / max(1, spec.resources.gpus) / packed.GIB
 
 
 def referenced_objects(spec: FineTuneJobSpec) -> tuple[list[str], list[str]]:
