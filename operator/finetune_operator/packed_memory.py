@@ -24,6 +24,10 @@ GIB = 1024**3
 TOKEN_BUDGETS = (32768, 24576, 16384, 12288, 8192, 6144, 4096, 3072, 2048)
 # The planner drops checkpointing only when it can keep at least this many tokens in flight.
 MIN_TOKENS_WITHOUT_CHECKPOINTING = 8192
+# The fast path's LoRA dropout draws its mask again in the backward pass instead of keeping a
+# copy of every adapted input (finetune_trainer.lora_dropout, decision 1980). The operator's
+# fit check and the trainer both plan with it.
+FAST_PATH_FUSED_LORA_DROPOUT = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,9 +51,10 @@ class MemoryCoefficients:
     # 160 KB without.
     act_per_hidden: float = 23.92
     act_per_intermediate: float = 4.32
-    # LoRA dropout keeps its output (and mask) for every adapted projection's input: six
-    # hidden-wide inputs and one intermediate-wide one per layer. Bytes per input element,
+    # PEFT's LoRA dropout keeps its output (and mask) for every adapted projection's input:
+    # six hidden-wide inputs and one intermediate-wide one per layer. Bytes per input element,
     # measured: 16 GiB more at 8,192 tokens on the 8B shape with dropout 0.05 than with 0.
+    # Not counted when the dropout keeps no inputs (``dropout_saves_inputs=False``).
     dropout_bytes_per_input: float = 1.68
     # With checkpointing: the saved layer inputs (2 bytes x hidden x layers per token) plus
     # this many layers' worth of activations alive during one layer's recompute and backward
@@ -98,13 +103,18 @@ def activation_bytes(
     gradient_checkpointing: bool,
     coef: MemoryCoefficients = MemoryCoefficients(),
     lora_dropout: float = 0.05,
+    dropout_saves_inputs: bool = True,
 ) -> float:
-    """Activation memory of one micro-batch of ``tokens`` packed tokens."""
+    """Activation memory of one micro-batch of ``tokens`` packed tokens.
+
+    ``dropout_saves_inputs``: whether LoRA dropout keeps a copy of every adapted input
+    (PEFT's own dropout) or draws its mask again in the backward pass (the fast path's).
+    """
     per_token_layer = (
         coef.act_per_hidden * shape.hidden_size
         + coef.act_per_intermediate * shape.intermediate_size
     )
-    if lora_dropout > 0:
+    if lora_dropout > 0 and dropout_saves_inputs:
         adapted_inputs = 6 * shape.hidden_size + shape.intermediate_size
         per_token_layer += coef.dropout_bytes_per_input * adapted_inputs
     if gradient_checkpointing:
@@ -130,12 +140,15 @@ def peak_breakdown_bytes(
     optimizer: str = "paged_adamw_8bit",
     coef: MemoryCoefficients = MemoryCoefficients(),
     lora_dropout: float = 0.05,
+    dropout_saves_inputs: bool = True,
 ) -> dict[str, float]:
     """The parts of the predicted peak (bytes); they add up to :func:`predict_peak_bytes`."""
     live = {
         "weights": weight_bytes(shape, method),
         "adapterAndOptimizer": trainable_state_bytes(shape, lora_rank, optimizer),
-        "activations": activation_bytes(shape, tokens, gradient_checkpointing, coef, lora_dropout),
+        "activations": activation_bytes(
+            shape, tokens, gradient_checkpointing, coef, lora_dropout, dropout_saves_inputs
+        ),
         "outputHead": head_bytes(shape, tokens),
     }
     parts = {k: v * coef.fragmentation for k, v in live.items()}
@@ -161,6 +174,7 @@ def plan_micro_batch(
     tokens_per_micro_batch: int | None = None,
     coef: MemoryCoefficients = MemoryCoefficients(),
     lora_dropout: float = 0.05,
+    dropout_saves_inputs: bool = True,
 ) -> MicroBatchPlan:
     """Pick the packed token budget and checkpointing for a memory budget.
 
@@ -191,6 +205,7 @@ def plan_micro_batch(
             optimizer=optimizer,
             coef=coef,
             lora_dropout=lora_dropout,
+            dropout_saves_inputs=dropout_saves_inputs,
         )
         candidates.append(
             {"tokens": tokens, "gradientCheckpointing": gc, "peakGiB": round(peak / GIB, 2)}
@@ -225,6 +240,7 @@ def plan_micro_batch(
         optimizer=optimizer,
         coef=coef,
         lora_dropout=lora_dropout,
+        dropout_saves_inputs=dropout_saves_inputs,
     )
     raise ValueError(
         f"even {floor} tokens per micro-batch need about {smallest / GIB:.1f} GiB, more than the "
