@@ -4,6 +4,8 @@
 #   bench/run_h100.sh vram    # bench_vram (10 configurations) + bench_eval when present
 #   bench/run_h100.sh memory  # packed-path peak memory of four model families, in parallel
 #                             # processes (memory only: the step times disturb each other)
+#   bench/run_h100.sh dropout # LoRA dropout 0.05, PEFT's against the fused one (speed, memory,
+#                             # 30-step loss equivalence), and dropout 0; about 7 minutes
 # Needs the missing packages on PYTHONPATH (bench/gpu_wheels.sh) and writes to ${OUT:-out}.
 set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"
@@ -29,6 +31,13 @@ case "${1:-train}" in
     (sweep mistral-7b "fast:4096:gc,fast:16384:gc"; sweep gemma-7b "fast:4096:gc,fast:16384:gc,fast:4096:nogc") &
     wait
     grep -h '"variant"' "$out"/memory-*.log | cut -c1-400
+    ;;
+  dropout)
+    # PEFT's dropout at 12,288 tokens without checkpointing is expected not to fit: last.
+    python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b \
+      --variants "fast:12288:nogc:dropimpl=fused,fast:12288:nogc:dropout=0,fast:8192:nogc:dropimpl=peft,fast:8192:nogc:dropimpl=fused,fast:8192:gc:dropimpl=peft,fast:8192:gc:dropimpl=fused,fast:12288:nogc:dropimpl=peft" \
+      --steps 6 --warmup-steps 3 --rows 3000 --dropout-equivalence-steps 30 \
+      --out "$out/dropout.json" 2>&1 | tee "$out/dropout.log" | grep -v "it/s\]\|s/it\]"
     ;;
   vram)
     python3 bench/bench_vram.py --out "$out/vram.json" --models-dir /tmp/vram-models 2>&1 | tee "$out/vram.log" | tail -20

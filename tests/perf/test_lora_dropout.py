@@ -1,6 +1,6 @@
 """The fast path's LoRA dropout (``finetune_trainer.lora_dropout``), checked on the CPU.
 
-PEFT is the reference. On the CPU both draw the dropout mask with the same ``bernoulli_``
+PEFT is the reference. Both draw the dropout mask with the same kernel (``native_dropout``)
 call from the same generator, so from the same seed the two paths see the same masks: the
 forward output and every gradient must match PEFT's, and training must follow the same loss
 curve. The memory test counts the bytes autograd keeps for the backward pass.

@@ -7,13 +7,14 @@ though q/k/v (and gate/up) read the very same ``x``. On an 8B model that is 16 G
 packed tokens.
 
 Here ``lora_A`` and the dropout run as one autograd function that keeps ``x`` itself (which
-the other projections keep too: saved tensors share storage) and the state of the random
-generator the mask was drawn from. The backward pass draws the same mask again from that
-state and forms the gradients from it. Each projection keeps its own independent mask, as
-in PEFT; the maths is PEFT's given the same mask. Masks are drawn with ``bernoulli_`` on the
-device's default generator, the same draw as PyTorch's CPU dropout, so on the CPU the masks
-are bit-for-bit PEFT's; gradient checkpointing restores that generator before recomputing,
-so a recomputed forward draws the same masks too.
+the other projections keep too: saved tensors share storage) and the state of the device's
+random generator before the mask was drawn. The backward pass sets the generator back to
+that state, runs the same dropout kernel again, which draws the same mask, and puts the
+generator back. The kernel and the generator are the ones PEFT's ``nn.Dropout`` uses, so from
+the same state the masks are PEFT's, and each projection keeps its own independent mask.
+Gradient checkpointing restores the generator before recomputing a layer, so a recomputed
+forward draws the same masks too. The cost: one more dropout kernel per adapted projection in
+the backward pass.
 
 :func:`patch_model` swaps the LoRA layers of a PEFT model in place (PEFT's dense ``Linear``
 and bitsandbytes' ``Linear4bit``; anything else, DoRA and other variants included, keeps
@@ -23,6 +24,7 @@ adapter are unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 def default_generator(device: torch.device) -> torch.Generator | None:
-    """The generator ``bernoulli_`` draws from on ``device`` when none is given (CPU, CUDA)."""
+    """The generator dropout draws from on ``device`` (CPU and CUDA; None elsewhere)."""
     if device.type == "cpu":
         return torch.default_generator
     if device.type == "cuda":
@@ -50,76 +52,84 @@ def default_generator(device: torch.device) -> torch.Generator | None:
     return None
 
 
-def _keep_mask(like: Tensor, keep: float, generator: torch.Generator | None) -> Tensor:
-    """0/1 mask shaped and typed like ``like``: 1 with probability ``keep``."""
-    return torch.empty_like(like).bernoulli_(keep, generator=generator)
+@contextlib.contextmanager
+def _generator_at(generator: torch.Generator, state: Tensor) -> Iterator[None]:
+    """Run the block with ``generator`` at ``state``, then put it back where it was."""
+    current = generator.get_state()
+    generator.set_state(state)
+    try:
+        yield
+    finally:
+        generator.set_state(current)
 
 
-def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
-    """The dtype ``F.linear(x, weight)`` computes in here: autocast's, else the weight's."""
+def _dtypes(x: Tensor, weight: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(dropout dtype, matmul dtype) as in PEFT: under autocast the dropout runs on ``x`` as
+    it is and the matmul in autocast's dtype; otherwise both in the adapter's dtype."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return weight.dtype
-
-
-def _scaled_matmul(a: Tensor, b: Tensor, scale: float) -> Tensor:
-    """``scale * (a @ b)`` for 2-D ``a`` and ``b``, the scale applied before the one rounding."""
-    zero = torch.zeros((), dtype=a.dtype, device=a.device)
-    return torch.addmm(zero, a, b, beta=0, alpha=scale)
+        return x.dtype, torch.get_autocast_dtype(device_type)
+    return weight.dtype, weight.dtype
 
 
 class _DroppedProjection(torch.autograd.Function):
     """``h = dropout(x) @ A.T`` keeping ``x`` and the generator state instead of ``dropout(x)``.
 
-    The mask is kept as 0/1 (multiplying by it is exact) and the 1/keep scale is applied
-    inside each matmul, so every result is rounded once, as with CUDA's fused dropout.
+    The dropout is PyTorch's own kernel (``native_dropout``, what ``F.dropout`` runs), drawn
+    from the device's default generator as PEFT's would be; the backward pass sets that
+    generator back to the state the forward pass found and runs the same kernel again, which
+    draws the same mask, then restores the generator.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, keep: float, dtype: torch.dtype) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, p: float, dtypes: tuple[torch.dtype, torch.dtype]
+    ) -> Tensor:
         generator = default_generator(x.device)
         assert generator is not None, "only CPU and CUDA tensors reach the fused dropout"
         ctx.rng_state = generator.get_state()
-        rank, width = weight.shape
+        drop_dtype, dtype = dtypes
         with torch.autocast(x.device.type, enabled=False):
-            xc = x.to(dtype)
-            dropped = _keep_mask(xc, keep, None).mul_(xc).reshape(-1, width)
-            out = _scaled_matmul(dropped, weight.to(dtype).t(), 1.0 / keep)
+            dropped, _mask = torch.native_dropout(x.to(drop_dtype), p, True)
+            del _mask  # the point: neither the mask nor the dropped input outlives the call
+            out = F.linear(dropped.to(dtype), weight.to(dtype))
         ctx.save_for_backward(x, weight)
-        ctx.keep, ctx.dtype = keep, dtype
-        return out.reshape(*x.shape[:-1], rank)
+        ctx.p, ctx.dtypes = p, dtypes
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         x, weight = ctx.saved_tensors
-        keep: float = ctx.keep
-        dtype: torch.dtype = ctx.dtype
-        generator = torch.Generator(device=x.device)
-        generator.set_state(ctx.rng_state)
+        p: float = ctx.p
+        drop_dtype, dtype = ctx.dtypes
+        generator = default_generator(x.device)
+        assert generator is not None
         rank, width = weight.shape
         grad_x = grad_w = None
         with torch.autocast(x.device.type, enabled=False):
-            xc = x.to(dtype)
-            mask = _keep_mask(xc, keep, generator)
-            grad = grad_out.to(dtype).reshape(-1, rank)
+            with _generator_at(generator, ctx.rng_state):
+                dropped, mask = torch.native_dropout(x.to(drop_dtype), p, True)
+            grad = grad_out.to(dtype)
             if ctx.needs_input_grad[0]:
-                grad_in = _scaled_matmul(grad, weight.to(dtype), 1.0 / keep)
-                grad_x = grad_in.reshape(x.shape).mul_(mask).to(x.dtype)
+                grad_in = (grad @ weight.to(dtype)).to(drop_dtype)
+                grad_x = torch.ops.aten.native_dropout_backward(grad_in, mask, 1.0 / (1.0 - p))
+                grad_x = grad_x.to(x.dtype)
             if ctx.needs_input_grad[1]:
-                dropped = mask.mul_(xc).reshape(-1, width)
-                grad_w = _scaled_matmul(grad.t(), dropped, 1.0 / keep).to(weight.dtype)
+                flat = grad.reshape(-1, rank).t() @ dropped.to(dtype).reshape(-1, width)
+                grad_w = flat.to(weight.dtype)
         return grad_x, grad_w, None, None
 
 
 def dropped_projection(x: Tensor, weight: Tensor, p: float) -> Tensor:
     """``F.linear(F.dropout(x, p), weight)`` in training, without keeping the dropout output."""
-    dtype = _compute_dtype(x, weight)
+    drop_dtype, dtype = _dtypes(x, weight)
     if p <= 0.0:
         return F.linear(x.to(dtype), weight.to(dtype))
     if default_generator(x.device) is None:  # a device without a known default generator
-        return F.linear(F.dropout(x.to(dtype), p, training=True), weight.to(dtype))
-    out: Tensor = _DroppedProjection.apply(x, weight, 1.0 - p, dtype)  # type: ignore[no-untyped-call]
+        dropped = F.dropout(x.to(drop_dtype), p, training=True)
+        return F.linear(dropped.to(dtype), weight.to(dtype))
+    dtypes = (drop_dtype, dtype)
+    out: Tensor = _DroppedProjection.apply(x, weight, p, dtypes)  # type: ignore[no-untyped-call]
     return out
 
 
