@@ -191,6 +191,19 @@ def test_backward_uses_the_forward_mask() -> None:
     assert ok, why
 
 
+def test_dropout_input_has_one_layout_in_both_passes() -> None:
+    # CUDA's dropout kernel maps random numbers to elements by the input's vector width
+    fresh = torch.randn(8, 32)
+    assert ld.dropout_input(fresh, torch.float32) is fresh  # the usual case: no copy
+    strided = torch.randn(8, 33)[:, 1:]
+    misaligned = torch.randn(8 * 32 + 1)[1:].view(8, 32)
+    assert misaligned.is_contiguous() and misaligned.data_ptr() % 16 != 0
+    for x in (strided, misaligned):
+        y = ld.dropout_input(x, torch.float32)
+        assert y.is_contiguous() and y.data_ptr() % 16 == 0 and torch.equal(y, x)
+    assert ld.dropout_input(fresh, torch.bfloat16).dtype == torch.bfloat16
+
+
 def test_each_projection_draws_its_own_mask_at_rate_p() -> None:
     # With A the identity the output is the dropped input itself: its zeros are the mask.
     x = torch.rand(256, 128) + 0.5

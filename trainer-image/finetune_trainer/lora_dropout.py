@@ -63,6 +63,19 @@ def _generator_at(generator: torch.Generator, state: Tensor) -> Iterator[None]:
         generator.set_state(current)
 
 
+def dropout_input(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in ``dtype``, contiguous and 16-byte aligned.
+
+    CUDA's dropout kernel picks its vector width from the input's layout and alignment, and
+    the width decides which random number lands on which element: both passes must hand it
+    the same layout, whatever a saved-tensor hook did to ``x`` in between.
+    """
+    x = x.to(dtype)
+    if x.is_contiguous() and x.data_ptr() % 16 == 0:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def _dtypes(x: Tensor, weight: Tensor) -> tuple[torch.dtype, torch.dtype]:
     """(dropout dtype, matmul dtype) as in PEFT: under autocast the dropout runs on ``x`` as
     it is and the matmul in autocast's dtype; otherwise both in the adapter's dtype."""
@@ -90,7 +103,7 @@ class _DroppedProjection(torch.autograd.Function):
         ctx.rng_state = generator.get_state()
         drop_dtype, dtype = dtypes
         with torch.autocast(x.device.type, enabled=False):
-            dropped, _mask = torch.native_dropout(x.to(drop_dtype), p, True)
+            dropped, _mask = torch.native_dropout(dropout_input(x, drop_dtype), p, True)
             del _mask  # the point: neither the mask nor the dropped input outlives the call
             out = F.linear(dropped.to(dtype), weight.to(dtype))
         ctx.save_for_backward(x, weight)
@@ -108,7 +121,7 @@ class _DroppedProjection(torch.autograd.Function):
         grad_x = grad_w = None
         with torch.autocast(x.device.type, enabled=False):
             with _generator_at(generator, ctx.rng_state):
-                dropped, mask = torch.native_dropout(x.to(drop_dtype), p, True)
+                dropped, mask = torch.native_dropout(dropout_input(x, drop_dtype), p, True)
             grad = grad_out.to(dtype)
             if ctx.needs_input_grad[0]:
                 grad_in = (grad @ weight.to(dtype)).to(drop_dtype)
