@@ -142,19 +142,24 @@ def parse_variant(text: str) -> dict[str, Any]:
     """``baseline`` | ``fast[@BUDGET_GIB][:TOKENS[:gc|nogc[:OPTION...]]]`` | ``unsloth[:TOKENS]``.
 
     Examples: ``fast@24``, ``fast:8192:nogc``, ``fast:8192:nogc:ga=4:dropout=0``,
-    ``fast:16384:gc:offload``, ``unsloth:16384``. Options: ``ga`` (gradient accumulation
-    steps), ``dropout`` (LoRA dropout of this variant), ``offload`` (checkpointed layer
-    inputs in host memory). ``unsloth`` trains with Unsloth in a child process (see
+    ``fast:16384:gc:offload``, ``fast:12288:nogc:dropimpl=peft``, ``unsloth:16384``.
+    Options: ``ga`` (gradient accumulation steps), ``dropout`` (LoRA dropout of this
+    variant), ``offload`` (checkpointed layer inputs in host memory), ``dropimpl``
+    (``fused``, the fast path's dropout that keeps no inputs, or ``peft``, PEFT's own;
+    default fused). ``unsloth`` trains with Unsloth in a child process (see
     ``unsloth_command``); TOKENS defaults to 8192.
     """
     parts = text.split(":")
     if parts[0] == "baseline":
-        return {"name": text, "kind": "baseline", "ga": 1, "dropout": None}
+        return {"name": text, "kind": "baseline", "ga": 1, "dropout": None, "dropimpl": "peft"}
     if parts[0] == "unsloth":
         if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
             raise SystemExit(f"unknown variant {text!r}: use unsloth[:TOKENS]")
         tokens = int(parts[1]) if len(parts) == 2 else 8192
-        return {"name": text, "kind": "unsloth", "tokens": tokens, "ga": 1, "dropout": 0.0}
+        return {
+            "name": text, "kind": "unsloth", "tokens": tokens, "ga": 1, "dropout": 0.0,
+            "dropimpl": "unsloth",
+        }  # fmt: skip
     head, _, budget = parts[0].partition("@")
     if head != "fast":
         raise SystemExit(
@@ -169,11 +174,16 @@ def parse_variant(text: str) -> dict[str, Any]:
         if part == "offload":
             options["offload"] = "1"
             continue
-        if not sep or key not in ("ga", "dropout"):
-            raise SystemExit(f"unknown option {part!r} in {text!r}: use ga=N, dropout=P or offload")
+        if not sep or key not in ("ga", "dropout", "dropimpl"):
+            raise SystemExit(
+                f"unknown option {part!r} in {text!r}: use ga=N, dropout=P, offload or "
+                "dropimpl=peft|fused"
+            )
         options[key] = value
     if "offload" in options and gc_choice is False:
         raise SystemExit(f"{text!r}: offload keeps checkpointed inputs, it needs gc")
+    if options.get("dropimpl", "fused") not in ("peft", "fused"):
+        raise SystemExit(f"unknown dropimpl in {text!r}: use dropimpl=peft or dropimpl=fused")
     return {
         "name": text,
         "kind": "fast",
@@ -183,6 +193,7 @@ def parse_variant(text: str) -> dict[str, Any]:
         "ga": int(options.get("ga", 1)),
         "dropout": float(options["dropout"]) if "dropout" in options else None,
         "offload": True if "offload" in options else None,
+        "dropimpl": options.get("dropimpl", "fused"),
     }
 
 
@@ -427,6 +438,7 @@ def run_trl_variant(
             # an offloaded variant is planned (and its host buffers sized) for its tokens
             tokens_per_micro_batch=variant["tokens"] if variant.get("offload") else None,
             activation_offload=variant.get("offload"),
+            fused_lora_dropout=variant["dropimpl"] == "fused",
         )
         overrides = dict(report.sft_overrides)
         if variant["tokens"]:
@@ -441,6 +453,7 @@ def run_trl_variant(
     result["config"]["lora_dropout"] = (
         args.lora_dropout if variant["dropout"] is None else variant["dropout"]
     )
+    result["config"]["lora_dropout_impl"] = variant["dropimpl"]
     # Profiled steps (--profile) come after the measured ones: the profiler slows what it sees.
     steps = args.warmup_steps + args.steps + (PROFILED_STEPS if args.profile else 0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -473,6 +486,16 @@ def run_trl_variant(
             callbacks=[clock.callback],
         )
         trainer.token_log = []
+        if (
+            variant["kind"] == "fast"
+            and result["fastpath"]["lora_dropout"]["implementation"] == "fused"
+        ):
+            # fastpath.apply saw the base model; TRL wrapped it in PEFT since
+            from finetune_trainer import lora_dropout
+
+            patched = lora_dropout.patch_model(trainer.model)
+            result["loraDropoutPatched"] = len(patched.patched)
+            result["loraDropoutKept"] = patched.kept
         reset_memory()
         if torch.cuda.is_available():
             # Frozen weights plus the adapter, before any activation or optimiser state: the
@@ -639,14 +662,27 @@ def _token_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
 
 
 def equivalence_trajectory(
-    base: Any, rows: list[dict[str, Any]], mode: str, args: argparse.Namespace, pad_id: int
+    base: Any,
+    rows: list[dict[str, Any]],
+    mode: str,
+    args: argparse.Namespace,
+    pad_id: int,
+    dropimpl: str = "peft",
+    mask_seed: int | None = None,
 ) -> list[float]:
+    """Loss per step; ``dropimpl`` picks the LoRA dropout, ``mask_seed`` reseeds the random
+    stream after the adapter's initialisation (only the dropout masks change)."""
     import torch
+    from finetune_trainer import lora_dropout
     from peft import get_peft_model
 
     reset_memory()
     torch.manual_seed(args.seed)
     model = get_peft_model(base, lora_config(args.rank))
+    if dropimpl == "fused":
+        lora_dropout.patch_model(model)
+    if mask_seed is not None:
+        torch.manual_seed(mask_seed)
     # checkpointing keeps the full-vocabulary logits of a 16-row group within memory
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
@@ -678,6 +714,52 @@ def equivalence_trajectory(
     del model, optim, params
     reset_memory()
     return losses
+
+
+def dropout_equivalence(
+    base: Any, rows: list[dict[str, Any]], args: argparse.Namespace, pad_id: int
+) -> dict[str, Any]:
+    """Packed steps on identical rows with PEFT's dropout and the fused one.
+
+    Both draw masks from other random streams, so their curves differ by dropout noise; the
+    control is PEFT against itself with another mask stream. The fused dropout passes when
+    its largest per-step difference from PEFT is at most twice the control's (or 0.5%).
+    """
+    from finetune_trainer import fastpath
+
+    fastpath.apply(
+        base, method=args.method, lora_rank=args.rank, max_seq_length=args.seq_len,
+        fused_lora_dropout=False,
+    )  # fmt: skip
+    saved = args.equivalence_steps
+    args.equivalence_steps = args.dropout_equivalence_steps
+    try:
+        curves = {
+            "peft": equivalence_trajectory(base, rows, "fast", args, pad_id, "peft", 1),
+            "peftOtherMasks": equivalence_trajectory(base, rows, "fast", args, pad_id, "peft", 2),
+            "fused": equivalence_trajectory(base, rows, "fast", args, pad_id, "fused", 1),
+        }
+    finally:
+        args.equivalence_steps = saved
+
+    def rel(a: list[float], b: list[float]) -> list[float]:
+        return [abs(x - y) / y for x, y in zip(a, b, strict=True)]
+
+    fused = rel(curves["fused"], curves["peft"])
+    control = rel(curves["peftOtherMasks"], curves["peft"])
+    tolerance = max(2 * max(control), 0.005)
+    return {
+        "steps": args.dropout_equivalence_steps,
+        "rowsPerStep": args.equivalence_group,
+        "loraDropout": 0.05,
+        **curves,
+        "fusedVsPeftMaxRelativeDifference": max(fused),
+        "fusedVsPeftMeanRelativeDifference": sum(fused) / len(fused),
+        "controlMaxRelativeDifference": max(control),
+        "controlMeanRelativeDifference": sum(control) / len(control),
+        "tolerance": tolerance,
+        "withinTolerance": max(fused) <= tolerance,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -754,6 +836,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--equivalence-steps", type=int, default=0)
     parser.add_argument(
         "--equivalence-group", type=int, default=16, help="rows per equivalence step"
+    )
+    parser.add_argument(
+        "--dropout-equivalence-steps",
+        type=int,
+        default=0,
+        help="packed steps with PEFT's LoRA dropout and the fused one on identical rows",
     )
     parser.add_argument("--peak-tflops", type=float, default=800.0)
     parser.add_argument(
@@ -882,6 +970,16 @@ def main(argv: list[str] | None = None) -> int:
         out["equivalence"] = eq
         print(json.dumps(eq), flush=True)
         save()
+    if args.dropout_equivalence_steps:
+        try:
+            deq = dropout_equivalence(base, rows[::-1], args, tokenizer.pad_token_id)
+        except Exception as exc:
+            traceback.print_exc()
+            deq = {"error": f"{type(exc).__name__}: {exc}"}
+            reset_memory()
+        out["dropoutEquivalence"] = deq
+        print(json.dumps(deq), flush=True)
+        save()
     for v in [v for v in variants if v["kind"] == "fast"]:
         run(v)
     print_table(out["results"], baseline_result)
@@ -889,6 +987,15 @@ def main(argv: list[str] | None = None) -> int:
         e = out["equivalence"]
         print(
             f"\nequivalence: {e['steps']} steps, loss {e['baseline'][0]:.4f} -> {e['baseline'][-1]:.4f} (baseline) / {e['fast'][-1]:.4f} (fast); max rel diff {100 * e['maxRelativeDifference']:.2f}%"
+        )
+    d = out.get("dropoutEquivalence", {})
+    if "withinTolerance" in d:
+        print(
+            f"dropout equivalence: {d['steps']} packed steps, loss {d['peft'][0]:.4f} -> "
+            f"{d['peft'][-1]:.4f} (peft) / {d['fused'][-1]:.4f} (fused); fused vs peft max "
+            f"{100 * d['fusedVsPeftMaxRelativeDifference']:.2f}%, peft vs peft (other masks) "
+            f"max {100 * d['controlMaxRelativeDifference']:.2f}%; within tolerance "
+            f"({100 * d['tolerance']:.2f}%): {d['withinTolerance']}"
         )
     save()
     return 0

@@ -6,8 +6,12 @@
 #                             # processes (memory only: the step times disturb each other)
 #   bench/run_h100.sh speed   # small budgets: the planner at 8/10/16/24 GiB, activation
 #                             # offload, and Unsloth in child processes (about 8 minutes)
+#   bench/run_h100.sh dropout # LoRA dropout 0.05, PEFT's against the fused one (speed, memory,
+#                             # 30-step loss equivalence), and dropout 0; about 7 minutes
+#   bench/run_h100.sh grid    # one call: the 8B token grid (checkpointing, offload, dropout),
+#                             # Unsloth, then two other families' peaks (about 9.5 minutes)
 # Needs the missing packages on PYTHONPATH (bench/gpu_wheels.sh) and writes to ${OUT:-out};
-# speed also needs Unsloth's (bench/gpu_wheels.sh --unsloth .gpu/unsloth, or UNSLOTH_SITE).
+# speed and grid also need Unsloth's (bench/gpu_wheels.sh --unsloth .gpu/unsloth, or UNSLOTH_SITE).
 set -uo pipefail
 out=${OUT:-out}; mkdir -p "$out"
 export PYTHONPATH=${SITE:-$PWD/.gpu/site}:$PWD/trainer-image:$PWD/operator
@@ -40,6 +44,32 @@ case "${1:-train}" in
       --steps 5 --warmup-steps 2 --rows 1500 --unsloth-timeout 180 \
       --unsloth-site "${UNSLOTH_SITE:-$PWD/.gpu/unsloth}" --out "$out/speed.json" 2>&1 \
       | tee "$out/speed.log" | grep -v "it/s\]\|s/it\]"
+    ;;
+  dropout)
+    # PEFT's dropout at 12,288 tokens without checkpointing is expected not to fit: last.
+    python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b \
+      --variants "fast:12288:nogc:dropimpl=fused,fast:12288:nogc:dropout=0,fast:8192:nogc:dropimpl=peft,fast:8192:nogc:dropimpl=fused,fast:8192:gc:dropimpl=peft,fast:8192:gc:dropimpl=fused,fast:12288:nogc:dropimpl=peft" \
+      --steps 6 --warmup-steps 3 --rows 3000 --dropout-equivalence-steps 30 \
+      --out "$out/dropout.json" 2>&1 | tee "$out/dropout.log" | grep -v "it/s\]\|s/it\]"
+    ;;
+  grid)
+    # Other families' models are built on the CPU while the 8B grid runs (disk: one at a time).
+    build() { python3 -c "import sys; sys.path.insert(0, 'bench'); from shapes import build_random_model as b; b('$1', '/tmp/m-$1', device='cpu')"; }
+    (sleep 90; build qwen2.5-7b; build gemma-7b) > "$out/build.log" 2>&1 &
+    builder=$!
+    timeout 400 python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --drop-build \
+      --lora-dropout 0 --steps 3 --warmup-steps 1 --rows 1200 --unsloth-timeout 120 \
+      --variants "unsloth:16384,fast:4096:gc,fast:8192:gc,fast:16384:gc,fast:8192:gc:offload,fast:16384:gc:offload,fast:32768:gc:offload,fast:12288:nogc,fast:12288:nogc:dropout=0.05,fast:8192:gc:dropout=0.05" \
+      --unsloth-site "${UNSLOTH_SITE:-$PWD/.gpu/unsloth}" --out "$out/grid.json" 2>&1 \
+      | tee "$out/grid.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
+    wait $builder
+    family() {  # memory only: the two run side by side
+      timeout 170 python3 bench/bench_train.py --shape "$1" --model-dir "/tmp/m-$1" \
+        --memory-budget-gib 60 --lora-dropout 0 --variants "fast:4096:gc,fast:16384:gc,fast:4096:nogc" \
+        --steps 2 --warmup-steps 1 --rows 800 --out "$out/memory-$1.json" > "$out/memory-$1.log" 2>&1
+    }
+    family qwen2.5-7b & family gemma-7b & wait
+    grep -h '"variant"' "$out"/memory-*.log | cut -c1-300
     ;;
   vram)
     python3 bench/bench_vram.py --out "$out/vram.json" --models-dir /tmp/vram-models 2>&1 | tee "$out/vram.log" | tail -20

@@ -24,6 +24,10 @@ GIB = 1024**3
 TOKEN_BUDGETS = (32768, 24576, 16384, 12288, 8192, 6144, 4096, 3072, 2048)
 # The planner drops checkpointing only when it can keep at least this many tokens in flight.
 MIN_TOKENS_WITHOUT_CHECKPOINTING = 8192
+# The fast path's LoRA dropout draws its mask again in the backward pass instead of keeping a
+# copy of every adapted input (finetune_trainer.lora_dropout, decision 1980). The operator's
+# fit check and the trainer both plan with it.
+FAST_PATH_FUSED_LORA_DROPOUT = True
 
 # Activation offload (checkpointed runs only): the saved layer inputs wait in pinned host
 # memory; on the GPU only the inputs of the layers being copied or recomputed remain.
@@ -61,9 +65,10 @@ class MemoryCoefficients:
     # 160 KB without.
     act_per_hidden: float = 23.92
     act_per_intermediate: float = 4.32
-    # LoRA dropout keeps its output (and mask) for every adapted projection's input: six
-    # hidden-wide inputs and one intermediate-wide one per layer. Bytes per input element,
+    # PEFT's LoRA dropout keeps its output (and mask) for every adapted projection's input:
+    # six hidden-wide inputs and one intermediate-wide one per layer. Bytes per input element,
     # measured: 16 GiB more at 8,192 tokens on the 8B shape with dropout 0.05 than with 0.
+    # Not counted when the dropout keeps no inputs (``dropout_saves_inputs=False``).
     dropout_bytes_per_input: float = 1.68
     # With checkpointing: the saved layer inputs (2 bytes x hidden x layers per token) plus
     # this many layers' worth of activations alive during one layer's recompute and backward
@@ -116,14 +121,19 @@ def activation_bytes(
     coef: MemoryCoefficients = MemoryCoefficients(),
     lora_dropout: float = 0.05,
     activation_offload: bool = False,
+    dropout_saves_inputs: bool = True,
 ) -> float:
     """Activation memory of one micro-batch of ``tokens`` packed tokens (on the GPU: with
-    ``activation_offload`` the saved layer inputs but a few in flight are in host memory)."""
+    ``activation_offload`` the saved layer inputs but a few in flight are in host memory).
+
+    ``dropout_saves_inputs``: whether LoRA dropout keeps a copy of every adapted input
+    (PEFT's own dropout) or draws its mask again in the backward pass (the fast path's).
+    """
     per_token_layer = (
         coef.act_per_hidden * shape.hidden_size
         + coef.act_per_intermediate * shape.intermediate_size
     )
-    if lora_dropout > 0:
+    if lora_dropout > 0 and dropout_saves_inputs:
         adapted_inputs = 6 * shape.hidden_size + shape.intermediate_size
         per_token_layer += coef.dropout_bytes_per_input * adapted_inputs
     if gradient_checkpointing:
@@ -166,10 +176,17 @@ def peak_breakdown_bytes(
     coef: MemoryCoefficients = MemoryCoefficients(),
     lora_dropout: float = 0.05,
     activation_offload: bool = False,
+    dropout_saves_inputs: bool = True,
 ) -> dict[str, float]:
     """The parts of the predicted peak (bytes); they add up to :func:`predict_peak_bytes`."""
     activations = activation_bytes(
-        shape, tokens, gradient_checkpointing, coef, lora_dropout, activation_offload
+        shape,
+        tokens,
+        gradient_checkpointing,
+        coef,
+        lora_dropout,
+        activation_offload=activation_offload,
+        dropout_saves_inputs=dropout_saves_inputs,
     )
     live = {
         "weights": weight_bytes(shape, method),
@@ -202,6 +219,7 @@ def plan_micro_batch(
     lora_dropout: float = 0.05,
     activation_offload: bool | None = None,
     host_memory_gib: float | None = None,
+    dropout_saves_inputs: bool = True,
 ) -> MicroBatchPlan:
     """Pick the packed token budget, checkpointing and activation offload for a memory budget.
 
@@ -242,6 +260,7 @@ def plan_micro_batch(
             coef=coef,
             lora_dropout=lora_dropout,
             activation_offload=offload,
+            dropout_saves_inputs=dropout_saves_inputs,
         )
         candidate: dict[str, Any] = {
             "tokens": tokens, "gradientCheckpointing": gc, "peakGiB": round(peak / GIB, 2)
@@ -310,6 +329,7 @@ def plan_micro_batch(
         coef=coef,
         lora_dropout=lora_dropout,
         activation_offload=bool(may_offload and host_fits(floor)),
+        dropout_saves_inputs=dropout_saves_inputs,
     )
     hint = ""
     if may_offload and not host_fits(floor) and fits(floor, True, offload=True) is not None:

@@ -154,3 +154,45 @@ def test_step_metrics_count_only_the_measured_steps() -> None:
     assert m["measuredSteps"] == 2 and m["stepTimeS"] == 1.5  # the 5 s warm-up step is left out
     assert m["effectiveTokensPerSecond"] == 100.0  # 300 tokens in 3 s
     assert [p["tokensSeen"] for p in m["lossCurve"]] == [150, 300, 450]
+
+
+def test_dropout_implementation_option_parses() -> None:
+    import bench_train
+
+    assert bench_train.parse_variant("fast:12288:nogc")["dropimpl"] == "fused"
+    assert bench_train.parse_variant("fast:12288:nogc:dropimpl=peft")["dropimpl"] == "peft"
+    with pytest.raises(SystemExit, match="dropimpl=peft or dropimpl=fused"):
+        bench_train.parse_variant("fast:12288:nogc:dropimpl=triton")
+
+
+@pytest.mark.slow
+def test_dropout_comparison_runs_on_the_cpu(tmp_path: Path) -> None:
+    """The H100 'dropout' mode in miniature: both dropout implementations train, and the
+    dropout equivalence (PEFT, PEFT with other masks, fused) is written."""
+    out = tmp_path / "dropout.json"
+    proc = subprocess.run(
+        [
+            sys.executable, str(REPO / "bench" / "bench_train.py"), "--shape", "tiny",
+            "--build-dir", str(tmp_path / "model"), "--method", "lora", "--rank", "4",
+            "--seq-len", "64", "--rows", "60", "--steps", "2", "--warmup-steps", "1",
+            "--memory-budget-gib", "1", "--equivalence-group", "4",
+            "--dropout-equivalence-steps", "3", "--out", str(out),
+            "--variants", "fast:256:nogc:dropimpl=fused,fast:256:nogc:dropimpl=peft",
+        ],
+        capture_output=True, text=True, check=False, timeout=900,
+        env={
+            "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'trainer-image'}",
+            "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+        },
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    fused, peft = result["results"]
+    assert "error" not in fused and "error" not in peft
+    assert fused["fastpath"]["lora_dropout"]["implementation"] == "fused"
+    assert fused["loraDropoutPatched"] > 0
+    assert peft["fastpath"]["lora_dropout"]["implementation"] == "peft"
+    assert "loraDropoutPatched" not in peft
+    deq = result["dropoutEquivalence"]
+    assert len(deq["fused"]) == len(deq["peft"]) == len(deq["peftOtherMasks"]) == 3
+    assert isinstance(deq["withinTolerance"], bool)

@@ -126,6 +126,31 @@ def test_lora_dropout_costs_memory_without_checkpointing() -> None:
     assert peak(0.3) == peak(0.05)  # the copy is kept whatever the rate
 
 
+@pytest.mark.parametrize("gc", [False, True])
+def test_dropout_that_keeps_no_inputs_costs_what_no_dropout_costs(gc: bool) -> None:
+    def peak(dropout: float, saves_inputs: bool) -> float:
+        return predict_peak_bytes(
+            LLAMA3_8B,
+            method="qlora",
+            lora_rank=64,
+            tokens=8192,
+            gradient_checkpointing=gc,
+            lora_dropout=dropout,
+            dropout_saves_inputs=saves_inputs,
+        )
+
+    assert peak(0.05, False) == peak(0.0, True) < peak(0.05, True)
+
+
+def test_fast_path_and_operator_default_to_the_fused_dropout() -> None:
+    import inspect
+
+    from finetune_operator.packed_memory import FAST_PATH_FUSED_LORA_DROPOUT
+
+    default = inspect.signature(fastpath.apply).parameters["fused_lora_dropout"].default
+    assert default is FAST_PATH_FUSED_LORA_DROPOUT is True
+
+
 @pytest.mark.parametrize(
     ("budget", "dropout", "tokens", "gc"),
     [

@@ -29,7 +29,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 from finetune_operator.estimator import ModelShape
 from finetune_operator.packed_memory import (
+    FAST_PATH_FUSED_LORA_DROPOUT,
     GIB,
     MicroBatchPlan,
     plan_or_replace,
@@ -300,6 +301,7 @@ class FastPathReport:
     sft_overrides: dict[str, Any]
     # Checkpointed layer inputs in host memory (offload.py): layers wrapped, host GiB planned.
     activation_offload: dict[str, Any] | None = None
+    lora_dropout: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -356,6 +358,7 @@ def apply(
     use_liger: bool = True,
     lora_dropout: float = 0.05,
     activation_offload: bool | None = None,
+    fused_lora_dropout: bool = FAST_PATH_FUSED_LORA_DROPOUT,
 ) -> FastPathReport:
     """Prepare a loaded model (PEFT-wrapped or not) for the fast path.
 
@@ -369,9 +372,13 @@ def apply(
     checkpointed layer inputs to host memory when that buys a much larger budget and fits
     the container's memory; see ``offload.py``). Returns the plan and the SFTConfig
     overrides to use. Rows must already be cut to ``max_seq_length``: packing only fills
-    micro-batches, it never cuts.
+    micro-batches, it never cuts. ``fused_lora_dropout`` moves LoRA dropout into ``lora_A``
+    so that it keeps no copy of the inputs (``lora_dropout.choose``; the report names the
+    patched modules).
     """
     import torch
+
+    from . import lora_dropout as dropout_impl
 
     cuda = torch.cuda.is_available()
     ok, note = varlen_kernel_works()
@@ -383,6 +390,7 @@ def apply(
     if cuda:
         frozen_params_to(model, compute_dtype)
     kernels = apply_liger(model) if use_liger and cuda else []
+    dropout = dropout_impl.choose(model, lora_dropout, fused_lora_dropout)
     if memory_budget_gib is None and cuda:
         free, _total = torch.cuda.mem_get_info()
         memory_budget_gib = (free + torch.cuda.memory_reserved()) * 0.9 / GIB
@@ -397,6 +405,7 @@ def apply(
             "optimizer": optimizer,
             "lora_dropout": lora_dropout,
             "host_memory_gib": _host_memory_gib(),
+            "dropout_saves_inputs": dropout.saves_inputs,
         }
         plan, replaced = plan_or_replace(
             shape,
@@ -414,6 +423,7 @@ def apply(
         plan=plan.as_dict() if plan else None,
         sft_overrides=sft_overrides(plan, max_seq_length),
         activation_offload=_install_offload(model, plan) if plan else None,
+        lora_dropout=dropout.as_dict(),
     )
 
 

@@ -404,7 +404,8 @@ def apply_fast_path(
     note = (
         f"fast path: {report.attention} attention, kernels {report.kernels or 'none'}, "
         f"{args.max_length} tokens per packed micro-batch, gradient checkpointing "
-        f"{bool(args.gradient_checkpointing)}"
+        f"{bool(args.gradient_checkpointing)}, LoRA dropout "
+        f"{report.lora_dropout.get('implementation', 'peft')}"
     )
     if report.activation_offload:
         note += f", activation offload to host memory ({report.activation_offload['hostGiB']} GiB)"

@@ -557,6 +557,7 @@ def check_packed_fit(
         "lora_rank": spec.lora.r,
         "optimizer": t.optimizer,
         "lora_dropout": spec.lora.dropout,
+        "dropout_saves_inputs": not packed.FAST_PATH_FUSED_LORA_DROPOUT,
     }
     try:
         plan, replaced = packed.plan_or_replace(
@@ -573,8 +574,7 @@ def check_packed_fit(
             "False",
             "InsufficientGPUMemory",
             f"{exc} ({product}: {gpu_gib:.1f} GiB less {config.memory_headroom:.0%} "
-            "headroom; with packing the memory depends on maxSeqLength, not batchSize; "
-            "lora.dropout 0 also saves memory)",
+            "headroom; with packing the memory depends on maxSeqLength, not batchSize)",
             user_batch,
             user_gc,
         )
