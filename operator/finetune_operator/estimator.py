@@ -438,7 +438,7 @@ MAX_AUTO_BATCH = 32
 def max_auto_batch(seq_length: int, limit: int = MAX_AUTO_BATCH) -> int:
     """The largest micro-batch ``auto`` may pick at ``seq_length`` (a power of two, >= 1)."""
     by_tokens = max(1, MAX_AUTO_TOKENS_PER_MICRO_BATCH // max(1, seq_length))
-    return 2 ** int(math.log2(max(1, min(limit, by_tokens))))
+    return 1 << int(math.log2(max(1, min(limit, by_tokens))))
 
 
 def choose_batch_and_checkpointing(

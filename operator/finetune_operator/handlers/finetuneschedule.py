@@ -70,7 +70,7 @@ class ScheduleState:
 def schedule_state(memo: Any) -> ScheduleState:
     """The state made at startup in the operator's memo (kopf gives each object a shallow
     copy of it, so state made later would not be shared between objects' handlers)."""
-    state = getattr(memo, "ftsched_state", None)
+    state: ScheduleState | None = getattr(memo, "ftsched_state", None)
     if state is None:
         raise kopf.TemporaryError("operator is still starting", delay=1)
     return state
