@@ -401,6 +401,7 @@ class ReferenceServer:
         await site.start()
         server = site._server
         assert server is not None
+        # Typed as asyncio.AbstractServer, which has no `sockets`; the running server has them.
         self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
         return self.port
 
