@@ -168,6 +168,9 @@ async def release_serving(memo: kopf.Memo, **_: Any) -> None:
         await kube.close()
 
 
+# Posts a Kubernetes Event about the AdapterDeployment: (type, reason, message).
+Poster = Callable[[str, str, str], None]
+
 # ------------------------------------------------------------------ caches (kopf indexes)
 
 # (namespace, name) -> the slim JSON of the objects of that name (of a Deployment, for pods).
@@ -723,7 +726,7 @@ async def patch_target(
 
 
 async def pod_call(
-    vllm: VllmClient, obs: ad.Observed, call: ad.PodCall, memory: Memory, post: Callable[..., None]
+    vllm: VllmClient, obs: ad.Observed, call: ad.PodCall, memory: Memory, post: Poster
 ) -> None:
     """One runtime LoRA call; a final refusal is remembered for the next pass to report
     (a transient failure is not: the pod is asked again until the deadline)."""
@@ -752,7 +755,7 @@ async def execute(
     obs: ad.Observed,
     actions: Iterable[ad.Action],
     memory: Memory,
-    post: Callable[..., None],
+    post: Poster,
 ) -> None:
     for action in actions:
         if isinstance(action, ad.PatchTarget):
@@ -803,9 +806,10 @@ def _record(obs: ad.Observed, records: Iterable[ad.Record]) -> None:
             metrics_serving.ROLLBACKS.labels(obs.namespace, spec.adapter_name, record.reason).inc()
 
 
-def _poster(body: Mapping[str, Any]) -> Callable[..., None]:
+def _poster(body: Mapping[str, Any]) -> Poster:
     def post(type_: str, reason: str, message: str) -> None:
         try:
+            # kopf types its Body class here but reads any mapping.
             if type_ == "Warning":
                 kopf.warn(cast(Any, body), reason=reason, message=message)
             else:
