@@ -46,7 +46,9 @@ class Released:
         return f"{verb} {self.kind} {self.namespace}/{self.name} ({state})"
 
 
-async def _objects(kube: KubeClient, kind: str, plural: str, namespace: str | None) -> list[Any]:
+async def _objects(
+    kube: KubeClient, kind: str, plural: str, namespace: str | None
+) -> list[dict[str, Any]]:
     path = (
         f"/apis/{GROUP}/{VERSION}/{plural}"
         if namespace is None

@@ -215,7 +215,7 @@ class ConfigError(ValueError):
     """An environment variable holds a value the operator cannot use."""
 
 
-def _parse(name: str, raw: str, kind: Any) -> Any:
+def _parse(name: str, raw: str, kind: object) -> Any:
     try:
         if name in ("watch_namespaces", "vllm_image_patterns"):
             return tuple(ns.strip() for ns in raw.split(",") if ns.strip())

@@ -23,7 +23,10 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .api.finetunejob import FineTuneJobSpec
 
 GIB = 1024**3
 
@@ -133,6 +136,12 @@ def gpu_memory_gib(
 # ---------------------------------------------------------------- model shape
 
 
+class HFConfig(Protocol):
+    """A loaded transformers model config (the operator does not depend on transformers)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """The dimensions of a decoder-only transformer that drive memory."""
@@ -200,7 +209,7 @@ class ModelShape:
         return self.linear_params() + self.other_params()
 
     @classmethod
-    def from_config(cls, config: Any) -> ModelShape:
+    def from_config(cls, config: HFConfig) -> ModelShape:
         """From a loaded transformers config object (the trainer has one in hand)."""
         return cls.from_hf_config(config.to_dict())
 
@@ -263,7 +272,7 @@ def family_from_uri(uri: str) -> str | None:
     return None
 
 
-def shape_from_hint(hint: Any) -> ModelShape:
+def shape_from_hint(hint: object) -> ModelShape:
     """A shape from the ``finetune.dev/model-shape`` annotation value (parsed JSON).
 
     Accepts ``{"family": "llama-3-8b"}``, a family name string, or a ``config.json``-style
@@ -303,7 +312,7 @@ class TrainingSetup:
 
     @classmethod
     def from_spec(
-        cls, spec: Any, *, micro_batch: int | None = None, gc: bool | None = None
+        cls, spec: FineTuneJobSpec, *, micro_batch: int | None = None, gc: bool | None = None
     ) -> TrainingSetup:
         """From a ``FineTuneJobSpec``; batch/checkpointing from the spec unless given."""
         quant = spec.resolved_quantization()
@@ -438,7 +447,7 @@ MAX_AUTO_BATCH = 32
 def max_auto_batch(seq_length: int, limit: int = MAX_AUTO_BATCH) -> int:
     """The largest micro-batch ``auto`` may pick at ``seq_length`` (a power of two, >= 1)."""
     by_tokens = max(1, MAX_AUTO_TOKENS_PER_MICRO_BATCH // max(1, seq_length))
-    return 2 ** int(math.log2(max(1, min(limit, by_tokens))))
+    return 1 << int(math.log2(max(1, min(limit, by_tokens))))
 
 
 def choose_batch_and_checkpointing(
@@ -498,7 +507,11 @@ def choose_batch_and_checkpointing(
 
 
 def choose_for_spec(
-    spec: Any, gpu_memory_gib: float, model_dir: str | None = None, *, headroom: float = 0.1
+    spec: FineTuneJobSpec,
+    gpu_memory_gib: float,
+    model_dir: str | None = None,
+    *,
+    headroom: float = 0.1,
 ) -> tuple[int, bool, Estimate]:
     """The trainer's entry point: read ``config.json`` from ``model_dir`` and choose.
 

@@ -55,7 +55,7 @@ def _as_gate(gate: QualityGate | Mapping[str, Any]) -> QualityGate:
     return QualityGate.model_validate(dict(gate))
 
 
-def _finite(value: Any) -> float | None:
+def _finite(value: object) -> float | None:
     """The value as a float when it is a finite number, else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -79,7 +79,7 @@ def threshold_text(gate: QualityGate) -> str:
     return ", ".join(parts)
 
 
-def _missing_reason(metric: str, raw: Any, *, base: bool) -> str:
+def _missing_reason(metric: str, raw: object, *, base: bool) -> str:
     who = "base model's " if base else ""
     if raw is None:
         why = _WHY_MISSING.get(metric, "it could not be computed")

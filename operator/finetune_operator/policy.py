@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .api.finetunejob import FineTuneJobSpec, Toleration
-from .api.scheduling import Affinity, NodeSelectorTerm
+from .api.finetunejob import FineTuneJobSpec
+from .api.scheduling import Affinity, NodeSelectorTerm, Toleration
 
 # The node label a job's resources.gpuProduct becomes (builders.trainer.GPU_PRODUCT_LABEL;
 # not imported from there: the builders depend on this module).

@@ -16,7 +16,6 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -55,7 +54,7 @@ def builtin_crds() -> dict[tuple[str, str], ServedVersion]:
     return served
 
 
-def _objects(documents: list[Any]) -> list[Body]:
+def _objects(documents: list[object]) -> list[Body]:
     """The objects of a stream; a `kind: List` (as `kubectl get -o yaml` writes) is opened."""
     found: list[Body] = []
     for doc in documents:

@@ -565,7 +565,7 @@ def configmaps_from_manifests(docs: Sequence[Mapping[str, Any]]) -> dict[str, di
     """ConfigMap name -> data, from parsed manifest documents."""
     out: dict[str, dict[str, str]] = {}
     for doc in docs:
-        if isinstance(doc, Mapping) and doc.get("kind") == "ConfigMap":
+        if doc.get("kind") == "ConfigMap":
             name = str((doc.get("metadata") or {}).get("name"))
             out[name] = {str(k): str(v) for k, v in (doc.get("data") or {}).items()}
     return out

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import yaml
 from finetune_operator.api.finetunejob import FineTuneJobSpec, QualityGate
-from finetune_operator.api.metrics_catalog import METRICS
+from finetune_operator.api.metrics_catalog import METRIC_NAMES, METRICS, MetricName
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
@@ -47,6 +47,11 @@ def _jobs() -> list[tuple[Path, dict[str, Any]]]:
 
 JOBS = _jobs()
 JOB_IDS = [f"{p.relative_to(ROOT)}:{d['metadata']['name']}" for p, d in JOBS]
+
+
+def test_gates_accept_exactly_the_metrics_of_the_table() -> None:
+    """The gate's metric type (the CRD enum) lists the evaluator's table, in its order."""
+    assert get_args(MetricName) == METRIC_NAMES
 
 
 def test_examples_have_gates_to_check() -> None:

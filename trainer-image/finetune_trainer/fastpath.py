@@ -545,6 +545,7 @@ def trainer_class() -> type[SFTTrainer]:
         def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
             padded = "attention_mask" in inputs or "position_ids" not in inputs
             if padded or self.accelerator.num_processes > 1:
+                # transformers' Trainer leaves this method unannotated.
                 super()._track_num_input_tokens(inputs)  # type: ignore[no-untyped-call]
                 return
             if self.args.include_num_input_tokens_seen not in ("no", False):

@@ -15,7 +15,7 @@ from .common import (
     StatusModel,
     cel,
 )
-from .metrics_catalog import METRIC_NAMES
+from .metrics_catalog import MetricName
 from .scheduling import (
     DNS_SUBDOMAIN_MAX,
     DNS_SUBDOMAIN_PATTERN,
@@ -60,7 +60,6 @@ Optimizer = Literal[
     "sgd",
 ]
 ComputeDtype = Literal["bfloat16", "float16", "float32"]
-MetricName = Literal[METRIC_NAMES]  # type: ignore[valid-type]
 
 
 def check_uri(uri: str) -> str:

@@ -13,7 +13,8 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from .. import cron
 from .common import SHORT_STRING, ApiModel, Condition, StatusModel, cel
-from .finetunejob import URI_MAX, FineTuneJobSpec, MetricName
+from .finetunejob import URI_MAX, FineTuneJobSpec
+from .metrics_catalog import MetricName
 
 KIND = "FineTuneSchedule"
 PLURAL = "finetuneschedules"

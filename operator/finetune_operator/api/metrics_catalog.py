@@ -10,11 +10,24 @@ from dataclasses import dataclass
 from typing import Literal
 
 Direction = Literal["higher", "lower"]
+# The names, in the table's order (a test checks they match METRICS).
+MetricName = Literal[
+    "evalLoss",
+    "perplexity",
+    "rougeL",
+    "exactMatch",
+    "jsonValidity",
+    "jsonSchemaConformance",
+    "safetyRefusal",
+    "latencyP50Ms",
+    "latencyP95Ms",
+    "tokensPerSecond",
+]
 
 
 @dataclass(frozen=True)
 class MetricInfo:
-    name: str
+    name: MetricName
     better: Direction
     unit: str
     description: str

@@ -19,7 +19,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -29,6 +29,9 @@ from ..api.common import GROUP, VERSION
 from ..api.finetunejob import PLURAL as FTJ_PLURAL
 from ..api.finetuneschedule import PLURAL as FTS_PLURAL
 from ..builders.names import EVENT_SOURCE
+
+if TYPE_CHECKING:  # at run time the kubernetes package is imported where credentials load
+    from kubernetes.client import ApiClient, Configuration
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ def matches_labels(obj: Mapping[str, Any], selector: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def ssl_context(configuration: Any) -> ssl.SSLContext | bool:
+def ssl_context(configuration: Configuration) -> ssl.SSLContext | bool:
     """TLS settings of a ``kubernetes.client.Configuration`` for aiohttp's connector
     (True: aiohttp's defaults, which plain HTTP ignores; False: no verification)."""
     if not str(configuration.host).startswith("https://"):
@@ -117,7 +120,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot send {type(value).__name__} to the API server")
 
 
-def api_client_from_environment() -> Any:
+def api_client_from_environment() -> ApiClient:
     """A ``kubernetes.client.ApiClient``: the client's process-wide default when a program
     embedding the operator set one (the embedded API of `finetune-operator demo` and the
     tests), else the in-cluster ServiceAccount when running in a pod, else the local
@@ -142,7 +145,7 @@ class KubeClient:
     event loop; :meth:`close` releases it.
     """
 
-    def __init__(self, api_client: Any, max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(self, api_client: ApiClient, max_connections: int = MAX_CONNECTIONS) -> None:
         self._api = api_client
         self._configuration = api_client.configuration
         self._host = str(self._configuration.host).rstrip("/")

@@ -10,7 +10,7 @@ Deployment's ``--lora-modules`` list) and status merge patches without a precond
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .kube import (
     JSON_PATCH,
@@ -22,6 +22,9 @@ from .kube import (
     object_path,
 )
 
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
 # The serving controller's name for the client's error (409/422 are ``conflict``).
 ServingKubeError = KubeError
 
@@ -30,7 +33,7 @@ class ServingKube:
     """The serving controller's verbs over the operator's one client (or a new client of a
     ``kubernetes.client.ApiClient``)."""
 
-    def __init__(self, client: KubeClient | Any) -> None:
+    def __init__(self, client: KubeClient | ApiClient) -> None:
         self._kube = client if isinstance(client, KubeClient) else KubeClient(client)
 
     @classmethod

@@ -125,13 +125,19 @@ class ServingState:
         return self.session
 
 
-def runtime(memo: Any) -> tuple[KubeClient, OperatorConfig, ServingState]:
-    kube = getattr(memo, "kube", None)
-    config = getattr(memo, "config", None)
-    state = getattr(memo, "serving", None)
+def runtime(memo: kopf.Memo) -> tuple[KubeClient, OperatorConfig, ServingState]:
+    kube: KubeClient | None = getattr(memo, "kube", None)
+    config: OperatorConfig | None = getattr(memo, "config", None)
+    state = _serving(memo)
     if kube is None or config is None or state is None:
         raise kopf.TemporaryError("operator is still starting", delay=1)
     return kube, config, state
+
+
+def _serving(memo: kopf.Memo) -> ServingState | None:
+    """The state made at startup in the memo (None until then)."""
+    state: ServingState | None = getattr(memo, "serving", None)
+    return state
 
 
 @kopf.on.startup()
@@ -151,7 +157,7 @@ async def configure_serving(settings: kopf.OperatorSettings, memo: kopf.Memo, **
 
 @kopf.on.cleanup()
 async def release_serving(memo: kopf.Memo, **_: Any) -> None:
-    state = getattr(memo, "serving", None)
+    state = _serving(memo)
     if state is not None:
         state.stopping = True
         if state.session is not None:
@@ -162,7 +168,16 @@ async def release_serving(memo: kopf.Memo, **_: Any) -> None:
         await kube.close()
 
 
+# Posts a Kubernetes Event about the AdapterDeployment: (type, reason, message).
+Poster = Callable[[str, str, str], None]
+
 # ------------------------------------------------------------------ caches (kopf indexes)
+
+# (namespace, name) -> the slim JSON of the objects of that name (of a Deployment, for pods).
+ObjectKey = tuple[str | None, str]
+ObjectIndex = kopf.Index[ObjectKey, dict[str, Any]]
+# (kind, namespace, name) of a dependency -> the AdapterDeployments that depend on it.
+RefKey = tuple[str, str | None, str]
 
 
 def _slim_deployment(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -217,18 +232,24 @@ def _slim_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @kopf.index("apps", "v1", "deployments")
-def serving_deployments(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+def serving_deployments(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[ObjectKey, dict[str, Any]]:
     return {(namespace, name): _slim_deployment(body)}
 
 
 @kopf.index("", "v1", "pods")
-def serving_pods(namespace: str | None, body: kopf.Body, **_: Any) -> Any:
+def serving_pods(
+    namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[ObjectKey, dict[str, Any]] | None:
     deployment = owning_deployment(body)
     return {(namespace, deployment): _slim_pod(body)} if deployment else None
 
 
 @kopf.index(GROUP, VERSION, "finetunejobs")
-def serving_sources(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+def serving_sources(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[ObjectKey, dict[str, Any]]:
     output = ((body.get("spec") or {}).get("output")) or {}
     return {
         (namespace, name): {
@@ -254,17 +275,17 @@ def _slim_schedule(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @kopf.index(GROUP, VERSION, SCHEDULE_PLURAL)
-def serving_schedules(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> Any:
+def serving_schedules(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[ObjectKey, dict[str, Any]]:
     return {(namespace, name): _slim_schedule(body)}
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def serving_refs(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> Any:
+def serving_refs(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) -> dict[RefKey, str]:
     """Which Deployments, FineTuneJobs and FineTuneSchedules each AdapterDeployment depends
     on."""
-    refs: dict[tuple[str, str | None, str], str] = {
-        ("Deployment", namespace, sb.canary_name(name)): name
-    }
+    refs: dict[RefKey, str] = {("Deployment", namespace, sb.canary_name(name)): name}
     target = (spec.get("target") or {}).get("deployment")
     if target:
         refs[("Deployment", namespace, str(target))] = name
@@ -286,47 +307,58 @@ def _caches(kwargs: Mapping[str, Any]) -> Caches:
     )
 
 
-def _one(index: Any, key: Any) -> dict[str, Any] | None:
+def _one(index: ObjectIndex | None, key: ObjectKey) -> dict[str, Any] | None:
     store = index.get(key) if index is not None else None
     for value in store or ():
         return dict(value)
     return None
 
 
-def _dependents(refs: Any, kind: str, namespace: str | None, name: str) -> list[tuple[str, str]]:
+def _dependents(
+    refs: kopf.Index[RefKey, str], kind: str, namespace: str | None, name: str
+) -> list[tuple[str, str]]:
     return [(str(namespace), str(ad_name)) for ad_name in refs.get((kind, namespace, name)) or ()]
 
 
 # Async (in the operator's loop), not threads: they set asyncio events of the tasks.
 @kopf.on.event("apps", "v1", "deployments")
-async def deployment_changed(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
-    state = getattr(memo, "serving", None)
+async def deployment_changed(
+    namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    state = _serving(memo)
     if state is not None:
         state.wake(_dependents(kwargs["serving_refs"], "Deployment", namespace, name))
 
 
 @kopf.on.event("", "v1", "pods")
-async def pod_changed(namespace: str | None, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
-    state = getattr(memo, "serving", None)
+async def pod_changed(
+    namespace: str | None, body: kopf.Body, memo: kopf.Memo, **kwargs: Any
+) -> None:
+    state = _serving(memo)
     deployment = owning_deployment(body)
     if state is not None and deployment:
         state.wake(_dependents(kwargs["serving_refs"], "Deployment", namespace, deployment))
 
 
 @kopf.on.event(GROUP, VERSION, "finetunejobs")
-async def source_changed(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
-    state = getattr(memo, "serving", None)
+async def source_changed(namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    state = _serving(memo)
     if state is not None:
         state.wake(_dependents(kwargs["serving_refs"], "FineTuneJob", namespace, name))
 
 
 @kopf.on.event(GROUP, VERSION, SCHEDULE_PLURAL)
 async def schedule_changed(
-    namespace: str | None, name: str, body: kopf.Body, type: str | None, memo: Any, **kwargs: Any
+    namespace: str | None,
+    name: str,
+    body: kopf.Body,
+    type: str | None,
+    memo: kopf.Memo,
+    **kwargs: Any,
 ) -> None:
     """Wake the schedule's followers when what they read of it changed: its champion (or
     the credentials) — not at each of its runs' status updates."""
-    state = getattr(memo, "serving", None)
+    state = _serving(memo)
     if state is None:
         return
     key = (str(namespace), name)
@@ -342,10 +374,10 @@ async def schedule_changed(
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def adapterdeployment_changed(
-    namespace: str | None, name: str, body: kopf.Body, memo: Any, **_: Any
+    namespace: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
 ) -> None:
     """Wake the task, except for the echo of its own status write."""
-    state = getattr(memo, "serving", None)
+    state = _serving(memo)
     if state is None:
         return
     memory = state.memories.get((str(namespace), name))
@@ -362,10 +394,10 @@ async def adapterdeployment_changed(
 
 @dataclass(frozen=True)
 class Caches:
-    deployments: Any
-    pods: Any
-    sources: Any
-    schedules: Any
+    deployments: ObjectIndex
+    pods: ObjectIndex
+    sources: ObjectIndex
+    schedules: ObjectIndex
 
 
 def _rv(body: Mapping[str, Any] | None) -> str:
@@ -694,7 +726,7 @@ async def patch_target(
 
 
 async def pod_call(
-    vllm: VllmClient, obs: ad.Observed, call: ad.PodCall, memory: Memory, post: Callable[..., None]
+    vllm: VllmClient, obs: ad.Observed, call: ad.PodCall, memory: Memory, post: Poster
 ) -> None:
     """One runtime LoRA call; a final refusal is remembered for the next pass to report
     (a transient failure is not: the pod is asked again until the deadline)."""
@@ -723,7 +755,7 @@ async def execute(
     obs: ad.Observed,
     actions: Iterable[ad.Action],
     memory: Memory,
-    post: Callable[..., None],
+    post: Poster,
 ) -> None:
     for action in actions:
         if isinstance(action, ad.PatchTarget):
@@ -774,9 +806,10 @@ def _record(obs: ad.Observed, records: Iterable[ad.Record]) -> None:
             metrics_serving.ROLLBACKS.labels(obs.namespace, spec.adapter_name, record.reason).inc()
 
 
-def _poster(body: Mapping[str, Any]) -> Callable[..., None]:
+def _poster(body: Mapping[str, Any]) -> Poster:
     def post(type_: str, reason: str, message: str) -> None:
         try:
+            # kopf types its Body class here but reads any mapping.
             if type_ == "Warning":
                 kopf.warn(cast(Any, body), reason=reason, message=message)
             else:
@@ -898,7 +931,7 @@ async def serve_adapter(
     name: str,
     body: kopf.Body,
     stopped: kopf.DaemonStopped,
-    memo: Any,
+    memo: kopf.Memo,
     **kwargs: Any,
 ) -> None:
     """The task of one AdapterDeployment: a pass whenever something it depends on changed."""
@@ -941,7 +974,7 @@ async def serve_adapter(
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="remove-adapter")
 async def remove_adapter(
     body: kopf.Body,
-    memo: Any,
+    memo: kopf.Memo,
     **kwargs: Any,
 ) -> None:
     """Take the adapter out of the target (its entries only) and drop the canary."""

@@ -67,10 +67,10 @@ class ScheduleState:
         return len(self._locks)
 
 
-def schedule_state(memo: Any) -> ScheduleState:
+def schedule_state(memo: kopf.Memo) -> ScheduleState:
     """The state made at startup in the operator's memo (kopf gives each object a shallow
     copy of it, so state made later would not be shared between objects' handlers)."""
-    state = getattr(memo, "ftsched_state", None)
+    state: ScheduleState | None = getattr(memo, "ftsched_state", None)
     if state is None:
         raise kopf.TemporaryError("operator is still starting", delay=1)
     return state
@@ -263,7 +263,7 @@ SHUTDOWN_GRACE_SECONDS = 5.0
 async def finish_reconciles(memo: kopf.Memo, **_: Any) -> None:
     """Let reconciles under way (a clock's is shielded from cancellation) write their status
     before the API client's connections are closed."""
-    state = getattr(memo, "ftsched_state", None)
+    state: ScheduleState | None = getattr(memo, "ftsched_state", None)
     deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
     while state is not None and state.in_flight and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
@@ -272,7 +272,9 @@ async def finish_reconciles(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-async def on_change(name: str, namespace: str | None, memo: Any, reason: str, **_: Any) -> None:
+async def on_change(
+    name: str, namespace: str | None, memo: kopf.Memo, reason: str, **_: Any
+) -> None:
     kube, config = runtime(memo)
     state = schedule_state(memo)
     _raise_for_outcome(await reconcile(kube, config, str(namespace), name, str(reason), state))
@@ -280,7 +282,7 @@ async def on_change(name: str, namespace: str | None, memo: Any, reason: str, **
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
 async def schedule_clock(
-    name: str, namespace: str | None, stopped: kopf.DaemonStopped, memo: Any, **_: Any
+    name: str, namespace: str | None, stopped: kopf.DaemonStopped, memo: kopf.Memo, **_: Any
 ) -> None:
     """Reconcile the schedule when its next time comes (the plan says when).
 
@@ -307,7 +309,7 @@ async def schedule_clock(
 
 
 @kopf.on.event(GROUP, VERSION, FTJ_PLURAL, labels={LABEL_SCHEDULE: kopf.PRESENT})
-async def run_event(body: kopf.Body, memo: Any, type: str | None, **_: Any) -> None:
+async def run_event(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
     """A run changed (its status, or it was deleted): reconcile its schedule at once."""
     meta = body.get("metadata") or {}
     owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == KIND), None)
@@ -331,7 +333,7 @@ async def run_event(body: kopf.Body, memo: Any, type: str | None, **_: Any) -> N
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_SCHEDULE: kopf.PRESENT})
-async def probe_event(body: kopf.Body, memo: Any, type: str | None, **_: Any) -> None:
+async def probe_event(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
     """A data probe finished: reconcile its schedule at once to read the result."""
     meta = body.get("metadata") or {}
     owner = next((o for o in meta.get("ownerReferences") or [] if o.get("kind") == KIND), None)
@@ -355,7 +357,7 @@ def _follows_a_schedule(spec: Mapping[str, Any] | None, **_: Any) -> bool:
 
 
 @kopf.on.event(GROUP, VERSION, AD_PLURAL, when=_follows_a_schedule)
-async def follower_event(body: kopf.Body, memo: Any, type: str | None, **_: Any) -> None:
+async def follower_event(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
     """An AdapterDeployment following a schedule changed (it may have rolled the champion
     back): reconcile the schedule."""
     schedule = follows(body)
@@ -373,7 +375,9 @@ async def follower_event(body: kopf.Body, memo: Any, type: str | None, **_: Any)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-async def on_delete(name: str, namespace: str | None, uid: str | None, memo: Any, **_: Any) -> None:
+async def on_delete(
+    name: str, namespace: str | None, uid: str | None, memo: kopf.Memo, **_: Any
+) -> None:
     """Delete the schedule's runs (the garbage collector would too; this is at once). Their
     adapters in storage are never touched."""
     kube, _config = runtime(memo)

@@ -57,7 +57,8 @@ class GpuLedger:
     """What a namespace's other runs hold: the index plus this process's fresh reservations."""
 
     def __init__(self) -> None:
-        self.index: Any = None  # kopf's live index, handed over at startup
+        # kopf's live index (ftj_gpus_in_use), handed over at startup
+        self.index: kopf.Index[str, tuple[str, int]] | None = None
         # namespace -> job name -> (GPUs, monotonic time reserved)
         self.reservations: dict[str, dict[str, tuple[int, float]]] = {}
 

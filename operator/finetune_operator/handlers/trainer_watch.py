@@ -44,6 +44,8 @@ CHILD_SELECTOR = ",".join(f"{key}={value}" for key, value in CHILD_LABELS.items(
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 Key = tuple[str, str]  # (namespace, FineTuneJob label value)
+# kopf's live index of objects by Key (of FineTuneJobs: by (namespace, name)).
+ObjectIndex = kopf.Index[Key, dict[str, Any]]
 
 
 def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,13 +151,13 @@ class WatchedObjects:
     """Reads of the three indexes, with the freshness rules of the module docstring."""
 
     def __init__(self) -> None:
-        self.ftjs: Any = None  # kopf's live indexes, handed over at startup
-        self.jobs: Any = None
-        self.pods: Any = None
+        self.ftjs: ObjectIndex | None = None  # kopf's live indexes, handed over at startup
+        self.jobs: ObjectIndex | None = None
+        self.pods: ObjectIndex | None = None
         # (namespace, name) -> resourceVersion this operator last read or wrote.
         self.known_versions: dict[tuple[str, str], str] = {}
 
-    def _values(self, index: Any, key: Any) -> Iterable[dict[str, Any]]:
+    def _values(self, index: ObjectIndex | None, key: Key) -> Iterable[dict[str, Any]]:
         if index is None:
             return ()
         store = index.get(key)

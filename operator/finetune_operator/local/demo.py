@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
 import yaml
@@ -482,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(DemoOptions(workdir=args.workdir, keep=args.keep, verbose=args.verbose))
 
 
-def _interrupt(signum: int, _frame: Any) -> None:
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 

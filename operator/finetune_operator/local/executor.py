@@ -524,18 +524,18 @@ class LocalExecutor:
         for source in container.get("envFrom") or []:
             prefix = str(source.get("prefix") or "")
             if "secretRef" in source:
-                secret = self.api.read("secrets", self.namespace, source["secretRef"]["name"])
-                data = {} if secret is None else {
-                    k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()
+                found = self.api.read("secrets", self.namespace, source["secretRef"]["name"])
+                data = {} if found is None else {
+                    k: base64.b64decode(v).decode() for k, v in (found.get("data") or {}).items()
                 }  # fmt: skip
             else:
-                cm = self.api.read("configmaps", self.namespace, source["configMapRef"]["name"])
-                data = {} if cm is None else dict(cm.get("data") or {})
+                found = self.api.read("configmaps", self.namespace, source["configMapRef"]["name"])
+                data = {} if found is None else dict(found.get("data") or {})
             if not data and not (source.get("secretRef") or source.get("configMapRef") or {}).get(
                 "optional"
             ):
                 ref = source.get("secretRef") or source.get("configMapRef") or {}
-                if (secret if "secretRef" in source else cm) is None:
+                if found is None:
                     raise ContainerNotRunnable(f"envFrom {ref.get('name')!r} not found")
             env.update({prefix + k: v for k, v in data.items()})
         for item in container.get("env") or []:

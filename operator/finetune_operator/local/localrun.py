@@ -23,7 +23,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 from pydantic import ValidationError
@@ -215,7 +215,7 @@ def local_gpu_memory_gib() -> float | None:
     return float(torch.cuda.get_device_properties(0).total_memory) / 2**30
 
 
-def _show_progress(line: str, out: Any) -> None:
+def _show_progress(line: str, out: TextIO) -> None:
     try:
         obj = json.loads(line[len(PROGRESS_PREFIX) :])
     except ValueError:
@@ -246,7 +246,7 @@ def run_local(
     output: str | None = None,
     device: str = "auto",
     *,
-    out: Any = sys.stdout,
+    out: TextIO = sys.stdout,
     python: str = sys.executable,
     env: Mapping[str, str] | None = None,
 ) -> LocalRunResult:

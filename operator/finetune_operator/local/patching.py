@@ -40,7 +40,11 @@ def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7386 JSON merge patch: dicts merge, `null` deletes, everything else replaces."""
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    return _merge_object(target, patch)
+
+
+def _merge_object(target: Any, patch: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = copy.deepcopy(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
         if value is None:
             result.pop(key, None)
@@ -76,9 +80,13 @@ def strategic_merge_patch(target: Any, patch: Any) -> Any:
     """A strategic merge patch: a merge patch whose known keyed lists merge item by item."""
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
+    return _strategic_merge_object(target, patch)
+
+
+def _strategic_merge_object(target: Any, patch: dict[str, Any]) -> dict[str, Any]:
     if patch.get("$patch") == "replace":
         return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    result: dict[str, Any] = copy.deepcopy(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
         if key.startswith("$"):
             continue
@@ -118,7 +126,7 @@ def apply_patch(target: dict[str, Any], patch: Any, content_type: str) -> dict[s
     if not isinstance(patch, dict):
         raise InvalidPatch(f"a {kind} body must be a JSON object")
     if kind == MERGE_PATCH:
-        return merge_patch(target, patch)
+        return _merge_object(target, patch)
     if kind == STRATEGIC_MERGE_PATCH:
-        return strategic_merge_patch(target, patch)
+        return _strategic_merge_object(target, patch)
     raise InvalidPatch(f"unsupported patch type {kind!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 from finetune_operator.api.common import GROUP, VERSION
 
@@ -40,8 +41,7 @@ class ResourceType:
         return (("status",) if self.status_subresource else ()) + self.extra_subresources
 
 
-def _core(plural: str, kind: str, **kwargs: object) -> ResourceType:
-    return ResourceType("", "v1", plural, kind, **kwargs)  # type: ignore[arg-type]
+_core = partial(ResourceType, "", "v1")
 
 
 FINETUNEJOBS = ResourceType(

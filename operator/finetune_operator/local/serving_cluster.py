@@ -23,10 +23,10 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import vllm_args, vllm_server
 from ..serving_config import ENDPOINT_ANNOTATION
@@ -41,6 +41,7 @@ from .vllm_reference import (
 
 # (deployment name, pod template) -> ReferenceConfig overrides (error_rate, added_latency_seconds...)
 Behavior = Callable[[str, dict[str, Any]], dict[str, Any]]
+T = TypeVar("T")
 
 
 POD_TEMPLATE_HASH = "pod-template-hash"
@@ -129,7 +130,7 @@ class ServingCluster:
         if self.errors:
             raise self.errors[0]
 
-    def call(self, coro: Any, timeout: float = 10.0) -> Any:
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
         """Run a coroutine on the cluster's loop (where the servers live)."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 

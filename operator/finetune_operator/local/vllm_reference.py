@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .. import vllm_args
@@ -400,6 +401,7 @@ class ReferenceServer:
         await site.start()
         server = site._server
         assert server is not None
+        # Typed as asyncio.AbstractServer, which has no `sockets`; the running server has them.
         self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
         return self.port
 
@@ -420,7 +422,7 @@ class ReferenceServer:
     # ------------------------------------------------------------ middleware
 
     @web.middleware
-    async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _record(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         self.requests_seen.append(f"{request.method} {request.path}")
         try:
             return await handler(request)
@@ -429,7 +431,7 @@ class ReferenceServer:
             return web.json_response({"detail": "Not Found"}, status=404)
 
     @web.middleware
-    async def _authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """vLLM's AuthenticationMiddleware.
 
         0.11: vllm/entrypoints/openai/api_server.py guards paths starting with ``/v1``;

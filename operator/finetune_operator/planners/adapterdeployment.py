@@ -264,7 +264,7 @@ def _from_schedule(
     )
 
 
-def _champion_problem(uri: Any, digest: Any) -> str | None:
+def _champion_problem(uri: object, digest: object) -> str | None:
     """Why a champion's adapter cannot be served (status is written by whoever may write
     it, so it is checked as a spec's source.uri and source.digest would be), or None."""
     if not isinstance(uri, str) or not isinstance(digest, str) or not uri or not digest:

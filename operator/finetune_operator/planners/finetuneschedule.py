@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
 
@@ -113,7 +114,7 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def parse_time(value: Any) -> datetime | None:
+def parse_time(value: object) -> datetime | None:
     if not isinstance(value, str) or not value:
         return None
     try:
@@ -147,7 +148,7 @@ def run_outcome(ftj: Mapping[str, Any]) -> tuple[str, str | None]:
     return "Running", None
 
 
-def _finite_metrics(raw: Any) -> dict[str, float] | None:
+def _finite_metrics(raw: object) -> dict[str, float] | None:
     if not isinstance(raw, Mapping):
         return None
     out = {
@@ -496,7 +497,7 @@ def _prune(
 
 
 def _due_slot(
-    obs: Observed, sched: cron.Cron, tz: Any, last: datetime
+    obs: Observed, sched: cron.Cron, tz: ZoneInfo, last: datetime
 ) -> tuple[datetime | None, datetime | None]:
     """(the most recent slot not yet run, the next slot after now)."""
     latest = cron.last_at_or_before(sched, tz, obs.now)
@@ -805,7 +806,9 @@ def _set_run_conditions(st: _Status, records: list[dict[str, Any]]) -> None:
                 f"{newest['name']}: {comparison.get('message') or 'not decided'}")  # fmt: skip
 
 
-def _bounded(newest_first: list[dict[str, Any]], champion: Mapping[str, Any] | None) -> list[Any]:
+def _bounded(
+    newest_first: list[dict[str, Any]], champion: Mapping[str, Any] | None
+) -> list[dict[str, Any]]:
     """At most RUN_RECORDS_MAX records, running ones and the champion's always among them."""
     keep = [
         r
