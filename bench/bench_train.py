@@ -721,9 +721,11 @@ def dropout_equivalence(
 ) -> dict[str, Any]:
     """Packed steps on identical rows with PEFT's dropout and the fused one.
 
-    Both draw masks from other random streams, so their curves differ by dropout noise; the
-    control is PEFT against itself with another mask stream. The fused dropout passes when
-    its largest per-step difference from PEFT is at most twice the control's (or 0.5%).
+    From the same seed the fused dropout draws PEFT's masks (same kernel, same generator
+    state), so its curve should follow PEFT's up to rounding. The control is PEFT against
+    itself with another mask stream: how far dropout noise alone moves the curve. The fused
+    dropout passes when its largest per-step difference from PEFT is at most twice the
+    control's (or 0.5%).
     """
     from finetune_trainer import fastpath
 

@@ -195,4 +195,7 @@ def test_dropout_comparison_runs_on_the_cpu(tmp_path: Path) -> None:
     assert "loraDropoutPatched" not in peft
     deq = result["dropoutEquivalence"]
     assert len(deq["fused"]) == len(deq["peft"]) == len(deq["peftOtherMasks"]) == 3
-    assert isinstance(deq["withinTolerance"], bool)
+    # on the CPU the fused dropout draws PEFT's very masks: the curves agree to rounding
+    assert deq["withinTolerance"] is True
+    assert deq["fusedVsPeftMaxRelativeDifference"] <= 1e-4
+    assert deq["controlMaxRelativeDifference"] > deq["fusedVsPeftMaxRelativeDifference"]
