@@ -47,7 +47,9 @@ def default_generator(device: torch.device) -> torch.Generator | None:
     if device.type == "cpu":
         return torch.default_generator
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index: int | None = getattr(device, "index", None)
+        if index is None:
+            index = torch.cuda.current_device()
         return torch.cuda.default_generators[index]
     return None
 
@@ -227,11 +229,11 @@ class PatchReport:
 
 def _unpatchable(layer: Any, adapter: str) -> str | None:
     """Why this adapter of a known LoRA layer keeps PEFT's dropout, or None."""
-    dropout = layer.lora_dropout[adapter]
-    lora_a = layer.lora_A[adapter]
+    dropout: object = layer.lora_dropout[adapter]
+    lora_a: Any = layer.lora_A[adapter]
     if type(dropout) is not nn.Dropout:
         return f"dropout is {type(dropout).__name__}, not nn.Dropout"
-    if type(lora_a) is not nn.Linear or lora_a.bias is not None:
+    if type(lora_a) is not nn.Linear or getattr(lora_a, "bias", None) is not None:
         return f"lora_A is {type(lora_a).__name__}, not a bias-free nn.Linear"
     if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter):
         return "a LoRA variant (such as DoRA) computes this adapter"
