@@ -288,7 +288,7 @@ def test_runtime_path() -> None:
     assert p.runtime_path(dep, "vllm", REF).message == "/mnt/adapters/support"
     file_ref = sb.AdapterRef("support", "file:///data/a", DIGEST)
     assert p.runtime_path(dep, "vllm", file_ref).message == "/data/a"
-    s3 = sb.AdapterRef("support", "s3://b/a", DIGEST)
+    s3 = sb.AdapterRef("support", "s3://bucket/a", DIGEST)
     assert not p.runtime_path(dep, "vllm", s3).ok
     other_claim = sb.AdapterRef("support", "pvc://elsewhere/a", DIGEST)
     res = p.runtime_path(dep, "vllm", other_claim)

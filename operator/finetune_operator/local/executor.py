@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from typing import Any
 import yaml
 
 from .. import vllm_args
+from ..times import now_rfc3339, parse_rfc3339
 from .emulator import Emulator
 from .generation import TransformersGenerator
 from .serving_cluster import ServingCluster, SimPod
@@ -69,18 +69,9 @@ class ContainerNotRunnable(RuntimeError):
     """The container's entrypoint cannot be run on this machine."""
 
 
-def _now() -> str:
-    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _parse_time(value: str | None) -> float | None:
-    if not value:
-        return None
-    return (
-        datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ")
-        .replace(tzinfo=datetime.UTC)
-        .timestamp()
-    )
+    moment = parse_rfc3339(value)
+    return moment.timestamp() if moment else None
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -196,7 +187,7 @@ def job_conditions(
     current: Sequence[Mapping[str, Any]], type_: str, status: str, reason: str, message: str
 ) -> list[Body]:
     """The Job's conditions with one of them set (others kept as they are)."""
-    now = _now()
+    now = now_rfc3339()
     result: list[Body] = []
     found = False
     for cond in current:
@@ -410,10 +401,10 @@ class LocalExecutor:
             },
             "spec": {**(template.get("spec") or {}), "nodeName": "local"},
             "status": {"phase": "Pending", "conditions": [
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": _now()}]},
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()}]},
         }  # fmt: skip
         self.api.create(pod_body, keep_status=True)
-        now = _now()
+        now = now_rfc3339()
         state.start_time = (job.get("status") or {}).get("startTime") or now
         self.api.patch_status("jobs", self.namespace, name, {
             "active": 1, "ready": 0, "startTime": state.start_time,
@@ -674,7 +665,7 @@ class LocalExecutor:
     # ------------------------------------------------------------ status writers
 
     def _set_pod_running(self, run: PodRun, pod_spec: Body, container: str, *, init: bool) -> None:
-        now = _now()
+        now = now_rfc3339()
         running = {"name": container, "ready": not init, "started": True, "restartCount": 0,
                    "image": _image(pod_spec, container), "imageID": "",
                    "containerID": f"local://{run.name}/{container}",
@@ -707,7 +698,7 @@ class LocalExecutor:
         init: bool,
         reason: str | None = None,
     ) -> None:
-        now = _now()
+        now = now_rfc3339()
         run.exit_code = code
         stopped = run.stop_reason
         reason = reason or ("Completed" if code == 0 else "Error")
@@ -746,7 +737,7 @@ class LocalExecutor:
                 return
             spec, status = job.get("spec") or {}, job.get("status") or {}
             conditions = list(status.get("conditions") or [])
-            now = _now()
+            now = now_rfc3339()
             patch: Body = {"active": 0, "ready": 0}
             if code == 0 and stopped is None:
                 state.succeeded += 1
