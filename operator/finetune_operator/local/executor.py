@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from .. import vllm_args
 from ..times import now_rfc3339, parse_rfc3339
 from .emulator import Emulator
 from .generation import TransformersGenerator
+from .localrun import trainer_root
 from .serving_cluster import ServingCluster, SimPod
 
 log = logging.getLogger(__name__)
@@ -509,7 +510,7 @@ class LocalExecutor:
         env = dict(os.environ)
         env.update(self.extra_env)
         env["PYTHONPATH"] = os.pathsep.join(
-            [*PACKAGE_ROOTS, *_trainer_roots(), *filter(None, [os.environ.get("PYTHONPATH")])]
+            [*PACKAGE_ROOTS, trainer_root(), *filter(None, [os.environ.get("PYTHONPATH")])]
         )
         env["PYTHONUNBUFFERED"] = "1"
         for source in container.get("envFrom") or []:
@@ -790,15 +791,6 @@ def _image(pod_spec: Mapping[str, Any], container: str) -> str:
         if c.get("name") == container:
             return str(c.get("image") or "")
     return ""
-
-
-def _trainer_roots() -> Iterator[str]:
-    """The folder holding ``finetune_trainer`` (when importable), for subprocesses."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("finetune_trainer")
-    if spec is not None and spec.origin:
-        yield str(Path(spec.origin).resolve().parent.parent)
 
 
 # ---------------------------------------------------------------- serving

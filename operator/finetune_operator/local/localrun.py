@@ -72,6 +72,13 @@ def parse_pvc_mappings(values: Sequence[str]) -> dict[str, Path]:
     return mappings
 
 
+def trainer_root() -> str:
+    """The folder holding ``finetune_trainer``, for the PYTHONPATH of trainer subprocesses."""
+    import finetune_trainer
+
+    return str(Path(finetune_trainer.__file__).resolve().parent.parent)
+
+
 def local_path(uri: str, pvcs: Mapping[str, Path], field: str) -> Path:
     """The local file or folder for a ``file://`` or ``pvc://`` URI."""
     try:
@@ -302,12 +309,7 @@ def run_local(
     out.write(f"training {name}: output in {out_dir}\n")
     out.flush()
     process_env = dict(os.environ if env is None else env)
-    roots = [str(Path(__file__).resolve().parents[2])]
-    import importlib.util
-
-    trainer_spec = importlib.util.find_spec("finetune_trainer")
-    if trainer_spec is not None and trainer_spec.origin:
-        roots.append(str(Path(trainer_spec.origin).resolve().parent.parent))
+    roots = [str(Path(__file__).resolve().parents[2]), trainer_root()]
     process_env["PYTHONPATH"] = os.pathsep.join(
         [*roots, *filter(None, [process_env.get("PYTHONPATH")])]
     )

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from .. import estimator as est
 from .. import packed_memory as packed
-from ..api.common import get_condition, owner_reference, set_condition
+from ..api.common import get_condition, is_condition_true, owner_reference, set_condition
 from ..api.finetunejob import KIND, MUTABLE_AFTER_START, FineTuneJobSpec
 from ..api.trainer_output import AdapterOutput, DataLine, ProgressLine, TrainerResult
 from ..builders import distributed, names
@@ -239,7 +239,8 @@ def spec_hash(spec: FineTuneJobSpec) -> str:
 
 def is_terminal(status: Mapping[str, Any]) -> bool:
     """Whether the recorded run has finished (Succeeded or Failed is True)."""
-    return _cond_true(status, SUCCEEDED) or _cond_true(status, FAILED)
+    conditions = list(status.get("conditions") or [])
+    return is_condition_true(conditions, SUCCEEDED) or is_condition_true(conditions, FAILED)
 
 
 def is_settled(status: Mapping[str, Any], generation: int) -> bool:
@@ -253,11 +254,6 @@ def is_settled(status: Mapping[str, Any], generation: int) -> bool:
         return False
     validated = get_condition(list(status.get("conditions") or []), VALIDATED) or {}
     return validated.get("reason") != "SpecChangeDeferred"
-
-
-def _cond_true(status: Mapping[str, Any], type_: str) -> bool:
-    cond = get_condition(list(status.get("conditions") or []), type_)
-    return cond is not None and cond.get("status") == "True"
 
 
 def run_generation(job_name: str | None) -> int | None:

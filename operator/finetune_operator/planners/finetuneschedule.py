@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -796,7 +796,3 @@ def _bounded(newest_first: list[dict[str, Any]], champion: Mapping[str, Any] | N
     rest = [r for r in newest_first if r not in keep]
     chosen = keep + rest[: max(0, RUN_RECORDS_MAX - len(keep))]
     return sorted(chosen, key=lambda r: (str(r.get("scheduledTime")), r["name"]), reverse=True)
-
-
-def seconds_until(moment: datetime, now: datetime) -> float:
-    return max(0.0, (moment - now) / timedelta(seconds=1))
