@@ -29,13 +29,19 @@ def spec(**over) -> AdapterDeploymentSpec:
     return AdapterDeploymentSpec.model_validate(raw)
 
 
-def ftj(phase="Succeeded", gates="True", gates_msg="4/4 passed", adapter=True) -> dict:
+def ftj(
+    phase="Succeeded",
+    gates="True",
+    gates_msg="4/4 passed",
+    adapter=True,
+    uri="pvc://out/ftj/adapter",
+) -> dict:
     status: dict = {"phase": phase, "conditions": []}
     if gates is not None:
         status["conditions"].append({"type": "GatesPassed", "status": gates, "message": gates_msg})
     if adapter:
         status["adapter"] = {
-            "uri": "pvc://out/ftj/adapter",
+            "uri": uri,
             "digest": DIGEST,
             "rank": 16,
             "baseModel": "hf://org/base",
@@ -60,6 +66,8 @@ def ftj(phase="Succeeded", gates="True", gates_msg="4/4 passed", adapter=True) -
         (ftj(gates="False"), False, True, "Resolved", ""),
         (ftj(gates=None), True, False, "GatesFailed", "no gate verdict"),
         (ftj(adapter=False), True, False, "AdapterMissing", "no adapter"),
+        (ftj(uri="ftp://host/a"), True, False, "AdapterMissing", "use pvc://CLAIM/PATH"),
+        (ftj(uri="pvc://out/../etc"), True, False, "AdapterMissing", "'..' path segments"),
     ],
 )
 def test_source_from_finetunejob(job, require, ok, reason, needle) -> None:

@@ -28,7 +28,7 @@ from ..api.common import get_condition
 from ..api.finetunejob import URI_MAX, check_uri
 from ..builders import serving as sb
 from ..times import parse_rfc3339
-from ..uris import StorageUri, split_scheme
+from ..uris import StorageUri, UriError, split_scheme
 
 MAX_HISTORY = 20
 
@@ -181,6 +181,17 @@ def _from_finetunejob(
             False,
             Reason.ADAPTER_MISSING,
             f"FineTuneJob {ftj_name} succeeded but records no adapter",
+        )
+    try:
+        StorageUri.parse(str(adapter["uri"]))
+    except UriError as exc:
+        # Status is written by whoever may write it: a location no step can read is refused
+        # here, before any child is built for it.
+        return SourceResult(
+            False,
+            Reason.ADAPTER_MISSING,
+            f"FineTuneJob {ftj_name} records an adapter location the operator does not "
+            f"serve ({exc})",
         )
     secret = (((ftj.get("spec") or {}).get("output") or {}).get("credentialsSecretRef") or {}).get(
         "name"
