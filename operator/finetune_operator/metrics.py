@@ -12,11 +12,11 @@ namespace (``see_namespace``): a series born at its first increment already read
 from __future__ import annotations
 
 import contextlib
-from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from .api.metrics_catalog import METRIC_NAMES
+from .times import parse_rfc3339
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -123,10 +123,10 @@ def record_success(namespace: str, completed_at: str | None) -> None:
     reconcile, so a restarted operator restores it when it resumes the jobs."""
     if not completed_at:
         return
-    try:
-        when = datetime.fromisoformat(completed_at.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+    completed = parse_rfc3339(completed_at)
+    if completed is None:
         return
+    when = completed.timestamp()
     if when > _last_success.get(namespace, float("-inf")):
         _last_success[namespace] = when
         ftj_last_success.labels(namespace).set(when)

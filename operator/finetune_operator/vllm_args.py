@@ -36,6 +36,7 @@ from typing import Any, Literal
 import yaml
 
 from . import shell_words, vllm_flags
+from .uris import split_scheme
 
 # vLLM's defaults when the flags are absent (vllm/config/lora.py, FrontendArgs).
 DEFAULT_MAX_LORA_RANK = 16
@@ -1231,11 +1232,7 @@ _HF_REV = re.compile(r"@[^/]*$")
 
 def normalize_model_name(name: str) -> str:
     """Compare-friendly form of a model reference: no scheme, revision or trailing slash."""
-    text = name.strip()
-    for scheme in ("hf://", "pvc://", "s3://", "file://"):
-        if text.startswith(scheme):
-            text = text[len(scheme) :]
-            break
+    _, text = split_scheme(name.strip())
     text = _HF_REV.sub("", text).rstrip("/")
     return text.lower()
 

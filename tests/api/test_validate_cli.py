@@ -221,7 +221,7 @@ def test_the_largest_accepted_affinity_keeps_the_job_and_configmap_far_below_api
     assert validate(doc) == []
     spec = FineTuneJobSpec.model_validate(doc["spec"])
     config = OperatorConfig(trainer_image="registry.example/trainer:1.0")
-    owner = owner_reference("bot", "uid-1")
+    owner = owner_reference("FineTuneJob", "bot", "uid-1")
     job = trainer_job("bot", "team-a", 1, spec, owner, config, "hash")
     trainer_config = resolve_trainer_config(
         "bot", "team-a", 1, spec, batch_size=4, gradient_checkpointing=True, config=config

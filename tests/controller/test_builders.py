@@ -20,7 +20,7 @@ from finetune_operator.config import OperatorConfig
 from ftj_samples import spec
 
 CONFIG = OperatorConfig(trainer_image="registry.example/trainer:1.0")
-OWNER = owner_reference("bot", "uid-1")
+OWNER = owner_reference("FineTuneJob", "bot", "uid-1")
 
 
 def build(name: str = "bot", generation: int = 1, **overrides: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from finetune_operator.cli import main as cli_main
 from finetune_operator.config import ConfigError, OperatorConfig, describe, load_config
+from finetune_operator.uris import StorageUri
 from finetune_trainer import fetch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,14 +111,17 @@ def test_cli_module_help_runs_as_a_subprocess() -> None:
     [
         (
             "hf://meta-llama/Meta-Llama-3-8B@main",
-            fetch.HfSource("meta-llama/Meta-Llama-3-8B", "model", "main", None),
+            StorageUri("hf", "meta-llama/Meta-Llama-3-8B", "", revision="main"),
         ),
         (
             "hf://datasets/acme/support@v2/data/train.jsonl",
-            fetch.HfSource("acme/support", "dataset", "v2", "data/train.jsonl"),
+            StorageUri("hf", "acme/support", "data/train.jsonl", revision="v2", dataset=True),
         ),
-        ("hf://datasets/acme/support", fetch.HfSource("acme/support", "dataset", None, None)),
-        ("s3://corp-data/support/train.jsonl", fetch.S3Source("corp-data", "support/train.jsonl")),
+        ("hf://datasets/acme/support", StorageUri("hf", "acme/support", dataset=True)),
+        (
+            "s3://corp-data/support/train.jsonl",
+            StorageUri("s3", "corp-data", "support/train.jsonl"),
+        ),
     ],
 )
 def test_fetch_parses_sources(uri: str, expected: object) -> None:

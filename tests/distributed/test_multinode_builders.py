@@ -15,7 +15,7 @@ from finetune_operator.planners.finetunejob import Observed, plan
 from specs import spec, spec_dict
 
 CONFIG = OperatorConfig(trainer_image="registry.example/trainer:1.0")
-OWNER = owner_reference("bot", "uid-1")
+OWNER = owner_reference("FineTuneJob", "bot", "uid-1")
 K8S = "1.33.0"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 

@@ -18,7 +18,7 @@ from finetune_operator.planners.finetunejob import Observed, Plan, plan
 from finetune_operator.policy import NamespaceUsage, Policy, load_policy
 
 NOW = datetime(2026, 1, 1, 1, 0, 10, tzinfo=UTC)
-OWNER = owner_reference("bot", "uid-1")
+OWNER = owner_reference("FineTuneJob", "bot", "uid-1")
 STRICT_ENV = {
     "FINETUNE_TRAINER_IMAGE": "registry.example/ml/trainer:1.0",
     "FINETUNE_POLICY_ALLOWED_IMAGES": "registry.example/ml/*",

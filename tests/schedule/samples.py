@@ -12,9 +12,9 @@ from finetune_operator.planners.finetuneschedule import (
     ANNOTATION_TRIGGER,
     LABEL_SCHEDULE,
     Observed,
-    rfc3339,
     run_name,
 )
+from finetune_operator.times import format_rfc3339
 
 NS = "default"
 UID = "uid-sched"
@@ -114,7 +114,10 @@ def run(
         "name": name,
         "namespace": NS,
         "labels": {LABEL_SCHEDULE: "weekly"},
-        "annotations": {ANNOTATION_SCHEDULED_TIME: rfc3339(slot), ANNOTATION_TRIGGER: "Schedule"},
+        "annotations": {
+            ANNOTATION_SCHEDULED_TIME: format_rfc3339(slot),
+            ANNOTATION_TRIGGER: "Schedule",
+        },
         "ownerReferences": [
             {"kind": "FineTuneSchedule", "name": "weekly", "uid": UID, "controller": True}
         ],

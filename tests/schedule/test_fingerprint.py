@@ -48,6 +48,15 @@ def test_hf_datasets_need_a_pinned_revision() -> None:
         fingerprint("hf://datasets/org/name")
 
 
+@pytest.mark.parametrize(
+    ("uri", "says"),
+    [("ftp://host/data", "not a supported URI"), ("pvc://d/../etc", "'..' path segments")],
+)
+def test_unreadable_uris_say_what_to_write(uri: str, says: str, tmp_path: Path) -> None:
+    with pytest.raises(FingerprintError, match=says):
+        fingerprint(uri, str(tmp_path))
+
+
 def test_s3_objects_are_listed_not_downloaded() -> None:
     moto = pytest.importorskip("moto")
     boto3 = pytest.importorskip("boto3")

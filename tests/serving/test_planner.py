@@ -29,13 +29,19 @@ def spec(**over) -> AdapterDeploymentSpec:
     return AdapterDeploymentSpec.model_validate(raw)
 
 
-def ftj(phase="Succeeded", gates="True", gates_msg="4/4 passed", adapter=True) -> dict:
+def ftj(
+    phase="Succeeded",
+    gates="True",
+    gates_msg="4/4 passed",
+    adapter=True,
+    uri="pvc://out/ftj/adapter",
+) -> dict:
     status: dict = {"phase": phase, "conditions": []}
     if gates is not None:
         status["conditions"].append({"type": "GatesPassed", "status": gates, "message": gates_msg})
     if adapter:
         status["adapter"] = {
-            "uri": "pvc://out/ftj/adapter",
+            "uri": uri,
             "digest": DIGEST,
             "rank": 16,
             "baseModel": "hf://org/base",
@@ -60,6 +66,8 @@ def ftj(phase="Succeeded", gates="True", gates_msg="4/4 passed", adapter=True) -
         (ftj(gates="False"), False, True, "Resolved", ""),
         (ftj(gates=None), True, False, "GatesFailed", "no gate verdict"),
         (ftj(adapter=False), True, False, "AdapterMissing", "no adapter"),
+        (ftj(uri="ftp://host/a"), True, False, "AdapterMissing", "use pvc://CLAIM/PATH"),
+        (ftj(uri="pvc://out/../etc"), True, False, "AdapterMissing", "'..' path segments"),
     ],
 )
 def test_source_from_finetunejob(job, require, ok, reason, needle) -> None:
@@ -288,7 +296,7 @@ def test_runtime_path() -> None:
     assert p.runtime_path(dep, "vllm", REF).message == "/mnt/adapters/support"
     file_ref = sb.AdapterRef("support", "file:///data/a", DIGEST)
     assert p.runtime_path(dep, "vllm", file_ref).message == "/data/a"
-    s3 = sb.AdapterRef("support", "s3://b/a", DIGEST)
+    s3 = sb.AdapterRef("support", "s3://bucket/a", DIGEST)
     assert not p.runtime_path(dep, "vllm", s3).ok
     other_claim = sb.AdapterRef("support", "pvc://elsewhere/a", DIGEST)
     res = p.runtime_path(dep, "vllm", other_claim)

@@ -10,22 +10,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from finetune_operator.uris import StorageUri, UriError
 
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_UNREACHABLE = 4  # network or service trouble: worth a retry
-
-_HF = re.compile(
-    r"^hf://(?P<datasets>datasets/)?(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+)"
-    r"(@(?P<rev>[A-Za-z0-9._/-]+?))?(?P<sub>/[^@\s]*)?$"
-)
-_S3 = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/(?P<key>[^\s]*))?$")
 
 
 class FetchError(Exception):
@@ -34,44 +28,20 @@ class FetchError(Exception):
         self.code = code
 
 
-@dataclass(frozen=True)
-class HfSource:
-    repo: str
-    repo_type: str  # model | dataset
-    revision: str | None
-    subpath: str | None
-
-
-@dataclass(frozen=True)
-class S3Source:
-    bucket: str
-    key: str
-
-
-def parse_uri(uri: str) -> HfSource | S3Source:
-    """Split a source URI; raises FetchError (exit 2) for anything else."""
+def parse_uri(uri: str) -> StorageUri:
+    """Parse a source URI; raises FetchError (exit 2) for anything but hf:// and s3://."""
     if ".." in uri.split("/"):
         raise FetchError(f"{uri}: '..' path segments are not allowed", EXIT_USAGE)
-    m = _HF.match(uri)
-    if m:
-        # For datasets the revision may be followed by a file path inside the repo.
-        rev, sub = m.group("rev"), m.group("sub")
-        if m.group("datasets") and rev and "/" in rev:
-            rev, _, rest = rev.partition("/")
-            sub = "/" + rest + (sub or "")
-        return HfSource(
-            repo=m.group("repo"),
-            repo_type="dataset" if m.group("datasets") else "model",
-            revision=rev,
-            subpath=sub.strip("/") if sub else None,
-        )
-    m = _S3.match(uri)
-    if m:
-        return S3Source(bucket=m.group("bucket"), key=(m.group("key") or "").strip("/"))
-    raise FetchError(f"{uri}: only hf:// and s3:// sources are fetched", EXIT_USAGE)
+    try:
+        src = StorageUri.parse(uri)
+    except UriError:
+        src = None
+    if src is None or not src.fetched:
+        raise FetchError(f"{uri}: only hf:// and s3:// sources are fetched", EXIT_USAGE)
+    return src
 
 
-def fetch_hf(src: HfSource, dest: Path) -> Path:
+def fetch_hf(src: StorageUri, dest: Path) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -81,8 +51,8 @@ def fetch_hf(src: HfSource, dest: Path) -> Path:
     )
 
     patterns = None
-    if src.subpath:
-        patterns = [src.subpath, f"{src.subpath}/*", f"{src.subpath}/**"]
+    if src.path:
+        patterns = [src.path, f"{src.path}/*", f"{src.path}/**"]
     try:
         snapshot_download(
             repo_id=src.repo,
@@ -106,14 +76,14 @@ def fetch_hf(src: HfSource, dest: Path) -> Path:
             f"cannot reach the Hugging Face Hub for {src.repo}: {type(exc).__name__}",
             EXIT_UNREACHABLE,
         ) from exc
-    return dest / src.subpath if src.subpath else dest
+    return Path(src.fetched_path(str(dest)))
 
 
-def fetch_s3(src: S3Source, dest: Path) -> Path:
+def fetch_s3(src: StorageUri, dest: Path) -> Path:
     from .s3 import S3Location, describe, make_client
 
-    location = S3Location(src.bucket, src.key)
-    prefix = src.key
+    location = S3Location(src.bucket, src.path)
+    prefix = src.path
     try:
         client = make_client()
         count = 0
@@ -140,16 +110,16 @@ def fetch_s3(src: S3Source, dest: Path) -> Path:
             problem.message, EXIT_NOT_FOUND if problem.permanent else EXIT_UNREACHABLE
         ) from None
     if count == 0:
-        raise FetchError(f"s3://{src.bucket}/{src.key}: no objects found")
-    # A key whose last segment has a suffix names one file (same rule as the operator's paths).
-    return dest / Path(prefix).name if "." in Path(prefix).name else dest
+        raise FetchError(f"s3://{src.bucket}/{src.path}: no objects found")
+    # A key whose last segment has a suffix names one file (the rule the operator's paths use).
+    return Path(src.fetched_path(str(dest)))
 
 
 def fetch(uri: str, dest: Path) -> Path:
     """Fetch ``uri`` into ``dest``; returns the local path of what was fetched."""
     dest.mkdir(parents=True, exist_ok=True)
     src = parse_uri(uri)
-    if isinstance(src, HfSource):
+    if src.scheme == "hf":
         return fetch_hf(src, dest)
     return fetch_s3(src, dest)
 

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from finetune_operator.uris import StorageUri, UriError
+
 if TYPE_CHECKING:
     from .s3 import S3Client
 
@@ -90,20 +92,24 @@ def fingerprint(
     uri: str, pvc_root: str = "/mnt/pvc", s3_client: Callable[[], S3Client] = _default_s3_client
 ) -> dict[str, Any]:
     """The fingerprint of one data source (see the module docstring)."""
-    if uri.startswith("hf://"):
-        if "@" not in uri:
+    try:
+        source = StorageUri.parse(uri)
+    except UriError as exc:
+        raise FingerprintError(str(exc)) from None
+    if source.scheme == "hf":
+        if source.revision is None:
             raise FingerprintError(
                 f"{uri}: pin a revision (hf://datasets/org/name@rev) to detect changes"
             )
         entries: list[Entry] = [(uri, 0, "pinned")]
-    elif uri.startswith("s3://"):
+    elif source.scheme == "s3":
+        # The prefix as written (a trailing "/" included): the entry names, and so the
+        # digests recorded so far, depend on it.
         entries = list(s3_entries(uri, s3_client()))
-    elif uri.startswith("pvc://"):
-        entries = list(local_entries(Path(pvc_root) / uri[len("pvc://") :]))
-    elif uri.startswith("file://"):
-        entries = list(local_entries(Path(uri[len("file://") :])))
+    elif source.scheme == "pvc":
+        entries = list(local_entries(Path(source.under(pvc_root))))
     else:
-        raise FingerprintError(f"{uri}: unsupported scheme")
+        entries = list(local_entries(Path(source.path)))
     h = hashlib.sha256()
     for name, size, version in entries:
         h.update(f"{name}\x1f{size}\x1f{version}\x1e".encode())

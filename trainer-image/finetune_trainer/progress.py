@@ -14,7 +14,6 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -24,6 +23,7 @@ from finetune_operator.api.trainer_output import (
     TERMINATION_LIMIT,
     validate_object,
 )
+from finetune_operator.times import now_rfc3339
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -31,10 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["TERMINATION_LIMIT", "ProgressReporter", "compact_result", "emit", "progress_line"]
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _finite(value: Any) -> Any:

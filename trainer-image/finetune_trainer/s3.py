@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, TypeAlias
+
+from finetune_operator.uris import StorageUri, UriError
 
 # A boto3 S3 client. boto3 has no types (and is installed apart, decision 1301), so the
 # client is untyped wherever the trainer passes it around.
@@ -38,7 +39,6 @@ CREDENTIAL_CODES = frozenset(
 )
 DENIED_CODES = frozenset({"AccessDenied", "AllAccessDisabled", "AccountProblem", "403"})
 MISSING_BUCKET_CODES = frozenset({"NoSuchBucket", "InvalidBucketName"})
-_S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/(?P<key>[^\s]*))?$")
 
 
 class S3Problem(Exception):
@@ -65,10 +65,13 @@ class S3Location:
 
 
 def parse_s3_uri(uri: str) -> S3Location:
-    m = _S3_URI.match(uri)
-    if not m or ".." in uri.split("/"):
+    try:
+        parsed = StorageUri.parse(uri)
+    except UriError:
+        parsed = None
+    if parsed is None or parsed.scheme != "s3":
         raise ValueError(f"{uri}: not an s3://bucket/prefix URI")
-    return S3Location(bucket=m.group("bucket"), key=(m.group("key") or "").strip("/"))
+    return S3Location(bucket=parsed.bucket, key=parsed.path)
 
 
 def quiet_sdk_logs() -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+
+from ..times import now_rfc3339
 
 GROUP = "finetune.dev"
 VERSION = "v1alpha1"
@@ -17,6 +18,19 @@ SHORT_STRING = 253
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+def owner_reference(kind: str, name: str, uid: str) -> dict[str, Any]:
+    """``kind``/``name`` (one of this API's objects) as the controlling owner of a child:
+    deleting it garbage-collects the child, and the child is not deleted before it."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
 
 
 def cel(*rules: tuple[str, str, str]) -> dict[str, Any]:
@@ -98,11 +112,6 @@ class Condition(StatusModel):
         ge=0,
         description="The metadata.generation this condition was computed from.",
     )
-
-
-def now_rfc3339() -> str:
-    """The current UTC time as Kubernetes writes it."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def set_condition(

@@ -201,8 +201,3 @@ def validate_object(obj: dict[str, Any], source: str) -> ChannelObject:
     except ValidationError as exc:
         field, problem = _field_of(exc)
         raise TrainerOutputError(source, field, problem) from exc
-
-
-def channel_line(obj: ChannelObject) -> str:
-    """One protocol line (no newline) for ``obj``."""
-    return PROGRESS_PREFIX + json.dumps(obj.to_wire(), separators=(",", ":"), ensure_ascii=False)

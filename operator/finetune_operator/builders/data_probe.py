@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from ..uris import StorageUri
 from .names import LABEL_MANAGED_BY, MANAGER
 from .trainer import PVC_ROOT
 
@@ -38,9 +39,8 @@ def data_sources(ftj_spec: Mapping[str, Any]) -> list[tuple[str, str, str | None
 
 
 def _claim(uri: str) -> str | None:
-    if not uri.startswith("pvc://"):
-        return None
-    return uri[len("pvc://") :].split("/", 1)[0]
+    parsed = StorageUri.parse(uri)
+    return parsed.claim if parsed.scheme == "pvc" else None
 
 
 def probe_job(

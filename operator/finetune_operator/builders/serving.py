@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import vllm_args
-from ..api.common import API_VERSION
+from ..api.adapterdeployment import KIND as ADEP_KIND
+from ..api.common import owner_reference
+from ..uris import StorageUri
 from ..vllm_server import find_vllm_container
-from .trainer import fetched_path
 
 ANNOTATION_PREFIX = "finetune.dev/"
 CANARY_LABEL = "finetune.dev/canary"
@@ -125,12 +126,6 @@ class Placement:
     init_container: dict[str, Any] | None = None
 
 
-def _split_pvc(uri: str) -> tuple[str, str]:
-    rest = uri[len("pvc://") :]
-    claim, _, sub = rest.partition("/")
-    return claim, sub.strip("/")
-
-
 def placement(ref: AdapterRef, fetch_image: str) -> Placement:
     """Volume, mount and init container that make ``ref`` readable at a fixed path.
 
@@ -142,16 +137,16 @@ def placement(ref: AdapterRef, fetch_image: str) -> Placement:
     """
     name = ref.name
     path = mount_path(name)
-    if ref.uri.startswith("file://"):
-        return Placement(path=ref.uri[len("file://") :])
-    if ref.uri.startswith("pvc://"):
-        claim, sub = _split_pvc(ref.uri)
+    uri = StorageUri.parse(ref.uri)
+    if uri.scheme == "file":
+        return Placement(path=uri.path)
+    if uri.scheme == "pvc":
         mount: dict[str, Any] = {"name": volume_name(name), "mountPath": path, "readOnly": True}
-        if sub:
-            mount["subPath"] = sub
+        if uri.path:
+            mount["subPath"] = uri.path
         volume = {
             "name": volume_name(name),
-            "persistentVolumeClaim": {"claimName": claim, "readOnly": True},
+            "persistentVolumeClaim": {"claimName": uri.claim, "readOnly": True},
         }
         return Placement(path=path, volume=volume, mount=mount)
     # The init container sees the whole emptyDir (adapter + a writable HOME for caches);
@@ -181,7 +176,7 @@ def placement(ref: AdapterRef, fetch_image: str) -> Placement:
         # Only the Secret's name travels; the kubelet injects its values into this step only.
         init["envFrom"] = [{"secretRef": {"name": ref.credentials_secret}}]
     mount = {"name": volume_name(name), "mountPath": path, "subPath": "adapter", "readOnly": True}
-    fetched = fetched_path(ref.uri, f"{FETCH_ROOT}/adapter")
+    fetched = uri.fetched_path(f"{FETCH_ROOT}/adapter")
     return Placement(
         path=path + fetched[len(f"{FETCH_ROOT}/adapter") :],
         volume=volume,
@@ -388,18 +383,6 @@ def patch_changes_anything(ops: list[dict[str, Any]]) -> bool:
 # ------------------------------------------------------------------ canary
 
 
-def owner_reference(adep: dict[str, Any]) -> dict[str, Any]:
-    meta = adep.get("metadata") or {}
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "AdapterDeployment",
-        "name": meta.get("name"),
-        "uid": meta.get("uid"),
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 def canary_deployment(
     target: dict[str, Any],
     adep: dict[str, Any],
@@ -418,7 +401,8 @@ def canary_deployment(
     label, which the canary's own selector adds so the two Deployments never count
     each other's pods. Owned by the AdapterDeployment (deleted with it).
     """
-    adep_name = str((adep.get("metadata") or {}).get("name"))
+    adep_meta: dict[str, Any] = adep.get("metadata") or {}
+    adep_name = str(adep_meta.get("name"))
     t_spec = target.get("spec") or {}
     template = with_adapter(
         t_spec.get("template") or {},
@@ -447,10 +431,10 @@ def canary_deployment(
         "kind": "Deployment",
         "metadata": {
             "name": canary_name(adep_name),
-            "namespace": t_meta.get("namespace") or (adep.get("metadata") or {}).get("namespace"),
+            "namespace": t_meta.get("namespace") or adep_meta.get("namespace"),
             "labels": {**MANAGED_BY, ADEP_LABEL: adep_name, CANARY_LABEL: adep_name},
             "annotations": {digest_annotation(ref.name): ref.digest},
-            "ownerReferences": [owner_reference(adep)],
+            "ownerReferences": [owner_reference(ADEP_KIND, adep_name, str(adep_meta.get("uid")))],
         },
         "spec": spec,
     }

@@ -13,11 +13,11 @@ from typing import Any
 
 import yaml
 
-from ..api.common import API_VERSION
-from ..api.finetunejob import KIND, FineTuneJobSpec
+from ..api.finetunejob import FineTuneJobSpec
 from ..api.trainer_config import ResolvedPaths, TrainerConfig
 from ..config import OperatorConfig
 from ..policy import init_resources, trainer_resources
+from ..uris import StorageUri
 from .names import (
     ANNOTATION_SPEC_HASH,
     child_labels,
@@ -42,18 +42,6 @@ GPU_RESOURCE = "nvidia.com/gpu"
 NON_RETRYABLE_EXIT_CODES = (2, 3)
 
 
-def owner_reference(name: str, uid: str) -> dict[str, Any]:
-    """The FineTuneJob as controlling owner, so deleting it garbage-collects the child."""
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "name": name,
-        "uid": uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 # ---------------------------------------------------------------- paths and volumes
 
 
@@ -65,29 +53,6 @@ class PodLayout:
     volumes: list[dict[str, Any]] = field(default_factory=list)
     mounts: list[dict[str, Any]] = field(default_factory=list)
     fetches: list[tuple[str, str, str | None]] = field(default_factory=list)  # name, uri, secret
-
-
-def fetched_path(uri: str, dest: str) -> str:
-    """Where ``finetune_trainer.fetch`` leaves ``uri`` under ``dest`` (the same rule as there).
-
-    hf:// with a path inside the repository: that path; s3:// whose last key segment has a
-    suffix: that one file; otherwise the folder itself.
-    """
-    rest = uri.split("://", 1)[1]
-    if uri.startswith("hf://"):
-        parts = rest.split("/")
-        repo_parts = 3 if parts[0] == "datasets" else 2
-        tail = "/".join(parts[repo_parts:])
-        return f"{dest}/{tail}".rstrip("/") if tail else dest
-    key = rest.partition("/")[2].strip("/")
-    last = key.rsplit("/", 1)[-1]
-    return f"{dest}/{last}" if "." in last else dest
-
-
-def _split_pvc(uri: str) -> tuple[str, str]:
-    rest = uri[len("pvc://") :]
-    claim, _, path = rest.partition("/")
-    return claim, path.strip("/")
 
 
 def _volume_name(claim: str) -> str:
@@ -105,16 +70,16 @@ def pod_paths(spec: FineTuneJobSpec) -> PodLayout:
     claims: dict[str, bool] = {}  # claim -> needs write access
 
     def local(uri: str, fetch_as: str, secret: str | None, *, write: bool = False) -> str:
-        if uri.startswith("pvc://"):
-            claim, path = _split_pvc(uri)
-            claims[claim] = claims.get(claim, False) or write
-            return f"{PVC_ROOT}/{claim}/{path}".rstrip("/")
-        if uri.startswith("file://"):
-            return uri[len("file://") :]
+        parsed = StorageUri.parse(uri)
+        if parsed.scheme == "pvc":
+            claims[parsed.claim] = claims.get(parsed.claim, False) or write
+            return parsed.under(PVC_ROOT)
+        if parsed.scheme == "file":
+            return parsed.path
         if write:
             return OUTPUT_DIR  # s3:// output: written locally, uploaded by the trainer
         layout.fetches.append((fetch_as, uri, secret))
-        return fetched_path(uri, f"{INPUTS_DIR}/{fetch_as}")
+        return parsed.fetched_path(f"{INPUTS_DIR}/{fetch_as}")
 
     layout = PodLayout(paths=ResolvedPaths(base_model="", train_data="", output_dir=""))
     ref = spec.base_model.credentials_secret_ref
@@ -315,7 +280,7 @@ def trainer_job(
         "securityContext": _container_security(),
     }
     out_ref = spec.output.credentials_secret_ref
-    if out_ref and spec.output.uri.startswith("s3://"):
+    if out_ref and StorageUri.parse(spec.output.uri).scheme == "s3":
         trainer["envFrom"] = [{"secretRef": {"name": out_ref.name}}]
 
     node_selector = dict(res.node_selector)

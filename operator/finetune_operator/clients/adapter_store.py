@@ -11,15 +11,17 @@ from typing import Any
 
 from ..adapter_digest import verify_directory
 from ..planners.adapterdeployment import LocalManifest
+from ..uris import StorageUri
 
 MANIFEST = "manifest.json"
 
 
 def read_local_manifest(uri: str) -> LocalManifest | None:
     """Digest, rank and base model of a ``file://`` adapter; None for other schemes."""
-    if not uri.startswith("file://"):
+    parsed = StorageUri.parse(uri)
+    if parsed.scheme != "file":
         return None
-    root = Path(uri[len("file://") :])
+    root = Path(parsed.path)
     if not (root / MANIFEST).is_file():
         return LocalManifest(missing=True, error=f"{root / MANIFEST} not found")
     try:

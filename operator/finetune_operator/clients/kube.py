@@ -29,6 +29,7 @@ from ..api.common import GROUP, VERSION
 from ..api.finetunejob import PLURAL as FTJ_PLURAL
 from ..api.finetuneschedule import PLURAL as FTS_PLURAL
 from ..builders.names import EVENT_SOURCE
+from ..times import now_rfc3339
 
 if TYPE_CHECKING:  # at run time the kubernetes package is imported where credentials load
     from kubernetes.client import ApiClient, Configuration
@@ -380,7 +381,7 @@ class KubeClient:
     ) -> None:
         """Record a core/v1 Event about ``involved`` (best effort: failures are logged)."""
         meta = involved.get("metadata") or {}
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = now_rfc3339()
         stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S%f")
         event = {
             "apiVersion": "v1",

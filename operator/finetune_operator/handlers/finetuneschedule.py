@@ -34,10 +34,10 @@ from ..planners.finetuneschedule import (
     Observed,
     Plan,
     RunAction,
-    parse_time,
     plan,
     run_outcome,
 )
+from ..times import parse_rfc3339
 from .finetunejob import runtime
 from .object_locks import ObjectLocks
 
@@ -135,7 +135,7 @@ async def observe(
         namespace=namespace,
         uid=uid,
         generation=int(meta.get("generation") or 1),
-        created=parse_time(meta.get("creationTimestamp")) or now,
+        created=parse_rfc3339(meta.get("creationTimestamp")) or now,
         spec=body.get("spec") or {},
         status=status,
         runs=tuple(r for r in runs if owned_by(r, uid)),
@@ -231,7 +231,7 @@ def _record_metrics(obs: Observed, p: Plan) -> None:
         comparison = record.get("comparison")
         if comparison and not (before.get(record["name"]) or {}).get("comparison"):
             metrics.fts_promotions.labels(obs.namespace, comparison["decision"]).inc()
-    last = parse_time(p.status.get("lastSuccessfulTime"))
+    last = parse_rfc3339(p.status.get("lastSuccessfulTime"))
     if last is not None:
         metrics.fts_last_success.labels(obs.namespace, obs.name).set(last.timestamp())
 

@@ -28,6 +28,8 @@ from typing import Any, TextIO
 
 import yaml
 
+from ..times import parse_rfc3339
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = REPO_ROOT / "examples" / "quickstart"
 CRD_DIR = REPO_ROOT / "crds"
@@ -83,11 +85,9 @@ def json_path(obj: Mapping[str, Any], path: str) -> Any:
 
 
 def age(timestamp: str | None, now: float | None = None) -> str:
-    if not timestamp:
+    then = parse_rfc3339(timestamp)
+    if then is None:
         return "<unknown>"
-    import datetime
-
-    then = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
     seconds = int((now or time.time()) - then.timestamp())
     if seconds < 120:
         return f"{max(seconds, 0)}s"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import datetime
 import json
 import logging
 import random
@@ -32,6 +31,7 @@ from typing import Any
 import aiohttp.web
 import kmock
 
+from ..times import now_rfc3339
 from . import patching
 from .resources import DEFAULT_RESOURCES, ResourceType
 from .selectors import Matcher, SelectorError, parse_field_selector, parse_label_selector
@@ -53,10 +53,6 @@ _SERVER_MANAGED_METADATA = (
     "name",
     "namespace",
 )
-
-
-def _now() -> str:
-    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _status_error(
@@ -351,7 +347,7 @@ class Emulator(kmock.KubernetesScaffold):
             if obj["metadata"].get("deletionTimestamp"):
                 return obj
             updated = copy.deepcopy(obj)
-            updated["metadata"]["deletionTimestamp"] = _now()
+            updated["metadata"]["deletionTimestamp"] = now_rfc3339()
             updated["metadata"]["deletionGracePeriodSeconds"] = 0
             updated["metadata"]["generation"] = int(obj["metadata"].get("generation", 1)) + 1
             return self._store(rtype, updated, "MODIFIED")
@@ -439,7 +435,7 @@ class Emulator(kmock.KubernetesScaffold):
             meta = body["metadata"]
             meta["uid"] = str(uuid.uuid4())
             meta["generation"] = 1
-            meta["creationTimestamp"] = _now()
+            meta["creationTimestamp"] = now_rfc3339()
             return copy.deepcopy(self._store(rtype, body, "ADDED"))
 
     def update_object(
@@ -678,7 +674,7 @@ class Emulator(kmock.KubernetesScaffold):
             raise KeyError(f"pod {namespace}/{pod} does not exist")
         containers = current.get("spec", {}).get("containers") or [{"name": container or "main"}]
         names = [c.get("name") for c in containers]
-        now = _now()
+        now = now_rfc3339()
         statuses = [
             {
                 "name": cname,
@@ -712,7 +708,7 @@ class Emulator(kmock.KubernetesScaffold):
         self, namespace: str, name: str, *, succeeded: bool, message: str = ""
     ) -> Body:
         """Mark a batch Job Complete or Failed, with the conditions a Job controller writes."""
-        now = _now()
+        now = now_rfc3339()
         condition_type = "Complete" if succeeded else "Failed"
         conditions = [
             {"type": "SuccessCriteriaMet" if succeeded else "FailureTarget", "status": "True",

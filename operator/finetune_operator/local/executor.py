@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +44,10 @@ from typing import Any
 import yaml
 
 from .. import vllm_args
+from ..times import now_rfc3339, parse_rfc3339
 from .emulator import Emulator
 from .generation import TransformersGenerator
+from .localrun import trainer_root
 from .serving_cluster import ServingCluster, SimPod
 
 log = logging.getLogger(__name__)
@@ -69,18 +70,9 @@ class ContainerNotRunnable(RuntimeError):
     """The container's entrypoint cannot be run on this machine."""
 
 
-def _now() -> str:
-    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _parse_time(value: str | None) -> float | None:
-    if not value:
-        return None
-    return (
-        datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ")
-        .replace(tzinfo=datetime.UTC)
-        .timestamp()
-    )
+    moment = parse_rfc3339(value)
+    return moment.timestamp() if moment else None
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -196,7 +188,7 @@ def job_conditions(
     current: Sequence[Mapping[str, Any]], type_: str, status: str, reason: str, message: str
 ) -> list[Body]:
     """The Job's conditions with one of them set (others kept as they are)."""
-    now = _now()
+    now = now_rfc3339()
     result: list[Body] = []
     found = False
     for cond in current:
@@ -410,10 +402,10 @@ class LocalExecutor:
             },
             "spec": {**(template.get("spec") or {}), "nodeName": "local"},
             "status": {"phase": "Pending", "conditions": [
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": _now()}]},
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()}]},
         }  # fmt: skip
         self.api.create(pod_body, keep_status=True)
-        now = _now()
+        now = now_rfc3339()
         state.start_time = (job.get("status") or {}).get("startTime") or now
         self.api.patch_status("jobs", self.namespace, name, {
             "active": 1, "ready": 0, "startTime": state.start_time,
@@ -518,7 +510,7 @@ class LocalExecutor:
         env = dict(os.environ)
         env.update(self.extra_env)
         env["PYTHONPATH"] = os.pathsep.join(
-            [*PACKAGE_ROOTS, *_trainer_roots(), *filter(None, [os.environ.get("PYTHONPATH")])]
+            [*PACKAGE_ROOTS, trainer_root(), *filter(None, [os.environ.get("PYTHONPATH")])]
         )
         env["PYTHONUNBUFFERED"] = "1"
         for source in container.get("envFrom") or []:
@@ -674,7 +666,7 @@ class LocalExecutor:
     # ------------------------------------------------------------ status writers
 
     def _set_pod_running(self, run: PodRun, pod_spec: Body, container: str, *, init: bool) -> None:
-        now = _now()
+        now = now_rfc3339()
         running = {"name": container, "ready": not init, "started": True, "restartCount": 0,
                    "image": _image(pod_spec, container), "imageID": "",
                    "containerID": f"local://{run.name}/{container}",
@@ -707,7 +699,7 @@ class LocalExecutor:
         init: bool,
         reason: str | None = None,
     ) -> None:
-        now = _now()
+        now = now_rfc3339()
         run.exit_code = code
         stopped = run.stop_reason
         reason = reason or ("Completed" if code == 0 else "Error")
@@ -746,7 +738,7 @@ class LocalExecutor:
                 return
             spec, status = job.get("spec") or {}, job.get("status") or {}
             conditions = list(status.get("conditions") or [])
-            now = _now()
+            now = now_rfc3339()
             patch: Body = {"active": 0, "ready": 0}
             if code == 0 and stopped is None:
                 state.succeeded += 1
@@ -799,15 +791,6 @@ def _image(pod_spec: Mapping[str, Any], container: str) -> str:
         if c.get("name") == container:
             return str(c.get("image") or "")
     return ""
-
-
-def _trainer_roots() -> Iterator[str]:
-    """The folder holding ``finetune_trainer`` (when importable), for subprocesses."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("finetune_trainer")
-    if spec is not None and spec.origin:
-        yield str(Path(spec.origin).resolve().parent.parent)
 
 
 # ---------------------------------------------------------------- serving

@@ -34,6 +34,7 @@ from ..builders.trainer import resolve_trainer_config
 from ..config import OperatorConfig, load_config
 from ..gates import evaluate_gates, summarize
 from ..planners.finetunejob import FitResult, check_fit
+from ..uris import StorageUri, UriError
 
 EXIT_GATES_FAILED = 1
 EXIT_USAGE = 2
@@ -71,20 +72,30 @@ def parse_pvc_mappings(values: Sequence[str]) -> dict[str, Path]:
     return mappings
 
 
+def trainer_root() -> str:
+    """The folder holding ``finetune_trainer``, for the PYTHONPATH of trainer subprocesses."""
+    import finetune_trainer
+
+    return str(Path(finetune_trainer.__file__).resolve().parent.parent)
+
+
 def local_path(uri: str, pvcs: Mapping[str, Path], field: str) -> Path:
     """The local file or folder for a ``file://`` or ``pvc://`` URI."""
-    if uri.startswith("file://"):
-        return Path(uri[len("file://") :])
-    if uri.startswith("pvc://"):
-        claim, _, rest = uri[len("pvc://") :].partition("/")
-        if claim not in pvcs:
+    try:
+        parsed = StorageUri.parse(uri)
+    except UriError as exc:
+        raise LocalRunError(f"{field}: {exc}") from None
+    if parsed.scheme == "file":
+        return Path(parsed.path)
+    if parsed.scheme == "pvc":
+        if parsed.claim not in pvcs:
             raise LocalRunError(
-                f"{field} is {uri}: map the claim to a folder with --pvc {claim}=DIR"
+                f"{field} is {uri}: map the claim to a folder with --pvc {parsed.claim}=DIR"
             )
-        return pvcs[claim] / rest.strip("/")
-    scheme = uri.split("://", 1)[0]
+        return pvcs[parsed.claim] / parsed.path
     raise LocalRunError(
-        f"{field} is {uri}: local mode reads file:// and pvc:// only; download the {scheme}:// "
+        f"{field} is {uri}: local mode reads file:// and pvc:// only; download the "
+        f"{parsed.scheme}:// "
         "source first (`finetune-trainer fetch --uri ... --dest DIR`) and point "
         "the manifest at it"
     )
@@ -298,12 +309,7 @@ def run_local(
     out.write(f"training {name}: output in {out_dir}\n")
     out.flush()
     process_env = dict(os.environ if env is None else env)
-    roots = [str(Path(__file__).resolve().parents[2])]
-    import importlib.util
-
-    trainer_spec = importlib.util.find_spec("finetune_trainer")
-    if trainer_spec is not None and trainer_spec.origin:
-        roots.append(str(Path(trainer_spec.origin).resolve().parent.parent))
+    roots = [str(Path(__file__).resolve().parents[2]), trainer_root()]
     process_env["PYTHONPATH"] = os.pathsep.join(
         [*roots, *filter(None, [process_env.get("PYTHONPATH")])]
     )

@@ -214,14 +214,6 @@ def adapter_config(path: str) -> dict[str, Any]:
     return config
 
 
-def adapter_rank(path: str) -> int:
-    """LoRA rank from ``adapter_config.json`` (``r``), as vLLM reads it."""
-    try:
-        return int(adapter_config(path).get("r", 8))
-    except FileNotFoundError as exc:
-        raise ValueError(f"No adapter found for {path}") from exc
-
-
 def validate_adapter(config: dict[str, Any], max_lora_rank: int, generation: Generation) -> None:
     """Raise ``ValueError`` where vLLM refuses the adapter (vllm/lora/peft_helper.py).
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
 from .. import vllm_args, vllm_server
@@ -27,6 +27,8 @@ from ..api.adapterdeployment import (
 from ..api.common import get_condition
 from ..api.finetunejob import URI_MAX, check_uri
 from ..builders import serving as sb
+from ..times import parse_rfc3339
+from ..uris import StorageUri, UriError, split_scheme
 
 MAX_HISTORY = 20
 
@@ -64,9 +66,6 @@ class LocalManifest:
     base_model: str | None = None
     error: str | None = None
     missing: bool = False
-
-
-LOCAL_SCHEME = "file://"
 
 
 def resolve_source(
@@ -130,7 +129,7 @@ def resolve_source(
 
 
 def is_local(uri: str) -> bool:
-    return uri.startswith(LOCAL_SCHEME)
+    return split_scheme(uri)[0] == "file"
 
 
 def local_refused(what: str) -> SourceResult:
@@ -182,6 +181,17 @@ def _from_finetunejob(
             False,
             Reason.ADAPTER_MISSING,
             f"FineTuneJob {ftj_name} succeeded but records no adapter",
+        )
+    try:
+        StorageUri.parse(str(adapter["uri"]))
+    except UriError as exc:
+        # Status is written by whoever may write it: a location no step can read is refused
+        # here, before any child is built for it.
+        return SourceResult(
+            False,
+            Reason.ADAPTER_MISSING,
+            f"FineTuneJob {ftj_name} records an adapter location the operator does not "
+            f"serve ({exc})",
         )
     secret = (((ftj.get("spec") or {}).get("output") or {}).get("credentialsSecretRef") or {}).get(
         "name"
@@ -461,10 +471,11 @@ def runtime_path(deployment: dict[str, Any], container: str | None, ref: sb.Adap
     ``file://`` paths are used as they are; ``pvc://claim/dir`` needs the claim already
     mounted in the server container. s3/hf need a fetch step, which only a restart gives.
     """
-    if ref.uri.startswith("file://"):
-        return Verdict(True, Reason.RESOLVED, ref.uri[len("file://") :])
-    if ref.uri.startswith("pvc://"):
-        claim, sub = sb._split_pvc(ref.uri)
+    uri = StorageUri.parse(ref.uri)
+    if uri.scheme == "file":
+        return Verdict(True, Reason.RESOLVED, uri.path)
+    if uri.scheme == "pvc":
+        claim, sub = uri.claim, uri.path
         pod_spec = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
         vols = {
             v.get("name"): v
@@ -505,15 +516,6 @@ class RolloutView:
     reason: str
     message: str
     ready_replicas: int = 0
-
-
-def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except ValueError:
-        return None
 
 
 def deployment_rollout(
@@ -574,7 +576,7 @@ def deployment_rollout(
         return RolloutView(
             "Complete", Reason.ROLLOUT_COMPLETE, f"{available}/{desired} replicas available", ready
         )
-    start = parse_time(started_at)
+    start = parse_rfc3339(started_at)
     if start is not None and (now - start).total_seconds() > deadline_seconds:
         return RolloutView(
             "Failed",
@@ -595,7 +597,7 @@ def deployment_rollout(
 def _unless_overdue(
     view: RolloutView, started_at: str | None, deadline_seconds: int, now: datetime
 ) -> RolloutView:
-    start = parse_time(started_at)
+    start = parse_rfc3339(started_at)
     if start is not None and (now - start).total_seconds() > deadline_seconds:
         return RolloutView(
             "Failed", Reason.ROLLOUT_DEADLINE_EXCEEDED,

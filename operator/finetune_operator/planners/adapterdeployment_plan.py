@@ -43,6 +43,7 @@ from ..api.adapterdeployment import (
 )
 from ..api.common import Condition, ConditionStatus, set_condition
 from ..builders import serving as sb
+from ..times import format_rfc3339, parse_rfc3339
 from . import adapterdeployment as rules
 from .events import Event
 
@@ -58,10 +59,6 @@ UNAUTHORIZED_ADVICE = (
     "Give the vLLM container its key through --api-key or VLLM_API_KEY (a value, a Secret "
     "or a ConfigMap the operator can read), then change the spec to roll out again"
 )
-
-
-def rfc3339(now: datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ------------------------------------------------------------------ observed
@@ -249,7 +246,7 @@ class _Draft:
         wire = [c.to_wire() for c in self.status.conditions]
         updated = set_condition(
             wire, type_, status, reason, message[:MESSAGE_MAX],
-            generation=self.obs.generation, now=rfc3339(self.now),
+            generation=self.obs.generation, now=format_rfc3339(self.now),
         )  # fmt: skip
         self.status.conditions = [Condition.model_validate(c) for c in updated]
 
@@ -267,7 +264,7 @@ class _Draft:
         self.next = Next.NOW
 
     def elapsed(self, since: str | None) -> float | None:
-        start = rules.parse_time(since)
+        start = parse_rfc3339(since)
         return None if start is None else (self.now - start).total_seconds()
 
     def history(self, rev: AdapterRevision) -> None:
@@ -422,7 +419,7 @@ def _idle_step(d: _Draft) -> None:
             d.phase(Phase.FAILED)
         _steady(d)
         return
-    rev = rules.new_revision(d.status, ref, rfc3339(d.now))
+    rev = rules.new_revision(d.status, ref, format_rfc3339(d.now))
     strategy = d.spec.strategy.type
     if strategy == "Canary":
         _start_canary(d, target, ref, rev, compat.changes)
@@ -508,7 +505,7 @@ def _canary_view(obs: Observed, canary: CanaryStatus, now: datetime) -> rules.Ro
     was_serving = lost_since is not None or obs.status.phase == Phase.ANALYZING
     # A canary that was serving and lost its pods mid-analysis (node failure, eviction)
     # gets the progress deadline again from that moment, not from when it started.
-    started_at = (lost_since or rfc3339(now)) if was_serving else canary.started_at
+    started_at = (lost_since or format_rfc3339(now)) if was_serving else canary.started_at
     return rules.deployment_rollout(
         dict(obs.canary) if obs.canary is not None else None,
         obs.spec.adapter_name, canary.revision.digest, started_at=started_at,
@@ -541,7 +538,7 @@ def _canary_step(d: _Draft) -> None:
         _abort_canary(d, view.reason, f"the canary did not become ready: {view.message}")
         return
     if view.state == "InProgress" and was_serving:
-        since = lost_since or rfc3339(d.now)
+        since = lost_since or format_rfc3339(d.now)
         if lost_since is None:
             canary.unavailable_since = since
             d.event(
@@ -636,7 +633,10 @@ def _judge_window(
     d.actions.append(PatchTarget(ref, compat.changes if compat.ok else None))
     canary.revision = rev.model_copy(update={"outcome": Outcome.PROMOTED})
     _make_current(
-        d, rev.model_copy(update={"outcome": Outcome.PROGRESSING, "deployed_at": rfc3339(d.now)})
+        d,
+        rev.model_copy(
+            update={"outcome": Outcome.PROGRESSING, "deployed_at": format_rfc3339(d.now)}
+        ),
     )
     d.phase(Phase.PROGRESSING)
     d.condition(ConditionType.PROGRESSING, "True", Reason.CANARY_PROMOTED, decision.message)
@@ -760,7 +760,7 @@ def _rollback(d: _Draft, failed: AdapterRevision, view: rules.RolloutView) -> No
     if strategy != "Runtime":
         d.actions.append(PatchTarget(prev_ref))
     d.status.previous = failed
-    d.status.rollout_started_at = rfc3339(d.now)
+    d.status.rollout_started_at = format_rfc3339(d.now)
     if previous is not None:
         d.status.current = previous.model_copy(update={"outcome": Outcome.ROLLING_BACK})
         restored = f"restoring revision {previous.revision}"

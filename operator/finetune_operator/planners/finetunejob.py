@@ -20,8 +20,8 @@ from pydantic import ValidationError
 
 from .. import estimator as est
 from .. import packed_memory as packed
-from ..api.common import get_condition, set_condition
-from ..api.finetunejob import MUTABLE_AFTER_START, FineTuneJobSpec
+from ..api.common import get_condition, is_condition_true, owner_reference, set_condition
+from ..api.finetunejob import KIND, MUTABLE_AFTER_START, FineTuneJobSpec
 from ..api.trainer_output import AdapterOutput, DataLine, ProgressLine, TrainerResult
 from ..builders import distributed, names
 from ..builders.trainer import (
@@ -41,6 +41,9 @@ from ..policy import (
     refusal_message,
     trainer_resources,
 )
+from ..times import format_rfc3339 as _rfc3339
+from ..times import parse_rfc3339 as _parse_time
+from ..uris import StorageUri
 from .events import Event
 from .progress import (
     TrainerOutputError,
@@ -242,7 +245,8 @@ def spec_hash(spec: FineTuneJobSpec) -> str:
 
 def is_terminal(status: Mapping[str, Any]) -> bool:
     """Whether the recorded run has finished (Succeeded or Failed is True)."""
-    return _cond_true(status, SUCCEEDED) or _cond_true(status, FAILED)
+    conditions = list(status.get("conditions") or [])
+    return is_condition_true(conditions, SUCCEEDED) or is_condition_true(conditions, FAILED)
 
 
 def is_settled(status: Mapping[str, Any], generation: int) -> bool:
@@ -258,30 +262,12 @@ def is_settled(status: Mapping[str, Any], generation: int) -> bool:
     return validated.get("reason") != "SpecChangeDeferred"
 
 
-def _cond_true(status: Mapping[str, Any], type_: str) -> bool:
-    cond = get_condition(list(status.get("conditions") or []), type_)
-    return cond is not None and cond.get("status") == "True"
-
-
 def run_generation(job_name: str | None) -> int | None:
     """The generation a trainer Job was built for, from its deterministic name."""
     if not job_name:
         return None
     m = re.search(r"-train-g([0-9]+)$", job_name)
     return int(m.group(1)) if m else None
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
-def _rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _job_condition(job: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any] | None:
@@ -635,10 +621,9 @@ def referenced_objects(spec: FineTuneJobSpec) -> tuple[list[str], list[str]]:
     if spec.dataset.eval is not None:
         sources.append((spec.dataset.eval.uri, spec.dataset.eval.credentials_secret_ref))
     for uri, ref in sources:
-        if uri.startswith("pvc://"):
-            claim = uri[len("pvc://") :].split("/", 1)[0]
-            if claim not in claims:
-                claims.append(claim)
+        parsed = StorageUri.parse(uri)
+        if parsed.scheme == "pvc" and parsed.claim not in claims:
+            claims.append(parsed.claim)
         if ref is not None and ref.name not in secrets:
             secrets.append(ref.name)
     return claims, secrets
@@ -744,14 +729,7 @@ def _start_run(
         )
     st.drop(FAILED, SUCCEEDED)
 
-    owner = {
-        "apiVersion": "finetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "name": obs.name,
-        "uid": obs.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+    owner = owner_reference(KIND, obs.name, obs.uid)
     trainer_config = resolve_trainer_config(
         obs.name,
         obs.namespace,

@@ -14,18 +14,19 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
 
 from .. import cron
-from ..api.common import API_VERSION, set_condition
+from ..api.common import API_VERSION, owner_reference, set_condition
 from ..api.finetuneschedule import KIND, RUN_RECORDS_MAX, FineTuneScheduleSpec
 from ..api.metrics_catalog import METRICS
 from ..builders import names
 from ..builders.data_probe import LABEL_PROBE, probe_job, probe_result
+from ..times import format_rfc3339, parse_rfc3339
 from .events import Event
 
 # Labels and annotations on each run.
@@ -110,20 +111,6 @@ class Plan:
 # ---------------------------------------------------------------- small helpers
 
 
-def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(value: object) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def run_name(schedule: str, slot: datetime) -> str:
     """The run of one slot: ``<schedule>-<slot in Unix minutes>`` (shortened when too long)."""
     return names.child_name(schedule, str(int(slot.timestamp()) // 60))
@@ -181,13 +168,13 @@ def observe_run(ftj: Mapping[str, Any]) -> dict[str, Any]:
         outcome, reason = "Failed", "RunDeleted"
     # Annotations of a run can be edited by anyone who may edit the run: only well-formed
     # values reach status (a malformed one would make the whole status write invalid).
-    slot = parse_time(annotations.get(ANNOTATION_SCHEDULED_TIME)) or parse_time(
+    slot = parse_rfc3339(annotations.get(ANNOTATION_SCHEDULED_TIME)) or parse_rfc3339(
         meta.get("creationTimestamp")
     )
     trigger = annotations.get(ANNOTATION_TRIGGER)
     record: dict[str, Any] = {
         "name": meta.get("name"),
-        "scheduledTime": rfc3339(slot) if slot else "",
+        "scheduledTime": format_rfc3339(slot) if slot else "",
         "trigger": trigger if trigger in RUN_TRIGGERS else "Schedule",
         "outcome": outcome,
     }
@@ -345,17 +332,6 @@ def champion_from(record: Mapping[str, Any], since: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- the run to create
 
 
-def owner_reference(obs: Observed) -> dict[str, Any]:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "name": obs.name,
-        "uid": obs.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 def run_body(
     obs: Observed,
     spec: Mapping[str, Any],
@@ -378,7 +354,7 @@ def run_body(
     }
     annotations = {
         **(meta_t.get("annotations") or {}),
-        ANNOTATION_SCHEDULED_TIME: rfc3339(slot),
+        ANNOTATION_SCHEDULED_TIME: format_rfc3339(slot),
         ANNOTATION_TRIGGER: trigger,
     }
     if source_digest:
@@ -391,7 +367,7 @@ def run_body(
             "namespace": obs.namespace,
             "labels": labels,
             "annotations": annotations,
-            "ownerReferences": [owner_reference(obs)],
+            "ownerReferences": [owner_reference(KIND, obs.name, obs.uid)],
         },
         "spec": ftj_spec,
     }
@@ -405,7 +381,7 @@ class _Status:
         self.data: dict[str, Any] = json.loads(json.dumps(dict(current)))
         self.data["conditions"] = list(self.data.get("conditions") or [])
         self.generation = generation
-        self.now = rfc3339(now)
+        self.now = format_rfc3339(now)
 
     def cond(self, type_: str, status: Literal["True", "False"], reason: str, message: str) -> None:
         self.data["conditions"] = set_condition(
@@ -436,7 +412,9 @@ def _merge_records(obs: Observed, seen: dict[str, dict[str, Any]]) -> list[dict[
         records[name] = fresh
     for name, record in records.items():
         if name not in seen and record.get("outcome") == "Running":
-            record.update(outcome="Failed", reason="RunDeleted", completedAt=rfc3339(obs.now))
+            record.update(
+                outcome="Failed", reason="RunDeleted", completedAt=format_rfc3339(obs.now)
+            )
     return sorted(records.values(), key=lambda r: (str(r.get("scheduledTime")), r["name"]))
 
 
@@ -469,7 +447,7 @@ def _decide_finished(
         comparison = decide_promotion(promotion, record, champion)
         record["comparison"] = comparison
         if comparison["decision"] == "Promoted":
-            champion = champion_from(record, str(record.get("completedAt") or rfc3339(now)))
+            champion = champion_from(record, str(record.get("completedAt") or format_rfc3339(now)))
         decided.append(record)
     return champion, decided
 
@@ -559,7 +537,7 @@ def plan(obs: Observed) -> Plan:
     st.data["runs"] = _bounded([r for r in newest_first if r["name"] not in fallen], champion)
     st.data["active"] = step.active
     st.data["champion"] = champion
-    st.data["nextScheduleTime"] = None if upcoming is None else rfc3339(upcoming)
+    st.data["nextScheduleTime"] = None if upcoming is None else format_rfc3339(upcoming)
     done = [r for r in newest_first if r["outcome"] in FINISHED]
     st.data["lastOutcome"] = done[0]["outcome"] if done else None
     ok = [r for r in done if r["outcome"] == "Succeeded" and r.get("completedAt")]
@@ -598,7 +576,7 @@ class _Step:
         name = run_name(self.obs.name, slot)
         body = run_body(self.obs, self.obs.spec, slot, trigger, source_digest)
         self.actions.append(RunAction("create", name, body))
-        record = {"name": name, "scheduledTime": rfc3339(slot), "trigger": trigger,
+        record = {"name": name, "scheduledTime": format_rfc3339(slot), "trigger": trigger,
                   "outcome": "Running"}  # fmt: skip
         if source_digest:
             record["sourceDigest"] = source_digest
@@ -606,7 +584,7 @@ class _Step:
         self.active.append(name)
         self.started = name
         self.events.append(
-            Event("Normal", "RunStarted", f"started {name} ({trigger}) for {rfc3339(slot)}")
+            Event("Normal", "RunStarted", f"started {name} ({trigger}) for {format_rfc3339(slot)}")
         )
         return name
 
@@ -617,7 +595,7 @@ def _scheduled_run(step: _Step) -> datetime | None:
     obs, spec, st = step.obs, step.spec, step.st
     sched = cron.parse(spec.schedule)
     tz = cron.zone(spec.time_zone)
-    last = parse_time(obs.status.get("lastScheduleTime")) or obs.created
+    last = parse_rfc3339(obs.status.get("lastScheduleTime")) or obs.created
     slot, upcoming = _due_slot(obs, sched, tz, last)
     reason, message = "Scheduled", "runs start at the scheduled times"
     if not spec.trigger.on_schedule:
@@ -630,24 +608,24 @@ def _scheduled_run(step: _Step) -> datetime | None:
         deadline = spec.starting_deadline_seconds
         late = (obs.now - slot).total_seconds()
         if name in step.seen:
-            st.data["lastScheduleTime"] = rfc3339(slot)  # made before a lost status write
+            st.data["lastScheduleTime"] = format_rfc3339(slot)  # made before a lost status write
         elif deadline is not None and late > deadline:
             reason = "MissedSchedule"
             message = (
-                f"the run of {rfc3339(slot)} was missed by {int(late)}s, more than "
+                f"the run of {format_rfc3339(slot)} was missed by {int(late)}s, more than "
                 f"startingDeadlineSeconds ({deadline}); the next run is at the next scheduled time"
             )
         elif step.active and spec.concurrency_policy == "Forbid":
             reason = "WaitingForActiveRun"
             message = (
-                f"the run of {rfc3339(slot)} waits for {', '.join(step.active)} to finish "
+                f"the run of {format_rfc3339(slot)} waits for {', '.join(step.active)} to finish "
                 "(concurrencyPolicy Forbid)"
             )
         else:
             _replace_active(step)
             check = obs.status.get("dataCheck") or {}
             step.start(slot, "Schedule", check.get("sourceDigest"))
-            st.data["lastScheduleTime"] = rfc3339(slot)
+            st.data["lastScheduleTime"] = format_rfc3339(slot)
     st.cond(READY, "True", reason, message)
     if reason == "MissedSchedule" and not _same_reason(obs.status, READY, reason):
         step.events.append(Event("Warning", "MissedSchedule", message))
@@ -661,7 +639,9 @@ def _replace_active(step: _Step) -> None:
         step.events.append(Event("Normal", "RunReplaced", f"deleted {name} for a new run"))
         for r in step.records:
             if r["name"] == name:
-                r.update(outcome="Failed", reason="Replaced", completedAt=rfc3339(step.obs.now))
+                r.update(
+                    outcome="Failed", reason="Replaced", completedAt=format_rfc3339(step.obs.now)
+                )
     step.active.clear()
 
 
@@ -683,13 +663,14 @@ def _data_change_run(step: _Step) -> float | None:
     step.actions += [RunAction("delete", n, kind="Job") for n in sorted(probes) if n != probe_name]
     check = dict(obs.status.get("dataCheck") or {})
     wake = float(interval - epoch % interval)
-    if check.get("slot") != rfc3339(slot):
+    if check.get("slot") != format_rfc3339(slot):
         job = probes.get(probe_name)
         if job is None:
             # Always the operator's own trainer image: a template's image override is the
             # tenant's choice for training, and may predate the fingerprint command.
+            owner = owner_reference(KIND, obs.name, obs.uid)
             body = probe_job(probe_name, obs.namespace, names.label_value(obs.name),
-                             owner_reference(obs), obs.spec.get("jobTemplate", {}).get("spec") or {},
+                             owner, obs.spec.get("jobTemplate", {}).get("spec") or {},
                              obs.trainer_image, obs.pull_policy)  # fmt: skip
             step.actions.append(RunAction("create", probe_name, body, kind="Job"))
             return PROBE_WAIT_SECONDS
@@ -698,7 +679,7 @@ def _data_change_run(step: _Step) -> float | None:
         found = probe_result(job, pods)
         if found is None:
             return PROBE_WAIT_SECONDS
-        check = {"slot": rfc3339(slot), "checkedAt": rfc3339(obs.now), **found}
+        check = {"slot": format_rfc3339(slot), "checkedAt": format_rfc3339(obs.now), **found}
         if "sourceDigest" not in found and "digest" in found:
             check["sourceDigest"] = check.pop("digest")
         if check.get("error"):
@@ -716,7 +697,7 @@ def _start_if_changed(step: _Step, slot: datetime, digest: str, min_interval: in
     known = [r for r in runs if r.get("sourceDigest")]
     if known and known[-1]["sourceDigest"] == digest:
         return
-    last_start = parse_time(runs[-1].get("scheduledTime")) if runs else None
+    last_start = parse_rfc3339(runs[-1].get("scheduledTime")) if runs else None
     if last_start is not None and (step.obs.now - last_start).total_seconds() < min_interval:
         return
     if run_name(step.obs.name, slot) in step.seen:
@@ -818,7 +799,3 @@ def _bounded(
     rest = [r for r in newest_first if r not in keep]
     chosen = keep + rest[: max(0, RUN_RECORDS_MAX - len(keep))]
     return sorted(chosen, key=lambda r: (str(r.get("scheduledTime")), r["name"]), reverse=True)
-
-
-def seconds_until(moment: datetime, now: datetime) -> float:
-    return max(0.0, (moment - now) / timedelta(seconds=1))
