@@ -10,6 +10,7 @@ import pytest
 import yaml
 from finetune_operator import estimator as est
 from finetune_operator import packed_memory as packed
+from finetune_operator.api.finetunejob import FineTuneJobStatus
 from finetune_operator.config import OperatorConfig
 from finetune_operator.planners.finetunejob import Observed, Plan, plan
 from ftj_samples import spec
@@ -21,7 +22,15 @@ LLAMA3_8B = est.MODEL_FAMILIES["llama-3-8b"]
 
 def planned(body: dict[str, Any]) -> tuple[Plan, dict[str, Any] | None]:
     p = plan(
-        Observed(spec=body, name="bot", namespace="ns", uid="u1", generation=1, status={}, now=NOW),
+        Observed(
+            spec=body,
+            name="bot",
+            namespace="ns",
+            uid="u1",
+            generation=1,
+            status=FineTuneJobStatus(),
+            now=NOW,
+        ),
         CONFIG,
     )
     cm = next((a.body for a in p.actions if a.kind == "ConfigMap"), None)
@@ -29,7 +38,7 @@ def planned(body: dict[str, Any]) -> tuple[Plan, dict[str, Any] | None]:
 
 
 def fits(p: Plan) -> dict[str, Any]:
-    return next(c for c in p.status["conditions"] if c["type"] == "Fits")
+    return next(c for c in p.status.conditions if c.type == "Fits")
 
 
 def packed_spec(**training: Any) -> dict[str, Any]:
@@ -52,9 +61,9 @@ def test_packed_auto_plans_tokens_and_leaves_auto_to_the_trainer(
     body["resources"] = {"gpus": 1, "gpuMemoryGiB": gpu_gib}
     body["lora"] = {"r": 64, "dropout": dropout}
     p, training = planned(body)
-    record = p.status["estimate"]
-    assert fits(p)["status"] == "True" and "with packing" in fits(p)["message"]
-    assert (record["tokensPerMicroBatch"], record["gradientCheckpointing"]) == (tokens, gc)
+    record = p.status.estimate
+    assert fits(p).status == "True" and "with packing" in fits(p).message
+    assert (record.tokens_per_micro_batch, record.gradient_checkpointing) == (tokens, gc)
     # the same planner the trainer runs on the node, with the operator's headroom
     same = packed.plan_micro_batch(
         LLAMA3_8B,
@@ -64,8 +73,8 @@ def test_packed_auto_plans_tokens_and_leaves_auto_to_the_trainer(
         memory_budget_gib=gpu_gib * (1 - CONFIG.memory_headroom),
         lora_dropout=dropout,
     )
-    assert record["peakGiB"] == same.predicted_peak_gib <= gpu_gib * (1 - CONFIG.memory_headroom)
-    assert sum(record["breakdown"].values()) == pytest.approx(record["peakGiB"], abs=0.05)
+    assert record.peak_gi_b == same.predicted_peak_gib <= gpu_gib * (1 - CONFIG.memory_headroom)
+    assert sum(record.breakdown.values()) == pytest.approx(record.peak_gi_b, abs=0.05)
     # auto stays auto: the trainer plans from the memory it finds free
     assert training is not None
     assert training["batchSize"] == "auto" and training.get("gradientCheckpointing") is None
@@ -73,17 +82,17 @@ def test_packed_auto_plans_tokens_and_leaves_auto_to_the_trainer(
 
 def test_explicit_packed_batch_is_a_token_budget() -> None:
     p, training = planned(packed_spec(batchSize=2, gradientCheckpointing=True))
-    record = p.status["estimate"]
-    assert record["tokensPerMicroBatch"] == 2 * 2048 and record["gradientCheckpointing"] is True
+    record = p.status.estimate
+    assert record.tokens_per_micro_batch == 2 * 2048 and record.gradient_checkpointing is True
     assert training is not None and training["batchSize"] == 2
 
 
 def test_explicit_packed_choice_that_does_not_fit_is_replaced_not_refused() -> None:
     # 16 x 2048 tokens without checkpointing needs well over 80 GB; the planner's choice fits.
     p, training = planned(packed_spec(batchSize=16, gradientCheckpointing=False))
-    assert fits(p)["status"] == "True"
-    assert "will be replaced" in fits(p)["message"]
-    assert p.status["estimate"]["tokensPerMicroBatch"] < 16 * 2048
+    assert fits(p).status == "True"
+    assert "will be replaced" in fits(p).message
+    assert p.status.estimate.tokens_per_micro_batch < 16 * 2048
     assert training is not None  # children are made: the trainer replaces the choice too
 
 
@@ -94,11 +103,11 @@ def test_packed_run_that_cannot_fit_creates_nothing() -> None:
     body["resources"] = {"gpus": 1, "gpuProduct": "Tesla-T4"}
     p, training = planned(body)
     assert p.actions == [] and training is None and p.outcome == "permanent"
-    assert fits(p)["reason"] == "InsufficientGPUMemory"
-    assert "packing" in fits(p)["message"] and "maxSeqLength" in fits(p)["message"]
+    assert fits(p).reason == "InsufficientGPUMemory"
+    assert "packing" in fits(p).message and "maxSeqLength" in fits(p).message
 
 
 def test_unpacked_runs_keep_the_row_estimator() -> None:
     p, training = planned(spec(training={"batchSize": "auto", "gradientCheckpointing": None}))
-    assert "tokensPerMicroBatch" not in p.status["estimate"]
+    assert p.status.estimate.tokens_per_micro_batch is None
     assert training is not None and isinstance(training["batchSize"], int)
