@@ -110,15 +110,15 @@ def check_fit(
         headroom=config.memory_headroom,
     )
     usable = gpu_gib * (1 - config.memory_headroom)
-    record = Estimate.model_validate({
-        "peakGiB": estimate.peak_gib,
-        "gpuMemoryGiB": round(gpu_gib, 2),
-        "fits": estimate.fits(gpu_gib, config.memory_headroom),
-        "batchSize": batch,
-        "gradientCheckpointing": gc,
-        "parameters": estimate.parameters,
-        "breakdown": estimate.breakdown,
-    })  # fmt: skip
+    record = Estimate(
+        peak_gi_b=estimate.peak_gib,
+        gpu_memory_gi_b=round(gpu_gib, 2),
+        fits=estimate.fits(gpu_gib, config.memory_headroom),
+        batch_size=batch,
+        gradient_checkpointing=gc,
+        parameters=estimate.parameters,
+        breakdown=estimate.breakdown,
+    )
     if record.fits:
         return FitResult(
             "True",
@@ -199,16 +199,16 @@ def check_packed_fit(
         gradient_checkpointing=plan.gradient_checkpointing,
         **run,
     )
-    record = Estimate.model_validate({
-        "peakGiB": plan.predicted_peak_gib,
-        "gpuMemoryGiB": round(gpu_gib, 2),
-        "fits": True,
-        "batchSize": user_batch,
-        "gradientCheckpointing": plan.gradient_checkpointing,
-        "tokensPerMicroBatch": plan.tokens_per_micro_batch,
-        "parameters": shape.parameters(),
-        "breakdown": {k: round(v / packed.GIB, 2) for k, v in breakdown.items()},
-    })  # fmt: skip
+    record = Estimate(
+        peak_gi_b=plan.predicted_peak_gib,
+        gpu_memory_gi_b=round(gpu_gib, 2),
+        fits=True,
+        batch_size=user_batch,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        tokens_per_micro_batch=plan.tokens_per_micro_batch,
+        parameters=shape.parameters(),
+        breakdown={k: round(v / packed.GIB, 2) for k, v in breakdown.items()},
+    )
     return FitResult(
         "True",
         Reason.FITS,
