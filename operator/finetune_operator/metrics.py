@@ -15,6 +15,7 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from .api.finetunejob import FAILURE_REASONS, Phase, Reason
 from .api.metrics_catalog import METRIC_NAMES
 from .times import parse_rfc3339
 
@@ -22,38 +23,12 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 # ---------------------------------------------------------------- FineTuneJob controller
 
-FTJ_PHASES = ("Pending", "Queued", "Training", "Evaluating", "Succeeded", "Failed", "Suspended")
+FTJ_PHASES = tuple(phase.value for phase in Phase)
 # What starts a reconcile: kopf's causes, the progress poll, the unobserved-spec timer and
 # events of the trainer Job and its pods.
 FTJ_TRIGGERS = ("resume", "create", "update", "poll", "unobserved", "job-event", "pod-event")
 # Reasons of Failed=True (docs/troubleshooting.md lists each; a test keeps both in step).
-FTJ_FAILURE_REASONS = (
-    "InvalidSpec",
-    "UnsupportedSpec",
-    "InsufficientGPUMemory",
-    "DataNotFound",
-    "DataUnusable",
-    "ModelNotFound",
-    "InvalidConfig",
-    "OutOfMemory",
-    "OOMKilled",
-    "UploadFailed",
-    "TrainingFailed",
-    "EvaluationFailed",
-    "DeadlineExceeded",
-    "BackoffLimitExceeded",
-    "PodFailed",
-    "ResultMissing",
-    "TrainerJobMissing",
-    "GatesFailed",
-    "PolicyViolation",
-    "QuotaExceeded",
-    "AdmissionDenied",
-    "ChildInvalid",
-    "ChildForbidden",
-    "ChildNameTaken",
-    "TrainerOutputInvalid",
-)
+FTJ_FAILURE_REASONS = tuple(reason.value for reason in Reason if reason in FAILURE_REASONS)
 # Reconcile errors counted next to the failures: the API refused the trainer Job, status
 # writes kept conflicting, or the API answered an error (Api<status>; the usual ones here).
 FTJ_RECONCILE_ERRORS = (

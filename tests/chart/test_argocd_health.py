@@ -207,16 +207,15 @@ def test_adapterdeployment_health(obj: dict[str, Any], want_status: str, want_me
 
 def test_every_phase_of_the_api_is_mapped() -> None:
     """A phase added to the API must get a deliberate health mapping, never 'Unknown'."""
-    from typing import get_args
+    from finetune_operator.api.adapterdeployment import Phase as AdapterDeploymentPhase
+    from finetune_operator.api.finetunejob import Phase as FineTuneJobPhase
 
-    from finetune_operator.api.adapterdeployment import AdapterDeploymentPhase
-    from finetune_operator.api.finetunejob import FineTuneJobPhase
-
-    for phase in get_args(FineTuneJobPhase):
-        status, _ = run_health("finetunejob.lua", ftj(phase))
+    assert len(FineTuneJobPhase) == 7 and len(AdapterDeploymentPhase) > 3
+    for phase in FineTuneJobPhase:
+        status, _ = run_health("finetunejob.lua", ftj(phase.value))
         assert status != "Unknown", phase
-    for phase in get_args(AdapterDeploymentPhase):
-        status, _ = run_health("adapterdeployment.lua", adep(phase))
+    for phase in AdapterDeploymentPhase:
+        status, _ = run_health("adapterdeployment.lua", adep(phase.value))
         assert status != "Unknown", phase
 
 

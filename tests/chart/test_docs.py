@@ -74,17 +74,27 @@ def reasons_in(path: Path, shared: dict[str, list[str]] | None = None) -> set[st
 INTERNAL_VERDICTS = {"Path"}  # adapterdeployment: where a Runtime-loaded adapter lives
 
 
+def shared_parameters(planner: Path) -> dict[str, list[str]]:
+    """Parameters of what a planner module may call from elsewhere: the shared Event type,
+    and for a module of a planner package (planners/finetunejob/) its sibling modules (the
+    status draft's ``cond`` lives in one module and is called from the others)."""
+    shared = parameters_by_callee(ast.parse((PLANNERS / "events.py").read_text()))
+    if planner.parent != PLANNERS:
+        for sibling in sorted(planner.parent.glob("*.py")):
+            for name, params in parameters_by_callee(ast.parse(sibling.read_text())).items():
+                shared.setdefault(name, params)
+    return shared
+
+
 def all_reasons() -> set[str]:
     reasons: set[str] = set()
-    shared = parameters_by_callee(ast.parse((PLANNERS / "events.py").read_text()))
-    for planner in sorted(PLANNERS.glob("*.py")):
-        reasons |= reasons_in(planner, shared) - INTERNAL_VERDICTS
+    for planner in sorted(PLANNERS.rglob("*.py")):
+        reasons |= reasons_in(planner, shared_parameters(planner)) - INTERNAL_VERDICTS
     from finetune_operator.api.adapterdeployment import Reason
-    from finetune_operator.planners import finetunejob
+    from finetune_operator.api.finetunejob import Reason as FineTuneJobReason
 
-    reasons |= set(finetunejob.WARNING_REASONS) | set(finetunejob.TRAINER_REASON_ADVICE)
-    # The AdapterDeployment controller lists every reason it writes as one enum.
-    return reasons | {reason.value for reason in Reason}
+    # The FineTuneJob and AdapterDeployment controllers list every reason they write as an enum.
+    return reasons | {r.value for r in Reason} | {r.value for r in FineTuneJobReason}
 
 
 def test_reason_scan_finds_the_planners_reasons() -> None:
@@ -94,6 +104,16 @@ def test_reason_scan_finds_the_planners_reasons() -> None:
         assert {"DigestMismatch", "CanaryErrorRate"} <= reasons
     # Reasons only given positionally to the shared Event type (planners/events.py).
     assert {"RunStarted", "ChampionPromoted", "MissedSchedule"} <= reasons
+
+
+def test_a_reason_written_as_a_string_in_a_planner_package_is_found(tmp_path: Path) -> None:
+    """A reason given as a string to the status draft's ``cond`` (defined in another module
+    of the package) is read as well, so it cannot slip past the documentation check."""
+    module = tmp_path / "tracking.py"
+    module.write_text('st.cond(C.TRAINING, "False", "NewlyInventedReason", "a message")\n')
+    shared = shared_parameters(PLANNERS / "finetunejob" / "tracking.py")
+    assert reasons_in(module, shared) == {"NewlyInventedReason"}
+    assert "`NewlyInventedReason`" not in TROUBLESHOOTING.read_text()
 
 
 @pytest.mark.parametrize("reason", sorted(all_reasons()))

@@ -19,6 +19,8 @@ from cluster import (
     wait_condition,
     wait_job,
 )
+from finetune_operator.api.common import Condition
+from finetune_operator.api.finetunejob import FineTuneJobStatus
 from finetune_operator.config import OperatorConfig
 from finetune_operator.local import Emulator
 from finetune_operator.planners.finetunejob import (
@@ -52,12 +54,14 @@ RBAC = (
 
 
 def _started() -> tuple[Observed, Any]:
-    obs = Observed(name="bot", namespace=NS, uid="u1", generation=1, spec=spec(), status={})
+    obs = Observed(
+        name="bot", namespace=NS, uid="u1", generation=1, spec=spec(), status=FineTuneJobStatus()
+    )
     return obs, plan(obs, OperatorConfig())
 
 
-def _condition(status_: dict[str, Any], type_: str) -> dict[str, Any]:
-    return next(c for c in status_["conditions"] if c["type"] == type_)
+def _condition(status_: FineTuneJobStatus, type_: str) -> Condition:
+    return next(c for c in status_.conditions if c.type == type_)
 
 
 @pytest.mark.parametrize(
@@ -76,10 +80,10 @@ def test_a_refused_trainer_job_is_a_final_verdict_with_advice_for_its_cause(
     obs, started = _started()
     p = child_refused(obs, started, Refusal("Job", JOB, code, "Forbidden", message))
     failed = _condition(p.status, "Failed")
-    assert (failed["status"], failed["reason"]) == ("True", reason)
-    assert message in failed["message"] and says in failed["message"]
-    assert never_says not in failed["message"]
-    assert p.status["phase"] == "Failed" and "trainerJob" not in p.status
+    assert (failed.status, failed.reason) == ("True", reason)
+    assert message in failed.message and says in failed.message
+    assert never_says not in failed.message
+    assert p.status.phase == "Failed" and p.status.trainer_job is None
     # What the run created before the refusal goes with it; the refused Job was never made.
     assert [(a.verb, a.kind, a.name) for a in p.actions] == [
         ("delete", "ConfigMap", "bot-trainer-g1")
@@ -108,15 +112,15 @@ def test_a_refused_job_is_not_tried_again_until_the_spec_changes() -> None:
         ("create", "ConfigMap"),
         ("create", "Job"),
     ]
-    assert _condition(edited.status, "Training")["reason"] == "Pending"
-    assert not any(c["type"] == "Failed" for c in edited.status["conditions"])
+    assert _condition(edited.status, "Training").reason == "Pending"
+    assert not any(c.type == "Failed" for c in edited.status.conditions)
 
 
 def test_the_servers_message_is_quoted_but_bounded() -> None:
     obs, started = _started()
     huge = "admission webhook denied the request: " + "x" * 100_000
     p = child_refused(obs, started, Refusal("Job", JOB, 403, "Forbidden", huge))
-    message = _condition(p.status, "Failed")["message"]
+    message = _condition(p.status, "Failed").message
     assert len(message) < 1600
     assert "x" * 900 in message and "x" * 1001 not in message
 
@@ -125,9 +129,9 @@ def test_only_an_rbac_refusal_of_the_operator_is_retried() -> None:
     obs, started = _started()
     p = child_refused(obs, started, Refusal("Job", JOB, 403, "Forbidden", RBAC))
     training = _condition(p.status, "Training")
-    assert training["reason"] == "JobRejected" and "RBAC" in training["message"]
-    assert not any(c["type"] == "Failed" for c in p.status["conditions"])
-    assert p.outcome == "retry" and p.status["phase"] == "Pending"
+    assert training.reason == "JobRejected" and "RBAC" in training.message
+    assert not any(c.type == "Failed" for c in p.status.conditions)
+    assert p.outcome == "retry" and p.status.phase == "Pending"
     assert classify_refusal(Refusal("Job", JOB, 403, "Forbidden", QUOTA))[2] is True
 
 

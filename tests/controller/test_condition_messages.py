@@ -40,10 +40,10 @@ def test_every_condition_in_the_planner_spec_has_a_message(
     seen: set[tuple[str, str, str]] = set()
     empty: set[tuple[str, str, str]] = set()
     for planned in plans:
-        for c in planned.status.get("conditions") or []:
-            key = (c["type"], c["status"], c["reason"])
+        for c in planned.status.conditions:
+            key = (c.type, c.status, c.reason)
             seen.add(key)
-            if not c.get("message", "").strip():
+            if not c.message.strip():
                 empty.add(key)
     assert len(seen) > 30, f"the walk reached too few reasons: {sorted(seen)}"
     assert not empty, f"conditions without a message: {sorted(empty)}"
@@ -61,10 +61,10 @@ def failed_by_trainer(reason: str, message: str) -> Plan:
 def test_a_trainer_failure_without_detail_still_says_what_to_do(reason: str) -> None:
     planned = failed_by_trainer(reason, "")
     failed = cond(planned, "Failed")
-    assert (failed["status"], failed["reason"]) == ("True", reason)
-    assert failed["message"].strip(), reason
+    assert (failed.status, failed.reason) == ("True", reason)
+    assert failed.message.strip(), reason
     if reason not in TRAINER_REASON_ADVICE:
-        assert "kubectl logs job/bot-train-g1" in failed["message"]
+        assert "kubectl logs job/bot-train-g1" in failed.message
     succeeded = cond(planned, "Succeeded")
-    assert (succeeded["status"], succeeded["reason"]) == ("False", reason)
-    assert "Failed condition" in succeeded["message"]
+    assert (succeeded.status, succeeded.reason) == ("False", reason)
+    assert "Failed condition" in succeeded.message

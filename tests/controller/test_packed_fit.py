@@ -10,6 +10,7 @@ import pytest
 import yaml
 from finetune_operator import estimator as est
 from finetune_operator import packed_memory as packed
+from finetune_operator.api.finetunejob import FineTuneJobStatus
 from finetune_operator.config import OperatorConfig
 from finetune_operator.planners.finetunejob import Observed, Plan, plan
 from ftj_samples import spec
@@ -21,7 +22,15 @@ LLAMA3_8B = est.MODEL_FAMILIES["llama-3-8b"]
 
 def planned(body: dict[str, Any]) -> tuple[Plan, dict[str, Any] | None]:
     p = plan(
-        Observed(spec=body, name="bot", namespace="ns", uid="u1", generation=1, status={}, now=NOW),
+        Observed(
+            spec=body,
+            name="bot",
+            namespace="ns",
+            uid="u1",
+            generation=1,
+            status=FineTuneJobStatus(),
+            now=NOW,
+        ),
         CONFIG,
     )
     cm = next((a.body for a in p.actions if a.kind == "ConfigMap"), None)
@@ -29,7 +38,7 @@ def planned(body: dict[str, Any]) -> tuple[Plan, dict[str, Any] | None]:
 
 
 def fits(p: Plan) -> dict[str, Any]:
-    return next(c for c in p.status["conditions"] if c["type"] == "Fits")
+    return next(c for c in p.status.conditions if c.type == "Fits")
 
 
 def packed_spec(**training: Any) -> dict[str, Any]:
@@ -54,9 +63,9 @@ def test_packed_auto_plans_tokens_and_leaves_auto_to_the_trainer(
     body["resources"] = {"gpus": 1, "gpuMemoryGiB": gpu_gib}
     body["lora"] = {"r": 64, "dropout": dropout}
     p, training = planned(body)
-    record = p.status["estimate"]
-    assert fits(p)["status"] == "True" and "with packing" in fits(p)["message"]
-    assert (record["tokensPerMicroBatch"], record["gradientCheckpointing"]) == (tokens, gc)
+    record = p.status.estimate
+    assert fits(p).status == "True" and "with packing" in fits(p).message
+    assert (record.tokens_per_micro_batch, record.gradient_checkpointing) == (tokens, gc)
     # the same planner the trainer runs on the node, with the operator's headroom
     same = packed.plan_micro_batch(
         LLAMA3_8B,
@@ -67,8 +76,8 @@ def test_packed_auto_plans_tokens_and_leaves_auto_to_the_trainer(
         lora_dropout=dropout,
         dropout_saves_inputs=False,
     )
-    assert record["peakGiB"] == same.predicted_peak_gib <= gpu_gib * (1 - CONFIG.memory_headroom)
-    assert sum(record["breakdown"].values()) == pytest.approx(record["peakGiB"], abs=0.05)
+    assert record.peak_gi_b == same.predicted_peak_gib <= gpu_gib * (1 - CONFIG.memory_headroom)
+    assert sum(record.breakdown.values()) == pytest.approx(record.peak_gi_b, abs=0.05)
     # auto stays auto: the trainer plans from the memory it finds free
     assert training is not None
     assert training["batchSize"] == "auto" and training.get("gradientCheckpointing") is None
@@ -76,17 +85,17 @@ def test_packed_auto_plans_tokens_and_leaves_auto_to_the_trainer(
 
 def test_explicit_packed_batch_is_a_token_budget() -> None:
     p, training = planned(packed_spec(batchSize=2, gradientCheckpointing=True))
-    record = p.status["estimate"]
-    assert record["tokensPerMicroBatch"] == 2 * 2048 and record["gradientCheckpointing"] is True
+    record = p.status.estimate
+    assert record.tokens_per_micro_batch == 2 * 2048 and record.gradient_checkpointing is True
     assert training is not None and training["batchSize"] == 2
 
 
 def test_explicit_packed_choice_that_does_not_fit_is_replaced_not_refused() -> None:
     # 16 x 2048 tokens without checkpointing needs well over 80 GB; the planner's choice fits.
     p, training = planned(packed_spec(batchSize=16, gradientCheckpointing=False))
-    assert fits(p)["status"] == "True"
-    assert "will be replaced" in fits(p)["message"]
-    assert p.status["estimate"]["tokensPerMicroBatch"] < 16 * 2048
+    assert fits(p).status == "True"
+    assert "will be replaced" in fits(p).message
+    assert p.status.estimate.tokens_per_micro_batch < 16 * 2048
     assert training is not None  # children are made: the trainer replaces the choice too
 
 
@@ -97,13 +106,13 @@ def test_packed_run_that_cannot_fit_creates_nothing() -> None:
     body["resources"] = {"gpus": 1, "gpuProduct": "Tesla-T4"}
     p, training = planned(body)
     assert p.actions == [] and training is None and p.outcome == "permanent"
-    assert fits(p)["reason"] == "InsufficientGPUMemory"
-    assert "packing" in fits(p)["message"] and "maxSeqLength" in fits(p)["message"]
+    assert fits(p).reason == "InsufficientGPUMemory"
+    assert "packing" in fits(p).message and "maxSeqLength" in fits(p).message
 
 
 def test_unpacked_runs_keep_the_row_estimator() -> None:
     p, training = planned(spec(training={"batchSize": "auto", "gradientCheckpointing": None}))
-    assert "tokensPerMicroBatch" not in p.status["estimate"]
+    assert p.status.estimate.tokens_per_micro_batch is None
     assert training is not None and isinstance(training["batchSize"], int)
 
 
@@ -117,32 +126,36 @@ def test_small_gpu_offloads_checkpointed_inputs_within_the_trainers_memory() -> 
     offloading = [
         (g / 2, p)
         for g in range(16, 60)
-        if (p := _small_gpu("64Gi", g / 2)[0]).status.get("estimate", {}).get("activationOffload")
+        if (est := (p := _small_gpu("64Gi", g / 2)[0]).status.estimate) is not None
+        and est.activation_offload
     ]
     assert offloading  # small GPUs with plenty of host memory offload
     for gpu_gib, p in offloading:
-        record = p.status["estimate"]
-        pinned = 32 * record["tokensPerMicroBatch"] * 4096 * 2 / packed.GIB
-        assert fits(p)["status"] == "True"
-        assert f"activation offload to {pinned:.1f} GiB of host memory" in fits(p)["message"]
-        assert sum(record["breakdown"].values()) == pytest.approx(record["peakGiB"], abs=0.05)
+        record = p.status.estimate
+        assert record is not None and record.tokens_per_micro_batch is not None
+        assert record.breakdown is not None and record.peak_gi_b is not None
+        pinned = 32 * record.tokens_per_micro_batch * 4096 * 2 / packed.GIB
+        assert fits(p).status == "True"
+        assert f"activation offload to {pinned:.1f} GiB of host memory" in str(fits(p).message)
+        assert sum(record.breakdown.values()) == pytest.approx(record.peak_gi_b, abs=0.05)
         # the same planner the trainer runs, with the trainer container's memory request
         same = packed.plan_micro_batch(
             LLAMA3_8B, method="qlora", lora_rank=64, max_seq_length=2048,
             memory_budget_gib=gpu_gib * (1 - CONFIG.memory_headroom), host_memory_gib=64,
             dropout_saves_inputs=not packed.FAST_PATH_FUSED_LORA_DROPOUT,
         )  # fmt: skip
-        assert same.activation_offload and same.predicted_peak_gib == record["peakGiB"]
+        assert same.activation_offload and same.predicted_peak_gib == record.peak_gi_b
         # a request of less than twice the pinned inputs: not those tokens with offload, or,
         # where checkpointing alone cannot fit, a refusal that names the memory to request
         small, training = _small_gpu(f"{int(2 * pinned * 1024) - 1}Mi", gpu_gib)
-        if fits(small)["status"] == "False":
-            assert "resources.memory" in fits(small)["message"] and training is None
+        if fits(small).status == "False":
+            assert "resources.memory" in str(fits(small).message) and training is None
             continue
-        smaller = small.status["estimate"]
+        smaller = small.status.estimate
+        assert smaller is not None and smaller.tokens_per_micro_batch is not None
         assert (
-            not smaller["activationOffload"]
-            or smaller["tokensPerMicroBatch"] < record["tokensPerMicroBatch"]
+            not smaller.activation_offload
+            or smaller.tokens_per_micro_batch < record.tokens_per_micro_batch
         )
         assert training is not None and training["batchSize"] == "auto"
 

@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import yaml
-from finetune_operator.api.finetunejob import FineTuneJobSpec
+from finetune_operator.api.common import Condition
+from finetune_operator.api.finetunejob import FineTuneJobSpec, FineTuneJobStatus, status_wire
 from finetune_operator.config import OperatorConfig
 from finetune_operator.planners.finetunejob import Observed, Plan, PriceTable, plan, spec_hash
 from finetune_operator.planners.progress import parse_lines, parse_result, progress_status
@@ -23,16 +24,16 @@ def observe(body_spec: dict[str, Any] | None = None, **kwargs: Any) -> Observed:
         "namespace": "ns",
         "uid": "u1",
         "generation": 1,
-        "status": {},
+        "status": FineTuneJobStatus(),
         "now": NOW,
     }
     defaults.update(kwargs)
     return Observed(spec=body_spec or spec(), **defaults)
 
 
-def cond(p: Plan, type_: str) -> dict[str, Any]:
-    found = [c for c in p.status["conditions"] if c["type"] == type_]
-    assert found, f"no {type_} condition in {p.status['conditions']}"
+def cond(p: Plan, type_: str) -> Condition:
+    found = [c for c in p.status.conditions if c.type == type_]
+    assert found, f"no {type_} condition in {p.status.conditions}"
     return found[0]
 
 
@@ -80,10 +81,10 @@ def test_fresh_job_creates_configmap_then_job_with_the_estimate() -> None:
         ("create", "ConfigMap", "bot-trainer-g1"),
         ("create", "Job", "bot-train-g1"),
     ]
-    assert p.status["phase"] == "Pending" and p.status["trainerJob"] == "bot-train-g1"
-    assert cond(p, "Fits")["status"] == "True"
-    assert p.status["estimate"]["batchSize"] == 4 and p.status["estimate"]["fits"] is True
-    assert all(c["observedGeneration"] == 1 for c in p.status["conditions"])
+    assert p.status.phase == "Pending" and p.status.trainer_job == "bot-train-g1"
+    assert cond(p, "Fits").status == "True"
+    assert p.status.estimate.batch_size == 4 and p.status.estimate.fits is True
+    assert all(c.observed_generation == 1 for c in p.status.conditions)
     config = yaml.safe_load(cm["data"]["job.yaml"])
     assert config["spec"]["training"]["batchSize"] == 4
 
@@ -91,10 +92,10 @@ def test_fresh_job_creates_configmap_then_job_with_the_estimate() -> None:
 def test_auto_batch_resolved_by_the_estimator() -> None:
     p, _job, cm = started(spec(training={"batchSize": "auto", "gradientCheckpointing": None}))
     training = yaml.safe_load(cm["data"]["job.yaml"])["spec"]["training"]
-    record = p.status["estimate"]
+    record = p.status.estimate
     assert (training["batchSize"], training["gradientCheckpointing"]) == (
-        record["batchSize"],
-        record["gradientCheckpointing"],
+        record.batch_size,
+        record.gradient_checkpointing,
     )
     # Llama-3-8B QLoRA at 2048 tokens on an H100: unchecked it needs ~32 GiB per row (measured
     # sweep, bench/results/h100-2026-11-23), and batch 64 ran out of memory in the trainer.
@@ -105,8 +106,8 @@ def test_unknown_model_shape_proceeds_with_fits_unknown() -> None:
     body = spec(baseModel={"uri": "hf://acme/house-model@v1"}, training={"batchSize": "auto"})
     p, _job, cm = started(body)
     fits = cond(p, "Fits")
-    assert (fits["status"], fits["reason"]) == ("Unknown", "ModelShapeUnknown")
-    assert "finetune.dev/model-shape" in fits["message"]
+    assert (fits.status, fits.reason) == ("Unknown", "ModelShapeUnknown")
+    assert "finetune.dev/model-shape" in fits.message
     assert yaml.safe_load(cm["data"]["job.yaml"])["spec"]["training"]["batchSize"] == "auto"
 
 
@@ -118,14 +119,14 @@ def test_model_shape_annotation_enables_the_check() -> None:
         ),
         CONFIG,
     )
-    assert cond(p, "Fits")["status"] == "True"
-    assert "annotation" in cond(p, "Fits")["message"]
+    assert cond(p, "Fits").status == "True"
+    assert "annotation" in cond(p, "Fits").message
 
 
 def test_unknown_gpu_product_gives_fits_unknown() -> None:
     p, _job, _cm = started(spec(resources={"gpuProduct": "ACME-X1"}))
-    assert cond(p, "Fits")["reason"] == "GPUMemoryUnknown"
-    assert "gpuMemoryGiB" in cond(p, "Fits")["message"]
+    assert cond(p, "Fits").reason == "GPUMemoryUnknown"
+    assert "gpuMemoryGiB" in cond(p, "Fits").message
 
 
 def test_does_not_fit_creates_nothing_and_is_permanent() -> None:
@@ -136,9 +137,9 @@ def test_does_not_fit_creates_nothing_and_is_permanent() -> None:
     )
     p = plan(observe(body), CONFIG)
     assert p.actions == [] and p.outcome == "permanent"
-    assert cond(p, "Fits")["reason"] == "InsufficientGPUMemory"
-    assert cond(p, "Failed")["status"] == "True"
-    assert "To fit: set" in cond(p, "Fits")["message"]
+    assert cond(p, "Fits").reason == "InsufficientGPUMemory"
+    assert cond(p, "Failed").status == "True"
+    assert "To fit: set" in cond(p, "Fits").message
 
 
 def test_missing_references_retry_without_children() -> None:
@@ -146,14 +147,14 @@ def test_missing_references_retry_without_children() -> None:
         observe(missing_refs=("Secret 'hf-token' not found in namespace ns: create it",)), CONFIG
     )
     assert p.actions == [] and p.outcome == "retry"
-    assert cond(p, "Validated")["reason"] == "ReferenceNotFound"
-    assert "hf-token" in cond(p, "Validated")["message"]
+    assert cond(p, "Validated").reason == "ReferenceNotFound"
+    assert "hf-token" in cond(p, "Validated").message
 
 
 def test_invalid_spec_reports_the_field() -> None:
     p = plan(observe(spec(lora={"r": 0})), CONFIG)
     assert p.outcome == "permanent" and p.actions == []
-    assert "spec.lora.r" in cond(p, "Validated")["message"]
+    assert "spec.lora.r" in cond(p, "Validated").message
 
 
 # ---------------------------------------------------------------- tracking
@@ -188,17 +189,17 @@ def test_running_pod_reports_progress_data_cost_and_price() -> None:
         log_tail=log,
         prices=PriceTable.from_configmap_data({"NVIDIA-H100-80GB-HBM3": "4.0", "currency": "EUR"}),
     )
-    assert p.status["phase"] == "Training"
-    assert p.status["progress"]["step"] == 4 and p.status["progress"]["percent"] == 40
-    assert p.status["data"]["piiMasked"] == 12
-    assert p.status["cost"] == {
+    assert p.status.phase == "Training"
+    assert p.status.progress.step == 4 and p.status.progress.percent == 40
+    assert p.status.data.pii_masked == 12
+    assert status_wire(p.status)["cost"] == {
         "gpuSeconds": 3600.0,
         "pricePerGpuHour": 4.0,
         "estimatedCost": 4.0,
         "currency": "EUR",
     }
-    assert p.status["startedAt"] == "2026-01-01T00:00:10Z"
-    assert cond(p, "Training")["status"] == "True"
+    assert p.status.started_at == "2026-01-01T00:00:10Z"
+    assert cond(p, "Training").status == "True"
 
 
 def test_last_step_means_evaluating() -> None:
@@ -210,7 +211,7 @@ def test_last_step_means_evaluating() -> None:
         pods=(pod("p", trainer_state={"running": {}}),),
         log_tail=progress_line(10, 10),
     )
-    assert p.status["phase"] == "Evaluating"
+    assert p.status.phase == "Evaluating"
 
 
 def test_image_pull_failure_says_to_check_image_and_credentials() -> None:
@@ -220,9 +221,9 @@ def test_image_pull_failure_says_to_check_image_and_credentials() -> None:
         first, job, cm, pods=(pod("p", phase="Pending", started=None, trainer_state=waiting),)
     )
     training = cond(p, "Training")
-    assert training["reason"] == "ImagePullFailed"
-    assert "ghcr.io/finetune-dev/finetune-trainer" in training["message"]
-    assert "registry credentials" in training["message"]
+    assert training.reason == "ImagePullFailed"
+    assert "ghcr.io/finetune-dev/finetune-trainer" in training.message
+    assert "registry credentials" in training.message
     assert any(e.type == "Warning" and e.reason == "ImagePullFailed" for e in p.events)
 
 
@@ -238,12 +239,12 @@ def test_unschedulable_names_the_gpu_product() -> None:
     ]
     p = track(first, job, cm, pods=(pod("p", phase="Pending", started=None, conditions=scheduled),))
     training = cond(p, "Training")
-    assert training["reason"] == "Unschedulable"
+    assert training.reason == "Unschedulable"
     assert (
-        "NVIDIA-H100-80GB-HBM3" in training["message"]
-        and "Insufficient nvidia.com/gpu" in training["message"]
+        "NVIDIA-H100-80GB-HBM3" in training.message
+        and "Insufficient nvidia.com/gpu" in training.message
     )
-    assert p.status["phase"] == "Pending"
+    assert p.status.phase == "Pending"
 
 
 def test_missing_secret_key_in_fetch_step() -> None:
@@ -260,8 +261,8 @@ def test_missing_secret_key_in_fetch_step() -> None:
         }
     ]
     p = track(first, job, cm, pods=(pod("p", phase="Pending", init_statuses=init),))
-    assert cond(p, "Training")["reason"] == "ContainerConfigError"
-    assert "fetch-model" in cond(p, "Training")["message"]
+    assert cond(p, "Training").reason == "ContainerConfigError"
+    assert "fetch-model" in cond(p, "Training").message
 
 
 def test_unusable_data_fails_with_the_trainers_message() -> None:
@@ -279,12 +280,9 @@ def test_unusable_data_fails_with_the_trainers_message() -> None:
         pods=(pod("p", phase="Failed", trainer_state=terminated),),
     )
     failed = cond(p, "Failed")
-    assert (failed["status"], failed["reason"]) == ("True", "DataUnusable")
-    assert (
-        "42% of rows are duplicates" in failed["message"]
-        and "dataset.cleaning" in failed["message"]
-    )
-    assert p.status["phase"] == "Failed"
+    assert (failed.status, failed.reason) == ("True", "DataUnusable")
+    assert "42% of rows are duplicates" in failed.message and "dataset.cleaning" in failed.message
+    assert p.status.phase == "Failed"
 
 
 def test_result_is_read_from_the_log_when_the_message_is_log_text() -> None:
@@ -308,23 +306,23 @@ def test_deadline_exceeded_says_which_field_to_raise() -> None:
         cm,
         body_spec=spec(activeDeadlineSeconds=3600),
     )
-    assert cond(p, "Failed")["reason"] == "DeadlineExceeded"
-    assert "activeDeadlineSeconds" in cond(p, "Failed")["message"]
+    assert cond(p, "Failed").reason == "DeadlineExceeded"
+    assert "activeDeadlineSeconds" in cond(p, "Failed").message
 
 
 def test_kueue_queue_admission() -> None:
     body = spec(resources={"queueName": "team-gpus"})
     first, job, cm = started(body)
-    assert first.status["phase"] == "Queued" and job["spec"]["suspend"] is True
+    assert first.status.phase == "Queued" and job["spec"]["suspend"] is True
     queued = track(first, job, cm, body_spec=body)
     assert queued.actions == []  # Kueue owns spec.suspend
-    assert cond(queued, "Admitted")["reason"] == "Queued"
+    assert cond(queued, "Admitted").reason == "Queued"
     admitted_job = {**job, "spec": {**job["spec"], "suspend": False}}
     running = track(
         first, admitted_job, cm, body_spec=body, pods=(pod("p", trainer_state={"running": {}}),)
     )
-    assert cond(running, "Admitted")["status"] == "True" and running.actions == []
-    assert running.status["phase"] == "Training"
+    assert cond(running, "Admitted").status == "True" and running.actions == []
+    assert running.status.phase == "Training"
 
 
 def test_suspend_patches_the_job_and_resume_unpatches() -> None:
@@ -335,7 +333,7 @@ def test_suspend_patches_the_job_and_resume_unpatches() -> None:
     p2 = track(
         first, suspended_job, cm, body_spec=spec(suspend=True), generation=2, status=p.status
     )
-    assert p2.actions == [] and p2.status["phase"] == "Suspended"
+    assert p2.actions == [] and p2.status.phase == "Suspended"
     p3 = track(
         first, suspended_job, cm, body_spec=spec(suspend=False), generation=3, status=p2.status
     )
@@ -356,7 +354,7 @@ def test_spec_change_while_running_is_deferred_then_starts_a_new_run() -> None:
     changed = spec(lora={"r": 16})
     p = track(first, job, cm, body_spec=changed, generation=2)
     assert p.actions == []
-    assert cond(p, "Validated")["reason"] == "SpecChangeDeferred"
+    assert cond(p, "Validated").reason == "SpecChangeDeferred"
     done = with_conditions(job, "Complete")
     finished = track(
         first,
@@ -373,10 +371,10 @@ def test_spec_change_while_running_is_deferred_then_starts_a_new_run() -> None:
             ),
         ),
     )
-    assert finished.status["phase"] == "Succeeded"
+    assert finished.status.phase == "Succeeded"
     rerun = track(first, done, cm, body_spec=changed, generation=2, status=finished.status)
     assert [a.name for a in rerun.actions] == ["bot-trainer-g2", "bot-train-g2"]
-    assert "adapter" not in rerun.status and rerun.status["trainerJob"] == "bot-train-g2"
+    assert rerun.status.adapter is None and rerun.status.trainer_job == "bot-train-g2"
 
 
 def test_finished_job_with_unchanged_spec_is_left_alone() -> None:
@@ -392,14 +390,14 @@ def test_finished_job_with_unchanged_spec_is_left_alone() -> None:
         generation=2,
         body_spec=spec(ttlSecondsAfterFinished=5),
     )  # type: ignore[arg-type]
-    assert again.actions == [] and again.status["phase"] == "Succeeded"
-    assert again.status["adapter"] == finished.status["adapter"]
+    assert again.actions == [] and again.status.phase == "Succeeded"
+    assert again.status.adapter == finished.status.adapter
 
 
 def test_vanished_job_fails_the_run_instead_of_retraining() -> None:
     first, _job, cm = started()
     p = track(first, None, cm)  # type: ignore[arg-type]
-    assert cond(p, "Failed")["reason"] == "TrainerJobMissing" and p.actions == []
+    assert cond(p, "Failed").reason == "TrainerJobMissing" and p.actions == []
 
 
 def test_restarted_pods_are_counted_and_both_billed() -> None:
@@ -418,9 +416,9 @@ def test_restarted_pods_are_counted_and_both_billed() -> None:
         trainer_state={"running": {}},
     )
     p = track(first, job, cm, pods=(running, evicted))
-    assert p.status["restarts"] == 1
-    assert p.status["cost"]["gpuSeconds"] == 1800 + 1200
-    assert p.status["phase"] == "Training"
+    assert p.status.restarts == 1
+    assert p.status.cost.gpu_seconds == 1800 + 1200
+    assert p.status.phase == "Training"
 
 
 def test_success_records_adapter_as_the_output_uri_and_gates() -> None:
@@ -432,17 +430,17 @@ def test_success_records_adapter_as_the_output_uri_and_gates() -> None:
         cm,
         pods=(pod("p", phase="Succeeded", trainer_state=terminated),),
     )
-    assert p.status["adapter"]["uri"] == "pvc://adapters/support-bot/adapter"
-    assert p.status["metrics"] == {"rougeL": 0.42, "evalLoss": 1.1}
-    assert [g["metric"] for g in p.status["gates"]] == ["rougeL", "evalLoss"]
-    assert cond(p, "Succeeded")["status"] == "True" and cond(p, "GatesPassed")["status"] == "True"
-    assert p.status["completedAt"] == "2026-01-01T01:00:00Z"
+    assert p.status.adapter.uri == "pvc://adapters/support-bot/adapter"
+    assert p.status.metrics == {"rougeL": 0.42, "evalLoss": 1.1}
+    assert [g.metric for g in p.status.gates] == ["rougeL", "evalLoss"]
+    assert cond(p, "Succeeded").status == "True" and cond(p, "GatesPassed").status == "True"
+    assert p.status.completed_at == "2026-01-01T01:00:00Z"
 
 
 def test_complete_job_without_result_is_a_failure_with_advice() -> None:
     first, job, cm = started()
     p = track(first, with_conditions(job, "Complete"), cm)
-    assert cond(p, "Failed")["reason"] == "ResultMissing"
+    assert cond(p, "Failed").reason == "ResultMissing"
 
 
 def test_progress_fields_unknown_to_the_operator_are_ignored() -> None:
@@ -460,12 +458,11 @@ def test_spec_hash_ignores_fields_that_may_change_mid_run() -> None:
     assert spec_hash(base) != spec_hash(FineTuneJobSpec.model_validate(spec(lora={"r": 8})))
 
 
-def _assert_round_trips(status: dict[str, Any]) -> None:
+def _assert_round_trips(status: FineTuneJobStatus) -> None:
     """Status the planner writes survives the API model unchanged, so the CRD (generated
     from the same model) neither rejects nor prunes any of it."""
-    from finetune_operator.api.finetunejob import FineTuneJobStatus
-
-    assert FineTuneJobStatus.model_validate(status).to_wire() == status
+    wire = status_wire(status)
+    assert FineTuneJobStatus.model_validate(wire).to_wire() == wire
 
 
 def test_every_status_shape_matches_the_api_model() -> None:
@@ -502,7 +499,7 @@ def test_every_status_shape_matches_the_api_model() -> None:
         status=running.status,
         pods=(pod("p", phase="Succeeded", trainer_state=terminated),),
     )
-    assert done.status["phase"] == "Failed"
+    assert done.status.phase == "Failed"
     _assert_round_trips(done.status)
     refused = plan(
         observe(
@@ -525,10 +522,10 @@ def test_a_job_going_away_reports_nothing_and_creates_nothing() -> None:
     assert vanished.status == first.status and vanished.actions == [] and vanished.events == []
     fresh = plan(observe(missing_refs=("PersistentVolumeClaim 'datasets' not found",),
                          going_away=True), CONFIG)  # fmt: skip
-    assert fresh.actions == [] and fresh.events == [] and fresh.status == {}
+    assert fresh.actions == [] and fresh.events == [] and status_wire(fresh.status) == {}
     # The same observation without the deletion is a failure with a warning.
     lost = plan(observe(status=first.status, job=None), CONFIG)
-    assert cond(lost, "Failed")["reason"] == "TrainerJobMissing"
+    assert cond(lost, "Failed").reason == "TrainerJobMissing"
     assert [e.type for e in lost.events] == ["Warning"]
 
 
@@ -543,8 +540,8 @@ def test_a_cpu_only_run_reports_no_gpu_time() -> None:
     running = track(
         first, job, cm, spec(resources=CPU_ONLY), pods=(pod("p", trainer_state={"running": {}}),)
     )
-    assert "cost" not in running.status
-    assert cond(running, "Training")["reason"] == "Running"
+    assert running.status.cost is None
+    assert cond(running, "Training").reason == "Running"
 
 
 def _oom(body_spec: dict[str, Any], *, host: bool, **kwargs: Any) -> str:
@@ -558,7 +555,7 @@ def _oom(body_spec: dict[str, Any], *, host: bool, **kwargs: Any) -> str:
         state = {"terminated": {"exitCode": 4, "reason": "Error", "message": message}}
         done = with_conditions(job, "Failed", reason="BackoffLimitExceeded")
         p = track(first, done, cm, body_spec, pods=(pod("p", phase="Failed", trainer_state=state),))
-    return str(cond(p, "Failed")["message"])
+    return str(cond(p, "Failed").message)
 
 
 def test_gpu_out_of_memory_advice_offers_only_what_the_run_does_not_use() -> None:
@@ -580,11 +577,12 @@ def test_gpu_out_of_memory_advice_offers_only_what_the_run_does_not_use() -> Non
 def test_out_of_memory_advice_of_an_auto_batch_names_the_batch_chosen() -> None:
     auto = spec(training={"maxSeqLength": 2048, "batchSize": "auto", "gradientCheckpointing": None})
     first, _job, _cm = started(auto)
-    chosen = first.status["estimate"]
+    chosen = first.status.estimate
     advice = _oom(auto, host=False)
-    if chosen["batchSize"] > 1:
-        assert f"batchSize (now {chosen['batchSize']})" in advice
-    assert ("gradientCheckpointing" in advice) is (chosen["gradientCheckpointing"] is not True)
+    assert chosen is not None and chosen.batch_size is not None
+    if chosen.batch_size > 1:
+        assert f"batchSize (now {chosen.batch_size})" in advice
+    assert ("gradientCheckpointing" in advice) is (chosen.gradient_checkpointing is not True)
     assert "method: qlora" not in advice
 
 

@@ -23,6 +23,7 @@ from cluster import (
     wait_phase,
 )
 from finetune_operator import metrics
+from finetune_operator.api.finetunejob import FineTuneJobStatus
 from finetune_operator.handlers.finetunejob import poll_interval
 from finetune_operator.local import Emulator
 from finetune_operator.planners.finetunejob import (
@@ -137,7 +138,9 @@ def test_lifecycle_events_are_milestones_within_budget(
 
 def test_happy_path_transitions_make_milestone_events_only() -> None:
     first, job, cm = started()
-    assert transition_events({}, first.status) == []  # JobCreated comes from the create itself
+    assert (
+        transition_events(FineTuneJobStatus(), first.status) == []
+    )  # JobCreated comes from the create itself
     running = track(first, job, cm, pods=(pod("p", trainer_state={"running": {}}),))
     assert [(e.type, e.reason) for e in running.events] == [("Normal", "Running")]
     done = with_conditions(job, "Complete")
@@ -154,7 +157,7 @@ def test_happy_path_transitions_make_milestone_events_only() -> None:
             ),
         ),
     )
-    assert finished.status["phase"] == "Succeeded"
+    assert finished.status.phase == "Succeeded"
     assert [(e.type, e.reason) for e in finished.events] == [("Normal", "Succeeded")]
 
 
@@ -174,7 +177,7 @@ def test_one_warning_when_several_conditions_share_its_reason() -> None:
             ),
         ),
     )
-    assert p.status["phase"] == "Failed"
+    assert p.status.phase == "Failed"
     gates = [e for e in p.events if e.reason == "GatesFailed"]
     assert len(gates) == 1 and gates[0].type == "Warning"
     assert gates[0].message.startswith("Failed=True")
@@ -198,10 +201,10 @@ def test_settled_only_when_finished_for_the_current_spec() -> None:
     )
     assert is_settled(finished.status, 1)
     assert not is_settled(finished.status, 2)  # the spec changed since
-    deferred = json.loads(json.dumps(finished.status))
-    for c in deferred["conditions"]:
-        if c["type"] == "Validated":
-            c["reason"] = "SpecChangeDeferred"
+    deferred = finished.status.model_copy(deep=True)
+    for c in deferred.conditions:
+        if c.type == "Validated":
+            c.reason = "SpecChangeDeferred"
     assert not is_settled(deferred, 1)  # a change waits for this run: it starts a new one
 
 
@@ -209,20 +212,20 @@ def test_running_cost_is_refreshed_every_few_minutes_not_every_poll() -> None:
     first, job, cm = started()
     running_pod = pod("p", started="2026-01-01T01:00:00Z", trainer_state={"running": {}})
     p1 = track(first, job, cm, pods=(running_pod,))
-    assert p1.status["cost"]["gpuSeconds"] == 10.0  # NOW is 10 s after the start
+    assert p1.status.cost.gpu_seconds == 10.0  # NOW is 10 s after the start
     # A poll a minute later keeps the recorded cost: no status write for it alone.
     later = NOW + timedelta(seconds=60)
     p2 = plan(
         observe(job=job, configmap=cm, pods=(running_pod,), status=p1.status, now=later), CONFIG
     )
-    assert p2.status["cost"] == p1.status["cost"]
+    assert p2.status.cost == p1.status.cost
     # Past the refresh period it is rewritten.
     much_later = NOW + timedelta(seconds=COST_REFRESH_SECONDS)
     p3 = plan(
         observe(job=job, configmap=cm, pods=(running_pod,), status=p1.status, now=much_later),
         CONFIG,
     )
-    assert p3.status["cost"]["gpuSeconds"] == 10.0 + COST_REFRESH_SECONDS
+    assert p3.status.cost.gpu_seconds == 10.0 + COST_REFRESH_SECONDS
 
 
 def test_per_job_locks_exist_only_while_a_reconcile_is_in_flight() -> None:

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from finetune_operator.api.adapterdeployment import AdapterDeploymentSpec
+from finetune_operator.api.finetunejob import status_wire
 from finetune_operator.builders import serving as sb
 from finetune_operator.planners import adapterdeployment as ad
 from ftj_samples import pod, result, spec
@@ -35,12 +36,12 @@ def test_uploaded_adapter_is_recorded_and_served_from_s3_with_its_digest() -> No
         body,
         pods=(pod("p", phase="Succeeded", trainer_state=terminated),),
     )
-    assert p.status["adapter"]["uri"] == "s3://corp-out/runs/bot/adapter"
-    assert p.status["adapter"]["digest"] == DIGEST
-    assert cond(p, "Succeeded")["status"] == "True"
+    assert p.status.adapter.uri == "s3://corp-out/runs/bot/adapter"
+    assert p.status.adapter.digest == DIGEST
+    assert cond(p, "Succeeded").status == "True"
 
     # An AdapterDeployment pointing at that FineTuneJob.
-    ftj = {"spec": body, "status": p.status}
+    ftj = {"spec": body, "status": status_wire(p.status)}
     adep = AdapterDeploymentSpec.model_validate(
         {
             "adapterName": "support",
@@ -77,9 +78,9 @@ def test_failed_upload_is_a_failed_condition_with_advice_and_a_warning() -> None
         pods=(pod("p", phase="Failed", trainer_state=terminated),),
     )
     failed = cond(p, "Failed")
-    assert (failed["status"], failed["reason"]) == ("True", "UploadFailed")
-    assert "bucket corp-out does not exist" in failed["message"]
-    assert "spec.output.credentialsSecretRef" in failed["message"]
-    assert "adapter" not in p.status
-    assert p.status["phase"] == "Failed"
+    assert (failed.status, failed.reason) == ("True", "UploadFailed")
+    assert "bucket corp-out does not exist" in failed.message
+    assert "spec.output.credentialsSecretRef" in failed.message
+    assert p.status.adapter is None
+    assert p.status.phase == "Failed"
     assert any(e.type == "Warning" and e.reason == "UploadFailed" for e in p.events)

@@ -25,7 +25,7 @@ from cluster import (
     wait_condition,
     wait_job,
 )
-from finetune_operator.api.finetunejob import FineTuneJobStatus
+from finetune_operator.api.finetunejob import FineTuneJobStatus, status_wire
 from finetune_operator.api.trainer_output import MAX_DEPTH, TrainerOutputError
 from finetune_operator.clients.kube import KubeClient
 from finetune_operator.handlers.finetunejob import reconcile
@@ -75,13 +75,13 @@ def test_a_malformed_progress_channel_ends_the_run_naming_the_field(log: str, na
     first, job, cm = started()
     p = track(first, job, cm, pods=(running_pod(),), log_tail=log)
     failed = cond(p, "Failed")
-    assert (failed["status"], failed["reason"]) == ("True", "TrainerOutputInvalid")
-    assert names in failed["message"] and "spec.image" in failed["message"]
-    assert len(failed["message"]) < 1500
+    assert (failed.status, failed.reason) == ("True", "TrainerOutputInvalid")
+    assert names in failed.message and "spec.image" in failed.message
+    assert len(failed.message) < 1500
     # Its progress means nothing: the run is stopped rather than left holding its GPUs.
     assert [(a.verb, a.kind, a.name) for a in p.actions] == [("delete", "Job", "bot-train-g1")]
-    assert p.status["phase"] == "Failed" and "progress" not in p.status
-    FineTuneJobStatus.model_validate(p.status)
+    assert p.status.phase == "Failed" and p.status.progress is None
+    FineTuneJobStatus.model_validate(status_wire(p.status))
 
 
 @pytest.mark.parametrize(
@@ -99,10 +99,10 @@ def test_a_malformed_result_is_a_verdict_not_a_crash(message: str, names: str) -
     first, job, cm = started()
     p = track(first, with_conditions(job, "Complete"), cm, pods=(finished_pod(message),))
     failed = cond(p, "Failed")
-    assert failed["reason"] == "TrainerOutputInvalid" and names in failed["message"]
-    assert "termination message" in failed["message"]
+    assert failed.reason == "TrainerOutputInvalid" and names in failed.message
+    assert "termination message" in failed.message
     assert p.actions == []  # the Job had finished: nothing to stop
-    FineTuneJobStatus.model_validate(p.status)
+    FineTuneJobStatus.model_validate(status_wire(p.status))
 
 
 def test_the_data_report_tolerates_counters_it_does_not_know() -> None:
@@ -112,9 +112,10 @@ def test_the_data_report_tolerates_counters_it_does_not_know() -> None:
     p = track(
         first, job, cm, pods=(running_pod(),), log_tail=channel({"type": "data", "report": report})
     )
-    assert p.status["data"]["dropped"] == {"duplicate": 40, "otherFormat": 25, "bom": 1}
-    assert "droppedShare" not in p.status["data"] and "byFormat" not in p.status["data"]
-    assert cond(p, "Training")["reason"] == "Running"
+    assert p.status.data.dropped == {"duplicate": 40, "otherFormat": 25, "bom": 1}
+    assert "droppedShare" not in status_wire(p.status)["data"]
+    assert "byFormat" not in status_wire(p.status)["data"]
+    assert cond(p, "Training").reason == "Running"
 
 
 def test_lines_that_only_mention_the_mark_or_are_of_a_newer_kind_are_ignored() -> None:
@@ -159,15 +160,15 @@ def test_round_trip_what_the_trainer_writes_the_operator_records(tmp_path: Path)
 
     first, job, cm = started()
     running = track(first, job, cm, pods=(running_pod(),), log_tail=log_tail)
-    assert running.status["progress"]["step"] == 10 and "loss" not in running.status["progress"]
-    assert running.status["progress"]["evalLoss"] == 1.25
-    assert running.status["data"]["piiMasked"] == DATA_REPORT["piiMasked"]
+    assert running.status.progress.step == 10 and running.status.progress.loss is None
+    assert running.status.progress.eval_loss == 1.25
+    assert running.status.data.pii_masked == DATA_REPORT["piiMasked"]
     done = track(first, with_conditions(job, "Complete"), cm, status=running.status,
                  pods=(finished_pod(termination.read_text()),), log_tail=log_tail)  # fmt: skip
-    assert done.status["phase"] == "Succeeded", done.status["conditions"]
-    assert done.status["metrics"] == {"rougeL": 0.42, "evalLoss": 1.1}  # inf left out
-    assert done.status["adapter"]["uri"] == "pvc://adapters/support-bot/adapter"
-    FineTuneJobStatus.model_validate(done.status)
+    assert done.status.phase == "Succeeded", done.status.conditions
+    assert done.status.metrics == {"rougeL": 0.42, "evalLoss": 1.1}  # inf left out
+    assert done.status.adapter.uri == "pvc://adapters/support-bot/adapter"
+    FineTuneJobStatus.model_validate(status_wire(done.status))
     typed = parse_result(termination.read_text(), None)
     assert typed is not None and typed.adapter is not None and typed.adapter.rank == 64
 

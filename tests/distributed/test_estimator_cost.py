@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from finetune_operator import estimator as est
+from finetune_operator.api.finetunejob import FineTuneJobStatus
 from finetune_operator.builders.trainer import TRAINER_CONTAINER
 from finetune_operator.config import OperatorConfig
 from finetune_operator.planners.finetunejob import Observed, PriceTable, check_fit, plan
@@ -49,7 +50,7 @@ def test_fit_check_is_per_gpu_for_multi_node_jobs() -> None:
     fit = check_fit(spec(gpus=8, nodes=2), {}, OperatorConfig())
     assert fit.status == "True", fit.message
     assert "per GPU" in fit.message
-    assert fit.estimate is not None and fit.estimate["peakGiB"] < 80
+    assert fit.estimate is not None and fit.estimate.peak_gi_b < 80
 
 
 NOW = datetime(2026, 1, 1, 1, 0, 0, tzinfo=UTC)
@@ -101,7 +102,7 @@ def test_cost_is_pod_seconds_times_gpus_of_every_node(
         "generation": 1,
         "now": NOW,
     }
-    first = plan(Observed(spec=raw, status={}, **obs), OperatorConfig())
+    first = plan(Observed(spec=raw, status=FineTuneJobStatus(), **obs), OperatorConfig())
     job = next(a.body for a in first.actions if a.kind == "Job")
     cm = next(a.body for a in first.actions if a.kind == "ConfigMap")
     prices = PriceTable.from_configmap_data({"NVIDIA-H100-80GB-HBM3": "3.6"})
@@ -117,6 +118,6 @@ def test_cost_is_pod_seconds_times_gpus_of_every_node(
         ),
         OperatorConfig(),
     )
-    cost = tracked.status["cost"]
-    assert cost["gpuSeconds"] == pytest.approx(gpu_seconds)
-    assert cost["estimatedCost"] == pytest.approx(gpu_seconds / 3600 * 3.6, abs=1e-3)
+    cost = tracked.status.cost
+    assert cost.gpu_seconds == pytest.approx(gpu_seconds)
+    assert cost.estimated_cost == pytest.approx(gpu_seconds / 3600 * 3.6, abs=1e-3)

@@ -8,6 +8,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+from finetune_operator.api.finetunejob import FineTuneJobStatus
 from finetune_operator.builders import distributed, names, owner_reference, trainer_job
 from finetune_operator.builders.trainer import KUEUE_QUEUE_LABEL, TRAINER_CONTAINER
 from finetune_operator.config import OperatorConfig
@@ -189,7 +190,7 @@ def observe(raw_spec: dict[str, Any], **kwargs: Any) -> Observed:
         "namespace": "ns",
         "uid": "u1",
         "generation": 1,
-        "status": {},
+        "status": FineTuneJobStatus(),
         "now": NOW,
     }
     base.update(kwargs)
@@ -201,11 +202,11 @@ def test_planner_creates_configmap_service_then_indexed_job() -> None:
     assert [a.kind for a in p.actions] == ["ConfigMap", "Service", "Job"]
     job = p.actions[2].body
     assert job is not None
-    assert p.status["trainerJob"] == job["metadata"]["name"]
+    assert p.status.trainer_job == job["metadata"]["name"]
     assert job["spec"]["completionMode"] == "Indexed"
-    assert p.status["phase"] == "Queued"
-    fits = next(c for c in p.status["conditions"] if c["type"] == "Fits")
-    assert fits["status"] == "True", fits
+    assert p.status.phase == "Queued"
+    fits = next(c for c in p.status.conditions if c.type == "Fits")
+    assert fits.status == "True", fits
 
 
 def test_planner_creates_no_service_for_one_node() -> None:
@@ -271,13 +272,13 @@ def test_the_first_failed_rank_explains_a_multi_node_failure() -> None:
         indexed_pod(1, exit_code=4, finished="2026-01-01T00:05:00Z", message=oom),
     )
     p = plan(observe(raw, status=first.status, job=job, configmap=cm, pods=pods), OperatorConfig())
-    failed = next(c for c in p.status["conditions"] if c["type"] == "Failed")
-    assert failed["status"] == "True"
-    assert failed["reason"] == "OutOfMemory"
-    assert "rank 3" in failed["message"]
+    failed = next(c for c in p.status.conditions if c.type == "Failed")
+    assert failed.status == "True"
+    assert failed.reason == "OutOfMemory"
+    assert "rank 3" in failed.message
     # Two pods of one run are no restart; cost counts both pods' GPUs.
-    assert "restarts" not in p.status
-    assert p.status["cost"]["gpuSeconds"] == pytest.approx(2 * (290 + 299))
+    assert p.status.restarts is None
+    assert p.status.cost.gpu_seconds == pytest.approx(2 * (290 + 299))
 
 
 def test_rank0_pod_is_chosen_for_progress() -> None:

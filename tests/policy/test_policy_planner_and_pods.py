@@ -10,7 +10,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 from controller.ftj_samples import spec
-from finetune_operator.api.finetunejob import FineTuneJobSpec
+from finetune_operator.api.finetunejob import FineTuneJobSpec, FineTuneJobStatus
 from finetune_operator.builders import distributed, owner_reference, trainer_job
 from finetune_operator.builders.trainer import TRAINER_CONTAINER
 from finetune_operator.config import OperatorConfig, load_config
@@ -43,7 +43,7 @@ def observe(body_spec: dict[str, Any], **kwargs: Any) -> Observed:
         "namespace": "team-a",
         "uid": "u1",
         "generation": 1,
-        "status": {},
+        "status": FineTuneJobStatus(),
         "now": NOW,
     }
     fields.update(kwargs)
@@ -51,7 +51,7 @@ def observe(body_spec: dict[str, Any], **kwargs: Any) -> Observed:
 
 
 def cond(p: Plan, type_: str) -> dict[str, Any]:
-    return next(c for c in p.status["conditions"] if c["type"] == type_)
+    return next(c for c in p.status.conditions if c.type == type_)
 
 
 # ---------------------------------------------------------------- the planner
@@ -62,19 +62,19 @@ def test_a_job_outside_the_policy_is_refused_before_any_child() -> None:
     assert p.actions == []
     assert p.outcome == "permanent"  # no retry loop: only a spec or policy change helps
     validated = cond(p, "Validated")
-    assert (validated["status"], validated["reason"]) == ("False", "PolicyViolation")
-    assert "operator.policy.allowedImages" in validated["message"]
-    assert "spec.image" in validated["message"]
-    assert (cond(p, "Failed")["status"], cond(p, "Failed")["reason"]) == ("True", "PolicyViolation")
-    assert p.status["phase"] == "Failed"
+    assert (validated.status, validated.reason) == ("False", "PolicyViolation")
+    assert "operator.policy.allowedImages" in validated.message
+    assert "spec.image" in validated.message
+    assert (cond(p, "Failed").status, cond(p, "Failed").reason) == ("True", "PolicyViolation")
+    assert p.status.phase == "Failed"
     assert [e.reason for e in p.events] == ["PolicyViolation"]
-    assert "trainerJob" not in p.status
+    assert p.status.trainer_job is None
 
 
 def test_the_namespace_gpus_count_the_other_unfinished_runs() -> None:
     usage = NamespaceUsage({"other": 3})
     p = plan(observe(spec(resources={"gpus": 2}), namespace_usage=usage), STRICT)
-    message = cond(p, "Validated")["message"]
+    message = cond(p, "Validated").message
     assert "operator.policy.maxGpusPerNamespace" in message and "other 3" in message
     assert p.actions == []
     fits = plan(observe(spec(resources={"gpus": 1}), namespace_usage=usage), STRICT)
@@ -92,8 +92,8 @@ def test_a_refused_job_is_checked_again_under_a_new_policy() -> None:
         observe(spec(image="docker.io/someone/trainer:latest"), status=refused.status), relaxed
     )
     assert [a.kind for a in p.actions] == ["ConfigMap", "Job"]
-    assert cond(p, "Validated")["reason"] == "Valid"
-    assert "Failed" not in {c["type"] for c in p.status["conditions"]}
+    assert cond(p, "Validated").reason == "Valid"
+    assert "Failed" not in {c.type for c in p.status.conditions}
 
 
 def test_started_pods_carry_what_the_platform_requires() -> None:

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, JsonValue, model_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    model_validator,
+)
 
 from .common import (
     ApiModel,
@@ -674,13 +683,144 @@ class Cost(StatusModel):
     price_per_gpu_hour: float | None = Field(default=None, description="Price used.")
 
 
-FineTuneJobPhase = Literal[
-    "Pending", "Queued", "Training", "Evaluating", "Succeeded", "Failed", "Suspended"
-]
+class Phase(StrEnum):
+    """status.phase: a summary for display (automation reads the conditions)."""
+
+    PENDING = "Pending"
+    QUEUED = "Queued"
+    TRAINING = "Training"
+    EVALUATING = "Evaluating"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+# Kept for readers of the old name: the phases as a type.
+FineTuneJobPhase = Phase
+
+
+class ConditionType(StrEnum):
+    """The FineTuneJob's conditions, in the order they appear in status."""
+
+    VALIDATED = "Validated"
+    FITS = "Fits"
+    ADMITTED = "Admitted"
+    TRAINING = "Training"
+    EVALUATED = "Evaluated"
+    GATES_PASSED = "GatesPassed"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class Reason(StrEnum):
+    """Every reason the operator writes into a FineTuneJob condition (each one is explained
+    in docs/troubleshooting.md). A trainer may report a failure reason of its own as well."""
+
+    # Validated
+    VALID = "Valid"
+    INVALID_SPEC = "InvalidSpec"
+    UNSUPPORTED_SPEC = "UnsupportedSpec"
+    REFERENCE_NOT_FOUND = "ReferenceNotFound"
+    SPEC_CHANGE_DEFERRED = "SpecChangeDeferred"
+    POLICY_VIOLATION = "PolicyViolation"
+    # Fits
+    FITS = "Fits"
+    NO_GPU = "NoGPU"
+    MODEL_SHAPE_UNKNOWN = "ModelShapeUnknown"
+    GPU_MEMORY_UNKNOWN = "GPUMemoryUnknown"
+    INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
+    # Admitted
+    NO_QUEUE = "NoQueue"
+    QUEUED = "Queued"
+    ADMITTED = "Admitted"
+    SUSPENDED = "Suspended"
+    SUSPEND_NOT_SUPPORTED_WITH_QUEUE = "SuspendNotSupportedWithQueue"
+    # Training
+    PENDING = "Pending"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    COMPLETED = "Completed"
+    UNSCHEDULABLE = "Unschedulable"
+    IMAGE_PULL_FAILED = "ImagePullFailed"
+    CONTAINER_CONFIG_ERROR = "ContainerConfigError"
+    TRAINER_JOB_MISSING = "TrainerJobMissing"
+    # Evaluated, GatesPassed, Succeeded
+    EVALUATING = "Evaluating"
+    EVALUATED = "Evaluated"
+    NO_METRICS = "NoMetrics"
+    GATES_PASSED = "GatesPassed"
+    NO_GATES = "NoGates"
+    GATES_FAILED = "GatesFailed"
+    SUCCEEDED = "Succeeded"
+    # How a run failed
+    OUT_OF_MEMORY = "OutOfMemory"
+    OOM_KILLED = "OOMKilled"
+    DATA_UNUSABLE = "DataUnusable"
+    DATA_NOT_FOUND = "DataNotFound"
+    MODEL_NOT_FOUND = "ModelNotFound"
+    INVALID_CONFIG = "InvalidConfig"
+    TRAINING_FAILED = "TrainingFailed"
+    EVALUATION_FAILED = "EvaluationFailed"
+    UPLOAD_FAILED = "UploadFailed"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    POD_FAILED = "PodFailed"
+    RESULT_MISSING = "ResultMissing"
+    TRAINER_OUTPUT_INVALID = "TrainerOutputInvalid"
+    # The API server refused a child of the run
+    QUOTA_EXCEEDED = "QuotaExceeded"
+    ADMISSION_DENIED = "AdmissionDenied"
+    CHILD_INVALID = "ChildInvalid"
+    CHILD_FORBIDDEN = "ChildForbidden"
+    CHILD_NAME_TAKEN = "ChildNameTaken"
+    JOB_REJECTED = "JobRejected"
+
+
+# The reasons a Failed=True condition carries (metrics count each from zero).
+FAILURE_REASONS = frozenset(
+    {
+        Reason.INVALID_SPEC,
+        Reason.UNSUPPORTED_SPEC,
+        Reason.POLICY_VIOLATION,
+        Reason.INSUFFICIENT_GPU_MEMORY,
+        Reason.TRAINER_JOB_MISSING,
+        Reason.GATES_FAILED,
+        Reason.OUT_OF_MEMORY,
+        Reason.OOM_KILLED,
+        Reason.DATA_UNUSABLE,
+        Reason.DATA_NOT_FOUND,
+        Reason.MODEL_NOT_FOUND,
+        Reason.INVALID_CONFIG,
+        Reason.TRAINING_FAILED,
+        Reason.EVALUATION_FAILED,
+        Reason.UPLOAD_FAILED,
+        Reason.DEADLINE_EXCEEDED,
+        Reason.BACKOFF_LIMIT_EXCEEDED,
+        Reason.POD_FAILED,
+        Reason.RESULT_MISSING,
+        Reason.TRAINER_OUTPUT_INVALID,
+        Reason.QUOTA_EXCEEDED,
+        Reason.ADMISSION_DENIED,
+        Reason.CHILD_INVALID,
+        Reason.CHILD_FORBIDDEN,
+        Reason.CHILD_NAME_TAKEN,
+    }
+)
+# Reasons that warrant a Warning event when they appear: every failure, and the problems a
+# user must act on while the run waits.
+WARNING_REASONS = FAILURE_REASONS | {
+    Reason.REFERENCE_NOT_FOUND,
+    Reason.SPEC_CHANGE_DEFERRED,
+    Reason.SUSPEND_NOT_SUPPORTED_WITH_QUEUE,
+    Reason.UNSCHEDULABLE,
+    Reason.IMAGE_PULL_FAILED,
+    Reason.CONTAINER_CONFIG_ERROR,
+    Reason.JOB_REJECTED,
+}
 
 
 class FineTuneJobStatus(StatusModel):
-    phase: FineTuneJobPhase | None = Field(
+    phase: Phase | None = Field(
         default=None, description="Summary for display; use conditions in automation."
     )
     observed_generation: int | None = Field(
@@ -720,6 +860,41 @@ class FineTuneJobStatus(StatusModel):
     completed_at: str | None = Field(
         default=None, max_length=64, description="When the job finished."
     )
+
+
+def parse_status(raw: Mapping[str, Any] | None) -> FineTuneJobStatus:
+    """The stored status as the model, whatever version of the operator wrote it.
+
+    Keys this version does not know are ignored and missing ones stay unset. A field (or a
+    condition) this version cannot read is left out rather than failing the whole status:
+    the run it describes goes on being tracked from the rest.
+    """
+    data = dict(raw or {})
+    try:
+        return FineTuneJobStatus.model_validate(data)
+    except ValidationError:
+        pass
+    readable: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "conditions" and isinstance(value, list):
+            value = [c for c in value if _readable(Condition, c)]
+        if _readable(FineTuneJobStatus, {key: value}):
+            readable[key] = value
+    return FineTuneJobStatus.model_validate(readable)
+
+
+def _readable(model: type[StatusModel], value: Any) -> bool:
+    try:
+        model.model_validate(value)
+    except ValidationError:
+        return False
+    return True
+
+
+def status_wire(status: FineTuneJobStatus) -> dict[str, Any]:
+    """The status as the API stores it: camelCase, with what was never set or is None left
+    out (a status read and written back unchanged is the same dict)."""
+    return status.model_dump(by_alias=True, exclude_unset=True, exclude_none=True, mode="json")
 
 
 class FineTuneJob(ApiModel):

@@ -23,8 +23,16 @@ from pydantic import ValidationError
 
 from .. import metrics
 from ..api.common import GROUP, VERSION
-from ..api.finetunejob import KIND, PLURAL, FineTuneJobSpec
-from ..api.status_patch import FOREIGN_STATUS_KEYS, status_patch
+from ..api.finetunejob import (
+    KIND,
+    PLURAL,
+    ConditionType,
+    FineTuneJobSpec,
+    Phase,
+    parse_status,
+    status_wire,
+)
+from ..api.status_patch import status_patch
 from ..builders import distributed, names
 from ..builders.trainer import TRAINER_CONTAINER
 from ..clients.kube import KubeClient, KubeError
@@ -37,6 +45,7 @@ from ..planners.finetunejob import (
     PriceTable,
     Refusal,
     child_refused,
+    condition,
     is_settled,
     is_terminal,
     plan,
@@ -138,7 +147,7 @@ def runtime(memo: Any) -> tuple[KubeClient, OperatorConfig]:
 
 
 def run_state(memo: Any) -> RunState:
-    state = getattr(memo, "ftj_state", None)
+    state: RunState | None = getattr(memo, "ftj_state", None)
     if state is None:
         raise kopf.TemporaryError("operator is still starting", delay=1)
     return state
@@ -261,11 +270,9 @@ async def observe(
     meta = body.get("metadata") or {}
     name, namespace = str(meta["name"]), str(meta["namespace"])
     generation = int(meta.get("generation") or 1)
-    status = dict(body.get("status") or {})
-    for key in FOREIGN_STATUS_KEYS:
-        status.pop(key, None)
+    status = parse_status(body.get("status"))
     settled = is_settled(status, generation)
-    job_name = status.get("trainerJob")
+    job_name = status.trainer_job
     job = configmap = None
     pods: list[dict[str, Any]] = []
     log_tail = None
@@ -274,13 +281,13 @@ async def observe(
         watched = state.watched if (state is not None and from_watch) else None
         uid = str(meta.get("uid") or "")
         job, pods, watched_ones = await _children(
-            kube, namespace, name, uid, str(job_name), gen, watched
+            kube, namespace, name, uid, job_name, gen, watched
         )
         started, log_tail = await _newest_log(kube, config, namespace, pods)
         if started and log_tail is None and watched_ones:
             # The watch shows a trainer the server has no log of: the pod went while the
             # watch was cut off (a watch resumed after a gap does not replay deletions).
-            job, pods, _ = await _children(kube, namespace, name, uid, str(job_name), gen, None)
+            job, pods, _ = await _children(kube, namespace, name, uid, job_name, gen, None)
             _, log_tail = await _newest_log(kube, config, namespace, pods)
         job_annotations = ((job or {}).get("metadata") or {}).get("annotations") or {}
         if names.ANNOTATION_SPEC_HASH not in job_annotations:
@@ -484,7 +491,9 @@ async def reconcile(
                     return None
                 p, action_events = acted
                 created += action_events
-                patch = status_patch(obs.status, p.status)
+                # Against the status as this version reads it: what it cannot read stays
+                # as stored, as it did when status was carried along as a dict.
+                patch = status_patch(status_wire(obs.status), status_wire(p.status))
                 if patch:
                     try:
                         # No resourceVersion precondition: this operator is the only status
@@ -551,24 +560,23 @@ async def _read_ftj(
 
 
 def _record_metrics(obs: Observed, p: Plan, body: Mapping[str, Any]) -> None:
-    metrics.set_ftj_phase(obs.namespace, obs.name, p.status.get("phase"))
-    if p.status.get("phase") == "Succeeded":
-        metrics.record_success(obs.namespace, p.status.get("completedAt"))
-    before, after = is_terminal(obs.status), is_terminal(p.status)
+    status = p.status
+    metrics.set_ftj_phase(obs.namespace, obs.name, status.phase)
+    if status.phase == Phase.SUCCEEDED:
+        metrics.record_success(obs.namespace, status.completed_at)
+    before, after = is_terminal(obs.status), is_terminal(status)
     product = ((body.get("spec") or {}).get("resources") or {}).get("gpuProduct") or "unknown"
     metrics.see_gpu_product(obs.namespace, product)
     if after and not before:
-        for gate in p.status.get("gates") or []:
+        for gate in status.gates or []:
             metrics.ftj_gate_results.labels(
-                obs.namespace, gate.get("metric", ""), "pass" if gate.get("passed") else "fail"
+                obs.namespace, gate.metric, "pass" if gate.passed else "fail"
             ).inc()
-        gpu_seconds = float((p.status.get("cost") or {}).get("gpuSeconds") or 0.0)
+        gpu_seconds = float((status.cost.gpu_seconds if status.cost else None) or 0.0)
         metrics.ftj_gpu_seconds.labels(obs.namespace, product).inc(gpu_seconds)
-        failed = next(
-            (c for c in p.status.get("conditions") or [] if c.get("type") == "Failed"), None
-        )
-        if failed and failed.get("status") == "True":
-            metrics.ftj_errors.labels(obs.namespace, str(failed.get("reason"))).inc()
+        failed = condition(status, ConditionType.FAILED)
+        if failed is not None and failed.status == "True":
+            metrics.ftj_errors.labels(obs.namespace, str(failed.reason)).inc()
 
 
 def _raise_for_outcome(p: Plan | None, config: OperatorConfig) -> None:
@@ -681,8 +689,8 @@ def poll_interval(config: OperatorConfig, running_jobs: int) -> float:
 
 def _is_running(status: Mapping[str, Any] | None, **_: Any) -> bool:
     """A run exists and has no verdict yet: the only state worth polling."""
-    status = status or {}
-    return bool(status.get("trainerJob")) and not is_terminal(status)
+    parsed = parse_status(status)
+    return bool(parsed.trainer_job) and not is_terminal(parsed)
 
 
 @kopf.daemon(
@@ -743,7 +751,7 @@ async def poll_running(
 
 def _spec_unobserved(meta: Mapping[str, Any], status: Mapping[str, Any] | None, **_: Any) -> bool:
     """No reconcile has written status for the object's current spec generation yet."""
-    return (status or {}).get("observedGeneration") != meta.get("generation")
+    return parse_status(status).observed_generation != meta.get("generation")
 
 
 def _unobserved_delay(memo: Any, **_: Any) -> float:

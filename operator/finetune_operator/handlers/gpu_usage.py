@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 
 from ..api.common import GROUP, VERSION
-from ..api.finetunejob import PLURAL
+from ..api.finetunejob import PLURAL, parse_status
 from ..planners.finetunejob import is_terminal
 from ..policy import NamespaceUsage
 
@@ -41,8 +41,8 @@ def spec_gpus(spec: Mapping[str, Any] | None) -> int:
 
 
 def _holds_gpus(spec: Mapping[str, Any], status: Mapping[str, Any], **_: Any) -> bool:
-    status = status or {}
-    return bool(status.get("trainerJob")) and not is_terminal(status) and spec_gpus(spec) > 0
+    parsed = parse_status(status)
+    return bool(parsed.trainer_job) and not is_terminal(parsed) and spec_gpus(spec) > 0
 
 
 @kopf.index(GROUP, VERSION, PLURAL, when=_holds_gpus)

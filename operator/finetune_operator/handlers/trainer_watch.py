@@ -27,7 +27,7 @@ from typing import Any
 import kopf
 
 from ..api.common import GROUP, VERSION
-from ..api.finetunejob import PLURAL
+from ..api.finetunejob import PLURAL, parse_status
 from ..builders import distributed, names
 from ..builders.trainer import TRAINER_CONTAINER
 from ..planners.finetunejob import is_settled
@@ -90,7 +90,7 @@ def settled_stub(body: Mapping[str, Any]) -> dict[str, Any] | None:
     that is, not its spec and results (finished jobs pile up; their memory should not)."""
     meta = body.get("metadata") or {}
     status = body.get("status") or {}
-    if not is_settled(status, int(meta.get("generation") or 1)):
+    if not is_settled(parse_status(status), int(meta.get("generation") or 1)):
         return None
     kept = ("name", "namespace", "uid", "resourceVersion", "generation", "deletionTimestamp")
     return {
