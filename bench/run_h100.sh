@@ -57,15 +57,15 @@ case "${1:-train}" in
     build() { python3 -c "import sys; sys.path.insert(0, 'bench'); from shapes import build_random_model as b; b('$1', '/tmp/m-$1', device='cpu')"; }
     (sleep 90; build qwen2.5-7b; build gemma-7b) > "$out/build.log" 2>&1 &
     builder=$!
-    timeout 400 python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --drop-build \
+    timeout 450 python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --drop-build \
       --lora-dropout 0 --steps 3 --warmup-steps 1 --rows 1200 --unsloth-timeout 120 \
       --variants "unsloth:16384,fast:4096:gc,fast:8192:gc,fast:16384:gc,fast:8192:gc:offload,fast:16384:gc:offload,fast:32768:gc:offload,fast:12288:nogc,fast:12288:nogc:dropout=0.05,fast:8192:gc:dropout=0.05" \
       --unsloth-site "${UNSLOTH_SITE:-$PWD/.gpu/unsloth}" --out "$out/grid.json" 2>&1 \
       | tee "$out/grid.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
     wait $builder
     family() {  # memory only: the two run side by side
-      timeout 170 python3 bench/bench_train.py --shape "$1" --model-dir "/tmp/m-$1" \
-        --memory-budget-gib 60 --lora-dropout 0 --variants "fast:4096:gc,fast:16384:gc,fast:4096:nogc" \
+      timeout 120 python3 bench/bench_train.py --shape "$1" --model-dir "/tmp/m-$1" \
+        --memory-budget-gib 60 --lora-dropout 0 --variants "fast:4096:gc,fast:16384:gc" \
         --steps 2 --warmup-steps 1 --rows 800 --out "$out/memory-$1.json" > "$out/memory-$1.log" 2>&1
     }
     family qwen2.5-7b & family gemma-7b & wait
