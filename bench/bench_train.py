@@ -424,7 +424,7 @@ def run_trl_variant(
     padded = sum(m["padded"] for m in batches)
     loss_tokens = sum(m["loss_tokens"] for m in batches)
     seconds = sum(times)
-    from finetune_operator.estimator import ModelShape
+    from finetune_operator.domain.estimator import ModelShape
     from finetune_trainer.fastpath import training_flops
 
     shape = ModelShape.from_config(base.config)

@@ -21,7 +21,7 @@ from cluster import (
     wait_job,
     wait_phase,
 )
-from finetune_operator.adapter_digest import digest_of_files, verify_directory
+from finetune_operator.domain.adapter_digest import digest_of_files, verify_directory
 from finetune_operator.local import Emulator
 from k8s_fixtures import wait_for
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_operator.adapter_digest import verify_directory
+from finetune_operator.domain.adapter_digest import verify_directory
 from finetune_operator.local.demo import CLAIM, EXAMPLES, DemoOptions, DemoResult, run_demo
 from finetune_operator.local.localrun import run_local
 

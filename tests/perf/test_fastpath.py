@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from finetune_operator.estimator import ModelShape
-from finetune_operator.packed_memory import (
+from finetune_operator.domain.estimator import ModelShape
+from finetune_operator.domain.packed_memory import (
     MemoryCoefficients,
     plan_micro_batch,
     predict_peak_bytes,
@@ -96,7 +96,7 @@ OTHER_SHAPE_PEAKS = [
 def test_memory_model_on_other_shapes_never_under_predicts_much(
     family: str, tokens: int, gc: bool, measured_gib: float
 ) -> None:
-    from finetune_operator.estimator import MODEL_FAMILIES
+    from finetune_operator.domain.estimator import MODEL_FAMILIES
 
     predicted = predict_peak_bytes(
         MODEL_FAMILIES[family],

@@ -305,9 +305,9 @@ def _say(out: TextIO, text: str) -> None:
 def _run(options: DemoOptions, workdir: Path) -> DemoResult:
     import kopf
 
-    from ..adapter_digest import verify_directory
     from ..clients.kube import KubeClient
     from ..config import load_config
+    from ..domain.adapter_digest import verify_directory
     from ..serving_config import annotation_endpoint
     from .emulator import Emulator, serve
     from .executor import LocalExecutor

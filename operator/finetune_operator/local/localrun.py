@@ -6,7 +6,7 @@ validated by the API models, the preflight estimate comes from the operator's pl
 when there is one), the trainer configuration is built by the same builder the operator
 uses for the trainer ConfigMap, ``finetune-trainer train`` runs it (data report, training,
 evaluation, manifest) as a subprocess, and the quality gates are evaluated by
-:mod:`finetune_operator.gates`. Only the paths differ: ``file://`` URIs are used as they
+:mod:`finetune_operator.domain.gates`. Only the paths differ: ``file://`` URIs are used as they
 are and ``pvc://CLAIM/path`` URIs map to ``--pvc CLAIM=DIR`` folders.
 
 Exit codes: 0 gates passed, 1 gates failed, 2 bad manifest or options, otherwise the
@@ -32,7 +32,7 @@ from ..api.finetunejob import FineTuneJob, FineTuneJobSpec
 from ..api.trainer_config import PROGRESS_PREFIX, ResolvedPaths, TrainerConfig
 from ..builders.trainer import resolve_trainer_config
 from ..config import OperatorConfig, load_config
-from ..gates import evaluate_gates, summarize
+from ..domain.gates import evaluate_gates, summarize
 from ..planners.finetunejob import FitResult, check_fit
 
 EXIT_GATES_FAILED = 1

@@ -18,8 +18,6 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from .. import estimator as est
-from .. import packed_memory as packed
 from ..api.common import get_condition, set_condition
 from ..api.finetunejob import MUTABLE_AFTER_START, FineTuneJobSpec
 from ..api.trainer_output import AdapterOutput, DataLine, ProgressLine, TrainerResult
@@ -33,7 +31,9 @@ from ..builders.trainer import (
     trainer_job,
 )
 from ..config import OperatorConfig
-from ..gates import evaluate_gates, summarize
+from ..domain import estimator as est
+from ..domain import packed_memory as packed
+from ..domain.gates import evaluate_gates, summarize
 from ..policy import NamespaceUsage, apply_defaults, refusal_message
 from .events import Event
 from .progress import (

@@ -19,12 +19,12 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from .. import cron
 from ..api.common import API_VERSION, set_condition
 from ..api.finetuneschedule import KIND, RUN_RECORDS_MAX, FineTuneScheduleSpec
 from ..api.metrics_catalog import METRICS
 from ..builders import names
 from ..builders.data_probe import LABEL_PROBE, probe_job, probe_result
+from ..domain import cron
 from .events import Event
 
 # Labels and annotations on each run.
