@@ -308,7 +308,7 @@ def _run(options: DemoOptions, workdir: Path) -> DemoResult:
     from ..clients.kube import KubeClient
     from ..config import load_config
     from ..domain.adapter_digest import verify_directory
-    from ..serving_config import annotation_endpoint
+    from ..serving.serving_config import annotation_endpoint
     from .emulator import Emulator, serve
     from .executor import LocalExecutor
     from .runner import module_registry, run_operator, test_settings

@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from .. import vllm_args
+from ..serving import vllm_args
 from .emulator import Emulator
 from .generation import TransformersGenerator
 from .serving_cluster import ServingCluster, SimPod

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import vllm_args, vllm_server
-from ..serving_config import ENDPOINT_ANNOTATION
+from ..serving import vllm_args, vllm_server
+from ..serving.serving_config import ENDPOINT_ANNOTATION
 from .emulator import Emulator
 from .vllm_reference import (
     Generation,

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from .. import vllm_args, vllm_server
 from ..api.adapterdeployment import (
     ADAPTER_URI_PATTERN,
     DIGEST_PATTERN,
@@ -27,6 +26,7 @@ from ..api.adapterdeployment import (
 from ..api.common import get_condition
 from ..api.finetunejob import URI_MAX, check_uri
 from ..builders import serving as sb
+from ..serving import vllm_args, vllm_server
 
 MAX_HISTORY = 20
 
