@@ -170,7 +170,7 @@ def _config() -> int:
 
 
 def _inspect_server(args: argparse.Namespace) -> int:
-    from .inspect_server import run
+    from .tools.inspect_server import run
 
     patterns = args.image_pattern
     if patterns is None:

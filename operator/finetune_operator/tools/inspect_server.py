@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from .serving import vllm_server
+from ..serving import vllm_server
 
 
 def _documents(path: str) -> list[Mapping[str, Any]]:
