@@ -23,7 +23,7 @@ setup: $(VENV)/.installed
 # DEMO_ARGS="--workdir demo-output --keep" keeps the volumes, pods and adapter for a look.
 demo: setup
 	$(PY) -m finetune_operator.tools.validate examples/quickstart/*.yaml examples/production/*.yaml examples/serving/*.yaml
-	$(PY) -m finetune_operator.cli demo $(DEMO_ARGS)
+	$(PY) -m finetune_local demo $(DEMO_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

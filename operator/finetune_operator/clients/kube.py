@@ -119,7 +119,7 @@ def _json_default(value: Any) -> Any:
 
 def api_client_from_environment() -> Any:
     """A ``kubernetes.client.ApiClient``: the client's process-wide default when a program
-    embedding the operator set one (the embedded API of `finetune-operator demo` and the
+    embedding the operator set one (the embedded API of `finetune-local demo` and the
     tests), else the in-cluster ServiceAccount when running in a pod, else the local
     kubeconfig."""
     from kubernetes import client, config

@@ -48,10 +48,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from aiohttp import web
+from finetune_operator.clients.vllm import VLLM_LATENCY_BUCKETS, VLLM_TPOT_BUCKETS
+from finetune_operator.serving import vllm_args
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-from ..clients.vllm import VLLM_LATENCY_BUCKETS, VLLM_TPOT_BUCKETS
-from ..serving import vllm_args
 
 # build_1_2_5_buckets(max_model_len) in vLLM; the reference model's length is 4096.
 GENERATION_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)

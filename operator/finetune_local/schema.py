@@ -12,14 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..tools.crdvalidation import (
+from finetune_operator.tools.crdvalidation import (
     Body,
     Schema,
     ServedVersion,
     prune_and_default,
     to_json_schema,
 )
-from ..tools.crdvalidation import load_crd_file as _served_versions
+from finetune_operator.tools.crdvalidation import load_crd_file as _served_versions
+
 from .resources import ResourceType
 
 __all__ = ["Schema", "load_crd_file", "make_defaulter", "prune_and_default", "to_json_schema"]
