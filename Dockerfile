@@ -9,8 +9,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY operator/ operator/
-COPY trainer-image/finetune_trainer/ trainer-image/finetune_trainer/
+# Only the operator package: not the trainer, not finetune_local (the embedded API and demo).
+COPY operator/finetune_operator/ operator/finetune_operator/
 # A virtual environment keeps the image's own Python untouched; it is copied whole below.
 # The project is installed without extras: exactly the base dependencies of pyproject.toml.
 RUN python -m venv /opt/venv \

@@ -22,8 +22,8 @@ setup: $(VENV)/.installed
 # The whole product on this machine: embedded API, operator, trainer, vLLM reference server.
 # DEMO_ARGS="--workdir demo-output --keep" keeps the volumes, pods and adapter for a look.
 demo: setup
-	$(PY) -m finetune_operator.validate examples/quickstart/*.yaml examples/production/*.yaml examples/serving/*.yaml
-	$(PY) -m finetune_operator.cli demo $(DEMO_ARGS)
+	$(PY) -m finetune_operator.tools.validate examples/quickstart/*.yaml examples/production/*.yaml examples/serving/*.yaml
+	$(PY) -m finetune_local demo $(DEMO_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -51,8 +51,8 @@ e2e-cluster-kubeconfig:
 	fi
 
 crds: setup
-	$(PY) -m finetune_operator.crdgen crds
-	$(PY) -m finetune_operator.apidoc > docs/api.md
+	$(PY) -m finetune_operator.tools.crdgen crds
+	$(PY) -m finetune_operator.tools.apidoc > docs/api.md
 	$(PY) scripts/render_deploy.py
 
 clean:

@@ -115,8 +115,8 @@ def training_job(name: str) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "tests"))
     import finetune_operator.handlers.adapterdeployment as handlers
-    from finetune_operator.local import Emulator, run_operator, serve
-    from finetune_operator.local.serving_cluster import ServingCluster
+    from finetune_local import Emulator, run_operator, serve
+    from finetune_local.serving_cluster import ServingCluster
     from serving.adapters import make_adapter
 
     root = Path(tempfile.mkdtemp(prefix="bench-adapter-load-"))

@@ -216,7 +216,7 @@ def measure_window(
 def run_scenario(
     scenario: str, args: argparse.Namespace, source: Path | None, folder: Path
 ) -> dict[str, Any]:
-    from finetune_operator.local import Emulator, serve
+    from finetune_local import Emulator, serve
 
     api = Emulator()
     names = [f"team-{i:02d}" for i in range(args.namespaces)]

@@ -226,7 +226,7 @@ def _wait_watching(api: Any, timeout: float = 60.0) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from finetune_operator.local import Emulator, serve
+    from finetune_local import Emulator, serve
 
     api = Emulator()
     names = [f"team-{i:02d}" for i in range(args.namespaces)]
@@ -275,9 +275,9 @@ def _operator(args: argparse.Namespace, url: str, folder: Path) -> Iterator[int]
         return
     import finetune_operator.main  # noqa: F401  (registers the handlers)
     import kopf
+    from finetune_local import run_operator
     from finetune_operator.clients.kube import KubeClient
     from finetune_operator.config import OperatorConfig
-    from finetune_operator.local import run_operator
 
     config = OperatorConfig(
         metrics_port=0,

@@ -51,7 +51,7 @@ WITH_SCANNING = (
 
 
 def prepare(api: Any, namespaced: bool) -> None:
-    from finetune_operator.local.resources import ResourceType
+    from finetune_local.resources import ResourceType
 
     api.add_resource(
         ResourceType(
@@ -83,7 +83,7 @@ def first_status_write(api: Any) -> bool:
 
 
 def one_run(mode: str, timeout: float) -> dict[str, Any]:
-    from finetune_operator.local import Emulator, serve
+    from finetune_local import Emulator, serve
 
     api = Emulator()
     namespaced = mode != "cluster-wide"

@@ -411,7 +411,7 @@ def run_trl_variant(
 ) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from finetune_operator.estimator import ModelShape
+    from finetune_operator.domain.estimator import ModelShape
     from finetune_trainer import fastpath, offload
     from trl import SFTConfig
 

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from data import make_rows
     from datasets import Dataset
-    from finetune_operator.estimator import ModelShape
+    from finetune_operator.domain.estimator import ModelShape
     from trl import SFTConfig
     from unsloth import FastLanguageModel
 

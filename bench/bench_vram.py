@@ -1,4 +1,4 @@
-"""VRAM estimator accuracy: measured peak GPU memory against ``finetune_operator.estimator``.
+"""VRAM estimator accuracy: measured peak GPU memory against ``finetune_operator.domain.estimator``.
 
 Each configuration runs in its own process (so peaks and the CUDA context are measured clean)
 through the trainer's own code: ``finetune_trainer.train.load_model_for_training`` and
@@ -181,10 +181,10 @@ def environment() -> dict[str, Any]:
 
 def estimator_module() -> Any:
     try:
-        from finetune_operator import estimator
+        from finetune_operator.domain import estimator
     except ImportError:
         sys.path.insert(0, str(REPO / "operator"))
-        from finetune_operator import estimator
+        from finetune_operator.domain import estimator
     return estimator
 
 

@@ -2,7 +2,7 @@
 
 Reads result files of ``bench/bench_train.py`` (one or more; every fast-path variant in them)
 and prints, per run, the measured peak (PyTorch's peak reserved memory plus the CUDA context
-the model counts as ``overhead_bytes``), the peak ``finetune_operator.packed_memory``
+the model counts as ``overhead_bytes``), the peak ``finetune_operator.domain.packed_memory``
 predicts for the same shape, tokens, checkpointing, offload and dropout, and the error. The
 memory-model tests hold the same points (``tests/perf/test_fastpath.py``).
 
@@ -55,8 +55,8 @@ def measured_points(paths: list[Path]) -> list[dict[str, Any]]:
 def predicted_gib(point: dict[str, Any]) -> tuple[float, dict[str, float]]:
     import inspect
 
-    from finetune_operator.estimator import ModelShape
-    from finetune_operator.packed_memory import peak_breakdown_bytes
+    from finetune_operator.domain.estimator import ModelShape
+    from finetune_operator.domain.packed_memory import peak_breakdown_bytes
     from shapes import make_config
 
     shape = ModelShape.from_config(make_config(point["shape"]))

@@ -3,7 +3,7 @@
     PYTHONPATH=operator python bench/estimator_reference.py [--json]
 
 Add rows to MEASURED as new measurements come in (GPU, model family, setup, peak GiB);
-the coefficients live in finetune_operator.estimator.Coefficients.
+the coefficients live in finetune_operator.domain.estimator.Coefficients.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import json
 from dataclasses import asdict, replace
 
-from finetune_operator import estimator as est
+from finetune_operator.domain import estimator as est
 
 BASE = est.TrainingSetup(lora_rank=64, micro_batch=4, seq_length=2048, optimizer="paged_adamw_8bit")
 

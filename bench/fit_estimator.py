@@ -1,7 +1,7 @@
 """Fit the VRAM estimator's coefficients to measured H100 peaks (no GPU needed).
 
 Loads the padded-batch sweep measured by ``bench/bench_vram.py`` (peak reserved + CUDA
-context), compares it with ``finetune_operator.estimator`` exactly as ``bench_vram.py
+context), compares it with ``finetune_operator.domain.estimator`` exactly as ``bench_vram.py
 --compare`` does, and fits the tunable numbers of :class:`Coefficients` with a bounded
 coordinate search on the log-ratio (estimate / measured). The physical model is kept; only
 coefficients move. Under-prediction costs three times as much as over-prediction (an

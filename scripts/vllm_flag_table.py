@@ -1,4 +1,4 @@
-"""Write operator/finetune_operator/vllm_flags.py from vLLM's own argument parsers.
+"""Write operator/finetune_operator/serving/vllm_flags.py from vLLM's own argument parsers.
 
 For each unpacked vLLM wheel given (a folder holding ``vllm/``), this builds the parser
 ``vllm serve`` uses (``make_arg_parser``) and records every option string with the number
@@ -18,7 +18,7 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "operator" / "finetune_operator" / "vllm_flags.py"
+OUT = ROOT / "operator" / "finetune_operator" / "serving" / "vllm_flags.py"
 
 _DUMP = r"""
 import abc, importlib.abc, importlib.machinery, json, sys, types

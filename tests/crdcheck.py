@@ -1,7 +1,7 @@
 """Validate manifests against the generated CRDs the way an API server would, offline.
 
-A thin wrapper over `finetune_operator.crdvalidation`, the implementation the embedded API
-server and `python -m finetune_operator.validate` use: strict field validation (what
+A thin wrapper over `finetune_operator.tools.crdvalidation`, the implementation the embedded API
+server and `python -m finetune_operator.tools.validate` use: strict field validation (what
 `kubectl apply` asks for), defaults, metadata, the structural schema and every CEL rule,
 transition rules only when an old object is given.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from finetune_operator.crdvalidation import served_versions
+from finetune_operator.tools.crdvalidation import served_versions
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD_DIR = ROOT / "crds"

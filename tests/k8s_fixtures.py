@@ -4,7 +4,7 @@ Use from a test package's conftest.py::
 
     from k8s_fixtures import emulator, operator_runner  # noqa: F401
 
-`emulator` is a served `finetune_operator.local.Emulator` (the test acts as "the
+`emulator` is a served `finetune_local.Emulator` (the test acts as "the
 cluster" through its helpers); `operator_runner(registry_or_module, **kwargs)` starts a
 kopf operator against it and stops every operator it started when the test ends.
 Options for the emulator come from a marker: `@pytest.mark.emulator(validate_schemas=True)`.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from finetune_operator.local import Emulator, OperatorRun, run_operator, serve
+from finetune_local import Emulator, OperatorRun, run_operator, serve
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""``finetune-operator``: run the operator, inspect vLLM servers, run the demo or a local job."""
+"""``finetune-operator``: run the operator, list its settings, inspect vLLM servers, clean up."""
 
 from __future__ import annotations
 
@@ -84,30 +84,6 @@ def _build_parser() -> argparse.ArgumentParser:
         "--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then ~/.kube)"
     )
 
-    demo = sub.add_parser(
-        "demo", help="run the quickstart end to end on this machine (no cluster needed)"
-    )
-    demo.add_argument("--workdir", default=None, help="folder for the volumes and pods")
-    demo.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    demo.add_argument("--verbose", "-v", action="store_true", help="show operator logs")
-
-    local = sub.add_parser("local", help="run a FineTuneJob on this machine without a cluster")
-    local_sub = local.add_subparsers(dest="local_command", required=True)
-    local_run = local_sub.add_parser(
-        "run", help="validate, estimate, train, evaluate and gate a FineTuneJob manifest here"
-    )
-    local_run.add_argument("manifest", help="FineTuneJob YAML file")
-    local_run.add_argument(
-        "--pvc",
-        action="append",
-        default=[],
-        metavar="CLAIM=DIR",
-        help="map pvc://CLAIM/... to a local folder (repeatable)",
-    )
-    local_run.add_argument(
-        "--output", default=None, help="output folder (default: the manifest's output.uri)"
-    )
-    local_run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser
 
 
@@ -170,7 +146,7 @@ def _config() -> int:
 
 
 def _inspect_server(args: argparse.Namespace) -> int:
-    from .inspect_server import run
+    from .tools.inspect_server import run
 
     patterns = args.image_pattern
     if patterns is None:
@@ -221,17 +197,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _inspect_server(args)
     if args.command == "cleanup":
         return _cleanup(args)
-    if args.command == "demo":
-        from pathlib import Path
-
-        from .local.demo import DemoOptions, run_cli
-
-        workdir = Path(args.workdir) if args.workdir else None
-        return run_cli(DemoOptions(workdir=workdir, keep=args.keep, verbose=args.verbose))
-    if args.command == "local":
-        from .local.localrun import run_cli as local_run
-
-        return local_run(args.manifest, args.pvc, args.output, args.device)
     return 2  # unreachable: argparse requires a command
 
 

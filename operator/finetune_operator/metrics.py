@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from .api.finetunejob import FAILURE_REASONS, Phase, Reason
 from .api.metrics_catalog import METRIC_NAMES
-from .times import parse_rfc3339
+from .domain.times import parse_rfc3339
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 

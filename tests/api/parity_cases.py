@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from finetune_operator.crdvalidation import load_documents
+from finetune_operator.tools.crdvalidation import load_documents
 
 HEADER = """\
 apiVersion: finetune.dev/v1alpha1

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import yaml
 from crdcheck import CRD_DIR, ROOT, load_crd, openapi_schema, validate
-from finetune_operator import crdgen
 from finetune_operator.api import adapterdeployment as ad
 from finetune_operator.api import finetunejob as ftj
 from finetune_operator.api import finetuneschedule as fts
+from finetune_operator.tools import crdgen
 from pydantic import ValidationError
 
 INVALID = sorted((Path(__file__).parent / "invalid").glob("*.yaml"))
@@ -112,7 +112,7 @@ def test_invalid_manifest_is_rejected_by_crd_and_models_naming_the_field(path: P
 
 
 def test_api_reference_matches_the_models() -> None:
-    from finetune_operator import apidoc
+    from finetune_operator.tools import apidoc
 
     assert (ROOT / "docs" / "api.md").read_text() == apidoc.render(), (
         "docs/api.md drifted: run `finetune-operator docs > docs/api.md`"

@@ -1,4 +1,4 @@
-"""`python -m finetune_operator.validate` gives the API server's verdict, offline.
+"""`python -m finetune_operator.tools.validate` gives the API server's verdict, offline.
 
 Exit 0 exactly for what the server accepts: the CRDs' structural schema with JSON types as
 they are (no coercion), the CEL rules, metadata rules, strict field validation, and with
@@ -29,7 +29,6 @@ from api.parity_cases import (
     manifest,
 )
 from crdcheck import CRD_DIR, ROOT, load_crd, openapi_schema, validate
-from finetune_operator import validate as cli
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.builders import (
     owner_reference,
@@ -38,6 +37,7 @@ from finetune_operator.builders import (
     trainer_job,
 )
 from finetune_operator.config import OperatorConfig
+from finetune_operator.tools import validate as cli
 
 INVALID = sorted((Path(__file__).parent / "invalid").glob("*.yaml"))
 EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
@@ -342,7 +342,7 @@ def test_unreadable_input_exits_2_and_broken_yaml_is_invalid(
 def test_runs_as_a_module_with_the_exit_status_of_the_verdict(tmp_path: Path) -> None:
     bad = write(tmp_path, manifest('backoffLimit: "3"'))
     done = subprocess.run(
-        [sys.executable, "-m", "finetune_operator.validate", bad],
+        [sys.executable, "-m", "finetune_operator.tools.validate", bad],
         capture_output=True,
         text=True,
         check=False,
@@ -398,7 +398,7 @@ def test_every_cel_rule_compiles_and_uses_standard_cel_only(kind: str) -> None:
 def test_a_missing_cel_package_is_named_with_the_install_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from finetune_operator import crdvalidation
+    from finetune_operator.tools import crdvalidation
 
     def missing() -> None:
         raise crdvalidation.MissingDependency(crdvalidation.INSTALL_HINT)

@@ -23,7 +23,7 @@ from controller.cluster import (
     wait_job,
 )
 from controller.ftj_samples import spec
-from finetune_operator.local import Emulator
+from finetune_local import Emulator
 from k8s_fixtures import wait_for
 from serving.adapters import make_adapter
 from serving.test_operator_serving import (

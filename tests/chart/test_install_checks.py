@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 from chartlib import CHART_DIR, NAMESPACE, RELEASE, ROOT, load_script, manifests
-from finetune_operator.local import Emulator
+from finetune_local import Emulator
 from k8s_fixtures import emulator  # noqa: F401
 
 helm = pytest.importorskip("helm_python")

@@ -21,7 +21,7 @@ from controller.cluster import (
     wait_phase,
 )
 from controller.ftj_samples import DATA_REPORT, channel, progress_line, result, spec
-from finetune_operator.local import Emulator
+from finetune_local import Emulator
 from k8s_fixtures import emulator, operator_runner, wait_for  # noqa: F401  (fixtures)
 from rbaclib import granted, permission_of
 from serving.adapters import make_adapter
@@ -97,8 +97,8 @@ def env(
     """The whole operator (both controllers, as in the pod) next to an emulated vLLM fleet."""
     import finetune_operator.main  # noqa: F401  (registers every handler)
     from controller.cluster import FAST
+    from finetune_local.serving_cluster import ServingCluster
     from finetune_operator.clients.kube import KubeClient
-    from finetune_operator.local.serving_cluster import ServingCluster
 
     with ServingCluster(emulator, "default", tmp_path / "pvc", lambda _d, _t: {}) as cluster:
         memo = kopf.Memo(config=FAST, kube=KubeClient.from_url(str(emulator.url)))

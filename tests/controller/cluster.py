@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import kopf
+from finetune_local import Emulator, OperatorRun
 from finetune_operator.clients.kube import KubeClient
 from finetune_operator.config import OperatorConfig
-from finetune_operator.local import Emulator, OperatorRun
 from k8s_fixtures import wait_for
 
 NS = "default"
@@ -41,7 +41,7 @@ def start_operator(
 def operator(emulator: Emulator, config: OperatorConfig = FAST) -> Iterator[OperatorRun]:
     """An operator run that can be stopped mid-test (restart scenarios)."""
     import finetune_operator.main  # noqa: F401
-    from finetune_operator.local import run_operator
+    from finetune_local import run_operator
 
     memo = kopf.Memo(config=config, kube=KubeClient.from_url(str(emulator.url)))
     with run_operator(emulator, memo=memo, namespaces=[NS]) as run:

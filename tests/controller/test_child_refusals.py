@@ -19,10 +19,10 @@ from cluster import (
     wait_condition,
     wait_job,
 )
+from finetune_local import Emulator
 from finetune_operator.api.common import Condition
 from finetune_operator.api.finetunejob import FineTuneJobStatus
 from finetune_operator.config import OperatorConfig
-from finetune_operator.local import Emulator
 from finetune_operator.planners.finetunejob import (
     Observed,
     Refusal,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from finetune_operator.cli import main as cli_main
 from finetune_operator.config import ConfigError, OperatorConfig, describe, load_config
-from finetune_operator.uris import StorageUri
+from finetune_operator.domain.uris import StorageUri
 from finetune_trainer import fetch
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_operator import estimator as est
+from finetune_operator.domain import estimator as est
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "h100-2026-11-23"
 # bench/shapes.py names -> the estimator's known families (same dimensions).

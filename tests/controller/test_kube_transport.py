@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from finetune_local import Emulator
 from finetune_operator.clients.kube import KubeClient, KubeError
-from finetune_operator.local import Emulator
 from kubernetes import client
 
 CONFIGMAP = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cm"}}

@@ -19,8 +19,8 @@ from cluster import (
     wait_job,
     wait_phase,
 )
+from finetune_local import Emulator
 from finetune_operator import metrics
-from finetune_operator.local import Emulator
 from ftj_samples import DATA_REPORT, channel, progress_line, result, spec
 from k8s_fixtures import wait_for
 

@@ -10,10 +10,10 @@ from typing import Any
 import kopf
 import pytest
 from cluster import FAST, NS, add_prerequisites, ftj_body, wait_phase
+from finetune_local import Emulator
+from finetune_local.resources import ResourceType
 from finetune_operator.cli import operator_settings
 from finetune_operator.clients.kube import KubeClient
-from finetune_operator.local import Emulator
-from finetune_operator.local.resources import ResourceType
 from ftj_samples import spec
 
 CRDS = ResourceType(

@@ -19,9 +19,9 @@ from cluster import (
     wait_job,
     wait_phase,
 )
+from finetune_local import Emulator
 from finetune_operator import metrics, metrics_serving
 from finetune_operator.api.metrics_catalog import METRIC_NAMES
-from finetune_operator.local import Emulator
 from ftj_samples import spec
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families

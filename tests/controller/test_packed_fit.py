@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_operator import estimator as est
-from finetune_operator import packed_memory as packed
 from finetune_operator.api.finetunejob import FineTuneJobStatus
 from finetune_operator.config import OperatorConfig
+from finetune_operator.domain import estimator as est
+from finetune_operator.domain import packed_memory as packed
 from finetune_operator.planners.finetunejob import Observed, Plan, plan
 from ftj_samples import spec
 

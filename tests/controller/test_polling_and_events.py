@@ -22,10 +22,10 @@ from cluster import (
     wait_job,
     wait_phase,
 )
+from finetune_local import Emulator
 from finetune_operator import metrics
 from finetune_operator.api.finetunejob import FineTuneJobStatus
 from finetune_operator.handlers.finetunejob import poll_interval
-from finetune_operator.local import Emulator
 from finetune_operator.planners.finetunejob import (
     COST_REFRESH_SECONDS,
     is_settled,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from finetune_operator.times import format_rfc3339, now_rfc3339, parse_rfc3339
+from finetune_operator.domain.times import format_rfc3339, now_rfc3339, parse_rfc3339
 
 EARLY = datetime(2026, 12, 7, 5, 0, 9, tzinfo=UTC)
 

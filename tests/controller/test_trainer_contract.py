@@ -21,8 +21,8 @@ from cluster import (
     wait_job,
     wait_phase,
 )
-from finetune_operator.adapter_digest import digest_of_files, verify_directory
-from finetune_operator.local import Emulator
+from finetune_local import Emulator
+from finetune_operator.domain.adapter_digest import digest_of_files, verify_directory
 from k8s_fixtures import wait_for
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ from finetune_operator.api.finetunejob import (
     OUTPUT_URI_PATTERN,
     check_uri,
 )
-from finetune_operator.uris import StorageUri, UriError, split_scheme
+from finetune_operator.domain.uris import StorageUri, UriError, split_scheme
 
 PARSED = [
     ("pvc://models", StorageUri("pvc", "models")),
@@ -155,7 +155,7 @@ def test_split_scheme(text: str, expected: tuple[str | None, str]) -> None:
 def test_the_module_imports_without_kopf_or_pydantic() -> None:
     """The trainer image imports it: it must stay standard library only."""
     code = (
-        "import sys, finetune_operator.uris; "
+        "import sys, finetune_operator.domain.uris; "
         "bad = [m for m in ('kopf', 'pydantic', 'kubernetes', 'yaml') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

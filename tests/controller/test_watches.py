@@ -22,9 +22,9 @@ from cluster import (
     wait_job,
     wait_phase,
 )
+from finetune_local import Emulator
 from finetune_operator import metrics
 from finetune_operator.handlers.trainer_watch import job_snapshot, pod_snapshot
-from finetune_operator.local import Emulator
 from ftj_samples import pod, progress_line, result, spec
 from k8s_fixtures import wait_for
 from test_planner import started, track, with_conditions

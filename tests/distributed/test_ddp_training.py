@@ -141,7 +141,7 @@ def test_two_ranks_train_one_adapter(
     assert losses[-1] < losses[0] - 0.5, losses
 
     # The adapter format is the single-GPU one: manifest verifies, peft loads it.
-    from finetune_operator.adapter_digest import digest_of_files, verify_directory
+    from finetune_operator.domain.adapter_digest import digest_of_files, verify_directory
     from finetune_trainer.manifest import verify
 
     adapter = out / "adapter"

@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from finetune_operator import estimator as est
 from finetune_operator.api.finetunejob import FineTuneJobStatus
 from finetune_operator.builders.trainer import TRAINER_CONTAINER
 from finetune_operator.config import OperatorConfig
+from finetune_operator.domain import estimator as est
 from finetune_operator.planners.finetunejob import Observed, PriceTable, check_fit, plan
 from specs import spec, spec_dict
 

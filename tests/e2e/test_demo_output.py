@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
-from finetune_operator.local.demo import (
+from finetune_local.demo import (
     CRD_DIR,
     _Display,
     failure_message,
@@ -14,7 +14,7 @@ from finetune_operator.local.demo import (
     printer_columns,
     progress_row,
 )
-from finetune_operator.local.localrun import LocalRunError, local_path, parse_pvc_mappings
+from finetune_local.localrun import LocalRunError, local_path, parse_pvc_mappings
 
 FTJ = {
     "metadata": {"name": "quickstart", "creationTimestamp": "2020-01-01T00:00:00Z"},

@@ -1,4 +1,4 @@
-"""The quickstart end to end, with no cluster: `finetune-operator demo` and local mode.
+"""The quickstart end to end, with no cluster: `finetune-local demo` and local mode.
 
 One embedded run (API server with the CRDs, the real operator, the local executor running
 the trainer Job as a process and the vLLM Deployment as reference servers) is shared by
@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_operator.adapter_digest import verify_directory
-from finetune_operator.local.demo import CLAIM, EXAMPLES, DemoOptions, DemoResult, run_demo
-from finetune_operator.local.localrun import run_local
+from finetune_local.demo import CLAIM, EXAMPLES, DemoOptions, DemoResult, run_demo
+from finetune_local.localrun import run_local
+from finetune_operator.domain.adapter_digest import verify_directory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

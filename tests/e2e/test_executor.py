@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_operator.local.emulator import Emulator
-from finetune_operator.local.executor import (
+from finetune_local.emulator import Emulator
+from finetune_local.executor import (
     LocalExecutor,
     container_command,
     failure_policy_action,
@@ -21,7 +21,7 @@ from finetune_operator.local.executor import (
     rewrite_file_text,
     rewrite_path,
 )
-from finetune_operator.local.schema import to_json_schema
+from finetune_local.schema import to_json_schema
 from k8s_fixtures import wait_for
 
 NS = "default"

@@ -27,9 +27,9 @@ from clusterkit import (
     release_finalizers,
     target_from_env,
 )
+from finetune_local import Emulator, ResourceType, run_operator, serve
+from finetune_local.resources import DEFAULT_RESOURCES
 from finetune_operator.config import OperatorConfig
-from finetune_operator.local import Emulator, ResourceType, run_operator, serve
-from finetune_operator.local.resources import DEFAULT_RESOURCES
 from k8s_fixtures import CRD_DIR
 
 # Cluster-scoped and RBAC kinds the embedded API serves only for this suite, so that the

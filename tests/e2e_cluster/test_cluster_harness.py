@@ -161,7 +161,7 @@ def test_pod_and_status_writes_are_valid_kubernetes_objects() -> None:
 
 
 def test_kubeconfig_client_reaches_the_server_it_names(tmp_path: Path) -> None:
-    from finetune_operator.local import Emulator, serve
+    from finetune_local import Emulator, serve
 
     api = Emulator()
     with serve(api):

@@ -70,7 +70,7 @@ def test_timed_requests_run_alone_and_the_rest_in_batches(
 def test_latency_requests_zero_leaves_latency_out_and_a_gate_would_say_why(
     config_factory: Callable[..., TrainerConfig], tiny_tokenizer: Any
 ) -> None:
-    from finetune_operator.gates import evaluate_gates
+    from finetune_operator.domain.gates import evaluate_gates
 
     config = config_factory(evaluation={"maxNewTokens": 4, "latencyRequests": 0})
     out = Path(config.paths.output_dir)

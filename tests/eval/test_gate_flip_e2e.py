@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from evalkit import TICKET_SCHEMA, ticket_messages, write_jsonl
 from finetune_operator.api.trainer_config import PROGRESS_PREFIX
-from finetune_operator.gates import evaluate_gates, summarize
+from finetune_operator.domain.gates import evaluate_gates, summarize
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from finetune_operator.api.finetunejob import GateResult, QualityGate
-from finetune_operator.gates import evaluate_gate, evaluate_gates, summarize
+from finetune_operator.domain.gates import evaluate_gate, evaluate_gates, summarize
 
 NAN = float("nan")
 INF = float("inf")
@@ -319,7 +319,7 @@ def test_gates_module_does_not_import_torch() -> None:
     from pathlib import Path
 
     operator_dir = Path(__file__).resolve().parents[2] / "operator"
-    code = "import sys, finetune_operator.gates; print('torch' in sys.modules)"
+    code = "import sys, finetune_operator.domain.gates; print('torch' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

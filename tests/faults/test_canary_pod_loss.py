@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_operator.local import Emulator
+from finetune_local import Emulator
 from k8s_fixtures import wait_for
 from serving.adapters import make_adapter
 from serving.test_operator_serving import (

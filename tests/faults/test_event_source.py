@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from controller.cluster import add_prerequisites, ftj_body, start_pod, wait_job, wait_phase
 from controller.ftj_samples import result, spec
+from finetune_local import Emulator
 from finetune_operator.builders.names import EVENT_SOURCE
-from finetune_operator.local import Emulator
 from k8s_fixtures import wait_for
 from serving.adapters import make_adapter
 from serving.test_operator_serving import (

@@ -22,8 +22,8 @@ from controller.cluster import (
     wait_phase,
 )
 from controller.ftj_samples import channel, progress_line, result, spec
+from finetune_local import Emulator
 from finetune_operator.clients.kube import KubeClient
-from finetune_operator.local import Emulator
 from k8s_fixtures import wait_for
 
 JOB = "bot-train-g1"

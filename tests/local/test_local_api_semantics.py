@@ -11,7 +11,7 @@ from typing import Any
 
 import kubernetes.client
 import pytest
-from finetune_operator.local import Emulator, client_configuration
+from finetune_local import Emulator, client_configuration
 from kubernetes.client.exceptions import ApiException
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
@@ -253,7 +253,7 @@ def test_watch_resumes_from_a_resource_version_and_filters_labels(emulator: Emul
 
 
 def test_watch_streams_live_events_and_expired_versions_get_410() -> None:
-    from finetune_operator.local import serve
+    from finetune_local import serve
 
     api = Emulator(event_log_limit=2)
     with serve(api):

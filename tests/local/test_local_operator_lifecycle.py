@@ -10,7 +10,7 @@ from typing import Any
 import kopf
 import kubernetes.client
 import pytest
-from finetune_operator.local import Emulator, client_configuration
+from finetune_local import Emulator, client_configuration
 from k8s_fixtures import create, get, wait_for
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
@@ -275,7 +275,7 @@ def test_peered_operators_only_the_higher_priority_one_acts(
 
 
 def test_stopping_leaves_no_threads_behind(emulator: Emulator) -> None:
-    from finetune_operator.local import run_operator
+    from finetune_local import run_operator
 
     before = set(threading.enumerate())
     calls = Calls()
@@ -290,7 +290,7 @@ def test_stopping_leaves_no_threads_behind(emulator: Emulator) -> None:
 
 
 async def test_async_runner_from_an_async_test(emulator: Emulator) -> None:
-    from finetune_operator.local import run_operator_async
+    from finetune_local import run_operator_async
     from k8s_fixtures import async_wait_for
 
     calls = Calls()

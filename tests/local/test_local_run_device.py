@@ -1,4 +1,4 @@
-"""`finetune-operator local run` on a machine without a GPU: a LoRA job asking for GPUs falls
+"""`finetune-local run` on a machine without a GPU: a LoRA job asking for GPUs falls
 back to the CPU with a warning; QLoRA or a forced --device cuda says what to do instead; the
 preflight reads the model's own config.json from the mapped folder."""
 
@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_operator.api.finetunejob import FineTuneJobSpec
-from finetune_operator.config import OperatorConfig
-from finetune_operator.local.localrun import (
+from finetune_local.localrun import (
     LocalRunError,
     choose_device,
     read_model_config,
     run_local,
 )
+from finetune_operator.api.finetunejob import FineTuneJobSpec
+from finetune_operator.config import OperatorConfig
 from finetune_operator.planners.finetunejob import check_fit
 
 INTENTS = ["refund", "question", "complaint", "cancel"]

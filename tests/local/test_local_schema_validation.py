@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import yaml
 from api.parity_cases import CHILD_FIELDS, QUOTED_SCALARS, UNKNOWN_FIELDS, body
-from finetune_operator.local import Emulator, serve
-from finetune_operator.local.schema import to_json_schema
+from finetune_local import Emulator, serve
+from finetune_local.schema import to_json_schema
 from k8s_fixtures import CRD_DIR
 
 CRD = {
@@ -94,7 +94,7 @@ def test_invalid_objects_are_rejected_with_422(
 
 def test_updates_and_status_writes_are_validated_over_http(widgets: Emulator) -> None:
     import kubernetes.client
-    from finetune_operator.local import client_configuration
+    from finetune_local import client_configuration
     from kubernetes.client.exceptions import ApiException
 
     with serve(widgets):

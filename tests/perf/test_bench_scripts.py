@@ -141,7 +141,7 @@ def test_step_metrics_count_only_the_measured_steps() -> None:
     import argparse
 
     import bench_train
-    from finetune_operator.estimator import ModelShape
+    from finetune_operator.domain.estimator import ModelShape
 
     shape = ModelShape(
         hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,

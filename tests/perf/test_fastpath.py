@@ -10,8 +10,8 @@ import os
 from typing import Any
 
 import pytest
-from finetune_operator.estimator import ModelShape
-from finetune_operator.packed_memory import (
+from finetune_operator.domain.estimator import ModelShape
+from finetune_operator.domain.packed_memory import (
     MemoryCoefficients,
     plan_micro_batch,
     predict_peak_bytes,
@@ -97,7 +97,7 @@ OTHER_SHAPE_PEAKS = [
 def test_memory_model_on_other_shapes_never_under_predicts_much(
     family: str, tokens: int, gc: bool, measured_gib: float
 ) -> None:
-    from finetune_operator.estimator import MODEL_FAMILIES
+    from finetune_operator.domain.estimator import MODEL_FAMILIES
 
     predicted = predict_peak_bytes(
         MODEL_FAMILIES[family],
@@ -145,7 +145,7 @@ def test_dropout_that_keeps_no_inputs_costs_what_no_dropout_costs(gc: bool) -> N
 def test_fast_path_and_operator_default_to_the_fused_dropout() -> None:
     import inspect
 
-    from finetune_operator.packed_memory import FAST_PATH_FUSED_LORA_DROPOUT
+    from finetune_operator.domain.packed_memory import FAST_PATH_FUSED_LORA_DROPOUT
 
     default = inspect.signature(fastpath.apply).parameters["fused_lora_dropout"].default
     assert default is FAST_PATH_FUSED_LORA_DROPOUT is True
@@ -332,7 +332,7 @@ def _plan_8b(budget: float, **settings: object) -> object:
 
 
 def test_offload_leaves_only_the_layers_in_flight_on_the_gpu() -> None:
-    from finetune_operator.packed_memory import OFFLOAD_LAYERS_IN_FLIGHT, offloaded_bytes
+    from finetune_operator.domain.packed_memory import OFFLOAD_LAYERS_IN_FLIGHT, offloaded_bytes
 
     def peak(offload: bool) -> float:
         return predict_peak_bytes(
@@ -364,7 +364,7 @@ def _offloaded_budgets(dropout: float) -> list[tuple[float, Any, Any]]:
 
 @pytest.mark.parametrize("dropout", [0.05, 0.0])
 def test_planner_offloads_only_when_it_buys_a_much_larger_batch(dropout: float) -> None:
-    from finetune_operator.packed_memory import OFFLOAD_BELOW_TOKENS, OFFLOAD_MIN_TOKEN_GAIN
+    from finetune_operator.domain.packed_memory import OFFLOAD_BELOW_TOKENS, OFFLOAD_MIN_TOKEN_GAIN
 
     offloading = []
     for budget, plan, plain in _offloaded_budgets(dropout):

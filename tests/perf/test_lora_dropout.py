@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 import torch
-from finetune_operator.estimator import ModelShape
-from finetune_operator.packed_memory import predict_peak_bytes
+from finetune_operator.domain.estimator import ModelShape
+from finetune_operator.domain.packed_memory import predict_peak_bytes
 from finetune_trainer import fastpath
 from finetune_trainer import lora_dropout as ld
 from peft import LoraConfig, get_peft_model

@@ -22,7 +22,7 @@ from controller.cluster import (
     wait_phase,
 )
 from controller.ftj_samples import spec
-from finetune_operator.local import Emulator
+from finetune_local import Emulator
 from finetune_operator.policy import load_policy
 from k8s_fixtures import wait_for
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from controller.ftj_samples import spec as ftj_spec
+from finetune_operator.domain.times import format_rfc3339
 from finetune_operator.planners.finetuneschedule import (
     ANNOTATION_SCHEDULED_TIME,
     ANNOTATION_TRIGGER,
@@ -14,7 +15,6 @@ from finetune_operator.planners.finetuneschedule import (
     Observed,
     run_name,
 )
-from finetune_operator.times import format_rfc3339
 
 NS = "default"
 UID = "uid-sched"

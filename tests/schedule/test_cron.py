@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from finetune_operator import cron
+from finetune_operator.domain import cron
 
 
 def utc(*args: int) -> datetime:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from controller.cluster import add_prerequisites, start_operator
-from finetune_operator.local import Emulator
+from finetune_local import Emulator
 from k8s_fixtures import wait_for
 from test_schedule_operator import RUN, finish_run, runs, sched_status, schedule
 

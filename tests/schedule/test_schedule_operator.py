@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from controller.cluster import NS, add_prerequisites, operator, start_operator, start_pod, wait_job
 from controller.ftj_samples import result
+from finetune_local import Emulator
 from finetune_operator import metrics
-from finetune_operator.local import Emulator
 from finetune_operator.planners.finetuneschedule import run_name
 from finetune_trainer.fingerprint import main as fingerprint_main
 from k8s_fixtures import wait_for

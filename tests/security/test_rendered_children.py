@@ -13,8 +13,8 @@ import pytest
 from chart.test_pod_security import restricted_violations
 from controller.cluster import NS, add_prerequisites, ftj_body, start_operator, status
 from controller.ftj_samples import spec
+from finetune_local import Emulator
 from finetune_operator.builders.names import LABEL_JOB
-from finetune_operator.local import Emulator
 from k8s_fixtures import wait_for
 
 SECRETS = {

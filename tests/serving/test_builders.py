@@ -6,8 +6,8 @@ import copy
 
 import jsonpatch
 import pytest
-from finetune_operator import vllm_args
 from finetune_operator.builders import serving as b
+from finetune_operator.serving import vllm_args
 
 IMAGE = "ghcr.io/finetune/trainer:1"
 DIGEST_A = "sha256:" + "a" * 64

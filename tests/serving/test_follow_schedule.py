@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_operator import crdvalidation
 from finetune_operator.api.adapterdeployment import AdapterDeploymentSpec
 from finetune_operator.builders import serving as sb
 from finetune_operator.planners import adapterdeployment as rules
@@ -22,6 +21,7 @@ from finetune_operator.planners.adapterdeployment_plan import (
     PatchTarget,
     plan,
 )
+from finetune_operator.tools import crdvalidation
 from pydantic import ValidationError
 
 from .test_plan import deployment, healthy_window, observed, pods

@@ -13,8 +13,8 @@ from typing import Any
 import kopf
 import pytest
 from controller.ftj_samples import spec as ftj_spec
-from finetune_operator.local import Emulator
-from finetune_operator.local.serving_cluster import ServingCluster
+from finetune_local import Emulator
+from finetune_local.serving_cluster import ServingCluster
 from k8s_fixtures import wait_for
 
 from .adapters import make_adapter

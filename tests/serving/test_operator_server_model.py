@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_operator.local import Emulator
-from finetune_operator.local.serving_cluster import ServingCluster
+from finetune_local import Emulator
+from finetune_local.serving_cluster import ServingCluster
 
 from .adapters import make_adapter
 from .test_operator_serving import (

@@ -10,11 +10,12 @@ from typing import Any
 import aiohttp
 import kopf
 import pytest
-from finetune_operator import metrics_serving, vllm_args
+from finetune_local import Emulator
+from finetune_local.serving_cluster import ServingCluster
+from finetune_local.vllm_reference import GENERATIONS
+from finetune_operator import metrics_serving
 from finetune_operator.builders import serving as sb
-from finetune_operator.local import Emulator
-from finetune_operator.local.serving_cluster import ServingCluster
-from finetune_operator.local.vllm_reference import GENERATIONS
+from finetune_operator.serving import vllm_args
 from k8s_fixtures import wait_for
 
 from .adapters import make_adapter

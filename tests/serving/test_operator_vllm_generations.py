@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_operator.local import Emulator
-from finetune_operator.local.serving_cluster import ServingCluster
-from finetune_operator.local.vllm_reference import GENERATIONS
+from finetune_local import Emulator
+from finetune_local.serving_cluster import ServingCluster
+from finetune_local.vllm_reference import GENERATIONS
 from k8s_fixtures import wait_for
 
 from .adapters import make_adapter, write_manifest

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from finetune_operator import shell_words as sw
+from finetune_operator.serving import shell_words as sw
 
 
 def words(script: str) -> list[str]:

@@ -18,16 +18,16 @@ import aiohttp
 import kopf
 import pytest
 from aiohttp import web
-from finetune_operator import vllm_server
+from finetune_local import Emulator
+from finetune_local.serving_cluster import ServingCluster
 from finetune_operator.api.adapterdeployment import AdapterDeploymentSpec, AdapterDeploymentStatus
 from finetune_operator.clients.kube import KubeClient
 from finetune_operator.clients.serving_kube import ServingKube
 from finetune_operator.clients.vllm import VllmClient
 from finetune_operator.handlers import adapterdeployment as handlers
-from finetune_operator.local import Emulator
-from finetune_operator.local.serving_cluster import ServingCluster
 from finetune_operator.planners import adapterdeployment_plan as ad
-from finetune_operator.serving_config import ENDPOINT_ANNOTATION
+from finetune_operator.serving import vllm_server
+from finetune_operator.serving.serving_config import ENDPOINT_ANNOTATION
 from k8s_fixtures import wait_for
 
 from .adapters import make_adapter

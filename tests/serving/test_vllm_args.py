@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from finetune_operator import vllm_args as va
+from finetune_operator.serving import vllm_args as va
 
 
 @pytest.mark.parametrize(

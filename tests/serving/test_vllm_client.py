@@ -8,13 +8,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from finetune_operator.clients.vllm import VllmClient, VllmError, parse_metrics
-from finetune_operator.local.vllm_reference import (
+from finetune_local.vllm_reference import (
     GENERATIONS,
     ReferenceConfig,
     ReferenceServer,
     ServerRefusedToStart,
 )
+from finetune_operator.clients.vllm import VllmClient, VllmError, parse_metrics
 from finetune_operator.planners.adapterdeployment import histogram_quantile
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -2,7 +2,7 @@
 
 Each test runs once per generation ("0.11": vLLM 0.8.5-0.11, "0.34": vLLM 0.20-0.34); where
 the generations answer differently the test says what each one answers (taken from vLLM's
-source, cited in finetune_operator/local/vllm_reference.py).
+source, cited in finetune_local/vllm_reference.py).
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ from typing import Any
 
 import aiohttp
 import pytest
-from finetune_operator.clients.vllm import (
-    VllmClient,
-    VllmError,
-    VllmErrorKind,
-)
-from finetune_operator.local.vllm_reference import (
+from finetune_local.vllm_reference import (
     GENERATIONS,
     ReferenceConfig,
     ReferenceServer,
     ServerRefusedToStart,
     runtime_updating_from_env,
+)
+from finetune_operator.clients.vllm import (
+    VllmClient,
+    VllmError,
+    VllmErrorKind,
 )
 
 API_KEY = "sk-test-3f9a1c77d2e04b5e"

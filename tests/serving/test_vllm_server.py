@@ -6,8 +6,8 @@ Sources cited as vLLM <version>:<file> (the unpacked wheels of 0.8.5, 0.11.0, 0.
 from __future__ import annotations
 
 import pytest
-from finetune_operator import vllm_args as va
-from finetune_operator import vllm_server as vs
+from finetune_operator.serving import vllm_args as va
+from finetune_operator.serving import vllm_server as vs
 
 
 def deployment(*containers: dict, volumes: list | None = None) -> dict:

@@ -8,9 +8,9 @@ shows the old failure.
 from __future__ import annotations
 
 import pytest
-from finetune_operator import vllm_args as va
 from finetune_operator.builders import serving as sb
 from finetune_operator.planners import adapterdeployment as p
+from finetune_operator.serving import vllm_args as va
 
 REF = sb.AdapterRef("support", "pvc://out/a", "sha256:" + "1" * 64, "hf://org/base", 16)
 

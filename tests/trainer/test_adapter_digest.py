@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from finetune_operator.adapter_digest import (
+from finetune_operator.api.finetunejob import FineTuneJobSpec
+from finetune_operator.domain.adapter_digest import (
     DigestMismatchError,
     digest_of_files,
     hash_directory,
     verify_directory,
 )
-from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_trainer.manifest import build_manifest, split_uri_revision, verify, write_manifest
 
 SPEC = FineTuneJobSpec.model_validate(

@@ -197,7 +197,7 @@ def test_corrupted_checkpoint_is_detected_and_an_older_one_resumed(
 def test_final_upload_leaves_the_checkpoints_prefix_alone(
     aws_env: S3Server, tmp_path: Path
 ) -> None:
-    from finetune_operator.adapter_digest import digest_of_files, hash_directory
+    from finetune_operator.domain.adapter_digest import digest_of_files, hash_directory
     from finetune_trainer.upload import upload_output
 
     _upload(f"s3://{BUCKET}/ckpt/final", tmp_path, [5])

@@ -496,7 +496,7 @@ def test_multipart_objects_are_checked_against_their_part_checksums(
 ) -> None:
     import os
 
-    from finetune_operator.adapter_digest import digest_of_files, hash_directory
+    from finetune_operator.domain.adapter_digest import digest_of_files, hash_directory
     from finetune_trainer import upload
     from finetune_trainer.s3 import make_client, parse_s3_uri
 

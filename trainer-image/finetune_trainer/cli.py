@@ -376,7 +376,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def check_fetched_digest(path: str | Path, expected: str) -> str | None:
     """None when the adapter at ``path`` verifies against its manifest and has digest
     ``expected``; otherwise the reason it does not."""
-    from finetune_operator.adapter_digest import DigestMismatchError, verify_directory
+    from finetune_operator.domain.adapter_digest import DigestMismatchError, verify_directory
 
     try:
         actual = verify_directory(path)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 from finetune_operator.api.finetunejob import EvaluationSpec
 from finetune_operator.api.trainer_config import TrainerConfig
-from finetune_operator.gates import GateResultDict, evaluate_gates, summarize
+from finetune_operator.domain.gates import GateResultDict, evaluate_gates, summarize
 
 from .errors import EXIT_OK, TrainerError, evaluation_failed, model_not_found
 

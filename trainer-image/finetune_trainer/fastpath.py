@@ -17,7 +17,7 @@ kernels run differs:
 - memory: :func:`plan_micro_batch` picks the token budget and whether to recompute activations
   (gradient checkpointing) from a small, measured memory model (see ``docs/benchmarks.md``).
 
-The memory model and planner live in ``finetune_operator.packed_memory`` (pure, shared with
+The memory model and planner live in ``finetune_operator.domain.packed_memory`` (pure, shared with
 the operator's fit check); the rest imports torch lazily.
 """
 
@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     from torch import Tensor
     from trl import SFTTrainer
 
-from finetune_operator.estimator import ModelShape
-from finetune_operator.packed_memory import (
+from finetune_operator.domain.estimator import ModelShape
+from finetune_operator.domain.packed_memory import (
     FAST_PATH_FUSED_LORA_DROPOUT,
     GIB,
     MicroBatchPlan,

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from finetune_operator.uris import StorageUri, UriError
+from finetune_operator.domain.uris import StorageUri, UriError
 
 EXIT_OK = 0
 EXIT_USAGE = 2

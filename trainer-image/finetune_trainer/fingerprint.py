@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_operator.uris import StorageUri, UriError
+from finetune_operator.domain.uris import StorageUri, UriError
 
 if TYPE_CHECKING:
     from .s3 import S3Client

@@ -7,14 +7,14 @@ import os
 from pathlib import Path
 from typing import Any, TypedDict
 
-from finetune_operator.adapter_digest import (
+from finetune_operator.api.finetunejob import FineTuneJobSpec
+from finetune_operator.domain.adapter_digest import (
     MANIFEST_NAME,
     DigestMismatchError,
     digest_of_files,
     hash_directory,
     verify_directory,
 )
-from finetune_operator.api.finetunejob import FineTuneJobSpec
 
 __all__ = [
     "AdapterManifest",

@@ -19,7 +19,7 @@ host buffers during the forward pass and copied back just before each layer's re
 On a machine without CUDA the hooks still run and copy into plain CPU buffers, so the
 tests check the same code path (same loss and gradients, buffer reuse, nothing kept across
 steps). Pure helpers at the end read the container's memory limit for the host-memory rule
-(``finetune_operator.packed_memory.OFFLOAD_HOST_SHARE``).
+(``finetune_operator.domain.packed_memory.OFFLOAD_HOST_SHARE``).
 """
 
 from __future__ import annotations

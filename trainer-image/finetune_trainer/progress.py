@@ -23,7 +23,7 @@ from finetune_operator.api.trainer_output import (
     TERMINATION_LIMIT,
     validate_object,
 )
-from finetune_operator.times import now_rfc3339
+from finetune_operator.domain.times import now_rfc3339
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments

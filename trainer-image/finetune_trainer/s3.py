@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from finetune_operator.uris import StorageUri, UriError
+from finetune_operator.domain.uris import StorageUri, UriError
 
 # A boto3 S3 client. boto3 has no types (and is installed apart, decision 1301), so the
 # client is untyped wherever the trainer passes it around.

@@ -74,7 +74,7 @@ def resolve_batch_and_checkpointing(
     """Batch size and gradient checkpointing in force, and who chose them.
 
     Explicit values win. ``auto``/unset go to the shared estimator when it is importable
-    (``finetune_operator.estimator.choose_batch_and_checkpointing``), else to a safe default.
+    (``finetune_operator.domain.estimator.choose_batch_and_checkpointing``), else to a safe default.
     """
     batch = spec.training.batch_size
     gc = spec.training.gradient_checkpointing
@@ -111,7 +111,7 @@ def estimator_choice(
     spec: FineTuneJobSpec, model_config: dict[str, Any], gpu_memory_gib: float
 ) -> tuple[int, bool] | None:
     """Batch and checkpointing from the shared VRAM estimator, or None when it cannot choose."""
-    from finetune_operator.estimator import (
+    from finetune_operator.domain.estimator import (
         ModelShape,
         TrainingSetup,
         choose_batch_and_checkpointing,

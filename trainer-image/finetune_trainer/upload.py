@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.adapter_digest import MANIFEST_NAME
+from finetune_operator.domain.adapter_digest import MANIFEST_NAME
 
 from .errors import EXIT_CONFIG, EXIT_TRAINING, EXIT_UPLOAD, TrainerError
 from .s3 import (

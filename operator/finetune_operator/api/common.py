@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from ..times import now_rfc3339
+from ..domain.times import now_rfc3339
 
 GROUP = "finetune.dev"
 VERSION = "v1alpha1"

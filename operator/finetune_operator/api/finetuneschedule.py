@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from .. import cron
+from ..domain import cron
 from .common import SHORT_STRING, ApiModel, Condition, StatusModel, cel
 from .finetunejob import URI_MAX, FineTuneJobSpec
 from .metrics_catalog import MetricName

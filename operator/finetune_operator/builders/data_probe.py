@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ..uris import StorageUri
+from ..domain.uris import StorageUri
 from .names import LABEL_MANAGED_BY, MANAGER
 from .trainer import PVC_ROOT
 

@@ -5,7 +5,7 @@ new dicts; nothing here talks to the API. Everything an AdapterDeployment writes
 shared serving Deployment is named after its adapter, so several AdapterDeployments can
 edit one Deployment without touching each other's entries:
 
-- its ``--lora-modules`` entry (see :mod:`finetune_operator.vllm_args`),
+- its ``--lora-modules`` entry (see :mod:`finetune_operator.serving.vllm_args`),
 - a volume ``adapter-<name>`` and its mount, and for s3/hf adapters an init container
   ``fetch-adapter-<name>`` that downloads and verifies the adapter,
 - the pod-template annotation ``finetune.dev/adapter-<name>-digest`` (a new digest means
@@ -27,11 +27,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .. import vllm_args
 from ..api.adapterdeployment import KIND as ADEP_KIND
 from ..api.common import owner_reference
-from ..uris import StorageUri
-from ..vllm_server import find_vllm_container
+from ..domain.uris import StorageUri
+from ..serving import vllm_args
+from ..serving.vllm_server import find_vllm_container
 
 ANNOTATION_PREFIX = "finetune.dev/"
 CANARY_LABEL = "finetune.dev/canary"
@@ -252,7 +252,7 @@ def with_adapter(
     """The pod template serving ``ref`` under ``adapter_name`` (or none, when ``ref`` is None).
 
     Only entries owned by ``adapter_name`` change; the input is not modified. ``edit``
-    (:func:`finetune_operator.vllm_server.edit_context`) lets the command-line edits see
+    (:func:`finetune_operator.serving.vllm_server.edit_context`) lets the command-line edits see
     the vLLM image patterns and the server's --config file.
     """
     tpl = copy.deepcopy(template)

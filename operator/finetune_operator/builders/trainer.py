@@ -16,8 +16,8 @@ import yaml
 from ..api.finetunejob import FineTuneJobSpec
 from ..api.trainer_config import ResolvedPaths, TrainerConfig
 from ..config import OperatorConfig
+from ..domain.uris import StorageUri
 from ..policy import init_resources, trainer_resources
-from ..uris import StorageUri
 from .names import (
     ANNOTATION_SPEC_HASH,
     child_labels,

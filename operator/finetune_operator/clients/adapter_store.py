@@ -1,6 +1,6 @@
 """Read an adapter's manifest where the operator can reach it (``file://`` paths).
 
-The digest rule is shared with the trainer: :mod:`finetune_operator.adapter_digest`.
+The digest rule is shared with the trainer: :mod:`finetune_operator.domain.adapter_digest`.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..adapter_digest import verify_directory
+from ..domain.adapter_digest import verify_directory
+from ..domain.uris import StorageUri
 from ..planners.adapterdeployment import LocalManifest
-from ..uris import StorageUri
 
 MANIFEST = "manifest.json"
 

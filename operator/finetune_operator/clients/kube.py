@@ -29,7 +29,7 @@ from ..api.common import GROUP, VERSION
 from ..api.finetunejob import PLURAL as FTJ_PLURAL
 from ..api.finetuneschedule import PLURAL as FTS_PLURAL
 from ..builders.names import EVENT_SOURCE
-from ..times import now_rfc3339
+from ..domain.times import now_rfc3339
 
 if TYPE_CHECKING:  # at run time the kubernetes package is imported where credentials load
     from kubernetes.client import ApiClient, Configuration
@@ -123,7 +123,7 @@ def _json_default(value: Any) -> Any:
 
 def api_client_from_environment() -> ApiClient:
     """A ``kubernetes.client.ApiClient``: the client's process-wide default when a program
-    embedding the operator set one (the embedded API of `finetune-operator demo` and the
+    embedding the operator set one (the embedded API of `finetune-local demo` and the
     tests), else the in-cluster ServiceAccount when running in a pod, else the local
     kubeconfig."""
     from kubernetes import client, config

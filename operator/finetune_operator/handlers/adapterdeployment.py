@@ -30,7 +30,7 @@ import aiohttp
 import kopf
 from pydantic import ValidationError
 
-from .. import metrics_serving, vllm_server
+from .. import metrics_serving
 from ..api.adapterdeployment import PLURAL, AdapterDeploymentSpec, AdapterDeploymentStatus
 from ..api.common import GROUP, VERSION
 from ..api.finetuneschedule import PLURAL as SCHEDULE_PLURAL
@@ -50,7 +50,8 @@ from ..clients.vllm import (
 from ..config import OperatorConfig, load_config
 from ..planners import adapterdeployment as rules
 from ..planners import adapterdeployment_plan as ad
-from ..serving_config import annotation_endpoint, pod_ip_endpoint
+from ..serving import vllm_server
+from ..serving.serving_config import annotation_endpoint, pod_ip_endpoint
 
 log = logging.getLogger(__name__)
 

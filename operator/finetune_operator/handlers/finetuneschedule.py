@@ -29,6 +29,7 @@ from ..api.status_patch import FOREIGN_STATUS_KEYS, status_patch
 from ..builders import names
 from ..clients.kube import KubeClient, KubeError
 from ..config import OperatorConfig
+from ..domain.times import parse_rfc3339
 from ..planners.finetuneschedule import (
     LABEL_SCHEDULE,
     Observed,
@@ -37,7 +38,6 @@ from ..planners.finetuneschedule import (
     plan,
     run_outcome,
 )
-from ..times import parse_rfc3339
 from .finetunejob import runtime
 from .object_locks import ObjectLocks
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
-from .. import vllm_args, vllm_server
 from ..api.adapterdeployment import (
     ADAPTER_URI_PATTERN,
     DIGEST_PATTERN,
@@ -27,8 +26,9 @@ from ..api.adapterdeployment import (
 from ..api.common import get_condition
 from ..api.finetunejob import URI_MAX, check_uri
 from ..builders import serving as sb
-from ..times import parse_rfc3339
-from ..uris import StorageUri, UriError, split_scheme
+from ..domain.times import parse_rfc3339
+from ..domain.uris import StorageUri, UriError, split_scheme
+from ..serving import vllm_args, vllm_server
 
 MAX_HISTORY = 20
 

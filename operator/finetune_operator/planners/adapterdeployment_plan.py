@@ -28,7 +28,6 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from .. import vllm_args, vllm_server
 from ..api.adapterdeployment import (
     AdapterDeploymentSpec,
     AdapterDeploymentStatus,
@@ -43,7 +42,8 @@ from ..api.adapterdeployment import (
 )
 from ..api.common import Condition, ConditionStatus, set_condition
 from ..builders import serving as sb
-from ..times import format_rfc3339, parse_rfc3339
+from ..domain.times import format_rfc3339, parse_rfc3339
+from ..serving import vllm_args, vllm_server
 from . import adapterdeployment as rules
 from .events import Event
 

@@ -20,13 +20,13 @@ from zoneinfo import ZoneInfo
 
 from pydantic import ValidationError
 
-from .. import cron
 from ..api.common import API_VERSION, owner_reference, set_condition
 from ..api.finetuneschedule import KIND, RUN_RECORDS_MAX, FineTuneScheduleSpec
 from ..api.metrics_catalog import METRICS
 from ..builders import names
 from ..builders.data_probe import LABEL_PROBE, probe_job, probe_result
-from ..times import format_rfc3339, parse_rfc3339
+from ..domain import cron
+from ..domain.times import format_rfc3339, parse_rfc3339
 from .events import Event
 
 # Labels and annotations on each run.

@@ -13,7 +13,7 @@ from ...api.finetunejob import (
     Phase,
     Reason,
 )
-from ...times import format_rfc3339
+from ...domain.times import format_rfc3339
 from ..events import Event
 
 C = ConditionType

@@ -9,7 +9,7 @@ from typing import Any
 
 from ...api.finetunejob import Cost, FineTuneJobSpec
 from ...builders.trainer import TRAINER_CONTAINER
-from ...times import parse_rfc3339
+from ...domain.times import parse_rfc3339
 from .trainer_objects import container_status
 
 # While a run goes on, status.cost is refreshed once this much wall time (per GPU) has

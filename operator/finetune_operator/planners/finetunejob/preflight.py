@@ -8,13 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ... import estimator as est
-from ... import packed_memory as packed
 from ...api.common import ConditionStatus
 from ...api.finetunejob import Estimate, FineTuneJobSpec, Reason
 from ...config import OperatorConfig
+from ...domain import estimator as est
+from ...domain import packed_memory as packed
+from ...domain.uris import StorageUri
 from ...policy import quantity, trainer_resources
-from ...uris import StorageUri
 
 MODEL_SHAPE_ANNOTATION = "finetune.dev/model-shape"
 

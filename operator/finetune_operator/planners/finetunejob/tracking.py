@@ -20,7 +20,7 @@ from ...api.trainer_output import DataLine, ProgressLine
 from ...builders import distributed
 from ...builders.trainer import GPU_PRODUCT_LABEL, TRAINER_CONTAINER
 from ...config import OperatorConfig
-from ...times import format_rfc3339, parse_rfc3339
+from ...domain.times import format_rfc3339, parse_rfc3339
 from ..events import Event
 from ..progress import (
     TrainerOutputError,

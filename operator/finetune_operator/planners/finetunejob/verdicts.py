@@ -17,7 +17,7 @@ from ...api.finetunejob import (
 from ...api.trainer_output import AdapterOutput, TrainerResult
 from ...builders.trainer import pod_paths
 from ...config import OperatorConfig
-from ...gates import evaluate_gates, summarize
+from ...domain.gates import evaluate_gates, summarize
 from ..events import Event
 from ..progress import TrainerOutputError, numeric_metrics
 from .conditions import C, StatusDraft, transition_events

@@ -30,8 +30,8 @@ from typing import Any
 
 import aiohttp.web
 import kmock
+from finetune_operator.domain.times import now_rfc3339
 
-from ..times import now_rfc3339
 from . import patching
 from .resources import DEFAULT_RESOURCES, ResourceType
 from .selectors import Matcher, SelectorError, parse_field_selector, parse_label_selector

@@ -1,4 +1,4 @@
-"""``finetune-operator demo``: the whole product on this machine, with no cluster.
+"""``finetune-local demo``: the whole product on this machine, with no cluster.
 
 It builds the tiny model and the sample data into a local "PVC", starts the embedded
 Kubernetes API (with the CRDs), the real operator, and the local executor (Jobs run as
@@ -27,10 +27,9 @@ from types import FrameType
 from typing import Any, TextIO
 
 import yaml
+from finetune_operator.domain.times import parse_rfc3339
 
-from ..times import parse_rfc3339
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "examples" / "quickstart"
 CRD_DIR = REPO_ROOT / "crds"
 CLAIM = "finetune-quickstart"
@@ -305,11 +304,11 @@ def _say(out: TextIO, text: str) -> None:
 
 def _run(options: DemoOptions, workdir: Path) -> DemoResult:
     import kopf
+    from finetune_operator.clients.kube import KubeClient
+    from finetune_operator.config import load_config
+    from finetune_operator.domain.adapter_digest import verify_directory
+    from finetune_operator.serving.serving_config import annotation_endpoint
 
-    from ..adapter_digest import verify_directory
-    from ..clients.kube import KubeClient
-    from ..config import load_config
-    from ..serving_config import annotation_endpoint
     from .emulator import Emulator, serve
     from .executor import LocalExecutor
     from .runner import module_registry, run_operator, test_settings
@@ -475,7 +474,7 @@ def _run(options: DemoOptions, workdir: Path) -> DemoResult:
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="finetune-operator demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="finetune-local demo", description=__doc__)
     parser.add_argument("--workdir", type=Path, default=None, help="keep everything here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--verbose", "-v", action="store_true", help="operator logs too")

@@ -1,6 +1,6 @@
 """Check FineTuneJob / AdapterDeployment / FineTuneSchedule manifests offline, as the API server would.
 
-    python -m finetune_operator.validate [--crds DIR] [--old LIVE.yaml] FILE...
+    python -m finetune_operator.tools.validate [--crds DIR] [--old LIVE.yaml] FILE...
 
 Every finetune.dev object in the files is checked against the CRDs' own structural schema and
 CEL rules with strict JSON types (`"16"` is no integer), its metadata against the API
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .api.common import GROUP
+from ..api.common import GROUP
 from .crdvalidation import (
     Body,
     MissingDependency,
@@ -121,7 +121,7 @@ def check_text(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m finetune_operator.validate",
+        prog="python -m finetune_operator.tools.validate",
         description="Check finetune.dev manifests offline with the CRDs' schema and CEL rules.",
     )
     parser.add_argument("files", nargs="+", help="YAML or JSON manifests ('-' reads stdin)")

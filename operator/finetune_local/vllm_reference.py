@@ -49,10 +49,9 @@ from typing import Any, Literal
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from finetune_operator.clients.vllm import VLLM_LATENCY_BUCKETS, VLLM_TPOT_BUCKETS
+from finetune_operator.serving import vllm_args
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-from .. import vllm_args
-from ..clients.vllm import VLLM_LATENCY_BUCKETS, VLLM_TPOT_BUCKETS
 
 # build_1_2_5_buckets(max_model_len) in vLLM; the reference model's length is 4096.
 GENERATION_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)

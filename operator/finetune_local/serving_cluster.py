@@ -1,6 +1,6 @@
 """Serving side of the emulated cluster (tests, embedded demo): Deployment controller + kubelet.
 
-The embedded API (``finetune_operator.local.Emulator``) stores objects but runs no
+The embedded API (``finetune_local.Emulator``) stores objects but runs no
 controllers. ``ServingCluster`` plays the Deployment controller and the kubelet for
 Deployments in one namespace: for each pod template it starts one real
 ``ReferenceServer`` (the vLLM-compatible server) per replica, configured from the vLLM
@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .. import vllm_args, vllm_server
-from ..serving_config import ENDPOINT_ANNOTATION
+from finetune_operator.serving import vllm_args, vllm_server
+from finetune_operator.serving.serving_config import ENDPOINT_ANNOTATION
+
 from .emulator import Emulator
 from .vllm_reference import (
     Generation,

@@ -1,4 +1,4 @@
-"""``finetune-operator local run``: one FineTuneJob on this machine, no cluster.
+"""``finetune-local run``: one FineTuneJob on this machine, no cluster.
 
 The same steps the operator takes, in the same order and with the same code: the spec is
 validated by the API models, the preflight estimate comes from the operator's planner
@@ -6,7 +6,7 @@ validated by the API models, the preflight estimate comes from the operator's pl
 when there is one), the trainer configuration is built by the same builder the operator
 uses for the trainer ConfigMap, ``finetune-trainer train`` runs it (data report, training,
 evaluation, manifest) as a subprocess, and the quality gates are evaluated by
-:mod:`finetune_operator.gates`. Only the paths differ: ``file://`` URIs are used as they
+:mod:`finetune_operator.domain.gates`. Only the paths differ: ``file://`` URIs are used as they
 are and ``pvc://CLAIM/path`` URIs map to ``--pvc CLAIM=DIR`` folders.
 
 Exit codes: 0 gates passed, 1 gates failed, 2 bad manifest or options, otherwise the
@@ -26,15 +26,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
+from finetune_operator.api.finetunejob import FineTuneJob, FineTuneJobSpec
+from finetune_operator.api.trainer_config import PROGRESS_PREFIX, ResolvedPaths, TrainerConfig
+from finetune_operator.builders.trainer import resolve_trainer_config
+from finetune_operator.config import OperatorConfig, load_config
+from finetune_operator.domain.gates import evaluate_gates, summarize
+from finetune_operator.domain.uris import StorageUri, UriError
+from finetune_operator.planners.finetunejob import FitResult, check_fit
 from pydantic import ValidationError
-
-from ..api.finetunejob import FineTuneJob, FineTuneJobSpec
-from ..api.trainer_config import PROGRESS_PREFIX, ResolvedPaths, TrainerConfig
-from ..builders.trainer import resolve_trainer_config
-from ..config import OperatorConfig, load_config
-from ..gates import evaluate_gates, summarize
-from ..planners.finetunejob import FitResult, check_fit
-from ..uris import StorageUri, UriError
 
 EXIT_GATES_FAILED = 1
 EXIT_USAGE = 2
@@ -309,7 +308,7 @@ def run_local(
     out.write(f"training {name}: output in {out_dir}\n")
     out.flush()
     process_env = dict(os.environ if env is None else env)
-    roots = [str(Path(__file__).resolve().parents[2]), trainer_root()]
+    roots = [str(Path(__file__).resolve().parents[1]), trainer_root()]
     process_env["PYTHONPATH"] = os.pathsep.join(
         [*roots, *filter(None, [process_env.get("PYTHONPATH")])]
     )
@@ -381,5 +380,5 @@ def run_cli(manifest: str, pvc: Sequence[str], output: str | None, device: str) 
     try:
         return run_local(Path(manifest), pvc, output, device).exit_code
     except LocalRunError as exc:
-        print(f"finetune-operator local run: {exc}", file=sys.stderr)
+        print(f"finetune-local run: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -16,10 +16,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from .api import adapterdeployment as ad
-from .api import finetunejob as ftj
-from .api import finetuneschedule as fts
-from .api.common import GROUP, VERSION
+from ..api import adapterdeployment as ad
+from ..api import finetunejob as ftj
+from ..api import finetuneschedule as fts
+from ..api.common import GROUP, VERSION
 
 CATEGORY = "finetune"
 # propertyNames: map keys are checked by CEL rules beside it (a structural schema has no

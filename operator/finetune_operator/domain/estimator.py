@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from .api.finetunejob import FineTuneJobSpec
+    from ..api.finetunejob import FineTuneJobSpec
 
 GIB = 1024**3
 

@@ -1,7 +1,7 @@
 """CustomResourceDefinition schemas in the embedded API server (pure apart from file reading).
 
-The checks themselves live in `finetune_operator.crdvalidation`, shared with
-`python -m finetune_operator.validate`: prune unknown fields, fill defaults, check metadata,
+The checks themselves live in `finetune_operator.tools.crdvalidation`, shared with
+`python -m finetune_operator.tools.validate`: prune unknown fields, fill defaults, check metadata,
 the structural schema and the CEL rules (transition rules on updates). Writes to the
 embedded API are not strict: unknown fields are pruned, as the server does for clients that
 do not ask for strict field validation.
@@ -12,14 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..crdvalidation import (
+from finetune_operator.tools.crdvalidation import (
     Body,
     Schema,
     ServedVersion,
     prune_and_default,
     to_json_schema,
 )
-from ..crdvalidation import load_crd_file as _served_versions
+from finetune_operator.tools.crdvalidation import load_crd_file as _served_versions
+
 from .resources import ResourceType
 
 __all__ = ["Schema", "load_crd_file", "make_defaulter", "prune_and_default", "to_json_schema"]

@@ -1,7 +1,7 @@
 """Custom resources checked the way the Kubernetes API server checks them, offline.
 
-One implementation serves `python -m finetune_operator.validate`, the embedded API server
-(`finetune_operator.local`) and the tests. For a CRD's openAPIV3Schema it runs the server's
+One implementation serves `python -m finetune_operator.tools.validate`, the embedded API server
+(`finetune_local`) and the tests. For a CRD's openAPIV3Schema it runs the server's
 steps in the server's order:
 
 1. strict decoding (what `kubectl apply` asks for): unknown fields are errors;

@@ -8,7 +8,7 @@ vLLM itself does with its command line (``FlexibleArgumentParser`` and argparse 
   and ``python -m vllm.entrypoints.cli.main serve``, also inside a ``sh -c``/``bash -c``
   script (``exec``, ``VAR=value`` prefixes, ``export`` and ``&&`` chains), and the vLLM
   image's own entry point when a container gives only ``args`` (see
-  :mod:`finetune_operator.vllm_server`);
+  :mod:`finetune_operator.serving.vllm_server`);
 - ``--flag value`` and ``--flag=value``, underscores in flag names (``--max_lora_rank``),
   unique abbreviations (argparse), ``--no-enable-lora``/``--disable-lora``, the last
   occurrence of a flag winning;
@@ -35,8 +35,8 @@ from typing import Any, Literal
 
 import yaml
 
+from ..domain.uris import split_scheme
 from . import shell_words, vllm_flags
-from .uris import split_scheme
 
 # vLLM's defaults when the flags are absent (vllm/config/lora.py, FrontendArgs).
 DEFAULT_MAX_LORA_RANK = 16

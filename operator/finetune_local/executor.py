@@ -1,6 +1,6 @@
 """A local kubelet + Job controller + Deployment controller for the embedded API.
 
-The embedded API (:class:`~finetune_operator.local.Emulator`) stores objects but runs
+The embedded API (:class:`~finetune_local.Emulator`) stores objects but runs
 nothing. :class:`LocalExecutor` plays the rest of the cluster on this machine:
 
 - **Jobs** (batch/v1): for a Job that is neither suspended nor finished it creates a Pod
@@ -12,7 +12,7 @@ nothing. :class:`LocalExecutor` plays the rest of the cluster on this machine:
   the way the Job controller does, honouring ``backoffLimit``, ``podFailurePolicy``,
   ``activeDeadlineSeconds``, ``suspend`` and deletion.
 - **Deployments** running vLLM: :class:`LocalServing` extends the serving simulator
-  (:class:`~finetune_operator.local.serving_cluster.ServingCluster`) with a real
+  (:class:`~finetune_local.serving_cluster.ServingCluster`) with a real
   generator, so each replica is a vLLM-compatible server answering with the tiny base
   model and its LoRA adapters.
 
@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from finetune_operator.domain.times import now_rfc3339, parse_rfc3339
+from finetune_operator.serving import vllm_args
 
-from .. import vllm_args
-from ..times import now_rfc3339, parse_rfc3339
 from .emulator import Emulator
 from .generation import TransformersGenerator
 from .localrun import trainer_root
@@ -60,7 +60,7 @@ ENTRYPOINT_MODULES = {
     "finetune-operator": "finetune_operator.cli",
 }
 # The folder holding finetune_operator, so subprocesses import the same code as this process.
-PACKAGE_ROOTS = (str(Path(__file__).resolve().parents[2]),)
+PACKAGE_ROOTS = (str(Path(__file__).resolve().parents[1]),)
 TERMINATION_MESSAGE_LIMIT = 4096
 FALLBACK_LOG_LINES = 80
 _NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"

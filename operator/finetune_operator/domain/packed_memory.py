@@ -1,6 +1,6 @@
 """Peak GPU memory of packed (padding-free) LoRA/QLoRA training, and the token budget to use.
 
-The packed counterpart of :mod:`finetune_operator.estimator`, which models padded batches of
+The packed counterpart of :mod:`finetune_operator.domain.estimator`, which models padded batches of
 rows. With packing a micro-batch is a number of tokens, not rows, and the memory depends on
 tokens only. Both the operator (the fit check of a FineTuneJob with ``training.packing``)
 and the trainer's fast path (``finetune_trainer.fastpath``, which plans from the memory the

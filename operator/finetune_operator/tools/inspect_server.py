@@ -1,7 +1,7 @@
 """``finetune-operator inspect-server FILE...``: what the operator reads from vLLM Deployments.
 
 One JSON line per Deployment found (a file without any gives one line saying so), built by
-:func:`finetune_operator.vllm_server.inspect` with the ConfigMaps of the same files. The
+:func:`finetune_operator.serving.vllm_server.inspect` with the ConfigMaps of the same files. The
 API key itself is never printed, only where it comes from.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from . import vllm_server
+from ..serving import vllm_server
 
 
 def _documents(path: str) -> list[Mapping[str, Any]]:

@@ -7,7 +7,7 @@ is on, where its API key comes from, its port and API-server count, and every pr
 makes vLLM refuse to start or the operator unable to read a setting. Pure: nothing here does
 I/O; the caller fetches the ConfigMaps :func:`configmaps_needed` names.
 
-The command line is read by :mod:`finetune_operator.vllm_args`; the environment the way the
+The command line is read by :mod:`finetune_operator.serving.vllm_args`; the environment the way the
 kubelet builds it (``envFrom`` in order, then ``env``, the last entry of a name winning) and
 then as vLLM's ``envs.py`` reads it (identical in 0.8.5, 0.11, 0.20 and 0.34):
 
