@@ -67,6 +67,8 @@ RUN_FIELDS = (
     "data",
     "metrics",
     "baseMetrics",
+    "comparedMetrics",
+    "comparedError",
     "gates",
     "gatesSummary",
     "adapter",
@@ -1358,6 +1360,19 @@ def _completed_at(job: Mapping[str, Any], st: _Status) -> str:
     return str(st.data.get("completedAt") or st.now)
 
 
+def _record_compared(st: _Status, spec: FineTuneJobSpec, result: TrainerResult) -> None:
+    """evaluation.compareWith's metrics on the same eval rows, or why there are none."""
+    if spec.evaluation.compare_with is None:
+        return
+    compared = numeric_metrics(result.compared_metrics)
+    if compared:
+        st.data["comparedMetrics"] = compared
+    else:
+        st.data["comparedError"] = result.compared_error or (
+            "the trainer reported no compared metrics (a trainer image without compareWith?)"
+        )
+
+
 def _finish_complete(
     obs: Observed,
     st: _Status,
@@ -1390,6 +1405,7 @@ def _finish_complete(
         st.cond(EVALUATED, "False", "NoMetrics", "the trainer reported no metrics")
     if base_metrics:
         st.data["baseMetrics"] = base_metrics
+    _record_compared(st, spec, result)
     adapter = _adapter_record(result.adapter, spec)
     if adapter:
         st.data["adapter"] = adapter
