@@ -275,3 +275,30 @@ def test_a_deleted_pod_is_replaced_while_the_backoff_limit_allows(cluster: Any) 
     status = api.read("jobs", NS, "evicted")["status"]
     assert status["failed"] == 1 and status["succeeded"] == 1
     assert [p["metadata"]["name"] for p in pods_of(api, "evicted")] != [first]
+
+
+def test_every_container_of_a_pod_runs_and_reports_its_own_termination_message(
+    cluster: Any,
+) -> None:
+    """A data probe's pod has one container per source, each writing its result to the
+    termination path it names: the pod ends when all ran, each with its own message."""
+    api, _executor = cluster
+    write = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"
+    containers = [
+        {"name": name, "image": "python", "command": ["python", "-c", write],
+         "args": ["/dev/termination-log", f"result of {name}"],
+         "terminationMessagePath": "/dev/termination-log"}
+        for name in ("probe-train", "probe-eval")
+    ]  # fmt: skip
+    body = job("probe")
+    body["spec"]["template"]["spec"] = {"restartPolicy": "Never", "containers": containers}
+    api.create(body)
+    wait_for(lambda: condition(api.read("jobs", NS, "probe"), "Complete"), timeout=30)
+    (pod,) = pods_of(api, "probe")
+    messages = {
+        s["name"]: s["state"]["terminated"]["message"] for s in pod["status"]["containerStatuses"]
+    }
+    assert messages == {
+        "probe-train": "result of probe-train",
+        "probe-eval": "result of probe-eval",
+    }
