@@ -302,3 +302,26 @@ def test_every_container_of_a_pod_runs_and_reports_its_own_termination_message(
         "probe-train": "result of probe-train",
         "probe-eval": "result of probe-eval",
     }
+
+
+def test_a_program_given_the_folder_of_the_claims_finds_each_claim(cluster: Any) -> None:
+    """The data probe mounts each claim at /mnt/pvc/<claim> and is told /mnt/pvc only."""
+    api, executor = cluster
+    executor.pvc_path("data").mkdir(parents=True)
+    (executor.pvc_path("data") / "train.jsonl").write_text("row\n")
+    read = (
+        "import pathlib, sys; pathlib.Path(sys.argv[2]).write_text("
+        "(pathlib.Path(sys.argv[1]) / 'data/train.jsonl').read_text())"
+    )
+    body = job("reader")
+    body["spec"]["template"]["spec"] = {
+        "restartPolicy": "Never",
+        "containers": [{"name": "main", "image": "python", "command": ["python", "-c", read],
+                        "args": ["/mnt/pvc", "/dev/termination-log"],
+                        "volumeMounts": [{"name": "d", "mountPath": "/mnt/pvc/data", "readOnly": True}]}],
+        "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "data", "readOnly": True}}],
+    }  # fmt: skip
+    api.create(body)
+    wait_for(lambda: condition(api.read("jobs", NS, "reader"), "Complete"), timeout=30)
+    (pod,) = pods_of(api, "reader")
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] == "row\n"

@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -492,7 +492,28 @@ class LocalExecutor:
                 mapping.setdefault(str(mount["mountPath"]).rstrip("/") or "/", str(target))
             term = str(container.get("terminationMessagePath") or "/dev/termination-log")
             mapping.setdefault(term, str(self._termination_file(run, container["name"])))
+        # Claims mounted at <root>/<claim name> (the data probe's layout): <root> itself is the
+        # local folder of the claims, so a program given only the root finds each claim.
+        for parent, folder in self._claim_roots(pod_spec, local):
+            mapping.setdefault(parent, folder)
         return list(mapping.items())
+
+    def _claim_roots(self, pod_spec: Body, local: Mapping[str, Path]) -> list[tuple[str, str]]:
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in pod_spec.get("volumes") or []
+            if "persistentVolumeClaim" in v
+        }
+        roots: list[tuple[str, str]] = []
+        for container in pod_spec.get("containers") or []:
+            for mount in container.get("volumeMounts") or []:
+                claim = claims.get(mount["name"])
+                path = PurePosixPath(str(mount["mountPath"]))
+                if claim is None or mount.get("subPath") or path.name != claim:
+                    continue
+                if local[mount["name"]].name == claim:
+                    roots.append((str(path.parent), str(local[mount["name"]].parent)))
+        return roots
 
     @staticmethod
     def _termination_file(run: PodRun, container: str) -> Path:
