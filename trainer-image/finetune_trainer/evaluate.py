@@ -84,6 +84,7 @@ COMPARED_ADAPTER_NAME = "compared"
 COMPARED_MAX_FILES = 64
 COMPARED_MAX_RANK = 512
 COMPARED_CONFIG_MAX_BYTES = 1 << 20
+COMPARED_OTHER_FILES_MAX_BYTES = 64 << 20
 GENERATIONS_FILE = "eval_generations.jsonl"
 EVAL_ROWS_FILE = "eval.jsonl"
 
@@ -658,11 +659,17 @@ def check_compared_adapter(path: Path, digest: str, base_dir: Path) -> None:
     if not (path / "adapter_model.safetensors").is_file():
         # peft would fall back to adapter_model.bin, a pickle: never load one from a tenant.
         raise CompareUnavailable(f"{path} has no adapter_model.safetensors")
-    size = sum(p.stat().st_size for p in files)
+    weights = _weights_bytes(path)
     limit = _weights_bytes(base_dir)
-    if limit and size > limit:
+    if limit and weights > limit:
         raise CompareUnavailable(
-            f"{path} is {size} bytes, larger than the base model's weights ({limit} bytes)"
+            f"{path} holds {weights} bytes of weights, more than its base model ({limit} bytes)"
+        )
+    others = sum(p.stat().st_size for p in files) - weights
+    if others > COMPARED_OTHER_FILES_MAX_BYTES:
+        raise CompareUnavailable(
+            f"{path} holds {others} bytes besides its weights, more than "
+            f"{COMPARED_OTHER_FILES_MAX_BYTES} (config, tokenizer and manifest are far smaller)"
         )
     _check_compared_config(path / "adapter_config.json")
     from .manifest import verify
