@@ -90,6 +90,9 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default=None, help="folder for the volumes and pods")
     demo.add_argument("--keep", action="store_true", help="keep the temporary folder")
     demo.add_argument("--verbose", "-v", action="store_true", help="show operator logs")
+    demo.add_argument(
+        "--no-schedule", action="store_true", help="skip the FineTuneSchedule cycle at the end"
+    )
 
     local = sub.add_parser("local", help="run a FineTuneJob on this machine without a cluster")
     local_sub = local.add_subparsers(dest="local_command", required=True)
@@ -227,7 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .local.demo import DemoOptions, run_cli
 
         workdir = Path(args.workdir) if args.workdir else None
-        return run_cli(DemoOptions(workdir=workdir, keep=args.keep, verbose=args.verbose))
+        options = DemoOptions(workdir=workdir, keep=args.keep, verbose=args.verbose,
+                              schedule_cycle=not args.no_schedule)  # fmt: skip
+        return run_cli(options)
     if args.command == "local":
         from .local.localrun import run_cli as local_run
 
