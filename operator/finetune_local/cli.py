@@ -18,6 +18,9 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default=None, help="folder for the volumes and pods")
     demo.add_argument("--keep", action="store_true", help="keep the temporary folder")
     demo.add_argument("--verbose", "-v", action="store_true", help="show operator logs")
+    demo.add_argument(
+        "--no-schedule", action="store_true", help="skip the FineTuneSchedule cycle at the end"
+    )
 
     run = sub.add_parser(
         "run", help="validate, estimate, train, evaluate and gate a FineTuneJob manifest here"
@@ -43,7 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import DemoOptions, run_cli
 
         workdir = Path(args.workdir) if args.workdir else None
-        return run_cli(DemoOptions(workdir=workdir, keep=args.keep, verbose=args.verbose))
+        options = DemoOptions(
+            workdir=workdir,
+            keep=args.keep,
+            verbose=args.verbose,
+            schedule_cycle=not args.no_schedule,
+        )
+        return run_cli(options)
     if args.command == "run":
         from .localrun import run_cli as local_run
 

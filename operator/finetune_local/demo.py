@@ -6,7 +6,9 @@ processes, vLLM Deployments as reference servers), then applies the quickstart m
 exactly as a user would: the serving Deployment, the FineTuneJob and the
 AdapterDeployment. It shows training progress live, then the final tables, the gate
 results, the adapter digest (checked against the files on disk) and a chat completion
-answered with the new adapter.
+answered with the new adapter. Then one FineTuneSchedule cycle (``demo_schedule``): the
+training file changes, a run beats the champion on the same eval rows, and the
+AdapterDeployment following the schedule canaries and promotes it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any, TextIO
 
 import yaml
 from finetune_operator.domain.times import parse_rfc3339
+
+from .demo_schedule import CycleFailed, CycleResult, run_cycle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "examples" / "quickstart"
@@ -55,6 +59,8 @@ class DemoResult:
     reference: str
     seconds: float
     workdir: Path
+    # The FineTuneSchedule cycle (None with schedule_cycle off).
+    cycle: CycleResult | None = None
 
 
 @dataclass
@@ -62,12 +68,14 @@ class DemoOptions:
     workdir: Path | None = None
     keep: bool = False
     namespace: str = "default"
-    timeout_seconds: float = 900.0
+    timeout_seconds: float = 1800.0
     out: TextIO = field(default_factory=lambda: sys.stdout)
     live: bool | None = None  # None: a refreshed table on a terminal, lines otherwise
     verbose: bool = False
     # Called with (serving endpoint, embedded API) while everything still runs (tests).
     on_served: Callable[[str, Any], None] | None = None
+    # Also show one FineTuneSchedule cycle after the quickstart (two more small CPU runs).
+    schedule_cycle: bool = True
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -324,7 +332,7 @@ def _run(options: DemoOptions, workdir: Path) -> DemoResult:
     _say(out, "==> starting the embedded Kubernetes API, the operator and the local executor")
     api = Emulator(crd_dir=CRD_DIR, validate_schemas=True)
     import finetune_operator.main  # noqa: F401  (registers the handlers)
-    from finetune_operator.handlers import adapterdeployment, finetunejob
+    from finetune_operator.handlers import adapterdeployment, finetunejob, finetuneschedule
 
     config = load_config()
     memo_config = dataclasses.replace(
@@ -342,7 +350,7 @@ def _run(options: DemoOptions, workdir: Path) -> DemoResult:
         server = stack.enter_context(serve(api))
         memo = kopf.Memo(config=memo_config, kube=KubeClient.from_url(server.url))
         # Exactly the operator's handlers, whatever else this process has imported.
-        registry = module_registry(finetunejob, adapterdeployment)
+        registry = module_registry(finetunejob, adapterdeployment, finetuneschedule)
         stack.enter_context(
             run_operator(server, registry, memo=memo, namespaces=[ns], settings=test_settings())
         )
@@ -428,7 +436,6 @@ def _run(options: DemoOptions, workdir: Path) -> DemoResult:
         prompt = str(row["messages"][-1]["content"])
         if options.on_served is not None:
             options.on_served(endpoint, api)
-        seconds = time.monotonic() - started
 
         ftj_columns = printer_columns(CRD_DIR / "finetunejobs.yaml")
         adep_columns = printer_columns(CRD_DIR / "adapterdeployments.yaml")
@@ -457,6 +464,14 @@ def _run(options: DemoOptions, workdir: Path) -> DemoResult:
         _say(out, f"  prompt:    {prompt}")
         _say(out, f"  answer:    {answer}")
         _say(out, f"  reference: {row['completion']}")
+        cycle = None
+        if options.schedule_cycle:
+            try:
+                cycle = run_cycle(api, claim_dir, CLAIM, EXAMPLES, ns, out, deadline, check_errors)
+            except CycleFailed as exc:
+                raise DemoFailed(f"schedule cycle: {exc}") from exc
+            _say(out, f"\nSchedule cycle in {cycle.seconds:.0f}s.")
+        seconds = time.monotonic() - started
         _say(out, f"\nDone in {seconds:.0f}s. Files: {workdir}")
         return DemoResult(
             finetunejob=final_ftj,
@@ -468,6 +483,7 @@ def _run(options: DemoOptions, workdir: Path) -> DemoResult:
             reference=str(row["completion"]),
             seconds=seconds,
             workdir=workdir,
+            cycle=cycle,
         )
 
 
@@ -478,8 +494,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="keep everything here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--verbose", "-v", action="store_true", help="operator logs too")
+    parser.add_argument(
+        "--no-schedule", action="store_true", help="skip the FineTuneSchedule cycle at the end"
+    )
     args = parser.parse_args(argv)
-    return run_cli(DemoOptions(workdir=args.workdir, keep=args.keep, verbose=args.verbose))
+    options = DemoOptions(workdir=args.workdir, keep=args.keep, verbose=args.verbose,
+                          schedule_cycle=not args.no_schedule)  # fmt: skip
+    return run_cli(options)
 
 
 def _interrupt(signum: int, _frame: FrameType | None) -> None:

@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -484,7 +484,28 @@ class LocalExecutor:
                 mapping.setdefault(str(mount["mountPath"]).rstrip("/") or "/", str(target))
             term = str(container.get("terminationMessagePath") or "/dev/termination-log")
             mapping.setdefault(term, str(self._termination_file(run, container["name"])))
+        # Claims mounted at <root>/<claim name> (the data probe's layout): <root> itself is the
+        # local folder of the claims, so a program given only the root finds each claim.
+        for parent, folder in self._claim_roots(pod_spec, local):
+            mapping.setdefault(parent, folder)
         return list(mapping.items())
+
+    def _claim_roots(self, pod_spec: Body, local: Mapping[str, Path]) -> list[tuple[str, str]]:
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in pod_spec.get("volumes") or []
+            if "persistentVolumeClaim" in v
+        }
+        roots: list[tuple[str, str]] = []
+        for container in pod_spec.get("containers") or []:
+            for mount in container.get("volumeMounts") or []:
+                claim = claims.get(mount["name"])
+                path = PurePosixPath(str(mount["mountPath"]))
+                if claim is None or mount.get("subPath") or path.name != claim:
+                    continue
+                if local[mount["name"]].name == claim:
+                    roots.append((str(path.parent), str(local[mount["name"]].parent)))
+        return roots
 
     @staticmethod
     def _termination_file(run: PodRun, container: str) -> Path:
@@ -588,7 +609,14 @@ class LocalExecutor:
                 self._finish_pod(run, pod_spec, init["name"], code, "", init=True)
                 return
         self._set_pod_running(run, pod_spec, main["name"], init=False)
-        code = self._run_container(run, main, mapping, is_main=True)
+        # Further containers (a data probe has one per source) run one after the other, each
+        # with its own termination message; the pod ends when the last one did.
+        others: list[tuple[str, int, str]] = []
+        for container in containers[1:]:
+            own = self._own_termination(run, container, mapping)
+            extra = self._run_container(run, container, own, is_main=False)
+            others.append((container["name"], extra, self._termination_message(run, container, extra)))  # fmt: skip
+        code = self._run_container(run, main, self._own_termination(run, main, mapping), is_main=True)  # fmt: skip
         self._finish_pod(
             run,
             pod_spec,
@@ -596,7 +624,16 @@ class LocalExecutor:
             code,
             self._termination_message(run, main, code),
             init=False,
+            others=others,
         )
+
+    def _own_termination(
+        self, run: PodRun, container: Mapping[str, Any], mapping: Sequence[tuple[str, str]]
+    ) -> list[tuple[str, str]]:
+        """``mapping`` with the container's termination path mapped to its own file."""
+        term = str(container.get("terminationMessagePath") or "/dev/termination-log")
+        own = str(self._termination_file(run, container["name"]))
+        return [(term, own), *((k, v) for k, v in mapping if k != term)]
 
     def _termination_message(self, run: PodRun, container: Mapping[str, Any], code: int) -> str:
         path = self._termination_file(run, container["name"])
@@ -698,15 +735,18 @@ class LocalExecutor:
         *,
         init: bool,
         reason: str | None = None,
+        others: Sequence[tuple[str, int, str]] = (),
     ) -> None:
         now = now_rfc3339()
+        reason = reason or ("Completed" if code == 0 else "Error")
+        own_code = code
+        code = code or next((c for _, c, _ in others if c), 0)  # the pod fails if any did
         run.exit_code = code
         stopped = run.stop_reason
-        reason = reason or ("Completed" if code == 0 else "Error")
         terminated = {"name": container, "ready": False, "started": False, "restartCount": 0,
                       "image": _image(pod_spec, container), "imageID": "",
                       "containerID": f"local://{run.name}/{container}",
-                      "state": {"terminated": {"exitCode": code, "reason": reason, "message": message,
+                      "state": {"terminated": {"exitCode": own_code, "reason": reason, "message": message,
                                                "startedAt": now, "finishedAt": now}}}  # fmt: skip
         phase = "Succeeded" if code == 0 and stopped is None else "Failed"
         conditions = [{"type": "Ready", "status": "False", "lastTransitionTime": now,
@@ -717,7 +757,14 @@ class LocalExecutor:
                                "reason": "TerminationByKubelet" if stopped == "ExecutorStopped" else "JobSuspended",
                                "message": f"pod terminated: {stopped}"})  # fmt: skip
         status: Body = {"phase": phase, "conditions": conditions}
-        status["initContainerStatuses" if init else "containerStatuses"] = [terminated]
+        finished = [
+            {**terminated, "name": name, "image": _image(pod_spec, name),
+             "containerID": f"local://{run.name}/{name}",
+             "state": {"terminated": {"exitCode": c, "reason": "Completed" if c == 0 else "Error",
+                                      "message": m, "startedAt": now, "finishedAt": now}}}
+            for name, c, m in others
+        ]  # fmt: skip
+        status["initContainerStatuses" if init else "containerStatuses"] = [terminated, *finished]
         with contextlib.suppress(Exception):
             self.api.patch_status("pods", run.namespace, run.name, status)
         if stopped in ("JobSuspended", "JobDeleted", "ExecutorStopped"):

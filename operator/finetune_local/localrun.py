@@ -278,6 +278,10 @@ def run_local(
         ),
         output_dir=str(out_dir),
     )
+    compare = spec.evaluation.compare_with
+    if compare is not None:
+        where = "spec.evaluation.compareWith.uri"
+        paths.compared_adapter = str(local_path(compare.uri, pvcs, where))
     for label, value in (("base model", paths.base_model), ("training data", paths.train_data)):
         if not Path(value).exists():
             raise LocalRunError(f"the {label} {value} does not exist: fix the URI or --pvc")

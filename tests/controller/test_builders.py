@@ -316,3 +316,40 @@ def test_trainer_learns_its_memory_request_for_activation_offload() -> None:
     ref = env["FINETUNE_HOST_MEMORY_BYTES"]["valueFrom"]["resourceFieldRef"]
     assert ref == {"containerName": trainer(job)["name"], "resource": "requests.memory"}
     assert trainer(job)["resources"]["requests"]["memory"] == "24Gi"
+
+
+CHAMPION_DIGEST = "sha256:" + "c" * 64
+
+
+def test_a_compared_s3_adapter_is_fetched_by_an_optional_step_with_only_its_secret() -> None:
+    compare = {"uri": "s3://corp-models/bot/weekly-1/adapter", "digest": CHAMPION_DIGEST,
+               "credentialsSecretRef": {"name": "s3-out"}}  # fmt: skip
+    parsed = FineTuneJobSpec.model_validate(spec(evaluation={"compareWith": compare}))
+    job = trainer_job("bot", "team-a", 1, parsed, OWNER, CONFIG, "hash123")
+    inits = {c["name"]: c for c in pod_spec(job)["initContainers"]}
+    fetch = inits["fetch-compare"]
+    # The digest is checked while fetching; a failure is written down and the pod goes on.
+    assert fetch["args"] == ["--uri", compare["uri"], "--dest", "/work/inputs/compare",
+                             "--digest", CHAMPION_DIGEST,
+                             "--error-file", "/work/inputs/compare-fetch-error.txt"]  # fmt: skip
+    assert fetch["envFrom"] == [{"secretRef": {"name": "s3-out"}}]
+    paths = resolve_trainer_config(
+        "bot", "team-a", 1, parsed, batch_size=4, gradient_checkpointing=True, config=CONFIG
+    ).paths
+    assert paths.compared_adapter == "/work/inputs/compare"
+    assert paths.compared_fetch_error == "/work/inputs/compare-fetch-error.txt"
+
+
+def test_a_compared_pvc_adapter_is_mounted_read_only() -> None:
+    compare = {"uri": "pvc://champions/bot/adapter", "digest": CHAMPION_DIGEST}
+    parsed = FineTuneJobSpec.model_validate(spec(evaluation={"compareWith": compare}))
+    job = trainer_job("bot", "team-a", 1, parsed, OWNER, CONFIG, "hash123")
+    assert not any(c["name"] == "fetch-compare" for c in pod_spec(job).get("initContainers", []))
+    claims = {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
+              for v in pod_spec(job)["volumes"] if "persistentVolumeClaim" in v}  # fmt: skip
+    assert claims["champions"] is True
+    paths = resolve_trainer_config(
+        "bot", "team-a", 1, parsed, batch_size=4, gradient_checkpointing=True, config=CONFIG
+    ).paths
+    assert paths.compared_adapter == "/mnt/pvc/champions/bot/adapter"
+    assert paths.compared_fetch_error is None

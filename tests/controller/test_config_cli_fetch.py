@@ -145,3 +145,19 @@ def test_fetch_hf_offline_fails_cleanly_without_leaking_the_token(
     captured = capsys.readouterr()
     assert code != 0
     assert "hf_super_secret_token_value" not in captured.out + captured.err
+
+
+def test_an_optional_fetch_writes_its_failure_down_and_exits_0(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """evaluation.compareWith's fetch step: a missing adapter must not fail the trainer pod."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN", "hf_super_secret_token_value")
+    error = tmp_path / "compare-fetch-error.txt"
+    args = ["--uri", "hf://acme/champion@v1", "--dest", str(tmp_path / "compare"),
+            "--digest", "sha256:" + "c" * 64, "--error-file", str(error)]  # fmt: skip
+    assert fetch.main(args) == fetch.EXIT_OK
+    text = error.read_text()
+    assert text.startswith("fetch of hf://acme/champion@v1 failed: ")
+    assert "hf_super_secret_token_value" not in text
+    assert fetch.main(args[:-2]) != fetch.EXIT_OK  # without --error-file it still fails

@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 import yaml
 from finetune_operator.api.common import Condition
 from finetune_operator.api.finetunejob import FineTuneJobSpec, FineTuneJobStatus, status_wire
@@ -596,3 +597,32 @@ def test_host_memory_advice_depends_on_where_training_runs() -> None:
                     training={"batchSize": 4, "gradientCheckpointing": False}), host=True)  # fmt: skip
     for offered in ("resources.memory (now 16Gi)", "batchSize (now 4)", "gradientCheckpointing"):
         assert offered in cpu
+
+
+COMPARE = {"compareWith": {"uri": "pvc://adapters/champion/adapter",
+                           "digest": "sha256:" + "c" * 64}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "reported, expected",
+    [
+        ({"comparedMetrics": {"rougeL": 0.38, "evalLoss": 1.3}},
+         {"comparedMetrics": {"rougeL": 0.38, "evalLoss": 1.3}}),
+        ({"comparedError": "fetch of s3://b/champion failed: no objects found"},
+         {"comparedError": "fetch of s3://b/champion failed: no objects found"}),
+        ({}, {"comparedError": "the trainer reported no compared metrics (a trainer image "
+                               "without compareWith?)"}),
+    ],
+)  # fmt: skip
+def test_the_compared_adapters_metrics_or_why_not_are_recorded_and_the_run_succeeds(
+    reported: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    body = spec(evaluation=COMPARE)
+    first, job, cm = started(body)
+    terminated = {"terminated": {"exitCode": 0, "message": json.dumps(result(**reported))}}
+    p = track(first, with_conditions(job, "Complete"), cm, body_spec=body,
+              pods=(pod("p", phase="Succeeded", trainer_state=terminated),))  # fmt: skip
+    assert cond(p, "Succeeded")["status"] == "True"  # judged on its own gates
+    assert {k: p.status[k] for k in expected} == expected
+    assert not ({"comparedMetrics", "comparedError"} - set(expected)) & set(p.status)
+    _assert_round_trips(p.status)

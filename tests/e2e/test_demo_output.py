@@ -83,3 +83,38 @@ def test_local_mode_maps_pvc_and_file_uris_and_refuses_others(tmp_path) -> None:
         local_path("hf://org/model", pvcs, "spec.baseModel.uri")
     with pytest.raises(LocalRunError, match="CLAIM=DIR"):
         parse_pvc_mappings(["nodir"])
+
+
+def test_the_demo_schedule_cycle_data_and_manifests() -> None:
+    """The schedule cycle's inputs: a fixed eval set with every intent, a first training file
+    without shipping tickets (the new data brings them), manifests the CRDs accept."""
+    import json
+
+    import yaml
+    from crdcheck import validate
+    from finetune_local.demo import EXAMPLES
+    from finetune_local.demo_schedule import (
+        EVAL_ROWS,
+        NEW_INTENT,
+        schedule_manifest,
+        serving_manifests,
+        split_rows,
+    )
+
+    lines = (EXAMPLES / "train.jsonl").read_text().splitlines()
+    eval_rows, first, new = split_rows(lines)
+
+    def intent(line: str) -> str | None:
+        completion = json.loads(line)["completion"]
+        return json.loads(completion).get("intent") if completion.startswith("{") else None
+
+    assert len(eval_rows) == EVAL_ROWS and len(first) + len(new) == len(lines) - EVAL_ROWS
+    assert NEW_INTENT in {intent(r) for r in eval_rows}
+    assert NEW_INTENT not in {intent(r) for r in first} and new
+    assert {intent(r) for r in new} == {NEW_INTENT}
+    quickstart = yaml.safe_load((EXAMPLES / "finetunejob.yaml").read_text())
+    sched = schedule_manifest(quickstart, "finetune-quickstart", "default")
+    for doc in [sched, *serving_manifests(EXAMPLES / "serving.yaml", "default")]:
+        if doc["kind"] != "Deployment":
+            assert validate(doc) == [], doc["kind"]
+    assert sched["spec"]["promotion"]["policy"] == "BeatChampion"

@@ -123,7 +123,9 @@ def test_adapterdeployment_is_available_and_the_server_serves_the_adapter(demo: 
 
 def test_trainer_pod_looked_like_a_cluster_pod(demo: Any) -> None:
     result, _served, _output = demo
-    pod_dirs = list((result.workdir / "pods" / "default").iterdir())
+    # The quickstart's trainer pod (the schedule cycle's probes and runs have their own).
+    pods = (result.workdir / "pods" / "default").iterdir()
+    pod_dirs = [d for d in pods if d.name.startswith("quickstart-train-")]
     assert len(pod_dirs) == 1
     # The operator's ConfigMap was mounted with container paths rewritten to local folders.
     config = (pod_dirs[0] / "volumes" / "config" / "job.yaml").read_text()
@@ -164,3 +166,34 @@ def test_local_mode_matches_the_operator_path(demo: Any, tmp_path: Path) -> None
     for metric in ("evalLoss", "jsonValidity"):
         assert local.result["metrics"][metric] == pytest.approx(status["metrics"][metric], abs=1e-6)
     assert [g["passed"] for g in local.gates] == [g["passed"] for g in status["gates"]]
+
+
+def test_a_schedule_cycle_promotes_a_challenger_measured_on_the_same_rows(demo: Any) -> None:
+    """The demo's FineTuneSchedule part: new data -> a DataChange run -> it beats the champion
+    on the same eval rows (both values from the challenger's run) -> the following
+    AdapterDeployment canaries it and serves it."""
+    result, _served, output = demo
+    cycle = result.cycle
+    assert cycle is not None
+    assert cycle.source_digest_before and cycle.source_digest_after
+    assert cycle.source_digest_before != cycle.source_digest_after
+    comparison = cycle.comparison
+    assert comparison["decision"] == "Promoted" and comparison["reason"] == "BeatChampion"
+    assert comparison["sameEvalRows"] is True and "fallbackReason" not in comparison
+    (row,) = comparison["metrics"]
+    assert row["metric"] == "evalLoss" and row["challenger"] < row["champion"] - 0.05
+    status = cycle.follower["status"]
+    assert status["current"]["digest"] != status["previous"]["digest"]
+    assert status["canary"]["revision"]["outcome"] == "Promoted"
+    # The challenger's own FineTuneJob evaluated the champion's adapter on its rows.
+    workdir = result.workdir
+    compared = json.loads(
+        next(
+            (workdir / "pvc" / CLAIM / "adapters").glob(
+                f"*/{cycle.challenger_run}/compared_metrics.json"
+            )
+        ).read_text()
+    )
+    assert compared["evalLoss"] == pytest.approx(row["champion"])
+    for text in (cycle.challenger_run, "sameEvalRows: True", "Promoted", "canary"):
+        assert text in output

@@ -275,3 +275,53 @@ def test_a_deleted_pod_is_replaced_while_the_backoff_limit_allows(cluster: Any) 
     status = api.read("jobs", NS, "evicted")["status"]
     assert status["failed"] == 1 and status["succeeded"] == 1
     assert [p["metadata"]["name"] for p in pods_of(api, "evicted")] != [first]
+
+
+def test_every_container_of_a_pod_runs_and_reports_its_own_termination_message(
+    cluster: Any,
+) -> None:
+    """A data probe's pod has one container per source, each writing its result to the
+    termination path it names: the pod ends when all ran, each with its own message."""
+    api, _executor = cluster
+    write = "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])"
+    containers = [
+        {"name": name, "image": "python", "command": ["python", "-c", write],
+         "args": ["/dev/termination-log", f"result of {name}"],
+         "terminationMessagePath": "/dev/termination-log"}
+        for name in ("probe-train", "probe-eval")
+    ]  # fmt: skip
+    body = job("probe")
+    body["spec"]["template"]["spec"] = {"restartPolicy": "Never", "containers": containers}
+    api.create(body)
+    wait_for(lambda: condition(api.read("jobs", NS, "probe"), "Complete"), timeout=30)
+    (pod,) = pods_of(api, "probe")
+    messages = {
+        s["name"]: s["state"]["terminated"]["message"] for s in pod["status"]["containerStatuses"]
+    }
+    assert messages == {
+        "probe-train": "result of probe-train",
+        "probe-eval": "result of probe-eval",
+    }
+
+
+def test_a_program_given_the_folder_of_the_claims_finds_each_claim(cluster: Any) -> None:
+    """The data probe mounts each claim at /mnt/pvc/<claim> and is told /mnt/pvc only."""
+    api, executor = cluster
+    executor.pvc_path("data").mkdir(parents=True)
+    (executor.pvc_path("data") / "train.jsonl").write_text("row\n")
+    read = (
+        "import pathlib, sys; pathlib.Path(sys.argv[2]).write_text("
+        "(pathlib.Path(sys.argv[1]) / 'data/train.jsonl').read_text())"
+    )
+    body = job("reader")
+    body["spec"]["template"]["spec"] = {
+        "restartPolicy": "Never",
+        "containers": [{"name": "main", "image": "python", "command": ["python", "-c", read],
+                        "args": ["/mnt/pvc", "/dev/termination-log"],
+                        "volumeMounts": [{"name": "d", "mountPath": "/mnt/pvc/data", "readOnly": True}]}],
+        "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "data", "readOnly": True}}],
+    }  # fmt: skip
+    api.create(body)
+    wait_for(lambda: condition(api.read("jobs", NS, "reader"), "Complete"), timeout=30)
+    (pod,) = pods_of(api, "reader")
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] == "row\n"

@@ -78,8 +78,10 @@ def run(
     reason: str = "GatesFailed",
     completed: str = "2026-12-07T05:00:00Z",
     deleting: bool = False,
+    compared: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """An owned FineTuneJob of one slot in the given state."""
+    """An owned FineTuneJob of one slot in the given state; ``compared`` ({digest, metrics or
+    error}): the run also evaluated that adapter (evaluation.compareWith)."""
     name = run_name("weekly", slot)
     status: dict[str, Any] = {}
     if outcome != "Running":
@@ -110,6 +112,14 @@ def run(
             }
         if data_digest:
             status["data"] = {"digest": data_digest}
+        if compared and compared.get("metrics"):
+            status["comparedMetrics"] = compared["metrics"]
+        elif compared:
+            status["comparedError"] = compared.get("error")
+    spec: dict[str, Any] = {}
+    if compared:
+        uri = "pvc://adapters/support-bot/weekly-old/adapter"
+        spec["evaluation"] = {"compareWith": {"uri": uri, "digest": compared["digest"]}}
     meta: dict[str, Any] = {
         "name": name,
         "namespace": NS,
@@ -125,4 +135,4 @@ def run(
     if deleting:
         meta["deletionTimestamp"] = "2026-12-07T06:00:00Z"
     return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": meta,
-            "spec": {}, "status": copy.deepcopy(status)}  # fmt: skip
+            "spec": spec, "status": copy.deepcopy(status)}  # fmt: skip

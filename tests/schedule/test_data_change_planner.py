@@ -53,6 +53,8 @@ def test_a_check_starts_a_probe_job_with_the_tenants_claim_read_only_and_no_toke
         "pvc://datasets/support/train.jsonl",
         "--pvc-root",
         "/mnt/pvc",
+        "--termination-log",
+        "/dev/termination-log",
     ]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert body["metadata"]["ownerReferences"][0]["kind"] == "FineTuneSchedule"

@@ -26,7 +26,9 @@ RUN = run_name("weekly", SLOT)
 LAST = "2025-06-01T00:00:00Z"
 
 
-def schedule(emulator: Emulator, **overrides: Any) -> dict[str, Any]:
+def schedule(
+    emulator: Emulator, status: dict[str, Any] | None = None, **overrides: Any
+) -> dict[str, Any]:
     spec = sched_spec(schedule="0 0 1 1 *", timeZone="UTC", **overrides)
     return emulator.create(
         {
@@ -34,7 +36,7 @@ def schedule(emulator: Emulator, **overrides: Any) -> dict[str, Any]:
             "kind": "FineTuneSchedule",
             "metadata": {"name": "weekly", "namespace": NS},
             "spec": spec,
-            "status": {"lastScheduleTime": LAST},
+            "status": {"lastScheduleTime": LAST, **(status or {})},
         },
         keep_status=True,
     )
@@ -49,13 +51,12 @@ def runs(emulator: Emulator) -> list[str]:
     return sorted(o["metadata"]["name"] for o in emulator.read_all("finetunejobs", NS))
 
 
-def finish_run(emulator: Emulator, metrics: dict[str, float] | None = None) -> None:
+def finish_run(emulator: Emulator, metrics: dict[str, float] | None = None, **extra: Any) -> None:
     """Play the trainer: the run's trainer Job succeeds with a result."""
     job_name = f"{RUN}-train-g1"
     pod = start_pod(emulator, wait_job(emulator, job_name, timeout=30))
-    emulator.terminate_container(
-        NS, pod, exit_code=0, message=json.dumps(result(metrics=metrics)), container="trainer"
-    )
+    message = json.dumps(result(metrics=metrics, **extra))
+    emulator.terminate_container(NS, pod, exit_code=0, message=message, container="trainer")
     emulator.set_job_finished(NS, job_name, succeeded=True)
 
 
@@ -244,3 +245,50 @@ def test_the_clock_reconciles_when_the_schedule_is_due_without_any_event(
     state.due[(NS, "weekly")] = time.monotonic()
     wait_for(lambda: runs(emulator) == [RUN], timeout=10, what="the clock's reconcile")
     assert sched["metadata"]["uid"]
+
+
+CHAMPION = {
+    "job": "weekly-29000000",
+    "adapter": {"uri": "pvc://adapters/support-bot/weekly-29000000/adapter",
+                "digest": "sha256:" + "c" * 64, "rank": 64},
+    "metrics": {"rougeL": 0.80, "evalLoss": 0.5},
+    "since": "2025-06-01T05:00:00Z",
+}  # fmt: skip
+
+
+@pytest.mark.emulator(validate_schemas=True)
+def test_a_beat_champion_run_evaluates_the_champion_on_its_own_eval_rows(
+    emulator: Emulator, operator_runner: Any
+) -> None:
+    """The run the schedule creates names the champion's adapter in evaluation.compareWith
+    (accepted by the FineTuneJob CRD's schema); its result's comparedMetrics decide."""
+    add_prerequisites(emulator)
+    promotion = {"policy": "BeatChampion", "metrics": [{"metric": "rougeL", "minMargin": 0.02}]}
+    schedule(emulator, status={"champion": CHAMPION}, promotion=promotion)
+    start_operator(emulator, operator_runner)
+    ftj = wait_for(lambda: emulator.read("finetunejobs", NS, RUN), timeout=20, what="the run")
+    assert ftj["spec"]["evaluation"]["compareWith"] == {
+        "uri": CHAMPION["adapter"]["uri"],
+        "digest": CHAMPION["adapter"]["digest"],
+    }
+    # The champion recorded 0.80 on its own eval rows; on this run's rows it scores 0.50.
+    finish_run(emulator, {"rougeL": 0.6, "evalLoss": 0.9},
+               comparedMetrics={"rougeL": 0.5, "evalLoss": 1.2})  # fmt: skip
+    st = wait_for(
+        lambda: (
+            sched_status(emulator)
+            if (sched_status(emulator).get("champion") or {}).get("job") == RUN
+            else None
+        ),
+        timeout=30,
+        what="the challenger promoted",
+    )
+    comparison = st["runs"][0]["comparison"]
+    assert comparison["reason"] == "BeatChampion" and comparison["sameEvalRows"] is True
+    assert comparison["metrics"][0] | {"improvement": None} == {
+        "metric": "rougeL", "minMargin": 0.02, "passed": True, "challenger": 0.6,
+        "champion": 0.5, "improvement": None,
+    }  # fmt: skip
+    ran = emulator.read("finetunejobs", NS, RUN)
+    assert ran is not None
+    assert ran["status"]["comparedMetrics"] == {"rougeL": 0.5, "evalLoss": 1.2}

@@ -444,3 +444,121 @@ def test_old_runs_that_fell_off_a_full_history_are_not_decided_again() -> None:
 
 def rfc(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------- same eval rows
+
+CHAMPION_DIGEST = "sha256:" + "c" * 64
+CHAMPION_URI = "pvc://adapters/support-bot/weekly-old/adapter"
+
+
+def measured_champion(recorded: dict[str, float]) -> dict[str, Any]:
+    """A champion whose own run recorded ``recorded`` (on that run's eval rows)."""
+    return {"job": "weekly-old", "adapter": {"uri": CHAMPION_URI, "digest": CHAMPION_DIGEST},
+            "metrics": recorded, "dataDigest": "sha256:data0",
+            "since": "2026-11-30T05:00:00Z"}  # fmt: skip
+
+
+def beat(recorded: dict[str, float], mine: dict[str, float], compared: dict[str, Any]) -> Plan:
+    status = {"lastScheduleTime": "2026-12-07T01:00:00Z", "champion": measured_champion(recorded)}
+    return finished("Succeeded", spec=sched_spec(promotion=BEAT), status=status, metrics=mine,
+                    compared=compared)  # fmt: skip
+
+
+def test_beat_champion_reads_the_champion_measured_on_the_challengers_eval_rows() -> None:
+    """The champion's own run scored 0.70 on its (easier) eval rows; on the new rows it scores
+    0.55, which the challenger's 0.60 beats: promoted on values measured alike."""
+    same_rows = {"digest": CHAMPION_DIGEST, "metrics": {"rougeL": 0.55, "evalLoss": 1.10}}
+    p = beat({"rougeL": 0.70, "evalLoss": 0.80}, {"rougeL": 0.60, "evalLoss": 1.00}, same_rows)
+    record = p.status["runs"][0]
+    comparison = record["comparison"]
+    assert comparison["decision"] == "Promoted" and comparison["reason"] == "BeatChampion"
+    assert comparison["sameEvalRows"] is True and "fallbackReason" not in comparison
+    assert comparison["metrics"] == [
+        {"metric": "rougeL", "minMargin": 0.02, "passed": True, "challenger": 0.60,
+         "champion": 0.55, "improvement": 0.05},
+        {"metric": "evalLoss", "minMargin": 0.0, "passed": True, "challenger": 1.0,
+         "champion": 1.1, "improvement": 0.1},
+    ]  # fmt: skip
+    assert "both measured on this run's eval rows" in comparison["message"]
+    assert record["compared"] == same_rows
+    # The new champion's metrics are its own (the next run compares with its adapter anyway).
+    assert p.status["champion"]["metrics"] == {"rougeL": 0.60, "evalLoss": 1.00}
+
+
+def test_beat_champion_keeps_a_champion_that_is_as_good_on_the_same_rows() -> None:
+    """The recorded 0.50 would have let the challenger through; on the same rows the champion
+    scores 0.62 and the challenger's 0.63 misses the 0.02 margin."""
+    same_rows = {"digest": CHAMPION_DIGEST, "metrics": {"rougeL": 0.62, "evalLoss": 0.90}}
+    p = beat({"rougeL": 0.50, "evalLoss": 1.50}, {"rougeL": 0.63, "evalLoss": 0.85}, same_rows)
+    comparison = p.status["runs"][0]["comparison"]
+    assert comparison["decision"] == "Kept" and comparison["reason"] == "ChampionNotBeaten"
+    assert comparison["sameEvalRows"] is True
+    assert [m["champion"] for m in comparison["metrics"]] == [0.62, 0.90]
+    assert "rougeL improved by 0.01, needs 0.02" in comparison["message"]
+    assert p.status["champion"]["job"] == "weekly-old"
+
+
+def test_beat_champion_falls_back_to_recorded_metrics_and_says_why() -> None:
+    failed = {"digest": CHAMPION_DIGEST, "error": "fetch of s3://b/old failed: no objects found"}
+    p = beat({"rougeL": 0.50, "evalLoss": 1.50}, {"rougeL": 0.60, "evalLoss": 1.00}, failed)
+    comparison = p.status["runs"][0]["comparison"]
+    assert comparison["decision"] == "Promoted" and comparison["sameEvalRows"] is False
+    assert [m["champion"] for m in comparison["metrics"]] == [0.50, 1.50]
+    assert (
+        "could not evaluate the champion: fetch of s3://b/old failed"
+        in (comparison["fallbackReason"])
+    )
+    assert "champion values from its own run" in comparison["message"]
+
+
+def test_values_measured_for_another_adapter_are_not_taken_for_the_champions() -> None:
+    other = {"digest": "sha256:" + "d" * 64, "metrics": {"rougeL": 0.10, "evalLoss": 9.0}}
+    p = beat({"rougeL": 0.70, "evalLoss": 0.80}, {"rougeL": 0.60, "evalLoss": 1.00}, other)
+    comparison = p.status["runs"][0]["comparison"]
+    assert comparison["decision"] == "Kept" and comparison["sameEvalRows"] is False
+    assert "not the champion's adapter" in comparison["fallbackReason"]
+
+
+def test_a_run_without_compare_with_falls_back_as_an_older_trainer_would() -> None:
+    status = {"lastScheduleTime": "2026-12-07T01:00:00Z",
+              "champion": measured_champion({"rougeL": 0.5, "evalLoss": 1.0})}  # fmt: skip
+    p = finished("Succeeded", spec=sched_spec(promotion=BEAT), status=status,
+                 metrics={"rougeL": 0.6, "evalLoss": 0.9})  # fmt: skip
+    comparison = p.status["runs"][0]["comparison"]
+    assert comparison["sameEvalRows"] is False
+    assert "no evaluation.compareWith" in comparison["fallbackReason"]
+
+
+def started_run(promotion: dict[str, Any] | None, champion: dict[str, Any] | None,
+                output_secret: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The FineTuneJob spec of the run the schedule starts at its next time."""
+    spec = sched_spec(promotion=promotion)
+    if output_secret:
+        spec["jobTemplate"]["spec"]["output"]["credentialsSecretRef"] = {"name": "s3-creds"}
+    status: dict[str, Any] = {"lastScheduleTime": "2026-11-30T01:00:00Z"}
+    if champion:
+        status["champion"] = champion
+    p = plan(observed(MON_7 + timedelta(minutes=1), spec=spec, status=status))
+    (body,) = [a.body for a in p.actions if a.verb == "create"]
+    assert body is not None
+    return dict(body["spec"])
+
+
+def test_a_new_run_evaluates_the_champions_adapter_with_beat_champion() -> None:
+    ftj = started_run(BEAT, measured_champion({"rougeL": 0.5}), output_secret=True)
+    assert ftj["evaluation"]["compareWith"] == {
+        "uri": CHAMPION_URI,
+        "digest": CHAMPION_DIGEST,
+        "credentialsSecretRef": {"name": "s3-creds"},
+    }
+
+
+def test_no_compare_with_without_beat_champion_a_champion_or_a_valid_one() -> None:
+    assert "compareWith" not in started_run(None, measured_champion({})).get("evaluation", {})
+    assert "compareWith" not in started_run(BEAT, None).get("evaluation", {})
+    rejected = measured_champion({}) | {"rolledBack": {"adapterDeployment": "a", "reason": "R"}}
+    assert "compareWith" not in started_run(BEAT, rejected).get("evaluation", {})
+    # A champion written into status by hand with a URI a FineTuneJob refuses.
+    forged = measured_champion({}) | {"adapter": {"uri": "pvc://a/../b", "digest": CHAMPION_DIGEST}}
+    assert "compareWith" not in started_run(BEAT, forged).get("evaluation", {})

@@ -199,6 +199,7 @@ def _finish(
     if "evalLoss" in metrics and metrics["evalLoss"] < 50:
         metrics["perplexity"] = math.exp(metrics["evalLoss"])
     base_metrics: dict[str, float] | None = None
+    compared: dict[str, Any] = {}
     notes = list(outcome.notes)
     if evaluate:
         try:
@@ -221,6 +222,8 @@ def _finish(
             raise evaluation_failed(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
         metrics.update(found["metrics"] or {})
         base_metrics = dict(found["baseMetrics"]) if found["baseMetrics"] else None
+        compared = _compared_fields(found["comparedMetrics"], found["comparedError"])
+        notes += [n for n in found["notes"] if n.startswith("compareWith")]
     metrics = _finite_metrics(metrics)
     _write_json(out / "metrics.json", metrics)
     if base_metrics:
@@ -290,7 +293,17 @@ def _finish(
     }
     if base_metrics:
         result["baseMetrics"] = base_metrics
+    result.update(compared)
     return result
+
+
+def _compared_fields(metrics: Mapping[str, float] | None, error: str | None) -> dict[str, Any]:
+    """comparedMetrics / comparedError of the result (evaluation.compareWith)."""
+    if metrics:
+        return {"comparedMetrics": _finite_metrics(metrics)}
+    if error:
+        return {"comparedError": error}
+    return {}
 
 
 def upload_run(

@@ -77,6 +77,14 @@ LOSS_LOGITS_BUDGET_BYTES = 2 * 1024**3
 
 METRICS_FILE = "metrics.json"
 BASE_METRICS_FILE = "base_metrics.json"
+COMPARED_METRICS_FILE = "compared_metrics.json"
+# evaluation.compareWith is tenant input: the peft adapter name it is loaded under, and the
+# bounds its folder must keep (a LoRA adapter is a few files, smaller than its base model).
+COMPARED_ADAPTER_NAME = "compared"
+COMPARED_MAX_FILES = 64
+COMPARED_MAX_RANK = 512
+COMPARED_CONFIG_MAX_BYTES = 1 << 20
+COMPARED_OTHER_FILES_MAX_BYTES = 64 << 20
 GENERATIONS_FILE = "eval_generations.jsonl"
 EVAL_ROWS_FILE = "eval.jsonl"
 
@@ -627,6 +635,114 @@ def _is_peft(model: Any) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+# ------------------------------------------------------------------ the compared adapter
+
+
+class CompareUnavailable(Exception):
+    """evaluation.compareWith cannot be evaluated; the message says why (for status)."""
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*.safetensors") if p.is_file())
+
+
+def check_compared_adapter(path: Path, digest: str, base_dir: Path) -> None:
+    """Refuse a compared adapter folder that is not a bounded, safetensors LoRA adapter whose
+    files match its manifest and the digest named in the spec."""
+    if not (path / "adapter_config.json").is_file():
+        raise CompareUnavailable(f"no adapter at {path} (adapter_config.json missing)")
+    files = [p for p in path.rglob("*") if p.is_file() or p.is_symlink()]
+    if any(p.is_symlink() for p in files):
+        raise CompareUnavailable(f"{path} holds symbolic links; an adapter folder has none")
+    if len(files) > COMPARED_MAX_FILES:
+        raise CompareUnavailable(f"{path} holds {len(files)} files, more than {COMPARED_MAX_FILES}")
+    if not (path / "adapter_model.safetensors").is_file():
+        # peft would fall back to adapter_model.bin, a pickle: never load one from a tenant.
+        raise CompareUnavailable(f"{path} has no adapter_model.safetensors")
+    weights = _weights_bytes(path)
+    limit = _weights_bytes(base_dir)
+    if limit and weights > limit:
+        raise CompareUnavailable(
+            f"{path} holds {weights} bytes of weights, more than its base model ({limit} bytes)"
+        )
+    others = sum(p.stat().st_size for p in files) - weights
+    if others > COMPARED_OTHER_FILES_MAX_BYTES:
+        raise CompareUnavailable(
+            f"{path} holds {others} bytes besides its weights, more than "
+            f"{COMPARED_OTHER_FILES_MAX_BYTES} (config, tokenizer and manifest are far smaller)"
+        )
+    _check_compared_config(path / "adapter_config.json")
+    from .manifest import verify
+
+    try:
+        actual = verify(path)
+    except (ValueError, OSError) as exc:
+        raise CompareUnavailable(f"{path} does not match its manifest.json ({exc})") from exc
+    if actual != digest:
+        raise CompareUnavailable(f"{path} has digest {actual}, not the expected {digest}")
+
+
+def _check_compared_config(config_file: Path) -> None:
+    if config_file.stat().st_size > COMPARED_CONFIG_MAX_BYTES:
+        raise CompareUnavailable(f"{config_file} is larger than {COMPARED_CONFIG_MAX_BYTES} bytes")
+    try:
+        cfg = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise CompareUnavailable(f"{config_file} is not JSON: {exc}") from exc
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        raise CompareUnavailable(f"{config_file} is not a LoRA adapter config (peft_type LORA)")
+    rank = cfg.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= COMPARED_MAX_RANK:
+        raise CompareUnavailable(
+            f"{config_file}: r must be an integer from 1 to {COMPARED_MAX_RANK}"
+        )
+
+
+def compared_adapter_path(config: TrainerConfig) -> Path:
+    """The local folder of evaluation.compareWith, once its fetch step succeeded."""
+    paths = config.paths
+    if paths.compared_fetch_error:
+        error_file = Path(paths.compared_fetch_error)
+        if error_file.is_file():
+            text = error_file.read_text(encoding="utf-8", errors="replace")[:900]
+            raise CompareUnavailable(text.strip() or "the fetch step failed")
+    if not paths.compared_adapter:
+        raise CompareUnavailable("paths.comparedAdapter is empty: the adapter was not fetched")
+    return Path(paths.compared_adapter)
+
+
+def evaluate_compared(
+    config: TrainerConfig,
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[EvalRow],
+) -> tuple[dict[str, float], list[str]]:
+    """Metrics of evaluation.compareWith on ``rows``: loaded beside the trained adapter on the
+    same base weights, evaluated alone, then removed. Raises CompareUnavailable."""
+    compare = config.spec.evaluation.compare_with
+    if compare is None:
+        raise CompareUnavailable("evaluation.compareWith is not set")
+    path = compared_adapter_path(config)
+    check_compared_adapter(path, compare.digest, Path(config.paths.base_model))
+    if not _is_peft(model):
+        raise CompareUnavailable("the evaluated model is not a peft model")
+    previous = model.active_adapter
+    try:
+        model.load_adapter(str(path), adapter_name=COMPARED_ADAPTER_NAME, is_trainable=False)
+    except Exception as exc:
+        raise CompareUnavailable(
+            f"cannot load {compare.uri} onto the base model: {type(exc).__name__}: {exc}"[:900]
+        ) from exc
+    try:
+        model.set_adapter(COMPARED_ADAPTER_NAME)
+        return evaluate_model(
+            model, tokenizer, rows, config.spec.evaluation, config.spec.training.max_seq_length
+        )
+    finally:
+        model.set_adapter(previous)
+        model.delete_adapter(COMPARED_ADAPTER_NAME)
+
+
 # ------------------------------------------------------------------ orchestration
 
 
@@ -663,6 +779,8 @@ class EvaluatedRows(TypedDict):
 class EvaluationResult(TypedDict):
     metrics: dict[str, float] | None
     baseMetrics: dict[str, float] | None
+    comparedMetrics: dict[str, float] | None
+    comparedError: str | None
     judged: str
     adapterDigest: str | None
     gates: list[GateResultDict]
@@ -729,6 +847,14 @@ def run_evaluation(
             base_metrics, base_texts = evaluate_model(model, tokenizer, rows, evaluation, max_len)
         else:
             notes.append("base metrics skipped: the model given is not a peft model")
+    compared_metrics: dict[str, float] | None = None
+    compared_error: str | None = None
+    if not base_only and spec.evaluation.compare_with is not None:
+        try:
+            compared_metrics, _ = evaluate_compared(config, model, tokenizer, rows)
+        except CompareUnavailable as exc:
+            compared_error = str(exc)[:1024]
+            notes.append(f"compareWith not evaluated: {compared_error}")
 
     main_name = BASE_METRICS_FILE if base_only else METRICS_FILE
     main_path = Path(out) if out else output_dir / main_name
@@ -740,6 +866,10 @@ def run_evaluation(
         base_path = main_path if base_only else main_path.parent / BASE_METRICS_FILE
         _write_json(base_path, base_metrics)
         files["baseMetrics"] = str(base_path)
+    if compared_metrics is not None:
+        compared_path = main_path.parent / COMPARED_METRICS_FILE
+        _write_json(compared_path, compared_metrics)
+        files["comparedMetrics"] = str(compared_path)
     generations_path = main_path.parent / GENERATIONS_FILE
     _write_generations(generations_path, rows, adapter_texts, base_texts)
     files["generations"] = str(generations_path)
@@ -751,6 +881,8 @@ def run_evaluation(
     return {
         "metrics": metrics,
         "baseMetrics": base_metrics,
+        "comparedMetrics": compared_metrics,
+        "comparedError": compared_error,
         "judged": "base" if base_only else "adapter",
         "adapterDigest": adapter_digest,
         "gates": gates,
@@ -793,7 +925,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def verdict_lines(result: EvaluationResult) -> list[str]:
     """A short human-readable verdict for the terminal."""
     lines = []
-    for name, values in (("adapter", result.get("metrics")), ("base", result.get("baseMetrics"))):
+    shown_sets = (
+        ("adapter", result.get("metrics")),
+        ("base", result.get("baseMetrics")),
+        ("compared", result.get("comparedMetrics")),
+    )
+    for name, values in shown_sets:
         if values:
             shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items()))
             lines.append(f"{name}: {shown}")
@@ -836,6 +973,8 @@ def command(args: argparse.Namespace) -> int:
             "message": result["gatesMessage"],
             "metrics": result["metrics"] or {},
             "baseMetrics": result["baseMetrics"],
+            "comparedMetrics": result["comparedMetrics"],
+            "comparedError": result["comparedError"],
             "gates": result["gates"],
             "gatesSummary": result["gatesSummary"],
             "adapterDigest": result["adapterDigest"],

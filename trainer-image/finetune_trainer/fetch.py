@@ -145,6 +145,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--digest", help="sha256:<hex>: the fetched adapter must carry this manifest digest"
     )
+    parser.add_argument(
+        "--error-file",
+        type=Path,
+        help="optional input: write a failure's message here and exit 0, so the pod goes on "
+        "without it",
+    )
     args = parser.parse_args(argv)
     try:
         path = fetch(args.uri, args.dest)
@@ -152,7 +158,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_digest(path, args.digest)
     except FetchError as exc:
         print(f"fetch: {exc}", file=sys.stderr)
+        if args.error_file is not None:
+            args.error_file.parent.mkdir(parents=True, exist_ok=True)
+            args.error_file.write_text(f"fetch of {args.uri} failed: {exc}"[:1024], "utf-8")
+            return EXIT_OK
         return exc.code
+    except Exception as exc:
+        if args.error_file is None:
+            raise
+        # An optional input never fails the pod, whatever went wrong fetching it.
+        args.error_file.parent.mkdir(parents=True, exist_ok=True)
+        args.error_file.write_text(f"fetch of {args.uri} failed: {type(exc).__name__}", "utf-8")
+        return EXIT_OK
     print(f"fetch: {args.uri} -> {path}")
     return EXIT_OK
 

@@ -81,10 +81,11 @@ def compact_result(result: dict[str, Any], limit: int = TERMINATION_LIMIT) -> st
     if "type" not in result:
         obj.pop("type")
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-    for key in ("baseMetrics", "data", "metrics"):
+    for key in ("baseMetrics", "data", "comparedMetrics", "metrics"):
         if len(text.encode()) < limit:
             return text
-        obj.pop(key, None)
+        if obj.pop(key, None) is not None and key == "comparedMetrics":
+            obj["comparedError"] = "the compared metrics did not fit the termination message"
         text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
     while len(text.encode()) >= limit and obj.get("message"):
         obj["message"] = str(obj["message"])[: max(0, len(str(obj["message"])) // 2)] + "..."

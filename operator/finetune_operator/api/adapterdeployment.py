@@ -8,13 +8,11 @@ from typing import Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from .common import ApiModel, Condition, LocalObjectRef, SecretKeyRef, StatusModel, cel
-from .finetunejob import URI_MAX, URI_RULES, check_uri
+from .finetunejob import ADAPTER_URI_PATTERN, DIGEST_PATTERN, URI_MAX, URI_RULES, check_uri
 
 KIND = "AdapterDeployment"
 PLURAL = "adapterdeployments"
 
-ADAPTER_URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?|file:///[^\s]*|hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+(@[A-Za-z0-9._/-]+)?)$"
-DIGEST_PATTERN = r"^sha256:[a-f0-9]{64}$"
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$"
 
 SOURCE_KINDS_MESSAGE = "set exactly one of fineTuneJobRef, uri or fineTuneScheduleRef"

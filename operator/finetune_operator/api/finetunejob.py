@@ -44,6 +44,9 @@ PLURAL = "finetunejobs"
 # URIs: a scheme we can fetch from, no parent-directory segments, no whitespace.
 MODEL_URI_PATTERN = r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+(@[A-Za-z0-9._/-]+)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?|file:///[^\s]*)$"
 DATA_URI_PATTERN = r"^(hf://datasets/[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+(@[A-Za-z0-9._/-]+)?(/[^\s]*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?|file:///[^\s]*)$"
+# Adapters: where outputs are written, plus Hugging Face repositories (served or compared).
+ADAPTER_URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?|file:///[^\s]*|hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+(@[A-Za-z0-9._/-]+)?)$"
+DIGEST_PATTERN = r"^sha256:[a-f0-9]{64}$"
 OUTPUT_URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?|file:///[^\s]*)$"
 URI_MAX = 1024
 NO_DOTDOT_RULE = "!self.matches('(^|/)[.][.](/|$)')"
@@ -446,6 +449,34 @@ class QualityGate(ApiModel):
         return self
 
 
+class CompareWith(ApiModel):
+    """Another adapter evaluated on the same eval rows as the trained one (e.g. the adapter in
+    production). Its metrics go to ``status.comparedMetrics``; when it cannot be fetched or
+    loaded, the run still ends on its own gates and ``status.comparedError`` says why."""
+
+    uri: str = _uri_field(
+        ADAPTER_URI_PATTERN,
+        "Adapter folder: pvc://claim/path, s3://bucket/path, hf://org/name@revision or "
+        "file:///path. It must be a LoRA adapter for the same base model, with its "
+        "manifest.json.",
+    )
+    digest: str = Field(
+        pattern=DIGEST_PATTERN,
+        max_length=71,
+        description="sha256:<hex> of the adapter's manifest: the files evaluated must match it.",
+    )
+    credentials_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret with credentials for fetching an s3:// or hf:// adapter. Mounted "
+        "into its fetch step only; never copied.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> CompareWith:
+        check_uri(self.uri)
+        return self
+
+
 class EvaluationSpec(ApiModel):
     """How the adapter is evaluated after training."""
 
@@ -473,6 +504,11 @@ class EvaluationSpec(ApiModel):
         default=None,
         max_length=64,
         description="Phrases that count as a refusal (default: English and Korean phrasings).",
+    )
+    compare_with: CompareWith | None = Field(
+        default=None,
+        description="Also evaluate this adapter on the same eval rows (a FineTuneSchedule with "
+        "promotion BeatChampion sets it to its champion).",
     )
 
 
@@ -844,6 +880,16 @@ class FineTuneJobStatus(StatusModel):
     )
     base_metrics: dict[str, float] | None = Field(
         default=None, description="Evaluation metrics of the base model."
+    )
+    compared_metrics: dict[str, float] | None = Field(
+        default=None,
+        description="Evaluation metrics of spec.evaluation.compareWith on the same eval rows.",
+    )
+    compared_error: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Why spec.evaluation.compareWith was not evaluated (the run is judged on "
+        "its own gates all the same).",
     )
     gates: list[GateResult] | None = Field(
         default=None, description="Verdict of each quality gate."

@@ -242,7 +242,19 @@ class ChampionComparison(StatusModel):
     )
     same_data: bool | None = Field(
         default=None,
-        description="Whether challenger and champion were evaluated on data of the same digest.",
+        description="Whether challenger and champion were trained on data of the same digest.",
+    )
+    same_eval_rows: bool | None = Field(
+        default=None,
+        description="true: the champion's values were measured in the challenger's run, on the "
+        "same eval rows (evaluation.compareWith). false: they are the champion's own run's "
+        "recorded metrics; fallbackReason says why.",
+    )
+    fallback_reason: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Why the champion's recorded metrics were compared instead of values "
+        "measured on the same eval rows.",
     )
     metrics: list[MetricComparison] = Field(
         default_factory=list, max_length=8, description="Each metric compared."
@@ -253,6 +265,16 @@ class GateSummary(StatusModel):
     metric: str = Field(max_length=64, description="Metric the gate checks.")
     value: float | None = Field(default=None, description="Measured value.")
     passed: bool = Field(description="Whether the gate passed.")
+
+
+class ComparedRecord(StatusModel):
+    digest: str = Field(max_length=128, description="Digest of the adapter compared with.")
+    metrics: dict[str, float] | None = Field(
+        default=None, description="Its metrics, measured on this run's eval rows."
+    )
+    error: str | None = Field(
+        default=None, max_length=1024, description="Why it was not evaluated."
+    )
 
 
 class RunRecord(StatusModel):
@@ -272,6 +294,11 @@ class RunRecord(StatusModel):
     completed_at: str | None = Field(default=None, max_length=64, description="When it ended.")
     gates: list[GateSummary] | None = Field(default=None, description="Quality gate verdicts.")
     metrics: dict[str, float] | None = Field(default=None, description="Its evaluation metrics.")
+    compared: ComparedRecord | None = Field(
+        default=None,
+        description="The champion's adapter as this run evaluated it on the same eval rows "
+        "(promotion BeatChampion).",
+    )
     adapter: AdapterRef | None = Field(default=None, description="The adapter it produced.")
     comparison: ChampionComparison | None = Field(
         default=None, description="The promotion decision about it."

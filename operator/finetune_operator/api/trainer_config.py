@@ -27,6 +27,13 @@ class ResolvedPaths(ApiModel):
         default=None, description="Evaluation data file or folder, if separate."
     )
     output_dir: str = Field(description="Output directory: checkpoints, adapter, reports.")
+    compared_adapter: str | None = Field(
+        default=None, description="Folder of spec.evaluation.compareWith, when set."
+    )
+    compared_fetch_error: str | None = Field(
+        default=None,
+        description="File in which the fetch step of compareWith leaves its failure, if any.",
+    )
 
 
 class TrainerConfig(ApiModel):

@@ -35,6 +35,8 @@ MAX_COUNT = 2**53
 MAX_ENTRIES = 256
 # Characters of a result's message (the trainer shortens longer ones).
 MAX_MESSAGE_CHARS = 16384
+# Characters of the reason a compared adapter was not evaluated (status.comparedError).
+COMPARED_ERROR_CHARS = 1024
 
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -131,6 +133,9 @@ class TrainerResult(ChannelModel):
     message: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | None = None
     metrics: Metrics | None = None
     base_metrics: Metrics | None = None
+    # spec.evaluation.compareWith measured on the same eval rows, or why it was not.
+    compared_metrics: Metrics | None = None
+    compared_error: Annotated[str, Field(max_length=COMPARED_ERROR_CHARS)] | None = None
     adapter: AdapterOutput | None = None
     data: DataReport | None = None
 

@@ -38,6 +38,9 @@ def data_sources(ftj_spec: Mapping[str, Any]) -> list[tuple[str, str, str | None
     return sources
 
 
+TERMINATION_LOG = "/dev/termination-log"
+
+
 def _claim(uri: str) -> str | None:
     parsed = StorageUri.parse(uri)
     return parsed.claim if parsed.scheme == "pvc" else None
@@ -69,7 +72,10 @@ def probe_job(
             "image": image,
             "imagePullPolicy": pull_policy,
             "command": ["python", "-m", "finetune_trainer.fingerprint"],
-            "args": ["--uri", uri, "--pvc-root", PVC_ROOT],
+            # The result path named explicitly, as the kubelet reads it: a runner that maps
+            # container paths to local ones (the local executor) then finds it too.
+            "args": ["--uri", uri, "--pvc-root", PVC_ROOT, "--termination-log", TERMINATION_LOG],
+            "terminationMessagePath": TERMINATION_LOG,
             "env": [{"name": "HOME", "value": "/tmp"}],
             "volumeMounts": mounts,
             "terminationMessagePolicy": "File",

@@ -35,6 +35,9 @@ INPUTS_DIR = "/work/inputs"
 OUTPUT_DIR = "/work/output"
 PVC_ROOT = "/mnt/pvc"
 TERMINATION_LOG = "/dev/termination-log"
+# evaluation.compareWith: its fetch folder, and the file its fetch step writes a failure to.
+COMPARE_FETCH = "compare"
+COMPARE_FETCH_ERROR = f"{INPUTS_DIR}/compare-fetch-error.txt"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -53,6 +56,9 @@ class PodLayout:
     volumes: list[dict[str, Any]] = field(default_factory=list)
     mounts: list[dict[str, Any]] = field(default_factory=list)
     fetches: list[tuple[str, str, str | None]] = field(default_factory=list)  # name, uri, secret
+    # evaluation.compareWith fetched from hf:// or s3://: (uri, digest, secret). Optional:
+    # its failure is written to a file and the run goes on without it.
+    compare_fetch: tuple[str, str, str | None] | None = None
 
 
 def _volume_name(claim: str) -> str:
@@ -95,6 +101,16 @@ def pod_paths(spec: FineTuneJobSpec) -> PodLayout:
     layout.paths = ResolvedPaths(
         base_model=base, train_data=train, eval_data=eval_path, output_dir=output
     )
+    compare = spec.evaluation.compare_with
+    if compare is not None:
+        secret = compare.credentials_secret_ref.name if compare.credentials_secret_ref else None
+        compared = StorageUri.parse(compare.uri)
+        if compared.scheme in ("pvc", "file"):
+            layout.paths.compared_adapter = local(compare.uri, COMPARE_FETCH, None)
+        else:
+            layout.compare_fetch = (compare.uri, compare.digest, secret)
+            layout.paths.compared_adapter = compared.fetched_path(f"{INPUTS_DIR}/{COMPARE_FETCH}")
+            layout.paths.compared_fetch_error = COMPARE_FETCH_ERROR
 
     for claim, writable in sorted(claims.items()):
         vol = _volume_name(claim)
@@ -104,7 +120,7 @@ def pod_paths(spec: FineTuneJobSpec) -> PodLayout:
         layout.mounts.append(
             {"name": vol, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": not writable}
         )
-    if layout.fetches:
+    if layout.fetches or layout.compare_fetch:
         layout.volumes.append({"name": "inputs", "emptyDir": {}})
         layout.mounts.append({"name": "inputs", "mountPath": INPUTS_DIR})
     if output == OUTPUT_DIR:
@@ -222,6 +238,19 @@ def _fetch_container(
     return container
 
 
+def _compare_fetch_container(
+    layout: PodLayout, image: str, config: OperatorConfig
+) -> list[dict[str, Any]]:
+    """The fetch step of evaluation.compareWith: checks the digest, and on any failure leaves
+    the message in a file and exits 0, so the run goes on with its own evaluation."""
+    if layout.compare_fetch is None:
+        return []
+    uri, digest, secret = layout.compare_fetch
+    container = _fetch_container(COMPARE_FETCH, uri, secret, image, config)
+    container["args"] += ["--digest", digest, "--error-file", COMPARE_FETCH_ERROR]
+    return [container]
+
+
 def trainer_job(
     name: str,
     namespace: str,
@@ -303,8 +332,11 @@ def trainer_job(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "initContainers": [
-            _fetch_container(fname, uri, secret, image, config)
-            for fname, uri, secret in layout.fetches
+            *(
+                _fetch_container(fname, uri, secret, image, config)
+                for fname, uri, secret in layout.fetches
+            ),
+            *_compare_fetch_container(layout, image, config),
         ],
         "containers": [trainer],
         "volumes": [

@@ -14,8 +14,6 @@ from datetime import datetime
 from typing import Any, Literal
 
 from ..api.adapterdeployment import (
-    ADAPTER_URI_PATTERN,
-    DIGEST_PATTERN,
     AdapterDeploymentSpec,
     AdapterDeploymentStatus,
     AdapterRevision,
@@ -24,7 +22,7 @@ from ..api.adapterdeployment import (
     Reason,
 )
 from ..api.common import get_condition
-from ..api.finetunejob import URI_MAX, check_uri
+from ..api.finetunejob import ADAPTER_URI_PATTERN, DIGEST_PATTERN, URI_MAX, check_uri
 from ..builders import serving as sb
 from ..domain.times import parse_rfc3339
 from ..domain.uris import StorageUri, UriError, split_scheme

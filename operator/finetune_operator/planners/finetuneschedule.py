@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 from pydantic import ValidationError
 
 from ..api.common import API_VERSION, owner_reference, set_condition
+from ..api.finetunejob import CompareWith
 from ..api.finetuneschedule import KIND, RUN_RECORDS_MAX, FineTuneScheduleSpec
 from ..api.metrics_catalog import METRICS
 from ..builders import names
@@ -158,6 +159,24 @@ def _adapter_ref(status: Mapping[str, Any]) -> dict[str, Any] | None:
     return ref
 
 
+def _compared(ftj: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The adapter the run also evaluated on its eval rows (evaluation.compareWith), with the
+    metrics it measured or why there are none."""
+    compare = (((ftj.get("spec") or {}).get("evaluation") or {}).get("compareWith")) or {}
+    digest = str(compare.get("digest") or "")
+    if not DIGEST.fullmatch(digest):
+        return None
+    status = ftj.get("status") or {}
+    out: dict[str, Any] = {"digest": digest}
+    metrics = _finite_metrics(status.get("comparedMetrics"))
+    if metrics:
+        out["metrics"] = metrics
+    else:
+        error = status.get("comparedError")
+        out["error"] = str(error)[:1024] if error else "the run's status has no comparedMetrics"
+    return out
+
+
 def observe_run(ftj: Mapping[str, Any]) -> dict[str, Any]:
     """The run record of one owned FineTuneJob, as status.runs lists it."""
     meta = ftj.get("metadata") or {}
@@ -203,6 +222,7 @@ def observe_run(ftj: Mapping[str, Any]) -> dict[str, Any]:
         ]
         record["gates"] = gates or None
         record["metrics"] = _finite_metrics(status.get("metrics"))
+        record["compared"] = _compared(ftj)
         if outcome == "Succeeded":
             record["adapter"] = _adapter_ref(status)
     return {k: v for k, v in record.items() if v is not None}
@@ -270,7 +290,7 @@ def _compare_with_champion(
     promotion: Mapping[str, Any], record: Mapping[str, Any], champion: Mapping[str, Any]
 ) -> dict[str, Any]:
     mine = record.get("metrics") or {}
-    theirs = champion.get("metrics") or {}
+    theirs, fallback = champion_values(record, champion)
     rows: list[dict[str, Any]] = []
     missing: list[str] = []
     short: list[str] = []
@@ -291,29 +311,55 @@ def _compare_with_champion(
             if not row["passed"]:
                 short.append(f"{metric} improved by {gain:.4g}, needs {margin:.4g}")
         rows.append(row)
-    result: dict[str, Any] = {"metrics": rows}
+    result: dict[str, Any] = {"metrics": rows, "sameEvalRows": fallback is None}
+    if fallback is not None:
+        result["fallbackReason"] = fallback[:1024]
     a, b = record.get("dataDigest"), champion.get("dataDigest")
     if a and b:
         result["sameData"] = a == b
+    basis = (
+        " (both measured on this run's eval rows)"
+        if fallback is None
+        else " (champion values from its own run: " + fallback + ")"
+    )
     if missing:
         return result | {
             "decision": "Kept",
             "reason": "MetricMissing",
-            "message": "cannot compare, no value for "
-            + ", ".join(missing)
-            + ": list only metrics the evaluation reports",
-        }
+            "message": ("cannot compare, no value for " + ", ".join(missing)
+                        + ": list only metrics the evaluation reports" + basis)[:1024],
+        }  # fmt: skip
     if short:
         return result | {
             "decision": "Kept",
             "reason": "ChampionNotBeaten",
-            "message": "the champion stays: " + "; ".join(short),
+            "message": ("the champion stays: " + "; ".join(short) + basis)[:1024],
         }
     return result | {
         "decision": "Promoted",
         "reason": "BeatChampion",
-        "message": "the run beat the champion on every metric by its margin",
+        "message": ("the run beat the champion on every metric by its margin" + basis)[:1024],
     }
+
+
+def champion_values(
+    record: Mapping[str, Any], champion: Mapping[str, Any]
+) -> tuple[Mapping[str, Any], str | None]:
+    """The champion's metrics to compare with, and None when they were measured in the
+    challenger's own run on the same eval rows, else why the champion's recorded metrics (from
+    its own run, on its own eval rows) are used instead."""
+    compared = record.get("compared") or {}
+    digest = (champion.get("adapter") or {}).get("digest")
+    recorded = champion.get("metrics") or {}
+    if not compared:
+        return recorded, "the run did not evaluate the champion (no evaluation.compareWith)"
+    if compared.get("digest") != digest:
+        return recorded, (
+            f"the run evaluated {compared.get('digest')}, not the champion's adapter {digest}"
+        )
+    if not compared.get("metrics"):
+        return recorded, f"the run could not evaluate the champion: {compared.get('error')}"
+    return compared["metrics"], None
 
 
 def champion_from(record: Mapping[str, Any], since: str) -> dict[str, Any]:
@@ -338,8 +384,12 @@ def run_body(
     slot: datetime,
     trigger: str,
     source_digest: str | None = None,
+    champion: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The FineTuneJob of one slot, owned by the schedule, writing to a folder of its own."""
+    """The FineTuneJob of one slot, owned by the schedule, writing to a folder of its own.
+
+    With promotion BeatChampion and a champion, the run also evaluates the champion's adapter
+    on its eval rows (evaluation.compareWith), so the rule compares values measured alike."""
     name = run_name(obs.name, slot)
     template = spec.get("jobTemplate") or {}
     meta_t = template.get("metadata") or {}
@@ -347,6 +397,9 @@ def run_body(
     output = ftj_spec.get("output") or {}
     if output.get("uri"):
         output["uri"] = f"{str(output['uri']).rstrip('/')}/{name}"
+    compare = compare_with(spec, champion)
+    if compare is not None:
+        ftj_spec.setdefault("evaluation", {})["compareWith"] = compare
     labels = {
         **(meta_t.get("labels") or {}),
         names.LABEL_MANAGED_BY: names.MANAGER,
@@ -371,6 +424,30 @@ def run_body(
         },
         "spec": ftj_spec,
     }
+
+
+def compare_with(
+    spec: Mapping[str, Any], champion: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """evaluation.compareWith for a new run: the champion's adapter, fetched with the output's
+    credentials (where the schedule's runs write). None without BeatChampion, without a
+    champion, for a champion serving rejected (it is replaced whatever the metrics), or when
+    the champion's URI or digest would not pass the FineTuneJob's checks (anyone allowed to
+    write the schedule's status could put anything there)."""
+    if ((spec.get("promotion") or {}).get("policy")) != "BeatChampion" or not champion:
+        return None
+    if champion.get("rolledBack"):
+        return None
+    adapter = champion.get("adapter") or {}
+    output = ((spec.get("jobTemplate") or {}).get("spec") or {}).get("output") or {}
+    body: dict[str, Any] = {"uri": adapter.get("uri"), "digest": adapter.get("digest")}
+    if output.get("credentialsSecretRef"):
+        body["credentialsSecretRef"] = dict(output["credentialsSecretRef"])
+    try:
+        CompareWith.model_validate(body)
+    except ValidationError:
+        return None
+    return body
 
 
 # ---------------------------------------------------------------- the plan
@@ -528,7 +605,7 @@ def plan(obs: Observed) -> Plan:
         st.cond(SUSPENDED, "True", "Suspended", "spec.suspend is true: no new runs start")
     else:
         st.cond(SUSPENDED, "False", "Active", "new runs start when they are due")
-    step = _Step(obs, spec_model, st, records, seen, active, actions, events)
+    step = _Step(obs, spec_model, st, records, seen, active, actions, events, champion)
     upcoming = _scheduled_run(step)
     probe_wake = _data_change_run(step)
     _set_run_conditions(st, records)
@@ -570,11 +647,12 @@ class _Step:
     active: list[str]
     actions: list[RunAction]
     events: list[Event]
+    champion: Mapping[str, Any] | None = None
     started: str | None = None
 
     def start(self, slot: datetime, trigger: str, source_digest: str | None) -> str:
         name = run_name(self.obs.name, slot)
-        body = run_body(self.obs, self.obs.spec, slot, trigger, source_digest)
+        body = run_body(self.obs, self.obs.spec, slot, trigger, source_digest, self.champion)
         self.actions.append(RunAction("create", name, body))
         record = {"name": name, "scheduledTime": format_rfc3339(slot), "trigger": trigger,
                   "outcome": "Running"}  # fmt: skip

@@ -27,6 +27,8 @@ RUN_FIELDS = (
     "data",
     "metrics",
     "base_metrics",
+    "compared_metrics",
+    "compared_error",
     "gates",
     "gates_summary",
     "adapter",

@@ -204,6 +204,19 @@ def completed_at(job: Mapping[str, Any], st: StatusDraft) -> str:
     return st.status.completed_at or st.now
 
 
+def record_compared(st: StatusDraft, spec: FineTuneJobSpec, result: TrainerResult) -> None:
+    """evaluation.compareWith's metrics on the same eval rows, or why there are none."""
+    if spec.evaluation.compare_with is None:
+        return
+    compared = numeric_metrics(result.compared_metrics)
+    if compared:
+        st.status.compared_metrics = compared
+    else:
+        st.status.compared_error = result.compared_error or (
+            "the trainer reported no compared metrics (a trainer image without compareWith?)"
+        )
+
+
 def finish_complete(
     obs: Observed,
     st: StatusDraft,
@@ -236,6 +249,7 @@ def finish_complete(
         st.cond(C.EVALUATED, "False", Reason.NO_METRICS, "the trainer reported no metrics")
     if base_metrics:
         st.status.base_metrics = base_metrics
+    record_compared(st, spec, result)
     adapter = adapter_record(result.adapter, spec)
     if adapter:
         st.status.adapter = adapter
