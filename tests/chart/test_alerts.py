@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import promtool
 import yaml
-from chartlib import ROOT, by_kind, manifests, one
+from support import promtool
+from support.chartlib import ROOT, by_kind, manifests, one
 
 TESTS = Path(__file__).with_name("prometheus") / "alerts-test.yaml"
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from chartlib import (
+from support.chartlib import (
     CHART_DIR,
     CRDS_DIR,
     NAMESPACE,

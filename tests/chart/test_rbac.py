@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from chartlib import NAMESPACE, RELEASE, by_kind, manifests, one
 from rbaclib import Derived, derive, granted, permission_of
+from support.chartlib import NAMESPACE, RELEASE, by_kind, manifests, one
 
 pytest.importorskip("helm_python")
 

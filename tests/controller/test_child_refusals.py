@@ -8,7 +8,16 @@ import time
 from typing import Any
 
 import pytest
-from cluster import (
+from finetune_operator.config import OperatorConfig
+from finetune_operator.local import Emulator
+from finetune_operator.planners.finetunejob import (
+    Observed,
+    Refusal,
+    child_refused,
+    classify_refusal,
+    plan,
+)
+from support.cluster import (
     NS,
     add_prerequisites,
     events,
@@ -19,17 +28,8 @@ from cluster import (
     wait_condition,
     wait_job,
 )
-from finetune_operator.config import OperatorConfig
-from finetune_operator.local import Emulator
-from finetune_operator.planners.finetunejob import (
-    Observed,
-    Refusal,
-    child_refused,
-    classify_refusal,
-    plan,
-)
-from ftj_samples import spec
-from k8s_fixtures import wait_for
+from support.ftj_samples import spec
+from support.k8s_fixtures import wait_for
 
 JOB = "bot-train-g1"
 QUOTA = 'jobs "bot-train-g1" is forbidden: exceeded quota: gpu-quota, requested: count/jobs.batch=1'

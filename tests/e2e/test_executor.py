@@ -22,7 +22,7 @@ from finetune_operator.local.executor import (
     rewrite_path,
 )
 from finetune_operator.local.schema import to_json_schema
-from k8s_fixtures import wait_for
+from support.k8s_fixtures import wait_for
 
 NS = "default"
 

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from clusterkit import Cluster, Environment, wait_until
-from controller.ftj_samples import result, spec
+from support.ftj_samples import result, spec
 
 SECRET_VALUE = "aGZfc2VjcmV0X3ZhbHVl"  # base64 of hf_secret_value
 

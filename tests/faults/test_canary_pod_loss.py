@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from finetune_operator.local import Emulator
-from k8s_fixtures import wait_for
-from serving.adapters import make_adapter
-from serving.test_operator_serving import (
+from support.adapters import make_adapter
+from support.k8s_fixtures import wait_for
+from support.serving_env import (
     NS,
     Env,
     adapter_deployment,

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from finetune_operator.crdvalidation import served_versions
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = ROOT / "crds"
 
 
