@@ -283,6 +283,7 @@ SUBPROCESS_CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
 }
 
 
+@pytest.mark.slow  # the trainer CLI in its own process
 @pytest.mark.parametrize("case", sorted(SUBPROCESS_CASES))
 def test_the_trainer_command_exits_with_the_data_error(
     case: str,

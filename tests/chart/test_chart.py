@@ -22,6 +22,9 @@ from support.chartlib import (
     repo_crds,
 )
 
+# Renders the chart with many sets of values (helm).
+pytestmark = pytest.mark.slow
+
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 helm = pytest.importorskip("helm_python")
 

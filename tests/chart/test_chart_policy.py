@@ -13,6 +13,9 @@ from finetune_operator.config import load_config
 from finetune_operator.policy import Policy, TaintMatch
 from support.chartlib import CHART_DIR, manifests, one, render
 
+# Renders the chart with many sets of values (helm).
+pytestmark = pytest.mark.slow
+
 helm = pytest.importorskip("helm_python")
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "platform-teams.md"

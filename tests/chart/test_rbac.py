@@ -9,6 +9,9 @@ import pytest
 from rbaclib import Derived, derive, granted, permission_of
 from support.chartlib import NAMESPACE, RELEASE, by_kind, manifests, one
 
+# Renders the chart and scans every call site of the operator.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("helm_python")
 
 # What kopf needs when it watches every namespace: noticing CRDs installed or upgraded while

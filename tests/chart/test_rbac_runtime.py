@@ -33,6 +33,9 @@ from support.serving_env import (
     vllm_deployment,
 )
 
+# Renders the chart and runs the operator through whole rollouts.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("helm_python")
 
 # kopf tries these when it watches a list of namespaces (as in this test) and falls back

@@ -24,6 +24,9 @@ from finetune_operator.local.executor import (
 from finetune_operator.local.schema import to_json_schema
 from support.k8s_fixtures import wait_for
 
+# Runs pods as real processes and waits for them.
+pytestmark = pytest.mark.slow
+
 NS = "default"
 
 # The script each test container runs: it reads its config file and a secret from env,
