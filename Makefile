@@ -32,10 +32,11 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-# Test modules spread over one worker process per core (pytest-xdist); a module stays on one
-# worker, so its module-scoped fixtures (a training run, an S3 server) are built once.
+# Test modules spread over worker processes (pytest-xdist); a module stays on one worker, so
+# its module-scoped fixtures (a training run, an S3 server) are built once. Four workers on two
+# cores: most operator tests wait on the operator, not on a CPU (decision 1940).
 # PYTEST_WORKERS=0 runs everything in this process.
-PYTEST_WORKERS ?= auto
+PYTEST_WORKERS ?= 4
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
 
 unit: setup

@@ -25,6 +25,9 @@ from support.serving_env import (
     vllm_deployment,
 )
 
+# Each scenario waits out a canary analysis deadline (seconds of real time).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def env(
