@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONPATH := operator:trainer-image
 
-.PHONY: setup demo test lint typecheck unit crds docs clean e2e-cluster e2e-cluster-kubeconfig
+.PHONY: setup demo test test-fast lint typecheck unit crds docs clean e2e-cluster e2e-cluster-kubeconfig
 
 $(VENV)/.installed: pyproject.toml tests/requirements-s3.txt trainer-image/requirements-s3.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +32,22 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
+# Test modules spread over worker processes (pytest-xdist); a module stays on one worker, so
+# its module-scoped fixtures (a training run, an S3 server) are built once. Four workers on two
+# cores: most operator tests wait on the operator, not on a CPU (decision 1940).
+# PYTEST_WORKERS=0 runs everything in this process.
+PYTEST_WORKERS ?= 4
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
+
 unit: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q $(PYTEST_PARALLEL)
 
 test: lint typecheck unit
+
+# The unit and controller tests only: without the tests that train a model, run the product
+# end to end or render for long (markers `slow` and `e2e`, pyproject.toml).
+test-fast: setup
+	$(VENV)/bin/pytest -q $(PYTEST_PARALLEL) -m "not slow and not e2e"
 
 # The FineTuneJob lifecycle tests against the cluster KUBECONFIG names (docs/development.md):
 # CRDs and RBAC from the chart, the operator in this process as the chart's ServiceAccount.

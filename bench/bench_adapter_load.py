@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import finetune_operator.handlers.adapterdeployment as handlers
     from finetune_local import Emulator, run_operator, serve
     from finetune_local.serving_cluster import ServingCluster
-    from serving.adapters import make_adapter
+    from support.adapters import make_adapter
 
     root = Path(tempfile.mkdtemp(prefix="bench-adapter-load-"))
     api = Emulator()

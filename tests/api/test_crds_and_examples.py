@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 import yaml
-from crdcheck import CRD_DIR, ROOT, load_crd, openapi_schema, validate
 from finetune_operator.api import adapterdeployment as ad
 from finetune_operator.api import finetunejob as ftj
 from finetune_operator.api import finetuneschedule as fts
 from finetune_operator.tools import crdgen
 from pydantic import ValidationError
+from support.crdcheck import CRD_DIR, ROOT, load_crd, openapi_schema, validate
 
 INVALID = sorted((Path(__file__).parent / "invalid").glob("*.yaml"))
 EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))

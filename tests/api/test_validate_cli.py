@@ -28,7 +28,6 @@ from api.parity_cases import (
     largest_affinity,
     manifest,
 )
-from crdcheck import CRD_DIR, ROOT, load_crd, openapi_schema, validate
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.builders import (
     owner_reference,
@@ -38,6 +37,7 @@ from finetune_operator.builders import (
 )
 from finetune_operator.config import OperatorConfig
 from finetune_operator.tools import validate as cli
+from support.crdcheck import CRD_DIR, ROOT, load_crd, openapi_schema, validate
 
 INVALID = sorted((Path(__file__).parent / "invalid").glob("*.yaml"))
 EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))

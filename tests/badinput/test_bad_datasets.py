@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 from finetune_operator.api.trainer_config import PROGRESS_PREFIX
-from trainer.conftest import tiny_model  # noqa: F401  (fixture)
-from trainer.trainer_samples import REPO, json_task_rows, make_config, subprocess_env, write_config
+from support.trainer_samples import REPO, json_task_rows, make_config, subprocess_env, write_config
 
 SECRET = "hf_TOPSECRET_badinput_4242"
 
@@ -179,7 +178,7 @@ def run_data_report(
 def test_bad_dataset_names_what_to_fix(
     case: str,
     tmp_path: Path,
-    tiny_model: Path,  # noqa: F811
+    tiny_model: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     build, code, reason, words = CASES[case]
@@ -200,7 +199,7 @@ def test_bad_dataset_names_what_to_fix(
 
 def test_a_dropped_jsonl_line_is_named_in_the_log(
     tmp_path: Path,
-    tiny_model: Path,  # noqa: F811
+    tiny_model: Path,
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -218,7 +217,7 @@ def test_a_dropped_jsonl_line_is_named_in_the_log(
 
 def test_secret_looking_rows_never_reach_the_result(
     tmp_path: Path,
-    tiny_model: Path,  # noqa: F811
+    tiny_model: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     train = secret_in_rows(tmp_path / "train.jsonl")
@@ -230,7 +229,7 @@ def test_secret_looking_rows_never_reach_the_result(
 
 def test_odd_unicode_rows_are_kept_intact(
     tmp_path: Path,
-    tiny_model: Path,  # noqa: F811
+    tiny_model: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """RTL marks, zero-width characters and emoji are text like any other: no crash, no loss."""
@@ -260,7 +259,7 @@ def test_odd_unicode_rows_are_kept_intact(
 
 def test_a_byte_order_mark_keeps_every_row(
     tmp_path: Path,
-    tiny_model: Path,  # noqa: F811
+    tiny_model: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     train = tmp_path / "train.jsonl"
@@ -284,11 +283,12 @@ SUBPROCESS_CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
 }
 
 
+@pytest.mark.slow  # the trainer CLI in its own process
 @pytest.mark.parametrize("case", sorted(SUBPROCESS_CASES))
 def test_the_trainer_command_exits_with_the_data_error(
     case: str,
     tmp_path: Path,
-    tiny_model: Path,  # noqa: F811
+    tiny_model: Path,
 ) -> None:
     """The real command in its own process: exit 3, the reason on stdout and in the
     termination message, no traceback, no hang."""

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from controller.cluster import (
+from finetune_local import Emulator
+from support.adapters import make_adapter
+from support.cluster import (
     NS,
     add_prerequisites,
     events,
@@ -22,11 +24,9 @@ from controller.cluster import (
     wait_condition,
     wait_job,
 )
-from controller.ftj_samples import spec
-from finetune_local import Emulator
-from k8s_fixtures import wait_for
-from serving.adapters import make_adapter
-from serving.test_operator_serving import (
+from support.ftj_samples import spec
+from support.k8s_fixtures import wait_for
+from support.serving_env import (
     Env,
     adapter_deployment,
     env_with_every_handler,

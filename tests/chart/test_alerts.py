@@ -9,9 +9,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import promtool
+import pytest
 import yaml
-from chartlib import ROOT, by_kind, manifests, one
+from support import promtool
+from support.chartlib import ROOT, by_kind, manifests, one
+
+# Renders the chart and runs promtool on its alert rules.
+pytestmark = pytest.mark.slow
 
 TESTS = Path(__file__).with_name("prometheus") / "alerts-test.yaml"
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
-from chartlib import (
+from support.chartlib import (
     CHART_DIR,
     CRDS_DIR,
     NAMESPACE,
@@ -21,6 +21,9 @@ from chartlib import (
     render,
     repo_crds,
 )
+
+# Renders the chart with many sets of values (helm).
+pytestmark = pytest.mark.slow
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 helm = pytest.importorskip("helm_python")

@@ -9,9 +9,12 @@ from typing import Any
 
 import pytest
 import yaml
-from chartlib import CHART_DIR, manifests, one, render
 from finetune_operator.config import load_config
 from finetune_operator.policy import Policy, TaintMatch
+from support.chartlib import CHART_DIR, manifests, one, render
+
+# Renders the chart with many sets of values (helm).
+pytestmark = pytest.mark.slow
 
 helm = pytest.importorskip("helm_python")
 

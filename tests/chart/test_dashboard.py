@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 import pytest
-from chartlib import load_script
+from support.chartlib import load_script
 
 # Modules that define the operator's Prometheus metrics.
 METRIC_MODULES = ("finetune_operator.metrics", "finetune_operator.metrics_serving")

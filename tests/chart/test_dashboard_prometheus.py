@@ -20,12 +20,12 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-import promtool
 import pytest
-from chartlib import load_script
 from finetune_operator import metrics, metrics_serving
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from support import promtool
+from support.chartlib import load_script
 
 NS, OTHER = "dash", "other"
 SCRAPE_SECONDS = 15

@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
-from chartlib import CHART_DIR, NAMESPACE, RELEASE, ROOT, load_script, manifests
 from finetune_local import Emulator
-from k8s_fixtures import emulator  # noqa: F401
+from support.chartlib import CHART_DIR, NAMESPACE, RELEASE, ROOT, load_script, manifests
 
 helm = pytest.importorskip("helm_python")
 
@@ -46,7 +45,7 @@ def test_plain_manifests_namespace_enforces_restricted() -> None:
 
 
 @pytest.fixture
-def live_render(emulator: Emulator) -> Iterator[Any]:  # noqa: F811
+def live_render(emulator: Emulator) -> Iterator[Any]:
     """Render as `helm install` does against a cluster: `lookup` reads the live API."""
     config = helm.Config(kube_apiserver=str(emulator.url), kube_insecure_skip_tls_verify=True)
 
@@ -69,7 +68,7 @@ def namespace(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]
 
 
 def test_missing_watch_namespace_is_refused_before_anything_is_created(
-    emulator: Emulator,  # noqa: F811
+    emulator: Emulator,
     live_render: Any,
 ) -> None:
     emulator.create(namespace("team-a"))
@@ -94,7 +93,7 @@ def test_without_a_cluster_the_namespace_check_is_skipped() -> None:
 
 
 def test_notes_ask_to_label_an_unlabelled_release_namespace(
-    emulator: Emulator,  # noqa: F811
+    emulator: Emulator,
     live_render: Any,
 ) -> None:
     notes = "finetune-operator/templates/NOTES.txt"

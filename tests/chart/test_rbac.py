@@ -6,8 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from chartlib import NAMESPACE, RELEASE, by_kind, manifests, one
 from rbaclib import Derived, derive, granted, permission_of
+from support.chartlib import NAMESPACE, RELEASE, by_kind, manifests, one
+
+# Renders the chart and scans every call site of the operator.
+pytestmark = pytest.mark.slow
 
 pytest.importorskip("helm_python")
 

@@ -11,8 +11,11 @@ from typing import Any
 
 import kopf
 import pytest
-from chartlib import manifests, one
-from controller.cluster import (
+from finetune_local import Emulator
+from rbaclib import granted, permission_of
+from support.adapters import make_adapter
+from support.chartlib import manifests, one
+from support.cluster import (
     add_prerequisites,
     ftj_body,
     start_operator,
@@ -20,18 +23,18 @@ from controller.cluster import (
     wait_job,
     wait_phase,
 )
-from controller.ftj_samples import DATA_REPORT, channel, progress_line, result, spec
-from finetune_local import Emulator
-from k8s_fixtures import emulator, operator_runner, wait_for  # noqa: F401  (fixtures)
-from rbaclib import granted, permission_of
-from serving.adapters import make_adapter
-from serving.test_operator_serving import (
+from support.ftj_samples import DATA_REPORT, channel, progress_line, result, spec
+from support.k8s_fixtures import wait_for
+from support.serving_env import (
     Env,
     adapter_deployment,
     canary_strategy,
     uri_source,
     vllm_deployment,
 )
+
+# Renders the chart and runs the operator through whole rollouts.
+pytestmark = pytest.mark.slow
 
 pytest.importorskip("helm_python")
 
@@ -56,8 +59,8 @@ def requested(api: Emulator) -> set[tuple[str, str, str]]:
 
 
 def test_a_finetunejob_lifecycle_needs_nothing_the_chart_does_not_grant(
-    emulator: Emulator,  # noqa: F811
-    operator_runner: Any,  # noqa: F811
+    emulator: Emulator,
+    operator_runner: Any,
 ) -> None:
     add_prerequisites(emulator)
     start_operator(emulator, operator_runner)
@@ -90,15 +93,15 @@ def assert_allowed(needed: set[tuple[str, str, str]]) -> None:
 
 @pytest.fixture
 def env(
-    emulator: Emulator,  # noqa: F811
-    operator_runner: Any,  # noqa: F811
+    emulator: Emulator,
+    operator_runner: Any,
     tmp_path: Path,
 ) -> Iterator[Env]:
     """The whole operator (both controllers, as in the pod) next to an emulated vLLM fleet."""
     import finetune_operator.main  # noqa: F401  (registers every handler)
-    from controller.cluster import FAST
     from finetune_local.serving_cluster import ServingCluster
     from finetune_operator.clients.kube import KubeClient
+    from support.cluster import FAST
 
     with ServingCluster(emulator, "default", tmp_path / "pvc", lambda _d, _t: {}) as cluster:
         memo = kopf.Memo(config=FAST, kube=KubeClient.from_url(str(emulator.url)))

@@ -17,7 +17,7 @@ from finetune_operator.builders import (
     trainer_job,
 )
 from finetune_operator.config import OperatorConfig
-from ftj_samples import spec
+from support.ftj_samples import spec
 
 CONFIG = OperatorConfig(trainer_image="registry.example/trainer:1.0")
 OWNER = owner_reference("FineTuneJob", "bot", "uid-1")

@@ -8,17 +8,6 @@ import time
 from typing import Any
 
 import pytest
-from cluster import (
-    NS,
-    add_prerequisites,
-    events,
-    ftj_body,
-    start_operator,
-    status,
-    trainer_jobs,
-    wait_condition,
-    wait_job,
-)
 from finetune_local import Emulator
 from finetune_operator.api.common import Condition
 from finetune_operator.api.finetunejob import FineTuneJobStatus
@@ -30,8 +19,19 @@ from finetune_operator.planners.finetunejob import (
     classify_refusal,
     plan,
 )
-from ftj_samples import spec
-from k8s_fixtures import wait_for
+from support.cluster import (
+    NS,
+    add_prerequisites,
+    events,
+    ftj_body,
+    start_operator,
+    status,
+    trainer_jobs,
+    wait_condition,
+    wait_job,
+)
+from support.ftj_samples import spec
+from support.k8s_fixtures import wait_for
 
 JOB = "bot-train-g1"
 QUOTA = 'jobs "bot-train-g1" is forbidden: exceeded quota: gpu-quota, requested: count/jobs.batch=1'

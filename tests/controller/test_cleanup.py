@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import yaml
-from cluster import NS, add_prerequisites, ftj_body, operator, wait_job
 from finetune_local import Emulator
 from finetune_operator.builders.names import FINALIZER
 from finetune_operator.cli import main
-from ftj_samples import spec
-from k8s_fixtures import wait_for
+from support.cluster import NS, add_prerequisites, ftj_body, operator, wait_job
+from support.ftj_samples import spec
+from support.k8s_fixtures import wait_for
 
 OTHER = "example.com/keep-me"
 

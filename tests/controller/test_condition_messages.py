@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import test_planner
 from finetune_operator.planners.finetunejob import TRAINER_REASON_ADVICE, Plan
-from ftj_samples import pod, result
-from test_planner import cond, started, track, with_conditions
+from support import ftj_planning
+from support.ftj_planning import cond, started, track, with_conditions
+from support.ftj_samples import pod, result
 
 
 def planner_spec_plans(monkeypatch: pytest.MonkeyPatch) -> list[Plan]:
@@ -26,7 +27,9 @@ def planner_spec_plans(monkeypatch: pytest.MonkeyPatch) -> list[Plan]:
         plans.append(planned)
         return planned
 
+    # The scenarios plan directly and through the helpers that build their inputs.
     monkeypatch.setattr(test_planner, "plan", recording)
+    monkeypatch.setattr(ftj_planning, "plan", recording)
     for name, scenario in sorted(vars(test_planner).items()):
         if name.startswith("test_") and not inspect.signature(scenario).parameters:
             scenario()

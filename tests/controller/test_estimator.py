@@ -279,7 +279,7 @@ def test_shape_hint_forms() -> None:
 
 def test_trainer_entry_point_reads_config_json(tmp_path) -> None:
     from finetune_operator.api.finetunejob import FineTuneJobSpec
-    from ftj_samples import spec
+    from support.ftj_samples import spec
 
     (tmp_path / "config.json").write_text(
         '{"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,'

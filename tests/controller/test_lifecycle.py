@@ -6,7 +6,9 @@ import json
 import time
 from datetime import datetime
 
-from cluster import (
+from finetune_local import Emulator
+from finetune_operator import metrics
+from support.cluster import (
     NS,
     add_prerequisites,
     events,
@@ -19,10 +21,8 @@ from cluster import (
     wait_job,
     wait_phase,
 )
-from finetune_local import Emulator
-from finetune_operator import metrics
-from ftj_samples import DATA_REPORT, channel, progress_line, result, spec
-from k8s_fixtures import wait_for
+from support.ftj_samples import DATA_REPORT, channel, progress_line, result, spec
+from support.k8s_fixtures import wait_for
 
 
 def _sample(name: str, labels: dict[str, str]) -> float:
@@ -269,7 +269,7 @@ def test_delete_mid_training_removes_children_not_user_data(
 def test_operator_restart_mid_training_creates_nothing_new_and_keeps_status(
     emulator: Emulator,
 ) -> None:
-    from cluster import operator
+    from support.cluster import operator
 
     add_prerequisites(emulator)
     with operator(emulator):

@@ -9,12 +9,12 @@ from typing import Any
 
 import kopf
 import pytest
-from cluster import FAST, NS, add_prerequisites, ftj_body, wait_phase
 from finetune_local import Emulator
 from finetune_local.resources import ResourceType
 from finetune_operator.cli import operator_settings
 from finetune_operator.clients.kube import KubeClient
-from ftj_samples import spec
+from support.cluster import FAST, NS, add_prerequisites, ftj_body, wait_phase
+from support.ftj_samples import spec
 
 CRDS = ResourceType(
     "apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",

@@ -8,8 +8,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-import promtool
-from cluster import (
+from finetune_local import Emulator
+from finetune_operator import metrics, metrics_serving
+from finetune_operator.api.metrics_catalog import METRIC_NAMES
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from support import promtool
+from support.cluster import (
     NS,
     add_prerequisites,
     ftj_body,
@@ -19,12 +24,7 @@ from cluster import (
     wait_job,
     wait_phase,
 )
-from finetune_local import Emulator
-from finetune_operator import metrics, metrics_serving
-from finetune_operator.api.metrics_catalog import METRIC_NAMES
-from ftj_samples import spec
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
+from support.ftj_samples import spec
 
 TROUBLESHOOTING = Path(__file__).resolve().parents[2] / "docs" / "troubleshooting.md"
 

@@ -13,7 +13,7 @@ from finetune_operator.config import OperatorConfig
 from finetune_operator.domain import estimator as est
 from finetune_operator.domain import packed_memory as packed
 from finetune_operator.planners.finetunejob import Observed, Plan, plan
-from ftj_samples import spec
+from support.ftj_samples import spec
 
 CONFIG = OperatorConfig()
 NOW = datetime(2026, 1, 1, 1, 0, 10, tzinfo=UTC)

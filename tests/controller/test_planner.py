@@ -3,75 +3,15 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import yaml
-from finetune_operator.api.common import Condition
 from finetune_operator.api.finetunejob import FineTuneJobSpec, FineTuneJobStatus, status_wire
-from finetune_operator.config import OperatorConfig
-from finetune_operator.planners.finetunejob import Observed, Plan, PriceTable, plan, spec_hash
+from finetune_operator.planners.finetunejob import PriceTable, plan, spec_hash
 from finetune_operator.planners.progress import parse_lines, parse_result, progress_status
-from ftj_samples import DATA_REPORT, channel, pod, progress_line, result, spec
-
-CONFIG = OperatorConfig()
-NOW = datetime(2026, 1, 1, 1, 0, 10, tzinfo=UTC)
-
-
-def observe(body_spec: dict[str, Any] | None = None, **kwargs: Any) -> Observed:
-    defaults: dict[str, Any] = {
-        "name": "bot",
-        "namespace": "ns",
-        "uid": "u1",
-        "generation": 1,
-        "status": FineTuneJobStatus(),
-        "now": NOW,
-    }
-    defaults.update(kwargs)
-    return Observed(spec=body_spec or spec(), **defaults)
-
-
-def cond(p: Plan, type_: str) -> Condition:
-    found = [c for c in p.status.conditions if c.type == type_]
-    assert found, f"no {type_} condition in {p.status.conditions}"
-    return found[0]
-
-
-def started(
-    body_spec: dict[str, Any] | None = None, **kwargs: Any
-) -> tuple[Plan, dict[str, Any], dict[str, Any]]:
-    """Plan a fresh job and return the plan plus its Job and ConfigMap as the API would hold them."""
-    first = plan(observe(body_spec, **kwargs), CONFIG)
-    cm = next(a.body for a in first.actions if a.kind == "ConfigMap")
-    job = next(a.body for a in first.actions if a.kind == "Job")
-    assert cm is not None and job is not None
-    return first, job, cm
-
-
-def track(
-    first: Plan,
-    job: dict[str, Any],
-    cm: dict[str, Any],
-    body_spec: dict[str, Any] | None = None,
-    **kwargs: Any,
-) -> Plan:
-    kwargs.setdefault("status", first.status)
-    return plan(observe(body_spec, job=job, configmap=cm, **kwargs), CONFIG)
-
-
-def with_conditions(job: dict[str, Any], *types: str, reason: str = "") -> dict[str, Any]:
-    conditions = [
-        {
-            "type": t,
-            "status": "True",
-            "reason": reason,
-            "lastTransitionTime": "2026-01-01T01:00:00Z",
-        }
-        for t in types
-    ]
-    return {**job, "status": {"conditions": conditions}}
-
+from support.ftj_planning import CONFIG, cond, observe, started, track, with_conditions
+from support.ftj_samples import DATA_REPORT, channel, pod, progress_line, result, spec
 
 # ---------------------------------------------------------------- start
 
@@ -622,7 +562,8 @@ def test_the_compared_adapters_metrics_or_why_not_are_recorded_and_the_run_succe
     terminated = {"terminated": {"exitCode": 0, "message": json.dumps(result(**reported))}}
     p = track(first, with_conditions(job, "Complete"), cm, body_spec=body,
               pods=(pod("p", phase="Succeeded", trainer_state=terminated),))  # fmt: skip
-    assert cond(p, "Succeeded")["status"] == "True"  # judged on its own gates
-    assert {k: p.status[k] for k in expected} == expected
-    assert not ({"comparedMetrics", "comparedError"} - set(expected)) & set(p.status)
+    assert cond(p, "Succeeded").status == "True"  # judged on its own gates
+    wire = status_wire(p.status)
+    assert {k: wire[k] for k in expected} == expected
+    assert not ({"comparedMetrics", "comparedError"} - set(expected)) & set(wire)
     _assert_round_trips(p.status)

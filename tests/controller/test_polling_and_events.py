@@ -10,7 +10,17 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-from cluster import (
+from finetune_local import Emulator
+from finetune_operator import metrics
+from finetune_operator.api.finetunejob import FineTuneJobStatus
+from finetune_operator.handlers.finetunejob import poll_interval
+from finetune_operator.planners.finetunejob import (
+    COST_REFRESH_SECONDS,
+    is_settled,
+    plan,
+    transition_events,
+)
+from support.cluster import (
     FAST,
     NS,
     add_prerequisites,
@@ -22,19 +32,9 @@ from cluster import (
     wait_job,
     wait_phase,
 )
-from finetune_local import Emulator
-from finetune_operator import metrics
-from finetune_operator.api.finetunejob import FineTuneJobStatus
-from finetune_operator.handlers.finetunejob import poll_interval
-from finetune_operator.planners.finetunejob import (
-    COST_REFRESH_SECONDS,
-    is_settled,
-    plan,
-    transition_events,
-)
-from ftj_samples import pod, result, spec
-from k8s_fixtures import wait_for
-from test_planner import CONFIG, NOW, observe, started, track, with_conditions
+from support.ftj_planning import CONFIG, NOW, observe, started, track, with_conditions
+from support.ftj_samples import pod, result, spec
+from support.k8s_fixtures import wait_for
 
 JOB = "bot-train-g1"
 

@@ -11,8 +11,8 @@ from finetune_operator.api.adapterdeployment import AdapterDeploymentSpec
 from finetune_operator.api.finetunejob import status_wire
 from finetune_operator.builders import serving as sb
 from finetune_operator.planners import adapterdeployment as ad
-from ftj_samples import pod, result, spec
-from test_planner import cond, started, track, with_conditions
+from support.ftj_planning import cond, started, track, with_conditions
+from support.ftj_samples import pod, result, spec
 
 OUTPUT = {"uri": "s3://corp-out/runs/bot", "credentialsSecretRef": {"name": "s3-out"}}
 DIGEST = "sha256:" + "b" * 64

@@ -9,8 +9,8 @@ from typing import Any
 from finetune_operator.api.finetunejob import parse_status, status_wire
 from finetune_operator.api.status_patch import status_patch
 from finetune_operator.planners.finetunejob import PriceTable
-from ftj_samples import DATA_REPORT, channel, pod, progress_line
-from test_planner import cond, started, track
+from support.ftj_planning import cond, started, track
+from support.ftj_samples import DATA_REPORT, channel, pod, progress_line
 
 # What the previous version (status built as dicts) wrote for a job training at step 4 of 10.
 PREVIOUS_VERSION_RUNNING: dict[str, Any] = {

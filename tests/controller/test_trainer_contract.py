@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cluster import (
+from finetune_local import Emulator
+from finetune_operator.domain.adapter_digest import digest_of_files, verify_directory
+from support.cluster import (
     NS,
     add_prerequisites,
     ftj_body,
@@ -21,9 +23,7 @@ from cluster import (
     wait_job,
     wait_phase,
 )
-from finetune_local import Emulator
-from finetune_operator.domain.adapter_digest import digest_of_files, verify_directory
-from k8s_fixtures import wait_for
+from support.k8s_fixtures import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 INTENTS = ["refund", "question", "complaint", "cancel", "upgrade", "invoice", "delivery", "login"]

@@ -14,7 +14,13 @@ from typing import Any
 
 import kopf
 import pytest
-from cluster import (
+from finetune_local import Emulator
+from finetune_operator.api.finetunejob import FineTuneJobStatus, status_wire
+from finetune_operator.api.trainer_output import MAX_DEPTH, TrainerOutputError
+from finetune_operator.clients.kube import KubeClient
+from finetune_operator.handlers.finetunejob import reconcile
+from finetune_operator.planners.progress import parse_lines, parse_result
+from support.cluster import (
     FAST,
     NS,
     add_prerequisites,
@@ -25,15 +31,9 @@ from cluster import (
     wait_condition,
     wait_job,
 )
-from finetune_local import Emulator
-from finetune_operator.api.finetunejob import FineTuneJobStatus, status_wire
-from finetune_operator.api.trainer_output import MAX_DEPTH, TrainerOutputError
-from finetune_operator.clients.kube import KubeClient
-from finetune_operator.handlers.finetunejob import reconcile
-from finetune_operator.planners.progress import parse_lines, parse_result
-from ftj_samples import DATA_REPORT, channel, pod, progress_line, result, spec
-from k8s_fixtures import wait_for
-from test_planner import cond, started, track, with_conditions
+from support.ftj_planning import cond, started, track, with_conditions
+from support.ftj_samples import DATA_REPORT, channel, pod, progress_line, result, spec
+from support.k8s_fixtures import wait_for
 
 DEEP = "[" * 5000 + "]" * 5000
 

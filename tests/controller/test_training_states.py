@@ -10,7 +10,7 @@ import pytest
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.planners.finetunejob.tracking import TRAINING_STATES, RunView, training_state
 from finetune_operator.planners.finetunejob.trainer_objects import PodView
-from ftj_samples import spec
+from support.ftj_samples import spec
 
 SPEC = FineTuneJobSpec.model_validate(spec())
 WAITING = RunView(

@@ -9,7 +9,10 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from cluster import (
+from finetune_local import Emulator
+from finetune_operator import metrics
+from finetune_operator.handlers.trainer_watch import job_snapshot, pod_snapshot
+from support.cluster import (
     FAST,
     NS,
     add_prerequisites,
@@ -22,12 +25,9 @@ from cluster import (
     wait_job,
     wait_phase,
 )
-from finetune_local import Emulator
-from finetune_operator import metrics
-from finetune_operator.handlers.trainer_watch import job_snapshot, pod_snapshot
-from ftj_samples import pod, progress_line, result, spec
-from k8s_fixtures import wait_for
-from test_planner import started, track, with_conditions
+from support.ftj_planning import started, track, with_conditions
+from support.ftj_samples import pod, progress_line, result, spec
+from support.k8s_fixtures import wait_for
 
 JOB = "bot-train-g1"
 # Polls of running jobs are due every 0.2 s here (FAST): ten intervals and more.

@@ -14,8 +14,8 @@ from finetune_local import Emulator
 from finetune_operator.api.trainer_config import PROGRESS_PREFIX
 from finetune_operator.clients.kube import KubeClient
 from finetune_operator.config import OperatorConfig
-from k8s_fixtures import wait_for
 from specs import spec_dict
+from support.k8s_fixtures import wait_for
 
 NS = "default"
 FAST = OperatorConfig(

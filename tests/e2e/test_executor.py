@@ -22,7 +22,10 @@ from finetune_local.executor import (
     rewrite_path,
 )
 from finetune_local.schema import to_json_schema
-from k8s_fixtures import wait_for
+from support.k8s_fixtures import wait_for
+
+# Runs pods as real processes and waits for them.
+pytestmark = pytest.mark.slow
 
 NS = "default"
 

@@ -12,8 +12,6 @@ from typing import Any
 
 import kopf
 import pytest
-from chart.chartlib import NAMESPACE as RELEASE_NAMESPACE
-from chart.chartlib import manifests
 from clusterkit import (
     Cluster,
     Environment,
@@ -30,7 +28,9 @@ from clusterkit import (
 from finetune_local import Emulator, ResourceType, run_operator, serve
 from finetune_local.resources import DEFAULT_RESOURCES
 from finetune_operator.config import OperatorConfig
-from k8s_fixtures import CRD_DIR
+from support.chartlib import NAMESPACE as RELEASE_NAMESPACE
+from support.chartlib import manifests
+from support.k8s_fixtures import CRD_DIR
 
 # Cluster-scoped and RBAC kinds the embedded API serves only for this suite, so that the
 # install step runs here exactly as on a cluster (the embedded API does not enforce RBAC).

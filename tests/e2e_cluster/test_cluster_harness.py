@@ -11,7 +11,6 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from chart.chartlib import NAMESPACE, manifests
 from clusterkit import (
     INSTALL_ORDER,
     Environment,
@@ -29,6 +28,7 @@ from clusterkit import (
     terminated_status,
     token_request,
 )
+from support.chartlib import NAMESPACE, manifests
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.33.0"

@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from clusterkit import Cluster, Environment, wait_until
-from controller.ftj_samples import result, spec
+from support.ftj_samples import result, spec
+
+# The lifecycle suite: installed from the chart, a FineTuneJob from apply to its verdict.
+pytestmark = pytest.mark.e2e
 
 SECRET_VALUE = "aGZfc2VjcmV0X3ZhbHVl"  # base64 of hf_secret_value
 

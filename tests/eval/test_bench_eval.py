@@ -34,6 +34,7 @@ def test_bench_eval_tiny_smoke() -> None:
     assert report["latencyP50Ms"] > 0 and report["tokensPerSecond"] > 0
 
 
+@pytest.mark.slow  # the benchmark script in its own process
 def test_full_size_bench_refuses_cpu() -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "bench_eval.py"), "--device", "cpu"],

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from controller.cluster import (
+from finetune_local import Emulator
+from finetune_operator.builders import names
+from support.cluster import (
     NS,
     add_prerequisites,
     ftj_body,
@@ -17,10 +19,8 @@ from controller.cluster import (
     wait_job,
     wait_phase,
 )
-from controller.ftj_samples import result, spec
-from finetune_local import Emulator
-from finetune_operator.builders import names
-from k8s_fixtures import wait_for
+from support.ftj_samples import result, spec
+from support.k8s_fixtures import wait_for
 
 JOB = "bot-train-g1"
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from finetune_local import Emulator
-from k8s_fixtures import wait_for
-from serving.adapters import make_adapter
-from serving.test_operator_serving import (
+from support.adapters import make_adapter
+from support.k8s_fixtures import wait_for
+from support.serving_env import (
     NS,
     Env,
     adapter_deployment,
@@ -24,6 +24,9 @@ from serving.test_operator_serving import (
     uri_source,
     vllm_deployment,
 )
+
+# Each scenario waits out a canary analysis deadline (seconds of real time).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

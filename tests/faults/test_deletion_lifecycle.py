@@ -11,7 +11,9 @@ import time
 import uuid
 from typing import Any
 
-from controller.cluster import (
+from finetune_local import Emulator
+from finetune_operator.builders import names
+from support.cluster import (
     NS,
     add_prerequisites,
     events,
@@ -23,10 +25,8 @@ from controller.cluster import (
     wait_job,
     wait_phase,
 )
-from controller.ftj_samples import spec
-from finetune_local import Emulator
-from finetune_operator.builders import names
-from k8s_fixtures import wait_for
+from support.ftj_samples import spec
+from support.k8s_fixtures import wait_for
 
 
 def _failed(emulator: Emulator, name: str) -> dict[str, Any] | None:

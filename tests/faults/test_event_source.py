@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from controller.cluster import add_prerequisites, ftj_body, start_pod, wait_job, wait_phase
-from controller.ftj_samples import result, spec
 from finetune_local import Emulator
 from finetune_operator.builders.names import EVENT_SOURCE
-from k8s_fixtures import wait_for
-from serving.adapters import make_adapter
-from serving.test_operator_serving import (
+from support.adapters import make_adapter
+from support.cluster import add_prerequisites, ftj_body, start_pod, wait_job, wait_phase
+from support.ftj_samples import result, spec
+from support.k8s_fixtures import wait_for
+from support.serving_env import (
     NS,
     Env,
     adapter_deployment,

@@ -7,7 +7,9 @@ from collections import Counter
 
 import kopf
 import pytest
-from controller.cluster import (
+from finetune_local import Emulator
+from finetune_operator.clients.kube import KubeClient
+from support.cluster import (
     FAST,
     NS,
     add_prerequisites,
@@ -21,10 +23,8 @@ from controller.cluster import (
     wait_job,
     wait_phase,
 )
-from controller.ftj_samples import channel, progress_line, result, spec
-from finetune_local import Emulator
-from finetune_operator.clients.kube import KubeClient
-from k8s_fixtures import wait_for
+from support.ftj_samples import channel, progress_line, result, spec
+from support.k8s_fixtures import wait_for
 
 JOB = "bot-train-g1"
 

@@ -7,7 +7,9 @@ import json
 from collections import Counter
 
 import pytest
-from controller.cluster import (
+from finetune_local import Emulator
+from finetune_operator import metrics
+from support.cluster import (
     NS,
     add_prerequisites,
     events,
@@ -19,10 +21,8 @@ from controller.cluster import (
     wait_job,
     wait_phase,
 )
-from controller.ftj_samples import DATA_REPORT, channel, progress_line, result, spec
-from finetune_local import Emulator
-from finetune_operator import metrics
-from k8s_fixtures import wait_for
+from support.ftj_samples import DATA_REPORT, channel, progress_line, result, spec
+from support.k8s_fixtures import wait_for
 
 JOB = "bot-train-g1"
 CM = "bot-trainer-g1"

@@ -11,7 +11,7 @@ import kopf
 import kubernetes.client
 import pytest
 from finetune_local import Emulator, client_configuration
-from k8s_fixtures import create, get, wait_for
+from support.k8s_fixtures import create, get, wait_for
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 
@@ -291,7 +291,7 @@ def test_stopping_leaves_no_threads_behind(emulator: Emulator) -> None:
 
 async def test_async_runner_from_an_async_test(emulator: Emulator) -> None:
     from finetune_local import run_operator_async
-    from k8s_fixtures import async_wait_for
+    from support.k8s_fixtures import async_wait_for
 
     calls = Calls()
     async with run_operator_async(emulator, demo_operator(calls)) as run:

@@ -10,7 +10,7 @@ import yaml
 from api.parity_cases import CHILD_FIELDS, QUOTED_SCALARS, UNKNOWN_FIELDS, body
 from finetune_local import Emulator, serve
 from finetune_local.schema import to_json_schema
-from k8s_fixtures import CRD_DIR
+from support.k8s_fixtures import CRD_DIR
 
 CRD = {
     "apiVersion": "apiextensions.k8s.io/v1",

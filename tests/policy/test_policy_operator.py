@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from controller.cluster import (
+from finetune_local import Emulator
+from finetune_operator.policy import load_policy
+from support.cluster import (
     FAST,
     NS,
     add_prerequisites,
@@ -21,10 +23,8 @@ from controller.cluster import (
     wait_job,
     wait_phase,
 )
-from controller.ftj_samples import spec
-from finetune_local import Emulator
-from finetune_operator.policy import load_policy
-from k8s_fixtures import wait_for
+from support.ftj_samples import spec
+from support.k8s_fixtures import wait_for
 
 POLICY = load_policy(
     {

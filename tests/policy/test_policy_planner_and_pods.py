@@ -9,13 +9,13 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from controller.ftj_samples import spec
 from finetune_operator.api.finetunejob import FineTuneJobSpec, FineTuneJobStatus
 from finetune_operator.builders import distributed, owner_reference, trainer_job
 from finetune_operator.builders.trainer import TRAINER_CONTAINER
 from finetune_operator.config import OperatorConfig, load_config
 from finetune_operator.planners.finetunejob import Observed, Plan, plan
 from finetune_operator.policy import NamespaceUsage, Policy, load_policy
+from support.ftj_samples import spec
 
 NOW = datetime(2026, 1, 1, 1, 0, 10, tzinfo=UTC)
 OWNER = owner_reference("FineTuneJob", "bot", "uid-1")

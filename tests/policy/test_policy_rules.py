@@ -8,7 +8,6 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from controller.ftj_samples import spec
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.builders.trainer import GPU_PRODUCT_LABEL
 from finetune_operator.config import ConfigError, load_config
@@ -24,6 +23,7 @@ from finetune_operator.policy import (
     refusal_message,
     tolerates,
 )
+from support.ftj_samples import spec
 
 DEFAULT_IMAGE = "registry.example/ml/trainer:1.0"
 

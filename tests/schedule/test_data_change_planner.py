@@ -9,7 +9,7 @@ from typing import Any
 
 from finetune_operator.builders.data_probe import LABEL_PROBE
 from finetune_operator.planners.finetuneschedule import Plan, plan, run_name
-from samples import observed, run, sched_spec
+from support.schedule_samples import observed, run, sched_spec
 
 NOW = datetime(2026, 12, 3, 10, 7, 30, tzinfo=UTC)  # check slot 10:00 (interval 900 s)
 CHECK = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from controller.cluster import add_prerequisites, start_operator
 from finetune_local import Emulator
-from k8s_fixtures import wait_for
-from test_schedule_operator import RUN, finish_run, runs, sched_status, schedule
+from support.cluster import add_prerequisites, start_operator
+from support.k8s_fixtures import wait_for
+from support.schedule_cluster import RUN, finish_run, runs, sched_status, schedule
 
 # (plural, subresource, verbs): the writes of a schedule's cycle.
 WRITES = {

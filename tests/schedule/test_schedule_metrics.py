@@ -3,9 +3,9 @@ pass promtool's checks."""
 
 from __future__ import annotations
 
-import promtool
 from finetune_operator import metrics
 from prometheus_client import generate_latest
+from support import promtool
 
 
 def value(metric: str, **labels: str) -> float | None:

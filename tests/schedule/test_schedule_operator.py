@@ -3,61 +3,18 @@ restarts and API errors, the run's result promoted, suspend and deletion."""
 
 from __future__ import annotations
 
-import json
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from controller.cluster import NS, add_prerequisites, operator, start_operator, start_pod, wait_job
-from controller.ftj_samples import result
 from finetune_local import Emulator
 from finetune_operator import metrics
-from finetune_operator.planners.finetuneschedule import run_name
 from finetune_trainer.fingerprint import main as fingerprint_main
-from k8s_fixtures import wait_for
-from samples import sched_spec
-
-# A yearly schedule whose latest time (1 January 2026, 00:00 UTC) is past and was not run yet:
-# the operator starts its run at once, and the slot stays the same however long a test takes.
-SLOT = datetime(2026, 1, 1, tzinfo=UTC)
-RUN = run_name("weekly", SLOT)
-LAST = "2025-06-01T00:00:00Z"
-
-
-def schedule(
-    emulator: Emulator, status: dict[str, Any] | None = None, **overrides: Any
-) -> dict[str, Any]:
-    spec = sched_spec(schedule="0 0 1 1 *", timeZone="UTC", **overrides)
-    return emulator.create(
-        {
-            "apiVersion": "finetune.dev/v1alpha1",
-            "kind": "FineTuneSchedule",
-            "metadata": {"name": "weekly", "namespace": NS},
-            "spec": spec,
-            "status": {"lastScheduleTime": LAST, **(status or {})},
-        },
-        keep_status=True,
-    )
-
-
-def sched_status(emulator: Emulator) -> dict[str, Any]:
-    obj = emulator.read("finetuneschedules", NS, "weekly")
-    return dict((obj or {}).get("status") or {})
-
-
-def runs(emulator: Emulator) -> list[str]:
-    return sorted(o["metadata"]["name"] for o in emulator.read_all("finetunejobs", NS))
-
-
-def finish_run(emulator: Emulator, metrics: dict[str, float] | None = None, **extra: Any) -> None:
-    """Play the trainer: the run's trainer Job succeeds with a result."""
-    job_name = f"{RUN}-train-g1"
-    pod = start_pod(emulator, wait_job(emulator, job_name, timeout=30))
-    message = json.dumps(result(metrics=metrics, **extra))
-    emulator.terminate_container(NS, pod, exit_code=0, message=message, container="trainer")
-    emulator.set_job_finished(NS, job_name, succeeded=True)
+from support.cluster import NS, add_prerequisites, operator, start_operator
+from support.k8s_fixtures import wait_for
+from support.schedule_cluster import LAST, RUN, finish_run, runs, sched_status, schedule
 
 
 def sample(metric: str, **labels: str) -> float:

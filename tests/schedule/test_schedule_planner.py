@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from finetune_operator.planners.finetuneschedule import Plan, plan, run_name
-from samples import BEAT, UID, observed, run, sched_spec
+from support.schedule_samples import BEAT, UID, observed, run, sched_spec
 
 MON_7 = datetime(2026, 12, 7, 1, 0, tzinfo=UTC)
 MON_14 = MON_7 + timedelta(days=7)

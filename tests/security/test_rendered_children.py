@@ -10,12 +10,12 @@ import logging
 from typing import Any
 
 import pytest
-from chart.test_pod_security import restricted_violations
-from controller.cluster import NS, add_prerequisites, ftj_body, start_operator, status
-from controller.ftj_samples import spec
 from finetune_local import Emulator
 from finetune_operator.builders.names import LABEL_JOB
-from k8s_fixtures import wait_for
+from support.cluster import NS, add_prerequisites, ftj_body, start_operator, status
+from support.ftj_samples import spec
+from support.k8s_fixtures import wait_for
+from support.pod_security import restricted_violations
 
 SECRETS = {
     "hf-token": {"HF_TOKEN": "hf_sec_marker_HFTOKEN_0001"},

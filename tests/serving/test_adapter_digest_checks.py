@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 from finetune_operator.clients.adapter_store import read_local_manifest
 from finetune_trainer.fetch import FetchError, check_digest
-
-from .adapters import make_adapter
+from support.adapters import make_adapter
 
 
 def test_local_manifest(tmp_path: Path) -> None:

@@ -23,8 +23,7 @@ from finetune_operator.planners.adapterdeployment_plan import (
 )
 from finetune_operator.tools import crdvalidation
 from pydantic import ValidationError
-
-from .test_plan import deployment, healthy_window, observed, pods
+from support.serving_plan import deployment, healthy_window, observed, pods
 
 REPO = Path(__file__).resolve().parents[2]
 D1 = "sha256:" + "1" * 64

@@ -12,13 +12,12 @@ from typing import Any
 
 import kopf
 import pytest
-from controller.ftj_samples import spec as ftj_spec
 from finetune_local import Emulator
 from finetune_local.serving_cluster import ServingCluster
-from k8s_fixtures import wait_for
-
-from .adapters import make_adapter
-from .test_operator_serving import (
+from support.adapters import make_adapter
+from support.ftj_samples import spec as ftj_spec
+from support.k8s_fixtures import wait_for
+from support.serving_env import (
     NS,
     Env,
     adapter_deployment,
@@ -33,8 +32,8 @@ BASE_MODEL = "hf://org/tiny-base"
 def env(emulator: Emulator, operator_runner: Any, tmp_path: Path) -> Iterator[Env]:
     """Every handler of the operator pod; adapters' digests may carry serving faults."""
     import finetune_operator.main  # noqa: F401  (every handler)
-    from controller.cluster import FAST
     from finetune_operator.clients.kube import KubeClient
+    from support.cluster import FAST
 
     behaviors: dict[str, dict[str, Any]] = {}
 
@@ -168,7 +167,7 @@ def test_only_a_new_champion_wakes_a_follower_and_an_idle_one_sends_nothing(
     event that starts the rollout; the schedule's other status changes (its runs come and
     go) and an idle follower cost no request."""
     import finetune_operator.handlers.adapterdeployment as handlers
-    from controller.cluster import FAST
+    from support.cluster import FAST
 
     config = dataclasses.replace(FAST, serving_poll_seconds=3600, serving_max_backoff_seconds=3600)
     with ServingCluster(emulator, NS, tmp_path / "pvc", lambda _d, _t: {}) as cluster:

@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 from finetune_local import Emulator
 from finetune_local.serving_cluster import ServingCluster
-
-from .adapters import make_adapter
-from .test_operator_serving import (
+from support.adapters import make_adapter
+from support.serving_env import (
     NS,
     Env,
     adapter_deployment,

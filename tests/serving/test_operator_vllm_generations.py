@@ -16,10 +16,9 @@ import pytest
 from finetune_local import Emulator
 from finetune_local.serving_cluster import ServingCluster
 from finetune_local.vllm_reference import GENERATIONS
-from k8s_fixtures import wait_for
-
-from .adapters import make_adapter, write_manifest
-from .test_operator_serving import (
+from support.adapters import make_adapter, write_manifest
+from support.k8s_fixtures import wait_for
+from support.serving_env import (
     NS,
     Env,
     adapter_deployment,

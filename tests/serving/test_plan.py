@@ -24,18 +24,17 @@ from finetune_operator.planners.adapterdeployment_plan import (
     PatchTarget,
     Plan,
     PodCall,
-    PodInfo,
     Served,
     canary_check_due,
     needs_pod_listing,
     plan,
 )
+from support.serving_plan import deployment, healthy_window, observed, pods
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
 URI1, URI2 = "pvc://adapters/v1", "pvc://adapters/v2"
 T0 = datetime(2026, 12, 7, 12, 0, 0, tzinfo=UTC)
-RUNTIME_ENV = [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "1"}]
 
 
 def at(seconds: float) -> datetime:
@@ -50,74 +49,6 @@ def spec(uri: str = URI1, digest: str = D1, **over: Any) -> AdapterDeploymentSpe
     }
     raw.update(over)
     return AdapterDeploymentSpec.model_validate(raw)
-
-
-def deployment(
-    name: str = "llm",
-    digest: str | None = None,
-    *,
-    generation: int = 1,
-    observed: int | None = None,
-    ready: int = 2,
-    updated: int = 2,
-    conditions: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    annotations = {sb.digest_annotation("support"): digest} if digest else {}
-    return {
-        "metadata": {"name": name, "generation": generation},
-        "spec": {
-            "replicas": 2,
-            "template": {
-                "metadata": {"annotations": annotations},
-                "spec": {
-                    "containers": [
-                        {
-                            "name": "vllm",
-                            "command": ["vllm", "serve"],
-                            "args": ["org/base", "--enable-lora"],
-                            "env": RUNTIME_ENV,
-                            "volumeMounts": [{"name": "a", "mountPath": "/adapters"}],
-                        }
-                    ],
-                    "volumes": [{"name": "a", "persistentVolumeClaim": {"claimName": "adapters"}}],
-                },
-            },
-        },
-        "status": {
-            "observedGeneration": generation if observed is None else observed,
-            "replicas": updated,
-            "updatedReplicas": updated,
-            "readyReplicas": ready,
-            "availableReplicas": ready,
-            "conditions": conditions or [],
-        },
-    }
-
-
-def pods(digest: str | None, n: int = 2, prefix: str = "llm-abc") -> tuple[PodInfo, ...]:
-    annotations = {sb.digest_annotation("support"): digest} if digest else {}
-    return tuple(
-        PodInfo(f"{prefix}-{i}", f"uid-{i}", True, f"http://10.0.0.{i}:8000", annotations)
-        for i in range(n)
-    )
-
-
-def observed(
-    s: AdapterDeploymentSpec, status: dict[str, Any] | None = None, **over: Any
-) -> Observed:
-    base = Observed(
-        name="support",
-        namespace="team",
-        uid="uid",
-        generation=over.pop("generation", 1),
-        spec=s,
-        status=AdapterDeploymentStatus.model_validate(status or {}),
-        body={"metadata": {"name": "support", "namespace": "team", "uid": "uid"}},
-        target=deployment(),
-        pods=pods(None),
-        fetch_image="trainer:1",
-    )
-    return replace(base, **over)
 
 
 def run(obs: Observed, now: datetime) -> tuple[Any, Observed]:
@@ -213,12 +144,6 @@ def canary_spec(**analysis: Any) -> AdapterDeploymentSpec:
         URI2, D2,
         strategy={"type": "Canary", "canary": {"analysis": settings}, "progressDeadlineSeconds": 60},
     )  # fmt: skip
-
-
-def healthy_window() -> AnalysisWindow:
-    fast = {0.3: 10.0, float("inf"): 10.0}
-    sample = rules.MetricsSample(requests=10, latency_buckets=fast, latency_count=10)
-    return AnalysisWindow((sample,), (rules.SmokeResult(True, 50.0), rules.SmokeResult(True, 60.0)))
 
 
 def started_canary(**analysis: Any) -> Observed:

@@ -28,10 +28,9 @@ from finetune_operator.handlers import adapterdeployment as handlers
 from finetune_operator.planners import adapterdeployment_plan as ad
 from finetune_operator.serving import vllm_server
 from finetune_operator.serving.serving_config import ENDPOINT_ANNOTATION
-from k8s_fixtures import wait_for
-
-from .adapters import make_adapter
-from .test_operator_serving import (
+from support.adapters import make_adapter
+from support.k8s_fixtures import wait_for
+from support.serving_env import (
     NS,
     Env,
     adapter_deployment,
@@ -46,7 +45,7 @@ from .test_operator_serving import (
 @pytest.fixture
 def cluster_env(emulator: Emulator, operator_runner: Any, tmp_path: Path) -> Iterator[Env]:
     """The controller as in a cluster (not local mode) next to emulated serving pods."""
-    from controller.cluster import FAST
+    from support.cluster import FAST
 
     config = dataclasses.replace(FAST, local_mode=False)
     with ServingCluster(emulator, NS, tmp_path / "pvc", lambda _d, _t: {}) as cluster:
@@ -286,7 +285,7 @@ def test_changes_are_acted_on_through_watch_events_alone(
     """With a poll interval of an hour, a FineTuneJob that succeeds starts the rollout, the
     rollout completes as the Deployment reports progress, and a Runtime pod that restarted
     gets its adapter back: each is a watch event, not a poll."""
-    from controller.cluster import FAST
+    from support.cluster import FAST
 
     config = dataclasses.replace(FAST, serving_poll_seconds=3600, serving_max_backoff_seconds=3600)
     with ServingCluster(emulator, NS, tmp_path / "pvc", lambda _d, _t: {}) as cluster:

@@ -1,23 +1,29 @@
-"""Shared fixtures of the trainer tests: one tiny model per session (helpers: trainer_samples)."""
+"""Fixtures of the trainer tests: the S3 server of the s3:// output tests (support.s3_server).
+
+The tiny model (`tiny_model`) comes from support.trainer_fixtures, for every test folder.
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# One math thread per process: the tiny model gains nothing from more, and on a busy
-# two-core machine idle OpenMP threads spinning against each other waste CPU time.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+from support.s3_server import NO_AMBIENT_AWS, S3Server, s3_server
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from finetune_trainer.tinymodel import build_tiny_model
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    """One S3 server per test module (the modules' users and objects do not meet)."""
+    with s3_server() as server:
+        yield server
 
-    # initializer_range 0.3: output-head weights large enough for LoRA to learn a confident
-    # answer in a few dozen steps (at the default 0.02 the loss plateaus near ln(vocab)).
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), initializer_range=0.3)
+
+@pytest.fixture()
+def aws_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """This process's environment as the trainer pod's (for in-process fetch/upload calls)."""
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in {**NO_AMBIENT_AWS, **s3.env()}.items():
+        monkeypatch.setenv(name, value)
+    return s3

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from finetune_operator.api.trainer_config import PROGRESS_PREFIX
-from trainer_samples import (
+from support.trainer_samples import (
     REPO,
     json_task_rows,
     make_config,

@@ -24,7 +24,7 @@ from finetune_trainer.data import (
     tokenize_example,
 )
 from finetune_trainer.errors import TrainerError
-from trainer_samples import json_task_rows, write_jsonl
+from support.trainer_samples import json_task_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -17,20 +17,16 @@ from typing import Any
 
 import pytest
 from finetune_operator.api.trainer_config import PROGRESS_PREFIX
-from test_s3_output import (  # the moto server and its helpers
+from support.s3_server import (
     BUCKET,
     S3Server,
-    _assert_no_secret,
-    _isolated_env,
-    _keys,
-    _result,
-    _train,
-    aws_env,
-    s3,
+    assert_no_secret,
+    cli_result,
+    isolated_env,
+    object_sizes,
+    train_cli,
 )
-from trainer_samples import REPO, json_task_rows, make_config, write_config, write_jsonl
-
-__all__ = ["aws_env", "s3"]  # fixtures used here
+from support.trainer_samples import REPO, json_task_rows, make_config, write_config, write_jsonl
 
 FP = "sha256:" + "a" * 64
 OTHER_FP = "sha256:" + "b" * 64
@@ -70,7 +66,7 @@ def _upload(uri: str, tmp: Path, steps: list[int], fingerprint: str = FP) -> dic
 
 def _remote_steps(s3: S3Server, prefix: str) -> dict[int, set[str]]:
     found: dict[int, set[str]] = {}
-    for key in _keys(s3, f"{prefix}/checkpoints/"):
+    for key in object_sizes(s3, f"{prefix}/checkpoints/"):
         folder, name = key[len(prefix) + len("/checkpoints/") :].split("/", 1)
         found.setdefault(int(folder.split("-")[1]), set()).add(name)
     return found
@@ -94,7 +90,7 @@ def test_checkpoints_upload_marker_last_keep_two_and_restore_verified(
         "trainer_state.json",
         "checkpoint_complete.json",
     }
-    assert "ckpt/roundtrip/notes.txt" in _keys(aws_env, "ckpt/roundtrip/")
+    assert "ckpt/roundtrip/notes.txt" in object_sizes(aws_env, "ckpt/roundtrip/")
     marker = json.loads(
         aws_env.client()
         .get_object(
@@ -122,7 +118,7 @@ def test_checkpoints_upload_marker_last_keep_two_and_restore_verified(
     # After a successful final upload this run's checkpoints go, the other run's stay.
     _sync(uri, tmp_path).remove_after_success()
     assert sorted(_remote_steps(aws_env, "ckpt/roundtrip")) == [9]
-    assert "ckpt/roundtrip/notes.txt" in _keys(aws_env, "ckpt/roundtrip/")
+    assert "ckpt/roundtrip/notes.txt" in object_sizes(aws_env, "ckpt/roundtrip/")
 
 
 def test_checkpoint_without_marker_is_not_resumed(
@@ -261,7 +257,7 @@ def _wait_for_remote_checkpoint(proc: subprocess.Popen[str], s3: S3Server, prefi
     while time.monotonic() < deadline:
         done = [
             k
-            for k in _keys(s3, f"{prefix}/checkpoints/")
+            for k in object_sizes(s3, f"{prefix}/checkpoints/")
             if k.endswith("/checkpoint_complete.json")
         ]
         if done:
@@ -313,7 +309,7 @@ def test_replacement_pod_with_empty_scratch_resumes_from_the_uploaded_checkpoint
             "--no-eval",
         ],
         cwd=REPO,
-        env=_isolated_env(s3.env()),
+        env=isolated_env(s3.env()),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -338,7 +334,7 @@ def test_replacement_pod_with_empty_scratch_resumes_from_the_uploaded_checkpoint
             "--no-eval",
         ],
         cwd=REPO,
-        env=_isolated_env(s3.env()),
+        env=isolated_env(s3.env()),
         capture_output=True,
         text=True,
         timeout=300,
@@ -350,7 +346,7 @@ def test_replacement_pod_with_empty_scratch_resumes_from_the_uploaded_checkpoint
     assert uploaded_at <= resumed_at < expected_steps
     steps = _progress_steps(again.stdout)
     assert steps and steps[0] == resumed_at + 1  # continued, not restarted from step 0
-    result = _result(again.stdout)
+    result = cli_result(again.stdout)
     assert result["ok"] is True and result["steps"] == expected_steps
     assert f"resumed from checkpoint-{resumed_at}" in (second_out / "report.md").read_text()
     state = json.loads(
@@ -360,10 +356,10 @@ def test_replacement_pod_with_empty_scratch_resumes_from_the_uploaded_checkpoint
     )
     assert state["global_step"] == expected_steps
     # Succeeded: the adapter and report are there, the run's checkpoints are gone.
-    keys = _keys(s3, f"{prefix}/")
+    keys = object_sizes(s3, f"{prefix}/")
     assert f"{prefix}/adapter/manifest.json" in keys
     assert not [k for k in keys if "/checkpoints/" in k]
-    _assert_no_secret(s3, again.stdout, again.stderr)
+    assert_no_secret(s3, again.stdout, again.stderr)
 
 
 @pytest.mark.slow
@@ -376,7 +372,7 @@ def test_checkpoint_upload_failure_does_not_fail_training(
         AWS_SECRET_ACCESS_KEY=s3.no_checkpoints_secret,
         AWS_MAX_ATTEMPTS="1",
     )
-    proc, out, _cfg = _train(
+    proc, out, _cfg = train_cli(
         tmp_path,
         tiny_model,
         f"s3://{BUCKET}/runs/no-checkpoints",
@@ -385,13 +381,13 @@ def test_checkpoint_upload_failure_does_not_fail_training(
         training={"maxSteps": 4, "checkpointEverySteps": 2},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = _result(proc.stdout)
+    result = cli_result(proc.stdout)
     assert result["ok"] is True and result["steps"] == 4
     assert "checkpoint-2 was not uploaded (training goes on" in proc.stderr
     assert "access denied" in proc.stderr
-    keys = _keys(s3, "runs/no-checkpoints/")
+    keys = object_sizes(s3, "runs/no-checkpoints/")
     assert "runs/no-checkpoints/adapter/manifest.json" in keys
     assert not [k for k in keys if "/checkpoints/" in k]
     assert (out / "checkpoints" / "checkpoint-4" / "checkpoint_complete.json").is_file()
     assert not (out / "checkpoint-upload").exists()  # the staging copies are cleaned up
-    _assert_no_secret(s3, proc.stdout, proc.stderr)
+    assert_no_secret(s3, proc.stdout, proc.stderr)

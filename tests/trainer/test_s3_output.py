@@ -11,212 +11,23 @@ import json
 import shutil
 import subprocess
 import sys
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from finetune_operator.api.trainer_config import PROGRESS_PREFIX
-from trainer_samples import (
+from support.s3_server import (
+    BUCKET,
+    S3Server,
+    assert_no_secret,
+    cli_result,
+    isolated_env,
+    object_sizes,
+    train_cli,
+)
+from support.trainer_samples import (
     REPO,
-    json_task_rows,
-    make_config,
-    subprocess_env,
-    write_config,
-    write_jsonl,
 )
-
-BUCKET = "models"
-REGION = "us-east-1"
-ALLOW_S3 = json.dumps(
-    {
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
-    }
-)
-
-DENY_CHECKPOINT_WRITES = json.dumps(
-    {
-        "Version": "2012-10-17",
-        "Statement": [
-            {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
-            {
-                "Effect": "Deny",
-                "Action": "s3:PutObject",
-                "Resource": f"arn:aws:s3:::{BUCKET}/*/checkpoints/*",
-            },
-        ],
-    }
-)
-
-
-@dataclass(frozen=True)
-class S3Server:
-    endpoint: str
-    key_id: str
-    secret: str
-    denied_key_id: str  # a valid user without any S3 permission
-    denied_secret: str
-    no_checkpoints_key_id: str  # may do anything but write under */checkpoints/
-    no_checkpoints_secret: str
-
-    def env(self, **overrides: str) -> dict[str, str]:
-        """Variables as a Secret's envFrom gives them to the trainer."""
-        values = {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": self.key_id,
-            "AWS_SECRET_ACCESS_KEY": self.secret,
-            "AWS_REGION": REGION,
-        }
-        values.update(overrides)
-        return values
-
-    def client(self) -> Any:
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.key_id,
-            aws_secret_access_key=self.secret,
-            region_name=REGION,
-        )
-
-
-def _isolated_env(extra: dict[str, str]) -> dict[str, str]:
-    """A subprocess environment with no AWS settings but ``extra`` (no ~/.aws, no IMDS)."""
-    env = {k: v for k, v in subprocess_env().items() if not k.startswith("AWS_")}
-    env.update(_NO_AMBIENT_AWS)
-    env.update(extra)
-    return env
-
-
-_NO_AMBIENT_AWS = {
-    "AWS_EC2_METADATA_DISABLED": "true",  # never ask an instance metadata service
-    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
-}
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    import boto3
-    from moto import settings
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    _host, port = server.get_host_and_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    admin = {
-        "endpoint_url": endpoint,
-        "aws_access_key_id": "bootstrap",
-        "aws_secret_access_key": "bootstrap",
-        "region_name": REGION,
-    }
-    iam = boto3.client("iam", **admin)
-    iam.create_user(UserName="writer")
-    writer = iam.create_access_key(UserName="writer")["AccessKey"]
-    iam.put_user_policy(UserName="writer", PolicyName="s3", PolicyDocument=ALLOW_S3)
-    iam.create_user(UserName="nobody")
-    nobody = iam.create_access_key(UserName="nobody")["AccessKey"]
-    iam.create_user(UserName="no-checkpoints")
-    no_checkpoints = iam.create_access_key(UserName="no-checkpoints")["AccessKey"]
-    iam.put_user_policy(
-        UserName="no-checkpoints", PolicyName="s3", PolicyDocument=DENY_CHECKPOINT_WRITES
-    )
-    boto3.client("s3", **admin).create_bucket(Bucket=BUCKET)
-    # From here on every request must be signed by a known key with a permitting policy.
-    previous = settings.INITIAL_NO_AUTH_ACTION_COUNT
-    settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
-    try:
-        yield S3Server(
-            endpoint,
-            writer["AccessKeyId"],
-            writer["SecretAccessKey"],
-            nobody["AccessKeyId"],
-            nobody["SecretAccessKey"],
-            no_checkpoints["AccessKeyId"],
-            no_checkpoints["SecretAccessKey"],
-        )
-    finally:
-        settings.INITIAL_NO_AUTH_ACTION_COUNT = previous
-        # moto keeps its accounts in this process: empty them for the next module's server.
-        urllib.request.urlopen(
-            urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30
-        ).close()
-        server.stop()
-
-
-@pytest.fixture()
-def aws_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
-    """This process's environment as the trainer pod's (for in-process fetch/upload calls)."""
-    import os
-
-    for name in [k for k in os.environ if k.startswith("AWS_")]:
-        monkeypatch.delenv(name)
-    for name, value in {**_NO_AMBIENT_AWS, **s3.env()}.items():
-        monkeypatch.setenv(name, value)
-    return s3
-
-
-def _keys(s3: S3Server, prefix: str) -> dict[str, int]:
-    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
-
-
-def _result(stdout: str) -> dict[str, Any]:
-    lines = [x for x in stdout.splitlines() if x.startswith(PROGRESS_PREFIX)]
-    result = json.loads(lines[-1][len(PROGRESS_PREFIX) :])
-    assert result["type"] == "result"
-    return result
-
-
-def _train(
-    tmp: Path,
-    model: Path,
-    uri: str,
-    env: dict[str, str],
-    name: str,
-    *flags: str,
-    training: dict[str, Any] | None = None,
-) -> Any:
-    train = write_jsonl(tmp / "train.jsonl", json_task_rows(16))
-    out = tmp / name
-    cfg = make_config(
-        model,
-        train,
-        out,
-        training=training or {"maxSteps": 3, "checkpointEverySteps": 3},
-        output={"uri": uri, "credentialsSecretRef": {"name": "s3-out"}},
-    )
-    path = write_config(tmp / f"{name}.json", cfg)
-    command = [sys.executable, "-m", "finetune_trainer.cli", *flags, "train"]
-    proc = subprocess.run(
-        [*command, "--config", str(path), "--no-eval"],
-        cwd=REPO,
-        env=_isolated_env(env),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    return proc, out, path
-
-
-def _assert_no_secret(s3: S3Server, *texts: str) -> None:
-    for text in texts:
-        for value in (
-            s3.secret,
-            s3.key_id,
-            s3.denied_secret,
-            s3.denied_key_id,
-            s3.no_checkpoints_key_id,
-            s3.no_checkpoints_secret,
-            "WRONG-SECRET",
-        ):
-            assert value not in text
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +36,7 @@ def trained(
 ) -> tuple[Any, Path, Path]:
     """One real CLI run whose output goes to s3://models/runs/support."""
     tmp = tmp_path_factory.mktemp("s3-run")
-    return _train(tmp, tiny_model, f"s3://{BUCKET}/runs/support", s3.env(), "out")
+    return train_cli(tmp, tiny_model, f"s3://{BUCKET}/runs/support", s3.env(), "out")
 
 
 @pytest.mark.slow
@@ -237,13 +48,13 @@ def test_cli_uploads_adapter_and_report_and_fetch_verifies_them(
 
     proc, out, _cfg = trained
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = _result(proc.stdout)
+    result = cli_result(proc.stdout)
     digest = result["adapter"]["digest"]
     assert result["ok"] is True
     assert result["adapter"]["uri"] == f"s3://{BUCKET}/runs/support/adapter"
     assert f"uploaded to s3://{BUCKET}/runs/support" in result["message"]
 
-    keys = _keys(aws_env, "runs/support/")
+    keys = object_sizes(aws_env, "runs/support/")
     local_adapter = sorted(
         p.relative_to(out).as_posix() for p in (out / "adapter").rglob("*") if p.is_file()
     )
@@ -274,7 +85,7 @@ def test_cli_uploads_adapter_and_report_and_fetch_verifies_them(
             *("--digest", digest),
         ],
         cwd=REPO,
-        env=_isolated_env(aws_env.env()),
+        env=isolated_env(aws_env.env()),
         capture_output=True,
         text=True,
         timeout=120,
@@ -284,7 +95,7 @@ def test_cli_uploads_adapter_and_report_and_fetch_verifies_them(
 
     termination = (out / "termination-log").read_text()
     assert json.loads(termination)["adapter"]["uri"] == result["adapter"]["uri"]
-    _assert_no_secret(aws_env, proc.stdout, proc.stderr, termination, init.stdout, init.stderr)
+    assert_no_secret(aws_env, proc.stdout, proc.stderr, termination, init.stdout, init.stderr)
 
 
 @pytest.mark.slow
@@ -293,7 +104,7 @@ def test_rerun_uploads_again_without_retraining_and_drops_stale_objects(
 ) -> None:
     proc, out, cfg = trained
     assert proc.returncode == 0, proc.stderr[-3000:]
-    first = _result(proc.stdout)
+    first = cli_result(proc.stdout)
     client = aws_env.client()
     # An earlier attempt left an extra file, and a file of the adapter is damaged.
     client.put_object(Bucket=BUCKET, Key="runs/support/adapter/stale.bin", Body=b"old")
@@ -304,7 +115,7 @@ def test_rerun_uploads_again_without_retraining_and_drops_stale_objects(
     again = subprocess.run(
         [sys.executable, "-m", "finetune_trainer.cli", "train", "--config", str(cfg), "--no-eval"],
         cwd=REPO,
-        env=_isolated_env(aws_env.env()),
+        env=isolated_env(aws_env.env()),
         capture_output=True,
         text=True,
         timeout=300,
@@ -317,9 +128,9 @@ def test_rerun_uploads_again_without_retraining_and_drops_stale_objects(
         for x in again.stdout.splitlines()
         if x.startswith(PROGRESS_PREFIX)
     )
-    second = _result(again.stdout)
+    second = cli_result(again.stdout)
     assert second["adapter"]["digest"] == first["adapter"]["digest"]
-    keys = _keys(aws_env, "runs/support/adapter/")
+    keys = object_sizes(aws_env, "runs/support/adapter/")
     assert "runs/support/adapter/stale.bin" not in keys
     assert (
         keys["runs/support/adapter/adapter_config.json"]
@@ -334,7 +145,7 @@ def test_rerun_uploads_again_without_retraining_and_drops_stale_objects(
 def test_rejected_credentials_fail_the_cli_run_without_printing_them(
     s3: S3Server, tiny_model: Path, tmp_path: Path
 ) -> None:
-    proc, out, _cfg = _train(
+    proc, out, _cfg = train_cli(
         tmp_path,
         tiny_model,
         f"s3://{BUCKET}/runs/bad-secret",
@@ -343,15 +154,15 @@ def test_rejected_credentials_fail_the_cli_run_without_printing_them(
         "--verbose",  # debug logging on: the S3 client's own debug lines must still stay off
     )
     assert proc.returncode == 2, proc.stderr[-3000:]  # not retried: the Secret needs fixing
-    result = _result(proc.stdout)
+    result = cli_result(proc.stdout)
     assert result["ok"] is False and result["reason"] == "UploadFailed"
     assert "SignatureDoesNotMatch" in result["message"]
     assert "Secret s3-out" in result["message"]
     assert "adapter" not in result
-    assert _keys(s3, "runs/bad-secret/") == {}
+    assert object_sizes(s3, "runs/bad-secret/") == {}
     termination = (out / "termination-log").read_text()
     assert json.loads(termination)["reason"] == "UploadFailed"
-    _assert_no_secret(s3, proc.stdout, proc.stderr, termination)
+    assert_no_secret(s3, proc.stdout, proc.stderr, termination)
 
 
 @pytest.fixture(scope="module")
@@ -392,8 +203,8 @@ def test_access_denied_names_the_permissions_to_grant(
     err = _upload_error(f"s3://{BUCKET}/runs/denied", finished_output)
     assert err.exit_code == 2
     assert "access denied" in err.message and "s3:PutObject" in err.message
-    _assert_no_secret(aws_env, err.message)
-    assert _keys(aws_env, "runs/denied/") == {}
+    assert_no_secret(aws_env, err.message)
+    assert object_sizes(aws_env, "runs/denied/") == {}
 
 
 @pytest.mark.slow
@@ -431,7 +242,7 @@ def test_upload_checks_what_landed(aws_env: S3Server, finished_output: Path) -> 
     from finetune_trainer.upload import check_landed, plan_upload, upload_output
 
     sent = upload_output(f"s3://{BUCKET}/runs/checked", finished_output, None)
-    assert sent["objects"] == len(_keys(aws_env, "runs/checked/"))
+    assert sent["objects"] == len(object_sizes(aws_env, "runs/checked/"))
     location = parse_s3_uri(f"s3://{BUCKET}/runs/checked")
     planned = plan_upload(finished_output, location)
     client = make_client()
@@ -482,7 +293,7 @@ def test_fetch_downloads_files_and_folders_and_reports_failures(
         fetch(f"s3://{BUCKET}/data/train.jsonl", tmp_path / "y")
     assert rejected.value.code == EXIT_NOT_FOUND
     assert "rejected the credentials" in str(rejected.value)
-    _assert_no_secret(aws_env, str(rejected.value))
+    assert_no_secret(aws_env, str(rejected.value))
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: refused
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")

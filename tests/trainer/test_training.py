@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from finetune_operator.api.trainer_config import TrainerConfig
-from trainer_samples import json_task_rows, make_config, write_jsonl
+from support.trainer_samples import json_task_rows, make_config, write_jsonl
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,6 @@ import copy
 from datetime import UTC, datetime
 from typing import Any
 
-from controller.ftj_samples import spec as ftj_spec
 from finetune_operator.domain.times import format_rfc3339
 from finetune_operator.planners.finetuneschedule import (
     ANNOTATION_SCHEDULED_TIME,
@@ -15,6 +14,8 @@ from finetune_operator.planners.finetuneschedule import (
     Observed,
     run_name,
 )
+
+from support.ftj_samples import spec as ftj_spec
 
 NS = "default"
 UID = "uid-sched"

@@ -1,8 +1,7 @@
 """Pytest fixtures for running the real operator against the embedded Kubernetes API.
 
-Use from a test package's conftest.py::
-
-    from k8s_fixtures import emulator, operator_runner  # noqa: F401
+A pytest plugin: tests/conftest.py registers it, so every test may ask for the fixtures by
+name; helpers (`wait_for`, `create`, `get`, ...) are imported from `support.k8s_fixtures`.
 
 `emulator` is a served `finetune_local.Emulator` (the test acts as "the
 cluster" through its helpers); `operator_runner(registry_or_module, **kwargs)` starts a
@@ -23,7 +22,7 @@ import pytest
 from finetune_local import Emulator, OperatorRun, run_operator, serve
 
 T = TypeVar("T")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO_ROOT / "crds"
 
 _current: list[Emulator] = []

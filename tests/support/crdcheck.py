@@ -8,22 +8,34 @@ transition rules only when an old object is given.
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 from typing import Any
 
 import yaml
-from finetune_operator.tools.crdvalidation import served_versions
+from finetune_operator.tools.crdvalidation import ServedVersion, served_versions
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = ROOT / "crds"
 
 
+@functools.cache
+def _crds() -> dict[str, dict[str, Any]]:
+    """The CRDs by kind, read once per process: parsing these files is most of a check's time."""
+    crds = (yaml.safe_load(path.read_text()) for path in CRD_DIR.glob("*.yaml"))
+    return {crd["spec"]["names"]["kind"]: crd for crd in crds}
+
+
 def load_crd(kind: str) -> dict[str, Any]:
-    for path in CRD_DIR.glob("*.yaml"):
-        crd = yaml.safe_load(path.read_text())
-        if crd["spec"]["names"]["kind"] == kind:
-            return crd
-    raise KeyError(kind)
+    """A fresh copy of the CRD of ``kind`` (a test may change it)."""
+    return copy.deepcopy(_crds()[kind])
+
+
+@functools.cache
+def _served(kind: str) -> ServedVersion:
+    (served,) = served_versions(load_crd(kind))
+    return served
 
 
 def openapi_schema(crd: dict[str, Any]) -> dict[str, Any]:
@@ -32,5 +44,4 @@ def openapi_schema(crd: dict[str, Any]) -> dict[str, Any]:
 
 def validate(manifest: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
     """All errors `kubectl apply` would meet creating ``manifest`` (or updating ``old``)."""
-    (served,) = served_versions(load_crd(manifest.get("kind", "")))
-    return served.apply_errors(manifest, old)
+    return _served(manifest.get("kind", "")).apply_errors(manifest, old)

@@ -10,7 +10,8 @@ import kopf
 from finetune_local import Emulator, OperatorRun
 from finetune_operator.clients.kube import KubeClient
 from finetune_operator.config import OperatorConfig
-from k8s_fixtures import wait_for
+
+from support.k8s_fixtures import wait_for
 
 NS = "default"
 FAST = OperatorConfig(
