@@ -91,7 +91,6 @@ def test_the_demo_schedule_cycle_data_and_manifests() -> None:
     import json
 
     import yaml
-    from crdcheck import validate
     from finetune_local.demo import EXAMPLES
     from finetune_local.demo_schedule import (
         EVAL_ROWS,
@@ -100,6 +99,7 @@ def test_the_demo_schedule_cycle_data_and_manifests() -> None:
         serving_manifests,
         split_rows,
     )
+    from support.crdcheck import validate
 
     lines = (EXAMPLES / "train.jsonl").read_text().splitlines()
     eval_rows, first, new = split_rows(lines)

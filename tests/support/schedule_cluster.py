@@ -21,7 +21,9 @@ RUN = run_name("weekly", SLOT)
 LAST = "2025-06-01T00:00:00Z"
 
 
-def schedule(emulator: Emulator, **overrides: Any) -> dict[str, Any]:
+def schedule(
+    emulator: Emulator, status: dict[str, Any] | None = None, **overrides: Any
+) -> dict[str, Any]:
     spec = sched_spec(schedule="0 0 1 1 *", timeZone="UTC", **overrides)
     return emulator.create(
         {
@@ -29,7 +31,7 @@ def schedule(emulator: Emulator, **overrides: Any) -> dict[str, Any]:
             "kind": "FineTuneSchedule",
             "metadata": {"name": "weekly", "namespace": NS},
             "spec": spec,
-            "status": {"lastScheduleTime": LAST},
+            "status": {"lastScheduleTime": LAST, **(status or {})},
         },
         keep_status=True,
     )
@@ -44,11 +46,10 @@ def runs(emulator: Emulator) -> list[str]:
     return sorted(o["metadata"]["name"] for o in emulator.read_all("finetunejobs", NS))
 
 
-def finish_run(emulator: Emulator, metrics: dict[str, float] | None = None) -> None:
+def finish_run(emulator: Emulator, metrics: dict[str, float] | None = None, **extra: Any) -> None:
     """Play the trainer: the run's trainer Job succeeds with a result."""
     job_name = f"{RUN}-train-g1"
     pod = start_pod(emulator, wait_job(emulator, job_name, timeout=30))
-    emulator.terminate_container(
-        NS, pod, exit_code=0, message=json.dumps(result(metrics=metrics)), container="trainer"
-    )
+    message = json.dumps(result(metrics=metrics, **extra))
+    emulator.terminate_container(NS, pod, exit_code=0, message=message, container="trainer")
     emulator.set_job_finished(NS, job_name, succeeded=True)
