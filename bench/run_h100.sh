@@ -9,7 +9,8 @@
 #   bench/run_h100.sh dropout # LoRA dropout 0.05, PEFT's against the fused one (speed, memory,
 #                             # 30-step loss equivalence), and dropout 0; about 7 minutes
 #   bench/run_h100.sh grid    # one call: the 8B token grid (checkpointing, offload, dropout),
-#                             # Unsloth, then two other families' peaks (about 8 minutes)
+#                             # Unsloth, then two other families' peaks (about 8 minutes;
+#                             # GRID_UNSLOTH= leaves Unsloth out, GRID_SECONDS caps the 8B part)
 # Needs the missing packages on PYTHONPATH (bench/gpu_wheels.sh) and writes to ${OUT:-out};
 # speed and grid also need Unsloth's (bench/gpu_wheels.sh --unsloth .gpu/unsloth, or UNSLOTH_SITE).
 set -uo pipefail
@@ -57,9 +58,9 @@ case "${1:-train}" in
     build() { python3 -c "import sys; sys.path.insert(0, 'bench'); from shapes import build_random_model as b; b('$1', '/tmp/m-$1', device='cpu')"; }
     (sleep 60; build qwen2.5-7b; build gemma-7b) > "$out/build.log" 2>&1 &
     builder=$!
-    timeout 330 python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --drop-build \
+    timeout ${GRID_SECONDS:-330} python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --drop-build \
       --lora-dropout 0 --steps 3 --warmup-steps 1 --rows 1200 --unsloth-timeout 100 \
-      --variants "unsloth:16384,fast:4096:gc,fast:8192:gc,fast:16384:gc,fast:16384:gc:offload,fast:12288:nogc,fast:12288:nogc:dropout=0.05" \
+      --variants "${GRID_UNSLOTH-unsloth:16384,}fast:4096:gc,fast:8192:gc,fast:16384:gc,fast:16384:gc:offload,fast:12288:nogc,fast:12288:nogc:dropout=0.05" \
       --unsloth-site "${UNSLOTH_SITE:-$PWD/.gpu/unsloth}" --out "$out/grid.json" 2>&1 \
       | tee "$out/grid.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
     wait $builder
