@@ -54,9 +54,10 @@ case "${1:-train}" in
       --out "$out/dropout.json" 2>&1 | tee "$out/dropout.log" | grep -v "it/s\]\|s/it\]"
     ;;
   grid)
-    # Other families' models are built on the CPU while the 8B grid runs (disk: one at a time).
+    # Other families' models are built on the CPU while the 8B grid runs
     build() { python3 -c "import sys; sys.path.insert(0, 'bench'); from shapes import build_random_model as b; b('$1', '/tmp/m-$1', device='cpu')"; }
-    (sleep 60; build qwen2.5-7b; build gemma-7b) > "$out/build.log" 2>&1 &
+    # (after the 8B model's files are loaded and dropped, so the disk holds at most two models)
+    (sleep 100; build qwen2.5-7b & build gemma-7b & wait) > "$out/build.log" 2>&1 &
     builder=$!
     timeout ${GRID_SECONDS:-330} python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --drop-build \
       --lora-dropout 0 --steps 3 --warmup-steps 1 --rows 1200 --unsloth-timeout 100 \
