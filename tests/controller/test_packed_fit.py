@@ -122,7 +122,19 @@ def _small_gpu(memory: str, gpu_gib: float) -> tuple[Plan, dict[str, Any] | None
     return planned(body)
 
 
-def test_small_gpu_offloads_checkpointed_inputs_within_the_trainers_memory() -> None:
+def test_offload_is_never_planned_by_itself_until_enabled() -> None:
+    # AUTO_ACTIVATION_OFFLOAD is off by default: small GPUs plan plain checkpointing (or say
+    # the job does not fit), never offload.
+    assert packed.AUTO_ACTIVATION_OFFLOAD is False
+    for g in range(16, 60):
+        estimate = _small_gpu("64Gi", g / 2)[0].status.estimate
+        assert estimate is None or not estimate.activation_offload
+
+
+def test_small_gpu_offloads_checkpointed_inputs_within_the_trainers_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(packed, "AUTO_ACTIVATION_OFFLOAD", True)
     offloading = [
         (g / 2, p)
         for g in range(16, 60)
