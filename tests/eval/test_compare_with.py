@@ -205,3 +205,27 @@ def test_every_evaluated_model_is_timed_after_its_own_warm_up_in_the_same_order(
     assert compared is not None and mine is not None and result["baseMetrics"] is not None
     for metric in ("latencyP50Ms", "latencyP95Ms", "tokensPerSecond"):
         assert metric in compared and metric in mine and metric in result["baseMetrics"]
+
+
+@pytest.mark.slow
+def test_the_trainers_result_says_the_compared_timing_was_measured_alike(
+    tiny_model_dir: Path, champion_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Train, evaluate and report through the trainer CLI: the result line the operator reads
+    carries comparedTimingComparable beside comparedMetrics."""
+    from finetune_trainer.cli import main
+    from support.trainer_samples import json_task_rows, make_config, write_config
+
+    train = write_jsonl(tmp_path / "train.jsonl", json_task_rows(12))
+    evaluation = {"maxNewTokens": 3, "maxSamples": 3, "latencyRequests": 1,
+                  "compareWith": {"uri": f"file://{champion_dir}",
+                                  "digest": digest_of(champion_dir)}}  # fmt: skip
+    config = make_config(tiny_model_dir, train, tmp_path / "out", training={"maxSteps": 1},
+                         dataset={"evalSplit": 0.25}, extra_spec={"evaluation": evaluation})  # fmt: skip
+    config["paths"]["comparedAdapter"] = str(champion_dir)
+    assert main(["train", "--config", str(write_config(tmp_path / "job.json", config))]) == 0
+    capsys.readouterr()
+    result = json.loads((tmp_path / "out" / "termination-log").read_text())
+    assert result["comparedTimingComparable"] is True
+    assert {"latencyP50Ms", "tokensPerSecond"} <= set(result["comparedMetrics"])
+    assert {"latencyP50Ms", "tokensPerSecond"} <= set(result["metrics"])
