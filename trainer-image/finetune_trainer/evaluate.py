@@ -500,10 +500,10 @@ def warm_up(gen: _Generator, timed_prompts: Sequence[list[int]], full: Generatio
 
     Each evaluated model (the adapter, the base, evaluation.compareWith) gets its own, so no
     model's timed requests pay a one-time cost that an earlier model's requests paid for it:
-    the prompt pass of every timed prompt (one new token each: the first request of a prompt
-    length selects and loads its kernels) and one full-length request (kernel selection while
-    the cache grows, and growing the cache allocator; a 4-token warm-up left the first timed
-    request 1.8x slower)."""
+    the prompt pass of every timed prompt (one new token each: on a GPU the first pass of a
+    prompt length can select and load kernels for that shape) and one full-length request
+    (kernel selection while the cache grows, and growing the cache allocator; a 4-token
+    warm-up left the first timed request 1.8x slower)."""
     first_token = gen.config(1)
     for prompt in timed_prompts:
         gen.run([prompt], first_token)

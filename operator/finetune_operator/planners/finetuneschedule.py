@@ -296,7 +296,7 @@ def _compare_with_champion(
     timing_problem = timing_not_comparable(record, fallback)
     rows: list[dict[str, Any]] = []
     missing: list[str] = []
-    unfair: list[str] = []
+    not_comparable: list[str] = []
     short: list[str] = []
     for wanted in promotion.get("metrics") or []:
         metric, margin = str(wanted.get("metric")), float(wanted.get("minMargin") or 0.0)
@@ -311,7 +311,7 @@ def _compare_with_champion(
         if value is None or best is None:
             missing.append(f"{metric} ({'challenger' if value is None else 'champion'})")
         elif metric in TIMING_METRICS and timing_problem is not None:
-            unfair.append(metric)
+            not_comparable.append(metric)
         else:
             gain = _improvement(metric, float(value), float(best))
             row["improvement"] = round(gain, 6)
@@ -337,11 +337,11 @@ def _compare_with_champion(
             "message": ("cannot compare, no value for " + ", ".join(missing)
                         + ": list only metrics the evaluation reports" + basis)[:1024],
         }  # fmt: skip
-    if unfair:
+    if not_comparable:
         return result | {
             "decision": "Kept",
             "reason": "TimingNotComparable",
-            "message": timing_message(unfair, str(timing_problem), short)[:1024],
+            "message": timing_message(not_comparable, str(timing_problem), short)[:1024],
         }
     if short:
         return result | {
