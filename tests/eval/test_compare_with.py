@@ -140,3 +140,92 @@ def test_a_compared_adapter_that_cannot_be_used_is_reported_and_the_run_goes_on(
     assert result["comparedError"] is not None and expected in result["comparedError"]
     assert any(n.startswith("compareWith not evaluated") for n in result["notes"])
     assert list(challenger.peft_config) == ["default"]
+
+
+def record_generate_calls(model: Any) -> list[tuple[str, str, int, int]]:
+    """Wrap the peft model's ``generate``: each call as (model evaluated, timed or untimed,
+    batch rows, new-token budget). Timed requests run with the garbage collector paused, which
+    is how a call tells its section here (no clock is read)."""
+    import gc
+
+    calls: list[tuple[str, str, int, int]] = []
+    inner = model.generate
+
+    def generate(**kwargs: Any) -> Any:
+        which = "base" if model._adapters_disabled else str(model.active_adapter)
+        section = "untimed" if gc.isenabled() else "timed"
+        budget = int(kwargs["generation_config"].max_new_tokens)
+        calls.append((which, section, int(kwargs["input_ids"].shape[0]), budget))
+        return inner(**kwargs)
+
+    model.generate = generate
+    return calls
+
+
+@pytest.mark.slow
+def test_every_evaluated_model_is_timed_after_its_own_warm_up_in_the_same_order(
+    config_factory: Callable[..., TrainerConfig],
+    tiny_tokenizer: Any,
+    tiny_model_dir: Path,
+    champion_dir: Path,
+) -> None:
+    """The trained adapter, the base and the compared adapter each get the same untimed
+    warm-up right before their own timed requests: no model's timed section pays a one-time
+    cost that another's did not, whichever is evaluated first."""
+    import gc
+
+    assert gc.isenabled()
+    config = config_factory(
+        gates=[{"metric": "evalLoss", "minImprovementOverBase": 0.0}],
+        evaluation={**FAST, "latencyRequests": 2, "maxNewTokens": 5, "batchSize": 4,
+                    "compareWith": {"uri": f"file://{champion_dir}",
+                                    "digest": digest_of(champion_dir)}},
+    )  # fmt: skip
+    config = config.model_copy(update={"paths": config.paths.model_copy(
+        update={"compared_adapter": str(champion_dir)})})  # fmt: skip
+    write_jsonl(Path(config.paths.output_dir) / "eval.jsonl",
+                ticket_eval_rows(tiny_tokenizer, 100, 5))  # fmt: skip
+    challenger = lora_model(tiny_model_dir)
+    calls = record_generate_calls(challenger)
+    result = run_evaluation(config, model=challenger, tokenizer=tiny_tokenizer)
+
+    one_model = [
+        ("untimed", 1, 1), ("untimed", 1, 1),  # the prompt pass of each timed prompt
+        ("untimed", 1, 5),  # one full-length request
+        ("timed", 1, 5), ("timed", 1, 5),  # the timed requests, alone
+        ("untimed", 3, 5),  # the other rows, batched
+    ]  # fmt: skip
+    order = [which for which, *_ in calls]
+    assert order == ["default"] * 6 + ["base"] * 6 + ["compared"] * 6
+    for which in ("default", "base", "compared"):
+        assert [c[1:] for c in calls if c[0] == which] == one_model, which
+    assert gc.isenabled()  # paused only around the timed requests
+    assert result["comparedTimingComparable"] is True
+    compared, mine = result["comparedMetrics"], result["metrics"]
+    assert compared is not None and mine is not None and result["baseMetrics"] is not None
+    for metric in ("latencyP50Ms", "latencyP95Ms", "tokensPerSecond"):
+        assert metric in compared and metric in mine and metric in result["baseMetrics"]
+
+
+@pytest.mark.slow
+def test_the_trainers_result_says_the_compared_timing_was_measured_alike(
+    tiny_model_dir: Path, champion_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Train, evaluate and report through the trainer CLI: the result line the operator reads
+    carries comparedTimingComparable beside comparedMetrics."""
+    from finetune_trainer.cli import main
+    from support.trainer_samples import json_task_rows, make_config, write_config
+
+    train = write_jsonl(tmp_path / "train.jsonl", json_task_rows(12))
+    evaluation = {"maxNewTokens": 3, "maxSamples": 3, "latencyRequests": 1,
+                  "compareWith": {"uri": f"file://{champion_dir}",
+                                  "digest": digest_of(champion_dir)}}  # fmt: skip
+    config = make_config(tiny_model_dir, train, tmp_path / "out", training={"maxSteps": 1},
+                         dataset={"evalSplit": 0.25}, extra_spec={"evaluation": evaluation})  # fmt: skip
+    config["paths"]["comparedAdapter"] = str(champion_dir)
+    assert main(["train", "--config", str(write_config(tmp_path / "job.json", config))]) == 0
+    capsys.readouterr()
+    result = json.loads((tmp_path / "out" / "termination-log").read_text())
+    assert result["comparedTimingComparable"] is True
+    assert {"latencyP50Ms", "tokensPerSecond"} <= set(result["comparedMetrics"])
+    assert {"latencyP50Ms", "tokensPerSecond"} <= set(result["metrics"])

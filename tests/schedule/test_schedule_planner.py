@@ -530,6 +530,92 @@ def test_a_run_without_compare_with_falls_back_as_an_older_trainer_would() -> No
     assert "no evaluation.compareWith" in comparison["fallbackReason"]
 
 
+# ---------------------------------------------------------------- timing metrics (decision 2020)
+
+LATENCY = {"policy": "BeatChampion", "metrics": [
+    {"metric": "evalLoss", "minMargin": 0.0}, {"metric": "latencyP95Ms", "minMargin": 10.0}]}  # fmt: skip
+
+
+def beat_on_latency(compared: dict[str, Any], recorded_p95: float = 900.0) -> dict[str, Any]:
+    """The challenger's p95 is 400 ms against the champion's 500 ms on the same rows (or the
+    champion's own run recorded ``recorded_p95``); its loss is better either way."""
+    status = {
+        "lastScheduleTime": "2026-12-07T01:00:00Z",
+        "champion": measured_champion({"evalLoss": 1.2, "latencyP95Ms": recorded_p95}),
+    }
+    p = finished("Succeeded", spec=sched_spec(promotion=LATENCY), status=status,
+                 metrics={"evalLoss": 1.0, "latencyP95Ms": 400.0}, compared=compared)  # fmt: skip
+    return dict(p.status["runs"][0]["comparison"]) | {"champion": p.status["champion"]["job"]}
+
+
+def test_timing_measured_alike_in_the_challengers_run_decides() -> None:
+    """The trainer timed both adapters in one process, each after its own warm-up: latency
+    counts like any other metric, both ways."""
+    alike = {"digest": CHAMPION_DIGEST, "timingComparable": True,
+             "metrics": {"evalLoss": 1.1, "latencyP95Ms": 500.0}}  # fmt: skip
+    comparison = beat_on_latency(alike)
+    assert comparison["decision"] == "Promoted" and comparison["reason"] == "BeatChampion"
+    latency = comparison["metrics"][1]
+    assert latency == {"metric": "latencyP95Ms", "minMargin": 10.0, "passed": True,
+                       "challenger": 400.0, "champion": 500.0, "improvement": 100.0,
+                       "timingComparable": True}  # fmt: skip
+    assert "timingComparable" not in comparison["metrics"][0]  # a quality metric
+    # The champion is faster on the same rows: it stays, on latency.
+    faster = alike | {"metrics": {"evalLoss": 1.1, "latencyP95Ms": 395.0}}
+    kept = beat_on_latency(faster)
+    assert kept["decision"] == "Kept" and kept["reason"] == "ChampionNotBeaten"
+    assert "latencyP95Ms improved by -5, needs 10" in kept["message"]
+    assert kept["champion"] == "weekly-old"
+
+
+def test_timing_recorded_by_the_champions_own_run_never_promotes() -> None:
+    """The champion could not be evaluated: its recorded 900 ms came from another run (another
+    machine, GPU or load). Quality still falls back; latency refuses to decide."""
+    failed = {"digest": CHAMPION_DIGEST, "error": "fetch of s3://b/old failed: no objects found"}
+    comparison = beat_on_latency(failed)
+    assert comparison["decision"] == "Kept" and comparison["reason"] == "TimingNotComparable"
+    assert comparison["champion"] == "weekly-old"
+    assert comparison["sameEvalRows"] is False and "fetch of s3://b/old" in comparison[
+        "fallbackReason"]  # fmt: skip
+    latency = comparison["metrics"][1]
+    assert latency["timingComparable"] is False and latency["passed"] is False
+    assert (latency["challenger"], latency["champion"]) == (400.0, 900.0)
+    assert "improvement" not in latency  # not judged
+    assert comparison["metrics"][0]["passed"] is True  # evalLoss still compared
+    message = comparison["message"]
+    assert "latencyP95Ms cannot decide" in message and "recorded by its own run" in message
+    assert "remove them from promotion.metrics" in message
+
+
+def test_timing_from_a_trainer_that_does_not_vouch_for_it_never_promotes() -> None:
+    """Values measured in the run, but the trainer did not report they were measured alike (an
+    image from before the warm-up per adapter): the compared adapter ran warm, second."""
+    for flag in ({}, {"timingComparable": False}):
+        unvouched = {"digest": CHAMPION_DIGEST, **flag,
+                     "metrics": {"evalLoss": 1.1, "latencyP95Ms": 31.0}}  # fmt: skip
+        comparison = beat_on_latency(unvouched)
+        assert comparison["decision"] == "Kept" and comparison["reason"] == "TimingNotComparable"
+        assert comparison["sameEvalRows"] is True
+        assert comparison["metrics"][1]["timingComparable"] is False
+        assert "comparedTimingComparable is not true" in comparison["message"]
+        # Also the other way: a faster-looking challenger is not promoted on it either.
+        quicker = unvouched | {"metrics": {"evalLoss": 1.1, "latencyP95Ms": 900.0}}
+        assert beat_on_latency(quicker)["reason"] == "TimingNotComparable"
+
+
+def test_quality_metrics_fall_back_as_before_when_no_timing_metric_is_listed() -> None:
+    failed = {"digest": CHAMPION_DIGEST, "error": "no objects found"}
+    status = {
+        "lastScheduleTime": "2026-12-07T01:00:00Z",
+        "champion": measured_champion({"evalLoss": 1.2, "latencyP95Ms": 900.0}),
+    }
+    p = finished("Succeeded", spec=sched_spec(promotion={"policy": "BeatChampion",
+                 "metrics": [{"metric": "evalLoss"}]}), status=status,
+                 metrics={"evalLoss": 1.0, "latencyP95Ms": 400.0}, compared=failed)  # fmt: skip
+    comparison = p.status["runs"][0]["comparison"]
+    assert comparison["decision"] == "Promoted" and "timingComparable" not in str(comparison)
+
+
 def started_run(promotion: dict[str, Any] | None, champion: dict[str, Any] | None,
                 output_secret: bool = False) -> dict[str, Any]:  # fmt: skip
     """The FineTuneJob spec of the run the schedule starts at its next time."""

@@ -82,7 +82,7 @@ def run(
     compared: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """An owned FineTuneJob of one slot in the given state; ``compared`` ({digest, metrics or
-    error}): the run also evaluated that adapter (evaluation.compareWith)."""
+    error, timingComparable?}): the run also evaluated that adapter (evaluation.compareWith)."""
     name = run_name("weekly", slot)
     status: dict[str, Any] = {}
     if outcome != "Running":
@@ -115,6 +115,8 @@ def run(
             status["data"] = {"digest": data_digest}
         if compared and compared.get("metrics"):
             status["comparedMetrics"] = compared["metrics"]
+            if "timingComparable" in compared:
+                status["comparedTimingComparable"] = compared["timingComparable"]
         elif compared:
             status["comparedError"] = compared.get("error")
     spec: dict[str, Any] = {}

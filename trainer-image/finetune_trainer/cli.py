@@ -222,7 +222,9 @@ def _finish(
             raise evaluation_failed(f"evaluation failed: {type(exc).__name__}: {exc}") from exc
         metrics.update(found["metrics"] or {})
         base_metrics = dict(found["baseMetrics"]) if found["baseMetrics"] else None
-        compared = _compared_fields(found["comparedMetrics"], found["comparedError"])
+        compared = _compared_fields(
+            found["comparedMetrics"], found["comparedError"], found["comparedTimingComparable"]
+        )
         notes += [n for n in found["notes"] if n.startswith("compareWith")]
     metrics = _finite_metrics(metrics)
     _write_json(out / "metrics.json", metrics)
@@ -297,10 +299,16 @@ def _finish(
     return result
 
 
-def _compared_fields(metrics: Mapping[str, float] | None, error: str | None) -> dict[str, Any]:
-    """comparedMetrics / comparedError of the result (evaluation.compareWith)."""
+def _compared_fields(
+    metrics: Mapping[str, float] | None, error: str | None, timing_comparable: bool | None
+) -> dict[str, Any]:
+    """comparedMetrics / comparedError of the result (evaluation.compareWith), and whether
+    the compared timing metrics were measured as the adapter's (decision 2020)."""
     if metrics:
-        return {"comparedMetrics": _finite_metrics(metrics)}
+        fields: dict[str, Any] = {"comparedMetrics": _finite_metrics(metrics)}
+        if timing_comparable is not None:
+            fields["comparedTimingComparable"] = timing_comparable
+        return fields
     if error:
         return {"comparedError": error}
     return {}

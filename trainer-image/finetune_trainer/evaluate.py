@@ -9,6 +9,7 @@ ROUGE-L, percentiles) are kept apart from the torch parts so they can be tested 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
@@ -494,6 +495,37 @@ class _Generator:
         return counts
 
 
+def warm_up(gen: _Generator, timed_prompts: Sequence[list[int]], full: GenerationConfig) -> None:
+    """Untimed requests that leave the model in the state its timed requests are measured in.
+
+    Each evaluated model (the adapter, the base, evaluation.compareWith) gets its own, so no
+    model's timed requests pay a one-time cost that an earlier model's requests paid for it:
+    the prompt pass of every timed prompt (one new token each: on a GPU the first pass of a
+    prompt length can select and load kernels for that shape) and one full-length request
+    (kernel selection while the cache grows, and growing the cache allocator; a 4-token
+    warm-up left the first timed request 1.8x slower)."""
+    first_token = gen.config(1)
+    for prompt in timed_prompts:
+        gen.run([prompt], first_token)
+    gen.run(timed_prompts[:1], full)
+
+
+@contextmanager
+def _collector_paused(pause: bool) -> Iterator[None]:
+    """Collect garbage first and not during the timed requests: right after training the
+    heap holds the training step's objects, and a full collection landing in one model's
+    timed requests but not another's would be timed as generation."""
+    if not pause or not gc.isenabled():
+        yield
+        return
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def generate(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -507,8 +539,9 @@ def generate(
     """Greedy generation, prompts left-padded; long prompts keep their end.
 
     The first ``timed_requests`` rows are generated one at a time (batch 1) and each is
-    timed from its prompt to its whole completion, after one untimed full-length warm-up
-    request; the other rows go in batches of ``batch_size`` and are not timed."""
+    timed from its prompt to its whole completion, after this model's own untimed warm-up
+    (``warm_up``) and with the garbage collector paused; the other rows go in batches of
+    ``batch_size`` and are not timed."""
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     gen = _Generator(model, tokenizer, eos_ids, pad_id)
@@ -517,14 +550,13 @@ def generate(
     prompts = [_ids(tokenizer, r.prompt)[-max_prompt_tokens:] for r in rows]
     timed = max(0, min(timed_requests, len(prompts)))
     if timed:
-        # Warm-up at full length: the first answer pays for kernel selection and for growing
-        # the cache allocator (a 4-token warm-up left the first timed request 1.8x slower).
-        gen.run(prompts[:1], full)
-    for prompt in prompts[:timed]:
-        seconds, seqs = gen.run([prompt], full)
-        result.batch_sizes.append(1)
-        result.request_seconds.append(seconds)
-        result.request_tokens.extend(gen.keep(result, seqs))
+        warm_up(gen, prompts[:timed], full)
+    with _collector_paused(timed > 0):
+        for prompt in prompts[:timed]:
+            seconds, seqs = gen.run([prompt], full)
+            result.batch_sizes.append(1)
+            result.request_seconds.append(seconds)
+            result.request_tokens.extend(gen.keep(result, seqs))
     for start in range(timed, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         _, seqs = gen.run(chunk, full)
@@ -781,6 +813,9 @@ class EvaluationResult(TypedDict):
     baseMetrics: dict[str, float] | None
     comparedMetrics: dict[str, float] | None
     comparedError: str | None
+    # Whether the timing metrics of comparedMetrics were measured as those of metrics: in this
+    # process, on the same device and timed rows, each model after its own warm-up.
+    comparedTimingComparable: bool | None
     judged: str
     adapterDigest: str | None
     gates: list[GateResultDict]
@@ -883,6 +918,7 @@ def run_evaluation(
         "baseMetrics": base_metrics,
         "comparedMetrics": compared_metrics,
         "comparedError": compared_error,
+        "comparedTimingComparable": True if compared_metrics is not None else None,
         "judged": "base" if base_only else "adapter",
         "adapterDigest": adapter_digest,
         "gates": gates,
@@ -975,6 +1011,7 @@ def command(args: argparse.Namespace) -> int:
             "baseMetrics": result["baseMetrics"],
             "comparedMetrics": result["comparedMetrics"],
             "comparedError": result["comparedError"],
+            "comparedTimingComparable": result["comparedTimingComparable"],
             "gates": result["gates"],
             "gatesSummary": result["gatesSummary"],
             "adapterDigest": result["adapterDigest"],

@@ -891,6 +891,12 @@ class FineTuneJobStatus(StatusModel):
         description="Why spec.evaluation.compareWith was not evaluated (the run is judged on "
         "its own gates all the same).",
     )
+    compared_timing_comparable: bool | None = Field(
+        default=None,
+        description="true when the timing metrics of comparedMetrics (latency, tokens/s) were "
+        "measured as those of metrics: in the same trainer process, on the same device and "
+        "timed rows, each adapter after its own untimed warm-up.",
+    )
     gates: list[GateResult] | None = Field(
         default=None, description="Verdict of each quality gate."
     )

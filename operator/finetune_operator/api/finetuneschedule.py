@@ -228,6 +228,12 @@ class MetricComparison(StatusModel):
         default=None, description="Challenger minus champion, in the better direction."
     )
     passed: bool = Field(description="Whether the challenger beat the champion by the margin.")
+    timing_comparable: bool | None = Field(
+        default=None,
+        description="Timing metrics only: whether both values were measured in the challenger's "
+        "run under the same conditions. false: the metric does not decide and the champion "
+        "stays (reason TimingNotComparable).",
+    )
 
 
 class ChampionComparison(StatusModel):
@@ -274,6 +280,11 @@ class ComparedRecord(StatusModel):
     )
     error: str | None = Field(
         default=None, max_length=1024, description="Why it was not evaluated."
+    )
+    timing_comparable: bool | None = Field(
+        default=None,
+        description="Whether the run's trainer timed it under the same conditions as the "
+        "run's own adapter (the run's status.comparedTimingComparable).",
     )
 
 

@@ -31,6 +31,9 @@ class MetricInfo:
     better: Direction
     unit: str
     description: str
+    # A wall-clock measurement: it depends on the machine, the GPU and what ran before it,
+    # so two values compare only when measured in one run under the same conditions.
+    timing: bool = False
 
 
 METRICS: dict[str, MetricInfo] = {
@@ -72,20 +75,24 @@ METRICS: dict[str, MetricInfo] = {
             "lower",
             "ms",
             "Median time to generate one request's whole completion alone (batch 1).",
+            timing=True,
         ),
         MetricInfo(
             "latencyP95Ms",
             "lower",
             "ms",
             "95th percentile time to generate one request's whole completion alone (batch 1).",
+            timing=True,
         ),
         MetricInfo(
             "tokensPerSecond",
             "higher",
             "tokens/s",
             "Generated tokens per second of one request generated alone (batch 1).",
+            timing=True,
         ),
     )
 }
 
 METRIC_NAMES: tuple[str, ...] = tuple(METRICS)
+TIMING_METRICS: frozenset[str] = frozenset(m.name for m in METRICS.values() if m.timing)

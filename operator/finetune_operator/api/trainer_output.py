@@ -136,6 +136,8 @@ class TrainerResult(ChannelModel):
     # spec.evaluation.compareWith measured on the same eval rows, or why it was not.
     compared_metrics: Metrics | None = None
     compared_error: Annotated[str, Field(max_length=COMPARED_ERROR_CHARS)] | None = None
+    # true: compared_metrics' timing metrics were measured as metrics' were (decision 2020).
+    compared_timing_comparable: bool | None = None
     adapter: AdapterOutput | None = None
     data: DataReport | None = None
 

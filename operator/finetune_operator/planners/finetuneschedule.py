@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from ..api.common import API_VERSION, owner_reference, set_condition
 from ..api.finetunejob import CompareWith
 from ..api.finetuneschedule import KIND, RUN_RECORDS_MAX, FineTuneScheduleSpec
-from ..api.metrics_catalog import METRICS
+from ..api.metrics_catalog import METRICS, TIMING_METRICS
 from ..builders import names
 from ..builders.data_probe import LABEL_PROBE, probe_job, probe_result
 from ..domain import cron
@@ -171,6 +171,8 @@ def _compared(ftj: Mapping[str, Any]) -> dict[str, Any] | None:
     metrics = _finite_metrics(status.get("comparedMetrics"))
     if metrics:
         out["metrics"] = metrics
+        if status.get("comparedTimingComparable") is True:
+            out["timingComparable"] = True
     else:
         error = status.get("comparedError")
         out["error"] = str(error)[:1024] if error else "the run's status has no comparedMetrics"
@@ -291,8 +293,10 @@ def _compare_with_champion(
 ) -> dict[str, Any]:
     mine = record.get("metrics") or {}
     theirs, fallback = champion_values(record, champion)
+    timing_problem = timing_not_comparable(record, fallback)
     rows: list[dict[str, Any]] = []
     missing: list[str] = []
+    not_comparable: list[str] = []
     short: list[str] = []
     for wanted in promotion.get("metrics") or []:
         metric, margin = str(wanted.get("metric")), float(wanted.get("minMargin") or 0.0)
@@ -302,8 +306,12 @@ def _compare_with_champion(
             row["challenger"] = value
         if best is not None:
             row["champion"] = best
+        if metric in TIMING_METRICS:
+            row["timingComparable"] = timing_problem is None
         if value is None or best is None:
             missing.append(f"{metric} ({'challenger' if value is None else 'champion'})")
+        elif metric in TIMING_METRICS and timing_problem is not None:
+            not_comparable.append(metric)
         else:
             gain = _improvement(metric, float(value), float(best))
             row["improvement"] = round(gain, 6)
@@ -329,6 +337,12 @@ def _compare_with_champion(
             "message": ("cannot compare, no value for " + ", ".join(missing)
                         + ": list only metrics the evaluation reports" + basis)[:1024],
         }  # fmt: skip
+    if not_comparable:
+        return result | {
+            "decision": "Kept",
+            "reason": "TimingNotComparable",
+            "message": timing_message(not_comparable, str(timing_problem), short)[:1024],
+        }
     if short:
         return result | {
             "decision": "Kept",
@@ -360,6 +374,36 @@ def champion_values(
     if not compared.get("metrics"):
         return recorded, f"the run could not evaluate the champion: {compared.get('error')}"
     return compared["metrics"], None
+
+
+def timing_not_comparable(record: Mapping[str, Any], fallback: str | None) -> str | None:
+    """Why the champion's timing values cannot be set against the run's, and what to change;
+    None when the run timed both adapters under the same conditions (decision 2020)."""
+    if fallback is not None:
+        return (
+            "the champion's value was recorded by its own run (another run: its machine, GPU "
+            "and load, its eval rows) and timing compares only within one run: let the run "
+            "evaluate the champion (see fallbackReason)"
+        )
+    if (record.get("compared") or {}).get("timingComparable") is not True:
+        return (
+            "the run's trainer did not report that it timed both adapters under the same "
+            "conditions (the run's status.comparedTimingComparable is not true): use a trainer "
+            "image that reports it"
+        )
+    return None
+
+
+def timing_message(metrics: list[str], problem: str, short: list[str]) -> str:
+    """Why timing metrics kept the champion, and what to change."""
+    text = (
+        f"the champion stays: {', '.join(metrics)} cannot decide, {problem}, or remove them "
+        "from promotion.metrics and hold latency with qualityGates or the AdapterDeployment "
+        "canary"
+    )
+    if short:
+        text += "; also " + "; ".join(short)
+    return text
 
 
 def champion_from(record: Mapping[str, Any], since: str) -> dict[str, Any]:

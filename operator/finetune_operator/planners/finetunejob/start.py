@@ -29,6 +29,7 @@ RUN_FIELDS = (
     "base_metrics",
     "compared_metrics",
     "compared_error",
+    "compared_timing_comparable",
     "gates",
     "gates_summary",
     "adapter",

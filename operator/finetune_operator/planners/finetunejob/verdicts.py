@@ -211,6 +211,7 @@ def record_compared(st: StatusDraft, spec: FineTuneJobSpec, result: TrainerResul
     compared = numeric_metrics(result.compared_metrics)
     if compared:
         st.status.compared_metrics = compared
+        st.status.compared_timing_comparable = result.compared_timing_comparable
     else:
         st.status.compared_error = result.compared_error or (
             "the trainer reported no compared metrics (a trainer image without compareWith?)"
