@@ -11,7 +11,6 @@ from support.chartlib import load_script
 
 # Modules that define the operator's Prometheus metrics.
 METRIC_MODULES = ("finetune_operator.metrics", "finetune_operator.metrics_serving")
-PROMQL_FUNCTIONS_AND_KEYWORDS = {"sum", "max", "rate", "increase", "histogram_quantile", "by"}
 
 
 def exported_metrics() -> dict[str, set[str]]:

@@ -12,7 +12,6 @@ from typing import Any, Literal
 from ...api.finetunejob import MUTABLE_AFTER_START, FineTuneJobSpec, FineTuneJobStatus
 from ...policy import NamespaceUsage
 from ..events import Event
-from .conditions import is_terminal
 from .cost import PriceTable
 
 
@@ -59,10 +58,6 @@ class Plan:
     # "permanent": nothing will change until the spec does; "retry": try again soon.
     outcome: Literal["ok", "permanent", "retry"] = "ok"
     message: str = ""
-
-    @property
-    def needs_run(self) -> bool:
-        return self.outcome == "ok" and not is_terminal(self.status)
 
 
 def spec_hash(spec: FineTuneJobSpec) -> str:
