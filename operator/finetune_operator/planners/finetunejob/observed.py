@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Literal
 
 from ...api.finetunejob import MUTABLE_AFTER_START, FineTuneJobSpec, FineTuneJobStatus
@@ -50,13 +51,20 @@ class Action:
     body: dict[str, Any] | None = None
 
 
+class Outcome(StrEnum):
+    """What the handler tells kopf once a plan is carried out (one kopf error per member)."""
+
+    OK = "ok"  # the status says it all: nothing to retry
+    PERMANENT = "permanent"  # nothing will change until the spec does
+    RETRY = "retry"  # try again soon
+
+
 @dataclass
 class Plan:
     status: FineTuneJobStatus
     actions: list[Action] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-    # "permanent": nothing will change until the spec does; "retry": try again soon.
-    outcome: Literal["ok", "permanent", "retry"] = "ok"
+    outcome: Outcome = Outcome.OK
     message: str = ""
 
 
