@@ -19,10 +19,7 @@ def exported_metrics() -> dict[str, set[str]]:
 
     result: dict[str, set[str]] = {}
     for module_name in METRIC_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError:
-            continue
+        module = importlib.import_module(module_name)
         for value in vars(module).values():
             if not isinstance(value, Counter | Gauge | Histogram):
                 continue
