@@ -41,7 +41,6 @@ import bench_scale  # the operator process, playing the cluster
 
 REPO = bench_scale.REPO
 SCENARIOS = ("pending", "running", "finished")
-SECRET_NAMES = ("hf-token",)
 
 
 def progress_line(step: int) -> str:

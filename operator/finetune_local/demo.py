@@ -30,6 +30,7 @@ from typing import Any, TextIO
 
 import yaml
 from finetune_operator.domain.times import parse_rfc3339
+from finetune_operator.domain.uris import StorageUri
 
 from .demo_schedule import CycleFailed, CycleResult, run_cycle
 
@@ -414,7 +415,7 @@ def _run(options: DemoOptions, workdir: Path) -> DemoResult:
         final_adep = _wait("the AdapterDeployment to become Available", rolled_out, deadline)
 
         adapter = final_ftj["status"]["adapter"]
-        adapter_dir = claim_dir / adapter["uri"].removeprefix(f"pvc://{CLAIM}/")
+        adapter_dir = claim_dir / StorageUri.parse(adapter["uri"]).path
         digest_on_disk = verify_directory(adapter_dir)
 
         # Ask a serving replica for a completion with the new adapter.

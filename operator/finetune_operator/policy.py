@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .api.finetunejob import FineTuneJobSpec
 from .api.scheduling import Affinity, NodeSelectorTerm, Toleration
+from .domain.uris import StorageUri
 
 # The node label a job's resources.gpuProduct becomes (builders.trainer.GPU_PRODUCT_LABEL;
 # not imported from there: the builders depend on this module).
@@ -505,7 +506,7 @@ def _check_file_uris(spec: FineTuneJobSpec, policy: Policy) -> list[Violation]:
             f"{'pvc:// or s3://' if where == 'spec.output.uri' else 'pvc://, s3:// or hf://'}",
         )
         for where, uri in _uris(spec)
-        if uri.startswith("file://")
+        if StorageUri.parse(uri).scheme == "file"
     ]
 
 

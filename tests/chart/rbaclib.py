@@ -186,10 +186,7 @@ def client_methods() -> dict[str, set[str]]:
     """Public coroutine methods of each client class, by module."""
     result: dict[str, set[str]] = {}
     for module_name, class_name in CLIENT_CLASSES.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError:
-            continue
+        module = importlib.import_module(module_name)
         cls = getattr(module, class_name)
         result[module_name] = {
             name

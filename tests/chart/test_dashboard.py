@@ -11,7 +11,6 @@ from support.chartlib import load_script
 
 # Modules that define the operator's Prometheus metrics.
 METRIC_MODULES = ("finetune_operator.metrics", "finetune_operator.metrics_serving")
-PROMQL_FUNCTIONS_AND_KEYWORDS = {"sum", "max", "rate", "increase", "histogram_quantile", "by"}
 
 
 def exported_metrics() -> dict[str, set[str]]:
@@ -20,10 +19,7 @@ def exported_metrics() -> dict[str, set[str]]:
 
     result: dict[str, set[str]] = {}
     for module_name in METRIC_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError:
-            continue
+        module = importlib.import_module(module_name)
         for value in vars(module).values():
             if not isinstance(value, Counter | Gauge | Histogram):
                 continue

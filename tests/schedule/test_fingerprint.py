@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from finetune_trainer.fingerprint import FingerprintError, fingerprint, main
+from finetune_trainer.fingerprint import FingerprintError, fingerprint, main, s3_entries
 
 
 def write(path: Path, text: str, mtime: int = 1_700_000_000) -> None:
@@ -71,6 +71,44 @@ def test_s3_objects_are_listed_not_downloaded() -> None:
         assert fingerprint("s3://ml-data/support/", s3_client=lambda: client) != first
         with pytest.raises(FingerprintError, match="no object under"):
             fingerprint("s3://ml-data/none/", s3_client=lambda: client)
+
+
+# Recorded fingerprints hash the entry names: "s3://b/p" and "s3://b/p/" name the same object
+# differently, and each keeps the digest it had (these digests were recorded before).
+@pytest.mark.parametrize(
+    ("uri", "name", "digest"),
+    [
+        (
+            "s3://ml-data/support/",
+            "train.jsonl",
+            "f5492ff8604fabedb18baa61c88d2aca6d18a4c9d7f678194181edb672be4ffe",
+        ),
+        (
+            "s3://ml-data/support",
+            "/train.jsonl",
+            "a3d1e5a0bdbba40c0911d272cf6dda0c7b137300746ce1b99c1a8cb2c682f0e3",
+        ),
+        (
+            "s3://ml-data",
+            "support/train.jsonl",
+            "46d20eca4dfe51a9630b2a9e7bbd031c1578feff9f7f6e29dff20aeab44031ee",
+        ),
+        (
+            "s3://ml-data/",
+            "support/train.jsonl",
+            "46d20eca4dfe51a9630b2a9e7bbd031c1578feff9f7f6e29dff20aeab44031ee",
+        ),
+    ],
+)
+def test_s3_entry_names_keep_the_prefix_as_written(uri: str, name: str, digest: str) -> None:
+    moto = pytest.importorskip("moto")
+    boto3 = pytest.importorskip("boto3")
+    with moto.mock_aws():
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="ml-data")
+        client.put_object(Bucket="ml-data", Key="support/train.jsonl", Body=b"{}\n")
+        assert [entry[0] for entry in s3_entries(uri, client)] == [name]
+        assert fingerprint(uri, s3_client=lambda: client)["digest"] == f"sha256:{digest}"
 
 
 def test_the_command_writes_its_result_to_the_termination_message(

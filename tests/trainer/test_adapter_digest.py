@@ -107,6 +107,24 @@ def test_uri_revision() -> None:
     assert split_uri_revision("pvc://claim/models/x") == ("pvc://claim/models/x", None)
 
 
+@pytest.mark.parametrize(
+    ("uri", "split"),
+    [
+        # The last "@" of the text as written, even where StorageUri reads a path after the
+        # revision: manifests recorded so far hold exactly these values.
+        ("hf://a/b@v1/sub", ("hf://a/b", "v1/sub")),
+        ("hf://a/b@r1@r2", ("hf://a/b@r1", "r2")),
+        ("hf://a/b", ("hf://a/b", None)),
+        ("pvc://claim/x@y", ("pvc://claim/x@y", None)),
+        ("s3://bucket/x@y", ("s3://bucket/x@y", None)),
+        ("file:///m/x@y", ("file:///m/x@y", None)),
+        ("https://hf/a@b", ("https://hf/a@b", None)),
+    ],
+)
+def test_uri_revision_keeps_the_recorded_split(uri: str, split: tuple[str, str | None]) -> None:
+    assert split_uri_revision(uri) == split
+
+
 def test_fetched_adapter_digest_check(tmp_path: Path) -> None:
     from finetune_trainer.cli import check_fetched_digest
 

@@ -41,7 +41,6 @@ def test_auto_on_cpu_uses_the_conservative_default(tiny_model: Path) -> None:
 
 
 def test_estimator_picks_batch_for_the_gpu(tiny_model: Path) -> None:
-    pytest.importorskip("finetune_operator.domain.estimator")
     config = json.loads((tiny_model / "config.json").read_text())
     big = estimator_choice(_spec(), config, gpu_memory_gib=80.0)
     small = estimator_choice(_spec(), config, gpu_memory_gib=0.05)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune_operator.api.trainer_config import TrainerConfig
 from finetune_operator.api.trainer_output import AdapterOutput
+from finetune_operator.domain.uris import StorageUri
 
 from .errors import (
     EXIT_DATA,
@@ -277,7 +278,7 @@ def _finish(
         notes,
     )
     message = f"trained {outcome.global_step} steps; adapter digest {manifest['digest']}"
-    if config.spec.output.uri.startswith("s3://"):
+    if StorageUri.parse(config.spec.output.uri).scheme == "s3":
         uploaded = upload_run(
             config, outcome.adapter_dir, manifest["digest"], outcome.checkpoint_sync
         )

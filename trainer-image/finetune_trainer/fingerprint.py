@@ -63,7 +63,10 @@ def local_entries(path: Path) -> Iterator[Entry]:
 
 def s3_entries(uri: str, client: S3Client) -> Iterator[Entry]:
     """Each object under an ``s3://bucket/prefix`` (a listing: nothing is downloaded)."""
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    bucket = StorageUri.parse(uri).bucket
+    # Everything after the bucket's "/" as written (not StorageUri.path, which drops leading
+    # and trailing "/"): the entry names, and so the digests recorded so far, depend on it.
+    prefix = uri[len(f"s3://{bucket}/") :]
     paginator = client.get_paginator("list_objects_v2")
     found: list[Entry] = []
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):

@@ -15,6 +15,7 @@ from finetune_operator.domain.adapter_digest import (
     hash_directory,
     verify_directory,
 )
+from finetune_operator.domain.uris import split_scheme
 
 __all__ = [
     "AdapterManifest",
@@ -51,8 +52,12 @@ class AdapterManifest(TypedDict):
 
 
 def split_uri_revision(uri: str) -> tuple[str, str | None]:
-    """``hf://org/name@rev`` -> (``hf://org/name``, ``rev``); other URIs have no revision."""
-    if uri.startswith("hf://") and "@" in uri:
+    """``hf://org/name@rev`` -> (``hf://org/name``, ``rev``); other URIs have no revision.
+
+    The split is at the last ``@`` of the text as written (not :class:`StorageUri`'s revision):
+    recorded manifests, and so adapter digests, depend on it.
+    """
+    if split_scheme(uri)[0] == "hf" and "@" in uri:
         base, rev = uri.rsplit("@", 1)
         return base, rev
     return uri, None

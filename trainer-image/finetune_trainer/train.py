@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.api.trainer_config import TrainerConfig
+from finetune_operator.domain.uris import StorageUri
 
 from .checkpoints import make_checkpoint_callback, prepare_for_resume, run_fingerprint
 from .data import PreparedData, TokenizedExample
@@ -462,7 +463,7 @@ def train_adapter(
         if me.is_main
         else select_resume(checkpoint_dir, fingerprint)
     )
-    remote = config.spec.output.uri.startswith("s3://")
+    remote = StorageUri.parse(config.spec.output.uri).scheme == "s3"
     if remote and me.distributed:
         notes.append(
             "checkpoints stay in the pod's scratch folder: s3:// checkpoint sync covers "

@@ -38,10 +38,6 @@ QUALIFIED_NAME_MESSAGE = (
     "characters and '/', then at most 63 alphanumeric characters, '-', '_' or '.', starting "
     "and ending with an alphanumeric character"
 )
-LABEL_VALUE_MESSAGE = (
-    "must be a label value: at most 63 alphanumeric characters, '-', '_' or '.', starting and "
-    "ending with an alphanumeric character"
-)
 _QUALIFIED_NAME_RE = re.compile(QUALIFIED_NAME_PATTERN)
 _LONG_PREFIX_RE = re.compile(LONG_PREFIX_PATTERN)
 

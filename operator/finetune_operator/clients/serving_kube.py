@@ -16,7 +16,6 @@ from .kube import (
     JSON_PATCH,
     MERGE_PATCH,
     KubeClient,
-    KubeError,
     api_client_from_environment,
     collection_path,
     object_path,
@@ -24,9 +23,6 @@ from .kube import (
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
-
-# The serving controller's name for the client's error (409/422 are ``conflict``).
-ServingKubeError = KubeError
 
 
 class ServingKube:

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .uris import split_scheme
+
 if TYPE_CHECKING:
     from ..api.finetunejob import FineTuneJobSpec
 
@@ -265,7 +267,7 @@ _FAMILY_ALIASES: tuple[tuple[str, str], ...] = (
 
 def family_from_uri(uri: str) -> str | None:
     """The known family a model URI names (hf://meta-llama/Meta-Llama-3-8B-Instruct -> llama-3-8b)."""
-    name = uri.split("://", 1)[-1].split("@", 1)[0].lower()
+    name = split_scheme(uri)[1].split("@", 1)[0].lower()
     for pattern, family in _FAMILY_ALIASES:
         if re.search(pattern, name):
             return family

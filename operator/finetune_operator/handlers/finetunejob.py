@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, assert_never
 
 import kopf
 from pydantic import ValidationError
@@ -41,6 +41,7 @@ from ..planners.finetunejob import (
     Action,
     Event,
     Observed,
+    Outcome,
     Plan,
     PriceTable,
     Refusal,
@@ -452,7 +453,7 @@ async def _plan_and_act(
         await execute(kube, namespace, cleanup)  # what this run created goes with it
         if await going_away(kube, namespace, obs.name):
             return None
-        if refused.outcome == "retry":  # a final refusal is counted with its verdict
+        if refused.outcome == Outcome.RETRY:  # a final refusal is counted with its verdict
             metrics.ftj_errors.labels(namespace, "JobRejected").inc()
         return refused, []
 
@@ -580,12 +581,18 @@ def _record_metrics(obs: Observed, p: Plan, body: Mapping[str, Any]) -> None:
 
 
 def _raise_for_outcome(p: Plan | None, config: OperatorConfig) -> None:
+    """The one place a plan's outcome becomes kopf's answer (every Outcome member has a case)."""
     if p is None:
         return
-    if p.outcome == "permanent":
-        raise kopf.PermanentError(p.message)
-    if p.outcome == "retry":
-        raise kopf.TemporaryError(p.message, delay=config.retry_seconds)
+    match p.outcome:
+        case Outcome.OK:
+            return
+        case Outcome.PERMANENT:
+            raise kopf.PermanentError(p.message)
+        case Outcome.RETRY:
+            raise kopf.TemporaryError(p.message, delay=config.retry_seconds)
+        case _:
+            assert_never(p.outcome)
 
 
 # ---------------------------------------------------------------- handlers

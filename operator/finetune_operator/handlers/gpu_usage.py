@@ -25,7 +25,6 @@ from ..api.finetunejob import PLURAL, parse_status
 from ..planners.finetunejob import is_terminal
 from ..policy import NamespaceUsage
 
-INDEX = "ftj_gpus_in_use"
 # A reservation stands in for a run until the index has it; the status write that records
 # the run takes milliseconds, this bound only matters when it never comes (a failed write).
 RESERVATION_SECONDS = 120.0

@@ -32,9 +32,6 @@ from ..builders import distributed, names
 from ..builders.trainer import TRAINER_CONTAINER
 from ..planners.finetunejob import is_settled
 
-FTJ_INDEX = "ftj_watched"
-JOB_INDEX = "ftj_trainer_jobs"
-POD_INDEX = "ftj_trainer_pods"
 # Only children the operator made are indexed: the API server filters Jobs (kopf's
 # settings.watching.label_selectors); pods are filtered here, since the one pod watch also
 # serves the AdapterDeployment controller, whose serving pods carry no label of ours.

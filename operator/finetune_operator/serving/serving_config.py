@@ -9,12 +9,9 @@ could point the operator at another server.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 ENDPOINT_ANNOTATION = "finetune.dev/endpoint"
-
-EndpointResolver = Callable[[dict[str, Any], int], "str | None"]
 
 
 def pod_ip_endpoint(pod: dict[str, Any], port: int) -> str | None:

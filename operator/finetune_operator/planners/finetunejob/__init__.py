@@ -34,7 +34,7 @@ from .conditions import (
     transition_events,
 )
 from .cost import COST_REFRESH_SECONDS, PriceTable
-from .observed import Action, Observed, Plan, spec_hash
+from .observed import Action, Observed, Outcome, Plan, spec_hash
 from .planner import plan
 from .preflight import (
     MODEL_SHAPE_ANNOTATION,
@@ -61,6 +61,7 @@ __all__ = [
     "Event",
     "FitResult",
     "Observed",
+    "Outcome",
     "Plan",
     "PriceTable",
     "Refusal",

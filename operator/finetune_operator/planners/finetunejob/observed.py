@@ -7,12 +7,12 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Literal
 
 from ...api.finetunejob import MUTABLE_AFTER_START, FineTuneJobSpec, FineTuneJobStatus
 from ...policy import NamespaceUsage
 from ..events import Event
-from .conditions import is_terminal
 from .cost import PriceTable
 
 
@@ -51,18 +51,21 @@ class Action:
     body: dict[str, Any] | None = None
 
 
+class Outcome(StrEnum):
+    """What the handler tells kopf once a plan is carried out (one kopf error per member)."""
+
+    OK = "ok"  # the status says it all: nothing to retry
+    PERMANENT = "permanent"  # nothing will change until the spec does
+    RETRY = "retry"  # try again soon
+
+
 @dataclass
 class Plan:
     status: FineTuneJobStatus
     actions: list[Action] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-    # "permanent": nothing will change until the spec does; "retry": try again soon.
-    outcome: Literal["ok", "permanent", "retry"] = "ok"
+    outcome: Outcome = Outcome.OK
     message: str = ""
-
-    @property
-    def needs_run(self) -> bool:
-        return self.outcome == "ok" and not is_terminal(self.status)
 
 
 def spec_hash(spec: FineTuneJobSpec) -> str:

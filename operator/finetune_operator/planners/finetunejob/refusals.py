@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ...api.finetunejob import Phase, Reason
 from .conditions import C, StatusDraft, transition_events
-from .observed import Action, Observed, Plan
+from .observed import Action, Observed, Outcome, Plan
 
 # How much of the API server's answer a condition quotes.
 SERVER_MESSAGE_LIMIT = 1000
@@ -120,6 +120,6 @@ def child_refused(obs: Observed, p: Plan, refusal: Refusal) -> Plan:
         status,
         actions=actions,
         events=transition_events(obs.status, status),
-        outcome="retry",
+        outcome=Outcome.RETRY,
         message=text,
     )

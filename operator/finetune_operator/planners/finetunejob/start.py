@@ -15,7 +15,7 @@ from ...builders.trainer import (
 from ...config import OperatorConfig
 from ...policy import apply_defaults, refusal_message
 from .conditions import C, StatusDraft, transition_events
-from .observed import Action, Observed, Plan
+from .observed import Action, Observed, Outcome, Plan
 from .preflight import check_fit
 from .verdicts import invalid
 
@@ -59,7 +59,10 @@ def start_run(
         st.drop(C.FAILED, C.SUCCEEDED)
         status = st.finish(Phase.PENDING)
         return Plan(
-            status, events=transition_events(obs.status, status), outcome="retry", message=message
+            status,
+            events=transition_events(obs.status, status),
+            outcome=Outcome.RETRY,
+            message=message,
         )
 
     fit = check_fit(spec, obs.annotations, config)
@@ -73,7 +76,7 @@ def start_run(
         return Plan(
             status,
             events=transition_events(obs.status, status),
-            outcome="permanent",
+            outcome=Outcome.PERMANENT,
             message=fit.message,
         )
     st.drop(C.FAILED, C.SUCCEEDED)

@@ -21,7 +21,7 @@ from ...domain.gates import evaluate_gates, summarize
 from ..events import Event
 from ..progress import TrainerOutputError, numeric_metrics
 from .conditions import C, StatusDraft, transition_events
-from .observed import Action, Observed, Plan
+from .observed import Action, Observed, Outcome, Plan
 from .trainer_objects import PodView, job_condition
 
 # What to do about each failure the trainer reports (its message says the specifics).
@@ -296,5 +296,8 @@ def invalid(obs: Observed, st: StatusDraft, reason: Reason, message: str) -> Pla
         st.cond(C.SUCCEEDED, "False", reason, "")
     status = st.finish(Phase.FAILED if not running else (obs.status.phase or Phase.TRAINING))
     return Plan(
-        status, events=transition_events(obs.status, status), outcome="permanent", message=message
+        status,
+        events=transition_events(obs.status, status),
+        outcome=Outcome.PERMANENT,
+        message=message,
     )
