@@ -150,3 +150,33 @@ def test_kopf_stopping_a_daemon_wakes_its_sleep_at_once() -> None:
     daemons, returned_by_itself = asyncio.run(scenario())
     assert returned_by_itself
     assert (daemons.returned, daemons.cancelled) == (1, 0)
+
+
+def test_a_stop_does_not_cut_an_adapterdeployment_pass() -> None:
+    """kopf cancels a task that does not return within its wait; the pass it was in still
+    makes its status write, and the cleanup closes the HTTP session only after it."""
+    from finetune_operator.handlers.adapterdeployment import ServingState, release_serving
+
+    async def scenario() -> tuple[list[str], bool, bool]:
+        state = ServingState()
+        seen: list[str] = []
+        may_write = asyncio.Event()
+
+        async def one_pass() -> None:
+            await may_write.wait()
+            seen.append("status written" if not state.stopping else "written after close")
+
+        task = asyncio.create_task(state.run_pass(one_pass()))
+        await asyncio.sleep(0)
+        task.cancel()  # as kopf does
+        cleanup = asyncio.create_task(release_serving(kopf.Memo(serving=state)))
+        await asyncio.sleep(0.05)
+        seen.append("cleanup waits" if not cleanup.done() else "cleanup did not wait")
+        may_write.set()
+        await cleanup
+        await asyncio.gather(task, return_exceptions=True)
+        return seen, task.cancelled(), state.stopping
+
+    seen, cancelled, closed = asyncio.run(scenario())
+    assert seen == ["cleanup waits", "status written"]
+    assert cancelled and closed
