@@ -74,7 +74,11 @@ class Daemons:
         if wake is not None:
             waits.append(asyncio.ensure_future(wake.wait()))
         try:
-            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+            for ended in done:
+                ended.result()  # a wait that failed raises here rather than end every sleep
         finally:
             for waiting in waits:
                 waiting.cancel()
