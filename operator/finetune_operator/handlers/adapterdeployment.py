@@ -18,13 +18,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import aiohttp
 import kopf
@@ -52,6 +51,7 @@ from ..planners import adapterdeployment as rules
 from ..planners import adapterdeployment_plan as ad
 from ..serving import vllm_server
 from ..serving.serving_config import annotation_endpoint, pod_ip_endpoint
+from .daemon_stop import Daemons, daemons_of, start_daemons, stop_daemons
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,15 @@ KIND = "AdapterDeployment"
 MAX_PATCH_ATTEMPTS = 8
 # Passes in a row that ask to look again at once, before the poll interval applies anyway.
 MAX_IMMEDIATE_PASSES = 20
-# How often a sleeping task checks whether kopf asked it to stop (no request involved).
-STOP_CHECK_SECONDS = 0.5
+# How long kopf waits for a stopped task to return by itself (a sleeping one wakes at once;
+# one in a pass returns when the pass ends) before it cancels it.
+STOP_RETURN_SECONDS = 1.0
+# How long the operator, when it stops, lets passes under way finish their writes.
+SHUTDOWN_GRACE_SECONDS = 5.0
 POD_TEMPLATE_HASH = "pod-template-hash"
 
 Marker = tuple[str, int, str | None]
+T = TypeVar("T")
 Clock = Callable[[], datetime]
 
 
@@ -104,6 +108,21 @@ class ServingState:
         self.session: aiohttp.ClientSession | None = None
         self.clock = clock
         self.stopping = False  # set at cleanup: no new HTTP session after the last is closed
+        self.passes: set[asyncio.Task[Any]] = set()  # passes under way
+
+    async def run_pass(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run a pass that a cancellation of its task does not cut between its actions and
+        its status write; the cleanup waits for it before closing the HTTP session."""
+        task = asyncio.ensure_future(work)
+        self.passes.add(task)
+        task.add_done_callback(self._pass_ended)
+        return await asyncio.shield(task)
+
+    def _pass_ended(self, task: asyncio.Task[Any]) -> None:
+        self.passes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Its task was cancelled meanwhile (the operator stops): nobody else will say it.
+            log.debug("a pass ended with %r", task.exception())
 
     def memory(self, namespace: str, name: str) -> Memory:
         return self.memories.setdefault((namespace, name), Memory())
@@ -151,15 +170,19 @@ async def configure_serving(settings: kopf.OperatorSettings, memo: kopf.Memo, **
         memo.serving = ServingState()
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
     settings.persistence.finalizer = names.FINALIZER
-    # Sleeping tasks notice a stop within STOP_CHECK_SECONDS and return by themselves.
+    start_daemons(memo)
     if settings.background.instant_exit_timeout is None:
-        settings.background.instant_exit_timeout = 2 * STOP_CHECK_SECONDS
+        settings.background.instant_exit_timeout = STOP_RETURN_SECONDS
 
 
 @kopf.on.cleanup()
 async def release_serving(memo: kopf.Memo, **_: Any) -> None:
+    """Close the HTTP session once the tasks have stopped and their passes have ended."""
+    await stop_daemons(memo)
     state = _serving(memo)
     if state is not None:
+        if state.passes:
+            await asyncio.wait(set(state.passes), timeout=SHUTDOWN_GRACE_SECONDS)
         state.stopping = True
         if state.session is not None:
             await state.session.close()
@@ -915,17 +938,6 @@ def backoff(config: OperatorConfig, failures: int) -> float:
     return float(min(config.serving_max_backoff_seconds, seconds))
 
 
-async def _sleep(memory: Memory, stopped: kopf.DaemonStopped, seconds: float | None) -> None:
-    """Until woken, stopped, or ``seconds`` passed (None: no time limit)."""
-    deadline = None if seconds is None else time.monotonic() + seconds
-    while not stopped and not memory.wake.is_set():
-        left = STOP_CHECK_SECONDS if deadline is None else deadline - time.monotonic()
-        if left <= 0:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(memory.wake.wait(), min(left, STOP_CHECK_SECONDS))
-
-
 @kopf.daemon(GROUP, VERSION, PLURAL, id="serve-adapter", cancellation_timeout=5.0)
 async def serve_adapter(
     namespace: str | None,
@@ -940,36 +952,57 @@ async def serve_adapter(
     kube = ServingKube(kube_client)
     caches = _caches(kwargs)
     memory = state.memory(str(namespace), name)
-    immediate = 0
-    delay: float | None = 0.0
+    daemons = daemons_of(memo)
     try:
-        while not stopped:
-            await _sleep(memory, stopped, delay)
-            if stopped:
-                break
-            memory.wake.clear()
-            if body.get("metadata", {}).get("deletionTimestamp"):
-                break
-            try:
-                p = await reconcile(kube, config, state, body, caches)
-            except (KubeError, VllmError, Unfinished, aiohttp.ClientError, OSError) as exc:
-                memory.failures += 1
-                delay = backoff(config, memory.failures)
-                log.warning(
-                    "%s/%s: pass failed, next try in %.0fs: %s", namespace, name, delay, exc
-                )
-                continue
-            except Exception:  # keep the task alive: one bad pass must not stop it for good
-                memory.failures += 1
-                delay = backoff(config, memory.failures)
-                log.exception("%s/%s: unexpected error; next try in %.0fs", namespace, name, delay)
-                continue
-            memory.failures = 0
-            immediate = immediate + 1 if p.next == ad.Next.NOW else 0
-            delay = wait_after(p, config, immediate)
+        with daemons.alive():
+            await _serve(kube, config, state, body, caches, memory, stopped, daemons)
     finally:
         if body.get("metadata", {}).get("deletionTimestamp"):
             state.memories.pop((str(namespace), name), None)
+
+
+async def _serve(
+    kube: ServingKube,
+    config: OperatorConfig,
+    state: ServingState,
+    body: kopf.Body,
+    caches: Caches,
+    memory: Memory,
+    stopped: kopf.DaemonStopped,
+    daemons: Daemons,
+) -> None:
+    """Passes until the task is asked to stop or the object is being deleted."""
+    meta = body.get("metadata", {})
+    immediate = 0
+    delay: float | None = 0.0
+    while not daemons.asked_to_stop(stopped):
+        await daemons.sleep(stopped, delay, memory.wake)
+        if daemons.asked_to_stop(stopped):
+            break
+        memory.wake.clear()
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            break
+        try:
+            p = await state.run_pass(reconcile(kube, config, state, body, caches))
+        except (KubeError, VllmError, Unfinished, aiohttp.ClientError, OSError) as exc:
+            memory.failures += 1
+            delay = backoff(config, memory.failures)
+            log.warning(
+                "%s/%s: pass failed, next try in %.0fs: %s",
+                meta.get("namespace"), meta.get("name"), delay, exc,
+            )  # fmt: skip
+            continue
+        except Exception:  # keep the task alive: one bad pass must not stop it for good
+            memory.failures += 1
+            delay = backoff(config, memory.failures)
+            log.exception(
+                "%s/%s: unexpected error; next try in %.0fs",
+                meta.get("namespace"), meta.get("name"), delay,
+            )  # fmt: skip
+            continue
+        memory.failures = 0
+        immediate = immediate + 1 if p.next == ad.Next.NOW else 0
+        delay = wait_after(p, config, immediate)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, id="remove-adapter")

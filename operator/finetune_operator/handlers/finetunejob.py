@@ -55,6 +55,7 @@ from ..planners.finetunejob import (
     run_generation,
 )
 from ..policy import NamespaceUsage
+from .daemon_stop import daemons_of, start_daemons, stop_daemons
 from .gpu_usage import GpuLedger
 from .object_locks import ObjectLocks
 from .trainer_watch import (
@@ -611,6 +612,7 @@ async def configure(
     if getattr(memo, "config", None) is None:
         memo.config = load_config()
     memo.ftj_state = RunState()
+    start_daemons(memo)
     memo.ftj_state.gpus.index = ftj_gpus_in_use  # kopf's index, kept up to date by kopf
     watched = memo.ftj_state.watched  # kopf's indexes too (decision 1650)
     watched.ftjs, watched.jobs, watched.pods = ftj_watched, ftj_trainer_jobs, ftj_trainer_pods
@@ -628,7 +630,7 @@ async def configure(
     settings.posting.reporting_component = names.EVENT_SOURCE
     settings.posting.reporting_instance = names.EVENT_SOURCE
     # Pollers of finished jobs return by themselves within this time (see poll_running).
-    settings.background.instant_exit_timeout = 2 * STOP_CHECK_SECONDS
+    settings.background.instant_exit_timeout = STOP_RETURN_SECONDS
     # Watched namespaces are known at start: their series exist before any event (decision 1700).
     for namespace in memo.config.watch_namespaces:
         if not any(c in namespace for c in "*?["):
@@ -644,8 +646,10 @@ SHUTDOWN_GRACE_SECONDS = 5.0
 
 @kopf.on.cleanup()
 async def release_client(memo: kopf.Memo, **_: Any) -> None:
-    """Close the API client's connections when the operator stops, once the reconciles
-    still under way (a poll is shielded from cancellation) have written their status."""
+    """Close the API client's connections when the operator stops, once the daemons have
+    stopped and the reconciles still under way (a poll is shielded from cancellation) have
+    written their status."""
+    await stop_daemons(memo)
     state = getattr(memo, "ftj_state", None)
     deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
     while state is not None and state.tracked_objects and time.monotonic() < deadline:
@@ -667,24 +671,10 @@ async def on_change(name: str, namespace: str | None, memo: Any, reason: str, **
     )
 
 
-# How often a sleeping poller looks whether kopf asked it to stop. kopf waits up to
-# twice that for it to return by itself (settings.background.instant_exit_timeout) before it
-# cancels it; a graceful return needs no further handling cycle (no extra patch).
-STOP_CHECK_SECONDS = 0.5
-
-
-async def _sleep_unless_stopped(stopped: kopf.DaemonStopped, seconds: float) -> None:
-    """Sleep, returning early (within STOP_CHECK_SECONDS) once the daemon is stopped.
-
-    Plain sleeps rather than ``stopped.wait()``: that helper's inner waiting task fails
-    with TimeoutError when the operator exits while it waits, which kopf reports as a crash.
-    """
-    deadline = time.monotonic() + seconds
-    while not stopped:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        await asyncio.sleep(min(left, STOP_CHECK_SECONDS))
+# kopf waits this long for a stopped poller to return by itself (it wakes at once; one in a
+# reconcile returns when it ends) before it cancels it; a graceful return needs no further
+# handling cycle (no extra patch).
+STOP_RETURN_SECONDS = 1.0
 
 
 def poll_interval(config: OperatorConfig, running_jobs: int) -> float:
@@ -721,39 +711,41 @@ async def poll_running(
     """
     kube, config = runtime(memo)
     state = run_state(memo)
+    daemons = daemons_of(memo)
     namespace = str(namespace)
     polling = False
     try:
-        while not stopped:
-            await _sleep_unless_stopped(stopped, poll_interval(config, state.running_pollers))
-            if stopped:
-                break
-            running = state.watched.trainer_is_running(namespace, name)
-            if running != polling:  # the budget counts only jobs whose trainer runs
-                state.running_pollers += 1 if running else -1
-                polling = running
-            if not running:
-                continue
-            try:
-                # Should a cancellation come, it must not cut a reconcile between its status
-                # write and its events.
-                async with state.poll_slots:
-                    await asyncio.shield(
-                        reconcile(
-                            kube,
-                            config,
-                            namespace,
-                            name,
-                            trigger="poll",
-                            state=state,
-                            from_watch=True,
-                        )
-                    )
-            except (kopf.TemporaryError, KubeError) as exc:
-                log.info("poll of %s/%s deferred: %s", namespace, name, exc)
+        with daemons.alive():
+            while not daemons.asked_to_stop(stopped):
+                await daemons.sleep(stopped, poll_interval(config, state.running_pollers))
+                if daemons.asked_to_stop(stopped):
+                    break
+                running = state.watched.trainer_is_running(namespace, name)
+                if running != polling:  # the budget counts only jobs whose trainer runs
+                    state.running_pollers += 1 if running else -1
+                    polling = running
+                if not running:
+                    continue
+                await _poll(kube, config, state, namespace, name)
     finally:
         if polling:
             state.running_pollers -= 1
+
+
+async def _poll(
+    kube: KubeClient, config: OperatorConfig, state: RunState, namespace: str, name: str
+) -> None:
+    try:
+        # Should a cancellation come, it must not cut a reconcile between its status
+        # write and its events.
+        async with state.poll_slots:
+            await asyncio.shield(
+                reconcile(
+                    kube, config, namespace, name, trigger="poll", state=state, from_watch=True
+                )
+            )
+    except (kopf.TemporaryError, KubeError) as exc:
+        log.info("poll of %s/%s deferred: %s", namespace, name, exc)
 
 
 def _spec_unobserved(meta: Mapping[str, Any], status: Mapping[str, Any] | None, **_: Any) -> bool:
@@ -761,39 +753,52 @@ def _spec_unobserved(meta: Mapping[str, Any], status: Mapping[str, Any] | None, 
     return parse_status(status).observed_generation != meta.get("generation")
 
 
-def _unobserved_delay(memo: Any, **_: Any) -> float:
-    return float(runtime(memo)[1].unobserved_reconcile_seconds)
-
-
 # Between two tries of the safety net below, should a try not get through (API errors).
 UNOBSERVED_RETRY_SECONDS = 30.0
 
 
-@kopf.timer(
+@kopf.daemon(
     GROUP,
     VERSION,
     PLURAL,
     id="reconcile-unobserved",
     when=_spec_unobserved,
-    initial_delay=_unobserved_delay,
-    interval=UNOBSERVED_RETRY_SECONDS,
+    cancellation_timeout=5.0,
 )
-async def reconcile_unobserved(name: str, namespace: str | None, memo: Any, **_: Any) -> None:
+async def reconcile_unobserved(
+    name: str, namespace: str | None, stopped: kopf.DaemonStopped, memo: Any, **_: Any
+) -> None:
     """Reconcile a job that kopf's handlers left unobserved (decision 1207).
 
     When two operator instances add the finalizer at once, the loser's retry turns into a
     no-op and kopf then waits for a further change of the object before it runs the create
-    handler; nothing else may ever change it. kopf stops this timer as soon as a reconcile
+    handler; nothing else may ever change it. kopf stops this task as soon as a reconcile
     has written ``observedGeneration``, which on the normal path is long before it fires.
+    A daemon rather than a kopf timer: its sleep is one the operator's cleanup can end
+    (decision 2000).
     """
     kube, config = runtime(memo)
-    log.info("%s/%s: no reconcile has observed its spec yet; reconciling now", namespace, name)
-    try:
-        await reconcile(
-            kube, config, str(namespace), name, trigger="unobserved", state=run_state(memo)
-        )
-    except (kopf.TemporaryError, KubeError) as exc:
-        log.info("reconcile of unobserved %s/%s deferred: %s", namespace, name, exc)
+    daemons = daemons_of(memo)
+    delay = float(config.unobserved_reconcile_seconds)
+    with daemons.alive():
+        while True:
+            await daemons.sleep(stopped, delay)
+            if daemons.asked_to_stop(stopped):
+                return
+            delay = UNOBSERVED_RETRY_SECONDS
+            log.info(
+                "%s/%s: no reconcile has observed its spec yet; reconciling now", namespace, name
+            )
+            try:
+                # A cancellation must not cut a reconcile between its status write and events.
+                await asyncio.shield(
+                    reconcile(
+                        kube, config, str(namespace), name, trigger="unobserved",
+                        state=run_state(memo),
+                    )
+                )  # fmt: skip
+            except (kopf.TemporaryError, KubeError) as exc:
+                log.info("reconcile of unobserved %s/%s deferred: %s", namespace, name, exc)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)

@@ -38,12 +38,13 @@ from ..planners.finetuneschedule import (
     plan,
     run_outcome,
 )
+from .daemon_stop import daemons_of, start_daemons, stop_daemons
 from .finetunejob import runtime
 from .object_locks import ObjectLocks
 
 log = logging.getLogger(__name__)
 
-# How often a sleeping clock looks whether its schedule is due or kopf asked it to stop. It
+# How often a sleeping clock looks whether its schedule is due (a stop wakes it at once). It
 # reads only memory: the API is asked once per due time, not per check.
 CLOCK_TICK_SECONDS = 0.5
 # After a failed reconcile (API errors), the clock tries again after this long.
@@ -249,6 +250,7 @@ async def start_schedules(memo: kopf.Memo, **_: Any) -> None:
     """The controller's shared state; the series of watched namespaces (known at start) exist
     before any event."""
     memo.ftsched_state = ScheduleState()
+    start_daemons(memo)
     config = getattr(memo, "config", None)
     for namespace in getattr(config, "watch_namespaces", ()) or ():
         if not any(c in namespace for c in "*?[!,"):
@@ -261,8 +263,9 @@ SHUTDOWN_GRACE_SECONDS = 5.0
 
 @kopf.on.cleanup()
 async def finish_reconciles(memo: kopf.Memo, **_: Any) -> None:
-    """Let reconciles under way (a clock's is shielded from cancellation) write their status
-    before the API client's connections are closed."""
+    """Let the clocks stop and reconciles under way (a clock's is shielded from cancellation)
+    write their status before the API client's connections are closed."""
+    await stop_daemons(memo)
     state: ScheduleState | None = getattr(memo, "ftsched_state", None)
     deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
     while state is not None and state.in_flight and time.monotonic() < deadline:
@@ -291,21 +294,23 @@ async def schedule_clock(
     """
     kube, config = runtime(memo)
     state = schedule_state(memo)
+    daemons = daemons_of(memo)
     key = (str(namespace), name)
-    while not stopped:
-        due = state.due.get(key)
-        now = time.monotonic()
-        if due is not None and now >= due:
-            try:
-                await asyncio.shield(
-                    reconcile(kube, config, key[0], name, trigger="clock", state=state)
-                )
-            except (kopf.TemporaryError, kopf.PermanentError, KubeError) as exc:
-                log.info("scheduled reconcile of %s/%s deferred: %s", key[0], name, exc)
-                state.due[key] = time.monotonic() + CLOCK_RETRY_SECONDS
-            continue
-        wait = CLOCK_TICK_SECONDS if due is None else min(CLOCK_TICK_SECONDS, due - now)
-        await asyncio.sleep(max(0.01, wait))
+    with daemons.alive():
+        while not daemons.asked_to_stop(stopped):
+            due = state.due.get(key)
+            now = time.monotonic()
+            if due is not None and now >= due:
+                try:
+                    await asyncio.shield(
+                        reconcile(kube, config, key[0], name, trigger="clock", state=state)
+                    )
+                except (kopf.TemporaryError, kopf.PermanentError, KubeError) as exc:
+                    log.info("scheduled reconcile of %s/%s deferred: %s", key[0], name, exc)
+                    state.due[key] = time.monotonic() + CLOCK_RETRY_SECONDS
+                continue
+            wait = CLOCK_TICK_SECONDS if due is None else min(CLOCK_TICK_SECONDS, due - now)
+            await daemons.sleep(stopped, max(0.01, wait))
 
 
 @kopf.on.event(GROUP, VERSION, FTJ_PLURAL, labels={LABEL_SCHEDULE: kopf.PRESENT})
