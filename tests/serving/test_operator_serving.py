@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from finetune_local import Emulator
@@ -80,7 +81,15 @@ def test_rolling_success_then_upgrade(env: Env) -> None:
     assert tpl["metadata"]["annotations"][sb.digest_annotation("support")] == d1
     assert env.served() == [{"support"}, {"support"}]
     assert env.chat("llm", "support") == [200, 200]
-    assert sorted(p["digest"] for p in st["pods"]) == [d1, d1]
+
+    # The pods come from the pod watch, the phase from the Deployment's: the list may follow
+    # the phase by one reconcile.
+    def serving_both_pods() -> dict[str, Any] | None:
+        status = env.status("support")
+        digests = sorted(p["digest"] for p in status.get("pods") or [])
+        return status if digests == [d1, d1] else None
+
+    st = wait_for(serving_both_pods, 10)
     assert st["readyReplicas"] == 2
     assert env.condition("support", "Available")["status"] == "True"
     assert metrics_serving.ADAPTER_INFO.labels(NS, "support", d1, "llm")._value.get() == 1
