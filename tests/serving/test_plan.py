@@ -386,6 +386,89 @@ def test_a_file_adapter_is_refused_outside_local_mode_and_nothing_is_touched() -
     assert plan(replace(obs, local_mode=True), at(0)).actions  # local mode serves it
 
 
+def _serving(command: list[str], args: list[str], volumes: list[Any] | None = None) -> Any:
+    """The target Deployment with the vLLM container's command line replaced."""
+    dep = deployment()
+    pod_spec = dep["spec"]["template"]["spec"]
+    pod_spec["containers"][0].update(command=command, args=args)
+    if volumes:
+        pod_spec["containers"][0]["volumeMounts"].append({"name": "cfg", "mountPath": "/etc/vllm"})
+        pod_spec["volumes"].append({"name": "cfg", "configMap": {"name": "serve"}})
+    return dep
+
+
+VLLM = ["vllm", "serve"]
+BASE_ARGS = ["org/base", "--enable-lora"]
+SERVE_CONFIG = {"serve": {"cfg.yaml": "port: 9100\n"}}
+CFG = [{"name": "cfg"}]
+
+PORT_CASES = [
+    # (id, command, args, target.port (None: the default), strategy, server's port or None)
+    ("--port N, default target", VLLM, [*BASE_ARGS, "--port", "9000"], None, "Rolling", 9000),
+    ("--port=N, other target", VLLM, [*BASE_ARGS, "--port=9000"], 8080, "Rolling", 9000),
+    ("no --port (vLLM's 8000)", VLLM, BASE_ARGS, 9000, "Rolling", 8000),
+    ("--port N, canary", VLLM, [*BASE_ARGS, "--port", "9000"], None, "Canary", 9000),
+    ("--port N, runtime", VLLM, [*BASE_ARGS, "--port", "9000"], None, "Runtime", 9000),
+    ("port in --config", VLLM, [*BASE_ARGS, "--config", "/etc/vllm/cfg.yaml"], None, "Rolling",
+     9100),
+    ("last --port wins", VLLM, [*BASE_ARGS, "--port", "8000", "--port", "9000"], 8000, "Rolling",
+     9000),
+    ("sh -c", ["sh", "-c"], ["exec vllm serve org/base --enable-lora --port 9000"], 8000,
+     "Rolling", 9000),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "port", "strategy", "server_port"),
+    [pytest.param(*case[1:], id=case[0]) for case in PORT_CASES],
+)
+def test_a_target_port_other_than_the_servers_is_refused_before_anything_is_created(
+    command: list[str], args: list[str], port: int | None, strategy: str, server_port: int
+) -> None:
+    target: dict[str, Any] = {"deployment": "llm", "container": "vllm"}
+    if port is not None:
+        target["port"] = port
+    s = spec(target=target, strategy={"type": strategy})
+    dep = _serving(command, args, CFG if "--config" in args else None)
+    obs = observed(s, target=dep, configmaps=SERVE_CONFIG)
+    p = plan(obs, at(0))
+    assert p.actions == () and p.status.phase == "Failed" and p.next == Next.IDLE
+    compatible = next(c for c in p.status.conditions if c.type == "Compatible")
+    assert compatible.status == "False" and compatible.reason == "TargetPortMismatch"
+    want = port or 8000
+    assert f"target.port is {want} " in compatible.message
+    assert f"listens on port {server_port}:" in compatible.message
+    assert f"set spec.target.port to {server_port}" in compatible.message
+    assert f"--port to {want}" in compatible.message
+    assert plan(replace(obs, status=p.status), at(60)).actions == ()  # and stays refused
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "port"),
+    [
+        pytest.param(VLLM, [*BASE_ARGS, "--port", "9000"], 9000, id="same port"),
+        pytest.param(VLLM, BASE_ARGS, None, id="both defaults"),
+        pytest.param(VLLM, [*BASE_ARGS, "--config", "/etc/vllm/cfg.yaml"], 9100, id="config"),
+        # The shell decides the port: the operator cannot tell, so it does not refuse.
+        pytest.param(
+            ["sh", "-c"], ["exec vllm serve org/base --enable-lora --port $PORT"], 9000,
+            id="shell variable",
+        ),
+    ],
+)  # fmt: skip
+def test_a_target_port_matching_the_server_or_unknowable_rolls_out(
+    command: list[str], args: list[str], port: int | None
+) -> None:
+    target: dict[str, Any] = {"deployment": "llm", "container": "vllm"}
+    if port is not None:
+        target["port"] = port
+    dep = _serving(command, args, CFG if "--config" in args else None)
+    p = plan(observed(spec(target=target), target=dep, configmaps=SERVE_CONFIG), at(0))
+    compatible = next(c for c in p.status.conditions if c.type == "Compatible")
+    assert compatible.reason == "Compatible", compatible.message
+    assert [type(a) for a in p.actions] == [PatchTarget]
+
+
 def test_an_invalid_spec_is_reported_once() -> None:
     obs = replace(observed(spec()), spec=None, spec_error="source: set exactly one")
     p = plan(obs, at(0))

@@ -182,6 +182,23 @@ def test_spellings(args: list[str], field: str, value: object) -> None:
     assert getattr(server, field) == value, server
 
 
+@pytest.mark.parametrize(
+    ("container", "known"),
+    [
+        ({"command": [*BASE, "--port", "9000"]}, True),
+        ({"command": BASE}, True),  # vLLM's default 8000
+        ({"command": ["sh", "-c", "exec vllm serve org/m --port $PORT"]}, False),
+        ({"command": [*BASE, "--port", "http"]}, False),  # vLLM refuses to start
+        ({"command": [*BASE, "--uds", "/tmp/v.sock"]}, False),  # no TCP port at all
+    ],
+    ids=["flag", "default", "shell variable", "not an integer", "uds"],
+)
+def test_the_port_is_known_only_when_the_command_line_fixes_it(
+    container: dict, known: bool
+) -> None:
+    assert inspect(container).port_known is known
+
+
 def test_positional_model_after_o3() -> None:
     assert inspect({"command": ["vllm", "serve", "-O3", "org/m"]}).model == "org/m"
 

@@ -294,6 +294,7 @@ class Reason(StrEnum):
     SERVER_ARGS_INVALID = "ServerArgsInvalid"
     SERVER_NOT_DETECTED = "ServerNotDetected"
     SERVER_CONFIG_UNREADABLE = "ServerConfigUnreadable"
+    TARGET_PORT_MISMATCH = "TargetPortMismatch"
     ADAPTER_NAME_TAKEN = "AdapterNameTaken"
     RUNTIME_UPDATES_DISABLED = "RuntimeUpdatesDisabled"
     LORA_NOT_ENABLED = "LoraNotEnabled"

@@ -344,6 +344,16 @@ def check_compatible(
     unread = _problem(args, "--config ") if args.config_file else None
     if unread is not None:
         return CompatResult(False, Reason.SERVER_CONFIG_UNREADABLE, f"container {cname}: {unread}")
+    if args.port_known and args.port != tgt.port:
+        # The operator would call a port nothing listens on: every load and smoke request
+        # would fail as if the adapter were at fault.
+        return CompatResult(
+            False,
+            Reason.TARGET_PORT_MISMATCH,
+            f"target.port is {tgt.port} but the vLLM server of container {cname} listens on "
+            f"port {args.port}: set spec.target.port to {args.port}, or change the server's "
+            f"--port to {tgt.port}",
+        )
     owners = ((deployment.get("metadata") or {}).get("annotations") or {}).get(
         sb.owner_annotation(spec.adapter_name)
     )

@@ -104,6 +104,7 @@ class ServerArgs:
     # None: vLLM uses max_loras (a value <= 0 also means max_loras).
     max_cpu_loras: int | None = None
     port: int = DEFAULT_PORT
+    port_known: bool = True  # False: --port depends on the shell or is not an integer
     uds: str | None = None
     api_key_flag: bool = False  # --api-key given at all (then VLLM_API_KEY is not read)
     api_keys_given: bool = False  # --api-key with at least one non-empty value
@@ -640,6 +641,19 @@ def _int(occ: Occurrence | None, default: int, problems: list[str]) -> int:
         return default
 
 
+def _int_known(occ: Occurrence | None) -> bool:
+    """Whether ``_int`` read a real value (or the default of an absent flag), not a guess."""
+    if occ is None or not occ.values:
+        return True
+    if occ.dynamic:
+        return False
+    try:
+        int(occ.values[0])
+    except ValueError:
+        return False
+    return True
+
+
 def parse_located(
     loc: Located,
     *,
@@ -688,7 +702,9 @@ def parse_located(
     dropped = _dropped_adapters(occ)
     if dropped:
         problems.append(dropped)
-    out.port = _int(_last(occ, "port"), DEFAULT_PORT, problems)
+    port = _last(occ, "port")
+    out.port = _int(port, DEFAULT_PORT, problems)
+    out.port_known = _int_known(port)
     uds = _last(occ, "uds")
     out.uds = uds.values[0] if uds and uds.values else None
     _api_keys(out, _last(occ, "api_key"))

@@ -336,6 +336,8 @@ class ServerModel:
     runtime_lora_updating: bool | None = False
     api_key: ApiKeySource | None = None
     port: int = vllm_args.DEFAULT_PORT
+    # False: the port cannot be told (a shell expansion, not an integer) or --uds replaces it.
+    port_known: bool = True
     api_server_count: int = 1
     config_file: str | None = None
     problems: tuple[str, ...] = ()
@@ -555,6 +557,7 @@ def inspect(
         runtime_lora_updating=runtime,
         api_key=_api_key(args, c, cms),
         port=args.port,
+        port_known=args.port_known and not args.uds,
         api_server_count=servers,
         config_file=args.config_file,
         problems=tuple(problems),
