@@ -220,3 +220,26 @@ def test_a_canary_whose_engine_never_runs_the_adapter_is_not_promoted(env: Env) 
     assert degraded["reason"] == "CanarySmokeFailed", degraded
     assert "never scheduled that adapter" in degraded["message"]
     assert "support" not in env.modules()  # the target was never touched
+
+
+def test_a_target_port_other_than_the_servers_is_refused_until_the_spec_names_it(env: Env) -> None:
+    uri, digest = make_adapter(env.root, "v1")
+    env.api.create(vllm_deployment(extra=["--port", "9000"]))  # the last --port wins
+    target = {"deployment": "llm", "container": "vllm"}  # target.port defaults to 8000
+    env.api.create(
+        adapter_deployment(
+            "support", uri_source(uri, digest), target=target, strategy=canary_strategy()
+        )
+    )
+    env.wait_phase("support", "Failed")
+    compatible = env.condition("support", "Compatible")
+    assert compatible["reason"] == "TargetPortMismatch", compatible
+    assert "target.port is 8000" in compatible["message"]
+    assert "set spec.target.port to 9000" in compatible["message"]
+    assert env.api.read("deployments", NS, "support-canary") is None  # no half-made canary
+    assert env.modules() == {} and env.served() == [set(), set()]
+
+    env.set_spec("support", {"target": {**target, "port": 9000}})
+    env.wait_phase("support", "Available", timeout=30)
+    assert env.condition("support", "Compatible")["reason"] == "Compatible"
+    assert set(env.modules()) == {"support"}
