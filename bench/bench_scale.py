@@ -9,7 +9,9 @@ and reports:
   and the throughput at which trainer Jobs appeared,
 - operator requests and writes per job lifecycle (HTTP requests the API server answered),
 - status writes that changed nothing,
-- the operator process's own peak RSS (VmHWM) and CPU seconds.
+- the operator process's own peak RSS (VmHWM) and CPU seconds,
+- with ``--idle-seconds``: what the operator costs once every job has finished (requests a
+  second, CPU, RSS, threads), and again after a restart over the same finished jobs.
 
 By default the operator runs as its own process (``finetune-operator run``, pointed at the
 emulated API through a kubeconfig), as it would in a cluster; this process holds the API
@@ -257,10 +259,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 figures["operatorLogLinesPerJob"] = round(
                     len(log_path.read_text().splitlines()) / args.jobs, 1
                 )
+            if args.idle_seconds > 0:
+                figures["idleAfterRun"] = idle_window(api, pid, args.idle_seconds)
+        if args.idle_seconds > 0:
+            # A fresh operator over the same finished jobs: what kopf starts for each on resume.
+            restart = Path(tmp) / "restart"
+            restart.mkdir()
+            api.reset_counters()
+            with _operator(args, server.url, restart) as pid:
+                _wait_watching(api)
+                _settle(api)
+                figures["idleAfterRestart"] = {
+                    "startupRequests": api.count(),
+                    **idle_window(api, pid, args.idle_seconds),
+                }
     figures["operatorCpuCoresAverage"] = round(
         figures["operatorCpuSeconds"] / figures["wallSeconds"], 2
     )
     return figures
+
+
+def _settle(api: Any, quiet_seconds: float = 2.0, timeout: float = 60.0) -> None:
+    """Until the API server has seen no request for ``quiet_seconds``."""
+    deadline = time.monotonic() + timeout
+    last = -1
+    while time.monotonic() < deadline and api.count() != last:
+        last = api.count()
+        time.sleep(quiet_seconds)
+
+
+def idle_window(api: Any, pid: int, seconds: float) -> dict[str, Any]:
+    """What the operator costs while every job is finished: requests, CPU and memory."""
+    _settle(api)
+    requests, cpu = api.count(), proc_cpu_seconds(pid)
+    time.sleep(seconds)
+    by_kind = {
+        f"{verb} {res}": n
+        for (verb, res), n in sorted(dict(api.request_counts).items(), key=lambda kv: -kv[1])
+    }
+    return {
+        "seconds": seconds,
+        "requestsPerSecond": round((api.count() - requests) / seconds, 3),
+        "requestsSoFarByVerbAndResource": by_kind,
+        "operatorCpuSeconds": round(proc_cpu_seconds(pid) - cpu, 2),
+        "operatorRssMiB": round(proc_status_mib(pid, "VmRSS"), 1),
+        "operatorThreads": _threads(pid),
+    }
+
+
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return -1
 
 
 @contextlib.contextmanager
@@ -433,6 +484,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         help="sys.setswitchinterval for this process (0: keep Python's 5 ms default)",
+    )
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=0.0,
+        help="once all jobs finished: measure the idle operator this long, then again after "
+        "a restart over the same finished jobs (0: skip)",
     )
     parser.add_argument("--operator-log", default=None, help="keep the operator's log here")
     parser.add_argument(

@@ -40,3 +40,24 @@ def test_bench_scale_small_run_with_the_operator_in_its_own_process() -> None:
     assert figures["operatorWritesPerJob"] <= 11
     # The operator process was found and measured (its own figures, not this process's).
     assert figures["operatorPeakRssMiB"] > 20 and figures["operatorCpuSeconds"] > 0
+
+
+def test_bench_scale_measures_the_idle_operator_and_a_restart_over_finished_jobs() -> None:
+    env = dict(os.environ, PYTHONPATH=f"{REPO / 'operator'}:{REPO / 'trainer-image'}")
+    env["HF_HUB_OFFLINE"] = "1"
+    out = subprocess.run(
+        [sys.executable, "bench/bench_scale.py", "--jobs", "6", "--namespaces", "2",
+         "--rate", "0", "--train-seconds", "1", "--idle-seconds", "1", "--timeout", "90"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["succeeded"] == 6
+    for window in ("idleAfterRun", "idleAfterRestart"):
+        idle = figures[window]
+        assert idle["seconds"] == 1 and idle["requestsPerSecond"] >= 0
+        assert idle["operatorRssMiB"] > 20 and idle["operatorThreads"] >= 1
+    # The restarted operator lists and watches, and reads each finished job at resume.
+    restart = figures["idleAfterRestart"]
+    assert restart["startupRequests"] >= 6
+    assert restart["requestsSoFarByVerbAndResource"]["watch finetunejobs"] >= 1
