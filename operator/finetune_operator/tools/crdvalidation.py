@@ -31,6 +31,15 @@ from typing import Any
 
 import yaml
 
+from ..api.scheduling import (
+    DNS_LABEL_MAX,
+    DNS_LABEL_PATTERN,
+    DNS_SUBDOMAIN_MAX,
+    DNS_SUBDOMAIN_PATTERN,
+    LABEL_VALUE_MAX,
+    LABEL_VALUE_PATTERN,
+)
+
 Schema = dict[str, Any]
 Body = dict[str, Any]
 
@@ -154,38 +163,43 @@ def load_documents(text: str) -> list[Any]:
 
 # ---------------------------------------------------------------- names (apimachinery rules)
 
-DNS1123_LABEL_MAX = 63
-DNS1123_SUBDOMAIN_MAX = 253
-LABEL_VALUE_MAX = 63
 ANNOTATIONS_MAX_BYTES = 256 * 1024
-_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_QUALIFIED_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
-_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+# The same rules the API types carry as CRD patterns (api/scheduling.py).
+_DNS1123_LABEL = re.compile(DNS_LABEL_PATTERN)
+_DNS1123_SUBDOMAIN = re.compile(DNS_SUBDOMAIN_PATTERN)
+_QUALIFIED_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")  # the part after '/'
+_LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
+
+
+def _length_and_pattern_errors(
+    value: str, limit: int, pattern: re.Pattern[str], message: str
+) -> list[str]:
+    errors = []
+    if len(value) > limit:
+        errors.append(f"must be no more than {limit} characters")
+    if not pattern.fullmatch(value):
+        errors.append(message)
+    return errors
 
 
 def dns1123_label_errors(value: str) -> list[str]:
-    errors = []
-    if len(value) > DNS1123_LABEL_MAX:
-        errors.append(f"must be no more than {DNS1123_LABEL_MAX} characters")
-    if not _DNS1123_LABEL.fullmatch(value):
-        errors.append(
-            "a lowercase RFC 1123 label must consist of lower case alphanumeric characters "
-            "or '-', and must start and end with an alphanumeric character"
-        )
-    return errors
+    return _length_and_pattern_errors(
+        value,
+        DNS_LABEL_MAX,
+        _DNS1123_LABEL,
+        "a lowercase RFC 1123 label must consist of lower case alphanumeric characters "
+        "or '-', and must start and end with an alphanumeric character",
+    )
 
 
 def dns1123_subdomain_errors(value: str) -> list[str]:
-    errors = []
-    if len(value) > DNS1123_SUBDOMAIN_MAX:
-        errors.append(f"must be no more than {DNS1123_SUBDOMAIN_MAX} characters")
-    if not _DNS1123_SUBDOMAIN.fullmatch(value):
-        errors.append(
-            "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric "
-            "characters, '-' or '.', and must start and end with an alphanumeric character"
-        )
-    return errors
+    return _length_and_pattern_errors(
+        value,
+        DNS_SUBDOMAIN_MAX,
+        _DNS1123_SUBDOMAIN,
+        "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric "
+        "characters, '-' or '.', and must start and end with an alphanumeric character",
+    )
 
 
 def qualified_name_errors(value: str) -> list[str]:
@@ -213,15 +227,13 @@ def qualified_name_errors(value: str) -> list[str]:
 
 
 def label_value_errors(value: str) -> list[str]:
-    errors = []
-    if len(value) > LABEL_VALUE_MAX:
-        errors.append(f"must be no more than {LABEL_VALUE_MAX} characters")
-    if not _LABEL_VALUE.fullmatch(value):
-        errors.append(
-            "a valid label must be an empty string or consist of alphanumeric characters, "
-            "'-', '_' or '.', and must start and end with an alphanumeric character"
-        )
-    return errors
+    return _length_and_pattern_errors(
+        value,
+        LABEL_VALUE_MAX,
+        _LABEL_VALUE,
+        "a valid label must be an empty string or consist of alphanumeric characters, "
+        "'-', '_' or '.', and must start and end with an alphanumeric character",
+    )
 
 
 _OBJECT_META_FIELDS = {
