@@ -62,44 +62,20 @@ def counts(api: Any) -> tuple[int, int]:
     return api.count() - watches, watches
 
 
-def vllm_deployment(name: str, replicas: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "replicas": replicas,
-            "progressDeadlineSeconds": 60,
-            "selector": {"matchLabels": {"app": name}},
-            "template": {
-                "metadata": {"labels": {"app": name}},
-                "spec": {
-                    "containers": [
-                        {
-                            "name": "vllm",
-                            "image": "vllm/vllm-openai",
-                            "command": ["vllm", "serve"],
-                            "args": ["org/tiny-base", "--enable-lora", "--port", "8000"],
-                        }
-                    ]
-                },
-            },
-        },
-    }
+def serving_objects() -> tuple[Any, Any]:
+    """The test suite's builders of a vLLM Deployment and an AdapterDeployment."""
+    from support.serving_env import adapter_deployment, vllm_deployment
 
+    def deployment(name: str, replicas: int) -> dict[str, Any]:
+        # a 60 s progress deadline: hundreds of Deployments start at once here
+        return vllm_deployment(
+            name, replicas=replicas, runtime_updates=False, progress_deadline_seconds=60
+        )
 
-def adapter_deployment(name: str, source: dict[str, Any], target: str, **spec: Any) -> dict:
-    return {
-        "apiVersion": "finetune.dev/v1alpha1",
-        "kind": "AdapterDeployment",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "adapterName": name,
-            "source": source,
-            "target": {"deployment": target, "container": "vllm"},
-            **spec,
-        },
-    }
+    def adapter(name: str, source: dict[str, Any], target: str) -> dict[str, Any]:
+        return adapter_deployment(name, source, target={"deployment": target, "container": "vllm"})
+
+    return deployment, adapter
 
 
 def training_job(name: str) -> dict[str, Any]:
@@ -118,6 +94,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from finetune_local import Emulator, run_operator, serve
     from finetune_local.serving_cluster import ServingCluster
     from support.adapters import make_adapter
+
+    vllm_deployment, adapter_deployment = serving_objects()
 
     root = Path(tempfile.mkdtemp(prefix="bench-adapter-load-"))
     api = Emulator()
@@ -181,6 +159,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def canary(
     api: Any, cluster: Any, args: argparse.Namespace, v1: tuple[str, str], v2: tuple[str, str]
 ) -> dict[str, Any]:
+    vllm_deployment, adapter_deployment = serving_objects()
+
     def status() -> dict[str, Any]:
         return (api.read("adapterdeployments", NS, "canary") or {}).get("status") or {}
 

@@ -25,6 +25,7 @@ def vllm_deployment(
     extra: list[str] | None = None,
     replicas: int = 2,
     runtime_updates: bool = True,
+    progress_deadline_seconds: int = 1,
 ) -> dict:
     args = [BASE, "--enable-lora", "--port", "8000", *(extra or [])]
     env = [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}] if runtime_updates else []
@@ -34,7 +35,7 @@ def vllm_deployment(
         "metadata": {"name": name, "namespace": NS},
         "spec": {
             "replicas": replicas,
-            "progressDeadlineSeconds": 1,
+            "progressDeadlineSeconds": progress_deadline_seconds,
             "selector": {"matchLabels": {"app": name}},
             "template": {
                 "metadata": {"labels": {"app": name}},
