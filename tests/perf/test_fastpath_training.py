@@ -100,8 +100,8 @@ def _tiny_packed_run(tmp_path: Path, trainer_cls: type, grad_accum: int) -> obje
     from datasets import Dataset
     from finetune_trainer.tinymodel import build_tiny_model, build_tokenizer
     from peft import LoraConfig
+    from support.packed_training import packed_cpu_args
     from transformers import AutoModelForCausalLM
-    from trl import SFTConfig
 
     model_dir = tmp_path / "model"
     if not model_dir.exists():
@@ -118,27 +118,12 @@ def _tiny_packed_run(tmp_path: Path, trainer_cls: type, grad_accum: int) -> obje
             ],
         }
     )
-    args = SFTConfig(
-        output_dir=str(tmp_path / f"out-{trainer_cls.__name__}"),
-        max_steps=5,
-        learning_rate=5e-3,
-        per_device_train_batch_size=1,
+    args = packed_cpu_args(
+        tmp_path / f"out-{trainer_cls.__name__}",
         gradient_accumulation_steps=grad_accum,
-        max_length=96,
-        packing=True,
-        packing_strategy="bfd",
-        padding_free=True,
         completion_only_loss=True,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        lr_scheduler_type="constant",
         include_num_input_tokens_seen="non_padding",
         logging_nan_inf_filter=False,
-        disable_tqdm=True,
     )
     trainer = trainer_cls(
         model=model,

@@ -385,8 +385,8 @@ def test_fast_trainer_logs_peft_losses_with_the_fused_dropout(tmp_path: Any) -> 
     fused dropout logs the loss curve PEFT's dropout logs."""
     from datasets import Dataset
     from finetune_trainer.tinymodel import build_tiny_model, build_tokenizer
+    from support.packed_training import packed_cpu_args
     from transformers import AutoModelForCausalLM
-    from trl import SFTConfig
 
     model_dir = build_tiny_model(tmp_path / "model", initializer_range=0.3)
     rows = [[5 + (i * 7 + j) % 50 for j in range(6 + (i % 7) * 5)] for i in range(48)]
@@ -394,23 +394,8 @@ def test_fast_trainer_logs_peft_losses_with_the_fused_dropout(tmp_path: Any) -> 
     def run(fused: bool) -> list[float]:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        args = SFTConfig(
-            output_dir=str(tmp_path / f"out-{fused}"),
-            max_steps=5,
-            learning_rate=5e-3,
-            per_device_train_batch_size=1,
-            max_length=96,
-            packing=True,
-            packing_strategy="bfd",
-            padding_free=True,
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            seed=0,
-            data_seed=0,
-            lr_scheduler_type="constant",
-            disable_tqdm=True,
+        args = packed_cpu_args(
+            tmp_path / f"out-{fused}",
             bf16=False,  # float32 on the CPU: the same masks give the same numbers
             gradient_checkpointing=True,
         )

@@ -223,8 +223,8 @@ def _sft_run(tmp_path: Path, offloader: ActivationOffloader | None) -> list[floa
     from datasets import Dataset
     from finetune_trainer.tinymodel import build_tiny_model, build_tokenizer
     from peft import LoraConfig
+    from support.packed_training import packed_cpu_args
     from transformers import AutoModelForCausalLM
-    from trl import SFTConfig
 
     model_dir = tmp_path / "model"
     if not model_dir.exists():
@@ -237,26 +237,7 @@ def _sft_run(tmp_path: Path, offloader: ActivationOffloader | None) -> list[floa
     dataset = Dataset.from_dict(
         {"input_ids": rows, "completion_mask": [[0] * 3 + [1] * (len(r) - 3) for r in rows]}
     )
-    args = SFTConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=5,
-        learning_rate=5e-3,
-        per_device_train_batch_size=1,
-        max_length=96,
-        packing=True,
-        packing_strategy="bfd",
-        padding_free=True,
-        completion_only_loss=True,
-        gradient_checkpointing=True,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        lr_scheduler_type="constant",
-        disable_tqdm=True,
-    )
+    args = packed_cpu_args(tmp_path / "out", completion_only_loss=True, gradient_checkpointing=True)
     trainer = fastpath.trainer_class()(
         model=model,
         args=args,
