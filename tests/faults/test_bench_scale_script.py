@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,16 +19,24 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_bench_scale_small_run_with_the_operator_in_its_own_process() -> None:
+def run_bench_scale(*args: str, timeout: float) -> dict[str, Any]:
+    """Run bench/bench_scale.py with these arguments; its figures (the last output line)."""
     env = dict(os.environ, PYTHONPATH=f"{REPO / 'operator'}:{REPO / 'trainer-image'}")
     env["HF_HUB_OFFLINE"] = "1"
     out = subprocess.run(
-        [sys.executable, "bench/bench_scale.py", "--jobs", "12", "--namespaces", "3",
-         "--rate", "20", "--train-seconds", "1", "--poll-seconds", "0.3", "--timeout", "90"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False,
+        [sys.executable, "bench/bench_scale.py", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    figures: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def test_bench_scale_small_run_with_the_operator_in_its_own_process() -> None:
+    figures = run_bench_scale(
+        "--jobs", "12", "--namespaces", "3", "--rate", "20", "--train-seconds", "1",
+        "--poll-seconds", "0.3", "--timeout", "90", timeout=180,
+    )  # fmt: skip
     assert figures["mode"] == "operator-process"
     assert figures["trainerJobsCreated"] == 12 and figures["succeeded"] == 12
     assert figures["noopStatusWrites"] == 0
@@ -43,15 +52,10 @@ def test_bench_scale_small_run_with_the_operator_in_its_own_process() -> None:
 
 
 def test_bench_scale_measures_the_idle_operator_and_a_restart_over_finished_jobs() -> None:
-    env = dict(os.environ, PYTHONPATH=f"{REPO / 'operator'}:{REPO / 'trainer-image'}")
-    env["HF_HUB_OFFLINE"] = "1"
-    out = subprocess.run(
-        [sys.executable, "bench/bench_scale.py", "--jobs", "6", "--namespaces", "2",
-         "--rate", "0", "--train-seconds", "1", "--idle-seconds", "1", "--timeout", "90"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False,
+    figures = run_bench_scale(
+        "--jobs", "6", "--namespaces", "2", "--rate", "0", "--train-seconds", "1",
+        "--idle-seconds", "1", "--timeout", "90", timeout=240,
     )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert figures["succeeded"] == 6
     for window in ("idleAfterRun", "idleAfterRestart"):
         idle = figures[window]
