@@ -43,7 +43,11 @@ def measured_points(paths: list[Path]) -> list[dict[str, Any]]:
                     "tokens": config["max_length"],
                     "gc": bool(config["gradient_checkpointing"]),
                     "dropout": float(config.get("lora_dropout", 0.05)),
-                    "offload": bool(result["fastpath"].get("activationOffload", False)),
+                    "offload": bool(result["fastpath"].get("activation_offload")),
+                    # PEFT's dropout keeps copies of its inputs; the fast path's does not
+                    "dropoutSavesInputs": bool(
+                        (result["fastpath"].get("lora_dropout") or {}).get("savesInputs", True)
+                    ),
                     "reservedGiB": result["peakReservedGiB"],
                     "allocatedGiB": result.get("peakAllocatedGiB"),
                     "beforeTrainGiB": result.get("allocatedBeforeTrainGiB"),
@@ -53,23 +57,21 @@ def measured_points(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 def predicted_gib(point: dict[str, Any]) -> tuple[float, dict[str, float]]:
-    import inspect
-
     from finetune_operator.domain.estimator import ModelShape
     from finetune_operator.domain.packed_memory import peak_breakdown_bytes
     from shapes import make_config
 
     shape = ModelShape.from_config(make_config(point["shape"]))
-    settings: dict[str, Any] = {
-        "method": point["method"],
-        "lora_rank": point["rank"],
-        "tokens": point["tokens"],
-        "gradient_checkpointing": point["gc"],
-        "lora_dropout": point["dropout"],
-    }
-    if "activation_offload" in inspect.signature(peak_breakdown_bytes).parameters:
-        settings["activation_offload"] = point["offload"]
-    parts = peak_breakdown_bytes(shape, **settings)
+    parts = peak_breakdown_bytes(
+        shape,
+        method=point["method"],
+        lora_rank=point["rank"],
+        tokens=point["tokens"],
+        gradient_checkpointing=point["gc"],
+        lora_dropout=point["dropout"],
+        activation_offload=point["offload"],
+        dropout_saves_inputs=point["dropoutSavesInputs"],
+    )
     return sum(parts.values()) / GIB, {k: round(v / GIB, 2) for k, v in parts.items()}
 
 
