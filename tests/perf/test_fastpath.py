@@ -346,6 +346,14 @@ def test_offload_leaves_only_the_layers_in_flight_on_the_gpu() -> None:
     assert offloaded_bytes(LLAMA3_8B, 16384) == 4 * GIB  # 32 layers x 16,384 x 4,096 x 2
 
 
+@pytest.fixture
+def auto_offload(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner's offload rule as it is once switched on (AUTO_ACTIVATION_OFFLOAD)."""
+    from finetune_operator.domain import packed_memory
+
+    monkeypatch.setattr(packed_memory, "AUTO_ACTIVATION_OFFLOAD", True)
+
+
 def _offloaded_budgets(dropout: float) -> list[tuple[float, Any, Any]]:
     """(budget, plan, plan without offload) for budgets from 8 to 30 GiB, where any fits."""
     out = []
@@ -362,6 +370,7 @@ def _offloaded_budgets(dropout: float) -> list[tuple[float, Any, Any]]:
     return out
 
 
+@pytest.mark.usefixtures("auto_offload")
 @pytest.mark.parametrize("dropout", [0.05, 0.0])
 def test_planner_offloads_only_when_it_buys_a_much_larger_batch(dropout: float) -> None:
     from finetune_operator.domain.packed_memory import OFFLOAD_BELOW_TOKENS, OFFLOAD_MIN_TOKEN_GAIN
@@ -393,6 +402,7 @@ def _first_offloading_budget() -> tuple[float, Any]:
     return next((b, p) for b, p, plain in budgets if p.activation_offload and plain is not None)
 
 
+@pytest.mark.usefixtures("auto_offload")
 def test_offload_must_fit_the_containers_host_memory() -> None:
     budget, plan = _first_offloading_budget()
     pinned = plan.offload_host_bytes / GIB
@@ -407,6 +417,7 @@ def test_offload_must_fit_the_containers_host_memory() -> None:
     assert tight.offload_host_bytes <= (2 * pinned - 0.01) / 2 * GIB
 
 
+@pytest.mark.usefixtures("auto_offload")
 def test_offload_can_be_forced_or_refused() -> None:
     plan: Any = _plan_8b(24, activation_offload=True, tokens_per_micro_batch=16384)
     assert (plan.tokens_per_micro_batch, plan.activation_offload) == (16384, True)
@@ -417,6 +428,7 @@ def test_offload_can_be_forced_or_refused() -> None:
         _plan_8b(24, activation_offload=True, gradient_checkpointing=False)
 
 
+@pytest.mark.usefixtures("auto_offload")
 def test_an_explicit_batch_too_large_for_checkpointing_alone_is_offloaded() -> None:
     budget, offloaded = _first_offloading_budget()
     tokens = offloaded.tokens_per_micro_batch
@@ -424,6 +436,7 @@ def test_an_explicit_batch_too_large_for_checkpointing_alone_is_offloaded() -> N
     assert (plan.tokens_per_micro_batch, plan.activation_offload) == (tokens, True)
 
 
+@pytest.mark.usefixtures("auto_offload")
 def test_a_budget_only_offload_fits_names_the_host_memory_it_needs() -> None:
     budget, plan, _ = next(b for b in _offloaded_budgets(0.05) if b[2] is None)
     assert plan.activation_offload

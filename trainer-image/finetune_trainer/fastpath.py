@@ -42,7 +42,6 @@ from finetune_operator.domain.packed_memory import (
     FAST_PATH_FUSED_LORA_DROPOUT,
     GIB,
     MicroBatchPlan,
-    offload_choice,
     plan_or_replace,
 )
 
@@ -412,7 +411,7 @@ def apply(
             shape,
             gradient_checkpointing=gradient_checkpointing,
             tokens_per_micro_batch=tokens_per_micro_batch,
-            activation_offload=offload_choice(activation_offload),
+            activation_offload=activation_offload,
             **common,
         )
         if replaced:

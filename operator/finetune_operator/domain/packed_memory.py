@@ -42,18 +42,10 @@ OFFLOAD_MIN_TOKEN_GAIN = 2.0
 # Pinned host memory the offloaded inputs may take: this share of the trainer container's
 # memory limit (its request when there is no limit); the rest loads the model and the data.
 OFFLOAD_HOST_SHARE = 0.5
-# Whether the operator's fit check and the trainer choose offload by themselves (a call that
-# passes activation_offload=None). Off until the offload path is measured on a GPU: until then
+# Whether the planner chooses offload by itself (activation_offload=None), for the operator's
+# fit check and the trainer alike. Off until the offload path is measured on a GPU: until then
 # it runs only when asked for explicitly (bench/bench_train.py fast:TOKENS:gc:offload).
 AUTO_ACTIVATION_OFFLOAD = False
-
-
-def offload_choice(requested: bool | None) -> bool | None:
-    """The activation_offload to plan with: the request, or no offload where the planner may
-    not choose it by itself (``AUTO_ACTIVATION_OFFLOAD``)."""
-    if requested is None and not AUTO_ACTIVATION_OFFLOAD:
-        return False
-    return requested
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +304,8 @@ def plan_micro_batch(
             if peak is not None:
                 best = (tokens, peak)
                 break
-    may_offload = activation_offload is not False and gradient_checkpointing is not False
+    asked = activation_offload is True or (activation_offload is None and AUTO_ACTIVATION_OFFLOAD)
+    may_offload = asked and gradient_checkpointing is not False
     if may_offload and (activation_offload or best is None or best[0] < OFFLOAD_BELOW_TOKENS):
         for tokens in sizes:
             if best is not None and tokens <= best[0]:
@@ -383,8 +376,6 @@ def plan_or_replace(
         return plan, None
     except ValueError as exc:
         requested = (gradient_checkpointing, tokens_per_micro_batch, activation_offload)
-        if requested == (None, None, None) or requested == (None, None, False):
+        if requested == (None, None, None):
             raise
-        # "no offload" stays a rule of the replacement plan; a requested offload does not
-        replacement_offload = False if activation_offload is False else None
-        return plan_micro_batch(shape, activation_offload=replacement_offload, **settings), str(exc)
+        return plan_micro_batch(shape, **settings), str(exc)

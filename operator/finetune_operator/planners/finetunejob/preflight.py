@@ -184,7 +184,6 @@ def check_packed_fit(
             max_seq_length=t.max_seq_length,
             memory_budget_gib=usable,
             host_memory_gib=trainer_memory_gib(spec, config),
-            activation_offload=packed.offload_choice(None),
             **run,
         )
     except ValueError as exc:
