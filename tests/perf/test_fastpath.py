@@ -12,8 +12,11 @@ from typing import Any
 import pytest
 from finetune_operator.domain.estimator import ModelShape
 from finetune_operator.domain.packed_memory import (
+    PREDICTION_MARGIN,
     MemoryCoefficients,
+    WithinPredictionMargin,
     plan_micro_batch,
+    plan_or_replace,
     predict_peak_bytes,
 )
 from finetune_trainer import fastpath
@@ -202,6 +205,66 @@ def test_planner_explains_a_budget_that_cannot_fit() -> None:
         )
 
 
+def _smallest_checkpointed_gib(method: str, max_seq_length: int = 2048) -> float:
+    return predict_peak_bytes(
+        LLAMA3_8B, method=method, lora_rank=64, tokens=max(max_seq_length, 2048),
+        gradient_checkpointing=True,
+    ) / GIB  # fmt: skip
+
+
+def _plan_smallest(method: str, budget: float, max_seq_length: int = 2048, **kw: Any) -> Any:
+    return plan_micro_batch(
+        LLAMA3_8B, method=method, lora_rank=64, max_seq_length=max_seq_length,
+        memory_budget_gib=budget, **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "max_seq_length"), [("qlora", 2048), ("lora", 4096)])
+def test_planner_zones_around_the_smallest_checkpointed_budget(
+    method: str, max_seq_length: int
+) -> None:
+    peak = _smallest_checkpointed_gib(method, max_seq_length)
+    # fits: the smallest checkpointed budget, a plain plan
+    fits = _plan_smallest(method, peak + 0.01, max_seq_length)
+    assert (fits.tokens_per_micro_batch, fits.gradient_checkpointing) == (max_seq_length, True)
+    assert not fits.within_prediction_margin
+    # over by less than the model's over-prediction: that configuration, to be tried
+    edge = peak / (1 + PREDICTION_MARGIN)
+    for budget in (peak - 0.01, edge + 0.01):
+        with pytest.raises(WithinPredictionMargin) as caught:
+            _plan_smallest(method, budget, max_seq_length)
+        tried = caught.value.plan
+        assert (tried.tokens_per_micro_batch, tried.gradient_checkpointing) == (
+            max_seq_length,
+            True,
+        )
+        assert tried.within_prediction_margin and not tried.activation_offload
+        assert tried.predicted_peak_gib == round(peak, 2) and tried.memory_budget_gib == budget
+        assert "prediction margin" in str(caught.value) and "maxSeqLength" in str(caught.value)
+    # clearly over: refused as before
+    with pytest.raises(ValueError, match=r"GiB budget: use method") as over:
+        _plan_smallest(method, edge - 0.01, max_seq_length)
+    assert not isinstance(over.value, WithinPredictionMargin)
+
+
+def test_only_the_checkpointed_configuration_gets_the_margin() -> None:
+    budget = _smallest_checkpointed_gib("qlora") / (1 + PREDICTION_MARGIN) + 0.01
+    with pytest.raises(ValueError) as refused:
+        _plan_smallest("qlora", budget, gradient_checkpointing=False)
+    assert not isinstance(refused.value, WithinPredictionMargin)
+    # the fit check and the trainer replace a choice that does not fit with the planner's,
+    # which tries the smallest checkpointed budget
+    with pytest.raises(WithinPredictionMargin) as caught:
+        plan_or_replace(
+            LLAMA3_8B, method="qlora", lora_rank=64, max_seq_length=2048,
+            memory_budget_gib=budget, gradient_checkpointing=False, tokens_per_micro_batch=8192,
+        )  # fmt: skip
+    assert (caught.value.plan.tokens_per_micro_batch, caught.value.plan.gradient_checkpointing) == (
+        2048,
+        True,
+    )
+
+
 def test_training_flops_by_hand() -> None:
     shape = ModelShape(
         hidden_size=8,
@@ -322,6 +385,58 @@ def test_apply_replans_when_resolved_choices_do_not_fit(tiny_llama) -> None:
     assert report.plan is not None
     assert report.plan["tokens_per_micro_batch"] < 10_000_000
     assert report.plan["predicted_peak_gib"] <= 0.6
+
+
+def test_fast_path_tries_the_smallest_budget_within_the_prediction_margin() -> None:
+    peak = _smallest_checkpointed_gib("qlora")
+    run: dict[str, Any] = {"method": "qlora", "lora_rank": 64, "max_seq_length": 2048}
+    tight = peak / (1 + PREDICTION_MARGIN) + 0.05
+    for request in ({}, {"gradient_checkpointing": False, "tokens_per_micro_batch": 8192}):
+        plan, warnings = fastpath.plan_for_gpu(LLAMA3_8B, memory_budget_gib=tight, **run, **request)
+        assert (plan.tokens_per_micro_batch, plan.gradient_checkpointing) == (2048, True)
+        assert plan.within_prediction_margin
+        assert warnings == [
+            f"predicted peak {plan.predicted_peak_gib:.1f} GiB is over the {tight:.1f} GiB "
+            "budget, but within the prediction margin: trying 2048 tokens per micro-batch with "
+            "gradient checkpointing"
+        ]
+        assert fastpath.sft_overrides(plan, 2048)["gradient_checkpointing"] is True
+    fits, warnings = fastpath.plan_for_gpu(LLAMA3_8B, memory_budget_gib=peak + 0.01, **run)
+    assert warnings == [] and not fits.within_prediction_margin
+    with pytest.raises(ValueError, match="GiB budget: use method") as over:
+        fastpath.plan_for_gpu(LLAMA3_8B, memory_budget_gib=tight - 0.1, **run)
+    assert not isinstance(over.value, WithinPredictionMargin)
+
+
+def test_apply_trains_the_smallest_checkpointed_budget_within_the_margin(tiny_llama) -> None:
+    shape = ModelShape.from_config(tiny_llama.config)
+    peak = predict_peak_bytes(
+        shape, method="lora", lora_rank=8, tokens=2048, gradient_checkpointing=True,
+        dropout_saves_inputs=False,
+    ) / GIB  # fmt: skip
+    report = fastpath.apply(
+        tiny_llama, method="lora", lora_rank=8, max_seq_length=64,
+        memory_budget_gib=peak / (1 + PREDICTION_MARGIN / 2),
+    )  # fmt: skip
+    assert report.plan is not None and report.plan["within_prediction_margin"]
+    assert report.sft_overrides["max_length"] == 2048
+    assert report.sft_overrides["gradient_checkpointing"] is True
+
+
+def test_out_of_memory_at_the_margin_says_what_was_tried_and_what_to_change() -> None:
+    from finetune_trainer.train import out_of_gpu_memory_message
+
+    budget = _smallest_checkpointed_gib("qlora") / (1 + PREDICTION_MARGIN / 2)
+    plan = fastpath.plan_for_gpu(
+        LLAMA3_8B, method="qlora", lora_rank=64, max_seq_length=2048, memory_budget_gib=budget
+    )[0]
+    message = out_of_gpu_memory_message(1, True, "qlora", plan.as_dict())
+    assert message.startswith("out of GPU memory at 2048 tokens per packed micro-batch")
+    assert f"predicted peak of {plan.predicted_peak_gib:.1f} GiB" in message
+    assert f"{budget:.1f} GiB budget" in message and "prediction margin" in message
+    assert "training.maxSeqLength" in message and "resources.gpuProduct" in message
+    assert "batchSize" not in message and "qlora" not in message
+    assert "use method qlora" in out_of_gpu_memory_message(1, True, "lora", plan.as_dict())
 
 
 def _plan_8b(budget: float, **settings: object) -> object:

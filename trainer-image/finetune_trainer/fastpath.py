@@ -42,6 +42,7 @@ from finetune_operator.domain.packed_memory import (
     FAST_PATH_FUSED_LORA_DROPOUT,
     GIB,
     MicroBatchPlan,
+    WithinPredictionMargin,
     plan_or_replace,
 )
 
@@ -407,15 +408,15 @@ def apply(
             "host_memory_gib": _host_memory_gib(),
             "dropout_saves_inputs": dropout.saves_inputs,
         }
-        plan, replaced = plan_or_replace(
+        plan, warnings = plan_for_gpu(
             shape,
             gradient_checkpointing=gradient_checkpointing,
             tokens_per_micro_batch=tokens_per_micro_batch,
             activation_offload=activation_offload,
             **common,
         )
-        if replaced:
-            log.warning("fast path: the requested batch/checkpointing do not fit (%s)", replaced)
+        for warning in warnings:
+            log.warning("fast path: %s", warning)
     return FastPathReport(
         attention=attention,
         attention_note=note,
@@ -425,6 +426,43 @@ def apply(
         activation_offload=_install_offload(model, plan) if plan else None,
         lora_dropout=dropout.as_dict(),
     )
+
+
+def plan_for_gpu(
+    shape: ModelShape,
+    *,
+    gradient_checkpointing: bool | None = None,
+    tokens_per_micro_batch: int | None = None,
+    activation_offload: bool | None = None,
+    **settings: Any,
+) -> tuple[MicroBatchPlan, list[str]]:
+    """The plan to train with, and the warnings to log about it.
+
+    The operator's rule (``plan_or_replace``): the requested budget and checkpointing when
+    they fit, else the planner's choice. When nothing fits by the prediction but the smallest
+    checkpointed budget is over by less than the model's uncertainty, that budget is tried
+    (its plan has ``within_prediction_margin``); a real shortage then ends in OutOfMemory.
+    Clearly too little memory raises ValueError as before. Pure: no torch.
+    """
+    try:
+        plan, replaced = plan_or_replace(
+            shape,
+            gradient_checkpointing=gradient_checkpointing,
+            tokens_per_micro_batch=tokens_per_micro_batch,
+            activation_offload=activation_offload,
+            **settings,
+        )
+    except WithinPredictionMargin as exc:
+        margin = exc.plan
+        return margin, [
+            f"predicted peak {margin.predicted_peak_gib:.1f} GiB is over the "
+            f"{margin.memory_budget_gib:.1f} GiB budget, but within the prediction margin: "
+            f"trying {margin.tokens_per_micro_batch} tokens per micro-batch with gradient "
+            "checkpointing"
+        ]
+    if replaced:
+        return plan, [f"the requested batch/checkpointing do not fit ({replaced})"]
+    return plan, []
 
 
 def _host_memory_gib() -> float | None:

@@ -376,8 +376,17 @@ def apply_fast_path(
 
     See ``fastpath.py``. An explicit ``batchSize`` becomes a budget of batchSize x
     maxSeqLength tokens per packed micro-batch; ``auto`` lets the planner pick it for the
-    GPU's free memory. Changes ``args`` (and the model's checkpointing) in place.
+    GPU's free memory. Changes ``args`` (and the model's checkpointing) in place. Returns
+    the note to log (:func:`fast_path` also returns the plan).
     """
+    applied = fast_path(config, model, args, device, optimizer)
+    return applied[0] if applied else None
+
+
+def fast_path(
+    config: TrainerConfig, model: Any, args: SFTConfig, device: str, optimizer: str
+) -> tuple[str, dict[str, Any] | None] | None:
+    """:func:`apply_fast_path`, returning its note and the memory plan trained with."""
     t = config.spec.training
     if not t.packing or device != "cuda":
         return None
@@ -410,8 +419,45 @@ def apply_fast_path(
     )
     if report.activation_offload:
         note += f", activation offload to host memory ({report.activation_offload['hostGiB']} GiB)"
+    if report.plan and report.plan.get("within_prediction_margin"):
+        note += (
+            f"; predicted peak {report.plan['predicted_peak_gib']:.1f} GiB over the "
+            f"{report.plan['memory_budget_gib']:.1f} GiB budget, within the prediction margin: "
+            "trying the smallest micro-batch"
+        )
     log.info(note)
-    return note
+    return note, report.plan
+
+
+def out_of_gpu_memory_message(
+    batch: int, gc: bool, method: str, plan: dict[str, Any] | None
+) -> str:
+    """What ran out of GPU memory and what to change; ``plan``: the fast path's memory plan
+    (packing on a GPU), whose micro-batch is tokens, not rows."""
+    qlora = "" if method == "qlora" else ", use method qlora"
+    if plan is None:
+        return (
+            f"out of GPU memory at batch size {batch} (gradient checkpointing {gc}): set "
+            "training.batchSize lower, enable training.gradientCheckpointing, shorten "
+            "training.maxSeqLength or use method qlora"
+        )
+    where = (
+        f"out of GPU memory at {plan['tokens_per_micro_batch']} tokens per packed micro-batch "
+        f"(gradient checkpointing {gc})"
+    )
+    if plan.get("within_prediction_margin"):
+        return (
+            f"{where}, the smallest configuration, tried because its predicted peak of "
+            f"{plan['predicted_peak_gib']:.1f} GiB was over the {plan['memory_budget_gib']:.1f} "
+            "GiB budget by less than the memory model's prediction margin: shorten "
+            f"training.maxSeqLength (a micro-batch is never smaller){qlora} or use a GPU with "
+            "more memory (resources.gpuProduct)"
+        )
+    return (
+        f"{where}: set a smaller training.batchSize (batchSize x maxSeqLength tokens), enable "
+        f"training.gradientCheckpointing, shorten training.maxSeqLength{qlora} or use a GPU "
+        "with more memory (resources.gpuProduct)"
+    )
 
 
 # ------------------------------------------------------------------ the step
@@ -490,7 +536,8 @@ def train_adapter(
     model = load_model_for_training(config.spec, config.paths.base_model, device, gc)
     eval_rows = prepared.eval[:IN_TRAINING_EVAL_ROWS]
     args = build_sft_config(config, device, batch, gc, optimizer, checkpoint_dir, bool(eval_rows))
-    fast_note = apply_fast_path(config, model, args, device, optimizer)
+    applied = fast_path(config, model, args, device, optimizer)
+    fast_note, fast_plan = applied if applied else (None, None)
     if fast_note:
         notes.append(fast_note)
     trainer_cls = SFTTrainer
@@ -522,9 +569,9 @@ def train_adapter(
             sync.close()  # let the last checkpoint land: the next pod resumes from it
         if _is_oom(exc):
             raise out_of_memory(
-                f"out of GPU memory at batch size {batch} (gradient checkpointing {gc}): set "
-                "training.batchSize lower, enable training.gradientCheckpointing, shorten "
-                "training.maxSeqLength or use method qlora"
+                out_of_gpu_memory_message(
+                    batch, bool(args.gradient_checkpointing), config.spec.method, fast_plan
+                )
             ) from exc
         raise training_failed(f"training failed: {type(exc).__name__}: {exc}") from exc
 

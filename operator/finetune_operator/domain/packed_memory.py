@@ -46,6 +46,12 @@ OFFLOAD_HOST_SHARE = 0.5
 # fit check and the trainer alike. Off until the offload path is measured on a GPU: until then
 # it runs only when asked for explicitly (bench/bench_train.py fast:TOKENS:gc:offload).
 AUTO_ACTIVATION_OFFLOAD = False
+# How much the memory model may over-predict a checkpointed run: the largest over-prediction
+# measured for checkpointed runs on an H100 (docs/benchmarks.md, "VRAM estimator accuracy";
+# largest at small token counts). When even the smallest checkpointed micro-batch is predicted
+# over the budget, but by no more than this share, the run may still fit: the operator does
+# not refuse it (Fits=Unknown) and the trainer tries that micro-batch (decision 2050).
+PREDICTION_MARGIN = 0.15
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,9 +101,31 @@ class MicroBatchPlan:
     # Checkpointed layer inputs kept in pinned host memory (offload_host_bytes of them).
     activation_offload: bool = False
     offload_host_bytes: int = 0
+    # Predicted over the budget, but by less than PREDICTION_MARGIN: the smallest
+    # checkpointed micro-batch, to be tried (carried by WithinPredictionMargin).
+    within_prediction_margin: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class WithinPredictionMargin(ValueError):
+    """Nothing fits by the prediction, but the smallest checkpointed micro-batch is over the
+    budget by less than the model's uncertainty (``PREDICTION_MARGIN``): it may really fit.
+
+    ``plan`` is that configuration (``within_prediction_margin=True``), for a caller that
+    tries it rather than refusing. A plain ValueError means clearly too large.
+    """
+
+    def __init__(self, message: str, plan: MicroBatchPlan) -> None:
+        super().__init__(message)
+        self.plan = plan
+
+
+def within_prediction_margin(peak_gib: float, memory_budget_gib: float) -> bool:
+    """Whether a predicted peak over the budget is within the model's over-prediction: the
+    real peak may be as low as peak / (1 + PREDICTION_MARGIN)."""
+    return peak_gib <= memory_budget_gib * (1 + PREDICTION_MARGIN)
 
 
 def weight_bytes(shape: ModelShape, method: str) -> float:
@@ -236,6 +264,10 @@ def plan_micro_batch(
     ``gradient_checkpointing`` and ``activation_offload`` force their choice when given
     (offload needs checkpointing), and ``tokens_per_micro_batch`` the budget. Every budget
     is at least ``max_seq_length`` so the longest row always fits one micro-batch.
+
+    When nothing fits: :class:`WithinPredictionMargin` (with the smallest checkpointed plan)
+    if that plan is over the budget by no more than ``PREDICTION_MARGIN``, else ValueError;
+    both say what to change.
     """
     if memory_budget_gib <= 0:
         raise ValueError("memory_budget_gib must be positive")
@@ -324,16 +356,18 @@ def plan_micro_batch(
             tokens, True, round(peak / GIB, 2), memory_budget_gib,
             f"{tokens} tokens fit with checkpointing", candidates,
         )  # fmt: skip
+    smallest_gc = gradient_checkpointing is not False
+    smallest_offload = bool(may_offload and host_fits(floor))
     smallest = predict_peak_bytes(
         shape,
         method=method,
         lora_rank=lora_rank,
         tokens=floor,
-        gradient_checkpointing=gradient_checkpointing is not False,
+        gradient_checkpointing=smallest_gc,
         optimizer=optimizer,
         coef=coef,
         lora_dropout=lora_dropout,
-        activation_offload=bool(may_offload and host_fits(floor)),
+        activation_offload=smallest_offload,
         dropout_saves_inputs=dropout_saves_inputs,
     )
     hint = ""
@@ -343,11 +377,28 @@ def plan_micro_batch(
             f"; or at least {needed:.1f} GiB of container memory (resources.memory) for "
             "activation offload"
         )
-    raise ValueError(
+    need = (
         f"even {floor} tokens per micro-batch need about {smallest / GIB:.1f} GiB, more than the "
-        f"{memory_budget_gib:.1f} GiB budget: use method qlora, a smaller maxSeqLength or a "
-        f"larger GPU{hint}"
+        f"{memory_budget_gib:.1f} GiB budget"
     )
+    advice = f"use method qlora, a smaller maxSeqLength or a larger GPU{hint}"
+    # Only the smallest checkpointed configuration gets the benefit of the doubt.
+    if smallest_gc and within_prediction_margin(smallest / GIB, memory_budget_gib):
+        host = offloaded_bytes(shape, floor) if smallest_offload else 0
+        plan = MicroBatchPlan(
+            floor, True, round(smallest / GIB, 2), memory_budget_gib,
+            f"{floor} tokens with checkpointing are predicted at {smallest / GIB:.1f} GiB, over "
+            f"the {memory_budget_gib:.1f} GiB budget but within the memory model's "
+            f"{PREDICTION_MARGIN:.0%} prediction margin",
+            candidates, activation_offload=smallest_offload, offload_host_bytes=host,
+            within_prediction_margin=True,
+        )  # fmt: skip
+        raise WithinPredictionMargin(
+            f"{need}, but by less than the memory model's {PREDICTION_MARGIN:.0%} prediction "
+            f"margin, so it may fit; if it runs out of memory: {advice}",
+            plan,
+        )
+    raise ValueError(f"{need}: {advice}")
 
 
 def plan_or_replace(
@@ -363,7 +414,9 @@ def plan_or_replace(
     (a batch resolved for padded rows may not fit once packed).
 
     Returns the plan and, when the request was replaced, why it did not fit. Raises
-    ValueError when no budget fits at all. ``settings`` as :func:`plan_micro_batch`.
+    WithinPredictionMargin when nothing fits by the prediction but the smallest checkpointed
+    budget is within the model's uncertainty, ValueError when no budget fits at all.
+    ``settings`` as :func:`plan_micro_batch`.
     """
     try:
         plan = plan_micro_batch(
