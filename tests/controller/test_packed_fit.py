@@ -3,6 +3,7 @@ plans with, and ``auto`` left for the trainer to resolve on the node."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -140,6 +141,7 @@ def test_small_gpu_offloads_checkpointed_inputs_within_the_trainers_memory(
         for g in range(16, 60)
         if (est := (p := _small_gpu("64Gi", g / 2)[0]).status.estimate) is not None
         and est.activation_offload
+        and est.fits  # not the GPUs over the prediction by less than its margin (below)
     ]
     assert offloading  # small GPUs with plenty of host memory offload
     for gpu_gib, p in offloading:
@@ -182,3 +184,98 @@ def test_offload_host_memory_is_shared_by_the_pods_training_processes() -> None:
     assert trainer_memory_gib(one, CONFIG) == 32
     assert trainer_memory_gib(four, CONFIG) == 8
     assert trainer_memory_gib(default, CONFIG) == 4  # the platform's default request, 4Gi
+
+
+# ---------------------------------------------------------------- the prediction margin
+
+
+def _smallest_peak_gib() -> float:
+    """The memory model's peak of the smallest packed configuration of the sample job."""
+    return (
+        packed.predict_peak_bytes(
+            LLAMA3_8B, method="qlora", lora_rank=64, tokens=2048, gradient_checkpointing=True,
+            dropout_saves_inputs=not packed.FAST_PATH_FUSED_LORA_DROPOUT,
+        ) / packed.GIB
+    )  # fmt: skip
+
+
+def _gpu_for_usable(usable_gib: float) -> dict[str, Any]:
+    return {"gpus": 1, "gpuMemoryGiB": round(usable_gib / (1 - CONFIG.memory_headroom), 2)}
+
+
+@pytest.mark.parametrize("training", [{}, {"batchSize": 8, "gradientCheckpointing": False}])
+def test_packed_run_over_the_prediction_by_less_than_its_margin_starts(
+    training: dict[str, Any],
+) -> None:
+    peak = _smallest_peak_gib()
+    body = packed_spec(**training)
+    body["resources"] = _gpu_for_usable(peak / (1 + packed.PREDICTION_MARGIN / 2))
+    usable = body["resources"]["gpuMemoryGiB"] * (1 - CONFIG.memory_headroom)
+    p, trainer_training = planned(body)
+    fit = fits(p)
+    assert (fit.status, fit.reason) == ("Unknown", "PredictionUncertain")
+    for said in (
+        f"predicted peak {round(peak, 2):.1f} GiB per GPU is over the {usable:.1f} GiB usable",
+        f"{packed.PREDICTION_MARGIN:.0%} prediction uncertainty",
+        "try the smallest configuration (2048 tokens per micro-batch with gradient checkpointing)",
+        "a smaller training.maxSeqLength (now 2048",
+        "a GPU with more memory (resources.gpuProduct)",
+    ):
+        assert said in fit.message
+    # status shows the numbers, marked as over the GPU
+    record = p.status.estimate
+    assert record is not None and record.fits is False
+    assert (record.tokens_per_micro_batch, record.gradient_checkpointing) == (2048, True)
+    assert record.peak_gi_b == round(peak, 2) > usable
+    assert sum(record.breakdown.values()) == pytest.approx(record.peak_gi_b, abs=0.05)
+    # the run goes ahead with the spec's choices, which the trainer plans again
+    assert [a.kind for a in p.actions] == ["ConfigMap", "Job"]
+    assert p.outcome != "permanent" and p.status.phase == "Pending"
+    assert not [c for c in p.status.conditions if c.type == "Failed"]
+    assert trainer_training is not None
+    assert trainer_training["batchSize"] == training.get("batchSize", "auto")
+
+
+def test_packed_run_clearly_over_the_prediction_margin_creates_nothing() -> None:
+    peak = _smallest_peak_gib()
+    body = packed_spec()
+    body["resources"] = _gpu_for_usable(peak / (1 + packed.PREDICTION_MARGIN) - 0.1)
+    p, training = planned(body)
+    assert (fits(p).status, fits(p).reason) == ("False", "InsufficientGPUMemory")
+    assert p.actions == [] and training is None and p.outcome == "permanent"
+    assert p.status.estimate is None
+
+
+def test_out_of_memory_after_the_margin_offers_only_the_sequence_length_or_the_gpu() -> None:
+    from support.ftj_planning import cond, started, track, with_conditions
+    from support.ftj_samples import pod, result
+
+    body = packed_spec()
+    body["resources"] = _gpu_for_usable(_smallest_peak_gib() / (1 + packed.PREDICTION_MARGIN / 2))
+    first, job, cm = started(body)
+    message = json.dumps(result(ok=False, reason="OutOfMemory", message="CUDA out of memory"))
+    state = {"terminated": {"exitCode": 4, "reason": "Error", "message": message}}
+    done = with_conditions(job, "Failed", reason="BackoffLimitExceeded")
+    failed = track(first, done, cm, body, pods=(pod("p", phase="Failed", trainer_state=state),))
+    advice = str(cond(failed, "Failed").message)
+    assert (cond(failed, "Failed").reason) == "OutOfMemory"
+    assert "batchSize" not in advice and "gradientCheckpointing" not in advice
+    assert "maxSeqLength (now 2048)" in advice and "resources.gpuProduct" in advice
+
+
+def test_the_margin_tries_offload_only_where_the_planner_may_offload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(packed, "AUTO_ACTIVATION_OFFLOAD", True)
+    uncertain = [
+        p for g in range(16, 40) if fits(p := _small_gpu("64Gi", g / 2)[0]).status == "Unknown"
+    ]
+    assert uncertain  # GPUs just too small for 2,048 tokens with offload
+    for p in uncertain:
+        assert fits(p).reason == "PredictionUncertain"
+        assert "2048 tokens per micro-batch with gradient checkpointing and activation offload" in (
+            fits(p).message
+        )
+        record = p.status.estimate
+        assert record is not None and record.activation_offload and record.fits is False
+        assert [a.kind for a in p.actions] == ["ConfigMap", "Job"]

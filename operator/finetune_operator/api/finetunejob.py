@@ -637,7 +637,13 @@ class Estimate(StatusModel):
     gpu_memory_gi_b: float | None = Field(
         default=None, alias="gpuMemoryGiB", description="Memory of the GPU it runs on."
     )
-    fits: bool | None = Field(default=None, description="Whether the prediction fits the GPU.")
+    fits: bool | None = Field(
+        default=None,
+        description=(
+            "Whether the prediction fits the GPU. false with Fits=Unknown (PredictionUncertain): "
+            "over, but within the memory model's uncertainty; the run goes ahead."
+        ),
+    )
     batch_size: int | None = Field(
         default=None, description="Micro-batch in force (chosen when auto)."
     )
@@ -765,6 +771,7 @@ class Reason(StrEnum):
     MODEL_SHAPE_UNKNOWN = "ModelShapeUnknown"
     GPU_MEMORY_UNKNOWN = "GPUMemoryUnknown"
     INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
+    MEMORY_PREDICTION_UNCERTAIN = "PredictionUncertain"
     # Admitted
     NO_QUEUE = "NoQueue"
     QUEUED = "Queued"

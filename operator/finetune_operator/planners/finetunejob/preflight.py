@@ -186,6 +186,8 @@ def check_packed_fit(
             host_memory_gib=trainer_memory_gib(spec, config),
             **run,
         )
+    except packed.WithinPredictionMargin as exc:
+        return uncertain_packed_fit(exc.plan, spec, shape, run, gpu_gib, usable, product)
     except ValueError as exc:
         return FitResult(
             "False",
@@ -196,29 +198,12 @@ def check_packed_fit(
             user_gc,
         )
     note = "; the requested batchSize/gradientCheckpointing do not fit and will be replaced"
-    breakdown = packed.peak_breakdown_bytes(
-        shape,
-        tokens=plan.tokens_per_micro_batch,
-        gradient_checkpointing=plan.gradient_checkpointing,
-        activation_offload=plan.activation_offload,
-        **run,
-    )
     offload = (
         f", activation offload to {plan.offload_host_bytes / packed.GIB:.1f} GiB of host memory"
         if plan.activation_offload
         else ""
     )
-    record = Estimate(
-        peak_gi_b=plan.predicted_peak_gib,
-        gpu_memory_gi_b=round(gpu_gib, 2),
-        fits=True,
-        batch_size=user_batch,
-        gradient_checkpointing=plan.gradient_checkpointing,
-        tokens_per_micro_batch=plan.tokens_per_micro_batch,
-        activation_offload=plan.activation_offload,
-        parameters=shape.parameters(),
-        breakdown={k: round(v / packed.GIB, 2) for k, v in breakdown.items()},
-    )
+    record = packed_estimate(plan, shape, run, gpu_gib, user_batch)
     return FitResult(
         "True",
         Reason.FITS,
@@ -229,6 +214,65 @@ def check_packed_fit(
         None if replaced else user_batch,
         None if replaced else user_gc,
         record,
+    )
+
+
+def packed_estimate(
+    plan: packed.MicroBatchPlan,
+    shape: est.ModelShape,
+    run: Mapping[str, Any],
+    gpu_gib: float,
+    user_batch: int | None,
+) -> Estimate:
+    """status.estimate of a packed plan; ``fits`` is false for a plan over the budget (within
+    the prediction margin)."""
+    breakdown = packed.peak_breakdown_bytes(
+        shape,
+        tokens=plan.tokens_per_micro_batch,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        activation_offload=plan.activation_offload,
+        **run,
+    )
+    return Estimate(
+        peak_gi_b=plan.predicted_peak_gib,
+        gpu_memory_gi_b=round(gpu_gib, 2),
+        fits=not plan.within_prediction_margin,
+        batch_size=user_batch,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        tokens_per_micro_batch=plan.tokens_per_micro_batch,
+        activation_offload=plan.activation_offload,
+        parameters=shape.parameters(),
+        breakdown={k: round(v / packed.GIB, 2) for k, v in breakdown.items()},
+    )
+
+
+def uncertain_packed_fit(
+    plan: packed.MicroBatchPlan,
+    spec: FineTuneJobSpec,
+    shape: est.ModelShape,
+    run: Mapping[str, Any],
+    gpu_gib: float,
+    usable: float,
+    product: str,
+) -> FitResult:
+    """Predicted over the budget by less than the model's uncertainty: the run may fit, so it
+    is not refused (Fits=Unknown); the trainer tries the smallest checkpointed micro-batch.
+    The spec's batch and checkpointing are passed on unchanged: the trainer plans again."""
+    offload = " and activation offload" if plan.activation_offload else ""
+    qlora = "" if spec.method == "qlora" else "method qlora, "
+    return FitResult(
+        "Unknown",
+        Reason.MEMORY_PREDICTION_UNCERTAIN,
+        f"predicted peak {plan.predicted_peak_gib:.1f} GiB per GPU is over the {usable:.1f} GiB "
+        f"usable on {product}, but within the memory model's "
+        f"{packed.PREDICTION_MARGIN:.0%} prediction uncertainty: it may fit. The trainer will "
+        f"try the smallest configuration ({plan.tokens_per_micro_batch} tokens per micro-batch "
+        f"with gradient checkpointing{offload}). If it runs out of GPU memory: {qlora}a smaller "
+        f"training.maxSeqLength (now {spec.training.max_seq_length}; a micro-batch is never "
+        "smaller) or a GPU with more memory (resources.gpuProduct)",
+        None,
+        None,
+        packed_estimate(plan, shape, run, gpu_gib, None),
     )
 
 

@@ -113,16 +113,20 @@ def memory_advice(spec: FineTuneJobSpec, estimate: Estimate | None, *, host: boo
         # Training state lives on the GPU: batch or checkpointing barely change host memory,
         # which goes to loading the model and preparing the data.
         return options[0]
-    if isinstance(batch, int) and batch > 1:
-        options.append(f"a smaller training.batchSize (now {batch})")
-    elif batch is None:
-        options.append("a smaller training.batchSize")
-    if checkpointing is not True:
-        options.append("training.gradientCheckpointing: true")
+    # A packed run let go ahead within the prediction margin (estimate over the GPU) already
+    # had the smallest checkpointed micro-batch: only its length, the method or the GPU remain.
+    smallest = t.packing and estimate.fits is False and not host
+    if not smallest:
+        if isinstance(batch, int) and batch > 1:
+            options.append(f"a smaller training.batchSize (now {batch})")
+        elif batch is None:
+            options.append("a smaller training.batchSize")
+        if checkpointing is not True:
+            options.append("training.gradientCheckpointing: true")
     if spec.method != "qlora":
         options.append("method: qlora")
     options.append(f"a shorter training.maxSeqLength (now {t.max_seq_length})")
-    if not host and len(options) == 1:
+    if not host and (len(options) == 1 or smallest):
         options.append("a GPU with more memory (resources.gpuProduct)")
     return "; or ".join(options)
 
