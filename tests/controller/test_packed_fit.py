@@ -216,6 +216,7 @@ def test_packed_run_over_the_prediction_by_less_than_its_margin_starts(
     assert (fit.status, fit.reason) == ("Unknown", "PredictionUncertain")
     for said in (
         f"predicted peak {round(peak, 2):.1f} GiB per GPU is over the {usable:.1f} GiB usable",
+        f"{body['resources']['gpuMemoryGiB']:.1f} GiB less 10% headroom",
         f"{packed.PREDICTION_MARGIN:.0%} prediction uncertainty",
         "try the smallest configuration (2048 tokens per micro-batch with gradient checkpointing)",
         "a smaller training.maxSeqLength (now 2048",

@@ -187,7 +187,8 @@ def check_packed_fit(
             **run,
         )
     except packed.WithinPredictionMargin as exc:
-        return uncertain_packed_fit(exc.plan, spec, shape, run, gpu_gib, usable, product)
+        where = f"{product} ({gpu_gib:.1f} GiB less {config.memory_headroom:.0%} headroom)"
+        return uncertain_packed_fit(exc.plan, spec, shape, run, gpu_gib, usable, where)
     except ValueError as exc:
         return FitResult(
             "False",
@@ -253,7 +254,7 @@ def uncertain_packed_fit(
     run: Mapping[str, Any],
     gpu_gib: float,
     usable: float,
-    product: str,
+    where: str,
 ) -> FitResult:
     """Predicted over the budget by less than the model's uncertainty: the run may fit, so it
     is not refused (Fits=Unknown); the trainer tries the smallest checkpointed micro-batch.
@@ -264,7 +265,7 @@ def uncertain_packed_fit(
         "Unknown",
         Reason.MEMORY_PREDICTION_UNCERTAIN,
         f"predicted peak {plan.predicted_peak_gib:.1f} GiB per GPU is over the {usable:.1f} GiB "
-        f"usable on {product}, but within the memory model's "
+        f"usable on {where}, but within the memory model's "
         f"{packed.PREDICTION_MARGIN:.0%} prediction uncertainty: it may fit. The trainer will "
         f"try the smallest configuration ({plan.tokens_per_micro_batch} tokens per micro-batch "
         f"with gradient checkpointing{offload}). If it runs out of GPU memory: {qlora}a smaller "
