@@ -799,6 +799,29 @@ def print_table(results: list[dict[str, Any]], baseline: dict[str, Any] | None) 
         )
 
 
+def use_planner_settings(coefficients: Path | None, auto_offload: bool) -> None:
+    """Point the packed planner (the trainer's and this harness's) at other coefficients or
+    let it offload by itself, for this process."""
+    from finetune_operator.domain import packed_memory
+
+    if coefficients is not None:
+        fields = json.loads(coefficients.read_text())
+        packed_memory.COEFFICIENTS = packed_memory.MemoryCoefficients(**fields)
+    if auto_offload:
+        packed_memory.AUTO_ACTIVATION_OFFLOAD = True
+
+
+def planner_settings() -> dict[str, Any]:
+    import dataclasses
+
+    from finetune_operator.domain import packed_memory
+
+    return {
+        "coefficients": dataclasses.asdict(packed_memory.COEFFICIENTS),
+        "autoActivationOffload": packed_memory.AUTO_ACTIVATION_OFFLOAD,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -867,8 +890,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--unsloth-timeout", type=float, default=300.0, help="seconds per unsloth variant"
     )
+    parser.add_argument(
+        "--memory-coefficients",
+        type=Path,
+        help="JSON of packed-memory coefficients the planner uses instead of its own "
+        "(compare_packed_memory.py --fit --write): measures what a refit would pick",
+    )
+    parser.add_argument(
+        "--auto-offload",
+        action="store_true",
+        help="let the planner choose activation offload by itself (fast@BUDGET variants)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-train.json"))
     args = parser.parse_args(argv)
+    use_planner_settings(args.memory_coefficients, args.auto_offload)
     # As the trainer does before torch is imported (finetune_trainer.cli): the memory model is
     # calibrated for expandable allocator segments, so the harness measures with them too.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -916,6 +951,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "data": length_stats([len(r["input_ids"]) for r in rows]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "planner": planner_settings(),
     }
     baseline_result = None
 

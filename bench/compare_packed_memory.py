@@ -13,6 +13,8 @@ memory-model tests hold the same points (``tests/perf/test_fastpath.py``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -56,14 +58,20 @@ def measured_points(paths: list[Path]) -> list[dict[str, Any]]:
     return points
 
 
-def predicted_gib(point: dict[str, Any]) -> tuple[float, dict[str, float]]:
+@functools.cache
+def model_shape(name: str) -> Any:
     from finetune_operator.domain.estimator import ModelShape
-    from finetune_operator.domain.packed_memory import peak_breakdown_bytes
     from shapes import make_config
 
-    shape = ModelShape.from_config(make_config(point["shape"]))
+    return ModelShape.from_config(make_config(name))
+
+
+def predicted_gib(point: dict[str, Any], coef: Any = None) -> tuple[float, dict[str, float]]:
+    from finetune_operator.domain.packed_memory import peak_breakdown_bytes
+
     parts = peak_breakdown_bytes(
-        shape,
+        model_shape(point["shape"]),
+        coef=coef,
         method=point["method"],
         lora_rank=point["rank"],
         tokens=point["tokens"],
@@ -75,6 +83,53 @@ def predicted_gib(point: dict[str, Any]) -> tuple[float, dict[str, float]]:
     return sum(parts.values()) / GIB, {k: round(v / GIB, 2) for k, v in parts.items()}
 
 
+# The coefficients a fit may move; the rest (CUDA context, fragmentation) stay as measured.
+FITTED = (
+    "act_per_hidden",
+    "act_per_intermediate",
+    "dropout_bytes_per_input",
+    "recompute_layer_factor",
+)
+
+
+def fit_error(error: float, under_weight: float) -> float:
+    """How bad one prediction error is: running out of memory is worse than wasting some."""
+    return -under_weight * error if error < 0 else error
+
+
+def fit_coefficients(
+    points: list[dict[str, Any]], context_gib: float, under_weight: float = 3.0
+) -> tuple[Any, float]:
+    """Coordinate search (multiplicative steps, halved when no step helps) for the coefficients
+    whose worst weighted error over ``points`` is smallest. Returns them and that error."""
+    from dataclasses import replace
+
+    from finetune_operator.domain.packed_memory import MemoryCoefficients
+
+    measured = [p["reservedGiB"] + context_gib for p in points]
+
+    def worst(coef: Any) -> float:
+        return max(
+            fit_error(predicted_gib(p, coef)[0] / m - 1, under_weight)
+            for p, m in zip(points, measured, strict=True)
+        )
+
+    coef = MemoryCoefficients()
+    best = worst(coef)
+    step = 0.2
+    while step > 0.002:
+        improved = False
+        for name in FITTED:
+            for factor in (1 + step, 1 / (1 + step)):
+                candidate = replace(coef, **{name: getattr(coef, name) * factor})
+                error = worst(candidate)
+                if error < best - 1e-6:
+                    coef, best, improved = candidate, error, True
+        if not improved:
+            step /= 2
+    return coef, best
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", type=Path)
@@ -82,10 +137,28 @@ def main(argv: list[str] | None = None) -> int:
         "--context-gib", type=float, default=0.5, help="CUDA context outside reserved memory"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON line per run")
+    parser.add_argument(
+        "--fit",
+        action="store_true",
+        help="fit the activation coefficients to these runs (worst error, under-prediction "
+        "weighted 3x) and compare with the fitted ones",
+    )
+    parser.add_argument(
+        "--write", type=Path, help="with --fit: write all fitted coefficients to this JSON file"
+    )
     args = parser.parse_args(argv)
+    points = measured_points(args.results)
+    coef = None
+    if args.fit and points:
+        coef, worst = fit_coefficients(points, args.context_gib)
+        fitted = {name: round(getattr(coef, name), 4) for name in FITTED}
+        print(f"fitted (worst weighted error {100 * worst:.1f}%): {json.dumps(fitted)}\n")
+        if args.write:
+            args.write.parent.mkdir(parents=True, exist_ok=True)
+            args.write.write_text(json.dumps(dataclasses.asdict(coef), indent=1))
     rows = []
-    for point in measured_points(args.results):
-        predicted, parts = predicted_gib(point)
+    for point in points:
+        predicted, parts = predicted_gib(point, coef)
         measured = point["reservedGiB"] + args.context_gib
         point.update(
             predictedGiB=round(predicted, 2),

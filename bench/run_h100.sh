@@ -40,8 +40,13 @@ case "${1:-train}" in
     ;;
   speed)
     # LoRA dropout 0 everywhere: Unsloth's fast path needs it, so the comparison is like for like.
-    python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --lora-dropout 0 \
-      --variants "unsloth:8192,unsloth:16384,fast@8,fast@10,fast@16,fast@24,fast:16384:gc,fast:16384:gc:offload" \
+    # COEFFICIENTS (default: the fit `grid` left in /tmp/fit, if any) and AUTO_OFFLOAD=1 measure
+    # what the planner would pick with a refit and with offload chosen by itself.
+    coef=${COEFFICIENTS:-/tmp/fit/coefficients.json}
+    planner=(); [ -f "$coef" ] && planner+=(--memory-coefficients "$coef")
+    [ -n "${AUTO_OFFLOAD:-}" ] && planner+=(--auto-offload)
+    python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --lora-dropout 0 "${planner[@]}" \
+      --variants "${SPEED_VARIANTS:-unsloth:8192,unsloth:16384,fast@8,fast@10,fast@16,fast@24,fast:16384:gc,fast:16384:gc:offload}" \
       --steps 5 --warmup-steps 2 --rows 1500 --unsloth-timeout 180 \
       --unsloth-site "${UNSLOTH_SITE:-$PWD/.gpu/unsloth}" --out "$out/speed.json" 2>&1 \
       | tee "$out/speed.log" | grep -v "it/s\]\|s/it\]"
@@ -72,6 +77,12 @@ case "${1:-train}" in
     }
     family qwen2.5-7b & family gemma-7b & wait
     grep -h '"variant"' "$out"/memory-*.log | cut -c1-300
+    # Refit the activation coefficients on these runs and the expandable-segment runs on file;
+    # `speed` picks the fit up from /tmp/fit when it runs on the same machine.
+    python3 bench/compare_packed_memory.py --fit --write /tmp/fit/coefficients.json \
+      "$out"/grid.json "$out"/memory-*.json bench/results/h100-2026-11-23/packed-qwen2.5-{0.5b,3b}.json \
+      2>&1 | tee "$out/fit.txt"
+    cp /tmp/fit/coefficients.json "$out/fit-coefficients.json" 2>/dev/null
     ;;
   vram)
     python3 bench/bench_vram.py --out "$out/vram.json" --models-dir /tmp/vram-models 2>&1 | tee "$out/vram.log" | tail -20

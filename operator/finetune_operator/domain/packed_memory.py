@@ -90,6 +90,10 @@ class MemoryCoefficients:
     fragmentation: float = 1.0
 
 
+# The coefficients every prediction uses unless given others (a benchmark may set its own fit).
+COEFFICIENTS = MemoryCoefficients()
+
+
 @dataclass(frozen=True)
 class MicroBatchPlan:
     tokens_per_micro_batch: int
@@ -150,7 +154,7 @@ def activation_bytes(
     shape: ModelShape,
     tokens: int,
     gradient_checkpointing: bool,
-    coef: MemoryCoefficients = MemoryCoefficients(),
+    coef: MemoryCoefficients | None = None,
     lora_dropout: float = 0.05,
     activation_offload: bool = False,
     dropout_saves_inputs: bool = True,
@@ -161,6 +165,7 @@ def activation_bytes(
     ``dropout_saves_inputs``: whether LoRA dropout keeps a copy of every adapted input
     (PEFT's own dropout) or draws its mask again in the backward pass (the fast path's).
     """
+    coef = coef or COEFFICIENTS
     per_token_layer = (
         coef.act_per_hidden * shape.hidden_size
         + coef.act_per_intermediate * shape.intermediate_size
@@ -205,7 +210,7 @@ def peak_breakdown_bytes(
     tokens: int,
     gradient_checkpointing: bool,
     optimizer: str = "paged_adamw_8bit",
-    coef: MemoryCoefficients = MemoryCoefficients(),
+    coef: MemoryCoefficients | None = None,
     lora_dropout: float = 0.05,
     activation_offload: bool = False,
     dropout_saves_inputs: bool = True,
@@ -226,6 +231,7 @@ def peak_breakdown_bytes(
         "activations": activations,
         "outputHead": head_bytes(shape, tokens),
     }
+    coef = coef or COEFFICIENTS
     parts = {k: v * coef.fragmentation for k, v in live.items()}
     parts["overhead"] = coef.overhead_bytes
     return parts
@@ -247,7 +253,7 @@ def plan_micro_batch(
     optimizer: str = "paged_adamw_8bit",
     gradient_checkpointing: bool | None = None,
     tokens_per_micro_batch: int | None = None,
-    coef: MemoryCoefficients = MemoryCoefficients(),
+    coef: MemoryCoefficients | None = None,
     lora_dropout: float = 0.05,
     activation_offload: bool | None = None,
     host_memory_gib: float | None = None,
