@@ -83,12 +83,14 @@ def predicted_gib(point: dict[str, Any], coef: Any = None) -> tuple[float, dict[
     return sum(parts.values()) / GIB, {k: round(v / GIB, 2) for k, v in parts.items()}
 
 
-# The coefficients a fit may move; the rest (CUDA context, fragmentation) stay as measured.
+# The coefficients a fit may move; fragmentation stays 1. ``overhead_bytes`` is the CUDA
+# context plus whatever fixed cost the analytic parts (weights, adapter, optimiser) miss.
 FITTED = (
     "act_per_hidden",
     "act_per_intermediate",
     "dropout_bytes_per_input",
     "recompute_layer_factor",
+    "overhead_bytes",
 )
 
 
