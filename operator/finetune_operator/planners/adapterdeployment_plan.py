@@ -309,7 +309,8 @@ def needs_pod_listing(obs: Observed) -> bool:
 
     Only while a runtime load or its rollback is under way, or in steady state when a
     ready pod is not confirmed to serve the current revision since it last changed
-    (restarted, replaced, added). An idle Runtime AdapterDeployment asks nothing.
+    (restarted, replaced, added) and the server still fits it (:func:`served_compatibility`).
+    An idle Runtime AdapterDeployment asks nothing.
     """
     spec, status = obs.spec, obs.status
     if spec is None or spec.strategy.type != "Runtime" or status.current is None:
@@ -318,6 +319,9 @@ def needs_pod_listing(obs: Observed) -> bool:
         return True
     if status.current.outcome != Outcome.AVAILABLE:
         return False
+    compat = served_compatibility(obs)
+    if compat is not None and not compat.ok:
+        return False  # e.g. target.port is not the server's: a call would reach nothing
     return any(obs.verified.get(p.name) != p.marker for p in obs.ready_pods() if p.endpoint)
 
 
@@ -390,6 +394,50 @@ def edit_context(obs: Observed, deployment: Mapping[str, Any]) -> vllm_args.Edit
         return vllm_args.EditContext(image_patterns=obs.image_patterns)
 
 
+def served_compatibility(obs: Observed) -> rules.CompatResult | None:
+    """Whether the server as it is now (target.port, its flags, its --config file) still
+    fits the revision that serves; None when no revision is Available.
+
+    Checked on every pass that starts nothing, so an edit of spec.target or of the server
+    (its Deployment or a ConfigMap it reads) shows in Compatible on an Available object
+    too (decision 2060).
+    """
+    spec, current = obs.spec, obs.status.current
+    if spec is None or current is None or current.outcome != Outcome.AVAILABLE:
+        return None
+    ref = rules.revision_ref(spec.adapter_name, current)
+    target = dict(obs.target) if obs.target is not None else None
+    compat = rules.check_compatible(
+        spec, obs.name, target, ref,
+        configmaps=_configmaps(obs), image_patterns=obs.image_patterns,
+    )  # fmt: skip
+    if compat.ok and spec.strategy.type == "Runtime" and target is not None:
+        where = rules.runtime_path(target, spec.target.container, ref)
+        if not where.ok:
+            return rules.CompatResult(False, where.reason, where.message)
+    return compat
+
+
+def _check_served(d: _Draft) -> None:
+    """Compatible follows the server for the revision that serves. A mismatch changes
+    nothing that serves (no rollback, no patch): it is reported, and no rollout starts and
+    no Runtime pod is called until it is fixed."""
+    compat = served_compatibility(d.obs)
+    current = d.status.current
+    if compat is None or current is None:
+        return
+    before = next((c for c in d.status.conditions if c.type == ConditionType.COMPATIBLE), None)
+    status: ConditionStatus = "True" if compat.ok else "False"
+    d.condition(ConditionType.COMPATIBLE, status, compat.reason, compat.message)
+    if not compat.ok and before is not None and before.status == "True":
+        d.event(
+            compat.reason,
+            f"revision {current.revision} keeps serving, but no rollout or runtime load "
+            f"starts until this is fixed: {compat.message}",
+            warning=True,
+        )
+
+
 # ------------------------------------------------------------------ idle: start a rollout
 
 
@@ -400,10 +448,12 @@ def _idle_step(d: _Draft) -> None:
     if not src.ok or src.ref is None:
         if current is None and not _keeps_phase(d, src):
             d.phase(Phase.PENDING if src.reason in WAITING_REASONS else Phase.FAILED)
+        _check_served(d)
         _steady(d)
         return
     ref = src.ref
     if rules.same_adapter(current, ref) or rules.already_rejected(d.status, ref, d.obs.generation):
+        _check_served(d)
         _steady(d)
         return
     compat = _compat(d, ref)

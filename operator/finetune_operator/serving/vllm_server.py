@@ -338,6 +338,7 @@ class ServerModel:
     port: int = vllm_args.DEFAULT_PORT
     # False: the port cannot be told (a shell expansion, not an integer) or --uds replaces it.
     port_known: bool = True
+    port_from_config: bool = False  # a `port:` of the --config file sets it
     api_server_count: int = 1
     config_file: str | None = None
     problems: tuple[str, ...] = ()
@@ -558,6 +559,7 @@ def inspect(
         api_key=_api_key(args, c, cms),
         port=args.port,
         port_known=args.port_known and not args.uds,
+        port_from_config=args.port_from_config,
         api_server_count=servers,
         config_file=args.config_file,
         problems=tuple(problems),
