@@ -442,6 +442,18 @@ def configmaps_needed(
     return sorted(set(names))
 
 
+def configmaps_read(
+    obj: Mapping[str, Any], image_patterns: Sequence[str] | None = None
+) -> list[str]:
+    """Names of the ConfigMaps :func:`inspect` reads for this pod template, whichever of its
+    containers ``target.container`` names: a change of one of them changes the model."""
+    names = set(configmaps_needed(obj, None, image_patterns))
+    for c in _pod_spec(obj).get("containers") or []:
+        if c.get("name") is not None:
+            names.update(configmaps_needed(obj, str(c["name"]), image_patterns))
+    return sorted(names)
+
+
 def edit_context(
     obj: Mapping[str, Any],
     container: str | None = None,
