@@ -2,10 +2,11 @@
 
 Each AdapterDeployment has one small task (a kopf daemon) that sleeps until something it
 depends on changes. kopf watches keep six in-memory caches (indexes): the
-AdapterDeployments' references, Deployments, the ConfigMaps their vLLM servers read, their
-pods, FineTuneJobs and the champions of FineTuneSchedules. A change of the object, of its
-FineTuneJob, of its schedule's champion, of the target or canary Deployment, of one of
-their pods or of the data of a ConfigMap the target's server reads wakes the task; it then observes from the caches (no API reads), runs the pure
+AdapterDeployments' references, Deployments, which ConfigMaps their vLLM servers read,
+their pods, FineTuneJobs and the champions of FineTuneSchedules. A change of the object, of
+its FineTuneJob, of its schedule's champion, of the target or canary Deployment, of one of
+their pods or of the data of a ConfigMap the target's server reads wakes the task; it then
+observes from the caches (reading only those ConfigMaps by name), runs the pure
 :func:`~finetune_operator.planners.adapterdeployment_plan.plan`, carries out the actions
 and writes status as one diff (nothing when nothing changed). Serving pods are called
 only while a rollout, a canary analysis or a runtime load is under way; only then does

@@ -446,10 +446,11 @@ def configmaps_read(
     obj: Mapping[str, Any], image_patterns: Sequence[str] | None = None
 ) -> list[str]:
     """Names of the ConfigMaps :func:`inspect` reads for this pod template, whichever of its
-    containers ``target.container`` names: a change of one of them changes the model."""
-    names = set(configmaps_needed(obj, None, image_patterns))
+    vLLM containers ``target.container`` names (other containers' ConfigMaps never feed the
+    model): a change of one of them may change what the server accepts."""
+    names: set[str] = set()
     for c in _pod_spec(obj).get("containers") or []:
-        if c.get("name") is not None:
+        if c.get("name") is not None and _locate(c, image_patterns) is not None:
             names.update(configmaps_needed(obj, str(c["name"]), image_patterns))
     return sorted(names)
 
