@@ -537,6 +537,32 @@ def test_runtime_pods_are_not_called_while_target_port_is_not_the_servers() -> N
     assert p.actions == () and p.status.phase == "Available"
 
 
+def test_a_runtime_load_pauses_while_target_port_is_not_the_servers() -> None:
+    obs = observed(runtime_spec())
+    _, obs = run(obs, at(0))
+    assert obs.status.phase == "Progressing" and needs_pod_listing(obs)
+    right = obs.spec
+    assert right is not None
+    typo = right.model_copy(update={"target": right.target.model_copy(update={"port": 9000})})
+    paused = replace(obs, spec=typo, generation=2)
+    assert not needs_pod_listing(paused)  # no call to a port nothing listens on
+    p, paused = run(paused, at(1))
+    assert _condition(p, "Compatible").reason == "TargetPortMismatch"
+    progressing = _condition(p, "Progressing")
+    assert progressing.reason == "TargetPortMismatch" and "paused" in progressing.message
+    assert [(e.type, e.reason) for e in p.events] == [("Warning", "TargetPortMismatch")]
+    # No timer while paused (a fix comes as a change), and no deadline runs out meanwhile.
+    assert p.actions == () and p.next == Next.IDLE
+    assert plan(paused, at(3600)).status.phase == "Progressing"
+
+    fixed = replace(paused, spec=right, generation=3)
+    assert needs_pod_listing(fixed)
+    p, _ = run(replace(fixed, loaded={"llm-abc-0": {}, "llm-abc-1": {}}), at(3601))
+    assert _condition(p, "Compatible").status == "True"
+    assert [a.call for a in p.actions if isinstance(a, PodCall)] == ["load", "load"]
+    assert p.status.phase == "Progressing", p.status.conditions
+
+
 def test_an_invalid_spec_is_reported_once() -> None:
     obs = replace(observed(spec()), spec=None, spec_error="source: set exactly one")
     p = plan(obs, at(0))

@@ -529,6 +529,8 @@ class RolloutView:
     reason: str
     message: str
     ready_replicas: int = 0
+    # Paused until something it depends on changes (no timer, no deadline meanwhile).
+    waits_for_change: bool = False
 
 
 def deployment_rollout(

@@ -315,13 +315,13 @@ def needs_pod_listing(obs: Observed) -> bool:
     spec, status = obs.spec, obs.status
     if spec is None or spec.strategy.type != "Runtime" or status.current is None:
         return False
+    compat = served_compatibility(obs)
+    if compat is not None and not compat.ok:
+        return False  # e.g. target.port is not the server's: a call would reach nothing
     if status.current.outcome in (Outcome.PROGRESSING, Outcome.ROLLING_BACK):
         return True
     if status.current.outcome != Outcome.AVAILABLE:
         return False
-    compat = served_compatibility(obs)
-    if compat is not None and not compat.ok:
-        return False  # e.g. target.port is not the server's: a call would reach nothing
     return any(obs.verified.get(p.name) != p.marker for p in obs.ready_pods() if p.endpoint)
 
 
@@ -394,48 +394,63 @@ def edit_context(obs: Observed, deployment: Mapping[str, Any]) -> vllm_args.Edit
         return vllm_args.EditContext(image_patterns=obs.image_patterns)
 
 
-def served_compatibility(obs: Observed) -> rules.CompatResult | None:
-    """Whether the server as it is now (target.port, its flags, its --config file) still
-    fits the revision that serves; None when no revision is Available.
+# The outcomes of a current revision that the servers serve or are being brought to.
+IN_PLACE = (Outcome.AVAILABLE, Outcome.PROGRESSING, Outcome.ROLLING_BACK)
 
-    Checked on every pass that starts nothing, so an edit of spec.target or of the server
-    (its Deployment or a ConfigMap it reads) shows in Compatible on an Available object
-    too (decision 2060).
+
+def served_compatibility(obs: Observed) -> rules.CompatResult | None:
+    """Whether the server as it is now (target.port, its flags, its --config file) fits the
+    current revision (served, rolling out or being restored); None without one.
+
+    Checked again on every pass that starts nothing and on every pass of a Runtime load, so
+    an edit of spec.target or of the server (its Deployment or a ConfigMap it reads) shows
+    in Compatible on an Available object too (decision 2060).
     """
     spec, current = obs.spec, obs.status.current
-    if spec is None or current is None or current.outcome != Outcome.AVAILABLE:
+    if spec is None or current is None or current.outcome not in IN_PLACE:
         return None
     ref = rules.revision_ref(spec.adapter_name, current)
     target = dict(obs.target) if obs.target is not None else None
-    compat = rules.check_compatible(
+    return rules.check_compatible(
         spec, obs.name, target, ref,
         configmaps=_configmaps(obs), image_patterns=obs.image_patterns,
     )  # fmt: skip
-    if compat.ok and spec.strategy.type == "Runtime" and target is not None:
-        where = rules.runtime_path(target, spec.target.container, ref)
-        if not where.ok:
-            return rules.CompatResult(False, where.reason, where.message)
-    return compat
+
+
+def _report_compat(d: _Draft, compat: rules.CompatResult, consequence: str) -> bool:
+    """Compatible as checked now; one Warning when it turns from True to False. Returns
+    whether it turned from False to True (what was paused for it goes on)."""
+    current = d.status.current
+    before = next((c for c in d.status.conditions if c.type == ConditionType.COMPATIBLE), None)
+    status: ConditionStatus = "True" if compat.ok else "False"
+    d.condition(ConditionType.COMPATIBLE, status, compat.reason, compat.message)
+    if not compat.ok and current is not None and before is not None and before.status == "True":
+        d.event(
+            compat.reason,
+            f"revision {current.revision} {consequence}: {compat.message}",
+            warning=True,
+        )
+    return compat.ok and before is not None and before.status == "False"
 
 
 def _check_served(d: _Draft) -> None:
     """Compatible follows the server for the revision that serves. A mismatch changes
     nothing that serves (no rollback, no patch): it is reported, and no rollout starts and
     no Runtime pod is called until it is fixed."""
-    compat = served_compatibility(d.obs)
-    current = d.status.current
-    if compat is None or current is None:
+    if d.status.current is None or d.status.current.outcome != Outcome.AVAILABLE:
         return
-    before = next((c for c in d.status.conditions if c.type == ConditionType.COMPATIBLE), None)
-    status: ConditionStatus = "True" if compat.ok else "False"
-    d.condition(ConditionType.COMPATIBLE, status, compat.reason, compat.message)
-    if not compat.ok and before is not None and before.status == "True":
-        d.event(
-            compat.reason,
-            f"revision {current.revision} keeps serving, but no rollout or runtime load "
-            f"starts until this is fixed: {compat.message}",
-            warning=True,
-        )
+    compat = served_compatibility(d.obs)
+    target = _target(d)
+    if compat is None:
+        return
+    if compat.ok and d.spec.strategy.type == "Runtime" and target is not None:
+        ref = rules.revision_ref(d.spec.adapter_name, d.status.current)
+        where = rules.runtime_path(target, d.spec.target.container, ref)
+        if not where.ok:
+            compat = rules.CompatResult(False, where.reason, where.message)
+    _report_compat(
+        d, compat, "keeps serving, but no rollout or runtime load starts until this is fixed"
+    )
 
 
 # ------------------------------------------------------------------ idle: start a rollout
@@ -754,7 +769,8 @@ def _rollout_step(d: _Draft) -> None:
     if view.state == "InProgress":
         d.phase(Phase.PROGRESSING)
         d.condition(ConditionType.PROGRESSING, "True", view.reason, view.message)
-        d.poll()
+        if not view.waits_for_change:
+            d.poll()
         return
     if view.state == "Complete":
         _complete(d, current, view)
@@ -857,6 +873,8 @@ def _rollback_step(d: _Draft) -> None:
         for type_ in (ConditionType.DEGRADED, ConditionType.PROGRESSING, ConditionType.AVAILABLE):
             status: ConditionStatus = "True" if type_ == ConditionType.DEGRADED else "False"
             d.condition(type_, status, Reason.ROLLBACK_FAILED, msg)
+    elif view.waits_for_change:
+        d.condition(ConditionType.PROGRESSING, "True", view.reason, view.message)
     else:
         d.poll()
 
@@ -935,6 +953,17 @@ def _runtime_view(d: _Draft, rev: AdapterRevision) -> rules.RolloutView:
     where = rules.runtime_path(target, d.spec.target.container, ref)
     if not where.ok:
         return rules.RolloutView("Failed", where.reason, where.message)
+    compat = served_compatibility(d.obs)
+    if compat is not None:
+        if _report_compat(d, compat, "is not loaded meanwhile: no serving pod is called"):
+            # As a paused Deployment: the progress deadline counts from the resume.
+            d.status.rollout_started_at = format_rfc3339(d.now)
+        if not compat.ok:
+            # The servers may be right (a typo in target.port): wait for a fix, call nothing.
+            return rules.RolloutView(
+                "InProgress", compat.reason, f"paused until this is fixed: {compat.message}",
+                d.status.ready_replicas or 0, waits_for_change=True,
+            )  # fmt: skip
     if d.obs.loaded is None:  # not asked yet: the next pass asks the pods
         d.again()
         return rules.RolloutView("InProgress", Reason.LOADING, "asking the serving pods")
