@@ -373,3 +373,34 @@ def test_configmaps_the_server_does_not_read_cost_no_request(env: Env) -> None:
         what=f"TargetPortMismatch: {env.status('support')}",
     )
     assert env.api.count("get", "configmaps") >= 1  # the pass read the file again
+
+
+def test_a_configmap_turning_runtime_updates_off_is_reported_and_no_pod_is_called(
+    env: Env,
+) -> None:
+    uri, digest = make_adapter(env.root, "v1")
+    env.api.create(configmap("runtime-switch", {"allow": "true"}))
+    dep = vllm_deployment(runtime_updates=False)
+    ref = {"configMapKeyRef": {"name": "runtime-switch", "key": "allow"}}
+    _container(dep)["env"].append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "valueFrom": ref})
+    env.api.create(dep)
+    env.api.create(
+        adapter_deployment("support", uri_source(uri, digest), strategy=runtime_strategy())
+    )
+    env.wait_phase("support", "Available")
+    before = env.deployment()
+
+    env.api.merge_patch("configmaps", NS, "runtime-switch", {"data": {"allow": "false"}})
+    wait_for(
+        lambda: env.condition("support", "Compatible").get("reason") == "RuntimeUpdatesDisabled",
+        10,
+        what=f"RuntimeUpdatesDisabled: {env.status('support')}",
+    )
+    _still_serving(env, before)  # the running servers keep the adapter they loaded
+
+    # A container restarting now would start with runtime updates off: it is not called.
+    pod = sorted(env.cluster.pods)[0]
+    env.cluster.restart_pod(pod)
+    time.sleep(1.0)  # several passes' time: the pod event has been seen
+    restarted = env.cluster.pods[pod].server
+    assert restarted is not None and restarted.requests_seen == [], restarted.requests_seen
