@@ -437,14 +437,13 @@ def _check_served(d: _Draft) -> None:
     """Compatible follows the server for the revision that serves. A mismatch changes
     nothing that serves (no rollback, no patch): it is reported, and no rollout starts and
     no Runtime pod is called until it is fixed."""
-    if d.status.current is None or d.status.current.outcome != Outcome.AVAILABLE:
-        return
+    current = d.status.current
     compat = served_compatibility(d.obs)
-    target = _target(d)
-    if compat is None:
+    if current is None or current.outcome != Outcome.AVAILABLE or compat is None:
         return
+    target = _target(d)
     if compat.ok and d.spec.strategy.type == "Runtime" and target is not None:
-        ref = rules.revision_ref(d.spec.adapter_name, d.status.current)
+        ref = rules.revision_ref(d.spec.adapter_name, current)
         where = rules.runtime_path(target, d.spec.target.container, ref)
         if not where.ok:
             compat = rules.CompatResult(False, where.reason, where.message)
