@@ -563,6 +563,30 @@ def test_a_runtime_load_pauses_while_target_port_is_not_the_servers() -> None:
     assert p.status.phase == "Progressing", p.status.conditions
 
 
+def test_a_canary_analysis_pauses_while_target_port_is_not_the_servers() -> None:
+    """Smoke requests to a port nothing listens on would reject the adapter for a typo."""
+    obs = started_canary()
+    _, obs = run(obs, at(5))
+    assert obs.status.phase == "Analyzing" and canary_check_due(obs, at(5))
+    right = obs.spec
+    assert right is not None
+    typo = right.model_copy(update={"target": right.target.model_copy(update={"port": 9000})})
+    paused = replace(obs, spec=typo, generation=2)
+    assert not canary_check_due(paused, at(6))  # no smoke request, no metrics read
+    p, paused = run(paused, at(6))
+    assert _condition(p, "Compatible").reason == "TargetPortMismatch"
+    assert _condition(p, "Progressing").reason == "TargetPortMismatch"
+    assert [(e.type, e.reason) for e in p.events] == [("Warning", "TargetPortMismatch")]
+    assert p.actions == () and p.next == Next.IDLE and p.check_in is None
+    assert p.status.phase == "Analyzing" and p.status.canary.revision.outcome == "Canary"
+
+    fixed = replace(paused, spec=right, generation=3)
+    assert canary_check_due(fixed, at(600))
+    p, _ = run(replace(fixed, window=healthy_window()), at(600))
+    assert _condition(p, "Compatible").status == "True"
+    assert p.check_ran and p.status.canary.checks_passed == 1
+
+
 def test_an_invalid_spec_is_reported_once() -> None:
     obs = replace(observed(spec()), spec=None, spec_error="source: set exactly one")
     p = plan(obs, at(0))

@@ -337,6 +337,9 @@ def canary_check_due(obs: Observed, now: datetime) -> bool:
     view = _canary_view(obs, canary, now)
     if view.state != "Complete":
         return False
+    compat = canary_compatibility(obs)
+    if compat is not None and not compat.ok:
+        return False  # the analysis pauses: no canary pod is called
     return _seconds_to_check(obs, now) <= 0
 
 
@@ -417,19 +420,28 @@ def served_compatibility(obs: Observed) -> rules.CompatResult | None:
     )  # fmt: skip
 
 
-def _report_compat(d: _Draft, compat: rules.CompatResult, consequence: str) -> bool:
+def canary_compatibility(obs: Observed) -> rules.CompatResult | None:
+    """Whether the target's server as it is now fits the revision under canary analysis
+    (the check its promotion makes); None without one."""
+    canary = obs.status.canary
+    if obs.spec is None or canary is None or canary.revision is None:
+        return None
+    ref = rules.revision_ref(obs.spec.adapter_name, canary.revision)
+    target = dict(obs.target) if obs.target is not None else None
+    return rules.check_compatible(
+        obs.spec, obs.name, target, ref,
+        configmaps=_configmaps(obs), image_patterns=obs.image_patterns,
+    )  # fmt: skip
+
+
+def _report_compat(d: _Draft, compat: rules.CompatResult, revision: int, consequence: str) -> bool:
     """Compatible as checked now; one Warning when it turns from True to False. Returns
     whether it turned from False to True (what was paused for it goes on)."""
-    current = d.status.current
     before = next((c for c in d.status.conditions if c.type == ConditionType.COMPATIBLE), None)
     status: ConditionStatus = "True" if compat.ok else "False"
     d.condition(ConditionType.COMPATIBLE, status, compat.reason, compat.message)
-    if not compat.ok and current is not None and before is not None and before.status == "True":
-        d.event(
-            compat.reason,
-            f"revision {current.revision} {consequence}: {compat.message}",
-            warning=True,
-        )
+    if not compat.ok and before is not None and before.status == "True":
+        d.event(compat.reason, f"revision {revision} {consequence}: {compat.message}", warning=True)
     return compat.ok and before is not None and before.status == "False"
 
 
@@ -448,8 +460,9 @@ def _check_served(d: _Draft) -> None:
         if not where.ok:
             compat = rules.CompatResult(False, where.reason, where.message)
     _report_compat(
-        d, compat, "keeps serving, but no rollout or runtime load starts until this is fixed"
-    )
+        d, compat, current.revision,
+        "keeps serving, but no rollout or runtime load starts until this is fixed",
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------ idle: start a rollout
@@ -629,6 +642,8 @@ def _canary_step(d: _Draft) -> None:
         d.phase(Phase.ANALYZING)
         d.again()  # the first check is due at once
         return
+    if _analysis_paused(d, rev):
+        return
     window = d.obs.window
     if window is None:
         d.check_in = max(0.0, _seconds_to_check(d.obs, d.now))
@@ -649,6 +664,25 @@ def _canary_step(d: _Draft) -> None:
         )  # fmt: skip
         return
     _judge_window(d, canary, rev, window)
+
+
+def _analysis_paused(d: _Draft, rev: AdapterRevision) -> bool:
+    """While the server does not fit the canary's revision (e.g. target.port was edited),
+    smoke requests would fail for that alone and reject the adapter: the analysis waits
+    for a fix instead, calling no pod and running no timer."""
+    compat = canary_compatibility(d.obs)
+    if compat is None:
+        return False
+    _report_compat(d, compat, rev.revision, "is not analysed meanwhile: no canary pod is called")
+    if compat.ok:
+        return False
+    d.condition(
+        ConditionType.PROGRESSING, "True", compat.reason,
+        f"canary analysis paused until this is fixed: {compat.message}",
+    )  # fmt: skip
+    d.next = Next.IDLE
+    d.check_in = None
+    return True
 
 
 def smoke_window(window: AnalysisWindow) -> rules.MetricsSample:
@@ -954,7 +988,8 @@ def _runtime_view(d: _Draft, rev: AdapterRevision) -> rules.RolloutView:
         return rules.RolloutView("Failed", where.reason, where.message)
     compat = served_compatibility(d.obs)
     if compat is not None:
-        if _report_compat(d, compat, "is not loaded meanwhile: no serving pod is called"):
+        waiting = "is not loaded meanwhile: no serving pod is called"
+        if _report_compat(d, compat, rev.revision, waiting):
             # As a paused Deployment: the progress deadline counts from the resume.
             d.status.rollout_started_at = format_rfc3339(d.now)
         if not compat.ok:
