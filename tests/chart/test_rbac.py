@@ -121,11 +121,12 @@ def test_price_table_read_is_covered_in_cluster_mode(derived: Derived) -> None:
     assert ("", "configmaps", "get") in derived.permissions
 
 
-def test_serving_servers_configmaps_and_keys_are_read_with_get_only(
+def test_serving_servers_configmaps_are_watched_and_keys_read_with_get_only(
     derived: Derived, namespaced_objects: list[dict[str, Any]]
 ) -> None:
     """The AdapterDeployment controller reads the ConfigMaps and the key Secret of a vLLM
-    container by name: `get` in each watched namespace covers it, never list or watch."""
+    container by name, and watches ConfigMaps (a change wakes the AdapterDeployments whose
+    server reads it): Secrets are never listed or watched (decision 2060)."""
     for resource in ("configmaps", "secrets"):
         sites = derived.permissions[("", resource, "get")]
         assert any(
@@ -137,9 +138,10 @@ def test_serving_servers_configmaps_and_keys_are_read_with_get_only(
     )  # fmt: skip
     have = granted(role["rules"])
     assert ("", "configmaps", "get") in have and ("", "secrets", "get") in have
-    assert (
-        not {("", "secrets", "list"), ("", "secrets", "watch"), ("", "configmaps", "watch")} & have
-    )
+    assert ("", "configmaps", "watch") in have
+    watched = derived.permissions[("", "configmaps", "watch")]
+    assert any(site.startswith("finetune_operator.handlers.adapterdeployment:") for site in watched)
+    assert not {("", "secrets", "list"), ("", "secrets", "watch")} & have
 
 
 def test_mismatch_detects_a_missing_and_an_extra_rule(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from finetune_local import Emulator
 from finetune_local.serving_cluster import ServingCluster
 from support.adapters import make_adapter
+from support.k8s_fixtures import wait_for
 from support.serving_env import (
     NS,
     Env,
@@ -244,3 +246,176 @@ def test_a_target_port_other_than_the_servers_is_refused_until_the_spec_names_it
     env.wait_phase("support", "Available", timeout=30)
     assert env.condition("support", "Compatible")["reason"] == "Compatible"
     assert set(env.modules()) == {"support"}
+
+
+# ------------------------------------------------------------------ what the server reads changes
+
+
+def _server_reading_its_port_from(configmap: str) -> dict[str, Any]:
+    """A vLLM Deployment whose --config file (in ``configmap``) may set the port: no --port
+    on its command line, which would win over the file."""
+    dep = with_config_file(vllm_deployment(), configmap)
+    args = _container(dep)["args"]
+    i = args.index("--port")
+    del args[i : i + 2]
+    return dep
+
+
+def _set_config(env: Env, name: str, text: str) -> None:
+    """The platform team edits the server's config file (nothing else changes)."""
+    env.api.merge_patch("configmaps", NS, name, {"data": {"serve.yaml": text}})
+
+
+def test_a_configmap_edit_alone_lets_a_refused_rollout_start(env: Env) -> None:
+    uri, digest = make_adapter(env.root, "v1")
+    env.api.create(configmap("serve-config", {"serve.yaml": "port: 9000\n"}))
+    env.api.create(_server_reading_its_port_from("serve-config"))
+    env.api.create(adapter_deployment("support", uri_source(uri, digest)))
+    env.wait_phase("support", "Failed")
+    compatible = env.condition("support", "Compatible")
+    assert compatible["reason"] == "TargetPortMismatch", compatible
+    where = "port: in the server's --config file /etc/vllm/serve.yaml to 8000"
+    assert where in compatible["message"], compatible
+
+    _set_config(env, "serve-config", "port: 8000\n")  # neither the AD nor the Deployment
+    env.wait_phase("support", "Available", timeout=10)
+    assert env.condition("support", "Compatible")["reason"] == "Compatible"
+    assert set(env.modules()) == {"support"}
+
+
+def _available_on_a_config_file(env: Env) -> dict[str, Any]:
+    """An AdapterDeployment serving on a server that reads --config from serve-config; the
+    target Deployment as it is then."""
+    uri, digest = make_adapter(env.root, "v1")
+    env.api.create(configmap("serve-config", {"serve.yaml": "max-loras: 2\n"}))
+    env.api.create(_server_reading_its_port_from("serve-config"))
+    env.api.create(adapter_deployment("support", uri_source(uri, digest)))
+    env.wait_phase("support", "Available")
+    return env.deployment()
+
+
+def _still_serving(env: Env, before: dict[str, Any]) -> None:
+    """Nothing was done to the serving Deployment: no patch, no rollback."""
+    after = env.deployment()
+    assert after["metadata"]["generation"] == before["metadata"]["generation"]
+    assert after["spec"] == before["spec"]
+    assert env.status("support")["phase"] == "Available"
+    assert env.condition("support", "Available")["status"] == "True"
+    assert env.served() == [{"support"}, {"support"}]
+
+
+def test_a_configmap_moving_the_servers_port_turns_compatible_false_and_back(env: Env) -> None:
+    before = _available_on_a_config_file(env)
+    _set_config(env, "serve-config", "max-loras: 2\nport: 9000\n")
+    wait_for(
+        lambda: env.condition("support", "Compatible").get("status") == "False",
+        10,
+        what=f"Compatible=False: {env.status('support')}",
+    )
+    compatible = env.condition("support", "Compatible")
+    assert compatible["reason"] == "TargetPortMismatch", compatible
+    assert "set spec.target.port to 9000" in compatible["message"]
+    _still_serving(env, before)
+    warnings = [e for e in env.api.events_about(NS, "support") if e.get("type") == "Warning"]
+    assert [e["reason"] for e in warnings] == ["TargetPortMismatch"]
+
+    _set_config(env, "serve-config", "max-loras: 2\n")
+    wait_for(
+        lambda: env.condition("support", "Compatible").get("status") == "True",
+        10,
+        what=f"Compatible=True: {env.status('support')}",
+    )
+    _still_serving(env, before)
+
+
+def test_a_target_port_edit_on_an_available_adapter_is_checked_and_changes_nothing(
+    env: Env,
+) -> None:
+    before = _available_on_a_config_file(env)
+    target = {"deployment": "llm", "container": "vllm"}
+    env.set_spec("support", {"target": {**target, "port": 8080}})
+    wait_for(
+        lambda: env.condition("support", "Compatible").get("status") == "False",
+        10,
+        what=f"Compatible=False: {env.status('support')}",
+    )
+    compatible = env.condition("support", "Compatible")
+    assert compatible["reason"] == "TargetPortMismatch", compatible
+    assert "target.port is 8080 " in compatible["message"]
+    assert "set spec.target.port to 8000" in compatible["message"]
+    _still_serving(env, before)
+
+    env.set_spec("support", {"target": {**target, "port": 8000}})
+    wait_for(
+        lambda: env.condition("support", "Compatible").get("status") == "True",
+        10,
+        what=f"Compatible=True: {env.status('support')}",
+    )
+    _still_serving(env, before)
+
+
+def _requests(env: Env) -> int:
+    """Requests the operator sent, its long-lived watch streams apart."""
+    return env.api.count() - env.api.count("watch")
+
+
+def _settled(env: Env) -> None:
+    """Wait until the operator has handled the last events of the rollout (no request for
+    half a second)."""
+    for _ in range(20):
+        before = _requests(env)
+        time.sleep(0.5)
+        if _requests(env) == before:
+            return
+    raise AssertionError(f"the operator keeps sending requests: {env.api.request_counts}")
+
+
+def test_configmaps_the_server_does_not_read_cost_no_request(env: Env) -> None:
+    _available_on_a_config_file(env)
+    _settled(env)
+    env.api.reset_counters()
+    env.api.create(configmap("unrelated", {"serve.yaml": "port: 9000\n"}))
+    env.api.merge_patch("configmaps", NS, "unrelated", {"data": {"serve.yaml": "port: 1\n"}})
+    # A metadata-only change of the one it reads (a label, an annotation) is no change either.
+    env.api.merge_patch("configmaps", NS, "serve-config", {"metadata": {"labels": {"a": "b"}}})
+    time.sleep(1.0)
+    assert _requests(env) == 0, env.api.request_counts
+
+    _set_config(env, "serve-config", "max-loras: 2\nport: 9000\n")  # the watch works
+    wait_for(
+        lambda: env.condition("support", "Compatible").get("reason") == "TargetPortMismatch",
+        10,
+        what=f"TargetPortMismatch: {env.status('support')}",
+    )
+    assert env.api.count("get", "configmaps") >= 1  # the pass read the file again
+
+
+def test_a_configmap_turning_runtime_updates_off_is_reported_and_no_pod_is_called(
+    env: Env,
+) -> None:
+    uri, digest = make_adapter(env.root, "v1")
+    env.api.create(configmap("runtime-switch", {"allow": "true"}))
+    dep = vllm_deployment(runtime_updates=False)
+    ref = {"configMapKeyRef": {"name": "runtime-switch", "key": "allow"}}
+    _container(dep)["env"].append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "valueFrom": ref})
+    env.api.create(dep)
+    env.api.create(
+        adapter_deployment("support", uri_source(uri, digest), strategy=runtime_strategy())
+    )
+    env.wait_phase("support", "Available")
+    before = env.deployment()
+
+    env.api.merge_patch("configmaps", NS, "runtime-switch", {"data": {"allow": "false"}})
+    wait_for(
+        lambda: env.condition("support", "Compatible").get("reason") == "RuntimeUpdatesDisabled",
+        10,
+        what=f"RuntimeUpdatesDisabled: {env.status('support')}",
+    )
+    _still_serving(env, before)  # the running servers keep the adapter they loaded
+
+    # A container restarting now would start with runtime updates off: it is not called.
+    pod = sorted(env.cluster.pods)[0]
+    env.cluster.restart_pod(pod)
+    time.sleep(1.0)  # several passes' time: the pod event has been seen
+    restarted = env.cluster.pods[pod].server
+    assert restarted is not None and restarted.requests_seen == [], restarted.requests_seen

@@ -439,7 +439,9 @@ def test_a_target_port_other_than_the_servers_is_refused_before_anything_is_crea
     assert f"target.port is {want} " in compatible.message
     assert f"listens on port {server_port}:" in compatible.message
     assert f"set spec.target.port to {server_port}" in compatible.message
-    assert f"--port to {want}" in compatible.message
+    # What to change on the server's side: the flag, or the key of the file that sets it.
+    server_side = "port: in the server's --config file" if "--config" in args else "--port"
+    assert f"{server_side}" in compatible.message and compatible.message.endswith(f" to {want}")
     assert plan(replace(obs, status=p.status), at(60)).actions == ()  # and stays refused
 
 
@@ -467,6 +469,122 @@ def test_a_target_port_matching_the_server_or_unknowable_rolls_out(
     compatible = next(c for c in p.status.conditions if c.type == "Compatible")
     assert compatible.reason == "Compatible", compatible.message
     assert [type(a) for a in p.actions] == [PatchTarget]
+
+
+def _available_rolling(s: AdapterDeploymentSpec) -> Observed:
+    """An AdapterDeployment whose revision 1 serves on every replica."""
+    obs = observed(s)
+    _, obs = run(obs, at(0))
+    _, obs = run(replace(obs, target=deployment(digest=D1, generation=2), pods=pods(D1)), at(1))
+    assert obs.status.phase == "Available"
+    return obs
+
+
+def _condition(p: Plan, type_: str) -> Any:
+    return next(c for c in p.status.conditions if c.type == type_)
+
+
+def test_a_server_that_moved_port_under_an_available_adapter_is_reported_not_rolled_back() -> None:
+    obs = _available_rolling(spec())
+    moved = deployment(digest=D1, generation=3)
+    moved["spec"]["template"]["spec"]["containers"][0]["args"] += ["--port", "9000"]
+    p, obs = run(replace(obs, target=moved), at(60))
+    compatible = _condition(p, "Compatible")
+    assert compatible.status == "False" and compatible.reason == "TargetPortMismatch"
+    assert "set spec.target.port to 9000" in compatible.message
+    # Nothing that serves changes: no patch, no rollback; the revision stays Available.
+    assert p.actions == () and p.next == Next.IDLE and p.status.phase == "Available"
+    assert _condition(p, "Available").status == "True" and p.status.current.revision == 1
+    assert [(e.type, e.reason) for e in p.events] == [("Warning", "TargetPortMismatch")]
+    again = plan(obs, at(120))
+    assert again.events == () and again.status == obs.status  # said once, written once
+
+    fixed = spec(target={"deployment": "llm", "container": "vllm", "port": 9000})
+    p, _ = run(replace(obs, spec=fixed, generation=2), at(180))
+    assert _condition(p, "Compatible").status == "True" and p.actions == ()
+    assert p.status.current.revision == 1  # the same adapter: no new rollout
+
+
+def test_a_target_port_edit_on_an_available_adapter_is_checked() -> None:
+    obs = _available_rolling(spec())
+    typo = spec(target={"deployment": "llm", "container": "vllm", "port": 8008})
+    p = plan(replace(obs, spec=typo, generation=2), at(60))
+    compatible = _condition(p, "Compatible")
+    assert compatible.reason == "TargetPortMismatch", compatible.message
+    assert "target.port is 8008 " in compatible.message and "to 8000, or" in compatible.message
+    assert p.actions == () and p.status.phase == "Available"
+
+
+def test_runtime_pods_are_not_called_while_target_port_is_not_the_servers() -> None:
+    obs = observed(runtime_spec())
+    _, obs = run(obs, at(0))
+    _, obs = run(replace(obs, loaded={"llm-abc-0": {}, "llm-abc-1": {}}), at(1))
+    listed = {"support": "/adapters/support"}
+    _, obs = run(replace(obs, loaded={"llm-abc-0": listed, "llm-abc-1": listed}), at(2))
+    assert obs.status.phase == "Available"
+    restarted = replace(
+        obs,
+        loaded=None,
+        verified={pod.name: pod.marker for pod in obs.pods[1:]},  # llm-abc-0 restarted
+    )
+    assert needs_pod_listing(restarted)
+    typo = runtime_spec()
+    typo = typo.model_copy(update={"target": typo.target.model_copy(update={"port": 9000})})
+    mismatched = replace(restarted, spec=typo, generation=2)
+    assert not needs_pod_listing(mismatched)  # a call would reach nothing on that port
+    p = plan(mismatched, at(60))
+    assert _condition(p, "Compatible").reason == "TargetPortMismatch"
+    assert p.actions == () and p.status.phase == "Available"
+
+
+def test_a_runtime_load_pauses_while_target_port_is_not_the_servers() -> None:
+    obs = observed(runtime_spec())
+    _, obs = run(obs, at(0))
+    assert obs.status.phase == "Progressing" and needs_pod_listing(obs)
+    right = obs.spec
+    assert right is not None
+    typo = right.model_copy(update={"target": right.target.model_copy(update={"port": 9000})})
+    paused = replace(obs, spec=typo, generation=2)
+    assert not needs_pod_listing(paused)  # no call to a port nothing listens on
+    p, paused = run(paused, at(1))
+    assert _condition(p, "Compatible").reason == "TargetPortMismatch"
+    progressing = _condition(p, "Progressing")
+    assert progressing.reason == "TargetPortMismatch" and "paused" in progressing.message
+    assert [(e.type, e.reason) for e in p.events] == [("Warning", "TargetPortMismatch")]
+    # No timer while paused (a fix comes as a change), and no deadline runs out meanwhile.
+    assert p.actions == () and p.next == Next.IDLE
+    assert plan(paused, at(3600)).status.phase == "Progressing"
+
+    fixed = replace(paused, spec=right, generation=3)
+    assert needs_pod_listing(fixed)
+    p, _ = run(replace(fixed, loaded={"llm-abc-0": {}, "llm-abc-1": {}}), at(3601))
+    assert _condition(p, "Compatible").status == "True"
+    assert [a.call for a in p.actions if isinstance(a, PodCall)] == ["load", "load"]
+    assert p.status.phase == "Progressing", p.status.conditions
+
+
+def test_a_canary_analysis_pauses_while_target_port_is_not_the_servers() -> None:
+    """Smoke requests to a port nothing listens on would reject the adapter for a typo."""
+    obs = started_canary()
+    _, obs = run(obs, at(5))
+    assert obs.status.phase == "Analyzing" and canary_check_due(obs, at(5))
+    right = obs.spec
+    assert right is not None
+    typo = right.model_copy(update={"target": right.target.model_copy(update={"port": 9000})})
+    paused = replace(obs, spec=typo, generation=2)
+    assert not canary_check_due(paused, at(6))  # no smoke request, no metrics read
+    p, paused = run(paused, at(6))
+    assert _condition(p, "Compatible").reason == "TargetPortMismatch"
+    assert _condition(p, "Progressing").reason == "TargetPortMismatch"
+    assert [(e.type, e.reason) for e in p.events] == [("Warning", "TargetPortMismatch")]
+    assert p.actions == () and p.next == Next.IDLE and p.check_in is None
+    assert p.status.phase == "Analyzing" and p.status.canary.revision.outcome == "Canary"
+
+    fixed = replace(paused, spec=right, generation=3)
+    assert canary_check_due(fixed, at(600))
+    p, _ = run(replace(fixed, window=healthy_window()), at(600))
+    assert _condition(p, "Compatible").status == "True"
+    assert p.check_ran and p.status.canary.checks_passed == 1
 
 
 def test_an_invalid_spec_is_reported_once() -> None:

@@ -416,6 +416,40 @@ def test_config_file_through_subpath_and_items() -> None:
     ) == ["vllm-config"]
 
 
+def test_the_port_from_the_config_file_is_told_apart() -> None:
+    from_file = with_config(["--config", "/etc/vllm/cfg.yaml"], "port: 9100\n")
+    assert (from_file.port, from_file.port_from_config) == (9100, True)
+    cli = with_config(["--config", "/etc/vllm/cfg.yaml", "--port", "9000"], "port: 9100\n")
+    assert (cli.port, cli.port_from_config) == (9000, False)  # the command line wins
+
+
+def test_the_configmaps_read_are_those_of_every_vllm_container_only() -> None:
+    """What the watch of ConfigMaps wakes AdapterDeployments for: any vLLM container may be
+    target.container; a sidecar's ConfigMaps never feed the server model."""
+    dep = deployment(
+        {"name": "proxy", "image": "envoy:1", "envFrom": [{"configMapRef": {"name": "proxy"}}]},
+        {
+            "name": "a",
+            "command": ["vllm", "serve", "m", "--config", "/etc/vllm/cfg.yaml"],
+            "volumeMounts": MOUNT,
+        },
+        {
+            "name": "b",
+            "command": ["vllm", "serve", "n"],
+            "env": [
+                {
+                    "name": "VLLM_API_KEY",
+                    "valueFrom": {"configMapKeyRef": {"name": "keys", "key": "k"}},
+                },
+                {"name": "OTHER", "valueFrom": {"configMapKeyRef": {"name": "unread", "key": "k"}}},
+            ],
+        },
+        volumes=[CFG],
+    )
+    assert vs.configmaps_needed(dep) == ["vllm-config"]  # the first vLLM container's
+    assert vs.configmaps_read(dep) == ["keys", "vllm-config"]
+
+
 # ------------------------------------------------------------------ problems
 
 

@@ -82,12 +82,15 @@ every client call site) and fails when this list misses one or grants anything e
   resources: ["namespaces"]
   verbs: ["get"]
 # Trainer Jobs and their configuration ConfigMaps: created, tracked, cleaned up.
+# ConfigMaps are also watched: a change of one a serving vLLM container reads (its --config
+# file, VLLM_API_KEY, VLLM_ALLOW_RUNTIME_LORA_UPDATING) wakes its AdapterDeployments, and the
+# AdapterDeployment controller reads such a ConfigMap by name (decision 2060).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "create", "delete"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 # Multi-node runs: the headless Service the trainer pods rendezvous through.
 - apiGroups: [""]
   resources: ["services"]

@@ -1,11 +1,12 @@
 """kopf wiring of the AdapterDeployment controller: observe, plan (pure), act, write status.
 
 Each AdapterDeployment has one small task (a kopf daemon) that sleeps until something it
-depends on changes. kopf watches keep five in-memory caches (indexes): the
-AdapterDeployments' references, Deployments, their pods, FineTuneJobs and the champions of
-FineTuneSchedules. A change of the object, of its FineTuneJob, of its schedule's champion,
-of the target or canary Deployment or of one of their pods
-wakes the task; it then observes from the caches (no API reads), runs the pure
+depends on changes. kopf watches keep six in-memory caches (indexes): the
+AdapterDeployments' references, Deployments, which ConfigMaps their vLLM servers read,
+their pods, FineTuneJobs and the champions of FineTuneSchedules. A change of the object, of
+its FineTuneJob, of its schedule's champion, of the target or canary Deployment, of one of
+their pods or of the data of a ConfigMap the target's server reads wakes the task; it then
+observes from the caches (reading only those ConfigMaps by name), runs the pure
 :func:`~finetune_operator.planners.adapterdeployment_plan.plan`, carries out the actions
 and writes status as one diff (nothing when nothing changed). Serving pods are called
 only while a rollout, a canary analysis or a runtime load is under way; only then does
@@ -18,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -105,6 +108,9 @@ class ServingState:
         self.memories: dict[tuple[str, str], Memory] = {}
         # What followers read of each FineTuneSchedule, as last seen: only a change wakes them.
         self.schedules: dict[tuple[str, str], dict[str, Any]] = {}
+        # A digest of the data of each ConfigMap a serving Deployment's vLLM server reads, as
+        # last seen: only a change of its data wakes the AdapterDeployments.
+        self.configmaps: dict[tuple[str, str], str] = {}
         self.session: aiohttp.ClientSession | None = None
         self.clock = clock
         self.stopping = False  # set at cleanup: no new HTTP session after the last is closed
@@ -322,6 +328,19 @@ def serving_refs(namespace: str | None, name: str, spec: kopf.Spec, **_: Any) ->
     return refs
 
 
+@kopf.index("apps", "v1", "deployments")
+def serving_configmap_readers(
+    namespace: str | None, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any
+) -> dict[ObjectKey, str] | None:
+    """Which Deployments' vLLM servers take settings from each ConfigMap (a --config file,
+    VLLM_API_KEY or VLLM_ALLOW_RUNTIME_LORA_UPDATING): its change wakes their
+    AdapterDeployments (decision 2060)."""
+    config: OperatorConfig | None = getattr(memo, "config", None)
+    patterns = config.vllm_image_patterns if config is not None else None
+    read = vllm_server.configmaps_read(body, patterns)
+    return {(namespace, configmap): name for configmap in read} or None
+
+
 def _caches(kwargs: Mapping[str, Any]) -> Caches:
     return Caches(
         kwargs["serving_deployments"],
@@ -394,6 +413,43 @@ async def schedule_changed(
     else:
         state.schedules[key] = seen
     state.wake(_dependents(kwargs["serving_refs"], "FineTuneSchedule", namespace, name))
+
+
+def _data_digest(body: Mapping[str, Any]) -> str:
+    """A digest of a ConfigMap's data: metadata-only changes (labels, annotations) keep it."""
+    data = {"data": body.get("data") or {}, "binaryData": body.get("binaryData") or {}}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+@kopf.on.event("", "v1", "configmaps")
+async def configmap_changed(
+    namespace: str | None,
+    name: str,
+    body: kopf.Body,
+    type: str | None,
+    memo: kopf.Memo,
+    **kwargs: Any,
+) -> None:
+    """Wake the AdapterDeployments whose target's vLLM server reads this ConfigMap when its
+    data changed. Any other ConfigMap costs one lookup in memory and no request."""
+    state = _serving(memo)
+    if state is None:
+        return
+    key = (str(namespace), name)
+    readers = set(kwargs["serving_configmap_readers"].get((namespace, name)) or ())
+    if not readers:
+        state.configmaps.pop(key, None)
+        return
+    seen = None if type == "DELETED" else _data_digest(body)
+    if seen is not None and state.configmaps.get(key) == seen:
+        return
+    if seen is None:
+        state.configmaps.pop(key, None)
+    else:
+        state.configmaps[key] = seen
+    refs = kwargs["serving_refs"]
+    for deployment in sorted(readers):
+        state.wake(_dependents(refs, "Deployment", namespace, deployment))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

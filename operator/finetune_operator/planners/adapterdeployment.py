@@ -347,12 +347,17 @@ def check_compatible(
     if args.port_known and args.port != tgt.port:
         # The operator would call a port nothing listens on: every load and smoke request
         # would fail as if the adapter were at fault.
+        server_side = (
+            f"port: in the server's --config file {args.config_file}"
+            if args.port_from_config
+            else "the server's --port"
+        )
         return CompatResult(
             False,
             Reason.TARGET_PORT_MISMATCH,
             f"target.port is {tgt.port} but the vLLM server of container {cname} listens on "
-            f"port {args.port}: set spec.target.port to {args.port}, or change the server's "
-            f"--port to {tgt.port}",
+            f"port {args.port}: set spec.target.port to {args.port}, or change {server_side} "
+            f"to {tgt.port}",
         )
     owners = ((deployment.get("metadata") or {}).get("annotations") or {}).get(
         sb.owner_annotation(spec.adapter_name)
@@ -524,6 +529,8 @@ class RolloutView:
     reason: str
     message: str
     ready_replicas: int = 0
+    # Paused until something it depends on changes (no timer, no deadline meanwhile).
+    waits_for_change: bool = False
 
 
 def deployment_rollout(

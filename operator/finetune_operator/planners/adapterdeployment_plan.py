@@ -309,11 +309,15 @@ def needs_pod_listing(obs: Observed) -> bool:
 
     Only while a runtime load or its rollback is under way, or in steady state when a
     ready pod is not confirmed to serve the current revision since it last changed
-    (restarted, replaced, added). An idle Runtime AdapterDeployment asks nothing.
+    (restarted, replaced, added) and the server still fits it (:func:`served_compatibility`).
+    An idle Runtime AdapterDeployment asks nothing.
     """
     spec, status = obs.spec, obs.status
     if spec is None or spec.strategy.type != "Runtime" or status.current is None:
         return False
+    compat = served_compatibility(obs)
+    if compat is not None and not compat.ok:
+        return False  # e.g. target.port is not the server's: a call would reach nothing
     if status.current.outcome in (Outcome.PROGRESSING, Outcome.ROLLING_BACK):
         return True
     if status.current.outcome != Outcome.AVAILABLE:
@@ -333,6 +337,9 @@ def canary_check_due(obs: Observed, now: datetime) -> bool:
     view = _canary_view(obs, canary, now)
     if view.state != "Complete":
         return False
+    compat = canary_compatibility(obs)
+    if compat is not None and not compat.ok:
+        return False  # the analysis pauses: no canary pod is called
     return _seconds_to_check(obs, now) <= 0
 
 
@@ -390,6 +397,74 @@ def edit_context(obs: Observed, deployment: Mapping[str, Any]) -> vllm_args.Edit
         return vllm_args.EditContext(image_patterns=obs.image_patterns)
 
 
+# The outcomes of a current revision that the servers serve or are being brought to.
+IN_PLACE = (Outcome.AVAILABLE, Outcome.PROGRESSING, Outcome.ROLLING_BACK)
+
+
+def served_compatibility(obs: Observed) -> rules.CompatResult | None:
+    """Whether the server as it is now (target.port, its flags, its --config file) fits the
+    current revision (served, rolling out or being restored); None without one.
+
+    Checked again on every pass that starts nothing and on every pass of a Runtime load, so
+    an edit of spec.target or of the server (its Deployment or a ConfigMap it reads) shows
+    in Compatible on an Available object too (decision 2060).
+    """
+    spec, current = obs.spec, obs.status.current
+    if spec is None or current is None or current.outcome not in IN_PLACE:
+        return None
+    ref = rules.revision_ref(spec.adapter_name, current)
+    target = dict(obs.target) if obs.target is not None else None
+    return rules.check_compatible(
+        spec, obs.name, target, ref,
+        configmaps=_configmaps(obs), image_patterns=obs.image_patterns,
+    )  # fmt: skip
+
+
+def canary_compatibility(obs: Observed) -> rules.CompatResult | None:
+    """Whether the target's server as it is now fits the revision under canary analysis
+    (the check its promotion makes); None without one."""
+    canary = obs.status.canary
+    if obs.spec is None or canary is None or canary.revision is None:
+        return None
+    ref = rules.revision_ref(obs.spec.adapter_name, canary.revision)
+    target = dict(obs.target) if obs.target is not None else None
+    return rules.check_compatible(
+        obs.spec, obs.name, target, ref,
+        configmaps=_configmaps(obs), image_patterns=obs.image_patterns,
+    )  # fmt: skip
+
+
+def _report_compat(d: _Draft, compat: rules.CompatResult, revision: int, consequence: str) -> bool:
+    """Compatible as checked now; one Warning when it turns from True to False. Returns
+    whether it turned from False to True (what was paused for it goes on)."""
+    before = next((c for c in d.status.conditions if c.type == ConditionType.COMPATIBLE), None)
+    status: ConditionStatus = "True" if compat.ok else "False"
+    d.condition(ConditionType.COMPATIBLE, status, compat.reason, compat.message)
+    if not compat.ok and before is not None and before.status == "True":
+        d.event(compat.reason, f"revision {revision} {consequence}: {compat.message}", warning=True)
+    return compat.ok and before is not None and before.status == "False"
+
+
+def _check_served(d: _Draft) -> None:
+    """Compatible follows the server for the revision that serves. A mismatch changes
+    nothing that serves (no rollback, no patch): it is reported, and no rollout starts and
+    no Runtime pod is called until it is fixed."""
+    current = d.status.current
+    compat = served_compatibility(d.obs)
+    if current is None or current.outcome != Outcome.AVAILABLE or compat is None:
+        return
+    target = _target(d)
+    if compat.ok and d.spec.strategy.type == "Runtime" and target is not None:
+        ref = rules.revision_ref(d.spec.adapter_name, current)
+        where = rules.runtime_path(target, d.spec.target.container, ref)
+        if not where.ok:
+            compat = rules.CompatResult(False, where.reason, where.message)
+    _report_compat(
+        d, compat, current.revision,
+        "keeps serving, but no rollout or runtime load starts until this is fixed",
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------ idle: start a rollout
 
 
@@ -400,10 +475,12 @@ def _idle_step(d: _Draft) -> None:
     if not src.ok or src.ref is None:
         if current is None and not _keeps_phase(d, src):
             d.phase(Phase.PENDING if src.reason in WAITING_REASONS else Phase.FAILED)
+        _check_served(d)
         _steady(d)
         return
     ref = src.ref
     if rules.same_adapter(current, ref) or rules.already_rejected(d.status, ref, d.obs.generation):
+        _check_served(d)
         _steady(d)
         return
     compat = _compat(d, ref)
@@ -565,6 +642,8 @@ def _canary_step(d: _Draft) -> None:
         d.phase(Phase.ANALYZING)
         d.again()  # the first check is due at once
         return
+    if _analysis_paused(d, rev):
+        return
     window = d.obs.window
     if window is None:
         d.check_in = max(0.0, _seconds_to_check(d.obs, d.now))
@@ -585,6 +664,25 @@ def _canary_step(d: _Draft) -> None:
         )  # fmt: skip
         return
     _judge_window(d, canary, rev, window)
+
+
+def _analysis_paused(d: _Draft, rev: AdapterRevision) -> bool:
+    """While the server does not fit the canary's revision (e.g. target.port was edited),
+    smoke requests would fail for that alone and reject the adapter: the analysis waits
+    for a fix instead, calling no pod and running no timer."""
+    compat = canary_compatibility(d.obs)
+    if compat is None:
+        return False
+    _report_compat(d, compat, rev.revision, "is not analysed meanwhile: no canary pod is called")
+    if compat.ok:
+        return False
+    d.condition(
+        ConditionType.PROGRESSING, "True", compat.reason,
+        f"canary analysis paused until this is fixed: {compat.message}",
+    )  # fmt: skip
+    d.next = Next.IDLE
+    d.check_in = None
+    return True
 
 
 def smoke_window(window: AnalysisWindow) -> rules.MetricsSample:
@@ -704,7 +802,8 @@ def _rollout_step(d: _Draft) -> None:
     if view.state == "InProgress":
         d.phase(Phase.PROGRESSING)
         d.condition(ConditionType.PROGRESSING, "True", view.reason, view.message)
-        d.poll()
+        if not view.waits_for_change:
+            d.poll()
         return
     if view.state == "Complete":
         _complete(d, current, view)
@@ -807,6 +906,8 @@ def _rollback_step(d: _Draft) -> None:
         for type_ in (ConditionType.DEGRADED, ConditionType.PROGRESSING, ConditionType.AVAILABLE):
             status: ConditionStatus = "True" if type_ == ConditionType.DEGRADED else "False"
             d.condition(type_, status, Reason.ROLLBACK_FAILED, msg)
+    elif view.waits_for_change:
+        d.condition(ConditionType.PROGRESSING, "True", view.reason, view.message)
     else:
         d.poll()
 
@@ -885,6 +986,18 @@ def _runtime_view(d: _Draft, rev: AdapterRevision) -> rules.RolloutView:
     where = rules.runtime_path(target, d.spec.target.container, ref)
     if not where.ok:
         return rules.RolloutView("Failed", where.reason, where.message)
+    compat = served_compatibility(d.obs)
+    if compat is not None:
+        waiting = "is not loaded meanwhile: no serving pod is called"
+        if _report_compat(d, compat, rev.revision, waiting):
+            # As a paused Deployment: the progress deadline counts from the resume.
+            d.status.rollout_started_at = format_rfc3339(d.now)
+        if not compat.ok:
+            # The servers may be right (a typo in target.port): wait for a fix, call nothing.
+            return rules.RolloutView(
+                "InProgress", compat.reason, f"paused until this is fixed: {compat.message}",
+                d.status.ready_replicas or 0, waits_for_change=True,
+            )  # fmt: skip
     if d.obs.loaded is None:  # not asked yet: the next pass asks the pods
         d.again()
         return rules.RolloutView("InProgress", Reason.LOADING, "asking the serving pods")

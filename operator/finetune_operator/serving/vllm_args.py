@@ -105,6 +105,7 @@ class ServerArgs:
     max_cpu_loras: int | None = None
     port: int = DEFAULT_PORT
     port_known: bool = True  # False: --port depends on the shell or is not an integer
+    port_from_config: bool = False  # the port is a `port:` of the --config file
     uds: str | None = None
     api_key_flag: bool = False  # --api-key given at all (then VLLM_API_KEY is not read)
     api_keys_given: bool = False  # --api-key with at least one non-empty value
@@ -705,6 +706,7 @@ def parse_located(
     port = _last(occ, "port")
     out.port = _int(port, DEFAULT_PORT, problems)
     out.port_known = _int_known(port)
+    out.port_from_config = port is not None and bool(port.values) and port.from_config
     uds = _last(occ, "uds")
     out.uds = uds.values[0] if uds and uds.values else None
     _api_keys(out, _last(occ, "api_key"))

@@ -338,6 +338,7 @@ class ServerModel:
     port: int = vllm_args.DEFAULT_PORT
     # False: the port cannot be told (a shell expansion, not an integer) or --uds replaces it.
     port_known: bool = True
+    port_from_config: bool = False  # a `port:` of the --config file sets it
     api_server_count: int = 1
     config_file: str | None = None
     problems: tuple[str, ...] = ()
@@ -439,6 +440,19 @@ def configmaps_needed(
         if isinstance(where, ConfigFileSource):
             names.append(where.configmap)
     return sorted(set(names))
+
+
+def configmaps_read(
+    obj: Mapping[str, Any], image_patterns: Sequence[str] | None = None
+) -> list[str]:
+    """Names of the ConfigMaps :func:`inspect` reads for this pod template, whichever of its
+    vLLM containers ``target.container`` names (other containers' ConfigMaps never feed the
+    model): a change of one of them may change what the server accepts."""
+    names: set[str] = set()
+    for c in _pod_spec(obj).get("containers") or []:
+        if c.get("name") is not None and _locate(c, image_patterns) is not None:
+            names.update(configmaps_needed(obj, str(c["name"]), image_patterns))
+    return sorted(names)
 
 
 def edit_context(
@@ -558,6 +572,7 @@ def inspect(
         api_key=_api_key(args, c, cms),
         port=args.port,
         port_known=args.port_known and not args.uds,
+        port_from_config=args.port_from_config,
         api_server_count=servers,
         config_file=args.config_file,
         problems=tuple(problems),
