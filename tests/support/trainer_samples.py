@@ -103,3 +103,14 @@ def subprocess_env() -> dict[str, str]:
     env["HF_HUB_OFFLINE"] = "1"
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+HOLD_TRAINING = Path(__file__).parent / "hold_training"
+
+
+def held_after_step(env: dict[str, str], step: int) -> dict[str, str]:
+    """``env`` for a trainer that stops making progress after ``step`` (see hold_training)."""
+    held = dict(env)
+    held["PYTHONPATH"] = os.pathsep.join([str(HOLD_TRAINING), env.get("PYTHONPATH", "")])
+    held["HOLD_TRAINING_AFTER_STEP"] = str(step)
+    return held

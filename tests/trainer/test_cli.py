@@ -15,6 +15,7 @@ import pytest
 from finetune_operator.api.trainer_config import PROGRESS_PREFIX
 from support.trainer_samples import (
     REPO,
+    held_after_step,
     json_task_rows,
     make_config,
     subprocess_env,
@@ -208,7 +209,7 @@ def test_killed_run_resumes_to_the_same_final_step(
     proc = subprocess.Popen(
         [sys.executable, "-m", "finetune_trainer.cli", "train", "--config", str(cfg_path)],
         cwd=REPO,
-        env=subprocess_env(),
+        env=held_after_step(subprocess_env(), 6),  # cannot finish before it is killed
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -217,6 +218,7 @@ def test_killed_run_resumes_to_the_same_final_step(
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "adapter").exists(), "the run finished before it could be killed"
+    assert not (out / "checkpoints" / "checkpoint-9").exists(), "the hold did not work"
     assert killed_at < expected_steps
     # A half-written checkpoint (as left by a kill during a save) must be ignored.
     partial = out / "checkpoints" / "checkpoint-999"

@@ -26,7 +26,14 @@ from support.s3_server import (
     object_sizes,
     train_cli,
 )
-from support.trainer_samples import REPO, json_task_rows, make_config, write_config, write_jsonl
+from support.trainer_samples import (
+    REPO,
+    held_after_step,
+    json_task_rows,
+    make_config,
+    write_config,
+    write_jsonl,
+)
 
 FP = "sha256:" + "a" * 64
 OTHER_FP = "sha256:" + "b" * 64
@@ -309,7 +316,8 @@ def test_replacement_pod_with_empty_scratch_resumes_from_the_uploaded_checkpoint
             "--no-eval",
         ],
         cwd=REPO,
-        env=isolated_env(s3.env()),
+        # Held after step 6 (checkpoints 3 and 6 saved) so it cannot finish before the kill.
+        env=held_after_step(isolated_env(s3.env()), 6),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -318,6 +326,7 @@ def test_replacement_pod_with_empty_scratch_resumes_from_the_uploaded_checkpoint
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (first_out / "adapter").exists(), "the run finished before it could be killed"
+    assert not (first_out / "checkpoints" / "checkpoint-9").exists(), "the hold did not work"
     assert uploaded_at < expected_steps
 
     # The replacement pod: same job, new empty scratch folder.
