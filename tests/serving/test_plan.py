@@ -471,22 +471,32 @@ def test_a_load_refused_by_one_pod_loads_the_failing_revision_into_no_other() ->
     ]
 
 
-def test_without_automatic_rollback_the_failed_revision_is_not_loaded_into_more_pods() -> None:
+@pytest.mark.parametrize(
+    ("listed", "serves"),
+    [
+        (V2, D2),
+        (V1, None),  # the reload recorded for it did not take: which version it has is unknown
+    ],
+    ids=["reloaded", "reload-did-not-take"],
+)
+def test_without_automatic_rollback_the_failed_revision_is_not_loaded_into_more_pods(
+    listed: dict[str, str], serves: str | None
+) -> None:
     """The failed revision stays where it was loaded for a human to look at; it is not
     spread to a pod that appeared in the pass that gave up on it."""
     obs = _runtime_upgrade_stuck(automatic=False)
     grown = replace(
         obs,
         pods=(*obs.pods, new_pod(2)),
-        loaded={"llm-abc-0": V2, "llm-abc-1": None, "llm-abc-2": {}},
+        loaded={"llm-abc-0": listed, "llm-abc-1": None, "llm-abc-2": {}},
     )
     p, _ = run(grown, at(161))
     assert p.status.phase == "Degraded" and p.status.current.outcome == "Failed"
     assert p.actions == ()
     assert [(x.pod, x.digest) for x in p.status.pods] == [
-        ("llm-abc-0", D2), ("llm-abc-1", D1), ("llm-abc-2", None),
+        ("llm-abc-0", serves), ("llm-abc-1", D1), ("llm-abc-2", None),
     ]  # fmt: skip
-    assert p.status.ready_replicas == 1
+    assert p.status.ready_replicas == (1 if serves == D2 else 0)
 
 
 def test_a_restore_past_its_deadline_stops_calling_the_pods() -> None:
@@ -507,6 +517,33 @@ def test_a_restore_past_its_deadline_stops_calling_the_pods() -> None:
     assert [(x.pod, x.digest) for x in p.status.pods] == [
         ("llm-abc-0", D1), ("llm-abc-1", D1), ("llm-abc-2", None),
     ]  # fmt: skip
+
+
+def test_a_runtime_reload_that_did_not_take_is_tried_again_not_taken_as_done() -> None:
+    """The reloads to revision 2 failed without a final answer (a 503): the pods still list
+    revision 1's path, so they are called again instead of being counted as serving it."""
+    obs = _runtime_upgrade_stuck()
+    p, obs = run(replace(obs, loaded={"llm-abc-0": V1, "llm-abc-1": V1}), at(102))
+    assert p.status.phase == "Progressing"
+    assert _calls(p) == [
+        ("llm-abc-0", "reload", D2, "/adapters/v2"), ("llm-abc-1", "reload", D2, "/adapters/v2"),
+    ]  # fmt: skip
+    p, _ = run(replace(obs, loaded={"llm-abc-0": V2, "llm-abc-1": V2}), at(103))
+    assert p.status.phase == "Available" and p.actions == ()
+
+
+def test_a_rollback_is_restored_only_once_no_pod_lists_the_failed_revision() -> None:
+    """A restore call that fails without a final answer leaves the pod on the failed
+    revision's path: it is called again, and revision 1 counts as restored only after."""
+    obs = _runtime_upgrade_stuck()
+    p, obs = run(replace(obs, loaded={"llm-abc-0": V2, "llm-abc-1": None}), at(161))
+    assert _calls(p) == [("llm-abc-0", "reload", D1, "/adapters/support")]
+    # That reload failed without a final answer: llm-abc-0 still serves revision 2.
+    p, obs = run(replace(obs, loaded={"llm-abc-0": V2, "llm-abc-1": V1}), at(162))
+    assert p.status.current.outcome == "RollingBack"
+    assert _calls(p) == [("llm-abc-0", "reload", D1, "/adapters/support")]
+    p, _ = run(replace(obs, loaded={"llm-abc-0": V1, "llm-abc-1": V1}), at(163))
+    assert p.status.current.outcome == "Available" and p.actions == ()
 
 
 # Canary and Rolling never call pods: the rollback pass holds only the rollback.

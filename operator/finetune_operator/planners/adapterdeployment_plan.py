@@ -1021,7 +1021,7 @@ def _runtime_view(d: _Draft, rev: AdapterRevision) -> rules.RolloutView:
         return rules.RolloutView("InProgress", Reason.LOADING, "asking the serving pods")
     view = _runtime_progress(d, rev, where.message)
     if view.state == "Failed":
-        _withdraw_calls(d)
+        _withdraw_calls(d, rev, where.message)
     return view
 
 
@@ -1054,7 +1054,7 @@ def _runtime_progress(d: _Draft, rev: AdapterRevision, path: str) -> rules.Rollo
     )
 
 
-def _withdraw_calls(d: _Draft) -> None:
+def _withdraw_calls(d: _Draft, rev: AdapterRevision, path: str) -> None:
     """The pass that fails a revision calls no pod for it: a load planned in the same pass
     (a pod added or still lacking it) would spread the revision being given up on, and run
     after a rollback's own calls. ``status.pods`` then says what the pods serve as found."""
@@ -1064,10 +1064,15 @@ def _withdraw_calls(d: _Draft) -> None:
     recorded = {p.pod: p.digest for p in d.obs.status.pods or []}
     serving: dict[str, str | None] = {}
     for p in d.obs.ready_pods():
-        if p.endpoint and p.name in loaded:
-            listing = loaded[p.name]
-            keeps = listing is None or name in listing  # no answer: as last seen
-            serving[p.name] = recorded.get(p.name) if keeps else None
+        if not p.endpoint or p.name not in loaded:
+            continue
+        listing, was = loaded[p.name], recorded.get(p.name)
+        if listing is None:
+            serving[p.name] = was  # no answer: as last seen
+        elif name not in listing or (was == rev.digest and rules.not_taken(listing[name], path)):
+            serving[p.name] = None  # not listed, or the call recorded for it did not take
+        else:
+            serving[p.name] = was
     for refused in (*d.obs.load_errors, *d.obs.auth_errors):
         serving[refused] = None  # what a refused load left behind is not known
     current = d.status.current
@@ -1105,7 +1110,7 @@ def _runtime_calls(
     ]
     endpoints = {p.name: p.endpoint for p in d.obs.ready_pods() if p.endpoint}
     recorded = {p.pod: p.digest for p in d.status.pods or []}
-    runtime = rules.plan_runtime(views, name, digest, recorded)
+    runtime = rules.plan_runtime(views, name, digest, recorded, path)
     serving = dict(runtime.serving)
     errors: list[str] = []
     load_errors = d.obs.load_errors if failures_apply else {}
