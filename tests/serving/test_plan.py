@@ -532,6 +532,20 @@ def test_a_runtime_reload_that_did_not_take_is_tried_again_not_taken_as_done() -
     assert p.status.phase == "Available" and p.actions == ()
 
 
+def test_an_available_runtime_pod_listing_another_path_is_reloaded() -> None:
+    """After the rollout too: a pod listing the adapter from a path the revision does not
+    use (a reload that did not take, a server's own --lora-modules) does not serve it."""
+    obs = observed(runtime_spec())
+    _, obs = run(obs, at(0))
+    _, obs = run(replace(obs, loaded={"llm-abc-0": {}, "llm-abc-1": {}}), at(1))
+    _, obs = run(replace(obs, loaded={"llm-abc-0": V1, "llm-abc-1": V1}), at(2))
+    assert obs.status.phase == "Available"
+    elsewhere = {"support": "/models/support"}
+    p, _ = run(replace(obs, loaded={"llm-abc-0": elsewhere, "llm-abc-1": V1}), at(50))
+    assert p.status.phase == "Available"
+    assert _calls(p) == [("llm-abc-0", "reload", D1, "/adapters/support")]
+
+
 def test_a_rollback_is_restored_only_once_no_pod_lists_the_failed_revision() -> None:
     """A restore call that fails without a final answer leaves the pod on the failed
     revision's path: it is called again, and revision 1 counts as restored only after."""
