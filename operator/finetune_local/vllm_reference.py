@@ -28,9 +28,10 @@ With an API key (``--api-key`` or ``VLLM_API_KEY``) every ``/v1`` route needs
 Startup follows vLLM: ``--lora-modules`` adapters are checked when the server starts
 (rank above ``--max-lora-rank`` stops it), and so are the process layouts vLLM refuses.
 Failures can be injected: a share of requests answered with HTTP 500, added latency, slow
-generation (``decode_seconds_per_token``), a crash. Generation is pluggable: by default the answer is a deterministic echo; pass a
-``generator`` (sync or async callable taking a :class:`GenerationRequest`) to answer
-with a real model.
+generation (``decode_seconds_per_token``), a crash, loads answered 503
+(``unavailable_loads``). Generation is pluggable: by default the answer is a deterministic
+echo; pass a ``generator`` (sync or async callable taking a :class:`GenerationRequest`)
+to answer with a real model.
 """
 
 from __future__ import annotations
@@ -268,6 +269,9 @@ class ReferenceServer:
         self.adapters: dict[str, str] = {}
         self.adapter_ids: dict[str, int] = {}  # lora_int_id, as vLLM numbers loads
         self.requests_seen: list[str] = []  # "METHOD path" of every request, in order
+        # Injected: this many next loads answer 503 and load nothing (a load that gets no
+        # final answer, e.g. the server too busy to take it).
+        self.unavailable_loads = 0
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._request_index = 0
@@ -521,6 +525,9 @@ class ReferenceServer:
 
     async def _load(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if self.unavailable_loads > 0:
+            self.unavailable_loads -= 1
+            return self._error(503, "Service Unavailable (injected).", "ServiceUnavailableError")
         name, path = str(body.get("lora_name", "")), str(body.get("lora_path", ""))
         # 0.11's LoadLoRAAdapterRequest has no load_inplace (pydantic drops the field);
         # 0.20+ (serve/lora/protocol.py) has it.

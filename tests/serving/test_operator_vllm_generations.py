@@ -88,6 +88,30 @@ def test_runtime_upgrade_swaps_the_adapter_in_place_where_vllm_can(env: Env) -> 
         assert unloads == []  # load_inplace: the adapter is served throughout
 
 
+def test_a_runtime_reload_without_a_final_answer_is_made_again(env: Env) -> None:
+    """One pod answers the upgrade's load 503 and keeps serving revision 1: the load is made
+    again, and the upgrade completes only once every pod lists revision 2's path."""
+    uri1, d1 = make_adapter(env.root, "v1")
+    uri2, d2 = make_adapter(env.root, "v2")
+    env.api.create(vllm_deployment())
+    env.api.create(adapter_deployment("support", uri_source(uri1, d1), strategy=runtime_strategy()))
+    env.wait_phase("support", "Available")
+    busy = env.cluster.servers("llm")[0]
+    busy.unavailable_loads = 1
+    env.set_spec("support", {"source": uri_source(uri2, d2)})
+    wait_for(
+        lambda: (
+            env.status("support")["current"]["digest"] == d2
+            and env.status("support")["phase"] == "Available"
+        ),
+        15,
+    )
+    assert busy.unavailable_loads == 0  # the 503 was answered
+    servers = env.cluster.servers("llm")
+    assert [s.adapters.get("support") for s in servers] == [uri2.removeprefix("file://")] * 2
+    assert [p["digest"] for p in env.status("support")["pods"]] == [d2, d2]
+
+
 def test_canary_of_a_model_without_chat_template_is_promoted(env: Env) -> None:
     env.overrides["chat_template"] = False  # type: ignore[attr-defined]
     uri1, d1 = make_adapter(env.root, "v1")

@@ -24,6 +24,7 @@ from finetune_operator.planners.adapterdeployment_plan import (
     PatchTarget,
     Plan,
     PodCall,
+    PodInfo,
     Served,
     canary_check_due,
     needs_pod_listing,
@@ -358,6 +359,7 @@ def test_a_pod_refusing_the_adapter_rolls_the_runtime_rollout_back() -> None:
     assert p.status.phase == "RolledBack"
     degraded = next(c for c in p.status.conditions if c.type == "Degraded")
     assert degraded.reason == "LoadFailed" and "greater than max_lora_rank 16" in degraded.message
+    assert p.actions == ()  # llm-abc-1 is not loaded with the refused revision meanwhile
 
 
 def test_a_pod_refusing_the_api_key_fails_the_load_as_an_auth_problem() -> None:
@@ -371,7 +373,215 @@ def test_a_pod_refusing_the_api_key_fails_the_load_as_an_auth_problem() -> None:
     degraded = next(c for c in p.status.conditions if c.type == "Degraded")
     assert degraded.reason == "Unauthorized" and "llm-abc-1" in degraded.message
     assert "adapter was not tried" in degraded.message
-    assert all(a.pod != "llm-abc-1" for a in p.actions if isinstance(a, PodCall))
+    assert p.actions == ()  # llm-abc-0 is not loaded with the failed revision meanwhile
+
+
+# ------------------------------------------------------------------ Runtime: failing a revision
+
+V1 = {"support": "/adapters/support"}  # the pod lists revision 1's path
+V2 = {"support": "/adapters/v2"}
+
+
+def new_pod(i: int) -> PodInfo:
+    """A pod the Deployment added (a scale-up or a replaced pod), with no adapter yet."""
+    return PodInfo(f"llm-abc-{i}", f"uid-{i}", True, f"http://10.0.0.{i}:8000")
+
+
+def _calls(p: Plan) -> list[tuple[str, str, str | None, str | None]]:
+    return [(a.pod, a.call, a.digest, a.path) for a in p.actions if isinstance(a, PodCall)]
+
+
+def _runtime_upgrade_stuck(automatic: bool = True) -> Observed:
+    """Revision 1 (D1) serves on both pods; revision 2 (D2, a new path) started at 100 s and
+    was reloaded into llm-abc-0, while llm-abc-1 has not answered since."""
+    obs = observed(runtime_spec())
+    _, obs = run(obs, at(0))
+    _, obs = run(replace(obs, loaded={"llm-abc-0": {}, "llm-abc-1": {}}), at(1))
+    _, obs = run(replace(obs, loaded={"llm-abc-0": V1, "llm-abc-1": V1}), at(2))
+    assert obs.status.phase == "Available"
+    upgrade = spec(
+        "pvc://adapters/v2", D2, strategy={"type": "Runtime", "progressDeadlineSeconds": 60},
+        rollback={"automatic": automatic},
+    )  # fmt: skip
+    _, obs = run(replace(obs, spec=upgrade, generation=2, loaded=None), at(100))
+    p, obs = run(replace(obs, loaded={"llm-abc-0": V1, "llm-abc-1": None}), at(101))
+    assert _calls(p) == [("llm-abc-0", "reload", D2, "/adapters/v2")]
+    return obs
+
+
+def test_a_runtime_rollout_past_its_deadline_loads_only_the_previous_revision() -> None:
+    """A pod added in the pass where the deadline passes gets revision 1, not the failing
+    revision 2, and the pod already reloaded goes back to revision 1 in the same pass."""
+    obs = _runtime_upgrade_stuck()
+    grown = replace(
+        obs,
+        pods=(*obs.pods, new_pod(2)),
+        loaded={"llm-abc-0": V2, "llm-abc-1": None, "llm-abc-2": {}},
+    )
+    p, obs = run(grown, at(161))
+    assert p.status.phase == "RolledBack"
+    assert p.status.current.revision == 1 and p.status.current.outcome == "RollingBack"
+    assert _condition(p, "Degraded").reason == "RolloutDeadlineExceeded"
+    assert [a for a in p.actions if isinstance(a, PodCall) and a.digest == D2] == []
+    assert _calls(p) == [
+        ("llm-abc-0", "reload", D1, "/adapters/support"),
+        ("llm-abc-2", "load", D1, "/adapters/support"),
+    ]
+    assert p.next == Next.NOW  # the next pass asks the pods whether the restore took
+    # llm-abc-1 did not answer: it still serves what it was last seen serving.
+    assert [(x.pod, x.digest) for x in p.status.pods] == [
+        ("llm-abc-0", D1), ("llm-abc-1", D1), ("llm-abc-2", D1),
+    ]  # fmt: skip
+
+    restored = replace(obs, loaded={"llm-abc-0": V1, "llm-abc-1": V1, "llm-abc-2": V1})
+    p, _ = run(restored, at(162))
+    assert p.actions == () and p.status.current.outcome == "Available"
+    assert _condition(p, "Available").reason == "PreviousRevisionRestored"
+    assert [(h.revision, h.outcome) for h in p.status.history] == [
+        (1, "Available"), (2, "RolledBack"),
+    ]  # fmt: skip
+
+
+def test_a_first_runtime_rollout_past_its_deadline_only_unloads() -> None:
+    """No earlier revision: the rollback removes the adapter, so the pod still lacking it
+    is not loaded in that pass and the one that has it is unloaded."""
+    obs = observed(runtime_spec())
+    _, obs = run(obs, at(0))
+    _, obs = run(replace(obs, loaded={"llm-abc-0": {}, "llm-abc-1": {}}), at(1))
+    # llm-abc-1's loads keep failing without a final answer (its server returns 503).
+    p, obs = run(replace(obs, loaded={"llm-abc-0": V1, "llm-abc-1": {}}), at(30))
+    assert _calls(p) == [("llm-abc-1", "load", D1, "/adapters/support")]
+    p, _ = run(obs, at(61))
+    assert p.status.phase == "RolledBack" and p.status.current is None
+    assert _calls(p) == [("llm-abc-0", "unload", None, None)]
+    assert [(x.pod, x.digest) for x in p.status.pods] == [("llm-abc-0", None), ("llm-abc-1", None)]
+
+
+def test_a_load_refused_by_one_pod_loads_the_failing_revision_into_no_other() -> None:
+    obs = _runtime_upgrade_stuck()
+    refused = {"llm-abc-1": "LoRA rank 64 is greater than max_lora_rank 16."}
+    p, _ = run(
+        replace(obs, loaded={"llm-abc-0": V2, "llm-abc-1": {}}, load_errors=refused), at(102)
+    )
+    assert _condition(p, "Degraded").reason == "LoadFailed"
+    # The refusal was revision 2's: the pod is still called to get revision 1 back.
+    assert _calls(p) == [
+        ("llm-abc-0", "reload", D1, "/adapters/support"),
+        ("llm-abc-1", "load", D1, "/adapters/support"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("listed", "serves"),
+    [
+        (V2, D2),
+        (V1, None),  # the reload recorded for it did not take: which version it has is unknown
+    ],
+    ids=["reloaded", "reload-did-not-take"],
+)
+def test_without_automatic_rollback_the_failed_revision_is_not_loaded_into_more_pods(
+    listed: dict[str, str], serves: str | None
+) -> None:
+    """The failed revision stays where it was loaded for a human to look at; it is not
+    spread to a pod that appeared in the pass that gave up on it."""
+    obs = _runtime_upgrade_stuck(automatic=False)
+    grown = replace(
+        obs,
+        pods=(*obs.pods, new_pod(2)),
+        loaded={"llm-abc-0": listed, "llm-abc-1": None, "llm-abc-2": {}},
+    )
+    p, _ = run(grown, at(161))
+    assert p.status.phase == "Degraded" and p.status.current.outcome == "Failed"
+    assert p.actions == ()
+    assert [(x.pod, x.digest) for x in p.status.pods] == [
+        ("llm-abc-0", serves), ("llm-abc-1", D1), ("llm-abc-2", None),
+    ]  # fmt: skip
+    assert p.status.ready_replicas == (1 if serves == D2 else 0)
+
+
+def test_a_restore_past_its_deadline_stops_calling_the_pods() -> None:
+    """Restoring revision 1 fails too: that pass loads it into no further pod, as no later
+    pass would (nothing is rolled back twice)."""
+    obs = _runtime_upgrade_stuck()
+    _, obs = run(replace(obs, loaded={"llm-abc-0": V2, "llm-abc-1": None}), at(161))
+    assert obs.status.current is not None and obs.status.current.outcome == "RollingBack"
+    grown = replace(
+        obs,
+        pods=(*obs.pods, new_pod(2)),
+        loaded={"llm-abc-0": V1, "llm-abc-1": None, "llm-abc-2": {}},
+    )
+    p, _ = run(grown, at(222))
+    assert p.status.phase == "Degraded" and p.status.current.outcome == "Failed"
+    assert _condition(p, "Degraded").reason == "RollbackFailed"
+    assert p.actions == () and p.next == Next.IDLE
+    assert [(x.pod, x.digest) for x in p.status.pods] == [
+        ("llm-abc-0", D1), ("llm-abc-1", D1), ("llm-abc-2", None),
+    ]  # fmt: skip
+
+
+def test_a_runtime_reload_that_did_not_take_is_tried_again_not_taken_as_done() -> None:
+    """The reloads to revision 2 failed without a final answer (a 503): the pods still list
+    revision 1's path, so they are called again instead of being counted as serving it."""
+    obs = _runtime_upgrade_stuck()
+    p, obs = run(replace(obs, loaded={"llm-abc-0": V1, "llm-abc-1": V1}), at(102))
+    assert p.status.phase == "Progressing"
+    assert _calls(p) == [
+        ("llm-abc-0", "reload", D2, "/adapters/v2"), ("llm-abc-1", "reload", D2, "/adapters/v2"),
+    ]  # fmt: skip
+    p, _ = run(replace(obs, loaded={"llm-abc-0": V2, "llm-abc-1": V2}), at(103))
+    assert p.status.phase == "Available" and p.actions == ()
+
+
+def test_an_available_runtime_pod_listing_another_path_is_reloaded() -> None:
+    """After the rollout too: a pod listing the adapter from a path the revision does not
+    use (a reload that did not take, a server's own --lora-modules) does not serve it."""
+    obs = observed(runtime_spec())
+    _, obs = run(obs, at(0))
+    _, obs = run(replace(obs, loaded={"llm-abc-0": {}, "llm-abc-1": {}}), at(1))
+    _, obs = run(replace(obs, loaded={"llm-abc-0": V1, "llm-abc-1": V1}), at(2))
+    assert obs.status.phase == "Available"
+    elsewhere = {"support": "/models/support"}
+    p, _ = run(replace(obs, loaded={"llm-abc-0": elsewhere, "llm-abc-1": V1}), at(50))
+    assert p.status.phase == "Available"
+    assert _calls(p) == [("llm-abc-0", "reload", D1, "/adapters/support")]
+
+
+def test_a_rollback_is_restored_only_once_no_pod_lists_the_failed_revision() -> None:
+    """A restore call that fails without a final answer leaves the pod on the failed
+    revision's path: it is called again, and revision 1 counts as restored only after."""
+    obs = _runtime_upgrade_stuck()
+    p, obs = run(replace(obs, loaded={"llm-abc-0": V2, "llm-abc-1": None}), at(161))
+    assert _calls(p) == [("llm-abc-0", "reload", D1, "/adapters/support")]
+    # That reload failed without a final answer: llm-abc-0 still serves revision 2.
+    p, obs = run(replace(obs, loaded={"llm-abc-0": V2, "llm-abc-1": V1}), at(162))
+    assert p.status.current.outcome == "RollingBack"
+    assert _calls(p) == [("llm-abc-0", "reload", D1, "/adapters/support")]
+    p, _ = run(replace(obs, loaded={"llm-abc-0": V1, "llm-abc-1": V1}), at(163))
+    assert p.status.current.outcome == "Available" and p.actions == ()
+
+
+# Canary and Rolling never call pods: the rollback pass holds only the rollback.
+
+
+def test_a_promoted_canary_past_the_targets_deadline_only_restores_the_target() -> None:
+    obs = started_canary()
+    _, obs = run(obs, at(5))
+    _, obs = run(replace(obs, window=healthy_window()), at(5))
+    p, obs = run(replace(obs, window=healthy_window(), last_check=at(5)), at(35))
+    assert p.status.current.outcome == "Progressing"
+    stuck = deployment(digest=D2, generation=2, ready=2, updated=1)
+    p, _ = run(replace(obs, target=stuck, window=None), at(96))
+    assert p.status.phase == "RolledBack"
+    assert p.actions == (DeleteDeployment("support-canary"), PatchTarget(None))
+
+
+def test_a_canary_never_ready_is_deleted_and_the_target_left_alone() -> None:
+    obs = observed(canary_spec())
+    _, obs = run(obs, at(0))
+    starting = deployment("support-canary", D2, ready=0)
+    p, _ = run(replace(obs, canary=starting), at(61))
+    assert p.status.canary.revision.outcome == "CanaryAborted"
+    assert p.actions == (DeleteDeployment("support-canary"),)
 
 
 # ------------------------------------------------------------------ refusals

@@ -472,16 +472,32 @@ def test_plan_runtime() -> None:
         pod("c", loaded={"support": "/p"}),  # has the old digest
         pod("d", ready=False, loaded={}),  # not ready: left alone
     ]
-    plan = p.plan_runtime(pods, "support", DIGEST, {"a": DIGEST, "b": DIGEST, "c": OTHER})
+    plan = p.plan_runtime(pods, "support", DIGEST, {"a": DIGEST, "b": DIGEST, "c": OTHER}, "/p")
     assert plan.actions == [p.PodAction("b", "load"), p.PodAction("c", "reload")]
     assert plan.serving == {"a": DIGEST, "b": DIGEST, "c": DIGEST}
     assert not plan.done and plan.ready_pods == 3
-    settled = p.plan_runtime(pods[:1], "support", DIGEST, {"a": DIGEST})
+    settled = p.plan_runtime(pods[:1], "support", DIGEST, {"a": DIGEST}, "/p")
     assert settled.done and not settled.actions
-    unload = p.plan_runtime(pods[:2], "support", None, {"a": DIGEST})
+    unload = p.plan_runtime(pods[:2], "support", None, {"a": DIGEST}, None)
     assert unload.actions == [p.PodAction("a", "unload")]
-    unreachable = p.plan_runtime([pod("a", loaded=None)], "support", DIGEST, {"a": DIGEST})
+    unreachable = p.plan_runtime([pod("a", loaded=None)], "support", DIGEST, {"a": DIGEST}, "/p")
     assert not unreachable.done and not unreachable.actions
+
+
+def test_plan_runtime_believes_the_listed_path_over_the_record() -> None:
+    """The record says what a call would leave; a pod listing the adapter from another path
+    than the revision's did not take it (the call failed without a final answer)."""
+    pods = [pod("a", loaded={"support": "/old"}), pod("b", loaded={"support": "/new"})]
+    plan = p.plan_runtime(pods, "support", DIGEST, {"a": DIGEST, "b": DIGEST}, "/new")
+    assert plan.actions == [p.PodAction("a", "reload")] and not plan.done
+    # The same path cannot tell versions apart: the record decides.
+    same = p.plan_runtime(pods[1:], "support", DIGEST, {"b": OTHER}, "/new")
+    assert same.actions == [p.PodAction("b", "reload")]
+    # A server that names no path for it cannot contradict the record.
+    unnamed = p.plan_runtime(
+        [pod("c", loaded={"support": ""})], "support", DIGEST, {"c": DIGEST}, "/new"
+    )
+    assert unnamed.done and not unnamed.actions
 
 
 def test_revisions_are_monotonic_and_bounded() -> None:

@@ -887,18 +887,27 @@ class RuntimePlan:
     done: bool
 
 
+def not_taken(listed_path: str | None, path: str | None) -> bool:
+    """Whether a pod listing the adapter from ``listed_path`` shows that a load from
+    ``path`` did not take (the call failed without a final answer). A server that names
+    no path cannot say; the same path cannot tell two versions apart."""
+    return bool(path and listed_path and listed_path != path)
+
+
 def plan_runtime(
     pods: list[PodView],
     adapter_name: str,
     digest: str | None,
     recorded: dict[str, str | None],
+    path: str | None,
 ) -> RuntimePlan:
     """Which Ready pods need the adapter (re)loaded or unloaded.
 
-    ``recorded`` is what the operator loaded earlier (status.pods). A pod whose server
-    no longer lists the adapter restarted (or is new): load. A pod that lists it but was
-    recorded with another digest: reload (unload, then load; vLLM refuses to load a name
-    twice). ``digest`` None removes the adapter everywhere.
+    ``recorded`` is what the operator loaded earlier (status.pods): what its calls leave
+    once they succeed. A pod whose server no longer lists the adapter restarted (or is
+    new): load. A pod that lists it but was recorded with another digest, or lists it from
+    another path than ``path`` (the revision's: a call recorded as made did not take),
+    needs a reload. ``digest`` None removes the adapter everywhere.
     """
     actions: list[PodAction] = []
     serving: dict[str, str | None] = {}
@@ -916,7 +925,7 @@ def plan_runtime(
             continue
         if not listed:
             actions.append(PodAction(pod.name, "load"))
-        elif have != digest:
+        elif have != digest or not_taken(pod.loaded.get(adapter_name), path):
             actions.append(PodAction(pod.name, "reload"))
         serving[pod.name] = digest
     unreachable = any(p.loaded is None for p in ready)

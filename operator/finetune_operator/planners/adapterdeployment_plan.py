@@ -880,9 +880,26 @@ def _rollback(d: _Draft, failed: AdapterRevision, view: rules.RolloutView) -> No
     if started is not None:
         d.records.append(RolloutEnded(strategy, "RolledBack", started))
     d.event(Reason.ROLLED_BACK, msg, warning=True)
-    if strategy == "Runtime" and previous is None:
-        _runtime_calls(d, None, None)
+    if strategy == "Runtime":
+        _restore_pods(d, previous)
     d.again()
+
+
+def _restore_pods(d: _Draft, previous: AdapterRevision | None) -> None:
+    """A Runtime rollback calls the pods in the pass that decides it, as Rolling patches the
+    target then: each pod is brought to the previous revision (a pod that was mid-load or
+    new gets it loaded), or loses the adapter when there was none. The load failures seen
+    this pass were the failed revision's, so they hold no pod back."""
+    if previous is None:
+        _runtime_calls(d, None, None, failures_apply=False)
+        return
+    target = _target(d)
+    if target is None or d.obs.loaded is None:
+        return  # the next pass asks the pods, then restores
+    ref = rules.revision_ref(d.spec.adapter_name, previous)
+    where = rules.runtime_path(target, d.spec.target.container, ref)
+    if where.ok:
+        _runtime_calls(d, previous.digest, where.message, failures_apply=False)
 
 
 def _rollback_step(d: _Draft) -> None:
@@ -906,6 +923,7 @@ def _rollback_step(d: _Draft) -> None:
         for type_ in (ConditionType.DEGRADED, ConditionType.PROGRESSING, ConditionType.AVAILABLE):
             status: ConditionStatus = "True" if type_ == ConditionType.DEGRADED else "False"
             d.condition(type_, status, Reason.ROLLBACK_FAILED, msg)
+        d.next = Next.IDLE  # failed for good: only a change wakes it
     elif view.waits_for_change:
         d.condition(ConditionType.PROGRESSING, "True", view.reason, view.message)
     else:
@@ -1001,7 +1019,16 @@ def _runtime_view(d: _Draft, rev: AdapterRevision) -> rules.RolloutView:
     if d.obs.loaded is None:  # not asked yet: the next pass asks the pods
         d.again()
         return rules.RolloutView("InProgress", Reason.LOADING, "asking the serving pods")
-    errors = _runtime_calls(d, rev.digest, where.message, permanent_only=True)
+    view = _runtime_progress(d, rev, where.message)
+    if view.state == "Failed":
+        _withdraw_calls(d, rev, where.message)
+    return view
+
+
+def _runtime_progress(d: _Draft, rev: AdapterRevision, path: str) -> rules.RolloutView:
+    """Plan the calls that bring the pods to ``rev`` and judge the load from the answers."""
+    assert d.obs.loaded is not None
+    errors = _runtime_calls(d, rev.digest, path, permanent_only=True)
     serving = d.status.ready_replicas or 0
     if d.obs.auth_errors:
         return rules.RolloutView("Failed", Reason.UNAUTHORIZED, _auth_message(d), serving)
@@ -1027,6 +1054,33 @@ def _runtime_view(d: _Draft, rev: AdapterRevision) -> rules.RolloutView:
     )
 
 
+def _withdraw_calls(d: _Draft, rev: AdapterRevision, path: str) -> None:
+    """The pass that fails a revision calls no pod for it: a load planned in the same pass
+    (a pod added or still lacking it) would spread the revision being given up on, and run
+    after a rollback's own calls. ``status.pods`` then says what the pods serve as found."""
+    d.actions = [a for a in d.actions if not isinstance(a, PodCall)]
+    name = d.spec.adapter_name
+    loaded = d.obs.loaded or {}
+    recorded = {p.pod: p.digest for p in d.obs.status.pods or []}
+    serving: dict[str, str | None] = {}
+    for p in d.obs.ready_pods():
+        if not p.endpoint or p.name not in loaded:
+            continue
+        listing, was = loaded[p.name], recorded.get(p.name)
+        if listing is None:
+            serving[p.name] = was  # no answer: as last seen
+        elif name not in listing or (was == rev.digest and rules.not_taken(listing[name], path)):
+            serving[p.name] = None  # not listed, or the call recorded for it did not take
+        else:
+            serving[p.name] = was
+    for refused in (*d.obs.load_errors, *d.obs.auth_errors):
+        serving[refused] = None  # what a refused load left behind is not known
+    current = d.status.current
+    digest = current.digest if current is not None else None
+    d.status.pods = [PodAdapter(pod=p, digest=s) for p, s in sorted(serving.items())]
+    d.status.ready_replicas = sum(1 for s in serving.values() if s and s == digest)
+
+
 def _auth_message(d: _Draft) -> str:
     pods = ", ".join(sorted(d.obs.auth_errors))
     return f"pod(s) {pods} {UNAUTHORIZED_ADVICE}"
@@ -1037,10 +1091,16 @@ def _as_dict(loaded: Mapping[str, str] | None) -> dict[str, str] | None:
 
 
 def _runtime_calls(
-    d: _Draft, digest: str | None, path: str | None, permanent_only: bool = False
+    d: _Draft,
+    digest: str | None,
+    path: str | None,
+    permanent_only: bool = False,
+    failures_apply: bool = True,
 ) -> list[str]:
     """Plan the calls that bring every ready pod to ``digest`` (None: unload); the status
-    says what the pods serve once they succeed. Returns failures worth reporting."""
+    says what the pods serve once they succeed. Returns failures worth reporting.
+    ``failures_apply``: the pods' permanent failures observed this pass were loads of
+    ``digest`` (reported, not retried); otherwise they belong to another revision."""
     name = d.spec.adapter_name
     loaded = d.obs.loaded or {}
     views = [
@@ -1050,13 +1110,15 @@ def _runtime_calls(
     ]
     endpoints = {p.name: p.endpoint for p in d.obs.ready_pods() if p.endpoint}
     recorded = {p.pod: p.digest for p in d.status.pods or []}
-    runtime = rules.plan_runtime(views, name, digest, recorded)
+    runtime = rules.plan_runtime(views, name, digest, recorded, path)
     serving = dict(runtime.serving)
     errors: list[str] = []
-    for pod, message in sorted(d.obs.load_errors.items()):
+    load_errors = d.obs.load_errors if failures_apply else {}
+    auth_errors = d.obs.auth_errors if failures_apply else {}
+    for pod, message in sorted(load_errors.items()):
         serving[pod] = None
         errors.append(f"pod {pod}: {message}")
-    for pod in d.obs.auth_errors:
+    for pod in auth_errors:
         serving[pod] = None
     loaded_paths = {v.name: (v.loaded or {}).get(name) for v in views}
     calls = [
@@ -1071,7 +1133,7 @@ def _runtime_calls(
         )
         for act in runtime.actions
         # failed for good last pass: reported, not retried
-        if act.pod not in d.obs.load_errors and act.pod not in d.obs.auth_errors
+        if act.pod not in load_errors and act.pod not in auth_errors
     ]
     d.actions.extend(calls)
     if calls:
