@@ -67,24 +67,22 @@ class _CompileLog:
     def __init__(self) -> None:
         self.ids: list[str] = []
         self.lock = threading.Lock()
-        self.registered = False
+
+    def on_start(self, args: Any = None) -> None:
+        from torch._dynamo.callback import CallbackTrigger
+
+        if getattr(args, "callback_trigger", CallbackTrigger.DYNAMO) == CallbackTrigger.DYNAMO:
+            with self.lock:
+                self.ids.append(str(getattr(args, "compile_id", "")))
 
     def register(self) -> bool:
-        if self.registered:
-            return True
+        """Listen to dynamo's compile starts (again: ``torch._dynamo.reset()`` forgets us)."""
         try:
-            from torch._dynamo.callback import CallbackTrigger, callback_handler
+            from torch._dynamo.callback import callback_handler
         except ImportError:
             return False
-
-        def on_start(args: Any = None) -> None:
-            trigger = getattr(args, "callback_trigger", CallbackTrigger.DYNAMO)
-            if trigger == CallbackTrigger.DYNAMO:
-                with self.lock:
-                    self.ids.append(str(getattr(args, "compile_id", "")))
-
-        callback_handler.register_start_callback(on_start)
-        self.registered = True
+        if self.on_start not in callback_handler.start_callbacks:
+            callback_handler.register_start_callback(self.on_start)
         return True
 
 
