@@ -40,7 +40,7 @@ def fresh_compile_caches() -> None:
     torch._dynamo.reset()
 
 
-def tiny_lora_model(*, dropout: float = 0.0, gc: bool = False) -> Any:
+def tiny_lora_model(*, dropout: float = 0.0, gc: bool = False, four_bit_mlp: bool = False) -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -54,11 +54,30 @@ def tiny_lora_model(*, dropout: float = 0.0, gc: bool = False) -> Any:
         num_key_value_heads=2,
         max_position_embeddings=256,
     )
+    base = LlamaForCausalLM(config)
+    if four_bit_mlp:
+        quantise_mlp(base)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
-    model = get_peft_model(LlamaForCausalLM(config), lora)
+    model = get_peft_model(base, lora)
     if gc:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
+
+
+def quantise_mlp(model: Any) -> None:
+    """bitsandbytes 4-bit (nf4) MLP projections, as QLoRA loads them; PEFT then wraps them in
+    its 4-bit LoRA layer."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            dense = getattr(layer.mlp, name)
+            quantised = bnb.nn.Linear4bit(
+                dense.in_features, dense.out_features, bias=False, compute_dtype=torch.float32
+            )
+            quantised.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False)
+            setattr(layer.mlp, name, quantised.to("cpu"))  # quantises the weight
+    model.is_loaded_in_4bit = True  # what PEFT reads to pick its 4-bit LoRA layer
 
 
 def packed_batch(step: int, tokens: int) -> dict[str, torch.Tensor]:
@@ -128,6 +147,20 @@ def test_offload_and_the_fused_dropout_around_compiled_layers() -> None:
     # and the pieces between the breaks are compiled.
     assert counts[-1]["graphBreaks"] > 0 and counts[-1]["graphs"] > 1
     assert counts[-2]["compilations"] == counts[-1]["compilations"]
+
+
+def test_bitsandbytes_4bit_layers_compile_and_train_like_eager() -> None:
+    pytest.importorskip("bitsandbytes")
+    eager, _ = train(tiny_lora_model(four_bit_mlp=True))
+    model = tiny_lora_model(four_bit_mlp=True)
+    assert type(model.base_model.model.model.layers[0].mlp.up_proj).__module__.endswith("bnb")
+    choice = compiled(model)
+    losses, counts = train(model, choice)
+    assert losses == pytest.approx(eager, rel=1e-5)
+    # bitsandbytes registers its 4-bit matmul as a PyTorch operator: no graph break here
+    assert (
+        counts[-1]["graphBreaks"] == 0 and counts[2]["compilations"] == counts[-1]["compilations"]
+    )
 
 
 def test_compiling_twice_keeps_one_subclass_and_uncompile_restores_the_class() -> None:
