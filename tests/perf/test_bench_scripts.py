@@ -165,6 +165,20 @@ def test_dropout_implementation_option_parses() -> None:
         bench_train.parse_variant("fast:12288:nogc:dropimpl=triton")
 
 
+def test_compile_options_parse() -> None:
+    import bench_train
+
+    plain = bench_train.parse_variant("fast:8192:gc")
+    assert (plain["compile"], plain["liger"]) == (False, None)
+    v = bench_train.parse_variant("fast:12288:nogc:dropout=0:compile")
+    assert (v["tokens"], v["gc"], v["dropout"], v["compile"], v["liger"]) == (
+        12288, False, 0.0, True, None
+    )  # fmt: skip
+    assert bench_train.parse_variant("fast:8192:gc:compile:liger")["liger"] is True
+    with pytest.raises(SystemExit, match="use it with compile"):
+        bench_train.parse_variant("fast:8192:gc:liger")
+
+
 @pytest.mark.slow
 def test_dropout_comparison_runs_on_the_cpu(tmp_path: Path) -> None:
     """The H100 'dropout' mode in miniature: both dropout implementations train, and the
