@@ -28,10 +28,11 @@ same backend on the model's device (a missing C++ compiler or a broken Triton sh
 and the model stays eager, with the reason reported), and ``suppress_errors`` lets a layer
 whose compilation fails later run eagerly instead of raising.
 
-Graph breaks (for instance the fused LoRA dropout, whose generator state cannot be traced,
-and bitsandbytes' 4-bit matmul) split a layer into several graphs; the model still trains
-the same. :meth:`CompileStats.as_dict` counts compilations, recompilations, graphs and graph
-breaks for the run's report.
+The fused LoRA dropout enters the compiled layer as an operator (``lora_dropout.py``), and
+bitsandbytes' 4-bit matmul is one too, so a layer stays one graph. Code that cannot be traced
+would split a layer into several graphs (graph breaks); the model still trains the same.
+:meth:`CompileStats.as_dict` counts compilations, recompilations, graphs and graph breaks for
+the run's report.
 """
 
 from __future__ import annotations
