@@ -16,7 +16,9 @@ or more.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,39 @@ def train(model: Any, choice: Any = None) -> tuple[list[float], list[dict[str, A
     return losses, counts
 
 
+def fails_on_attention(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+    """A backend that compiles the start-up probe but fails on any graph with the attention
+    (as a GPU backend might on one kernel)."""
+    if "self_attn" in gm.code:
+        raise RuntimeError("no kernel for this attention")
+    return gm.forward
+
+
+def off_by_half(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+    """A backend that compiles and runs, but whose graphs return 1.5 times the right result."""
+
+    def run(*args: Any) -> Any:
+        return tuple(o * 1.5 if isinstance(o, torch.Tensor) else o for o in gm(*args))
+
+    return run
+
+
+for _backend in (fails_on_attention, off_by_half):
+    if _backend.__name__ not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(_backend)
+
+
+@pytest.fixture
+def dynamo_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """torch._dynamo's log records (its logger does not propagate to the root logger)."""
+    logger = logging.getLogger("torch._dynamo")
+    logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
 def compiled(model: Any) -> compile_layers.CompileChoice:
     choice = compile_layers.compile_decoder_layers(model, backend="aot_eager")
     assert choice.compiled, choice.note
@@ -121,7 +156,7 @@ def test_compiled_layers_train_like_eager_and_stop_recompiling(gc: bool) -> None
 
     assert losses == pytest.approx(eager, rel=1e-5)
     last = counts[-1]
-    assert last["graphBreaks"] == 0
+    assert last["graphBreaks"] == 0 and last["failedCompilations"] == 0
     # One body for every layer: a static graph for the first length, a dynamic one after the
     # first change, each at most twice (the first layer's input needs no gradient)...
     assert 1 <= last["recompilations"] < last["compilations"] <= 4
@@ -145,7 +180,7 @@ def test_offload_and_the_fused_dropout_around_compiled_layers() -> None:
     # generator in the same order: eager's masks, the same ones again for the recompute and
     # the backward pass.
     assert losses == pytest.approx(eager, rel=1e-5)
-    assert counts[-1]["graphBreaks"] == 0 and counts[-1]["compilations"] <= 4
+    assert counts[-1]["graphBreaks"] == 0 and 1 <= counts[-1]["compilations"] <= 4
     assert counts[2]["compilations"] == counts[-1]["compilations"]
 
 
@@ -158,9 +193,8 @@ def test_bitsandbytes_4bit_layers_compile_and_train_like_eager() -> None:
     losses, counts = train(model, choice)
     assert losses == pytest.approx(eager, rel=1e-5)
     # bitsandbytes registers its 4-bit matmul as a PyTorch operator: no graph break here
-    assert (
-        counts[-1]["graphBreaks"] == 0 and counts[2]["compilations"] == counts[-1]["compilations"]
-    )
+    assert counts[-1]["graphBreaks"] == 0 and counts[-1]["compilations"] >= 1
+    assert counts[2]["compilations"] == counts[-1]["compilations"]
 
 
 def test_compiling_twice_keeps_one_subclass_and_uncompile_restores_the_class() -> None:
@@ -196,17 +230,37 @@ def test_a_backend_that_fails_leaves_the_model_eager_and_says_why() -> None:
     assert len(losses) == len(SIZES)
 
 
-def test_a_probe_that_disagrees_with_eager_keeps_the_layers_eager() -> None:
+def test_a_backend_whose_results_differ_from_eager_fails_the_probe() -> None:
     ok, why = compile_layers.compiler_works("aot_eager", torch.device("cpu"), torch.float32)
     assert ok, why
-
-    def wrong(backend: str, device: Any, dtype: Any) -> tuple[bool, str]:
-        return False, "the compiled probe differs from eager (relative 0.5)"
+    ok, why = compile_layers.compiler_works("off_by_half", torch.device("cpu"), torch.float32)
+    assert not ok and why.startswith("the compiled probe differs from eager"), why
 
     model = tiny_lora_model()
-    choice = compile_layers.compile_decoder_layers(model, backend="aot_eager", probe=wrong)
+    choice = compile_layers.compile_decoder_layers(model, backend="off_by_half")
     assert not choice.compiled and choice.note.startswith("the compiled probe differs")
     assert compile_layers.compiled_choice(model) is None
+    assert compile_layers.uncompile(model) == 0  # no layer was swapped
+
+
+def test_a_layer_whose_compilation_fails_in_training_runs_eagerly_and_the_log_says_why(
+    dynamo_log: pytest.LogCaptureFixture,
+) -> None:
+    eager, _ = train(tiny_lora_model())
+    model = tiny_lora_model()
+    choice = compile_layers.compile_decoder_layers(model, backend="fails_on_attention")
+    assert choice.compiled, choice.note  # the probe has no attention: it passed
+    with dynamo_log.at_level(logging.WARNING, logger="torch._dynamo"):
+        losses, counts = train(model, choice)
+
+    assert losses == pytest.approx(eager, rel=1e-5)
+    assert counts[-1]["failedCompilations"] >= 1
+    # the failed code is left eager for good: no new failure in later steps
+    assert counts[2]["failedCompilations"] == counts[-1]["failedCompilations"]
+    warnings = [r.getMessage() for r in dynamo_log.records if r.levelno == logging.WARNING]
+    assert any("no kernel for this attention" in w for w in warnings), warnings
+    note = trainer_module._compiled_layers_note(model)
+    assert note is not None and f"failedCompilations {counts[-1]['failedCompilations']}" in note
 
 
 def test_compile_is_off_by_default() -> None:
@@ -258,4 +312,5 @@ def test_inductor_compiled_layers_in_the_fast_trainer_log_eager_losses(tmp_path:
     losses, counts = run(True)
     assert counts["compiled"] and counts["backend"] == "inductor", counts
     assert len(eager) == 5 and losses == pytest.approx(eager, rel=1e-4)
-    assert counts["graphBreaks"] == 0 and counts["compilations"] <= 4
+    assert counts["graphBreaks"] == 0 and 1 <= counts["compilations"] <= 4
+    assert counts["failedCompilations"] == 0

@@ -26,13 +26,14 @@ static. The layer that reads the frozen embeddings gets its own graph without in
 Failures never stop training: a start-up probe compiles a small layer-like block with the
 same backend on the model's device (a missing C++ compiler or a broken Triton shows here,
 and the model stays eager, with the reason reported), and ``suppress_errors`` lets a layer
-whose compilation fails later run eagerly instead of raising.
+whose compilation fails later run eagerly instead of raising (torch._dynamo logs a warning
+with the error, and the counts below include the failed compilations).
 
 The fused LoRA dropout enters the compiled layer as an operator (``lora_dropout.py``), and
 bitsandbytes' 4-bit matmul is one too, so a layer stays one graph. Code that cannot be traced
 would split a layer into several graphs (graph breaks); the model still trains the same.
-:meth:`CompileStats.as_dict` counts compilations, recompilations, graphs and graph breaks for
-the run's report.
+:meth:`CompileStats.as_dict` counts compilations, recompilations, graphs, graph breaks and
+failed compilations for the run's report.
 """
 
 from __future__ import annotations
@@ -90,13 +91,19 @@ class _CompileLog:
 _LOG = _CompileLog()
 
 
-def _counter_totals() -> tuple[int, int]:
-    """(graphs compiled, graph breaks met while tracing) so far in this process."""
+def _counter_totals() -> tuple[int, int, int]:
+    """(graphs compiled, graph breaks met while tracing, frames left eager because their
+    compilation failed) so far in this process."""
     try:
         from torch._dynamo.utils import counters
     except ImportError:
-        return 0, 0
-    return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+        return 0, 0, 0
+    frames = counters["frames"]
+    return (
+        int(counters["stats"]["unique_graphs"]),
+        int(sum(counters["graph_break"].values())),
+        int(frames["total"] - frames["ok"]),
+    )
 
 
 def _is_recompile(compile_id: str) -> bool:
@@ -111,18 +118,20 @@ class CompileStats:
     first_id: int
     graphs_before: int
     breaks_before: int
+    failures_before: int
 
     @classmethod
     def start(cls) -> CompileStats:
         counting = _LOG.register()
-        graphs, breaks = _counter_totals()
-        return cls(len(_LOG.ids) if counting else -1, graphs, breaks)
+        return cls(len(_LOG.ids) if counting else -1, *_counter_totals())
 
     def as_dict(self) -> dict[str, Any]:
-        graphs, breaks = _counter_totals()
+        graphs, breaks, failures = _counter_totals()
         out: dict[str, Any] = {
             "graphs": graphs - self.graphs_before,
             "graphBreaks": breaks - self.breaks_before,
+            # Compilations that failed: that code ran eagerly, and torch._dynamo logged why.
+            "failedCompilations": failures - self.failures_before,
         }
         if self.first_id >= 0:
             with _LOG.lock:
@@ -225,7 +234,7 @@ def compiler_works(backend: str, device: Any, dtype: Any) -> tuple[bool, str]:
             (got_grad,) = torch.autograd.grad(got.float().square().sum(), x)
             want = block(x)
             (want_grad,) = torch.autograd.grad(want.float().square().sum(), x)
-            for a, b in ((got, want), (got_grad, want_grad)):
+            for a, b in ((got.detach(), want.detach()), (got_grad, want_grad)):
                 error = float((a.float() - b.float()).abs().max() / b.float().abs().max())
                 if not error <= tolerance:
                     return False, f"the compiled probe differs from eager (relative {error:.2g})"
