@@ -179,6 +179,26 @@ def test_compile_options_parse() -> None:
         bench_train.parse_variant("fast:8192:gc:liger")
 
 
+def test_the_h100_compile_mode_runs_eager_and_compiled_variants_that_parse() -> None:
+    import re
+
+    import bench_train
+
+    script = (REPO / "bench" / "run_h100.sh").read_text()
+    mode = script[script.index("\n  compile)") : script.index(";;", script.index("\n  compile)"))]
+    runs = dict(re.findall(r'^\s*compile_run (\S+) "([^"]+)"', mode, re.MULTILINE))
+    parsed = {
+        name: [bench_train.parse_variant(v) for v in text.split(",")] for name, text in runs.items()
+    }
+    assert set(parsed) == {"compile-eager", "compile"}
+    assert not any(v["compile"] for v in parsed["compile-eager"])
+    assert all(v["compile"] for v in parsed["compile"])
+    # each eager variant has its compiled twin
+    shape = ("tokens", "gc", "dropout")
+    eager = {tuple(v[k] for k in shape) for v in parsed["compile-eager"]}
+    assert eager <= {tuple(v[k] for k in shape) for v in parsed["compile"]}
+
+
 @pytest.mark.slow
 def test_dropout_comparison_runs_on_the_cpu(tmp_path: Path) -> None:
     """The H100 'dropout' mode in miniature: both dropout implementations train, and the
