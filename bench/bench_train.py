@@ -142,12 +142,16 @@ def parse_variant(text: str) -> dict[str, Any]:
     """``baseline`` | ``fast[@BUDGET_GIB][:TOKENS[:gc|nogc[:OPTION...]]]`` | ``unsloth[:TOKENS]``.
 
     Examples: ``fast@24``, ``fast:8192:nogc``, ``fast:8192:nogc:ga=4:dropout=0``,
-    ``fast:16384:gc:offload``, ``fast:12288:nogc:dropimpl=peft``, ``unsloth:16384``.
+    ``fast:16384:gc:offload``, ``fast:12288:nogc:dropimpl=peft``, ``fast:8192:gc:compile``,
+    ``unsloth:16384``.
     Options: ``ga`` (gradient accumulation steps), ``dropout`` (LoRA dropout of this
     variant), ``offload`` (checkpointed layer inputs in host memory), ``dropimpl``
     (``fused``, the fast path's dropout that keeps no inputs, or ``peft``, PEFT's own;
-    default fused). ``unsloth`` trains with Unsloth in a child process (see
-    ``unsloth_command``); TOKENS defaults to 8192.
+    default fused), ``compile`` (decoder layers through torch.compile, in place of Liger's
+    kernels), ``liger`` (with ``compile``: keep Liger's kernels inside the compiled layers;
+    Liger patches the model for good, so run such a variant after the plain compiled ones).
+    ``unsloth`` trains with Unsloth in a child process (see ``unsloth_command``); TOKENS
+    defaults to 8192.
     """
     parts = text.split(":")
     if parts[0] == "baseline":
@@ -171,17 +175,19 @@ def parse_variant(text: str) -> dict[str, Any]:
     options: dict[str, str] = {}
     for part in parts[3:]:
         key, sep, value = part.partition("=")
-        if part == "offload":
-            options["offload"] = "1"
+        if part in ("offload", "compile", "liger"):
+            options[part] = "1"
             continue
         if not sep or key not in ("ga", "dropout", "dropimpl"):
             raise SystemExit(
-                f"unknown option {part!r} in {text!r}: use ga=N, dropout=P, offload or "
-                "dropimpl=peft|fused"
+                f"unknown option {part!r} in {text!r}: use ga=N, dropout=P, offload, compile, "
+                "liger or dropimpl=peft|fused"
             )
         options[key] = value
     if "offload" in options and gc_choice is False:
         raise SystemExit(f"{text!r}: offload keeps checkpointed inputs, it needs gc")
+    if "liger" in options and "compile" not in options:
+        raise SystemExit(f"{text!r}: liger is the default without compile; use it with compile")
     if options.get("dropimpl", "fused") not in ("peft", "fused"):
         raise SystemExit(f"unknown dropimpl in {text!r}: use dropimpl=peft or dropimpl=fused")
     return {
@@ -194,6 +200,8 @@ def parse_variant(text: str) -> dict[str, Any]:
         "dropout": float(options["dropout"]) if "dropout" in options else None,
         "offload": True if "offload" in options else None,
         "dropimpl": options.get("dropimpl", "fused"),
+        "compile": "compile" in options,
+        "liger": True if "liger" in options else None,
     }
 
 
@@ -221,6 +229,23 @@ class StepClock:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())
+
+
+class CompileWatch:
+    """Trainer callback: dynamo's compile counts after every optimiser step of a variant with
+    compiled layers, so the report shows whether any compilation fell in the measured steps."""
+
+    def __init__(self, choice: Any) -> None:
+        from transformers import TrainerCallback
+
+        self.per_step: list[int] = []
+        me = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                me.per_step.append(int(choice.as_dict().get("compilations", -1)))
+
+        self.callback = _Callback()
 
 
 class StepProfiler:
@@ -412,11 +437,12 @@ def run_trl_variant(
     import torch
     from datasets import Dataset
     from finetune_operator.domain.estimator import ModelShape
-    from finetune_trainer import fastpath, offload
+    from finetune_trainer import compile_layers, fastpath, offload
     from trl import SFTConfig
 
     reset_memory()
     offload.uninstall(base)  # a variant that failed may have left it on
+    compile_layers.uncompile(base)
     result: dict[str, Any] = {"variant": variant["name"]}
     config_kwargs: dict[str, Any] = {
         "per_device_train_batch_size": 4,
@@ -439,6 +465,8 @@ def run_trl_variant(
             tokens_per_micro_batch=variant["tokens"] if variant.get("offload") else None,
             activation_offload=variant.get("offload"),
             fused_lora_dropout=variant["dropimpl"] == "fused",
+            compile_layers=variant.get("compile", False),
+            use_liger=variant.get("liger"),
         )
         overrides = dict(report.sft_overrides)
         if variant["tokens"]:
@@ -501,11 +529,21 @@ def run_trl_variant(
             # Frozen weights plus the adapter, before any activation or optimiser state: the
             # fixed part of the peak, which the memory model's weight terms must match.
             result["allocatedBeforeTrainGiB"] = round(torch.cuda.memory_allocated() / GIB, 2)
+        compiled = report.compiled_layers if variant["kind"] == "fast" else None
+        watch = CompileWatch(compiled) if compiled is not None and compiled.compiled else None
+        if watch is not None:
+            trainer.add_callback(watch.callback)
         with step_profiler(variant, args) as profiler:
             if profiler is not None:
                 trainer.add_callback(profiler.callback)
             trainer.train()
         result.update(peak_memory())
+        if compiled is not None:
+            # Compilation happens in the first steps; the warm-up steps keep it off the clock.
+            result["compiledLayers"] = compiled.as_dict()
+            if watch is not None:
+                result["compiledLayers"]["compilationsAfterStep"] = watch.per_step
+            compile_layers.uncompile(base)
         offloader = offload.installed(base)
         if offloader is not None:
             result["activationOffload"] = offloader.stats().as_dict()

@@ -11,6 +11,8 @@
 #   bench/run_h100.sh grid    # one call: the 8B token grid (checkpointing, offload, dropout),
 #                             # Unsloth, then two other families' peaks (about 8 minutes;
 #                             # GRID_UNSLOTH= leaves Unsloth out, GRID_SECONDS caps the 8B part)
+#   bench/run_h100.sh compile # decoder layers through torch.compile against eager ones, with
+#                             # and without checkpointing (about 8 minutes)
 # Needs the missing packages on PYTHONPATH (bench/gpu_wheels.sh) and writes to ${OUT:-out};
 # speed and grid also need Unsloth's (bench/gpu_wheels.sh --unsloth .gpu/unsloth, or UNSLOTH_SITE).
 set -uo pipefail
@@ -83,6 +85,19 @@ case "${1:-train}" in
       "$out"/grid.json "$out"/memory-*.json bench/results/h100-2026-11-23/packed-qwen2.5-{0.5b,3b}.json \
       2>&1 | tee "$out/fit.txt"
     cp /tmp/fit/coefficients.json "$out/fit-coefficients.json" 2>/dev/null
+    ;;
+  compile)
+    # Eager and compiled variants in separate processes: Liger patches the model for good,
+    # and the compiled variants run without it (the compiler fuses the same operations); the
+    # last one keeps Liger inside the compiled layers. Warm-up steps hold the compilation
+    # (compiledLayers.compilationsAfterStep shows whether any fell in the measured steps).
+    compile_run() {  # name variants
+      python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --variants "$2" \
+        --steps 6 --warmup-steps 3 --rows 1500 --out "$out/$1.json" 2>&1 \
+        | tee "$out/$1.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
+    }
+    compile_run compile-eager "fast:8192:gc,fast:12288:nogc:dropout=0"
+    compile_run compile "fast:8192:gc:compile,fast:12288:nogc:dropout=0:compile,fast:8192:gc:compile:liger"
     ;;
   vram)
     python3 bench/bench_vram.py --out "$out/vram.json" --models-dir /tmp/vram-models 2>&1 | tee "$out/vram.log" | tail -20

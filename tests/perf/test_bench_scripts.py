@@ -165,6 +165,40 @@ def test_dropout_implementation_option_parses() -> None:
         bench_train.parse_variant("fast:12288:nogc:dropimpl=triton")
 
 
+def test_compile_options_parse() -> None:
+    import bench_train
+
+    plain = bench_train.parse_variant("fast:8192:gc")
+    assert (plain["compile"], plain["liger"]) == (False, None)
+    v = bench_train.parse_variant("fast:12288:nogc:dropout=0:compile")
+    assert (v["tokens"], v["gc"], v["dropout"], v["compile"], v["liger"]) == (
+        12288, False, 0.0, True, None
+    )  # fmt: skip
+    assert bench_train.parse_variant("fast:8192:gc:compile:liger")["liger"] is True
+    with pytest.raises(SystemExit, match="use it with compile"):
+        bench_train.parse_variant("fast:8192:gc:liger")
+
+
+def test_the_h100_compile_mode_runs_eager_and_compiled_variants_that_parse() -> None:
+    import re
+
+    import bench_train
+
+    script = (REPO / "bench" / "run_h100.sh").read_text()
+    mode = script[script.index("\n  compile)") : script.index(";;", script.index("\n  compile)"))]
+    runs = dict(re.findall(r'^\s*compile_run (\S+) "([^"]+)"', mode, re.MULTILINE))
+    parsed = {
+        name: [bench_train.parse_variant(v) for v in text.split(",")] for name, text in runs.items()
+    }
+    assert set(parsed) == {"compile-eager", "compile"}
+    assert not any(v["compile"] for v in parsed["compile-eager"])
+    assert all(v["compile"] for v in parsed["compile"])
+    # each eager variant has its compiled twin
+    shape = ("tokens", "gc", "dropout")
+    eager = {tuple(v[k] for k in shape) for v in parsed["compile-eager"]}
+    assert eager <= {tuple(v[k] for k in shape) for v in parsed["compile"]}
+
+
 @pytest.mark.slow
 def test_dropout_comparison_runs_on_the_cpu(tmp_path: Path) -> None:
     """The H100 'dropout' mode in miniature: both dropout implementations train, and the

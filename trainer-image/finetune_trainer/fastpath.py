@@ -14,6 +14,8 @@ kernels run differs:
   or cached batches (evaluation, generation), it falls back to the regular SDPA path.
 - fused kernels: Liger's RMSNorm, SwiGLU and RoPE kernels when ``liger-kernel`` is installed and
   works here (checked, not assumed). The LM head and loss already run chunked in TRL's fused head.
+- compiled layers (optional, off by default): ``compile_layers.py`` runs each decoder layer's
+  body through ``torch.compile`` (one compiled code for all layers) instead of Liger's kernels.
 - memory: :func:`plan_micro_batch` picks the token budget and whether to recompute activations
   (gradient checkpointing) from a small, measured memory model (see ``docs/benchmarks.md``).
 
@@ -23,7 +25,6 @@ the operator's fit check); the rest imports torch lazily.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import itertools
 import logging
@@ -45,6 +46,9 @@ from finetune_operator.domain.packed_memory import (
     WithinPredictionMargin,
     plan_or_replace,
 )
+
+from .compile_layers import BACKEND as COMPILE_BACKEND
+from .compile_layers import COMPILE_DECODER_LAYERS, CompileChoice
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +97,17 @@ def _torch_varlen() -> Callable[..., Tensor | tuple[Tensor, Tensor]] | None:
     return varlen_attn
 
 
-@functools.cache
+# A plain dict rather than functools.cache: a compiled decoder layer (compile_layers.py) then
+# reads the answer instead of tracing the signature lookup.
+_VARLEN_PARAMS: dict[str, frozenset[str]] = {}
+
+
 def _varlen_params() -> frozenset[str]:
-    fn = _torch_varlen()
-    return frozenset(inspect.signature(fn).parameters) if fn is not None else frozenset()
+    if "params" not in _VARLEN_PARAMS:
+        fn = _torch_varlen()
+        params = frozenset(inspect.signature(fn).parameters) if fn is not None else frozenset()
+        _VARLEN_PARAMS["params"] = params
+    return _VARLEN_PARAMS["params"]
 
 
 def _varlen_call(
@@ -179,7 +190,7 @@ def varlen_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     cu = kwargs.get("cu_seq_lens_q")
-    max_len: int | None = kwargs.get("max_length_q")
+    max_len: int | Tensor | None = kwargs.get("max_length_q")
     if cu is None:
         position_ids = kwargs.get("position_ids")
         if position_ids is not None:
@@ -189,7 +200,10 @@ def varlen_attention_forward(
             max_len = q_len
     cu = cu.to(device=query.device, dtype=torch.int32)
     assert max_len is not None, "cu_seq_lens_q comes with max_length_q"
-    max_len = int(max_len)
+    if isinstance(max_len, torch.Tensor):
+        # Only a tensor is read back: in a compiled layer a symbolic int stays symbolic (int()
+        # would specialise it and recompile the layer for every micro-batch's longest row).
+        max_len = int(max_len)
     q = query.transpose(1, 2).reshape(batch * q_len, heads, dim)
     k = key.transpose(1, 2).reshape(batch * k_len, key.shape[1], dim)
     v = value.transpose(1, 2).reshape(batch * k_len, value.shape[1], dim)
@@ -303,9 +317,14 @@ class FastPathReport:
     # Checkpointed layer inputs in host memory (offload.py): layers wrapped, host GiB planned.
     activation_offload: dict[str, Any] | None = None
     lora_dropout: dict[str, Any] = field(default_factory=dict)
+    # Decoder layers through torch.compile (compile_layers.py): whether, why not, and what
+    # dynamo compiled so far (read again after training for the counts).
+    compiled_layers: CompileChoice | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["compiled_layers"] = self.compiled_layers.as_dict() if self.compiled_layers else None
+        return out
 
 
 def sft_overrides(plan: MicroBatchPlan | None, max_seq_length: int) -> dict[str, Any]:
@@ -356,10 +375,12 @@ def apply(
     gradient_checkpointing: bool | None = None,
     tokens_per_micro_batch: int | None = None,
     compute_dtype: str = "bfloat16",
-    use_liger: bool = True,
+    use_liger: bool | None = None,
     lora_dropout: float = 0.05,
     activation_offload: bool | None = None,
     fused_lora_dropout: bool = FAST_PATH_FUSED_LORA_DROPOUT,
+    compile_layers: bool = COMPILE_DECODER_LAYERS,
+    compile_backend: str = COMPILE_BACKEND,
 ) -> FastPathReport:
     """Prepare a loaded model (PEFT-wrapped or not) for the fast path.
 
@@ -375,7 +396,10 @@ def apply(
     overrides to use. Rows must already be cut to ``max_seq_length``: packing only fills
     micro-batches, it never cuts. ``fused_lora_dropout`` moves LoRA dropout into ``lora_A``
     so that it keeps no copy of the inputs (``lora_dropout.choose``; the report names the
-    patched modules).
+    patched modules). ``compile_layers`` compiles every decoder layer's body with
+    ``compile_backend`` (``compile_layers.py``); the layers stay eager, with the reason in the
+    report, when the backend fails a start-up probe. ``use_liger`` unset means Liger's kernels
+    unless the layers are compiled (the compiler fuses the same operations).
     """
     import torch
 
@@ -390,7 +414,13 @@ def apply(
         attention = str(getattr(model.config, "_attn_implementation", "sdpa"))
     if cuda:
         frozen_params_to(model, compute_dtype)
-    kernels = apply_liger(model) if use_liger and cuda else []
+    compiled = None
+    if compile_layers:
+        from .compile_layers import compile_decoder_layers
+
+        compiled = compile_decoder_layers(model, compile_backend)
+    liger = use_liger if use_liger is not None else not (compiled and compiled.compiled)
+    kernels = apply_liger(model) if liger and cuda else []
     dropout = dropout_impl.choose(model, lora_dropout, fused_lora_dropout)
     if memory_budget_gib is None and cuda:
         free, _total = torch.cuda.mem_get_info()
@@ -425,6 +455,7 @@ def apply(
         sft_overrides=sft_overrides(plan, max_seq_length),
         activation_offload=_install_offload(model, plan) if plan else None,
         lora_dropout=dropout.as_dict(),
+        compiled_layers=compiled,
     )
 
 

@@ -14,7 +14,8 @@ generator back. The kernel and the generator are the ones PEFT's ``nn.Dropout`` 
 the same state the masks are PEFT's, and each projection keeps its own independent mask.
 Gradient checkpointing restores the generator before recomputing a layer, so a recomputed
 forward draws the same masks too. The cost: one more dropout kernel per adapted projection in
-the backward pass.
+the backward pass. In a decoder layer compiled with ``torch.compile`` the same computation
+runs as two PyTorch operators (forward and backward), which the compiler calls as they are.
 
 :func:`patch_model` swaps the LoRA layers of a PEFT model in place (PEFT's dense ``Linear``
 and bitsandbytes' ``Linear4bit``; anything else, DoRA and other variants included, keeps
@@ -87,6 +88,50 @@ def _dtypes(x: Tensor, weight: Tensor) -> tuple[torch.dtype, torch.dtype]:
     return weight.dtype, weight.dtype
 
 
+def _project(
+    x: Tensor, weight: Tensor, p: float, drop_dtype: torch.dtype, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``dropout(x) @ A.T`` and the generator state the mask was drawn from."""
+    generator = default_generator(x.device)
+    assert generator is not None, "only CPU and CUDA tensors reach the fused dropout"
+    state = generator.get_state()
+    with torch.autocast(x.device.type, enabled=False):
+        dropped, _mask = torch.native_dropout(dropout_input(x, drop_dtype), p, True)
+        del _mask  # the point: neither the mask nor the dropped input outlives the call
+        out = F.linear(dropped.to(dtype), weight.to(dtype))
+    return out, state
+
+
+def _project_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    state: Tensor,
+    p: float,
+    dtypes: tuple[torch.dtype, torch.dtype],
+    needs: tuple[bool, bool],
+) -> tuple[Tensor | None, Tensor | None]:
+    """Input and weight gradients of :func:`_project`, with the mask drawn again from
+    ``state``."""
+    drop_dtype, dtype = dtypes
+    generator = default_generator(x.device)
+    assert generator is not None
+    rank, width = weight.shape
+    grad_x = grad_w = None
+    with torch.autocast(x.device.type, enabled=False):
+        with _generator_at(generator, state):
+            dropped, mask = torch.native_dropout(dropout_input(x, drop_dtype), p, True)
+        grad = grad_out.to(dtype)
+        if needs[0]:
+            grad_in = (grad @ weight.to(dtype)).to(drop_dtype)
+            grad_x = torch.ops.aten.native_dropout_backward(grad_in, mask, 1.0 / (1.0 - p))
+            grad_x = grad_x.to(x.dtype)
+        if needs[1]:
+            flat = grad.reshape(-1, rank).t() @ dropped.to(dtype).reshape(-1, width)
+            grad_w = flat.to(weight.dtype)
+    return grad_x, grad_w
+
+
 class _DroppedProjection(torch.autograd.Function):
     """``h = dropout(x) @ A.T`` keeping ``x`` and the generator state instead of ``dropout(x)``.
 
@@ -100,14 +145,7 @@ class _DroppedProjection(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, weight: Tensor, p: float, dtypes: tuple[torch.dtype, torch.dtype]
     ) -> Tensor:
-        generator = default_generator(x.device)
-        assert generator is not None, "only CPU and CUDA tensors reach the fused dropout"
-        ctx.rng_state = generator.get_state()
-        drop_dtype, dtype = dtypes
-        with torch.autocast(x.device.type, enabled=False):
-            dropped, _mask = torch.native_dropout(dropout_input(x, drop_dtype), p, True)
-            del _mask  # the point: neither the mask nor the dropped input outlives the call
-            out = F.linear(dropped.to(dtype), weight.to(dtype))
+        out, ctx.rng_state = _project(x, weight, p, *dtypes)
         ctx.save_for_backward(x, weight)
         ctx.p, ctx.dtypes = p, dtypes
         return out
@@ -115,24 +153,90 @@ class _DroppedProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         x, weight = ctx.saved_tensors
-        p: float = ctx.p
-        drop_dtype, dtype = ctx.dtypes
-        generator = default_generator(x.device)
-        assert generator is not None
-        rank, width = weight.shape
-        grad_x = grad_w = None
-        with torch.autocast(x.device.type, enabled=False):
-            with _generator_at(generator, ctx.rng_state):
-                dropped, mask = torch.native_dropout(dropout_input(x, drop_dtype), p, True)
-            grad = grad_out.to(dtype)
-            if ctx.needs_input_grad[0]:
-                grad_in = (grad @ weight.to(dtype)).to(drop_dtype)
-                grad_x = torch.ops.aten.native_dropout_backward(grad_in, mask, 1.0 / (1.0 - p))
-                grad_x = grad_x.to(x.dtype)
-            if ctx.needs_input_grad[1]:
-                flat = grad.reshape(-1, rank).t() @ dropped.to(dtype).reshape(-1, width)
-                grad_w = flat.to(weight.dtype)
-        return grad_x, grad_w, None, None
+        needs = (bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]))
+        grads = _project_backward(grad_out, x, weight, ctx.rng_state, ctx.p, ctx.dtypes, needs)
+        return grads[0], grads[1], None, None
+
+
+# The same computation as PyTorch operators, for decoder layers compiled with torch.compile
+# (compile_layers.py): the compiler cannot trace reading the generator's state, but it calls
+# an operator as it is, so the layer stays one graph. Tagged as random, the forward operator
+# is never recomputed by the compiler (a recompute would draw another mask); the backward
+# operator draws the mask again from the state the forward one returned, as above.
+
+
+@torch.library.custom_op(
+    "finetune::dropped_projection", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def _project_op(
+    x: Tensor, weight: Tensor, p: float, drop_dtype: torch.dtype, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    return _project(x, weight, p, drop_dtype, dtype)
+
+
+def _state_size(device: torch.device) -> int:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    generator = default_generator(device)
+    assert generator is not None
+    with unset_fake_temporarily():
+        return int(generator.get_state().numel())
+
+
+@_project_op.register_fake
+def _(
+    x: Tensor, weight: Tensor, p: float, drop_dtype: torch.dtype, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)
+    state = torch.empty(_state_size(x.device), dtype=torch.uint8, device="cpu")
+    return out, state
+
+
+@torch.library.custom_op("finetune::dropped_projection_backward", mutates_args=())
+def _project_backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    state: Tensor,
+    p: float,
+    drop_dtype: torch.dtype,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    grad_x, grad_w = _project_backward(
+        grad_out, x, weight, state, p, (drop_dtype, dtype), (True, True)
+    )
+    assert grad_x is not None and grad_w is not None
+    return grad_x, grad_w
+
+
+@_project_backward_op.register_fake
+def _(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    state: Tensor,
+    p: float,
+    drop_dtype: torch.dtype,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    x, weight, p, drop_dtype, dtype = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.p, ctx.dtypes = p, (drop_dtype, dtype)
+
+
+def _backward(ctx: Any, grad_out: Tensor, _grad_state: Tensor | None) -> tuple[Any, ...]:
+    x, weight, state = ctx.saved_tensors
+    grad_x, grad_w = torch.ops.finetune.dropped_projection_backward(
+        grad_out, x, weight, state, ctx.p, *ctx.dtypes
+    )
+    return grad_x, grad_w, None, None, None
+
+
+_project_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def dropped_projection(x: Tensor, weight: Tensor, p: float) -> Tensor:
@@ -143,6 +247,9 @@ def dropped_projection(x: Tensor, weight: Tensor, p: float) -> Tensor:
     if default_generator(x.device) is None:  # a device without a known default generator
         dropped = F.dropout(x.to(drop_dtype), p, training=True)
         return F.linear(dropped.to(dtype), weight.to(dtype))
+    if torch.compiler.is_compiling():
+        out_op: Tensor = torch.ops.finetune.dropped_projection(x, weight, p, drop_dtype, dtype)[0]
+        return out_op
     dtypes = (drop_dtype, dtype)
     out: Tensor = _DroppedProjection.apply(x, weight, p, dtypes)  # type: ignore[no-untyped-call]
     return out

@@ -419,6 +419,13 @@ def fast_path(
     )
     if report.activation_offload:
         note += f", activation offload to host memory ({report.activation_offload['hostGiB']} GiB)"
+    if report.compiled_layers is not None:
+        choice = report.compiled_layers
+        note += (
+            f", {choice.layers} decoder layers compiled ({choice.backend})"
+            if choice.compiled
+            else f", decoder layers not compiled ({choice.note})"
+        )
     if report.plan and report.plan.get("within_prediction_margin"):
         note += (
             f"; predicted peak {report.plan['predicted_peak_gib']:.1f} GiB over the "
@@ -559,6 +566,9 @@ def train_adapter(
     trainer.remove_callback(PrinterCallback)
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if (compiled := _compiled_layers_note(model)) is not None:
+            log.info(compiled)
+            notes.append(compiled)
         metrics: dict[str, float] = {}
         if eval_rows:
             ev = trainer.evaluate()
@@ -591,6 +601,17 @@ def train_adapter(
         notes=notes,
         checkpoint_sync=sync,
     )
+
+
+def _compiled_layers_note(model: Any) -> str | None:
+    """What the compiler did during training, when the fast path compiled the layers."""
+    from .compile_layers import compiled_choice
+
+    choice = compiled_choice(model)
+    if choice is None or choice.stats is None:
+        return None
+    counts = ", ".join(f"{key} {value}" for key, value in choice.stats.as_dict().items())
+    return f"compiled decoder layers: {counts}"
 
 
 def _secret_name(config: TrainerConfig) -> str | None:
