@@ -37,6 +37,12 @@ def _reconciles(trigger: str) -> float:
     )
 
 
+def _phase(name: str, phase: str) -> float | None:
+    return metrics.REGISTRY.get_sample_value(
+        "finetune_jobs", {"namespace": NS, "name": name, "phase": phase}
+    )
+
+
 def finish_training(emulator: Emulator, pod: str) -> None:
     emulator.terminate_container(
         NS, pod, exit_code=0, message=json.dumps(result()), container="trainer"
@@ -147,15 +153,18 @@ def test_restart_after_the_result_changes_nothing(emulator: Emulator) -> None:
     emulator.reset_counters()
     requests_before = len(list(emulator))
     resumed = _reconciles("resume")
+    metrics.forget_ftj(NS, "bot")  # the restarted operator makes its phase series again
     with operator(emulator):
-        wait_for(lambda: _reconciles("resume") > resumed, what="the resume reconcile")
-    # A settled job (finished, spec unchanged) is read, not observed again: no child is read.
-    # (The AdapterDeployment controller's pod cache lists all pods once, with no selector.)
+        wait_for(lambda: _phase("bot", "Succeeded") == 1.0, what="the resumed job's phase series")
+    # A settled job (finished, spec unchanged) is neither read nor reconciled again, and no
+    # child of it is read (decision 2080). (The AdapterDeployment controller's pod cache
+    # lists all pods once, with no selector.)
     job_pod_reads = [
         r for r in list(emulator)[requests_before:]
         if r.url.path.endswith("/pods") and "labelSelector" in r.params
     ]  # fmt: skip
-    assert emulator.count("get", "finetunejobs") >= 1
+    assert emulator.count("get", "finetunejobs") == 0
+    assert _reconciles("resume") == resumed
     # (kopf lists pods and trainer Jobs once each, to start its watches: no read of this job.)
     assert job_pod_reads == []
     assert emulator.count("list", "pods") == emulator.count("list", "jobs") == 1
@@ -168,6 +177,25 @@ def test_restart_after_the_result_changes_nothing(emulator: Emulator) -> None:
         w for w in emulator.writes if w.subresource == "status" and w.plural == "finetunejobs"
     ] == []
     assert len(events(emulator, "bot")) == events_before
+
+
+def test_a_finished_job_left_alone_at_restart_still_follows_edits_and_deletion(
+    emulator: Emulator,
+) -> None:
+    """Not reconciling a settled job when the operator starts loses nothing: its next spec
+    edit starts a new run, and its deletion removes its children and the finalizer."""
+    add_prerequisites(emulator)
+    with operator(emulator):
+        emulator.create(ftj_body("bot", spec()), keep_status=False)
+        finish_training(emulator, start_pod(emulator, wait_job(emulator, JOB)))
+        wait_phase(emulator, "bot", "Succeeded")
+    with operator(emulator):
+        emulator.merge_patch("finetunejobs", NS, "bot", {"spec": {"lora": {"r": 8}}})
+        wait_job(emulator, "bot-train-g2")
+        wait_for(lambda: status(emulator, "bot").get("trainerJob") == "bot-train-g2")
+        emulator.request_delete("finetunejobs", NS, "bot")
+        wait_for(lambda: emulator.read("finetunejobs", NS, "bot") is None, what="finalizer removed")
+        wait_for(lambda: trainer_jobs(emulator) == [], what="trainer Jobs removed")
 
 
 @pytest.mark.parametrize("children_delete_fails", [False, True])
