@@ -12,8 +12,10 @@ and reports:
 - the operator process's own peak RSS (VmHWM) and CPU seconds,
 - with ``--idle-seconds``: what the operator costs once every job has finished (requests a
   second, CPU, RSS, threads), and again after a restart over the same finished jobs,
-- with ``--tracemalloc DIR`` as well: the restarted operator's Python allocations at rest
-  (a tracemalloc snapshot saved in DIR, its largest sources printed to stderr);
+- with ``--tracemalloc DIR`` as well: the restarted operator's memory at rest: what holds
+  it per object (kopf's records and kept bodies, each index, the phase series) and Python's
+  allocator figures (``heldAtRest``, also saved in DIR), and unless ``--tracemalloc-frames
+  0``, a tracemalloc snapshot saved in DIR, its largest sources printed to stderr;
   ``--compare-snapshots A B`` prints what grew from snapshot A to snapshot B.
 
 By default the operator runs as its own process (``finetune-operator run``, pointed at the
@@ -205,7 +207,8 @@ def operator_process(
     command = [sys.executable, "-m", "finetune_operator.cli"]
     if snapshot_path is not None:
         env["FINETUNE_BENCH_SNAPSHOT"] = str(snapshot_path)
-        command = [sys.executable, "-X", f"tracemalloc={snapshot_frames}", "-c", TRACED_OPERATOR]
+        tracing = ["-X", f"tracemalloc={snapshot_frames}"] if snapshot_frames > 0 else []
+        command = [sys.executable, *tracing, str(TRACED_OPERATOR)]
     with open(log_path or folder / "operator.log", "w") as log:
         proc = subprocess.Popen(
             [*command, "run", "--all-namespaces"],
@@ -224,27 +227,19 @@ def operator_process(
             proc.wait()
 
 
-# The operator process under tracemalloc: SIGUSR1 makes it save a snapshot of its Python
-# allocations (after a full collection) to $FINETUNE_BENCH_SNAPSHOT, then touch "<that>.done".
-TRACED_OPERATOR = """
-import gc, os, signal, sys, tracemalloc
-def dump(*_):
-    gc.collect()
-    path = os.environ["FINETUNE_BENCH_SNAPSHOT"]
-    tracemalloc.take_snapshot().dump(path)
-    open(path + ".done", "w").close()
-signal.signal(signal.SIGUSR1, dump)
-from finetune_operator.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+# The operator under tracemalloc: SIGUSR1 makes it save a snapshot and what holds its
+# memory (see that script), then touch "<snapshot>.done".
+TRACED_OPERATOR = REPO / "bench" / "traced_operator.py"
 # How many allocation sources a snapshot report lists.
 SNAPSHOT_TOP = 25
 
 
 def take_snapshot(pid: int, path: Path, timeout: float = 120.0) -> Path:
-    """Ask a traced operator (``TRACED_OPERATOR``) for its snapshot, and wait for it."""
+    """Ask the operator run by ``TRACED_OPERATOR`` for its figures (and snapshot, if traced),
+    and wait for them."""
     done = Path(f"{path}.done")
-    done.unlink(missing_ok=True)  # left by an earlier run
+    for stale in (done, path, Path(f"{path}.json")):  # left by an earlier run
+        stale.unlink(missing_ok=True)
     os.kill(pid, signal.SIGUSR1)
     deadline = time.monotonic() + timeout
     while not done.exists():
@@ -371,10 +366,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     **idle_window(api, pid, args.idle_seconds),
                 }
                 if snapshot is not None:
-                    figures["idleAfterRestart"]["tracemallocSnapshot"] = str(
-                        take_snapshot(pid, snapshot)
+                    take_snapshot(pid, snapshot)
+                    figures["idleAfterRestart"]["heldAtRest"] = json.loads(
+                        Path(f"{snapshot}.json").read_text()
                     )
-                    print("\n".join(snapshot_report(snapshot)), file=sys.stderr)
+                    if snapshot.exists():  # traced (--tracemalloc-frames above 0)
+                        figures["idleAfterRestart"]["tracemallocSnapshot"] = str(snapshot)
+                        print("\n".join(snapshot_report(snapshot)), file=sys.stderr)
     figures["operatorCpuCoresAverage"] = round(
         figures["operatorCpuSeconds"] / figures["wallSeconds"], 2
     )
@@ -622,16 +620,17 @@ def main(argv: list[str] | None = None) -> int:
         "--tracemalloc",
         default=None,
         metavar="DIR",
-        help="with --idle-seconds: run the restarted operator under tracemalloc and save its "
-        "snapshot at rest in DIR (restart-<jobs>.snapshot); its figures then include "
-        "tracemalloc's own memory",
+        help="with --idle-seconds: measure what holds the restarted operator's memory at rest "
+        "(heldAtRest; DIR/restart-<jobs>.snapshot.json) and save its tracemalloc snapshot in "
+        "DIR (restart-<jobs>.snapshot); traced, its figures include tracemalloc's own memory",
     )
     parser.add_argument(
         "--tracemalloc-frames",
         type=int,
         default=1,
         help="frames kept of each allocation's traceback (more: slower, and reports group "
-        "by whole tracebacks)",
+        "by whole tracebacks; 0: no tracing, only what holds memory and the allocator's "
+        "figures, with the RSS of an untraced process)",
     )
     parser.add_argument(
         "--compare-snapshots",
