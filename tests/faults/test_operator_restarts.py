@@ -3,13 +3,16 @@ children, no lost status, no finalizer left behind."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 
 import pytest
 from finetune_local import Emulator
 from finetune_operator import metrics
+from finetune_operator.policy import Policy
 from support.cluster import (
+    FAST,
     NS,
     add_prerequisites,
     events,
@@ -196,6 +199,24 @@ def test_a_finished_job_left_alone_at_restart_still_follows_edits_and_deletion(
         emulator.request_delete("finetunejobs", NS, "bot")
         wait_for(lambda: emulator.read("finetunejobs", NS, "bot") is None, what="finalizer removed")
         wait_for(lambda: trainer_jobs(emulator) == [], what="trainer Jobs removed")
+
+
+def test_a_job_refused_before_its_run_is_checked_again_when_the_operator_restarts(
+    emulator: Emulator,
+) -> None:
+    """A job that ended before any run started is not settled for good: the operator
+    restarted under a new policy reconciles it, and the run starts (decision 2080)."""
+    add_prerequisites(emulator)
+    strict = dataclasses.replace(FAST, policy=Policy(max_gpus_per_job=0))
+    with operator(emulator, strict):
+        emulator.create(ftj_body("bot", spec()), keep_status=False)
+        refused = wait_phase(emulator, "bot", "Failed")
+    assert "trainerJob" not in refused and trainer_jobs(emulator) == []
+    assert any(c["reason"] == "PolicyViolation" for c in refused["conditions"])
+    with operator(emulator):
+        wait_job(emulator, JOB)
+        wait_phase(emulator, "bot", "Pending")
+    assert_one_run(emulator)
 
 
 @pytest.mark.parametrize("children_delete_fails", [False, True])
