@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 from finetune_local import Emulator
 from finetune_operator import metrics
+from finetune_operator.domain.times import parse_rfc3339
 from finetune_operator.policy import Policy
 from support.cluster import (
     FAST,
@@ -43,6 +44,12 @@ def _reconciles(trigger: str) -> float:
 def _phase(name: str, phase: str) -> float | None:
     return metrics.REGISTRY.get_sample_value(
         "finetune_jobs", {"namespace": NS, "name": name, "phase": phase}
+    )
+
+
+def _last_success() -> float | None:
+    return metrics.REGISTRY.get_sample_value(
+        "finetune_job_last_success_timestamp_seconds", {"namespace": NS}
     )
 
 
@@ -156,9 +163,15 @@ def test_restart_after_the_result_changes_nothing(emulator: Emulator) -> None:
     emulator.reset_counters()
     requests_before = len(list(emulator))
     resumed = _reconciles("resume")
-    metrics.forget_ftj(NS, "bot")  # the restarted operator makes its phase series again
+    # A fresh process has neither series; the restarted operator sets both again from status.
+    metrics.forget_ftj(NS, "bot")
+    metrics.ftj_last_success.remove(NS)
+    metrics._last_success.pop(NS)
     with operator(emulator):
         wait_for(lambda: _phase("bot", "Succeeded") == 1.0, what="the resumed job's phase series")
+        wait_for(lambda: _last_success() is not None, what="the namespace's newest success")
+    completed = parse_rfc3339(before["completedAt"])
+    assert completed is not None and _last_success() == completed.timestamp()
     # A settled job (finished, spec unchanged) is neither read nor reconciled again, and no
     # child of it is read (decision 2080). (The AdapterDeployment controller's pod cache
     # lists all pods once, with no selector.)
