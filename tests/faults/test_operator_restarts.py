@@ -214,6 +214,22 @@ def test_a_finished_job_left_alone_at_restart_still_follows_edits_and_deletion(
         wait_for(lambda: trainer_jobs(emulator) == [], what="trainer Jobs removed")
 
 
+def test_a_finished_job_edited_while_the_operator_is_down_starts_its_new_run(
+    emulator: Emulator,
+) -> None:
+    """A job edited while the operator was down is not left alone at restart: its verdict is
+    for the old spec, and the restarted operator starts the run of the new generation."""
+    add_prerequisites(emulator)
+    with operator(emulator):
+        emulator.create(ftj_body("bot", spec()), keep_status=False)
+        finish_training(emulator, start_pod(emulator, wait_job(emulator, JOB)))
+        wait_phase(emulator, "bot", "Succeeded")
+    emulator.merge_patch("finetunejobs", NS, "bot", {"spec": {"lora": {"r": 8}}})
+    with operator(emulator):
+        wait_job(emulator, "bot-train-g2")
+        wait_for(lambda: status(emulator, "bot").get("trainerJob") == "bot-train-g2")
+
+
 def test_a_job_refused_before_its_run_is_checked_again_when_the_operator_restarts(
     emulator: Emulator,
 ) -> None:
