@@ -195,6 +195,34 @@ def test_restart_after_the_result_changes_nothing(emulator: Emulator) -> None:
     assert len(events(emulator, "bot")) == events_before
 
 
+def test_restart_after_a_failed_run_changes_nothing(emulator: Emulator) -> None:
+    """A failed verdict is as final as a success: not read, not reconciled, not counted
+    again; its phase series comes back."""
+    add_prerequisites(emulator)
+    with operator(emulator):
+        emulator.create(ftj_body("bot", spec()), keep_status=False)
+        pod = start_pod(emulator, wait_job(emulator, JOB))
+        emulator.terminate_container(
+            NS, pod, exit_code=137, reason="OOMKilled", container="trainer"
+        )
+        emulator.set_job_finished(NS, JOB, succeeded=False)
+        wait_phase(emulator, "bot", "Failed")
+    before = status(emulator, "bot")
+    emulator.reset_counters()
+    resumed = _reconciles("resume")
+    errors = metrics.REGISTRY.get_sample_value(
+        "finetune_job_errors_total", {"namespace": NS, "reason": "OOMKilled"}
+    )
+    metrics.forget_ftj(NS, "bot")
+    with operator(emulator):
+        wait_for(lambda: _phase("bot", "Failed") == 1.0, what="the resumed job's phase series")
+    assert emulator.count("get", "finetunejobs") == 0 and _reconciles("resume") == resumed
+    assert status(emulator, "bot") == before and emulator.writes == []
+    assert errors == metrics.REGISTRY.get_sample_value(
+        "finetune_job_errors_total", {"namespace": NS, "reason": "OOMKilled"}
+    )
+
+
 def test_a_finished_job_left_alone_at_restart_still_follows_edits_and_deletion(
     emulator: Emulator,
 ) -> None:
