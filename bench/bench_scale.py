@@ -11,7 +11,12 @@ and reports:
 - status writes that changed nothing,
 - the operator process's own peak RSS (VmHWM) and CPU seconds,
 - with ``--idle-seconds``: what the operator costs once every job has finished (requests a
-  second, CPU, RSS, threads), and again after a restart over the same finished jobs.
+  second, CPU, RSS, threads), and again after a restart over the same finished jobs,
+- with ``--tracemalloc DIR`` as well: the restarted operator's memory at rest: what holds
+  it per object (kopf's records and kept bodies, each index, the phase series) and Python's
+  allocator figures (``heldAtRest``, also saved in DIR), and unless ``--tracemalloc-frames
+  0``, a tracemalloc snapshot saved in DIR, its largest sources printed to stderr;
+  ``--compare-snapshots A B`` prints what grew from snapshot A to snapshot B.
 
 By default the operator runs as its own process (``finetune-operator run``, pointed at the
 emulated API through a kubeconfig), as it would in a cluster; this process holds the API
@@ -32,6 +37,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -180,11 +186,15 @@ def operator_process(
     log_path: Path | None = None,
     polls_per_second: float = 20.0,
     operator_source: Path | None = None,
+    snapshot_path: Path | None = None,
+    snapshot_frames: int = 1,
 ) -> Iterator[int]:
     """``finetune-operator run -A`` as its own process; yields its pid once it watches.
 
     ``operator_source``: the folder holding the ``finetune_operator`` package to run (another
-    version's, to compare); this tree's by default.
+    version's, to compare); this tree's by default. ``snapshot_path``: run it under
+    tracemalloc (``snapshot_frames`` frames a trace), saving a snapshot there when asked
+    (:func:`take_snapshot`).
     """
     env = dict(
         os.environ,
@@ -194,9 +204,14 @@ def operator_process(
         FINETUNE_PROGRESS_POLL_SECONDS=str(poll_seconds),
         FINETUNE_PROGRESS_POLLS_PER_SECOND=str(polls_per_second),
     )
+    command = [sys.executable, "-m", "finetune_operator.cli"]
+    if snapshot_path is not None:
+        env["FINETUNE_BENCH_SNAPSHOT"] = str(snapshot_path)
+        tracing = ["-X", f"tracemalloc={snapshot_frames}"] if snapshot_frames > 0 else []
+        command = [sys.executable, *tracing, str(TRACED_OPERATOR)]
     with open(log_path or folder / "operator.log", "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "finetune_operator.cli", "run", "--all-namespaces"],
+            [*command, "run", "--all-namespaces"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -212,7 +227,83 @@ def operator_process(
             proc.wait()
 
 
-def _wait_watching(api: Any, timeout: float = 60.0) -> None:
+# The operator under tracemalloc: SIGUSR1 makes it save a snapshot and what holds its
+# memory (see that script), then touch "<snapshot>.done".
+TRACED_OPERATOR = REPO / "bench" / "traced_operator.py"
+# How many allocation sources a snapshot report lists.
+SNAPSHOT_TOP = 25
+
+
+def take_snapshot(pid: int, path: Path, timeout: float = 120.0) -> Path:
+    """Ask the operator run by ``TRACED_OPERATOR`` for its figures (and snapshot, if traced),
+    and wait for them."""
+    done = Path(f"{path}.done")
+    for stale in (done, path, Path(f"{path}.json")):  # left by an earlier run
+        stale.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while not done.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the operator did not save its tracemalloc snapshot in time")
+        time.sleep(0.2)
+    return path
+
+
+def _own_traces(snapshot: Any) -> Any:
+    import tracemalloc
+
+    return snapshot.filter_traces(
+        (
+            tracemalloc.Filter(False, tracemalloc.__file__),
+            tracemalloc.Filter(False, "<frozen importlib._bootstrap*>"),
+        )
+    )
+
+
+def _group(snapshot: Any) -> str:
+    """By line with one frame a trace, else by whole traceback (where it was allocated from)."""
+    return "traceback" if snapshot.traceback_limit > 1 else "lineno"
+
+
+def _where(traceback: Any) -> str:
+    """A traceback on one line, innermost frame first (paths shortened to the package)."""
+    frames = []
+    for frame in list(reversed(traceback))[:8]:
+        parts = Path(frame.filename).parts
+        short = "/".join(parts[-2:]) if len(parts) > 1 else frame.filename
+        frames.append(f"{short}:{frame.lineno}")
+    return " < ".join(frames)
+
+
+def snapshot_report(path: Path, top: int = SNAPSHOT_TOP) -> list[str]:
+    """The largest allocation sources of one snapshot."""
+    import tracemalloc
+
+    snapshot = _own_traces(tracemalloc.Snapshot.load(str(path)))
+    stats = snapshot.statistics(_group(snapshot))
+    total = sum(stat.size for stat in stats)
+    lines = [f"{path}: {total / 1024:.0f} KiB in {sum(s.count for s in stats)} blocks"]
+    lines += [f"{s.size / 1024:10.1f} KiB {s.count:8d}  {_where(s.traceback)}" for s in stats[:top]]
+    return lines
+
+
+def snapshot_diff(before: Path, after: Path, top: int = SNAPSHOT_TOP) -> list[str]:
+    """What grew from snapshot ``before`` to ``after``, largest first."""
+    import tracemalloc
+
+    old = _own_traces(tracemalloc.Snapshot.load(str(before)))
+    new = _own_traces(tracemalloc.Snapshot.load(str(after)))
+    diff = new.compare_to(old, _group(new))
+    grown = sum(d.size_diff for d in diff)
+    lines = [f"{before} -> {after}: {grown / 1024:+.0f} KiB"]
+    lines += [
+        f"{d.size_diff / 1024:+10.1f} KiB {d.count_diff:+8d}  {_where(d.traceback)}"
+        for d in diff[:top]
+    ]
+    return lines
+
+
+def _wait_watching(api: Any, timeout: float = 180.0) -> None:
     """Until the operator opened its watches (FineTuneJobs and Jobs)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -266,13 +357,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             restart = Path(tmp) / "restart"
             restart.mkdir()
             api.reset_counters()
-            with _operator(args, server.url, restart) as pid:
+            snapshot = _snapshot_path(args)
+            with _operator(args, server.url, restart, snapshot) as pid:
                 _wait_watching(api)
                 _settle(api)
                 figures["idleAfterRestart"] = {
                     "startupRequests": api.count(),
                     **idle_window(api, pid, args.idle_seconds),
                 }
+                if snapshot is not None:
+                    take_snapshot(pid, snapshot)
+                    figures["idleAfterRestart"]["heldAtRest"] = json.loads(
+                        Path(f"{snapshot}.json").read_text()
+                    )
+                    if snapshot.exists():  # traced (--tracemalloc-frames above 0)
+                        figures["idleAfterRestart"]["tracemallocSnapshot"] = str(snapshot)
+                        print("\n".join(snapshot_report(snapshot)), file=sys.stderr)
     figures["operatorCpuCoresAverage"] = round(
         figures["operatorCpuSeconds"] / figures["wallSeconds"], 2
     )
@@ -314,13 +414,31 @@ def _threads(pid: int) -> int:
     return -1
 
 
+def _snapshot_path(args: argparse.Namespace) -> Path | None:
+    """Where the restarted operator's snapshot goes (named by the job count), if traced."""
+    if not args.tracemalloc:
+        return None
+    folder = Path(args.tracemalloc)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"restart-{args.jobs}.snapshot"
+
+
 @contextlib.contextmanager
-def _operator(args: argparse.Namespace, url: str, folder: Path) -> Iterator[int]:
+def _operator(
+    args: argparse.Namespace, url: str, folder: Path, snapshot: Path | None = None
+) -> Iterator[int]:
     if not args.single_process:
         log_path = Path(args.operator_log) if args.operator_log else None
         source = Path(args.operator_source) if args.operator_source else None
         with operator_process(
-            url, args.poll_seconds, folder, log_path, args.polls_per_second, source
+            url,
+            args.poll_seconds,
+            folder,
+            log_path,
+            args.polls_per_second,
+            source,
+            snapshot,
+            args.tracemalloc_frames,
         ) as pid:
             yield pid
         return
@@ -498,8 +616,37 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="folder holding the finetune_operator package to run (another version's)",
     )
+    parser.add_argument(
+        "--tracemalloc",
+        default=None,
+        metavar="DIR",
+        help="with --idle-seconds: measure what holds the restarted operator's memory at rest "
+        "(heldAtRest; DIR/restart-<jobs>.snapshot.json) and save its tracemalloc snapshot in "
+        "DIR (restart-<jobs>.snapshot); traced, its figures include tracemalloc's own memory",
+    )
+    parser.add_argument(
+        "--tracemalloc-frames",
+        type=int,
+        default=1,
+        help="frames kept of each allocation's traceback (more: slower, and reports group "
+        "by whole tracebacks; 0: no tracing, only what holds memory and the allocator's "
+        "figures, with the RSS of an untraced process)",
+    )
+    parser.add_argument(
+        "--compare-snapshots",
+        nargs=2,
+        default=None,
+        metavar=("BEFORE", "AFTER"),
+        help="print what grew from snapshot BEFORE to AFTER (by file and line) and exit",
+    )
     parser.add_argument("--table", action="store_true", help="also print a readable summary")
     args = parser.parse_args(argv)
+    if args.compare_snapshots:
+        before, after = (Path(p) for p in args.compare_snapshots)
+        print("\n".join(snapshot_report(after) + snapshot_diff(before, after)))
+        return 0
+    if args.tracemalloc and (args.single_process or args.idle_seconds <= 0):
+        parser.error("--tracemalloc needs --idle-seconds and the operator in its own process")
     if args.switch_interval > 0:
         sys.setswitchinterval(args.switch_interval)
     out = run(args)

@@ -28,6 +28,7 @@ from ..api.finetunejob import (
     PLURAL,
     ConditionType,
     FineTuneJobSpec,
+    FineTuneJobStatus,
     Phase,
     parse_status,
     status_wire,
@@ -561,14 +562,27 @@ async def _read_ftj(
     return body
 
 
+def _gpu_product(body: Mapping[str, Any]) -> str:
+    return str(((body.get("spec") or {}).get("resources") or {}).get("gpuProduct") or "unknown")
+
+
+def _record_status_metrics(
+    namespace: str, name: str, status: FineTuneJobStatus, body: Mapping[str, Any]
+) -> str:
+    """The series a job's status sets on every reconcile (and a restart restores); its GPU
+    product."""
+    metrics.set_ftj_phase(namespace, name, status.phase)
+    if status.phase == Phase.SUCCEEDED:
+        metrics.record_success(namespace, status.completed_at)
+    product = _gpu_product(body)
+    metrics.see_gpu_product(namespace, product)
+    return product
+
+
 def _record_metrics(obs: Observed, p: Plan, body: Mapping[str, Any]) -> None:
     status = p.status
-    metrics.set_ftj_phase(obs.namespace, obs.name, status.phase)
-    if status.phase == Phase.SUCCEEDED:
-        metrics.record_success(obs.namespace, status.completed_at)
+    product = _record_status_metrics(obs.namespace, obs.name, status, body)
     before, after = is_terminal(obs.status), is_terminal(status)
-    product = ((body.get("spec") or {}).get("resources") or {}).get("gpuProduct") or "unknown"
-    metrics.see_gpu_product(obs.namespace, product)
     if after and not before:
         for gate in status.gates or []:
             metrics.ftj_gate_results.labels(
@@ -662,13 +676,33 @@ async def release_client(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
-async def on_change(name: str, namespace: str | None, memo: Any, reason: str, **_: Any) -> None:
+async def on_change(
+    name: str, namespace: str | None, memo: Any, reason: str, body: kopf.Body, **_: Any
+) -> None:
     kube, config = runtime(memo)
     state = run_state(memo)
+    if reason == kopf.Reason.RESUME and _resumed_settled(str(namespace), name, body):
+        return
     _raise_for_outcome(
         await reconcile(kube, config, str(namespace), name, trigger=str(reason), state=state),
         config,
     )
+
+
+def _resumed_settled(namespace: str, name: str, body: Mapping[str, Any]) -> bool:
+    """Whether the job kopf resumes (an operator start) is a settled run: its trainer ran and
+    has a verdict for the current spec, so a reconcile could change nothing. It is then
+    neither read again nor reconciled; only the metric series a reconcile would set are set
+    (phase, newest success, GPU product; decision 2080). A later spec change is an update,
+    reconciled as ever. Jobs that ended before any run started (invalid spec, policy,
+    refused) are checked again, since a new operator version or policy may let them start."""
+    status = parse_status(body.get("status"))
+    generation = int((body.get("metadata") or {}).get("generation") or 1)
+    if status.trainer_job is None or not is_settled(status, generation):
+        return False
+    metrics.see_namespace(namespace)
+    _record_status_metrics(namespace, name, status, body)
+    return True
 
 
 # kopf waits this long for a stopped poller to return by itself (it wakes at once; one in a
