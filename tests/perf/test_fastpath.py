@@ -35,6 +35,15 @@ LLAMA3_8B = ModelShape(
 GIB = 1024**3
 
 
+@pytest.fixture
+def without_offload(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain checkpointing only: the margin's zones as they are where the planner may not
+    offload (offload's own zones are tested with the switch on)."""
+    from finetune_operator.domain import packed_memory
+
+    monkeypatch.setattr(packed_memory, "AUTO_ACTIVATION_OFFLOAD", False)
+
+
 def test_lora_params_of_llama3_8b_r64() -> None:
     # r * (in + out) for q, k, v, o, gate, up, down, times 32 layers: the well-known 168M.
     assert LLAMA3_8B.lora_params(64) == 167_772_160
@@ -52,41 +61,41 @@ def test_predicted_peak_grows_with_tokens_and_without_checkpointing() -> None:
     assert peak(4096, False) < peak(8192, False)
 
 
-# Peak reserved GiB on the H100 (Llama-3-8B shape, QLoRA r=64 on all projections):
-# bench/results/h100-train-2026-11-23.json (first four) and bench/results/h100-2026-11-23/train.json.
+# Peak reserved GiB on the H100 with expandable allocator segments, as the trainer runs
+# (Llama-3-8B shape, QLoRA r=64 on all projections; the fast path's dropout keeps no inputs):
+# bench/results/h100-2026-12-07/grid.json.
 H100_PEAKS = [
-    (16384, True, 0.05, 17.21),
-    (8192, True, 0.05, 10.95),
-    (4096, False, 0.05, 34.04),
-    (8192, False, 0.05, 62.75),
-    (24576, True, 0.05, 20.08),
-    (32768, True, 0.05, 24.81),
-    (32768, True, 0.0, 23.06),
-    (12288, False, 0.0, 65.79),
-    (8192, False, 0.0, 46.29),
+    (4096, True, False, 0.0, 7.80),
+    (8192, True, False, 0.0, 9.62),
+    (16384, True, False, 0.0, 13.29),
+    (16384, True, True, 0.0, 10.55),
+    (12288, False, False, 0.0, 62.86),
+    (12288, False, False, 0.05, 63.20),
 ]
 
 
-@pytest.mark.parametrize(("tokens", "gc", "dropout", "measured_gib"), H100_PEAKS)
+@pytest.mark.parametrize(("tokens", "gc", "offload", "dropout", "measured_gib"), H100_PEAKS)
 def test_memory_model_matches_the_h100_measurements(
-    tokens: int, gc: bool, dropout: float, measured_gib: float
+    tokens: int, gc: bool, offload: bool, dropout: float, measured_gib: float
 ) -> None:
-    """Never under by more than 1%, never over by more than 16%."""
+    """Within 10%, and never under by more than 4% (the measured peak includes the CUDA
+    context the model counts as overhead)."""
     predicted = predict_peak_bytes(
         LLAMA3_8B,
         method="qlora",
         lora_rank=64,
         tokens=tokens,
         gradient_checkpointing=gc,
+        activation_offload=offload,
         lora_dropout=dropout,
+        dropout_saves_inputs=False,
     )
-    reserved = (predicted - MemoryCoefficients().overhead_bytes) / GIB
-    assert -0.01 <= reserved / measured_gib - 1 <= 0.16
+    error = predicted / ((measured_gib * GIB) + MemoryCoefficients().overhead_bytes) - 1
+    assert -0.04 <= error <= 0.10
 
 
 # Other shapes, QLoRA r=16, dropout 0.05, expandable allocator segments as the trainer sets
-# them: bench/results/h100-2026-11-23/packed-qwen2.5-*.json. Over-prediction is larger on
-# the small shapes (the safe side); under-prediction stays within 5%.
+# them, PEFT's dropout (it keeps its inputs): bench/results/h100-2026-11-23/packed-qwen2.5-*.json.
 OTHER_SHAPE_PEAKS = [
     ("qwen2.5-0.5b", 16384, False, 23.96),
     ("qwen2.5-0.5b", 8192, False, 12.61),
@@ -97,7 +106,7 @@ OTHER_SHAPE_PEAKS = [
 
 
 @pytest.mark.parametrize(("family", "tokens", "gc", "measured_gib"), OTHER_SHAPE_PEAKS)
-def test_memory_model_on_other_shapes_never_under_predicts_much(
+def test_memory_model_matches_other_shapes(
     family: str, tokens: int, gc: bool, measured_gib: float
 ) -> None:
     from finetune_operator.domain.estimator import MODEL_FAMILIES
@@ -110,8 +119,8 @@ def test_memory_model_on_other_shapes_never_under_predicts_much(
         gradient_checkpointing=gc,
         lora_dropout=0.05,
     )
-    reserved = (predicted - MemoryCoefficients().overhead_bytes) / GIB
-    assert reserved / measured_gib - 1 >= -0.05
+    error = predicted / ((measured_gib * GIB) + MemoryCoefficients().overhead_bytes) - 1
+    assert -0.04 <= error <= 0.10
 
 
 def test_lora_dropout_costs_memory_without_checkpointing() -> None:
@@ -125,7 +134,7 @@ def test_lora_dropout_costs_memory_without_checkpointing() -> None:
             lora_dropout=dropout,
         )
 
-    assert peak(0.05) - peak(0.0) == pytest.approx(16 * GIB, rel=0.05)  # measured: 16.2 GiB
+    assert peak(0.05) - peak(0.0) == pytest.approx(16.2 * GIB, rel=0.1)  # measured: 16.2 GiB
     assert peak(0.3) == peak(0.05)  # the copy is kept whatever the rate
 
 
@@ -159,7 +168,7 @@ def test_fast_path_and_operator_default_to_the_fused_dropout() -> None:
     [
         (70, 0.05, 8192, False),  # the whole H100: no recomputation beats a larger batch
         (70, 0.0, 12288, False),  # without dropout's copies a larger batch fits
-        (24, 0.05, 24576, True),  # a 24 GB card: the largest checkpointed batch that fits
+        (24, 0.05, 32768, True),  # a 24 GB card: the largest checkpointed batch that fits
         (24, 0.0, 32768, True),
     ],
 )
@@ -220,6 +229,7 @@ def _plan_smallest(method: str, budget: float, max_seq_length: int = 2048, **kw:
 
 
 @pytest.mark.parametrize(("method", "max_seq_length"), [("qlora", 2048), ("lora", 4096)])
+@pytest.mark.usefixtures("without_offload")
 def test_planner_zones_around_the_smallest_checkpointed_budget(
     method: str, max_seq_length: int
 ) -> None:
@@ -247,6 +257,7 @@ def test_planner_zones_around_the_smallest_checkpointed_budget(
     assert not isinstance(over.value, WithinPredictionMargin)
 
 
+@pytest.mark.usefixtures("without_offload")
 def test_only_the_checkpointed_configuration_gets_the_margin() -> None:
     budget = _smallest_checkpointed_gib("qlora") / (1 + PREDICTION_MARGIN) + 0.01
     with pytest.raises(ValueError) as refused:
@@ -387,6 +398,7 @@ def test_apply_replans_when_resolved_choices_do_not_fit(tiny_llama) -> None:
     assert report.plan["predicted_peak_gib"] <= 0.6
 
 
+@pytest.mark.usefixtures("without_offload")
 def test_fast_path_tries_the_smallest_budget_within_the_prediction_margin() -> None:
     peak = _smallest_checkpointed_gib("qlora")
     run: dict[str, Any] = {"method": "qlora", "lora_rank": 64, "max_seq_length": 2048}
