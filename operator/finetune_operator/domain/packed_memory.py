@@ -46,9 +46,9 @@ OFFLOAD_HOST_SHARE = 0.5
 # Whether the planner chooses offload by itself (activation_offload=None), for the operator's
 # fit check and the trainer alike (decision 2100; an explicit False in a benchmark turns it off).
 AUTO_ACTIVATION_OFFLOAD = True
-# How much the memory model may over-predict a checkpointed run: the largest over-prediction
-# measured for checkpointed runs on an H100 (docs/benchmarks.md, "VRAM estimator accuracy";
-# largest at small token counts). When even the smallest checkpointed micro-batch is predicted
+# How much the memory model may over-predict a checkpointed run. The measured runs are within
+# 10% (docs/benchmarks.md, "VRAM estimator accuracy"); 15% covers families not measured yet
+# (wide heads, large vocabularies). When even the smallest checkpointed micro-batch is predicted
 # over the budget, but by no more than this share, the run may still fit: the operator does
 # not refuse it (Fits=Unknown) and the trainer tries that micro-batch (decision 2050).
 PREDICTION_MARGIN = 0.15
