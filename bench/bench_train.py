@@ -839,14 +839,14 @@ def print_table(results: list[dict[str, Any]], baseline: dict[str, Any] | None) 
 
 def use_planner_settings(coefficients: Path | None, auto_offload: bool) -> None:
     """Point the packed planner (the trainer's and this harness's) at other coefficients or
-    let it offload by itself, for this process."""
+    keep it from offloading by itself, for this process."""
     from finetune_operator.domain import packed_memory
 
     if coefficients is not None:
         fields = json.loads(coefficients.read_text())
         packed_memory.COEFFICIENTS = packed_memory.MemoryCoefficients(**fields)
-    if auto_offload:
-        packed_memory.AUTO_ACTIVATION_OFFLOAD = True
+    if not auto_offload:
+        packed_memory.AUTO_ACTIVATION_OFFLOAD = False
 
 
 def planner_settings() -> dict[str, Any]:
@@ -935,9 +935,11 @@ def main(argv: list[str] | None = None) -> int:
         "(compare_packed_memory.py --fit --write): measures what a refit would pick",
     )
     parser.add_argument(
-        "--auto-offload",
-        action="store_true",
-        help="let the planner choose activation offload by itself (fast@BUDGET variants)",
+        "--no-auto-offload",
+        dest="auto_offload",
+        action="store_false",
+        help="keep the planner from choosing activation offload by itself (fast@BUDGET "
+        "variants; it does by default, decision 2100): what plain checkpointing gets",
     )
     parser.add_argument("--out", type=Path, default=Path("bench-train.json"))
     args = parser.parse_args(argv)

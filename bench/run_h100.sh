@@ -42,11 +42,11 @@ case "${1:-train}" in
     ;;
   speed)
     # LoRA dropout 0 everywhere: Unsloth's fast path needs it, so the comparison is like for like.
-    # COEFFICIENTS (default: the fit `grid` left in /tmp/fit, if any) and AUTO_OFFLOAD=1 measure
-    # what the planner would pick with a refit and with offload chosen by itself.
+    # COEFFICIENTS (default: the fit `grid` left in /tmp/fit, if any) and NO_AUTO_OFFLOAD=1 measure
+    # what the planner would pick with a refit and with plain checkpointing only.
     coef=${COEFFICIENTS:-/tmp/fit/coefficients.json}
     planner=(); [ -f "$coef" ] && planner+=(--memory-coefficients "$coef")
-    [ -n "${AUTO_OFFLOAD:-}" ] && planner+=(--auto-offload)
+    [ -n "${NO_AUTO_OFFLOAD:-}" ] && planner+=(--no-auto-offload)
     python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --lora-dropout 0 "${planner[@]}" \
       --variants "${SPEED_VARIANTS:-unsloth:8192,unsloth:16384,fast@8,fast@10,fast@16,fast@24,fast:16384:gc,fast:16384:gc:offload}" \
       --steps 5 --warmup-steps 2 --rows 1500 --unsloth-timeout 180 \
