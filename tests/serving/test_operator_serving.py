@@ -157,6 +157,18 @@ def test_rolling_failure_rolls_back_automatically(env: Env) -> None:
     # Not retried while the spec stays the same.
     assert env.status("support")["phase"] == "RolledBack"
     assert [h["outcome"] for h in env.status("support")["history"]] == ["Available", "RolledBack"]
+    # Later passes keep reporting the restore: scaled up, the Deployment's new replica shows
+    # in Available's message, its reason stays PreviousRevisionRestored.
+    env.api.merge_patch("deployments", NS, "llm", {"spec": {"replicas": 3}})
+    wait_for(
+        lambda: "3/3 replicas available" in env.condition("support", "Available")["message"],
+        30,
+        what=f"the third replica counted: {env.status('support')}",
+    )
+    available = env.condition("support", "Available")
+    assert available["reason"] == "PreviousRevisionRestored", available
+    assert available["message"] == "revision 1 restored: 3/3 replicas available"
+    assert env.status("support")["phase"] == "RolledBack"
 
 
 def test_rank_above_server_maximum_is_refused_with_the_flag(env: Env) -> None:

@@ -136,6 +136,55 @@ def test_a_stalled_rollout_is_rolled_back_after_the_progress_deadline_and_not_be
     assert p.actions == () and p.status.current.digest == D1
 
 
+def _restored_after_a_failed_upgrade() -> tuple[Observed, Any]:
+    """Revision 1 serves; revision 2's pods never start and the Deployment reports
+    ProgressDeadlineExceeded; the rollback's pass restores revision 1's template and the
+    next pass sees it complete. Returns the object as that pass left it, and its plan."""
+    obs = observed(spec(), target=deployment(digest=D1), pods=pods(D1))
+    _, obs = run(obs, at(0))
+    _, obs = run(obs, at(1))
+    obs = replace(obs, spec=spec(URI2, D2), generation=2)
+    _, obs = run(obs, at(10))
+    timed_out = deployment(
+        digest=D2, generation=3, ready=2, updated=2,
+        conditions=[{"type": "Progressing", "reason": "ProgressDeadlineExceeded"}],
+    )  # fmt: skip
+    p, obs = run(replace(obs, target=timed_out), at(12))
+    assert p.status.phase == "RolledBack" and p.status.current.outcome == "RollingBack"
+    p, obs = run(replace(obs, target=deployment(digest=D1, generation=4)), at(13))
+    assert _condition(p, "Available").reason == "PreviousRevisionRestored"
+    return obs, p
+
+
+def test_a_restored_revision_stays_reported_as_restored_on_later_passes() -> None:
+    """A later pass (woken by a pod of the failed revision going away) keeps Available's
+    PreviousRevisionRestored and writes nothing: the restore is not reworded into an
+    ordinary completed rollout while the rollback stands."""
+    obs, restored = _restored_after_a_failed_upgrade()
+    p, obs = run(replace(obs, pods=pods(D1)), at(14))
+    available = _condition(p, "Available")
+    assert (available.status, available.reason) == ("True", "PreviousRevisionRestored")
+    assert available.message == "revision 1 restored: 2/2 replicas available"
+    assert p.status == restored.status and p.actions == () and p.next == Next.IDLE
+    # Still so after the replicas were gone for a while and came back.
+    _, obs = run(replace(obs, target=deployment(digest=D1, generation=4, ready=0)), at(20))
+    p, _ = run(replace(obs, target=deployment(digest=D1, generation=4)), at(30))
+    assert _condition(p, "Available").reason == "PreviousRevisionRestored"
+    assert p.status.phase == "RolledBack"
+
+
+def test_the_next_completed_rollout_after_a_restore_reports_rollout_complete() -> None:
+    obs, _ = _restored_after_a_failed_upgrade()
+    obs = replace(obs, spec=spec("pvc://adapters/v3", "sha256:" + "3" * 64), generation=3)
+    p, obs = run(obs, at(20))
+    assert p.status.current.revision == 3 and p.status.previous.outcome == "Superseded"
+    done = deployment(digest="sha256:" + "3" * 64, generation=5)
+    p, obs = run(replace(obs, target=done), at(21))
+    assert p.status.phase == "Available"
+    p, _ = run(obs, at(22))
+    assert _condition(p, "Available").reason == "RolloutComplete"
+
+
 # ------------------------------------------------------------------ Canary
 
 

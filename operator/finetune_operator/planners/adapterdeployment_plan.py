@@ -909,7 +909,7 @@ def _rollback_step(d: _Draft) -> None:
     if view.state == "Complete":
         current.outcome = Outcome.AVAILABLE
         d.history(current)
-        msg = f"revision {current.revision} restored: {view.message}"
+        msg = _restored(current, view.message)
         d.condition(ConditionType.AVAILABLE, "True", Reason.PREVIOUS_REVISION_RESTORED, msg)
         d.condition(ConditionType.PROGRESSING, "False", Reason.ROLLED_BACK, msg)
         d.records.append(Served(current.digest))
@@ -967,12 +967,29 @@ def _steady(d: _Draft) -> None:
             "the target has no available replicas",
         )  # fmt: skip
     else:
-        # Worded as when the rollout completed, so a settled object needs no new write.
+        # Worded as when the rollout (or the restore) completed, so a settled object needs
+        # no new write and a restore stays reported as one until the next rollout.
         desired = int((target.get("spec") or {}).get("replicas", 1))
-        d.condition(
-            ConditionType.AVAILABLE, "True", Reason.ROLLOUT_COMPLETE,
-            _serves(d, current, f"{available}/{desired} replicas available"),
-        )  # fmt: skip
+        detail = f"{available}/{desired} replicas available"
+        if _was_restored(d.status):
+            d.condition(
+                ConditionType.AVAILABLE, "True", Reason.PREVIOUS_REVISION_RESTORED,
+                _restored(current, detail),
+            )  # fmt: skip
+        else:
+            d.condition(
+                ConditionType.AVAILABLE, "True", Reason.ROLLOUT_COMPLETE,
+                _serves(d, current, detail),
+            )  # fmt: skip
+
+
+def _was_restored(status: AdapterDeploymentStatus) -> bool:
+    """The current revision serves again because the one after it was rolled back."""
+    return status.previous is not None and status.previous.outcome == Outcome.ROLLED_BACK
+
+
+def _restored(current: AdapterRevision, detail: str) -> str:
+    return f"revision {current.revision} restored: {detail}"
 
 
 def _serves(d: _Draft, current: AdapterRevision, detail: str) -> str:
