@@ -316,8 +316,14 @@ def test_a_configmap_moving_the_servers_port_turns_compatible_false_and_back(env
     assert compatible["reason"] == "TargetPortMismatch", compatible
     assert "set spec.target.port to 9000" in compatible["message"]
     _still_serving(env, before)
-    warnings = [e for e in env.api.events_about(NS, "support") if e.get("type") == "Warning"]
-    assert [e["reason"] for e in warnings] == ["TargetPortMismatch"]
+
+    def warnings() -> list[str]:
+        events = env.api.events_about(NS, "support")
+        return [e["reason"] for e in events if e.get("type") == "Warning"]
+
+    # kopf posts events after the status write, from its own task: wait for it
+    wait_for(warnings, 10, what="a Warning event")
+    assert warnings() == ["TargetPortMismatch"]
 
     _set_config(env, "serve-config", "max-loras: 2\n")
     wait_for(

@@ -369,7 +369,7 @@ def test_runtime_load_reload_after_restart_and_scale_up(env: Env) -> None:
     uri1, d1 = make_adapter(env.root, "v1")
     uri2, d2 = make_adapter(env.root, "v2")
     env.api.create(vllm_deployment())
-    wait_for(lambda: len(env.cluster.servers("llm")) == 2, 10)
+    wait_for(lambda: len(env.cluster.servers("llm")) == 2, 30)
     template = env.deployment()["spec"]["template"]
     env.api.create(adapter_deployment("support", uri_source(uri1, d1), strategy=runtime_strategy()))
     st = env.wait_phase("support", "Available")
@@ -383,16 +383,16 @@ def test_runtime_load_reload_after_restart_and_scale_up(env: Env) -> None:
         lambda: (
             env.cluster.pods[pod].server.adapters.get("support") == uri1.removeprefix("file://")
         ),
-        10,
+        30,  # pods restart and start: slow on a loaded 2-core machine
     )
 
     env.api.merge_patch("deployments", NS, "llm", {"spec": {"replicas": 3}})
-    wait_for(lambda: env.served() == [{"support"}] * 3, 10)
+    wait_for(lambda: env.served() == [{"support"}] * 3, 30)
     wait_for(
         lambda: (
             sorted(p.get("digest", "") for p in env.status("support").get("pods") or []) == [d1] * 3
         ),
-        10,
+        30,  # pods restart and start: slow on a loaded 2-core machine
     )
 
     env.set_spec("support", {"source": uri_source(uri2, d2)})
@@ -401,7 +401,7 @@ def test_runtime_load_reload_after_restart_and_scale_up(env: Env) -> None:
             env.status("support")["current"]["digest"] == d2
             and env.status("support")["phase"] == "Available"
         ),
-        10,
+        30,  # pods restart and start: slow on a loaded 2-core machine
     )
     assert {s.adapters["support"] for s in env.cluster.servers("llm")} == {
         uri2.removeprefix("file://")
