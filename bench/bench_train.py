@@ -171,6 +171,8 @@ def parse_variant(text: str) -> dict[str, Any]:
             "fast[@GIB][:TOKENS[:gc|nogc[:ga=N:dropout=P:offload]]]"
         )
     tokens = int(parts[1]) if len(parts) > 1 and parts[1] else None
+    if len(parts) > 2 and parts[2] not in ("gc", "nogc", ""):
+        raise SystemExit(f"unknown checkpointing {parts[2]!r} in {text!r}: use gc or nogc")
     gc_choice = {"gc": True, "nogc": False}.get(parts[2]) if len(parts) > 2 else None
     options: dict[str, str] = {}
     for part in parts[3:]:

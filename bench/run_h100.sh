@@ -8,6 +8,8 @@
 #                             # offload, and Unsloth in child processes (about 8 minutes)
 #   bench/run_h100.sh dropout # LoRA dropout 0.05, PEFT's against the fused one (speed, memory,
 #                             # 30-step loss equivalence), and dropout 0; about 7 minutes
+#   bench/run_h100.sh families # memory only: Qwen2.5-7B, Mistral-7B and a Gemma-7B shape at 4,096
+#                             # and 16,384 checkpointed tokens against the memory model (~7 min)
 #   bench/run_h100.sh grid    # one call: the 8B token grid (checkpointing, offload, dropout),
 #                             # Unsloth, then two other families' peaks (about 8 minutes;
 #                             # GRID_UNSLOTH= leaves Unsloth out, GRID_SECONDS caps the 8B part)
@@ -48,7 +50,7 @@ case "${1:-train}" in
     planner=(); [ -f "$coef" ] && planner+=(--memory-coefficients "$coef")
     [ -n "${NO_AUTO_OFFLOAD:-}" ] && planner+=(--no-auto-offload)
     python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --lora-dropout 0 "${planner[@]}" \
-      --variants "${SPEED_VARIANTS:-unsloth:8192,unsloth:16384,fast@8,fast@10,fast@16,fast@24,fast:16384:gc,fast:16384:gc:offload}" \
+      --variants "${SPEED_VARIANTS:-unsloth:8192,unsloth:16384,fast@8,fast@10,fast@12,fast@16,fast@24}" \
       --steps 5 --warmup-steps 2 --rows 1500 --unsloth-timeout 180 \
       --unsloth-site "${UNSLOTH_SITE:-$PWD/.gpu/unsloth}" --out "$out/speed.json" 2>&1 \
       | tee "$out/speed.log" | grep -v "it/s\]\|s/it\]"
@@ -98,6 +100,21 @@ case "${1:-train}" in
     }
     compile_run compile-eager "fast:8192:gc,fast:12288:nogc:dropout=0"
     compile_run compile "fast:8192:gc:compile,fast:12288:nogc:dropout=0:compile,fast:8192:gc:compile:liger"
+    ;;
+  families)
+    build() { python3 -c "import sys; sys.path.insert(0, 'bench'); from shapes import build_random_model as b; b('$1', '/tmp/m-$1', device='cpu')"; }
+    family() {
+      timeout 150 python3 bench/bench_train.py --shape "$1" --model-dir "/tmp/m-$1" \
+        --memory-budget-gib 60 --lora-dropout 0 --variants "fast:4096:gc,fast:16384:gc" \
+        --steps 2 --warmup-steps 1 --rows 800 --out "$out/memory-$1.json" > "$out/memory-$1.log" 2>&1
+    }
+    # at most two 16-bit models on the disk at a time
+    (build qwen2.5-7b & build gemma-7b & wait) > "$out/build.log" 2>&1
+    family qwen2.5-7b & family gemma-7b & wait
+    rm -rf /tmp/m-qwen2.5-7b /tmp/m-gemma-7b
+    build mistral-7b >> "$out/build.log" 2>&1 && family mistral-7b
+    grep -h '"variant"' "$out"/memory-*.log | cut -c1-300
+    python3 bench/compare_packed_memory.py "$out"/memory-*.json 2>&1 | tee "$out/compare.txt"
     ;;
   vram)
     python3 bench/bench_vram.py --out "$out/vram.json" --models-dir /tmp/vram-models 2>&1 | tee "$out/vram.log" | tail -20

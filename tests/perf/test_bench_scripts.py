@@ -233,3 +233,21 @@ def test_dropout_comparison_runs_on_the_cpu(tmp_path: Path) -> None:
     assert deq["withinTolerance"] is True
     assert deq["fusedVsPeftMaxRelativeDifference"] <= 1e-4
     assert deq["controlMaxRelativeDifference"] > deq["fusedVsPeftMaxRelativeDifference"]
+
+
+def test_every_variant_list_in_the_h100_script_parses() -> None:
+    """A typo in run_h100.sh would only show on a GPU machine, after minutes of set-up."""
+    import re
+
+    import bench_train
+
+    script = (REPO / "bench" / "run_h100.sh").read_text()
+    lists = re.findall(r'--variants "([^"]+)"', script)
+    lists = [re.sub(r"\$\{[A-Z_]+:?-([^}]*)\}", r"\1", x) for x in lists]  # the defaults
+    assert len(lists) >= 7
+    for text in lists:
+        for variant in text.split(","):
+            if variant and not variant.startswith("$"):
+                assert bench_train.parse_variant(variant)["name"] == variant
+    with pytest.raises(SystemExit, match="use gc or nogc"):
+        bench_train.parse_variant("fast:8192:gcx")
