@@ -153,6 +153,16 @@ def test_step_metrics_count_only_the_measured_steps() -> None:
     m = bench_train.step_metrics([0.0, 5.0, 6.0, 8.0], micro, 1, history, shape, args)
     assert m["measuredSteps"] == 2 and m["stepTimeS"] == 1.5  # the 5 s warm-up step is left out
     assert m["effectiveTokensPerSecond"] == 100.0  # 300 tokens in 3 s
+    # measured steps at 150/1 s and 150/2 s: the median of two is the upper one
+    assert m["medianStepTokensPerSecond"] == 150.0
+    short = [{"lengths": [100, 50], "loss_tokens": 90, "padded": 150}] * 3 + [
+        {"lengths": [10], "loss_tokens": 5, "padded": 10}
+    ]
+    args.steps = 3
+    stamps = [0.0, 5.0, 6.0, 7.0, 8.0]  # three measured steps of 1 s, the last one a short bin
+    m = bench_train.step_metrics(stamps, short, 1, history, shape, args)
+    assert m["effectiveTokensPerSecond"] == 103.3  # 310 tokens in 3 s
+    assert m["medianStepTokensPerSecond"] == 150.0  # the short bin does not move it
     assert [p["tokensSeen"] for p in m["lossCurve"]] == [150, 300, 450]
 
 
