@@ -569,3 +569,27 @@ def test_a_budget_only_offload_fits_names_the_host_memory_it_needs() -> None:
     assert plan.activation_offload
     with pytest.raises(ValueError, match=r"GiB of container memory \(resources.memory\)"):
         _plan_8b(budget, host_memory_gib=0.1)
+
+
+def test_attention_wider_than_the_fitted_shapes_is_counted_on_top() -> None:
+    """Measured shapes (query width = hidden, kv width <= hidden / 4) get nothing extra; a
+    Gemma-7B shape (16 heads of 256 on hidden 3,072, as many kv heads) and an MHA model pay
+    for the wider query, key and value their attention keeps."""
+    from dataclasses import replace
+
+    from finetune_operator.domain.estimator import MODEL_FAMILIES
+    from finetune_operator.domain.packed_memory import wide_attention_bytes_per_token_layer
+
+    for measured in (LLAMA3_8B, MODEL_FAMILIES["qwen2.5-0.5b"], MODEL_FAMILIES["qwen2.5-3b"]):
+        assert wide_attention_bytes_per_token_layer(measured) == 0
+    gemma_like = replace(LLAMA3_8B, hidden_size=3072, num_heads=16, num_kv_heads=16, head_dim=256)
+    # query 4,096 wide (1,024 over hidden), key/value 4,096 (3,328 over a quarter of hidden)
+    assert wide_attention_bytes_per_token_layer(gemma_like) == 4 * 1024 + 4 * 3328
+
+    from finetune_operator.domain.packed_memory import activation_bytes
+
+    def kept(shape: ModelShape) -> float:
+        return activation_bytes(shape, 8192, gradient_checkpointing=False, lora_dropout=0.0)
+
+    narrow = replace(gemma_like, num_heads=24, num_kv_heads=6, head_dim=128)
+    assert kept(gemma_like) - kept(narrow) == 8192 * gemma_like.num_layers * (4 * 1024 + 4 * 3328)

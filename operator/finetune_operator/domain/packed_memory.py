@@ -159,6 +159,27 @@ def trainable_state_bytes(shape: ModelShape, lora_rank: int, optimizer: str) -> 
     return n * (4.0 + 4.0 + moments)
 
 
+# Attention's saved tensors scale with the query and key/value widths, not the hidden size:
+# the varlen kernel keeps the rotated query and its output (q width), and the rotated key and
+# the value (kv width each), in 16 bits. The fitted coefficients hold them for the measured
+# shapes, whose query width equals the hidden size and whose kv width is at most a quarter of
+# it (Llama-3-8B). Wider attention (Gemma-7B: 16 heads of 256 on a hidden size of 3,072, and
+# as many kv heads) is counted on top, so the model does not under-predict it; a shape within
+# those bounds gets nothing extra.
+ATTENTION_BYTES_PER_QUERY_UNIT = 4.0
+ATTENTION_BYTES_PER_KV_UNIT = 4.0
+FITTED_KV_SHARE = 0.25
+
+
+def wide_attention_bytes_per_token_layer(shape: ModelShape) -> float:
+    """Activation bytes per token and layer of attention wider than the fitted shapes'."""
+    q_width = shape.num_heads * shape.head_dim
+    kv_width = shape.num_kv_heads * shape.head_dim
+    extra_q = max(0, q_width - shape.hidden_size)
+    extra_kv = max(0.0, kv_width - FITTED_KV_SHARE * shape.hidden_size)
+    return ATTENTION_BYTES_PER_QUERY_UNIT * extra_q + ATTENTION_BYTES_PER_KV_UNIT * extra_kv
+
+
 def activation_bytes(
     shape: ModelShape,
     tokens: int,
@@ -178,6 +199,7 @@ def activation_bytes(
     per_token_layer = (
         coef.act_per_hidden * shape.hidden_size
         + coef.act_per_intermediate * shape.intermediate_size
+        + wide_attention_bytes_per_token_layer(shape)
     )
     if lora_dropout > 0 and dropout_saves_inputs:
         adapted_inputs = 6 * shape.hidden_size + shape.intermediate_size
