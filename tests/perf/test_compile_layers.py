@@ -28,10 +28,12 @@ from finetune_trainer import compile_layers, fastpath
 from finetune_trainer import lora_dropout as ld
 from finetune_trainer import train as trainer_module
 from finetune_trainer.offload import ActivationOffloader, install
+from support.packed_training import TINY_LAYERS, packed_batch
+from support.packed_training import tiny_lora_model as shared_tiny_lora_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-LAYERS = 3
+LAYERS = TINY_LAYERS
 # Packed micro-batches of varying length; the last steps reuse lengths' graphs.
 SIZES = [40, 64, 52, 48, 70, 33, 58]
 
@@ -43,27 +45,9 @@ def fresh_compile_caches() -> None:
 
 
 def tiny_lora_model(*, dropout: float = 0.0, gc: bool = False, four_bit_mlp: bool = False) -> Any:
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+    return shared_tiny_lora_model(
+        dropout=dropout, gc=gc, prepare=quantise_mlp if four_bit_mlp else None
     )
-    base = LlamaForCausalLM(config)
-    if four_bit_mlp:
-        quantise_mlp(base)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
-    model = get_peft_model(base, lora)
-    if gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.train()
 
 
 def quantise_mlp(model: Any) -> None:
@@ -80,15 +64,6 @@ def quantise_mlp(model: Any) -> None:
             quantised.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False)
             setattr(layer.mlp, name, quantised.to("cpu"))  # quantises the weight
     model.is_loaded_in_4bit = True  # what PEFT reads to pick its 4-bit LoRA layer
-
-
-def packed_batch(step: int, tokens: int) -> dict[str, torch.Tensor]:
-    """One packed row of two sequences (position ids restart at the second)."""
-    gen = torch.Generator().manual_seed(100 + step)
-    ids = torch.randint(0, 97, (1, tokens), generator=gen)
-    split = tokens // 3
-    positions = torch.cat([torch.arange(split), torch.arange(tokens - split)])[None]
-    return {"input_ids": ids, "position_ids": positions, "labels": ids.clone()}
 
 
 def train(model: Any, choice: Any = None) -> tuple[list[float], list[dict[str, Any]]]:
@@ -278,14 +253,11 @@ def test_inductor_compiled_layers_in_the_fast_trainer_log_eager_losses(tmp_path:
     """TRL's packed training with the fast path's trainer and the fused LoRA dropout (0.1),
     Inductor-compiled layers against eager ones, gradient checkpointing on (about a minute on
     two cores: C++ code generation)."""
-    from datasets import Dataset
-    from finetune_trainer.tinymodel import build_tiny_model, build_tokenizer
-    from peft import LoraConfig
-    from support.packed_training import packed_cpu_args
+    from finetune_trainer.tinymodel import build_tiny_model
+    from support.packed_training import packed_cpu_args, packed_lora_trainer
     from transformers import AutoModelForCausalLM
 
     model_dir = build_tiny_model(tmp_path / "model", initializer_range=0.3)
-    rows = [[5 + (i * 7 + j) % 50 for j in range(6 + (i % 7) * 5)] for i in range(48)]
 
     def run(compile_: bool) -> tuple[list[float], dict[str, Any]]:
         torch.manual_seed(0)
@@ -294,15 +266,7 @@ def test_inductor_compiled_layers_in_the_fast_trainer_log_eager_losses(tmp_path:
             tmp_path / f"out-{compile_}", bf16=False, gradient_checkpointing=True
         )
         choice = compile_layers.compile_decoder_layers(model) if compile_ else None
-        trainer = fastpath.trainer_class()(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_dict({"input_ids": rows}),
-            processing_class=build_tokenizer(),
-            peft_config=LoraConfig(
-                r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"
-            ),
-        )
+        trainer = packed_lora_trainer(model, args, dropout=0.1)
         assert ld.patch_model(trainer.model).patched
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -98,9 +98,8 @@ def test_fast_path_settings_train_with_varlen_attention(tmp_path: Path) -> None:
 def _tiny_packed_run(tmp_path: Path, trainer_cls: type, grad_accum: int) -> object:
     import torch
     from datasets import Dataset
-    from finetune_trainer.tinymodel import build_tiny_model, build_tokenizer
-    from peft import LoraConfig
-    from support.packed_training import packed_cpu_args
+    from finetune_trainer.tinymodel import build_tiny_model
+    from support.packed_training import PACKED_ROWS, packed_cpu_args, packed_lora_trainer
     from transformers import AutoModelForCausalLM
 
     model_dir = tmp_path / "model"
@@ -108,7 +107,7 @@ def _tiny_packed_run(tmp_path: Path, trainer_cls: type, grad_accum: int) -> obje
         build_tiny_model(model_dir, initializer_range=0.3)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    rows = [[5 + (i * 7 + j) % 50 for j in range(6 + (i % 7) * 5)] for i in range(48)]
+    rows = PACKED_ROWS
     prompt = [min(3, len(r) // 3) for r in rows]
     dataset = Dataset.from_dict(
         {
@@ -125,13 +124,7 @@ def _tiny_packed_run(tmp_path: Path, trainer_cls: type, grad_accum: int) -> obje
         include_num_input_tokens_seen="non_padding",
         logging_nan_inf_filter=False,
     )
-    trainer = trainer_cls(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=build_tokenizer(),
-        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
-    )
+    trainer = packed_lora_trainer(model, args, dataset, trainer_cls=trainer_cls)
     trainer.train()
     return trainer
 

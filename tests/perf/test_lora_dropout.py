@@ -383,13 +383,11 @@ def test_fast_path_keeps_peft_dropout_when_asked(base: nn.Module) -> None:
 def test_fast_trainer_logs_peft_losses_with_the_fused_dropout(tmp_path: Any) -> None:
     """The trainer's own SFTTrainer on packed rows of the tiny model, LoRA dropout 0.1: the
     fused dropout logs the loss curve PEFT's dropout logs."""
-    from datasets import Dataset
-    from finetune_trainer.tinymodel import build_tiny_model, build_tokenizer
-    from support.packed_training import packed_cpu_args
+    from finetune_trainer.tinymodel import build_tiny_model
+    from support.packed_training import packed_cpu_args, packed_lora_trainer
     from transformers import AutoModelForCausalLM
 
     model_dir = build_tiny_model(tmp_path / "model", initializer_range=0.3)
-    rows = [[5 + (i * 7 + j) % 50 for j in range(6 + (i % 7) * 5)] for i in range(48)]
 
     def run(fused: bool) -> list[float]:
         torch.manual_seed(0)
@@ -399,15 +397,7 @@ def test_fast_trainer_logs_peft_losses_with_the_fused_dropout(tmp_path: Any) -> 
             bf16=False,  # float32 on the CPU: the same masks give the same numbers
             gradient_checkpointing=True,
         )
-        trainer = fastpath.trainer_class()(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_dict({"input_ids": rows}),
-            processing_class=build_tokenizer(),
-            peft_config=LoraConfig(
-                r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"
-            ),
-        )
+        trainer = packed_lora_trainer(model, args, dropout=0.1)
         if fused:
             assert len(ld.patch_model(trainer.model).patched) == 14
         trainer.train()

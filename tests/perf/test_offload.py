@@ -17,43 +17,16 @@ from finetune_trainer.offload import (
     installed,
     uninstall,
 )
+from support.packed_training import TINY_LAYERS, packed_batch
+from support.packed_training import tiny_lora_model as shared_tiny_lora_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-LAYERS = 3
+LAYERS = TINY_LAYERS
 
 
 def tiny_lora_model() -> Any:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    base = LlamaForCausalLM(config)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
-    model = get_peft_model(base, lora)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    return model
-
-
-def packed_batch(step: int, tokens: int = 48) -> dict[str, Any]:
-    import torch
-
-    gen = torch.Generator().manual_seed(100 + step)
-    ids = torch.randint(0, 97, (1, tokens), generator=gen)
-    split = tokens // 3
-    positions = torch.cat([torch.arange(split), torch.arange(tokens - split)])[None]
-    return {"input_ids": ids, "position_ids": positions, "labels": ids.clone()}
+    return shared_tiny_lora_model(gc=True)
 
 
 def train(
@@ -221,9 +194,8 @@ def _sft_run(tmp_path: Path, offloader: ActivationOffloader | None) -> list[floa
     """Five packed, checkpointed TRL steps on the tiny model; the logged losses."""
     import torch
     from datasets import Dataset
-    from finetune_trainer.tinymodel import build_tiny_model, build_tokenizer
-    from peft import LoraConfig
-    from support.packed_training import packed_cpu_args
+    from finetune_trainer.tinymodel import build_tiny_model
+    from support.packed_training import PACKED_ROWS, packed_cpu_args, packed_lora_trainer
     from transformers import AutoModelForCausalLM
 
     model_dir = tmp_path / "model"
@@ -233,18 +205,12 @@ def _sft_run(tmp_path: Path, offloader: ActivationOffloader | None) -> list[floa
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if offloader is not None:
         install(model, offloader)  # before the Trainer, as the fast path does
-    rows = [[5 + (i * 7 + j) % 50 for j in range(6 + (i % 7) * 5)] for i in range(48)]
+    rows = PACKED_ROWS
     dataset = Dataset.from_dict(
         {"input_ids": rows, "completion_mask": [[0] * 3 + [1] * (len(r) - 3) for r in rows]}
     )
     args = packed_cpu_args(tmp_path / "out", completion_only_loss=True, gradient_checkpointing=True)
-    trainer = fastpath.trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=build_tokenizer(),
-        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
-    )
+    trainer = packed_lora_trainer(model, args, dataset)
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 

@@ -1,10 +1,55 @@
 """The settings of a few packed training steps of the tiny model on the CPU, shared by the
-fast-path, offload and LoRA dropout tests (each adds what it compares)."""
+fast-path, offload, compiled-layer and LoRA dropout tests (each adds what it compares)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+TINY_LAYERS = 3
+# Token rows of 6 to 36 tokens that pack into a few bins of the tiny tokenizer's vocabulary.
+PACKED_ROWS = [[5 + (i * 7 + j) % 50 for j in range(6 + (i % 7) * 5)] for i in range(48)]
+
+
+def tiny_lora_model(
+    *, dropout: float = 0.0, gc: bool = False, prepare: Callable[[Any], None] | None = None
+) -> Any:
+    """A seeded 3-layer Llama with LoRA r=4 on every linear layer, in training mode;
+    ``prepare`` changes the base model before PEFT wraps it (e.g. 4-bit projections)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    base = LlamaForCausalLM(config)
+    if prepare is not None:
+        prepare(base)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
+    model = get_peft_model(base, lora)
+    if gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def packed_batch(step: int, tokens: int = 48) -> dict[str, Any]:
+    """One packed row of two sequences (position ids restart at the second), seeded by step."""
+    import torch
+
+    gen = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(0, 97, (1, tokens), generator=gen)
+    split = tokens // 3
+    positions = torch.cat([torch.arange(split), torch.arange(tokens - split)])[None]
+    return {"input_ids": ids, "position_ids": positions, "labels": ids.clone()}
 
 
 def packed_cpu_args(output_dir: str | Path, **overrides: Any) -> Any:
@@ -31,3 +76,31 @@ def packed_cpu_args(output_dir: str | Path, **overrides: Any) -> Any:
         "disable_tqdm": True,
     }
     return SFTConfig(**(settings | overrides))
+
+
+def packed_lora_trainer(
+    model: Any,
+    args: Any,
+    train_dataset: Any = None,
+    *,
+    dropout: float = 0.0,
+    trainer_cls: Any = None,
+) -> Any:
+    """The fast path's SFT trainer (or ``trainer_cls``) with LoRA r=4 on every linear layer,
+    on ``train_dataset`` (default: PACKED_ROWS) and the tiny tokenizer."""
+    from datasets import Dataset
+    from finetune_trainer import fastpath
+    from finetune_trainer.tinymodel import build_tokenizer
+    from peft import LoraConfig
+
+    if train_dataset is None:
+        train_dataset = Dataset.from_dict({"input_ids": PACKED_ROWS})
+    return (trainer_cls or fastpath.trainer_class())(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=build_tokenizer(),
+        peft_config=LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"
+        ),
+    )
