@@ -116,13 +116,7 @@ def test_a_canary_rollout_needs_nothing_the_chart_does_not_grant(env: Env) -> No
     env.api.create(adapter_deployment("support", uri_source(uri1, d1)))
     env.wait_phase("support", "Available")
     env.set_spec("support", {"source": uri_source(uri2, d2), "strategy": canary_strategy()})
-    wait_for(
-        lambda: (
-            env.status("support")["phase"] == "Available"
-            and env.status("support")["current"]["digest"] == d2
-        ),
-        30,
-    )
+    env.wait_available_at("support", d2, 30)
     wait_for(lambda: env.api.read("deployments", "default", "support-canary") is None, 10)
     env.api.request_delete("adapterdeployments", "default", "support")
     wait_for(lambda: env.api.read("adapterdeployments", "default", "support") is None, 10)

@@ -55,14 +55,7 @@ def test_canary_pod_restart_mid_analysis_is_not_a_failure(env: Env) -> None:
     # Keep the pod object: after promotion the canary Deployment and its pods go away.
     restarted = env.cluster.pods[canary_pods[0]]
     env.cluster.restart_pod(canary_pods[0])
-    wait_for(
-        lambda: (
-            env.status("support")["phase"] == "Available"
-            and env.status("support")["current"]["digest"] == d2
-        ),
-        40,
-        what=f"promotion: {env.status('support')}",
-    )
+    env.wait_available_at("support", d2, 40)
     st = env.status("support")
     assert st["canary"]["revision"]["outcome"] == "Promoted"
     assert st["canary"]["checksPassed"] == 3
@@ -117,12 +110,7 @@ def test_canary_pod_lost_then_replaced_resumes_the_analysis(env: Env) -> None:
     assert progressing["reason"] == "CanaryUnavailable"
     time.sleep(1.0)
     env.cluster.release_pods("support-canary")
-    wait_for(
-        lambda: env.status("support")["phase"] == "Available"
-        and env.status("support")["current"]["digest"] == d2,
-        40,
-        what=f"promotion: {env.status('support')}",
-    )  # fmt: skip
+    env.wait_available_at("support", d2, 40)
     st = env.status("support")
     assert st["canary"]["revision"]["outcome"] == "Promoted"
     assert "unavailableSince" not in st["canary"]

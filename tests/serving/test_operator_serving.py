@@ -300,13 +300,7 @@ def test_canary_promoted(env: Env) -> None:
     env.wait_phase("support", "Analyzing")
     # While analysing, the target still serves v1.
     assert env.modules() == {"support": uri1.removeprefix("file://")}
-    wait_for(
-        lambda: (
-            env.status("support")["phase"] == "Available"
-            and env.status("support")["current"]["digest"] == d2
-        ),
-        30,
-    )
+    env.wait_available_at("support", d2, 30)
     st = env.status("support")
     assert st["canary"]["checksPassed"] == 2 and st["canary"]["requests"] >= 8
     assert st["canary"]["revision"]["outcome"] == "Promoted"
@@ -396,13 +390,7 @@ def test_runtime_load_reload_after_restart_and_scale_up(env: Env) -> None:
     )
 
     env.set_spec("support", {"source": uri_source(uri2, d2)})
-    wait_for(
-        lambda: (
-            env.status("support")["current"]["digest"] == d2
-            and env.status("support")["phase"] == "Available"
-        ),
-        30,  # pods restart and start: slow on a loaded 2-core machine
-    )
+    env.wait_available_at("support", d2, 30)
     assert {s.adapters["support"] for s in env.cluster.servers("llm")} == {
         uri2.removeprefix("file://")
     }
@@ -453,22 +441,10 @@ def test_rollback_to_an_earlier_revision(env: Env) -> None:
     env.api.create(adapter_deployment("support", uri_source(uri1, d1)))
     env.wait_phase("support", "Available")
     env.set_spec("support", {"source": uri_source(uri2, d2)})
-    wait_for(
-        lambda: (
-            env.status("support")["current"]["digest"] == d2
-            and env.status("support")["phase"] == "Available"
-        ),
-        20,
-    )
+    env.wait_available_at("support", d2, 20)
 
     env.set_spec("support", {"rollback": {"toRevision": 1}})
-    wait_for(
-        lambda: (
-            env.status("support")["current"]["digest"] == d1
-            and env.status("support")["phase"] == "Available"
-        ),
-        20,
-    )
+    env.wait_available_at("support", d1, 20)
     st = env.status("support")
     assert st["current"]["revision"] == 3  # a new revision serving revision 1's adapter
     assert env.condition("support", "SourceReady")["reason"] == "RollbackToRevision"
@@ -524,12 +500,6 @@ def test_canary_resumes_after_an_operator_restart(env: Env, operator_runner) -> 
     first.stop()
     assert env.api.read("deployments", NS, "support-canary") is not None
     start_serving_operator(operator_runner)
-    wait_for(
-        lambda: (
-            env.status("support")["phase"] == "Available"
-            and env.status("support")["current"]["digest"] == d2
-        ),
-        30,
-    )
+    env.wait_available_at("support", d2, 30)
     assert env.status("support")["canary"]["checksPassed"] == 3
     wait_for(lambda: env.api.read("deployments", NS, "support-canary") is None, 10)

@@ -72,13 +72,7 @@ def test_runtime_upgrade_swaps_the_adapter_in_place_where_vllm_can(env: Env) -> 
     env.api.create(adapter_deployment("support", uri_source(uri1, d1), strategy=runtime_strategy()))
     env.wait_phase("support", "Available")
     env.set_spec("support", {"source": uri_source(uri2, d2)})
-    wait_for(
-        lambda: (
-            env.status("support")["current"]["digest"] == d2
-            and env.status("support")["phase"] == "Available"
-        ),
-        15,
-    )
+    env.wait_available_at("support", d2, 15)
     servers = env.cluster.servers("llm")
     assert {s.adapters["support"] for s in servers} == {uri2.removeprefix("file://")}
     unloads = [r for s in servers for r in s.requests_seen if r == "POST /v1/unload_lora_adapter"]
@@ -99,13 +93,7 @@ def test_a_runtime_reload_without_a_final_answer_is_made_again(env: Env) -> None
     busy = env.cluster.servers("llm")[0]
     busy.unavailable_loads = 1
     env.set_spec("support", {"source": uri_source(uri2, d2)})
-    wait_for(
-        lambda: (
-            env.status("support")["current"]["digest"] == d2
-            and env.status("support")["phase"] == "Available"
-        ),
-        15,
-    )
+    env.wait_available_at("support", d2, 15)
     assert busy.unavailable_loads == 0  # the 503 was answered
     servers = env.cluster.servers("llm")
     assert [s.adapters.get("support") for s in servers] == [uri2.removeprefix("file://")] * 2
@@ -120,14 +108,7 @@ def test_canary_of_a_model_without_chat_template_is_promoted(env: Env) -> None:
     env.api.create(adapter_deployment("support", uri_source(uri1, d1)))
     env.wait_phase("support", "Available")
     env.set_spec("support", {"source": uri_source(uri2, d2), "strategy": canary_strategy()})
-    wait_for(
-        lambda: (
-            env.status("support")["phase"] == "Available"
-            and env.status("support")["current"]["digest"] == d2
-        ),
-        30,
-        what=f"promotion: {env.status('support')}",
-    )
+    env.wait_available_at("support", d2, 30)
     assert env.status("support")["canary"]["revision"]["outcome"] == "Promoted"
 
 
@@ -161,14 +142,7 @@ def test_a_slow_canary_is_aborted_and_a_fast_one_promoted_by_generation_speed(en
 
     env.overrides.clear()  # type: ignore[attr-defined]
     env.set_spec("support", {"source": uri_source(uri3, d3), "strategy": strategy})
-    wait_for(
-        lambda: (
-            env.status("support")["phase"] == "Available"
-            and env.status("support")["current"]["digest"] == d3
-        ),
-        30,
-        what=f"promotion: {env.status('support')}",
-    )
+    env.wait_available_at("support", d3, 30)
     st = env.status("support")
     assert st["canary"]["revision"]["outcome"] == "Promoted"
     assert st["canary"]["tokensPerSecondPerRequest"] > 50
@@ -187,13 +161,7 @@ def test_runtime_upgrade_from_the_same_path_gets_a_new_adapter_id(env: Env) -> N
     (folder / "adapter_model.safetensors").write_bytes(os.urandom(256))
     d2 = write_manifest(folder, "hf://org/tiny-base", 8)
     env.set_spec("support", {"source": uri_source(uri, d2)})
-    wait_for(
-        lambda: (
-            env.status("support")["current"]["digest"] == d2
-            and env.status("support")["phase"] == "Available"
-        ),
-        15,
-    )
+    env.wait_available_at("support", d2, 15)
     servers = env.cluster.servers("llm")
     assert [s.adapter_ids["support"] for s in servers] != ids
     assert all("POST /v1/unload_lora_adapter" in s.requests_seen for s in servers)

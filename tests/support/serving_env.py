@@ -96,6 +96,18 @@ class Env:
         )
         return self.status(name)
 
+    def wait_available_at(self, name: str, digest: str, timeout: float = 20.0) -> dict:
+        """Wait until ``name`` is Available with ``digest`` as its current revision."""
+        wait_for(
+            lambda: (
+                self.status(name).get("phase") == "Available"
+                and (self.status(name).get("current") or {}).get("digest") == digest
+            ),
+            timeout,
+            what=f"{name} Available at {digest}: {self.status(name)}",
+        )
+        return self.status(name)
+
     def deployment(self, name: str = "llm") -> dict:
         return self.api.read("deployments", NS, name) or {}
 
