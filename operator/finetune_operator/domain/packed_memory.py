@@ -173,8 +173,8 @@ FITTED_KV_SHARE = 0.25
 
 def wide_attention_bytes_per_token_layer(shape: ModelShape) -> float:
     """Activation bytes per token and layer of attention wider than the fitted shapes'."""
-    q_width = shape.num_heads * shape.head_dim
-    kv_width = shape.num_kv_heads * shape.head_dim
+    projections = shape.linear_shapes()
+    q_width, kv_width = projections["q_proj"][1], projections["k_proj"][1]
     extra_q = max(0, q_width - shape.hidden_size)
     extra_kv = max(0.0, kv_width - FITTED_KV_SHARE * shape.hidden_size)
     return ATTENTION_BYTES_PER_QUERY_UNIT * extra_q + ATTENTION_BYTES_PER_KV_UNIT * extra_kv
