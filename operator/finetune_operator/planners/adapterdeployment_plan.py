@@ -972,15 +972,10 @@ def _steady(d: _Draft) -> None:
         desired = int((target.get("spec") or {}).get("replicas", 1))
         detail = f"{available}/{desired} replicas available"
         if _was_restored(d.status):
-            d.condition(
-                ConditionType.AVAILABLE, "True", Reason.PREVIOUS_REVISION_RESTORED,
-                _restored(current, detail),
-            )  # fmt: skip
+            reason, msg = Reason.PREVIOUS_REVISION_RESTORED, _restored(current, detail)
         else:
-            d.condition(
-                ConditionType.AVAILABLE, "True", Reason.ROLLOUT_COMPLETE,
-                _serves(d, current, detail),
-            )  # fmt: skip
+            reason, msg = Reason.ROLLOUT_COMPLETE, _serves(d, current, detail)
+        d.condition(ConditionType.AVAILABLE, "True", reason, msg)
 
 
 def _was_restored(status: AdapterDeploymentStatus) -> bool:
