@@ -70,6 +70,10 @@ NO_CHAT_TEMPLATE_MESSAGE = (
 )
 
 
+# The body vLLM's ScalingMiddleware sends with its 503 (not an ErrorResponse).
+SCALING_MESSAGE = "The model is currently scaling. Please try again later."
+
+
 class ServerRefusedToStart(RuntimeError):
     """The configuration would stop vLLM at startup (the message is what vLLM reports)."""
 
@@ -270,7 +274,8 @@ class ReferenceServer:
         self.adapter_ids: dict[str, int] = {}  # lora_int_id, as vLLM numbers loads
         self.requests_seen: list[str] = []  # "METHOD path" of every request, in order
         # Injected: this many next loads answer 503 and load nothing (a load that gets no
-        # final answer, e.g. the server too busy to take it).
+        # final answer), as vLLM's ScalingMiddleware answers every request while an
+        # elastic data-parallel server scales (0.11, 0.20 and 0.34 alike).
         self.unavailable_loads = 0
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
@@ -527,7 +532,7 @@ class ReferenceServer:
         body = await request.json()
         if self.unavailable_loads > 0:
             self.unavailable_loads -= 1
-            return self._error(503, "Service Unavailable (injected).", "ServiceUnavailableError")
+            return web.json_response({"error": SCALING_MESSAGE}, status=503)
         name, path = str(body.get("lora_name", "")), str(body.get("lora_path", ""))
         # 0.11's LoadLoRAAdapterRequest has no load_inplace (pydantic drops the field);
         # 0.20+ (serve/lora/protocol.py) has it.
