@@ -150,6 +150,19 @@ async def test_only_vllm_error_messages_are_kept(content_type: str, body: str) -
     assert SECRET not in str(err.value) and SECRET not in (smoke.error or "")
 
 
+async def test_vllm_scaling_answer_is_shown_and_retried() -> None:
+    # vLLM's ScalingMiddleware answers 503 with a bare string, not an ErrorResponse.
+    async def answer(_: web.Request) -> web.Response:
+        body = {"error": "The model is currently scaling. Please try again later."}
+        return web.json_response(body, status=503)
+
+    async with http_server(answer) as (pod, _), aiohttp.ClientSession() as session:
+        with pytest.raises(VllmError) as err:
+            await VllmClient(session, timeout=5).load_adapter(pod, "a", "/adapters/a")
+    assert err.value.kind is VllmErrorKind.SERVER_ERROR and not err.value.permanent
+    assert err.value.message == "The model is currently scaling. Please try again later."
+
+
 async def test_oversized_answers_are_refused() -> None:
     huge = json.dumps({"data": [{"id": "x" * 1000, "parent": "b"}] * 10_000})  # ~10 MB
 

@@ -135,13 +135,21 @@ def sanitize_reason(text: str, limit: int = REASON_MAX_CHARS) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+# vLLM's middlewares answer with a bare string under "error" instead of an ErrorResponse
+# (ScalingMiddleware's 503 while an elastic-EP scale-up runs: the same text in 0.11, 0.20 and
+# 0.34). Only these exact texts are shown: any other bare string could be anything a pod sends.
+BARE_ERROR_TEXTS = frozenset({"The model is currently scaling. Please try again later."})
+
+
 def error_message(body: str) -> str:
-    """The ``error.message`` of vLLM's JSON error body, or "" (never other reply text)."""
+    """The ``error.message`` of vLLM's JSON error body, a known middleware text, or ""."""
     try:
         obj = json.loads(body)
     except ValueError:
         return ""
     err = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(err, str):
+        return err if err in BARE_ERROR_TEXTS else ""
     message = err.get("message") if isinstance(err, dict) else None
     return message if isinstance(message, str) else ""
 
