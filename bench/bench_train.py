@@ -997,6 +997,7 @@ def main(argv: list[str] | None = None) -> int:
     out |= {
         "model": {
             "shape": args.shape if not args.model_dir else model_dir,
+            "shapeName": args.shape,
             "method": args.method,
             "rank": args.rank,
         },

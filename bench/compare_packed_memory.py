@@ -25,6 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 GIB = 1024**3
 
 
+def shape_name(data: dict[str, Any]) -> str:
+    """The shape's name; runs on a --model-dir recorded its path there (and the name in settings)."""
+    shape = str(data["model"].get("shapeName") or data["model"]["shape"])
+    return shape if not shape.startswith("/") else str(data["settings"]["shape"])
+
+
 def measured_points(paths: list[Path]) -> list[dict[str, Any]]:
     """One row per successful fast-path variant: shape, settings and measured peak."""
     points = []
@@ -39,7 +45,7 @@ def measured_points(paths: list[Path]) -> list[dict[str, Any]]:
                 {
                     "file": path.name,
                     "variant": result["variant"],
-                    "shape": model["shape"],
+                    "shape": shape_name(data),
                     "method": model["method"],
                     "rank": model["rank"],
                     "tokens": config["max_length"],

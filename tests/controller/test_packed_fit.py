@@ -63,7 +63,9 @@ def packed_spec(**training: Any) -> dict[str, Any]:
         # so dropout 0.05 fits as many tokens as dropout 0
         (80, 0.05, 12288, False),
         (80, 0.0, 12288, False),
-        (24, 0.05, 32768, True),  # a 24 GB card (less 10% headroom): checkpointed
+        # a 24 GB card (less 10% headroom): checkpointed; 32,768 tokens (21.45 GiB measured)
+        # is predicted 4% over that, within the model's error, so one size smaller
+        (24, 0.05, 24576, True),
     ],
 )
 def test_packed_auto_plans_tokens_and_leaves_auto_to_the_trainer(
@@ -291,7 +293,7 @@ def test_the_margin_tries_offload_only_where_the_planner_may_offload(
 ) -> None:
     monkeypatch.setattr(packed, "AUTO_ACTIVATION_OFFLOAD", True)
     uncertain = [
-        p for g in range(16, 40) if fits(p := _small_gpu("64Gi", g / 2)[0]).status == "Unknown"
+        p for g in range(10, 40) if fits(p := _small_gpu("64Gi", g / 2)[0]).status == "Unknown"
     ]
     assert uncertain  # GPUs just too small for 2,048 tokens with offload
     for p in uncertain:

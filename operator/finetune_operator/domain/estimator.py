@@ -241,6 +241,7 @@ MODEL_FAMILIES: dict[str, ModelShape] = {
     "llama-2-7b": ModelShape(32000, 4096, 11008, 32, 32, 32, 128),
     "llama-2-13b": ModelShape(32000, 5120, 13824, 40, 40, 40, 128),
     "mistral-7b": ModelShape(32768, 4096, 14336, 32, 32, 8, 128),
+    "gemma-7b": ModelShape(256000, 3072, 24576, 28, 16, 16, 256, tie_embeddings=True),
     "qwen2.5-0.5b": ModelShape(151936, 896, 4864, 24, 14, 2, 64, tie_embeddings=True),
     "qwen2.5-1.5b": ModelShape(151936, 1536, 8960, 28, 12, 2, 128, tie_embeddings=True),
     "qwen2.5-3b": ModelShape(151936, 2048, 11008, 36, 16, 2, 128, tie_embeddings=True),
