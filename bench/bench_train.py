@@ -143,13 +143,15 @@ def parse_variant(text: str) -> dict[str, Any]:
 
     Examples: ``fast@24``, ``fast:8192:nogc``, ``fast:8192:nogc:ga=4:dropout=0``,
     ``fast:16384:gc:offload``, ``fast:12288:nogc:dropimpl=peft``, ``fast:8192:gc:compile``,
-    ``unsloth:16384``.
+    ``fast:12288:nogc:lora4bit``, ``unsloth:16384``.
     Options: ``ga`` (gradient accumulation steps), ``dropout`` (LoRA dropout of this
     variant), ``offload`` (checkpointed layer inputs in host memory), ``dropimpl``
     (``fused``, the fast path's dropout that keeps no inputs, or ``peft``, PEFT's own;
     default fused), ``compile`` (decoder layers through torch.compile, in place of Liger's
     kernels), ``liger`` (with ``compile``: keep Liger's kernels inside the compiled layers;
-    Liger patches the model for good, so run such a variant after the plain compiled ones).
+    Liger patches the model for good, so run such a variant after the plain compiled ones),
+    ``lora4bit`` (each 4-bit projection and its adapter as one autograd function,
+    ``finetune_trainer/lora_4bit.py``; not with ``compile``).
     ``unsloth`` trains with Unsloth in a child process (see ``unsloth_command``); TOKENS
     defaults to 8192.
     """
@@ -177,19 +179,21 @@ def parse_variant(text: str) -> dict[str, Any]:
     options: dict[str, str] = {}
     for part in parts[3:]:
         key, sep, value = part.partition("=")
-        if part in ("offload", "compile", "liger"):
+        if part in ("offload", "compile", "liger", "lora4bit"):
             options[part] = "1"
             continue
         if not sep or key not in ("ga", "dropout", "dropimpl"):
             raise SystemExit(
                 f"unknown option {part!r} in {text!r}: use ga=N, dropout=P, offload, compile, "
-                "liger or dropimpl=peft|fused"
+                "liger, lora4bit or dropimpl=peft|fused"
             )
         options[key] = value
     if "offload" in options and gc_choice is False:
         raise SystemExit(f"{text!r}: offload keeps checkpointed inputs, it needs gc")
     if "liger" in options and "compile" not in options:
         raise SystemExit(f"{text!r}: liger is the default without compile; use it with compile")
+    if "lora4bit" in options and ("compile" in options or options.get("dropimpl") == "peft"):
+        raise SystemExit(f"{text!r}: lora4bit carries the fused dropout and runs uncompiled")
     if options.get("dropimpl", "fused") not in ("peft", "fused"):
         raise SystemExit(f"unknown dropimpl in {text!r}: use dropimpl=peft or dropimpl=fused")
     return {
@@ -204,6 +208,7 @@ def parse_variant(text: str) -> dict[str, Any]:
         "dropimpl": options.get("dropimpl", "fused"),
         "compile": "compile" in options,
         "liger": True if "liger" in options else None,
+        "lora4bit": "lora4bit" in options,
     }
 
 
@@ -534,6 +539,10 @@ def run_trl_variant(
             patched = lora_dropout.patch_model(trainer.model)
             result["loraDropoutPatched"] = len(patched.patched)
             result["loraDropoutKept"] = patched.kept
+        if variant["kind"] == "fast" and variant["lora4bit"]:
+            from finetune_trainer import lora_4bit
+
+            result["lora4bit"] = lora_4bit.patch_model(trainer.model).as_dict()
         reset_memory()
         if torch.cuda.is_available():
             # Frozen weights plus the adapter, before any activation or optimiser state: the

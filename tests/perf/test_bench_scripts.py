@@ -99,6 +99,33 @@ def test_offload_and_unsloth_variants_parse() -> None:
         bench_train.parse_variant("unsloth:many")
 
 
+def test_lora4bit_variant_parses_and_refuses_what_it_cannot_combine() -> None:
+    import bench_train
+
+    assert bench_train.parse_variant("fast:12288:nogc:lora4bit")["lora4bit"] is True
+    assert bench_train.parse_variant("fast:12288:nogc")["lora4bit"] is False
+    for text in ("fast:8192:gc:lora4bit:compile", "fast:8192:gc:lora4bit:dropimpl=peft"):
+        with pytest.raises(SystemExit, match="lora4bit"):
+            bench_train.parse_variant(text)
+
+
+def test_stored_unsloth_run_is_side_by_side() -> None:
+    """The run docs/benchmarks.md compares: Unsloth and batchSize: auto in one invocation."""
+    speed = json.loads((REPO / "bench/results/h100-2026-12-07b/speed.json").read_text())
+    results = {r["variant"]: r for r in speed["results"]}
+    assert all("error" not in r for r in speed["results"])
+    assert {"unsloth:8192", "unsloth:16384", "fast@8", "fast@10", "fast@16", "fast@24"} <= set(
+        results
+    )
+    assert results["unsloth:8192"]["environment"]["unsloth"] == "2026.10.9"
+    unsloth = [r for name, r in results.items() if name.startswith("unsloth")]
+    for budget, goal in ((10, 1.2), (16, 1.2), (24, 1.5)):
+        run = results[f"fast@{budget}"]
+        best = max(r["effectiveTokensPerSecond"] for r in unsloth if r["peakReservedGiB"] <= budget)
+        assert run["peakReservedGiB"] <= budget
+        assert run["effectiveTokensPerSecond"] >= goal * best
+
+
 def test_unsloth_child_gets_its_site_first_and_the_runs_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -28,7 +28,7 @@ from finetune_trainer import compile_layers, fastpath
 from finetune_trainer import lora_dropout as ld
 from finetune_trainer import train as trainer_module
 from finetune_trainer.offload import ActivationOffloader, install
-from support.packed_training import TINY_LAYERS, packed_batch
+from support.packed_training import TINY_LAYERS, packed_batch, quantise_projections
 from support.packed_training import tiny_lora_model as shared_tiny_lora_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -46,24 +46,8 @@ def fresh_compile_caches() -> None:
 
 def tiny_lora_model(*, dropout: float = 0.0, gc: bool = False, four_bit_mlp: bool = False) -> Any:
     return shared_tiny_lora_model(
-        dropout=dropout, gc=gc, prepare=quantise_mlp if four_bit_mlp else None
+        dropout=dropout, gc=gc, prepare=quantise_projections if four_bit_mlp else None
     )
-
-
-def quantise_mlp(model: Any) -> None:
-    """bitsandbytes 4-bit (nf4) MLP projections, as QLoRA loads them; PEFT then wraps them in
-    its 4-bit LoRA layer."""
-    import bitsandbytes as bnb
-
-    for layer in model.model.layers:
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            dense = getattr(layer.mlp, name)
-            quantised = bnb.nn.Linear4bit(
-                dense.in_features, dense.out_features, bias=False, compute_dtype=torch.float32
-            )
-            quantised.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False)
-            setattr(layer.mlp, name, quantised.to("cpu"))  # quantises the weight
-    model.is_loaded_in_4bit = True  # what PEFT reads to pick its 4-bit LoRA layer
 
 
 def train(model: Any, choice: Any = None) -> tuple[list[float], list[dict[str, Any]]]:

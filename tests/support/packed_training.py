@@ -41,6 +41,31 @@ def tiny_lora_model(
     return model.train()
 
 
+def quantise_projections(
+    model: Any, names: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+) -> None:
+    """bitsandbytes 4-bit (nf4) projections, as QLoRA loads them (the MLP's by default, or
+    ``names`` of the MLP and attention); PEFT then wraps them in its 4-bit LoRA layer."""
+    import bitsandbytes as bnb
+    import torch
+
+    for layer in model.model.layers:
+        for name in names:
+            owner = layer.mlp if hasattr(layer.mlp, name) else layer.self_attn
+            dense = getattr(owner, name)
+            quantised = bnb.nn.Linear4bit(
+                dense.in_features,
+                dense.out_features,
+                bias=dense.bias is not None,
+                compute_dtype=torch.float32,
+            )
+            quantised.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False)
+            if dense.bias is not None:
+                quantised.bias = torch.nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+            setattr(owner, name, quantised.to("cpu"))  # quantises the weight
+    model.is_loaded_in_4bit = True  # what PEFT reads to pick its 4-bit LoRA layer
+
+
 def packed_batch(step: int, tokens: int = 48) -> dict[str, Any]:
     """One packed row of two sequences (position ids restart at the second), seeded by step."""
     import torch

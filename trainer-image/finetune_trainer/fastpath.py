@@ -50,6 +50,10 @@ from finetune_operator.domain.packed_memory import (
 from .compile_layers import BACKEND as COMPILE_BACKEND
 from .compile_layers import COMPILE_DECODER_LAYERS, CompileChoice
 
+# Each 4-bit projection and its LoRA adapter as one autograd function (lora_4bit.py). Off
+# until a GPU run shows a gain (``bench/run_h100.sh lora4bit``).
+FUSED_LORA_4BIT = False
+
 log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "fastpath_varlen"
@@ -320,6 +324,9 @@ class FastPathReport:
     # Decoder layers through torch.compile (compile_layers.py): whether, why not, and what
     # dynamo compiled so far (read again after training for the counts).
     compiled_layers: CompileChoice | None = None
+    # 4-bit projections with their adapters as one autograd function (lora_4bit.py): how
+    # many layers, and why others kept PEFT's forward; None when not asked for.
+    lora_4bit: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -381,6 +388,7 @@ def apply(
     fused_lora_dropout: bool = FAST_PATH_FUSED_LORA_DROPOUT,
     compile_layers: bool = COMPILE_DECODER_LAYERS,
     compile_backend: str = COMPILE_BACKEND,
+    fused_lora_4bit: bool = FUSED_LORA_4BIT,
 ) -> FastPathReport:
     """Prepare a loaded model (PEFT-wrapped or not) for the fast path.
 
@@ -400,6 +408,8 @@ def apply(
     ``compile_backend`` (``compile_layers.py``); the layers stay eager, with the reason in the
     report, when the backend fails a start-up probe. ``use_liger`` unset means Liger's kernels
     unless the layers are compiled (the compiler fuses the same operations).
+    ``fused_lora_4bit`` runs each 4-bit projection of a PEFT model and its adapter as one
+    autograd function (``lora_4bit.py``; not with compiled layers).
     """
     import torch
 
@@ -422,6 +432,14 @@ def apply(
     liger = use_liger if use_liger is not None else not (compiled and compiled.compiled)
     kernels = apply_liger(model) if liger and cuda else []
     dropout = dropout_impl.choose(model, lora_dropout, fused_lora_dropout)
+    fused_4bit = None
+    if fused_lora_4bit:
+        from . import lora_4bit
+
+        if compiled is not None and compiled.compiled:
+            fused_4bit = {"patched": 0, "kept": {"*": "decoder layers are compiled"}}
+        else:
+            fused_4bit = lora_4bit.patch_model(model).as_dict()
     if memory_budget_gib is None and cuda:
         free, _total = torch.cuda.mem_get_info()
         memory_budget_gib = (free + torch.cuda.memory_reserved()) * 0.9 / GIB
@@ -456,6 +474,7 @@ def apply(
         activation_offload=_install_offload(model, plan) if plan else None,
         lora_dropout=dropout.as_dict(),
         compiled_layers=compiled,
+        lora_4bit=fused_4bit,
     )
 
 

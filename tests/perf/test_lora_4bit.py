@@ -1,0 +1,192 @@
+"""A 4-bit projection and its LoRA adapter as one autograd function (lora_4bit.py): the same
+outputs, losses and gradients as PEFT's layer, with and without dropout and checkpointing,
+on the CPU with bitsandbytes' real 4-bit weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from finetune_trainer import lora_4bit
+from finetune_trainer import lora_dropout as ld
+from support.packed_training import TINY_LAYERS, packed_batch, quantise_projections
+from support.packed_training import tiny_lora_model as shared_tiny_lora_model
+
+pytest.importorskip("bitsandbytes")
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_4bit_model(*, dropout: float = 0.0, gc: bool = False) -> Any:
+    """The tiny model with every projection in 4 bits, LoRA r=4 on all of them; ``lora_B``
+    starts seeded and non-zero (PEFT's zeros would hide the adapter path from the loss)."""
+    model = shared_tiny_lora_model(
+        dropout=dropout, gc=gc, prepare=lambda m: quantise_projections(m, ALL_PROJECTIONS)
+    )
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    return model
+
+
+def steps(model: Any, count: int = 3) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses of ``count`` optimiser steps and the adapter gradients of the first one."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optim = torch.optim.SGD(params.values(), lr=0.05)
+    losses, first_grads = [], {}
+    for step in range(count):
+        torch.manual_seed(step)  # both runs draw their dropout masks from the same seed
+        loss = model(**packed_batch(step)).loss
+        loss.backward()
+        if step == 0:
+            first_grads = {n: p.grad.detach().clone() for n, p in params.items()}
+        optim.step()
+        optim.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses, first_grads
+
+
+@pytest.mark.parametrize("gc", [False, True], ids=["eager", "checkpointed"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_projection_trains_like_peft(dropout: float, gc: bool) -> None:
+    reference = tiny_4bit_model(dropout=dropout, gc=gc)
+    fused = tiny_4bit_model(dropout=dropout, gc=gc)
+    report = lora_4bit.patch_model(fused)
+    assert len(report.patched) == 7 * TINY_LAYERS and not report.kept
+
+    ref_losses, ref_grads = steps(reference)
+    losses, grads = steps(fused)
+
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dropout_masks_are_the_ones_peft_draws() -> None:
+    """With dropout on, a different mask would change the loss: the fused layers' losses
+    differ from a run with other masks as much as PEFT's do, and equal PEFT's own."""
+    fused = tiny_4bit_model(dropout=0.3)
+    lora_4bit.patch_model(fused)
+    reference = tiny_4bit_model(dropout=0.3)
+    fused.train()
+    torch.manual_seed(7)
+    a = float(fused(**packed_batch(0)).loss)
+    torch.manual_seed(7)
+    b = float(reference(**packed_batch(0)).loss)
+    torch.manual_seed(8)
+    c = float(reference(**packed_batch(0)).loss)
+    assert a == pytest.approx(b, rel=1e-6)
+    assert abs(c - b) > 1e-4  # other masks: another loss
+
+
+def test_fused_projection_keeps_no_dropped_input() -> None:
+    """Saved for backward: the input, the rank-wide hidden state, the adapter weights; never
+    a tensor the size of the dropped input next to the input itself."""
+    model = tiny_4bit_model(dropout=0.1)
+    lora_4bit.patch_model(model)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    x = torch.randn(1, 40, layer.in_features, requires_grad=True)
+    saved: list[torch.Size] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x).sum().backward()
+    big = [s for s in saved if s.numel() == x.numel()]
+    assert big == [x.shape]  # x itself, once
+    assert torch.Size([1, 40, 4]) in saved  # the rank-wide lora_A output
+
+
+def test_layers_fall_back_to_peft_where_the_function_does_not_apply() -> None:
+    model = tiny_4bit_model()
+    lora_4bit.patch_model(model)
+    batch = packed_batch(0)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base_only = float(model(**batch).loss)
+        reference = tiny_4bit_model()
+        with reference.disable_adapter():
+            expected = float(reference(**batch).loss)
+    assert base_only == pytest.approx(expected, rel=1e-6)
+
+
+def test_after_the_fused_dropout_patch_and_unpatched_again() -> None:
+    reference = tiny_4bit_model(dropout=0.1)
+    model = tiny_4bit_model(dropout=0.1)
+    ld.patch_model(model)  # the fast path's dropout first, as the trainer does
+    report = lora_4bit.patch_model(model)
+    assert len(report.patched) == 7 * TINY_LAYERS
+    assert steps(model, 2)[0] == pytest.approx(steps(reference, 2)[0], rel=1e-5)
+    assert lora_4bit.unpatch_model(model) == 7 * TINY_LAYERS
+    assert not any(type(m).__name__.startswith("Fused") for m in model.modules())
+
+
+def test_dense_layers_are_left_alone() -> None:
+    model = shared_tiny_lora_model(dropout=0.1, prepare=quantise_projections)  # MLP in 4 bits
+    report = lora_4bit.patch_model(model)
+    assert len(report.patched) == 3 * TINY_LAYERS
+    patched = {n.rsplit(".", 1)[-1] for n in report.patched}
+    assert patched == {"gate_proj", "up_proj", "down_proj"}
+
+
+def test_dora_keeps_peft_forward() -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    quantise_projections(base)
+    model = get_peft_model(base, LoraConfig(r=4, use_dora=True, target_modules=["up_proj"]))
+    report = lora_4bit.patch_model(model)
+    assert report.patched == [] and "DoRA" in next(iter(report.kept.values()))
+
+
+def test_bf16_as_the_trainer_runs_it() -> None:
+    """bf16 compute, bf16 adapters (TRL casts a 4-bit model's adapters), dropout 0.05: losses
+    within bf16 rounding of PEFT's (the adapter output is added inside the matmul here, after
+    rounding there)."""
+    import bitsandbytes as bnb
+
+    def bf16_model() -> Any:
+        model = tiny_4bit_model(dropout=0.05)
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.compute_dtype = torch.bfloat16
+        for param in model.parameters():
+            if param.dtype == torch.float32:
+                param.data = param.data.to(torch.bfloat16)
+        return model
+
+    reference, fused = bf16_model(), bf16_model()
+    lora_4bit.patch_model(fused)
+    ref_losses, _ = steps(reference)
+    losses, grads = steps(fused)
+    assert all(g.dtype == torch.bfloat16 for g in grads.values())
+    assert losses == pytest.approx(ref_losses, rel=2e-3)
+
+
+def test_fast_path_patches_only_on_request() -> None:
+    from finetune_trainer import fastpath
+
+    assert fastpath.FUSED_LORA_4BIT is False  # off until a GPU run shows a gain
+    model = tiny_4bit_model()
+    report = fastpath.apply(
+        model, method="qlora", lora_rank=4, max_seq_length=64, fused_lora_4bit=True
+    )
+    assert report.lora_4bit == {"patched": 7 * TINY_LAYERS, "kept": {}}
+    assert fastpath.apply(model, method="qlora", lora_rank=4, max_seq_length=64).lora_4bit is None

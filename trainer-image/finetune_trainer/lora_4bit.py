@@ -1,0 +1,267 @@
+"""A 4-bit base projection and its LoRA adapter as one autograd function.
+
+PEFT computes a QLoRA projection as ``base(x).clone() + lora_B(lora_A(dropout(x))) *
+scaling``: besides the matmuls, four passes over the projection's whole output (the clone,
+the scaling, the add, and the scaling's backward), each as large as the output itself
+(tokens x out features, 33 GB per step of 12,288 tokens on an 8B model), plus a Python
+module call, a bitsandbytes autograd function and a dtype check per piece.
+
+Here the base weight is dequantised and multiplied as bitsandbytes does, and the adapter's
+output is accumulated into that result by the same matrix multiply (``addmm`` with the
+scaling as its ``alpha``); the scaling of the gradient is applied on the rank-wide side
+(tokens x r). The dropout is the fused one of ``lora_dropout.py``: the same kernel and
+generator as PEFT's, no copy of the dropped input kept, the mask drawn again in the backward
+pass. The function keeps the input (which the layer's other projections keep too: saved
+tensors share storage), the rank-wide ``lora_A`` output and the generator state; the base
+weight is dequantised again in the backward pass, as bitsandbytes does.
+
+:func:`patch_model` changes the class of PEFT's bitsandbytes ``Linear4bit`` LoRA layers to a
+subclass whose forward runs this function when the layer has one plain LoRA adapter (no
+DoRA or other variant, no adapter bias) and falls back to PEFT's forward otherwise (adapters
+disabled or merged, mixed-adapter batches). :func:`unpatch_model` restores the classes.
+Parameters, their names and the saved adapter do not change.
+
+Not measured on a GPU yet, so off by default (``fastpath.FUSED_LORA_4BIT``);
+``bench/run_h100.sh lora4bit`` measures it. Decoder layers compiled with ``torch.compile`` keep
+PEFT's layers: the compiler cannot trace the generator state this function reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .lora_dropout import _dtypes, _project, _project_backward
+
+log = logging.getLogger(__name__)
+
+
+def _dequantize(packed: Tensor, quant_state: Any, dtype: torch.dtype) -> Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(packed, quant_state).to(dtype)
+
+
+class _Lora4bitProjection(torch.autograd.Function):
+    """``y = x @ W.T + bias + scaling * dropout(x) @ A.T @ B.T`` with ``W`` in 4 bits."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        packed: Tensor,
+        quant_state: Any,
+        bias: Tensor | None,
+        scaling: float,
+        p: float,
+        base_dtype: torch.dtype,
+    ) -> Tensor:
+        drop_dtype, lora_dtype = _dtypes(x, lora_a)
+        with torch.autocast(x.device.type, enabled=False):
+            weight = _dequantize(packed, quant_state, base_dtype)
+            out = F.linear(x.to(base_dtype), weight, None if bias is None else bias.to(base_dtype))
+            del weight
+            if p > 0.0:
+                hidden, state = _project(x, lora_a, p, drop_dtype, lora_dtype)
+            else:
+                hidden, state = F.linear(x.to(lora_dtype), lora_a.to(lora_dtype)), None
+            flat = out.view(-1, out.shape[-1])
+            flat.addmm_(
+                hidden.reshape(-1, hidden.shape[-1]).to(base_dtype),
+                lora_b.to(base_dtype).t(),
+                alpha=scaling,
+            )
+        ctx.save_for_backward(x, lora_a, lora_b, hidden)
+        ctx.packed, ctx.quant_state, ctx.rng_state = packed, quant_state, state
+        ctx.scaling, ctx.p, ctx.dtypes, ctx.base_dtype = (
+            scaling,
+            p,
+            (drop_dtype, lora_dtype),
+            base_dtype,
+        )
+        ctx.has_bias = bias is not None
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
+        x, lora_a, lora_b, hidden = ctx.saved_tensors
+        needs_x, needs_a, needs_b = (bool(n) for n in ctx.needs_input_grad[:3])
+        needs_bias = bool(ctx.needs_input_grad[5]) and ctx.has_bias
+        lora_dtype = ctx.dtypes[1]
+        rank = lora_a.shape[0]
+        grad_x = grad_a = grad_b = grad_bias = None
+        with torch.autocast(x.device.type, enabled=False):
+            grad = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_lora = grad.to(lora_dtype)
+            if needs_b:
+                grad_b = (grad_lora.t() @ hidden.reshape(-1, rank).to(lora_dtype)).mul_(ctx.scaling)
+                grad_b = grad_b.to(lora_b.dtype)
+            grad_hidden = (grad_lora @ lora_b.to(lora_dtype)).mul_(ctx.scaling)
+            grad_hidden = grad_hidden.view(*x.shape[:-1], rank)
+            if ctx.p > 0.0:
+                grad_x_lora, grad_a = _project_backward(
+                    grad_hidden, x, lora_a, ctx.rng_state, ctx.p, ctx.dtypes, (needs_x, needs_a)
+                )
+            else:
+                grad_x_lora = grad_hidden @ lora_a.to(lora_dtype) if needs_x else None
+                grad_a = (
+                    (
+                        grad_hidden.reshape(-1, rank).t()
+                        @ x.reshape(-1, x.shape[-1]).to(lora_dtype)
+                    ).to(lora_a.dtype)
+                    if needs_a
+                    else None
+                )
+            if needs_x:
+                weight = _dequantize(ctx.packed, ctx.quant_state, ctx.base_dtype)
+                grad_x = (grad_out.to(ctx.base_dtype) @ weight).to(x.dtype)
+                del weight
+                assert grad_x_lora is not None
+                grad_x.add_(grad_x_lora.to(x.dtype))
+            if needs_bias:
+                grad_bias = grad.sum(0)
+        return grad_x, grad_a, grad_b, None, None, grad_bias, None, None, None
+
+
+def lora_4bit_projection(
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    packed: Tensor,
+    quant_state: Any,
+    bias: Tensor | None,
+    scaling: float,
+    p: float,
+    base_dtype: torch.dtype,
+) -> Tensor:
+    """What PEFT's 4-bit LoRA layer returns for ``x`` in training, in one autograd node."""
+    out: Tensor = _Lora4bitProjection.apply(  # type: ignore[no-untyped-call]
+        x, lora_a, lora_b, packed, quant_state, bias, scaling, p, base_dtype
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Patching a model
+# --------------------------------------------------------------------------------------------
+
+
+class _FusedForward:
+    """Mixed into PEFT's 4-bit LoRA layer class by :func:`patch_model`."""
+
+    _fused_original: type[nn.Module]
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        layer: Any = self
+        adapter = _single_plain_adapter(layer) if not (args or kwargs) else None
+        if adapter is None:
+            out: Tensor = layer._fused_original.forward(layer, x, *args, **kwargs)
+            return out
+        base = layer.base_layer
+        weight = base.weight
+        dropout = layer.lora_dropout[adapter]
+        p = float(getattr(dropout, "p", 0.0)) if dropout.training else 0.0
+        compute = base.compute_dtype if base.compute_dtype is not None else x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            compute = torch.get_autocast_dtype(x.device.type)
+        # what bitsandbytes' Linear4bit.forward does first: the quant state a checkpoint
+        # loader may have left on the module, and the compute dtype from the first input
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        fix_4bit_weight_quant_state_from_module(base)
+        return lora_4bit_projection(
+            x,
+            layer.lora_A[adapter].weight,
+            layer.lora_B[adapter].weight,
+            weight,
+            weight.quant_state,
+            base.bias,
+            float(layer.scaling[adapter]),
+            p,
+            compute,
+        )
+
+
+def _single_plain_adapter(layer: Any) -> str | None:
+    """The one active adapter, when this function computes exactly what PEFT would."""
+    if layer.disable_adapters or layer.merged:
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None
+    return active[0] if _why_not(layer, active[0]) is None else None
+
+
+def _why_not(layer: Any, adapter: str) -> str | None:
+    """Why this adapter of a 4-bit LoRA layer keeps PEFT's forward, or None."""
+    if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter):
+        return "a LoRA variant (such as DoRA) computes this adapter"
+    lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+    if getattr(lora_a, "bias", None) is not None or getattr(lora_b, "bias", None) is not None:
+        return "the adapter has a bias"
+    if not isinstance(getattr(lora_a, "weight", None), Tensor):
+        return f"lora_A is {type(lora_a).__name__}, without a weight matrix"
+    if getattr(layer.base_layer.weight, "quant_state", None) is None:
+        return "the base weight is not quantised yet"
+    return None
+
+
+_SUBCLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _fused_class(original: type[nn.Module]) -> type[nn.Module]:
+    if original not in _SUBCLASSES:
+        _SUBCLASSES[original] = type(
+            f"Fused{original.__name__}",
+            (_FusedForward, original),
+            {"_fused_original": original},
+        )
+    return _SUBCLASSES[original]
+
+
+@dataclass
+class Lora4bitReport:
+    """What :func:`patch_model` did: patched layer names, and why others kept PEFT's forward."""
+
+    patched: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"patched": len(self.patched), "kept": dict(self.kept)}
+
+
+def patch_model(model: nn.Module) -> Lora4bitReport:
+    """Run every plain 4-bit LoRA projection of ``model`` (a PEFT model) as one function."""
+    report = Lora4bitReport()
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except (ImportError, AttributeError):
+        report.kept["*"] = "PEFT's bitsandbytes 4-bit LoRA layer is not available"
+        return report
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear4bit) or isinstance(module, _FusedForward):
+            continue
+        reasons = [r for a in module.lora_A if (r := _why_not(module, a)) is not None]
+        if reasons:
+            report.kept[name] = reasons[0]
+            continue
+        module.__class__ = _fused_class(type(module))  # type: ignore[assignment]
+        report.patched.append(name)
+    return report
+
+
+def unpatch_model(model: nn.Module) -> int:
+    """Give every patched layer its class back; returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, _FusedForward):
+            module.__class__ = module._fused_original  # type: ignore[assignment]
+            count += 1
+    return count
