@@ -727,16 +727,18 @@ def equivalence_trajectory(
     dropimpl: str = "peft",
     mask_seed: int | None = None,
 ) -> list[float]:
-    """Loss per step; ``dropimpl`` picks the LoRA dropout, ``mask_seed`` reseeds the random
-    stream after the adapter's initialisation (only the dropout masks change)."""
+    """Loss per step; ``dropimpl`` picks the LoRA dropout (``peft``, ``fused``, or
+    ``lora4bit``: the fused one inside each 4-bit projection's single autograd function),
+    ``mask_seed`` reseeds the random stream after the adapter's initialisation (only the
+    dropout masks change)."""
     import torch
-    from finetune_trainer import lora_dropout
+    from finetune_trainer import lora_4bit, lora_dropout
     from peft import get_peft_model
 
     reset_memory()
     torch.manual_seed(args.seed)
     model = get_peft_model(base, lora_config(args.rank))
-    if dropimpl == "fused":
+    if dropimpl in ("fused", "lora4bit"):
         lora_dropout.patch_model(model)
     if mask_seed is not None:
         torch.manual_seed(mask_seed)
@@ -746,6 +748,8 @@ def equivalence_trajectory(
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.to(torch.bfloat16)
+    if dropimpl == "lora4bit":
+        lora_4bit.patch_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     model.train()
@@ -782,7 +786,8 @@ def dropout_equivalence(
     state), so its curve should follow PEFT's up to rounding. The control is PEFT against
     itself with another mask stream: how far dropout noise alone moves the curve. The fused
     dropout passes when its largest per-step difference from PEFT is at most twice the
-    control's (or 0.5%).
+    control's (or 0.5%). ``lora4bit`` (the fused dropout inside each 4-bit projection's
+    single autograd function, lora_4bit.py) is held to the same tolerance.
     """
     from finetune_trainer import fastpath
 
@@ -797,6 +802,7 @@ def dropout_equivalence(
             "peft": equivalence_trajectory(base, rows, "fast", args, pad_id, "peft", 1),
             "peftOtherMasks": equivalence_trajectory(base, rows, "fast", args, pad_id, "peft", 2),
             "fused": equivalence_trajectory(base, rows, "fast", args, pad_id, "fused", 1),
+            "lora4bit": equivalence_trajectory(base, rows, "fast", args, pad_id, "lora4bit", 1),
         }
     finally:
         args.equivalence_steps = saved
@@ -805,6 +811,7 @@ def dropout_equivalence(
         return [abs(x - y) / y for x, y in zip(a, b, strict=True)]
 
     fused = rel(curves["fused"], curves["peft"])
+    fused_4bit = rel(curves["lora4bit"], curves["peft"])
     control = rel(curves["peftOtherMasks"], curves["peft"])
     tolerance = max(2 * max(control), 0.005)
     return {
@@ -818,6 +825,8 @@ def dropout_equivalence(
         "controlMeanRelativeDifference": sum(control) / len(control),
         "tolerance": tolerance,
         "withinTolerance": max(fused) <= tolerance,
+        "lora4bitVsPeftMaxRelativeDifference": max(fused_4bit),
+        "lora4bitWithinTolerance": max(fused_4bit) <= tolerance,
     }
 
 
@@ -1094,7 +1103,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{d['peft'][-1]:.4f} (peft) / {d['fused'][-1]:.4f} (fused); fused vs peft max "
             f"{100 * d['fusedVsPeftMaxRelativeDifference']:.2f}%, peft vs peft (other masks) "
             f"max {100 * d['controlMaxRelativeDifference']:.2f}%; within tolerance "
-            f"({100 * d['tolerance']:.2f}%): {d['withinTolerance']}"
+            f"({100 * d['tolerance']:.2f}%): {d['withinTolerance']}; lora4bit vs peft max "
+            f"{100 * d['lora4bitVsPeftMaxRelativeDifference']:.2f}% "
+            f"({d['lora4bitWithinTolerance']})"
         )
     save()
     return 0

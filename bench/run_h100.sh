@@ -16,7 +16,7 @@
 #   bench/run_h100.sh compile # decoder layers through torch.compile against eager ones, with
 #                             # and without checkpointing (about 8 minutes)
 #   bench/run_h100.sh lora4bit # 4-bit projections fused with their adapters against PEFT's
-#                             # layers, whole GPU and small budgets (about 6 minutes)
+#                             # layers, whole GPU and small budgets, loss check (about 7 minutes)
 # Needs the missing packages on PYTHONPATH (bench/gpu_wheels.sh) and writes to ${OUT:-out};
 # speed and grid also need Unsloth's (bench/gpu_wheels.sh --unsloth .gpu/unsloth, or UNSLOTH_SITE).
 set -uo pipefail
@@ -105,10 +105,12 @@ case "${1:-train}" in
     ;;
   lora4bit)
     # Each 4-bit projection and its adapter as one autograd function, against PEFT's layers
-    # (with the fused dropout both), at the whole GPU and at two small-budget sizes (~6 min).
+    # (with the fused dropout both), at the whole GPU and at two small-budget sizes, and 30
+    # packed steps of each against PEFT's losses (about 7 minutes).
     python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b \
       --variants "fast:12288:nogc:dropout=0.05,fast:12288:nogc:dropout=0.05:lora4bit,fast:8192:gc:dropout=0.05,fast:8192:gc:dropout=0.05:lora4bit,fast:4096:gc:offload,fast:4096:gc:offload:lora4bit" \
-      --steps 6 --warmup-steps 3 --rows 3000 --out "$out/lora4bit.json" 2>&1 \
+      --steps 6 --warmup-steps 3 --rows 3000 --dropout-equivalence-steps 30 \
+      --out "$out/lora4bit.json" 2>&1 \
       | tee "$out/lora4bit.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
     ;;
   families)
