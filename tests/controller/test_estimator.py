@@ -260,6 +260,8 @@ def test_gpu_memory_overrides_win() -> None:
         ("hf://Qwen/Qwen2.5-0.5B-Instruct", "qwen2.5-0.5b"),
         ("hf://Qwen/Qwen2.5-7B", "qwen2.5-7b"),
         ("hf://mistralai/Mistral-7B-Instruct-v0.3", "mistral-7b"),
+        ("hf://google/gemma-1.1-7b-it", "gemma-7b"),
+        ("hf://google/gemma-2-9b", None),
         ("pvc://models/llama-3.2-1b", "llama-3.2-1b"),
         ("hf://acme/secret-model", None),
     ],

@@ -258,6 +258,7 @@ _FAMILY_ALIASES: tuple[tuple[str, str], ...] = (
     (r"llama-2-7b", "llama-2-7b"),
     (r"llama-2-13b", "llama-2-13b"),
     (r"mistral-7b", "mistral-7b"),
+    (r"gemma(-1\.1)?-7b", "gemma-7b"),
     (r"qwen2(\.5)?-0\.5b", "qwen2.5-0.5b"),
     (r"qwen2(\.5)?-1\.5b", "qwen2.5-1.5b"),
     (r"qwen2(\.5)?-3b", "qwen2.5-3b"),
