@@ -138,6 +138,19 @@ def peak_memory() -> dict[str, float]:
     }
 
 
+# Optimisers a variant may name (transformers' names): bitsandbytes' paged 8-bit AdamW keeps
+# its moments in managed memory (the operator's default); torch's fused AdamW updates every
+# adapter in one kernel with fp32 moments on the GPU.
+DEFAULT_OPTIMIZER = "paged_adamw_8bit"
+OPTIMIZERS = (
+    DEFAULT_OPTIMIZER,
+    "adamw_8bit",
+    "paged_adamw_32bit",
+    "adamw_torch",
+    "adamw_torch_fused",
+)
+
+
 def parse_variant(text: str) -> dict[str, Any]:
     """``baseline`` | ``fast[@BUDGET_GIB][:TOKENS[:gc|nogc[:OPTION...]]]`` | ``unsloth[:TOKENS]``.
 
@@ -151,7 +164,8 @@ def parse_variant(text: str) -> dict[str, Any]:
     kernels), ``liger`` (with ``compile``: keep Liger's kernels inside the compiled layers;
     Liger patches the model for good, so run such a variant after the plain compiled ones),
     ``lora4bit`` (each 4-bit projection and its adapter as one autograd function,
-    ``finetune_trainer/lora_4bit.py``; not with ``compile``).
+    ``finetune_trainer/lora_4bit.py``; not with ``compile``), ``optim`` (the optimiser, one of
+    OPTIMIZERS; default paged_adamw_8bit, the operator's default).
     ``unsloth`` trains with Unsloth in a child process (see ``unsloth_command``); TOKENS
     defaults to 8192.
     """
@@ -182,10 +196,10 @@ def parse_variant(text: str) -> dict[str, Any]:
         if part in ("offload", "compile", "liger", "lora4bit"):
             options[part] = "1"
             continue
-        if not sep or key not in ("ga", "dropout", "dropimpl"):
+        if not sep or key not in ("ga", "dropout", "dropimpl", "optim"):
             raise SystemExit(
                 f"unknown option {part!r} in {text!r}: use ga=N, dropout=P, offload, compile, "
-                "liger, lora4bit or dropimpl=peft|fused"
+                "liger, lora4bit, optim=NAME or dropimpl=peft|fused"
             )
         options[key] = value
     if "offload" in options and gc_choice is False:
@@ -194,6 +208,8 @@ def parse_variant(text: str) -> dict[str, Any]:
         raise SystemExit(f"{text!r}: liger is the default without compile; use it with compile")
     if "lora4bit" in options and ("compile" in options or options.get("dropimpl") == "peft"):
         raise SystemExit(f"{text!r}: lora4bit carries the fused dropout and runs uncompiled")
+    if options.get("optim", DEFAULT_OPTIMIZER) not in OPTIMIZERS:
+        raise SystemExit(f"unknown optim in {text!r}: use one of {', '.join(OPTIMIZERS)}")
     if options.get("dropimpl", "fused") not in ("peft", "fused"):
         raise SystemExit(f"unknown dropimpl in {text!r}: use dropimpl=peft or dropimpl=fused")
     return {
@@ -209,6 +225,7 @@ def parse_variant(text: str) -> dict[str, Any]:
         "compile": "compile" in options,
         "liger": True if "liger" in options else None,
         "lora4bit": "lora4bit" in options,
+        "optim": options.get("optim", DEFAULT_OPTIMIZER),
     }
 
 
@@ -482,6 +499,7 @@ def run_trl_variant(
             fused_lora_dropout=variant["dropimpl"] == "fused",
             compile_layers=variant.get("compile", False),
             use_liger=variant.get("liger"),
+            optimizer=variant["optim"],
         )
         overrides = dict(report.sft_overrides)
         if variant["tokens"]:
@@ -497,12 +515,13 @@ def run_trl_variant(
         args.lora_dropout if variant["dropout"] is None else variant["dropout"]
     )
     result["config"]["lora_dropout_impl"] = variant["dropimpl"]
+    result["config"]["optim"] = variant.get("optim", DEFAULT_OPTIMIZER)
     # Profiled steps (--profile) come after the measured ones: the profiler slows what it sees.
     steps = args.warmup_steps + args.steps + (PROFILED_STEPS if args.profile else 0)
     with tempfile.TemporaryDirectory() as tmp:
         sft_args = SFTConfig(
             output_dir=tmp,
-            optim="paged_adamw_8bit",
+            optim=variant.get("optim", DEFAULT_OPTIMIZER),
             learning_rate=args.lr,
             lr_scheduler_type="constant",
             max_steps=steps,

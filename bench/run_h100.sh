@@ -16,7 +16,8 @@
 #   bench/run_h100.sh compile # decoder layers through torch.compile against eager ones, with
 #                             # and without checkpointing (about 8 minutes)
 #   bench/run_h100.sh lora4bit # 4-bit projections fused with their adapters against PEFT's
-#                             # layers, whole GPU and small budgets, loss check (about 7 minutes)
+#                             # layers, whole GPU and small budgets, loss check, and the fused
+#                             # AdamW against the paged 8-bit one (about 8 minutes)
 # Needs the missing packages on PYTHONPATH (bench/gpu_wheels.sh) and writes to ${OUT:-out};
 # speed and grid also need Unsloth's (bench/gpu_wheels.sh --unsloth .gpu/unsloth, or UNSLOTH_SITE).
 set -uo pipefail
@@ -106,9 +107,10 @@ case "${1:-train}" in
   lora4bit)
     # Each 4-bit projection and its adapter as one autograd function, against PEFT's layers
     # (with the fused dropout both), at the whole GPU and at two small-budget sizes, and 30
-    # packed steps of each against PEFT's losses (about 7 minutes).
+    # packed steps of each against PEFT's losses; then torch's fused AdamW in place of the paged
+    # 8-bit one (one kernel for all adapters instead of two per tensor; about 8 minutes).
     python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b \
-      --variants "fast:12288:nogc:dropout=0.05,fast:12288:nogc:dropout=0.05:lora4bit,fast:8192:gc:dropout=0.05,fast:8192:gc:dropout=0.05:lora4bit,fast:4096:gc:offload,fast:4096:gc:offload:lora4bit" \
+      --variants "fast:12288:nogc:dropout=0.05,fast:12288:nogc:dropout=0.05:lora4bit,fast:8192:gc:dropout=0.05,fast:8192:gc:dropout=0.05:lora4bit,fast:4096:gc:offload,fast:4096:gc:offload:lora4bit,fast:12288:nogc:dropout=0.05:optim=adamw_torch_fused,fast:4096:gc:offload:optim=adamw_torch_fused" \
       --steps 6 --warmup-steps 3 --rows 3000 --dropout-equivalence-steps 30 \
       --out "$out/lora4bit.json" 2>&1 \
       | tee "$out/lora4bit.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600

@@ -109,6 +109,16 @@ def test_lora4bit_variant_parses_and_refuses_what_it_cannot_combine() -> None:
             bench_train.parse_variant(text)
 
 
+def test_optimizer_variant_parses() -> None:
+    import bench_train
+
+    assert bench_train.parse_variant("fast:8192:gc")["optim"] == "paged_adamw_8bit"
+    v = bench_train.parse_variant("fast:8192:gc:optim=adamw_torch_fused")
+    assert v["optim"] == "adamw_torch_fused"
+    with pytest.raises(SystemExit, match="unknown optim"):
+        bench_train.parse_variant("fast:8192:gc:optim=lion")
+
+
 def test_stored_unsloth_run_is_side_by_side() -> None:
     """The run docs/benchmarks.md compares: Unsloth and batchSize: auto in one invocation."""
     speed = json.loads((REPO / "bench/results/h100-2026-12-07b/speed.json").read_text())
