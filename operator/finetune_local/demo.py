@@ -290,6 +290,24 @@ def _workdir(options: DemoOptions) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _trainer_pods_summary(api: Any, namespace: str, ftj: dict[str, Any]) -> str:
+    """The trainer pods' phases, termination messages and last log lines, for a failure."""
+    job = (ftj.get("status") or {}).get("trainerJob")
+    if not job:
+        return ""
+    parts = []
+    for pod in api.read_all("pods", namespace, f"job-name={job}"):
+        name = pod["metadata"]["name"]
+        status = pod.get("status") or {}
+        states = [
+            (c.get("name"), (c.get("state") or {}).get("terminated"))
+            for c in status.get("containerStatuses") or []
+        ]
+        tail = api.pod_log(namespace, name, tail_lines=8).rstrip()
+        parts.append(f"\n  pod {name}: phase {status.get('phase')}, {states}\n{tail}")
+    return "".join(parts) or f"\n  no pods of Job {job}"
+
+
 def run_demo(options: DemoOptions) -> DemoResult:
     """Run the embedded end-to-end flow; raises :class:`DemoFailed` with the reason."""
     _configure_fast_local_settings()
@@ -392,7 +410,10 @@ def _run(options: DemoOptions, workdir: Path) -> DemoResult:
 
         final_ftj = _wait("the FineTuneJob to finish", training_done, deadline)
         if final_ftj["status"]["phase"] != "Succeeded":
-            raise DemoFailed(f"FineTuneJob {ftj_name} failed: {failure_message(final_ftj)}")
+            raise DemoFailed(
+                f"FineTuneJob {ftj_name} failed: {failure_message(final_ftj)}"
+                + _trainer_pods_summary(api, ns, final_ftj)
+            )
         gates_ok = condition(final_ftj, "GatesPassed")
         if not gates_ok or gates_ok.get("status") != "True":
             raise DemoFailed(f"FineTuneJob {ftj_name}: quality gates did not pass: "

@@ -765,8 +765,10 @@ class LocalExecutor:
             for name, c, m in others
         ]  # fmt: skip
         status["initContainerStatuses" if init else "containerStatuses"] = [terminated, *finished]
-        with contextlib.suppress(Exception):
+        try:
             self.api.patch_status("pods", run.namespace, run.name, status)
+        except Exception:  # the pod may be deleted meanwhile; anything else is worth seeing
+            log.warning("local executor: pod %s: final status not written", run.name, exc_info=True)
         if stopped in ("JobSuspended", "JobDeleted", "ExecutorStopped"):
             # The Job controller deletes the pods of a suspended Job; resuming makes new ones.
             if stopped == "JobSuspended":
