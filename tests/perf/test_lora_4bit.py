@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from finetune_trainer import lora_4bit
 from finetune_trainer import lora_dropout as ld
 from support.packed_training import TINY_LAYERS, packed_batch, quantise_projections
 from support.packed_training import tiny_lora_model as shared_tiny_lora_model
 
 pytest.importorskip("bitsandbytes")
+from finetune_trainer import lora_4bit
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
+from bitsandbytes.functional import dequantize_4bit
+from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 from torch import Tensor, nn
 
 from .lora_dropout import _dtypes, _project, _project_backward
@@ -42,9 +44,7 @@ log = logging.getLogger(__name__)
 
 
 def _dequantize(packed: Tensor, quant_state: Any, dtype: torch.dtype) -> Tensor:
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.dequantize_4bit(packed, quant_state).to(dtype)
+    return dequantize_4bit(packed, quant_state).to(dtype)
 
 
 class _Lora4bitProjection(torch.autograd.Function):
@@ -157,13 +157,24 @@ class _FusedForward:
     """Mixed into PEFT's 4-bit LoRA layer class by :func:`patch_model`."""
 
     _fused_original: type[nn.Module]
+    # The adapters patch_model found plain (checked once: this runs for every projection of
+    # every step, where host time is what the function saves).
+    _fused_adapters: frozenset[str]
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         layer: Any = self
-        adapter = _single_plain_adapter(layer) if not (args or kwargs) else None
-        if adapter is None:
+        active = layer.active_adapters
+        if (
+            args
+            or kwargs
+            or layer.disable_adapters
+            or layer.merged
+            or len(active) != 1
+            or active[0] not in layer._fused_adapters
+        ):
             out: Tensor = layer._fused_original.forward(layer, x, *args, **kwargs)
             return out
+        adapter = active[0]
         base = layer.base_layer
         weight = base.weight
         dropout = layer.lora_dropout[adapter]
@@ -172,9 +183,7 @@ class _FusedForward:
         if torch.is_autocast_enabled(x.device.type):
             compute = torch.get_autocast_dtype(x.device.type)
         # what bitsandbytes' Linear4bit.forward does first: the quant state a checkpoint
-        # loader may have left on the module, and the compute dtype from the first input
-        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
+        # loader may have left on the module
         fix_4bit_weight_quant_state_from_module(base)
         return lora_4bit_projection(
             x,
@@ -187,16 +196,6 @@ class _FusedForward:
             p,
             compute,
         )
-
-
-def _single_plain_adapter(layer: Any) -> str | None:
-    """The one active adapter, when this function computes exactly what PEFT would."""
-    if layer.disable_adapters or layer.merged:
-        return None
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
-    if len(active) != 1:
-        return None
-    return active[0] if _why_not(layer, active[0]) is None else None
 
 
 def _why_not(layer: Any, adapter: str) -> str | None:
@@ -253,6 +252,7 @@ def patch_model(model: nn.Module) -> Lora4bitReport:
             report.kept[name] = reasons[0]
             continue
         module.__class__ = _fused_class(type(module))  # type: ignore[assignment]
+        cast(Any, module)._fused_adapters = frozenset(module.lora_A.keys())
         report.patched.append(name)
     return report
 
