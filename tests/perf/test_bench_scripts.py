@@ -17,7 +17,8 @@ import bench_vram  # noqa: E402
 
 
 @pytest.mark.parametrize(
-    "script", ["bench_train.py", "bench_unsloth.py", "bench_vram.py", "data.py"]
+    "script",
+    ["bench_train.py", "bench_unsloth.py", "bench_vram.py", "bench_lora4bit_host.py", "data.py"],
 )
 def test_help_works_without_a_gpu(script: str) -> None:
     proc = subprocess.run(

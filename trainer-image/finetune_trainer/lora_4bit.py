@@ -3,8 +3,7 @@
 PEFT computes a QLoRA projection as ``base(x).clone() + lora_B(lora_A(dropout(x))) *
 scaling``: besides the matmuls, four passes over the projection's whole output (the clone,
 the scaling, the add, and the scaling's backward), each as large as the output itself
-(tokens x out features, 33 GB per step of 12,288 tokens on an 8B model), plus a Python
-module call, a bitsandbytes autograd function and a dtype check per piece.
+(tokens x out features, 33 GB per step of 12,288 tokens on an 8B model).
 
 Here the base weight is dequantised and multiplied as bitsandbytes does, and the adapter's
 output is accumulated into that result by the same matrix multiply (``addmm`` with the
@@ -157,8 +156,7 @@ class _FusedForward:
     """Mixed into PEFT's 4-bit LoRA layer class by :func:`patch_model`."""
 
     _fused_original: type[nn.Module]
-    # The adapters patch_model found plain (checked once: this runs for every projection of
-    # every step, where host time is what the function saves).
+    # The adapters patch_model found plain (checked once, not on every call).
     _fused_adapters: frozenset[str]
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
