@@ -15,6 +15,8 @@
 #                             # GRID_UNSLOTH= leaves Unsloth out, GRID_SECONDS caps the 8B part)
 #   bench/run_h100.sh compile # decoder layers through torch.compile against eager ones, with
 #                             # and without checkpointing (about 8 minutes)
+#   bench/run_h100.sh profile # operator-level profile of two steps at 4,096 (+offload) and
+#                             # 16,384 checkpointed tokens: where the fixed step cost goes
 #   bench/run_h100.sh lora4bit # 4-bit projections fused with their adapters against PEFT's
 #                             # layers, whole GPU and small budgets, loss check, and the fused
 #                             # AdamW against the paged 8-bit one (about 8 minutes)
@@ -114,6 +116,13 @@ case "${1:-train}" in
       --steps 6 --warmup-steps 3 --rows 3000 --dropout-equivalence-steps 30 \
       --out "$out/lora4bit.json" 2>&1 \
       | tee "$out/lora4bit.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
+    ;;
+  profile)
+    # Where a small micro-batch's fixed cost goes: two profiled steps (device and host time
+    # per operator) at the 8 GiB pick and at 16,384 tokens (profile-*.txt; about 4 minutes).
+    python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --profile \
+      --variants "fast:4096:gc:offload,fast:16384:gc" --steps 4 --warmup-steps 2 --rows 1500 \
+      --out "$out/profile.json" 2>&1 | tee "$out/profile.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
     ;;
   families)
     # One family at a time, each built on the GPU (about 30 s; building 7B models on the CPU
