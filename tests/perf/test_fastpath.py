@@ -101,59 +101,42 @@ def test_memory_model_matches_the_h100_measurements(
     assert -0.04 <= error <= 0.10
 
 
-# Other shapes, QLoRA r=16, dropout 0.05, expandable allocator segments as the trainer sets
-# them, PEFT's dropout (it keeps its inputs): bench/results/h100-2026-11-23/packed-qwen2.5-*.json.
+# Other shapes, expandable allocator segments as the trainer sets them: Qwen2.5 at r=16 with
+# PEFT's dropout 0.05 (it keeps its inputs; bench/results/h100-2026-11-23/packed-qwen2.5-*.json),
+# and checkpointed at r=64 with dropout 0 (bench/results/h100-2026-12-07b/memory-*.json) a small
+# vocabulary (Mistral), a wide MLP and large vocabulary (Qwen2.5-7B), and wide attention heads
+# with a 256k vocabulary (Gemma-7B: 16 heads of 256 on a hidden size of 3,072).
 OTHER_SHAPE_PEAKS = [
-    ("qwen2.5-0.5b", 16384, False, 23.96),
-    ("qwen2.5-0.5b", 8192, False, 12.61),
-    ("qwen2.5-0.5b", 32768, True, 4.37),
-    ("qwen2.5-3b", 8192, False, 41.26),
-    ("qwen2.5-3b", 32768, True, 12.26),
+    # family, rank, tokens, checkpointing, dropout, measured GiB
+    ("qwen2.5-0.5b", 16, 16384, False, 0.05, 23.96),
+    ("qwen2.5-0.5b", 16, 8192, False, 0.05, 12.61),
+    ("qwen2.5-0.5b", 16, 32768, True, 0.05, 4.37),
+    ("qwen2.5-3b", 16, 8192, False, 0.05, 41.26),
+    ("qwen2.5-3b", 16, 32768, True, 0.05, 12.26),
+    ("mistral-7b", 64, 4096, True, 0.0, 6.36),
+    ("mistral-7b", 64, 16384, True, 0.0, 11.84),
+    ("qwen2.5-7b", 64, 4096, True, 0.0, 7.49),
+    ("qwen2.5-7b", 64, 16384, True, 0.0, 12.80),
+    ("gemma-7b", 64, 4096, True, 0.0, 7.68),
+    ("gemma-7b", 64, 16384, True, 0.0, 13.28),
 ]
 
 
-@pytest.mark.parametrize(("family", "tokens", "gc", "measured_gib"), OTHER_SHAPE_PEAKS)
+@pytest.mark.parametrize(
+    ("family", "rank", "tokens", "gc", "dropout", "measured_gib"), OTHER_SHAPE_PEAKS
+)
 def test_memory_model_matches_other_shapes(
-    family: str, tokens: int, gc: bool, measured_gib: float
+    family: str, rank: int, tokens: int, gc: bool, dropout: float, measured_gib: float
 ) -> None:
     from finetune_operator.domain.estimator import MODEL_FAMILIES
 
     predicted = predict_peak_bytes(
         MODEL_FAMILIES[family],
         method="qlora",
-        lora_rank=16,
+        lora_rank=rank,
         tokens=tokens,
         gradient_checkpointing=gc,
-        lora_dropout=0.05,
-    )
-    error = predicted / ((measured_gib * GIB) + MemoryCoefficients().overhead_bytes) - 1
-    assert -0.04 <= error <= 0.10
-
-
-# Other families at r=64, dropout 0, checkpointed (bench/results/h100-2026-12-07b/memory-*.json):
-# a small vocabulary (Mistral), a wide MLP and large vocabulary (Qwen2.5-7B), and wide attention
-# heads with a 256k vocabulary (Gemma-7B: 16 heads of 256 on a hidden size of 3,072).
-FAMILY_PEAKS = [
-    ("mistral-7b", 4096, 6.36),
-    ("mistral-7b", 16384, 11.84),
-    ("qwen2.5-7b", 4096, 7.49),
-    ("qwen2.5-7b", 16384, 12.80),
-    ("gemma-7b", 4096, 7.68),
-    ("gemma-7b", 16384, 13.28),
-]
-
-
-@pytest.mark.parametrize(("family", "tokens", "measured_gib"), FAMILY_PEAKS)
-def test_memory_model_matches_other_families(family: str, tokens: int, measured_gib: float) -> None:
-    from finetune_operator.domain.estimator import MODEL_FAMILIES
-
-    predicted = predict_peak_bytes(
-        MODEL_FAMILIES[family],
-        method="qlora",
-        lora_rank=64,
-        tokens=tokens,
-        gradient_checkpointing=True,
-        lora_dropout=0.0,
+        lora_dropout=dropout,
     )
     error = predicted / ((measured_gib * GIB) + MemoryCoefficients().overhead_bytes) - 1
     assert -0.04 <= error <= 0.10
