@@ -190,3 +190,20 @@ def test_fast_path_patches_only_on_request() -> None:
     )
     assert report.lora_4bit == {"patched": 7 * TINY_LAYERS, "kept": {}}
     assert fastpath.apply(model, method="qlora", lora_rank=4, max_seq_length=64).lora_4bit is None
+
+
+def test_with_activation_offload_as_the_planner_may_choose() -> None:
+    """Checkpointed layer inputs in host memory around the fused projections: PEFT's losses."""
+    from finetune_trainer.offload import ActivationOffloader, install
+
+    def model(fused: bool) -> Any:
+        net = tiny_4bit_model(dropout=0.1, gc=True)
+        ld.patch_model(net)
+        if fused:
+            assert lora_4bit.patch_model(net).patched
+        install(net, ActivationOffloader(min_bytes=0))
+        return net
+
+    reference, _ = steps(model(False))
+    losses, _ = steps(model(True))
+    assert losses == pytest.approx(reference, rel=1e-5)
