@@ -4,8 +4,9 @@
 #   bench/run_h100.sh vram    # bench_vram (10 configurations) + bench_eval when present
 #   bench/run_h100.sh memory  # packed-path peak memory of four model families, in parallel
 #                             # processes (memory only: the step times disturb each other)
-#   bench/run_h100.sh speed   # small budgets: the planner at 8/10/16/24 GiB, activation
-#                             # offload, and Unsloth in child processes (about 8 minutes)
+#   bench/run_h100.sh speed   # small budgets: the planner at 8/10/12/16/24 GiB, activation
+#                             # offload, and Unsloth at 4,096-16,384 tokens in child processes
+#                             # (about 7 minutes)
 #   bench/run_h100.sh dropout # LoRA dropout 0.05, PEFT's against the fused one (speed, memory,
 #                             # 30-step loss equivalence), and dropout 0; about 7 minutes
 #   bench/run_h100.sh families # memory only: Qwen2.5-7B, Mistral-7B and a Gemma-7B shape at 4,096
@@ -55,7 +56,7 @@ case "${1:-train}" in
     planner=(); [ -f "$coef" ] && planner+=(--memory-coefficients "$coef")
     [ -n "${NO_AUTO_OFFLOAD:-}" ] && planner+=(--no-auto-offload)
     python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --lora-dropout 0 "${planner[@]}" \
-      --variants "${SPEED_VARIANTS:-unsloth:8192,unsloth:16384,fast@8,fast@10,fast@12,fast@16,fast@24}" \
+      --variants "${SPEED_VARIANTS:-unsloth:4096,unsloth:8192,unsloth:16384,fast@8,fast@10,fast@12,fast@16,fast@24}" \
       --steps 5 --warmup-steps 2 --rows 1500 --unsloth-timeout 180 \
       --unsloth-site "${UNSLOTH_SITE:-$PWD/.gpu/unsloth}" --out "$out/speed.json" 2>&1 \
       | tee "$out/speed.log" | grep -v "it/s\]\|s/it\]"
