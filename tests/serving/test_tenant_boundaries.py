@@ -326,4 +326,4 @@ def test_changes_are_acted_on_through_watch_events_alone(
         env.wait_phase("runtime", "Available", timeout=15)
         restarted = sorted(n for n, p in cluster.pods.items() if p.deployment == "llm-rt")[0]
         cluster.restart_pod(restarted)
-        wait_for(lambda: "rt" in cluster.pods[restarted].server.adapters, 10)
+        wait_for(lambda: "rt" in cluster.pods[restarted].server.adapters, 30)
