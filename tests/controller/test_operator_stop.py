@@ -71,15 +71,18 @@ def test_every_daemon_returns_at_once_when_the_operator_stops(
     wait_for(lambda: env.condition("support", "SourceReady").get("status") == "False",
              what=f"the refusal of support: {env.status('support')}")  # fmt: skip
 
+    daemons: Daemons = run.memo.daemons
+    # both sleep before the stop comes (on a loaded machine a daemon may start late)
+    wait_for(lambda: daemons.running >= 2, what=f"two daemons running: {vars(daemons)}")
     for touch in range(5):
         emulator.merge_patch("adapterdeployments", NS, "support",
                              {"metadata": {"labels": {"touch": str(touch)}}})  # fmt: skip
     run.stop()
 
-    daemons: Daemons = run.memo.daemons
-    assert daemons.running == 0
-    assert daemons.cancelled == 0, "a daemon had to be cancelled instead of returning"
-    assert daemons.returned >= 2  # the poller and the AdapterDeployment's task at least
+    counts = {k: v for k, v in vars(daemons).items() if isinstance(v, int)}
+    assert daemons.running == 0, counts
+    assert daemons.cancelled == 0, f"a daemon had to be cancelled instead of returning: {counts}"
+    assert daemons.returned >= 2, counts  # the poller and the AdapterDeployment's task at least
     assert _hung_task_kills(caplog) == []
 
 
