@@ -171,7 +171,10 @@ def parse_variant(text: str) -> dict[str, Any]:
     """
     parts = text.split(":")
     if parts[0] == "baseline":
-        return {"name": text, "kind": "baseline", "ga": 1, "dropout": None, "dropimpl": "peft"}
+        return {
+            "name": text, "kind": "baseline", "ga": 1, "dropout": None, "dropimpl": "peft",
+            "optim": DEFAULT_OPTIMIZER,
+        }  # fmt: skip
     if parts[0] == "unsloth":
         if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
             raise SystemExit(f"unknown variant {text!r}: use unsloth[:TOKENS]")
@@ -418,12 +421,11 @@ def step_metrics(
     padded = sum(m["padded"] for m in batches)
     loss_tokens = sum(m["loss_tokens"] for m in batches)
     seconds = sum(times)
+    step_tokens = [sum(sum(m["lengths"]) for m in step) for step in per_step]
     # Per-step rates: with a few measured steps one part-filled packing bin moves the
     # window's figure a lot; the median step's rate does not move with it.
     rates = sorted(
-        sum(sum(m["lengths"]) for m in step) / t
-        for step, t in zip(per_step[measured], times, strict=True)
-        if t > 0
+        tokens / t for tokens, t in zip(step_tokens[measured], times, strict=True) if t > 0
     )
     from finetune_trainer.fastpath import training_flops
 
@@ -444,7 +446,7 @@ def step_metrics(
             "medianStepTimeS": round(sorted(times)[len(times) // 2], 4) if times else None,
             "medianStepTokensPerSecond": round(rates[len(rates) // 2], 1) if rates else None,
             "stepTimesS": [round(t, 4) for t in step_times],
-            "stepTokens": [sum(sum(m["lengths"]) for m in step) for step in per_step],
+            "stepTokens": step_tokens,
             "stepPaddedTokens": [sum(m["padded"] for m in step) for step in per_step],
             "lossCurve": [
                 {
@@ -515,13 +517,13 @@ def run_trl_variant(
         args.lora_dropout if variant["dropout"] is None else variant["dropout"]
     )
     result["config"]["lora_dropout_impl"] = variant["dropimpl"]
-    result["config"]["optim"] = variant.get("optim", DEFAULT_OPTIMIZER)
+    result["config"]["optim"] = variant["optim"]
     # Profiled steps (--profile) come after the measured ones: the profiler slows what it sees.
     steps = args.warmup_steps + args.steps + (PROFILED_STEPS if args.profile else 0)
     with tempfile.TemporaryDirectory() as tmp:
         sft_args = SFTConfig(
             output_dir=tmp,
-            optim=variant.get("optim", DEFAULT_OPTIMIZER),
+            optim=variant["optim"],
             learning_rate=args.lr,
             lr_scheduler_type="constant",
             max_steps=steps,

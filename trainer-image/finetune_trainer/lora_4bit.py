@@ -27,7 +27,6 @@ PEFT's layers: the compiler cannot trace the generator state this function reads
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -37,9 +36,7 @@ from bitsandbytes.functional import dequantize_4bit
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 from torch import Tensor, nn
 
-from .lora_dropout import _dtypes, _project, _project_backward
-
-log = logging.getLogger(__name__)
+from .lora_dropout import _dtypes, _project, _project_backward, uses_lora_variant
 
 
 def _dequantize(packed: Tensor, quant_state: Any, dtype: torch.dtype) -> Tensor:
@@ -129,24 +126,6 @@ class _Lora4bitProjection(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, grad_bias, None, None, None
 
 
-def lora_4bit_projection(
-    x: Tensor,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    packed: Tensor,
-    quant_state: Any,
-    bias: Tensor | None,
-    scaling: float,
-    p: float,
-    base_dtype: torch.dtype,
-) -> Tensor:
-    """What PEFT's 4-bit LoRA layer returns for ``x`` in training, in one autograd node."""
-    out: Tensor = _Lora4bitProjection.apply(  # type: ignore[no-untyped-call]
-        x, lora_a, lora_b, packed, quant_state, bias, scaling, p, base_dtype
-    )
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Patching a model
 # --------------------------------------------------------------------------------------------
@@ -183,7 +162,7 @@ class _FusedForward:
         # what bitsandbytes' Linear4bit.forward does first: the quant state a checkpoint
         # loader may have left on the module
         fix_4bit_weight_quant_state_from_module(base)
-        return lora_4bit_projection(
+        out = _Lora4bitProjection.apply(  # type: ignore[no-untyped-call]
             x,
             layer.lora_A[adapter].weight,
             layer.lora_B[adapter].weight,
@@ -194,11 +173,12 @@ class _FusedForward:
             p,
             compute,
         )
+        return out
 
 
 def _why_not(layer: Any, adapter: str) -> str | None:
     """Why this adapter of a 4-bit LoRA layer keeps PEFT's forward, or None."""
-    if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter):
+    if uses_lora_variant(layer, adapter):
         return "a LoRA variant (such as DoRA) computes this adapter"
     lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
     if getattr(lora_a, "bias", None) is not None or getattr(lora_b, "bias", None) is not None:

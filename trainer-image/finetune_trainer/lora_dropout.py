@@ -342,9 +342,16 @@ def _unpatchable(layer: Any, adapter: str) -> str | None:
         return f"dropout is {type(dropout).__name__}, not nn.Dropout"
     if type(lora_a) is not nn.Linear or getattr(lora_a, "bias", None) is not None:
         return f"lora_A is {type(lora_a).__name__}, not a bias-free nn.Linear"
-    if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter):
+    if uses_lora_variant(layer, adapter):
         return "a LoRA variant (such as DoRA) computes this adapter"
     return None
+
+
+def uses_lora_variant(layer: Any, adapter: str) -> bool:
+    """Whether a LoRA variant (DoRA and others) computes this adapter instead of plain LoRA."""
+    return adapter in getattr(layer, "lora_variant", {}) or bool(
+        getattr(layer, "use_dora", {}).get(adapter)
+    )
 
 
 def _layer_casts_input(layer: Any) -> bool:
