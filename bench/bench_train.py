@@ -163,8 +163,10 @@ def parse_variant(text: str) -> dict[str, Any]:
     default fused), ``compile`` (decoder layers through torch.compile, in place of Liger's
     kernels), ``liger`` (with ``compile``: keep Liger's kernels inside the compiled layers;
     Liger patches the model for good, so run such a variant after the plain compiled ones),
-    ``lora4bit`` (each 4-bit projection and its adapter as one autograd function,
-    ``finetune_trainer/lora_4bit.py``; not with ``compile``), ``optim`` (the optimiser, one of
+    ``lora4bit`` / ``nolora4bit`` (each 4-bit projection and its adapter as one autograd
+    function, ``finetune_trainer/lora_4bit.py``, or PEFT's layers; default: as the trainer
+    chooses, by the micro-batch's tokens, ``fastpath.use_fused_lora_4bit``; never with
+    ``compile``), ``optim`` (the optimiser, one of
     OPTIMIZERS; default paged_adamw_8bit, the operator's default).
     ``unsloth`` trains with Unsloth in a child process (see ``unsloth_command``); TOKENS
     defaults to 8192.
@@ -196,13 +198,13 @@ def parse_variant(text: str) -> dict[str, Any]:
     options: dict[str, str] = {}
     for part in parts[3:]:
         key, sep, value = part.partition("=")
-        if part in ("offload", "compile", "liger", "lora4bit"):
+        if part in ("offload", "compile", "liger", "lora4bit", "nolora4bit"):
             options[part] = "1"
             continue
         if not sep or key not in ("ga", "dropout", "dropimpl", "optim"):
             raise SystemExit(
                 f"unknown option {part!r} in {text!r}: use ga=N, dropout=P, offload, compile, "
-                "liger, lora4bit, optim=NAME or dropimpl=peft|fused"
+                "liger, lora4bit, nolora4bit, optim=NAME or dropimpl=peft|fused"
             )
         options[key] = value
     if "offload" in options and gc_choice is False:
@@ -227,7 +229,8 @@ def parse_variant(text: str) -> dict[str, Any]:
         "dropimpl": options.get("dropimpl", "fused"),
         "compile": "compile" in options,
         "liger": True if "liger" in options else None,
-        "lora4bit": "lora4bit" in options,
+        # None: as the trainer chooses
+        "lora4bit": True if "lora4bit" in options else False if "nolora4bit" in options else None,
         "optim": options.get("optim", DEFAULT_OPTIMIZER),
     }
 
@@ -502,6 +505,7 @@ def run_trl_variant(
             compile_layers=variant.get("compile", False),
             use_liger=variant.get("liger"),
             optimizer=variant["optim"],
+            fused_lora_4bit=False,  # chosen below, once TRL has wrapped the model in PEFT
         )
         overrides = dict(report.sft_overrides)
         if variant["tokens"]:
@@ -560,7 +564,10 @@ def run_trl_variant(
             patched = lora_dropout.patch_model(trainer.model)
             result["loraDropoutPatched"] = len(patched.patched)
             result["loraDropoutKept"] = patched.kept
-        if variant["kind"] == "fast" and variant["lora4bit"]:
+        if variant["kind"] == "fast" and fastpath.use_fused_lora_4bit(
+            False if variant["compile"] or variant["dropimpl"] == "peft" else variant["lora4bit"],
+            sft_args.max_length,
+        ):
             from finetune_trainer import lora_4bit
 
             result["lora4bit"] = lora_4bit.patch_model(trainer.model).as_dict()

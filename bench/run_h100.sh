@@ -20,7 +20,10 @@
 #                             # 16,384 checkpointed tokens: where the fixed step cost goes
 #   bench/run_h100.sh lora4bit # 4-bit projections fused with their adapters against PEFT's
 #                             # layers, whole GPU and small budgets, loss check, and the fused
-#                             # AdamW against the paged 8-bit one (about 8 minutes)
+#                             # AdamW against the paged 8-bit one (about 4 minutes)
+#   bench/run_h100.sh lora4bit-budgets # the same at the planner's 8-24 GiB picks (~4 min)
+# Unmarked fast variants fuse the 4-bit projections as the trainer does (from 8,192 tokens);
+# lora4bit / nolora4bit force the choice.
 # Needs the missing packages on PYTHONPATH (bench/gpu_wheels.sh) and writes to ${OUT:-out};
 # speed and grid also need Unsloth's (bench/gpu_wheels.sh --unsloth .gpu/unsloth, or UNSLOTH_SITE).
 set -uo pipefail
@@ -113,10 +116,18 @@ case "${1:-train}" in
     # packed steps of each against PEFT's losses; then torch's fused AdamW in place of the paged
     # 8-bit one (one kernel for all adapters instead of two per tensor; about 8 minutes).
     python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b \
-      --variants "fast:12288:nogc:dropout=0.05,fast:12288:nogc:dropout=0.05:lora4bit,fast:8192:gc:dropout=0.05,fast:8192:gc:dropout=0.05:lora4bit,fast:4096:gc:offload,fast:4096:gc:offload:lora4bit,fast:12288:nogc:dropout=0.05:optim=adamw_torch_fused,fast:4096:gc:offload:optim=adamw_torch_fused" \
+      --variants "fast:12288:nogc:dropout=0.05:nolora4bit,fast:12288:nogc:dropout=0.05:lora4bit,fast:8192:gc:dropout=0.05:nolora4bit,fast:8192:gc:dropout=0.05:lora4bit,fast:4096:gc:offload:nolora4bit,fast:4096:gc:offload:lora4bit,fast:12288:nogc:dropout=0.05:optim=adamw_torch_fused:nolora4bit,fast:4096:gc:offload:optim=adamw_torch_fused" \
       --steps 6 --warmup-steps 3 --rows 3000 --dropout-equivalence-steps 30 \
       --out "$out/lora4bit.json" 2>&1 \
       | tee "$out/lora4bit.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
+    ;;
+  lora4bit-budgets)
+    # The planner's picks at 8-24 GiB with PEFT's layers and with the fused projections, and
+    # the whole GPU with both the fused projections and torch's fused AdamW (about 4 minutes).
+    python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --lora-dropout 0 \
+      --variants "fast@8:::nolora4bit,fast@8:::lora4bit,fast@12:::nolora4bit,fast@12:::lora4bit,fast@16:::nolora4bit,fast@16:::lora4bit,fast@24:::nolora4bit,fast@24:::lora4bit,fast:12288:nogc:dropout=0.05:lora4bit:optim=adamw_torch_fused,fast:12288:nogc:dropout=0.05:nolora4bit" \
+      --steps 6 --warmup-steps 2 --rows 3000 --out "$out/lora4bit-budgets.json" 2>&1 \
+      | tee "$out/lora4bit-budgets.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
     ;;
   profile)
     # Where a small micro-batch's fixed cost goes: two profiled steps (device and host time

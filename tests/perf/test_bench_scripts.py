@@ -104,7 +104,9 @@ def test_lora4bit_variant_parses_and_refuses_what_it_cannot_combine() -> None:
     import bench_train
 
     assert bench_train.parse_variant("fast:12288:nogc:lora4bit")["lora4bit"] is True
-    assert bench_train.parse_variant("fast:12288:nogc")["lora4bit"] is False
+    assert bench_train.parse_variant("fast:12288:nogc:nolora4bit")["lora4bit"] is False
+    assert bench_train.parse_variant("fast:12288:nogc")["lora4bit"] is None  # as the trainer
+    assert bench_train.parse_variant("fast@24:::lora4bit")["budget"] == 24.0
     for text in ("fast:8192:gc:lora4bit:compile", "fast:8192:gc:lora4bit:dropimpl=peft"):
         with pytest.raises(SystemExit, match="lora4bit"):
             bench_train.parse_variant(text)
@@ -121,20 +123,22 @@ def test_optimizer_variant_parses() -> None:
 
 
 def test_stored_unsloth_run_is_side_by_side() -> None:
-    """The run docs/benchmarks.md compares: Unsloth and batchSize: auto in one invocation."""
-    speed = json.loads((REPO / "bench/results/h100-2026-12-07b/speed.json").read_text())
+    """The run docs/benchmarks.md compares: Unsloth and batchSize: auto in one invocation, with
+    the fast path's defaults of that day (fused 4-bit projections from 8,192 tokens), against
+    the issue's goals on both the window and the median-step figures."""
+    speed = json.loads((REPO / "bench/results/h100-2026-12-07c/speed.json").read_text())
     results = {r["variant"]: r for r in speed["results"]}
     assert all("error" not in r for r in speed["results"])
-    assert {"unsloth:8192", "unsloth:16384", "fast@8", "fast@10", "fast@16", "fast@24"} <= set(
-        results
-    )
+    assert {"unsloth:4096", "unsloth:8192", "unsloth:16384"} <= set(results)
     assert results["unsloth:8192"]["environment"]["unsloth"] == "2026.10.9"
     unsloth = [r for name, r in results.items() if name.startswith("unsloth")]
-    for budget, goal in ((10, 1.2), (16, 1.2), (24, 1.5)):
+    for budget, goal in ((8, 1.2), (10, 1.2), (16, 1.2), (24, 1.5)):
         run = results[f"fast@{budget}"]
-        best = max(r["effectiveTokensPerSecond"] for r in unsloth if r["peakReservedGiB"] <= budget)
+        assert ("lora4bit" in run) == (run["config"]["max_length"] >= 8192), budget
         assert run["peakReservedGiB"] <= budget
-        assert run["effectiveTokensPerSecond"] >= goal * best
+        within = [r for r in unsloth if r["peakReservedGiB"] <= budget]
+        for figure in ("effectiveTokensPerSecond", "medianStepTokensPerSecond"):
+            assert run[figure] >= goal * max(r[figure] for r in within), (budget, figure)
 
 
 def test_unsloth_child_gets_its_site_first_and_the_runs_settings(

@@ -127,6 +127,38 @@ def test_after_the_fused_dropout_patch_and_unpatched_again() -> None:
     assert not any(type(m).__name__.startswith("Fused") for m in model.modules())
 
 
+def test_saved_adapter_is_peft_own(tmp_path: Any) -> None:
+    """On by default from 8,192 tokens: what the trainer saves after training with the fused
+    layers is PEFT's adapter (same files, keys and values as training with PEFT's layers), and
+    plain PEFT loads it to the same outputs."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    reference, fused = tiny_4bit_model(dropout=0.1), tiny_4bit_model(dropout=0.1)
+    lora_4bit.patch_model(fused)
+    steps(reference, 2), steps(fused, 2)
+    reference.save_pretrained(tmp_path / "reference")
+    fused.save_pretrained(tmp_path / "fused")
+    assert sorted(p.name for p in (tmp_path / "fused").iterdir()) == sorted(
+        p.name for p in (tmp_path / "reference").iterdir()
+    )
+    ref_weights = load_file(tmp_path / "reference" / "adapter_model.safetensors")
+    weights = load_file(tmp_path / "fused" / "adapter_model.safetensors")
+    assert weights.keys() == ref_weights.keys()
+    for key, value in weights.items():
+        torch.testing.assert_close(value, ref_weights[key], rtol=1e-4, atol=1e-6)
+
+    loaded = PeftModel.from_pretrained(tiny_4bit_model().get_base_model(), tmp_path / "fused")
+
+    def loss(model: Any) -> float:
+        # train mode, the same dropout masks (bitsandbytes' CPU inference path, taken in eval
+        # mode without grad, needs larger shapes than the tiny model's)
+        torch.manual_seed(7)
+        return float(model.train()(**packed_batch(1)).loss.detach())
+
+    assert loss(loaded) == pytest.approx(loss(fused), rel=1e-5)
+
+
 def test_dense_layers_are_left_alone() -> None:
     model = shared_tiny_lora_model(dropout=0.1, prepare=quantise_projections)  # MLP in 4 bits
     report = lora_4bit.patch_model(model)
@@ -180,16 +212,31 @@ def test_bf16_as_the_trainer_runs_it() -> None:
     assert losses == pytest.approx(ref_losses, rel=2e-3)
 
 
-def test_fast_path_patches_only_on_request() -> None:
+def test_fast_path_fuses_from_the_measured_micro_batch_size() -> None:
+    """Auto (None): fused from LORA_4BIT_MIN_TOKENS tokens per micro-batch, where the H100
+    measured a gain; smaller micro-batches and unplanned runs keep PEFT's layers."""
     from finetune_trainer import fastpath
 
-    assert fastpath.FUSED_LORA_4BIT is False  # off until a GPU run shows a gain
-    model = tiny_4bit_model()
-    report = fastpath.apply(
-        model, method="qlora", lora_rank=4, max_seq_length=64, fused_lora_4bit=True
-    )
-    assert report.lora_4bit == {"patched": 7 * TINY_LAYERS, "kept": {}}
-    assert fastpath.apply(model, method="qlora", lora_rank=4, max_seq_length=64).lora_4bit is None
+    assert fastpath.FUSED_LORA_4BIT is None
+    threshold = fastpath.LORA_4BIT_MIN_TOKENS
+    assert threshold == 8192
+    assert fastpath.use_fused_lora_4bit(None, threshold) is True
+    assert fastpath.use_fused_lora_4bit(None, threshold - 1024) is False
+    assert fastpath.use_fused_lora_4bit(None, None) is False
+    assert fastpath.use_fused_lora_4bit(False, 32768) is False
+    assert fastpath.use_fused_lora_4bit(True, 2048) is True
+
+    def apply(**kwargs: Any) -> Any:
+        return fastpath.apply(
+            tiny_4bit_model(), method="qlora", lora_rank=4, max_seq_length=64, **kwargs
+        ).lora_4bit
+
+    assert apply(fused_lora_4bit=True) == {"patched": 7 * TINY_LAYERS, "kept": {}}
+    assert apply() is None  # no budget, no plan: PEFT's layers
+    planned = {"memory_budget_gib": 80.0, "gradient_checkpointing": True}
+    assert apply(tokens_per_micro_batch=threshold, **planned)["patched"] == 7 * TINY_LAYERS
+    assert apply(tokens_per_micro_batch=4096, **planned) is None
+    assert apply(tokens_per_micro_batch=threshold, fused_lora_4bit=False, **planned) is None
 
 
 def test_with_activation_offload_as_the_planner_may_choose() -> None:

@@ -50,9 +50,14 @@ from finetune_operator.domain.packed_memory import (
 from .compile_layers import BACKEND as COMPILE_BACKEND
 from .compile_layers import COMPILE_DECODER_LAYERS, CompileChoice
 
-# Each 4-bit projection and its LoRA adapter as one autograd function (lora_4bit.py). Off
-# until a GPU run shows a gain (``bench/run_h100.sh lora4bit``).
-FUSED_LORA_4BIT = False
+# Each 4-bit projection and its LoRA adapter as one autograd function (lora_4bit.py): None
+# chooses by the planned micro-batch (``use_fused_lora_4bit``), True/False force it.
+FUSED_LORA_4BIT: bool | None = None
+# From this many tokens per micro-batch the fused projections are faster. Measured on an H100
+# (8B shape, 2026-12-07): +5% to +12% tokens/s at 8,192-32,768 tokens, with and without
+# checkpointing or offload, but 9-24% slower at 4,096 (there the host's launch time bounds a
+# step, and the fused function spends a little more of it; docs/benchmarks.md, decision 2140).
+LORA_4BIT_MIN_TOKENS = 8192
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +393,7 @@ def apply(
     fused_lora_dropout: bool = FAST_PATH_FUSED_LORA_DROPOUT,
     compile_layers: bool = COMPILE_DECODER_LAYERS,
     compile_backend: str = COMPILE_BACKEND,
-    fused_lora_4bit: bool = FUSED_LORA_4BIT,
+    fused_lora_4bit: bool | None = FUSED_LORA_4BIT,
 ) -> FastPathReport:
     """Prepare a loaded model (PEFT-wrapped or not) for the fast path.
 
@@ -409,7 +414,8 @@ def apply(
     report, when the backend fails a start-up probe. ``use_liger`` unset means Liger's kernels
     unless the layers are compiled (the compiler fuses the same operations).
     ``fused_lora_4bit`` runs each 4-bit projection of a PEFT model and its adapter as one
-    autograd function (``lora_4bit.py``; not with compiled layers).
+    autograd function (``lora_4bit.py``; not with compiled layers); None decides by the
+    planned micro-batch (:func:`use_fused_lora_4bit`).
     """
     import torch
 
@@ -432,14 +438,6 @@ def apply(
     liger = use_liger if use_liger is not None else not (compiled and compiled.compiled)
     kernels = apply_liger(model) if liger and cuda else []
     dropout = dropout_impl.choose(model, lora_dropout, fused_lora_dropout)
-    fused_4bit = None
-    if fused_lora_4bit:
-        from . import lora_4bit
-
-        if compiled is not None and compiled.compiled:
-            fused_4bit = {"patched": 0, "kept": {"*": "decoder layers are compiled"}}
-        else:
-            fused_4bit = lora_4bit.patch_model(model).as_dict()
     if memory_budget_gib is None and cuda:
         free, _total = torch.cuda.mem_get_info()
         memory_budget_gib = (free + torch.cuda.memory_reserved()) * 0.9 / GIB
@@ -465,6 +463,14 @@ def apply(
         )
         for warning in warnings:
             log.warning("fast path: %s", warning)
+    fused_4bit = None
+    if use_fused_lora_4bit(fused_lora_4bit, plan.tokens_per_micro_batch if plan else None):
+        from . import lora_4bit
+
+        if compiled is not None and compiled.compiled:
+            fused_4bit = {"patched": 0, "kept": {"*": "decoder layers are compiled"}}
+        else:
+            fused_4bit = lora_4bit.patch_model(model).as_dict()
     return FastPathReport(
         attention=attention,
         attention_note=note,
@@ -476,6 +482,14 @@ def apply(
         compiled_layers=compiled,
         lora_4bit=fused_4bit,
     )
+
+
+def use_fused_lora_4bit(choice: bool | None, tokens_per_micro_batch: int | None) -> bool:
+    """Whether to fuse 4-bit projections with their adapters: ``choice`` when given, else
+    when a micro-batch holds at least ``LORA_4BIT_MIN_TOKENS`` tokens (unplanned: no)."""
+    if choice is not None:
+        return choice
+    return tokens_per_micro_batch is not None and tokens_per_micro_batch >= LORA_4BIT_MIN_TOKENS
 
 
 def plan_for_gpu(

@@ -419,7 +419,7 @@ def fast_path(
     )
     if report.activation_offload:
         note += f", activation offload to host memory ({report.activation_offload['hostGiB']} GiB)"
-    if report.lora_4bit is not None:
+    if report.lora_4bit is not None and report.lora_4bit["patched"]:
         note += f", {report.lora_4bit['patched']} 4-bit projections fused with their adapters"
     if report.compiled_layers is not None:
         choice = report.compiled_layers
