@@ -131,9 +131,11 @@ case "${1:-train}" in
     ;;
   profile)
     # Where a small micro-batch's fixed cost goes: two profiled steps (device and host time
-    # per operator) at the 8 GiB pick and at 16,384 tokens (profile-*.txt; about 4 minutes).
+    # per operator) at the 8 GiB pick, with PEFT's layers and with the fused 4-bit projections
+    # (slower there: decision 2140), and at 16,384 tokens (profile-*.txt; about 5 minutes).
     python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --profile \
-      --variants "fast:4096:gc:offload,fast:16384:gc" --steps 4 --warmup-steps 2 --rows 1500 \
+      --variants "fast:4096:gc:offload:nolora4bit,fast:4096:gc:offload:lora4bit,fast:16384:gc" \
+      --steps 4 --warmup-steps 2 --rows 1500 \
       --out "$out/profile.json" 2>&1 | tee "$out/profile.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
     ;;
   families)
