@@ -16,8 +16,9 @@
 #                             # GRID_UNSLOTH= leaves Unsloth out, GRID_SECONDS caps the 8B part)
 #   bench/run_h100.sh compile # decoder layers through torch.compile against eager ones, with
 #                             # and without checkpointing (about 8 minutes)
-#   bench/run_h100.sh profile # operator-level profile of two steps at 4,096 (+offload) and
-#                             # 16,384 checkpointed tokens: where the fixed step cost goes
+#   bench/run_h100.sh profile # operator-level profile of two steps at 4,096 (+offload, with
+#                             # and without the fused 4-bit projections), 16,384 checkpointed
+#                             # tokens and 12,288 without: where the step time goes
 #   bench/run_h100.sh lora4bit # 4-bit projections fused with their adapters against PEFT's
 #                             # layers, whole GPU and small budgets, loss check, and the fused
 #                             # AdamW against the paged 8-bit one (about 4 minutes)
@@ -130,11 +131,12 @@ case "${1:-train}" in
       | tee "$out/lora4bit-budgets.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
     ;;
   profile)
-    # Where a small micro-batch's fixed cost goes: two profiled steps (device and host time
+    # Where the step time goes: two profiled steps (device and host time
     # per operator) at the 8 GiB pick, with PEFT's layers and with the fused 4-bit projections
-    # (slower there: decision 2140), and at 16,384 tokens (profile-*.txt; about 5 minutes).
+    # (slower there: decision 2140), at 16,384 tokens, and the whole GPU with dropout 0.05 and
+    # torch's fused AdamW, the best MFU so far (profile-*.txt; about 6 minutes).
     python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --profile \
-      --variants "fast:4096:gc:offload:nolora4bit,fast:4096:gc:offload:lora4bit,fast:16384:gc" \
+      --variants "fast:4096:gc:offload:nolora4bit,fast:4096:gc:offload:lora4bit,fast:16384:gc,fast:12288:nogc:optim=adamw_torch_fused" \
       --steps 4 --warmup-steps 2 --rows 1500 \
       --out "$out/profile.json" 2>&1 | tee "$out/profile.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
     ;;
