@@ -239,6 +239,21 @@ def test_fast_path_fuses_from_the_measured_micro_batch_size() -> None:
     assert apply(tokens_per_micro_batch=threshold, fused_lora_4bit=False, **planned) is None
 
 
+def test_layers_go_back_to_peft_after_training() -> None:
+    """Evaluation and generation after training run PEFT's (bitsandbytes') layers: the fused
+    function would dequantise the whole weight for every decoded token."""
+    from finetune_trainer import fastpath
+
+    model = tiny_4bit_model()
+    report = fastpath.apply(
+        model, method="qlora", lora_rank=4, max_seq_length=64, fused_lora_4bit=True
+    )
+    assert any(isinstance(m, lora_4bit._FusedForward) for m in model.modules())
+    assert fastpath.after_training(model, report.lora_4bit) == 7 * TINY_LAYERS
+    assert not any(isinstance(m, lora_4bit._FusedForward) for m in model.modules())
+    assert fastpath.after_training(model, None) == 0
+
+
 def test_with_activation_offload_as_the_planner_may_choose() -> None:
     """Checkpointed layer inputs in host memory around the fused projections: PEFT's losses."""
     from finetune_trainer.offload import ActivationOffloader, install
