@@ -167,7 +167,9 @@ def parse_variant(text: str) -> dict[str, Any]:
     function, ``finetune_trainer/lora_4bit.py``, or PEFT's layers; default: as the trainer
     chooses, by the micro-batch's tokens, ``fastpath.use_fused_lora_4bit``; never with
     ``compile``), ``optim`` (the optimiser, one of
-    OPTIMIZERS; default paged_adamw_8bit, the operator's default).
+    OPTIMIZERS; default paged_adamw_8bit, the operator's default), ``flatoptim`` (the adapter
+    weights as one flat parameter for a bitsandbytes 8-bit optimiser,
+    ``finetune_trainer/flat_optimizer.py``).
     ``unsloth`` trains with Unsloth in a child process (see ``unsloth_command``); TOKENS
     defaults to 8192.
     """
@@ -198,13 +200,13 @@ def parse_variant(text: str) -> dict[str, Any]:
     options: dict[str, str] = {}
     for part in parts[3:]:
         key, sep, value = part.partition("=")
-        if part in ("offload", "compile", "liger", "lora4bit", "nolora4bit"):
+        if part in ("offload", "compile", "liger", "lora4bit", "nolora4bit", "flatoptim"):
             options[part] = "1"
             continue
         if not sep or key not in ("ga", "dropout", "dropimpl", "optim"):
             raise SystemExit(
                 f"unknown option {part!r} in {text!r}: use ga=N, dropout=P, offload, compile, "
-                "liger, lora4bit, nolora4bit, optim=NAME or dropimpl=peft|fused"
+                "liger, lora4bit, nolora4bit, flatoptim, optim=NAME or dropimpl=peft|fused"
             )
         options[key] = value
     if "offload" in options and gc_choice is False:
@@ -232,6 +234,8 @@ def parse_variant(text: str) -> dict[str, Any]:
         # None: as the trainer chooses
         "lora4bit": True if "lora4bit" in options else False if "nolora4bit" in options else None,
         "optim": options.get("optim", DEFAULT_OPTIMIZER),
+        # None: the fast path's default (fastpath.FLAT_ADAPTER_OPTIMIZER)
+        "flatoptim": True if "flatoptim" in options else None,
     }
 
 
@@ -359,14 +363,14 @@ def step_profiler(variant: dict[str, Any], args: argparse.Namespace) -> Any:
     return contextlib.nullcontext(StepProfiler(first, PROFILED_STEPS, out_file))
 
 
-def make_counting_trainer(fast: bool) -> Any:
+def make_counting_trainer(fast: bool, flat_optimizer: bool | None = None) -> Any:
     from trl import SFTTrainer
 
     base: Any = SFTTrainer
     if fast:
-        from finetune_trainer.fastpath import trainer_class
+        from finetune_trainer.fastpath import FLAT_ADAPTER_OPTIMIZER, trainer_class
 
-        base = trainer_class()
+        base = trainer_class(FLAT_ADAPTER_OPTIMIZER if flat_optimizer is None else flat_optimizer)
 
     class CountingSFTTrainer(base):  # type: ignore[misc,valid-type]
         """SFTTrainer that records the real (non-padding) tokens of every micro-batch.
@@ -542,7 +546,7 @@ def run_trl_variant(
         )
         torch.manual_seed(args.seed)
         clock = StepClock()
-        trainer_cls = make_counting_trainer(variant["kind"] == "fast")
+        trainer_cls = make_counting_trainer(variant["kind"] == "fast", variant.get("flatoptim"))
         trainer = trainer_cls(
             model=base,
             args=sft_args,
@@ -585,6 +589,8 @@ def run_trl_variant(
                 trainer.add_callback(profiler.callback)
             trainer.train()
         result.update(peak_memory())
+        if getattr(trainer, "flat_optimizer_report", None) is not None:
+            result["flatOptimizer"] = trainer.flat_optimizer_report
         if compiled is not None:
             # Compilation happens in the first steps; the warm-up steps keep it off the clock.
             result["compiledLayers"] = compiled.as_dict()

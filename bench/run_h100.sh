@@ -23,6 +23,8 @@
 #                             # layers, whole GPU and small budgets, loss check, and the fused
 #                             # AdamW against the paged 8-bit one (about 4 minutes)
 #   bench/run_h100.sh lora4bit-budgets # the same at the planner's 8-24 GiB picks (~4 min)
+#   bench/run_h100.sh flatoptim # the adapters as one flat optimiser parameter against the
+#                             # per-weight paged 8-bit optimiser (about 4 minutes)
 # Unmarked fast variants fuse the 4-bit projections as the trainer does (from 8,192 tokens);
 # lora4bit / nolora4bit force the choice.
 # Needs the missing packages on PYTHONPATH (bench/gpu_wheels.sh) and writes to ${OUT:-out};
@@ -129,6 +131,15 @@ case "${1:-train}" in
       --variants "fast@8:::nolora4bit,fast@8:::lora4bit,fast@12:::nolora4bit,fast@12:::lora4bit,fast@16:::nolora4bit,fast@16:::lora4bit,fast@24:::nolora4bit,fast@24:::lora4bit,fast:12288:nogc:dropout=0.05:lora4bit:optim=adamw_torch_fused,fast:12288:nogc:dropout=0.05:nolora4bit" \
       --steps 6 --warmup-steps 2 --rows 3000 --out "$out/lora4bit-budgets.json" 2>&1 \
       | tee "$out/lora4bit-budgets.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
+    ;;
+  flatoptim)
+    # The adapters as one flat parameter for the paged 8-bit optimiser (one update and one
+    # device sync per step instead of 448) against the per-weight optimiser, at the 8 and
+    # 24 GiB picks and the whole GPU with dropout 0.05 (about 4 minutes).
+    python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --lora-dropout 0 \
+      --variants "fast@8,fast@8:::flatoptim,fast@24,fast@24:::flatoptim,fast:12288:nogc:dropout=0.05,fast:12288:nogc:dropout=0.05:flatoptim" \
+      --steps 6 --warmup-steps 2 --rows 3000 --out "$out/flatoptim.json" 2>&1 \
+      | tee "$out/flatoptim.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
     ;;
   profile)
     # Where the step time goes: two profiled steps (device and host time

@@ -107,6 +107,8 @@ def test_lora4bit_variant_parses_and_refuses_what_it_cannot_combine() -> None:
     assert bench_train.parse_variant("fast:12288:nogc:nolora4bit")["lora4bit"] is False
     assert bench_train.parse_variant("fast:12288:nogc")["lora4bit"] is None  # as the trainer
     assert bench_train.parse_variant("fast@24:::lora4bit")["budget"] == 24.0
+    assert bench_train.parse_variant("fast@24:::flatoptim")["flatoptim"] is True
+    assert bench_train.parse_variant("fast@24")["flatoptim"] is None  # the fast path's default
     for text in ("fast:8192:gc:lora4bit:compile", "fast:8192:gc:lora4bit:dropimpl=peft"):
         with pytest.raises(SystemExit, match="lora4bit"):
             bench_train.parse_variant(text)

@@ -59,6 +59,11 @@ FUSED_LORA_4BIT: bool | None = None
 # step, and the fused function spends a little more of it; docs/benchmarks.md, decision 2140).
 LORA_4BIT_MIN_TOKENS = 8192
 
+# LoRA adapter weights as one flat parameter for bitsandbytes' 8-bit optimisers
+# (flat_optimizer.py: one update and one device sync per step instead of one per weight). Off
+# until a GPU run shows the gain (``bench/run_h100.sh flatoptim``; decision 2150).
+FLAT_ADAPTER_OPTIMIZER = False
+
 log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "fastpath_varlen"
@@ -572,7 +577,7 @@ def _install_offload(model: Any, plan: MicroBatchPlan) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------
 
 
-def trainer_class() -> type[SFTTrainer]:
+def trainer_class(flat_adapter_optimizer: bool = FLAT_ADAPTER_OPTIMIZER) -> type[SFTTrainer]:
     """TRL's SFTTrainer, changed so that a training micro-batch never waits for the GPU.
 
     TRL's loss step reads entropy, token accuracy and the token count back to the host after
@@ -586,12 +591,35 @@ def trainer_class() -> type[SFTTrainer]:
     numbers only when a log line is written, and the packed batches (no padding) are counted
     from their shape. Anything unusual (a custom loss, label smoothing, DFT loss, MoE
     auxiliary loss, sequence parallelism, evaluation) takes TRL's own path unchanged.
+
+    ``flat_adapter_optimizer`` hands a bitsandbytes 8-bit optimiser the LoRA adapter weights
+    as one flat parameter per group (``flat_optimizer.py``); ``flat_optimizer_report`` says
+    what was flattened.
     """
     import torch
     from trl import SFTTrainer
 
     class FastPathSFTTrainer(SFTTrainer):
         _device_metrics: Tensor | None = None
+        flatten_adapter_optimizer = flat_adapter_optimizer
+        flat_optimizer_report: dict[str, Any] | None = None
+
+        def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+            fresh = self.optimizer is None
+            optimizer = super().create_optimizer(*args, **kwargs)
+            if fresh and self.flatten_adapter_optimizer:
+                from .flat_optimizer import flatten_adapters
+
+                given = args[0] if args else kwargs.get("model")
+                model: Any = given if given is not None else self.model
+                report = flatten_adapters(optimizer, model)
+                self.flat_optimizer_report = report.as_dict()
+                log.info(
+                    "fast path: %d adapter weights as %d flat optimiser parameters",
+                    report.flattened,
+                    report.flat_parameters,
+                )
+            return optimizer
 
         def _model_training(self) -> bool:
             return self.model is not None and self.model.training

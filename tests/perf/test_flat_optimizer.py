@@ -1,0 +1,184 @@
+"""LoRA adapters as one flat parameter for bitsandbytes' 8-bit optimisers (flat_optimizer.py):
+the very updates of the per-weight optimiser, with bitsandbytes' real optimiser on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+bnb = pytest.importorskip("bitsandbytes")
+from finetune_trainer.flat_optimizer import flatten_adapters  # noqa: E402
+
+WIDTH = 256  # r=16 adapters on 256-wide layers: 4,096 elements, 16 whole state blocks
+
+
+class Stack(nn.Module):
+    def __init__(self, width: int = WIDTH, narrow: int = 8) -> None:
+        super().__init__()
+        self.up = nn.Linear(width, width)
+        self.down = nn.Linear(width, width)
+        self.small = nn.Linear(width, narrow)  # its r=16 lora_B is 8 x 16: too small for 8 bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.small(torch.tanh(self.down(torch.tanh(self.up(x)))))
+
+
+def lora_model(seed: int = 0) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        Stack(), LoraConfig(r=16, lora_alpha=32, target_modules=["up", "down", "small"])
+    )
+    with torch.no_grad():  # non-zero lora_B, so lora_A gets gradients from the first step
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    return model
+
+
+def train(model: Any, flat: bool, steps: int = 6, clip: float | None = 1.0) -> tuple[Any, Any]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.AdamW8bit(params, lr=1e-2, weight_decay=0.01)
+    report = flatten_adapters(optimizer, model) if flat else None
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(64, WIDTH, generator=gen)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+    return optimizer, report
+
+
+def adapter_weights(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_flat_updates_are_the_per_weight_updates() -> None:
+    reference, flat = lora_model(), lora_model()
+    train(reference, flat=False)
+    _, report = train(flat, flat=True)
+    assert report.flattened == 5 and report.flat_parameters == 1
+    assert report.kept == {"under 4096 elements (bitsandbytes keeps 32-bit states)": 1}
+    expected, got = adapter_weights(reference), adapter_weights(flat)
+    assert got.keys() == expected.keys()
+    for name, value in got.items():
+        assert torch.equal(value, expected[name]), name
+    start = adapter_weights(lora_model())
+    moved = [n for n in got if not torch.equal(got[n], start[n])]
+    assert len(moved) == len(got)  # every adapter weight trained, flattened or not
+
+
+def test_one_update_and_state_for_all_flattened_weights() -> None:
+    model = lora_model()
+    optimizer, _ = train(model, flat=True, steps=1)
+    flat = optimizer.param_groups[0]["params"][0]
+    assert flat.numel() == 5 * 16 * WIDTH
+    assert optimizer.state[flat]["state1"].dtype == torch.uint8  # 8-bit, as per weight
+    assert flat.grad is None  # the gathered gradient is freed after the step
+    # the adapter weights are views of it: what the optimiser writes, the model uses
+    weight = model.base_model.model.up.lora_A["default"].weight
+    assert weight.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    assert len(optimizer.state) == 2  # the flat parameter and the small weight kept apart
+
+
+def test_state_dict_round_trip_resumes_the_same_run() -> None:
+    straight = lora_model()
+    train(straight, flat=True, steps=4, clip=None)
+
+    resumed = lora_model()
+    optimizer, _ = train(resumed, flat=True, steps=2, clip=None)
+    saved = optimizer.state_dict()
+    again = lora_model()
+    again.load_state_dict(resumed.state_dict())
+    fresh = bnb.optim.AdamW8bit([p for p in again.parameters() if p.requires_grad], lr=1e-2)
+    fresh.param_groups[0]["weight_decay"] = 0.01
+    flatten_adapters(fresh, again)
+    fresh.load_state_dict(saved)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x = torch.randn(64, WIDTH, generator=gen)
+        if step < 2:
+            continue  # the batches the first two steps used
+        again(x).pow(2).mean().backward()
+        fresh.step()
+        again.zero_grad(set_to_none=True)
+    expected = adapter_weights(straight)
+    for name, value in adapter_weights(again).items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_saved_adapter_is_unchanged(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    model = lora_model()
+    train(model, flat=True, steps=2)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    weights = {
+        n.replace(".default", ""): p for n, p in adapter_weights(model).items()
+    }  # PEFT drops the adapter name
+    assert saved.keys() == weights.keys()
+    for name, value in saved.items():
+        assert torch.equal(value, weights[name])
+
+
+def test_other_optimisers_and_trained_optimisers_are_left_alone() -> None:
+    model = lora_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    report = flatten_adapters(torch.optim.AdamW(params), model)
+    assert report.flattened == 0 and "not a bitsandbytes optimiser" in str(report.skipped)
+    report = flatten_adapters(bnb.optim.AdamW(params, optim_bits=32), model)
+    assert report.flattened == 0 and "32-bit states" in str(report.skipped)
+    optimizer, _ = train(model, flat=False, steps=1)
+    report = flatten_adapters(optimizer, model)
+    assert report.flattened == 0 and "taken a step" in str(report.skipped)
+
+
+def test_fast_path_trainer_flattens_on_request(tmp_path: Path) -> None:
+    """The fast path's trainer (TRL's SFTTrainer, packed) trains a Llama with the flat
+    optimiser on the CPU to the very losses of the per-weight one."""
+    from datasets import Dataset
+    from finetune_trainer import fastpath
+    from finetune_trainer.tinymodel import build_tokenizer
+    from peft import LoraConfig, get_peft_model
+    from support.packed_training import PACKED_ROWS, packed_cpu_args
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assert fastpath.FLAT_ADAPTER_OPTIMIZER is False  # off until measured on a GPU
+
+    def run(flat: bool) -> tuple[list[float], Any]:
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=97, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        )  # fmt: skip
+        model = get_peft_model(
+            LlamaForCausalLM(config), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+        )
+        args = packed_cpu_args(tmp_path / str(flat), optim="adamw_8bit", max_steps=4)
+        trainer = fastpath.trainer_class(flat_adapter_optimizer=flat)(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_dict({"input_ids": PACKED_ROWS}),
+            processing_class=build_tokenizer(),
+        )
+        trainer.train()
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        return losses, trainer.flat_optimizer_report
+
+    per_weight, none = run(False)
+    flat, report = run(True)
+    assert none is None
+    # 7 projections x 2 layers x (lora_A, lora_B), each 16 x 256 or 16 x 512 and up
+    assert report == {"flattened": 28, "flatParameters": 1, "skipped": None, "kept": {}}
+    assert len(flat) == len(per_weight) == 4
+    assert flat == pytest.approx(per_weight, rel=1e-6)
+    assert flat[-1] < flat[0]
