@@ -316,8 +316,10 @@ class LocalExecutor:
 
     def sync_jobs(self) -> None:
         """One pass of the Job controller over every Job of the namespace."""
-        jobs = {j["metadata"]["uid"]: j for j in self.api.read_all("jobs", self.namespace)}
         with self._lock:
+            # Read under the lock a finishing pod records its Job's outcome with: a snapshot
+            # taken before would show the Job unfinished with its pod done, and start a second.
+            jobs = {j["metadata"]["uid"]: j for j in self.api.read_all("jobs", self.namespace)}
             for uid in list(self.jobs):
                 if uid not in jobs:  # the Job was deleted: its pod goes with it
                     state = self.jobs.pop(uid)

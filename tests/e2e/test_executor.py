@@ -211,6 +211,37 @@ def test_a_job_runs_as_a_pod_with_volumes_env_logs_and_termination_message(clust
     assert (executor.pvc_path("data") / "ok.ticks").read_text().count("tick") == 2
 
 
+def test_a_pod_that_succeeds_during_a_pass_is_not_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass of the Job controller that read its Jobs just before a pod recorded success
+    must not take the done pod for a lost one and start another (it did, at random, under
+    load: two trainer pods for one FineTuneJob)."""
+    api = Emulator()
+    api.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "namespace": NS},
+                "data": {"token": base64.b64encode(b"s3cret").decode()}})  # fmt: skip
+    executor = LocalExecutor(
+        api, tmp_path, namespace=NS, serve_deployments=False, interval=0.05, grace_seconds=2
+    )
+    read_all = api.read_all
+
+    def read_then_let_pods_finish(kind: str, *args: Any, **kwargs: Any) -> Any:
+        found = read_all(kind, *args, **kwargs)
+        if kind == "jobs":  # the read is done; a pod finishing now makes it stale
+            for state in list(executor.jobs.values()):
+                if state.pod is not None:
+                    state.pod.done.wait(0.5)
+        return found
+
+    monkeypatch.setattr(api, "read_all", read_then_let_pods_finish)
+    with executor:
+        submit(api, "once", ticks=1)
+        wait_for(lambda: condition(api.read("jobs", NS, "once"), "Complete"), timeout=60)
+        time.sleep(1.0)  # passes after the outcome
+        assert len(pods_of(api, "once")) == 1
+        assert api.read("jobs", NS, "once")["status"]["succeeded"] == 1
+
+
 def test_non_retryable_exit_code_fails_the_job_at_once(cluster: Any) -> None:
     api, _executor = cluster
     submit(api, "bad", exit_code=3, backoff=4)
