@@ -13,6 +13,7 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 from finetune_trainer.flat_optimizer import flatten_adapters  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[2]
 WIDTH = 256  # r=16 adapters on 256-wide layers: 4,096 elements, 16 whole state blocks
 
 
@@ -182,3 +183,74 @@ def test_fast_path_trainer_flattens_on_request(tmp_path: Path) -> None:
     assert len(flat) == len(per_weight) == 4
     assert flat == pytest.approx(per_weight, rel=1e-6)
     assert flat[-1] < flat[0]
+
+
+DDP_SCRIPT = r"""
+import os, sys, json
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+import bitsandbytes as bnb
+from torch import nn
+from peft import LoraConfig, get_peft_model
+from finetune_trainer.flat_optimizer import flatten_adapters
+
+WIDTH = 256
+
+def run(rank, flat, port, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH))
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    optimizer = bnb.optim.AdamW8bit([p for p in ddp.parameters() if p.requires_grad], lr=1e-2)
+    if flat:  # after the wrap, as the Trainer builds its optimiser after accelerate's prepare
+        assert flatten_adapters(optimizer, model).flattened == 4
+    gen = torch.Generator().manual_seed(10 + rank)  # each rank its own batches
+    for _ in range(4):
+        ddp(torch.randn(32, WIDTH, generator=gen)).pow(2).mean().backward()
+        optimizer.step()
+        ddp.zero_grad(set_to_none=True)
+    weights = {n: p.detach().flatten()[:8].tolist() for n, p in model.named_parameters()
+               if p.requires_grad}
+    with open(f"{out}-{rank}.json", "w") as f:
+        json.dump(weights, f)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    flat, port, out = sys.argv[1] == "1", int(sys.argv[2]), sys.argv[3]
+    mp.spawn(run, args=(flat, port, out), nprocs=2)
+"""
+
+
+def test_two_ddp_ranks_train_alike_with_the_flat_optimiser(tmp_path: Path) -> None:
+    """Under DDP (gloo, CPU) the weights are views of the flat parameter after the model is
+    wrapped: both ranks end with the per-weight optimiser's weights."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_flat.py"
+    script.write_text(DDP_SCRIPT)
+    results = {}
+    for flat in ("0", "1"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        out = tmp_path / f"w{flat}"
+        proc = subprocess.run(
+            [sys.executable, str(script), flat, str(port), str(out)],
+            capture_output=True, text=True, timeout=300, check=False,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "operator"),
+                                                             str(REPO / "trainer-image")])},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[flat] = [json.loads(Path(f"{out}-{rank}.json").read_text()) for rank in (0, 1)]
+    per_weight, flat_run = results["0"], results["1"]
+    assert per_weight[0] == per_weight[1]  # DDP keeps the ranks in step
+    assert flat_run[0] == flat_run[1]
+    assert flat_run[0] == per_weight[0]
