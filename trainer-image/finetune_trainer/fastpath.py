@@ -55,8 +55,8 @@ from .compile_layers import COMPILE_DECODER_LAYERS, CompileChoice
 FUSED_LORA_4BIT: bool | None = None
 # From this many tokens per micro-batch the fused projections are faster. Measured on an H100
 # (8B shape, 2026-12-07): +5% to +12% tokens/s at 8,192-32,768 tokens, with and without
-# checkpointing or offload, but 5-27% slower at 4,096 (there the host's launch time bounds a
-# step, and the fused function spends a little more of it; docs/benchmarks.md, decision 2140).
+# checkpointing or offload, but 5-27% slower at 4,096, where the host's kernel launches bound
+# a step (why it loses that much there is not profiled yet; docs/benchmarks.md, decision 2140).
 LORA_4BIT_MIN_TOKENS = 8192
 
 # LoRA adapter weights as one flat parameter for bitsandbytes' 8-bit optimisers
