@@ -168,7 +168,7 @@ def parse_variant(text: str) -> dict[str, Any]:
     chooses, by the micro-batch's tokens, ``fastpath.use_fused_lora_4bit``; never with
     ``compile``), ``optim`` (the optimiser, one of
     OPTIMIZERS; default paged_adamw_8bit, the operator's default), ``flatoptim`` (the adapter
-    weights as one flat parameter for a bitsandbytes 8-bit optimiser,
+    weights as one flat parameter for a bitsandbytes optimiser,
     ``finetune_trainer/flat_optimizer.py``).
     ``unsloth`` trains with Unsloth in a child process (see ``unsloth_command``); TOKENS
     defaults to 8192.

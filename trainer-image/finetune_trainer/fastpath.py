@@ -59,7 +59,7 @@ FUSED_LORA_4BIT: bool | None = None
 # a step (why it loses that much there is not profiled yet; docs/benchmarks.md, decision 2140).
 LORA_4BIT_MIN_TOKENS = 8192
 
-# LoRA adapter weights as one flat parameter for bitsandbytes' 8-bit optimisers
+# LoRA adapter weights as one flat parameter for bitsandbytes' optimisers
 # (flat_optimizer.py: one update and one device sync per step instead of one per weight). Off
 # until a GPU run shows the gain (``bench/run_h100.sh flatoptim``; decision 2150).
 FLAT_ADAPTER_OPTIMIZER = False
@@ -592,7 +592,7 @@ def trainer_class(flat_adapter_optimizer: bool = FLAT_ADAPTER_OPTIMIZER) -> type
     from their shape. Anything unusual (a custom loss, label smoothing, DFT loss, MoE
     auxiliary loss, sequence parallelism, evaluation) takes TRL's own path unchanged.
 
-    ``flat_adapter_optimizer`` hands a bitsandbytes 8-bit optimiser the LoRA adapter weights
+    ``flat_adapter_optimizer`` hands a bitsandbytes optimiser the LoRA adapter weights
     as one flat parameter per group (``flat_optimizer.py``); ``flat_optimizer_report`` says
     what was flattened.
     """

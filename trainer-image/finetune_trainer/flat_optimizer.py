@@ -1,4 +1,4 @@
-"""LoRA adapters as one flat tensor for bitsandbytes' 8-bit optimisers.
+"""LoRA adapters as one flat tensor for bitsandbytes' optimisers.
 
 bitsandbytes' optimisers update one parameter at a time and call ``torch.cuda.synchronize()``
 after each (bitsandbytes 0.50, ``Optimizer8bit.step``): on an 8B model with r=64 adapters on
@@ -9,11 +9,12 @@ the optimiser sees one tensor: one update kernel and one wait. Before each step 
 are gathered into the flat parameter's gradient (one copy, freed after the step); clipping,
 logging and saving keep seeing the adapter weights and their gradients as before.
 
-The update is the same arithmetic: 8-bit blockwise states are quantised in blocks of 256
-elements, so as long as every flattened weight holds a whole number of blocks no block spans
-two weights, and a weight smaller than ``min_8bit_size`` (which bitsandbytes keeps in 32-bit
-states) is left alone. Only LoRA's ``lora_A``/``lora_B`` weights are flattened; the optimiser
-must not have taken a step yet (its state is created at the first step).
+The update is the same arithmetic: 32-bit states are updated element by element; 8-bit
+blockwise states are quantised in blocks of 256 elements, so as long as every flattened weight
+holds a whole number of blocks no block spans two weights, and a weight smaller than
+``min_8bit_size`` (which bitsandbytes keeps in 32-bit states) is left alone. Only LoRA's
+``lora_A``/``lora_B`` weights are flattened; the optimiser must not have taken a step yet (its
+state is created at the first step).
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def _why_not_optimizer(optimizer: Any) -> str | None:
     if not isinstance(optimizer, Optimizer8bit):
         return f"{type(optimizer).__name__} is not a bitsandbytes optimiser"
     args = getattr(optimizer, "args", None)
-    if getattr(args, "optim_bits", None) != 8:
-        return "the optimiser keeps 32-bit states (one fused update per tensor is not the cost)"
+    if getattr(args, "optim_bits", None) not in (8, 32):
+        return f"optim_bits {getattr(args, 'optim_bits', None)!r} is not 8 or 32"
     if getattr(args, "max_unorm", 0.0) or getattr(args, "skip_zeros", False):
         return "max_unorm or skip_zeros work per tensor"
     if optimizer.state:
@@ -84,7 +85,11 @@ def flatten_adapters(optimizer: Any, model: nn.Module) -> FlatReport:
         report.skipped = why
         return report
     names = _adapter_names(model)
-    min_size = int(getattr(optimizer.args, "min_8bit_size", 4096))
+    # 32-bit states are updated element by element: any weight may join. 8-bit ones are
+    # quantised in blocks, and bitsandbytes keeps small weights in 32 bits.
+    eight_bit = optimizer.args.optim_bits == 8
+    min_size = int(getattr(optimizer.args, "min_8bit_size", 4096)) if eight_bit else 0
+    block = STATE_BLOCK if eight_bit else 1
     overridden = {id(getattr(m, a)) for m, a, _ in optimizer.mng.module_weight_config_triple}
     for group in optimizer.param_groups:
         chosen: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
@@ -98,8 +103,8 @@ def flatten_adapters(optimizer: Any, model: nn.Module) -> FlatReport:
                 reason = "has its own optimiser settings"
             elif param.numel() < min_size:
                 reason = f"under {min_size} elements (bitsandbytes keeps 32-bit states)"
-            elif param.numel() % STATE_BLOCK:
-                reason = f"not a whole number of {STATE_BLOCK}-element state blocks"
+            elif param.numel() % block:
+                reason = f"not a whole number of {block}-element state blocks"
             elif type(param) is not nn.Parameter or not param.is_contiguous():
                 reason = "not a plain contiguous parameter"
             if reason is not None:
