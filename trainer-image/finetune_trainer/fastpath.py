@@ -497,16 +497,16 @@ def use_fused_lora_4bit(choice: bool | None, tokens_per_micro_batch: int | None)
     return tokens_per_micro_batch is not None and tokens_per_micro_batch >= LORA_4BIT_MIN_TOKENS
 
 
-def after_training(model: Any, report_lora_4bit: dict[str, Any] | None) -> int:
+def after_training(model: Any) -> int:
     """Undo what only training needs before the model evaluates and generates: the fused
     4-bit projections give their layers back to PEFT, so decoding keeps bitsandbytes'
     inference kernels (the fused function dequantises the whole weight for every token).
     Returns how many layers were given back."""
-    if not report_lora_4bit or not report_lora_4bit.get("patched"):
-        return 0
-    from . import lora_4bit
+    import sys
 
-    return lora_4bit.unpatch_model(model)
+    # Only lora_4bit patches layers: if it was never imported, nothing is patched.
+    lora_4bit = sys.modules.get(f"{__package__}.lora_4bit")
+    return int(lora_4bit.unpatch_model(model)) if lora_4bit is not None else 0
 
 
 def plan_for_gpu(

@@ -385,9 +385,8 @@ def apply_fast_path(
 
 def fast_path(
     config: TrainerConfig, model: Any, args: SFTConfig, device: str, optimizer: str
-) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None] | None:
-    """:func:`apply_fast_path`, returning its note, the memory plan trained with and what
-    was fused (``FastPathReport.lora_4bit``, for :func:`fastpath.after_training`)."""
+) -> tuple[str, dict[str, Any] | None] | None:
+    """:func:`apply_fast_path`, returning its note and the memory plan trained with."""
     t = config.spec.training
     if not t.packing or device != "cuda":
         return None
@@ -436,7 +435,7 @@ def fast_path(
             "trying the smallest micro-batch"
         )
     log.info(note)
-    return note, report.plan, report.lora_4bit
+    return note, report.plan
 
 
 def out_of_gpu_memory_message(
@@ -547,7 +546,7 @@ def train_adapter(
     eval_rows = prepared.eval[:IN_TRAINING_EVAL_ROWS]
     args = build_sft_config(config, device, batch, gc, optimizer, checkpoint_dir, bool(eval_rows))
     applied = fast_path(config, model, args, device, optimizer)
-    fast_note, fast_plan, fused_4bit = applied if applied else (None, None, None)
+    fast_note, fast_plan = applied if applied else (None, None)
     if fast_note:
         notes.append(fast_note)
     trainer_cls = SFTTrainer
@@ -569,10 +568,10 @@ def train_adapter(
     trainer.remove_callback(PrinterCallback)
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        if fused_4bit:
+        if fast_note:
             from .fastpath import after_training
 
-            after_training(model, fused_4bit)
+            after_training(model)
         if (compiled := _compiled_layers_note(model)) is not None:
             log.info(compiled)
             notes.append(compiled)
