@@ -149,6 +149,8 @@ def _gather_gradients(optimizer: Any, *_: Any) -> None:
             if all(p.grad is None for p in params):
                 flat.grad = None  # nothing trained this step: no update, as per tensor
                 continue
+            # A weight without a gradient beside others with one gets zeros, where the
+            # per-weight optimiser would skip it; a trained adapter's weights all have one.
             flat.grad = torch.cat(
                 [
                     (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
