@@ -169,7 +169,9 @@ def parse_variant(text: str) -> dict[str, Any]:
     ``compile``), ``optim`` (the optimiser, one of
     OPTIMIZERS; default paged_adamw_8bit, the operator's default), ``flatoptim`` (the adapter
     weights as one flat parameter for a bitsandbytes optimiser,
-    ``finetune_trainer/flat_optimizer.py``).
+    ``finetune_trainer/flat_optimizer.py``), ``dropk`` / ``nodropk`` (the fused projections'
+    LoRA dropout drawn inside their adapter matmuls by Triton, ``dropout_kernels.py``, or
+    PyTorch's dropout redrawn in the backward pass; default ``fastpath.DROPOUT_KERNELS``).
     ``unsloth`` trains with Unsloth in a child process (see ``unsloth_command``); TOKENS
     defaults to 8192.
     """
@@ -200,13 +202,16 @@ def parse_variant(text: str) -> dict[str, Any]:
     options: dict[str, str] = {}
     for part in parts[3:]:
         key, sep, value = part.partition("=")
-        if part in ("offload", "compile", "liger", "lora4bit", "nolora4bit", "flatoptim"):
+        if part in (
+            "offload", "compile", "liger", "lora4bit", "nolora4bit", "flatoptim", "dropk", "nodropk"
+        ):  # fmt: skip
             options[part] = "1"
             continue
         if not sep or key not in ("ga", "dropout", "dropimpl", "optim"):
             raise SystemExit(
                 f"unknown option {part!r} in {text!r}: use ga=N, dropout=P, offload, compile, "
-                "liger, lora4bit, nolora4bit, flatoptim, optim=NAME or dropimpl=peft|fused"
+                "liger, lora4bit, nolora4bit, flatoptim, dropk, nodropk, optim=NAME or "
+                "dropimpl=peft|fused"
             )
         options[key] = value
     if "offload" in options and gc_choice is False:
@@ -236,6 +241,8 @@ def parse_variant(text: str) -> dict[str, Any]:
         "optim": options.get("optim", DEFAULT_OPTIMIZER),
         # None: the fast path's default (fastpath.FLAT_ADAPTER_OPTIMIZER)
         "flatoptim": True if "flatoptim" in options else None,
+        # None: the fast path's default (fastpath.DROPOUT_KERNELS)
+        "dropk": True if "dropk" in options else False if "nodropk" in options else None,
     }
 
 
@@ -574,7 +581,10 @@ def run_trl_variant(
         ):
             from finetune_trainer import lora_4bit
 
-            result["lora4bit"] = lora_4bit.patch_model(trainer.model).as_dict()
+            dropk = variant.get("dropk")
+            result["lora4bit"] = lora_4bit.patch_model(
+                trainer.model, fastpath.DROPOUT_KERNELS if dropk is None else dropk
+            ).as_dict()
         reset_memory()
         if torch.cuda.is_available():
             # Frozen weights plus the adapter, before any activation or optimiser state: the
@@ -761,8 +771,9 @@ def equivalence_trajectory(
     dropimpl: str = "peft",
     mask_seed: int | None = None,
 ) -> list[float]:
-    """Loss per step; ``dropimpl`` picks the LoRA dropout (``peft``, ``fused``, or
-    ``lora4bit``: the fused one inside each 4-bit projection's single autograd function),
+    """Loss per step; ``dropimpl`` picks the LoRA dropout (``peft``, ``fused``, ``lora4bit``:
+    the fused one inside each 4-bit projection's single autograd function, or ``kernels``:
+    that function with the dropout drawn in its adapter matmuls, dropout_kernels.py),
     ``mask_seed`` reseeds the random stream after the adapter's initialisation (only the
     dropout masks change)."""
     import torch
@@ -772,7 +783,7 @@ def equivalence_trajectory(
     reset_memory()
     torch.manual_seed(args.seed)
     model = get_peft_model(base, lora_config(args.rank))
-    if dropimpl in ("fused", "lora4bit"):
+    if dropimpl in ("fused", "lora4bit", "kernels"):
         lora_dropout.patch_model(model)
     if mask_seed is not None:
         torch.manual_seed(mask_seed)
@@ -782,8 +793,10 @@ def equivalence_trajectory(
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.to(torch.bfloat16)
-    if dropimpl == "lora4bit":
-        lora_4bit.patch_model(model)
+    if dropimpl in ("lora4bit", "kernels"):
+        report = lora_4bit.patch_model(model, dropout_kernels=dropimpl == "kernels")
+        if dropimpl == "kernels" and not report.dropout_kernels:
+            raise SystemExit("the dropout kernels cannot run here (is Triton installed?)")
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     model.train()
@@ -831,12 +844,24 @@ def dropout_equivalence(
     )  # fmt: skip
     saved = args.equivalence_steps
     args.equivalence_steps = args.dropout_equivalence_steps
+    # (dropout implementation, mask seed) of each curve; PEFT's two are always run
+    plans = {
+        "peft": ("peft", 1),
+        "peftOtherMasks": ("peft", 2),
+        "fused": ("fused", 1),
+        "lora4bit": ("lora4bit", 1),
+        "kernels": ("kernels", 1),
+    }
+    wanted = {"peft", "peftOtherMasks", *args.dropout_equivalence_curves.split(",")}
+    if unknown := wanted - plans.keys():
+        raise SystemExit(
+            f"unknown --dropout-equivalence-curves {sorted(unknown)}: use {list(plans)}"
+        )
     try:
         curves = {
-            "peft": equivalence_trajectory(base, rows, "fast", args, pad_id, "peft", 1),
-            "peftOtherMasks": equivalence_trajectory(base, rows, "fast", args, pad_id, "peft", 2),
-            "fused": equivalence_trajectory(base, rows, "fast", args, pad_id, "fused", 1),
-            "lora4bit": equivalence_trajectory(base, rows, "fast", args, pad_id, "lora4bit", 1),
+            name: equivalence_trajectory(base, rows, "fast", args, pad_id, impl, seed)
+            for name, (impl, seed) in plans.items()
+            if name in wanted
         }
     finally:
         args.equivalence_steps = saved
@@ -844,24 +869,26 @@ def dropout_equivalence(
     def rel(a: list[float], b: list[float]) -> list[float]:
         return [abs(x - y) / y for x, y in zip(a, b, strict=True)]
 
-    fused = rel(curves["fused"], curves["peft"])
-    fused_4bit = rel(curves["lora4bit"], curves["peft"])
     control = rel(curves["peftOtherMasks"], curves["peft"])
     tolerance = max(2 * max(control), 0.005)
-    return {
+    result: dict[str, Any] = {
         "steps": args.dropout_equivalence_steps,
         "rowsPerStep": args.equivalence_group,
         "loraDropout": 0.05,
         **curves,
-        "fusedVsPeftMaxRelativeDifference": max(fused),
-        "fusedVsPeftMeanRelativeDifference": sum(fused) / len(fused),
         "controlMaxRelativeDifference": max(control),
         "controlMeanRelativeDifference": sum(control) / len(control),
         "tolerance": tolerance,
-        "withinTolerance": max(fused) <= tolerance,
-        "lora4bitVsPeftMaxRelativeDifference": max(fused_4bit),
-        "lora4bitWithinTolerance": max(fused_4bit) <= tolerance,
     }
+    for name in ("fused", "lora4bit", "kernels"):
+        if name in curves:
+            diff = rel(curves[name], curves["peft"])
+            result[f"{name}VsPeftMaxRelativeDifference"] = max(diff)
+            result[f"{name}VsPeftMeanRelativeDifference"] = sum(diff) / len(diff)
+            result[f"{name}WithinTolerance"] = max(diff) <= tolerance
+    if "fused" in curves:  # the name earlier results use
+        result["withinTolerance"] = result["fusedWithinTolerance"]
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -968,6 +995,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="packed steps with PEFT's LoRA dropout and the fused one on identical rows",
+    )
+    parser.add_argument(
+        "--dropout-equivalence-curves",
+        default="fused,lora4bit,kernels",
+        help="which dropout implementations to hold against PEFT's (comma-separated: fused, "
+        "lora4bit, kernels); PEFT's own two curves always run",
     )
     parser.add_argument("--peak-tflops", type=float, default=800.0)
     parser.add_argument(
@@ -1131,15 +1164,18 @@ def main(argv: list[str] | None = None) -> int:
             f"\nequivalence: {e['steps']} steps, loss {e['baseline'][0]:.4f} -> {e['baseline'][-1]:.4f} (baseline) / {e['fast'][-1]:.4f} (fast); max rel diff {100 * e['maxRelativeDifference']:.2f}%"
         )
     d = out.get("dropoutEquivalence", {})
-    if "withinTolerance" in d:
+    if "tolerance" in d:
+        others = "; ".join(
+            f"{name} {d[name][-1]:.4f}, max {100 * d[f'{name}VsPeftMaxRelativeDifference']:.2f}% "
+            f"from peft (within: {d[f'{name}WithinTolerance']})"
+            for name in ("fused", "lora4bit", "kernels")
+            if name in d
+        )
         print(
             f"dropout equivalence: {d['steps']} packed steps, loss {d['peft'][0]:.4f} -> "
-            f"{d['peft'][-1]:.4f} (peft) / {d['fused'][-1]:.4f} (fused); fused vs peft max "
-            f"{100 * d['fusedVsPeftMaxRelativeDifference']:.2f}%, peft vs peft (other masks) "
-            f"max {100 * d['controlMaxRelativeDifference']:.2f}%; within tolerance "
-            f"({100 * d['tolerance']:.2f}%): {d['withinTolerance']}; lora4bit vs peft max "
-            f"{100 * d['lora4bitVsPeftMaxRelativeDifference']:.2f}% "
-            f"({d['lora4bitWithinTolerance']})"
+            f"{d['peft'][-1]:.4f} (peft); peft vs peft (other masks) max "
+            f"{100 * d['controlMaxRelativeDifference']:.2f}%, tolerance "
+            f"{100 * d['tolerance']:.2f}%; {others}"
         )
     save()
     return 0

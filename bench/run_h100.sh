@@ -25,6 +25,11 @@
 #   bench/run_h100.sh lora4bit-budgets # the same at the planner's 8-24 GiB picks (~4 min)
 #   bench/run_h100.sh flatoptim # the adapters as one flat optimiser parameter against the
 #                             # per-weight paged 8-bit optimiser (about 4 minutes)
+#   bench/run_h100.sh dropk   # LoRA dropout drawn inside the adapter matmuls (Triton): the
+#                             # kernels checked and timed per projection, then training at
+#                             # the whole GPU and 16,384 checkpointed tokens (about 6 minutes)
+#   bench/run_h100.sh dropk-equivalence # 30 packed steps with the kernels' dropout against
+#                             # PEFT's and PEFT's with other masks (about 4 minutes)
 # Unmarked fast variants fuse the 4-bit projections as the trainer does (from 8,192 tokens);
 # lora4bit / nolora4bit force the choice.
 # Needs the missing packages on PYTHONPATH (bench/gpu_wheels.sh) and writes to ${OUT:-out};
@@ -140,6 +145,20 @@ case "${1:-train}" in
       --variants "fast@8,fast@8:::flatoptim,fast@24,fast@24:::flatoptim,fast:12288:nogc:dropout=0.05,fast:12288:nogc:dropout=0.05:flatoptim" \
       --steps 6 --warmup-steps 2 --rows 3000 --out "$out/flatoptim.json" 2>&1 \
       | tee "$out/flatoptim.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
+    ;;
+  dropk)
+    python3 bench/bench_dropout_kernels.py --sweep --out "$out/dropout-kernels.json" 2>&1 \
+      | tee "$out/dropout-kernels.log" | cut -c1-1500
+    python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b \
+      --variants "fast:12288:nogc:dropout=0.05:lora4bit:optim=adamw_torch_fused:nodropk,fast:12288:nogc:dropout=0.05:lora4bit:optim=adamw_torch_fused:dropk,fast:12288:nogc:dropout=0:lora4bit:optim=adamw_torch_fused,fast:12288:nogc:dropout=0.05:lora4bit:nodropk,fast:12288:nogc:dropout=0.05:lora4bit:dropk,fast:16384:gc:dropout=0.05:nodropk,fast:16384:gc:dropout=0.05:dropk" \
+      --steps 6 --warmup-steps 3 --rows 3000 --out "$out/dropk.json" 2>&1 \
+      | tee "$out/dropk.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
+    ;;
+  dropk-equivalence)
+    python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --variants "" \
+      --rows 3000 --dropout-equivalence-steps 30 --dropout-equivalence-curves lora4bit,kernels \
+      --out "$out/dropk-equivalence.json" 2>&1 \
+      | tee "$out/dropk-equivalence.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
     ;;
   profile)
     # Where the step time goes: two profiled steps (device and host time

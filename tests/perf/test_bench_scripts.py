@@ -265,6 +265,7 @@ def test_dropout_comparison_runs_on_the_cpu(tmp_path: Path) -> None:
             "--seq-len", "64", "--rows", "60", "--steps", "2", "--warmup-steps", "1",
             "--memory-budget-gib", "1", "--equivalence-group", "4",
             "--dropout-equivalence-steps", "3", "--out", str(out),
+            "--dropout-equivalence-curves", "fused,lora4bit",
             "--variants", "fast:256:nogc:dropimpl=fused,fast:256:nogc:dropimpl=peft",
         ],
         capture_output=True, text=True, check=False, timeout=900,

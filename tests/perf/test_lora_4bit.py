@@ -9,44 +9,17 @@ from typing import Any
 import pytest
 import torch
 from finetune_trainer import lora_dropout as ld
-from support.packed_training import TINY_LAYERS, packed_batch, quantise_projections
-from support.packed_training import tiny_lora_model as shared_tiny_lora_model
+from support.packed_training import (
+    TINY_LAYERS,
+    packed_batch,
+    quantise_projections,
+    steps,
+    tiny_4bit_model,
+    tiny_lora_model,
+)
 
 pytest.importorskip("bitsandbytes")
 from finetune_trainer import lora_4bit
-
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def tiny_4bit_model(*, dropout: float = 0.0, gc: bool = False) -> Any:
-    """The tiny model with every projection in 4 bits, LoRA r=4 on all of them; ``lora_B``
-    starts seeded and non-zero (PEFT's zeros would hide the adapter path from the loss)."""
-    model = shared_tiny_lora_model(
-        dropout=dropout, gc=gc, prepare=lambda m: quantise_projections(m, ALL_PROJECTIONS)
-    )
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    return model
-
-
-def steps(model: Any, count: int = 3) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Losses of ``count`` optimiser steps and the adapter gradients of the first one."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optim = torch.optim.SGD(params.values(), lr=0.05)
-    losses, first_grads = [], {}
-    for step in range(count):
-        torch.manual_seed(step)  # both runs draw their dropout masks from the same seed
-        loss = model(**packed_batch(step)).loss
-        loss.backward()
-        if step == 0:
-            first_grads = {n: p.grad.detach().clone() for n, p in params.items()}
-        optim.step()
-        optim.zero_grad()
-        losses.append(float(loss.detach()))
-    return losses, first_grads
 
 
 @pytest.mark.parametrize("gc", [False, True], ids=["eager", "checkpointed"])
@@ -160,7 +133,7 @@ def test_saved_adapter_is_peft_own(tmp_path: Any) -> None:
 
 
 def test_dense_layers_are_left_alone() -> None:
-    model = shared_tiny_lora_model(dropout=0.1, prepare=quantise_projections)  # MLP in 4 bits
+    model = tiny_lora_model(dropout=0.1, prepare=quantise_projections)  # MLP in 4 bits
     report = lora_4bit.patch_model(model)
     assert len(report.patched) == 3 * TINY_LAYERS
     patched = {n.rsplit(".", 1)[-1] for n in report.patched}
@@ -231,7 +204,11 @@ def test_fast_path_fuses_from_the_measured_micro_batch_size() -> None:
             tiny_4bit_model(), method="qlora", lora_rank=4, max_seq_length=64, **kwargs
         ).lora_4bit
 
-    assert apply(fused_lora_4bit=True) == {"patched": 7 * TINY_LAYERS, "kept": {}}
+    assert apply(fused_lora_4bit=True) == {
+        "patched": 7 * TINY_LAYERS,
+        "kept": {},
+        "dropout_kernels": False,
+    }
     assert apply() is None  # no budget, no plan: PEFT's layers
     planned = {"memory_budget_gib": 80.0, "gradient_checkpointing": True}
     assert apply(tokens_per_micro_batch=threshold, **planned)["patched"] == 7 * TINY_LAYERS
@@ -249,7 +226,11 @@ def test_layers_go_back_to_peft_after_training() -> None:
         model, method="qlora", lora_rank=4, max_seq_length=64, fused_lora_4bit=True
     )
     assert any(isinstance(m, lora_4bit._FusedForward) for m in model.modules())
-    assert report.lora_4bit == {"patched": 7 * TINY_LAYERS, "kept": {}}
+    assert report.lora_4bit == {
+        "patched": 7 * TINY_LAYERS,
+        "kept": {},
+        "dropout_kernels": False,
+    }
     assert fastpath.after_training(model) == 7 * TINY_LAYERS
     assert not any(isinstance(m, lora_4bit._FusedForward) for m in model.modules())
     assert fastpath.after_training(model) == 0  # nothing left to give back

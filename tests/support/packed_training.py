@@ -129,3 +129,41 @@ def packed_lora_trainer(
             r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"
         ),
     )
+
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_4bit_model(*, dropout: float = 0.0, gc: bool = False) -> Any:
+    """The tiny model with every projection in 4 bits, LoRA r=4 on all of them; ``lora_B``
+    starts seeded and non-zero (PEFT's zeros would hide the adapter path from the loss)."""
+    import torch
+
+    model = tiny_lora_model(
+        dropout=dropout, gc=gc, prepare=lambda m: quantise_projections(m, ALL_PROJECTIONS)
+    )
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    return model
+
+
+def steps(model: Any, count: int = 3) -> tuple[list[float], dict[str, Any]]:
+    """Losses of ``count`` optimiser steps and the adapter gradients of the first one."""
+    import torch
+
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optim = torch.optim.SGD(params.values(), lr=0.05)
+    losses, first_grads = [], {}
+    for step in range(count):
+        torch.manual_seed(step)  # both runs draw their dropout masks from the same seed
+        loss = model(**packed_batch(step)).loss
+        loss.backward()
+        if step == 0:
+            first_grads = {n: p.grad.detach().clone() for n, p in params.items()}
+        optim.step()
+        optim.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses, first_grads

@@ -59,6 +59,11 @@ FUSED_LORA_4BIT: bool | None = None
 # a step (why it loses that much there is not profiled yet; docs/benchmarks.md, decision 2140).
 LORA_4BIT_MIN_TOKENS = 8192
 
+# LoRA dropout drawn inside the fused 4-bit projections' adapter matmuls by Triton kernels
+# (dropout_kernels.py): no dropout pass over the inputs, other masks than PyTorch's, the same
+# distribution (decision 2160).
+DROPOUT_KERNELS = False
+
 # LoRA adapter weights as one flat parameter for bitsandbytes' optimisers
 # (flat_optimizer.py: one update and one device sync per step instead of one per weight). Off
 # until a GPU run shows the gain (``bench/run_h100.sh flatoptim``; decision 2150).
@@ -399,6 +404,7 @@ def apply(
     compile_layers: bool = COMPILE_DECODER_LAYERS,
     compile_backend: str = COMPILE_BACKEND,
     fused_lora_4bit: bool | None = FUSED_LORA_4BIT,
+    dropout_kernels: bool = DROPOUT_KERNELS,
 ) -> FastPathReport:
     """Prepare a loaded model (PEFT-wrapped or not) for the fast path.
 
@@ -420,7 +426,8 @@ def apply(
     unless the layers are compiled (the compiler fuses the same operations).
     ``fused_lora_4bit`` runs each 4-bit projection of a PEFT model and its adapter as one
     autograd function (``lora_4bit.py``; not with compiled layers); None decides by the
-    planned micro-batch (:func:`use_fused_lora_4bit`).
+    planned micro-batch (:func:`use_fused_lora_4bit`); ``dropout_kernels`` draws their LoRA
+    dropout inside the adapter's matmuls (``dropout_kernels.py``) where Triton runs.
     """
     import torch
 
@@ -475,7 +482,7 @@ def apply(
         if compiled is not None and compiled.compiled:
             fused_4bit = {"patched": 0, "kept": {"*": "decoder layers are compiled"}}
         else:
-            fused_4bit = lora_4bit.patch_model(model).as_dict()
+            fused_4bit = lora_4bit.patch_model(model, dropout_kernels).as_dict()
     return FastPathReport(
         attention=attention,
         attention_note=note,

@@ -28,7 +28,9 @@ generator state this function reads.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, cast
 
 import torch
@@ -37,11 +39,75 @@ from bitsandbytes.functional import dequantize_4bit
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 from torch import Tensor, nn
 
-from .lora_dropout import _dtypes, _project, _project_backward, uses_lora_variant
+from .lora_dropout import _dtypes, _project, _project_backward, default_generator, uses_lora_variant
 
 
 def _dequantize(packed: Tensor, quant_state: Any, dtype: torch.dtype) -> Tensor:
     return dequantize_4bit(packed, quant_state).to(dtype)
+
+
+_KERNELS: list[ModuleType | None] = []
+
+
+def _kernel_module() -> ModuleType | None:
+    """``dropout_kernels`` (Triton), or None where Triton is not installed."""
+    if not _KERNELS:
+        try:
+            from . import dropout_kernels
+        except ImportError:
+            _KERNELS.append(None)
+        else:
+            _KERNELS.append(dropout_kernels)
+    return _KERNELS[0]
+
+
+def dropout_kernels_for(
+    x: Tensor, drop_dtype: torch.dtype, lora_dtype: torch.dtype
+) -> ModuleType | None:
+    """The Triton dropout kernels when they can run this projection's dropout, else None.
+
+    They multiply ``x`` as it is, so ``x``, the dropout and the adapter's matmul must share one
+    dtype; on CUDA a 16-bit one (their float32 multiply would round like TF32), on CPU only
+    under Triton's interpreter (``TRITON_INTERPRET=1``, for tests) and not in bfloat16, which
+    the interpreter computes wrongly.
+    """
+    if not x.dtype == drop_dtype == lora_dtype or x.shape[-1] % 8:
+        return None
+    if x.is_cuda:
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            return None
+    elif x.device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    elif x.dtype not in (torch.float32, torch.float16):  # the interpreter has no bfloat16
+        return None
+    return _kernel_module()
+
+
+def _kernels_can_run(model: nn.Module) -> bool:
+    """Whether the dropout kernels can run where ``model``'s weights are."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    return device.type in ("cpu", "cuda") and _kernel_module() is not None
+
+
+_SEED_MIX = 0x9E3779B97F4A7C15
+
+
+def draw_seed(device: torch.device) -> int:
+    """A seed for the dropout kernels, taken from the device's default generator.
+
+    On CUDA the generator's offset moves on by one draw, as any dropout kernel moves it, so
+    gradient checkpointing (which restores the generator before recomputing a layer) draws the
+    same seed again, and so the same mask.
+    """
+    generator = default_generator(device)
+    assert generator is not None, "only CPU and CUDA tensors reach the dropout kernels"
+    if device.type == "cuda":
+        offset = generator.get_offset()
+        generator.set_offset(offset + 4)
+        return (generator.initial_seed() * _SEED_MIX + offset) % (1 << 63)
+    return int(torch.randint(0, 1 << 62, (1,), generator=generator).item())
 
 
 class _Lora4bitProjection(torch.autograd.Function):
@@ -59,13 +125,23 @@ class _Lora4bitProjection(torch.autograd.Function):
         scaling: float,
         p: float,
         base_dtype: torch.dtype,
+        kernel_dropout: bool,
     ) -> Tensor:
         drop_dtype, lora_dtype = _dtypes(x, lora_a)
+        kernels = (
+            dropout_kernels_for(x, drop_dtype, lora_dtype) if kernel_dropout and p > 0.0 else None
+        )
+        state: Tensor | int | None
         with torch.autocast(x.device.type, enabled=False):
             weight = _dequantize(packed, quant_state, base_dtype)
             out = F.linear(x.to(base_dtype), weight, None if bias is None else bias.to(base_dtype))
             del weight
-            if p > 0.0:
+            if kernels is not None:
+                state = draw_seed(x.device)
+                rows = x.reshape(-1, x.shape[-1]).contiguous()
+                hidden = kernels.project(rows, lora_a.to(lora_dtype).contiguous(), p, state)
+                hidden = hidden.view(*x.shape[:-1], hidden.shape[-1])
+            elif p > 0.0:
                 hidden, state = _project(x, lora_a, p, drop_dtype, lora_dtype)
             else:
                 hidden, state = F.linear(x.to(lora_dtype), lora_a.to(lora_dtype)), None
@@ -84,6 +160,7 @@ class _Lora4bitProjection(torch.autograd.Function):
             base_dtype,
         )
         ctx.has_bias = bias is not None
+        ctx.kernels = kernels
         return out.to(x.dtype)
 
     @staticmethod
@@ -101,30 +178,48 @@ class _Lora4bitProjection(torch.autograd.Function):
                 grad_b = (grad_lora.t() @ hidden.reshape(-1, rank).to(lora_dtype)).mul_(ctx.scaling)
                 grad_b = grad_b.to(lora_b.dtype)
             grad_hidden = (grad_lora @ lora_b.to(lora_dtype)).mul_(ctx.scaling)
-            grad_hidden = grad_hidden.view(*x.shape[:-1], rank)
-            if ctx.p > 0.0:
-                grad_x_lora, grad_a = _project_backward(
-                    grad_hidden, x, lora_a, ctx.rng_state, ctx.p, ctx.dtypes, (needs_x, needs_a)
-                )
-            else:
-                grad_x_lora = grad_hidden @ lora_a.to(lora_dtype) if needs_x else None
-                grad_a = (
-                    (
-                        grad_hidden.reshape(-1, rank).t()
-                        @ x.reshape(-1, x.shape[-1]).to(lora_dtype)
-                    ).to(lora_a.dtype)
-                    if needs_a
-                    else None
-                )
             if needs_x:
+                # the base projection's input gradient; the adapter's is added into it
                 weight = _dequantize(ctx.packed, ctx.quant_state, ctx.base_dtype)
                 grad_x = (grad_out.to(ctx.base_dtype) @ weight).to(x.dtype)
                 del weight
-                assert grad_x_lora is not None
-                grad_x.add_(grad_x_lora.to(x.dtype))
+            if ctx.kernels is not None:
+                rows = x.reshape(-1, x.shape[-1]).contiguous()
+                lora_a_rows = lora_a.to(lora_dtype).contiguous()
+                if needs_a:
+                    grad_a = ctx.kernels.grad_weight(grad_hidden, rows, ctx.p, ctx.rng_state)
+                    grad_a = grad_a.to(lora_a.dtype)
+                if grad_x is not None:
+                    flat_x = grad_x.view(-1, grad_x.shape[-1])
+                    ctx.kernels.grad_input(
+                        grad_hidden, lora_a_rows, ctx.p, ctx.rng_state, out=flat_x
+                    )
+            elif ctx.p > 0.0:
+                grad_x_lora, grad_a = _project_backward(
+                    grad_hidden.view(*x.shape[:-1], rank),
+                    x,
+                    lora_a,
+                    ctx.rng_state,
+                    ctx.p,
+                    ctx.dtypes,
+                    (needs_x, needs_a),
+                )
+                if grad_x is not None:
+                    assert grad_x_lora is not None
+                    grad_x.add_(grad_x_lora.to(x.dtype))
+            else:
+                if needs_a:
+                    rows = x.reshape(-1, x.shape[-1]).to(lora_dtype)
+                    grad_a = (grad_hidden.t() @ rows).to(lora_a.dtype)
+                if grad_x is not None:
+                    flat_x = grad_x.view(-1, grad_x.shape[-1])
+                    if flat_x.dtype == lora_dtype:
+                        flat_x.addmm_(grad_hidden, lora_a.to(lora_dtype))
+                    else:
+                        flat_x.add_((grad_hidden @ lora_a.to(lora_dtype)).to(flat_x.dtype))
             if needs_bias:
                 grad_bias = grad.sum(0)
-        return grad_x, grad_a, grad_b, None, None, grad_bias, None, None, None
+        return grad_x, grad_a, grad_b, None, None, grad_bias, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +233,8 @@ class _FusedForward:
     _fused_original: type[nn.Module]
     # The adapters patch_model found plain (checked once, not on every call).
     _fused_adapters: frozenset[str]
+    # Draw the dropout inside the adapter's matmuls (dropout_kernels.py) where they can run.
+    _kernel_dropout: bool = False
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         layer: Any = self
@@ -173,6 +270,7 @@ class _FusedForward:
             float(layer.scaling[adapter]),
             p,
             compute,
+            layer._kernel_dropout,
         )
         return out
 
@@ -210,14 +308,25 @@ class Lora4bitReport:
 
     patched: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
+    # whether the patched layers draw their dropout with the Triton kernels
+    dropout_kernels: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {"patched": len(self.patched), "kept": dict(self.kept)}
+        return {
+            "patched": len(self.patched),
+            "kept": dict(self.kept),
+            "dropout_kernels": self.dropout_kernels,
+        }
 
 
-def patch_model(model: nn.Module) -> Lora4bitReport:
-    """Run every plain 4-bit LoRA projection of ``model`` (a PEFT model) as one function."""
-    report = Lora4bitReport()
+def patch_model(model: nn.Module, dropout_kernels: bool = False) -> Lora4bitReport:
+    """Run every plain 4-bit LoRA projection of ``model`` (a PEFT model) as one function.
+
+    ``dropout_kernels`` draws the LoRA dropout inside the adapter's matmuls with Triton
+    (``dropout_kernels.py``: other masks than PyTorch's, the same distribution) wherever
+    those kernels can run; elsewhere the dropout is PyTorch's, redrawn in the backward pass.
+    """
+    report = Lora4bitReport(dropout_kernels=dropout_kernels and _kernels_can_run(model))
     try:
         from peft.tuners.lora.bnb import Linear4bit
     except (ImportError, AttributeError):
@@ -232,6 +341,7 @@ def patch_model(model: nn.Module) -> Lora4bitReport:
             continue
         module.__class__ = _fused_class(type(module))  # type: ignore[assignment]
         cast(Any, module)._fused_adapters = frozenset(module.lora_A.keys())
+        cast(Any, module)._kernel_dropout = report.dropout_kernels
         report.patched.append(name)
     return report
 

@@ -1,0 +1,320 @@
+"""LoRA dropout inside the adapter's matmuls (Triton, ``finetune_trainer/dropout_kernels.py``)
+against PyTorch's dropout redrawn in the backward pass and against no dropout, on one GPU.
+
+For each projection input of the Llama-3-8B shape (12,288 packed tokens; 4,096 and 14,336
+features, rank 64, bf16) it first checks the kernels against the mask they draw
+(``keep_mask``: forward, weight gradient, input gradient added into a base gradient), then
+times what the adapter's ``lora_A`` side costs per projection, forward and backward:
+
+- ``torch``: ``native_dropout`` + ``linear`` forward; the dropout drawn again, the input
+  gradient through ``native_dropout_backward`` and added into the base gradient, the weight
+  gradient from the dropped input (what ``lora_4bit.py`` runs without the kernels);
+- ``kernels``: the three Triton kernels, the input gradient added in place;
+- ``none``: dropout 0 (``linear``; ``addmm_`` into the base gradient; weight gradient).
+
+    PYTHONPATH=operator:trainer-image python bench/bench_dropout_kernels.py --out FILE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+
+def _time(fn: Any, repeats: int) -> float:
+    """Median milliseconds of ``fn`` over ``repeats`` CUDA-event timed calls."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def check(rows: int, width: int, rank: int, p: float) -> dict[str, float]:
+    """Largest error of each kernel against the same computation from ``keep_mask``, relative
+    to the largest reference value (bf16 inputs, float32 reference)."""
+    import torch
+    from finetune_trainer import dropout_kernels as k
+
+    torch.manual_seed(0)
+    x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(rank, width, device="cuda", dtype=torch.bfloat16) / width**0.5
+    g = torch.randn(rows, rank, device="cuda", dtype=torch.bfloat16)
+    base = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    seed = 1234567
+    mask = k.keep_mask(rows, width, p, seed, "cuda")
+    dropped = x.float() * mask * k.keep_scale(p)
+
+    def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+        return float((got.float() - want).abs().max() / want.abs().max())
+
+    into = base.clone()
+    k.grad_input(g, a, p, seed, out=into)
+    return {
+        "keptShare": float(mask.float().mean()),
+        "project": rel(k.project(x, a, p, seed), dropped @ a.float().t()),
+        "gradWeight": rel(k.grad_weight(g, x, p, seed), g.float().t() @ dropped),
+        "gradInputAdded": rel(
+            into, base.float() + (g.float() @ a.float()) * mask * k.keep_scale(p)
+        ),
+        "maskSameOnSecondDraw": float(torch.equal(mask, k.keep_mask(rows, width, p, seed, "cuda"))),
+    }
+
+
+def layer_check(
+    rows: int = 4096, width: int = 4096, rank: int = 64, p: float = 0.05
+) -> dict[str, Any]:
+    """A real 4-bit LoRA layer (bitsandbytes nf4, PEFT, bf16) patched by ``lora_4bit`` with the
+    kernels, against the same projection written out with the mask the kernels report for the
+    seed the layer draws; and the layer under gradient checkpointing (which restores the
+    generator before recomputing) against itself without: the same masks, the same gradients.
+    """
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+    from finetune_trainer import dropout_kernels as k
+    from finetune_trainer import lora_4bit
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = bnb.nn.Linear4bit(
+                width, width, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"
+            )
+            self.is_loaded_in_4bit = True  # what PEFT reads to pick its 4-bit LoRA layer
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.proj(x)
+            return out
+
+    torch.manual_seed(0)
+    net = Net()
+    net.proj.weight = bnb.nn.Params4bit(
+        torch.randn(width, width) * 0.02, requires_grad=False, quant_type="nf4"
+    )
+    net = net.cuda()
+    config = LoraConfig(r=rank, lora_alpha=16, lora_dropout=p, target_modules=["proj"])
+    model = get_peft_model(net, config).train()
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.to(torch.bfloat16)
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.02)
+    report = lora_4bit.patch_model(model, dropout_kernels=True)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    scaling = float(layer.scaling["default"])
+    x0 = torch.randn(1, rows, width, device="cuda", dtype=torch.bfloat16)
+    upstream = torch.randn(1, rows, width, device="cuda", dtype=torch.bfloat16)
+
+    def run(checkpointed: bool) -> tuple[torch.Tensor, ...]:
+        torch.cuda.manual_seed(11)
+        x = x0.clone().requires_grad_(True)
+        out = checkpoint(model, x, use_reentrant=False) if checkpointed else model(x)
+        (out.float() * upstream.float()).sum().backward()
+        grads = (out.detach(), x.grad.detach(), a.grad.detach().clone(), b.grad.detach().clone())
+        a.grad = b.grad = None
+        return grads
+
+    plain, checkpointed = run(False), run(True)
+    torch.cuda.manual_seed(11)
+    seed = lora_4bit.draw_seed(x0.device)
+    weight = dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state)
+    xr = x0.float().clone().requires_grad_(True)
+    ar, br = a.float().clone().requires_grad_(True), b.float().clone().requires_grad_(True)
+    dropped = k.reference_dropout(xr, p, seed)
+    ref = xr @ weight.float().t() + scaling * (dropped @ ar.t()) @ br.t()
+    (ref * upstream.float()).sum().backward()
+    reference = (ref.detach(), xr.grad, ar.grad, br.grad)
+
+    def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+        return float((got.float() - want.float()).abs().max() / want.float().abs().max())
+
+    names = ("output", "gradInput", "gradLoraA", "gradLoraB")
+    return {
+        "patched": len(report.patched),
+        "dropoutKernels": report.dropout_kernels,
+        "againstWrittenOut": {
+            n: rel(g, r) for n, g, r in zip(names, plain, reference, strict=True)
+        },
+        "checkpointedAgainstPlain": {
+            n: rel(g, r) for n, g, r in zip(names, checkpointed, plain, strict=True)
+        },
+    }
+
+
+def timings(rows: int, width: int, rank: int, p: float, repeats: int) -> dict[str, float]:
+    import torch
+    import torch.nn.functional as F
+    from finetune_trainer import dropout_kernels as k
+
+    x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(rank, width, device="cuda", dtype=torch.bfloat16) / width**0.5
+    g = torch.randn(rows, rank, device="cuda", dtype=torch.bfloat16)
+    base = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    seed = 99
+
+    def torch_forward() -> None:
+        dropped, _mask = torch.native_dropout(x, p, True)
+        F.linear(dropped, a)
+
+    def torch_backward() -> None:
+        dropped, mask = torch.native_dropout(x, p, True)
+        grad_in = g @ a
+        base.add_(torch.ops.aten.native_dropout_backward(grad_in, mask, 1.0 / (1.0 - p)))
+        _ = g.t() @ dropped
+
+    def kernels_forward() -> None:
+        k.project(x, a, p, seed)
+
+    def kernels_backward() -> None:
+        k.grad_input(g, a, p, seed, out=base)
+        k.grad_weight(g, x, p, seed)
+
+    def none_forward() -> None:
+        F.linear(x, a)
+
+    def none_backward() -> None:
+        base.addmm_(g, a)
+        _ = g.t() @ x
+
+    out = {}
+    for name, fn in (
+        ("torchForwardMs", torch_forward),
+        ("torchBackwardMs", torch_backward),
+        ("kernelsForwardMs", kernels_forward),
+        ("kernelsBackwardMs", kernels_backward),
+        ("noneForwardMs", none_forward),
+        ("noneBackwardMs", none_backward),
+        ("kernelsProjectMs", lambda: k.project(x, a, p, seed)),
+        ("kernelsGradWeightMs", lambda: k.grad_weight(g, x, p, seed)),
+        ("kernelsGradInputMs", lambda: k.grad_input(g, a, p, seed, out=base)),
+    ):
+        out[name] = round(_time(fn, repeats), 4)
+    for impl in ("torch", "kernels", "none"):
+        out[f"{impl}TotalMs"] = round(out[f"{impl}ForwardMs"] + out[f"{impl}BackwardMs"], 4)
+    return out
+
+
+# Tile sizes tried by --sweep: (BLOCK_T, BLOCK_K, num_warps, num_stages).
+SWEEP = {
+    "project": [
+        (64, 64, 4, 3),
+        (128, 64, 4, 3),
+        (64, 128, 4, 3),
+        (128, 128, 8, 3),
+        (32, 128, 4, 4),
+    ],
+    "gradWeight": [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)],
+    "gradInput": [
+        (64, 128, 4, 2),
+        (128, 128, 8, 2),
+        (64, 64, 4, 2),
+        (128, 64, 4, 2),
+        (64, 256, 8, 2),
+    ],
+}
+
+
+def sweep(rows: int, width: int, rank: int, p: float, repeats: int) -> dict[str, dict[str, float]]:
+    """Milliseconds of each kernel with each tile of SWEEP."""
+    import torch
+    from finetune_trainer import dropout_kernels as k
+
+    x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(rank, width, device="cuda", dtype=torch.bfloat16) / width**0.5
+    g = torch.randn(rows, rank, device="cuda", dtype=torch.bfloat16)
+    base = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    calls = {
+        "project": lambda tile: k.project(x, a, p, 5, tile=tile),
+        "gradWeight": lambda tile: k.grad_weight(g, x, p, 5, tile=tile),
+        "gradInput": lambda tile: k.grad_input(g, a, p, 5, out=base, tile=tile),
+    }
+    out: dict[str, dict[str, float]] = {}
+    for kernel, tiles in SWEEP.items():
+        out[kernel] = {}
+        for bt, bk, warps, stages in tiles:
+            tile = {"BLOCK_T": bt, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
+            name = f"{bt}x{bk}w{warps}s{stages}"
+            try:
+                out[kernel][name] = round(_time(lambda t=tile, c=calls[kernel]: c(t), repeats), 4)
+            except Exception as error:  # a tile that does not compile or fit is reported
+                out[kernel][name] = float("nan")
+                print(f"{kernel} {name}: {type(error).__name__}: {error}"[:300], flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=12288, help="packed tokens per micro-batch")
+    parser.add_argument("--widths", default="4096,14336", help="projection input widths")
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--dropout", type=float, default=0.05)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true", help="also time other tile sizes")
+    parser.add_argument("--out", help="write the results here as JSON")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    import triton
+
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "rows": args.rows,
+        "rank": args.rank,
+        "dropout": args.dropout,
+        "widths": {},
+    }
+    try:
+        result["layerCheck"] = layer_check(p=args.dropout)
+    except Exception as error:  # reported; the kernels' own checks and timings still run
+        result["layerCheck"] = {"error": f"{type(error).__name__}: {error}"}
+    print(json.dumps({"layerCheck": result["layerCheck"]}), flush=True)
+    for width in (int(w) for w in args.widths.split(",")):
+        started = time.perf_counter()
+        errors = check(1000, width, args.rank, args.dropout)
+        entry = {
+            "check": errors,
+            **timings(args.rows, width, args.rank, args.dropout, args.repeats),
+        }
+        if args.sweep:
+            entry["sweep"] = sweep(args.rows, width, args.rank, args.dropout, args.repeats)
+        entry["seconds"] = round(time.perf_counter() - started, 1)
+        result["widths"][str(width)] = entry
+        print(json.dumps({"width": width, **entry}), flush=True)
+    # Per decoder layer of the 8B shape: six projections read 4,096 features, one 14,336.
+    if {"4096", "14336"} <= set(result["widths"]):
+        w = result["widths"]
+        result["perLayerMs"] = {
+            impl: round(6 * w["4096"][f"{impl}TotalMs"] + w["14336"][f"{impl}TotalMs"], 3)
+            for impl in ("torch", "kernels", "none")
+        }
+        print(json.dumps({"perLayerMs": result["perLayerMs"]}), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
