@@ -204,3 +204,34 @@ def test_without_the_interpreter_or_a_gpu_the_kernels_are_not_used(
     assert not lora_4bit.patch_model(model, dropout_kernels=True).dropout_kernels
     x = torch.randn(3, 8)
     assert lora_4bit.dropout_kernels_for(x, torch.float32, torch.float32) is None
+
+
+def test_with_activation_offload_the_recompute_draws_the_same_masks(kernels: ModuleType) -> None:
+    """Checkpointed layer inputs in host memory (as the planner may choose): the recomputed
+    layers draw the seeds, so the masks, of the first forward pass."""
+    from finetune_trainer.offload import ActivationOffloader, install
+
+    p = 0.3
+    reference = with_kernel_masks(tiny_4bit_model(dropout=p, gc=True), kernels, p)
+    fused = tiny_4bit_model(dropout=p, gc=True)
+    assert lora_4bit.patch_model(fused, dropout_kernels=True).dropout_kernels
+    install(fused, ActivationOffloader(min_bytes=0))
+    ref_losses, ref_grads = steps(reference, 2)
+    losses, grads = steps(fused, 2)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_fast_path_reports_the_kernels(kernels: ModuleType) -> None:
+    from finetune_trainer import fastpath
+
+    def report(**kwargs: Any) -> Any:
+        return fastpath.apply(
+            tiny_4bit_model(dropout=0.1), method="qlora", lora_rank=4, max_seq_length=64,
+            fused_lora_4bit=True, **kwargs,
+        ).lora_4bit  # fmt: skip
+
+    assert report(dropout_kernels=True)["dropout_kernels"] is True
+    assert report(dropout_kernels=False)["dropout_kernels"] is False
+    assert report()["dropout_kernels"] is fastpath.DROPOUT_KERNELS
