@@ -74,13 +74,12 @@ def dropout_kernels_for(
     if not x.dtype == drop_dtype == lora_dtype or x.shape[-1] % 8:
         return None
     if x.is_cuda:
-        if x.dtype not in (torch.bfloat16, torch.float16):
-            return None
-    elif x.device.type != "cpu" or os.environ.get("TRITON_INTERPRET") != "1":
+        dtypes = (torch.bfloat16, torch.float16)
+    elif x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        dtypes = (torch.float32, torch.float16)  # the interpreter has no bfloat16
+    else:
         return None
-    elif x.dtype not in (torch.float32, torch.float16):  # the interpreter has no bfloat16
-        return None
-    return _kernel_module()
+    return _kernel_module() if x.dtype in dtypes else None
 
 
 def _kernels_can_run(model: nn.Module) -> bool:
