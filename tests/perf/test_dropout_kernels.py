@@ -199,9 +199,11 @@ def test_fused_projections_with_the_kernels_train_like_peft_with_their_masks(
 def test_without_the_interpreter_or_a_gpu_the_kernels_are_not_used(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = tiny_4bit_model(dropout=0.1)
-    assert not lora_4bit.patch_model(model, dropout_kernels=True).dropout_kernels
+    report = lora_4bit.patch_model(model, dropout_kernels=True)
+    assert not report.dropout_kernels
+    assert report.dropout_kernels_note.startswith("no GPU")
     x = torch.randn(3, 8)
     assert lora_4bit.dropout_kernels_for(x, torch.float32, torch.float32) is None
 
@@ -235,3 +237,24 @@ def test_the_fast_path_reports_the_kernels(kernels: ModuleType) -> None:
     assert report(dropout_kernels=True)["dropout_kernels"] is True
     assert report(dropout_kernels=False)["dropout_kernels"] is False
     assert report()["dropout_kernels"] is fastpath.DROPOUT_KERNELS
+
+
+def test_the_kernels_are_checked_before_the_layers_use_them(
+    kernels: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ok, note = kernels.self_check("cpu")
+    assert ok, note
+    assert "match their masks on cpu" in note
+
+    # A kernel that computes wrongly here (as a faulty compiler or GPU would) is caught, and
+    # the layers keep PyTorch's dropout.
+    monkeypatch.setattr(lora_4bit, "_CHECKED", {})
+    right = kernels.grad_weight
+    monkeypatch.setattr(kernels, "grad_weight", lambda *a, **k: right(*a, **k) * 1.5)
+    ok, note = kernels.self_check("cpu")
+    assert not ok and "weight gradient kernel is off" in note
+    model = tiny_4bit_model(dropout=0.1)
+    report = lora_4bit.patch_model(model, dropout_kernels=True)
+    assert not report.dropout_kernels and report.patched
+    assert report.as_dict()["dropout_kernels_note"] == note
+    assert not any(m._kernel_dropout for m in model.modules() if hasattr(m, "_fused_adapters"))

@@ -378,3 +378,42 @@ def grad_input(
         **cfg,
     )
     return out
+
+
+def self_check(device: torch.device | str) -> tuple[bool, str]:
+    """Run the three kernels once on ``device`` against the same products written out with
+    :func:`keep_mask`: a start-up guard against a compiler or GPU that computes them wrongly.
+    Returns whether they agree, and how closely (or what went wrong)."""
+    device = torch.device(device)
+    dtype, tolerance = (torch.bfloat16, 2e-2) if device.type == "cuda" else (torch.float32, 1e-4)
+    rows, width, rank, p, seed = 100, 136, 8, 0.25, 20261207
+    gen = torch.Generator().manual_seed(seed)
+    x, a, g, base = (
+        torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        for shape in ((rows, width), (rank, width), (rows, rank), (rows, width))
+    )
+    try:
+        mask = keep_mask(rows, width, p, seed, device)
+        kept = float(mask.float().mean())
+        if abs(kept - (1 - p)) > 0.03:
+            return False, f"the mask keeps {kept:.3f} of the elements, not {1 - p:.3f}"
+        dropped = x.float() * mask * keep_scale(p)
+        into = base.clone()
+        grad_input(g, a, p, seed, out=into)
+        pairs = {
+            "forward": (project(x, a, p, seed), dropped @ a.float().t()),
+            "weight gradient": (grad_weight(g, x, p, seed), g.float().t() @ dropped),
+            "input gradient": (
+                into,
+                base.float() + (g.float() @ a.float()) * mask * keep_scale(p),
+            ),
+        }
+    except Exception as error:  # a kernel that does not compile or launch here
+        return False, f"the kernels failed on {device}: {type(error).__name__}: {error}"[:300]
+    worst = 0.0
+    for name, (got, want) in pairs.items():
+        off = float((got.float() - want).abs().max() / want.abs().max())
+        if not off <= tolerance:  # also when NaN
+            return False, f"the {name} kernel is off by {off:.2g} (relative) on {device}"
+        worst = max(worst, off)
+    return True, f"the kernels match their masks on {device} (largest relative error {worst:.1g})"

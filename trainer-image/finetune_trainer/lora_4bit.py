@@ -82,12 +82,23 @@ def dropout_kernels_for(
     return _kernel_module() if x.dtype in dtypes else None
 
 
-def _kernels_can_run(model: nn.Module) -> bool:
-    """Whether the dropout kernels can run where ``model``'s weights are."""
+_CHECKED: dict[str, tuple[bool, str]] = {}
+
+
+def _kernels_can_run(model: nn.Module) -> tuple[bool, str]:
+    """Whether the dropout kernels can run where ``model``'s weights are, and why (not); on
+    each device once per process they are checked against their own masks first."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    return device.type in ("cpu", "cuda") and _kernel_module() is not None
+        return False, "no GPU (on the CPU the kernels run only under Triton's interpreter)"
+    if device.type not in ("cpu", "cuda"):
+        return False, f"no kernels for {device.type} devices"
+    kernels = _kernel_module()
+    if kernels is None:
+        return False, "Triton is not installed"
+    if str(device) not in _CHECKED:
+        _CHECKED[str(device)] = kernels.self_check(device)
+    return _CHECKED[str(device)]
 
 
 _SEED_MIX = 0x9E3779B97F4A7C15
@@ -307,15 +318,19 @@ class Lora4bitReport:
 
     patched: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
-    # whether the patched layers draw their dropout with the Triton kernels
+    # whether the patched layers draw their dropout with the Triton kernels, and why (not)
     dropout_kernels: bool = False
+    dropout_kernels_note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "patched": len(self.patched),
             "kept": dict(self.kept),
             "dropout_kernels": self.dropout_kernels,
         }
+        if self.dropout_kernels_note:
+            out["dropout_kernels_note"] = self.dropout_kernels_note
+        return out
 
 
 def patch_model(model: nn.Module, dropout_kernels: bool = False) -> Lora4bitReport:
@@ -325,7 +340,9 @@ def patch_model(model: nn.Module, dropout_kernels: bool = False) -> Lora4bitRepo
     (``dropout_kernels.py``: other masks than PyTorch's, the same distribution) wherever
     those kernels can run; elsewhere the dropout is PyTorch's, redrawn in the backward pass.
     """
-    report = Lora4bitReport(dropout_kernels=dropout_kernels and _kernels_can_run(model))
+    report = Lora4bitReport()
+    if dropout_kernels:
+        report.dropout_kernels, report.dropout_kernels_note = _kernels_can_run(model)
     try:
         from peft.tuners.lora.bnb import Linear4bit
     except (ImportError, AttributeError):

@@ -421,6 +421,10 @@ def fast_path(
         note += f", activation offload to host memory ({report.activation_offload['hostGiB']} GiB)"
     if report.lora_4bit is not None and report.lora_4bit["patched"]:
         note += f", {report.lora_4bit['patched']} 4-bit projections fused with their adapters"
+        if report.lora_4bit.get("dropout_kernels"):
+            note += " (LoRA dropout drawn inside their matmuls)"
+        elif "dropout_kernels_note" in report.lora_4bit:
+            note += f" (PyTorch's dropout: {report.lora_4bit['dropout_kernels_note']})"
     if report.compiled_layers is not None:
         choice = report.compiled_layers
         note += (
