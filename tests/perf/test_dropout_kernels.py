@@ -7,6 +7,8 @@ masks, with and without gradient checkpointing."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -258,3 +260,32 @@ def test_the_kernels_are_checked_before_the_layers_use_them(
     assert not report.dropout_kernels and report.patched
     assert report.as_dict()["dropout_kernels_note"] == note
     assert not any(m._kernel_dropout for m in model.modules() if hasattr(m, "_fused_adapters"))
+
+
+def test_the_gpu_benchmarks_layer_check_runs_here(kernels: ModuleType) -> None:
+    """bench/bench_dropout_kernels.py's check of a real 4-bit layer, as a GPU call runs it
+    (there in bf16), here in float32: the layer equals its written-out form and checkpointing
+    changes nothing."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import bench_dropout_kernels
+
+    result = bench_dropout_kernels.layer_check(rows=48, width=64, rank=8, p=0.25, device="cpu")
+    assert result["patched"] == 1 and result["dropoutKernels"] is True
+    assert max(result["againstWrittenOut"].values()) < 1e-5
+    assert max(result["checkpointedAgainstPlain"].values()) == 0.0
+
+
+def test_the_gpu_benchmarks_timings_and_tile_sweep_run_here(kernels: ModuleType) -> None:
+    """Every timed function and every tile of the sweep runs (tiny sizes, on the CPU): a GPU
+    call would otherwise find a broken one only after minutes of set-up."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import bench_dropout_kernels
+
+    times = bench_dropout_kernels.timings(40, 64, 8, 0.1, repeats=1, device="cpu")
+    for impl in ("torch", "kernels", "none"):
+        assert times[f"{impl}TotalMs"] > 0
+    swept = bench_dropout_kernels.sweep(40, 256, 8, 0.1, repeats=1, device="cpu")
+    assert swept.keys() == bench_dropout_kernels.SWEEP.keys()
+    for kernel, tiles in swept.items():
+        assert len(tiles) == len(bench_dropout_kernels.SWEEP[kernel])
+        assert all(ms > 0 for ms in tiles.values()), (kernel, tiles)  # NaN: a tile failed
