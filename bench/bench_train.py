@@ -375,9 +375,10 @@ def make_counting_trainer(fast: bool, flat_optimizer: bool | None = None) -> Any
 
     base: Any = SFTTrainer
     if fast:
-        from finetune_trainer.fastpath import FLAT_ADAPTER_OPTIMIZER, trainer_class
+        from finetune_trainer.fastpath import trainer_class
 
-        base = trainer_class(FLAT_ADAPTER_OPTIMIZER if flat_optimizer is None else flat_optimizer)
+        # None: trainer_class's own default, as the trainer runs it
+        base = trainer_class() if flat_optimizer is None else trainer_class(flat_optimizer)
 
     class CountingSFTTrainer(base):  # type: ignore[misc,valid-type]
         """SFTTrainer that records the real (non-padding) tokens of every micro-batch.
