@@ -397,7 +397,7 @@ def self_check(device: torch.device | str) -> tuple[bool, str]:
         kept = float(mask.float().mean())
         if abs(kept - (1 - p)) > 0.03:
             return False, f"the mask keeps {kept:.3f} of the elements, not {1 - p:.3f}"
-        dropped = x.float() * mask * keep_scale(p)
+        dropped = reference_dropout(x.float(), p, seed)
         into = base.clone()
         grad_input(g, a, p, seed, out=into)
         pairs = {
@@ -405,7 +405,7 @@ def self_check(device: torch.device | str) -> tuple[bool, str]:
             "weight gradient": (grad_weight(g, x, p, seed), g.float().t() @ dropped),
             "input gradient": (
                 into,
-                base.float() + (g.float() @ a.float()) * mask * keep_scale(p),
+                base.float() + reference_dropout(g.float() @ a.float(), p, seed),
             ),
         }
     except Exception as error:  # a kernel that does not compile or launch here

@@ -28,6 +28,7 @@ generator state this function reads.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -46,19 +47,21 @@ def _dequantize(packed: Tensor, quant_state: Any, dtype: torch.dtype) -> Tensor:
     return dequantize_4bit(packed, quant_state).to(dtype)
 
 
-_KERNELS: list[ModuleType | None] = []
-
-
+@functools.cache
 def _kernel_module() -> ModuleType | None:
     """``dropout_kernels`` (Triton), or None where Triton is not installed."""
-    if not _KERNELS:
-        try:
-            from . import dropout_kernels
-        except ImportError:
-            _KERNELS.append(None)
-        else:
-            _KERNELS.append(dropout_kernels)
-    return _KERNELS[0]
+    try:
+        from . import dropout_kernels
+    except ImportError:
+        return None
+    return dropout_kernels
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    """CUDA, or the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, for tests)."""
+    if device.type == "cpu":
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda"
 
 
 def dropout_kernels_for(
@@ -71,14 +74,10 @@ def dropout_kernels_for(
     under Triton's interpreter (``TRITON_INTERPRET=1``, for tests) and not in bfloat16, which
     the interpreter computes wrongly.
     """
-    if not x.dtype == drop_dtype == lora_dtype or x.shape[-1] % 8:
+    if not x.dtype == drop_dtype == lora_dtype or x.shape[-1] % 8 or not _triton_runs_on(x.device):
         return None
-    if x.is_cuda:
-        dtypes = (torch.bfloat16, torch.float16)
-    elif x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        dtypes = (torch.float32, torch.float16)  # the interpreter has no bfloat16
-    else:
-        return None
+    # the interpreter has no bfloat16
+    dtypes = (torch.bfloat16, torch.float16) if x.is_cuda else (torch.float32, torch.float16)
     return _kernel_module() if x.dtype in dtypes else None
 
 
@@ -89,9 +88,9 @@ def _kernels_can_run(model: nn.Module) -> tuple[bool, str]:
     """Whether the dropout kernels can run where ``model``'s weights are, and why (not); on
     each device once per process they are checked against their own masks first."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False, "no GPU (on the CPU the kernels run only under Triton's interpreter)"
-    if device.type not in ("cpu", "cuda"):
+    if not _triton_runs_on(device):
+        if device.type == "cpu":
+            return False, "no GPU (on the CPU the kernels run only under Triton's interpreter)"
         return False, f"no kernels for {device.type} devices"
     kernels = _kernel_module()
     if kernels is None:
@@ -194,13 +193,13 @@ class _Lora4bitProjection(torch.autograd.Function):
                 grad_x = (grad_out.to(ctx.base_dtype) @ weight).to(x.dtype)
                 del weight
             if ctx.kernels is not None:
-                rows = x.reshape(-1, x.shape[-1]).contiguous()
-                lora_a_rows = lora_a.to(lora_dtype).contiguous()
                 if needs_a:
+                    rows = x.reshape(-1, x.shape[-1]).contiguous()
                     grad_a = ctx.kernels.grad_weight(grad_hidden, rows, ctx.p, ctx.rng_state)
                     grad_a = grad_a.to(lora_a.dtype)
                 if grad_x is not None:
                     flat_x = grad_x.view(-1, grad_x.shape[-1])
+                    lora_a_rows = lora_a.to(lora_dtype).contiguous()
                     ctx.kernels.grad_input(
                         grad_hidden, lora_a_rows, ctx.p, ctx.rng_state, out=flat_x
                     )
