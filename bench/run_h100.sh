@@ -26,8 +26,8 @@
 #   bench/run_h100.sh flatoptim # the adapters as one flat optimiser parameter against the
 #                             # per-weight paged 8-bit optimiser (about 4 minutes)
 #   bench/run_h100.sh dropk   # LoRA dropout drawn inside the adapter matmuls (Triton): the
-#                             # kernels checked and timed per projection, a 30-step loss
-#                             # check, training at the whole GPU (about 8 minutes)
+#                             # kernels checked and timed per projection, training at the
+#                             # whole GPU, a 30-step loss check (about 9 minutes)
 #   bench/run_h100.sh dropk-checkpointed # the same at 16,384 checkpointed tokens (~3 min)
 # Unmarked fast variants fuse the 4-bit projections as the trainer does (from 8,192 tokens);
 # lora4bit / nolora4bit force the choice.
@@ -147,16 +147,19 @@ case "${1:-train}" in
     ;;
   dropk)
     # The kernels checked (a real 4-bit layer, with and without checkpointing) and timed per
-    # projection with a few tiles; then, in one process, 30 packed steps with the kernels'
-    # dropout against PEFT's and PEFT's with other masks, and training at the whole GPU with
-    # and without the kernels, and with dropout 0 (about 8 minutes).
-    timeout 150 python3 bench/bench_dropout_kernels.py --sweep --out "$out/dropout-kernels.json" 2>&1 \
+    # projection with a few tiles; then training at the whole GPU with and without the
+    # kernels, and with dropout 0; last, in a process of its own, 30 packed steps with the
+    # kernels' dropout against PEFT's and PEFT's with other masks. Speed before the loss
+    # check, so that a call cut short still brings the numbers back (about 9 minutes).
+    timeout 120 python3 bench/bench_dropout_kernels.py --sweep --out "$out/dropout-kernels.json" 2>&1 \
       | tee "$out/dropout-kernels.log" | cut -c1-1500
-    timeout 420 python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b \
+    timeout 270 python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b \
       --variants "fast:12288:nogc:dropout=0.05:lora4bit:optim=adamw_torch_fused:nodropk,fast:12288:nogc:dropout=0.05:lora4bit:optim=adamw_torch_fused:dropk,fast:12288:nogc:dropout=0:lora4bit:optim=adamw_torch_fused,fast:12288:nogc:dropout=0.05:lora4bit:nodropk,fast:12288:nogc:dropout=0.05:lora4bit:dropk" \
-      --steps 6 --warmup-steps 3 --rows 3000 --dropout-equivalence-steps 30 \
-      --dropout-equivalence-curves kernels --out "$out/dropk.json" 2>&1 \
+      --steps 6 --warmup-steps 3 --rows 3000 --out "$out/dropk.json" 2>&1 \
       | tee "$out/dropk.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
+    timeout 180 python3 bench/bench_train.py --shape llama3-8b --build-dir /tmp/m8b --variants "" \
+      --rows 3000 --dropout-equivalence-steps 30 --dropout-equivalence-curves kernels \
+      --out "$out/dropk-loss.json" 2>&1 | tee "$out/dropk-loss.log" | grep -v "it/s\]\|s/it\]" | cut -c1-600
     ;;
   dropk-checkpointed)
     # The kernels at 16,384 checkpointed tokens, the 16 GiB pick (about 3 minutes).
