@@ -204,7 +204,7 @@ def test_fast_path_fuses_from_the_measured_micro_batch_size() -> None:
             tiny_4bit_model(), method="qlora", lora_rank=4, max_seq_length=64, **kwargs
         ).lora_4bit
 
-    assert apply(fused_lora_4bit=True) == {
+    assert apply(fused_lora_4bit=True, dropout_kernels=False) == {
         "patched": 7 * TINY_LAYERS,
         "kept": {},
         "dropout_kernels": False,
@@ -223,8 +223,9 @@ def test_layers_go_back_to_peft_after_training() -> None:
 
     model = tiny_4bit_model()
     report = fastpath.apply(
-        model, method="qlora", lora_rank=4, max_seq_length=64, fused_lora_4bit=True
-    )
+        model, method="qlora", lora_rank=4, max_seq_length=64, fused_lora_4bit=True,
+        dropout_kernels=False,
+    )  # fmt: skip
     assert any(isinstance(m, lora_4bit._FusedForward) for m in model.modules())
     assert report.lora_4bit == {
         "patched": 7 * TINY_LAYERS,
