@@ -11,10 +11,12 @@ import kopf
 import pytest
 from finetune_local import Emulator
 from finetune_local.resources import ResourceType
+from finetune_local.runner import test_settings as harness_settings
 from finetune_operator.cli import operator_settings
 from finetune_operator.clients.kube import KubeClient
 from support.cluster import FAST, NS, add_prerequisites, ftj_body, wait_phase
 from support.ftj_samples import spec
+from support.k8s_fixtures import wait_for
 
 CRDS = ResourceType(
     "apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
@@ -43,6 +45,15 @@ def cluster_wide_requests(emulator: Emulator) -> dict[tuple[str, str], int]:
     }
 
 
+def settings_for(namespaces: list[str]) -> kopf.OperatorSettings:
+    """The operator's scanning choice for these namespaces, with the harness's short timeouts
+    (kopf's defaults keep idle workers 5 s and poll stopping daemons every 60 s, which a
+    test's teardown would wait for)."""
+    settings = harness_settings()
+    settings.scanning.disabled = operator_settings(namespaces).scanning.disabled
+    return settings
+
+
 def start(emulator: Emulator, operator_runner: Any, settings: kopf.OperatorSettings) -> None:
     import finetune_operator.main  # noqa: F401  (registers the handlers)
 
@@ -59,20 +70,29 @@ def test_settings_turn_scanning_off_only_for_exact_namespaces() -> None:
 def test_namespaced_operator_reconciles_without_cluster_wide_requests(
     namespaced_rbac: Emulator, operator_runner: Any
 ) -> None:
-    start(namespaced_rbac, operator_runner, operator_settings([NS]))
+    start(namespaced_rbac, operator_runner, settings_for([NS]))
     wait_phase(namespaced_rbac, "bot", "Pending")
     assert cluster_wide_requests(namespaced_rbac) == {}
 
 
 def test_with_kopf_scanning_on_the_namespaced_operator_is_refused(
-    namespaced_rbac: Emulator, operator_runner: Any
+    namespaced_rbac: Emulator, operator_runner: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The same setup with kopf's default scanning: it asks, is refused and retries (here with
     short backoffs; kopf's defaults add up to 54 s)."""
-    settings = operator_settings([NS])
+    settings = settings_for([NS])
     settings.scanning.disabled = False
     settings.networking.error_backoffs = [0.05, 0.05]
     start(namespaced_rbac, operator_runner, settings)
     wait_phase(namespaced_rbac, "bot", "Pending")
     refused = cluster_wide_requests(namespaced_rbac)
     assert refused.get(("namespaces", "list"), 0) >= 1, refused
+    # Stop only once kopf has given up on both watches: a stop during its retries can leave
+    # a retrying request that outlives the operator's shutdown.
+    gave_up = ("to watch for namespaces", "to watch for resources")
+    wait_for(
+        lambda: all(
+            any(phrase in record.getMessage() for record in caplog.records) for phrase in gave_up
+        ),
+        what="kopf to give up watching namespaces and CRDs",
+    )
