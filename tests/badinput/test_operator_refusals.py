@@ -142,7 +142,7 @@ def env(
 
 def _refused(env: Env, name: str) -> dict[str, Any]:
     wait_for(lambda: env.condition(name, "SourceReady").get("status") == "False", 10,
-             what=f"{name} refused: {env.status(name)}")  # fmt: skip
+             what=lambda: f"{name} refused: {env.status(name)}")  # fmt: skip
     return env.condition(name, "SourceReady")
 
 

@@ -85,11 +85,11 @@ def test_every_daemon_returns_at_once_when_the_operator_stops(
     emulator.create(vllm_deployment())
     emulator.create(adapter_deployment("support", uri_source(uri, "sha256:" + "0" * 64)))
     wait_for(lambda: env.condition("support", "SourceReady").get("status") == "False",
-             what=f"the refusal of support: {env.status('support')}")  # fmt: skip
+             what=lambda: f"the refusal of support: {env.status('support')}")  # fmt: skip
 
     daemons: Daemons = run.memo.daemons
     # both sleep before the stop comes (on a loaded machine a daemon may start late)
-    wait_for(lambda: daemons.running >= 2, what=f"two daemons running: {vars(daemons)}")
+    wait_for(lambda: daemons.running >= 2, what=lambda: f"two daemons running: {vars(daemons)}")
     for touch in range(5):
         emulator.merge_patch("adapterdeployments", NS, "support",
                              {"metadata": {"labels": {"touch": str(touch)}}})  # fmt: skip

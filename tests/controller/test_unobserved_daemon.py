@@ -54,7 +54,7 @@ def test_the_daemon_of_a_job_ends_once_a_reconcile_has_observed_it(
     daemons: Daemons = run.memo.daemons
     # It started with the job and returned when kopf stopped it: its hour-long sleep did not end.
     wait_for(lambda: (daemons.running, daemons.returned, daemons.cancelled) == (0, 1, 0),
-             what=f"the daemon's end: {vars(daemons)}")  # fmt: skip
+             what=lambda: f"the daemon's end: {vars(daemons)}")  # fmt: skip
 
 
 def test_no_daemon_starts_for_an_observed_job(emulator: Emulator, operator_runner: Any) -> None:

@@ -63,7 +63,7 @@ def test_evicted_trainer_resumes_without_a_failure(emulator: Emulator, operator_
     st = wait_for(
         lambda: status(emulator, "bot")
         if (status(emulator, "bot").get("progress") or {}).get("step") == 6 else None,
-        what=f"progress from the new pod: {status(emulator, 'bot')}",
+        what=lambda: f"progress from the new pod: {status(emulator, 'bot')}",
     )  # fmt: skip
     assert st["restarts"] == 1
     assert st["phase"] == "Training"

@@ -88,7 +88,7 @@ def test_children_of_many_specs_are_hardened_and_hold_no_credentials(
             pytest.fail(f"sample {name} was refused by the API: {exc}")
     for name in accepted:
         wait_for(lambda n=name: status(emulator, n).get("trainerJob"), 20,
-                 what=f"{name} started: {status(emulator, name)}")  # fmt: skip
+                 what=lambda n=name: f"{n} started: {status(emulator, n)}")  # fmt: skip
     jobs = emulator.read_all("jobs", NS)
     assert len(jobs) == len(SPECS)
     for job in jobs:

@@ -117,13 +117,17 @@ def test_a_follower_rolls_out_each_champion_and_never_retries_a_rejected_one(env
 
     # The first champion is rolled out (through a canary, as the strategy says).
     promote(env, "weekly-run-1", uri1, d1)
-    st = wait_for(lambda: serving(env, d1), 30, what=f"champion 1 served: {env.status('support')}")
+    st = wait_for(
+        lambda: serving(env, d1), 30, what=lambda: f"champion 1 served: {env.status('support')}"
+    )
     assert st["canary"]["revision"]["outcome"] == "Promoted"
     assert env.modules() == {"support": uri1.removeprefix("file://")}
 
     # A new champion: a new canary, then revision 2 serves.
     promote(env, "weekly-run-2", uri2, d2)
-    st = wait_for(lambda: serving(env, d2), 30, what=f"champion 2 served: {env.status('support')}")
+    st = wait_for(
+        lambda: serving(env, d2), 30, what=lambda: f"champion 2 served: {env.status('support')}"
+    )
     assert (st["current"]["revision"], st["canary"]["revision"]["revision"]) == (2, 2)
     assert env.modules() == {"support": uri2.removeprefix("file://")}
 
@@ -136,7 +140,7 @@ def test_a_follower_rolls_out_each_champion_and_never_retries_a_rejected_one(env
             and schedule_condition(env, "PromotionRolledBack")
         ),
         10,
-        what=f"PromotionRolledBack: {schedule_condition(env, 'PromotionRolledBack')}",
+        what=lambda: f"PromotionRolledBack: {schedule_condition(env, 'PromotionRolledBack')}",
     )
     assert rolled_back["reason"] == "CanaryAborted"
     message = rolled_back["message"]
@@ -180,7 +184,9 @@ def test_only_a_new_champion_wakes_a_follower_and_an_idle_one_sends_nothing(
         env.api.create(adapter_deployment("support", {"fineTuneScheduleRef": {"name": "weekly"}}))
         env.wait_phase("support", "Pending")
         promote(env, "weekly-run-1", uri1, d1)
-        wait_for(lambda: serving(env, d1), 20, what=f"champion 1 served: {env.status('support')}")
+        wait_for(
+            lambda: serving(env, d1), 20, what=lambda: f"champion 1 served: {env.status('support')}"
+        )
         time.sleep(1.0)  # the last status writes and their echoes
         env.api.reset_counters()
         env.api.patch_status(
@@ -190,5 +196,7 @@ def test_only_a_new_champion_wakes_a_follower_and_an_idle_one_sends_nothing(
         sent = {key: n for key, n in env.api.request_counts.items() if key[0] != "watch"}
         assert sent == {}, f"an idle follower sent requests: {sent}"
         promote(env, "weekly-run-2", uri2, d2)
-        wait_for(lambda: serving(env, d2), 20, what=f"champion 2 served: {env.status('support')}")
+        wait_for(
+            lambda: serving(env, d2), 20, what=lambda: f"champion 2 served: {env.status('support')}"
+        )
         assert env.modules() == {"support": uri2.removeprefix("file://")}

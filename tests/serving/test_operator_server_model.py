@@ -310,7 +310,7 @@ def test_a_configmap_moving_the_servers_port_turns_compatible_false_and_back(env
     wait_for(
         lambda: env.condition("support", "Compatible").get("status") == "False",
         10,
-        what=f"Compatible=False: {env.status('support')}",
+        what=lambda: f"Compatible=False: {env.status('support')}",
     )
     compatible = env.condition("support", "Compatible")
     assert compatible["reason"] == "TargetPortMismatch", compatible
@@ -329,7 +329,7 @@ def test_a_configmap_moving_the_servers_port_turns_compatible_false_and_back(env
     wait_for(
         lambda: env.condition("support", "Compatible").get("status") == "True",
         10,
-        what=f"Compatible=True: {env.status('support')}",
+        what=lambda: f"Compatible=True: {env.status('support')}",
     )
     _still_serving(env, before)
 
@@ -343,7 +343,7 @@ def test_a_target_port_edit_on_an_available_adapter_is_checked_and_changes_nothi
     wait_for(
         lambda: env.condition("support", "Compatible").get("status") == "False",
         10,
-        what=f"Compatible=False: {env.status('support')}",
+        what=lambda: f"Compatible=False: {env.status('support')}",
     )
     compatible = env.condition("support", "Compatible")
     assert compatible["reason"] == "TargetPortMismatch", compatible
@@ -355,7 +355,7 @@ def test_a_target_port_edit_on_an_available_adapter_is_checked_and_changes_nothi
     wait_for(
         lambda: env.condition("support", "Compatible").get("status") == "True",
         10,
-        what=f"Compatible=True: {env.status('support')}",
+        what=lambda: f"Compatible=True: {env.status('support')}",
     )
     _still_serving(env, before)
 
@@ -391,7 +391,7 @@ def test_configmaps_the_server_does_not_read_cost_no_request(env: Env) -> None:
     wait_for(
         lambda: env.condition("support", "Compatible").get("reason") == "TargetPortMismatch",
         10,
-        what=f"TargetPortMismatch: {env.status('support')}",
+        what=lambda: f"TargetPortMismatch: {env.status('support')}",
     )
     assert env.api.count("get", "configmaps") >= 1  # the pass read the file again
 
@@ -415,7 +415,7 @@ def test_a_configmap_turning_runtime_updates_off_is_reported_and_no_pod_is_calle
     wait_for(
         lambda: env.condition("support", "Compatible").get("reason") == "RuntimeUpdatesDisabled",
         10,
-        what=f"RuntimeUpdatesDisabled: {env.status('support')}",
+        what=lambda: f"RuntimeUpdatesDisabled: {env.status('support')}",
     )
     _still_serving(env, before)  # the running servers keep the adapter they loaded
 

@@ -146,7 +146,7 @@ def test_rolling_failure_rolls_back_automatically(env: Env) -> None:
     wait_for(
         lambda: env.condition("support", "Available").get("reason") == "PreviousRevisionRestored",
         60,  # new pods start and become Ready first: slow on a loaded 2-core machine
-        what=f"the previous revision restored: {env.status('support')}",
+        what=lambda: f"the previous revision restored: {env.status('support')}",
     )
     st = env.status("support")
     assert st["current"]["digest"] == d1 and st["current"]["outcome"] == "Available"
@@ -163,7 +163,7 @@ def test_rolling_failure_rolls_back_automatically(env: Env) -> None:
     wait_for(
         lambda: "3/3 replicas available" in env.condition("support", "Available")["message"],
         30,
-        what=f"the third replica counted: {env.status('support')}",
+        what=lambda: f"the third replica counted: {env.status('support')}",
     )
     available = env.condition("support", "Available")
     assert available["reason"] == "PreviousRevisionRestored", available

@@ -126,7 +126,7 @@ def wait_condition(
     return wait_for(
         check,
         timeout=timeout,
-        what=f"{type_}={value} ({reason}) on {name}; status={status(emulator, name)}",
+        what=lambda: f"{type_}={value} ({reason}) on {name}; status={status(emulator, name)}",
     )
 
 

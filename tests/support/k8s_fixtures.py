@@ -62,16 +62,28 @@ def current_emulator() -> Emulator:
     return _current[-1]
 
 
+def _described(what: str | Callable[[], str], predicate: Callable[[], object]) -> str:
+    text = what() if callable(what) else what
+    return repr(text or predicate)
+
+
 def wait_for(
-    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str | Callable[[], str] = "",
 ) -> T:
-    """Poll until `predicate()` is truthy and return its value; fail with the last value seen."""
+    """Poll until `predicate()` is truthy and return its value; fail with the last value seen.
+
+    `what` names the awaited state; a callable is called only on a timeout, so a message
+    that shows an object's status shows it as it was then, not before the wait."""
     deadline = time.monotonic() + timeout
     value = predicate()
     while not value:
         if time.monotonic() > deadline:
             raise AssertionError(
-                f"timed out after {timeout}s waiting for {what or predicate!r}; last value: {value!r}"
+                f"timed out after {timeout}s waiting for {_described(what, predicate)}; "
+                f"last value: {value!r}"
             )
         time.sleep(interval)
         value = predicate()
@@ -79,7 +91,10 @@ def wait_for(
 
 
 async def async_wait_for(
-    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+    predicate: Callable[[], T],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str | Callable[[], str] = "",
 ) -> T:
     """`wait_for` for async tests: sleeps without blocking the test's event loop."""
     deadline = time.monotonic() + timeout
@@ -87,7 +102,8 @@ async def async_wait_for(
     while not value:
         if time.monotonic() > deadline:
             raise AssertionError(
-                f"timed out after {timeout}s waiting for {what or predicate!r}; last value: {value!r}"
+                f"timed out after {timeout}s waiting for {_described(what, predicate)}; "
+                f"last value: {value!r}"
             )
         await asyncio.sleep(interval)
         value = predicate()

@@ -92,7 +92,7 @@ class Env:
         wait_for(
             lambda: self.status(name).get("phase") == phase,
             timeout,
-            what=f"{name} phase {phase}: {self.status(name)}",
+            what=lambda: f"{name} phase {phase}: {self.status(name)}",
         )
         return self.status(name)
 
@@ -104,7 +104,7 @@ class Env:
                 and (self.status(name).get("current") or {}).get("digest") == digest
             ),
             timeout,
-            what=f"{name} Available at {digest}: {self.status(name)}",
+            what=lambda: f"{name} Available at {digest}: {self.status(name)}",
         )
         return self.status(name)
 
