@@ -47,8 +47,8 @@ def cluster_wide_requests(emulator: Emulator) -> dict[tuple[str, str], int]:
 
 def settings_for(namespaces: list[str]) -> kopf.OperatorSettings:
     """The operator's scanning choice for these namespaces, with the harness's short timeouts
-    (kopf's defaults keep idle workers 5 s and poll stopping daemons every 60 s, which a
-    test's teardown would wait for)."""
+    and retries (kopf's defaults allow 600 s to exit, past the harness's 20 s wait for a
+    stop, and retry a refused request for 54 s)."""
     settings = harness_settings()
     settings.scanning.disabled = operator_settings(namespaces).scanning.disabled
     return settings
